@@ -1,0 +1,143 @@
+"""BAGEL model configuration: frozen dataclasses and the size presets.
+
+Values follow `shared/specs/bagel_architecture.md` section D. `tiny` rebuilds the golden test model,
+`bagel_7b_mot` is the paper's model, `mid` is a ~2.0B-parameter MoT model (Qwen2.5-1.5B widths, 16 layers) that trains on one 80 GB GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """Qwen2 decoder with Mixture-of-Transformers layers (spec A.1)."""
+  vocab_size: int = 152064
+  hidden_size: int = 3584
+  intermediate_size: int = 18944
+  num_hidden_layers: int = 28
+  num_attention_heads: int = 28
+  num_key_value_heads: int = 4
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 32768
+  qk_norm: bool = True
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """SigLIP NaViT encoder (spec A.2). `num_hidden_layers` is the count actually used (json - 1)."""
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_hidden_layers: int = 26
+  num_attention_heads: int = 16
+  patch_size: int = 14
+  image_size: int = 980
+  layer_norm_eps: float = 1e-6
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def num_positions(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    return 3 * self.patch_size * self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class AEConfig:
+  """FLUX autoencoder (spec A.12)."""
+  resolution: int = 256
+  in_channels: int = 3
+  ch: int = 128
+  out_ch: int = 3
+  ch_mult: Tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  z_channels: int = 16
+  scale_factor: float = 0.3611
+  shift_factor: float = 0.1159
+
+  @property
+  def downsample(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  bos: int = 151644  # <|im_start|>
+  eos: int = 151645  # <|im_end|>
+  start_of_image: int = 151652  # <|vision_start|>
+  end_of_image: int = 151653  # <|vision_end|>
+
+
+@dataclasses.dataclass(frozen=True)
+class BagelConfig:
+  """The whole UMM: LLM + optional ViT/connector + generation heads + autoencoder."""
+  llm: LLMConfig = LLMConfig()
+  vit: Optional[ViTConfig] = ViTConfig()  # None: visual_und=False (SRUM training builds no ViT)
+  ae: AEConfig = AEConfig()
+  tokens: SpecialTokens = SpecialTokens()
+  latent_patch_size: int = 2
+  max_latent_size: int = 64
+  vit_max_num_patch_per_side: int = 70
+  connector_act: str = "gelu_pytorch_tanh"
+  timestep_shift: float = 1.0
+  timestep_embed_dim: int = 256
+
+  @property
+  def latent_channels(self) -> int:
+    return self.ae.z_channels
+
+  @property
+  def patch_latent_dim(self) -> int:
+    return self.latent_patch_size ** 2 * self.ae.z_channels
+
+  @property
+  def latent_downsample(self) -> int:
+    """Pixels per latent token side (16 for BAGEL-7B)."""
+    return self.ae.downsample * self.latent_patch_size
+
+  def replace(self, **kw) -> "BagelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def bagel_7b_mot() -> BagelConfig:
+  return BagelConfig()
+
+
+def tiny() -> BagelConfig:
+  """The golden fixture model (`tests/fixtures/bagel_tiny/config.json`)."""
+  return BagelConfig(
+      llm=LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                    max_position_embeddings=512),
+      vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    patch_size=14, image_size=112),
+      ae=AEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4),
+      tokens=SpecialTokens(bos=120, eos=121, start_of_image=122, end_of_image=123),
+      latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8, timestep_shift=2.0)
+
+
+def mid() -> BagelConfig:
+  """~2.0B-parameter MoT model with the 7B's structure (no ViT), for single-GPU training benchmarks."""
+  return BagelConfig(
+      llm=LLMConfig(vocab_size=152064, hidden_size=1536, intermediate_size=8960, num_hidden_layers=16,
+                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6),
+      vit=None, max_latent_size=64)
+
+
+PRESETS = {"tiny": tiny, "mid": mid, "bagel_7b_mot": bagel_7b_mot}
+
+
+def get_preset(name: str) -> BagelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name]()

@@ -1,0 +1,44 @@
+"""Primitive layers as pure functions over parameter dicts, with the dtype policy in one place.
+
+Policy: parameters are stored in `param_dtype` (fp32 or bf16); matmuls run in the compute dtype of their
+input (bf16 for real runs, fp32 in conformance tests); norms, softmax and RoPE run in fp32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense(p, x: jax.Array) -> jax.Array:
+  """y = x @ kernel + bias, computed in x's dtype (fp32 accumulation where the backend does it)."""
+  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype),
+                 preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  if "bias" in p:
+    y = y + p["bias"].astype(y.dtype)
+  return y.astype(x.dtype)
+
+
+def rms_norm(p, x: jax.Array, eps: float) -> jax.Array:
+  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (spec A.1)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype) * p["scale"].astype(x.dtype)
+
+
+def layer_norm(p, x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm with scale and bias, statistics in fp32."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  y = y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """PyTorch `gelu_pytorch_tanh` (tanh approximation)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def silu(x: jax.Array) -> jax.Array:
+  return jax.nn.silu(x)
