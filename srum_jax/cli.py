@@ -1,0 +1,106 @@
+"""One entry point: `python -m srum_jax <subcommand> --config=experiments/x.py[:arg] --config.a.b=v`.
+
+Config-driven subcommands parse absl flags with `ml_collections.config_flags` (big_vision style: a wrong
+override key is an error before any work starts). `convert` / `export` take plain `--src/--dst` flags.
+Subcommand implementations are imported lazily so `--help` and config checks stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import types
+from typing import Callable, Dict, List, Tuple
+
+# name -> ("module:function", help). Config commands get (config, flags); raw commands get argv.
+CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
+    "show-config": ("srum_jax.cli:show_config", "print the resolved config"),
+    "sweep": ("srum_jax.cli:sweep", "expand get_sweep(): run points sequentially, or print them (--dry_run)"),
+}
+RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
+    "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
+    "export": ("srum_jax.convert.flax_to_hf:main", "orbax model dir -> official safetensors"),
+}
+
+
+def register(name: str, target: str, help_text: str) -> None:
+  """Add a config-driven subcommand implemented by `module:function(config, flags)`."""
+  CONFIG_COMMANDS[name] = (target, help_text)
+
+
+def _resolve(target: str) -> Callable:
+  module, _, fn = target.partition(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def usage() -> str:
+  lines = ["usage: python -m srum_jax <subcommand> [--config=experiments/x.py[:arg]] [--config.key=value ...]", ""]
+  for name, (_, h) in sorted({**CONFIG_COMMANDS, **RAW_COMMANDS}.items()):
+    lines.append(f"  {name:<12} {h}")
+  return "\n".join(lines)
+
+
+def show_config(config, flags) -> int:
+  print(config)
+  return 0
+
+
+def sweep(config, flags) -> int:
+  from srum_jax import config_utils
+  spec = flags.config_spec
+  cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=flags.sweep_extra or [])
+  for i, argv in enumerate(cmds):
+    line = config_utils.shell_line(argv)
+    print(f"[{i + 1}/{len(cmds)}] {line}", flush=True)
+    if not flags.dry_run:
+      rc = subprocess.call(argv)
+      if rc != 0:
+        print(f"sweep point {i + 1} failed with exit code {rc}", file=sys.stderr)
+        return rc
+  return 0
+
+
+def _run_config_command(name: str, argv: List[str]) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_boolean("dry_run", False, "print what would run, run nothing", flag_values=fv)
+  flags.DEFINE_string("sweep_command", "run", "subcommand each sweep point runs", flag_values=fv)
+  flags.DEFINE_multi_string("sweep_extra", [], "extra flags appended to every sweep point", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "overrides config.workdir when given", flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    print(f"error: {e}\n\n{usage()}", file=sys.stderr)
+    return 2
+  if fv.config is None:
+    print(f"error: {name} needs --config=experiments/<name>.py\n\n{usage()}", file=sys.stderr)
+    return 2
+  config = fv.config
+  if fv.workdir is not None:
+    with config.unlocked():
+      config.workdir = fv.workdir
+  opts = types.SimpleNamespace(
+      config_spec=next(a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+      dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
+      argv=list(argv[1:]))
+  from absl import logging
+  logging.set_verbosity(logging.INFO)
+  return int(_resolve(CONFIG_COMMANDS[name][0])(config, opts) or 0)
+
+
+def main(argv: List[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    return 0 if len(argv) >= 2 else 2
+  name = argv[1]
+  if name in RAW_COMMANDS:
+    return int(_resolve(RAW_COMMANDS[name][0])(argv[2:]) or 0)
+  if name in CONFIG_COMMANDS:
+    return _run_config_command(name, [argv[0]] + argv[2:])
+  print(f"error: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+  return 2
