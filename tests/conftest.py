@@ -42,3 +42,36 @@ def golden_weights():
 @pytest.fixture(scope="session")
 def golden_ae_weights():
   return dict(load_file(GOLDEN / "ae.safetensors"))
+
+
+def tree_from_state_dict(state_dict, entries, schema):
+  """Official-name numpy state dict -> parameter tree, via the converter's key table (test helper)."""
+  from srum_jax.convert import keymap
+  from srum_jax.models import params as P
+  tree = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), schema, is_leaf=P.is_spec)
+  for key, e in entries.items():
+    value = state_dict[key]
+    perm = keymap.PERMS[e.transform]
+    value = value if perm is None else np.transpose(value, perm)
+    leaf = keymap.get_path(tree, e.path)
+    if e.layer is None:
+      leaf[...] = value
+    else:
+      leaf[e.layer] = value
+  return tree
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  from srum_jax.models import config
+  return config.tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg, golden_weights, golden_ae_weights):
+  """{'bagel': ..., 'ae': ...} trees of the golden tiny model (float32 numpy)."""
+  from srum_jax.convert import keymap
+  from srum_jax.models import params as P
+  keys = keymap.official_keys(tiny_cfg)
+  return {"bagel": tree_from_state_dict(golden_weights, keys["bagel"], P.bagel_schema(tiny_cfg)),
+          "ae": tree_from_state_dict(golden_ae_weights, keys["ae"], P.ae_schema(tiny_cfg.ae))}

@@ -1,0 +1,102 @@
+"""A converted model directory: orbax parameters + serialised `BagelConfig` + tokenizer / HF json files.
+
+Layout of `path/`:
+  params/             orbax checkpoint of the tree {'bagel': bagel_schema tree, 'ae': ae_schema tree}
+  model_config.json   `config_to_dict(cfg)`
+  (tokenizer files, llm_config.json, vit_config.json copied from the official directory, when present)
+Restoring places every leaf directly onto its target sharding (schema logical axes -> mesh), so a model
+larger than one host's memory restores shard by shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from srum_jax import sharding as S
+from srum_jax.convert import keymap
+from srum_jax.models import params as P
+from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "model_config.json"
+
+
+def config_to_dict(cfg: BagelConfig) -> Dict[str, Any]:
+  """JSON-ready dict of a BagelConfig (nested dataclasses -> dicts, tuples -> lists, vit may be None)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _build(cls, d: Dict[str, Any]):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+  return cls(**d)
+
+
+def config_from_dict(d: Dict[str, Any]) -> BagelConfig:
+  """Inverse of `config_to_dict`; missing fields take the dataclass defaults, unknown ones are errors."""
+  d = dict(d)
+  sub = {
+      "llm": lambda v: _build(LLMConfig, v),
+      "vit": lambda v: None if v is None else _build(ViTConfig, v),
+      "ae": lambda v: _build(AEConfig, dict(v, ch_mult=tuple(v.get("ch_mult", AEConfig.ch_mult)))),
+      "tokens": lambda v: _build(SpecialTokens, v),
+  }
+  for name, make in sub.items():
+    if name in d:
+      d[name] = make(d[name])
+  return _build(BagelConfig, d)
+
+
+def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None, rules=None):
+  """Sharding of every leaf of {'bagel', 'ae'}: schema logical axes -> mesh (non-dividing dims replicate).
+
+  Without a mesh every leaf lives on the first local device.
+  """
+  schema = keymap.model_schema(cfg)
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda _: one, schema, is_leaf=P.is_spec)
+  return S.logical_to_sharding(P.logical_axes(schema), mesh, rules or S.DEFAULT_RULES,
+                               shapes=P.abstract_params(schema))
+
+
+def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
+  """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path`."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(path, PARAMS_DIR), params, force=True)
+    ckpt.wait_until_finished()
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(config_to_dict(cfg), f, indent=1)
+
+
+def load_config(path: str) -> BagelConfig:
+  with open(os.path.join(path, CONFIG_FILE)) as f:
+    return config_from_dict(json.load(f))
+
+
+def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype=None,
+                   rules=None) -> Tuple[BagelConfig, Any]:
+  """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  cfg = load_config(path)
+  shardings = target_shardings(cfg, mesh, rules)
+  with ocp.StandardCheckpointer() as ckpt:
+    stored = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
+    abstract = P.abstract_params(keymap.model_schema(cfg))
+    target = jax.tree.map(
+        lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype is not None else m.dtype,
+                                             sharding=s),
+        abstract, stored, shardings)
+    params = ckpt.restore(os.path.join(path, PARAMS_DIR), target)
+  return cfg, params

@@ -1,0 +1,482 @@
+"""Official BAGEL checkpoint directory -> converted model directory (orbax params + model_config.json).
+
+Spec D (checkpoint layout), A.0, A.2 (patch embedding already in Linear form), A.4 (fixed tables).
+The source directory holds `llm_config.json`, `vit_config.json` (HF json; the ViT really uses
+`num_hidden_layers - 1` layers), `ema.safetensors` (or `model.safetensors` from SRUM training, which has
+no ViT), `ae.safetensors` and tokenizer files.
+
+Conversion streams: every parameter is built with `jax.make_array_from_callback` directly on its target
+sharding, and each callback reads only its shard's block of each needed official tensor
+(`safe_open(...).get_slice(key)[...]`, one layer at a time for stacked leaves), so host memory peaks
+near one tensor, not one model. Every layout problem (missing / unexpected / mis-shaped / truncated keys)
+is collected first and raised as one `CheckpointMismatchError` before anything is read.
+
+Values the official loaders hard-code are inferred from tensor shapes where possible (max_latent_size,
+vit_max_num_patch_per_side, ViT image size, latent_patch_size, timestep_embed_dim and the AE's
+ch / ch_mult / num_res_blocks / z_channels / channels); the rest are flags with the official defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import sys
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy reader needs
+import numpy as np
+from safetensors import safe_open
+
+from srum_jax import sharding as S
+from srum_jax.convert import checkpoint, keymap
+from srum_jax.models import embeddings
+from srum_jax.models import params as P
+from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
+AE_FILE = "ae.safetensors"
+LLM_JSON = "llm_config.json"
+VIT_JSON = "vit_config.json"
+# Copied verbatim into the model directory (the exporter copies them back).
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+             "added_tokens.json", "generation_config.json", "preprocessor_config.json", LLM_JSON, VIT_JSON)
+
+ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "f32": jnp.float32,
+               "float32": jnp.float32, "fp16": jnp.float16, "f16": jnp.float16, "float16": jnp.float16}
+
+
+class CheckpointMismatchError(ValueError):
+  """The official files do not match the layout the configuration implies (lists every problem)."""
+
+
+def parse_dtype(dtype) -> np.dtype:
+  if isinstance(dtype, str):
+    if dtype.lower() not in DTYPE_NAMES:
+      raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
+    dtype = DTYPE_NAMES[dtype.lower()]
+  return np.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: header check and block reads
+
+def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List[str]]:
+  """({key: (dtype, shape)}, problems) from a safetensors header, checking every tensor lies in the file.
+
+  A truncated file keeps its header, so the tensors whose bytes run past the end are named one by one.
+  """
+  size = os.path.getsize(path)
+  name = os.path.basename(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      return {}, [f"{name}: file too short ({size} bytes) to be safetensors"]
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+      return {}, [f"{name}: header of {n} bytes runs past the end of the file ({size} bytes): truncated"]
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      return {}, [f"{name}: unreadable safetensors header ({e})"]
+  data_size = size - 8 - n
+  out, truncated, corrupt = {}, [], []
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    out[key] = (dtype, shape)
+    if end > data_size:
+      truncated.append(key)
+    elif end - begin != math.prod(shape) * ST_ITEMSIZE.get(dtype, 0):
+      corrupt.append(f"{key} ({dtype} {list(shape)} but {end - begin} bytes)")
+  problems = []
+  if truncated:
+    problems.append(_listing(f"{name}: {len(truncated)} truncated keys (data past the end of the "
+                             f"{size}-byte file)", sorted(truncated)))
+  if corrupt:
+    problems.append(_listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",
+                             sorted(corrupt)))
+  return out, problems
+
+
+def _listing(title: str, lines: Sequence[str]) -> str:
+  return "\n".join([title + ":"] + [f"    {x}" for x in lines])
+
+
+class SafetensorsReader:
+  """Reads blocks of named tensors from one safetensors file (memory-mapped; only the block is copied)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = None
+
+  def __enter__(self):
+    self._ctx = safe_open(self.path, framework="np")
+    self._file = self._ctx.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._file = None
+    return self._ctx.__exit__(*exc)
+
+  def read(self, key: str, index: Tuple[slice, ...]) -> np.ndarray:
+    """The block `tensor[index]` of tensor `key` (official layout)."""
+    return self._file.get_slice(key)[tuple(index)]
+
+  def read_all(self, key: str) -> np.ndarray:
+    return self._file.get_tensor(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration from the json files + tensor shapes
+
+def _grid(shape, key: str, problems: List[str]) -> Optional[int]:
+  """Side G of a [G*G, D] table (None and a problem when the row count is not a square)."""
+  if shape is None or len(shape) != 2:
+    return None
+  g = math.isqrt(shape[0])
+  if g * g != shape[0]:
+    problems.append(f"{key}: {shape[0]} rows is not a square grid G*G")
+    return None
+  return g
+
+
+def _pick(name: str, flag, inferred, default):
+  """Flag beats inferred beats default; a flag that contradicts the checkpoint is allowed but noted."""
+  if flag is not None:
+    if inferred is not None and flag != inferred:
+      warnings.warn(f"{name}={flag} given, checkpoint implies {inferred}; using {flag}")
+    return flag
+  return inferred if inferred is not None else default
+
+
+def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
+                 shapes: Dict[str, Tuple[int, ...]], ae_shapes: Dict[str, Tuple[int, ...]], *,
+                 max_latent_size: Optional[int] = None, vit_max_num_patch_per_side: Optional[int] = None,
+                 connector_act: Optional[str] = None, timestep_shift: Optional[float] = None,
+                 ae_resolution: Optional[int] = None, scale_factor: Optional[float] = None,
+                 shift_factor: Optional[float] = None, tokens: Optional[SpecialTokens] = None,
+                 ) -> Tuple[BagelConfig, List[str]]:
+  """(BagelConfig, problems) from the HF json files and the official tensor shapes.
+
+  The LLM comes from `llm_config.json` (qk_norm is always on, as every official loader sets it), the
+  ViT from `vit_config.json` with one layer fewer than the json says (absent when the weights hold no
+  `vit_model.*` keys), and the hard-coded values from shapes or flags (flags win, with a warning).
+  """
+  problems: List[str] = []
+  base = BagelConfig()
+  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")
+  missing = [k for k in required if k not in llm_json]
+  if missing:
+    raise CheckpointMismatchError(f"{LLM_JSON} lacks {missing}")
+  dl = LLMConfig()
+  llm = LLMConfig(
+      **{k: int(llm_json[k]) for k in required},
+      rope_theta=float(llm_json.get("rope_theta", dl.rope_theta)),
+      rms_norm_eps=float(llm_json.get("rms_norm_eps", dl.rms_norm_eps)),
+      max_position_embeddings=int(llm_json.get("max_position_embeddings", dl.max_position_embeddings)),
+      qk_norm=True)
+  if llm.hidden_size % llm.num_attention_heads:
+    problems.append(f"{LLM_JSON}: hidden_size {llm.hidden_size} not divisible by {llm.num_attention_heads} heads")
+
+  has_vit = any(k.startswith(("vit_model.", "connector.", keymap.VIT_POS_KEY)) for k in shapes)
+  vit = None
+  if has_vit:
+    if vit_json is None:
+      raise CheckpointMismatchError(f"the weights hold vit_model.* keys but there is no {VIT_JSON}")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if k not in vit_json]
+    if missing:
+      raise CheckpointMismatchError(f"{VIT_JSON} lacks {missing}")
+    dv = ViTConfig()
+    patch = int(vit_json.get("patch_size", dv.patch_size))
+    image_size = int(vit_json.get("image_size", dv.image_size))
+    pos_key = "vit_model.vision_model.embeddings.position_embedding.weight"
+    side = _grid(shapes.get(pos_key), pos_key, problems)
+    if side is not None and side * patch != image_size:
+      warnings.warn(f"{VIT_JSON} image_size {image_size} disagrees with {pos_key} ({side}x{side} patches "
+                    f"of {patch}); using image_size {side * patch}")
+      image_size = side * patch
+    vit = ViTConfig(
+        hidden_size=int(vit_json["hidden_size"]), intermediate_size=int(vit_json["intermediate_size"]),
+        num_hidden_layers=int(vit_json["num_hidden_layers"]) - 1,
+        num_attention_heads=int(vit_json["num_attention_heads"]), patch_size=patch, image_size=image_size,
+        layer_norm_eps=float(vit_json.get("layer_norm_eps", dv.layer_norm_eps)))
+
+  # AE structure from shapes (the official loader hard-codes it).
+  da = AEConfig()
+  conv_in = ae_shapes.get("encoder.conv_in.weight")
+  ch = conv_in[0] if conv_in else da.ch
+  levels = 0
+  while f"encoder.down.{levels}.block.0.conv1.weight" in ae_shapes:
+    levels += 1
+  ch_mult = tuple(ae_shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+  blocks = 0
+  while f"encoder.down.0.block.{blocks}.conv1.weight" in ae_shapes:
+    blocks += 1
+  conv_out = ae_shapes.get("encoder.conv_out.weight")
+  dec_out = ae_shapes.get("decoder.conv_out.weight")
+  ae = AEConfig(
+      resolution=ae_resolution if ae_resolution is not None else da.resolution,
+      in_channels=conv_in[1] if conv_in else da.in_channels, ch=ch,
+      out_ch=dec_out[0] if dec_out else da.out_ch, ch_mult=ch_mult or da.ch_mult,
+      num_res_blocks=blocks or da.num_res_blocks,
+      z_channels=conv_out[0] // 2 if conv_out else da.z_channels,
+      scale_factor=scale_factor if scale_factor is not None else da.scale_factor,
+      shift_factor=shift_factor if shift_factor is not None else da.shift_factor)
+
+  p = base.latent_patch_size
+  if "vae2llm.weight" in shapes:
+    in_dim = shapes["vae2llm.weight"][1]
+    p = math.isqrt(max(in_dim // ae.z_channels, 0))
+    if p * p * ae.z_channels != in_dim:
+      problems.append(f"vae2llm.weight: in-dim {in_dim} is not p*p*z for z={ae.z_channels}")
+      p = base.latent_patch_size
+  t_in = shapes.get("time_embedder.mlp.0.weight")
+
+  cfg = BagelConfig(
+      llm=llm, vit=vit, ae=ae, tokens=tokens or SpecialTokens(), latent_patch_size=p,
+      max_latent_size=_pick("max_latent_size", max_latent_size,
+                            _grid(shapes.get(keymap.LATENT_POS_KEY), keymap.LATENT_POS_KEY, problems),
+                            base.max_latent_size),
+      vit_max_num_patch_per_side=_pick("vit_max_num_patch_per_side", vit_max_num_patch_per_side,
+                                       _grid(shapes.get(keymap.VIT_POS_KEY), keymap.VIT_POS_KEY, problems),
+                                       base.vit_max_num_patch_per_side),
+      connector_act=connector_act or base.connector_act,
+      timestep_shift=timestep_shift if timestep_shift is not None else base.timestep_shift,
+      timestep_embed_dim=t_in[1] if t_in else base.timestep_embed_dim)
+  return cfg, problems
+
+
+def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]],
+                 files: Dict[str, str]) -> List[str]:
+  """Problems (missing / unexpected / mis-shaped keys) of the official files against `cfg`.
+
+  `shapes` / `files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
+  recomputed); when present they must be [G*G, D].
+  """
+  expected = keymap.expected_official_shapes(cfg)
+  tables = keymap.fixed_tables(cfg)
+  problems = []
+  for part in ("bagel", "ae"):
+    want = {k: v for k, v in expected[part].items() if k not in tables}
+    have = shapes[part]
+    name = files[part]
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(k for k in have if k not in want and k not in tables)
+    misshaped = [f"{k}: file {list(have[k])}, expected {list(want[k])}" for k in sorted(want)
+                 if k in have and tuple(have[k]) != tuple(want[k])]
+    for key in tables if part == "bagel" else ():
+      if key in have and (len(have[key]) != 2 or have[key][1] != cfg.llm.hidden_size
+                          or math.isqrt(have[key][0]) ** 2 != have[key][0]):
+        misshaped.append(f"{key}: file {list(have[key])}, expected [G*G, {cfg.llm.hidden_size}]")
+    if missing:
+      problems.append(_listing(f"{name}: {len(missing)} missing keys", missing))
+    if unexpected:
+      problems.append(_listing(f"{name}: {len(unexpected)} unexpected keys", unexpected))
+    if misshaped:
+      problems.append(_listing(f"{name}: {len(misshaped)} mis-shaped keys", misshaped))
+  return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# streaming tensors onto their shardings
+
+def _block(reader: SafetensorsReader, key: str, index, transform: str, dtype) -> np.ndarray:
+  """Flax-layout block `leaf[index]` of one official tensor, cast to `dtype`."""
+  raw = reader.read(key, keymap.official_index(index, transform))
+  return np.array(keymap.to_flax(raw, transform), dtype=dtype, order="C")
+
+
+def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, sharding, dtype) -> jax.Array:
+  """One parameter built shard by shard; a stacked leaf reads each needed layer's block separately."""
+  cache: Dict[Any, np.ndarray] = {}  # replicated shards share one read
+
+  def callback(index):
+    index = tuple(index)
+    sig = tuple((s.start, s.stop, s.step) for s in index)
+    if sig not in cache:
+      if stacked:
+        layers = range(*index[0].indices(shape[0]))
+        cache[sig] = np.stack([_block(reader, keys[l], index[1:], transform, dtype) for l in layers])
+      else:
+        cache[sig] = _block(reader, keys[0], index, transform, dtype)
+    return cache[sig]
+
+  return jax.make_array_from_callback(tuple(shape), sharding, callback)
+
+
+def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
+  """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`."""
+  abstract = P.abstract_params(keymap.model_schema(cfg))
+  out = {}
+  for part, table in keymap.official_keys(cfg).items():
+    by_path: Dict[Tuple[str, ...], Dict[Optional[int], str]] = {}
+    transforms = {}
+    for key, e in table.items():
+      by_path.setdefault(e.path, {})[e.layer] = key
+      transforms[e.path] = e.transform
+    leaves = {}
+    for path, layer_keys in by_path.items():
+      stacked = None not in layer_keys
+      keys = [layer_keys[i] for i in sorted(layer_keys)] if stacked else [layer_keys[None]]
+      leaves[path] = _leaf_array(readers[part], keys, transforms[path], stacked,
+                                 keymap.get_path(abstract[part], path).shape,
+                                 keymap.get_path(shardings[part], path), dtype)
+    out[part] = jax.tree_util.tree_map_with_path(
+        lambda kp, _: leaves[tuple(k.key for k in kp)], abstract[part])
+  return out
+
+
+def check_fixed_tables(reader: SafetensorsReader, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, float]:
+  """Max |stored - sincos_2d_table| per fixed table present; warns (never fails) beyond one ulp at 1."""
+  out = {}
+  for key in (keymap.LATENT_POS_KEY, keymap.VIT_POS_KEY):
+    if key not in shapes:
+      continue
+    rows, dim = shapes[key]
+    stored = reader.read_all(key)
+    table = embeddings.sincos_2d_table(math.isqrt(rows), dim)
+    diff = float(np.max(np.abs(stored.astype(np.float64) - table.astype(np.float64)))) if stored.size else 0.0
+    out[key] = diff
+    if diff > float(ml_dtypes.finfo(stored.dtype).eps):  # one ulp at 1.0 of the stored dtype (bf16 too)
+      warnings.warn(f"{key} differs from the fixed 2-D sin-cos table by up to {diff:.3g}; "
+                    "the recomputed table is used")
+    else:
+      log.info("%s matches the fixed sin-cos table (max diff %.3g)", key, diff)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _weights_file(src_dir: str, weights: Optional[str]) -> str:
+  names = (weights,) if weights else WEIGHT_FILES
+  for n in names:
+    if os.path.exists(os.path.join(src_dir, n)):
+      return n
+  raise FileNotFoundError(f"none of {list(names)} in {src_dir}")
+
+
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights: Optional[str] = None,
+                  **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
+  """(cfg, {'bagel', 'ae'} params) from an official checkpoint directory, streamed onto shardings.
+
+  `overrides` go to `infer_config` (max_latent_size, vit_max_num_patch_per_side, connector_act,
+  timestep_shift, ae_resolution, scale_factor, shift_factor, tokens).
+  """
+  dtype = parse_dtype(dtype)
+  wname = _weights_file(src_dir, weights)
+  files = {"bagel": wname, "ae": AE_FILE}
+  for n in files.values():
+    if not os.path.exists(os.path.join(src_dir, n)):
+      raise FileNotFoundError(f"{n} not found in {src_dir}")
+  llm_json = _read_json(os.path.join(src_dir, LLM_JSON))
+  if llm_json is None:
+    raise FileNotFoundError(f"{LLM_JSON} not found in {src_dir}")
+  vit_json = _read_json(os.path.join(src_dir, VIT_JSON))
+
+  problems, shapes = [], {}
+  for part, n in files.items():
+    header, bad = read_header(os.path.join(src_dir, n))
+    problems += bad
+    problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
+                 if d not in ST_DTYPES]
+    shapes[part] = {k: s for k, (_, s) in header.items()}
+  cfg, bad = infer_config(llm_json, vit_json, shapes["bagel"], shapes["ae"], **overrides)
+  problems += bad
+  problems += check_layout(cfg, shapes, files)
+  if problems:
+    raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout:\n" + "\n".join(problems))
+
+  shardings = checkpoint.target_shardings(cfg, mesh, rules)
+  with contextlib.ExitStack() as stack:
+    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in files.items()}
+    check_fixed_tables(readers["bagel"], shapes["bagel"])
+    params = stream_params(readers, cfg, dtype, shardings)
+  return cfg, params
+
+
+def convert(src_dir: str, dst_dir: str, *, dtype="bf16", mesh=None, rules=None, weights: Optional[str] = None,
+            **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
+  """Official checkpoint dir -> model dir (orbax params, model_config.json, tokenizer/json files copied)."""
+  cfg, params = load_official(src_dir, dtype=dtype, mesh=mesh, rules=rules, weights=weights, **overrides)
+  checkpoint.save_model_dir(dst_dir, cfg, params)
+  for n in AUX_FILES:
+    if os.path.exists(os.path.join(src_dir, n)):
+      shutil.copyfile(os.path.join(src_dir, n), os.path.join(dst_dir, n))
+  return cfg, params
+
+
+def parse_mesh(text: Optional[str]):
+  """'data=2,fsdp=4' -> Mesh (None for an empty/absent spec)."""
+  if not text:
+    return None
+  shape = {}
+  for part in text.split(","):
+    name, _, size = part.partition("=")
+    shape[name.strip()] = int(size)
+  return S.make_mesh(shape)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  """`python -m srum_jax convert --src DIR --dst DIR [--dtype bf16] ...`; argv excludes the subcommand."""
+  ap = argparse.ArgumentParser(prog="srum_jax convert", description=__doc__.split("\n")[0])
+  ap.add_argument("--src", required=True, help="official checkpoint directory")
+  ap.add_argument("--dst", required=True, help="output model directory")
+  ap.add_argument("--dtype", default="bf16", help="parameter dtype: bf16 | fp32 | fp16")
+  ap.add_argument("--weights", default=None, help="weights file name (default: ema.safetensors, else model.safetensors)")
+  ap.add_argument("--mesh", default=None, help="e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: one device)")
+  ap.add_argument("--max_latent_size", type=int, default=None, help="default: from latent_pos_embed rows, else 64")
+  ap.add_argument("--vit_max_num_patch_per_side", type=int, default=None,
+                  help="default: from vit_pos_embed rows, else 70")
+  ap.add_argument("--connector_act", default=None, help="default gelu_pytorch_tanh")
+  ap.add_argument("--timestep_shift", type=float, default=None, help="default 1.0")
+  ap.add_argument("--ae_resolution", type=int, default=None, help="default 256")
+  ap.add_argument("--scale_factor", type=float, default=None, help="AE latent scale (default 0.3611)")
+  ap.add_argument("--shift_factor", type=float, default=None, help="AE latent shift (default 0.1159)")
+  d = SpecialTokens()
+  ap.add_argument("--bos_token_id", type=int, default=d.bos)
+  ap.add_argument("--eos_token_id", type=int, default=d.eos)
+  ap.add_argument("--start_of_image_id", type=int, default=d.start_of_image)
+  ap.add_argument("--end_of_image_id", type=int, default=d.end_of_image)
+  args = ap.parse_args(argv)
+  tokens = SpecialTokens(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
+                         end_of_image=args.end_of_image_id)
+  try:
+    cfg, params = convert(
+        args.src, args.dst, dtype=args.dtype, mesh=parse_mesh(args.mesh), weights=args.weights,
+        max_latent_size=args.max_latent_size, vit_max_num_patch_per_side=args.vit_max_num_patch_per_side,
+        connector_act=args.connector_act, timestep_shift=args.timestep_shift, ae_resolution=args.ae_resolution,
+        scale_factor=args.scale_factor, shift_factor=args.shift_factor, tokens=tokens)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  print(f"converted {args.src} -> {args.dst}: {n / 1e9:.3f}e9 parameters, dtype {parse_dtype(args.dtype).name}, "
+        f"vit={'yes' if cfg.vit else 'no'}, max_latent_size={cfg.max_latent_size}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
