@@ -1,0 +1,175 @@
+"""Text generation with the KV cache (spec C.1, C.2) and the judge helper built on it.
+
+`generate_text` runs a `lax.while_loop` of single-token decoder steps over a prefilled `Context`: the first
+fed token is `<|im_start|>` at the row's `rope`; each step appends the fed token to the cache (und experts,
+one causal split for the whole answer) and predicts the next one from `lm_head(norm(h))`, greedily or by
+sampling `softmax(logits / temperature)`. A row stops after predicting a stop token (that token is not fed
+back); the loop ends when every row has stopped or after `max_new_tokens` steps.
+
+    ctx = context.add_vit_images(params, context.init_context(cfg, B, 512), images, cfg)
+    ctx = context.add_texts(params, ctx, prompt_ids, cfg)
+    out = generate_text(params, ctx, cfg, max_new_tokens=256)   # out.tokens[b, :out.lengths[b]]
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srum_jax.inference import context as C
+from srum_jax.inference.context import Context
+from srum_jax.models import image_transforms, qwen2_mot
+from srum_jax.models.config import BagelConfig
+from srum_jax.models.packing import CAUSAL, TokenMeta
+from srum_jax.rewards.parsing import strip_think
+from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
+
+__all__ = ["Generation", "generate_text", "answer_text", "answer", "strip_think"]
+
+
+class Generation(NamedTuple):
+  """tokens [B, max_new_tokens]: predicted ids (the start token excluded); row b's text is
+  tokens[b, :lengths[b]], followed by its stop token if it stopped, then `pad_id`.
+  logits [B, max_new_tokens, V] fp32 (step k predicts tokens[:, k]; zeros after a row stopped) or None.
+  ctx: the context after decoding (fed tokens cached, rope advanced)."""
+  tokens: jax.Array
+  lengths: jax.Array
+  logits: Optional[jax.Array]
+  ctx: Context
+
+
+def _decode_step(params, ctx: Context, token: jax.Array, active: jax.Array, cfg: BagelConfig,
+                 attn_impl: str) -> Tuple[jax.Array, Context]:
+  """Feed token [B] (padding where not active) at position rope; returns logits [B, V] fp32 and the context."""
+  B = token.shape[0]
+  col = lambda a: a[:, None].astype(jnp.int32)
+  meta = TokenMeta(sample_id=col(jnp.where(active, 0, -1)), split_id=col(ctx.split),
+                   mode=jnp.full((B, 1), CAUSAL, jnp.int32), index=jnp.zeros((B, 1), jnp.int32),
+                   position=col(ctx.rope), is_gen=jnp.zeros((B, 1), bool))
+  x = qwen2_mot.embed_text(params["llm"], token[:, None], ctx.cache.k.dtype)
+  h, cache = qwen2_mot.decoder_forward_cached(params["llm"], x, meta, ctx.cache, cfg=cfg.llm, update_cache=True,
+                                              und_capacity=1, gen_capacity=0, attn_impl=attn_impl)
+  logits = qwen2_mot.lm_logits(params["llm"], h[:, 0]).astype(jnp.float32)
+  return logits, ctx._replace(cache=cache, rope=ctx.rope + active.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_ids", "temperature", "pad_id",
+                                             "return_logits", "attn_impl"))
+def _generate(params, ctx: Context, key, *, cfg: BagelConfig, max_new_tokens: int, stop_ids: Tuple[int, ...],
+              temperature: float, pad_id: int, return_logits: bool, attn_impl: str) -> Generation:
+  C.TRACES["generate_text"] += 1
+  B = ctx.rope.shape[0]
+  V = cfg.llm.vocab_size
+  stops = jnp.asarray(stop_ids, jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, *_ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, ctx, token, done, lengths, tokens, logits_buf = carry
+    active = ~done
+    logits, ctx = _decode_step(params, ctx, token, active, cfg, attn_impl)
+    if temperature > 0:
+      nxt = jax.random.categorical(jax.random.fold_in(key, step), logits / temperature, axis=-1)
+    else:
+      nxt = jnp.argmax(logits, axis=-1)
+    nxt = nxt.astype(jnp.int32)
+    tokens = tokens.at[:, step].set(jnp.where(active, nxt, pad_id))
+    if return_logits:
+      logits_buf = logits_buf.at[:, step].set(jnp.where(active[:, None], logits, 0.0))
+    is_stop = jnp.any(nxt[:, None] == stops[None, :], axis=1) if stop_ids else jnp.zeros((B,), bool)
+    lengths = lengths + (active & ~is_stop).astype(jnp.int32)
+    return step + 1, ctx, nxt, done | (active & is_stop), lengths, tokens, logits_buf
+
+  start = jnp.full((B,), cfg.tokens.bos, jnp.int32)
+  tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+  logits_buf = jnp.zeros((B, max_new_tokens, V) if return_logits else (B, 0, V), jnp.float32)
+  carry = (jnp.int32(0), ctx, start, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), tokens, logits_buf)
+  _, ctx, _, _, lengths, tokens, logits_buf = jax.lax.while_loop(cond, body, carry)
+  return Generation(tokens=tokens, lengths=lengths, logits=logits_buf if return_logits else None,
+                    ctx=ctx._replace(split=ctx.split + 1))
+
+
+def generate_text(params, ctx: Context, cfg: BagelConfig, *, max_new_tokens: int,
+                  stop_ids: Optional[Sequence[int]] = None, temperature: float = 0.0,
+                  key: Optional[jax.Array] = None, pad_id: Optional[int] = None, return_logits: bool = False,
+                  attn_impl: str = "dense") -> Generation:
+  """Decode up to `max_new_tokens` per row from a prefilled context (C.1).
+
+  stop_ids: default (eos,). temperature 0: greedy; > 0: sampling with `key` (required).
+  The cache needs `max_new_tokens` free slots per row (decoded tokens past its end would be dropped).
+  """
+  if temperature > 0 and key is None:
+    raise ValueError("sampling (temperature > 0) needs a key")
+  stops = (cfg.tokens.eos,) if stop_ids is None else tuple(int(s) for s in stop_ids)
+  pad = cfg.tokens.eos if pad_id is None else int(pad_id)
+  key = jax.random.PRNGKey(0) if key is None else key
+  return _generate(params, ctx, key, cfg=cfg, max_new_tokens=int(max_new_tokens), stop_ids=stops,
+                   temperature=float(temperature), pad_id=pad, return_logits=bool(return_logits),
+                   attn_impl=attn_impl)
+
+
+def generated_ids(gen: Generation) -> list:
+  """Host lists of each row's generated ids (stop token and padding removed)."""
+  toks, lens = np.asarray(gen.tokens), np.asarray(gen.lengths)
+  return [toks[b, :lens[b]].tolist() for b in range(toks.shape[0])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Understanding helper (the SRUM judge)
+
+
+def _vit_image(img) -> Optional[np.ndarray]:
+  """PIL image -> official transforms (VAE resize, then ViT transform) HWC in [-1, 1]; arrays: uint8 are
+  mapped to [-1, 1], floats are taken as already in [-1, 1] (sides must be multiples of 14)."""
+  if img is None:
+    return None
+  if hasattr(img, "convert"):  # PIL
+    img = image_transforms.resize_image(img.convert("RGB"), *image_transforms.VAE_TRANSFORM)
+    return image_transforms.transform_image(img, *image_transforms.VIT_TRANSFORM)
+  a = np.asarray(img)
+  return image_transforms.to_model_range(a) if a.dtype == np.uint8 else a.astype(np.float32)
+
+
+def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
+                system_prompt: Optional[str] = None, max_new_tokens: int = 1024, temperature: float = 0.0,
+                key: Optional[jax.Array] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
+                patch_budget: Optional[int] = None) -> list:
+  """Raw decoded answers, one per prompt: context [system prompt] + image (ViT only) + prompt (C.2).
+
+  images: one per prompt (None, a PIL image or an HWC array; see `_vit_image`). Budgets default to
+  power-of-two buckets of the longest prompt / largest image, so similar batches reuse compiled code.
+  """
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+  B = len(prompts)
+  sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
+  prompt_seqs = [C.wrap_text(tokenizer.encode(p), cfg) for p in prompts]
+  prompt_ids, prompt_lens = C.pad_ids(prompt_seqs, text_budget)
+  patches, grid = C.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
+  T = C.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1]
+               + max_new_tokens)
+  ctx = C.init_context(cfg, B, T, dtype)
+  if sys_ids is not None:
+    ids, lens = C.pad_ids([sys_ids] * B)
+    ctx = C.prefill_text(params, ctx, ids, lens, cfg=cfg)
+  ctx = C.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
+  ctx = C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+  gen = generate_text(params, ctx, cfg, max_new_tokens=max_new_tokens, temperature=temperature, key=key)
+  return [tokenizer.decode(ids) for ids in generated_ids(gen)]
+
+
+def answer(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
+           system_prompt: Optional[str] = None, max_new_tokens: int = 1024, think: bool = False,
+           keep_reasoning: bool = False, **kw) -> list:
+  """Judge answers as strings. think=True uses the judge think system prompt (unless one is given) and
+  returns what follows the last `</think>` (the whole decoded text with keep_reasoning=True)."""
+  if think and system_prompt is None:
+    system_prompt = JUDGE_THINK_SYSTEM_PROMPT
+  texts = answer_text(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt,
+                      max_new_tokens=max_new_tokens, **kw)
+  return texts if (keep_reasoning or not think) else [strip_think(t) for t in texts]

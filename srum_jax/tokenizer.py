@@ -1,0 +1,75 @@
+"""The Qwen2 tokenizer with BAGEL's special tokens (spec A.10, C.2), through `transformers`.
+
+`load_tokenizer(model_dir)` reads `tokenizer.json` (a `tokenizers` byte-level BPE file, as shipped with
+Qwen2.5 / BAGEL) into a `PreTrainedTokenizerFast`, adds `<|im_start|>`, `<|im_end|>`, `<|vision_start|>`,
+`<|vision_end|>` as special tokens when absent (with the Qwen2.5 vocabulary they already exist, so the ids
+do not change), and wraps it so that `encode` never inserts special tokens by itself: the context builders
+add `<|im_start|>` / `<|im_end|>` around each text split explicitly.
+
+(With transformers 5 the tokenizer must come from `tokenizer_file=`; building from `vocab_file=` /
+`merges_file=` silently gives a tokenizer that encodes everything to no ids.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Optional, Sequence
+
+BOS, EOS, START_OF_IMAGE, END_OF_IMAGE = "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"
+SPECIAL_TOKENS = (BOS, EOS, START_OF_IMAGE, END_OF_IMAGE)
+
+
+@dataclasses.dataclass
+class Tokenizer:
+  """Thin wrapper: plain-text `encode` / `decode` and the four special ids."""
+  hf: object  # transformers.PreTrainedTokenizerFast
+  bos: int
+  eos: int
+  start_of_image: int
+  end_of_image: int
+
+  def encode(self, text: str) -> list:
+    """Token ids of `text` (no special tokens added)."""
+    return list(self.hf.encode(text, add_special_tokens=False))
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def __len__(self) -> int:
+    return len(self.hf)
+
+  def check(self, tokens) -> None:
+    """Raise if the ids differ from a model config's `SpecialTokens`."""
+    want = dict(bos=tokens.bos, eos=tokens.eos, start_of_image=tokens.start_of_image,
+                end_of_image=tokens.end_of_image)
+    got = {k: getattr(self, k) for k in want}
+    if got != want:
+      raise ValueError(f"tokenizer special ids {got} differ from the model's {want}")
+
+
+def _token_id(hf, token: str) -> Optional[int]:
+  """Id of an exact vocabulary / added token, None if absent (never the unknown token's id)."""
+  tid = hf.get_vocab().get(token)
+  return None if tid is None else int(tid)
+
+
+def from_hf(hf) -> Tokenizer:
+  """Wrap a transformers tokenizer, adding BAGEL's special tokens that it lacks (A.10)."""
+  missing = [t for t in SPECIAL_TOKENS if _token_id(hf, t) is None]
+  if missing:
+    hf.add_special_tokens({"additional_special_tokens": missing})
+  ids = {t: _token_id(hf, t) for t in SPECIAL_TOKENS}
+  if any(v is None for v in ids.values()):
+    raise ValueError(f"could not add special tokens: {ids}")
+  return Tokenizer(hf=hf, bos=ids[BOS], eos=ids[EOS], start_of_image=ids[START_OF_IMAGE],
+                   end_of_image=ids[END_OF_IMAGE])
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+  """Tokenizer of a model directory holding `tokenizer.json` (+ optional `tokenizer_config.json`)."""
+  from transformers import PreTrainedTokenizerFast
+
+  path = pathlib.Path(model_dir) / "tokenizer.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
+  return from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path)))
