@@ -61,7 +61,7 @@ def abstract_batch(cfg, rows: int):
                                       jax.ShapeDtypeStruct((rows, S, K), jnp.bool_), jax.ShapeDtypeStruct((rows, S), f32)))
   n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
   real_tokens = S * (ARGS.text_tokens + 2 + n_lat)
-  lens = [ARGS.text_tokens] * S + [2 + n_lat] * S
+  lens = [ARGS.text_tokens + 2 + n_lat] * S  # one attention sequence per sample
   return batch, (H, W), real_tokens, lens
 
 
