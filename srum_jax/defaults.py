@@ -52,5 +52,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
   c.train.log_every = 10
+  c.train.sample_every = 100  # PNG grid of training images with reward overlays (0: never)
+  c.train.sft_baseline = False  # uniform rewards and lambda 0: plain flow matching on the same data
+  c.train.sample_posterior = True  # VAE posterior sample (official) vs. its mean
+  # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
+  c.train.records = ""  # "" -> <workdir>/records.jsonl
+  c.train.images_root = ""
+  c.train.image_hw = (1024, 1024)  # training resolution (H, W); boxes are scaled from each image's size
+  c.train.samples_per_row = 2  # T2I samples packed per row (official: ~2 per GPU at 8192 tokens)
+  c.train.num_tokens = 8448  # static row budget: samples_per_row * (h*w latents) + text_capacity
+  c.train.text_capacity = 256  # static text slots per row (BOS/EOS, prompt ids and the image markers)
+  c.train.max_regions = 5  # regions per image (official SAM proposals: 5)
+  c.train.data_threads = 4
+  c.train.data_workers = 0  # >0: grain decodes in that many processes
 
   return c

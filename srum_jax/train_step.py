@@ -45,6 +45,7 @@ class StepOptions:
   attn_impl: str = "dense"
   remat: bool = False
   ema_decay: float = 0.0
+  scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
 
 
 class SrumBatch(NamedTuple):
@@ -153,7 +154,8 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
                      meta=drop_text_condition(gen.meta, k_drop, opts.text_cond_dropout))
   noise = jax.random.normal(k_noise, x_bad.shape, jnp.float32)
   out = bagel.forward_gen(params["bagel"], gen, noise, cfg=cfg, timestep_shift=opts.timestep_shift,
-                          dtype=opts.compute_dtype, attn_impl=opts.attn_impl, remat=opts.remat)
+                          dtype=opts.compute_dtype, attn_impl=opts.attn_impl, remat=opts.remat,
+                          scan_unroll=opts.scan_unroll)
   loss, aux = losses.srum_flow_loss(out.v_pred, out.noise, out.x_bad, out.x_gt, out.token_rewards, out.loss_mask,
                                     opts.lambda_constraint)
   m = out.loss_mask.astype(jnp.float32)

@@ -200,7 +200,8 @@ def test_sharded_convert(tmp_path, golden_weights, mesh_shape):
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert q.addressable_shards[0].data.shape == (2, 64 // fsdp, 64)
   assert params["bagel"]["llm"]["norm"]["scale"].sharding.is_fully_replicated
-  np.testing.assert_array_equal(np.asarray(q[1]).T, golden_weights["language_model.model.layers.1.self_attn.q_proj.weight"])
+  np.testing.assert_array_equal(np.asarray(q[1]).T,
+                                golden_weights["language_model.model.layers.1.self_attn.q_proj.weight"])
   # the saved dir restores onto the same shardings
   _, restored = checkpoint.load_model_dir(str(tmp_path / "model"), mesh=mesh)
   for x, s in zip(jax.tree.leaves(restored), jax.tree.leaves(want)):

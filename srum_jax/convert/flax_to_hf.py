@@ -92,7 +92,8 @@ def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Ent
 
       entries.append((key, dt, shape, fetch))
     out[part] = entries
-  table_dtype = np.dtype(dtype) if dtype is not None else np.dtype(params["bagel"]["llm"]["embed_tokens"]["embedding"].dtype)
+  embed = params["bagel"]["llm"]["embed_tokens"]["embedding"]
+  table_dtype = np.dtype(dtype) if dtype is not None else np.dtype(embed.dtype)
   for key, (g, d) in keymap.fixed_tables(cfg).items():
     out["bagel"].append((key, table_dtype, (g * g, d),
                          lambda g=g, d=d: embeddings.sincos_2d_table(g, d).astype(table_dtype)))

@@ -317,7 +317,8 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
         cache[sig] = _block(reader, keys[0], index, transform, dtype)
     return cache[sig]
 
-  return jax.make_array_from_callback(tuple(shape), sharding, callback)
+  # wait for the host->device copies so the host blocks are freed before the next leaf is read
+  return jax.make_array_from_callback(tuple(shape), sharding, callback).block_until_ready()
 
 
 def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
@@ -445,7 +446,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   ap.add_argument("--src", required=True, help="official checkpoint directory")
   ap.add_argument("--dst", required=True, help="output model directory")
   ap.add_argument("--dtype", default="bf16", help="parameter dtype: bf16 | fp32 | fp16")
-  ap.add_argument("--weights", default=None, help="weights file name (default: ema.safetensors, else model.safetensors)")
+  ap.add_argument("--weights", default=None,
+                  help="weights file name (default: ema.safetensors, else model.safetensors)")
   ap.add_argument("--mesh", default=None, help="e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: one device)")
   ap.add_argument("--max_latent_size", type=int, default=None, help="default: from latent_pos_embed rows, else 64")
   ap.add_argument("--vit_max_num_patch_per_side", type=int, default=None,

@@ -56,14 +56,13 @@ def _decode_step(params, ctx: Context, token: jax.Array, active: jax.Array, cfg:
   return logits, ctx._replace(cache=cache, rope=ctx.rope + active.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stop_ids", "temperature", "pad_id",
-                                             "return_logits", "attn_impl"))
-def _generate(params, ctx: Context, key, *, cfg: BagelConfig, max_new_tokens: int, stop_ids: Tuple[int, ...],
-              temperature: float, pad_id: int, return_logits: bool, attn_impl: str) -> Generation:
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "return_logits", "attn_impl"))
+def _generate(params, ctx: Context, stops: jax.Array, temperature: jax.Array, pad_id: jax.Array, key, *,
+              cfg: BagelConfig, max_new_tokens: int, sample: bool, return_logits: bool,
+              attn_impl: str) -> Generation:
   C.TRACES["generate_text"] += 1
   B = ctx.rope.shape[0]
   V = cfg.llm.vocab_size
-  stops = jnp.asarray(stop_ids, jnp.int32)
 
   def cond(carry):
     step, _, _, done, *_ = carry
@@ -73,7 +72,7 @@ def _generate(params, ctx: Context, key, *, cfg: BagelConfig, max_new_tokens: in
     step, ctx, token, done, lengths, tokens, logits_buf = carry
     active = ~done
     logits, ctx = _decode_step(params, ctx, token, active, cfg, attn_impl)
-    if temperature > 0:
+    if sample:
       nxt = jax.random.categorical(jax.random.fold_in(key, step), logits / temperature, axis=-1)
     else:
       nxt = jnp.argmax(logits, axis=-1)
@@ -81,7 +80,7 @@ def _generate(params, ctx: Context, key, *, cfg: BagelConfig, max_new_tokens: in
     tokens = tokens.at[:, step].set(jnp.where(active, nxt, pad_id))
     if return_logits:
       logits_buf = logits_buf.at[:, step].set(jnp.where(active[:, None], logits, 0.0))
-    is_stop = jnp.any(nxt[:, None] == stops[None, :], axis=1) if stop_ids else jnp.zeros((B,), bool)
+    is_stop = jnp.any(nxt[:, None] == stops[None, :], axis=1)
     lengths = lengths + (active & ~is_stop).astype(jnp.int32)
     return step + 1, ctx, nxt, done | (active & is_stop), lengths, tokens, logits_buf
 
@@ -100,17 +99,19 @@ def generate_text(params, ctx: Context, cfg: BagelConfig, *, max_new_tokens: int
                   attn_impl: str = "dense") -> Generation:
   """Decode up to `max_new_tokens` per row from a prefilled context (C.1).
 
-  stop_ids: default (eos,). temperature 0: greedy; > 0: sampling with `key` (required).
+  stop_ids: default (eos,); () never stops early. temperature 0: greedy; > 0: sampling with `key`
+  (required). Stop ids, temperature and pad id are traced: changing their values does not recompile.
   The cache needs `max_new_tokens` free slots per row (decoded tokens past its end would be dropped).
   """
   if temperature > 0 and key is None:
     raise ValueError("sampling (temperature > 0) needs a key")
-  stops = (cfg.tokens.eos,) if stop_ids is None else tuple(int(s) for s in stop_ids)
+  stops = [cfg.tokens.eos] if stop_ids is None else [int(s) for s in stop_ids]
+  stops = np.asarray(stops or [-1], np.int32)  # -1 matches no token
   pad = cfg.tokens.eos if pad_id is None else int(pad_id)
   key = jax.random.PRNGKey(0) if key is None else key
-  return _generate(params, ctx, key, cfg=cfg, max_new_tokens=int(max_new_tokens), stop_ids=stops,
-                   temperature=float(temperature), pad_id=pad, return_logits=bool(return_logits),
-                   attn_impl=attn_impl)
+  return _generate(params, ctx, stops, np.float32(max(temperature, 0.0)), np.int32(pad), key, cfg=cfg,
+                   max_new_tokens=int(max_new_tokens), sample=temperature > 0,
+                   return_logits=bool(return_logits), attn_impl=attn_impl)
 
 
 def generated_ids(gen: Generation) -> list:

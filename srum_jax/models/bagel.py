@@ -110,7 +110,7 @@ def embed_packed(params, batch: GenBatch, x_t: jax.Array, t: jax.Array, cfg: Bag
 
 def forward_gen(params, batch: GenBatch, noise: jax.Array, *, cfg: BagelConfig, timestep_shift: float,
                 dtype=jnp.float32, attn_impl: str = "dense", remat: bool = False, remat_policy=None,
-                routing: str = "routed") -> GenOutput:
+                routing: str = "routed", scan_unroll: int | bool = 1) -> GenOutput:
   """Training forward of the generation path: noise the latents, run the packed MoT, predict velocities.
 
   x_t = (1 - t) * x_bad + t * noise at every latent slot (t = 0 for clean conditioning images).
@@ -121,7 +121,7 @@ def forward_gen(params, batch: GenBatch, noise: jax.Array, *, cfg: BagelConfig, 
   und_cap, gen_cap = capacities(batch)
   h = qwen2_mot.decoder_forward(params["llm"], x, batch.meta, cfg=cfg.llm, und_capacity=und_cap,
                                 gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat,
-                                remat_policy=remat_policy, routing=routing)
+                                remat_policy=remat_policy, routing=routing, scan_unroll=scan_unroll)
   v = velocity_head(params, _gather_rows(h, batch.latent_index))
   return GenOutput(v_pred=v, noise=noise.astype(jnp.float32), x_bad=batch.x_bad.astype(jnp.float32),
                    x_gt=batch.x_gt.astype(jnp.float32), t=t, token_rewards=batch.token_rewards,

@@ -157,10 +157,13 @@ def _remat_policy(policy: Policy):
 
 def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig, und_capacity: int,
                     gen_capacity: int, attn_impl: str = "dense", remat: bool = False,
-                    remat_policy: Policy = None, routing: str = "routed", block_q: int = 512) -> jax.Array:
+                    remat_policy: Policy = None, routing: str = "routed", block_q: int = 512,
+                    scan_unroll: int | bool = 1) -> jax.Array:
   """Packed rows x [B, N, D] -> final hidden [B, N, D] (after the per-expert final norm; 0 at padding).
 
   und/gen_capacity: static per-row group sizes for routing (ignored by `routing="naive"`).
+  scan_unroll: `lax.scan` unroll factor (True = no loop; used to count FLOPs exactly, since XLA's cost
+  analysis counts a loop body once).
   remat: wrap the layer body in `jax.checkpoint` (policy: None = save nothing, a name from
   `jax.checkpoint_policies`, or a policy callable).
   """
@@ -176,7 +179,7 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
 
   if remat:
     body = jax.checkpoint(body, policy=_remat_policy(remat_policy))
-  h, _ = jax.lax.scan(body, x, params_llm["layers"])
+  h, _ = jax.lax.scan(body, x, params_llm["layers"], unroll=scan_unroll)
   return final_norm(params_llm, h, meta, cfg.rms_norm_eps)
 
 

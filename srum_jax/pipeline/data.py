@@ -1,0 +1,368 @@
+"""Training data: reward records (JSONL) -> validated ArrayRecord file -> grain pipeline -> packed `SrumBatch`.
+
+    path, report = prepare_records(records_jsonl, images_root, cache_dir, max_regions=5)
+    ds = make_dataset(path, images_root, spec, tokenizer, seed=0)       # grain.IterDataset of HostBatch
+    it = iter(ds); hb = next(it)                                         # hb.batch: SrumBatch, hb.indices
+    state = it.get_state(); ...; it.set_state(state)                     # checkpointable
+
+Host validation runs once per distinct input (the ArrayRecord file name carries a content hash of the
+JSONL, the image files' sizes/mtimes and the validation settings): malformed lines, non-finite scores,
+records the official formatting filter drops (E.3), missing or undecodable images are skipped, and boxes
+are sanitised (degenerate or fully outside the image: dropped; partly outside: clamped), all COUNTED in a
+`DataReport`. Nothing in the input can kill the job; a pipeline with zero usable records is an error.
+
+The grain pipeline: per-host shard of the records (interleaved, `ShardOptions`), deterministic shuffle
+reseeded every epoch, endless repeat, a map that loads the PNG (bicubic resize to `image_hw`, [-1, 1]),
+scales the boxes from the stored image size to `image_hw` (identity for the official 1024 -> 1024),
+pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
+per-sample text budget and counted), and a batcher that packs rows of `samples_per_row` samples with
+`train_step.t2i_layout` under static budgets. Every batch carries the record indices it used.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from srum_jax import objective
+from srum_jax.rewards import records as R
+
+VALIDATION_VERSION = 1  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
+
+__all__ = ["DataReport", "DataSpec", "HostBatch", "load_image", "validate_records", "prepare_records",
+           "make_dataset", "spec_from_config", "text_budget"]
+
+
+@dataclasses.dataclass
+class DataReport:
+  """What host validation saw and dropped; `decode_failures` / `truncated_prompts` grow while iterating."""
+  lines: int = 0
+  malformed: int = 0  # unparsable lines or schema violations (scores outside [-1, 1], missing fields, ...)
+  nonfinite: int = 0  # lines with NaN / inf numbers
+  filtered_zero_global: int = 0
+  filtered_missing_global: int = 0
+  filtered_empty: int = 0
+  missing_image: int = 0
+  corrupt_image: int = 0
+  boxes_degenerate: int = 0  # x_min >= x_max or y_min >= y_max after truncation (ignored officially too)
+  boxes_outside: int = 0  # no pixel of the image covered
+  boxes_clamped: int = 0
+  regions_truncated: int = 0  # regions beyond max_regions
+  missing_global: int = 0  # kept records without a global score (0.0 is used, as official)
+  kept: int = 0
+  examples: list = dataclasses.field(default_factory=list)  # first few (where, why) of skipped records
+  decode_failures: int = 0  # images that failed to load while iterating (file changed after validation)
+  truncated_prompts: int = 0  # prompts cut to the text budget (counted by the training loop)
+
+  @property
+  def skipped(self) -> int:
+    return (self.malformed + self.nonfinite + self.filtered_zero_global + self.filtered_missing_global
+            + self.filtered_empty + self.missing_image + self.corrupt_image)
+
+  def to_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), skipped=self.skipped)
+
+  def summary(self) -> str:
+    return (f"records kept {self.kept}/{self.lines} (skipped {self.skipped}: malformed {self.malformed}, "
+            f"non-finite {self.nonfinite}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
+            f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image {self.corrupt_image}); "
+            f"boxes dropped {self.boxes_degenerate + self.boxes_outside}, clamped {self.boxes_clamped}; "
+            f"regions truncated {self.regions_truncated}; decode failures {self.decode_failures}; "
+            f"truncated prompts {self.truncated_prompts}")
+
+  _MAX_EXAMPLES = 20
+
+  def note(self, where, why: str) -> None:
+    if len(self.examples) < self._MAX_EXAMPLES:
+      self.examples.append((where, why[:200]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Static layout of one host batch: `rows` packed rows of `samples_per_row` samples of `image_hw` pixels."""
+  image_hw: Tuple[int, int]
+  rows: int
+  samples_per_row: int
+  num_tokens: int
+  text_capacity: int
+  max_regions: int
+
+
+class HostBatch(NamedTuple):
+  """One host batch: the packed `SrumBatch` (NumPy), global record indices [rows, S], prompts [rows*S],
+  and how many of its prompts were truncated to the text budget."""
+  batch: Any
+  indices: np.ndarray
+  prompts: list
+  truncated: int
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[int, int]]:
+  """PNG/JPEG -> (float32 [H, W, 3] in [-1, 1], original (width, height)). Bicubic (antialiased) resize to
+  `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5) (A.11)."""
+  from PIL import Image
+  with Image.open(path) as im:
+    size = im.size
+    im = im.convert("RGB")
+    H, W = image_hw
+    if im.size != (W, H):
+      im = im.resize((W, H), Image.BICUBIC)
+    x = np.asarray(im, np.float32)
+  return (x / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5), size
+
+
+def _check_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+  """(width, height) of a fully decodable image, else (None, 'missing' | 'corrupt: why')."""
+  from PIL import Image
+  if not os.path.isfile(path):
+    return None, "missing"
+  try:
+    with Image.open(path) as im:
+      im.verify()  # chunk CRCs and structure
+    with Image.open(path) as im:
+      im.load()  # every pixel decodes (truncated data raises)
+      if im.size[0] <= 0 or im.size[1] <= 0:
+        return None, "corrupt: empty image"
+      return im.size, None
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+    return None, f"corrupt: {type(e).__name__}: {e}"
+
+
+# --- host validation ----------------------------------------------------------------------------------------
+
+def _sanitise_box(box, width: int, height: int, report: DataReport):
+  """Official semantics made explicit: coordinates truncate toward zero, x_min >= x_max (or y) is ignored,
+  the box clamps to the image; returns the clamped integer box or None (dropped), counting both."""
+  x0, y0, x1, y1 = (math.trunc(max(min(v, 2.0 ** 30), -2.0 ** 30)) for v in box)
+  if x0 >= x1 or y0 >= y1:
+    report.boxes_degenerate += 1
+    return None
+  c = (min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height))
+  if c[0] >= c[2] or c[1] >= c[3]:
+    report.boxes_outside += 1
+    return None
+  if c != (x0, y0, x1, y1):
+    report.boxes_clamped += 1
+  return c
+
+
+def validate_records(records_path: str, images_root: str, *, max_regions: int, drop_zero_global: bool = True,
+                     threads: int = 8) -> Tuple[List[dict], DataReport]:
+  """Read, filter and check every record; returns the usable records as plain dicts (with the decoded
+  image size in `image_size` and sanitised boxes) and the report of everything skipped or changed."""
+  report = DataReport()
+  records, read_report = R.read_records(records_path)
+  report.lines = read_report.lines
+  for line_no, why in read_report.skipped:
+    if "finite" in why:
+      report.nonfinite += 1
+    else:
+      report.malformed += 1
+    report.note(f"line {line_no}", why)
+  records, freport = R.formatting_filter(records, drop_zero_global=drop_zero_global)
+  report.filtered_zero_global = freport.dropped_zero_global
+  report.filtered_missing_global = freport.dropped_missing_global
+  report.filtered_empty = freport.dropped_empty
+
+  paths = [os.path.join(images_root, r.image_file) for r in records]
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+    checked = list(pool.map(_check_image, paths))
+  out = []
+  for r, (size, why) in zip(records, checked):
+    if size is None:
+      if why == "missing":
+        report.missing_image += 1
+      else:
+        report.corrupt_image += 1
+      report.note(r.image_file, why)
+      continue
+    regions = []
+    for reg in r.regions:
+      box = _sanitise_box(reg.box, size[0], size[1], report)
+      if box is not None:
+        regions.append({"box": list(box), "score": reg.score, "object": reg.object})
+    if len(regions) > max_regions:
+      report.regions_truncated += len(regions) - max_regions
+      regions = regions[:max_regions]
+    if r.global_score is None:
+      report.missing_global += 1
+    out.append({"index": len(out), "image_file": r.image_file, "prompt": r.prompt,
+                "global_score": r.global_score, "image_size": list(size), "regions": regions})
+  report.kept = len(out)
+  return out, report
+
+
+def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero_global: bool) -> str:
+  """Content hash of the JSONL, the referenced image files' (name, size, mtime) and the settings."""
+  h = hashlib.sha256()
+  h.update(json.dumps([VALIDATION_VERSION, os.path.abspath(images_root), int(max_regions),
+                       bool(drop_zero_global)]).encode())
+  with open(records_path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  names = set()
+  for rec in R.read_records(records_path)[0]:
+    names.add(rec.image_file)
+  for name in sorted(names):
+    try:
+      st = os.stat(os.path.join(images_root, name))
+      h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+      h.update(f"{name}\0missing\n".encode())
+  return h.hexdigest()[:16]
+
+
+def _report_from_dict(d: dict) -> DataReport:
+  d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(DataReport)}}
+  d["examples"] = [tuple(e) for e in d.get("examples", [])]
+  return DataReport(**d)
+
+
+def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_regions: int,
+                    drop_zero_global: bool = True, threads: int = 8) -> Tuple[str, DataReport]:
+  """Validated records -> `cache_dir/records-<n>-<hash>.array_record` (one JSON record per entry) plus a
+  `.report.json` beside it; an existing file for the same input is reused. Writes go to a per-process
+  temporary name and are renamed into place, so several hosts preparing the same file cannot clash."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  os.makedirs(cache_dir, exist_ok=True)
+  key = _input_hash(records_path, images_root, max_regions, drop_zero_global)
+  existing = [f for f in os.listdir(cache_dir) if f.endswith(f"-{key}.array_record")]
+  if existing:
+    path = os.path.join(cache_dir, existing[0])
+    report_path = path[:-len(".array_record")] + ".report.json"
+    if os.path.isfile(report_path):
+      with open(report_path) as f:
+        return path, _report_from_dict(json.load(f))
+  good, report = validate_records(records_path, images_root, max_regions=max_regions,
+                                  drop_zero_global=drop_zero_global, threads=threads)
+  path = os.path.join(cache_dir, f"records-{len(good)}-{key}.array_record")
+  report_path = path[:-len(".array_record")] + ".report.json"
+  tmp = f"{path}.tmp{os.getpid()}"
+  writer = ArrayRecordWriter(tmp, "group_size:1")
+  for rec in good:
+    writer.write(json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+  writer.close()
+  os.replace(tmp, path)
+  with open(f"{report_path}.tmp{os.getpid()}", "w") as f:
+    json.dump(report.to_dict(), f)
+  os.replace(f"{report_path}.tmp{os.getpid()}", report_path)
+  return path, report
+
+
+# --- grain pipeline -----------------------------------------------------------------------------------------
+
+def text_budget(cfg, spec: DataSpec) -> int:
+  """Prompt ids allowed per sample: the row's text slots (ids + BOS/EOS + the image's two markers) and
+  token slots left after the latent tokens, split evenly over the row's samples."""
+  h, w = spec.image_hw[0] // cfg.latent_downsample, spec.image_hw[1] // cfg.latent_downsample
+  S = spec.samples_per_row
+  per_sample = min(spec.text_capacity // S, (spec.num_tokens - S * h * w) // S)
+  n = per_sample - 4
+  if n < 1:
+    raise ValueError(f"no room for prompt text: num_tokens={spec.num_tokens}, text_capacity="
+                     f"{spec.text_capacity}, {S} samples of {h}x{w} latent tokens")
+  return n
+
+
+class _Decode:
+  """Record bytes -> sample dict (image, padded regions, prompt ids); None when the image fails to load."""
+
+  def __init__(self, images_root: str, cfg, spec: DataSpec, tokenizer, report: Optional[DataReport]):
+    self.images_root, self.spec, self.tokenizer, self.report = images_root, spec, tokenizer, report
+    self.bos, self.eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
+    self.max_ids = text_budget(cfg, spec)
+
+  def __call__(self, raw: bytes):
+    rec = json.loads(raw)
+    H, W = self.spec.image_hw
+    try:
+      image, (w0, h0) = load_image(os.path.join(self.images_root, rec["image_file"]), (H, W))
+    except Exception:  # the file changed or vanished after validation: skip it, never crash
+      if self.report is not None:
+        self.report.decode_failures += 1
+      return None
+    K = self.spec.max_regions
+    boxes = np.zeros((K, 4), np.float32)
+    scores = np.zeros((K,), np.float32)
+    valid = np.zeros((K,), bool)
+    sx, sy = W / float(w0), H / float(h0)
+    for j, reg in enumerate(rec["regions"][:K]):
+      x0, y0, x1, y1 = reg["box"]
+      boxes[j] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+      scores[j] = reg["score"]
+      valid[j] = True
+    ids = [int(i) for i in self.tokenizer.encode(rec["prompt"])]
+    truncated = len(ids) > self.max_ids
+    return {"index": int(rec["index"]), "image": image, "boxes": boxes, "scores": scores, "valid": valid,
+            "global_score": np.float32(0.0 if rec["global_score"] is None else rec["global_score"]),
+            "ids": [self.bos] + ids[:self.max_ids] + [self.eos], "truncated": truncated,
+            "prompt": rec["prompt"]}
+
+
+class _Collate:
+  """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing."""
+
+  def __init__(self, cfg, spec: DataSpec):
+    self.cfg, self.spec = cfg, spec
+
+  def __call__(self, samples):
+    from srum_jax import train_step
+    R_, S = self.spec.rows, self.spec.samples_per_row
+    grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
+    gen = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid], image_hw=self.spec.image_hw,
+                                num_tokens=self.spec.num_tokens, text_capacity=self.spec.text_capacity)
+    stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
+    rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
+                                      global_scores=stack("global_score"))
+    batch = train_step.SrumBatch(gen=gen, images=stack("image"), rewards=rewards)
+    return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
+                     truncated=int(sum(s["truncated"] for s in samples)))
+
+
+def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
+                 num_epochs: Optional[int] = None, shard=None, read_threads: int = 4, workers: int = 0,
+                 report: Optional[DataReport] = None):
+  """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of `HostBatch`.
+
+  `shard`: `grain.sharding.ShardOptions` (default `ShardByJaxProcess()`: this host's slice); records are
+  dealt round-robin (index i goes to host i % count), so the hosts' sets are disjoint and cover all.
+  Shuffle is a deterministic permutation per epoch (seed + epoch); `num_epochs=None` repeats forever.
+  `workers > 0` decodes in that many processes (grain mp_prefetch); the iterator stays checkpointable.
+  Images failing to load are skipped and counted in `report.decode_failures` (in this process only).
+  """
+  import grain
+  if shard is None:
+    shard = grain.sharding.ShardByJaxProcess()
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
+  n = len(ds)
+  if shard.drop_remainder:
+    ds = ds[:n - n % shard.shard_count]
+  ds = ds[shard.shard_index::shard.shard_count]
+  if len(ds) == 0:
+    raise ValueError(f"shard {shard.shard_index}/{shard.shard_count} of {array_record_path} has no records")
+  ds = ds.shuffle(seed=int(seed)).repeat(num_epochs).map(_Decode(images_root, cfg, spec, tokenizer, report))
+  per_batch = spec.rows * spec.samples_per_row
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=2 * per_batch))
+  it = it.filter(lambda x: x is not None)
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
+  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec))
+
+
+def spec_from_config(config, process_count: int = 1) -> DataSpec:
+  """Per-host DataSpec from `config.train` (the global `batch_size` rows are split over the processes)."""
+  t = config.train
+  rows = int(t.batch_size)
+  if rows % process_count:
+    raise ValueError(f"train.batch_size={rows} rows do not split over {process_count} processes")
+  return DataSpec(image_hw=tuple(int(v) for v in t.image_hw), rows=rows // process_count,
+                  samples_per_row=int(t.samples_per_row), num_tokens=int(t.num_tokens),
+                  text_capacity=int(t.text_capacity), max_regions=int(t.max_regions))
