@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from srum_jax import defaults, objective, sharding, train_step as ts  # noqa: E402
+from srum_jax.flops import bagel_active_params, bagel_flops  # noqa: E402
 from srum_jax.models import config as C, params as P  # noqa: E402
 
 
@@ -66,21 +67,6 @@ def abstract_batch(cfg, rows: int):
   real_tokens = S * (ARGS.text_tokens + 2 + n_lat)
   lens = [ARGS.text_tokens + 2 + n_lat] * S  # one attention sequence per sample
   return batch, (H, W), real_tokens, lens
-
-
-def bagel_active_params(cfg) -> int:
-  """Parameters one token passes through: one expert's decoder weights + the generation heads."""
-  c = cfg.llm
-  d, q, kv, f = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
-  per_layer = d * q + 2 * d * kv + q * d + 3 * d * f  # one expert
-  return c.num_hidden_layers * per_layer + cfg.patch_latent_dim * d * 2 + 256 * d + d * d
-
-
-def bagel_flops(cfg, tokens: int, seq_lens) -> float:
-  """BAGEL's MFU numerator: 6*N*tokens + 12*head_dim*heads*layers*sum(len^2)."""
-  c = cfg.llm
-  n_active = bagel_active_params(cfg)
-  return 6 * n_active * tokens + 12 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sum(l * l for l in seq_lens)
 
 
 def main():

@@ -24,8 +24,8 @@ PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
 
 
 def to_uint8(images) -> np.ndarray:
-  """Float images in [-1, 1] -> uint8 (clip(x*0.5+0.5) * 255, truncated, as the official inferencer)."""
-  x = np.clip(np.asarray(images, np.float32) * 0.5 + 0.5, 0.0, 1.0)
+  """Float images in [-1, 1] -> uint8 (clip(x*0.5+0.5) * 255, truncated, as the official inferencer); NaN -> 0."""
+  x = np.clip(np.nan_to_num(np.asarray(images, np.float32) * 0.5 + 0.5, nan=0.0), 0.0, 1.0)
   return (x * 255.0).astype(np.uint8)
 
 

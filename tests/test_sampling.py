@@ -11,7 +11,7 @@ from srum_jax.inference import decoding, sampling
 from srum_jax.models import autoencoder, embeddings
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: cache K/V ~2e-6, velocities ~1e-6, CFG ~7e-6)
-T = 32  # cache slots per row
+T = 64  # cache slots per row (the budgets of test_decoding: shared compilations)
 GRID = (4, 3)  # the golden query image: 32x24 px -> 4x3 latent tokens
 FLOW = dict(num_timesteps=4, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0),
             cfg_renorm_type="global", cfg_renorm_min=0.0)
@@ -43,7 +43,7 @@ def build_contexts(params, params_ae, cfg, rows):
   ctx = C.init_context(cfg, len(rows), T)
   lat, lat_grid = C.vae_inputs(params_ae, [r[0] for r in rows], cfg, budget=16)
   gen = C.prefill_vae_image(params, ctx, lat, lat_grid, cfg=cfg)
-  gen = C.add_vit_images(params, gen, [r[1] for r in rows], cfg, budget=16)
+  gen = C.add_vit_images(params, gen, [r[1] for r in rows], cfg, budget=8)
   cfg_text = gen
   gen = C.add_texts(params, gen, [r[2] for r in rows], cfg, length=16)
   cfg_img = C.add_texts(params, ctx, [r[2] for r in rows], cfg, length=16)

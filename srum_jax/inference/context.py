@@ -12,7 +12,8 @@ A `Context` holds B independent rows: the cache (keys after qk-norm and RoPE), t
 
 Shapes are static budgets (right-padded inputs, per-row lengths); rows with nothing to add (length 0, or
 an empty image grid) are left untouched, and a row's result never depends on the other rows. Changing the
-content within the same budgets never recompiles. The compute dtype is the cache dtype.
+content within the same budgets never recompiles. The compute dtype is the cache dtype. The cache must be
+large enough for everything appended (tokens past its end are dropped).
 
     ctx = init_context(cfg, batch=2, max_len=256)
     ctx = prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
@@ -204,6 +205,8 @@ def frame_image(params, block: jax.Array, cfg: BagelConfig, dtype) -> jax.Array:
 
 
 def _image_meta(ctx: Context, real_tokens: jax.Array, gen_tokens: bool) -> Tuple[TokenMeta, jax.Array]:
+  """Metadata of [SOI] + image tokens + [EOI] at each row's rope (full split); rows without any real token
+  get no markers either. Also returns which rows have an image (their rope advances by 1)."""
   has = jnp.any(real_tokens, axis=1, keepdims=True)
   real = jnp.concatenate([has, real_tokens, has], axis=1)
   B, N = real.shape

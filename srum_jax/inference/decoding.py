@@ -27,7 +27,7 @@ from srum_jax.models.packing import CAUSAL, TokenMeta
 from srum_jax.rewards.parsing import strip_think
 from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
 
-__all__ = ["Generation", "generate_text", "answer_text", "answer", "strip_think"]
+__all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think"]
 
 
 class Generation(NamedTuple):

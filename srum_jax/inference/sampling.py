@@ -145,32 +145,43 @@ def guided_velocity(params, contexts: Sequence[Context], x: jax.Array, t: jax.Ar
   return jax.lax.cond(inside, guided, cond_only)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "grid", "num_timesteps", "timestep_shift", "cfg_text_scale",
-                                             "cfg_img_scale", "cfg_interval", "cfg_renorm_type",
-                                             "cfg_renorm_min", "attn_impl"))
-def sample_latents(params, contexts: Tuple[Context, ...], x0: jax.Array, *, cfg: BagelConfig,
+@functools.partial(jax.jit, static_argnames=("cfg", "grid", "num_timesteps", "cfg_text_scale", "cfg_img_scale",
+                                             "cfg_renorm_type", "attn_impl"))
+def _sample_latents(params, contexts, x0, timestep_shift, cfg_interval, cfg_renorm_min, *, cfg, grid,
+                    num_timesteps, cfg_text_scale, cfg_img_scale, cfg_renorm_type, attn_impl):
+  C.TRACES["sample_latents"] += 1
+  ts = shifted_timesteps(num_timesteps, timestep_shift)
+
+  def step(i, x):
+    v = guided_velocity(params, contexts, x, ts[i], cfg=cfg, grid=grid, cfg_text_scale=cfg_text_scale,
+                        cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
+                        cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl)
+    return x - v * (ts[i] - ts[i + 1])
+
+  return jax.lax.fori_loop(0, num_timesteps - 1, step, x0.astype(jnp.float32))
+
+
+def sample_latents(params, contexts: Sequence[Optional[Context]], x0: jax.Array, *, cfg: BagelConfig,
                    grid: Tuple[int, int], num_timesteps: int = 50, timestep_shift: float = 3.0,
                    cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
                    cfg_interval: Tuple[float, float] = (0.4, 1.0), cfg_renorm_type: str = "global",
                    cfg_renorm_min: float = 0.0, attn_impl: str = "dense") -> jax.Array:
   """Euler integration x <- x - v(x, t_i) * (t_i - t_{i+1}) for i < T-1 from x0 [B, h*w, p*p*z] at t = 1.
 
-  contexts: (gen, cfg_text, cfg_img), each B rows; the unused ones may be None.
+  contexts: (gen, cfg_text, cfg_img), each B rows; those the scales leave unused may be None. Jitted; the
+  shift, interval and renorm minimum are traced (new values do not recompile), the scales are static
+  (they decide which branches run).
   """
-  C.TRACES["sample_latents"] += 1
+  if cfg_renorm_type not in RENORM_TYPES:
+    raise ValueError(f"unknown cfg_renorm_type {cfg_renorm_type!r}; choose one of {RENORM_TYPES}")
   n = _branches(cfg_text_scale, cfg_img_scale)
   ctxs = tuple(contexts[:n])
-  if any(c is None for c in ctxs):
+  if len(ctxs) < n or any(c is None for c in ctxs):
     raise ValueError(f"these CFG scales need {n} contexts (gen, cfg_text, cfg_img)")
-  ts = shifted_timesteps(num_timesteps, timestep_shift)
-
-  def step(i, x):
-    v = guided_velocity(params, ctxs, x, ts[i], cfg=cfg, grid=grid, cfg_text_scale=cfg_text_scale,
-                        cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
-                        cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl)
-    return x - v * (ts[i] - ts[i + 1])
-
-  return jax.lax.fori_loop(0, num_timesteps - 1, step, x0.astype(jnp.float32))
+  return _sample_latents(params, ctxs, x0, np.float32(timestep_shift), np.asarray(cfg_interval, np.float32),
+                         np.float32(cfg_renorm_min), cfg=cfg, grid=tuple(grid), num_timesteps=int(num_timesteps),
+                         cfg_text_scale=float(cfg_text_scale), cfg_img_scale=float(cfg_img_scale),
+                         cfg_renorm_type=cfg_renorm_type, attn_impl=attn_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "grid"))
@@ -194,11 +205,9 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
     if keys is None:
       raise ValueError("give keys (one per image) or x0")
     x0 = initial_noise(keys, cfg, grid)
-  tokens = sample_latents(params, tuple(contexts), x0, cfg=cfg, grid=grid, num_timesteps=int(num_timesteps),
-                          timestep_shift=float(timestep_shift), cfg_text_scale=float(cfg_text_scale),
-                          cfg_img_scale=float(cfg_img_scale),
-                          cfg_interval=(float(cfg_interval[0]), float(cfg_interval[1])),
-                          cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=float(cfg_renorm_min),
+  tokens = sample_latents(params, contexts, x0, cfg=cfg, grid=grid, num_timesteps=num_timesteps,
+                          timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                          cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
                           attn_impl=attn_impl)
   return autoencoder.to_uint8(decode_latents(params_ae, tokens, cfg=cfg, grid=grid))
 

@@ -61,7 +61,10 @@ class Checkpointer:
                async_save: bool = True):
     import orbax.checkpoint as ocp
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=max(1, int(save_interval_steps)),
+    # Only the interval (orbax's default policy would also save the first step of a fresh run: a full
+    # 7B state for nothing); off-interval saves (final, SIGTERM) use force=True.
+    policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_interval_steps)))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_decision_policy=policy,
                                            enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
                                            create=True)
     self._mngr = ocp.CheckpointManager(self.directory, options=options)

@@ -104,9 +104,9 @@ def _group_text(g: Group) -> str:
 def realize(spec: Spec) -> str:
   """The text of `spec` in its own group order (a relation spec has two groups, subject first)."""
   if spec.relations:
-    if len(spec.objects) != 2 or spec.relations[0][:1] + spec.relations[0][2:] != (0, 1):
+    (i, rel, j), = spec.relations
+    if len(spec.objects) != 2 or (i, j) != (0, 1):
       raise ValueError(f"relation prompts have two groups related as (0, rel, 1): {spec}")
-    rel = spec.relations[0][1]
     return f"{_group_text(spec.objects[0])} {RELATION_TEXT[rel]} {_group_text(spec.objects[1])}"
   return " and ".join(_group_text(g) for g in spec.objects)
 
@@ -129,11 +129,11 @@ def parse_prompt(text: str) -> Spec:
   first, i = group(0)
   groups = [first]
   if i < len(words) and words[i] != "and":
-    rel = {"left": "left", "right": "right", "above": "above", "below": "below"}.get(words[i])
-    if rel is None:
+    rel = words[i]
+    if rel not in RELATIONS:
       raise ValueError(f"cannot parse {text!r} at word {i}")
     i += 2 if rel in ("left", "right") else 1
-    if rel in ("left", "right") and words[i - 1] != "of":
+    if rel in ("left", "right") and words[i - 1:i] != ["of"]:
       raise ValueError(f"expected 'of' in {text!r}")
     second, i = group(i)
     if i != len(words):
@@ -216,6 +216,11 @@ def _prompts_by_key(category: str) -> Tuple[Tuple[Spec, Tuple[Prompt, ...]], ...
                for key in _keys(category))
 
 
+@functools.lru_cache(maxsize=None)
+def _key_of_text() -> Dict[str, Spec]:
+  return {p.text: key for c in CATEGORIES for key, forms in _prompts_by_key(c) for p in forms}
+
+
 def all_prompts(category: Optional[str] = None) -> List[Prompt]:
   """Every prompt text of a category (or of all categories), all surface forms."""
   cats = CATEGORIES if category is None else (category,)
@@ -239,21 +244,36 @@ def split_prompts(seed: int = 0, val_per_category: int = 24) -> Tuple[List[Promp
   return train, val
 
 
-def sample_prompt(rng: np.random.Generator, category: Optional[str] = None,
-                  prompts: Optional[Sequence[Prompt]] = None) -> Prompt:
-  """A random prompt: category uniform (unless given), then combination uniform, then surface form.
+PromptIndex = Dict[str, List[List[Prompt]]]  # category -> combinations -> surface forms
 
-  `prompts` restricts the choice (e.g. the train split)."""
-  if prompts is None:
-    prompts = all_prompts()
+
+def prompt_index(prompts: Sequence[Prompt]) -> PromptIndex:
+  """Prompts grouped by category and combination, for repeated `sample_prompt` calls."""
+  key_of = _key_of_text()
   by_cat: Dict[str, Dict[Spec, List[Prompt]]] = {}
   for p in prompts:
-    by_cat.setdefault(p.category, {}).setdefault(canonical(p.spec), []).append(p)
+    key = key_of.get(p.text) or canonical(p.spec)
+    by_cat.setdefault(p.category, {}).setdefault(key, []).append(p)
+  return {c: list(by_cat[c].values()) for c in sorted(by_cat)}
+
+
+@functools.lru_cache(maxsize=None)
+def _full_index() -> PromptIndex:
+  return prompt_index(all_prompts())
+
+
+def sample_prompt(rng: np.random.Generator, category: Optional[str] = None, prompts=None) -> Prompt:
+  """A random prompt: category uniform (unless given), then combination uniform, then surface form.
+
+  `prompts` restricts the choice (e.g. the train split): a sequence of prompts, or its `prompt_index`
+  (faster when sampling many times)."""
+  index = _full_index() if prompts is None else prompts if isinstance(prompts, dict) \
+      else prompt_index(prompts)
   if category is None:
-    category = sorted(by_cat)[rng.integers(len(by_cat))]
-  if category not in by_cat:
+    category = list(index)[rng.integers(len(index))]
+  if category not in index:
     raise ValueError(f"no prompts of category {category!r}")
-  keys = list(by_cat[category].values())
+  keys = index[category]
   forms = keys[rng.integers(len(keys))]
   return forms[rng.integers(len(forms))]
 

@@ -91,15 +91,16 @@ def classify_pixels(image: np.ndarray) -> np.ndarray:
   return np.where(ok, label, -1)
 
 
-def _blobs(mask: np.ndarray, v: np.ndarray, min_area: int):
-  """Bool masks of the objects in one colour's pixel mask (components, each cut at its half maximum)."""
+def _blobs(mask: np.ndarray, v: np.ndarray, base: float, min_area: int):
+  """Bool masks of the objects in one colour's pixel mask (components, each cut at its half maximum
+  above the background level `base`)."""
   eight = np.ones((3, 3), bool)
   comp, n = ndimage.label(mask, structure=eight)
   for k in range(1, n + 1):
     blob = comp == k
     if blob.sum() < min_area:
       continue
-    core = blob & (v >= HALF_MAX * np.percentile(v[blob], 90))
+    core = blob & (v - base >= HALF_MAX * (np.percentile(v[blob], 90) - base))
     pieces, m = ndimage.label(core, structure=eight)
     for j in range(1, m + 1):
       piece = pieces == j
@@ -134,10 +135,11 @@ def detect(image, value_range: Tuple[float, float] = (-1.0, 1.0)) -> List[Detect
   h, w, _ = image.shape
   labels = classify_pixels(image)
   v = image.max(axis=-1).astype(np.float64)
+  base = float(np.percentile(v, 25))  # background level: objects never cover 3/4 of the canvas
   min_area = max(1, int(round(MIN_AREA_FRAC * h * w)))
   found = []
   for ci, color in enumerate(COLOR_RGB):
-    for piece in _blobs(labels == ci, v, min_area):
+    for piece in _blobs(labels == ci, v, base, min_area):
       ys, xs = np.nonzero(piece)
       y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
       feats = shape_features(piece[y0:y1, x0:x1])

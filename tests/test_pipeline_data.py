@@ -1,0 +1,214 @@
+"""Training data pipeline: validation counts, packed batches, deterministic order, host sharding, resumable state."""
+import json
+import os
+import zlib
+
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from srum_jax.pipeline import data
+
+H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
+ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
+
+
+class WordTokenizer:
+  """Deterministic fake tokenizer: each word -> an id < 100."""
+
+  def encode(self, text):
+    return [zlib.crc32(w.encode()) % 100 for w in text.split()]
+
+
+def _png(path, color, size=ORIG):
+  Image.new("RGB", size, tuple(int(c) for c in color)).save(path)
+
+
+def _rec(i, image_file, regions=None, g=0.5, prompt=None):
+  return {"schema_version": 1, "image_file": image_file, "prompt": prompt or f"a photo number {i}",
+          "global_score": g, "regions": regions if regions is not None else
+          [{"box": [0, 0, 24, 32], "score": 0.8, "object": "thing"}]}
+
+
+def _color(i):
+  return (10 * i + 5, 200 - 10 * i, 7 * i)
+
+
+@pytest.fixture()
+def dataset_dir(tmp_path):
+  """7 usable records (0-5 plain, 6 with bad boxes) and 8 bad lines of every kind."""
+  img = tmp_path / "images"
+  img.mkdir()
+  lines = []
+  for i in range(6):
+    _png(img / f"{i}.png", _color(i), size=ORIG if i % 2 == 0 else (W, H))
+    lines.append(json.dumps(_rec(i, f"{i}.png")))
+  _png(img / "6.png", _color(6))
+  lines.append(json.dumps(_rec(6, "6.png", regions=[
+      {"box": [10, 10, 5, 20], "score": 0.9},  # x_min >= x_max: dropped
+      {"box": [100, 100, 200, 200], "score": 0.9},  # outside the 48 x 64 image: dropped
+      {"box": [-5, 10, 30, 70], "score": -0.5},  # clamped to [0, 10, 30, 64]
+      {"box": [2, 4, 10, 12], "score": 1.0}])))  # kept as is
+  lines.append(json.dumps(_rec(7, "7.png")).replace('"score": 0.8', '"score": NaN'))  # non-finite
+  lines.append('{"schema_version": 1, "image_file": "8.png", "prompt": ')  # truncated JSON
+  lines.append(json.dumps(_rec(9, "9.png", g=1.5)))  # score outside [-1, 1]
+  lines.append(json.dumps(_rec(10, "missing.png")))
+  (img / "11.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # corrupt
+  _png(img / "12.png", _color(12))
+  full = (img / "12.png").read_bytes()
+  (img / "12.png").write_bytes(full[:len(full) // 2])  # truncated PNG
+  lines.append(json.dumps(_rec(11, "11.png")))
+  lines.append(json.dumps(_rec(12, "12.png")))
+  lines.append(json.dumps(_rec(13, "0.png", g=0.0)))  # dropped by the official formatting filter
+  path = tmp_path / "records.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return tmp_path
+
+
+def _spec(rows=2, S=2, text_capacity=2 * 10, max_regions=3):
+  return data.DataSpec(image_hw=(H, W), rows=rows, samples_per_row=S, num_tokens=S * 12 + text_capacity,
+                       text_capacity=text_capacity, max_regions=max_regions)
+
+
+def _prepare(d, **kw):
+  return data.prepare_records(str(d / "records.jsonl"), str(d / "images"), str(d / "cache"), max_regions=3, **kw)
+
+
+def _iter(d, tiny_cfg, path, seed=0, shard=None, spec=None, report=None):
+  ds = data.make_dataset(path, str(d / "images"), spec or _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
+                         seed=seed, shard=shard or grain.sharding.ShardOptions(0, 1), read_threads=2,
+                         report=report)
+  return iter(ds)
+
+
+def test_validation_counts_bad_input(dataset_dir, tiny_cfg):
+  path, rep = _prepare(dataset_dir)
+  assert (rep.lines, rep.kept) == (14, 7)
+  assert rep.nonfinite == 1 and rep.malformed == 2
+  assert rep.missing_image == 1 and rep.corrupt_image == 2
+  assert rep.filtered_zero_global == 1 and rep.skipped == 7
+  assert (rep.boxes_degenerate, rep.boxes_outside, rep.boxes_clamped) == (1, 1, 1)
+  assert os.path.basename(path).startswith("records-7-")
+  assert len(grain.sources.ArrayRecordDataSource(path)) == 7
+  # the pipeline runs on what is left; record 6's sanitised boxes are scaled 48x64 -> 24x32 (x 1/2)
+  seen = {}
+  it = _iter(dataset_dir, tiny_cfg, path)
+  for _ in range(4):
+    hb = next(it)
+    b = hb.batch
+    for r in range(2):
+      for s in range(2):
+        seen[int(hb.indices[r, s])] = (b.rewards.boxes[r, s], b.rewards.valid[r, s], b.rewards.scores[r, s])
+  boxes, valid, scores = seen[6]
+  np.testing.assert_array_equal(valid, [True, True, False])
+  np.testing.assert_allclose(boxes[:2], [[0, 5, 15, 32], [1, 2, 5, 6]])
+  np.testing.assert_allclose(scores[:2], [-0.5, 1.0])
+  assert sorted(seen) == list(range(7))
+
+
+def test_cache_reused_and_rebuilt(dataset_dir):
+  p1, _ = _prepare(dataset_dir)
+  mtime = os.path.getmtime(p1)
+  p2, rep2 = _prepare(dataset_dir)
+  assert p2 == p1 and os.path.getmtime(p2) == mtime and rep2.kept == 7 and rep2.corrupt_image == 2
+  with open(dataset_dir / "records.jsonl", "a") as f:
+    f.write(json.dumps(_rec(20, "1.png")) + "\n")
+  p3, rep3 = _prepare(dataset_dir)
+  assert p3 != p1 and rep3.kept == 8 and os.path.basename(p3).startswith("records-8-")
+  _png(dataset_dir / "images" / "1.png", (1, 2, 3), size=(W + 2, H))  # an image changed: rebuild too
+  os.utime(dataset_dir / "images" / "1.png", ns=(1, 1))
+  p4, _ = _prepare(dataset_dir)
+  assert p4 != p3
+
+
+def test_batch_contents(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  hb = next(_iter(dataset_dir, tiny_cfg, path))
+  b = hb.batch
+  assert b.images.shape == (2, 2, H, W, 3) and b.images.dtype == np.float32
+  assert b.gen.latent_index.shape == (2, 2 * 12)
+  assert b.rewards.boxes.shape == (2, 2, 3, 4) and b.rewards.global_scores.shape == (2, 2)
+  for r in range(2):
+    for s in range(2):
+      i = int(hb.indices[r, s])
+      # solid colours survive the bicubic resize exactly; (x/255 - 0.5)/0.5
+      want = (np.array(_color(i), np.float32) / 255 - 0.5) / 0.5
+      np.testing.assert_allclose(b.images[r, s], np.broadcast_to(want, (H, W, 3)), atol=1e-6)
+      assert hb.prompts[2 * r + s] == f"a photo number {i}"
+  ids = b.gen.text_ids[0]
+  assert ids[0] == tiny_cfg.tokens.bos and tiny_cfg.tokens.eos in ids.tolist()
+  assert hb.truncated == 0
+
+
+def test_long_prompts_truncated_and_counted(tmp_path, tiny_cfg):
+  img = tmp_path / "images"
+  img.mkdir()
+  lines = []
+  for i in range(4):
+    _png(img / f"{i}.png", _color(i))
+    words = " ".join(f"w{k}" for k in range(3 + 10 * (i % 2)))  # 3 or 13 words; budget 10 - 4 = 6
+    lines.append(json.dumps(_rec(i, f"{i}.png", prompt=words)))
+  (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+  path, _ = data.prepare_records(str(tmp_path / "records.jsonl"), str(img), str(tmp_path / "c"), max_regions=3)
+  spec = _spec(rows=2, S=2, text_capacity=20)
+  assert data.text_budget(tiny_cfg, spec) == 6
+  hb = next(_iter(tmp_path, tiny_cfg, path, spec=spec))
+  assert hb.truncated == 2
+  # every row's text stays inside its capacity: 2 samples x (BOS + <=6 ids + EOS + 2 markers)
+  assert int((hb.batch.gen.text_index < spec.num_tokens).sum(axis=1).max()) <= 20
+
+
+def _indices(it, n):
+  return [int(i) for _ in range(n) for i in next(it).indices.reshape(-1)]
+
+
+def test_deterministic_order_and_epochs(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  a = _indices(_iter(dataset_dir, tiny_cfg, path, seed=3), 7)  # 28 samples = 4 epochs of 7
+  b = _indices(_iter(dataset_dir, tiny_cfg, path, seed=3), 7)
+  c = _indices(_iter(dataset_dir, tiny_cfg, path, seed=4), 7)
+  assert a == b and a != c
+  epochs = [a[k:k + 7] for k in range(0, 28, 7)]
+  assert all(sorted(e) == list(range(7)) for e in epochs)
+  assert len({tuple(e) for e in epochs}) > 1  # reshuffled every epoch
+
+
+def test_host_sharding_disjoint_and_covering(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  spec = _spec(rows=1, S=1)
+  got = []
+  for k in range(2):
+    it = _iter(dataset_dir, tiny_cfg, path, seed=1, shard=grain.sharding.ShardOptions(k, 2), spec=spec)
+    n = 4 if k == 0 else 3  # 7 records dealt round-robin
+    first = _indices(it, n)
+    assert sorted(_indices(it, n)) == sorted(first)  # the next epoch is the same shard
+    got.append(set(first))
+    assert len(first) == len(set(first))
+  assert not (got[0] & got[1]) and got[0] | got[1] == set(range(7))
+
+
+def test_iterator_state_round_trip(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  it = _iter(dataset_dir, tiny_cfg, path, seed=2)
+  for _ in range(2):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+  want = [next(it) for _ in range(3)]
+  it2 = _iter(dataset_dir, tiny_cfg, path, seed=2)
+  it2.set_state(state)
+  got = [next(it2) for _ in range(3)]
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(w.indices, g.indices)
+    np.testing.assert_array_equal(w.batch.images, g.batch.images)
+    np.testing.assert_array_equal(w.batch.gen.text_ids, g.batch.gen.text_ids)
+  fresh = _iter(dataset_dir, tiny_cfg, path, seed=2)
+  assert [w.indices.tolist() for w in want] != [next(fresh).indices.tolist() for _ in range(3)]
+
+
+def test_decode_failure_while_iterating_is_counted(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  os.remove(dataset_dir / "images" / "3.png")  # vanished after validation
+  rep = data.DataReport()
+  idx = _indices(_iter(dataset_dir, tiny_cfg, path, seed=0, report=rep), 3)
+  assert 3 not in idx and len(idx) == 12 and rep.decode_failures >= 1

@@ -1,0 +1,199 @@
+"""The shapes world: renderer, prompt grammar, splits, scenes for prompts, hard negatives, captions.
+
+Geometry is checked here against the scene objects themselves (the oracle has its own tests)."""
+import collections
+import itertools
+
+import numpy as np
+import pytest
+
+from srum_jax.worlds.shapes import grammar as G
+from srum_jax.worlds.shapes import scene as S
+
+
+def _scenes(n_per_category, seed=0, layout=G.DEFAULT_LAYOUT):
+  rng = np.random.default_rng(seed)
+  for c in G.CATEGORIES:
+    for _ in range(n_per_category):
+      p = G.sample_prompt(rng, c)
+      yield p, G.sample_scene(rng, p, layout)
+
+
+def test_render_exact_palette_black_background_and_deterministic():
+  scene = S.Scene((S.Obj("circle", "red", 8, 8, 12), S.Obj("square", "blue", 24, 8, 10),
+                   S.Obj("triangle", "yellow", 16, 24, 12)))
+  img = S.render(scene)
+  assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+  np.testing.assert_array_equal(img, S.render(scene))
+  masks = S.scene_masks(scene)
+  for obj, mask in zip(scene.objects, masks):
+    assert (img[mask] == S.PALETTE[obj.color]).all()
+  assert (img[~masks.any(0)] == 0).all()
+  colours = {tuple(c) for c in img.reshape(-1, 3)}
+  assert colours == {(0, 0, 0)} | {S.PALETTE[o.color] for o in scene.objects}
+
+
+def test_shapes_fill_ratio_and_boxes():
+  for size in (8, 10, 12):
+    fills = {}
+    for shape in S.SHAPES:
+      obj = S.Obj(shape, "green", 16, 16, size)
+      mask = S.object_mask(obj)
+      x0, y0, x1, y1 = S.object_box(obj)
+      ys, xs = np.nonzero(mask)
+      assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+      assert x1 - x0 == size and x1 - x0 >= y1 - y0 >= size - 1  # the apex row may be empty
+      fills[shape] = mask.sum() / size ** 2
+    assert fills["square"] == 1.0
+    assert abs(fills["circle"] - np.pi / 4) < 0.04
+    assert 0.45 < fills["triangle"] < 0.6
+  boxes = S.scene_boxes(S.Scene((S.Obj("square", "red", 8, 8, 10), S.Obj("circle", "red", 24, 24, 12))))
+  np.testing.assert_array_equal(boxes, [[3, 3, 13, 13], [18, 18, 30, 30]])
+
+
+def test_vocab_covers_every_prompt_and_tokenisation():
+  words = set()
+  for p in G.all_prompts():
+    toks = G.tokenize(p.text)
+    assert " ".join(toks) == p.text and all(toks) and p.text == p.text.lower()
+    words.update(toks)
+  assert words <= set(G.VOCAB)
+  assert words == set(G.VOCAB)  # no dead words either
+  assert len(G.VOCAB) == 20
+
+
+def test_prompt_space_categories_and_parse_roundtrip():
+  sizes = {c: len(G._prompts_by_key(c)) for c in G.CATEGORIES}
+  assert sizes == {"color": 78, "shape": 64, "spatial": 144, "numeracy": 108, "complex": 288}
+  texts = [p.text for p in G.all_prompts()]
+  assert len(texts) == len(set(texts)) == 1572
+  for p in G.all_prompts():
+    assert G.parse_prompt(p.text) == p.spec
+    assert G.realize(p.spec) == p.text
+    kinds = [(g.color, g.shape) for g in p.spec.objects]
+    assert len(set(kinds)) == len(kinds)
+  assert G.parse_prompt("two red circles above a blue square") == G.Spec(
+      (G.Group("red", "circle", 2, True), G.Group("blue", "square")), ((0, "above", 1),))
+  # Surface forms of one combination share the canonical key; categories have their defining traits.
+  assert G.canonical(G.parse_prompt("a blue square right of a red circle")) == \
+      G.parse_prompt("a red circle left of a blue square")
+  for p in G.all_prompts("color"):
+    assert len({g.color for g in p.spec.objects}) == len(p.spec.objects) >= 2
+  for p in G.all_prompts("shape"):
+    n = len(p.spec.objects)
+    assert len({g.shape for g in p.spec.objects}) == n
+    assert n == 1 or len({g.color for g in p.spec.objects}) < n
+  for p in G.all_prompts("numeracy"):
+    assert all(g.exact for g in p.spec.objects)
+  for p in G.all_prompts("complex"):
+    assert p.spec.relations and any(g.count > 1 for g in p.spec.objects)
+  for bad in ("a red circles", "two red circle", "a red circle beside a blue square", "a red",
+              "a red circle and", "a red circle left", "a red circle above"):
+    with pytest.raises(ValueError):
+      G.parse_prompt(bad)
+
+
+def test_split_disjoint_balanced_deterministic():
+  train, val = G.split_prompts(seed=0)
+  train2, val2 = G.split_prompts(seed=0)
+  assert [p.text for p in train] == [p.text for p in train2]
+  assert [p.text for p in val] == [p.text for p in val2]
+  assert not {p.text for p in train} & {p.text for p in val}
+  assert not {G.canonical(p.spec) for p in train} & {G.canonical(p.spec) for p in val}  # held-out combos
+  assert len(train) + len(val) == len(G.all_prompts())
+  val_keys = collections.Counter(p.category for p in {G.canonical(p.spec): p for p in val}.values())
+  train_keys = collections.Counter(p.category for p in {G.canonical(p.spec): p for p in train}.values())
+  assert val_keys == {c: 24 for c in G.CATEGORIES}
+  assert set(train_keys) == set(G.CATEGORIES) and min(train_keys.values()) >= 40
+  assert sum(train_keys.values()) == 562 and len(val) >= 100 and len(train) >= 300
+  other_train, other_val = G.split_prompts(seed=1)
+  assert {p.text for p in other_val} != {p.text for p in val}
+  assert not {p.text for p in other_train} & {p.text for p in other_val}
+
+
+def test_sample_prompt_respects_category_and_pool():
+  train, _ = G.split_prompts(seed=0)
+  pool = {p.text for p in train}
+  rng = np.random.default_rng(3)
+  seen = collections.Counter()
+  for _ in range(500):
+    p = G.sample_prompt(rng, prompts=train)
+    assert p.text in pool
+    seen[p.category] += 1
+  assert set(seen) == set(G.CATEGORIES) and min(seen.values()) > 60  # categories uniform
+  assert all(G.sample_prompt(rng, "spatial", train).category == "spatial" for _ in range(20))
+  a = [G.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
+  assert a == [G.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
+
+
+@pytest.mark.parametrize("layout", [G.DEFAULT_LAYOUT, G.LAYOUT_3X3], ids=["2x2", "3x3"])
+def test_sample_scene_satisfies_prompt_geometry(layout):
+  for p, scene in _scenes(60, seed=1, layout=layout):
+    counts = collections.Counter((o.color, o.shape) for o in scene.objects)
+    assert counts == {(g.color, g.shape): g.count for g in p.spec.objects}  # minimal scene
+    assert S.min_gap(scene) >= 2
+    boxes = S.scene_boxes(scene)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 32).all() and (boxes[:, 3] <= 32).all()
+    assert all(o.size in layout.sizes for o in scene.objects)
+    kind = lambda g: (g.color, g.shape)  # noqa: E731
+    for i, rel, j in p.spec.relations:
+      a = [o for o in scene.objects if kind(o) == kind(p.spec.objects[i])]
+      b = [o for o in scene.objects if kind(o) == kind(p.spec.objects[j])]
+      for oa, ob in itertools.product(a, b):
+        d = {"left": ob.cx - oa.cx, "right": oa.cx - ob.cx, "above": ob.cy - oa.cy,
+             "below": oa.cy - ob.cy}[rel]
+        assert d >= 32 / layout.grid - 2 * layout.jitter - 1
+  p = G.sample_prompt(np.random.default_rng(0), "complex")
+  s1 = G.sample_scene(np.random.default_rng(5), p, layout)
+  assert s1 == G.sample_scene(np.random.default_rng(5), p, layout)
+  np.testing.assert_array_equal(S.render(s1), S.render(G.sample_scene(np.random.default_rng(5), p, layout)))
+
+
+def test_hard_negatives_change_exactly_one_thing():
+  rng = np.random.default_rng(2)
+  seen = collections.Counter()
+  for p, scene in _scenes(40, seed=2):
+    kinds = G.negative_kinds(p, scene)
+    assert ("relation" in kinds) == bool(p.spec.relations)
+    for kind in kinds:
+      neg, got = G.hard_negative(rng, p, scene, kind)
+      assert got == kind and neg != scene
+      seen[kind] += 1
+      old, new = scene.objects, neg.objects
+      if kind in ("color", "shape"):
+        other = "shape" if kind == "color" else "color"
+        diff = [(a, b) for a, b in zip(old, new) if a != b]
+        assert len(old) == len(new) and len(diff) == 1
+        a, b = diff[0]
+        assert getattr(a, kind) != getattr(b, kind) and getattr(a, other) == getattr(b, other)
+        assert (a.cx, a.cy, a.size) == (b.cx, b.cy, b.size)
+      elif kind == "count":
+        assert abs(len(new) - len(old)) == 1
+        assert S.min_gap(neg) >= 2
+        small, big = (old, new) if len(new) > len(old) else (new, old)
+        assert not collections.Counter(small) - collections.Counter(big)
+      elif kind == "relation":
+        assert sorted((o.color, o.shape) for o in old) == sorted((o.color, o.shape) for o in new)
+        assert sorted((o.cx, o.cy, o.size) for o in old) == sorted((o.cx, o.cy, o.size) for o in new)
+        assert sum(a != b for a, b in zip(old, new)) == 2
+      elif kind == "roles":
+        diff = [(a, b) for a, b in zip(old, new) if a != b]
+        assert len(diff) == 2
+        (a1, b1), (a2, b2) = diff
+        assert (b1.color, b2.color) == (a2.color, a1.color) and (b1.shape, b2.shape) == (a1.shape, a2.shape)
+  assert set(seen) == set(G.NEGATIVE_KINDS)
+  p = G.parse_prompt("three red circles")
+  with pytest.raises(ValueError):
+    G.hard_negative(rng, p, G.sample_scene(rng, p), "relation")
+
+
+def test_describe_is_a_grammar_text_of_the_scene():
+  rng = np.random.default_rng(4)
+  for p, scene in _scenes(30, seed=4):
+    for text in (G.describe(scene), G.describe(scene, rng)):
+      assert set(G.tokenize(text)) <= set(G.VOCAB)
+      spec = G.parse_prompt(text)
+      counts = {(g.color, g.shape): g.count for g in spec.objects}
+      assert counts == collections.Counter((o.color, o.shape) for o in scene.objects)
+  scene = S.Scene((S.Obj("circle", "red", 8, 24, 10), S.Obj("square", "blue", 24, 24, 10)))
+  assert G.describe(scene) == "a red circle left of a blue square"
