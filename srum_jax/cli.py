@@ -16,6 +16,12 @@ from typing import Callable, Dict, List, Tuple
 CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "show-config": ("srum_jax.cli:show_config", "print the resolved config"),
     "sweep": ("srum_jax.cli:sweep", "expand get_sweep(): run points sequentially, or print them (--dry_run)"),
+    "generate": ("srum_jax.pipeline.commands:generate_main", "the UMM draws candidate images for the train prompts"),
+    "propose": ("srum_jax.pipeline.commands:propose_main", "region proposals for the generated images"),
+    "score": ("srum_jax.pipeline.commands:score_main", "self-judging: global + region rewards"),
+    "train": ("srum_jax.pipeline.commands:train_main", "SRUM post-training on the reward records"),
+    "eval": ("srum_jax.pipeline.commands:eval_main", "generate for held-out prompts and judge them"),
+    "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
@@ -88,7 +94,7 @@ def _run_config_command(name: str, argv: List[str]) -> int:
       dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
       argv=list(argv[1:]))
   from absl import logging
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   return int(_resolve(CONFIG_COMMANDS[name][0])(config, opts) or 0)
 
 

@@ -66,4 +66,68 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.data_threads = 4
   c.train.data_workers = 0  # >0: grain decodes in that many processes
 
+  # Prompt sets (srum_jax.pipeline.prompts.load_prompts): file / tfds / python sources.
+  c.prompts = ml_collections.ConfigDict()
+  c.prompts.train = ml_collections.ConfigDict({"source": "tfds", "name": "t2i_compbench", "split": "train",
+                                               "path": "", "function": "", "limit": None})
+  c.prompts.val = ml_collections.ConfigDict({"source": "tfds", "name": "t2i_compbench", "split": "val",
+                                             "path": "", "function": "", "limit": None})
+
+  # Candidate generation (spec B.2 / E.6: think mode, 50 steps, cfg 4.0, interval [0.4, 1], shift 3.0).
+  c.generate = ml_collections.ConfigDict()
+  c.generate.batch_size = 4
+  c.generate.samples_per_prompt = 1
+  c.generate.height = 1024
+  c.generate.width = 1024
+  c.generate.num_timesteps = 50
+  c.generate.timestep_shift = 3.0
+  c.generate.cfg_text_scale = 4.0
+  c.generate.cfg_img_scale = 1.0
+  c.generate.cfg_interval = (0.4, 1.0)
+  c.generate.cfg_renorm_type = "global"
+  c.generate.cfg_renorm_min = 0.0
+  c.generate.think = True
+  c.generate.max_think_tokens = 1000
+  c.generate.text_budget = 0  # 0: bucket to the longest prompt
+
+  # Region proposals (spec E.5).
+  c.propose = ml_collections.ConfigDict()
+  c.propose.name = "sam"  # sam | felzenszwalb | components | grid
+  c.propose.max_regions = 5
+  c.propose.min_area = 0.0  # < 1: fraction of the image; >= 1: pixels
+  c.propose.box_mode = "official"
+  c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
+
+  # Self-judging (spec E.4).
+  c.score = ml_collections.ConfigDict()
+  c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
+  c.score.think = True
+  c.score.batch_size = 4
+  c.score.max_retries = 3
+  c.score.retry_temperature = 0.7
+  c.score.max_new_tokens_global = 1024
+  c.score.max_new_tokens_regions = 4096
+  c.score.global_default = 0.0  # official value when every try fails (then removed by the filter)
+  c.score.use_global = True
+  c.score.use_regions = True
+  c.score.logit_candidates = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
+  c.score.text_budget = 0
+  c.score.vit_image_size = 0  # 0: official ViT transform; N (multiple of 14): resize to N x N (tiny worlds)
+
+  # Evaluation: held-out prompts, generation settings of their own, a pluggable judge.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.judge = "self"  # oracle | self | hf_vlm
+  c.eval.oracle_fn = ""  # "module:function(image uint8, prompt) -> bool" for judge=oracle
+  c.eval.self_threshold = 0.0
+  c.eval.hf_vlm_dir = ""
+  c.eval.seed = 1234
+  c.eval_generate = c.generate.copy_and_resolve_references()
+  c.eval_generate.think = False
+
+  # The closed loop.
+  c.run = ml_collections.ConfigDict()
+  c.run.rounds = 1
+  c.run.sft_baseline = False
+  c.run.report_images = 8
+
   return c

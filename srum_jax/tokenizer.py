@@ -73,3 +73,31 @@ def load_tokenizer(model_dir) -> Tokenizer:
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
   return from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path)))
+
+
+def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>") -> Tokenizer:
+  """A whitespace word-level tokenizer (for small synthetic worlds), saved as `tokenizer.json` in `directory`.
+
+  `words` get ids 0.. in order, then `<unk>`; `special_ids` maps BAGEL's special tokens to fixed ids (e.g.
+  the tiny model's 120..123). Splitting is on whitespace only, so "Score:" and "-0.5" stay single tokens.
+  """
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+
+  vocab = {}
+  for w in list(words) + [unk]:
+    if w not in vocab:
+      vocab[w] = len(vocab)
+  taken = set(special_ids.values())
+  if taken & set(vocab.values()):
+    raise ValueError(f"{len(vocab)} words collide with the special ids {sorted(taken)}")
+  for name, tid in special_ids.items():
+    vocab[name] = int(tid)
+  tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+  tok.add_special_tokens(list(special_ids))
+  path = pathlib.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  tok.save(str(path / "tokenizer.json"))
+  return from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json")))

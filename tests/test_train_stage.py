@@ -145,8 +145,8 @@ def _finish(proc, logname, timeout=300):
   return rc, open(logname).read()
 
 
-def _summary(workdir, proc):
-  with open(os.path.join(workdir, f"summary_{proc.pid}.json")) as f:
+def _summary(workdir, pid):
+  with open(os.path.join(workdir, f"summary_{pid}.json")) as f:
     return json.load(f)
 
 
@@ -161,15 +161,13 @@ def _steps(workdir):
   return [out[s] for s in sorted(out)], raw
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("train_stage")
+def _run_all(root):
   records, images = _make_data(root)
-  res = {"root": root}
+  res = {}
   # A: uninterrupted (pays the compile; fills the shared cache)
   wa = root / "run_a"
   pa, la = _start(root, wa, records, images)
-  res["a"] = (*_finish(pa, la), str(wa), pa)
+  res["a"] = (*_finish(pa, la), str(wa), pa.pid)
   assert res["a"][0] == 0, res["a"][1][-3000:]
   # B: SIGKILL once checkpoint 2 is committed and step 3 has started (so steps 2-3 must be re-run)
   wb = root / "run_b"
@@ -177,22 +175,44 @@ def runs(tmp_path_factory):
   _wait_for_checkpoint(pb, str(wb), 2)
   _wait_for_step(pb, str(wb), 3)
   pb.send_signal(signal.SIGKILL)
-  res["b"] = (*_finish(pb, lb), str(wb), pb)
+  res["b"] = (*_finish(pb, lb), str(wb), pb.pid)
   res["b_steps"] = _steps(str(wb))[1]
+  res["b_ckpts"] = sorted(int(d) for d in os.listdir(wb / "checkpoints") if d.isdigit())
   # C: resume; SIGTERM once checkpoint 4 is committed
   pc, lc = _start(root, wb, records, images, sleep=0.4)
   _wait_for_checkpoint(pc, str(wb), 4)
   pc.send_signal(signal.SIGTERM)
-  res["c"] = (*_finish(pc, lc), str(wb), pc)
+  res["c"] = (*_finish(pc, lc), str(wb), pc.pid)
   # D: resume to the end through the CLI entry `main`; its parameters come back via `final_params`
   pd, ld = _start(root, wb, records, images, mode="main")
-  res["d"] = (*_finish(pd, ld), str(wb), pd)
+  res["d"] = (*_finish(pd, ld), str(wb), pd.pid)
   return res
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The four runs, done once per session even under pytest-xdist (a lock in the shared temp root)."""
+  import fcntl
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's root
+  with open(shared / "train_stage.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = shared / "train_stage_runs.json"
+    if done.exists():
+      return json.loads(done.read_text())
+    root = shared / "train_stage"
+    if root.exists():
+      import shutil
+      shutil.rmtree(root)
+    root.mkdir()
+    res = _run_all(root)
+    done.write_text(json.dumps(res))
+    return json.loads(done.read_text())
+
+
 def test_uninterrupted_run_outputs(runs):
-  rc, log, wd, proc = runs["a"]
-  s = _summary(wd, proc)
+  rc, log, wd, pid = runs["a"]
+  s = _summary(wd, pid)
   assert s["steps"] == STEPS and not s["preempted"] and s["resumed_from"] is None
   assert s["compiles"] == 1  # static shapes: one compile of the step for the whole run
   assert s["data"]["kept"] == N_RECORDS and s["data"]["skipped"] == 0
@@ -237,6 +257,7 @@ def test_kill_and_resume_reproduce_uninterrupted(runs):
   rc_b, _, wd, _ = runs["b"]
   assert rc_b == -signal.SIGKILL
   assert max(runs["b_steps"]) < STEPS - 1  # really killed mid-way
+  assert runs["b_ckpts"] == [2]  # saves only every SAVE_EVERY steps (no extra initial save)
   rc_d, log_d, _, pd = runs["d"]
   assert rc_d == 0, log_d[-3000:]
   s = _summary(wd, pd)

@@ -174,3 +174,46 @@ def answer(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: 
   texts = answer_text(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt,
                       max_new_tokens=max_new_tokens, **kw)
   return texts if (keep_reasoning or not think) else [strip_think(t) for t in texts]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"))
+def _prefix_logits(params, ctx: Context, ids: jax.Array, lengths: jax.Array, *, cfg: BagelConfig,
+                   attn_impl: str = "dense") -> jax.Array:
+  """Feed the answer prefix ids [B, L] (BOS + prefix, right-padded) as the start of the answer split in one
+  forward pass; logits [B, V] at each row's last real prefix token."""
+  B, L = ids.shape
+  k = jnp.arange(L, dtype=jnp.int32)[None, :]
+  real = k < lengths[:, None]
+  meta = TokenMeta(sample_id=jnp.where(real, 0, -1).astype(jnp.int32),
+                   split_id=jnp.broadcast_to(ctx.split[:, None], (B, L)).astype(jnp.int32),
+                   mode=jnp.full((B, L), CAUSAL, jnp.int32), index=jnp.zeros((B, L), jnp.int32),
+                   position=(ctx.rope[:, None] + k).astype(jnp.int32), is_gen=jnp.zeros((B, L), bool))
+  x = qwen2_mot.embed_text(params["llm"], ids, ctx.cache.k.dtype)
+  h, _ = qwen2_mot.decoder_forward_cached(params["llm"], x, meta, ctx.cache, cfg=cfg.llm, update_cache=False,
+                                          und_capacity=L, gen_capacity=0, attn_impl=attn_impl)
+  last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+  return qwen2_mot.lm_logits(params["llm"], last).astype(jnp.float32)
+
+
+def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str], answer_prefix: str, *,
+                      cfg: BagelConfig, system_prompt: Optional[str] = None, dtype=jnp.float32,
+                      text_budget: Optional[int] = None, patch_budget: Optional[int] = None) -> jax.Array:
+  """Logits [B, V] of the token that follows `answer_prefix` in the answer to each (image, prompt).
+
+  Same context as `answer_text` ([system] + image (ViT) + prompt), then BOS + prefix in one forward pass:
+  no decoding. Used by the `logits` judge mode (expected score over score tokens).
+  """
+  B = len(prompts)
+  sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
+  prompt_ids, prompt_lens = C.pad_ids([C.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
+  patches, grid = C.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
+  prefix = [cfg.tokens.bos] + tokenizer.encode(answer_prefix)
+  pre_ids, pre_lens = C.pad_ids([prefix] * B)
+  T = C.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1])
+  ctx = C.init_context(cfg, B, T, dtype)
+  if sys_ids is not None:
+    ids, lens = C.pad_ids([sys_ids] * B)
+    ctx = C.prefill_text(params, ctx, ids, lens, cfg=cfg)
+  ctx = C.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
+  ctx = C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+  return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg)

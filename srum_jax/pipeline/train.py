@@ -252,7 +252,7 @@ def _train(stop: "_Preemption", config, *, cfg, params, tokenizer, records_path,
   final_loss = None if last is None else float(jax.device_get(last["loss"]))
   summary = {"steps": step, "final_loss": final_loss, "skipped": skipped, "preempted": preempted,
              "resumed_from": resumed_from, "data": report.to_dict(), "seconds": time.time() - t0,
-             "compiles": 0 if jstep is None else int(jstep._cache_size()),
+             "compiles": 0 if jstep is None else int(getattr(jstep, "_cache_size", lambda: -1)()),
              "checkpoint": os.path.join(workdir, "checkpoints")}
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -8,3 +8,8 @@ from srum_jax.worlds.shapes.grammar import (
 from srum_jax.worlds.shapes.oracle import detect, evaluate, judge
 from srum_jax.worlds.shapes.scene import (
     PALETTE, Obj, Scene, object_box, object_mask, palette, render, scene_boxes, scene_masks)
+
+
+def judge_text(image, text: str) -> bool:
+  """The oracle on a prompt given as text (parsed back to its spec with the grammar): the `eval` judge."""
+  return bool(judge(image, parse_prompt(text), value_range=(0, 255)))

@@ -1,0 +1,167 @@
+"""Shared plumbing of the pipeline stages: model loading, resumable JSONL logs, images, summaries.
+
+Every stage writes one JSONL line per finished item (after the item's files are on disk), so a restarted
+stage reads the ids already done and skips them: each item is done exactly once, whatever the crash point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, and where it came from."""
+  cfg: Any
+  params: Any
+  tokenizer: Any
+  path: str
+
+
+def check_model_dir(path: str) -> None:
+  """Fail before any work starts when a model directory is missing or incomplete."""
+  p = pathlib.Path(path)
+  if not path or not p.is_dir():
+    raise FileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the output "
+                            f"of `python -m srum_jax convert`)")
+  for need in ("model_config.json", "tokenizer.json"):
+    if not (p / need).is_file():
+      raise FileNotFoundError(f"model directory {path} lacks {need}")
+
+
+def load_model(path: str, *, dtype: Optional[str] = None, mesh=None) -> Model:
+  import jax.numpy as jnp
+
+  from srum_jax.convert import checkpoint
+  from srum_jax.tokenizer import load_tokenizer
+  check_model_dir(path)
+  cfg, params = checkpoint.load_model_dir(path, mesh=mesh, dtype=None if dtype is None else jnp.dtype(dtype))
+  tok = load_tokenizer(path)
+  tok.check(cfg.tokens)
+  return Model(cfg=cfg, params=params, tokenizer=tok, path=path)
+
+
+def save_model(path: str, model: Model, params) -> Model:
+  """Write `params` as a model directory next to the source model's tokenizer and json files."""
+  import shutil
+
+  from srum_jax.convert import checkpoint
+  dst = pathlib.Path(path)
+  if dst.exists():
+    shutil.rmtree(dst)
+  checkpoint.save_model_dir(str(dst), model.cfg, params)
+  for f in pathlib.Path(model.path).iterdir():
+    if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab",
+                                          "merges")):
+      shutil.copy2(f, dst / f.name)
+  return Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=str(dst))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable logs
+
+
+def stable_int(text: str, bits: int = 31) -> int:
+  """A platform-independent integer from a string (per-item seeds)."""
+  return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % (1 << bits)
+
+
+class JsonlLog:
+  """Append-only JSONL keyed by `id`: `done()` gives finished ids; `append` is flushed and fsynced."""
+
+  def __init__(self, path: str):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def rows(self) -> List[Dict[str, Any]]:
+    """Well-formed rows; a torn last line (crash mid-write) or garbage line is ignored."""
+    if not self.path.is_file():
+      return []
+    out = []
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(row, dict) and "id" in row:
+          out.append(row)
+    return out
+
+  def done(self) -> set:
+    return {r["id"] for r in self.rows()}
+
+  def append(self, row: Dict[str, Any]) -> None:
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    if self.path.is_file() and self.path.stat().st_size:
+      with open(self.path, "rb") as f:  # repair a torn last line before appending
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          data = b"\n" + data
+    with open(self.path, "ab") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Atomic PNG write (tmp + rename): a crash never leaves a half-written image under the final name."""
+  from PIL import Image
+  p = pathlib.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.with_name(p.name + ".tmp")
+  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+  os.replace(tmp, p)
+
+
+def load_rgb(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
+  """(uint8 HWC image, None) or (None, reason) for a missing or corrupt file."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB")), None
+  except FileNotFoundError:
+    return None, "missing"
+  except Exception as e:  # corrupt / truncated / not an image
+    return None, f"corrupt ({type(e).__name__})"
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def progress(total: int, desc: str):
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False)
+
+
+def process_shard(items: Sequence) -> Sequence:
+  """This host's share of the items (round robin by jax process index)."""
+  import jax
+  return items[jax.process_index()::jax.process_count()]
+
+
+def write_json(path: str, obj: Any) -> None:
+  p = pathlib.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.with_name(p.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+  os.replace(tmp, p)
+
+
+def summary_line(stage: str, **counts) -> str:
+  parts = ", ".join(f"{k}={v}" for k, v in counts.items())
+  line = f"[{stage}] {parts}"
+  print(line, flush=True)
+  return line

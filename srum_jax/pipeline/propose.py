@@ -1,0 +1,55 @@
+"""Stage `propose`: region proposals for every generated image (spec E.5).
+
+Reads the generate stage's metadata, runs the configured proposer (`sam`, `felzenszwalb`, `components`,
+`grid`) with the official post-processing (boxes from masks, largest first, top `max_regions`) and writes
+one `regions.jsonl` row per image ({id, image_file, regions: [{box, area}]}). Missing or corrupt images are
+skipped and counted; finished ids are skipped on restart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from srum_jax.pipeline import common, generate
+from srum_jax.pipeline.proposers import get_proposer
+
+
+@dataclasses.dataclass
+class ProposeReport:
+  images: int = 0
+  skipped_done: int = 0
+  skipped_bad_image: int = 0
+  proposed: int = 0
+  regions: int = 0
+  images_without_regions: int = 0
+
+
+def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
+  name = pcfg.name
+  options = {k: v for k, v in dict(pcfg.options).items() if not (k == "weights_dir" and name != "sam")}
+  proposer = get_proposer(name, max_regions=pcfg.max_regions, min_area=pcfg.min_area, box_mode=pcfg.box_mode,
+                          **options)
+  rep = ProposeReport()
+  log = common.JsonlLog(str(pathlib.Path(out_dir) / "regions.jsonl"))
+  done = log.done()
+  rows = common.process_shard(generate.read_metadata(gen_dir))
+  bar = common.progress(len(rows), f"propose[{name}]")
+  for row in rows:
+    rep.images += 1
+    bar.update(1)
+    if row["id"] in done:
+      rep.skipped_done += 1
+      continue
+    image, why = common.load_rgb(str(pathlib.Path(gen_dir) / row["image_file"]))
+    if image is None:
+      rep.skipped_bad_image += 1
+      continue
+    regions = proposer(image)
+    log.append({"id": row["id"], "image_file": row["image_file"],
+                "regions": [{"box": [int(v) for v in r.box], "area": int(r.area)} for r in regions]})
+    rep.proposed += 1
+    rep.regions += len(regions)
+    rep.images_without_regions += int(not regions)
+  bar.close()
+  common.summary_line("propose", **dataclasses.asdict(rep), out=out_dir)
+  return rep
