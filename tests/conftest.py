@@ -75,3 +75,22 @@ def tiny_params(tiny_cfg, golden_weights, golden_ae_weights):
   keys = keymap.official_keys(tiny_cfg)
   return {"bagel": tree_from_state_dict(golden_weights, keys["bagel"], P.bagel_schema(tiny_cfg)),
           "ae": tree_from_state_dict(golden_ae_weights, keys["ae"], P.ae_schema(tiny_cfg.ae))}
+
+
+JUDGE_WORDS = ("Score:", "Reason:", "Region", "ID:", "Identified", "Object:", "-1.0", "-0.5", "0.0", "0.5", "1.0")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_cfg, tiny_params):
+  """A model directory (orbax params + model_config.json + word-level tokenizer.json) of the golden tiny
+  BAGEL, laid out like a converted checkpoint, with the shapes world's words in its vocabulary."""
+  from srum_jax.convert import checkpoint
+  from srum_jax.tokenizer import build_word_level
+  from srum_jax.worlds.shapes import VOCAB
+  d = tmp_path_factory.mktemp("tiny_model")
+  checkpoint.save_model_dir(str(d), tiny_cfg, jax.tree.map(np.asarray, tiny_params))
+  t = tiny_cfg.tokens
+  build_word_level(list(VOCAB) + list(JUDGE_WORDS), d, special_ids={
+      "<|im_start|>": t.bos, "<|im_end|>": t.eos, "<|vision_start|>": t.start_of_image,
+      "<|vision_end|>": t.end_of_image})
+  return str(d)
