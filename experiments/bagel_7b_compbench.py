@@ -17,10 +17,26 @@ def get_config(arg=None):
   c.model.remat = True
   c.mesh.data = 1
   c.mesh.fsdp = -1  # FULL_SHARD over all devices, as the official 8-GPU FSDP run
+  # Data generation (t2i.py: think mode, 50 steps, cfg text 4.0 / img 1.0, interval [0.4, 1], shift 3.0).
+  c.prompts.train.split = "train"
+  c.prompts.val.split = "val"
+  c.generate.think = True
+  c.generate.num_timesteps = 50
+  c.generate.cfg_text_scale = 4.0
+  c.generate.timestep_shift = 3.0
+  c.generate.height = c.generate.width = 1024
+  c.propose.name = "sam"
+  c.propose.options.weights_dir = ""  # a local transformers SAM (ViT-H) directory
+  c.score.mode = "generate"
+  c.score.think = True
+  c.eval.judge = "self"  # or hf_vlm with eval.hf_vlm_dir
   c.srum.lambda_constraint = 0.5
   c.train.steps = 309
   c.train.lr = 2e-5
   c.train.save_every = 308
+  c.train.image_hw = (1024, 1024)
+  c.train.samples_per_row = 2
+  c.train.freeze = ("vit", "connector", "ae")
   return c
 
 

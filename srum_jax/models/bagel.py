@@ -203,3 +203,25 @@ def build_gen_batch(cfg: BagelConfig, rows: Sequence[Sequence[Sequence]], *, num
                   vit_patches=vit_patches, vit_index=packed.vit_index, vit_pos=vit_pos, vit_segment=vit_segment,
                   latent_index=packed.latent_index, latent_pos=latent_pos, x_bad=x_bad, x_gt=x_gt, raw_t=raw_t,
                   loss_mask=loss_mask, token_rewards=rewards)
+
+
+# ----------------------------------------------------------------------------------------------
+# Understanding path (text answers)
+
+
+def forward_und(params, batch: GenBatch, logit_index: jax.Array, *, cfg: BagelConfig, dtype=jnp.float32,
+                attn_impl: str = "dense", remat: bool = False, routing: str = "routed") -> jax.Array:
+  """Training forward of the understanding path: text logits [B, A, V] (fp32) at the slots `logit_index`
+  [B, A] (out-of-range entries give the logits of a zero hidden state; mask them in the loss).
+
+  The packed rows hold ViT images and text splits (no latents); the slot of token k of a causal answer
+  split predicts token k+1, as in decoding (C.1): lm_head(norm(h)) over the und expert.
+  """
+  B = batch.meta.sample_id.shape[0]
+  C = cfg.patch_latent_dim
+  empty = jnp.zeros((B, 0, C), jnp.float32)
+  x = embed_packed(params, batch, empty, jnp.zeros((B, 0), jnp.float32), cfg, dtype)
+  und_cap, gen_cap = capacities(batch)
+  h = qwen2_mot.decoder_forward(params["llm"], x, batch.meta, cfg=cfg.llm, und_capacity=und_cap,
+                                gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat, routing=routing)
+  return qwen2_mot.lm_logits(params["llm"], _gather_rows(h, logit_index)).astype(jnp.float32)
