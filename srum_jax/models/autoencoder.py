@@ -114,7 +114,11 @@ def encode(params_ae, images: jax.Array, cfg: AEConfig, key: Optional[jax.Array]
   With `key`, sample = mean + exp(logvar / 2) * N(0, 1) (what the official encode does by default);
   with key=None the posterior mean is used (deterministic; what the fixtures pin down).
   """
-  mean, logvar = encode_moments(params_ae, images, cfg)
+  return latents_from_moments(*encode_moments(params_ae, images, cfg), cfg, key)
+
+
+def latents_from_moments(mean: jax.Array, logvar: jax.Array, cfg: AEConfig, key: Optional[jax.Array] = None):
+  """Scaled latents from posterior moments: one encoder pass serves any number of posterior samples."""
   sample = mean
   if key is not None:
     eps = jax.random.normal(key, mean.shape, jnp.float32)
