@@ -136,30 +136,35 @@ def _vit_image(img) -> Optional[np.ndarray]:
   return image_transforms.to_model_range(a) if a.dtype == np.uint8 else a.astype(np.float32)
 
 
-def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
-                system_prompt: Optional[str] = None, max_new_tokens: int = 1024, temperature: float = 0.0,
-                key: Optional[jax.Array] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                patch_budget: Optional[int] = None) -> list:
-  """Raw decoded answers, one per prompt: context [system prompt] + image (ViT only) + prompt (C.2).
-
-  images: one per prompt (None, a PIL image or an HWC array; see `_vit_image`). Budgets default to
-  power-of-two buckets of the longest prompt / largest image, so similar batches reuse compiled code.
-  """
+def judge_context(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
+                  system_prompt: Optional[str] = None, extra_tokens: int = 0, dtype=jnp.float32,
+                  text_budget: Optional[int] = None, patch_budget: Optional[int] = None) -> Context:
+  """The understanding context per row: [system prompt] + image (ViT only) + prompt (C.2), in a cache with
+  room for `extra_tokens` more. images: one per prompt (None, a PIL image or an HWC array; see
+  `_vit_image`). Budgets default to power-of-two buckets, so similar batches reuse compiled code."""
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
   B = len(prompts)
   sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
-  prompt_seqs = [C.wrap_text(tokenizer.encode(p), cfg) for p in prompts]
-  prompt_ids, prompt_lens = C.pad_ids(prompt_seqs, text_budget)
+  prompt_ids, prompt_lens = C.pad_ids([C.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
   patches, grid = C.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
   T = C.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1]
-               + max_new_tokens)
+               + extra_tokens)
   ctx = C.init_context(cfg, B, T, dtype)
   if sys_ids is not None:
     ids, lens = C.pad_ids([sys_ids] * B)
     ctx = C.prefill_text(params, ctx, ids, lens, cfg=cfg)
   ctx = C.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
-  ctx = C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+  return C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+
+
+def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
+                system_prompt: Optional[str] = None, max_new_tokens: int = 1024, temperature: float = 0.0,
+                key: Optional[jax.Array] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
+                patch_budget: Optional[int] = None) -> list:
+  """Raw decoded answers, one per prompt, from `judge_context`."""
+  ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt,
+                      extra_tokens=max_new_tokens, dtype=dtype, text_budget=text_budget, patch_budget=patch_budget)
   gen = generate_text(params, ctx, cfg, max_new_tokens=max_new_tokens, temperature=temperature, key=key)
   return [tokenizer.decode(ids) for ids in generated_ids(gen)]
 
@@ -203,17 +208,8 @@ def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str
   Same context as `answer_text` ([system] + image (ViT) + prompt), then BOS + prefix in one forward pass:
   no decoding. Used by the `logits` judge mode (expected score over score tokens).
   """
-  B = len(prompts)
-  sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
-  prompt_ids, prompt_lens = C.pad_ids([C.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
-  patches, grid = C.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
+  ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt, dtype=dtype,
+                      text_budget=text_budget, patch_budget=patch_budget)
   prefix = [cfg.tokens.bos] + tokenizer.encode(answer_prefix)
-  pre_ids, pre_lens = C.pad_ids([prefix] * B)
-  T = C.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1])
-  ctx = C.init_context(cfg, B, T, dtype)
-  if sys_ids is not None:
-    ids, lens = C.pad_ids([sys_ids] * B)
-    ctx = C.prefill_text(params, ctx, ids, lens, cfg=cfg)
-  ctx = C.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
-  ctx = C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+  pre_ids, pre_lens = C.pad_ids([prefix] * len(prompts))
   return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg)

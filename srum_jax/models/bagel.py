@@ -171,7 +171,7 @@ def build_gen_batch(cfg: BagelConfig, rows: Sequence[Sequence[Sequence]], *, num
         if isinstance(it, ImageTokens):
           images["vit" if it.kind == "vit" else "latent"].append(it)
 
-  vit_patches = np.zeros((B, vit_capacity, 3 * 14 * 14), np.float32)
+  vit_patches = np.zeros((B, vit_capacity, cfg.vit.patch_dim if cfg.vit is not None else 3 * 14 * 14), np.float32)
   vit_pos = np.zeros((B, vit_capacity), np.int32)
   vit_segment = np.full((B, vit_capacity), -1, np.int32)
   x_bad = np.zeros((B, latent_capacity, C), np.float32)

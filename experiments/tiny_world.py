@@ -1,0 +1,130 @@
+"""The shapes world end to end: pretrain a tiny BAGEL from scratch, then run SRUM on it.
+
+    python -m srum_jax pretrain --config=experiments/tiny_world.py        # CPU (2 cores): ~2 h
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min
+    python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the pretrained model
+
+`pretrain.*` drives `srum_jax.pretrain` (writes `<pretrain.out>/model`, the directory `model.dir` points
+at); everything else is the SRUM loop at the tiny model's size (32x32 images, components proposer,
+logits-mode self-judge on the 56x56 view, oracle eval on the val prompts).
+"""
+import ml_collections
+
+from srum_jax import defaults
+
+SHAPES = "srum_jax.worlds.shapes.sources:prompts"
+
+
+def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.preset = "tiny_world"
+  p.seed = 0
+  p.out = "outputs/tiny_world_pretrain"
+  p.max_seconds = 200.0 if gpu else 7200.0  # wall clock for both stages (eval excluded)
+  p.compute_dtype = "bfloat16" if gpu else "float32"
+  p.eval_dtype = "float32"
+  p.save_dtype = "float32"
+  p.data_workers = 12 if gpu else 0  # spawned host-data processes
+  p.log_every = 25 if gpu else 10
+  p.vit_image_size = 56  # = score.vit_image_size
+  # Stage A: the autoencoder.
+  p.ae = ml_collections.ConfigDict()
+  p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
+  p.ae.steps = 3000 if gpu else 1500
+  p.ae.max_seconds = 45.0 if gpu else 900.0
+  p.ae.batch = 128 if gpu else 32
+  p.ae.lr = 2e-3
+  p.ae.warmup_steps = 50
+  p.ae.min_lr_ratio = 0.05
+  p.ae.kl_weight = 1e-4
+  # Stage B: the UMM (one step = one generation batch + one understanding batch).
+  p.steps = 20000 if gpu else 4000
+  p.lr = 1e-3
+  p.min_lr_ratio = 0.05
+  p.warmup_steps = 100
+  p.b1, p.b2 = 0.9, 0.98
+  p.weight_decay = 0.01
+  p.grad_clip = 1.0
+  p.und_weight = 1.0
+  p.und_batch = 256 if gpu else 16
+  p.und_tokens = 320  # row budget: 16 ViT + 2 markers + question (<= 244) + answer (<= 47)
+  p.answer_capacity = 48
+  p.gen_rows = 16 if gpu else 1
+  p.gen_samples_per_row = 4
+  p.gen_text_len = 13  # BOS + the longest prompt (11 words) + EOS
+  p.timestep_shift = 1.0
+  p.text_cond_dropout = 0.1
+  # The understanding data mix (train prompts only).
+  p.data = ml_collections.ConfigDict()
+  p.data.tasks = ml_collections.ConfigDict({"global": 0.45, "region1": 0.4, "regions": 0.15})
+  p.data.negatives = 0.45  # hard negatives (one attribute changed)
+  p.data.easy_negatives = 0.05  # the scene of another prompt
+  p.data.distractors = 0.05  # an extra object of a kind the prompt does not name (still true)
+  p.data.background_box = 0.2
+  p.data.box_jitter = 0.5
+  p.data.blur = 0.3
+  p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
+  # Evaluation on val prompts at the end (srum_jax.pretrain.evaluate_model).
+  p.eval = ml_collections.ConfigDict()
+  p.eval.enabled = 1
+  p.eval.kwargs = ml_collections.ConfigDict(dict(
+      seed=0, num_pairs=400, num_generate_mode=32, num_gen_per_category=None, gen_steps=16, gen_cfg_scale=3.0,
+      gen_timestep_shift=1.0, gen_cfg_interval=(0.0, 1.0), batch_size=64 if gpu else 32, vit_image_size=56))
+  return p
+
+
+def get_config(arg=None):
+  gpu = arg == "gpu"
+  if arg not in (None, "", "gpu", "cpu"):
+    raise ValueError(f"unknown config arg {arg!r}; use 'cpu' (default) or 'gpu'")
+  c = defaults.base_config()
+  c.workdir = "outputs/tiny_world"
+  c.pretrain = pretrain_config(gpu)
+  c.model.dir = c.pretrain.out + "/model"
+  c.model.preset = "tiny_world"
+  c.model.compute_dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.prompts.train = {"source": "python", "function": SHAPES, "kwargs": {"split": "train", "per_category": 24}}
+  c.prompts.val = {"source": "python", "function": SHAPES, "kwargs": {"split": "val"}}
+  for g in (c.generate, c.eval_generate):
+    g.batch_size = 32
+    g.height = g.width = 32
+    g.num_timesteps = 16
+    g.timestep_shift = 1.0
+    g.cfg_text_scale = 3.0
+    g.cfg_interval = (0.0, 1.0)
+    g.think = False
+    g.max_think_tokens = 8
+  c.generate.samples_per_prompt = 4
+  c.propose.name = "components"
+  c.propose.max_regions = 5
+  c.propose.min_area = 12  # pixels: the oracle's speckle threshold at 32x32
+  c.propose.box_mode = "official"
+  c.propose.options = {}
+  c.score.mode = "logits"
+  c.score.think = False
+  c.score.batch_size = 32
+  c.score.max_retries = 1
+  c.score.max_new_tokens_global = 8
+  c.score.max_new_tokens_regions = 64
+  c.score.vit_image_size = 56
+  c.eval.judge = "oracle"
+  c.eval.oracle_fn = "srum_jax.worlds.shapes:judge_text"
+  c.train.steps = 200
+  c.train.warmup_steps = 10
+  c.train.lr = 1e-4
+  c.train.batch_size = 8
+  c.train.samples_per_row = 4
+  c.train.image_hw = (32, 32)
+  c.train.text_capacity = 4 * 15  # per sample: BOS + <= 11 words + EOS + 2 image markers
+  c.train.num_tokens = 4 * 31  # + 16 latent tokens
+  c.train.timestep_shift = 1.0
+  c.train.freeze = ("vit", "connector", "ae")
+  c.train.save_every = 1000
+  c.train.sample_every = 100
+  c.train.log_every = 10
+  c.train.data_threads = 2
+  c.run.rounds = 1
+  c.run.sft_baseline = True
+  c.run.report_images = 8
+  return c

@@ -1,0 +1,876 @@
+"""Pretraining a tiny BAGEL on the shapes world from scratch: a UMM that judges well and generates imperfectly.
+
+    python -m srum_jax pretrain --config=experiments/tiny_world.py[:gpu]
+
+Same model code as the 7B (`models/*`, preset `tiny_world`); two stages under one wall-clock budget
+(`pretrain.max_seconds`; on reaching it the stage stops cleanly and everything is saved):
+
+A. Autoencoder: the FLUX AE learns to reconstruct rendered scenes (L1 + L2, small KL); then it is frozen and
+   the latent statistics give `shift_factor` / `scale_factor` (unit-variance latents for the flow).
+B. The UMM, one jitted step over two batches:
+   * generation: text-to-image flow matching on (train prompt, rendered minimal scene) pairs with the SRUM
+     step's plain flow loss (`train_step.srum_loss`, R = 1, lambda = 0; text dropout for CFG);
+   * understanding: next-token cross-entropy on the answers of the SRUM judge formats, context [ViT image]
+     [question] [answer] exactly as `inference.decoding` builds it. Questions use train prompts only; half
+     of the scenes are hard negatives (`grammar.hard_negative`: colour, shape, count, relation, roles), a
+     few are scenes of another prompt or carry an extra object. Labels come from the scene's ground truth
+     (`scene_truth`), never from the oracle:
+       global   `global_layout_prompt(prompt)`            -> "Score: 1.0" / "Score: -1.0"
+       region1  `region_prompt(prompt, [box])`            -> "Score: s" (the logits judge mode) or the block
+                                                              "Region ID: 1 Identified Object: red circle Score: s"
+       regions  `region_prompt(prompt, boxes)` (all objects, sometimes a background box, random order)
+                                                          -> one block per region
+     with s = 1.0 for an object the prompt asks for (right kind, count and place), -0.5 for the right kind
+     in a wrong count, -1.0 for an object that contradicts the prompt (kind not asked for, or breaking a
+     relation) and 0.0 for a background box. Boxes are in the proposer's "official" convention (inclusive
+     max), jittered by a pixel half the time; images are blurred a little sometimes (generated images are
+     soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (56).
+   Generation is kept imperfect only by budget: its batch is small next to the understanding batch.
+
+Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
+`pipeline.common.load_model`), log.jsonl (losses), pretrain_eval.json (`evaluate_model`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from srum_jax.worlds.shapes import grammar as G
+from srum_jax.worlds.shapes import scene as S
+
+SCORE_TOKENS = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
+JUDGE_WORDS = ("Score:", "Reason:", "Region", "ID:", "Identified", "Object:", "Bounding", "Box:", "background")
+MAX_REGIONS = 5  # the proposer's default max_regions
+MAX_COORD = 32  # box coordinates 0..32 (32x32 images; "official" boxes stay <= 31)
+REL_MARGIN = 4.0  # px: relations between ground-truth centres, the world's definition (oracle: 4 px at 32)
+IMAGE_HW = (32, 32)
+SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary
+
+
+def world_words() -> List[str]:
+  """Every word the world's prompts, the judge prompts' variable parts and the answers use.
+
+  The tokenizer splits on whitespace only, so the quoted prompt inside the judge prompts ("a ... square")
+  yields `"a` and `square"`, and boxes `[3, 5, 14, 16]` yield `[3,` `5,` `14,` `16]`: those are words too.
+  Every other word of the fixed judge templates maps to <unk> (constant context for a model trained here).
+  """
+  plural = [G.PLURAL[s] for s in S.SHAPES]
+  words = list(G.VOCAB)
+  words += ['"' + w for w in ("a", "one", "two", "three")]
+  words += [s + '"' for s in list(S.SHAPES) + plural]
+  words += list(JUDGE_WORDS) + list(SCORE_TOKENS) + [str(k) for k in range(1, MAX_REGIONS + 1)]
+  words += [f"[{n}," for n in range(MAX_COORD + 1)] + [f"{n}," for n in range(MAX_COORD + 1)]
+  words += [f"{n}]" for n in range(MAX_COORD + 1)]
+  return words
+
+
+def build_tokenizer(directory, cfg):
+  """Word-level tokenizer.json in `directory` with the model's special ids (checked against `cfg`)."""
+  from srum_jax.tokenizer import build_word_level
+  t = cfg.tokens
+  words = world_words()
+  if len(words) + 1 > min(t.bos, t.eos, t.start_of_image, t.end_of_image):
+    raise ValueError(f"{len(words)} words + <unk> collide with the special ids of {t}")
+  tok = build_word_level(words, directory, special_ids=dict(zip(
+      SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image))))
+  tok.check(t)
+  if max(t.bos, t.eos, t.start_of_image, t.end_of_image) >= cfg.llm.vocab_size:
+    raise ValueError(f"special ids {t} exceed the vocabulary {cfg.llm.vocab_size}")
+  return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ground truth (the scene's objects and the prompt's spec; no pixels)
+
+
+def _related(a: S.Obj, b: S.Obj, rel: str, margin: float = REL_MARGIN) -> bool:
+  return {"left": b.cx - a.cx > margin, "right": a.cx - b.cx > margin,
+          "above": b.cy - a.cy > margin, "below": a.cy - b.cy > margin}[rel]
+
+
+def scene_truth(spec: G.Spec, scene: S.Scene) -> Tuple[bool, List[float]]:
+  """(does the scene satisfy the spec, one region score per object) from the ground-truth objects.
+
+  Semantics of the grammar: each group needs `count` objects of its colour and shape (exactly, for number
+  words); objects of other kinds do not falsify the prompt; a relation holds if some `count_i` objects of
+  group i and `count_j` of group j are pairwise related (centres `REL_MARGIN` px apart).
+  Region scores: 1.0 asked-for object; -0.5 right kind but its group has the wrong count; -1.0 kind not
+  asked for (wrong colour / shape / extra object) or an object of a violated relation.
+  """
+  kinds = {(g.color, g.shape): i for i, g in enumerate(spec.objects)}
+  owner = [kinds.get((o.color, o.shape), -1) for o in scene.objects]
+  scores = [1.0 if w >= 0 else -1.0 for w in owner]
+  members = [[k for k, w in enumerate(owner) if w == i] for i in range(len(spec.objects))]
+  ok = True
+  for g, ms in zip(spec.objects, members):
+    if len(ms) < g.count or (g.exact and len(ms) != g.count):
+      ok = False
+      for k in ms:
+        scores[k] = -0.5
+  for i, rel, j in spec.relations:
+    ni, nj = spec.objects[i].count, spec.objects[j].count
+    objs = scene.objects
+    holds = any(all(_related(objs[a], objs[b], rel) for a in si for b in sj)
+                for si in itertools.combinations(members[i], ni)
+                for sj in itertools.combinations(members[j], nj))
+    if not holds:
+      ok = False
+      for a in members[i]:
+        for b in members[j]:
+          if not _related(objs[a], objs[b], rel):
+            scores[a] = scores[b] = -1.0
+  return ok, scores
+
+
+def official_box(box_half_open) -> Tuple[int, int, int, int]:
+  """Half-open [x0, y0, x1, y1] -> the proposer's "official" box (inclusive max, never empty)."""
+  x0, y0, x1, y1 = (int(v) for v in box_half_open)
+  return x0, y0, max(x1 - 1, x0 + 1), max(y1 - 1, y0 + 1)
+
+
+def _jitter_box(rng, box, h: int = 32, w: int = 32):
+  x0, y0, x1, y1 = (int(v) + int(rng.integers(-1, 2)) for v in box)
+  x0, y0 = min(max(x0, 0), w - 2), min(max(y0, 0), h - 2)
+  return x0, y0, min(max(x1, x0 + 1), w - 1), min(max(y1, y0 + 1), h - 1)
+
+
+def background_box(rng, scene: S.Scene, layout: G.Layout = G.DEFAULT_LAYOUT):
+  """A box on empty canvas (in a lattice cell holding no object, clear of every object box), or None."""
+  used = {G._cell_of(layout, o) for o in scene.objects}
+  free = [c for c in range(layout.grid ** 2) if c not in used]
+  boxes = S.scene_boxes(scene)
+  for c in rng.permutation(free) if free else []:
+    cx, cy = layout.cell_centre(int(c))
+    for _ in range(8):
+      side = int(rng.integers(5, 12))
+      x0 = int(np.clip(cx - side // 2 + rng.integers(-2, 3), 0, layout.width - side))
+      y0 = int(np.clip(cy - side // 2 + rng.integers(-2, 3), 0, layout.height - side))
+      x1, y1 = x0 + side, y0 + side
+      if all(x1 <= b[0] or b[2] <= x0 or y1 <= b[1] or b[3] <= y0 for b in boxes):
+        return official_box((x0, y0, x1, y1))
+  return None
+
+
+def _score_text(s: float) -> str:
+  return f"{float(s):.1f}"
+
+
+def region_block(k: int, what: str, s: float) -> str:
+  return f"Region ID: {k}\nIdentified Object: {what}\nScore: {_score_text(s)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host data (NumPy): one `World` per process builds both batches
+
+
+class UndBatch(NamedTuple):
+  """Understanding batch: packed rows (`bagel.GenBatch`, no latents), the slots whose logits are scored
+  [B, A], their target ids [B, A], a mask [B, A] and which targets are score values [B, A]."""
+  batch: Any
+  logit_index: np.ndarray
+  targets: np.ndarray
+  mask: np.ndarray
+  score_mask: np.ndarray
+
+
+def vit_view(image_uint8: np.ndarray, size: int) -> np.ndarray:
+  """What the judge sees: PIL bicubic resize to size x size (as `pipeline.score.Judge.judge_view`), [-1, 1]."""
+  from PIL import Image
+  from srum_jax.models import image_transforms
+  im = np.asarray(Image.fromarray(image_uint8).resize((size, size), Image.BICUBIC))
+  return image_transforms.to_model_range(im)
+
+
+def _blur(rng, image: np.ndarray) -> np.ndarray:
+  from scipy import ndimage
+  sigma = float(rng.uniform(0.4, 0.9))
+  x = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+class World:
+  """Samples training data from the train prompt split (deterministic given the generator's state).
+
+  dcfg: a mapping with the `pretrain.data` keys (negatives, easy_negatives, distractors, tasks, ...)."""
+
+  def __init__(self, cfg, tokenizer, dcfg, *, split_seed: int = 0, vit_size: int = 56):
+    self.cfg, self.tok, self.d = cfg, tokenizer, dict(dcfg)
+    train, self.val = G.split_prompts(split_seed)
+    self.train = train
+    self.index = G.prompt_index(train)
+    self.vit_size = vit_size
+    self.encode = functools.lru_cache(maxsize=1 << 16)(lambda s: tuple(self.tok.encode(s)))
+    tasks = self.d["tasks"]
+    self.task_names = tuple(tasks)
+    p = np.array([float(tasks[k]) for k in self.task_names])
+    self.task_p = p / p.sum()
+
+  # -- scenes -----------------------------------------------------------------------------------------
+  def scene_for(self, rng, prompt: G.Prompt) -> S.Scene:
+    """A scene for a judge question: the prompt's scene, a hard negative, another prompt's scene or the
+    scene with an extra object of a kind the prompt does not name."""
+    scene = G.sample_scene(rng, prompt)
+    r = rng.random()
+    d = self.d
+    if r < d["negatives"]:
+      scene, _ = G.hard_negative(rng, prompt, scene)
+    elif r < d["negatives"] + d["easy_negatives"]:
+      scene = G.sample_scene(rng, G.sample_prompt(rng, prompts=self.index))
+    elif r < d["negatives"] + d["easy_negatives"] + d["distractors"]:
+      scene = self._with_distractor(rng, prompt, scene)
+    return scene
+
+  def _with_distractor(self, rng, prompt: G.Prompt, scene: S.Scene) -> S.Scene:
+    named = {(g.color, g.shape) for g in prompt.spec.objects}
+    kinds = [(c, s) for c in S.COLORS for s in S.SHAPES if (c, s) not in named]
+    c, s = kinds[rng.integers(len(kinds))]
+    layout = G.DEFAULT_LAYOUT
+    used = {G._cell_of(layout, o) for o in scene.objects}
+    for cell in rng.permutation([c_ for c_ in range(layout.grid ** 2) if c_ not in used]):
+      obj = G._place(rng, layout, int(cell), s, c, scene.objects)
+      if obj is not None:
+        return S.Scene(scene.objects + (obj,), scene.height, scene.width)
+    return scene
+
+  # -- one judge example --------------------------------------------------------------------------------
+  def und_example(self, rng, prompt: Optional[G.Prompt] = None, task: Optional[str] = None):
+    """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt."""
+    from srum_jax.rewards import prompts as JP
+    prompt = G.sample_prompt(rng, prompts=self.index) if prompt is None else prompt
+    scene = self.scene_for(rng, prompt)
+    ok, scores = scene_truth(prompt.spec, scene)
+    image = S.render(scene)
+    if rng.random() < self.d["blur"]:
+      image = _blur(rng, image)
+    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
+    if task == "global":
+      return image, JP.global_layout_prompt(prompt.text), f"Score: {_score_text(1.0 if ok else -1.0)}", \
+          dict(task=task, label=ok)
+    regions = self._regions(rng, scene, scores, many=task == "regions")
+    boxes = [b for b, _, _ in regions]
+    question = JP.region_prompt(prompt.text, boxes)
+    if task == "region1" and rng.random() < self.d["short_region_answer"]:
+      answer = f"Score: {_score_text(regions[0][2])}"
+    else:
+      answer = "\n\n".join(region_block(k, what, s) for k, (_, what, s) in enumerate(regions, start=1))
+    return image, question, answer, dict(task=task, label=ok, scores=[s for _, _, s in regions])
+
+  def _regions(self, rng, scene: S.Scene, scores: Sequence[float], many: bool):
+    """[(box, identified object, score)]: every object (+ a background box with probability
+    `background_box`, random order), or one region: a background box with that probability, else an object."""
+    objs = []
+    for o, box, s in zip(scene.objects, S.scene_boxes(scene), scores):
+      b = official_box(box)
+      if rng.random() < self.d["box_jitter"]:
+        b = _jitter_box(rng, b)
+      objs.append((b, f"{o.color} {o.shape}", s))
+    bg = None
+    if not objs or rng.random() < self.d["background_box"]:
+      b = background_box(rng, scene)
+      bg = None if b is None else (b, "background", 0.0)
+    if many:
+      items = objs + ([bg] if bg is not None else [])
+      return [items[k] for k in rng.permutation(len(items))][:MAX_REGIONS]
+    if bg is not None:
+      return [bg]
+    if not objs:
+      raise ValueError("a scene without objects and without room for a background box")
+    return [objs[rng.integers(len(objs))]]
+
+  # -- batches ------------------------------------------------------------------------------------------
+  def wrap(self, text: str) -> List[int]:
+    return [self.cfg.tokens.bos, *self.encode(text), self.cfg.tokens.eos]
+
+  def und_batch(self, rng, batch: int, num_tokens: int, answer_capacity: int) -> UndBatch:
+    """`batch` rows, one judge example each: [ViT image] [question] [answer] (the decoding context)."""
+    from srum_jax.models import bagel, image_transforms
+    cfg = self.cfg
+    grid = (self.vit_size // cfg.vit.patch_size,) * 2
+    rows, lens = [], []
+    for _ in range(batch):
+      image, q, a, _ = self.und_example(rng)
+      patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), cfg.vit.patch_size)
+      qi, ai = self.wrap(q), self.wrap(a)
+      if len(ai) - 1 > answer_capacity:
+        raise ValueError(f"answer of {len(ai)} tokens exceeds answer_capacity {answer_capacity}: {a!r}")
+      rows.append([[bagel.ImageTokens("vit", grid, patches=patches), qi, ai]])
+      lens.append((len(qi), ai))
+    n_vit = grid[0] * grid[1]
+    gb = bagel.build_gen_batch(cfg, rows, num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
+                               vit_capacity=n_vit, latent_capacity=0)
+    A = answer_capacity
+    index = np.full((batch, A), num_tokens, np.int32)
+    targets = np.zeros((batch, A), np.int32)
+    mask = np.zeros((batch, A), bool)
+    score_mask = np.zeros((batch, A), bool)
+    score_ids = {self.encode(t)[0] for t in SCORE_TOKENS}
+    for b, (lq, ai) in enumerate(lens):
+      start = 2 + lq  # text entries: <|vision_start|>, <|vision_end|>, question, answer
+      n = len(ai) - 1
+      index[b, :n] = gb.text_index[b, start:start + n]
+      targets[b, :n] = ai[1:]
+      mask[b, :n] = True
+      score_mask[b, :n] = [t in score_ids for t in ai[1:]]
+    return UndBatch(gb, index, targets, mask, score_mask)
+
+  def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
+    """T2I flow-matching batch: (prompt, rendered minimal scene) pairs from the train split."""
+    from srum_jax import objective, train_step
+    B, Sp = rows, samples_per_row
+    ids, images = [], np.zeros((B, Sp) + IMAGE_HW + (3,), np.float32)
+    for b in range(B):
+      row = []
+      for s in range(Sp):
+        p = G.sample_prompt(rng, prompts=self.index)
+        images[b, s] = S.render(G.sample_scene(rng, p)).astype(np.float32) / 127.5 - 1.0
+        w = self.wrap(p.text)
+        if len(w) > text_len:
+          raise ValueError(f"prompt {p.text!r} has {len(w)} tokens > gen text_len {text_len}")
+        row.append(w)
+      ids.append(row)
+    n_lat = (IMAGE_HW[0] // self.cfg.latent_downsample) * (IMAGE_HW[1] // self.cfg.latent_downsample)
+    gen = train_step.t2i_layout(self.cfg, ids, image_hw=IMAGE_HW, num_tokens=Sp * (text_len + n_lat + 2),
+                                text_capacity=Sp * (text_len + 2))
+    rewards = objective.RegionRewards(boxes=np.zeros((B, Sp, 1, 4), np.float32),
+                                      scores=np.zeros((B, Sp, 1), np.float32),
+                                      valid=np.zeros((B, Sp, 1), bool), global_scores=np.ones((B, Sp), np.float32))
+    return train_step.SrumBatch(gen=gen, images=images, rewards=rewards)
+
+  def ae_images(self, rng, batch: int) -> np.ndarray:
+    """Rendered scenes in [-1, 1] for the autoencoder: prompts' scenes and their hard negatives."""
+    out = np.zeros((batch,) + IMAGE_HW + (3,), np.float32)
+    for b in range(batch):
+      p = G.sample_prompt(rng, prompts=self.index)
+      scene = G.sample_scene(rng, p)
+      if rng.random() < 0.5:
+        scene, _ = G.hard_negative(rng, p, scene)
+      out[b] = S.render(scene).astype(np.float32) / 127.5 - 1.0
+    return out
+
+
+# Data workers (spawned processes: JAX is never initialised in them, nothing is forked after it is).
+_WORKER: Dict[str, Any] = {}
+
+
+def _worker_init(model_config: dict, tokenizer_dir: str, dcfg: dict, shapes: dict, seed: int) -> None:
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from srum_jax.convert import checkpoint
+  from srum_jax.tokenizer import load_tokenizer
+  cfg = checkpoint.config_from_dict(model_config)
+  _WORKER.update(world=World(cfg, load_tokenizer(tokenizer_dir), dcfg, vit_size=shapes["vit_size"]),
+                 shapes=shapes, seed=seed)
+
+
+def _make_batches(world: World, shapes: dict, seed: int, step: int):
+  rng = np.random.default_rng([seed, step])
+  gen = world.gen_batch(rng, shapes["gen_rows"], shapes["gen_samples_per_row"], shapes["gen_text_len"])
+  und = world.und_batch(rng, shapes["und_batch"], shapes["und_tokens"], shapes["answer_capacity"])
+  return gen, und
+
+
+def _worker_batches(step: int):
+  return _make_batches(_WORKER["world"], _WORKER["shapes"], _WORKER["seed"], step)
+
+
+class BatchStream:
+  """Batches for steps start, start+1, ...: in this process (workers=0) or prefetched by spawned workers."""
+
+  def __init__(self, world: World, shapes: dict, seed: int, *, workers: int, model_config: dict,
+               tokenizer_dir: str, start: int = 0):
+    self.world, self.shapes, self.seed, self.step = world, shapes, seed, start
+    self.pool, self.pending = None, []
+    if workers > 0:
+      ctx = multiprocessing.get_context("spawn")
+      self.pool = concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=ctx, initializer=_worker_init,
+          initargs=(model_config, tokenizer_dir, world.d, shapes, seed))
+      self.depth = 2 * workers
+      self.pending = [self.pool.submit(_worker_batches, start + k) for k in range(self.depth)]
+
+  def next(self):
+    if self.pool is None:
+      out = _make_batches(self.world, self.shapes, self.seed, self.step)
+    else:
+      out = self.pending.pop(0).result()
+      self.pending.append(self.pool.submit(_worker_batches, self.step + self.depth))
+    self.step += 1
+    return out
+
+  def close(self):
+    if self.pool is not None:
+      for f in self.pending:
+        f.cancel()
+      self.pool.shutdown(wait=False, cancel_futures=True)
+      self.pool = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device steps
+
+
+def _lr_at(progress: float, peak: float, warmup_frac_done: float, min_ratio: float) -> float:
+  """Linear warm-up (warmup_frac_done in [0, 1]) then cosine decay to min_ratio * peak over `progress`."""
+  if warmup_frac_done < 1.0:
+    return peak * warmup_frac_done
+  c = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+  return peak * (min_ratio + (1 - min_ratio) * c)
+
+
+def make_adamw(b1: float, b2: float, weight_decay: float, grad_clip: float, labels=None):
+  """Clip + AdamW with unit learning rate (the step multiplies the updates by the scheduled lr, so the
+  schedule can follow wall-clock progress); frozen leaves (labels) get no state and no update."""
+  import optax
+  tx = optax.chain(optax.clip_by_global_norm(grad_clip),
+                   optax.adamw(1.0, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay))
+  if labels is None:
+    return tx
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _apply(tx, params, opt_state, grads, lr):
+  import jax
+  import optax
+  updates, opt_state = tx.update(grads, opt_state, params)
+  updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def ae_loss(params_ae, images, key, *, cfg_ae, kl_weight: float):
+  """L1 + L2 reconstruction of a posterior sample, plus kl_weight * KL(q || N(0, I)) per latent element."""
+  import jax
+  import jax.numpy as jnp
+  from srum_jax.models import autoencoder
+  mean, logvar = autoencoder.encode_moments(params_ae, images, cfg_ae)
+  logvar = jnp.clip(logvar, -30.0, 20.0)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+  rec = autoencoder.decoder(params_ae["decoder"], z, cfg_ae)
+  err = rec - images
+  l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(err * err)
+  kl = 0.5 * jnp.mean(mean * mean + jnp.exp(logvar) - 1.0 - logvar)
+  return l1 + l2 + kl_weight * kl, dict(l1=l1, l2=l2, kl=kl, post_std=jnp.mean(jnp.exp(0.5 * logvar)))
+
+
+def make_ae_step(cfg_ae, tx, kl_weight: float):
+  import jax
+
+  @jax.jit
+  def step(params_ae, opt_state, images, key, lr):
+    (loss, aux), grads = jax.value_and_grad(ae_loss, has_aux=True)(params_ae, images, key, cfg_ae=cfg_ae,
+                                                                   kl_weight=kl_weight)
+    params_ae, opt_state = _apply(tx, params_ae, opt_state, grads, lr)
+    return params_ae, opt_state, dict(aux, loss=loss)
+
+  return step
+
+
+def und_loss(logits, targets, mask, score_mask):
+  """Masked mean next-token cross-entropy, token accuracy and score-token accuracy."""
+  import jax
+  import jax.numpy as jnp
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  m = mask.astype(jnp.float32)
+  ce = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+  hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  sm = score_mask.astype(jnp.float32)
+  return ce, dict(acc=jnp.sum(hit * m) / jnp.maximum(jnp.sum(m), 1.0),
+                  score_acc=jnp.sum(hit * sm) / jnp.maximum(jnp.sum(sm), 1.0))
+
+
+def make_umm_step(cfg, opts, tx, und_weight: float, *, attn_impl: str = "dense"):
+  """Jitted step(params, opt_state, gen: SrumBatch, und: UndBatch, key, lr): flow + und_weight * CE."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from srum_jax import train_step
+  from srum_jax.models import bagel
+
+  def loss_fn(params, gen, und, key):
+    flow, faux = train_step.srum_loss(params, gen, key, cfg=cfg, opts=opts)
+    logits = bagel.forward_und(params["bagel"], und.batch, und.logit_index, cfg=cfg, dtype=opts.compute_dtype,
+                               attn_impl=attn_impl)
+    ce, uaux = und_loss(logits, und.targets, und.mask, und.score_mask)
+    return flow + und_weight * ce, dict(uaux, flow=flow, ce=ce, t_mean=faux["t_mean"])
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, gen, und, key, lr):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, gen, und, key)
+    gnorm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    new_params, new_opt = _apply(tx, params, opt_state, grads, lr)
+    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)  # noqa: E731
+    return keep(new_params, params), keep(new_opt, opt_state), dict(aux, loss=loss, grad_norm=gnorm,
+                                                                    skipped=(~finite).astype(jnp.int32))
+
+  return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pretraining driver
+
+
+def _shapes(p, cfg) -> dict:
+  return dict(gen_rows=int(p.gen_rows), gen_samples_per_row=int(p.gen_samples_per_row),
+              gen_text_len=int(p.gen_text_len), und_batch=int(p.und_batch), und_tokens=int(p.und_tokens),
+              answer_capacity=int(p.answer_capacity), vit_size=int(p.vit_image_size))
+
+
+def _log(path: pathlib.Path, row: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in row.items()}) + "\n")
+
+
+def train_autoencoder(p, cfg, world: World, params_ae, *, seed: int, deadline: float, log_path) -> Tuple[Any, dict]:
+  """Stage A: returns (trained AE params, summary). Stops at `p.ae.steps` or the wall-clock deadline."""
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+  a = p.ae
+  tx = make_adamw(0.9, 0.99, 0.0, 1.0)
+  opt_state = tx.init(params_ae)
+  step_fn = make_ae_step(cfg.ae, tx, float(a.kl_weight))
+  key = jax.random.PRNGKey(seed)
+  steps, t0 = int(a.steps), time.time()
+  bar = tqdm(total=steps, desc="pretrain[ae]", dynamic_ncols=True)
+  metrics, n = {}, 0
+  for n in range(steps):
+    if time.time() > deadline:
+      break
+    images = world.ae_images(np.random.default_rng([seed, 7, n]), int(a.batch))
+    progress = max(n / steps, (time.time() - t0) / max(deadline - t0, 1e-6))
+    lr = _lr_at(progress, float(a.lr), min(1.0, (n + 1) / max(int(a.warmup_steps), 1)), float(a.min_lr_ratio))
+    params_ae, opt_state, metrics = step_fn(params_ae, opt_state, jnp.asarray(images), jax.random.fold_in(key, n),
+                                            jnp.float32(lr))
+    bar.update(1)
+    if n % int(p.log_every) == 0:
+      m = {k: float(v) for k, v in metrics.items()}
+      bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.2f}")
+      _log(log_path, dict(stage="ae", step=n, lr=lr, time=time.time() - t0, **m))
+  bar.close()
+  return params_ae, dict(steps=n + 1 if steps else 0, seconds=time.time() - t0,
+                         final={k: float(v) for k, v in metrics.items()})
+
+
+def fit_latent_scale(params_ae, cfg, world: World, *, seed: int, n: int = 512):
+  """cfg with shift_factor = mean and scale_factor = 1 / std of the posterior means of rendered scenes."""
+  import jax.numpy as jnp
+  from srum_jax.models import autoencoder
+  images = world.ae_images(np.random.default_rng([seed, 99]), n)
+  mean, _ = autoencoder.encode_moments(params_ae, jnp.asarray(images), cfg.ae)
+  mu, sd = float(jnp.mean(mean)), float(jnp.std(mean))
+  return cfg.replace(ae=dataclasses.replace(cfg.ae, shift_factor=mu, scale_factor=1.0 / max(sd, 1e-6)))
+
+
+def ae_reconstruction_accuracy(params_ae, cfg, world: World, *, seed: int, n: int = 128) -> float:
+  """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp enough?
+  (Evaluation only: the oracle never labels training data.)"""
+  import jax.numpy as jnp
+  from srum_jax.models import autoencoder
+  from srum_jax.worlds.shapes import oracle
+  rng = np.random.default_rng([seed, 5])
+  vindex = G.prompt_index(world.val)
+  prompts = [G.sample_prompt(rng, prompts=vindex) for _ in range(n)]
+  images = np.stack([S.render(G.sample_scene(rng, q)) for q in prompts]).astype(np.float32) / 127.5 - 1.0
+  z = autoencoder.encode(params_ae, jnp.asarray(images), cfg.ae)
+  rec = np.asarray(autoencoder.to_uint8(autoencoder.decode(params_ae, z, cfg.ae)))
+  return float(np.mean([oracle.judge(r, q.spec, value_range=(0, 255)) for r, q in zip(rec, prompts)]))
+
+
+def save_model(out_dir: str, cfg, params, *, param_dtype: str = "float32") -> str:
+  """Model directory: orbax params ({'bagel', 'ae'}, cast to param_dtype) + model_config.json +
+  tokenizer.json; returns its path."""
+  import jax
+  import jax.numpy as jnp
+  from srum_jax.convert import checkpoint
+  path = pathlib.Path(out_dir)
+  if path.exists():
+    shutil.rmtree(path)
+  dt = jnp.dtype(param_dtype)
+  checkpoint.save_model_dir(str(path), cfg, jax.tree.map(lambda x: np.asarray(x).astype(dt), params))
+  build_tokenizer(path, cfg)
+  return str(path)
+
+
+def dir_size(path: str) -> int:
+  return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+def pretrain(config) -> Dict[str, Any]:
+  """Both stages under `pretrain.max_seconds`, then save and evaluate. Returns the summary."""
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+  from srum_jax import train_step
+  from srum_jax.convert import checkpoint
+  from srum_jax.models import params as P
+  from srum_jax.models.config import get_preset
+  p = config.pretrain
+  t_start = time.time()
+  deadline = t_start + float(p.max_seconds)
+  out = pathlib.Path(p.out)
+  out.mkdir(parents=True, exist_ok=True)
+  log_path = out / "log.jsonl"
+  if log_path.exists():
+    log_path.unlink()
+  seed = int(p.seed)
+  cfg = get_preset(p.preset)
+  tok_dir = out / "tokenizer"
+  tok = build_tokenizer(tok_dir, cfg)
+  world = World(cfg, tok, p.data, vit_size=int(p.vit_image_size))
+  key = jax.random.PRNGKey(seed)
+  k_bagel, k_ae = jax.random.split(key)
+  summary: Dict[str, Any] = dict(preset=p.preset)
+
+  # Stage A: the autoencoder (or reuse a trained one).
+  if p.ae.from_dir:
+    cfg_ae, params_src = checkpoint.load_model_dir(p.ae.from_dir)
+    params_ae = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["ae"])
+    cfg = cfg.replace(ae=cfg_ae.ae)
+    summary["ae"] = dict(from_dir=p.ae.from_dir)
+  else:
+    params_ae = P.init_params(P.ae_schema(cfg.ae), k_ae)
+    ae_deadline = min(deadline, time.time() + float(p.ae.max_seconds))
+    params_ae, summary["ae"] = train_autoencoder(p, cfg, world, params_ae, seed=seed, deadline=ae_deadline,
+                                                 log_path=log_path)
+    cfg = fit_latent_scale(params_ae, cfg, world, seed=seed)
+  summary["ae"]["shift_factor"], summary["ae"]["scale_factor"] = cfg.ae.shift_factor, cfg.ae.scale_factor
+  summary["ae"]["recon_oracle_acc"] = ae_reconstruction_accuracy(params_ae, cfg, world, seed=seed)
+  print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
+
+  # Stage B: the UMM.
+  world.cfg = cfg
+  params = {"bagel": P.init_params(P.bagel_schema(cfg), k_bagel), "ae": params_ae}
+  labels = train_step.param_labels(params, ("ae",))
+  tx = make_adamw(float(p.b1), float(p.b2), float(p.weight_decay), float(p.grad_clip), labels)
+  opt_state = tx.init(params)
+  opts = train_step.StepOptions(
+      image_hw=IMAGE_HW, samples_per_row=int(p.gen_samples_per_row), lambda_constraint=0.0, uniform_rewards=True,
+      timestep_shift=float(p.timestep_shift), text_cond_dropout=float(p.text_cond_dropout),
+      sample_posterior=True, compute_dtype=jnp.dtype(p.compute_dtype))
+  step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight))
+  shapes = _shapes(p, cfg)
+  stream = BatchStream(world, shapes, seed, workers=int(p.data_workers),
+                       model_config=checkpoint.config_to_dict(cfg), tokenizer_dir=str(tok_dir))
+  steps, t_b = int(p.steps), time.time()
+  bar = tqdm(total=steps, desc="pretrain[umm]", dynamic_ncols=True)
+  n_done, metrics, ema = 0, {}, {}
+  try:
+    for n in range(steps):
+      if time.time() > deadline:
+        break
+      gen, und = stream.next()
+      progress = max(n / steps, (time.time() - t_b) / max(deadline - t_b, 1e-6))
+      lr = _lr_at(progress, float(p.lr), min(1.0, (n + 1) / max(int(p.warmup_steps), 1)), float(p.min_lr_ratio))
+      params, opt_state, metrics = step_fn(params, opt_state, gen, und, jax.random.fold_in(key, n),
+                                           jnp.float32(lr))
+      n_done = n + 1
+      bar.update(1)
+      if n % int(p.log_every) == 0 or n == steps - 1:
+        m = {k: float(v) for k, v in metrics.items()}
+        ema = {k: m[k] if k not in ema else 0.8 * ema[k] + 0.2 * m[k] for k in m}
+        bar.set_postfix(flow=f"{ema['flow']:.3f}", ce=f"{ema['ce']:.3f}", sacc=f"{ema['score_acc']:.2f}")
+        _log(log_path, dict(stage="umm", step=n, lr=lr, time=time.time() - t_start, **m))
+  finally:
+    bar.close()
+    stream.close()
+  summary["umm"] = dict(steps=n_done, seconds=time.time() - t_b,
+                        final={k: float(v) for k, v in metrics.items()},
+                        samples_und=n_done * shapes["und_batch"],
+                        samples_gen=n_done * shapes["gen_rows"] * shapes["gen_samples_per_row"])
+  summary["train_seconds"] = time.time() - t_start
+  model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
+  summary["model_dir"], summary["model_dir_bytes"] = model_dir, dir_size(model_dir)
+  print(f"[pretrain] saved {model_dir} ({summary['model_dir_bytes'] / 1e6:.2f} MB) after "
+        f"{summary['umm']['steps']} UMM steps, {summary['train_seconds']:.0f} s", flush=True)
+  if int(p.eval.enabled):
+    summary["eval"] = evaluate_model(model_dir, **dict(p.eval.kwargs), compute_dtype=p.eval_dtype,
+                                     out_path=str(out / "pretrain_eval.json"),
+                                     extra=dict(pretrain={k: v for k, v in summary.items() if k != "eval"}))
+  common_write(out / "pretrain_summary.json", summary)
+  return summary
+
+
+def common_write(path, obj) -> None:
+  from srum_jax.pipeline import common
+  common.write_json(str(path), obj)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation (held-out prompts only)
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
+  """Area under the ROC curve (ties count half); None when one class is absent."""
+  s, y = np.asarray(scores, np.float64), np.asarray(labels, bool)
+  pos, neg = s[y], s[~y]
+  if len(pos) == 0 or len(neg) == 0:
+    return None
+  greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+  return float(greater / (len(pos) * len(neg)))
+
+
+def _score_cfg(vit_image_size: int = 56, mode: str = "logits"):
+  import types
+  return types.SimpleNamespace(mode=mode, think=False, logit_candidates=SCORE_TOKENS, vit_image_size=vit_image_size,
+                               text_budget=0, max_retries=1, retry_temperature=0.7, max_new_tokens_global=8,
+                               max_new_tokens_regions=64)
+
+
+def _chunks(n: int, size: int):
+  for i in range(0, n, size):
+    yield slice(i, min(n, i + size))
+
+
+def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_generate_mode: int = 32,
+                   num_gen_per_category: Optional[int] = None, gen_steps: int = 16, gen_cfg_scale: float = 3.0,
+                   gen_timestep_shift: float = 1.0, gen_cfg_interval=(0.0, 1.0), batch_size: int = 32,
+                   vit_image_size: int = 56, compute_dtype: str = "float32", out_path: Optional[str] = None,
+                   extra: Optional[dict] = None) -> Dict[str, Any]:
+  """Judge and generation metrics of a model directory on VAL prompts only.
+
+  judge: `num_pairs` (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by
+  the logits-mode global judge (`pipeline.score.Judge`): accuracy of score > 0, per kind, AUC.
+  regions: one ground-truth box per pair (every 5th a background box), logits-mode one-box prompt: object
+  boxes sign-correct, background boxes |s| < 0.5; plus `num_generate_mode` multi-box prompts answered by
+  greedy decoding (parse rate, sign-correct).
+  generation: `text_to_image` for the val prompts (all, or `num_gen_per_category`), oracle accuracy per
+  category; the global judge on those images vs the oracle: ROC AUC and accuracy.
+  """
+  import jax.numpy as jnp
+  from srum_jax.inference import sampling
+  from srum_jax.pipeline import common, score as score_stage
+  from srum_jax.rewards import parsing, prompts as JP
+  from srum_jax.worlds.shapes import judge_text, sources
+  t0 = time.time()
+  model = common.load_model(model_dir, dtype="float32")
+  cfg = model.cfg
+  judge = score_stage.Judge(_score_cfg(vit_image_size), model, seed=seed, compute_dtype=compute_dtype)
+  rep = score_stage.ScoreReport()
+  _, val = G.split_prompts(0)
+  vindex = G.prompt_index(val)
+  rng = np.random.default_rng([seed, 1])
+  res: Dict[str, Any] = dict(model_dir=model_dir)
+
+  # Judge on held-out (image, prompt) pairs with hard negatives.
+  pairs = []
+  for i in range(num_pairs):
+    q = G.sample_prompt(rng, prompts=vindex)
+    scene = G.sample_scene(rng, q)
+    kind = "positive"
+    if i % 2 == 1:
+      kinds = G.negative_kinds(q, scene)
+      kind = kinds[(i // 2) % len(kinds)]
+      scene, _ = G.hard_negative(rng, q, scene, kind=kind)
+    ok, scores = scene_truth(q.spec, scene)
+    pairs.append((q, scene, S.render(scene), kind, ok, scores))
+  g = []
+  for sl in _chunks(len(pairs), batch_size):
+    g += judge.global_scores([x[2] for x in pairs[sl]], [x[0].text for x in pairs[sl]], rep)
+  labels = [x[4] for x in pairs]
+  by_kind: Dict[str, List[bool]] = {}
+  for x, s in zip(pairs, g):
+    by_kind.setdefault(x[3], []).append((s > 0) == x[4])
+  res["judge"] = dict(accuracy=float(np.mean([(s > 0) == y for s, y in zip(g, labels)])),
+                      auc=roc_auc(g, labels), n=len(pairs), positives=int(np.sum(labels)),
+                      by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())})
+
+  # Region scores: one box per pair (logits mode).
+  items = []
+  for i, (q, scene, img, _, _, scores) in enumerate(pairs):
+    bg = background_box(rng, scene) if i % 5 == 4 else None
+    if bg is not None:
+      items.append((img, q.text, bg, 0.0))
+    elif scene.objects:
+      k = int(rng.integers(len(scene.objects)))
+      items.append((img, q.text, official_box(S.scene_boxes(scene)[k]), scores[k]))
+  rs = []
+  for sl in _chunks(len(items), batch_size):
+    got = judge.region_scores([x[0] for x in items[sl]], [x[1] for x in items[sl]], [[x[2]] for x in items[sl]],
+                              rep)
+    rs += [d[1][0] for d in got]
+  obj = [(s, y) for s, (_, _, _, y) in zip(rs, items) if y != 0]
+  bgr = [s for s, (_, _, _, y) in zip(rs, items) if y == 0]
+  res["regions"] = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
+                        auc=roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
+                        background_near_zero=float(np.mean([abs(s) < 0.5 for s in bgr])) if bgr else None,
+                        n_background=len(bgr))
+
+  # Generate mode: multi-box prompts decoded greedily and parsed.
+  gm = dict(n=0, parsed=0, sign_correct=None)
+  if num_generate_mode:
+    gjudge = score_stage.Judge(_score_cfg(vit_image_size, "generate"), model, seed=seed, compute_dtype=compute_dtype)
+    sel = pairs[:num_generate_mode]
+    boxes = [[official_box(b) for b in S.scene_boxes(x[1])] for x in sel]
+    keep = [i for i, b in enumerate(boxes) if b]
+    hits, parsed = [], 0
+    for sl in _chunks(len(keep), batch_size):
+      idx = keep[sl]
+      got = gjudge.region_scores([sel[i][2] for i in idx], [sel[i][0].text for i in idx], [boxes[i] for i in idx],
+                                 rep)
+      for i, d in zip(idx, got):
+        parsed += int(len(d) == len(boxes[i]))
+        hits += [np.sign(d[k + 1][0]) == np.sign(y) for k, y in enumerate(sel[i][5]) if k + 1 in d and y != 0]
+    gm = dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None)
+  res["regions_generate_mode"] = gm
+
+  # The model's own generations for val prompts.
+  rows = list(sources.prompts("val", per_category=num_gen_per_category))
+  images = []
+  for sl in _chunks(len(rows), batch_size):
+    chunk = rows[sl]
+    out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
+                                 [r["prompt"] for r in chunk], cfg=cfg, seeds=seed,
+                                 image_ids=[common.stable_int(r["id"]) for r in chunk], height=IMAGE_HW[0],
+                                 width=IMAGE_HW[1], num_timesteps=gen_steps, timestep_shift=gen_timestep_shift,
+                                 cfg_text_scale=gen_cfg_scale, cfg_interval=tuple(gen_cfg_interval),
+                                 dtype=jnp.dtype(compute_dtype))
+    images += list(out.images)
+  oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
+  gs = []
+  for sl in _chunks(len(rows), batch_size):
+    gs += judge.global_scores(images[sl], [r["prompt"] for r in rows[sl]], rep)
+  cats: Dict[str, List[bool]] = {}
+  for r, ok in zip(rows, oracle_ok):
+    cats.setdefault(r["category"], []).append(ok)
+  res["generation"] = dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows),
+                           by_category={c: float(np.mean(v)) for c, v in sorted(cats.items())},
+                           judge_auc=roc_auc(gs, oracle_ok),
+                           judge_accuracy=float(np.mean([(s > 0) == ok for s, ok in zip(gs, oracle_ok)])),
+                           judge_mean_score=float(np.mean(gs)),
+                           settings=dict(steps=gen_steps, cfg_text_scale=gen_cfg_scale,
+                                         timestep_shift=gen_timestep_shift, cfg_interval=list(gen_cfg_interval)))
+  res["parse_stats"] = dataclasses.asdict(judge.stats)
+  res["seconds"] = time.time() - t0
+  res["model_dir_bytes"] = dir_size(model_dir)
+  if extra:
+    res.update(extra)
+  if out_path:
+    common.write_json(out_path, res)
+  return res
+
+
+def main(config, opts) -> int:
+  summary = pretrain(config)
+  ev = summary.get("eval")
+  if ev:
+    print(f"[pretrain] judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), regions sign-correct "
+          f"{ev['regions']['sign_correct']:.3f}, generation oracle {ev['generation']['oracle_accuracy']:.3f}, "
+          f"judge AUC on own generations {ev['generation']['judge_auc']}", flush=True)
+  return 0
