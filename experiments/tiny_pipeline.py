@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.prompts.train = {"source": "python", "function": SHAPES, "kwargs": {"split": "train", "per_category": 1}}
   c.prompts.val = {"source": "python", "function": SHAPES, "kwargs": {"split": "val", "per_category": 1}}
   for g in (c.generate, c.eval_generate):
-    g.batch_size = 4
+    g.batch_size = 8  # divides over the 8 simulated test devices (data-parallel sampling)
     g.height = g.width = 32
     g.num_timesteps = 3
     g.cfg_text_scale = 2.0

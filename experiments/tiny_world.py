@@ -46,9 +46,10 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.weight_decay = 0.01
   p.grad_clip = 1.0
   p.und_weight = 1.0
-  p.und_batch = 256 if gpu else 16
-  p.und_tokens = 320  # row budget: 16 ViT + 2 markers + question (<= 244) + answer (<= 47)
-  p.answer_capacity = 48
+  p.und_rows = 128 if gpu else 8  # understanding rows per step, judge examples packed into them
+  p.und_tokens = 128  # row budget; an example is 16 ViT + 2 markers + question (<= 62) + answer (<= 47)
+  p.und_samples_per_row = 2
+  p.logit_capacity = 64  # scored answer tokens per row
   p.gen_rows = 16 if gpu else 1
   p.gen_samples_per_row = 4
   p.gen_text_len = 13  # BOS + the longest prompt (11 words) + EOS
@@ -68,7 +69,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.eval = ml_collections.ConfigDict()
   p.eval.enabled = 1
   p.eval.kwargs = ml_collections.ConfigDict(dict(
-      seed=0, num_pairs=400, num_generate_mode=32, num_gen_per_category=None, gen_steps=16, gen_cfg_scale=3.0,
+      seed=0, num_pairs=400, num_generate_mode=32, num_gen_per_category=0, gen_steps=16, gen_cfg_scale=3.0,
       gen_timestep_shift=1.0, gen_cfg_interval=(0.0, 1.0), batch_size=64 if gpu else 32, vit_image_size=56))
   return p
 

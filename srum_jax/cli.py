@@ -22,6 +22,7 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("srum_jax.pipeline.commands:train_main", "SRUM post-training on the reward records"),
     "eval": ("srum_jax.pipeline.commands:eval_main", "generate for held-out prompts and judge them"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
+    "pretrain": ("srum_jax.pretrain:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),

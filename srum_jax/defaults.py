@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.think = True
   c.generate.max_think_tokens = 1000
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
+  c.generate.data_parallel = True  # split each batch over the local devices (batch_size must divide)
 
   # Region proposals (spec E.5).
   c.propose = ml_collections.ConfigDict()

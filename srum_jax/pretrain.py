@@ -57,42 +57,80 @@ MAX_COORD = 32  # box coordinates 0..32 (32x32 images; "official" boxes stay <= 
 REL_MARGIN = 4.0  # px: relations between ground-truth centres, the world's definition (oracle: 4 px at 32)
 IMAGE_HW = (32, 32)
 SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+# Marker words for the fixed text of the judge prompts (see `template_pieces`).
+MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
+_PLACEHOLDER = "QQPROMPTQQ"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary
 
 
-def world_words() -> List[str]:
-  """Every word the world's prompts, the judge prompts' variable parts and the answers use.
+def template_pieces() -> Dict[str, str]:
+  """The constant text of the judge prompts (`rewards.prompts`), cut around the prompt and the boxes:
+  {marker: text}. Read from the prompt functions themselves, so the tokenizer follows their wording."""
+  from srum_jax.rewards import prompts as JP
+  pre, g_suf = JP.global_layout_prompt(_PLACEHOLDER).split(_PLACEHOLDER)
+  boxes = [[1, 2, 3, 4], [5, 6, 7, 8]]
+  pre_r, rest = JP.region_prompt(_PLACEHOLDER, boxes).split(_PLACEHOLDER)
+  one = JP.region_prompt(_PLACEHOLDER, boxes[:1]).split(_PLACEHOLDER)[1]
+  first = "Region ID: 1\nBounding Box: [1, 2, 3, 4]"
+  if pre_r != pre or first not in one or "Region ID: 2\nBounding Box: [5, 6, 7, 8]" not in rest:
+    raise ValueError("the judge prompts changed shape; update srum_jax.pretrain.template_pieces")
+  r_mid, r_suf = one.split(first)
+  return dict(zip(MARKERS, (pre, g_suf, r_mid, r_suf)))
 
-  The tokenizer splits on whitespace only, so the quoted prompt inside the judge prompts ("a ... square")
-  yields `"a` and `square"`, and boxes `[3, 5, 14, 16]` yield `[3,` `5,` `14,` `16]`: those are words too.
-  Every other word of the fixed judge templates maps to <unk> (constant context for a model trained here).
-  """
-  plural = [G.PLURAL[s] for s in S.SHAPES]
-  words = list(G.VOCAB)
-  words += ['"' + w for w in ("a", "one", "two", "three")]
-  words += [s + '"' for s in list(S.SHAPES) + plural]
-  words += list(JUDGE_WORDS) + list(SCORE_TOKENS) + [str(k) for k in range(1, MAX_REGIONS + 1)]
-  words += [f"[{n}," for n in range(MAX_COORD + 1)] + [f"{n}," for n in range(MAX_COORD + 1)]
-  words += [f"{n}]" for n in range(MAX_COORD + 1)]
+
+def world_words() -> List[str]:
+  """Every word the world's prompts and the judge's answers use, the box numbers and the four markers."""
+  words = list(G.VOCAB) + list(JUDGE_WORDS) + list(SCORE_TOKENS)
+  words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS)
   return words
 
 
 def build_tokenizer(directory, cfg):
-  """Word-level tokenizer.json in `directory` with the model's special ids (checked against `cfg`)."""
-  from srum_jax.tokenizer import build_word_level
+  """The world's word-level tokenizer (saved as `directory`/tokenizer.json), with the model's special ids.
+
+  Normaliser: each constant piece of the judge prompts becomes one marker word (the template carries no
+  information for a model trained here, and a 200-word template would make every judge question 5x
+  longer), then "[", "]" and "," become spaces (boxes read "1 2 13 14", region ids and coordinates share
+  the number words). Pre-tokenizer: whitespace. Words outside the vocabulary map to <unk>.
+  """
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  from srum_jax.tokenizer import from_hf
   t = cfg.tokens
-  words = world_words()
-  if len(words) + 1 > min(t.bos, t.eos, t.start_of_image, t.end_of_image):
-    raise ValueError(f"{len(words)} words + <unk> collide with the special ids of {t}")
-  tok = build_word_level(words, directory, special_ids=dict(zip(
-      SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image))))
-  tok.check(t)
-  if max(t.bos, t.eos, t.start_of_image, t.end_of_image) >= cfg.llm.vocab_size:
-    raise ValueError(f"special ids {t} exceed the vocabulary {cfg.llm.vocab_size}")
-  return tok
+  special = dict(zip(SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image)))
+  vocab = {w: i for i, w in enumerate(world_words() + ["<unk>"])}
+  if len(vocab) > min(special.values()) or max(special.values()) >= cfg.llm.vocab_size:
+    raise ValueError(f"{len(vocab)} words and special ids {t} do not fit the vocabulary {cfg.llm.vocab_size}")
+  vocab.update(special)
+  tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  pieces = sorted(template_pieces().items(), key=lambda kv: -len(kv[1]))
+  tok.normalizer = normalizers.Sequence([normalizers.Replace(text, f" {m} ") for m, text in pieces]
+                                        + [normalizers.Replace(c, " ") for c in "[],"])
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+  tok.add_special_tokens(list(special))
+  path = pathlib.Path(directory)
+  path.mkdir(parents=True, exist_ok=True)
+  tok.save(str(path / "tokenizer.json"))
+  out = from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json")))
+  out.check(t)
+  return out
+
+
+def check_tokenizer(tokenizer) -> None:
+  """Raise unless the judge prompts of today's `rewards.prompts` tokenize to markers + prompt + boxes
+  (a model directory built for other prompt wording would see <unk> runs instead)."""
+  from srum_jax.rewards import prompts as JP
+  words = tokenizer.hf.convert_ids_to_tokens(tokenizer.encode(JP.global_layout_prompt("two red circles")))
+  want = ["<judge_prompt>", "two", "red", "circles", "<judge_global>"]
+  words_r = tokenizer.hf.convert_ids_to_tokens(tokenizer.encode(JP.region_prompt("a red circle", [[1, 2, 13, 14]])))
+  want_r = ["<judge_prompt>", "a", "red", "circle", "<judge_regions>", "Region", "ID:", "1", "Bounding", "Box:",
+            "1", "2", "13", "14", "<judge_regions_end>"]
+  if words != want or words_r != want_r:
+    raise ValueError(f"the tokenizer does not match the judge prompts: {words} / {words_r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,7 +248,8 @@ class World:
   dcfg: a mapping with the `pretrain.data` keys (negatives, easy_negatives, distractors, tasks, ...)."""
 
   def __init__(self, cfg, tokenizer, dcfg, *, split_seed: int = 0, vit_size: int = 56):
-    self.cfg, self.tok, self.d = cfg, tokenizer, dict(dcfg)
+    self.cfg, self.tok = cfg, tokenizer
+    self.d = dcfg.to_dict() if hasattr(dcfg, "to_dict") else dict(dcfg)
     train, self.val = G.split_prompts(split_seed)
     self.train = train
     self.index = G.prompt_index(train)
@@ -297,36 +336,48 @@ class World:
   def wrap(self, text: str) -> List[int]:
     return [self.cfg.tokens.bos, *self.encode(text), self.cfg.tokens.eos]
 
-  def und_batch(self, rng, batch: int, num_tokens: int, answer_capacity: int) -> UndBatch:
-    """`batch` rows, one judge example each: [ViT image] [question] [answer] (the decoding context)."""
+  def und_batch(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int) -> UndBatch:
+    """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the decoding
+    context); examples fill a row while its tokens, samples and scored answer tokens fit, then the next."""
     from srum_jax.models import bagel, image_transforms
     cfg = self.cfg
     grid = (self.vit_size // cfg.vit.patch_size,) * 2
-    rows, lens = [], []
-    for _ in range(batch):
-      image, q, a, _ = self.und_example(rng)
-      patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), cfg.vit.patch_size)
-      qi, ai = self.wrap(q), self.wrap(a)
-      if len(ai) - 1 > answer_capacity:
-        raise ValueError(f"answer of {len(ai)} tokens exceeds answer_capacity {answer_capacity}: {a!r}")
-      rows.append([[bagel.ImageTokens("vit", grid, patches=patches), qi, ai]])
-      lens.append((len(qi), ai))
     n_vit = grid[0] * grid[1]
-    gb = bagel.build_gen_batch(cfg, rows, num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
-                               vit_capacity=n_vit, latent_capacity=0)
-    A = answer_capacity
-    index = np.full((batch, A), num_tokens, np.int32)
-    targets = np.zeros((batch, A), np.int32)
-    mask = np.zeros((batch, A), bool)
-    score_mask = np.zeros((batch, A), bool)
+    packed = [[] for _ in range(rows)]
+    r, used, used_logits, n_samples = 0, 0, 0, 0
+    while r < rows:
+      image, q, a, _ = self.und_example(rng)
+      qi, ai = self.wrap(q), self.wrap(a)
+      need, preds = n_vit + 2 + len(qi) + len(ai), len(ai) - 1
+      if need > num_tokens or preds > logit_capacity:
+        raise ValueError(f"a judge example needs {need} tokens / {preds} answer logits; budgets are "
+                         f"{num_tokens} / {logit_capacity}")
+      if packed[r] and (used + need > num_tokens or used_logits + preds > logit_capacity
+                        or len(packed[r]) == samples_per_row):
+        r, used, used_logits = r + 1, 0, 0
+        if r == rows:
+          break
+      patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), cfg.vit.patch_size)
+      packed[r].append((bagel.ImageTokens("vit", grid, patches=patches), qi, ai))
+      used, used_logits, n_samples = used + need, used_logits + preds, n_samples + 1
+    gb = bagel.build_gen_batch(cfg, [[list(smp) for smp in row] for row in packed], num_tokens=num_tokens,
+                               text_capacity=num_tokens - n_vit, vit_capacity=n_vit * samples_per_row,
+                               latent_capacity=0)
+    A = logit_capacity
+    index = np.full((rows, A), num_tokens, np.int32)
+    targets = np.zeros((rows, A), np.int32)
+    mask = np.zeros((rows, A), bool)
+    score_mask = np.zeros((rows, A), bool)
     score_ids = {self.encode(t)[0] for t in SCORE_TOKENS}
-    for b, (lq, ai) in enumerate(lens):
-      start = 2 + lq  # text entries: <|vision_start|>, <|vision_end|>, question, answer
-      n = len(ai) - 1
-      index[b, :n] = gb.text_index[b, start:start + n]
-      targets[b, :n] = ai[1:]
-      mask[b, :n] = True
-      score_mask[b, :n] = [t in score_ids for t in ai[1:]]
+    for b, row in enumerate(packed):
+      entry, j = 0, 0  # text entries per sample: <|vision_start|>, <|vision_end|>, question, answer
+      for _, qi, ai in row:
+        start, n = entry + 2 + len(qi), len(ai) - 1
+        index[b, j:j + n] = gb.text_index[b, start:start + n]
+        targets[b, j:j + n] = ai[1:]
+        mask[b, j:j + n] = True
+        score_mask[b, j:j + n] = [t in score_ids for t in ai[1:]]
+        entry, j = start + len(ai), j + n
     return UndBatch(gb, index, targets, mask, score_mask)
 
   def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
@@ -380,7 +431,8 @@ def _worker_init(model_config: dict, tokenizer_dir: str, dcfg: dict, shapes: dic
 def _make_batches(world: World, shapes: dict, seed: int, step: int):
   rng = np.random.default_rng([seed, step])
   gen = world.gen_batch(rng, shapes["gen_rows"], shapes["gen_samples_per_row"], shapes["gen_text_len"])
-  und = world.und_batch(rng, shapes["und_batch"], shapes["und_tokens"], shapes["answer_capacity"])
+  und = world.und_batch(rng, shapes["und_rows"], shapes["und_tokens"], shapes["und_samples_per_row"],
+                        shapes["logit_capacity"])
   return gen, und
 
 
@@ -528,8 +580,9 @@ def make_umm_step(cfg, opts, tx, und_weight: float, *, attn_impl: str = "dense")
 
 def _shapes(p, cfg) -> dict:
   return dict(gen_rows=int(p.gen_rows), gen_samples_per_row=int(p.gen_samples_per_row),
-              gen_text_len=int(p.gen_text_len), und_batch=int(p.und_batch), und_tokens=int(p.und_tokens),
-              answer_capacity=int(p.answer_capacity), vit_size=int(p.vit_image_size))
+              gen_text_len=int(p.gen_text_len), und_rows=int(p.und_rows), und_tokens=int(p.und_tokens),
+              und_samples_per_row=int(p.und_samples_per_row), logit_capacity=int(p.logit_capacity),
+              vit_size=int(p.vit_image_size))
 
 
 def _log(path: pathlib.Path, row: dict) -> None:
@@ -692,7 +745,7 @@ def pretrain(config) -> Dict[str, Any]:
     stream.close()
   summary["umm"] = dict(steps=n_done, seconds=time.time() - t_b,
                         final={k: float(v) for k, v in metrics.items()},
-                        samples_und=n_done * shapes["und_batch"],
+                        rows_und=n_done * shapes["und_rows"],
                         samples_gen=n_done * shapes["gen_rows"] * shapes["gen_samples_per_row"])
   summary["train_seconds"] = time.time() - t_start
   model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
@@ -739,7 +792,7 @@ def _chunks(n: int, size: int):
 
 
 def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_generate_mode: int = 32,
-                   num_gen_per_category: Optional[int] = None, gen_steps: int = 16, gen_cfg_scale: float = 3.0,
+                   num_gen_per_category: int = 0, gen_steps: int = 16, gen_cfg_scale: float = 3.0,
                    gen_timestep_shift: float = 1.0, gen_cfg_interval=(0.0, 1.0), batch_size: int = 32,
                    vit_image_size: int = 56, compute_dtype: str = "float32", out_path: Optional[str] = None,
                    extra: Optional[dict] = None) -> Dict[str, Any]:
@@ -750,7 +803,7 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   regions: one ground-truth box per pair (every 5th a background box), logits-mode one-box prompt: object
   boxes sign-correct, background boxes |s| < 0.5; plus `num_generate_mode` multi-box prompts answered by
   greedy decoding (parse rate, sign-correct).
-  generation: `text_to_image` for the val prompts (all, or `num_gen_per_category`), oracle accuracy per
+  generation: `text_to_image` for the val prompts (all, or `num_gen_per_category` > 0), oracle accuracy per
   category; the global judge on those images vs the oracle: ROC AUC and accuracy.
   """
   import jax.numpy as jnp
@@ -831,7 +884,7 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   res["regions_generate_mode"] = gm
 
   # The model's own generations for val prompts.
-  rows = list(sources.prompts("val", per_category=num_gen_per_category))
+  rows = list(sources.prompts("val", per_category=int(num_gen_per_category) or None))
   images = []
   for sl in _chunks(len(rows), batch_size):
     chunk = rows[sl]
@@ -856,7 +909,7 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
                            judge_mean_score=float(np.mean(gs)),
                            settings=dict(steps=gen_steps, cfg_text_scale=gen_cfg_scale,
                                          timestep_shift=gen_timestep_shift, cfg_interval=list(gen_cfg_interval)))
-  res["parse_stats"] = dataclasses.asdict(judge.stats)
+  res["parse_stats"] = dataclasses.asdict(gjudge.stats) if num_generate_mode else None
   res["seconds"] = time.time() - t0
   res["model_dir_bytes"] = dir_size(model_dir)
   if extra:

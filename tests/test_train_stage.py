@@ -178,8 +178,8 @@ def _run_all(root):
   res["b"] = (*_finish(pb, lb), str(wb), pb.pid)
   res["b_steps"] = _steps(str(wb))[1]
   res["b_ckpts"] = sorted(int(d) for d in os.listdir(wb / "checkpoints") if d.isdigit())
-  # C: resume; SIGTERM once checkpoint 4 is committed
-  pc, lc = _start(root, wb, records, images, sleep=0.4)
+  # C: resume; SIGTERM once checkpoint 4 is committed (slow steps leave a wide margin on a loaded machine)
+  pc, lc = _start(root, wb, records, images, sleep=3.0)
   _wait_for_checkpoint(pc, str(wb), 4)
   pc.send_signal(signal.SIGTERM)
   res["c"] = (*_finish(pc, lc), str(wb), pc.pid)

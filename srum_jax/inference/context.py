@@ -57,6 +57,29 @@ def init_context(cfg: BagelConfig, batch: int, max_len: int, dtype=jnp.float32) 
                  rope=jnp.zeros((batch,), jnp.int32), split=jnp.zeros((batch,), jnp.int32))
 
 
+def shard_rows(tree, mesh, axis_of=None):
+  """Place a batch-major pytree (contexts, ids, keys) with its batch rows split over the mesh's data axes;
+  the jitted prefill / sampling steps then run data-parallel (XLA propagates the row sharding)."""
+  from srum_jax import sharding
+
+  def put(x):
+    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    axis = 1 if (axis_of is not None and axis_of(x)) else 0
+    spec = [None] * x.ndim
+    spec[axis] = ("data", "fsdp")
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+  return jax.tree.map(put, tree)
+
+
+def shard_context(ctx: Context, mesh) -> Context:
+  """`shard_rows` for a Context: cache k/v are [L, B, T, Hkv, d] (rows on axis 1), the rest [B, ...]."""
+  cache = ctx.cache._replace(k=shard_rows(ctx.cache.k, mesh, lambda x: True),
+                             v=shard_rows(ctx.cache.v, mesh, lambda x: True),
+                             meta=shard_rows(ctx.cache.meta, mesh), length=shard_rows(ctx.cache.length, mesh))
+  return Context(cache=cache, rope=shard_rows(ctx.rope, mesh), split=shard_rows(ctx.split, mesh))
+
+
 def concat_contexts(contexts: Sequence[Context]) -> Context:
   """Stack contexts along the batch axis (caches padded with empty slots to the longest)."""
   T = max(c.cache.k.shape[2] for c in contexts)

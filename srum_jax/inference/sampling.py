@@ -227,8 +227,11 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
                   cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, max_think_tokens: int = 1000,
                   system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                  attn_impl: str = "dense") -> T2IResult:
+                  attn_impl: str = "dense", mesh=None) -> T2IResult:
   """Generate one image per prompt with the official contexts (B.2, B.3).
+
+  mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (params should be replicated on it);
+  the batch size must divide by that many devices.
 
   gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
   think mode); cfg_img: [system prompt] + prompt. think=True uses the generation think system prompt
@@ -248,6 +251,9 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   T = C.bucket(sys_len + prompt_ids.shape[1] + think_budget)
 
   base = C.init_context(cfg, B, T, dtype)
+  if mesh is not None:
+    base = C.shard_context(base, mesh)
+    prompt_ids, prompt_lens, keys = C.shard_rows((prompt_ids, prompt_lens, keys), mesh)
   if sys_ids is not None:
     ids_, lens_ = C.pad_ids([sys_ids] * B, sys_len)
     base = C.prefill_text(params, base, ids_, lens_, cfg=cfg)

@@ -51,9 +51,22 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
+def data_parallel_mesh(batch_size: int):
+  """A ('data',) mesh over this process's devices when the batch splits evenly over them, else None."""
+  from srum_jax import sharding
+  n = jax.local_device_count()
+  if n <= 1 or jax.process_count() > 1:
+    return None
+  if batch_size % n:
+    print(f"[generate] batch_size {batch_size} does not divide over {n} devices: running on one device "
+          f"(set generate.batch_size to a multiple of {n})", flush=True)
+    return None
+  return sharding.make_mesh({"data": n}, jax.local_devices())
+
+
 def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
              compute_dtype="float32") -> GenerateReport:
-  """Generate the missing images of `items` into `out_dir` (resumable)."""
+  """Generate the missing images of `items` into `out_dir` (resumable); batches split over local devices."""
   from srum_jax.inference import sampling
 
   rep = GenerateReport()
@@ -68,6 +81,10 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       rep.skipped_done += 1
     else:
       todo.append((image_id, it))
+  mesh = data_parallel_mesh(int(gcfg.batch_size)) if gcfg.data_parallel else None
+  params = model.params
+  if mesh is not None:
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   bar = common.progress(len(todo), "generate")
   for chunk in common.batched(todo, int(gcfg.batch_size)):
     if len(chunk) < int(gcfg.batch_size):  # pad the last batch: one compiled shape for the whole stage
@@ -77,13 +94,13 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       real = len(chunk)
     ids = [common.stable_int(image_id) for image_id, _ in chunk]
     res = sampling.text_to_image(
-        model.params["bagel"], model.params["ae"], model.tokenizer, [it.prompt for _, it in chunk], cfg=model.cfg,
+        params["bagel"], params["ae"], model.tokenizer, [it.prompt for _, it in chunk], cfg=model.cfg,
         think=bool(gcfg.think), seeds=int(seed), image_ids=ids, height=int(gcfg.height), width=int(gcfg.width),
         num_timesteps=int(gcfg.num_timesteps), timestep_shift=float(gcfg.timestep_shift),
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
         cfg_interval=tuple(gcfg.cfg_interval), cfg_renorm_type=str(gcfg.cfg_renorm_type),
         cfg_renorm_min=float(gcfg.cfg_renorm_min), max_think_tokens=int(gcfg.max_think_tokens),
-        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None)
+        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, mesh=mesh)
     images = jax.device_get(res.images)
     for j, (image_id, it) in enumerate(chunk[:real]):
       rel = f"images/{_safe(image_id)}.png"
