@@ -10,19 +10,7 @@ ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: step logits ~3e-6)
 T = 64  # cache slots per row in these tests (one budget -> one compilation per function)
 
 
-class CharTokenizer:
-  """Test stand-in for `srum_jax.tokenizer.Tokenizer` on the tiny 128-id vocabulary: one char per id."""
-  bos, eos, start_of_image, end_of_image = 120, 121, 122, 123
-
-  def encode(self, text):
-    return [ord(c) - 0x100 if 0x100 <= ord(c) < 0x180 else ord(c) % 120 for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(0x100 + int(i)) for i in ids)
-
-
-def _err(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+from helpers import CharTokenizer, max_err as _err  # noqa: E402
 
 
 def _golden_context(params, cfg, batch_rows):

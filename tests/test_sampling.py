@@ -17,19 +17,7 @@ FLOW = dict(num_timesteps=4, timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_sca
             cfg_renorm_type="global", cfg_renorm_min=0.0)
 
 
-class CharTokenizer:
-  """Test stand-in for `srum_jax.tokenizer.Tokenizer` on the tiny 128-id vocabulary: one char per id."""
-  bos, eos, start_of_image, end_of_image = 120, 121, 122, 123
-
-  def encode(self, text):
-    return [ord(c) - 0x100 if 0x100 <= ord(c) < 0x180 else ord(c) % 120 for c in text]
-
-  def decode(self, ids):
-    return "".join(chr(0x100 + int(i)) for i in ids)
-
-
-def _err(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+from helpers import CharTokenizer, max_err as _err  # noqa: E402
 
 
 def _close(name, got, want):
