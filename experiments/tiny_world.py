@@ -6,7 +6,7 @@
 
 `pretrain.*` drives `srum_jax.pretrain` (writes `<pretrain.out>/model`, the directory `model.dir` points
 at); everything else is the SRUM loop at the tiny model's size (32x32 images, components proposer,
-logits-mode self-judge on the 56x56 view, oracle eval on the val prompts).
+logits-mode self-judge on the 28x28 view, oracle eval on the val prompts).
 """
 import ml_collections
 
@@ -26,7 +26,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.save_dtype = "float32"
   p.data_workers = 12 if gpu else 0  # spawned host-data processes
   p.log_every = 25 if gpu else 10
-  p.vit_image_size = 56  # = score.vit_image_size
+  p.vit_image_size = 28  # = score.vit_image_size: 2x2 ViT patches, one per 16-px cell
   # Stage A: the autoencoder.
   p.ae = ml_collections.ConfigDict()
   p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
@@ -46,9 +46,11 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.weight_decay = 0.01
   p.grad_clip = 1.0
   p.und_weight = 1.0
+  p.number_init = 1  # number words start from sin-cos features of their value (pretrain.init_number_embeddings)
+  p.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
   p.und_rows = 128 if gpu else 8  # understanding rows per step, judge examples packed into them
-  p.und_tokens = 128  # row budget; an example is 16 ViT + 2 markers + question (<= 62) + answer (<= 47)
-  p.und_samples_per_row = 2
+  p.und_tokens = 128  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)
+  p.und_samples_per_row = 3
   p.logit_capacity = 64  # scored answer tokens per row
   p.gen_rows = 16 if gpu else 1
   p.gen_samples_per_row = 4
@@ -57,8 +59,10 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.text_cond_dropout = 0.1
   # The understanding data mix (train prompts only).
   p.data = ml_collections.ConfigDict()
-  p.data.tasks = ml_collections.ConfigDict({"global": 0.45, "region1": 0.4, "regions": 0.15})
-  p.data.negatives = 0.45  # hard negatives (one attribute changed)
+  p.data.tasks = ml_collections.ConfigDict({"global": 0.35, "region1": 0.35, "regions": 0.3})
+  p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
+  p.data.negative_kind_weights = ml_collections.ConfigDict(
+      {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})
   p.data.easy_negatives = 0.05  # the scene of another prompt
   p.data.distractors = 0.05  # an extra object of a kind the prompt does not name (still true)
   p.data.background_box = 0.2
@@ -70,7 +74,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.eval.enabled = 1
   p.eval.kwargs = ml_collections.ConfigDict(dict(
       seed=0, num_pairs=400, num_generate_mode=32, num_gen_per_category=0, gen_steps=16, gen_cfg_scale=3.0,
-      gen_timestep_shift=1.0, gen_cfg_interval=(0.0, 1.0), batch_size=64 if gpu else 32, vit_image_size=56))
+      gen_timestep_shift=1.0, gen_cfg_interval=(0.0, 1.0), batch_size=64 if gpu else 32, vit_image_size=28))
   return p
 
 
@@ -108,7 +112,7 @@ def get_config(arg=None):
   c.score.max_retries = 1
   c.score.max_new_tokens_global = 8
   c.score.max_new_tokens_regions = 64
-  c.score.vit_image_size = 56
+  c.score.vit_image_size = 28
   c.eval.judge = "oracle"
   c.eval.oracle_fn = "srum_jax.worlds.shapes:judge_text"
   c.train.steps = 200

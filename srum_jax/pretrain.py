@@ -24,7 +24,7 @@ B. The UMM, one jitted step over two batches:
      in a wrong count, -1.0 for an object that contradicts the prompt (kind not asked for, or breaking a
      relation) and 0.0 for a background box. Boxes are in the proposer's "official" convention (inclusive
      max), jittered by a pixel half the time; images are blurred a little sometimes (generated images are
-     soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (56).
+     soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (28: 2x2 patches).
    Generation is kept imperfect only by budget: its batch is small next to the understanding batch.
 
 Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
@@ -247,7 +247,7 @@ class World:
 
   dcfg: a mapping with the `pretrain.data` keys (negatives, easy_negatives, distractors, tasks, ...)."""
 
-  def __init__(self, cfg, tokenizer, dcfg, *, split_seed: int = 0, vit_size: int = 56):
+  def __init__(self, cfg, tokenizer, dcfg, *, split_seed: int = 0, vit_size: int = 28):
     self.cfg, self.tok = cfg, tokenizer
     self.d = dcfg.to_dict() if hasattr(dcfg, "to_dict") else dict(dcfg)
     train, self.val = G.split_prompts(split_seed)
@@ -268,7 +268,9 @@ class World:
     r = rng.random()
     d = self.d
     if r < d["negatives"]:
-      scene, _ = G.hard_negative(rng, prompt, scene)
+      kinds = G.negative_kinds(prompt, scene)
+      w = np.array([float(d["negative_kind_weights"][k]) for k in kinds])
+      scene, _ = G.hard_negative(rng, prompt, scene, kind=kinds[rng.choice(len(kinds), p=w / w.sum())])
     elif r < d["negatives"] + d["easy_negatives"]:
       scene = G.sample_scene(rng, G.sample_prompt(rng, prompts=self.index))
     elif r < d["negatives"] + d["easy_negatives"] + d["distractors"]:
@@ -531,21 +533,23 @@ def make_ae_step(cfg_ae, tx, kl_weight: float):
   return step
 
 
-def und_loss(logits, targets, mask, score_mask):
-  """Masked mean next-token cross-entropy, token accuracy and score-token accuracy."""
+def und_loss(logits, targets, mask, score_mask, score_weight: float = 1.0):
+  """Masked next-token cross-entropy (score-value tokens weighted `score_weight`, mean over the weights),
+  token accuracy and score-token accuracy."""
   import jax
   import jax.numpy as jnp
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   m = mask.astype(jnp.float32)
-  ce = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+  wt = m * jnp.where(score_mask, score_weight, 1.0)
+  ce = jnp.sum(nll * wt) / jnp.maximum(jnp.sum(wt), 1.0)
   hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   sm = score_mask.astype(jnp.float32)
   return ce, dict(acc=jnp.sum(hit * m) / jnp.maximum(jnp.sum(m), 1.0),
                   score_acc=jnp.sum(hit * sm) / jnp.maximum(jnp.sum(sm), 1.0))
 
 
-def make_umm_step(cfg, opts, tx, und_weight: float, *, attn_impl: str = "dense"):
+def make_umm_step(cfg, opts, tx, und_weight: float, *, score_weight: float = 1.0, attn_impl: str = "dense"):
   """Jitted step(params, opt_state, gen: SrumBatch, und: UndBatch, key, lr): flow + und_weight * CE."""
   import jax
   import jax.numpy as jnp
@@ -557,7 +561,7 @@ def make_umm_step(cfg, opts, tx, und_weight: float, *, attn_impl: str = "dense")
     flow, faux = train_step.srum_loss(params, gen, key, cfg=cfg, opts=opts)
     logits = bagel.forward_und(params["bagel"], und.batch, und.logit_index, cfg=cfg, dtype=opts.compute_dtype,
                                attn_impl=attn_impl)
-    ce, uaux = und_loss(logits, und.targets, und.mask, und.score_mask)
+    ce, uaux = und_loss(logits, und.targets, und.mask, und.score_mask, score_weight)
     return flow + und_weight * ce, dict(uaux, flow=flow, ce=ce, t_mean=faux["t_mean"])
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -619,6 +623,22 @@ def train_autoencoder(p, cfg, world: World, params_ae, *, seed: int, deadline: f
   bar.close()
   return params_ae, dict(steps=n + 1 if steps else 0, seconds=time.time() - t0,
                          final={k: float(v) for k, v in metrics.items()})
+
+
+def init_number_embeddings(params_bagel, tokenizer, seed: int = 0):
+  """Number words ("0".."32": box coordinates and region ids) start from sin-cos features of their value
+  (random 8 -> D projection, embedding scale), so neighbouring numbers start close and "left of the
+  middle" is linearly readable from the first step; every row stays trainable."""
+  emb = np.array(params_bagel["llm"]["embed_tokens"]["embedding"], np.float32)
+  n = np.arange(MAX_COORD + 1, dtype=np.float64)
+  freqs = np.pi / MAX_COORD * 2.0 ** np.arange(4)
+  feats = np.concatenate([np.sin(n[:, None] * freqs), np.cos(n[:, None] * freqs)], axis=1)  # [33, 8]
+  proj = np.random.default_rng(seed).standard_normal((feats.shape[1], emb.shape[1])) / np.sqrt(feats.shape[1])
+  ids = [tokenizer.encode(str(int(v)))[0] for v in n]
+  emb[ids] = (0.02 * np.sqrt(2.0) * feats @ proj).astype(np.float32)
+  out = dict(params_bagel)
+  out["llm"] = dict(out["llm"], embed_tokens={"embedding": emb})
+  return out
 
 
 def fit_latent_scale(params_ae, cfg, world: World, *, seed: int, n: int = 512):
@@ -710,6 +730,8 @@ def pretrain(config) -> Dict[str, Any]:
   # Stage B: the UMM.
   world.cfg = cfg
   params = {"bagel": P.init_params(P.bagel_schema(cfg), k_bagel), "ae": params_ae}
+  if int(p.number_init):
+    params["bagel"] = init_number_embeddings(params["bagel"], tok, seed)
   labels = train_step.param_labels(params, ("ae",))
   tx = make_adamw(float(p.b1), float(p.b2), float(p.weight_decay), float(p.grad_clip), labels)
   opt_state = tx.init(params)
@@ -717,7 +739,7 @@ def pretrain(config) -> Dict[str, Any]:
       image_hw=IMAGE_HW, samples_per_row=int(p.gen_samples_per_row), lambda_constraint=0.0, uniform_rewards=True,
       timestep_shift=float(p.timestep_shift), text_cond_dropout=float(p.text_cond_dropout),
       sample_posterior=True, compute_dtype=jnp.dtype(p.compute_dtype))
-  step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight))
+  step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight), score_weight=float(p.score_weight))
   shapes = _shapes(p, cfg)
   stream = BatchStream(world, shapes, seed, workers=int(p.data_workers),
                        model_config=checkpoint.config_to_dict(cfg), tokenizer_dir=str(tok_dir))
@@ -779,7 +801,7 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
   return float(greater / (len(pos) * len(neg)))
 
 
-def _score_cfg(vit_image_size: int = 56, mode: str = "logits"):
+def _score_cfg(vit_image_size: int = 28, mode: str = "logits"):
   import types
   return types.SimpleNamespace(mode=mode, think=False, logit_candidates=SCORE_TOKENS, vit_image_size=vit_image_size,
                                text_budget=0, max_retries=1, retry_temperature=0.7, max_new_tokens_global=8,
@@ -794,7 +816,7 @@ def _chunks(n: int, size: int):
 def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_generate_mode: int = 32,
                    num_gen_per_category: int = 0, gen_steps: int = 16, gen_cfg_scale: float = 3.0,
                    gen_timestep_shift: float = 1.0, gen_cfg_interval=(0.0, 1.0), batch_size: int = 32,
-                   vit_image_size: int = 56, compute_dtype: str = "float32", out_path: Optional[str] = None,
+                   vit_image_size: int = 28, compute_dtype: str = "float32", out_path: Optional[str] = None,
                    extra: Optional[dict] = None) -> Dict[str, Any]:
   """Judge and generation metrics of a model directory on VAL prompts only.
 
@@ -872,7 +894,7 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
     sel = pairs[:num_generate_mode]
     boxes = [[official_box(b) for b in S.scene_boxes(x[1])] for x in sel]
     keep = [i for i, b in enumerate(boxes) if b]
-    hits, parsed = [], 0
+    hits, parsed, named = [], 0, []
     for sl in _chunks(len(keep), batch_size):
       idx = keep[sl]
       got = gjudge.region_scores([sel[i][2] for i in idx], [sel[i][0].text for i in idx], [boxes[i] for i in idx],
@@ -880,7 +902,10 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
       for i, d in zip(idx, got):
         parsed += int(len(d) == len(boxes[i]))
         hits += [np.sign(d[k + 1][0]) == np.sign(y) for k, y in enumerate(sel[i][5]) if k + 1 in d and y != 0]
-    gm = dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None)
+        named += [(d[k + 1][1] or "").split()[:2] == [o.color, o.shape] for k, o in enumerate(sel[i][1].objects)
+                  if k + 1 in d]
+    gm = dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None,
+              identified=float(np.mean(named)) if named else None)
   res["regions_generate_mode"] = gm
 
   # The model's own generations for val prompts.

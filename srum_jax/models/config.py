@@ -137,9 +137,10 @@ def mid() -> BagelConfig:
 def tiny_world() -> BagelConfig:
   """The shapes-world model pretrained from scratch by `srum_jax.pretrain` (32x32 images, ~2M parameters).
 
-  FLUX AE ch 32, ch_mult (1, 1, 2): /4, z 4, so a 32x32 image is 8x8x4 latents and, with latent patch 2,
+  FLUX AE ch 32, ch_mult (1, 1, 1): /4, z 4, so a 32x32 image is 8x8x4 latents and, with latent patch 2,
   4x4 = 16 latent tokens of 16 dims (one 2x2 token block per 16-px cell of the world's 2x2 layout). The
-  judge sees the image bicubically resized to 56x56: 4x4 ViT patches of 14 px. The word-level vocabulary
+  judge sees the image bicubically resized to 28x28: 2x2 ViT patches of 14 px, again one per cell (objects
+  sit centred in cells, so each patch sees one whole object). The word-level vocabulary
   (`pretrain.world_words` + <unk>, 72 ids) fits in 128; the four special ids sit at the top.
   `scale_factor` / `shift_factor` here are placeholders: pretraining measures the latent statistics and
   writes the fitted values into the model directory's `model_config.json`.
@@ -148,12 +149,12 @@ def tiny_world() -> BagelConfig:
       llm=LLMConfig(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
                     max_position_embeddings=512),
-      vit=ViTConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                    patch_size=14, image_size=56),
-      ae=AEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4, scale_factor=1.0,
+      vit=ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                    patch_size=14, image_size=28),
+      ae=AEConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, scale_factor=1.0,
                   shift_factor=0.0),
       tokens=SpecialTokens(bos=124, eos=125, start_of_image=126, end_of_image=127),
-      latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=4, timestep_shift=1.0)
+      latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=2, timestep_shift=1.0)
 
 
 PRESETS = {"tiny": tiny, "mid": mid, "bagel_7b_mot": bagel_7b_mot, "tiny_world": tiny_world}
