@@ -37,6 +37,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.ae.warmup_steps = 50
   p.ae.min_lr_ratio = 0.05
   p.ae.kl_weight = 1e-4
+  p.ae.check_images = 128  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
   # Stage B: the UMM (one step = one generation batch + one understanding batch).
   p.steps = 20000 if gpu else 4000
   p.lr = 1e-3
@@ -59,7 +60,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.text_cond_dropout = 0.1
   # The understanding data mix (train prompts only).
   p.data = ml_collections.ConfigDict()
-  p.data.tasks = ml_collections.ConfigDict({"global": 0.35, "region1": 0.35, "regions": 0.3})
+  p.data.tasks = ml_collections.ConfigDict({"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15})
   p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
   p.data.negative_kind_weights = ml_collections.ConfigDict(
       {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})

@@ -59,6 +59,7 @@ IMAGE_HW = (32, 32)
 SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 # Marker words for the fixed text of the judge prompts (see `template_pieces`).
 MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
+DESCRIBE = "<describe>"  # the question of the auxiliary captioning task (never asked by the pipeline)
 _PLACEHOLDER = "QQPROMPTQQ"
 
 
@@ -84,7 +85,7 @@ def template_pieces() -> Dict[str, str]:
 def world_words() -> List[str]:
   """Every word the world's prompts and the judge's answers use, the box numbers and the four markers."""
   words = list(G.VOCAB) + list(JUDGE_WORDS) + list(SCORE_TOKENS)
-  words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS)
+  words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS) + [DESCRIBE]
   return words
 
 
@@ -300,7 +301,10 @@ class World:
     if rng.random() < self.d["blur"]:
       image = _blur(rng, image)
     task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
-    if task == "global":
+    kinds = [(o.color, o.shape) for o in scene.objects]
+    if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(G.NUMBER_WORDS):
+      return image, DESCRIBE, G.describe(scene, rng), dict(task=task, label=ok)
+    if task in ("global", "describe"):
       return image, JP.global_layout_prompt(prompt.text), f"Score: {_score_text(1.0 if ok else -1.0)}", \
           dict(task=task, label=ok)
     regions = self._regions(rng, scene, scores, many=task == "regions")
@@ -641,19 +645,27 @@ def init_number_embeddings(params_bagel, tokenizer, seed: int = 0):
   return out
 
 
-def fit_latent_scale(params_ae, cfg, world: World, *, seed: int, n: int = 512):
+def _posterior_means(params_ae, images, cfg_ae):
+  import jax
+  from srum_jax.models import autoencoder
+  return jax.jit(lambda p, x: autoencoder.encode_moments(p, x, cfg_ae)[0])(params_ae, images)
+
+
+def fit_latent_scale(params_ae, cfg, world: World, *, seed: int, n: int = 256):
   """cfg with shift_factor = mean and scale_factor = 1 / std of the posterior means of rendered scenes."""
   import jax.numpy as jnp
-  from srum_jax.models import autoencoder
   images = world.ae_images(np.random.default_rng([seed, 99]), n)
-  mean, _ = autoencoder.encode_moments(params_ae, jnp.asarray(images), cfg.ae)
-  mu, sd = float(jnp.mean(mean)), float(jnp.std(mean))
+  mean = np.asarray(_posterior_means(params_ae, jnp.asarray(images), cfg.ae))
+  mu, sd = float(mean.mean()), float(mean.std())
   return cfg.replace(ae=dataclasses.replace(cfg.ae, shift_factor=mu, scale_factor=1.0 / max(sd, 1e-6)))
 
 
-def ae_reconstruction_accuracy(params_ae, cfg, world: World, *, seed: int, n: int = 128) -> float:
+def ae_reconstruction_accuracy(params_ae, cfg, world: World, *, seed: int, n: int = 128) -> Optional[float]:
   """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp enough?
-  (Evaluation only: the oracle never labels training data.)"""
+  (Evaluation only: the oracle never labels training data.) None for n = 0."""
+  if n <= 0:
+    return None
+  import jax
   import jax.numpy as jnp
   from srum_jax.models import autoencoder
   from srum_jax.worlds.shapes import oracle
@@ -661,8 +673,12 @@ def ae_reconstruction_accuracy(params_ae, cfg, world: World, *, seed: int, n: in
   vindex = G.prompt_index(world.val)
   prompts = [G.sample_prompt(rng, prompts=vindex) for _ in range(n)]
   images = np.stack([S.render(G.sample_scene(rng, q)) for q in prompts]).astype(np.float32) / 127.5 - 1.0
-  z = autoencoder.encode(params_ae, jnp.asarray(images), cfg.ae)
-  rec = np.asarray(autoencoder.to_uint8(autoencoder.decode(params_ae, z, cfg.ae)))
+
+  @jax.jit
+  def roundtrip(p, x):
+    return autoencoder.to_uint8(autoencoder.decode(p, autoencoder.encode(p, x, cfg.ae), cfg.ae))
+
+  rec = np.asarray(roundtrip(params_ae, jnp.asarray(images)))
   return float(np.mean([oracle.judge(r, q.spec, value_range=(0, 255)) for r, q in zip(rec, prompts)]))
 
 
@@ -724,7 +740,8 @@ def pretrain(config) -> Dict[str, Any]:
                                                  log_path=log_path)
     cfg = fit_latent_scale(params_ae, cfg, world, seed=seed)
   summary["ae"]["shift_factor"], summary["ae"]["scale_factor"] = cfg.ae.shift_factor, cfg.ae.scale_factor
-  summary["ae"]["recon_oracle_acc"] = ae_reconstruction_accuracy(params_ae, cfg, world, seed=seed)
+  summary["ae"]["recon_oracle_acc"] = ae_reconstruction_accuracy(params_ae, cfg, world, seed=seed,
+                                                                 n=int(p.ae.check_images))
   print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
 
   # Stage B: the UMM.

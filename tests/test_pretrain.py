@@ -111,7 +111,7 @@ def test_pretrain_short_run(tmp_path):
   p = c.pretrain
   p.out = str(tmp_path / "pre")
   p.max_seconds = 300.0
-  p.ae.steps, p.ae.batch, p.ae.warmup_steps = 8, 8, 1
+  p.ae.steps, p.ae.batch, p.ae.warmup_steps, p.ae.check_images = 8, 8, 1, 0
   p.steps, p.warmup_steps, p.und_rows, p.log_every = 8, 1, 4, 1
   p.eval.enabled = 0
   summary = PT.pretrain(c)
