@@ -97,26 +97,17 @@ def build_tokenizer(directory, cfg):
   longer), then "[", "]" and "," become spaces (boxes read "1 2 13 14", region ids and coordinates share
   the number words). Pre-tokenizer: whitespace. Words outside the vocabulary map to <unk>.
   """
-  from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-  from srum_jax.tokenizer import from_hf
+  from tokenizers import normalizers
+  from srum_jax.tokenizer import build_word_level
   t = cfg.tokens
   special = dict(zip(SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image)))
-  vocab = {w: i for i, w in enumerate(world_words() + ["<unk>"])}
-  if len(vocab) > min(special.values()) or max(special.values()) >= cfg.llm.vocab_size:
-    raise ValueError(f"{len(vocab)} words and special ids {t} do not fit the vocabulary {cfg.llm.vocab_size}")
-  vocab.update(special)
-  tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  words = world_words()
+  if len(words) + 1 > min(special.values()) or max(special.values()) >= cfg.llm.vocab_size:
+    raise ValueError(f"{len(words) + 1} words and special ids {t} do not fit the vocabulary {cfg.llm.vocab_size}")
   pieces = sorted(template_pieces().items(), key=lambda kv: -len(kv[1]))
-  tok.normalizer = normalizers.Sequence([normalizers.Replace(text, f" {m} ") for m, text in pieces]
-                                        + [normalizers.Replace(c, " ") for c in "[],"])
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-  tok.add_special_tokens(list(special))
-  path = pathlib.Path(directory)
-  path.mkdir(parents=True, exist_ok=True)
-  tok.save(str(path / "tokenizer.json"))
-  out = from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json")))
+  normalizer = normalizers.Sequence([normalizers.Replace(text, f" {m} ") for m, text in pieces]
+                                    + [normalizers.Replace(c, " ") for c in "[],"])
+  out = build_word_level(words, directory, special_ids=special, normalizer=normalizer)
   out.check(t)
   return out
 

@@ -75,11 +75,13 @@ def load_tokenizer(model_dir) -> Tokenizer:
   return from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path)))
 
 
-def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>") -> Tokenizer:
+def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>",
+                     normalizer=None) -> Tokenizer:
   """A whitespace word-level tokenizer (for small synthetic worlds), saved as `tokenizer.json` in `directory`.
 
   `words` get ids 0.. in order, then `<unk>`; `special_ids` maps BAGEL's special tokens to fixed ids (e.g.
   the tiny model's 120..123). Splitting is on whitespace only, so "Score:" and "-0.5" stay single tokens.
+  `normalizer`: an optional `tokenizers.normalizers` object applied before splitting.
   """
   from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
@@ -94,6 +96,8 @@ def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk:
   for name, tid in special_ids.items():
     vocab[name] = int(tid)
   tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+  if normalizer is not None:
+    tok.normalizer = normalizer
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
   tok.add_special_tokens(list(special_ids))

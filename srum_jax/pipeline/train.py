@@ -10,7 +10,7 @@ draws the same randomness and a resumed run reproduces the uninterrupted one bit
 never waits on the device except every `log_every` steps (metrics) and when saving.
 
 workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta), data/ (validated
-ArrayRecord cache), tb/ (TensorBoard), samples/step_XXXXXX.png (training images with reward overlays),
+ArrayRecord cache), tb/ (TensorBoard), samples/step_<step>.png (training images with reward overlays),
 data_log.jsonl (per step: the record indices consumed), loss_curve.png, summary.json.
 A workdir holding checkpoints is resumed from its latest one. SIGTERM finishes the current step, saves
 and returns with `preempted=True`.
