@@ -7,28 +7,34 @@ Same model code as the 7B (`models/*`, preset `tiny_world`); two stages under on
 
 A. Autoencoder: the FLUX AE learns to reconstruct rendered scenes (L1 + L2, small KL); then it is frozen and
    the latent statistics give `shift_factor` / `scale_factor` (unit-variance latents for the flow).
-B. The UMM, one jitted step over two batches:
+B. The UMM, one jitted step over two batches (AdamW; the lr schedule follows max(step, wall-clock) progress):
    * generation: text-to-image flow matching on (train prompt, rendered minimal scene) pairs with the SRUM
      step's plain flow loss (`train_step.srum_loss`, R = 1, lambda = 0; text dropout for CFG);
-   * understanding: next-token cross-entropy on the answers of the SRUM judge formats, context [ViT image]
-     [question] [answer] exactly as `inference.decoding` builds it. Questions use train prompts only; half
-     of the scenes are hard negatives (`grammar.hard_negative`: colour, shape, count, relation, roles), a
-     few are scenes of another prompt or carry an extra object. Labels come from the scene's ground truth
-     (`scene_truth`), never from the oracle:
-       global   `global_layout_prompt(prompt)`            -> "Score: 1.0" / "Score: -1.0"
-       region1  `region_prompt(prompt, [box])`            -> "Score: s" (the logits judge mode) or the block
-                                                              "Region ID: 1 Identified Object: red circle Score: s"
-       regions  `region_prompt(prompt, boxes)` (all objects, sometimes a background box, random order)
+   * understanding: next-token cross-entropy on answers, context [ViT image] [question] [answer] exactly as
+     `inference.decoding.judge_context` builds it (several examples packed per row). Questions use train
+     prompts only; about half of the scenes are hard negatives (`grammar.hard_negative`: colour, shape,
+     count, relation, roles; the hard kinds drawn more often), a few are scenes of another prompt or carry
+     an extra object. Labels come from the scene's ground truth (`scene_truth`), never from the oracle:
+       global    `global_layout_prompt(prompt)`          -> "Score: 1.0" / "Score: -1.0"
+       region1   `region_prompt(prompt, [box])`          -> "Score: s" (the logits judge mode) or the block
+                                                            "Region ID: 1 Identified Object: red circle Score: s"
+       regions   `region_prompt(prompt, boxes)` (all objects, sometimes a background box, random order)
                                                           -> one block per region
+       describe  "<describe>" (auxiliary, never asked by the pipeline) -> `grammar.describe(scene)`
      with s = 1.0 for an object the prompt asks for (right kind, count and place), -0.5 for the right kind
      in a wrong count, -1.0 for an object that contradicts the prompt (kind not asked for, or breaking a
      relation) and 0.0 for a background box. Boxes are in the proposer's "official" convention (inclusive
      max), jittered by a pixel half the time; images are blurred a little sometimes (generated images are
-     soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (28: 2x2 patches).
+     soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (28: 2x2 ViT
+     patches, one per cell of the world's 2x2 layout). Score-value tokens weigh `score_weight` in the CE.
    Generation is kept imperfect only by budget: its batch is small next to the understanding batch.
 
+The tokenizer (`build_tokenizer`) is word level; its normaliser turns each constant piece of the judge
+prompts into one marker word and box punctuation into spaces, so a judge question is ~20 tokens, not ~220.
+
 Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
-`pipeline.common.load_model`), log.jsonl (losses), pretrain_eval.json (`evaluate_model`).
+`pipeline.common.load_model`), log.jsonl (losses), pretrain_summary.json, pretrain_eval.json
+(`evaluate_model`: judge, region and generation metrics on the val prompts).
 """
 from __future__ import annotations
 
