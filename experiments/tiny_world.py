@@ -1,16 +1,25 @@
-"""The shapes world end to end: pretrain a tiny BAGEL from scratch, then run SRUM on it.
+"""The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
-    python -m srum_jax pretrain --config=experiments/tiny_world.py        # CPU (2 cores): ~2 h
+    python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~5 min CPU)
+    python -m srum_jax pretrain --config=experiments/tiny_world.py        # CPU (2 cores): ~100 min
     python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min
-    python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the pretrained model
+    python -m srum_jax run --config=experiments/tiny_world.py \
+        --config.model.official_dir=outputs/tiny_world_pretrain/official  # SRUM on your own pretrained model
 
-`pretrain.*` drives `srum_jax.pretrain` (writes `<pretrain.out>/model`, the directory `model.dir` points
-at); everything else is the SRUM loop at the tiny model's size (32x32 images, components proposer,
-logits-mode self-judge on the 28x28 view, oracle eval on the val prompts).
+`model.official_dir` is the checkpoint shipped in the repo (`srum_jax/worlds/shapes/checkpoint`: official
+BAGEL safetensors + json, converted into `<workdir>/converted_model` by the converter at start). `pretrain.*`
+drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pretrain.out>/official` (the
+shipped layout). Everything else is the SRUM loop at the tiny model's size (32x32 images, components
+proposer, logits-mode self-judge on the 28x28 view, oracle eval on the val prompts).
 """
+import pathlib
+
 import ml_collections
 
+import srum_jax
 from srum_jax import defaults
+
+SHIPPED = str(pathlib.Path(srum_jax.__file__).parent / "worlds" / "shapes" / "checkpoint")
 
 SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
@@ -20,18 +29,19 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.preset = "tiny_world"
   p.seed = 0
   p.out = "outputs/tiny_world_pretrain"
-  p.max_seconds = 200.0 if gpu else 7200.0  # wall clock for both stages (eval excluded)
+  p.max_seconds = 200.0 if gpu else 6000.0  # wall clock for both stages, compilation included (eval excluded)
   p.compute_dtype = "bfloat16" if gpu else "float32"
   p.eval_dtype = "float32"
   p.save_dtype = "float32"
   p.data_workers = 12 if gpu else 0  # spawned host-data processes
-  p.log_every = 25 if gpu else 10
+  p.log_every = 50  # host syncs: rarer is faster
+  p.snapshot_every_seconds = 0.0 if gpu else 1200.0  # save the params to <out>/snapshot this often (0: never)
   p.vit_image_size = 28  # = score.vit_image_size: 2x2 ViT patches, one per 16-px cell
   # Stage A: the autoencoder.
   p.ae = ml_collections.ConfigDict()
   p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
   p.ae.steps = 3000 if gpu else 1500
-  p.ae.max_seconds = 45.0 if gpu else 900.0
+  p.ae.max_seconds = 40.0 if gpu else 600.0
   p.ae.batch = 128 if gpu else 32
   p.ae.lr = 2e-3
   p.ae.warmup_steps = 50
@@ -39,7 +49,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.ae.kl_weight = 1e-4
   p.ae.check_images = 128  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
   # Stage B: the UMM (one step = one generation batch + one understanding batch).
-  p.steps = 20000 if gpu else 4000
+  p.steps = 100000 if gpu else 30000  # the wall clock normally ends stage B first
   p.lr = 1e-3
   p.min_lr_ratio = 0.05
   p.warmup_steps = 100
@@ -49,11 +59,11 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.und_weight = 1.0
   p.number_init = 1  # number words start from sin-cos features of their value (pretrain.init_number_embeddings)
   p.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
-  p.und_rows = 128 if gpu else 8  # understanding rows per step, judge examples packed into them
+  p.und_rows = 192 if gpu else 8  # understanding rows per step, judge examples packed into them
   p.und_tokens = 128  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)
   p.und_samples_per_row = 3
   p.logit_capacity = 64  # scored answer tokens per row
-  p.gen_rows = 16 if gpu else 1
+  p.gen_rows = 8 if gpu else 1  # generation gets the smaller share: kept imperfect by budget
   p.gen_samples_per_row = 4
   p.gen_text_len = 13  # BOS + the longest prompt (11 words) + EOS
   p.timestep_shift = 1.0
@@ -86,12 +96,13 @@ def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world"
   c.pretrain = pretrain_config(gpu)
-  c.model.dir = c.pretrain.out + "/model"
+  c.model.official_dir = SHIPPED
+  c.model.dir = ""  # set by the conversion; or point it at a converted model dir (and clear official_dir)
   c.model.preset = "tiny_world"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"
   c.prompts.train = {"source": "python", "function": SHAPES, "kwargs": {"split": "train", "per_category": 24}}
-  c.prompts.val = {"source": "python", "function": SHAPES, "kwargs": {"split": "val"}}
+  c.prompts.val = {"source": "python", "function": SHAPES, "kwargs": {"split": "val", "per_category": 0}}  # 0: all
   for g in (c.generate, c.eval_generate):
     g.batch_size = 32
     g.height = g.width = 32

@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: a converted model directory (orbax + model_config.json) or a preset with random weights.
   c.model = ml_collections.ConfigDict()
   c.model.dir = ""  # `python -m srum_jax convert` output; empty -> random init of `preset`
+  c.model.official_dir = ""  # or an official checkpoint dir: converted into <workdir>/converted_model first
   c.model.preset = "tiny"  # tiny | mid | bagel_7b_mot
   c.model.param_dtype = "float32"  # float32 | bfloat16
   c.model.compute_dtype = "bfloat16"

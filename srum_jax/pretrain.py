@@ -694,6 +694,17 @@ def save_model(out_dir: str, cfg, params, *, param_dtype: str = "float32") -> st
   return str(path)
 
 
+def _snapshot(out: pathlib.Path, cfg, params, param_dtype: str) -> None:
+  """<out>/snapshot: the current params as a model dir (written aside, then renamed into place)."""
+  try:
+    tmp = save_model(str(out / "snapshot.tmp"), cfg, params, param_dtype=param_dtype)
+    if (out / "snapshot").exists():
+      shutil.rmtree(out / "snapshot")
+    os.replace(tmp, out / "snapshot")
+  except OSError as e:  # a full disk must not end a long run: the final save reports it
+    print(f"[pretrain] snapshot failed: {e}", flush=True)
+
+
 def dir_size(path: str) -> int:
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
 
@@ -760,6 +771,7 @@ def pretrain(config) -> Dict[str, Any]:
   steps, t_b = int(p.steps), time.time()
   bar = tqdm(total=steps, desc="pretrain[umm]", dynamic_ncols=True)
   n_done, metrics, ema = 0, {}, {}
+  snapshot_every, t_snap = float(p.get("snapshot_every_seconds", 0.0)), time.time()
   try:
     for n in range(steps):
       if time.time() > deadline:
@@ -771,6 +783,9 @@ def pretrain(config) -> Dict[str, Any]:
                                            jnp.float32(lr))
       n_done = n + 1
       bar.update(1)
+      if snapshot_every and time.time() - t_snap > snapshot_every:  # params only: for a look mid-run
+        _snapshot(out, cfg, params, p.save_dtype)
+        t_snap = time.time()
       if n % int(p.log_every) == 0 or n == steps - 1:
         m = {k: float(v) for k, v in metrics.items()}
         ema = {k: m[k] if k not in ema else 0.8 * ema[k] + 0.2 * m[k] for k in m}
@@ -786,6 +801,9 @@ def pretrain(config) -> Dict[str, Any]:
   summary["train_seconds"] = time.time() - t_start
   model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
   summary["model_dir"], summary["model_dir_bytes"] = model_dir, dir_size(model_dir)
+  from srum_jax.convert import flax_to_hf  # the official layout too: what the repo ships (model.official_dir)
+  flax_to_hf.export(model_dir, str(out / "official"))
+  summary["official_dir"], summary["official_dir_bytes"] = str(out / "official"), dir_size(str(out / "official"))
   print(f"[pretrain] saved {model_dir} ({summary['model_dir_bytes'] / 1e6:.2f} MB) after "
         f"{summary['umm']['steps']} UMM steps, {summary['train_seconds']:.0f} s", flush=True)
   if int(p.eval.enabled):

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.convert.hf_to_flax import AE_FILE, AUX_FILES, LLM_JSON, VIT_JSON, parse_dtype
+from srum_jax.convert.hf_to_flax import AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON, parse_dtype
 from srum_jax.models import embeddings
 from srum_jax.models import params as P
 from srum_jax.models.config import BagelConfig
@@ -122,6 +122,15 @@ def hf_json_configs(cfg: BagelConfig, base_llm: Optional[Dict[str, Any]] = None,
   return llm, vit
 
 
+def extras_json(cfg: BagelConfig) -> Dict[str, Any]:
+  """The configuration values the official files do not hold (see hf_to_flax.EXTRAS_JSON)."""
+  t = cfg.tokens
+  return dict(max_latent_size=cfg.max_latent_size, vit_max_num_patch_per_side=cfg.vit_max_num_patch_per_side,
+              connector_act=cfg.connector_act, timestep_shift=cfg.timestep_shift, ae_resolution=cfg.ae.resolution,
+              scale_factor=cfg.ae.scale_factor, shift_factor=cfg.ae.shift_factor,
+              tokens=dict(bos=t.bos, eos=t.eos, start_of_image=t.start_of_image, end_of_image=t.end_of_image))
+
+
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
   if not os.path.exists(path):
     return None
@@ -155,6 +164,8 @@ def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None
   if vit is not None:
     with open(os.path.join(dst_dir, VIT_JSON), "w") as f:
       json.dump(vit, f, indent=2)
+  with open(os.path.join(dst_dir, EXTRAS_JSON), "w") as f:
+    json.dump(extras_json(cfg), f, indent=2)
   if src_dir:
     for n in AUX_FILES:
       if n not in (LLM_JSON, VIT_JSON) and os.path.exists(os.path.join(src_dir, n)):

@@ -47,6 +47,12 @@ WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
 AE_FILE = "ae.safetensors"
 LLM_JSON = "llm_config.json"
 VIT_JSON = "vit_config.json"
+# Values the official code hard-codes rather than stores (AE resolution and latent scale, timestep shift,
+# special ids, ...). The exporter writes them here for checkpoints that differ from BAGEL-7B-MoT (the tiny
+# shapes-world model); `load_official` takes them as defaults, explicit arguments win.
+EXTRAS_JSON = "srum_jax_extras.json"
+EXTRA_KEYS = ("max_latent_size", "vit_max_num_patch_per_side", "connector_act", "timestep_shift", "ae_resolution",
+              "scale_factor", "shift_factor", "tokens")
 # Copied verbatim into the model directory (the exporter copies them back).
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
              "added_tokens.json", "generation_config.json", "preprocessor_config.json", LLM_JSON, VIT_JSON)
@@ -379,6 +385,19 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
+def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
+  """`overrides` with the missing (None) entries filled from the directory's EXTRAS_JSON, if any."""
+  extras = _read_json(os.path.join(src_dir, EXTRAS_JSON)) or {}
+  unknown = sorted(set(extras) - set(EXTRA_KEYS))
+  if unknown:
+    raise CheckpointMismatchError(f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
+  out = dict(overrides)
+  for k, v in extras.items():
+    if out.get(k) is None:
+      out[k] = SpecialTokens(**v) if k == "tokens" else v
+  return out
+
+
 def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights: Optional[str] = None,
                   **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
   """(cfg, {'bagel', 'ae'} params) from an official checkpoint directory, streamed onto shardings.
@@ -396,6 +415,7 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   if llm_json is None:
     raise FileNotFoundError(f"{LLM_JSON} not found in {src_dir}")
   vit_json = _read_json(os.path.join(src_dir, VIT_JSON))
+  overrides = _with_extras(src_dir, overrides)
 
   problems, shapes = [], {}
   for part, n in files.items():
@@ -458,13 +478,16 @@ def main(argv: Optional[List[str]] = None) -> int:
   ap.add_argument("--scale_factor", type=float, default=None, help="AE latent scale (default 0.3611)")
   ap.add_argument("--shift_factor", type=float, default=None, help="AE latent shift (default 0.1159)")
   d = SpecialTokens()
-  ap.add_argument("--bos_token_id", type=int, default=d.bos)
-  ap.add_argument("--eos_token_id", type=int, default=d.eos)
-  ap.add_argument("--start_of_image_id", type=int, default=d.start_of_image)
-  ap.add_argument("--end_of_image_id", type=int, default=d.end_of_image)
+  for flag, name in (("--bos_token_id", "bos"), ("--eos_token_id", "eos"), ("--start_of_image_id", "start_of_image"),
+                     ("--end_of_image_id", "end_of_image")):
+    ap.add_argument(flag, type=int, default=None, help=f"default: {EXTRAS_JSON} if present, else {getattr(d, name)}")
   args = ap.parse_args(argv)
-  tokens = SpecialTokens(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
-                         end_of_image=args.end_of_image_id)
+  ids = dict(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
+             end_of_image=args.end_of_image_id)
+  tokens = None
+  if any(v is not None for v in ids.values()):
+    extra = (_read_json(os.path.join(args.src, EXTRAS_JSON)) or {}).get("tokens") or {}
+    tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
   try:
     cfg, params = convert(
         args.src, args.dst, dtype=args.dtype, mesh=parse_mesh(args.mesh), weights=args.weights,

@@ -18,6 +18,7 @@ def _dirs(config):
 
 
 def _model(config) -> common.Model:
+  common.resolve_model_dir(config)
   common.check_model_dir(config.model.dir)
   return common.load_model(config.model.dir)
 
@@ -57,6 +58,7 @@ def train_main(config, opts) -> int:
     with config.unlocked():
       config.train.records = os.path.join(d["score"], "rewards.jsonl")
       config.train.images_root = config.train.images_root or d["generate"]
+  common.resolve_model_dir(config)
   common.check_model_dir(config.model.dir)
   with config.unlocked():
     config.workdir = d["train"]
@@ -78,5 +80,6 @@ def eval_main(config, opts) -> int:
 def run_main(config, opts) -> int:
   from srum_jax.pipeline import run
   distributed.maybe_initialize()
+  common.resolve_model_dir(config)
   run.run(config)
   return 0

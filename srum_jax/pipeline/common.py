@@ -39,6 +39,39 @@ def check_model_dir(path: str) -> None:
       raise FileNotFoundError(f"model directory {path} lacks {need}")
 
 
+def resolve_model_dir(config) -> str:
+  """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir` is set,
+  that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or BAGEL ships it)
+  converted by the converter into `<workdir>/converted_model`. The conversion is redone only when the
+  official files change (their SHA-256 is stamped next to the result). Sets `config.model.dir`."""
+  import shutil
+
+  official = config.model.get("official_dir", "")
+  if not official:
+    return config.model.dir
+  from srum_jax.convert import hf_to_flax
+  src = pathlib.Path(official)
+  if not src.is_dir():
+    raise FileNotFoundError(f"model.official_dir {official!r} is not a directory")
+  digest = hashlib.sha256()
+  for f in sorted(src.iterdir()):
+    if f.is_file():
+      digest.update(f.name.encode())
+      digest.update(f.read_bytes())
+  dst = pathlib.Path(config.workdir) / "converted_model"
+  stamp = dst / "converted_from.json"
+  want = {"official_dir": str(src.resolve()), "sha256": digest.hexdigest()}
+  if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+    if dst.exists():
+      shutil.rmtree(dst)
+    hf_to_flax.convert(str(src), str(dst), dtype=config.model.param_dtype)
+    stamp.write_text(json.dumps(want, indent=2))
+    print(f"[model] converted {src} -> {dst}", flush=True)
+  with config.unlocked():
+    config.model.dir = str(dst)
+  return str(dst)
+
+
 def load_model(path: str, *, dtype: Optional[str] = None, mesh=None) -> Model:
   import jax.numpy as jnp
 

@@ -12,14 +12,14 @@ from srum_jax.worlds.shapes import grammar
 
 def prompts(split: str = "train", seed: int = 0, per_category: Optional[int] = None) -> Iterator[dict]:
   """The split's prompts, categories interleaved round-robin (so a prefix is balanced), optionally
-  `per_category` of each; ids are stable (`<split>/<category>/<index in the split>`)."""
+  `per_category` of each (None or 0: all); ids are stable (`<split>/<category>/<index in the split>`)."""
   train, val = grammar.split_prompts(seed)
   pool = {"train": train, "val": val}[split]
   by_cat = {}
   for p in pool:
     by_cat.setdefault(p.category, []).append(p)
   n = max(len(v) for v in by_cat.values())
-  if per_category is not None:
+  if per_category:
     n = min(n, int(per_category))
   for i in range(n):
     for cat in grammar.CATEGORIES:
