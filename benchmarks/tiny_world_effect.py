@@ -6,6 +6,11 @@ Each seed runs the whole `run` loop (its own generation seed, judge seed and tra
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
 oracle accuracy as mean +- std over seeds for each model and the paired differences SRUM - base and
 SRUM - SFT, and writes them to <workdir>/effect.json. Report what it prints, whatever it is.
+
+Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
+candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
+score > 0) and the mean reward-map value of oracle-correct vs oracle-wrong candidates.
+The base model's eval is the same for every seed (eval.seed is fixed), so later seeds reuse seed 0's images.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -20,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from srum_jax import config_utils  # noqa: E402
-from srum_jax.pipeline import run  # noqa: E402
+from srum_jax.pipeline import common, run  # noqa: E402
 
 
 def _value(text: str):
@@ -28,6 +34,36 @@ def _value(text: str):
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
+
+
+def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
+  """Self-judge vs oracle on the round-0 candidates (the images SRUM trained on)."""
+  from srum_jax.pretrain import roc_auc
+  from srum_jax.rewards import reward_map
+  from srum_jax.worlds.shapes import judge_text
+  rd = os.path.join(workdir, "round_0")
+  recs = common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows()
+  g, ok, r_mean = [], [], []
+  for rec in recs:
+    im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
+    if im is None:
+      continue
+    regs = rec.get("regions") or []
+    k = max(1, len(regs))
+    boxes, scores, valid = np.zeros((1, k, 4), np.float32), np.zeros((1, k), np.float32), np.zeros((1, k), bool)
+    for i, reg in enumerate(regs):
+      boxes[0, i], scores[0, i], valid[0, i] = reg["box"], reg["score"], True
+    gs = float(rec.get("global_score") or 0.0)
+    m = np.asarray(reward_map(boxes, scores, valid, np.asarray([gs], np.float32), height=im.shape[0],
+                              width=im.shape[1], signed=signed))
+    g.append(gs)
+    ok.append(bool(judge_text(im, rec["prompt"])))
+    r_mean.append(float(m.mean()))
+  g, ok, r_mean = np.asarray(g), np.asarray(ok), np.asarray(r_mean)
+  return dict(n=int(len(g)), oracle_correct=float(ok.mean()) if len(ok) else None, judge_auc=roc_auc(g, ok),
+              judge_accuracy=float(np.mean((g > 0) == ok)) if len(ok) else None,
+              reward_mean_correct=float(r_mean[ok].mean()) if ok.any() else None,
+              reward_mean_wrong=float(r_mean[~ok].mean()) if (~ok).any() else None)
 
 
 def main():
@@ -38,15 +74,23 @@ def main():
   ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
   a = ap.parse_args()
   overrides = dict(kv.split("=", 1) for kv in a.set)
-  tables = {}
-  for seed in [int(s) for s in a.seeds.split(",")]:
+  tables, diags = {}, {}
+  seeds = [int(s) for s in a.seeds.split(",")]
+  for seed in seeds:
     cfg = config_utils.load_config(a.config, {k: _value(v) for k, v in overrides.items()})
     with cfg.unlocked():
       cfg.seed = cfg.seed + 1000 * seed
       cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
       cfg.workdir = os.path.join(a.workdir, f"seed_{seed}")
       cfg.run.sft_baseline = True
+    base_eval = os.path.join(cfg.workdir, "eval", "base")
+    first = os.path.join(a.workdir, f"seed_{seeds[0]}", "eval", "base")
+    if seed != seeds[0] and os.path.isdir(first) and not os.path.exists(base_eval):
+      shutil.copytree(first, base_eval)  # resumable stage: the copied images are judged again, not redrawn
+    common.resolve_model_dir(cfg)
     tables[seed] = run.run(cfg)["tables"]
+    diags[seed] = candidate_diagnostics(cfg.workdir, bool(cfg.srum.signed_rewards))
+    print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
   models = ["base", "sft", "srum"]
   cats = [c for c in next(iter(tables.values()))["base"]]
   acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
@@ -57,10 +101,14 @@ def main():
     cells += [f"{d1.mean():+.1f} +- {d1.std():.1f}", f"{d2.mean():+.1f} +- {d2.std():.1f}"]
     lines.append(f"| {c} | " + " | ".join(cells) + " |")
   text = f"Oracle accuracy (%) over seeds {sorted(tables)} (mean +- std)\n\n" + "\n".join(lines)
+  keys = ["oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"]
+  text += "\n\nSelf-judge on the round-0 candidates (oracle as reference; mean over seeds)\n\n"
+  text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
+      f"{np.mean([diags[s][k] for s in diags if diags[s][k] is not None]):.3f}" for k in keys) + " |"
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": sorted(tables), "tables": tables,
+    json.dump({"seeds": sorted(tables), "tables": tables, "candidates": diags, "overrides": a.set,
                "summary": {m: {c: [float(acc[m][c].mean()), float(acc[m][c].std())] for c in cats} for m in models}},
               f, indent=1)
 

@@ -35,7 +35,8 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.save_dtype = "float32"
   p.data_workers = 12 if gpu else 0  # spawned host-data processes
   p.log_every = 50  # host syncs: rarer is faster
-  p.snapshot_every_seconds = 0.0 if gpu else 1200.0  # save the params to <out>/snapshot this often (0: never)
+  p.snapshot_every_seconds = 0.0 if gpu else 1200.0  # save <out>/state (resumable) + <out>/snapshot (0: never)
+  p.resume = 1  # continue stage B from <out>/state when it exists (SIGTERM/SIGINT save it too)
   p.vit_image_size = 28  # = score.vit_image_size: 2x2 ViT patches, one per 16-px cell
   # Stage A: the autoencoder.
   p.ae = ml_collections.ConfigDict()

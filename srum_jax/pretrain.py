@@ -705,8 +705,71 @@ def _snapshot(out: pathlib.Path, cfg, params, param_dtype: str) -> None:
     print(f"[pretrain] snapshot failed: {e}", flush=True)
 
 
+STATE_DIR = "state"
+
+
+def save_state(out: pathlib.Path, cfg, params, opt_state, *, step: int, elapsed: float, summary: dict) -> None:
+  """<out>/state: every leaf of (params, optimizer state) in one .npz + the step, the stage-B seconds spent and
+  the fitted model config (written aside, then renamed: a kill mid-write keeps the previous state)."""
+  import jax
+  from srum_jax.convert import checkpoint
+  tmp, dst = out / (STATE_DIR + ".tmp"), out / STATE_DIR
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  leaves = jax.tree.leaves((params, opt_state))
+  np.savez(tmp / "leaves.npz", **{f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)})
+  (tmp / "state.json").write_text(json.dumps(dict(step=int(step), elapsed=float(elapsed), num_leaves=len(leaves),
+                                                  model_config=checkpoint.config_to_dict(cfg),
+                                                  summary=summary), indent=1))
+  if dst.exists():
+    shutil.rmtree(dst)
+  os.replace(tmp, dst)
+
+
+def load_state(out: pathlib.Path, params, opt_state):
+  """(params, opt_state, meta) from <out>/state into the structure of the given fresh ones; None if absent."""
+  import jax
+  import jax.numpy as jnp
+  d = out / STATE_DIR
+  if not (d / "state.json").is_file():
+    return None
+  meta = json.loads((d / "state.json").read_text())
+  treedef = jax.tree.structure((params, opt_state))
+  want = jax.tree.leaves((params, opt_state))
+  with np.load(d / "leaves.npz") as z:
+    got = [z[f"{i:05d}"] for i in range(meta["num_leaves"])]
+  if len(got) != len(want) or any(g.shape != np.shape(w) for g, w in zip(got, want)):
+    raise ValueError(f"{d} does not match this config's model/optimizer ({len(got)} vs {len(want)} leaves); "
+                     f"delete it or set --config.pretrain.resume=0")
+  params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(g, jnp.asarray(w).dtype) for g, w in zip(got, want)])
+  return params, opt_state, meta
+
+
 def dir_size(path: str) -> int:
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
+class _StopFlag:
+  """SIGTERM / SIGINT set `.set` (the loop then saves its state and returns) instead of killing the run."""
+
+  def __init__(self):
+    import signal
+    self.set = False
+    self._old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+
+  def _handle(self, *_):
+    self.set = True
+
+  def restore(self):
+    import signal
+    for sig, h in self._old.items():
+      signal.signal(sig, h)
 
 
 def pretrain(config) -> Dict[str, Any]:
@@ -724,7 +787,8 @@ def pretrain(config) -> Dict[str, Any]:
   out = pathlib.Path(p.out)
   out.mkdir(parents=True, exist_ok=True)
   log_path = out / "log.jsonl"
-  if log_path.exists():
+  resuming = bool(int(p.get("resume", 1))) and (out / STATE_DIR / "state.json").is_file()
+  if log_path.exists() and not resuming:
     log_path.unlink()
   seed = int(p.seed)
   cfg = get_preset(p.preset)
@@ -735,8 +799,18 @@ def pretrain(config) -> Dict[str, Any]:
   k_bagel, k_ae = jax.random.split(key)
   summary: Dict[str, Any] = dict(preset=p.preset)
 
-  # Stage A: the autoencoder (or reuse a trained one).
-  if p.ae.from_dir:
+  # Stage A: the autoencoder (or reuse a trained one, or resume stage B from <out>/state).
+  meta = None
+  if resuming:
+    meta = json.loads((out / STATE_DIR / "state.json").read_text())
+    cfg = checkpoint.config_from_dict(meta["model_config"])
+    params_ae = P.init_params(P.ae_schema(cfg.ae), k_ae)  # structure only: the state holds the trained AE
+    summary["ae"] = dict(meta["summary"].get("ae", {}))
+    deadline = t_start + max(0.0, float(p.max_seconds) - float(meta["summary"].get("seconds_before_b", 0.0))
+                             - float(meta["elapsed"]))
+    print(f"[pretrain] resuming stage B at step {meta['step']} ({meta['elapsed']:.0f} s done) from "
+          f"{out / STATE_DIR}", flush=True)
+  elif p.ae.from_dir:
     cfg_ae, params_src = checkpoint.load_model_dir(p.ae.from_dir)
     params_ae = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["ae"])
     cfg = cfg.replace(ae=cfg_ae.ae)
@@ -748,9 +822,11 @@ def pretrain(config) -> Dict[str, Any]:
                                                  log_path=log_path)
     cfg = fit_latent_scale(params_ae, cfg, world, seed=seed)
   summary["ae"]["shift_factor"], summary["ae"]["scale_factor"] = cfg.ae.shift_factor, cfg.ae.scale_factor
-  summary["ae"]["recon_oracle_acc"] = ae_reconstruction_accuracy(params_ae, cfg, world, seed=seed,
-                                                                 n=int(p.ae.check_images))
-  print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
+  if meta is None:
+    summary["ae"]["recon_oracle_acc"] = ae_reconstruction_accuracy(params_ae, cfg, world, seed=seed,
+                                                                   n=int(p.ae.check_images))
+    print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
+  seconds_before_b = time.time() - t_start if meta is None else float(meta["summary"]["seconds_before_b"])
 
   # Stage B: the UMM.
   world.cfg = cfg
@@ -765,26 +841,41 @@ def pretrain(config) -> Dict[str, Any]:
       timestep_shift=float(p.timestep_shift), text_cond_dropout=float(p.text_cond_dropout),
       sample_posterior=True, compute_dtype=jnp.dtype(p.compute_dtype))
   step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight), score_weight=float(p.score_weight))
+  n0, elapsed0 = 0, 0.0
+  if meta is not None:
+    params, opt_state, meta = load_state(out, params, opt_state)
+    n0, elapsed0 = int(meta["step"]), float(meta["elapsed"])
   shapes = _shapes(p, cfg)
-  stream = BatchStream(world, shapes, seed, workers=int(p.data_workers),
+  stream = BatchStream(world, shapes, seed, workers=int(p.data_workers), start=n0,
                        model_config=checkpoint.config_to_dict(cfg), tokenizer_dir=str(tok_dir))
   steps, t_b = int(p.steps), time.time()
-  bar = tqdm(total=steps, desc="pretrain[umm]", dynamic_ncols=True)
-  n_done, metrics, ema = 0, {}, {}
+  bar = tqdm(total=steps, initial=n0, desc="pretrain[umm]", dynamic_ncols=True)
+  n_done, metrics, ema = n0, {}, {}
   snapshot_every, t_snap = float(p.get("snapshot_every_seconds", 0.0)), time.time()
+  budget_b = elapsed0 + max(deadline - t_b, 1e-6)  # stage-B seconds in all, over restarts
+  stop = _StopFlag()
+
+  def save(n: int) -> None:
+    try:
+      save_state(out, cfg, params, opt_state, step=n, elapsed=elapsed0 + time.time() - t_b,
+                 summary=dict(ae=summary["ae"], seconds_before_b=seconds_before_b))
+    except OSError as e:  # a full disk must not end a long run: the final save reports it
+      print(f"[pretrain] state save failed: {e}", flush=True)
+
   try:
-    for n in range(steps):
-      if time.time() > deadline:
+    for n in range(n0, steps):
+      if time.time() > deadline or stop.set:
         break
       gen, und = stream.next()
-      progress = max(n / steps, (time.time() - t_b) / max(deadline - t_b, 1e-6))
+      progress = max(n / steps, (elapsed0 + time.time() - t_b) / budget_b)
       lr = _lr_at(progress, float(p.lr), min(1.0, (n + 1) / max(int(p.warmup_steps), 1)), float(p.min_lr_ratio))
       params, opt_state, metrics = step_fn(params, opt_state, gen, und, jax.random.fold_in(key, n),
                                            jnp.float32(lr))
       n_done = n + 1
       bar.update(1)
-      if snapshot_every and time.time() - t_snap > snapshot_every:  # params only: for a look mid-run
-        _snapshot(out, cfg, params, p.save_dtype)
+      if snapshot_every and time.time() - t_snap > snapshot_every:
+        save(n_done)  # resumable state
+        _snapshot(out, cfg, params, p.save_dtype)  # a model dir: for a look mid-run
         t_snap = time.time()
       if n % int(p.log_every) == 0 or n == steps - 1:
         m = {k: float(v) for k, v in metrics.items()}
@@ -794,7 +885,12 @@ def pretrain(config) -> Dict[str, Any]:
   finally:
     bar.close()
     stream.close()
-  summary["umm"] = dict(steps=n_done, seconds=time.time() - t_b,
+    stop.restore()
+  if stop.set:  # preempted: keep the state, no final model; rerunning the same command resumes
+    save(n_done)
+    print(f"[pretrain] stopped by signal at step {n_done}; state saved to {out / STATE_DIR}", flush=True)
+    return dict(summary, preempted=True, umm=dict(steps=n_done))
+  summary["umm"] = dict(steps=n_done, seconds=elapsed0 + time.time() - t_b, resumed_at=n0 if meta else None,
                         final={k: float(v) for k, v in metrics.items()},
                         rows_und=n_done * shapes["und_rows"],
                         samples_gen=n_done * shapes["gen_rows"] * shapes["gen_samples_per_row"])
@@ -804,6 +900,7 @@ def pretrain(config) -> Dict[str, Any]:
   from srum_jax.convert import flax_to_hf  # the official layout too: what the repo ships (model.official_dir)
   flax_to_hf.export(model_dir, str(out / "official"))
   summary["official_dir"], summary["official_dir_bytes"] = str(out / "official"), dir_size(str(out / "official"))
+  shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # finished: a rerun is a new run
   print(f"[pretrain] saved {model_dir} ({summary['model_dir_bytes'] / 1e6:.2f} MB) after "
         f"{summary['umm']['steps']} UMM steps, {summary['train_seconds']:.0f} s", flush=True)
   if int(p.eval.enabled):
