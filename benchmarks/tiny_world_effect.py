@@ -1,6 +1,7 @@
 """The SRUM effect on the embedded default, over seeds: base vs SFT (R == 1, lambda = 0) vs SRUM.
 
-    python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...]
+    python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...] \\
+        [--lever srum.lambda_constraint=0.0,0.1]
 
 Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
@@ -66,18 +67,33 @@ def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
               reward_mean_wrong=float(r_mean[~ok].mean()) if (~ok).any() else None)
 
 
+def _copy_stage_dirs(src: str, dst: str) -> None:
+  """Seed the lever run's workdir with what does not depend on the lever (resumable stages skip it)."""
+  for rel in ("converted_model", os.path.join("eval", "base"), os.path.join("round_0", "generate"),
+              os.path.join("round_0", "propose"), os.path.join("round_0", "score")):
+    if os.path.isdir(os.path.join(src, rel)) and not os.path.exists(os.path.join(dst, rel)):
+      shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="experiments/tiny_world.py")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--workdir", default="outputs/tiny_world_effect")
   ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  ap.add_argument("--lever", default="",
+                  help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
+                       "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
   a = ap.parse_args()
-  overrides = dict(kv.split("=", 1) for kv in a.set)
+  overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+  lever_key, lever_values = "", []
+  if a.lever:
+    lever_key, _, vals = a.lever.partition("=")
+    lever_values = [_value(v) for v in vals.split(",")]
   tables, diags = {}, {}
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:
-    cfg = config_utils.load_config(a.config, {k: _value(v) for k, v in overrides.items()})
+    cfg = config_utils.load_config(a.config, overrides)
     with cfg.unlocked():
       cfg.seed = cfg.seed + 1000 * seed
       cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
@@ -88,19 +104,33 @@ def main():
     if seed != seeds[0] and os.path.isdir(first) and not os.path.exists(base_eval):
       shutil.copytree(first, base_eval)  # resumable stage: the copied images are judged again, not redrawn
     common.resolve_model_dir(cfg)
-    tables[seed] = run.run(cfg)["tables"]
+    tables[seed] = dict(run.run(cfg)["tables"])
     diags[seed] = candidate_diagnostics(cfg.workdir, bool(cfg.srum.signed_rewards))
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
-  models = ["base", "sft", "srum"]
+    for v in lever_values:  # same candidates and rewards, another SRUM setting
+      lc = config_utils.load_config(a.config, {**overrides, lever_key: v})
+      with lc.unlocked():
+        lc.seed, lc.run.sft_baseline = cfg.seed, False
+        lc.workdir = os.path.join(a.workdir, f"seed_{seed}", f"lever_{lever_key}={v}")
+      _copy_stage_dirs(cfg.workdir, lc.workdir)
+      common.resolve_model_dir(lc)
+      tables[seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = run.run(lc)["tables"]["srum"]
+  models = list(next(iter(tables.values())))
+  models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
   cats = [c for c in next(iter(tables.values()))["base"]]
   acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
-  lines = ["| category | " + " | ".join(models) + " | SRUM - base | SRUM - SFT |", "|---|" + "---|" * 5]
+  srums = [m for m in models if m.startswith("srum")]
+  head = models + [f"{m} - base" for m in srums] + [f"{m} - sft" for m in srums]
+  lines = ["| category | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
   for c in cats:
     cells = [f"{acc[m][c].mean():.1f} +- {acc[m][c].std():.1f}" for m in models]
-    d1, d2 = acc["srum"][c] - acc["base"][c], acc["srum"][c] - acc["sft"][c]
-    cells += [f"{d1.mean():+.1f} +- {d1.std():.1f}", f"{d2.mean():+.1f} +- {d2.std():.1f}"]
+    for ref in ("base", "sft"):
+      for m in srums:
+        d = acc[m][c] - acc[ref][c]
+        cells.append(f"{d.mean():+.1f} +- {d.std():.1f}")
     lines.append(f"| {c} | " + " | ".join(cells) + " |")
-  text = f"Oracle accuracy (%) over seeds {sorted(tables)} (mean +- std)\n\n" + "\n".join(lines)
+  text = f"Oracle accuracy (%) over seeds {sorted(tables)} (mean +- std over seeds; differences paired)\n\n"
+  text += "\n".join(lines)
   keys = ["oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"]
   text += "\n\nSelf-judge on the round-0 candidates (oracle as reference; mean over seeds)\n\n"
   text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
@@ -108,9 +138,11 @@ def main():
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": sorted(tables), "tables": tables, "candidates": diags, "overrides": a.set,
+    json.dump({"seeds": sorted(tables), "tables": tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
                "summary": {m: {c: [float(acc[m][c].mean()), float(acc[m][c].std())] for c in cats} for m in models}},
               f, indent=1)
+  with open(os.path.join(a.workdir, "effect.md"), "w") as f:
+    f.write(text + "\n")
 
 
 if __name__ == "__main__":
