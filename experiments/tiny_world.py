@@ -59,7 +59,8 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.grad_clip = 1.0
   p.und_weight = 1.0
   p.number_init = 1  # number words start from sin-cos features of their value (pretrain.init_number_embeddings)
-  p.vit_pos_init_std = 1.0  # ViT position embedding at the patch embedding's scale (pretrain.init_vit_positions)
+  p.vit_pos_init_std = 0.0  # > 0: ViT position embedding drawn at this std (pretrain.init_vit_positions)
+  p.init_from = ""  # warm start stage B from a model dir's params (its AE too); fresh optimizer and warm-up
   p.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
   p.und_rows = 192 if gpu else 8  # understanding rows per step, judge examples packed into them
   p.und_tokens = 128  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)

@@ -824,11 +824,11 @@ def pretrain(config) -> Dict[str, Any]:
                              - float(meta["elapsed"]))
     print(f"[pretrain] resuming stage B at step {meta['step']} ({meta['elapsed']:.0f} s done) from "
           f"{out / STATE_DIR}", flush=True)
-  elif p.ae.from_dir:
-    cfg_ae, params_src = checkpoint.load_model_dir(p.ae.from_dir)
+  elif p.get("init_from", "") or p.ae.from_dir:
+    cfg_ae, params_src = checkpoint.load_model_dir(p.get("init_from", "") or p.ae.from_dir)
     params_ae = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["ae"])
     cfg = cfg.replace(ae=cfg_ae.ae)
-    summary["ae"] = dict(from_dir=p.ae.from_dir)
+    summary["ae"] = dict(from_dir=p.get("init_from", "") or p.ae.from_dir)
   else:
     params_ae = P.init_params(P.ae_schema(cfg.ae), k_ae)
     ae_deadline = min(deadline, time.time() + float(p.ae.max_seconds))
@@ -845,10 +845,14 @@ def pretrain(config) -> Dict[str, Any]:
   # Stage B: the UMM.
   world.cfg = cfg
   params = {"bagel": P.init_params(P.bagel_schema(cfg), k_bagel), "ae": params_ae}
-  if int(p.number_init):
-    params["bagel"] = init_number_embeddings(params["bagel"], tok, seed)
-  if float(p.get("vit_pos_init_std", 0.0)):
-    params["bagel"] = init_vit_positions(params["bagel"], float(p.vit_pos_init_std), seed)
+  if p.get("init_from", "") and meta is None:  # warm start: the UMM of a model dir (fresh optimizer, warm-up)
+    params["bagel"] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["bagel"])
+    summary["init_from"] = p.init_from
+  else:
+    if int(p.number_init):
+      params["bagel"] = init_number_embeddings(params["bagel"], tok, seed)
+    if float(p.get("vit_pos_init_std", 0.0)):
+      params["bagel"] = init_vit_positions(params["bagel"], float(p.vit_pos_init_std), seed)
   labels = train_step.param_labels(params, ("ae",))
   tx = make_adamw(float(p.b1), float(p.b2), float(p.weight_decay), float(p.grad_clip), labels)
   opt_state = tx.init(params)

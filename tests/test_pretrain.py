@@ -127,6 +127,17 @@ def test_pretrain_short_run(tmp_path):
   assert np.mean(ae[-3:]) < 0.8 * np.mean(ae[:2]), ae
   assert np.mean(ce[-3:]) < 0.8 * np.mean(ce[:2]), ce
   assert all(np.isfinite(r["flow"]) and r["skipped"] == 0 for r in rows if r["stage"] == "umm")
+  # warm start from that model dir: its AE and UMM weights, a fresh optimizer; one more step moves the UMM only
+  p.out, p.init_from, p.steps = str(tmp_path / "warm"), summary["model_dir"], 1
+  warm = PT.pretrain(c)
+  assert warm["init_from"] == summary["model_dir"] and warm["umm"]["steps"] == 1
+  assert warm["ae"]["scale_factor"] == model.cfg.ae.scale_factor
+  after = common.load_model(warm["model_dir"])
+  same_ae = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), model.params["ae"], after.params["ae"]))
+  assert all(same_ae)
+  emb0 = np.asarray(model.params["bagel"]["llm"]["embed_tokens"]["embedding"])
+  emb1 = np.asarray(after.params["bagel"]["llm"]["embed_tokens"]["embedding"])
+  assert 0 < np.max(np.abs(emb1 - emb0)) < 0.05  # started from the saved weights, then one small update
 
 
 class _StopAfter:
