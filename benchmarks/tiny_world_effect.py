@@ -40,7 +40,6 @@ def _value(text: str):
 def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
   """Self-judge vs oracle on the round-0 candidates (the images SRUM trained on)."""
   from srum_jax.pretrain import roc_auc
-  from srum_jax.rewards import reward_map
   from srum_jax.worlds.shapes import judge_text
   rd = os.path.join(workdir, "round_0")
   recs = common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows()
@@ -49,14 +48,8 @@ def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
     im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
     if im is None:
       continue
-    regs = rec.get("regions") or []
-    k = max(1, len(regs))
-    boxes, scores, valid = np.zeros((1, k, 4), np.float32), np.zeros((1, k), np.float32), np.zeros((1, k), bool)
-    for i, reg in enumerate(regs):
-      boxes[0, i], scores[0, i], valid[0, i] = reg["box"], reg["score"], True
     gs = float(rec.get("global_score") or 0.0)
-    m = np.asarray(reward_map(boxes, scores, valid, np.asarray([gs], np.float32), height=im.shape[0],
-                              width=im.shape[1], signed=signed))
+    m = run.record_reward_map(rec, im.shape[0], im.shape[1], signed)
     g.append(gs)
     ok.append(bool(judge_text(im, rec["prompt"])))
     r_mean.append(float(m.mean()))

@@ -55,25 +55,30 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
   return [str(path)]
 
 
+def record_reward_map(record: dict, height: int, width: int, signed: bool = False) -> np.ndarray:
+  """The [height, width] reward map of one reward record (its regions and global score)."""
+  from srum_jax.rewards import reward_map
+  regs = record.get("regions") or []
+  K = max(1, len(regs))
+  boxes = np.zeros((1, K, 4), np.float32)
+  scores = np.zeros((1, K), np.float32)
+  valid = np.zeros((1, K), bool)
+  for k, reg in enumerate(regs):
+    boxes[0, k], scores[0, k], valid[0, k] = reg["box"], reg["score"], True
+  g = np.asarray([record.get("global_score") or 0.0], np.float32)
+  return np.asarray(reward_map(boxes, scores, valid, g, height=height, width=width, signed=signed))[0]
+
+
 def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int, signed: bool) -> List[str]:
   from srum_jax import viz
-  from srum_jax.rewards import reward_map
   rows = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()[:n]
   tiles = []
   for r in rows:
     im, _ = common.load_rgb(os.path.join(gen_dir, r["image_file"]))
     if im is None:
       continue
-    H, W = im.shape[:2]
     regs = r.get("regions") or []
-    K = max(1, len(regs))
-    boxes = np.zeros((1, K, 4), np.float32)
-    scores = np.zeros((1, K), np.float32)
-    valid = np.zeros((1, K), bool)
-    for k, reg in enumerate(regs):
-      boxes[0, k], scores[0, k], valid[0, k] = reg["box"], reg["score"], True
-    g = np.asarray([r.get("global_score") or 0.0], np.float32)
-    m = np.asarray(reward_map(boxes, scores, valid, g, height=H, width=W, signed=signed))[0]
+    m = record_reward_map(r, im.shape[0], im.shape[1], signed)
     tiles.append(viz.overlay_reward_map(im, m, boxes=[reg["box"] for reg in regs],
                                         scores=[reg["score"] for reg in regs]))
   if not tiles:
