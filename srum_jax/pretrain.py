@@ -21,6 +21,10 @@ B. The UMM, one jitted step over two batches (AdamW; the lr schedule follows max
        regions   `region_prompt(prompt, boxes)` (all objects, sometimes a background box, random order)
                                                           -> one block per region
        describe  "<describe>" (auxiliary, never asked by the pipeline) -> `grammar.describe(scene)`
+       locate    "<locate> red circle" (auxiliary grounding, never asked by the pipeline) -> "x0 y0 x1 y1", the
+                 box of the one object of that kind. Why: the ViT tokens of an image share one RoPE position,
+                 so "where" reaches the LLM only through position embeddings; reading a box out of the image
+                 token that matches a phrase is the one-hop skill that relation judgements compare twice.
      with s = 1.0 for an object the prompt asks for (right kind, count and place), -0.5 for the right kind
      in a wrong count, -1.0 for an object that contradicts the prompt (kind not asked for, or breaking a
      relation) and 0.0 for a background box. Boxes are in the proposer's "official" convention (inclusive
@@ -28,6 +32,8 @@ B. The UMM, one jitted step over two batches (AdamW; the lr schedule follows max
      soft). The judge sees the 32x32 image bicubically resized to `score.vit_image_size` (28: 2x2 ViT
      patches, one per cell of the world's 2x2 layout). Score-value tokens weigh `score_weight` in the CE.
    Generation is kept imperfect only by budget: its batch is small next to the understanding batch.
+   The image tokens' content (connector output) is held at the scale of the fixed position table
+   (`connector_norm_ratio`, `connector_penalty`): the only way "where" reaches the LLM.
 
 The tokenizer (`build_tokenizer`) is word level; its normaliser turns each constant piece of the judge
 prompts into one marker word and box punctuation into spaces, so a judge question is ~20 tokens, not ~220.
@@ -66,6 +72,7 @@ SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
 # Marker words for the fixed text of the judge prompts (see `template_pieces`).
 MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
 DESCRIBE = "<describe>"  # the question of the auxiliary captioning task (never asked by the pipeline)
+LOCATE = "<locate>"  # the question of the auxiliary grounding task: "<locate> red circle" -> its box
 _PLACEHOLDER = "QQPROMPTQQ"
 
 
@@ -91,7 +98,7 @@ def template_pieces() -> Dict[str, str]:
 def world_words() -> List[str]:
   """Every word the world's prompts and the judge's answers use, the box numbers and the four markers."""
   words = list(G.VOCAB) + list(JUDGE_WORDS) + list(SCORE_TOKENS)
-  words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS) + [DESCRIBE]
+  words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS) + [DESCRIBE, LOCATE]
   return words
 
 
@@ -203,6 +210,10 @@ def background_box(rng, scene: S.Scene, layout: G.Layout = G.DEFAULT_LAYOUT):
   return None
 
 
+def locate_question(color: str, shape: str) -> str:
+  return f"{LOCATE} {color} {shape}"
+
+
 def _score_text(s: float) -> str:
   return f"{float(s):.1f}"
 
@@ -301,7 +312,12 @@ class World:
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(G.NUMBER_WORDS):
       return image, DESCRIBE, G.describe(scene, rng), dict(task=task, label=ok)
-    if task in ("global", "describe"):
+    unique = [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
+    if task == "locate" and unique:
+      k = unique[rng.integers(len(unique))]
+      box = official_box(S.scene_boxes(scene)[k])
+      return image, locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(task=task, label=ok)
+    if task in ("global", "describe", "locate"):
       return image, JP.global_layout_prompt(prompt.text), f"Score: {_score_text(1.0 if ok else -1.0)}", \
           dict(task=task, label=ok)
     regions = self._regions(rng, scene, scores, many=task == "regions")
@@ -550,8 +566,10 @@ def und_loss(logits, targets, mask, score_mask, score_weight: float = 1.0):
                   score_acc=jnp.sum(hit * sm) / jnp.maximum(jnp.sum(sm), 1.0))
 
 
-def make_umm_step(cfg, opts, tx, und_weight: float, *, score_weight: float = 1.0, attn_impl: str = "dense"):
-  """Jitted step(params, opt_state, gen: SrumBatch, und: UndBatch, key, lr): flow + und_weight * CE."""
+def make_umm_step(cfg, opts, tx, und_weight: float, *, score_weight: float = 1.0, attn_impl: str = "dense",
+                  connector_weight: float = 0.0, connector_target: float = 1.0):
+  """Jitted step(params, opt_state, gen: SrumBatch, und: UndBatch, key, lr): flow + und_weight * CE
+  (+ connector_weight * `connector_penalty` of the understanding batch's image tokens)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -563,7 +581,12 @@ def make_umm_step(cfg, opts, tx, und_weight: float, *, score_weight: float = 1.0
     logits = bagel.forward_und(params["bagel"], und.batch, und.logit_index, cfg=cfg, dtype=opts.compute_dtype,
                                attn_impl=attn_impl)
     ce, uaux = und_loss(logits, und.targets, und.mask, und.score_mask, score_weight)
-    return flow + und_weight * ce, dict(uaux, flow=flow, ce=ce, t_mean=faux["t_mean"])
+    loss = flow + und_weight * ce
+    if connector_weight:
+      pen, conn_norm = connector_penalty(params["bagel"], und.batch, cfg, connector_target)
+      loss = loss + connector_weight * pen
+      uaux = dict(uaux, conn_norm=conn_norm)
+    return loss, dict(uaux, flow=flow, ce=ce, t_mean=faux["t_mean"])
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, gen, und, key, lr):
@@ -654,6 +677,46 @@ def init_vit_positions(params_bagel, std: float, seed: int = 0):
   out = dict(params_bagel)
   out["vit"] = dict(out["vit"], position_embedding={"embedding": new})
   return out
+
+
+def position_table_norm(cfg) -> float:
+  """Row norm of the fixed sin-cos `vit_pos_embed` table (sqrt(D / 2)): the scale the LLM reads "where" at."""
+  from srum_jax.models import embeddings
+  table = np.asarray(embeddings.sincos_2d_table(cfg.vit_max_num_patch_per_side, cfg.llm.hidden_size))
+  return float(np.linalg.norm(table, axis=-1).mean())
+
+
+def connector_norms(params_bagel, batch, cfg):
+  """([B, Cv] norms of connector(vit(patches)) at the ViT slots of a packed batch, [B, Cv] valid mask):
+  the image tokens' content before the position table is added (`siglip.embed_vit_tokens`)."""
+  import jax.numpy as jnp
+  from srum_jax.models import siglip
+  feats = siglip.vit_forward(params_bagel["vit"], batch.vit_patches.astype(jnp.float32), batch.vit_pos,
+                             batch.vit_segment, cfg=cfg.vit)
+  h = siglip.connector_forward(params_bagel["connector"], feats)
+  return jnp.linalg.norm(h.astype(jnp.float32), axis=-1), batch.vit_segment >= 0
+
+
+def connector_penalty(params_bagel, batch, cfg, target: float):
+  """mean over ViT slots of relu(|connector out| / target - 1)^2, and the mean norm (for the log).
+
+  Why: the LLM normalises every token (RMSNorm), so nothing in the loss fixes the connector's output scale
+  and AdamW lets it drift up (~100 after 20k steps here) while the position table stays at norm ~8 (sqrt(D/2)).
+  The position of a patch then becomes a ~1% ripple on its content, and the judge never learns "where"
+  (grounding at chance, swapped-relation negatives judged true). Keeping the content at the table's scale
+  keeps the position readable; the model code is unchanged (this is a training regulariser)."""
+  import jax.numpy as jnp
+  n, valid = connector_norms(params_bagel, batch, cfg)
+  v = valid.astype(jnp.float32)
+  pen = jnp.sum(jnp.square(jnp.maximum(n / target - 1.0, 0.0)) * v) / jnp.maximum(jnp.sum(v), 1.0)
+  return pen, jnp.sum(n * v) / jnp.maximum(jnp.sum(v), 1.0)
+
+
+def rescale_connector(params_bagel, factor: float):
+  """The connector's last layer (fc2 kernel and bias) times `factor`: its output scales by `factor`."""
+  conn = dict(params_bagel["connector"])
+  conn["fc2"] = {k: v * factor for k, v in conn["fc2"].items()}
+  return dict(params_bagel, connector=conn)
 
 
 def _posterior_means(params_ae, images, cfg_ae):
@@ -853,6 +916,15 @@ def pretrain(config) -> Dict[str, Any]:
       params["bagel"] = init_number_embeddings(params["bagel"], tok, seed)
     if float(p.get("vit_pos_init_std", 0.0)):
       params["bagel"] = init_vit_positions(params["bagel"], float(p.vit_pos_init_std), seed)
+  conn_target = float(p.get("connector_norm_ratio", 0.0)) * position_table_norm(cfg)
+  if conn_target and meta is None:  # start stage B with the image tokens' content at the table's scale
+    probe = world.und_batch(np.random.default_rng([seed, 77]), 8, int(p.und_tokens), int(p.und_samples_per_row),
+                            int(p.logit_capacity)).batch
+    n, valid = connector_norms(params["bagel"], jax.tree.map(jnp.asarray, probe), cfg)
+    before = float(np.asarray(n)[np.asarray(valid)].mean())
+    if before > conn_target:
+      params["bagel"] = rescale_connector(params["bagel"], conn_target / before)
+    summary["connector_norm"] = dict(target=conn_target, before=before, rescaled=before > conn_target)
   labels = train_step.param_labels(params, ("ae",))
   tx = make_adamw(float(p.b1), float(p.b2), float(p.weight_decay), float(p.grad_clip), labels)
   opt_state = tx.init(params)
@@ -860,7 +932,9 @@ def pretrain(config) -> Dict[str, Any]:
       image_hw=IMAGE_HW, samples_per_row=int(p.gen_samples_per_row), lambda_constraint=0.0, uniform_rewards=True,
       timestep_shift=float(p.timestep_shift), text_cond_dropout=float(p.text_cond_dropout),
       sample_posterior=True, compute_dtype=jnp.dtype(p.compute_dtype))
-  step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight), score_weight=float(p.score_weight))
+  step_fn = make_umm_step(cfg, opts, tx, float(p.und_weight), score_weight=float(p.score_weight),
+                          connector_weight=float(p.get("connector_norm_weight", 0.0)) if conn_target else 0.0,
+                          connector_target=conn_target or 1.0)
   n0, elapsed0 = 0, 0.0
   if meta is not None:
     params, opt_state, meta = load_state(out, params, opt_state)
@@ -962,7 +1036,38 @@ def _chunks(n: int, size: int):
     yield slice(i, min(n, i + size))
 
 
+def parse_box(text: str) -> Optional[Tuple[int, ...]]:
+  """"x0 y0 x1 y1" (the locate answer) -> 4 ints, or None."""
+  try:
+    box = tuple(int(v) for v in text.split()[:4])
+  except ValueError:
+    return None
+  return box if len(box) == 4 else None
+
+
+def locate_metrics(got: Sequence[Optional[Tuple[int, ...]]], want: Sequence[Tuple[int, ...]],
+                   layout: G.Layout = G.DEFAULT_LAYOUT) -> Dict[str, Any]:
+  """Parse rate, IoU >= 0.5 rate and the rate of predicted centres in the right layout cell (inclusive boxes)."""
+  def iou(a, b):
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    inter = ix * iy
+    return inter / max(area(a) + area(b) - inter, 1)
+
+  def cell(b):
+    cx, cy = (b[0] + b[2] + 1) / 2, (b[1] + b[3] + 1) / 2
+    g = layout.grid - 1
+    return min(int(cx * layout.grid // layout.width), g), min(int(cy * layout.grid // layout.height), g)
+
+  ok = [(g, w) for g, w in zip(got, want) if g is not None and g[2] >= g[0] and g[3] >= g[1]]
+  n = max(len(want), 1)
+  return dict(n=len(want), parsed=len(ok) / n, iou50=sum(iou(g, w) >= 0.5 for g, w in ok) / n,
+              cell=sum(cell(g) == cell(w) for g, w in ok) / n)
+
+
 def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_generate_mode: int = 32,
+                   num_locate: int = 100,
                    num_gen_per_category: int = 0, gen_steps: int = 16, gen_cfg_scale: float = 3.0,
                    gen_timestep_shift: float = 1.0, gen_cfg_interval=(0.0, 1.0), batch_size: int = 32,
                    vit_image_size: int = 28, compute_dtype: str = "float32", out_path: Optional[str] = None,
@@ -974,6 +1079,8 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   regions: one ground-truth box per pair (every 5th a background box), logits-mode one-box prompt: object
   boxes sign-correct, background boxes |s| < 0.5; plus `num_generate_mode` multi-box prompts answered by
   greedy decoding (parse rate, sign-correct).
+  locate: the grounding question for an object of a unique kind in the first `num_locate` pairs, decoded
+  greedily: parse rate, IoU >= 0.5, predicted centre in the right layout cell.
   generation: `text_to_image` for the val prompts (all, or `num_gen_per_category` > 0), oracle accuracy per
   category; the global judge on those images vs the oracle: ROC AUC and accuracy.
   """
@@ -1056,6 +1163,18 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
     gm = dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None,
               identified=float(np.mean(named)) if named else None)
   res["regions_generate_mode"] = gm
+
+  # Grounding (the auxiliary locate task): greedy box for one object of a unique kind per pair.
+  loc = []
+  for q, scene, img, _, _, _ in pairs[:num_locate]:
+    kinds = [(o.color, o.shape) for o in scene.objects]
+    unique = [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
+    if unique:
+      loc.append((img, locate_question(*kinds[unique[0]]), official_box(S.scene_boxes(scene)[unique[0]])))
+  got_boxes = []
+  for sl in _chunks(len(loc), batch_size):
+    got_boxes += [parse_box(t) for t in judge._answers([x[0] for x in loc[sl]], [x[1] for x in loc[sl]], 4)]
+  res["locate"] = locate_metrics(got_boxes, [x[2] for x in loc])
 
   # The model's own generations for val prompts.
   rows = list(sources.prompts("val", per_category=int(num_gen_per_category) or None))

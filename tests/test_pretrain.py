@@ -186,3 +186,59 @@ def test_pretrain_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch
   _, b = checkpoint.load_model_dir(done["model_dir"])
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b))
   assert max(diffs) == 0.0
+
+
+def test_locate_examples_give_the_box_of_the_named_object(world):
+  """The grounding task: "<locate> red circle" -> the official box of the one red circle in the scene."""
+  rng = np.random.default_rng(3)
+  seen = 0
+  for _ in range(60):
+    image, q, a, info = world.und_example(rng, task="locate")
+    if not q.startswith(PT.LOCATE):
+      continue  # no object of a unique kind: the global question instead
+    seen += 1
+    color, shape = q.split()[1:]
+    box = PT.parse_box(a)
+    assert box is not None and box[2] > box[0] and box[3] > box[1]
+    inside = image[box[1]:box[3] + 1, box[0]:box[2] + 1].reshape(-1, 3).astype(float)  # (sometimes blurred)
+    names = list(S.PALETTE)
+    nearest = np.argmin([np.abs(inside - np.array(S.PALETTE[c])).sum(-1) for c in names], axis=0)
+    lit = inside.max(-1) > 128
+    assert (lit & (nearest == names.index(color))).sum() >= 15, (q, a)
+    assert world.encode(q)[0] == world.encode(PT.LOCATE)[0] and world.encode("<unk>")[0] not in world.encode(a)
+  assert seen >= 40
+
+
+def test_locate_metrics():
+  want = [(2, 2, 11, 11), (20, 2, 29, 11), (2, 20, 11, 29)]
+  got = [(2, 2, 11, 11), (4, 2, 13, 11), None]  # exact; the right shape in the wrong cell; unparsable
+  m = PT.locate_metrics(got, want)
+  assert m["n"] == 3 and m["parsed"] == 2 / 3 and m["iou50"] == 1 / 3 and m["cell"] == 1 / 3
+  assert PT.parse_box("4 5 12 13") == (4, 5, 12, 13) and PT.parse_box("4 five") is None
+
+
+def test_connector_scale_helpers(world):
+  """connector_norms = |embed_vit_tokens - position table| at the ViT slots; rescaling fc2 scales them; the
+  penalty is 0 below the target and (n / target - 1)^2 above it."""
+  import jax.numpy as jnp
+  from srum_jax.models import embeddings, params as P, siglip
+  cfg = world.cfg
+  params = P.init_params(P.bagel_schema(cfg), jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, world.und_batch(np.random.default_rng(0), 2, 128, 2, 64).batch)
+  n, valid = PT.connector_norms(params, batch, cfg)
+  tok = siglip.embed_vit_tokens(params, batch.vit_patches, batch.vit_pos, batch.vit_segment, cfg)
+  table = np.asarray(embeddings.sincos_2d_table(cfg.vit_max_num_patch_per_side, cfg.llm.hidden_size))
+  ref = np.linalg.norm(np.asarray(tok) - table[np.asarray(batch.vit_pos)], axis=-1)
+  v = np.asarray(valid)
+  assert v.sum() == 2 * 2 * 4  # 2 rows x 2 samples x 4 patches
+  np.testing.assert_allclose(np.asarray(n)[v], ref[v], rtol=1e-4)
+  n2, _ = PT.connector_norms(PT.rescale_connector(params, 0.25), batch, cfg)
+  np.testing.assert_allclose(np.asarray(n2)[v], 0.25 * np.asarray(n)[v], rtol=1e-4)
+  assert PT.position_table_norm(cfg) == pytest.approx(np.sqrt(cfg.llm.hidden_size / 2), rel=1e-5)
+  mean = float(np.asarray(n)[v].mean())
+  pen, m = PT.connector_penalty(params, batch, cfg, target=10 * float(np.asarray(n)[v].max()))
+  assert float(pen) == 0.0 and float(m) == pytest.approx(mean, rel=1e-5)
+  t = 0.5 * mean
+  pen, _ = PT.connector_penalty(params, batch, cfg, target=t)
+  want = np.mean(np.maximum(np.asarray(n)[v] / t - 1, 0) ** 2)
+  assert float(pen) == pytest.approx(want, rel=1e-4)
