@@ -60,10 +60,10 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.und_weight = 1.0
   p.number_init = 1  # number words start from sin-cos features of their value (pretrain.init_number_embeddings)
   p.vit_pos_init_std = 0.0  # > 0: ViT position embedding drawn at this std (pretrain.init_vit_positions)
-  # The image tokens' content (connector output) kept at the sin-cos position table's scale: rescaled at the
-  # start of stage B and held there by a penalty (pretrain.connector_penalty); without it the position of a
-  # patch drowns and the judge never learns left/right. 0: off.
-  p.connector_norm_ratio = 1.0
+  # > 0: the image tokens' content (connector output) held at this multiple of the position table's norm
+  # (rescaled at the start of stage B, then pretrain.connector_penalty). Off: tried to make left/right visible
+  # to the judge and it did not (see pretrain.connector_penalty).
+  p.connector_norm_ratio = 0.0
   p.connector_norm_weight = 1.0
   p.init_from = ""  # warm start stage B from a model dir's params (its AE too); fresh optimizer and warm-up
   p.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
@@ -78,10 +78,11 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.text_cond_dropout = 0.1
   # The understanding data mix (train prompts only).
   p.data = ml_collections.ConfigDict()
-  p.data.tasks = ml_collections.ConfigDict({"global": 0.25, "region1": 0.25, "regions": 0.2, "describe": 0.1, "locate": 0.2})
+  p.data.tasks = ml_collections.ConfigDict({"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15})
   p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
   p.data.negative_kind_weights = ml_collections.ConfigDict(
-      {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 4.0, "roles": 2.0})
+      {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})
+  # (+ "locate": w adds the grounding task `pretrain.World.und_example`; off in the shipped recipe)
   p.data.easy_negatives = 0.05  # the scene of another prompt
   p.data.distractors = 0.05  # an extra object of a kind the prompt does not name (still true)
   p.data.background_box = 0.2
