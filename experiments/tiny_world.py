@@ -122,6 +122,7 @@ def get_config(arg=None):
     g.think = False
     g.max_think_tokens = 8
   c.generate.samples_per_prompt = 4
+  c.eval_generate.samples_per_prompt = 4  # 4 x 295 val images per model: halves the eval noise (one image: ~3 pts)
   c.propose.name = "components"
   c.propose.max_regions = 5
   c.propose.min_area = 12  # pixels: the oracle's speckle threshold at 32x32
@@ -136,17 +137,20 @@ def get_config(arg=None):
   c.score.vit_image_size = 28
   c.eval.judge = "oracle"
   c.eval.oracle_fn = "srum_jax.worlds.shapes:judge_text"
-  # 100 steps at 3e-5 (~7 passes over the 480 candidates): 200 steps at 1e-4 lowered base, SFT and SRUM
-  # alike by ~4 points (drift from fine-tuning on 480 self-generated images).
-  c.train.steps = 100
+  # Measured on this world (benchmarks/results_tiny_world_effect_cpu.txt): fine-tuning on its own 480 samples
+  # drifts the generator (SFT, R == 1, ends below base), and the constraint term is that same SFT loss on every
+  # candidate, so lambda = 0 here (the paper's 0.5 is the benchmark's lever column); training at high noise
+  # (timestep_shift 4: where layout and binding are decided, not the soft texture of self-samples) drifts less.
+  c.srum.lambda_constraint = 0.0
+  c.train.steps = 200
   c.train.warmup_steps = 10
-  c.train.lr = 3e-5
+  c.train.lr = 1e-4
   c.train.batch_size = 8
   c.train.samples_per_row = 4
   c.train.image_hw = (32, 32)
   c.train.text_capacity = 4 * 15  # per sample: BOS + <= 11 words + EOS + 2 image markers
   c.train.num_tokens = 4 * 31  # + 16 latent tokens
-  c.train.timestep_shift = 1.0
+  c.train.timestep_shift = 4.0
   c.train.freeze = ("vit", "connector", "ae")
   c.train.save_every = 1000
   c.train.sample_every = 100

@@ -90,11 +90,11 @@ def test_main_command_on_a_reduced_config(tmp_path):
   for name, table in report["tables"].items():  # the report's numbers are the oracle's, recomputed from PNGs
     d = pathlib.Path(report["eval_dirs"][name])
     rows = generate.read_metadata(str(d))
-    assert len(rows) == table["overall"]["total"] == 15
+    assert len(rows) == table["overall"]["total"] == 15 * 4  # eval_generate.samples_per_prompt = 4
     correct = sum(judge_text(common.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
     assert correct == table["overall"]["correct"]
     for cat in ("color", "shape", "spatial", "numeracy", "complex"):
-      assert table[cat]["total"] == 3
+      assert table[cat]["total"] == 3 * 4
   recs = common.JsonlLog(str(work / "round_0" / "score" / "rewards.jsonl")).rows()
   assert len(recs) == 20 and all(-1 <= r["global_score"] <= 1 for r in recs)
   stamp = json.loads((work / "converted_model" / "converted_from.json").read_text())

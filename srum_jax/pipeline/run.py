@@ -137,7 +137,9 @@ def run(config) -> dict:
     order = ["base", name]
 
   ordered = {k: tables[k] for k in order}
-  md = evaluate.markdown(ordered, title=f"Oracle-judged accuracy (%) on {len(val_items)} validation prompts"
+  per = int(config.eval_generate.samples_per_prompt)
+  on = f"{len(val_items)} validation prompts" + (f" x {per} images" if per > 1 else "")
+  md = evaluate.markdown(ordered, title=f"Oracle-judged accuracy (%) on {on}"
                          if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in order}, int(config.run.report_images))
   if rounds:
