@@ -705,7 +705,7 @@ def connector_penalty(params_bagel, batch, cfg, target: float):
   a patch's position is a ~1% ripple on its content. Measured (2026-11-27): holding the content at the
   table's scale (and even at 0.15 of it) did NOT make the judge use position: after 1000 locate-only steps
   the answer was the same box wherever the object was (logits differ by ~0.003 across cells, by ~5 when the
-  object's colour changes). The judge reads image tokens as a bag; off by default, kept as a lever."""
+  object's colour changes): it answers as if the image tokens were a bag. Off by default, kept as a lever."""
   import jax.numpy as jnp
   n, valid = connector_norms(params_bagel, batch, cfg)
   v = valid.astype(jnp.float32)
