@@ -1,6 +1,6 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
-    python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~5 min CPU)
+    python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~4 min, 2 CPU cores)
     python -m srum_jax pretrain --config=experiments/tiny_world.py        # CPU (2 cores): ~100 min
     python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min
     python -m srum_jax run --config=experiments/tiny_world.py \
