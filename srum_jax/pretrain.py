@@ -214,6 +214,12 @@ def locate_question(color: str, shape: str) -> str:
   return f"{LOCATE} {color} {shape}"
 
 
+def unique_objects(scene: S.Scene) -> List[int]:
+  """Indices of the objects whose (colour, shape) occurs once in the scene: the ones "locate" can name."""
+  kinds = [(o.color, o.shape) for o in scene.objects]
+  return [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
+
+
 def _score_text(s: float) -> str:
   return f"{float(s):.1f}"
 
@@ -312,8 +318,8 @@ class World:
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(G.NUMBER_WORDS):
       return image, DESCRIBE, G.describe(scene, rng), dict(task=task, label=ok)
-    unique = [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
-    if task == "locate" and unique:
+    unique = unique_objects(scene) if task == "locate" else []
+    if unique:
       k = unique[rng.integers(len(unique))]
       box = official_box(S.scene_boxes(scene)[k])
       return image, locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(task=task, label=ok)
@@ -1168,10 +1174,10 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   # Grounding (the auxiliary locate task): greedy box for one object of a unique kind per pair.
   loc = []
   for q, scene, img, _, _, _ in pairs[:num_locate]:
-    kinds = [(o.color, o.shape) for o in scene.objects]
-    unique = [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
+    unique = unique_objects(scene)
     if unique:
-      loc.append((img, locate_question(*kinds[unique[0]]), official_box(S.scene_boxes(scene)[unique[0]])))
+      o = scene.objects[unique[0]]
+      loc.append((img, locate_question(o.color, o.shape), official_box(S.scene_boxes(scene)[unique[0]])))
   got_boxes = []
   for sl in _chunks(len(loc), batch_size):
     got_boxes += [parse_box(t) for t in judge._answers([x[0] for x in loc[sl]], [x[1] for x in loc[sl]], 4)]
