@@ -1,7 +1,7 @@
 """The SRUM effect on the embedded default, over seeds: base vs SFT (R == 1, lambda = 0) vs SRUM.
 
     python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...] \\
-        [--lever srum.lambda_constraint=0.0,0.1]
+        [--lever srum.lambda_constraint=0.0,0.1] [--oracle_ceiling]
 
 Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
@@ -68,6 +68,29 @@ def _copy_stage_dirs(src: str, dst: str) -> None:
       shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
 
 
+def oracle_filtered_sft(cfg) -> dict:
+  """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the round-0
+  candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others.
+  A diagnostic run after the SRUM run, which never sees the oracle."""
+  from srum_jax.pipeline import evaluate, prompts
+  from srum_jax.worlds.shapes import judge_text
+  rd = os.path.join(cfg.workdir, "round_0")
+  out = os.path.join(cfg.workdir, "oracle_sft_train")
+  os.makedirs(out, exist_ok=True)
+  records = os.path.join(out, "rewards.jsonl")
+  with open(records, "w") as f:
+    for rec in common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
+      im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
+      if im is not None and judge_text(im, rec["prompt"]):
+        f.write(json.dumps(rec) + "\n")
+  base = common.load_model(cfg.model.dir)
+  summary = run._train(cfg, base, records, os.path.join(rd, "generate"), out, sft=True)
+  model = common.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
+  return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompts.load_prompts(cfg.prompts.val),
+                           os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
+                           compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="experiments/tiny_world.py")
@@ -77,6 +100,9 @@ def main():
   ap.add_argument("--lever", default="",
                   help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
                        "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
+  ap.add_argument("--oracle_ceiling", action="store_true",
+                  help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
+                       "binary judge would give")
   a = ap.parse_args()
   overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
   lever_key, lever_values = "", []
@@ -108,6 +134,8 @@ def main():
       _copy_stage_dirs(cfg.workdir, lc.workdir)
       common.resolve_model_dir(lc)
       tables[seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = run.run(lc)["tables"]["srum"]
+    if a.oracle_ceiling:
+      tables[seed]["oracle_sft"] = oracle_filtered_sft(cfg)
   models = list(next(iter(tables.values())))
   models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
   cats = [c for c in next(iter(tables.values()))["base"]]
