@@ -37,22 +37,24 @@ def _value(text: str):
     return text
 
 
-def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
-  """Self-judge vs oracle on the round-0 candidates (the images SRUM trained on)."""
-  from srum_jax.pretrain import roc_auc
+def oracle_checked_candidates(workdir: str):
+  """(record, image, oracle verdict) for each readable round-0 candidate (the images SRUM trained on)."""
   from srum_jax.worlds.shapes import judge_text
   rd = os.path.join(workdir, "round_0")
-  recs = common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows()
-  g, ok, r_mean = [], [], []
-  for rec in recs:
+  for rec in common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
     im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
-    if im is None:
-      continue
-    gs = float(rec.get("global_score") or 0.0)
-    m = run.record_reward_map(rec, im.shape[0], im.shape[1], signed)
-    g.append(gs)
-    ok.append(bool(judge_text(im, rec["prompt"])))
-    r_mean.append(float(m.mean()))
+    if im is not None:
+      yield rec, im, bool(judge_text(im, rec["prompt"]))
+
+
+def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
+  """Self-judge vs oracle on the round-0 candidates."""
+  from srum_jax.pretrain import roc_auc
+  g, ok, r_mean = [], [], []
+  for rec, im, verdict in oracle_checked_candidates(workdir):
+    g.append(float(rec.get("global_score") or 0.0))
+    ok.append(verdict)
+    r_mean.append(float(run.record_reward_map(rec, im.shape[0], im.shape[1], signed).mean()))
   g, ok, r_mean = np.asarray(g), np.asarray(ok), np.asarray(r_mean)
   return dict(n=int(len(g)), oracle_correct=float(ok.mean()) if len(ok) else None, judge_auc=roc_auc(g, ok),
               judge_accuracy=float(np.mean((g > 0) == ok)) if len(ok) else None,
@@ -73,15 +75,13 @@ def oracle_filtered_sft(cfg) -> dict:
   candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others.
   A diagnostic run after the SRUM run, which never sees the oracle."""
   from srum_jax.pipeline import evaluate, prompts
-  from srum_jax.worlds.shapes import judge_text
   rd = os.path.join(cfg.workdir, "round_0")
   out = os.path.join(cfg.workdir, "oracle_sft_train")
   os.makedirs(out, exist_ok=True)
   records = os.path.join(out, "rewards.jsonl")
   with open(records, "w") as f:
-    for rec in common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
-      im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
-      if im is not None and judge_text(im, rec["prompt"]):
+    for rec, _, verdict in oracle_checked_candidates(cfg.workdir):
+      if verdict:
         f.write(json.dumps(rec) + "\n")
   base = common.load_model(cfg.model.dir)
   summary = run._train(cfg, base, records, os.path.join(rd, "generate"), out, sft=True)
