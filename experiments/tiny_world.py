@@ -1,8 +1,9 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
     python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~4 min, 2 CPU cores)
-    python -m srum_jax pretrain --config=experiments/tiny_world.py        # CPU (2 cores): ~100 min
-    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min
+    python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A+B, CPU (2 cores): ~110 min
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C from B's model: ~30 min
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min (then :gpu,position)
     python -m srum_jax run --config=experiments/tiny_world.py \
         --config.model.official_dir=outputs/tiny_world_pretrain/official  # SRUM on your own pretrained model
 
@@ -82,13 +83,16 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
   p.data.negative_kind_weights = ml_collections.ConfigDict(
       {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})
-  # (+ "locate": w adds the grounding task `pretrain.World.und_example`; off in the shipped recipe)
+  # (+ "locate": w adds the grounding task `pretrain.World.und_example`; the position stage uses it)
   p.data.easy_negatives = 0.05  # the scene of another prompt
   p.data.distractors = 0.05  # an extra object of a kind the prompt does not name (still true)
   p.data.background_box = 0.2
   p.data.box_jitter = 0.5
   p.data.blur = 0.3
   p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
+  # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces, or
+  # relations_only=True: judge questions on prompts with a relation only). Empty: `data` throughout.
+  p.phases = ()
   # Evaluation on val prompts at the end (srum_jax.pretrain.evaluate_model).
   p.eval = ml_collections.ConfigDict()
   p.eval.enabled = 1
@@ -98,13 +102,52 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   return p
 
 
+def position_stage(p: ml_collections.ConfigDict, gpu: bool) -> ml_collections.ConfigDict:
+  """Stage C, warm-started from stage B's model: teach the judge *where* (left/right, which object is in a box).
+
+  BAGEL gives all ViT tokens of an image one RoPE position, so "where" reaches the LLM only through position
+  embeddings, and stage B's learned ViT table stays ~1% of the patch content: the judge reads the image as a
+  bag (relation negatives 0.0, region signs 0.866). Here the ViT table is redrawn at std 4 (the patch
+  content's scale) and a curriculum teaches reading it: grounding first ("<locate> red circle" -> box), then
+  relation judgements, then box -> object lookups (region scores), then the whole mix with grounding kept.
+  Measured (2026-11-28, 2 CPU cores): see `pretrain.init_vit_positions`.
+  """
+  p.out = "outputs/tiny_world_position"
+  p.init_from = "outputs/tiny_world_pretrain/model"  # stage B's model (`pretrain.out` of the default config)
+  p.ae.from_dir = ""
+  p.vit_pos_init_std = 4.0
+  p.lr = 5e-4
+  p.min_lr_ratio = 0.2
+  p.warmup_steps = 100
+  mix = {"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15}
+  p.data.tasks = ml_collections.ConfigDict(dict(mix, locate=0.1))
+  region_kinds = {"color": 2.0, "shape": 2.0, "count": 1.0, "relation": 1.5, "roles": 1.0}
+  p.phases = (
+      dict(steps=2000, tasks={"locate": 1.0}),  # read the ViT position table: where is the named object
+      dict(steps=1500, relations_only=True, tasks={"global": 0.5, "region1": 0.3, "locate": 0.2}, negatives=0.5,
+           negative_kind_weights={"color": 0.2, "shape": 0.2, "count": 0.2, "relation": 3.0, "roles": 0.5}),
+      dict(steps=1500, tasks={"global": 0.15, "region1": 0.45, "regions": 0.3, "locate": 0.1}, negatives=0.5,
+           distractors=0.15, negative_kind_weights=region_kinds),  # which object is in this box
+      dict(steps=2000, tasks={"global": 0.1, "region1": 0.4, "regions": 0.4, "locate": 0.1}, negatives=0.5,
+           distractors=0.25, negative_kind_weights=dict(region_kinds, color=3.0)),
+  )
+  p.steps = 8000 + (2000 if gpu else 1000)  # phases, then the mix
+  p.max_seconds = 600.0 if gpu else 2400.0
+  p.snapshot_every_seconds = 0.0 if gpu else 600.0
+  return p
+
+
 def get_config(arg=None):
-  gpu = arg == "gpu"
-  if arg not in (None, "", "gpu", "cpu"):
-    raise ValueError(f"unknown config arg {arg!r}; use 'cpu' (default) or 'gpu'")
+  """arg: "cpu" (default) or "gpu", optionally ",position" (stage C, `position_stage`), e.g. "gpu,position"."""
+  parts = [a for a in (arg or "").split(",") if a]
+  if set(parts) - {"cpu", "gpu", "position"} or {"cpu", "gpu"} <= set(parts):
+    raise ValueError(f"unknown config arg {arg!r}; use 'cpu' (default) or 'gpu', optionally ',position'")
+  gpu = "gpu" in parts
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world"
   c.pretrain = pretrain_config(gpu)
+  if "position" in parts:
+    position_stage(c.pretrain, gpu)
   c.model.official_dir = SHIPPED
   c.model.dir = ""  # set by the conversion; or point it at a converted model dir (and clear official_dir)
   c.model.preset = "tiny_world"

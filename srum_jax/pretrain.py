@@ -267,7 +267,10 @@ class World:
     self.d = dcfg.to_dict() if hasattr(dcfg, "to_dict") else dict(dcfg)
     train, self.val = G.split_prompts(split_seed)
     self.train = train
-    self.index = G.prompt_index(train)
+    self.index = G.prompt_index(train)  # generation batches: every train prompt
+    # judge questions: every train prompt, or only those with a relation (a curriculum phase on "where")
+    self.und_index = G.prompt_index([q for q in train if q.spec.relations]) \
+        if self.d.get("relations_only", False) else self.index
     self.vit_size = vit_size
     self.encode = functools.lru_cache(maxsize=1 << 16)(lambda s: tuple(self.tok.encode(s)))
     tasks = self.d["tasks"]
@@ -308,7 +311,7 @@ class World:
   def und_example(self, rng, prompt: Optional[G.Prompt] = None, task: Optional[str] = None):
     """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt."""
     from srum_jax.rewards import prompts as JP
-    prompt = G.sample_prompt(rng, prompts=self.index) if prompt is None else prompt
+    prompt = G.sample_prompt(rng, prompts=self.und_index) if prompt is None else prompt
     scene = self.scene_for(rng, prompt)
     ok, scores = scene_truth(prompt.spec, scene)
     image = S.render(scene)
@@ -444,45 +447,65 @@ class World:
 _WORKER: Dict[str, Any] = {}
 
 
-def _worker_init(model_config: dict, tokenizer_dir: str, dcfg: dict, shapes: dict, seed: int) -> None:
+def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, shapes: dict, seed: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   from srum_jax.convert import checkpoint
   from srum_jax.tokenizer import load_tokenizer
   cfg = checkpoint.config_from_dict(model_config)
-  _WORKER.update(world=World(cfg, load_tokenizer(tokenizer_dir), dcfg, vit_size=shapes["vit_size"]),
+  tok = load_tokenizer(tokenizer_dir)
+  _WORKER.update(curriculum=[(start, World(cfg, tok, d, vit_size=shapes["vit_size"])) for start, d in phases],
                  shapes=shapes, seed=seed)
 
 
-def _make_batches(world: World, shapes: dict, seed: int, step: int):
+def curriculum_data(p) -> List[Tuple[int, dict]]:
+  """[(first step, data config)] of stage B's understanding data: one per `pretrain.phases` entry (`p.data`
+  with the phase's keys replaced; its `steps` is the phase's length), then `p.data` for the rest."""
+  base = p.data.to_dict() if hasattr(p.data, "to_dict") else dict(p.data)
+  out, start = [], 0
+  for phase in p.get("phases", ()) or ():
+    phase = dict(phase.to_dict() if hasattr(phase, "to_dict") else phase)
+    steps = int(phase.pop("steps"))
+    unknown = set(phase) - set(base) - {"relations_only"}
+    if unknown:
+      raise ValueError(f"curriculum phase sets unknown data keys {sorted(unknown)}; known: {sorted(base)}")
+    out.append((start, {**base, **phase}))
+    start += steps
+  return out + [(start, base)]
+
+
+def _make_batches(curriculum: Sequence[Tuple[int, World]], shapes: dict, seed: int, step: int):
+  """Step `step`'s (generation, understanding) batches: generation from the last (main) world, judge
+  questions from the curriculum phase the step is in."""
   rng = np.random.default_rng([seed, step])
-  gen = world.gen_batch(rng, shapes["gen_rows"], shapes["gen_samples_per_row"], shapes["gen_text_len"])
+  gen = curriculum[-1][1].gen_batch(rng, shapes["gen_rows"], shapes["gen_samples_per_row"], shapes["gen_text_len"])
+  world = [w for start, w in curriculum if start <= step][-1]
   und = world.und_batch(rng, shapes["und_rows"], shapes["und_tokens"], shapes["und_samples_per_row"],
                         shapes["logit_capacity"])
   return gen, und
 
 
 def _worker_batches(step: int):
-  return _make_batches(_WORKER["world"], _WORKER["shapes"], _WORKER["seed"], step)
+  return _make_batches(_WORKER["curriculum"], _WORKER["shapes"], _WORKER["seed"], step)
 
 
 class BatchStream:
   """Batches for steps start, start+1, ...: in this process (workers=0) or prefetched by spawned workers."""
 
-  def __init__(self, world: World, shapes: dict, seed: int, *, workers: int, model_config: dict,
-               tokenizer_dir: str, start: int = 0):
-    self.world, self.shapes, self.seed, self.step = world, shapes, seed, start
+  def __init__(self, curriculum: Sequence[Tuple[int, World]], shapes: dict, seed: int, *, workers: int,
+               model_config: dict, tokenizer_dir: str, start: int = 0):
+    self.curriculum, self.shapes, self.seed, self.step = list(curriculum), shapes, seed, start
     self.pool, self.pending = None, []
     if workers > 0:
       ctx = multiprocessing.get_context("spawn")
       self.pool = concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=ctx, initializer=_worker_init,
-          initargs=(model_config, tokenizer_dir, world.d, shapes, seed))
+          initargs=(model_config, tokenizer_dir, [(s, w.d) for s, w in self.curriculum], shapes, seed))
       self.depth = 2 * workers
       self.pending = [self.pool.submit(_worker_batches, start + k) for k in range(self.depth)]
 
   def next(self):
     if self.pool is None:
-      out = _make_batches(self.world, self.shapes, self.seed, self.step)
+      out = _make_batches(self.curriculum, self.shapes, self.seed, self.step)
     else:
       out = self.pending.pop(0).result()
       self.pending.append(self.pool.submit(_worker_batches, self.step + self.depth))
@@ -676,13 +699,16 @@ def init_vit_positions(params_bagel, std: float, seed: int = 0):
 
   Why: BAGEL gives every ViT token of an image the same RoPE position, so the LLM learns where a patch is
   only from the position embeddings added to it. With the small init they stay ~1% of the patch embedding's
-  norm and the model reads the image as a bag: measured (2026-11-27, 1200 locate-only steps from scratch,
-  `"<locate> red circle"` -> box) the predicted box lands in the right 2x2 cell 0.26 of the time (chance 0.25)
-  at the schema init and 0.64 at std 1.0 (row norm ~11, the patch embedding's scale). In the full recipe it did
-  not carry over to relations: from scratch (std 1.0, locate 0.15 of the mix) the judge was at 0.69 after 60 min
-  with shape and swapped-role negatives at 0.0 (the shipped run: 0.92 after 20 min); a warm start from the
-  shipped model with the table redrawn at std 4.0 kept the judge at 0.96 but relation stayed 0.0 (locate cell
-  0.39) after 20 min. Off in the shipped recipe."""
+  norm (stage B ends with table rows at norm ~0.5, patch content ~75) and the model reads the image as a bag.
+  Measured (2026-11-27/28, 2 CPU cores; cell = predicted box centre in the right 2x2 cell, chance 0.25):
+  * from scratch, 1200 locate-only steps: cell 0.26 at the schema init, 0.64 at std 1.0; the full recipe from
+    scratch at std 1.0 learned everything else too slowly (judge 0.69 after 60 min) -> not the stage-B init;
+  * warm start from stage B's model, 600 locate-only steps on ONE-object scenes: cell 0.30 with its own table,
+    1.00 with the table redrawn at std 4 (the content's scale); on multi-object scenes 0.56 after 600 steps,
+    0.98 after 2000;
+  * the judge still did not use it for relations in the plain mix (relation negatives 0.00 after 3000 steps)
+    until a phase of relation questions (1500 steps: 0.94), then box -> object phases lifted region signs
+    0.844 -> 0.891 (400 pairs). That sequence is `experiments/tiny_world.py:position` (stage C)."""
   emb = np.asarray(params_bagel["vit"]["position_embedding"]["embedding"])
   new = (std * np.random.default_rng([seed, 11]).standard_normal(emb.shape)).astype(emb.dtype)
   out = dict(params_bagel)
@@ -919,10 +945,14 @@ def pretrain(config) -> Dict[str, Any]:
 
   # Stage B: the UMM.
   world.cfg = cfg
+  curriculum = [(start, World(cfg, tok, d, vit_size=int(p.vit_image_size))) for start, d in curriculum_data(p)[:-1]]
+  curriculum.append((curriculum_data(p)[-1][0], world))
   params = {"bagel": P.init_params(P.bagel_schema(cfg), k_bagel), "ae": params_ae}
   if p.get("init_from", "") and meta is None:  # warm start: the UMM of a model dir (fresh optimizer, warm-up)
     params["bagel"] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["bagel"])
     summary["init_from"] = p.init_from
+    if float(p.get("vit_pos_init_std", 0.0)):  # the position stage: a ViT position table the LLM can read
+      params["bagel"] = init_vit_positions(params["bagel"], float(p.vit_pos_init_std), seed)
   else:
     if int(p.number_init):
       params["bagel"] = init_number_embeddings(params["bagel"], tok, seed)
@@ -952,7 +982,7 @@ def pretrain(config) -> Dict[str, Any]:
     params, opt_state, meta = load_state(out, params, opt_state)
     n0, elapsed0 = int(meta["step"]), float(meta["elapsed"])
   shapes = _shapes(p, cfg)
-  stream = BatchStream(world, shapes, seed, workers=int(p.data_workers), start=n0,
+  stream = BatchStream(curriculum, shapes, seed, workers=int(p.data_workers), start=n0,
                        model_config=checkpoint.config_to_dict(cfg), tokenizer_dir=str(tok_dir))
   steps, t_b = int(p.steps), time.time()
   bar = tqdm(total=steps, initial=n0, desc="pretrain[umm]", dynamic_ncols=True)
@@ -1139,18 +1169,23 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   for i, (q, scene, img, _, _, scores) in enumerate(pairs):
     bg = background_box(rng, scene) if i % 5 == 4 else None
     if bg is not None:
-      items.append((img, q.text, bg, 0.0))
+      items.append((img, q.text, bg, 0.0, pairs[i][3]))
     elif scene.objects:
       k = int(rng.integers(len(scene.objects)))
-      items.append((img, q.text, official_box(S.scene_boxes(scene)[k]), scores[k]))
+      items.append((img, q.text, official_box(S.scene_boxes(scene)[k]), scores[k], pairs[i][3]))
   rs = []
   for sl in _chunks(len(items), batch_size):
     got = judge.region_scores([x[0] for x in items[sl]], [x[1] for x in items[sl]], [[x[2]] for x in items[sl]],
                               rep)
     rs += [d[1][0] for d in got]
-  obj = [(s, y) for s, (_, _, _, y) in zip(rs, items) if y != 0]
-  bgr = [s for s, (_, _, _, y) in zip(rs, items) if y == 0]
+  obj = [(s, y) for s, (_, _, _, y, _) in zip(rs, items) if y != 0]
+  bgr = [s for s, (_, _, _, y, _) in zip(rs, items) if y == 0]
+  region_kinds: Dict[str, List[bool]] = {}
+  for s, (_, _, _, y, kind) in zip(rs, items):
+    if y != 0:
+      region_kinds.setdefault(kind, []).append(bool(np.sign(s) == np.sign(y)))
   res["regions"] = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
+                        by_kind={k: float(np.mean(v)) for k, v in sorted(region_kinds.items())},
                         auc=roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
                         background_near_zero=float(np.mean([abs(s) < 0.5 for s in bgr])) if bgr else None,
                         n_background=len(bgr))

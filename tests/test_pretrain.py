@@ -130,6 +130,7 @@ def test_pretrain_short_run(tmp_path):
   assert all(np.isfinite(r["flow"]) and r["skipped"] == 0 for r in rows if r["stage"] == "umm")
   # warm start from that model dir: its AE and UMM weights, a fresh optimizer; one more step moves the UMM only
   p.out, p.init_from, p.steps = str(tmp_path / "warm"), summary["model_dir"], 1
+  p.vit_pos_init_std = 4.0  # the position stage's redraw of the ViT position table
   warm = PT.pretrain(c)
   assert warm["init_from"] == summary["model_dir"] and warm["umm"]["steps"] == 1
   assert warm["ae"]["scale_factor"] == model.cfg.ae.scale_factor
@@ -139,6 +140,8 @@ def test_pretrain_short_run(tmp_path):
   emb0 = np.asarray(model.params["bagel"]["llm"]["embed_tokens"]["embedding"])
   emb1 = np.asarray(after.params["bagel"]["llm"]["embed_tokens"]["embedding"])
   assert 0 < np.max(np.abs(emb1 - emb0)) < 0.05  # started from the saved weights, then one small update
+  table = np.asarray(after.params["bagel"]["vit"]["position_embedding"]["embedding"])
+  assert 3.5 < table.std() < 4.5  # redrawn at std 4 (then one small update), not the saved small table
 
 
 class _StopAfter:
@@ -242,3 +245,37 @@ def test_connector_scale_helpers(world):
   pen, _ = PT.connector_penalty(params, batch, cfg, target=t)
   want = np.mean(np.maximum(np.asarray(n)[v] / t - 1, 0) ** 2)
   assert float(pen) == pytest.approx(want, rel=1e-4)
+
+
+def test_curriculum_phases_switch_the_judge_data(world):
+  """`pretrain.phases`: each phase replaces `data` keys for its steps, then `data` itself; generation batches
+  always come from the main world; relations_only keeps judge questions on prompts with a relation."""
+  p = _experiment().get_config("position").pretrain
+  phases = PT.curriculum_data(p)
+  starts = [s for s, _ in phases]
+  assert starts == [0, 2000, 3500, 5000, 7000] and phases[-1][1] == p.data.to_dict()
+  assert phases[0][1]["tasks"] == {"locate": 1.0} and phases[0][1]["negatives"] == p.data.negatives
+  assert phases[1][1]["relations_only"] and not phases[2][1].get("relations_only", False)
+  bad = _experiment().get_config().pretrain
+  bad.phases = (dict(steps=5, task={"locate": 1.0}),)
+  with pytest.raises(ValueError, match="unknown data keys"):
+    PT.curriculum_data(bad)
+  cfg, tok = world.cfg, world.tok
+  rel = PT.World(cfg, tok, phases[1][1])
+  rng = np.random.default_rng(0)
+  asked = 0
+  for _ in range(40):
+    _, q, _, _ = rel.und_example(rng)
+    if '"' in q:  # judge questions quote the prompt (grounding questions name one object)
+      asked += 1
+      assert G.parse_prompt(q.split('"')[1]).relations, q
+  assert asked >= 20
+  curriculum = [(0, PT.World(cfg, tok, phases[0][1])), (2, world)]
+  shapes = dict(gen_rows=1, gen_samples_per_row=2, gen_text_len=13, und_rows=2, und_tokens=128,
+                und_samples_per_row=3, logit_capacity=64, vit_size=28)
+  loc = world.encode(PT.LOCATE)[0]
+  g0, u0 = PT._make_batches(curriculum, shapes, 0, 0)
+  g2, u2 = PT._make_batches(curriculum, shapes, 0, 2)
+  assert (np.asarray(u0.batch.text_ids) == loc).sum() >= 1 and (np.asarray(u2.batch.text_ids) == loc).sum() == 0
+  gm, _ = PT._make_batches([(0, world)], shapes, 0, 0)
+  assert np.array_equal(g0.images, gm.images)  # generation data does not depend on the phase

@@ -21,11 +21,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "srum_jax" / "worlds" / "shapes" / "checkpoint"
 
 # The shipped judge on val prompts, ground-truth renders, half hard negatives. Judge accuracy: the issue's
-# target (0.90; measured 0.945 on this set, 0.960 on pretrain's 400-pair set). Region signs: the target
-# is 0.90 and the shipped model does NOT reach it (0.836 here, 0.866 on 400 pairs: the judge cannot see left/right,
-# so objects of swapped-relation scenes get the wrong sign); the floor below catches regressions.
+# target (0.90; measured 0.995 on this set, 0.978 on pretrain's 400-pair set; swapped-relation negatives 0.91 /
+# 0.875 since stage C taught the judge left/right). Region signs: the target is 0.90 and the shipped
+# model is just short of it (0.893 here, 0.894 on 400 pairs; was 0.836 / 0.866 before stage C): which object a
+# box holds is still uncertain when one object of the scene is recoloured or reshaped. The floor below catches
+# regressions.
 JUDGE_ACCURACY_TARGET = 0.90
-REGION_SIGN_FLOOR = 0.82
+REGION_SIGN_FLOOR = 0.87
+RELATION_FLOOR = 0.85
 
 
 def _experiment():
@@ -68,6 +71,7 @@ def test_shipped_judge_meets_targets_on_held_out_pairs(shipped_model_dir, tmp_pa
   assert res["judge"]["accuracy"] >= JUDGE_ACCURACY_TARGET
   assert res["regions"]["sign_correct"] >= REGION_SIGN_FLOOR
   assert all(v >= 0.95 for k, v in res["judge"]["by_kind"].items() if k != "relation"), res["judge"]["by_kind"]
+  assert res["judge"]["by_kind"]["relation"] >= RELATION_FLOOR, res["judge"]["by_kind"]
 
 
 def test_main_command_on_a_reduced_config(tmp_path):
