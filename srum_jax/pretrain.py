@@ -458,7 +458,7 @@ def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, shapes: d
 
 
 def curriculum_data(p) -> List[Tuple[int, dict]]:
-  """[(first step, data config)] of stage B's understanding data: one per `pretrain.phases` entry (`p.data`
+  """[(first step, data config)] of the UMM stage's judge data: one per `pretrain.phases` entry (`p.data`
   with the phase's keys replaced; its `steps` is the phase's length), then `p.data` for the rest."""
   base = p.data.to_dict() if hasattr(p.data, "to_dict") else dict(p.data)
   out, start = [], 0
@@ -945,8 +945,9 @@ def pretrain(config) -> Dict[str, Any]:
 
   # Stage B: the UMM.
   world.cfg = cfg
-  curriculum = [(start, World(cfg, tok, d, vit_size=int(p.vit_image_size))) for start, d in curriculum_data(p)[:-1]]
-  curriculum.append((curriculum_data(p)[-1][0], world))
+  phases = curriculum_data(p)  # judge-data phases, then the main world (which also makes the generation data)
+  curriculum = [(start, World(cfg, tok, d, vit_size=int(p.vit_image_size))) for start, d in phases[:-1]]
+  curriculum.append((phases[-1][0], world))
   params = {"bagel": P.init_params(P.bagel_schema(cfg), k_bagel), "ae": params_ae}
   if p.get("init_from", "") and meta is None:  # warm start: the UMM of a model dir (fresh optimizer, warm-up)
     params["bagel"] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params_src["bagel"])
