@@ -90,8 +90,9 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.data.box_jitter = 0.5
   p.data.blur = 0.3
   p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
-  # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces, or
-  # relations_only=True: judge questions on prompts with a relation only). Empty: `data` throughout.
+  p.data.relations_only = False  # True: judge questions on prompts with a relation only (a curriculum phase)
+  # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces). Empty: `data`
+  # throughout.
   p.phases = ()
   # Evaluation on val prompts at the end (srum_jax.pretrain.evaluate_model).
   p.eval = ml_collections.ConfigDict()
@@ -114,13 +115,11 @@ def position_stage(p: ml_collections.ConfigDict, gpu: bool) -> ml_collections.Co
   """
   p.out = "outputs/tiny_world_position"
   p.init_from = "outputs/tiny_world_pretrain/model"  # stage B's model (`pretrain.out` of the default config)
-  p.ae.from_dir = ""
   p.vit_pos_init_std = 4.0
   p.lr = 5e-4
   p.min_lr_ratio = 0.2
   p.warmup_steps = 100
-  mix = {"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15}
-  p.data.tasks = ml_collections.ConfigDict(dict(mix, locate=0.1))
+  p.data.tasks = ml_collections.ConfigDict(dict(p.data.tasks.to_dict(), locate=0.1))  # stage B's mix + grounding
   region_kinds = {"color": 2.0, "shape": 2.0, "count": 1.0, "relation": 1.5, "roles": 1.0}
   p.phases = (
       dict(steps=2000, tasks={"locate": 1.0}),  # read the ViT position table: where is the named object

@@ -465,7 +465,7 @@ def curriculum_data(p) -> List[Tuple[int, dict]]:
   for phase in p.get("phases", ()) or ():
     phase = dict(phase.to_dict() if hasattr(phase, "to_dict") else phase)
     steps = int(phase.pop("steps"))
-    unknown = set(phase) - set(base) - {"relations_only"}
+    unknown = set(phase) - set(base)
     if unknown:
       raise ValueError(f"curriculum phase sets unknown data keys {sorted(unknown)}; known: {sorted(base)}")
     out.append((start, {**base, **phase}))
