@@ -1,16 +1,17 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
     python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~4 min, 2 CPU cores)
-    python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A+B, CPU (2 cores): ~110 min
-    python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C from B's model: ~30 min
-    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: ~3.5 min (then :gpu,position)
+    python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A, B, C; CPU (2 cores): < 2 h
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C alone, from B's model
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: A, B, C in ~15 min
     python -m srum_jax run --config=experiments/tiny_world.py \
         --config.model.official_dir=outputs/tiny_world_pretrain/official  # SRUM on your own pretrained model
 
 `model.official_dir` is the checkpoint shipped in the repo (`srum_jax/worlds/shapes/checkpoint`: official
 BAGEL safetensors + json, converted into `<workdir>/converted_model` by the converter at start). `pretrain.*`
 drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pretrain.out>/official` (the
-shipped layout). Everything else is the SRUM loop at the tiny model's size (32x32 images, components
+shipped layout) for stages A+B, then runs `pretrain.then` (stage C) as a warm start from that model into
+`<pretrain.out>/position/{model,official}`: the shipped checkpoint is the last stage's `official`. Everything else is the SRUM loop at the tiny model's size (32x32 images, components
 proposer, logits-mode self-judge on the 28x28 view, oracle eval on the val prompts).
 """
 import pathlib
@@ -30,7 +31,7 @@ def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
   p.preset = "tiny_world"
   p.seed = 0
   p.out = "outputs/tiny_world_pretrain"
-  p.max_seconds = 200.0 if gpu else 6000.0  # wall clock for both stages, compilation included (eval excluded)
+  p.max_seconds = 200.0 if gpu else 4800.0  # wall clock for stages A+B, compilation included (eval excluded)
   p.compute_dtype = "bfloat16" if gpu else "float32"
   p.eval_dtype = "float32"
   p.save_dtype = "float32"
@@ -113,7 +114,8 @@ def position_stage(p: ml_collections.ConfigDict, gpu: bool) -> ml_collections.Co
   relation judgements, then box -> object lookups (region scores), then the whole mix with grounding kept.
   Measured (2026-11-28, 2 CPU cores): see `pretrain.init_vit_positions`.
   """
-  p.out = "outputs/tiny_world_position"
+  p.name = "position"  # as `pretrain.then`: written to <out of the stage before>/<name>
+  p.out = "outputs/tiny_world_pretrain/position"
   p.init_from = "outputs/tiny_world_pretrain/model"  # stage B's model (`pretrain.out` of the default config)
   p.vit_pos_init_std = 4.0
   p.lr = 5e-4
@@ -145,8 +147,11 @@ def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world"
   c.pretrain = pretrain_config(gpu)
-  if "position" in parts:
+  if "position" in parts:  # stage C alone, from an existing stage-B model (`pretrain.init_from`)
     position_stage(c.pretrain, gpu)
+  else:  # one command, A+B then C: C starts from <pretrain.out>/model and writes <pretrain.out>/position
+    c.pretrain.then = position_stage(pretrain_config(gpu), gpu)
+    c.pretrain.then.out = c.pretrain.then.init_from = ""  # "": derived from `pretrain.out` at run time
   c.model.official_dir = SHIPPED
   c.model.dir = ""  # set by the conversion; or point it at a converted model dir (and clear official_dir)
   c.model.preset = "tiny_world"

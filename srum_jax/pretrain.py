@@ -1260,11 +1260,62 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   return res
 
 
+def next_stage(config):
+  """The config of the stage that follows `config.pretrain` (its `then`), or None.
+
+  A follow-up stage is a warm start (`init_from`, fresh optimizer) from this stage's model; empty `out` /
+  `init_from` are derived: `<pretrain.out>/<then.name>` and `<pretrain.out>/model`.
+  """
+  p = config.pretrain
+  if not p.get("then"):
+    return None
+  c = config.copy_and_resolve_references()
+  q = c.pretrain.then
+  q.init_from = q.init_from or str(pathlib.Path(p.out) / "model")
+  q.out = q.out or str(pathlib.Path(p.out) / q.name)
+  c.pretrain = q
+  return c
+
+
+def finished_summary(p) -> Optional[Dict[str, Any]]:
+  """The summary of a stage that already ran to the end in `p.out` (a rerun of a chain skips it), else None."""
+  out = pathlib.Path(p.out)
+  done = (out / "pretrain_summary.json").is_file() and (out / "model").is_dir() and not (out / STATE_DIR).exists()
+  if not (int(p.get("resume", 1)) and done):
+    return None
+  return json.loads((out / "pretrain_summary.json").read_text())
+
+
+def pretrain_chain(config) -> List[Dict[str, Any]]:
+  """`pretrain` and its `then` stages in one command; a stage that finished before (and is followed by another)
+  is kept, so an interrupted chain resumes where it stopped. Writes `<first out>/chain_summary.json`."""
+  t0, summaries, c = time.time(), [], config
+  while c is not None:
+    nxt = next_stage(c)
+    s = finished_summary(c.pretrain) if nxt is not None else None
+    if s is not None:
+      print(f"[pretrain] stage {c.pretrain.get('name', 'AB')} already finished in {c.pretrain.out}; kept "
+            f"(pretrain.resume=0 redoes it)", flush=True)
+    else:
+      s = pretrain(c)
+    summaries.append(dict(s, name=c.pretrain.get("name", "AB"), out=c.pretrain.out))
+    if s.get("preempted"):
+      break
+    c = nxt
+  if len(summaries) > 1:
+    common_write(pathlib.Path(config.pretrain.out) / "chain_summary.json", dict(
+        seconds_this_command=time.time() - t0,
+        stages=[dict(name=s["name"], out=s["out"], train_seconds=s.get("train_seconds"), umm_steps=s["umm"]["steps"],
+                     eval=s.get("eval")) for s in summaries]))
+  return summaries
+
+
 def main(config, opts) -> int:
-  summary = pretrain(config)
-  ev = summary.get("eval")
-  if ev:
-    print(f"[pretrain] judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), regions sign-correct "
-          f"{ev['regions']['sign_correct']:.3f}, generation oracle {ev['generation']['oracle_accuracy']:.3f}, "
-          f"judge AUC on own generations {ev['generation']['judge_auc']}", flush=True)
+  for summary in pretrain_chain(config):
+    ev = summary.get("eval")
+    if ev:
+      print(f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), "
+            f"regions sign-correct {ev['regions']['sign_correct']:.3f}, generation oracle "
+            f"{ev['generation']['oracle_accuracy']:.3f}, judge AUC on own generations "
+            f"{ev['generation']['judge_auc']}", flush=True)
   return 0

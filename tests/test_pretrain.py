@@ -106,7 +106,8 @@ def test_und_batch_targets_are_next_tokens(world):
 
 
 def test_pretrain_short_run(tmp_path):
-  """A few steps of both stages on CPU: a loadable model directory, consistent ids, falling losses."""
+  """The default command's chain on CPU, a few steps per stage: A+B from scratch (a loadable model directory,
+  consistent ids, falling losses), then the position stage as a warm start from B's model; a rerun keeps B."""
   from srum_jax.pipeline import common
   c = _experiment().get_config()
   p = c.pretrain
@@ -115,7 +116,8 @@ def test_pretrain_short_run(tmp_path):
   p.ae.steps, p.ae.batch, p.ae.warmup_steps, p.ae.check_images = 8, 8, 1, 0
   p.steps, p.warmup_steps, p.und_rows, p.log_every = 8, 1, 4, 1
   p.eval.enabled = 0
-  summary = PT.pretrain(c)
+  p.then.steps, p.then.und_rows, p.then.phases, p.then.eval.enabled = 1, 4, (), 0
+  summary, warm = PT.pretrain_chain(c)
   model = common.load_model(summary["model_dir"])
   model.tokenizer.check(model.cfg.tokens)
   PT.check_tokenizer(model.tokenizer)
@@ -128,10 +130,8 @@ def test_pretrain_short_run(tmp_path):
   assert np.mean(ae[-3:]) < 0.8 * np.mean(ae[:2]), ae
   assert np.mean(ce[-3:]) < 0.8 * np.mean(ce[:2]), ce
   assert all(np.isfinite(r["flow"]) and r["skipped"] == 0 for r in rows if r["stage"] == "umm")
-  # warm start from that model dir: its AE and UMM weights, a fresh optimizer; one more step moves the UMM only
-  p.out, p.init_from, p.steps = str(tmp_path / "warm"), summary["model_dir"], 1
-  p.vit_pos_init_std = 4.0  # the position stage's redraw of the ViT position table
-  warm = PT.pretrain(c)
+  # stage C: a warm start from that model dir (its AE and UMM weights, a fresh optimizer); one step moves the UMM
+  assert warm["name"] == "position" and warm["out"] == str(tmp_path / "pre" / "position")
   assert warm["init_from"] == summary["model_dir"] and warm["umm"]["steps"] == 1
   assert warm["ae"]["scale_factor"] == model.cfg.ae.scale_factor
   after = common.load_model(warm["model_dir"])
@@ -142,6 +142,13 @@ def test_pretrain_short_run(tmp_path):
   assert 0 < np.max(np.abs(emb1 - emb0)) < 0.05  # started from the saved weights, then one small update
   table = np.asarray(after.params["bagel"]["vit"]["position_embedding"]["embedding"])
   assert 3.5 < table.std() < 4.5  # redrawn at std 4 (then one small update), not the saved small table
+  chain = json.loads((tmp_path / "pre" / "chain_summary.json").read_text())
+  assert [s["name"] for s in chain["stages"]] == ["AB", "position"]
+  # rerunning the command keeps the finished stage B (same model files) and runs the last stage again
+  mtime = (tmp_path / "pre" / "model" / "model_config.json").stat().st_mtime_ns
+  again = PT.pretrain_chain(c)
+  assert again[0]["umm"]["steps"] == 8 and again[1]["umm"]["steps"] == 1
+  assert (tmp_path / "pre" / "model" / "model_config.json").stat().st_mtime_ns == mtime
 
 
 class _StopAfter:
