@@ -2,8 +2,10 @@
 
     python -m srum_jax pretrain --config=experiments/tiny_world.py[:gpu]
 
-Same model code as the 7B (`models/*`, preset `tiny_world`); two stages under one wall-clock budget
-(`pretrain.max_seconds`; on reaching it the stage stops cleanly and everything is saved):
+Same model code as the 7B (`models/*`, preset `tiny_world`); stages A and B under one wall-clock budget
+(`pretrain.max_seconds`; on reaching it the stage stops cleanly and everything is saved), then the stages of
+`pretrain.then` in the same command (`pretrain_chain`; the shapes world's stage C teaches the judge positions,
+see `experiments/tiny_world.py:position_stage`), each a warm start from the model of the stage before:
 
 A. Autoencoder: the FLUX AE learns to reconstruct rendered scenes (L1 + L2, small KL); then it is frozen and
    the latent statistics give `shift_factor` / `scale_factor` (unit-variance latents for the flow).
