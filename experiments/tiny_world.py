@@ -3,7 +3,7 @@
     python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (~4 min, 2 CPU cores)
     python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A, B, C; CPU (2 cores): < 2 h
     python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C alone, from B's model
-    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: A, B, C in ~15 min
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: A+B ~3.5 min, C capped at 10 min
     python -m srum_jax run --config=experiments/tiny_world.py \
         --config.model.official_dir=outputs/tiny_world_pretrain/official  # SRUM on your own pretrained model
 
@@ -112,7 +112,8 @@ def position_stage(p: ml_collections.ConfigDict, gpu: bool) -> ml_collections.Co
   bag (relation negatives 0.0, region signs 0.866). Here the ViT table is redrawn at std 4 (the patch
   content's scale) and a curriculum teaches reading it: grounding first ("<locate> red circle" -> box), then
   relation judgements, then box -> object lookups (region scores), then the whole mix with grounding kept.
-  Measured (2026-11-28, 2 CPU cores): see `pretrain.init_vit_positions`.
+  Measured (2026-11-28, 2 CPU cores): see `pretrain.init_vit_positions`; in the default command (after a 70-min
+  stage B) relation negatives 0.00 -> 1.00, region signs 0.844 -> 0.881, oracle generation 0.414 -> 0.651.
   """
   p.name = "position"  # as `pretrain.then`: written to <out of the stage before>/<name>
   p.out = "outputs/tiny_world_pretrain/position"
