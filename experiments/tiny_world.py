@@ -5,14 +5,15 @@
     python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C alone, from B's model
     python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: A+B ~3.5 min, C capped at 10 min
     python -m srum_jax run --config=experiments/tiny_world.py \
-        --config.model.official_dir=outputs/tiny_world_pretrain/official  # SRUM on your own pretrained model
+        --config.model.official_dir=outputs/tiny_world_pretrain/position/official  # SRUM on your own model
 
 `model.official_dir` is the checkpoint shipped in the repo (`srum_jax/worlds/shapes/checkpoint`: official
 BAGEL safetensors + json, converted into `<workdir>/converted_model` by the converter at start). `pretrain.*`
 drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pretrain.out>/official` (the
 shipped layout) for stages A+B, then runs `pretrain.then` (stage C) as a warm start from that model into
-`<pretrain.out>/position/{model,official}`: the shipped checkpoint is the last stage's `official`. Everything else is the SRUM loop at the tiny model's size (32x32 images, components
-proposer, logits-mode self-judge on the 28x28 view, oracle eval on the val prompts).
+`<pretrain.out>/position/{model,official}`: the shipped checkpoint is the last stage's `official`. Everything
+else is the SRUM loop at the tiny model's size (32x32 images, components proposer, logits-mode self-judge on
+the 28x28 view, oracle eval on the val prompts).
 """
 import pathlib
 

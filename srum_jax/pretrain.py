@@ -1293,14 +1293,14 @@ def pretrain_chain(config) -> List[Dict[str, Any]]:
   is kept, so an interrupted chain resumes where it stopped. Writes `<first out>/chain_summary.json`."""
   t0, summaries, c = time.time(), [], config
   while c is not None:
-    nxt = next_stage(c)
+    nxt, name = next_stage(c), c.pretrain.get("name", "AB")
     s = finished_summary(c.pretrain) if nxt is not None else None
     if s is not None:
-      print(f"[pretrain] stage {c.pretrain.get('name', 'AB')} already finished in {c.pretrain.out}; kept "
-            f"(pretrain.resume=0 redoes it)", flush=True)
+      print(f"[pretrain] stage {name} already finished in {c.pretrain.out}; kept (pretrain.resume=0 redoes it)",
+            flush=True)
     else:
       s = pretrain(c)
-    summaries.append(dict(s, name=c.pretrain.get("name", "AB"), out=c.pretrain.out))
+    summaries.append(dict(s, name=name, out=c.pretrain.out))
     if s.get("preempted"):
       break
     c = nxt
