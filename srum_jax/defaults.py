@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.use_global = True
   c.score.use_regions = True
   c.score.logit_candidates = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
+  # logits mode, regions: name the boxed object first (greedy), then read the score after the name
+  c.score.region_identify = False
+  c.score.max_identify_tokens = 16
   c.score.text_budget = 0
   c.score.vit_image_size = 0  # 0: official ViT transform; N (multiple of 14): resize to N x N (tiny worlds)
 

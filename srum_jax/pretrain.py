@@ -1069,11 +1069,11 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
   return float(greater / (len(pos) * len(neg)))
 
 
-def _score_cfg(vit_image_size: int = 28, mode: str = "logits"):
+def _score_cfg(vit_image_size: int = 28, mode: str = "logits", region_identify: bool = False):
   import types
   return types.SimpleNamespace(mode=mode, think=False, logit_candidates=SCORE_TOKENS, vit_image_size=vit_image_size,
                                text_budget=0, max_retries=1, retry_temperature=0.7, max_new_tokens_global=8,
-                               max_new_tokens_regions=64)
+                               max_new_tokens_regions=64, region_identify=region_identify, max_identify_tokens=4)
 
 
 def _chunks(n: int, size: int):
@@ -1122,7 +1122,9 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   judge: `num_pairs` (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by
   the logits-mode global judge (`pipeline.score.Judge`): accuracy of score > 0, per kind, AUC.
   regions: one ground-truth box per pair (every 5th a background box), logits-mode one-box prompt: object
-  boxes sign-correct, background boxes |s| < 0.5; plus `num_generate_mode` multi-box prompts answered by
+  boxes sign-correct, background boxes |s| < 0.5, rate of naming the boxed object right; `regions` with the
+  shapes world's scoring (`score.region_identify`: name the object, then score), `regions_direct` with the
+  one-step "Score:" answer; plus `num_generate_mode` multi-box prompts answered by
   greedy decoding (parse rate, sign-correct).
   locate: the grounding question for an object of a unique kind in the first `num_locate` pairs, decoded
   greedily: parse rate, IoU >= 0.5, predicted centre in the right layout cell.
@@ -1172,26 +1174,39 @@ def evaluate_model(model_dir: str, *, seed: int = 0, num_pairs: int = 400, num_g
   for i, (q, scene, img, _, _, scores) in enumerate(pairs):
     bg = background_box(rng, scene) if i % 5 == 4 else None
     if bg is not None:
-      items.append((img, q.text, bg, 0.0, pairs[i][3]))
+      items.append((img, q.text, bg, 0.0, pairs[i][3], "background"))
     elif scene.objects:
       k = int(rng.integers(len(scene.objects)))
-      items.append((img, q.text, official_box(S.scene_boxes(scene)[k]), scores[k], pairs[i][3]))
-  rs = []
-  for sl in _chunks(len(items), batch_size):
-    got = judge.region_scores([x[0] for x in items[sl]], [x[1] for x in items[sl]], [[x[2]] for x in items[sl]],
-                              rep)
-    rs += [d[1][0] for d in got]
-  obj = [(s, y) for s, (_, _, _, y, _) in zip(rs, items) if y != 0]
-  bgr = [s for s, (_, _, _, y, _) in zip(rs, items) if y == 0]
-  region_kinds: Dict[str, List[bool]] = {}
-  for s, (_, _, _, y, kind) in zip(rs, items):
-    if y != 0:
-      region_kinds.setdefault(kind, []).append(bool(np.sign(s) == np.sign(y)))
-  res["regions"] = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
-                        by_kind={k: float(np.mean(v)) for k, v in sorted(region_kinds.items())},
-                        auc=roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
-                        background_near_zero=float(np.mean([abs(s) < 0.5 for s in bgr])) if bgr else None,
-                        n_background=len(bgr))
+      o = scene.objects[k]
+      items.append((img, q.text, official_box(S.scene_boxes(scene)[k]), scores[k], pairs[i][3],
+                    f"{o.color} {o.shape}"))
+
+  def region_metrics(rjudge) -> Dict[str, Any]:
+    rs, names = [], []
+    for sl in _chunks(len(items), batch_size):
+      got = rjudge.region_scores([x[0] for x in items[sl]], [x[1] for x in items[sl]], [[x[2]] for x in items[sl]],
+                                 rep)
+      rs += [d[1][0] for d in got]
+      names += [d[1][1] for d in got]
+    obj = [(s, y) for s, (_, _, _, y, _, _) in zip(rs, items) if y != 0]
+    bgr = [s for s, (_, _, _, y, _, _) in zip(rs, items) if y == 0]
+    region_kinds: Dict[str, List[bool]] = {}
+    for s, (_, _, _, y, kind, _) in zip(rs, items):
+      if y != 0:
+        region_kinds.setdefault(kind, []).append(bool(np.sign(s) == np.sign(y)))
+    out = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
+               by_kind={k: float(np.mean(v)) for k, v in sorted(region_kinds.items())},
+               auc=roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
+               background_near_zero=float(np.mean([abs(s) < 0.5 for s in bgr])) if bgr else None,
+               n_background=len(bgr))
+    if any(n is not None for n in names):
+      out["identified"] = float(np.mean([n == x[5] for n, x in zip(names, items)]))
+    return out
+
+  # The pipeline's mode for the shapes world (`score.region_identify`), then the one-step "Score:" answer.
+  res["regions"] = region_metrics(score_stage.Judge(_score_cfg(vit_image_size, region_identify=True), model,
+                                                    seed=seed, compute_dtype=compute_dtype))
+  res["regions_direct"] = region_metrics(judge)
 
   # Generate mode: multi-box prompts decoded greedily and parsed.
   gm = dict(n=0, parsed=0, sign_correct=None)

@@ -24,3 +24,43 @@ def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
     if int(first[b]) < len(m.tokenizer.hf.get_vocab()) - 5 and " " not in word.strip():
       l1 = decoding.next_token_logits(p, m.tokenizer, images[b:b + 1], prompts[b:b + 1], word, cfg=m.cfg)
       np.testing.assert_allclose(np.asarray(l1[0]), np.asarray(gen.logits[b, 1]), atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_prefixes_equal_one_call_per_row(tiny_model_dir):
+  m = common.load_model(tiny_model_dir)
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(3)]
+  prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
+  prefixes = ["Score:", "Region ID: 1 Identified Object: red circle Score:", ""]
+  p = m.params["bagel"]
+  both = np.asarray(decoding.next_token_logits(p, m.tokenizer, images, prompts, prefixes, cfg=m.cfg))
+  for b in range(3):
+    one = decoding.next_token_logits(p, m.tokenizer, images[b:b + 1], prompts[b:b + 1], prefixes[b], cfg=m.cfg)
+    np.testing.assert_allclose(both[b], np.asarray(one[0]), atol=1e-4, rtol=1e-4)
+  try:
+    decoding.next_token_logits(p, m.tokenizer, images, prompts, prefixes[:2], cfg=m.cfg)
+  except ValueError as e:
+    assert "2 answer prefixes for 3 prompts" in str(e)
+  else:
+    raise AssertionError("a prefix count mismatch must raise")
+
+
+def test_greedy_continuations_equal_cached_greedy_decoding(tiny_model_dir):
+  """The identify-then-score helper decodes by re-reading the answer prefix each step (no KV cache): its
+  tokens must be the cached greedy decoder's, and its final logits those after the decoded text + `then`."""
+  m = common.load_model(tiny_model_dir)
+  rng = np.random.default_rng(2)
+  images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(4)]
+  prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
+  p, tok, k = m.params["bagel"], m.tokenizer, 4
+  ctx = decoding.judge_context(p, tok, images, prompts, cfg=m.cfg, extra_tokens=k)
+  gen = decoding.generate_text(p, ctx, m.cfg, max_new_tokens=k)
+  want = decoding.generated_ids(gen)
+  got = decoding.greedy_continuations(p, tok, ctx, "", cfg=m.cfg, max_new_tokens=k)
+  assert got == want and sum(len(w) for w in want) >= 8, want  # rows that decode several tokens
+  names, logits = decoding.continue_then_logits(p, tok, images, prompts, "Identified Object:", " Score:", cfg=m.cfg,
+                                                max_new_tokens=k, stop_texts=("Score",))
+  ref = decoding.next_token_logits(p, tok, images, prompts, [f"Identified Object: {n} Score:" for n in names],
+                                   cfg=m.cfg)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
+  assert all("Score" not in n for n in names)

@@ -13,7 +13,7 @@ back); the loop ends when every row has stopped or after `max_new_tokens` steps.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,9 @@ from srum_jax.models.packing import CAUSAL, TokenMeta
 from srum_jax.rewards.parsing import strip_think
 from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
 
-__all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think"]
+__all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think",
+           "next_token_logits", "continue_then_logits",
+           "greedy_continuations"]
 
 
 class Generation(NamedTuple):
@@ -200,16 +202,80 @@ def _prefix_logits(params, ctx: Context, ids: jax.Array, lengths: jax.Array, *, 
   return qwen2_mot.lm_logits(params["llm"], last).astype(jnp.float32)
 
 
-def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str], answer_prefix: str, *,
-                      cfg: BagelConfig, system_prompt: Optional[str] = None, dtype=jnp.float32,
-                      text_budget: Optional[int] = None, patch_budget: Optional[int] = None) -> jax.Array:
-  """Logits [B, V] of the token that follows `answer_prefix` in the answer to each (image, prompt).
+def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str],
+                      answer_prefix: Union[str, Sequence[str]], *, cfg: BagelConfig,
+                      system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
+                      patch_budget: Optional[int] = None) -> jax.Array:
+  """Logits [B, V] of the token that follows `answer_prefix` (one for all rows, or one per row) in the
+  answer to each (image, prompt).
 
   Same context as `answer_text` ([system] + image (ViT) + prompt), then BOS + prefix in one forward pass:
   no decoding. Used by the `logits` judge mode (expected score over score tokens).
   """
   ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt, dtype=dtype,
                       text_budget=text_budget, patch_budget=patch_budget)
-  prefix = [cfg.tokens.bos] + tokenizer.encode(answer_prefix)
-  pre_ids, pre_lens = C.pad_ids([prefix] * len(prompts))
+  return _logits_after(params, tokenizer, ctx, _per_row(answer_prefix, len(prompts)), cfg)
+
+
+def _per_row(answer_prefix: Union[str, Sequence[str]], n: int) -> list:
+  prefixes = [answer_prefix] * n if isinstance(answer_prefix, str) else list(answer_prefix)
+  if len(prefixes) != n:
+    raise ValueError(f"{len(prefixes)} answer prefixes for {n} prompts")
+  return prefixes
+
+
+def _logits_after(params, tokenizer, ctx: Context, prefixes: Sequence[str], cfg: BagelConfig) -> jax.Array:
+  pre_ids, pre_lens = C.pad_ids([[cfg.tokens.bos] + tokenizer.encode(p) for p in prefixes])
   return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg)
+
+
+def continue_then_logits(params, tokenizer, images: Sequence, prompts: Sequence[str], answer_prefix: str,
+                         then: str, *, cfg: BagelConfig, max_new_tokens: int = 8,
+                         stop_texts: Sequence[str] = ("\n", "Score"), system_prompt: Optional[str] = None,
+                         dtype=jnp.float32, text_budget: Optional[int] = None,
+                         patch_budget: Optional[int] = None) -> Tuple[list, jax.Array]:
+  """Greedy-continue `answer_prefix` for each row, then read the logits after `prefix + continuation + then`.
+
+  The identify-then-score judge: prefix "Region ID: 1\nIdentified Object:", the model names what it sees,
+  and the score is read after "<that name>\nScore:", so it is conditioned on the model's own identification
+  (the official answer order) rather than produced in one step. The context is prefilled once; each decoded
+  token is one forward pass over the (short) answer prefix. A row's continuation ends before the first of
+  `stop_texts` (or EOS), or after `max_new_tokens`. Returns (continuations [str], logits [B, V]).
+  """
+  ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt, dtype=dtype,
+                      text_budget=text_budget, patch_budget=patch_budget)
+  new = greedy_continuations(params, tokenizer, ctx, answer_prefix, cfg=cfg, max_new_tokens=max_new_tokens,
+                             stop_texts=stop_texts)
+  names = [_cut(tokenizer.decode(n), stop_texts)[0].strip() for n in new]
+  logits = _logits_after(params, tokenizer, ctx, [f"{answer_prefix} {n}{then}" for n in names], cfg)
+  return names, logits
+
+
+def _cut(text: str, stop_texts: Sequence[str]) -> Tuple[str, bool]:
+  ends = [text.find(t) for t in stop_texts if t and t in text]
+  return (text[:min(ends)] if ends else text), bool(ends)
+
+
+def greedy_continuations(params, tokenizer, ctx: Context, answer_prefix: str, *, cfg: BagelConfig,
+                         max_new_tokens: int, stop_texts: Sequence[str] = ()) -> list:
+  """Greedy token ids after BOS + `answer_prefix`, per row of a prefilled judge context, by one forward pass
+  over the whole answer prefix per step (no cache writes). A row ends at EOS (not included), once its decoded
+  text contains one of `stop_texts` (that token included), or after `max_new_tokens`."""
+  B = ctx.rope.shape[0]
+  head = [cfg.tokens.bos] + tokenizer.encode(answer_prefix)
+  new: list = [[] for _ in range(B)]
+  done = [False] * B
+  for _ in range(int(max_new_tokens)):
+    if all(done):
+      break
+    pre_ids, pre_lens = C.pad_ids([head + n for n in new])
+    nxt = np.asarray(jnp.argmax(_prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg), axis=-1))
+    for b in range(B):
+      if done[b]:
+        continue
+      if int(nxt[b]) == cfg.tokens.eos:
+        done[b] = True
+        continue
+      new[b].append(int(nxt[b]))
+      done[b] = _cut(tokenizer.decode(new[b]), stop_texts)[1]
+  return new

@@ -7,7 +7,9 @@ Two judge modes:
   and fall back to the official defaults (global 0.0, no regions) when every try fails.
 * `logits`: one forward pass per query, no decoding. The answer is prefixed with "Score:" and the
   expected value of the next-token distribution restricted to the score tokens (`logit_candidates`,
-  each a single token) is the score. Regions are asked one at a time with a one-box region prompt.
+  each a single token) is the score. Regions are asked one at a time with a one-box region prompt; with
+  `region_identify` the model first names the object in the box (greedy, "Region ID: 1\nIdentified
+  Object: ...", the official answer order) and the score is read after that name (`decoding.continue_then_logits`).
 
 Writes `rewards.jsonl` (versioned `RewardRecord`s, image paths relative to the generate dir) and
 `stats.json` (parse failures, retries, clamps, score histograms). Finished ids are skipped on restart.
@@ -117,8 +119,21 @@ class Judge:
     logits = decoding.next_token_logits(self.m.params["bagel"], self.m.tokenizer, images, texts, "Score:",
                                         cfg=self.m.cfg, system_prompt=None, dtype=self.dtype,
                                         text_budget=int(self.c.text_budget) or None)
+    return self._expectation(logits)
+
+  def _expectation(self, logits) -> List[float]:
     p = jax.nn.softmax(logits[:, self.cand_ids], axis=-1)
     return [float(v) for v in np.asarray(p @ self.cand_values)]
+
+  def _identified_expected(self, images, texts) -> List[tuple]:
+    """(score, identified object) per one-box region prompt: name the object, then the expected score."""
+    from srum_jax.inference import decoding
+    images = [self.judge_view(im) for im in images]
+    names, logits = decoding.continue_then_logits(
+        self.m.params["bagel"], self.m.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
+        cfg=self.m.cfg, max_new_tokens=int(getattr(self.c, "max_identify_tokens", 16)), dtype=self.dtype,
+        text_budget=int(self.c.text_budget) or None)
+    return list(zip(self._expectation(logits), names))
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text, rep: ScoreReport) -> List[Optional[float]]:
@@ -136,9 +151,13 @@ class Judge:
       out: List[Dict[int, tuple]] = [dict() for _ in images]
       for chunk in common.batched(flat, max(1, len(images))):
         qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
-        vals = self._expected([images[i] for i, _ in chunk], qs)
+        ims = [images[i] for i, _ in chunk]
+        if getattr(self.c, "region_identify", False):
+          vals = self._identified_expected(ims, qs)
+        else:
+          vals = [(v, None) for v in self._expected(ims, qs)]
         for (i, k), v in zip(chunk, vals):
-          out[i][k + 1] = (v, None)
+          out[i][k + 1] = v
       return out
     qs = [judge_prompts.region_prompt(p, bs) for p, bs in zip(prompts_text, boxes_list)]
     parsed = self._with_retries(
