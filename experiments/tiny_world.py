@@ -13,7 +13,7 @@ drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pr
 shipped layout) for stages A+B, then runs `pretrain.then` (stage C) as a warm start from that model into
 `<pretrain.out>/position/{model,official}`: the shipped checkpoint is the last stage's `official`. Everything
 else is the SRUM loop at the tiny model's size (32x32 images, components proposer, logits-mode self-judge on
-the 28x28 view, oracle eval on the val prompts).
+the 28x28 view that names each boxed object before scoring it, oracle eval on the val prompts).
 """
 import pathlib
 

@@ -1332,7 +1332,8 @@ def main(config, opts) -> int:
     ev = summary.get("eval")
     if ev:
       print(f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), "
-            f"regions sign-correct {ev['regions']['sign_correct']:.3f}, generation oracle "
+            f"regions sign-correct {ev['regions']['sign_correct']:.3f} (one-step answer "
+            f"{ev['regions_direct']['sign_correct']:.3f}), generation oracle "
             f"{ev['generation']['oracle_accuracy']:.3f}, judge AUC on own generations "
             f"{ev['generation']['judge_auc']}", flush=True)
   return 0

@@ -95,6 +95,31 @@ def test_generate_and_score_modes(tiny_model_dir, tmp_path):
   assert all(r["global_score"] is not None for r in recs)  # failures fall back to the default 0.0
 
 
+def test_identify_then_score_records_and_ema_training(tiny_model_dir, tmp_path):
+  """Logits-mode regions with `region_identify` record the named object next to each score; with
+  `train.ema_decay` > 0 the trained model `run` goes on with is the EMA of the weights, not the last step."""
+  import jax
+  cfg = _config(tiny_model_dir, tmp_path, **{"score.mode": "logits", "score.region_identify": True,
+                                              "train.ema_decay": 0.5})
+  model = common.load_model(tiny_model_dir)
+  items = load_prompts(cfg.prompts.train)[:2]
+  gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
+  generate.generate(cfg.generate, model, items, gen_dir, seed=0)
+  propose.propose(cfg.propose, gen_dir, prop_dir)
+  rep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  recs = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
+  assert rep.scored == 2 and rep.regions_scored >= 2
+  regions = [g for r in recs for g in r["regions"]]
+  assert regions and all(isinstance(g["object"], str) and -1 <= g["score"] <= 1 for g in regions)
+  summary = run._train(cfg, model, os.path.join(score_dir, "rewards.jsonl"), gen_dir, str(tmp_path / "train"),
+                       sft=False)
+  ema, last = summary["state"].ema, summary["state"].params["bagel"]
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), summary["params"]["bagel"], ema)
+  assert all(jax.tree.leaves(same))
+  moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ema, last)
+  assert not all(jax.tree.leaves(moved))  # the EMA lags the trained weights
+
+
 def _cli(args, **kw):
   return subprocess.Popen([sys.executable, "-m", "srum_jax", *args], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, **kw)

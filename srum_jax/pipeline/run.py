@@ -30,8 +30,11 @@ def _train(config, model: common.Model, records: str, images_root: str, workdir:
   if sft:
     with c.unlocked():
       c.train.sft_baseline = True
-  return train_stage.train(c, cfg=model.cfg, params=model.params, tokenizer=model.tokenizer, records_path=records,
-                           images_root=images_root, workdir=workdir)
+  summary = train_stage.train(c, cfg=model.cfg, params=model.params, tokenizer=model.tokenizer, records_path=records,
+                              images_root=images_root, workdir=workdir)
+  if float(c.train.ema_decay) > 0 and summary["state"].ema is not None:  # the trained model is the EMA (as BAGEL's)
+    summary["params"] = dict(summary["params"], bagel=summary["state"].ema)
+  return summary
 
 
 def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: int) -> List[str]:
