@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.timestep_shift = 1.0
   c.train.text_cond_dropout = 0.1
   c.train.batch_size = 2
-  c.train.ema_decay = 0.0  # 0: no EMA (official SRUM)
+  c.train.ema_decay = 0.0  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
   c.train.freeze = ("vit", "connector", "ae")  # top-level parameter groups held fixed
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
