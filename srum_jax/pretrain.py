@@ -1073,7 +1073,7 @@ def _score_cfg(vit_image_size: int = 28, mode: str = "logits", region_identify: 
   import types
   return types.SimpleNamespace(mode=mode, think=False, logit_candidates=SCORE_TOKENS, vit_image_size=vit_image_size,
                                text_budget=0, max_retries=1, retry_temperature=0.7, max_new_tokens_global=8,
-                               max_new_tokens_regions=64, region_identify=region_identify, max_identify_tokens=4)
+                               max_new_tokens_regions=64, region_identify=region_identify, max_identify_tokens=16)
 
 
 def _chunks(n: int, size: int):

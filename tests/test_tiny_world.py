@@ -25,8 +25,9 @@ SHIPPED = ROOT / "srum_jax" / "worlds" / "shapes" / "checkpoint"
 # pretrain's 400-pair set, 0.9975 on 1200 pairs (seed 7). Swapped-relation negatives: 0.82 here (only 22 of
 # them: one miss is 4.5 points), 1.00 on 400 pairs, 0.94 on 1200. Region signs, the target 0.90, with
 # the shapes world's scoring (`score.region_identify`: the model names the boxed object, then scores it):
-# 0.931 here, 0.941 on 400 pairs (seed 0), 0.921 on 1200 (seed 7). The one-step "Score:" answer stays a regression floor:
-# 0.887 here, 0.881 / 0.869 on 400 / 1200 (it misses boxes on the wrong object of a multi-object hard negative).
+# 0.931 here, 0.941 on 400 pairs (seed 0), 0.921 on 1200 (seed 7). The one-step "Score:" answer stays a
+# regression floor: 0.887 here, 0.881 / 0.869 on 400 / 1200 (it misses boxes on the wrong object of a
+# multi-object hard negative).
 JUDGE_ACCURACY_TARGET = 0.90
 REGION_SIGN_TARGET = 0.90
 REGION_DIRECT_FLOOR = 0.85
