@@ -80,15 +80,19 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
   assert stats["report"]["scored"] == 0 and "global_histogram" in stats
 
 
+def _generate_propose_score(cfg, model, tmp_path, n: int):
+  """The first n train prompts through generate -> propose -> score; (generate dir, score dir, ScoreReport)."""
+  gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
+  generate.generate(cfg.generate, model, load_prompts(cfg.prompts.train)[:n], gen_dir, seed=0)
+  propose.propose(cfg.propose, gen_dir, prop_dir)
+  return gen_dir, score_dir, score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+
+
 def test_generate_and_score_modes(tiny_model_dir, tmp_path):
   """generate-mode judging on an untrained model: unparsable answers are retried, then defaulted and counted."""
   cfg = _config(tiny_model_dir, tmp_path, **{"score.mode": "generate"})
   model = common.load_model(tiny_model_dir)
-  items = load_prompts(cfg.prompts.train)[:2]
-  gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  generate.generate(cfg.generate, model, items, gen_dir, seed=0)
-  propose.propose(cfg.propose, gen_dir, prop_dir)
-  rep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  gen_dir, score_dir, rep = _generate_propose_score(cfg, model, tmp_path, n=2)
   assert rep.scored == 2
   assert rep.global_failures + rep.retries >= 0
   recs = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
@@ -102,11 +106,7 @@ def test_identify_then_score_records_and_ema_training(tiny_model_dir, tmp_path):
   cfg = _config(tiny_model_dir, tmp_path, **{"score.mode": "logits", "score.region_identify": True,
                                               "train.ema_decay": 0.5})
   model = common.load_model(tiny_model_dir)
-  items = load_prompts(cfg.prompts.train)[:2]
-  gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  generate.generate(cfg.generate, model, items, gen_dir, seed=0)
-  propose.propose(cfg.propose, gen_dir, prop_dir)
-  rep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  gen_dir, score_dir, rep = _generate_propose_score(cfg, model, tmp_path, n=2)
   recs = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
   assert rep.scored == 2 and rep.regions_scored >= 2
   regions = [g for r in recs for g in r["regions"]]
