@@ -28,8 +28,7 @@ from srum_jax.rewards.parsing import strip_think
 from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
 
 __all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think",
-           "next_token_logits", "continue_then_logits",
-           "greedy_continuations"]
+           "next_token_logits", "greedy_continuations", "continue_then_logits"]
 
 
 class Generation(NamedTuple):

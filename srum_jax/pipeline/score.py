@@ -131,7 +131,7 @@ class Judge:
     images = [self.judge_view(im) for im in images]
     names, logits = decoding.continue_then_logits(
         self.m.params["bagel"], self.m.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
-        cfg=self.m.cfg, max_new_tokens=int(getattr(self.c, "max_identify_tokens", 16)), dtype=self.dtype,
+        cfg=self.m.cfg, max_new_tokens=int(self.c.max_identify_tokens), dtype=self.dtype,
         text_budget=int(self.c.text_budget) or None)
     return list(zip(self._expectation(logits), names))
 
@@ -152,7 +152,7 @@ class Judge:
       for chunk in common.batched(flat, max(1, len(images))):
         qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
         ims = [images[i] for i, _ in chunk]
-        if getattr(self.c, "region_identify", False):
+        if self.c.region_identify:
           vals = self._identified_expected(ims, qs)
         else:
           vals = [(v, None) for v in self._expected(ims, qs)]
