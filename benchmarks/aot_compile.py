@@ -47,20 +47,21 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from srum_jax import defaults, objective, sharding, train_step as ts  # noqa: E402
 from srum_jax.flops import bagel_active_params, bagel_flops  # noqa: E402
-from srum_jax.models import config as C, params as P  # noqa: E402
+from srum_jax.models import config as model_config, params as params_lib  # noqa: E402
+from srum_jax.training import optimizer, update  # noqa: E402
 
 
 def abstract_batch(cfg, rows: int):
   H, W = (int(v) for v in ARGS.image.split("x"))
   S = ARGS.samples_per_row
   ids = [[[cfg.tokens.bos] + [7] * (ARGS.text_tokens - 2) + [cfg.tokens.eos] for _ in range(S)]]
-  gen = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=ARGS.tokens_per_device,
-                      text_capacity=S * (ARGS.text_tokens + 2))
-  gen = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype), gen)
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=ARGS.tokens_per_device,
+                         text_capacity=S * (ARGS.text_tokens + 2))
+  inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype), inputs)
   K = 5
   f32 = jnp.float32
   batch = ts.SrumBatch(
-      gen=gen, images=jax.ShapeDtypeStruct((rows, S, H, W, 3), jnp.bfloat16),
+      inputs=inputs, images=jax.ShapeDtypeStruct((rows, S, H, W, 3), jnp.bfloat16),
       rewards=objective.RegionRewards(jax.ShapeDtypeStruct((rows, S, K, 4), f32), jax.ShapeDtypeStruct((rows, S, K), f32),
                                       jax.ShapeDtypeStruct((rows, S, K), jnp.bool_), jax.ShapeDtypeStruct((rows, S), f32)))
   n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
@@ -70,19 +71,19 @@ def abstract_batch(cfg, rows: int):
 
 
 def main():
-  cfg = C.get_preset(ARGS.preset)
+  cfg = model_config.get_preset(ARGS.preset)
   if cfg.vit is not None:
-    cfg = cfg.replace(vit=None)  # SRUM trains with visual_und=False (spec E.6)
+    cfg = cfg.replace(vit=None)  # SRUM trains the generation path only (the official visual_und=False)
   tcfg = defaults.base_config().train
   opts = ts.StepOptions(image_hw=tuple(int(v) for v in ARGS.image.split("x")), samples_per_row=ARGS.samples_per_row,
                         compute_dtype=jnp.bfloat16, attn_impl=ARGS.attn, remat=not ARGS.no_remat)
   schema = ts.model_schema(cfg)
-  params = P.abstract_params(schema, jnp.dtype(ARGS.param_dtype))
-  labels = ts.param_labels(params, ("ae",))
-  tx = ts.make_optimizer(tcfg, labels)
-  abstract_state = jax.eval_shape(lambda p: ts.init_state(p, tx), params)
-  n_params = P.count_params(schema["bagel"])
-  print(f"preset={ARGS.preset} params(bagel)={n_params / 1e9:.2f}B ae={P.count_params(schema['ae']) / 1e6:.1f}M "
+  params = params_lib.abstract_params(schema, jnp.dtype(ARGS.param_dtype))
+  labels = optimizer.param_labels(params, ("ae",))
+  tx = optimizer.make_optimizer(tcfg, labels)
+  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx), params)
+  n_params = params_lib.count_params(schema["bagel"])
+  print(f"preset={ARGS.preset} params(bagel)={n_params / 1e9:.2f}B ae={params_lib.count_params(schema['ae']) / 1e6:.1f}M "
         f"tokens/device={ARGS.tokens_per_device} image={ARGS.image} x{ARGS.samples_per_row}/row "
         f"remat={opts.remat} attn={opts.attn_impl} params={ARGS.param_dtype} compute=bf16 "
         f"jax={jax.__version__} backend={jax.default_backend()}")
@@ -92,7 +93,7 @@ def main():
     n = data * fsdp
     mesh = sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": 1}, jax.devices()[:n])
     batch, hw, real_tokens, lens = abstract_batch(cfg, rows=n)
-    state_sh = ts.state_shardings(cfg, tx, abstract_state, mesh)
+    state_sh = ts.state_shardings(cfg, abstract_state, mesh)
     batch_sh = ts.batch_shardings(batch, mesh)
     step = ts.shard_train_step(ts.make_train_step(cfg, opts, tx), state_sh, batch_sh, mesh)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)

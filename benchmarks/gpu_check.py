@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import time
-import types
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -31,26 +30,28 @@ PEAK = 989e12
 
 def golden(dtype_name: str):
   import conftest  # noqa: F401  (helpers only; platform already chosen)
+  from srum_jax import losses
   from srum_jax.convert import keymap
-  from srum_jax.models import bagel, config, params as P, qwen2_mot, packing
+  from srum_jax.models import bagel, config, params as params_lib, qwen2_mot, packing
   from test_bagel_forward import _t2i_rows, _noise_rows
   d = os.path.join(ROOT, "tests/fixtures/bagel_tiny")
   c = dict(load_file(f"{d}/cases.safetensors"))
   c.update(load_file(f"{d}/srum_cases.safetensors"))
   cfg = config.tiny()
   tree = conftest.tree_from_state_dict(load_file(f"{d}/weights.safetensors"), keymap.official_keys(cfg)["bagel"],
-                                       P.bagel_schema(cfg))
+                                       params_lib.bagel_schema(cfg))
   params = jax.tree.map(jnp.asarray, tree)
   dtype = jnp.float32 if dtype_name == "fp32" else jnp.bfloat16
   out = {}
   for case, bad, gt in (("gen_t2i", "padded_latent", None), ("srum", "padded_latent_bad", "packed_latent_clean_gt")):
     ids = c[f"{case}.packed_text_ids"]
     samples = _t2i_rows(c, case, [ids[0:7], ids[9:14]], bad, gt)
-    batch = bagel.build_gen_batch(cfg, [samples], num_tokens=48, text_capacity=24, latent_capacity=28)
-    noise = _noise_rows(batch, c[f"{case}.noise"])
-    o = jax.jit(lambda p, b, n: bagel.forward_gen(p, b, n, cfg=cfg, timestep_shift=cfg.timestep_shift, dtype=dtype))(
-        params, batch, noise)
-    v = np.asarray(o.v_pred[0])[np.asarray(batch.loss_mask[0])]
+    inputs, slots = bagel.build_packed_inputs(cfg, [samples], num_tokens=48, text_capacity=24, latent_capacity=28)
+    noise = _noise_rows(inputs, slots, c[f"{case}.noise"])
+    t = losses.timesteps_from_raw(slots.raw_t, cfg.timestep_shift)
+    x_t = losses.interpolate(slots.x_bad, noise, t)
+    v_pred = jax.jit(lambda p, i, x, t: bagel.forward_gen(p, i, x, t, cfg=cfg, dtype=dtype))(params, inputs, x_t, t)
+    v = np.asarray(v_pred[0])[np.asarray(slots.loss_mask[0])]
     ref = c["gen_t2i.v_pred" if case == "gen_t2i" else "srum.v_theta"]
     out[case] = float(np.abs(v - ref).max())
   # llm case: two causal samples packed in one row
@@ -67,28 +68,28 @@ def golden(dtype_name: str):
 
 def time_step(steps: int, preset: str, image: str, tokens: int, text: int):
   from srum_jax.flops import bagel_flops
-  from srum_jax import objective, train_step as ts
-  from srum_jax.models import config, params as P
+  from srum_jax import defaults, objective, train_step as ts
+  from srum_jax.models import config, params as params_lib
+  from srum_jax.training import optimizer, update
   cfg = config.get_preset(preset).replace(vit=None)
   (H, W), S, T = (int(v) for v in image.split('x')), 2, text
-  tcfg = types.SimpleNamespace(lr=2e-5, b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, warmup_steps=100, grad_clip=1.0)
   schema = ts.model_schema(cfg)
-  params = jax.jit(lambda k: P.init_params(schema, k, jnp.float32))(jax.random.key(0))
-  tx = ts.make_optimizer(tcfg, ts.param_labels(params, ("ae",)))
+  params = jax.jit(lambda k: params_lib.init_params(schema, k, jnp.float32))(jax.random.key(0))
+  tx = optimizer.make_optimizer(defaults.base_config().train, optimizer.param_labels(params, ("ae",)))
   opts = ts.StepOptions(image_hw=(H, W), samples_per_row=S, compute_dtype=jnp.bfloat16, attn_impl="chunked",
                         remat=True)
   rng = np.random.default_rng(0)
   ids = [[[cfg.tokens.bos] + list(rng.integers(0, min(cfg.llm.vocab_size, 150000) - 8, T - 2)) + [cfg.tokens.eos] for _ in range(S)]]
-  gen = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=tokens, text_capacity=S * (T + 2))
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=tokens, text_capacity=S * (T + 2))
   K = 5
-  batch = ts.SrumBatch(gen=gen, images=rng.uniform(-1, 1, (1, S, H, W, 3)).astype(np.float32),
+  batch = ts.SrumBatch(inputs=inputs, images=rng.uniform(-1, 1, (1, S, H, W, 3)).astype(np.float32),
                        rewards=objective.RegionRewards(
                            np.tile(np.array([0, 0, W // 2, H // 2], np.float32), (1, S, K, 1)),
                            rng.uniform(-1, 1, (1, S, K)).astype(np.float32), np.ones((1, S, K), bool),
                            rng.uniform(-1, 1, (1, S)).astype(np.float32)))
   batch = jax.device_put(batch)
   step = jax.jit(ts.make_train_step(cfg, opts, tx), donate_argnums=(0,))
-  state = ts.init_state(params, tx)
+  state = update.init_state(params, tx)
   t0 = time.time()
   state, m = step(state, batch, jax.random.key(1))
   jax.block_until_ready(m["loss"])
@@ -106,7 +107,7 @@ def time_step(steps: int, preset: str, image: str, tokens: int, text: int):
   n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
   real = S * (T + 2 + n_lat)
   flops = bagel_flops(cfg, real, [T + 2 + n_lat] * S)
-  print(f"{preset} preset: {P.count_params(schema['bagel']) / 1e9:.2f}B params, tokens/step {real} (budget {tokens}), "
+  print(f"{preset} preset: {params_lib.count_params(schema['bagel']) / 1e9:.2f}B params, tokens/step {real} (budget {tokens}), "
         f"compile+first step {compile_s:.1f}s, loss {float(m['loss']):.4f}")
   print(f"step time median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={steps}); "
         f"{real / med:.0f} tokens/s; MFU (BAGEL formula {flops:.3e} FLOPs) = {flops / med / PEAK * 100:.1f}% of 989 TFLOP/s")

@@ -49,7 +49,7 @@ def oracle_checked_candidates(workdir: str):
 
 def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
   """Self-judge vs oracle on the round-0 candidates."""
-  from srum_jax.pretrain import roc_auc
+  from srum_jax.metrics import roc_auc
   g, ok, r_mean = [], [], []
   for rec, im, verdict in oracle_checked_candidates(workdir):
     g.append(float(rec.get("global_score") or 0.0))
@@ -83,8 +83,8 @@ def oracle_filtered_sft(cfg) -> dict:
     for rec, _, verdict in oracle_checked_candidates(cfg.workdir):
       if verdict:
         f.write(json.dumps(rec) + "\n")
-  base = common.load_model(cfg.model.dir)
-  summary = run._train(cfg, base, records, os.path.join(rd, "generate"), out, sft=True)
+  base = common.load_model(common.resolve_model_dir(cfg))
+  summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out, objective_name="sft")
   model = common.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
   return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompts.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
@@ -117,22 +117,20 @@ def main():
       cfg.seed = cfg.seed + 1000 * seed
       cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
       cfg.workdir = os.path.join(a.workdir, f"seed_{seed}")
-      cfg.run.sft_baseline = True
+      cfg.run.sft_control = True
     base_eval = os.path.join(cfg.workdir, "eval", "base")
     first = os.path.join(a.workdir, f"seed_{seeds[0]}", "eval", "base")
     if seed != seeds[0] and os.path.isdir(first) and not os.path.exists(base_eval):
       shutil.copytree(first, base_eval)  # resumable stage: the copied images are judged again, not redrawn
-    common.resolve_model_dir(cfg)
     tables[seed] = dict(run.run(cfg)["tables"])
     diags[seed] = candidate_diagnostics(cfg.workdir, bool(cfg.srum.signed_rewards))
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
     for v in lever_values:  # same candidates and rewards, another SRUM setting
       lc = config_utils.load_config(a.config, {**overrides, lever_key: v})
       with lc.unlocked():
-        lc.seed, lc.run.sft_baseline = cfg.seed, False
+        lc.seed, lc.run.sft_control = cfg.seed, False
         lc.workdir = os.path.join(a.workdir, f"seed_{seed}", f"lever_{lever_key}={v}")
       _copy_stage_dirs(cfg.workdir, lc.workdir)
-      common.resolve_model_dir(lc)
       tables[seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = run.run(lc)["tables"]["srum"]
     if a.oracle_ceiling:
       tables[seed]["oracle_sft"] = oracle_filtered_sft(cfg)

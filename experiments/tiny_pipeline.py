@@ -4,6 +4,7 @@ checkpoint), shapes-world prompts, 32x32 images, 3 flow steps, components propos
     python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
 """
 from srum_jax import defaults
+from srum_jax.pipeline.prompts import prompt_source
 
 SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
@@ -14,8 +15,8 @@ def get_config(arg=None):
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"
-  c.prompts.train = {"source": "python", "function": SHAPES, "kwargs": {"split": "train", "per_category": 1}}
-  c.prompts.val = {"source": "python", "function": SHAPES, "kwargs": {"split": "val", "per_category": 1}}
+  c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 1})
+  c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 1})
   for g in (c.generate, c.eval_generate):
     g.batch_size = 8  # divides over the 8 simulated test devices (data-parallel sampling)
     g.height = g.width = 32
@@ -46,7 +47,6 @@ def get_config(arg=None):
   c.train.sample_every = 1
   c.train.log_every = 1
   c.train.timestep_shift = 2.0
-  c.run.rounds = 1
-  c.run.sft_baseline = True
+  c.run.sft_control = True
   c.run.report_images = 5
   return c

@@ -12,7 +12,8 @@ import sys
 import types
 from typing import Callable, Dict, List, Tuple
 
-# name -> ("module:function", help). Config commands get (config, flags); raw commands get argv.
+# name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw commands
+# get argv.
 CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "show-config": ("srum_jax.cli:show_config", "print the resolved config"),
     "sweep": ("srum_jax.cli:sweep", "expand get_sweep(): run points sequentially, or print them (--dry_run)"),
@@ -22,7 +23,7 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "train": ("srum_jax.pipeline.commands:train_main", "SRUM post-training on the reward records"),
     "eval": ("srum_jax.pipeline.commands:eval_main", "generate for held-out prompts and judge them"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
-    "pretrain": ("srum_jax.pretrain:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
+    "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
@@ -90,13 +91,13 @@ def _run_config_command(name: str, argv: List[str]) -> int:
   if fv.workdir is not None:
     with config.unlocked():
       config.workdir = fv.workdir
-  opts = types.SimpleNamespace(
+  cli_flags = types.SimpleNamespace(
       config_spec=next(a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
       dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
       argv=list(argv[1:]))
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  return int(_resolve(CONFIG_COMMANDS[name][0])(config, opts) or 0)
+  return int(_resolve(CONFIG_COMMANDS[name][0])(config, cli_flags) or 0)
 
 
 def main(argv: List[str] | None = None) -> int:

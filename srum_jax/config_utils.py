@@ -6,7 +6,6 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` and ma
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 import shlex
 import sys

@@ -1,11 +1,24 @@
 """The base experiment config every `experiments/*.py` file starts from (big_vision `get_config` style).
 
-Keys are grouped by pipeline stage; an experiment changes what differs from here. Values mirror the
-official SRUM / BAGEL recipe unless noted (spec section E.6 and B.2).
+Every key any stage reads is declared here, so an override of a key that does not exist fails before any
+work starts, and code reads keys directly (no fallback values in code). Keys are grouped by pipeline stage;
+values are the official SRUM / BAGEL recipe unless a comment says otherwise, so the paper's recipe is stated
+here once and an experiment changes only what differs (model size, sharding, resolution).
 """
 from __future__ import annotations
 
 import ml_collections
+
+from srum_jax.pipeline.prompts import prompt_source
+
+
+def optimizer_block(**values) -> ml_collections.ConfigDict:
+  """The keys `training.optimizer.make_optimizer` reads (defaults: SRUM post-training: AdamW lr 2e-5, betas
+  0.9/0.95, eps 1e-15, no weight decay, 100 warm-up updates then constant, clip 1.0)."""
+  block = ml_collections.ConfigDict(dict(lr=2e-5, lr_decay="constant", min_lr_ratio=0.0, warmup_steps=100,
+                                         b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0))
+  block.update(values)
+  return block
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -13,11 +26,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42
   c.workdir = "outputs/run"
 
-  # Model: a converted model directory (orbax + model_config.json) or a preset with random weights.
+  # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official checkpoint
+  # directory (safetensors + json) that is converted into <workdir>/converted_model on first use.
   c.model = ml_collections.ConfigDict()
-  c.model.dir = ""  # `python -m srum_jax convert` output; empty -> random init of `preset`
-  c.model.official_dir = ""  # or an official checkpoint dir: converted into <workdir>/converted_model first
-  c.model.preset = "tiny"  # tiny | mid | bagel_7b_mot
+  c.model.dir = ""  # `python -m srum_jax convert` output
+  c.model.official_dir = ""  # used instead of `dir` when set
+  c.model.preset = "tiny"  # tiny | tiny_world | mid | bagel_7b_mot (benchmarks and tests build random models)
   c.model.param_dtype = "float32"  # float32 | bfloat16
   c.model.compute_dtype = "bfloat16"
   c.model.attn_impl = "dense"  # dense | chunked
@@ -27,24 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = []
 
-  # SRUM objective (spec E.1, E.2).
+  # SRUM objective: L = mean(R (v - (eps - x_bad))^2) + lambda * mean((v - (eps - x_gt))^2).
   c.srum = ml_collections.ConfigDict()
   c.srum.lambda_constraint = 0.5
   c.srum.signed_rewards = False
   c.srum.use_local = True  # region rewards
   c.srum.use_global = True  # global layout reward
-  c.srum.drop_zero_global = True  # official formatting filter (E.3)
+  c.srum.drop_zero_global = True  # official formatting filter: records whose global score is 0.0 are dropped
 
-  # Post-training (spec E.6).
-  c.train = ml_collections.ConfigDict()
+  # Post-training (SRUM's scripts/train_reg_comp.sh).
+  c.train = optimizer_block()
+  c.train.objective = "srum"  # srum | sft (R == 1 and lambda = 0: plain flow matching on the same data)
   c.train.steps = 309
-  c.train.lr = 2e-5
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.eps = 1e-15
-  c.train.weight_decay = 0.0
-  c.train.warmup_steps = 100
-  c.train.grad_clip = 1.0
   c.train.timestep_shift = 1.0
   c.train.text_cond_dropout = 0.1
   c.train.batch_size = 2
@@ -54,10 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.log_every = 10
   c.train.sample_every = 100  # PNG grid of training images with reward overlays (0: never)
-  c.train.sft_baseline = False  # uniform rewards and lambda 0: plain flow matching on the same data
   c.train.sample_posterior = True  # VAE posterior sample (official) vs. its mean
   # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
-  c.train.records = ""  # "" -> <workdir>/records.jsonl
+  c.train.records = ""  # "" -> <workdir>/score/rewards.jsonl (the score stage's output)
   c.train.images_root = ""
   c.train.image_hw = (1024, 1024)  # training resolution (H, W); boxes are scaled from each image's size
   c.train.samples_per_row = 2  # T2I samples packed per row (official: ~2 per GPU at 8192 tokens)
@@ -69,12 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Prompt sets (srum_jax.pipeline.prompts.load_prompts): file / tfds / python sources.
   c.prompts = ml_collections.ConfigDict()
-  c.prompts.train = ml_collections.ConfigDict({"source": "tfds", "name": "t2i_compbench", "split": "train",
-                                               "path": "", "function": "", "limit": None})
-  c.prompts.val = ml_collections.ConfigDict({"source": "tfds", "name": "t2i_compbench", "split": "val",
-                                             "path": "", "function": "", "limit": None})
+  c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
+  c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
 
-  # Candidate generation (spec B.2 / E.6: think mode, 50 steps, cfg 4.0, interval [0.4, 1], shift 3.0).
+  # Candidate generation (official t2i inference: think mode, 50 steps, cfg 4.0 in [0.4, 1], shift 3.0).
   c.generate = ml_collections.ConfigDict()
   c.generate.batch_size = 4
   c.generate.samples_per_prompt = 1
@@ -92,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
   c.generate.data_parallel = True  # split each batch over the local devices (batch_size must divide)
 
-  # Region proposals (spec E.5).
+  # Region proposals (official: SAM, up to 5 boxes).
   c.propose = ml_collections.ConfigDict()
   c.propose.name = "sam"  # sam | felzenszwalb | components | grid
   c.propose.max_regions = 5
@@ -100,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.propose.box_mode = "official"
   c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
 
-  # Self-judging (spec E.4).
+  # Self-judging (official srum_data_infer/vlm.py prompts).
   c.score = ml_collections.ConfigDict()
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
@@ -117,7 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.region_identify = False
   c.score.max_identify_tokens = 16
   c.score.text_budget = 0
-  c.score.vit_image_size = 0  # 0: official ViT transform; N (multiple of 14): resize to N x N (tiny worlds)
+  # 0: the official ViT transform; N (a multiple of 14): the judge sees images resized to N x N (tiny worlds;
+  # pretraining's understanding data uses the same view)
+  c.score.vit_image_size = 0
 
   # Evaluation: held-out prompts, generation settings of their own, a pluggable judge.
   c.eval = ml_collections.ConfigDict()
@@ -132,7 +139,86 @@ def base_config() -> ml_collections.ConfigDict:
   # The closed loop.
   c.run = ml_collections.ConfigDict()
   c.run.rounds = 1
-  c.run.sft_baseline = False
+  c.run.sft_control = False  # also train and evaluate the SFT control on round 0's candidates
   c.run.report_images = 8
 
+  # Pretraining a tiny UMM from scratch on a synthetic world (`python -m srum_jax pretrain`).
+  c.pretrain = pretrain_stage()
+  c.pretrain.then = pretrain_stage()  # a second stage in the same command, warm-started from the first
+  c.pretrain.then.name = c.pretrain.then.out = ""  # name "": no second stage
   return c
+
+
+def pretrain_stage() -> ml_collections.ConfigDict:
+  """One pretraining stage: A (the autoencoder, unless reused) and B (the UMM), or a warm-started stage.
+
+  Values are the shapes world's stage A+B on 2 CPU cores (`experiments/tiny_world.py` states them).
+  """
+  p = ml_collections.ConfigDict()
+  p.name = "AB"  # "" as `then`: no next stage
+  p.out = "outputs/pretrain"  # "" as `then`: <pretrain.out>/<then.name>
+  p.init_from = ""  # warm start from a model dir's params (its AE too); "" as `then`: <pretrain.out>/model
+  p.resume = True  # continue from <out>/state when it exists; a finished stage is kept by a rerun of a chain
+  p.seed = 0
+  p.preset = "tiny_world"
+  p.max_seconds = 4800.0  # wall-clock cap of the stage (A + B), compilation included, eval excluded
+  p.compute_dtype = "float32"
+  p.eval_dtype = "float32"
+  p.save_dtype = "float32"
+  p.data_workers = 0  # spawned host-data processes
+  p.log_every = 50  # host syncs: rarer is faster
+  p.snapshot_every_seconds = 1200.0  # save <out>/state (resumable) + <out>/snapshot (0: never)
+  # Stage A: the autoencoder (cosine schedule over its steps).
+  p.ae = optimizer_block(lr=2e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=50, b2=0.99, eps=1e-8)
+  p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
+  p.ae.steps = 1450
+  p.ae.max_seconds = 600.0
+  p.ae.batch = 32
+  p.ae.kl_weight = 1e-4
+  p.ae.check_images = 128  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
+  # Stage B: the UMM; one step = one generation batch + one understanding batch (cosine schedule).
+  p.umm = optimizer_block(lr=1e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=100, b2=0.98, eps=1e-8,
+                          weight_decay=0.01)
+  p.umm.steps = 19000
+  p.umm.und_weight = 1.0
+  p.umm.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
+  p.umm.number_init = True  # number words start from sin-cos features of their value
+  p.umm.vit_pos_init_std = 0.0  # > 0: the ViT position embedding is redrawn at this std
+  p.umm.und_rows = 8  # understanding rows per step, judge examples packed into them
+  p.umm.und_tokens = 128  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)
+  p.umm.und_samples_per_row = 3
+  p.umm.logit_capacity = 64  # scored answer tokens per row
+  p.umm.gen_rows = 1  # generation gets the smaller share: kept imperfect by budget
+  p.umm.gen_samples_per_row = 4
+  p.umm.gen_text_len = 13  # BOS + the longest prompt (11 words) + EOS
+  p.umm.timestep_shift = 1.0
+  p.umm.text_cond_dropout = 0.1
+  # The understanding data mix (train prompts only).
+  p.data = ml_collections.ConfigDict()
+  p.data.tasks = ml_collections.ConfigDict({"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15})
+  p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
+  p.data.negative_kind_weights = ml_collections.ConfigDict(
+      {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})
+  p.data.easy_negatives = 0.05  # the scene of another prompt
+  p.data.distractors = 0.05  # an extra object of a kind the prompt does not name (still true)
+  p.data.background_box = 0.2
+  p.data.box_jitter = 0.5
+  p.data.blur = 0.3
+  p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
+  p.data.relations_only = False  # True: judge questions on prompts with a relation only (a curriculum phase)
+  # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces).
+  p.phases = ()
+  # Evaluation on val prompts at the end (`pretrain.evaluate.evaluate_model`).
+  p.eval = ml_collections.ConfigDict()
+  p.eval.enabled = True
+  p.eval.seed = 0
+  p.eval.num_pairs = 400
+  p.eval.num_generate_mode = 32
+  p.eval.num_locate = 0
+  p.eval.num_gen_per_category = 0  # 0: every val prompt
+  p.eval.gen_steps = 16
+  p.eval.gen_cfg_scale = 3.0
+  p.eval.gen_timestep_shift = 1.0
+  p.eval.gen_cfg_interval = (0.0, 1.0)
+  p.eval.batch_size = 32
+  return p

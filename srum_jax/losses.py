@@ -1,4 +1,6 @@
-"""Flow-matching losses: timestep sampling (spec A.13), plain flow loss, SRUM's reward-weighted loss (E.1).
+"""Flow matching, one definition of each formula: timestep shift, training times from raw draws,
+interpolation, target velocity, and SRUM's reward-weighted loss (the plain flow loss is its R = 1, lambda = 0
+case). Training (`train_step.srum_loss`) and sampling (`inference.sampling`) both call these.
 
 Conventions: x_t = (1 - t) x0 + t eps, target velocity v* = eps - x0 (data -> noise). Losses are computed
 in float32 (float64 inputs stay float64) over packed latent tokens [N, C] (or [B, N, C]) with a token mask;
@@ -11,8 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["shift_timesteps", "sample_timesteps", "timesteps_from_raw", "interpolate", "flow_target",
-           "flow_loss", "srum_flow_loss"]
+__all__ = ["shift_timesteps", "timesteps_from_raw", "interpolate", "flow_target", "srum_flow_loss"]
 
 
 def shift_timesteps(t, shift: float):
@@ -22,14 +23,9 @@ def shift_timesteps(t, shift: float):
 
 
 def timesteps_from_raw(raw, shift: float):
-  """Flow times from the pipeline's raw N(0, 1) draws: shift(sigmoid(raw)); raw = -inf gives t = 0 (clean
-  conditioning image)."""
+  """Training flow times from raw N(0, 1) draws (logit-normal, then shifted): shift(sigmoid(raw)), as
+  BAGEL's training loop; raw = -inf gives t = 0 (a clean conditioning image)."""
   return shift_timesteps(jax.nn.sigmoid(jnp.asarray(raw, jnp.float32)), shift)
-
-
-def sample_timesteps(key, shape, shift: float):
-  """Logit-normal times: sigmoid of N(0, 1), then shifted."""
-  return timesteps_from_raw(jax.random.normal(key, shape, jnp.float32), shift)
 
 
 def interpolate(x0, noise, t):
@@ -66,16 +62,10 @@ def _mean(per_token, m, c):
   return jnp.where(count > 0, jnp.sum(per_token) / jnp.maximum(count, 1.0), 0.0)
 
 
-def flow_loss(v_pred, noise, x0, token_mask: Optional[jax.Array] = None):
-  """Plain flow-matching loss mean((v - (eps - x0))^2) over valid tokens and channels (SFT baseline:
-  `srum_flow_loss` with R = 1 and lambda = 0)."""
-  per_tok, m, c = _masked_sq_err(v_pred, flow_target(_f32(x0), _f32(noise)), token_mask)
-  return _mean(per_tok, m, c)
-
-
 def srum_flow_loss(v_pred, noise, x_bad, x_gt, token_rewards, token_mask: Optional[jax.Array] = None,
                    lambda_constraint: float = 0.5):
-  """SRUM loss L = mean(R (v - (eps - x_bad))^2) + lambda * mean((v - (eps - x_gt))^2) (spec E.1).
+  """SRUM loss L = mean(R (v - (eps - x_bad))^2) + lambda * mean((v - (eps - x_gt))^2), as SRUM's
+  `modeling/bagel/bagel.py`; R = 1 and lambda = 0 is BAGEL's plain flow-matching loss.
 
   v_pred, noise, x_bad, x_gt: [..., N, C] packed latent tokens (x_bad is the noised latent); token_rewards:
   [..., N] (`token_rewards` of the reward maps); token_mask: [..., N] bool (None = all valid). Means are

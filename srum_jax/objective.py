@@ -3,12 +3,16 @@
 Pure and jit-able with static image/latent sizes; shard the batch dim over the mesh's data axes and the
 result equals the single-device one (the means are global over the batch, XLA inserts the reductions).
 
-    rewards = RegionRewards(boxes, scores, valid, global_scores)        # [B, K, 4], [B, K], [B, K], [B]
-    r_tok = per_token_rewards(rewards, image_hw=(H, W), latent_hw=(h, w))   # [B, h*w]
-    loss, aux = srum_flow_loss(v_pred, noise, x_bad, x_gt, r_tok, mask, lambda_constraint)
+    rewards = RegionRewards(boxes, scores, valid, global_scores)   # [..., K, 4], [..., K], [..., K], [...]
+    levers = RewardLevers()                                         # the official map; ablations flip fields
+    maps = reward_maps(rewards, image_hw=(H, W), levers=levers)     # [..., H, W]: what the loss weighs (and the
+                                                                    # training pictures show)
+    loss, aux = srum_objective(rewards, v_pred, noise, x_bad, x_gt, token_mask, image_hw=(H, W),
+                               latent_hw=(h, w), lambda_constraint=0.5, levers=levers)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Tuple
 
 import jax
@@ -19,34 +23,59 @@ from srum_jax.rewards import reward_map, resize_reward_map
 
 
 class RegionRewards(NamedTuple):
-  """Judged regions of B images: boxes [B, K, 4] pixels, scores [B, K], valid [B, K], global_scores [B]."""
+  """Judged regions of images with leading dims [...]: boxes [..., K, 4] pixels, scores [..., K],
+  valid [..., K] (False = padding), global_scores [...]."""
   boxes: jax.Array
   scores: jax.Array
   valid: jax.Array
   global_scores: jax.Array
 
 
-def per_token_rewards(r: RegionRewards, *, image_hw: Tuple[int, int], latent_hw: Tuple[int, int],
-                      signed: bool = False, use_local: bool = True, use_global: bool = True) -> jax.Array:
-  """[B, h*w] rewards: the dense map at image resolution, bilinearly resized to the latent token grid.
+@dataclasses.dataclass(frozen=True)
+class RewardLevers:
+  """How judged regions become the reward R (static: part of the compiled step).
 
-  use_local=False drops the region terms (global-only map), use_global=False sets g = 1 (region-only
-  map, (g+1)/2 = 1): the two ablation levers of the paper.
+  use_local=False drops the region terms (global-only map); use_global=False sets g = 1 (region-only map,
+  (g+1)/2 = 1): the paper's two ablations. signed: the signed map variant (`rewards.reward_map`).
+  uniform: R == 1 everywhere (the SFT control; pair it with lambda_constraint = 0).
   """
-  valid = r.valid if use_local else jnp.zeros_like(r.valid)
-  g = r.global_scores if use_global else jnp.ones_like(r.global_scores)
-  maps = reward_map(r.boxes, r.scores, valid, g, height=image_hw[0], width=image_hw[1], signed=signed)
+  use_local: bool = True
+  use_global: bool = True
+  signed: bool = False
+  uniform: bool = False
+
+
+def reward_maps(r: RegionRewards, *, image_hw: Tuple[int, int], levers: RewardLevers = RewardLevers()) -> jax.Array:
+  """[..., H, W] reward maps at image resolution under `levers`."""
+  lead = r.global_scores.shape
+  if levers.uniform:
+    return jnp.ones(lead + tuple(image_hw), jnp.float32)
+  flat = jax.tree.map(lambda a: jnp.reshape(a, (-1,) + jnp.shape(a)[len(lead):]), r)
+  valid = flat.valid if levers.use_local else jnp.zeros_like(flat.valid)
+  g = flat.global_scores if levers.use_global else jnp.ones_like(flat.global_scores)
+  maps = reward_map(flat.boxes, flat.scores, valid, g, height=image_hw[0], width=image_hw[1], signed=levers.signed)
+  return maps.reshape(lead + tuple(image_hw))
+
+
+def per_token_rewards(r: RegionRewards, *, image_hw: Tuple[int, int], latent_hw: Tuple[int, int],
+                      levers: RewardLevers = RewardLevers()) -> jax.Array:
+  """[B, S*h*w] rewards for rewards with leading dims [B] (S = 1) or [B, S]: each image's map bilinearly
+  resized to its latent token grid, images of a row in order."""
+  B = r.global_scores.shape[0]
   h, w = latent_hw
-  return resize_reward_map(maps, h, w).reshape(maps.shape[0], h * w)
+  if levers.uniform:  # exactly 1 (a resized constant map could be 1 +- an ulp)
+    return jnp.ones((B, r.global_scores.size // B * h * w), jnp.float32)
+  maps = reward_maps(r, image_hw=image_hw, levers=levers)
+  maps = maps.reshape((-1,) + tuple(image_hw))
+  return resize_reward_map(maps, h, w).reshape(B, -1)
 
 
 def srum_objective(r: RegionRewards, v_pred, noise, x_bad, x_gt, token_mask, *, image_hw, latent_hw,
-                   lambda_constraint: float, signed: bool = False, use_local: bool = True,
-                   use_global: bool = True):
-  """Loss for one image per row: tokens [B, h*w, C]. Returns (loss, aux with the two terms and mean R)."""
-  r_tok = per_token_rewards(r, image_hw=image_hw, latent_hw=latent_hw, signed=signed, use_local=use_local,
-                            use_global=use_global)
+                   lambda_constraint: float, levers: RewardLevers = RewardLevers()):
+  """SRUM loss for rows of images: tokens [B, S*h*w, C] (S images of one latent grid per row, in order),
+  rewards with leading dims [B] or [B, S]. Returns (loss, aux: the two terms and the mean reward R)."""
+  r_tok = per_token_rewards(r, image_hw=image_hw, latent_hw=latent_hw, levers=levers)
   loss, aux = losses.srum_flow_loss(v_pred, noise, x_bad, x_gt, r_tok, token_mask, lambda_constraint)
-  m = token_mask.astype(jnp.float32)
+  m = jnp.ones(r_tok.shape, jnp.float32) if token_mask is None else jnp.asarray(token_mask, jnp.float32)
   aux = dict(aux, reward_mean=jnp.sum(r_tok * m) / jnp.maximum(jnp.sum(m), 1.0))
   return loss, aux

@@ -10,11 +10,11 @@ is a config change (mesh shape and rules), never a model-code change.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -62,7 +62,7 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_mesh_spec(logical: Union[P, Sequence[Optional[str]]], rules=DEFAULT_RULES) -> P:
+def logical_to_mesh_spec(logical: Union[PartitionSpec, Sequence[Optional[str]]], rules=DEFAULT_RULES) -> PartitionSpec:
   """PartitionSpec over mesh axes for a tuple of logical names; a mesh axis is used at most once."""
   table = dict(rules)
   used = set()
@@ -76,10 +76,10 @@ def logical_to_mesh_spec(logical: Union[P, Sequence[Optional[str]]], rules=DEFAU
     axes = tuple(a for a in axes if a not in used)
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else (axes or None))
-  return P(*out)
+  return PartitionSpec(*out)
 
 
-def _fit(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> P:
+def _fit(spec: PartitionSpec, shape: Tuple[int, ...], mesh: Mesh) -> PartitionSpec:
   """Drop mesh axes that do not divide the dimension they shard (replicate that dim instead)."""
   fitted = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -89,12 +89,12 @@ def _fit(spec: P, shape: Tuple[int, ...], mesh: Mesh) -> P:
     axes = (entry,) if isinstance(entry, str) else tuple(entry)
     n = int(np.prod([mesh.shape[a] for a in axes]))
     fitted.append(entry if dim % n == 0 else None)
-  return P(*fitted)
+  return PartitionSpec(*fitted)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes=None):
   """Map a tree of logical PartitionSpecs to NamedShardings; with `shapes`, non-dividing axes replicate."""
-  is_leaf = lambda x: isinstance(x, P)
+  is_leaf = lambda x: isinstance(x, PartitionSpec)
   if shapes is None:
     return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), logical_tree,
                         is_leaf=is_leaf)
@@ -109,7 +109,7 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
+  return NamedSharding(mesh, PartitionSpec())
 
 
 def mesh_from_config(cfg) -> Mesh:

@@ -1,4 +1,4 @@
-"""The Qwen2 tokenizer with BAGEL's special tokens (spec A.10, C.2), through `transformers`.
+"""The Qwen2 tokenizer with BAGEL's special tokens (docs/bagel.md, "Special tokens"), through `transformers`.
 
 `load_tokenizer(model_dir)` reads `tokenizer.json` (a `tokenizers` byte-level BPE file, as shipped with
 Qwen2.5 / BAGEL) into a `PreTrainedTokenizerFast`, adds `<|im_start|>`, `<|im_end|>`, `<|vision_start|>`,
@@ -54,7 +54,7 @@ def _token_id(hf, token: str) -> Optional[int]:
 
 
 def from_hf(hf) -> Tokenizer:
-  """Wrap a transformers tokenizer, adding BAGEL's special tokens that it lacks (A.10)."""
+  """Wrap a transformers tokenizer, adding BAGEL's special tokens that it lacks."""
   missing = [t for t in SPECIAL_TOKENS if _token_id(hf, t) is None]
   if missing:
     hf.add_special_tokens({"additional_special_tokens": missing})

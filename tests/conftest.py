@@ -47,8 +47,8 @@ def golden_ae_weights():
 def tree_from_state_dict(state_dict, entries, schema):
   """Official-name numpy state dict -> parameter tree, via the converter's key table (test helper)."""
   from srum_jax.convert import keymap
-  from srum_jax.models import params as P
-  tree = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), schema, is_leaf=P.is_spec)
+  from srum_jax.models import params as params_lib
+  tree = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), schema, is_leaf=params_lib.is_spec)
   for key, e in entries.items():
     value = state_dict[key]
     perm = keymap.PERMS[e.transform]
@@ -71,10 +71,10 @@ def tiny_cfg():
 def tiny_params(tiny_cfg, golden_weights, golden_ae_weights):
   """{'bagel': ..., 'ae': ...} trees of the golden tiny model (float32 numpy)."""
   from srum_jax.convert import keymap
-  from srum_jax.models import params as P
+  from srum_jax.models import params as params_lib
   keys = keymap.official_keys(tiny_cfg)
-  return {"bagel": tree_from_state_dict(golden_weights, keys["bagel"], P.bagel_schema(tiny_cfg)),
-          "ae": tree_from_state_dict(golden_ae_weights, keys["ae"], P.ae_schema(tiny_cfg.ae))}
+  return {"bagel": tree_from_state_dict(golden_weights, keys["bagel"], params_lib.bagel_schema(tiny_cfg)),
+          "ae": tree_from_state_dict(golden_ae_weights, keys["ae"], params_lib.ae_schema(tiny_cfg.ae))}
 
 
 JUDGE_WORDS = ("Score:", "Reason:", "Region", "ID:", "Identified", "Object:", "-1.0", "-0.5", "0.0", "0.5", "1.0")

@@ -1,4 +1,4 @@
-"""Packing builder, the A.9 mask rule (against the stored golden masks), RoPE, dense/chunked attention."""
+"""Packing builder, the packed-sequence mask rule (against the stored golden masks), RoPE, dense/chunked attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +100,7 @@ def test_builder_rows_split_ids_and_errors():
 
 
 def test_mask_noise_split_is_hidden_from_later_splits():
-  """The golden layouts end with their noise split; here splits follow it (A.9's noise bullet)."""
+  """The golden layouts end with their noise split; here splits follow it (no split may see a noise split)."""
   s0 = [packing.text(3), Split("vae_noise", 1), packing.text(2), Split("vit", 1)]
   s1 = [packing.text(2)]
   pk = packing.pack([[s0, s1]], 14, text_capacity=14, vit_capacity=1, latent_capacity=1)
@@ -117,7 +117,7 @@ def test_mask_noise_split_is_hidden_from_later_splits():
 
 def test_mask_rule_for_kv_cache_layout():
   """Cached keys (text, ViT block, text) + a causal decode split: every cached key, causal among the new
-  tokens (B.1's bottom-right alignment j <= i + kv_len); a full query block sees the cache and itself."""
+  tokens (bottom-right alignment j <= i + kv_len); a full query block sees the cache and itself."""
   kv, nq = 9, 3
   cache = TokenMeta(sample_id=np.array([[0] * kv]), split_id=np.array([[0, 0, 1, 1, 1, 1, 2, 2, 2]]),
                     mode=np.array([[CAUSAL] * 2 + [FULL] * 4 + [CAUSAL] * 3]), index=np.arange(kv)[None],

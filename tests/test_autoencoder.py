@@ -1,4 +1,4 @@
-"""FLUX autoencoder (NHWC) against the official golden case `vae` (spec A.12)."""
+"""FLUX autoencoder (NHWC) against the official golden case `vae`."""
 import functools
 
 import jax

@@ -11,12 +11,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import FIXTURES, GOLDEN
-from srum_jax import sharding as S
+from srum_jax import sharding
 from srum_jax.convert import checkpoint, flax_to_hf, hf_to_flax, keymap
-from srum_jax.models import config as C
-from srum_jax.models import params as P
+from srum_jax.models import config
+from srum_jax.models import params as params_lib
 
-TINY_FLAGS = dict(timestep_shift=2.0, ae_resolution=32, tokens=C.SpecialTokens(120, 121, 122, 123))
+TINY_FLAGS = dict(timestep_shift=2.0, ae_resolution=32, tokens=config.SpecialTokens(120, 121, 122, 123))
 VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
 
 
@@ -58,9 +58,9 @@ def test_expected_shapes_equal_7b_table(monkeypatch):
   """Schema-derived official keys/shapes == the table built from the official module tree (1223 + 244)."""
   def no_init(*a, **k):
     raise AssertionError("expected_official_shapes must not initialise weights")
-  monkeypatch.setattr(P, "init_params", no_init)
+  monkeypatch.setattr(params_lib, "init_params", no_init)
   table = json.loads((FIXTURES / "bagel_7b_state_dict_shapes.json").read_text())
-  got = keymap.expected_official_shapes(C.bagel_7b_mot())
+  got = keymap.expected_official_shapes(config.bagel_7b_mot())
   for part, n in (("bagel", 1223), ("ae", 244)):
     want = {k: tuple(v) for k, v in table[part].items()}
     assert len(got[part]) == len(want) == n
@@ -71,7 +71,7 @@ def test_expected_shapes_equal_7b_table(monkeypatch):
 
 def test_expected_shapes_without_vit():
   table = json.loads((FIXTURES / "bagel_7b_state_dict_shapes.json").read_text())
-  got = keymap.expected_official_shapes(C.bagel_7b_mot().replace(vit=None))
+  got = keymap.expected_official_shapes(config.bagel_7b_mot().replace(vit=None))
   want = {k: tuple(v) for k, v in table["bagel"].items() if not k.startswith(VIT_PREFIXES)}
   # 26 ViT layers x 16 tensors, patch w/b + position, post_layernorm w/b, connector 4, vit_pos_embed
   assert got["bagel"] == want and len(want) == 1223 - 26 * 16 - 3 - 2 - 4 - 1
@@ -79,7 +79,7 @@ def test_expected_shapes_without_vit():
 
 def test_keymap_transforms_by_hand():
   """Spot checks written independently of the schema walk (und/gen, layer index, transpose kind)."""
-  k = keymap.official_keys(C.tiny())
+  k = keymap.official_keys(config.tiny())
   b, a = k["bagel"], k["ae"]
   assert b["language_model.model.layers.1.self_attn.q_proj_moe_gen.weight"] == (
       ("llm", "layers", "gen", "q_proj", "kernel"), 1, "linear")
@@ -103,8 +103,8 @@ def test_keymap_transforms_by_hand():
 
 
 def test_config_dict_round_trip():
-  for name in C.PRESETS:
-    cfg = C.get_preset(name)
+  for name in config.PRESETS:
+    cfg = config.get_preset(name)
     assert checkpoint.config_from_dict(json.loads(json.dumps(checkpoint.config_to_dict(cfg)))) == cfg
   with pytest.raises(ValueError, match="bogus"):
     checkpoint.config_from_dict({"bogus": 1})
@@ -117,7 +117,7 @@ def test_tiny_round_trip_bit_exact(tmp_path, golden_weights, golden_ae_weights):
   """official -> model dir -> official: every key and value bit-exact in fp32; config fully inferred."""
   src = _official_dir(tmp_path)
   cfg, params = hf_to_flax.convert(str(src), str(tmp_path / "model"), dtype="fp32", **TINY_FLAGS)
-  assert cfg == C.tiny()  # max_latent_size 8, vit_max_num_patch_per_side 8, AE structure: from shapes
+  assert cfg == config.tiny()  # max_latent_size 8, vit_max_num_patch_per_side 8, AE structure: from shapes
   assert (tmp_path / "model" / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
 
   cfg2, loaded = checkpoint.load_model_dir(str(tmp_path / "model"))
@@ -170,7 +170,7 @@ def test_cli_bf16(tmp_path, golden_weights):
                           "--ae_resolution", "32", "--bos_token_id", "120", "--eos_token_id", "121",
                           "--start_of_image_id", "122", "--end_of_image_id", "123"]) == 0
   cfg, params = checkpoint.load_model_dir(str(model))
-  assert cfg == C.tiny()
+  assert cfg == config.tiny()
   assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
   assert flax_to_hf.main(["--src", str(model), "--dst", str(out)]) == 0
   got = load_file(str(out / "ema.safetensors"))
@@ -186,12 +186,13 @@ def test_cli_bf16(tmp_path, golden_weights):
 def test_sharded_convert(tmp_path, golden_weights, mesh_shape):
   """Converting onto a mesh puts every leaf on its schema sharding with unchanged values."""
   src = _official_dir(tmp_path)
-  mesh = S.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   fsdp = mesh_shape["fsdp"]
   cfg, ref = hf_to_flax.load_official(str(src), dtype="fp32", **TINY_FLAGS)
   cfg_s, params = hf_to_flax.convert(str(src), str(tmp_path / "model"), dtype="fp32", mesh=mesh, **TINY_FLAGS)
   schema = keymap.model_schema(cfg)
-  want = S.logical_to_sharding(P.logical_axes(schema), mesh, S.DEFAULT_RULES, shapes=P.abstract_params(schema))
+  want = sharding.logical_to_sharding(params_lib.logical_axes(schema), mesh, sharding.DEFAULT_RULES,
+                                      shapes=params_lib.abstract_params(schema))
   for (path, x), s, r in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want),
                              jax.tree.leaves(ref)):
     assert x.sharding == s, jax.tree_util.keystr(path)
@@ -220,7 +221,7 @@ def test_streaming_reads_shard_blocks(tmp_path, monkeypatch):
     return x
 
   monkeypatch.setattr(hf_to_flax.SafetensorsReader, "read", counting_read)
-  _, params = hf_to_flax.load_official(str(src), dtype="fp32", mesh=S.make_mesh({"data": 2, "fsdp": 4}),
+  _, params = hf_to_flax.load_official(str(src), dtype="fp32", mesh=sharding.make_mesh({"data": 2, "fsdp": 4}),
                                        **TINY_FLAGS)
   # gate_proj kernel [L=2, embed=64, mlp=128], embed sharded 4 ways: the official [128, 64] weight of each
   # layer is read as four [128, 16] column blocks (8 KiB), once per distinct shard (data replicas share)
@@ -231,8 +232,8 @@ def test_streaming_reads_shard_blocks(tmp_path, monkeypatch):
   leaf = params["bagel"]["llm"]["layers"]["und"]["mlp"]["gate_proj"]["kernel"]
   total = sum(n for k, n in reads if k.endswith(".mlp.gate_proj.weight"))
   assert total == leaf.nbytes  # every element read exactly once
-  whole = {k: int(np.prod(s)) * 4 for k, s in keymap.expected_official_shapes(C.tiny())["bagel"].items()}
-  stacked_matrices = {k for k, e in keymap.bagel_keys(C.tiny()).items()
+  whole = {k: int(np.prod(s)) * 4 for k, s in keymap.expected_official_shapes(config.tiny())["bagel"].items()}
+  stacked_matrices = {k for k, e in keymap.bagel_keys(config.tiny()).items()
                       if e.layer is not None and e.transform == "linear"}
   assert len(stacked_matrices) == 2 * 2 * 7 + 2 * 6
   big = [(k, n) for k, n in reads if k in stacked_matrices and n >= whole[k]]
@@ -308,7 +309,7 @@ def test_srum_model_without_vit(tmp_path, golden_weights):
   src = _official_dir(tmp_path, weights=w, name="model.safetensors", vit_json=False)
   cfg, params = hf_to_flax.convert(str(src), str(tmp_path / "model"), dtype="fp32", **TINY_FLAGS)
   # without vit_pos_embed the ViT grid keeps the official default (70); it is unused without a ViT
-  assert cfg == C.tiny().replace(vit=None, vit_max_num_patch_per_side=70) and "vit" not in params["bagel"]
+  assert cfg == config.tiny().replace(vit=None, vit_max_num_patch_per_side=70) and "vit" not in params["bagel"]
   flax_to_hf.export(str(tmp_path / "model"), str(tmp_path / "out"), weights_name="model.safetensors")
   got = load_file(str(tmp_path / "out" / "model.safetensors"))
   assert sorted(got) == sorted(w)
@@ -332,7 +333,7 @@ def test_infer_7b_config_from_shapes():
                   patch_size=14, image_size=384)  # the so400m-384 value: 4900 positions imply 980
   with pytest.warns(UserWarning, match="using image_size 980"):
     cfg, problems = hf_to_flax.infer_config(llm_json, vit_json, shapes["bagel"], shapes["ae"])
-  assert problems == [] and cfg == C.bagel_7b_mot()
+  assert problems == [] and cfg == config.bagel_7b_mot()
   assert hf_to_flax.check_layout(cfg, shapes, {"bagel": "ema.safetensors", "ae": "ae.safetensors"}) == []
   # one layer too many in the json -> every key of the phantom ViT layer is reported missing
   cfg, _ = hf_to_flax.infer_config(llm_json, dict(vit_json, num_hidden_layers=28, image_size=980),

@@ -1,9 +1,9 @@
-"""KV-cache prefill and text decoding against the official golden case `decode` (spec B.1, C.1, C.2)."""
+"""KV-cache prefill and text decoding against the official golden case `decode`."""
 import jax
 import numpy as np
 import pytest
 
-from srum_jax.inference import context as C
+from srum_jax.inference import context
 from srum_jax.inference import decoding
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: step logits ~3e-6)
@@ -15,9 +15,9 @@ from helpers import CharTokenizer, max_err as _err  # noqa: E402
 
 def _golden_context(params, cfg, batch_rows):
   """Rows: (image or None, prompt ids); row 0 of the golden case is (decode.vit_image, decode.prompt_ids)."""
-  ctx = C.init_context(cfg, len(batch_rows), T)
-  ctx = C.add_vit_images(params, ctx, [im for im, _ in batch_rows], cfg, budget=8)
-  return C.add_texts(params, ctx, [ids for _, ids in batch_rows], cfg, length=16)
+  ctx = context.init_context(cfg, len(batch_rows), T)
+  ctx = context.add_vit_images(params, ctx, [im for im, _ in batch_rows], cfg, budget=8)
+  return context.add_texts(params, ctx, [ids for _, ids in batch_rows], cfg, length=16)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +105,9 @@ def test_no_recompile_when_content_changes(tiny_params, tiny_cfg, golden):
     ctx = _golden_context(params, cfg, r)
     decoding.generate_text(params, ctx, cfg, max_new_tokens=6, return_logits=True)
     if before is None:
-      before = dict(C.TRACES)
+      before = dict(context.TRACES)
   for name in ("prefill_text", "prefill_vit_image", "generate_text"):
-    assert C.TRACES[name] == before[name], name
+    assert context.TRACES[name] == before[name], name
 
 
 def test_answer_batches_like_single_rows(tiny_params, tiny_cfg, golden):
@@ -121,10 +121,10 @@ def test_answer_batches_like_single_rows(tiny_params, tiny_cfg, golden):
                          text_budget=16, patch_budget=8)
   assert len(both) == 2 and all(isinstance(s, str) and len(s) <= 6 for s in both)
   for im, p, got in zip(images, prompts, both):
-    ctx = C.init_context(cfg, 1, T)  # the shapes answer() uses
-    ctx = C.add_texts(params, ctx, [tok.encode("sys")], cfg)
-    ctx = C.add_vit_images(params, ctx, [im], cfg, budget=8)
-    ctx = C.add_texts(params, ctx, [tok.encode(p)], cfg, length=16)
+    ctx = context.init_context(cfg, 1, T)  # the shapes answer() uses
+    ctx = context.add_texts(params, ctx, [tok.encode("sys")], cfg)
+    ctx = context.add_vit_images(params, ctx, [im], cfg, budget=8)
+    ctx = context.add_texts(params, ctx, [tok.encode(p)], cfg, length=16)
     gen = decoding.generate_text(params, ctx, cfg, max_new_tokens=6, return_logits=True)
     assert got == tok.decode(decoding.generated_ids(gen)[0])
 

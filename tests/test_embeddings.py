@@ -1,4 +1,4 @@
-"""Sin-cos tables, timestep embedder and latent patchify (spec A.4, A.5, A.7) against the official numbers."""
+"""Sin-cos tables, timestep embedder and latent patchify against the official numbers."""
 import math
 
 import jax
@@ -23,7 +23,7 @@ def test_sincos_tables_equal_checkpoint_tables(golden_weights, key):
 
 
 def test_sincos_table_column_half_first():
-  """Entry (r, c): first half depends on the column only, second half on the row only (A.4)."""
+  """Entry (r, c): first half depends on the column only, second half on the row only."""
   g, d = 5, 16
   t = embeddings.sincos_2d_table(g, d).reshape(g, g, d)
   np.testing.assert_array_equal(t[:, :, :d // 2], np.broadcast_to(t[0:1, :, :d // 2], (g, g, d // 2)))
@@ -35,7 +35,7 @@ def test_sincos_table_column_half_first():
 
 
 def _numpy_timestep_embed(sd, t):
-  """Independent statement of A.5 in float64: [cos(t f), sin(t f)] -> Linear -> SiLU -> Linear."""
+  """Independent statement of the timestep embedder in float64: [cos(t f), sin(t f)] -> Linear -> SiLU -> Linear."""
   t = np.asarray(t, np.float64)
   f = np.exp(-math.log(10000.0) * np.arange(128) / 128.0)
   feats = np.concatenate([np.cos(t[:, None] * f), np.sin(t[:, None] * f)], axis=1)

@@ -59,12 +59,23 @@ def test_sharded_objective_equals_single_device():
 def test_ablation_levers_change_the_rewards():
   r, _, _ = _batch(B=2)
   full = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3))
-  no_local = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3), use_local=False)
-  no_global = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3), use_global=False)
+  no_local = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3),
+                                        levers=objective.RewardLevers(use_local=False))
+  no_global = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3),
+                                         levers=objective.RewardLevers(use_global=False))
+  uniform = objective.per_token_rewards(r, image_hw=(32, 24), latent_hw=(4, 3),
+                                       levers=objective.RewardLevers(uniform=True))
   g = (np.asarray(r.global_scores) + 1) / 2
   np.testing.assert_allclose(np.asarray(no_local), np.broadcast_to(0.5 * g[:, None], (2, 12)), rtol=1e-6)
   assert np.all(np.asarray(no_global) >= 0.5 - 1e-6)
   assert not np.allclose(np.asarray(full), np.asarray(no_local))
+  np.testing.assert_array_equal(np.asarray(uniform), np.ones((2, 12), np.float32))
+  # the pictures' maps are the loss's maps before the resize to the latent grid
+  maps = objective.reward_maps(r, image_hw=(32, 24))
+  np.testing.assert_allclose(np.asarray(resize_reward_map(maps, 4, 3)).reshape(2, 12), np.asarray(full), rtol=1e-6)
+  two = jax.tree.map(lambda a: np.stack([a, a], 1), r)  # leading dims [B, S]: S images per row, in order
+  np.testing.assert_allclose(np.asarray(objective.per_token_rewards(two, image_hw=(32, 24), latent_hw=(4, 3))),
+                             np.concatenate([np.asarray(full)] * 2, 1), rtol=1e-6)
 
 
 def test_mesh_construction_errors():

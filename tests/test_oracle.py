@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from srum_jax.worlds.shapes import grammar as G
-from srum_jax.worlds.shapes import oracle as O
-from srum_jax.worlds.shapes import scene as S
+from srum_jax.worlds.shapes import grammar
+from srum_jax.worlds.shapes import oracle
+from srum_jax.worlds.shapes import scene as scene_lib
 
-PALETTE = np.array(list(S.PALETTE.values()), np.float64)
+PALETTE = np.array(list(scene_lib.PALETTE.values()), np.float64)
 
 
 def degrade(img, rng, noise=10.0, blur=1.0, shift=True, speckles=0):
@@ -33,24 +33,24 @@ def degrade(img, rng, noise=10.0, blur=1.0, shift=True, speckles=0):
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
-def _accuracy(n_per_category, seed, layout=G.DEFAULT_LAYOUT, damage=None, negatives=True):
+def _accuracy(n_per_category, seed, layout=grammar.DEFAULT_LAYOUT, damage=None, negatives=True):
   """(positive accuracy per category, rejection rate per hard-negative kind), both as {name: (k, n)}."""
   rng = np.random.default_rng(seed)
   pos, neg = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
   look = (lambda im: im) if damage is None else (lambda im: damage(im, rng))
-  for c in G.CATEGORIES:
+  for c in grammar.CATEGORIES:
     for _ in range(n_per_category):
-      p = G.sample_prompt(rng, c)
-      scene = G.sample_scene(rng, p, layout)
+      p = grammar.sample_prompt(rng, c)
+      scene = grammar.sample_scene(rng, p, layout)
       t = pos[c]
-      t[0] += O.judge(look(S.render(scene)), p.spec)
+      t[0] += oracle.judge(look(scene_lib.render(scene)), p.spec)
       t[1] += 1
       if not negatives:
         continue
-      for kind in G.negative_kinds(p, scene):
-        bad, _ = G.hard_negative(rng, p, scene, kind, layout)
+      for kind in grammar.negative_kinds(p, scene):
+        bad, _ = grammar.hard_negative(rng, p, scene, kind, layout)
         t = neg[kind]
-        t[0] += not O.judge(look(S.render(bad)), p.spec)
+        t[0] += not oracle.judge(look(scene_lib.render(bad)), p.spec)
         t[1] += 1
   return dict(pos), dict(neg)
 
@@ -66,7 +66,7 @@ def test_oracle_accepts_ground_truth_and_rejects_hard_negatives():
   acc, n = _rate(pos)
   assert n == 600 and acc >= 0.99, pos
   assert all(k / n >= 0.97 for k, n in pos.values()), pos
-  assert set(neg) == set(G.NEGATIVE_KINDS)
+  assert set(neg) == set(grammar.NEGATIVE_KINDS)
   for kind, (k, n) in neg.items():
     assert n >= 200 and k / n >= 0.99, (kind, k, n)
 
@@ -87,84 +87,84 @@ def test_oracle_ignores_isolated_speckles():
 
 
 def test_oracle_on_3x3_layout():
-  pos, neg = _accuracy(30, seed=3, layout=G.LAYOUT_3X3)
+  pos, neg = _accuracy(30, seed=3, layout=grammar.LAYOUT_3X3)
   assert _rate(pos)[0] >= 0.99, pos
   assert _rate(neg)[0] >= 0.99, neg
 
 
 def test_detect_reads_back_objects():
-  scene = S.Scene((S.Obj("circle", "red", 8, 8, 12), S.Obj("square", "blue", 24, 8, 10),
-                   S.Obj("triangle", "yellow", 16, 24, 12)))
-  dets = sorted(O.detect(S.render(scene)), key=lambda d: (d.cy, d.cx))
+  scene = scene_lib.Scene((scene_lib.Obj("circle", "red", 8, 8, 12), scene_lib.Obj("square", "blue", 24, 8, 10),
+                   scene_lib.Obj("triangle", "yellow", 16, 24, 12)))
+  dets = sorted(oracle.detect(scene_lib.render(scene)), key=lambda d: (d.cy, d.cx))
   assert [(d.color, d.shape) for d in dets] == [("red", "circle"), ("blue", "square"), ("yellow", "triangle")]
   np.testing.assert_allclose([d.cx for d in dets], [8, 24, 16], atol=0.01)
   np.testing.assert_allclose([d.cy for d in dets[:2]], [8, 8], atol=0.01)
   assert dets[2].cy > 24  # a triangle's centroid sits below its box centre
-  assert [d.box for d in dets] == [tuple(b) for b in S.scene_boxes(scene)]
-  assert O.detect(np.zeros((32, 32, 3), np.uint8)) == []
+  assert [d.box for d in dets] == [tuple(b) for b in scene_lib.scene_boxes(scene)]
+  assert oracle.detect(np.zeros((32, 32, 3), np.uint8)) == []
 
 
 def test_judge_semantics():
-  red_circle, blue_square = S.Obj("circle", "red", 8, 8, 10), S.Obj("square", "blue", 24, 8, 10)
-  extra_circle = S.Obj("circle", "red", 8, 24, 10)
-  img = lambda *objs: S.render(S.Scene(objs))  # noqa: E731
-  spec = G.parse_prompt
-  assert O.judge(img(red_circle, blue_square), spec("a red circle left of a blue square"))
-  assert not O.judge(img(red_circle, blue_square), spec("a red circle right of a blue square"))
-  assert not O.judge(img(red_circle, blue_square), spec("a red circle above a blue square"))  # same row
+  red_circle, blue_square = scene_lib.Obj("circle", "red", 8, 8, 10), scene_lib.Obj("square", "blue", 24, 8, 10)
+  extra_circle = scene_lib.Obj("circle", "red", 8, 24, 10)
+  img = lambda *objs: scene_lib.render(scene_lib.Scene(objs))  # noqa: E731
+  spec = grammar.parse_prompt
+  assert oracle.judge(img(red_circle, blue_square), spec("a red circle left of a blue square"))
+  assert not oracle.judge(img(red_circle, blue_square), spec("a red circle right of a blue square"))
+  assert not oracle.judge(img(red_circle, blue_square), spec("a red circle above a blue square"))  # same row
   # "a": at least one, other objects ignored; number words: exact counts.
-  assert O.judge(img(red_circle, blue_square, extra_circle), spec("a red circle and a blue square"))
-  assert O.judge(img(red_circle, extra_circle), spec("two red circles"))
-  assert not O.judge(img(red_circle, extra_circle), spec("one red circle"))
+  assert oracle.judge(img(red_circle, blue_square, extra_circle), spec("a red circle and a blue square"))
+  assert oracle.judge(img(red_circle, extra_circle), spec("two red circles"))
+  assert not oracle.judge(img(red_circle, extra_circle), spec("one red circle"))
   two_left = spec("two red circles left of a blue square")
-  assert O.judge(img(red_circle, blue_square, extra_circle), two_left)  # left of = by x, any row
-  assert not O.judge(img(red_circle, blue_square, S.Obj("circle", "red", 24, 24, 10)), two_left)
-  assert not O.judge(np.zeros((32, 32, 3), np.uint8), spec("a red circle"))
+  assert oracle.judge(img(red_circle, blue_square, extra_circle), two_left)  # left of = by x, any row
+  assert not oracle.judge(img(red_circle, blue_square, scene_lib.Obj("circle", "red", 24, 24, 10)), two_left)
+  assert not oracle.judge(np.zeros((32, 32, 3), np.uint8), spec("a red circle"))
   # Float images are read in the model's [-1, 1] range.
   x = img(red_circle, blue_square)
-  assert O.judge(x.astype(np.float32) / 127.5 - 1.0, spec("a red circle left of a blue square"))
-  assert O.judge(x.astype(np.float32) / 255.0, spec("a red circle and a blue square"), value_range=(0, 1))
+  assert oracle.judge(x.astype(np.float32) / 127.5 - 1.0, spec("a red circle left of a blue square"))
+  assert oracle.judge(x.astype(np.float32) / 255.0, spec("a red circle and a blue square"), value_range=(0, 1))
 
 
 def test_describe_is_judged_true():
   rng = np.random.default_rng(5)
-  for c in G.CATEGORIES:
+  for c in grammar.CATEGORIES:
     for _ in range(20):
-      scene = G.sample_scene(rng, G.sample_prompt(rng, c))
-      assert O.judge(S.render(scene), G.parse_prompt(G.describe(scene, rng)))
+      scene = grammar.sample_scene(rng, grammar.sample_prompt(rng, c))
+      assert oracle.judge(scene_lib.render(scene), grammar.parse_prompt(grammar.describe(scene, rng)))
 
 
 def test_evaluate_table():
   rng = np.random.default_rng(6)
   prompts, images, expect = [], [], collections.Counter()
-  for i, c in enumerate(G.CATEGORIES * 4):
-    p = G.sample_prompt(rng, c)
-    scene = G.sample_scene(rng, p)
+  for i, c in enumerate(grammar.CATEGORIES * 4):
+    p = grammar.sample_prompt(rng, c)
+    scene = grammar.sample_scene(rng, p)
     good = i % 4 != 0
     if not good:
-      scene, _ = G.hard_negative(rng, p, scene)
+      scene, _ = grammar.hard_negative(rng, p, scene)
     prompts.append(p)
-    images.append(S.render(scene))
+    images.append(scene_lib.render(scene))
     expect[c] += good
-  table = O.evaluate(np.stack(images), prompts)
-  assert set(table) == set(G.CATEGORIES) | {"overall"}
-  for c in G.CATEGORIES:
+  table = oracle.evaluate(np.stack(images), prompts)
+  assert set(table) == set(grammar.CATEGORIES) | {"overall"}
+  for c in grammar.CATEGORIES:
     assert table[c] == (expect[c], 4, expect[c] / 4)
   assert table["overall"] == (15, 20, 0.75)
 
 
 def test_oracle_shares_no_code_with_renderer_or_model():
-  tree = ast.parse(pathlib.Path(O.__file__).read_text())
+  tree = ast.parse(pathlib.Path(oracle.__file__).read_text())
   modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
   assert modules <= {"__future__", "itertools", "typing", "numpy", "scipy"}, modules
 
 
-@pytest.mark.parametrize("shape", S.SHAPES)
+@pytest.mark.parametrize("shape", scene_lib.SHAPES)
 def test_shape_classifier_on_every_size_and_colour(shape):
   for size in (8, 10, 12):
-    for color in S.COLORS:
-      (det,) = O.detect(S.render(S.Scene((S.Obj(shape, color, 16, 16, size),))))
+    for color in scene_lib.COLORS:
+      (det,) = oracle.detect(scene_lib.render(scene_lib.Scene((scene_lib.Obj(shape, color, 16, 16, size),))))
       assert (det.shape, det.color) == (shape, color)
-      assert O.judge(S.render(S.Scene((S.Obj(shape, color, 16, 16, size),))),
-                     G.parse_prompt(f"a {color} {shape}"))
+      assert oracle.judge(scene_lib.render(scene_lib.Scene((scene_lib.Obj(shape, color, 16, 16, size),))),
+                     grammar.parse_prompt(f"a {color} {shape}"))

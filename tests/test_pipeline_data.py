@@ -127,7 +127,7 @@ def test_batch_contents(dataset_dir, tiny_cfg):
   hb = next(_iter(dataset_dir, tiny_cfg, path))
   b = hb.batch
   assert b.images.shape == (2, 2, H, W, 3) and b.images.dtype == np.float32
-  assert b.gen.latent_index.shape == (2, 2 * 12)
+  assert b.inputs.latent_index.shape == (2, 2 * 12)
   assert b.rewards.boxes.shape == (2, 2, 3, 4) and b.rewards.global_scores.shape == (2, 2)
   for r in range(2):
     for s in range(2):
@@ -136,7 +136,7 @@ def test_batch_contents(dataset_dir, tiny_cfg):
       want = (np.array(_color(i), np.float32) / 255 - 0.5) / 0.5
       np.testing.assert_allclose(b.images[r, s], np.broadcast_to(want, (H, W, 3)), atol=1e-6)
       assert hb.prompts[2 * r + s] == f"a photo number {i}"
-  ids = b.gen.text_ids[0]
+  ids = b.inputs.text_ids[0]
   assert ids[0] == tiny_cfg.tokens.bos and tiny_cfg.tokens.eos in ids.tolist()
   assert hb.truncated == 0
 
@@ -156,7 +156,7 @@ def test_long_prompts_truncated_and_counted(tmp_path, tiny_cfg):
   hb = next(_iter(tmp_path, tiny_cfg, path, spec=spec))
   assert hb.truncated == 2
   # every row's text stays inside its capacity: 2 samples x (BOS + <=6 ids + EOS + 2 markers)
-  assert int((hb.batch.gen.text_index < spec.num_tokens).sum(axis=1).max()) <= 20
+  assert int((hb.batch.inputs.text_index < spec.num_tokens).sum(axis=1).max()) <= 20
 
 
 def _indices(it, n):
@@ -201,7 +201,7 @@ def test_iterator_state_round_trip(dataset_dir, tiny_cfg):
   for w, g in zip(want, got):
     np.testing.assert_array_equal(w.indices, g.indices)
     np.testing.assert_array_equal(w.batch.images, g.batch.images)
-    np.testing.assert_array_equal(w.batch.gen.text_ids, g.batch.gen.text_ids)
+    np.testing.assert_array_equal(w.batch.inputs.text_ids, g.batch.inputs.text_ids)
   fresh = _iter(dataset_dir, tiny_cfg, path, seed=2)
   assert [w.indices.tolist() for w in want] != [next(fresh).indices.tolist() for _ in range(3)]
 

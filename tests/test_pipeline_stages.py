@@ -111,13 +111,14 @@ def test_identify_then_score_records_and_ema_training(tiny_model_dir, tmp_path):
   assert rep.scored == 2 and rep.regions_scored >= 2
   regions = [g for r in recs for g in r["regions"]]
   assert regions and all(isinstance(g["object"], str) and -1 <= g["score"] <= 1 for g in regions)
-  summary = run._train(cfg, model, os.path.join(score_dir, "rewards.jsonl"), gen_dir, str(tmp_path / "train"),
-                       sft=False)
-  ema, last = summary["state"].ema, summary["state"].params["bagel"]
-  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), summary["params"]["bagel"], ema)
+  summary = run.train_model(cfg, model, os.path.join(score_dir, "rewards.jsonl"), gen_dir, str(tmp_path / "train"))
+  ema, last = summary["state"].ema, summary["state"].params
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), summary["params"], ema)
   assert all(jax.tree.leaves(same))
-  moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ema, last)
+  moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ema["bagel"], last["bagel"])
   assert not all(jax.tree.leaves(moved))  # the EMA lags the trained weights
+  frozen = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ema["ae"], last["ae"])
+  assert all(jax.tree.leaves(frozen))  # a frozen group's EMA is the group itself
 
 
 def _cli(args, **kw):

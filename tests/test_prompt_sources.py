@@ -1,4 +1,4 @@
-"""Prompt sources (spec E.6): TXT / JSON / JSONL files, Python functions, the T2I-CompBench tfds builder."""
+"""Prompt sources: TXT / JSON / JSONL files, Python functions, the T2I-CompBench tfds builder."""
 import json
 import pathlib
 import sys

@@ -1,8 +1,8 @@
-"""Region proposers (spec E.5): exact objects on synthetic scenes, the shared post-processing, SAM code path."""
+"""Region proposers: exact objects on synthetic scenes, the shared post-processing, SAM code path."""
 import numpy as np
 import pytest
 
-from srum_jax.pipeline import proposers as P
+from srum_jax.pipeline import proposers
 
 H, W = 64, 96
 
@@ -71,7 +71,7 @@ def _check_well_formed(regions, h, w, max_regions=None):
 @pytest.mark.parametrize("box_mode", ["half_open", "official"])
 def test_components_exact_objects(box_mode):
   img, objects = _scene()
-  regions = P.get_proposer("components", max_regions=None, box_mode=box_mode)(img)
+  regions = proposers.get_proposer("components", max_regions=None, box_mode=box_mode)(img)
   assert [(r.box, r.area) for r in regions] == _expected(objects, box_mode)
   assert all(r.score is None for r in regions)
 
@@ -79,17 +79,17 @@ def test_components_exact_objects(box_mode):
 def test_components_top_k_min_area_and_background_threshold():
   img, objects = _scene()
   expected = _expected(objects, "half_open")
-  top2 = P.get_proposer("components", max_regions=2, box_mode="half_open")(img)
+  top2 = proposers.get_proposer("components", max_regions=2, box_mode="half_open")(img)
   assert [(r.box, r.area) for r in top2] == expected[:2]
-  default = P.get_proposer("components", box_mode="half_open")(img)  # max_regions defaults to 5
+  default = proposers.get_proposer("components", box_mode="half_open")(img)  # max_regions defaults to 5
   assert [(r.box, r.area) for r in default] == expected[:5]
   # min_area as pixels (>= 1) and as a fraction of the image (< 1): 200 / 6144 of the image
   for min_area in (200, 200 / (H * W)):
-    got = P.get_proposer("components", max_regions=None, min_area=min_area, box_mode="half_open")(img)
+    got = proposers.get_proposer("components", max_regions=None, min_area=min_area, box_mode="half_open")(img)
     assert [(r.box, r.area) for r in got] == [e for e in expected if e[1] >= 200]
   assert len([e for e in expected if e[1] >= 200]) == 2
   # a lower background threshold turns the dim 4x4 patch into an object
-  low = P.get_proposer("components", max_regions=None, background_threshold=5, box_mode="half_open")(img)
+  low = proposers.get_proposer("components", max_regions=None, background_threshold=5, box_mode="half_open")(img)
   assert ((70, 30, 74, 34), 16) in [(r.box, r.area) for r in low]
   assert len(low) == len(expected) + 1
 
@@ -98,7 +98,7 @@ def test_grid_tiles_image():
   h, w = 10, 14
   img = np.zeros((h, w, 3), np.uint8)
   for mode in ("half_open", "official"):
-    regions = P.get_proposer("grid", k=3, max_regions=None, box_mode=mode)(img)
+    regions = proposers.get_proposer("grid", k=3, max_regions=None, box_mode=mode)(img)
     assert len(regions) == 9
     cover = np.zeros((h, w), int)
     for r in regions:
@@ -109,19 +109,20 @@ def test_grid_tiles_image():
       assert r.area == (x1 - x0) * (y1 - y0)
     np.testing.assert_array_equal(cover, 1)  # every pixel in exactly one cell
     _check_well_formed(regions, h, w)
-  assert len(P.get_proposer("grid", k=3)(img)) == 5  # default max_regions
-  assert len(P.get_proposer("grid", k=4, max_regions=None)(np.zeros((2, 3, 3), np.uint8))) == 6  # empty cells dropped
+  assert len(proposers.get_proposer("grid", k=3)(img)) == 5  # default max_regions
+  grid = proposers.get_proposer("grid", k=4, max_regions=None)
+  assert len(grid(np.zeros((2, 3, 3), np.uint8))) == 6  # empty cells dropped
 
 
 def test_felzenszwalb_valid_boxes_and_exact_objects():
   img, objects = _scene()
   rng = np.random.default_rng(0)
   noisy = np.clip(img.astype(int) + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
-  regions = P.get_proposer("felzenszwalb")(noisy)
+  regions = proposers.get_proposer("felzenszwalb")(noisy)
   assert 1 <= len(regions) <= 5
   _check_well_formed(regions, H, W, max_regions=5)
   # without smoothing, flat objects on black are segments of their own (plus the background)
-  exact = P.get_proposer("felzenszwalb", sigma=0.0, min_size=5, scale=100.0, max_regions=None,
+  exact = proposers.get_proposer("felzenszwalb", sigma=0.0, min_size=5, scale=100.0, max_regions=None,
                          box_mode="half_open")(img[:, :, :])
   got = [(r.box, r.area) for r in exact]
   assert ((10, 5, 40, 25), 600) in got and ((12, 37, 29, 54), 197) in got
@@ -132,7 +133,7 @@ def test_mask_bounds_matches_brute_force():
   rng = np.random.default_rng(1)
   masks = rng.random((20, 13, 17)) < rng.random((20, 1, 1)) * 0.05
   masks[3] = False
-  bounds, areas = P.mask_bounds(masks)
+  bounds, areas = proposers.mask_bounds(masks)
   for m, b, a in zip(masks, bounds, areas):
     assert a == m.sum()
     if a == 0:
@@ -141,57 +142,57 @@ def test_mask_bounds_matches_brute_force():
       ys, xs = np.nonzero(m)
       assert tuple(b) == (xs.min(), ys.min(), xs.max(), ys.max())
   labels = rng.integers(3, 9, (13, 17))
-  ids, lb, la = P.label_bounds(labels, background=5)
+  ids, lb, la = proposers.label_bounds(labels, background=5)
   assert 5 not in ids
   for i, b, a in zip(ids, lb, la):
     m = labels == i
-    assert a == m.sum() and tuple(b) == tuple(P.mask_bounds(m)[0][0])
+    assert a == m.sum() and tuple(b) == tuple(proposers.mask_bounds(m)[0][0])
 
 
 def test_postprocess_sort_stable_clip_and_options():
   bounds = np.array([[0, 0, 3, 3], [-5, -5, 200, 200], [2, 2, 4, 4], [7, 1, 7, 1], [1, 1, 2, 2]])
   areas = np.array([10, 50, 10, 1, 0])
   scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
-  regions = P.postprocess(P.Candidates(bounds, areas, scores), (8, 9), max_regions=None)
+  regions = proposers.postprocess(proposers.Candidates(bounds, areas, scores), (8, 9), max_regions=None)
   assert [r.box for r in regions] == [(0, 0, 8, 7), (0, 0, 3, 3), (2, 2, 4, 4), (7, 1, 8, 2)]
   assert [r.score for r in regions] == [0.2, 0.1, 0.3, 0.4]  # equal areas keep input order; area 0 dropped
-  half = P.postprocess(P.Candidates(bounds, areas), (8, 9), max_regions=None, box_mode="half_open")
+  half = proposers.postprocess(proposers.Candidates(bounds, areas), (8, 9), max_regions=None, box_mode="half_open")
   assert [r.box for r in half] == [(0, 0, 9, 8), (0, 0, 4, 4), (2, 2, 5, 5), (7, 1, 8, 2)]
-  assert P.postprocess(P.Candidates(bounds, areas), (8, 9), max_regions=0) == []
-  assert len(P.postprocess(P.Candidates(bounds, areas), (8, 9), min_area=10)) == 3
-  assert len(P.postprocess(P.Candidates(bounds, areas), (8, 9), min_area=0.5)) == 1  # 36 px of 72
+  assert proposers.postprocess(proposers.Candidates(bounds, areas), (8, 9), max_regions=0) == []
+  assert len(proposers.postprocess(proposers.Candidates(bounds, areas), (8, 9), min_area=10)) == 3
+  assert len(proposers.postprocess(proposers.Candidates(bounds, areas), (8, 9), min_area=0.5)) == 1  # 36 px of 72
   with pytest.raises(ValueError):
-    P.postprocess(P.Candidates(bounds, areas), (8, 9), box_mode="xywh")
+    proposers.postprocess(proposers.Candidates(bounds, areas), (8, 9), box_mode="xywh")
   with pytest.raises(ValueError):
-    P.min_area_pixels(-1, 10)
-  regions = P.masks_to_regions(np.eye(4, dtype=bool)[None], scores=[0.7])
-  assert regions == [P.Region(box=(0, 0, 3, 3), area=4, score=0.7)]
+    proposers.min_area_pixels(-1, 10)
+  regions = proposers.masks_to_regions(np.eye(4, dtype=bool)[None], scores=[0.7])
+  assert regions == [proposers.Region(box=(0, 0, 3, 3), area=4, score=0.7)]
   assert regions[0].to_dict() == {"box": [0, 0, 3, 3], "area": 4, "score": 0.7}
 
 
 def test_registry_and_input_checks():
-  assert set(P.available_proposers()) >= {"sam", "felzenszwalb", "components", "grid"}
+  assert set(proposers.available_proposers()) >= {"sam", "felzenszwalb", "components", "grid"}
   with pytest.raises(ValueError, match="available"):
-    P.get_proposer("nope")
-  grid = P.get_proposer("grid")
-  assert isinstance(grid, P.Proposer)
+    proposers.get_proposer("nope")
+  grid = proposers.get_proposer("grid")
+  assert isinstance(grid, proposers.Proposer)
   for bad in (np.zeros((4, 4, 3), np.float32), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)):
     with pytest.raises(ValueError):
       grid(bad)
 
 
 def test_sam_helpers():
-  np.testing.assert_allclose(P.point_grid(2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
-  assert P.point_grid(32).shape == (1024, 2)
+  np.testing.assert_allclose(proposers.point_grid(2), [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+  assert proposers.point_grid(32).shape == (1024, 2)
   logits = np.zeros((3, 2, 2))
   logits[0] = [[2.0, 0.5], [-2.0, -0.5]]  # > 1: 1 px, > -1: 3 px
   logits[2] = -5.0  # empty union
-  np.testing.assert_allclose(P.stability_score(logits, 0.0, 1.0), [1 / 3, 0.0, 0.0])
+  np.testing.assert_allclose(proposers.stability_score(logits, 0.0, 1.0), [1 / 3, 0.0, 0.0])
   boxes = np.array([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [0, 0, 10, 5], [5, 5, 5, 5]])
   scores = np.array([0.5, 0.9, 0.8, 0.7, 0.1])
   # IoU(1, 0) = 81/100 > 0.7 -> 0 dropped; IoU(3, 1) = 36/(50+81-36) < 0.7 -> kept; degenerate box kept
-  np.testing.assert_array_equal(P.box_nms(boxes, scores, 0.7), [1, 2, 3, 4])
-  np.testing.assert_array_equal(P.box_nms(boxes, scores, 0.3), [1, 2, 4])
+  np.testing.assert_array_equal(proposers.box_nms(boxes, scores, 0.7), [1, 2, 3, 4])
+  np.testing.assert_array_equal(proposers.box_nms(boxes, scores, 0.3), [1, 2, 4])
 
 
 @pytest.fixture(scope="module")
@@ -217,21 +218,21 @@ def tiny_sam_dir(tmp_path_factory):
 
 def test_sam_tiny_random_model(tiny_sam_dir):
   img, _ = _scene()
-  sam = P.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4)
-  assert isinstance(sam, P.SamProposer)
+  sam = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4)
+  assert isinstance(sam, proposers.SamProposer)
   _check_well_formed(sam(img), H, W, max_regions=5)
   # permissive filters: arbitrary masks survive, still well-formed, scores are the predicted IoUs
-  loose = P.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
+  loose = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
                          pred_iou_thresh=-np.inf, stability_score_thresh=0.0, box_nms_thresh=1.0,
                          max_regions=None)
   regions = loose(img)
   _check_well_formed(regions, H, W)
   assert all(isinstance(r.score, float) for r in regions)
   # mask threshold far below every logit: all 27 masks cover the whole image; NMS keeps exactly one
-  full = P.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
+  full = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
                         pred_iou_thresh=-np.inf, mask_threshold=-1e9)(img)
   assert [(r.box, r.area) for r in full] == [((0, 0, W - 1, H - 1), H * W)]
-  none = P.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, pred_iou_thresh=np.inf,
+  none = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, pred_iou_thresh=np.inf,
                         mask_threshold=-1e9)(img)
   assert none == []
 
@@ -254,7 +255,7 @@ class _Recorder:
 
 def test_sam_prompts_and_iou_filter(tiny_sam_dir):
   img, _ = _scene()  # 64 x 96 -> model input 43 x 64 (longest side 64)
-  sam = P.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
+  sam = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
                        pred_iou_thresh=0.0, mask_threshold=-1e9, box_nms_thresh=1.0, max_regions=None)
   sam.model = rec = _Recorder(sam.model)
   regions = sam(img)
@@ -271,6 +272,6 @@ def test_sam_prompts_and_iou_filter(tiny_sam_dir):
 def test_sam_missing_directory(tmp_path):
   missing = tmp_path / "no_such_sam"
   with pytest.raises(FileNotFoundError, match="no_such_sam"):
-    P.get_proposer("sam", weights_dir=str(missing))
+    proposers.get_proposer("sam", weights_dir=str(missing))
   with pytest.raises(FileNotFoundError, match="config.json"):
-    P.get_proposer("sam", weights_dir=str(tmp_path))
+    proposers.get_proposer("sam", weights_dir=str(tmp_path))

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from srum_jax.rewards import records as R
+from srum_jax.rewards import records
 
 
 def _rec(i=0, g=0.5, regions=((0, 0, 10, 10, 0.5, "dog"),), **kw):
-  return R.RewardRecord(image_file=f"{i:05d}.png", prompt=f"prompt {i}", global_score=g,
-                        regions=tuple(R.RegionReward((x0, y0, x1, y1), s, o) for x0, y0, x1, y1, s, o in regions), **kw)
+  regions = tuple(records.RegionReward((x0, y0, x1, y1), s, o) for x0, y0, x1, y1, s, o in regions)
+  return records.RewardRecord(image_file=f"{i:05d}.png", prompt=f"prompt {i}", global_score=g, regions=regions, **kw)
 
 
 def test_round_trip(tmp_path):
@@ -18,13 +18,13 @@ def test_round_trip(tmp_path):
                                                      metadata={"seed": 3, "tags": ["a"]}),
           _rec(3, regions=((1.5, -2, 30, 40.25, -0.25, None), (0, 0, 1, 1, 1.0, "ünïcode")))]
   path = tmp_path / "r.jsonl"
-  assert R.write_records(path, recs[:2]) == 2
+  assert records.write_records(path, recs[:2]) == 2
   for r in recs[2:]:
-    R.append_record(path, r)
-  got, report = R.read_records(path)
+    records.append_record(path, r)
+  got, report = records.read_records(path)
   assert got == recs
   assert report.lines == 4 and report.records == 4 and report.skipped == []
-  assert json.loads(path.read_text().splitlines()[0])["schema_version"] == R.SCHEMA_VERSION
+  assert json.loads(path.read_text().splitlines()[0])["schema_version"] == records.SCHEMA_VERSION
 
 
 def test_malformed_lines_skipped_with_line_numbers(tmp_path):
@@ -48,7 +48,7 @@ def test_malformed_lines_skipped_with_line_numbers(tmp_path):
   lines = [good] + [bad.get(n, good if n != 15 else "   ") for n in range(2, 17)] + [good]
   path = tmp_path / "m.jsonl"
   path.write_text("\n".join(lines) + "\n")
-  got, report = R.read_records(path)
+  got, report = records.read_records(path)
   assert [n for n, _ in report.skipped] == sorted(bad)
   assert len(got) == report.records == 2 and report.lines == 16  # line 15 is blank: not counted
   assert all(isinstance(why, str) and why for _, why in report.skipped)
@@ -57,41 +57,41 @@ def test_malformed_lines_skipped_with_line_numbers(tmp_path):
 def test_official_format_in_and_out(tmp_path, golden_manifest):
   lists = golden_manifest["cases"]["srum"]["reward_lists"]
   official = {"bad_image_file": "a.png", "good_image_file": "a.png", "prompt": "p", "vlm_rewards": lists[0]}
-  r = R.from_official(official)
+  r = records.from_official(official)
   assert r.global_score == 0.6 and r.image_size == (24, 32) and len(r.regions) == 4
-  assert r.regions[1] == R.RegionReward((10.0, 0.0, 24.0, 12.0), -0.5, "b")
-  back = R.to_official(r)
+  assert r.regions[1] == records.RegionReward((10.0, 0.0, 24.0, 12.0), -0.5, "b")
+  back = records.to_official(r)
   assert back["bad_image_file"] == back["good_image_file"] == "a.png"
   assert [e["object"] for e in back["vlm_rewards"]] == [e["object"] for e in lists[0]]
   assert [e["bbox"] for e in back["vlm_rewards"]] == [e["bbox"] for e in lists[0]]
   assert [e["score"] for e in back["vlm_rewards"]] == [e["score"] for e in lists[0]]
-  assert R.from_official(back) == r
+  assert records.from_official(back) == r
   # entries the official map ignores are dropped; file differences kept in metadata
   odd = {"bad_image_file": "b.png", "good_image_file": "g.png", "prompt": "q",
          "vlm_rewards": [{"object": "x", "bbox": [1, 2, 3], "score": 0.5}, {"object": "y", "bbox": [0, 0, 4, 4]},
                          {"object": "z", "bbox": [0, 0, 4, 4], "score": -0.2},
-                         {"object": R.GLOBAL_OBJECT, "bbox": [0, 0, 4, 4], "reason": "no score"}]}
-  r2 = R.from_official(odd)
+                         {"object": records.GLOBAL_OBJECT, "bbox": [0, 0, 4, 4], "reason": "no score"}]}
+  r2 = records.from_official(odd)
   assert r2.global_score is None and [x.object for x in r2.regions] == ["z"]
-  assert R.to_official(r2)["good_image_file"] == "g.png"
+  assert records.to_official(r2)["good_image_file"] == "g.png"
   # file I/O with a malformed official line
   path = tmp_path / "o.jsonl"
-  R.write_official_records(path, [r, r2])
+  records.write_official_records(path, [r, r2])
   with open(path, "a") as f:
     f.write(json.dumps({"bad_image_file": "c.png", "prompt": "p", "vlm_rewards": [{"object": "k", "bbox": [0, 0, 1, 1],
                                                                                    "score": "bad"}]}) + "\n")
-  got, report = R.read_official_records(path)
+  got, report = records.read_official_records(path)
   assert got == [r, r2] and [n for n, _ in report.skipped] == [3]
   with pytest.raises(ValueError):
-    R.from_official({"prompt": "p", "vlm_rewards": []})
+    records.from_official({"prompt": "p", "vlm_rewards": []})
 
 
 def test_formatting_filter_counts():
   recs = [_rec(0, g=0.0), _rec(1, g=None), _rec(2, g=None, regions=()), _rec(3, g=0.4), _rec(4, g=-0.3, regions=())]
-  kept, rep = R.formatting_filter(recs)
+  kept, rep = records.formatting_filter(recs)
   assert [r.image_file for r in kept] == ["00003.png", "00004.png"]
   assert (rep.total, rep.kept, rep.dropped_zero_global, rep.dropped_missing_global, rep.dropped_empty) == (5, 2, 1, 2, 0)
-  kept, rep = R.formatting_filter(recs, drop_zero_global=False)
+  kept, rep = records.formatting_filter(recs, drop_zero_global=False)
   assert [r.image_file for r in kept] == ["00000.png", "00001.png", "00003.png", "00004.png"]
   assert (rep.kept, rep.dropped_zero_global, rep.dropped_missing_global, rep.dropped_empty) == (4, 0, 0, 1)
 
@@ -100,8 +100,8 @@ def test_records_to_arrays():
   recs = [_rec(0, g=None, regions=((-0.5, 1.9, 13.99999999, 4, 0.5, "a"), (0, 0, 1, 1, -1.0, "b"),
                                    (2, 2, 3, 3, 0.3, "c"))),
           _rec(1, g=0.25, regions=())]
-  stats = R.ArrayStats()
-  boxes, scores, valid, g = R.records_to_arrays(recs, max_regions=2, stats=stats)
+  stats = records.ArrayStats()
+  boxes, scores, valid, g = records.records_to_arrays(recs, max_regions=2, stats=stats)
   assert boxes.shape == (2, 2, 4) and boxes.dtype == np.float32 and valid.dtype == bool
   np.testing.assert_array_equal(boxes[0, 0], [0, 1, 13, 4])  # int() truncation, done in float64
   np.testing.assert_array_equal(scores, [[0.5, -1.0], [0, 0]])

@@ -1,4 +1,4 @@
-"""Flow sampling with KV-cache contexts and CFG against the official golden case `flow` (spec B.1, B.2, B.3)."""
+"""Flow sampling with KV-cache contexts and CFG against the official golden case `flow`."""
 import functools
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax.inference import context as C
+from srum_jax.inference import context
 from srum_jax.inference import decoding, sampling
 from srum_jax.models import autoencoder, embeddings
 
@@ -28,13 +28,13 @@ def _close(name, got, want):
 def build_contexts(params, params_ae, cfg, rows):
   """The golden case's contexts for rows of (vae image | None, vit image | None, prompt ids):
   gen = VAE image + ViT image + text; cfg_text = gen before the text; cfg_img = the text alone."""
-  ctx = C.init_context(cfg, len(rows), T)
-  lat, lat_grid = C.vae_inputs(params_ae, [r[0] for r in rows], cfg, budget=16)
-  gen = C.prefill_vae_image(params, ctx, lat, lat_grid, cfg=cfg)
-  gen = C.add_vit_images(params, gen, [r[1] for r in rows], cfg, budget=8)
+  ctx = context.init_context(cfg, len(rows), T)
+  lat, lat_grid = context.vae_inputs(params_ae, [r[0] for r in rows], cfg, budget=16)
+  gen = context.prefill_vae_image(params, ctx, lat, lat_grid, cfg=cfg)
+  gen = context.add_vit_images(params, gen, [r[1] for r in rows], cfg, budget=8)
   cfg_text = gen
-  gen = C.add_texts(params, gen, [r[2] for r in rows], cfg, length=16)
-  cfg_img = C.add_texts(params, ctx, [r[2] for r in rows], cfg, length=16)
+  gen = context.add_texts(params, gen, [r[2] for r in rows], cfg, length=16)
+  cfg_img = context.add_texts(params, ctx, [r[2] for r in rows], cfg, length=16)
   return gen, cfg_text, cfg_img
 
 
@@ -136,13 +136,13 @@ def test_sampler_does_not_recompile_for_new_content(tiny_params, tiny_cfg, conte
   params, params_ae, cfg = tiny_params["bagel"], tiny_params["ae"], tiny_cfg
   x0 = jnp.asarray(golden["init_noise"])[None]
   sampling.sample_latents(params, contexts, x0, cfg=cfg, grid=GRID, **FLOW)
-  before = dict(C.TRACES)
+  before = dict(context.TRACES)
   vae, vit, _ = golden["row"]
   other = build_contexts(params, params_ae, cfg, [(vae[:8, :8], None, [7, 8, 9])])
   out = sampling.sample_latents(params, other, x0[:, ::-1], cfg=cfg, grid=GRID, **FLOW)
   assert np.isfinite(np.asarray(out)).all()
   for name in ("prefill_text", "prefill_vit_image", "prefill_vae_image", "sample_latents"):
-    assert C.TRACES[name] == before[name], name
+    assert context.TRACES[name] == before[name], name
 
 
 def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
@@ -171,12 +171,12 @@ def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
 
   # The plan is what greedy decoding gives after [system] + prompt, and gen's cache is those three splits
   # (built by hand with the budgets text_to_image uses: one compilation for both).
-  ctx = C.init_context(cfg, 2, 64)
-  ctx = C.add_texts(params, ctx, [tok.encode("plan it")] * 2, cfg)
-  ctx = C.add_texts(params, ctx, [tok.encode(p) for p in prompts], cfg)
+  ctx = context.init_context(cfg, 2, 64)
+  ctx = context.add_texts(params, ctx, [tok.encode("plan it")] * 2, cfg)
+  ctx = context.add_texts(params, ctx, [tok.encode(p) for p in prompts], cfg)
   plans = decoding.generated_ids(decoding.generate_text(params, ctx, cfg, max_new_tokens=6))
   assert [tok.decode(p) for p in plans] == out.think_texts
-  ctx = C.add_texts(params, ctx, plans, cfg)
+  ctx = context.add_texts(params, ctx, plans, cfg)
   for b in range(2):
     n = int(ctx.kv_len[b])
     np.testing.assert_allclose(np.asarray(gen.cache.k[:, b, :n]), np.asarray(ctx.cache.k[:, b, :n]), atol=1e-5)

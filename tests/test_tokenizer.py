@@ -1,11 +1,11 @@
-"""Tokenizer loading and BAGEL's special tokens (spec A.10) on a tiny Qwen2-style byte-level BPE built here."""
+"""Tokenizer loading and BAGEL's special tokens on a tiny Qwen2-style byte-level BPE built here."""
 import json
 
 import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from srum_jax import tokenizer as T
+from srum_jax import tokenizer
 from srum_jax.models import config
 
 CORPUS = ["a red cube on top of a blue sphere", "two cats and three dogs in a garden",
@@ -26,11 +26,11 @@ def _write(tmp_path, specials):
 
 
 def test_existing_special_tokens_keep_their_ids(tmp_path):
-  raw = _write(tmp_path, T.SPECIAL_TOKENS)
-  tok = T.load_tokenizer(tmp_path)
+  raw = _write(tmp_path, tokenizer.SPECIAL_TOKENS)
+  tok = tokenizer.load_tokenizer(tmp_path)
   assert len(tok) == raw.get_vocab_size()  # nothing added
   assert (tok.bos, tok.eos, tok.start_of_image, tok.end_of_image) == tuple(
-      raw.token_to_id(t) for t in T.SPECIAL_TOKENS) == (1, 2, 3, 4)
+      raw.token_to_id(t) for t in tokenizer.SPECIAL_TOKENS) == (1, 2, 3, 4)
   tok.check(config.SpecialTokens(bos=1, eos=2, start_of_image=3, end_of_image=4))
   with pytest.raises(ValueError):
     tok.check(config.SpecialTokens())  # the 7B ids differ from this tiny vocabulary
@@ -39,7 +39,7 @@ def test_existing_special_tokens_keep_their_ids(tmp_path):
 def test_missing_special_tokens_are_added(tmp_path):
   raw = _write(tmp_path, [])
   n = raw.get_vocab_size()
-  tok = T.load_tokenizer(tmp_path)
+  tok = tokenizer.load_tokenizer(tmp_path)
   assert len(tok) == n + 4
   assert sorted([tok.bos, tok.eos, tok.start_of_image, tok.end_of_image]) == list(range(n, n + 4))
   ids = tok.encode("<|im_start|>hi<|vision_end|>")  # special tokens are matched whole
@@ -47,8 +47,8 @@ def test_missing_special_tokens_are_added(tmp_path):
 
 
 def test_round_trip_without_implicit_special_tokens(tmp_path):
-  _write(tmp_path, T.SPECIAL_TOKENS)
-  tok = T.load_tokenizer(tmp_path)
+  _write(tmp_path, tokenizer.SPECIAL_TOKENS)
+  tok = tokenizer.load_tokenizer(tmp_path)
   ids = tok.encode(TEXT)
   assert ids and all(isinstance(i, int) for i in ids)
   assert not set(ids) & {tok.bos, tok.eos, tok.start_of_image, tok.end_of_image}
@@ -62,4 +62,4 @@ def test_round_trip_without_implicit_special_tokens(tmp_path):
 
 def test_missing_tokenizer_file(tmp_path):
   with pytest.raises(FileNotFoundError):
-    T.load_tokenizer(tmp_path)
+    tokenizer.load_tokenizer(tmp_path)

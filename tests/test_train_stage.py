@@ -37,13 +37,13 @@ from safetensors.numpy import load_file
 from conftest import GOLDEN, tree_from_state_dict
 from srum_jax import defaults
 from srum_jax.convert import keymap
-from srum_jax.models import config as mc, params as P
+from srum_jax.models import config as model_config, params as params_lib
 from srum_jax.pipeline import data, train
 
-cfg = mc.tiny()
+cfg = model_config.tiny()
 keys = keymap.official_keys(cfg)
-params = {"bagel": tree_from_state_dict(load_file(GOLDEN / "weights.safetensors"), keys["bagel"], P.bagel_schema(cfg)),
-          "ae": tree_from_state_dict(load_file(GOLDEN / "ae.safetensors"), keys["ae"], P.ae_schema(cfg.ae))}
+params = {"bagel": tree_from_state_dict(load_file(GOLDEN / "weights.safetensors"), keys["bagel"], params_lib.bagel_schema(cfg)),
+          "ae": tree_from_state_dict(load_file(GOLDEN / "ae.safetensors"), keys["ae"], params_lib.ae_schema(cfg.ae))}
 
 real_load = data.load_image
 def load_image(path, image_hw):  # test hook: one record decodes to NaN
@@ -68,8 +68,9 @@ t.lr, t.warmup_steps = 1e-3, 1
 t.save_every, t.keep_checkpoints, t.log_every, t.sample_every = args["save_every"], 2, 1, 3
 t.data_threads = 2
 if args["mode"] == "main":  # the CLI entry with the caller's model loader; params from the checkpoint
-  c.workdir, t.records, t.images_root = args["workdir"], args["records"], args["images"]
-  assert train.main(c, None, load_model=lambda config: (cfg, params, WordTokenizer())) == 0
+  summary = train.main(c, model_dir="unused", records=args["records"], images_root=args["images"],
+                       workdir=args["workdir"], load_model=lambda config, model_dir: (cfg, params, WordTokenizer()))
+  assert summary["steps"] == args["steps"]
   final = train.final_params(args["workdir"])
   with open(os.path.join(args["workdir"], "summary.json")) as f:
     out = json.load(f)

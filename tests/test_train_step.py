@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from srum_jax import defaults, objective, sharding, train_step as ts
+from srum_jax.training import optimizer, update
 
 H, W = 32, 24
 
@@ -25,21 +26,21 @@ def _batch(cfg, B=2, S=2, seed=0):
   rng = np.random.default_rng(seed)
   ids = [[[cfg.tokens.bos] + list(rng.integers(0, 100, 3 + (b + s) % 3)) + [cfg.tokens.eos] for s in range(S)]
          for b in range(B)]
-  gen = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=S * (12 + 2 + 8), text_capacity=S * 10)
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=S * (12 + 2 + 8), text_capacity=S * 10)
   images = rng.uniform(-1, 1, (B, S, H, W, 3)).astype(np.float32)
   K = 3
   boxes = np.tile(np.array([[0, 0, 12, 16], [6, 8, 24, 32], [3, 3, 3, 9]], np.float32), (B, S, 1, 1))
   rewards = objective.RegionRewards(boxes, rng.uniform(-1, 1, (B, S, K)).astype(np.float32),
                                     np.ones((B, S, K), bool), rng.uniform(-1, 1, (B, S)).astype(np.float32))
-  return ts.SrumBatch(gen=gen, images=images, rewards=rewards)
+  return ts.SrumBatch(inputs=inputs, images=images, rewards=rewards)
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_cfg, tiny_params):
   params = jax.tree.map(jnp.asarray, tiny_params)
   tcfg = _tcfg()
-  labels = ts.param_labels(params, ("vit", "connector", "ae"))
-  tx = ts.make_optimizer(tcfg, labels)
+  labels = optimizer.param_labels(params, ("vit", "connector", "ae"))
+  tx = optimizer.make_optimizer(tcfg, labels)
   opts = ts.StepOptions(image_hw=(H, W), samples_per_row=2, compute_dtype=jnp.float32, timestep_shift=2.0)
   return params, tx, opts
 
@@ -47,7 +48,7 @@ def setup(tiny_cfg, tiny_params):
 def test_step_learns_and_freezes(tiny_cfg, setup):
   params, tx, opts = setup
   step = jax.jit(ts.make_train_step(tiny_cfg, opts, tx))
-  state = ts.init_state(params, tx)
+  state = update.init_state(params, tx)
   batch = _batch(tiny_cfg)
   key = jax.random.key(0)
   losses = []
@@ -68,7 +69,7 @@ def test_step_learns_and_freezes(tiny_cfg, setup):
 def test_nonfinite_loss_skips_update(tiny_cfg, setup):
   params, tx, opts = setup
   step = jax.jit(ts.make_train_step(tiny_cfg, opts, tx))
-  state = ts.init_state(params, tx)
+  state = update.init_state(params, tx)
   batch = _batch(tiny_cfg)
   bad = batch._replace(images=batch.images.copy())
   bad.images[0, 0, 0, 0, 0] = np.nan
@@ -80,12 +81,12 @@ def test_nonfinite_loss_skips_update(tiny_cfg, setup):
   assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
 
 
-def test_sft_baseline_options(tiny_cfg, setup):
+def test_sft_control_options(tiny_cfg, setup):
   """uniform rewards + lambda 0 is the plain flow loss (R == 1)."""
   params, tx, opts = setup
   batch = _batch(tiny_cfg)
   key = jax.random.key(3)
-  sft = dataclass_replace(opts, uniform_rewards=True, lambda_constraint=0.0)
+  sft = dataclass_replace(opts, levers=objective.RewardLevers(uniform=True), lambda_constraint=0.0)
   loss, aux = ts.srum_loss(params, batch, key, cfg=tiny_cfg, opts=sft)
   np.testing.assert_allclose(float(aux["reward_mean"]), 1.0)
   np.testing.assert_allclose(float(loss), float(aux["loss_reward"]), rtol=1e-6)
@@ -103,14 +104,14 @@ def test_sharded_step_equals_single_device(tiny_cfg, setup):
   step_fn = ts.make_train_step(tiny_cfg, opts, tx)
   batch = _batch(tiny_cfg, B=4, S=1, seed=5)
   key = jax.random.key(7)
-  single_state, single_m = jax.jit(step_fn)(ts.init_state(params, tx), batch, key)
+  single_state, single_m = jax.jit(step_fn)(update.init_state(params, tx), batch, key)
   jax.block_until_ready(single_state)
 
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  abstract = jax.eval_shape(lambda p: ts.init_state(p, tx), params)
-  state_sh = ts.state_shardings(tiny_cfg, tx, abstract, mesh)
+  abstract = jax.eval_shape(lambda p: update.init_state(p, tx), params)
+  state_sh = ts.state_shardings(tiny_cfg, abstract, mesh)
   batch_sh = ts.batch_shardings(batch, mesh)
-  state = jax.device_put(ts.init_state(params, tx), state_sh)
+  state = jax.device_put(update.init_state(params, tx), state_sh)
   emb = state.params["bagel"]["llm"]["embed_tokens"]["embedding"]
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   step = ts.shard_train_step(step_fn, state_sh, batch_sh, mesh)

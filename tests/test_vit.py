@@ -1,4 +1,4 @@
-"""SigLIP NaViT encoder + connector against the official golden case `vit` (spec A.2, A.3, A.8)."""
+"""SigLIP NaViT encoder + connector against the official golden case `vit`."""
 import functools
 
 import jax

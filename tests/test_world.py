@@ -7,39 +7,39 @@ import itertools
 import numpy as np
 import pytest
 
-from srum_jax.worlds.shapes import grammar as G
-from srum_jax.worlds.shapes import scene as S
+from srum_jax.worlds.shapes import grammar
+from srum_jax.worlds.shapes import scene as scene_lib
 
 
-def _scenes(n_per_category, seed=0, layout=G.DEFAULT_LAYOUT):
+def _scenes(n_per_category, seed=0, layout=grammar.DEFAULT_LAYOUT):
   rng = np.random.default_rng(seed)
-  for c in G.CATEGORIES:
+  for c in grammar.CATEGORIES:
     for _ in range(n_per_category):
-      p = G.sample_prompt(rng, c)
-      yield p, G.sample_scene(rng, p, layout)
+      p = grammar.sample_prompt(rng, c)
+      yield p, grammar.sample_scene(rng, p, layout)
 
 
 def test_render_exact_palette_black_background_and_deterministic():
-  scene = S.Scene((S.Obj("circle", "red", 8, 8, 12), S.Obj("square", "blue", 24, 8, 10),
-                   S.Obj("triangle", "yellow", 16, 24, 12)))
-  img = S.render(scene)
+  scene = scene_lib.Scene((scene_lib.Obj("circle", "red", 8, 8, 12), scene_lib.Obj("square", "blue", 24, 8, 10),
+                   scene_lib.Obj("triangle", "yellow", 16, 24, 12)))
+  img = scene_lib.render(scene)
   assert img.shape == (32, 32, 3) and img.dtype == np.uint8
-  np.testing.assert_array_equal(img, S.render(scene))
-  masks = S.scene_masks(scene)
+  np.testing.assert_array_equal(img, scene_lib.render(scene))
+  masks = scene_lib.scene_masks(scene)
   for obj, mask in zip(scene.objects, masks):
-    assert (img[mask] == S.PALETTE[obj.color]).all()
+    assert (img[mask] == scene_lib.PALETTE[obj.color]).all()
   assert (img[~masks.any(0)] == 0).all()
   colours = {tuple(c) for c in img.reshape(-1, 3)}
-  assert colours == {(0, 0, 0)} | {S.PALETTE[o.color] for o in scene.objects}
+  assert colours == {(0, 0, 0)} | {scene_lib.PALETTE[o.color] for o in scene.objects}
 
 
 def test_shapes_fill_ratio_and_boxes():
   for size in (8, 10, 12):
     fills = {}
-    for shape in S.SHAPES:
-      obj = S.Obj(shape, "green", 16, 16, size)
-      mask = S.object_mask(obj)
-      x0, y0, x1, y1 = S.object_box(obj)
+    for shape in scene_lib.SHAPES:
+      obj = scene_lib.Obj(shape, "green", 16, 16, size)
+      mask = scene_lib.object_mask(obj)
+      x0, y0, x1, y1 = scene_lib.object_box(obj)
       ys, xs = np.nonzero(mask)
       assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
       assert x1 - x0 == size and x1 - x0 >= y1 - y0 >= size - 1  # the apex row may be empty
@@ -47,92 +47,92 @@ def test_shapes_fill_ratio_and_boxes():
     assert fills["square"] == 1.0
     assert abs(fills["circle"] - np.pi / 4) < 0.04
     assert 0.45 < fills["triangle"] < 0.6
-  boxes = S.scene_boxes(S.Scene((S.Obj("square", "red", 8, 8, 10), S.Obj("circle", "red", 24, 24, 12))))
+  boxes = scene_lib.scene_boxes(scene_lib.Scene((scene_lib.Obj("square", "red", 8, 8, 10), scene_lib.Obj("circle", "red", 24, 24, 12))))
   np.testing.assert_array_equal(boxes, [[3, 3, 13, 13], [18, 18, 30, 30]])
 
 
 def test_vocab_covers_every_prompt_and_tokenisation():
   words = set()
-  for p in G.all_prompts():
-    toks = G.tokenize(p.text)
+  for p in grammar.all_prompts():
+    toks = grammar.tokenize(p.text)
     assert " ".join(toks) == p.text and all(toks) and p.text == p.text.lower()
     words.update(toks)
-  assert words <= set(G.VOCAB)
-  assert words == set(G.VOCAB)  # no dead words either
-  assert len(G.VOCAB) == 20
+  assert words <= set(grammar.VOCAB)
+  assert words == set(grammar.VOCAB)  # no dead words either
+  assert len(grammar.VOCAB) == 20
 
 
 def test_prompt_space_categories_and_parse_roundtrip():
-  sizes = {c: len(G._prompts_by_key(c)) for c in G.CATEGORIES}
+  sizes = {c: len(grammar._prompts_by_key(c)) for c in grammar.CATEGORIES}
   assert sizes == {"color": 78, "shape": 64, "spatial": 144, "numeracy": 108, "complex": 288}
-  texts = [p.text for p in G.all_prompts()]
+  texts = [p.text for p in grammar.all_prompts()]
   assert len(texts) == len(set(texts)) == 1572
-  for p in G.all_prompts():
-    assert G.parse_prompt(p.text) == p.spec
-    assert G.realize(p.spec) == p.text
+  for p in grammar.all_prompts():
+    assert grammar.parse_prompt(p.text) == p.spec
+    assert grammar.realize(p.spec) == p.text
     kinds = [(g.color, g.shape) for g in p.spec.objects]
     assert len(set(kinds)) == len(kinds)
-  assert G.parse_prompt("two red circles above a blue square") == G.Spec(
-      (G.Group("red", "circle", 2, True), G.Group("blue", "square")), ((0, "above", 1),))
+  assert grammar.parse_prompt("two red circles above a blue square") == grammar.Spec(
+      (grammar.Group("red", "circle", 2, True), grammar.Group("blue", "square")), ((0, "above", 1),))
   # Surface forms of one combination share the canonical key; categories have their defining traits.
-  assert G.canonical(G.parse_prompt("a blue square right of a red circle")) == \
-      G.parse_prompt("a red circle left of a blue square")
-  for p in G.all_prompts("color"):
+  assert grammar.canonical(grammar.parse_prompt("a blue square right of a red circle")) == \
+      grammar.parse_prompt("a red circle left of a blue square")
+  for p in grammar.all_prompts("color"):
     assert len({g.color for g in p.spec.objects}) == len(p.spec.objects) >= 2
-  for p in G.all_prompts("shape"):
+  for p in grammar.all_prompts("shape"):
     n = len(p.spec.objects)
     assert len({g.shape for g in p.spec.objects}) == n
     assert n == 1 or len({g.color for g in p.spec.objects}) < n
-  for p in G.all_prompts("numeracy"):
+  for p in grammar.all_prompts("numeracy"):
     assert all(g.exact for g in p.spec.objects)
-  for p in G.all_prompts("complex"):
+  for p in grammar.all_prompts("complex"):
     assert p.spec.relations and any(g.count > 1 for g in p.spec.objects)
   for bad in ("a red circles", "two red circle", "a red circle beside a blue square", "a red",
               "a red circle and", "a red circle left", "a red circle above"):
     with pytest.raises(ValueError):
-      G.parse_prompt(bad)
+      grammar.parse_prompt(bad)
 
 
 def test_split_disjoint_balanced_deterministic():
-  train, val = G.split_prompts(seed=0)
-  train2, val2 = G.split_prompts(seed=0)
+  train, val = grammar.split_prompts(seed=0)
+  train2, val2 = grammar.split_prompts(seed=0)
   assert [p.text for p in train] == [p.text for p in train2]
   assert [p.text for p in val] == [p.text for p in val2]
   assert not {p.text for p in train} & {p.text for p in val}
-  assert not {G.canonical(p.spec) for p in train} & {G.canonical(p.spec) for p in val}  # held-out combos
-  assert len(train) + len(val) == len(G.all_prompts())
-  val_keys = collections.Counter(p.category for p in {G.canonical(p.spec): p for p in val}.values())
-  train_keys = collections.Counter(p.category for p in {G.canonical(p.spec): p for p in train}.values())
-  assert val_keys == {c: 24 for c in G.CATEGORIES}
-  assert set(train_keys) == set(G.CATEGORIES) and min(train_keys.values()) >= 40
+  assert not {grammar.canonical(p.spec) for p in train} & {grammar.canonical(p.spec) for p in val}  # held-out combos
+  assert len(train) + len(val) == len(grammar.all_prompts())
+  val_keys = collections.Counter(p.category for p in {grammar.canonical(p.spec): p for p in val}.values())
+  train_keys = collections.Counter(p.category for p in {grammar.canonical(p.spec): p for p in train}.values())
+  assert val_keys == {c: 24 for c in grammar.CATEGORIES}
+  assert set(train_keys) == set(grammar.CATEGORIES) and min(train_keys.values()) >= 40
   assert sum(train_keys.values()) == 562 and len(val) >= 100 and len(train) >= 300
-  other_train, other_val = G.split_prompts(seed=1)
+  other_train, other_val = grammar.split_prompts(seed=1)
   assert {p.text for p in other_val} != {p.text for p in val}
   assert not {p.text for p in other_train} & {p.text for p in other_val}
 
 
 def test_sample_prompt_respects_category_and_pool():
-  train, _ = G.split_prompts(seed=0)
+  train, _ = grammar.split_prompts(seed=0)
   pool = {p.text for p in train}
   rng = np.random.default_rng(3)
   seen = collections.Counter()
   for _ in range(500):
-    p = G.sample_prompt(rng, prompts=train)
+    p = grammar.sample_prompt(rng, prompts=train)
     assert p.text in pool
     seen[p.category] += 1
-  assert set(seen) == set(G.CATEGORIES) and min(seen.values()) > 60  # categories uniform
-  assert all(G.sample_prompt(rng, "spatial", train).category == "spatial" for _ in range(20))
-  a = [G.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
-  assert a == [G.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
+  assert set(seen) == set(grammar.CATEGORIES) and min(seen.values()) > 60  # categories uniform
+  assert all(grammar.sample_prompt(rng, "spatial", train).category == "spatial" for _ in range(20))
+  a = [grammar.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
+  assert a == [grammar.sample_prompt(np.random.default_rng(9)).text for _ in range(3)]
 
 
-@pytest.mark.parametrize("layout", [G.DEFAULT_LAYOUT, G.LAYOUT_3X3], ids=["2x2", "3x3"])
+@pytest.mark.parametrize("layout", [grammar.DEFAULT_LAYOUT, grammar.LAYOUT_3X3], ids=["2x2", "3x3"])
 def test_sample_scene_satisfies_prompt_geometry(layout):
   for p, scene in _scenes(60, seed=1, layout=layout):
     counts = collections.Counter((o.color, o.shape) for o in scene.objects)
     assert counts == {(g.color, g.shape): g.count for g in p.spec.objects}  # minimal scene
-    assert S.min_gap(scene) >= 2
-    boxes = S.scene_boxes(scene)
+    assert scene_lib.min_gap(scene) >= 2
+    boxes = scene_lib.scene_boxes(scene)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 32).all() and (boxes[:, 3] <= 32).all()
     assert all(o.size in layout.sizes for o in scene.objects)
     kind = lambda g: (g.color, g.shape)  # noqa: E731
@@ -143,20 +143,20 @@ def test_sample_scene_satisfies_prompt_geometry(layout):
         d = {"left": ob.cx - oa.cx, "right": oa.cx - ob.cx, "above": ob.cy - oa.cy,
              "below": oa.cy - ob.cy}[rel]
         assert d >= 32 / layout.grid - 2 * layout.jitter - 1
-  p = G.sample_prompt(np.random.default_rng(0), "complex")
-  s1 = G.sample_scene(np.random.default_rng(5), p, layout)
-  assert s1 == G.sample_scene(np.random.default_rng(5), p, layout)
-  np.testing.assert_array_equal(S.render(s1), S.render(G.sample_scene(np.random.default_rng(5), p, layout)))
+  p = grammar.sample_prompt(np.random.default_rng(0), "complex")
+  s1 = grammar.sample_scene(np.random.default_rng(5), p, layout)
+  assert s1 == grammar.sample_scene(np.random.default_rng(5), p, layout)
+  np.testing.assert_array_equal(scene_lib.render(s1), scene_lib.render(grammar.sample_scene(np.random.default_rng(5), p, layout)))
 
 
 def test_hard_negatives_change_exactly_one_thing():
   rng = np.random.default_rng(2)
   seen = collections.Counter()
   for p, scene in _scenes(40, seed=2):
-    kinds = G.negative_kinds(p, scene)
+    kinds = grammar.negative_kinds(p, scene)
     assert ("relation" in kinds) == bool(p.spec.relations)
     for kind in kinds:
-      neg, got = G.hard_negative(rng, p, scene, kind)
+      neg, got = grammar.hard_negative(rng, p, scene, kind)
       assert got == kind and neg != scene
       seen[kind] += 1
       old, new = scene.objects, neg.objects
@@ -169,7 +169,7 @@ def test_hard_negatives_change_exactly_one_thing():
         assert (a.cx, a.cy, a.size) == (b.cx, b.cy, b.size)
       elif kind == "count":
         assert abs(len(new) - len(old)) == 1
-        assert S.min_gap(neg) >= 2
+        assert scene_lib.min_gap(neg) >= 2
         small, big = (old, new) if len(new) > len(old) else (new, old)
         assert not collections.Counter(small) - collections.Counter(big)
       elif kind == "relation":
@@ -181,19 +181,19 @@ def test_hard_negatives_change_exactly_one_thing():
         assert len(diff) == 2
         (a1, b1), (a2, b2) = diff
         assert (b1.color, b2.color) == (a2.color, a1.color) and (b1.shape, b2.shape) == (a1.shape, a2.shape)
-  assert set(seen) == set(G.NEGATIVE_KINDS)
-  p = G.parse_prompt("three red circles")
+  assert set(seen) == set(grammar.NEGATIVE_KINDS)
+  p = grammar.parse_prompt("three red circles")
   with pytest.raises(ValueError):
-    G.hard_negative(rng, p, G.sample_scene(rng, p), "relation")
+    grammar.hard_negative(rng, p, grammar.sample_scene(rng, p), "relation")
 
 
 def test_describe_is_a_grammar_text_of_the_scene():
   rng = np.random.default_rng(4)
   for p, scene in _scenes(30, seed=4):
-    for text in (G.describe(scene), G.describe(scene, rng)):
-      assert set(G.tokenize(text)) <= set(G.VOCAB)
-      spec = G.parse_prompt(text)
+    for text in (grammar.describe(scene), grammar.describe(scene, rng)):
+      assert set(grammar.tokenize(text)) <= set(grammar.VOCAB)
+      spec = grammar.parse_prompt(text)
       counts = {(g.color, g.shape): g.count for g in spec.objects}
       assert counts == collections.Counter((o.color, o.shape) for o in scene.objects)
-  scene = S.Scene((S.Obj("circle", "red", 8, 24, 10), S.Obj("square", "blue", 24, 24, 10)))
-  assert G.describe(scene) == "a red circle left of a blue square"
+  scene = scene_lib.Scene((scene_lib.Obj("circle", "red", 8, 24, 10), scene_lib.Obj("square", "blue", 24, 24, 10)))
+  assert grammar.describe(scene) == "a red circle left of a blue square"

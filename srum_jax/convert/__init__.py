@@ -1,4 +1,5 @@
-"""Checkpoint conversion between the official BAGEL files and the srum_jax parameter tree (spec D).
+"""Checkpoint conversion between the official BAGEL files and the srum_jax parameter tree
+(docs/bagel.md, "Checkpoint layout").
 
   keymap       official key <-> tree path table, derived from the parameter schema
   hf_to_flax   official dir -> model dir (streamed onto shardings); `python -m srum_jax convert`

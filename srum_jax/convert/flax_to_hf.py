@@ -2,9 +2,9 @@
 
 Writes `ema.safetensors` (official key names, including the two fixed sin-cos tables recomputed by
 `embeddings.sincos_2d_table`), `ae.safetensors`, `llm_config.json` and `vit_config.json` (json layer count
-= used + 1, spec A.2). Files are written tensor by tensor (header first, then each tensor's bytes, one
-layer of a stacked leaf at a time), so host memory peaks near one tensor. In fp32 the round trip
-official -> flax -> official is bit-exact.
+= used + 1: BAGEL drops SigLIP's last layer). Files are written tensor by tensor (header first, then each
+tensor's bytes, one layer of a stacked leaf at a time), so host memory peaks near one tensor. In fp32 the
+round trip official -> flax -> official is bit-exact.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.convert.hf_to_flax import AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON, parse_dtype
 from srum_jax.models import embeddings
-from srum_jax.models import params as P
+from srum_jax.models import params as params_lib
 from srum_jax.models.config import BagelConfig
 
 ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
@@ -66,7 +66,7 @@ def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Ent
 
   The fixed tables take `dtype`, else the dtype of the token embedding.
   """
-  abstract = P.abstract_params(keymap.model_schema(cfg))
+  abstract = params_lib.abstract_params(keymap.model_schema(cfg))
   bad = []
   for part in ("bagel", "ae"):
     want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract[part])}

@@ -1,6 +1,6 @@
 """Official BAGEL checkpoint directory -> converted model directory (orbax params + model_config.json).
 
-Spec D (checkpoint layout), A.0, A.2 (patch embedding already in Linear form), A.4 (fixed tables).
+Checkpoint layout: docs/bagel.md, "Checkpoint layout" (patch embedding already in Linear form, fixed tables).
 The source directory holds `llm_config.json`, `vit_config.json` (HF json; the ViT really uses
 `num_hidden_layers - 1` layers), `ema.safetensors` (or `model.safetensors` from SRUM training, which has
 no ViT), `ae.safetensors` and tokenizer files.
@@ -35,10 +35,10 @@ import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy read
 import numpy as np
 from safetensors import safe_open
 
-from srum_jax import sharding as S
+from srum_jax import sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.models import embeddings
-from srum_jax.models import params as P
+from srum_jax.models import params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -169,21 +169,8 @@ def _pick(name: str, flag, inferred, default):
   return inferred if inferred is not None else default
 
 
-def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
-                 shapes: Dict[str, Tuple[int, ...]], ae_shapes: Dict[str, Tuple[int, ...]], *,
-                 max_latent_size: Optional[int] = None, vit_max_num_patch_per_side: Optional[int] = None,
-                 connector_act: Optional[str] = None, timestep_shift: Optional[float] = None,
-                 ae_resolution: Optional[int] = None, scale_factor: Optional[float] = None,
-                 shift_factor: Optional[float] = None, tokens: Optional[SpecialTokens] = None,
-                 ) -> Tuple[BagelConfig, List[str]]:
-  """(BagelConfig, problems) from the HF json files and the official tensor shapes.
-
-  The LLM comes from `llm_config.json` (qk_norm is always on, as every official loader sets it), the
-  ViT from `vit_config.json` with one layer fewer than the json says (absent when the weights hold no
-  `vit_model.*` keys), and the hard-coded values from shapes or flags (flags win, with a warning).
-  """
-  problems: List[str] = []
-  base = BagelConfig()
+def _llm_config(llm_json: Dict[str, Any], problems: List[str]) -> LLMConfig:
+  """The LLM from `llm_config.json` (qk_norm is always on, as every official loader sets it)."""
   required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads")
   missing = [k for k in required if k not in llm_json]
@@ -198,32 +185,40 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
       qk_norm=True)
   if llm.hidden_size % llm.num_attention_heads:
     problems.append(f"{LLM_JSON}: hidden_size {llm.hidden_size} not divisible by {llm.num_attention_heads} heads")
+  return llm
 
-  has_vit = any(k.startswith(("vit_model.", "connector.", keymap.VIT_POS_KEY)) for k in shapes)
-  vit = None
-  if has_vit:
-    if vit_json is None:
-      raise CheckpointMismatchError(f"the weights hold vit_model.* keys but there is no {VIT_JSON}")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if k not in vit_json]
-    if missing:
-      raise CheckpointMismatchError(f"{VIT_JSON} lacks {missing}")
-    dv = ViTConfig()
-    patch = int(vit_json.get("patch_size", dv.patch_size))
-    image_size = int(vit_json.get("image_size", dv.image_size))
-    pos_key = "vit_model.vision_model.embeddings.position_embedding.weight"
-    side = _grid(shapes.get(pos_key), pos_key, problems)
-    if side is not None and side * patch != image_size:
-      warnings.warn(f"{VIT_JSON} image_size {image_size} disagrees with {pos_key} ({side}x{side} patches "
-                    f"of {patch}); using image_size {side * patch}")
-      image_size = side * patch
-    vit = ViTConfig(
-        hidden_size=int(vit_json["hidden_size"]), intermediate_size=int(vit_json["intermediate_size"]),
-        num_hidden_layers=int(vit_json["num_hidden_layers"]) - 1,
-        num_attention_heads=int(vit_json["num_attention_heads"]), patch_size=patch, image_size=image_size,
-        layer_norm_eps=float(vit_json.get("layer_norm_eps", dv.layer_norm_eps)))
 
-  # AE structure from shapes (the official loader hard-codes it).
+def _vit_config(vit_json: Optional[Dict[str, Any]], shapes: Dict[str, Tuple[int, ...]],
+                problems: List[str]) -> Optional[ViTConfig]:
+  """The ViT from `vit_config.json` with one layer fewer than the json says (the official loader drops the
+  last one); None when the weights hold no `vit_model.*` keys."""
+  if not any(k.startswith(("vit_model.", "connector.", keymap.VIT_POS_KEY)) for k in shapes):
+    return None
+  if vit_json is None:
+    raise CheckpointMismatchError(f"the weights hold vit_model.* keys but there is no {VIT_JSON}")
+  missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+             if k not in vit_json]
+  if missing:
+    raise CheckpointMismatchError(f"{VIT_JSON} lacks {missing}")
+  dv = ViTConfig()
+  patch = int(vit_json.get("patch_size", dv.patch_size))
+  image_size = int(vit_json.get("image_size", dv.image_size))
+  pos_key = "vit_model.vision_model.embeddings.position_embedding.weight"
+  side = _grid(shapes.get(pos_key), pos_key, problems)
+  if side is not None and side * patch != image_size:
+    warnings.warn(f"{VIT_JSON} image_size {image_size} disagrees with {pos_key} ({side}x{side} patches "
+                  f"of {patch}); using image_size {side * patch}")
+    image_size = side * patch
+  return ViTConfig(
+      hidden_size=int(vit_json["hidden_size"]), intermediate_size=int(vit_json["intermediate_size"]),
+      num_hidden_layers=int(vit_json["num_hidden_layers"]) - 1,
+      num_attention_heads=int(vit_json["num_attention_heads"]), patch_size=patch, image_size=image_size,
+      layer_norm_eps=float(vit_json.get("layer_norm_eps", dv.layer_norm_eps)))
+
+
+def _ae_config(ae_shapes: Dict[str, Tuple[int, ...]], *, resolution: Optional[int], scale_factor: Optional[float],
+               shift_factor: Optional[float]) -> AEConfig:
+  """The AE's structure from its tensor shapes (the official loader hard-codes it)."""
   da = AEConfig()
   conv_in = ae_shapes.get("encoder.conv_in.weight")
   ch = conv_in[0] if conv_in else da.ch
@@ -236,8 +231,8 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
     blocks += 1
   conv_out = ae_shapes.get("encoder.conv_out.weight")
   dec_out = ae_shapes.get("decoder.conv_out.weight")
-  ae = AEConfig(
-      resolution=ae_resolution if ae_resolution is not None else da.resolution,
+  return AEConfig(
+      resolution=resolution if resolution is not None else da.resolution,
       in_channels=conv_in[1] if conv_in else da.in_channels, ch=ch,
       out_ch=dec_out[0] if dec_out else da.out_ch, ch_mult=ch_mult or da.ch_mult,
       num_res_blocks=blocks or da.num_res_blocks,
@@ -245,6 +240,24 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
       scale_factor=scale_factor if scale_factor is not None else da.scale_factor,
       shift_factor=shift_factor if shift_factor is not None else da.shift_factor)
 
+
+def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
+                 shapes: Dict[str, Tuple[int, ...]], ae_shapes: Dict[str, Tuple[int, ...]], *,
+                 max_latent_size: Optional[int] = None, vit_max_num_patch_per_side: Optional[int] = None,
+                 connector_act: Optional[str] = None, timestep_shift: Optional[float] = None,
+                 ae_resolution: Optional[int] = None, scale_factor: Optional[float] = None,
+                 shift_factor: Optional[float] = None, tokens: Optional[SpecialTokens] = None,
+                 ) -> Tuple[BagelConfig, List[str]]:
+  """(BagelConfig, problems) from the HF json files and the official tensor shapes.
+
+  The LLM and the ViT come from their json files, the AE and the values the official code hard-codes from
+  the tensor shapes or from flags (flags win, with a warning).
+  """
+  problems: List[str] = []
+  base = BagelConfig()
+  llm = _llm_config(llm_json, problems)
+  vit = _vit_config(vit_json, shapes, problems)
+  ae = _ae_config(ae_shapes, resolution=ae_resolution, scale_factor=scale_factor, shift_factor=shift_factor)
   p = base.latent_patch_size
   if "vae2llm.weight" in shapes:
     in_dim = shapes["vae2llm.weight"][1]
@@ -253,7 +266,6 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
       problems.append(f"vae2llm.weight: in-dim {in_dim} is not p*p*z for z={ae.z_channels}")
       p = base.latent_patch_size
   t_in = shapes.get("time_embedder.mlp.0.weight")
-
   cfg = BagelConfig(
       llm=llm, vit=vit, ae=ae, tokens=tokens or SpecialTokens(), latent_patch_size=p,
       max_latent_size=_pick("max_latent_size", max_latent_size,
@@ -329,7 +341,7 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
 
 def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
   """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`."""
-  abstract = P.abstract_params(keymap.model_schema(cfg))
+  abstract = params_lib.abstract_params(keymap.model_schema(cfg))
   out = {}
   for part, table in keymap.official_keys(cfg).items():
     by_path: Dict[Tuple[str, ...], Dict[Optional[int], str]] = {}
@@ -457,7 +469,7 @@ def parse_mesh(text: Optional[str]):
   for part in text.split(","):
     name, _, size = part.partition("=")
     shape[name.strip()] = int(size)
-  return S.make_mesh(shape)
+  return sharding_lib.make_mesh(shape)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,7 +1,8 @@
 """Official checkpoint key <-> parameter-tree path table, derived by walking the parameter schema.
 
-Spec D.2 / D.3 (key patterns), A.0 (module prefixes), A.2 (ViT patch embedding in Linear form), A.4 (the
-two fixed sin-cos tables, which are checkpoint entries but not parameters). Walking `params.bagel_schema` /
+Key patterns of `ema.safetensors` / `ae.safetensors` (docs/bagel.md, "Checkpoint layout"): module attribute
+paths as prefixes, the ViT patch embedding stored in Linear form, and the two fixed sin-cos tables, which are
+checkpoint entries but not parameters. Walking `params.bagel_schema` /
 `params.ae_schema` (rather than listing keys by hand) keeps the table in sync with every preset and config;
 a schema entry without an official name is an error, never silently skipped.
 
@@ -17,7 +18,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from srum_jax.models import params as P
+from srum_jax.models import params
 from srum_jax.models.config import BagelConfig
 
 Path = Tuple[str, ...]
@@ -84,7 +85,7 @@ class KeyEntry(NamedTuple):
 def _walk(schema, prefix: Path = ()):
   """(path, ParamSpec) for every leaf, in insertion order."""
   for name, sub in schema.items():
-    if P.is_spec(sub):
+    if params.is_spec(sub):
       yield prefix + (name,), sub
     else:
       yield from _walk(sub, prefix + (name,))
@@ -134,12 +135,12 @@ def _table(schema, module_name) -> Dict[str, KeyEntry]:
 
 def bagel_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
   """Official `ema.safetensors` parameter keys (without the fixed sin-cos tables) -> tree entries."""
-  return _table(P.bagel_schema(cfg), _bagel_module)
+  return _table(params.bagel_schema(cfg), _bagel_module)
 
 
 def ae_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
   """Official `ae.safetensors` keys -> tree entries; the AE tree mirrors the official module names."""
-  return _table(P.ae_schema(cfg.ae), lambda path, layer: ".".join(path))
+  return _table(params.ae_schema(cfg.ae), lambda path, layer: ".".join(path))
 
 
 def official_keys(cfg: BagelConfig) -> Dict[str, Dict[str, KeyEntry]]:
@@ -158,7 +159,7 @@ def fixed_tables(cfg: BagelConfig) -> Dict[str, Tuple[int, int]]:
 
 def model_schema(cfg: BagelConfig):
   """The converted checkpoint's tree: {'bagel': bagel_schema, 'ae': ae_schema}."""
-  return {"bagel": P.bagel_schema(cfg), "ae": P.ae_schema(cfg.ae)}
+  return {"bagel": params.bagel_schema(cfg), "ae": params.ae_schema(cfg.ae)}
 
 
 def get_path(tree, path: Path):
@@ -208,7 +209,7 @@ def expected_official_shapes(cfg: BagelConfig) -> Dict[str, Dict[str, Tuple[int,
   Includes the fixed sin-cos tables; with `cfg.vit=None` there are no vit_model / connector /
   vit_pos_embed keys (SRUM-trained `model.safetensors`).
   """
-  abstract = P.abstract_params(model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
+  abstract = params.abstract_params(model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
   out = {}
   for part, table in official_keys(cfg).items():
     out[part] = {k: official_shape(get_path(abstract[part], e.path).shape, e) for k, e in table.items()}

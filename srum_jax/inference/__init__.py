@@ -1,4 +1,4 @@
-"""Inference: KV-cache contexts and prefill (B.1), text decoding (C.1-C.2), flow sampling with CFG (B.2-B.3)."""
+"""Inference: KV-cache contexts and prefill, text decoding, flow sampling with CFG (docs/bagel.md)."""
 from srum_jax.inference.context import (Context, add_texts, add_vit_images, concat_contexts, init_context, pad_ids,
                                         prefill_text, prefill_vae_image, prefill_vit_image, vae_inputs, vit_inputs,
                                         wrap_text)

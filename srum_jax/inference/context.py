@@ -1,4 +1,5 @@
-"""Inference contexts: a static KV cache per row and the three prefill kinds (spec B.1, C.2).
+"""Inference contexts: a static KV cache per row and the three prefill kinds
+(docs/bagel.md, "KV cache and prefill").
 
 A `Context` holds B independent rows: the cache (keys after qk-norm and RoPE), the next free RoPE position
 `rope` [B] and the next split id `split` [B]. Every prefill appends one split per row:
@@ -60,7 +61,6 @@ def init_context(cfg: BagelConfig, batch: int, max_len: int, dtype=jnp.float32) 
 def shard_rows(tree, mesh, axis_of=None):
   """Place a batch-major pytree (contexts, ids, keys) with its batch rows split over the mesh's data axes;
   the jitted prefill / sampling steps then run data-parallel (XLA propagates the row sharding)."""
-  from srum_jax import sharding
 
   def put(x):
     x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
@@ -109,7 +109,7 @@ def concat_contexts(contexts: Sequence[Context]) -> Context:
 
 
 def wrap_text(ids: Sequence[int], cfg: BagelConfig) -> list:
-  """A text split's tokens: `[bos] + ids + [eos]` (C.2: no role template)."""
+  """A text split's tokens: `[bos] + ids + [eos]` (no role template)."""
   return [cfg.tokens.bos, *(int(i) for i in ids), cfg.tokens.eos]
 
 
@@ -195,7 +195,7 @@ def _encode(params_ae, images, cfg, key):
 
 
 def grid_position_ids(grid: jax.Array, num: int, max_per_side: int) -> Tuple[jax.Array, jax.Array]:
-  """Row-major flattened 2-D ids (A.8) [B, num] of per-row (h, w) grids, and which of the slots are real."""
+  """Row-major flattened 2-D ids `row * G + col` [B, num] of per-row (h, w) grids, and which of the slots are real."""
   k = jnp.arange(num, dtype=jnp.int32)[None, :]
   w = jnp.maximum(grid[:, 1:2], 1)
   pos = (k // w) * max_per_side + k % w

@@ -1,4 +1,4 @@
-"""Text generation with the KV cache (spec C.1, C.2) and the judge helper built on it.
+"""Text generation with the KV cache (docs/bagel.md, "Decoding and prompt format") and the judge helper built on it.
 
 `generate_text` runs a `lax.while_loop` of single-token decoder steps over a prefilled `Context`: the first
 fed token is `<|im_start|>` at the row's `rope`; each step appends the fed token to the cache (und experts,
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax.inference import context as C
+from srum_jax.inference import context
 from srum_jax.inference.context import Context
 from srum_jax.models import image_transforms, qwen2_mot
 from srum_jax.models.config import BagelConfig
@@ -61,7 +61,7 @@ def _decode_step(params, ctx: Context, token: jax.Array, active: jax.Array, cfg:
 def _generate(params, ctx: Context, stops: jax.Array, temperature: jax.Array, pad_id: jax.Array, key, *,
               cfg: BagelConfig, max_new_tokens: int, sample: bool, return_logits: bool,
               attn_impl: str) -> Generation:
-  C.TRACES["generate_text"] += 1
+  context.TRACES["generate_text"] += 1
   B = ctx.rope.shape[0]
   V = cfg.llm.vocab_size
 
@@ -98,7 +98,7 @@ def generate_text(params, ctx: Context, cfg: BagelConfig, *, max_new_tokens: int
                   stop_ids: Optional[Sequence[int]] = None, temperature: float = 0.0,
                   key: Optional[jax.Array] = None, pad_id: Optional[int] = None, return_logits: bool = False,
                   attn_impl: str = "dense") -> Generation:
-  """Decode up to `max_new_tokens` per row from a prefilled context (C.1).
+  """Decode up to `max_new_tokens` per row from a prefilled context.
 
   stop_ids: default (eos,); () never stops early. temperature 0: greedy; > 0: sampling with `key`
   (required). Stop ids, temperature and pad id are traced: changing their values does not recompile.
@@ -140,23 +140,23 @@ def _vit_image(img) -> Optional[np.ndarray]:
 def judge_context(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
                   system_prompt: Optional[str] = None, extra_tokens: int = 0, dtype=jnp.float32,
                   text_budget: Optional[int] = None, patch_budget: Optional[int] = None) -> Context:
-  """The understanding context per row: [system prompt] + image (ViT only) + prompt (C.2), in a cache with
+  """The understanding context per row: [system prompt] + image (ViT only) + prompt, in a cache with
   room for `extra_tokens` more. images: one per prompt (None, a PIL image or an HWC array; see
   `_vit_image`). Budgets default to power-of-two buckets, so similar batches reuse compiled code."""
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
   B = len(prompts)
-  sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
-  prompt_ids, prompt_lens = C.pad_ids([C.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
-  patches, grid = C.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
-  T = C.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1]
+  sys_ids = None if system_prompt is None else context.wrap_text(tokenizer.encode(system_prompt), cfg)
+  prompt_ids, prompt_lens = context.pad_ids([context.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
+  patches, grid = context.vit_inputs([_vit_image(im) for im in images], cfg, patch_budget)
+  T = context.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1]
                + extra_tokens)
-  ctx = C.init_context(cfg, B, T, dtype)
+  ctx = context.init_context(cfg, B, T, dtype)
   if sys_ids is not None:
-    ids, lens = C.pad_ids([sys_ids] * B)
-    ctx = C.prefill_text(params, ctx, ids, lens, cfg=cfg)
-  ctx = C.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
-  return C.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+    ids, lens = context.pad_ids([sys_ids] * B)
+    ctx = context.prefill_text(params, ctx, ids, lens, cfg=cfg)
+  ctx = context.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
+  return context.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
 
 
 def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
@@ -224,7 +224,7 @@ def _per_row(answer_prefix: Union[str, Sequence[str]], n: int) -> list:
 
 
 def _logits_after(params, tokenizer, ctx: Context, prefixes: Sequence[str], cfg: BagelConfig) -> jax.Array:
-  pre_ids, pre_lens = C.pad_ids([[cfg.tokens.bos] + tokenizer.encode(p) for p in prefixes])
+  pre_ids, pre_lens = context.pad_ids([[cfg.tokens.bos] + tokenizer.encode(p) for p in prefixes])
   return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg)
 
 
@@ -267,7 +267,7 @@ def greedy_continuations(params, tokenizer, ctx: Context, answer_prefix: str, *,
   for _ in range(int(max_new_tokens)):
     if all(done):
       break
-    pre_ids, pre_lens = C.pad_ids([head + n for n in new])
+    pre_ids, pre_lens = context.pad_ids([head + n for n in new])
     nxt = np.asarray(jnp.argmax(_prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg), axis=-1))
     for b in range(B):
       if done[b]:

@@ -1,4 +1,5 @@
-"""Image generation: Euler flow sampling with classifier-free guidance over KV-cache contexts (spec B.2, B.3).
+"""Image generation: Euler flow sampling with classifier-free guidance over KV-cache contexts
+(docs/bagel.md, "Flow sampler and CFG", "Think mode").
 
 Each row's query block `[start_of_image] + h*w latent tokens + [end_of_image]` sits at its context's own
 `rope` position as a new full split (markers und, latents gen) and attends to the cached context and to
@@ -19,21 +20,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax.inference import context as C
+from srum_jax import losses
+from srum_jax.inference import context
 from srum_jax.inference import decoding
 from srum_jax.inference.context import Context
 from srum_jax.models import autoencoder, bagel, embeddings, qwen2_mot
 from srum_jax.models.config import BagelConfig
-from srum_jax.models.packing import FULL, TokenMeta
+from srum_jax.models.packing import FULL
 from srum_jax.rewards.prompts import GEN_THINK_SYSTEM_PROMPT
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 def shifted_timesteps(num_timesteps: int, shift: float) -> jax.Array:
-  """t_i = s*u_i / (1 + (s-1)*u_i) with u = linspace(1, 0, T) (fp32)."""
-  u = jnp.linspace(1.0, 0.0, num_timesteps, dtype=jnp.float32)
-  return shift * u / (1.0 + (shift - 1.0) * u)
+  """The sampler's times: `losses.shift_timesteps` of u = linspace(1, 0, T) (fp32), noise to data."""
+  return losses.shift_timesteps(jnp.linspace(1.0, 0.0, num_timesteps, dtype=jnp.float32), shift)
 
 
 def latent_grid(height: int, width: int, cfg: BagelConfig) -> Tuple[int, int]:
@@ -72,9 +73,9 @@ def velocity(params, ctx: Context, x: jax.Array, t: jax.Array, *, cfg: BagelConf
   pos = jnp.broadcast_to((k // grid[1]) * cfg.max_latent_size + k % grid[1], (B, N))
   tt = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1, 1), (B, N))
   lat = bagel.embed_latents(params, x.astype(jnp.float32), tt, pos, cfg, dtype)
-  xq = C.frame_image(params, lat, cfg, dtype)
+  xq = context.frame_image(params, lat, cfg, dtype)
   is_gen = jnp.zeros((B, N + 2), bool).at[:, 1:-1].set(True)
-  meta = C.split_meta(ctx, jnp.ones((B, N + 2), bool), FULL, jnp.broadcast_to(ctx.rope[:, None], (B, N + 2)),
+  meta = context.split_meta(ctx, jnp.ones((B, N + 2), bool), FULL, jnp.broadcast_to(ctx.rope[:, None], (B, N + 2)),
                        is_gen)
   h, _ = qwen2_mot.decoder_forward_cached(params["llm"], xq, meta, ctx.cache, cfg=cfg.llm, update_cache=False,
                                           und_capacity=2, gen_capacity=N, attn_impl=attn_impl)
@@ -91,7 +92,7 @@ def _norm(v: jax.Array, per_token: bool) -> jax.Array:
 def cfg_combine(v_cond: jax.Array, v_text: Optional[jax.Array], v_img: Optional[jax.Array], *,
                 cfg_text_scale: float, cfg_img_scale: float, cfg_renorm_type: str = "global",
                 cfg_renorm_min: float = 0.0) -> jax.Array:
-  """Guided velocity from the branch velocities [B, N, C] (B.2); norms are per image (global) or per token.
+  """Guided velocity from the branch velocities [B, N, C]; norms are per image (global) or per token.
 
   No guidance at all when cfg_text_scale <= 1; the image branch only when cfg_img_scale > 1.
   """
@@ -121,7 +122,7 @@ def branch_velocities(params, contexts: Sequence[Context], x: jax.Array, t, *, c
                       grid: Tuple[int, int], attn_impl: str = "dense") -> Tuple[jax.Array, ...]:
   """Velocities of x [B, N, C] under each context (same B rows each), folded into one forward."""
   n, B = len(contexts), x.shape[0]
-  folded = contexts[0] if n == 1 else C.concat_contexts(contexts)
+  folded = contexts[0] if n == 1 else context.concat_contexts(contexts)
   xs = jnp.concatenate([x] * n, axis=0)
   v = velocity(params, folded, xs, t, cfg=cfg, grid=grid, attn_impl=attn_impl)
   return tuple(v[i * B:(i + 1) * B] for i in range(n))
@@ -149,7 +150,7 @@ def guided_velocity(params, contexts: Sequence[Context], x: jax.Array, t: jax.Ar
                                              "cfg_renorm_type", "attn_impl"))
 def _sample_latents(params, contexts, x0, timestep_shift, cfg_interval, cfg_renorm_min, *, cfg, grid,
                     num_timesteps, cfg_text_scale, cfg_img_scale, cfg_renorm_type, attn_impl):
-  C.TRACES["sample_latents"] += 1
+  context.TRACES["sample_latents"] += 1
   ts = shifted_timesteps(num_timesteps, timestep_shift)
 
   def step(i, x):
@@ -228,7 +229,7 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
                   cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, max_think_tokens: int = 1000,
                   system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
                   attn_impl: str = "dense", mesh=None) -> T2IResult:
-  """Generate one image per prompt with the official contexts (B.2, B.3).
+  """Generate one image per prompt with the official contexts.
 
   mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (params should be replicated on it);
   the batch size must divide by that many devices.
@@ -244,29 +245,29 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
     system_prompt = GEN_THINK_SYSTEM_PROMPT
   ids = list(range(B)) if image_ids is None else list(image_ids)
   keys = prompt_keys(seeds, ids)
-  sys_ids = None if system_prompt is None else C.wrap_text(tokenizer.encode(system_prompt), cfg)
-  prompt_ids, prompt_lens = C.pad_ids([C.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
-  sys_len = 0 if sys_ids is None else C.bucket(len(sys_ids))
-  think_budget = C.bucket(max_think_tokens + 2) if think else 0
-  T = C.bucket(sys_len + prompt_ids.shape[1] + think_budget)
+  sys_ids = None if system_prompt is None else context.wrap_text(tokenizer.encode(system_prompt), cfg)
+  prompt_ids, prompt_lens = context.pad_ids([context.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
+  sys_len = 0 if sys_ids is None else context.bucket(len(sys_ids))
+  think_budget = context.bucket(max_think_tokens + 2) if think else 0
+  T = context.bucket(sys_len + prompt_ids.shape[1] + think_budget)
 
-  base = C.init_context(cfg, B, T, dtype)
+  base = context.init_context(cfg, B, T, dtype)
   if mesh is not None:
-    base = C.shard_context(base, mesh)
-    prompt_ids, prompt_lens, keys = C.shard_rows((prompt_ids, prompt_lens, keys), mesh)
+    base = context.shard_context(base, mesh)
+    prompt_ids, prompt_lens, keys = context.shard_rows((prompt_ids, prompt_lens, keys), mesh)
   if sys_ids is not None:
-    ids_, lens_ = C.pad_ids([sys_ids] * B, sys_len)
-    base = C.prefill_text(params, base, ids_, lens_, cfg=cfg)
+    ids_, lens_ = context.pad_ids([sys_ids] * B, sys_len)
+    base = context.prefill_text(params, base, ids_, lens_, cfg=cfg)
   cfg_text = base
-  gen = C.prefill_text(params, base, prompt_ids, prompt_lens, cfg=cfg, attn_impl=attn_impl)
+  gen = context.prefill_text(params, base, prompt_ids, prompt_lens, cfg=cfg, attn_impl=attn_impl)
   cfg_img = gen
   think_texts = None
   if think:
     out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens, attn_impl=attn_impl)
     think_texts = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
-    seqs = [C.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
-    t_ids, t_lens = C.pad_ids(seqs, think_budget)
-    gen = C.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)
+    seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
+    t_ids, t_lens = context.pad_ids(seqs, think_budget)
+    gen = context.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)
   images = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width, keys=keys,
                          num_timesteps=num_timesteps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
                          cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,

@@ -1,4 +1,5 @@
-"""Grouped-query attention over packed sequences, masked from token metadata (spec A.1 step 5, A.9).
+"""Grouped-query attention over packed sequences, masked from token metadata (BAGEL's packed-sequence mask rule,
+docs/bagel.md "Packed sequence layout and attention mask").
 
 Query head h uses kv head h // (Hq / Hkv) (consecutive query heads share a kv head); scale 1/sqrt(d);
 scores and softmax in fp32; no dropout. A query with no visible key (padding) returns 0, never NaN.
@@ -70,7 +71,7 @@ def _chunked(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, block_q: int) -> jax
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_meta: TokenMeta, *,
               impl: str = "dense", block_q: int = 512) -> jax.Array:
-  """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the A.9 mask from metadata.
+  """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the packed-sequence mask from metadata.
 
   impl: "dense" (materialise the scores) or "chunked" (query blocks of `block_q`, same result).
   """

@@ -1,4 +1,4 @@
-"""FLUX autoencoder in NHWC (spec A.12): pixels in [-1, 1] <-> scaled latents [B, H/8, W/8, z].
+"""FLUX autoencoder in NHWC (docs/bagel.md, "FLUX autoencoder"): pixels in [-1, 1] <-> scaled latents [B, H/8, W/8, z].
 
 Pure functions over the `params.ae_schema` tree. Convolutions use HWIO kernels; compute dtype is the
 dtype of the activations passed in; GroupNorm statistics and attention softmax run in fp32.

@@ -1,6 +1,6 @@
 """BAGEL model configuration: frozen dataclasses and the size presets.
 
-Values follow `shared/specs/bagel_architecture.md` section D. `tiny` rebuilds the golden test model,
+Values follow BAGEL-7B-MoT (docs/bagel.md, "Configuration"). `tiny` rebuilds the golden test model,
 `bagel_7b_mot` is the paper's model, `mid` is a ~2.0B-parameter MoT model (Qwen2.5-1.5B widths, 16 layers) that trains on one 80 GB GPU.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
-  """Qwen2 decoder with Mixture-of-Transformers layers (spec A.1)."""
+  """Qwen2 decoder with Mixture-of-Transformers layers."""
   vocab_size: int = 152064
   hidden_size: int = 3584
   intermediate_size: int = 18944
@@ -30,7 +30,7 @@ class LLMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """SigLIP NaViT encoder (spec A.2). `num_hidden_layers` is the count actually used (json - 1)."""
+  """SigLIP NaViT encoder. `num_hidden_layers` is the count actually used (json - 1)."""
   hidden_size: int = 1152
   intermediate_size: int = 4304
   num_hidden_layers: int = 26
@@ -54,7 +54,7 @@ class ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AEConfig:
-  """FLUX autoencoder (spec A.12)."""
+  """FLUX autoencoder."""
   resolution: int = 256
   in_channels: int = 3
   ch: int = 128

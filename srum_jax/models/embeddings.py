@@ -1,6 +1,6 @@
 """Fixed and learned embeddings around the LLM: 2-D sin-cos tables, timestep embedder, latent patches.
 
-Spec A.4 (position tables), A.5 (timestep embedder), A.6/A.7 (vae2llm / llm2vae and latent patchify).
+See docs/bagel.md, "Position tables and 2-D ids" and "Latent tokens and timestep embedder".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def sincos_2d_table(grid: int, dim: int) -> np.ndarray:
-  """Fixed [grid*grid, dim] table; row `r*grid + c` is [E(c), E(r)] (column half first, spec A.4)."""
+  """Fixed [grid*grid, dim] table; row `r*grid + c` is [E(c), E(r)] (column half first)."""
   rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
   emb = np.concatenate([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
   emb = emb.astype(np.float32)
@@ -32,7 +32,7 @@ def sincos_2d_table(grid: int, dim: int) -> np.ndarray:
 
 
 def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal features [..., dim] of flow time t in [0, 1] (not scaled by 1000), cos first (spec A.5)."""
+  """Sinusoidal features [..., dim] of flow time t in [0, 1] (not scaled by 1000), cos first."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   a = t.astype(jnp.float32)[..., None] * freqs

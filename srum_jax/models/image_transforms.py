@@ -1,4 +1,4 @@
-"""Image preprocessing (spec A.11, A.2): stride-aligned resize, [-1, 1] range, ViT patchify.
+"""Image preprocessing (docs/bagel.md, "Image transforms"): stride-aligned resize, [-1, 1] range, ViT patchify.
 
 Host-side helpers (NumPy / PIL) that run in the data pipeline; `vit_patchify` also works on jax arrays.
 """
@@ -27,7 +27,7 @@ def _scaled(w: int, h: int, scale: float, stride: int) -> Tuple[int, int]:
 
 def resize_dims(w: int, h: int, max_size: int, min_size: int, stride: int,
                 max_pixels: int = VIT_MAX_PIXELS) -> Tuple[int, int]:
-  """(new_w, new_h) of ImageTransform's resize, exactly the rule of A.11.
+  """(new_w, new_h) of ImageTransform's resize, exactly the official rule.
 
   Long edge capped at max_size (never upscaled for that), short edge raised to min_size, both rounded to a
   multiple of `stride`; then a pixel-budget pass whose factor is the area ratio used as a linear scale (as

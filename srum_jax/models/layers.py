@@ -19,7 +19,7 @@ def dense(p, x: jax.Array) -> jax.Array:
 
 
 def rms_norm(p, x: jax.Array, eps: float) -> jax.Array:
-  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (spec A.1)."""
+  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (eps 1e-6 in BAGEL)."""
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return y.astype(x.dtype) * p["scale"].astype(x.dtype)
@@ -42,3 +42,14 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
 def silu(x: jax.Array) -> jax.Array:
   return jax.nn.silu(x)
+
+
+def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """Per row b: x[b, index[b]] for x [B, N, ...] and index [B, C] -> [B, C, ...]; out-of-range entries
+  (index >= N, the packing's "unused" marker) give 0."""
+  return jax.vmap(lambda xr, ir: xr.at[ir].get(mode="fill", fill_value=0))(x, index)
+
+
+def scatter_rows(base: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+  """Per row b: base[b, index[b]] = values[b] (cast to base's dtype); out-of-range entries are skipped."""
+  return jax.vmap(lambda br, ir, vr: br.at[ir].set(vr.astype(br.dtype), mode="drop"))(base, index, values)

@@ -1,11 +1,12 @@
-"""Static-shape packing of variable-length samples and the attention-mask rule of spec A.9.
+"""Static-shape packing of variable-length samples and BAGEL's attention-mask rule
+(docs/bagel.md, "Packed sequence layout and attention mask").
 
 A batch is `B` rows of `N` token slots. Each row holds one or more samples back to back, followed by padding.
 Every slot carries metadata (`TokenMeta`); the mask between any query and key set is a pure function of
 the two metadata sets, so the same rule serves training (queries = keys = the packed row), the KV-cache
-prefill/decoding path (keys = cache ++ new tokens) and the image-generation query block (B.1/B.2).
+prefill/decoding path (keys = cache ++ new tokens) and the image-generation query block.
 
-Sample layout (A.9): a sample is a list of splits.
+Sample layout: a sample is a list of splits.
 * `text`: the caller's tokens (including BOS/EOS), mode causal, consecutive positions.
 * `vit`, `vae_clean`: `<|vision_start|>` + tokens + `<|vision_end|>`, mode full, one shared position,
   the position counter advances by 1 afterwards.
@@ -48,7 +49,7 @@ class TokenMeta(NamedTuple):
 
 
 def attention_mask(q: TokenMeta, k: TokenMeta) -> jax.Array:
-  """bool [B, Nq, Nk]: may query i attend key j (spec A.9)?
+  """bool [B, Nq, Nk]: may query i attend key j?
 
   Same (non-padding) sample, and either the key's split is earlier and not a noise split, or both are in
   the same split and the query split is not causal or the key does not come after the query.
@@ -162,6 +163,24 @@ def first_fit(samples: Sequence[Sample], num_rows: int, num_tokens: int) -> List
   return rows
 
 
+def _check_row(b: int, row: Sequence[Sample], num_tokens: int, caps: dict) -> None:
+  """Raise unless row b fits the token budget and every kind's capacity (an image brings its two markers)."""
+  need = sum(sample_length(s) for s in row)
+  if need > num_tokens:
+    raise ValueError(f"row {b} needs {need} tokens but the budget is N={num_tokens}")
+  counts = {"text": 0, "vit": 0, "latent": 0}
+  for smp in row:
+    for s in smp:
+      if s.kind == "text":
+        counts["text"] += s.length
+      else:
+        counts["text"] += 2
+        counts["vit" if s.kind == "vit" else "latent"] += s.length
+  for k, c in counts.items():
+    if c > caps[k]:
+      raise ValueError(f"row {b} has {c} {k} tokens but {k}_capacity is {caps[k]}")
+
+
 def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: int, vit_capacity: int = 0,
          latent_capacity: int = 0, start_of_image: Optional[int] = None,
          end_of_image: Optional[int] = None) -> Packed:
@@ -193,21 +212,7 @@ def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: in
     return j
 
   for b, row in enumerate(rows):
-    need = sum(sample_length(s) for s in row)
-    if need > N:
-      raise ValueError(f"row {b} needs {need} tokens but the budget is N={N}")
-    counts = {"text": 0, "vit": 0, "latent": 0}
-    for smp in row:
-      for s in smp:
-        if s.kind == "text":
-          counts["text"] += s.length
-        else:
-          counts["text"] += 2
-          counts["vit" if s.kind == "vit" else "latent"] += s.length
-    for k, c in counts.items():
-      if c > caps[k]:
-        raise ValueError(f"row {b} has {c} {k} tokens but {k}_capacity is {caps[k]}")
-
+    _check_row(b, row, N, caps)
     t, split = 0, 0
 
     for smp in row:

@@ -1,4 +1,5 @@
-"""Qwen2 decoder with Mixture-of-Transformers layers over packed rows (spec A.1, A.9, B.1, C.1).
+"""Qwen2 decoder with Mixture-of-Transformers layers over packed rows (docs/bagel.md, "Qwen2 MoT decoder",
+"Packed sequence layout and attention mask", "KV cache and prefill").
 
 Each token is handled by the expert of its type (`is_gen`: latent tokens -> gen, everything else -> und)
 for every per-token weight (norms, q/k/v/o projections, qk-norm, MLP); the attention itself is shared by
@@ -67,16 +68,6 @@ def route(meta: TokenMeta, und_capacity: int, gen_capacity: int) -> Routing:
                  gen_index=_select_slots(real & meta.is_gen, gen_capacity))
 
 
-def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """x [B, N, ...], idx [B, C] -> [B, C, ...] (0 for out-of-range entries)."""
-  return jax.vmap(lambda xr, ir: xr.at[ir].get(mode="fill", fill_value=0))(x, idx)
-
-
-def _scatter(base: jax.Array, idx: jax.Array, vals: jax.Array) -> jax.Array:
-  """base [B, N, ...] with rows idx [B, C] set to vals [B, C, ...] (out-of-range entries skipped)."""
-  return jax.vmap(lambda br, ir, vr: br.at[ir].set(vr, mode="drop"))(base, idx, vals)
-
-
 # ----------------------------------------------------------------------------------------------
 # One MoT layer
 
@@ -126,8 +117,8 @@ def mot_layer(p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, 
     k = jnp.zeros((B, N, cfg.num_key_value_heads, d), x.dtype)
     v = jnp.zeros_like(k)
     for pe, idx in experts:
-      qe, ke, ve = _qkv(pe, _gather(x, idx), cfg)
-      q, k, v = _scatter(q, idx, qe), _scatter(k, idx, ke), _scatter(v, idx, ve)
+      qe, ke, ve = _qkv(pe, layers.gather_rows(x, idx), cfg)
+      q, k, v = layers.scatter_rows(q, idx, qe), layers.scatter_rows(k, idx, ke), layers.scatter_rows(v, idx, ve)
 
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   attn = attend(q, k, v).reshape(B, N, -1)
@@ -138,7 +129,7 @@ def mot_layer(p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, 
   else:
     y = x
     for pe, idx in experts:
-      y = _scatter(y, idx, _out_mlp(pe, _gather(x, idx), _gather(attn, idx), cfg))
+      y = layers.scatter_rows(y, idx, _out_mlp(pe, layers.gather_rows(x, idx), layers.gather_rows(attn, idx), cfg))
   return y, (k, v)
 
 
@@ -215,7 +206,7 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> 
 def decoder_forward_cached(params_llm, x: jax.Array, q_meta: TokenMeta, cache: KVCache, *, cfg: LLMConfig,
                            update_cache: bool, und_capacity: int, gen_capacity: int,
                            attn_impl: str = "dense", block_q: int = 512) -> Tuple[jax.Array, KVCache]:
-  """New tokens x [B, Nq, D] attend to the cache ++ themselves under the A.9 rule; returns (h, cache).
+  """New tokens x [B, Nq, D] attend to the cache ++ themselves under the packed mask rule; returns (h, cache).
 
   The new tokens' `index` is set to their cache slot (`length[b]` + rank among the row's real tokens),
   so a causal split may continue across calls (chunked prefill, decoding). The caller sets sample_id,
@@ -244,12 +235,12 @@ def decoder_forward_cached(params_llm, x: jax.Array, q_meta: TokenMeta, cache: K
     h, (k, v) = mot_layer(p, h, q_meta, cos, sin, rt, cfg, attend)
     if not update_cache:
       return h, None
-    return h, (_scatter(ck, dest, k.astype(ck.dtype)), _scatter(cv, dest, v.astype(cv.dtype)))
+    return h, (layers.scatter_rows(ck, dest, k), layers.scatter_rows(cv, dest, v))
 
   h, kv = jax.lax.scan(body, x, (params_llm["layers"], cache.k, cache.v))
   h = final_norm(params_llm, h, q_meta, cfg.rms_norm_eps)
   if not update_cache:
     return h, cache
-  meta = TokenMeta(*(_scatter(c, dest, n.astype(c.dtype)) for c, n in zip(cache.meta, q_meta)))
+  meta = TokenMeta(*(layers.scatter_rows(c, dest, n) for c, n in zip(cache.meta, q_meta)))
   length = cache.length + jnp.sum(real, axis=1, dtype=jnp.int32)
   return h, KVCache(k=kv[0], v=kv[1], meta=meta, length=length)

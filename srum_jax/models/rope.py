@@ -1,4 +1,4 @@
-"""Qwen2 "default" rotary position embedding at arbitrary per-token positions (spec A.1).
+"""Qwen2 "default" rotary position embedding at arbitrary per-token positions.
 
 `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq` repeated for both halves of the head dim
 (half-split layout, not interleaved); `rot(x) = x*cos + rotate_half(x)*sin`, `rotate_half([a, b]) = [-b, a]`.

@@ -1,4 +1,4 @@
-"""SigLIP NaViT vision encoder and the MLP connector into the LLM (spec A.2, A.3, A.8).
+"""SigLIP NaViT vision encoder and the MLP connector into the LLM (docs/bagel.md, "SigLIP encoder and connector").
 
 Images arrive as rows of flattened 14x14 patches (`image_transforms.vit_patchify`). Several images may be
 packed into one row: `segment_ids` says which image a patch belongs to, attention is full inside a segment
@@ -16,7 +16,8 @@ from srum_jax.models.config import BagelConfig, ViTConfig
 
 
 def vit_position_ids(h_patches: int, w_patches: int, max_per_side: int) -> np.ndarray:
-  """Flattened ids `row * max_per_side + col` of an h x w patch grid, row-major (A.8 "extrapolate")."""
+  """Flattened ids `row * max_per_side + col` of an h x w patch grid, row-major (NaViT "extrapolate": a
+  small image uses the table's top-left corner, no interpolation)."""
   rows, cols = np.meshgrid(np.arange(h_patches), np.arange(w_patches), indexing="ij")
   return (rows * max_per_side + cols).reshape(-1).astype(np.int32)
 
@@ -72,7 +73,7 @@ def connector_forward(params_connector, x: jax.Array) -> jax.Array:
 
 def embed_vit_tokens(params, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
                      cfg: BagelConfig) -> jax.Array:
-  """What the LLM receives at ViT slots: connector(vit(patches)) + fixed sin-cos `vit_pos_embed`[ids] (A.3)."""
+  """What the LLM receives at ViT slots: connector(vit(patches)) + fixed sin-cos `vit_pos_embed`[ids]."""
   feats = vit_forward(params["vit"], patches, position_ids, segment_ids, cfg=cfg.vit)
   h = connector_forward(params["connector"], feats)
   table = jnp.asarray(embeddings.sincos_2d_table(cfg.vit_max_num_patch_per_side, cfg.llm.hidden_size))

@@ -1,1 +1,2 @@
-"""The SRUM data pipeline (spec E.5, E.6): prompt sources, region proposers, generation, scoring, formatting."""
+"""The SRUM data pipeline (docs/bagel.md, "SRUM training recipe"): prompt sources, region proposers,
+generation, scoring, formatting."""

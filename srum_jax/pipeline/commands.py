@@ -18,12 +18,12 @@ def _dirs(config):
 
 
 def _model(config) -> common.Model:
-  common.resolve_model_dir(config)
-  common.check_model_dir(config.model.dir)
-  return common.load_model(config.model.dir)
+  model_dir = common.resolve_model_dir(config)
+  common.check_model_dir(model_dir)
+  return common.load_model(model_dir)
 
 
-def generate_main(config, opts) -> int:
+def generate_main(config, flags) -> int:
   from srum_jax.pipeline import generate
   from srum_jax.pipeline.prompts import load_prompts
   distributed.maybe_initialize()
@@ -34,14 +34,14 @@ def generate_main(config, opts) -> int:
   return 0
 
 
-def propose_main(config, opts) -> int:
+def propose_main(config, flags) -> int:
   from srum_jax.pipeline import propose
   d = _dirs(config)
   propose.propose(config.propose, d["generate"], d["propose"])
   return 0
 
 
-def score_main(config, opts) -> int:
+def score_main(config, flags) -> int:
   from srum_jax.pipeline import score
   distributed.maybe_initialize()
   model = _model(config)
@@ -51,21 +51,22 @@ def score_main(config, opts) -> int:
   return 0
 
 
-def train_main(config, opts) -> int:
+def train_main(config, flags) -> int:
+  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
+  `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
+  records' folder); writes `<workdir>/train`."""
   from srum_jax.pipeline import train
   d = _dirs(config)
-  if not config.train.records:
-    with config.unlocked():
-      config.train.records = os.path.join(d["score"], "rewards.jsonl")
-      config.train.images_root = config.train.images_root or d["generate"]
-  common.resolve_model_dir(config)
-  common.check_model_dir(config.model.dir)
-  with config.unlocked():
-    config.workdir = d["train"]
-  return train.main(config, opts)
+  records = config.train.records or os.path.join(d["score"], "rewards.jsonl")
+  images_root = config.train.images_root or (d["generate"] if not config.train.records
+                                             else os.path.dirname(os.path.abspath(records)))
+  model_dir = common.resolve_model_dir(config)
+  common.check_model_dir(model_dir)
+  train.main(config, model_dir=model_dir, records=records, images_root=images_root, workdir=d["train"])
+  return 0
 
 
-def eval_main(config, opts) -> int:
+def eval_main(config, flags) -> int:
   from srum_jax.pipeline import evaluate
   from srum_jax.pipeline.prompts import load_prompts
   distributed.maybe_initialize()
@@ -77,9 +78,15 @@ def eval_main(config, opts) -> int:
   return 0
 
 
-def run_main(config, opts) -> int:
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
+
+
+def run_main(config, flags) -> int:
   from srum_jax.pipeline import run
   distributed.maybe_initialize()
-  common.resolve_model_dir(config)
-  run.run(config)
+  try:
+    run.run(config)
+  except run.Preempted as e:
+    print(f"[run] preempted: {e}", flush=True)
+    return EXIT_PREEMPTED
   return 0

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,11 +42,11 @@ def check_model_dir(path: str) -> None:
 def resolve_model_dir(config) -> str:
   """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir` is set,
   that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or BAGEL ships it)
-  converted by the converter into `<workdir>/converted_model`. The conversion is redone only when the
-  official files change (their SHA-256 is stamped next to the result). Sets `config.model.dir`."""
+  converted by the converter into `<workdir>/converted_model` (redone only when the official files change:
+  their SHA-256 is stamped next to the result). The config is not changed."""
   import shutil
 
-  official = config.model.get("official_dir", "")
+  official = config.model.official_dir
   if not official:
     return config.model.dir
   from srum_jax.convert import hf_to_flax
@@ -67,8 +67,6 @@ def resolve_model_dir(config) -> str:
     hf_to_flax.convert(str(src), str(dst), dtype=config.model.param_dtype)
     stamp.write_text(json.dumps(want, indent=2))
     print(f"[model] converted {src} -> {dst}", flush=True)
-  with config.unlocked():
-    config.model.dir = str(dst)
   return str(dst)
 
 

@@ -7,7 +7,7 @@
 
 Host validation runs once per distinct input (the ArrayRecord file name carries a content hash of the
 JSONL, the image files' sizes/mtimes and the validation settings): malformed lines, non-finite scores,
-records the official formatting filter drops (E.3), missing or undecodable images are skipped, and boxes
+records the official formatting filter drops (`records.formatting_filter`), missing or undecodable images are skipped, and boxes
 are sanitised (degenerate or fully outside the image: dropped; partly outside: clamped), all COUNTED in a
 `DataReport`. Nothing in the input can kill the job; a pipeline with zero usable records is an error.
 
@@ -26,12 +26,12 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from srum_jax import objective
-from srum_jax.rewards import records as R
+from srum_jax.rewards import records as records_lib
 
 VALIDATION_VERSION = 1  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
@@ -107,7 +107,8 @@ class HostBatch(NamedTuple):
 
 def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[int, int]]:
   """PNG/JPEG -> (float32 [H, W, 3] in [-1, 1], original (width, height)). Bicubic (antialiased) resize to
-  `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5) (A.11)."""
+  `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5), the
+  official training transform."""
   from PIL import Image
   with Image.open(path) as im:
     size = im.size
@@ -159,7 +160,7 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
   """Read, filter and check every record; returns the usable records as plain dicts (with the decoded
   image size in `image_size` and sanitised boxes) and the report of everything skipped or changed."""
   report = DataReport()
-  records, read_report = R.read_records(records_path)
+  records, read_report = records_lib.read_records(records_path)
   report.lines = read_report.lines
   for line_no, why in read_report.skipped:
     if "finite" in why:
@@ -167,7 +168,7 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
     else:
       report.malformed += 1
     report.note(f"line {line_no}", why)
-  records, freport = R.formatting_filter(records, drop_zero_global=drop_zero_global)
+  records, freport = records_lib.formatting_filter(records, drop_zero_global=drop_zero_global)
   report.filtered_zero_global = freport.dropped_zero_global
   report.filtered_missing_global = freport.dropped_missing_global
   report.filtered_empty = freport.dropped_empty
@@ -209,7 +210,7 @@ def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   names = set()
-  for rec in R.read_records(records_path)[0]:
+  for rec in records_lib.read_records(records_path)[0]:
     names.add(rec.image_file)
   for name in sorted(names):
     try:
@@ -289,16 +290,10 @@ class _Decode:
       if self.report is not None:
         self.report.decode_failures += 1
       return None
-    K = self.spec.max_regions
-    boxes = np.zeros((K, 4), np.float32)
-    scores = np.zeros((K,), np.float32)
-    valid = np.zeros((K,), bool)
     sx, sy = W / float(w0), H / float(h0)
-    for j, reg in enumerate(rec["regions"][:K]):
-      x0, y0, x1, y1 = reg["box"]
-      boxes[j] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-      scores[j] = reg["score"]
-      valid[j] = True
+    boxes, scores, valid, _ = records_lib.pad_regions(
+        [(reg["box"][0] * sx, reg["box"][1] * sy, reg["box"][2] * sx, reg["box"][3] * sy) for reg in rec["regions"]],
+        [reg["score"] for reg in rec["regions"]], self.spec.max_regions)
     ids = [int(i) for i in self.tokenizer.encode(rec["prompt"])]
     truncated = len(ids) > self.max_ids
     return {"index": int(rec["index"]), "image": image, "boxes": boxes, "scores": scores, "valid": valid,
@@ -317,12 +312,13 @@ class _Collate:
     from srum_jax import train_step
     R_, S = self.spec.rows, self.spec.samples_per_row
     grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
-    gen = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid], image_hw=self.spec.image_hw,
-                                num_tokens=self.spec.num_tokens, text_capacity=self.spec.text_capacity)
+    inputs = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid],
+                                   image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
+                                   text_capacity=self.spec.text_capacity)
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
-    batch = train_step.SrumBatch(gen=gen, images=stack("image"), rewards=rewards)
+    batch = train_step.SrumBatch(inputs=inputs, images=stack("image"), rewards=rewards)
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
                      truncated=int(sum(s["truncated"] for s in samples)))
 

@@ -12,7 +12,6 @@ Writes `<out>/judgments.jsonl` (resumable), `<out>/table.json` and `<out>/table.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pathlib
 from collections import OrderedDict

@@ -1,4 +1,5 @@
-"""Stage `generate`: the UMM draws candidate images for a prompt set (spec B.2, B.3, E.6).
+"""Stage `generate`: the UMM draws candidate images for a prompt set (the official T2I inference: think
+mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "Think mode").
 
 Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, prompt_id, prompt, category, seed,
 image_file, think}). Each image is seeded by (config.seed, its id), so any host, batch composition or

@@ -1,4 +1,4 @@
-"""Prompt sources for data generation (spec E.6): one config -> a list of `PromptItem`s plus a load report.
+"""Prompt sources for data generation: one config -> a list of `PromptItem`s plus a load report.
 
   items = load_prompts({"source": "file", "path": "srum_train_comp.json"})
   items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds", "local_dir": ".../dataset"})
@@ -7,8 +7,9 @@
 
 The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as `.report`.
 
-Config keys (a dict or ml_collections ConfigDict; a bare path string means {"source": "file", "path": it}):
-  source      "file" | "tfds" | "python" (inferred when absent: `path` -> file, `function` -> python, else tfds)
+Config keys (`prompt_source` declares them all with their defaults; a dict or ConfigDict may give any subset,
+an unknown key is an error; a bare path string means {"source": "file", "path": it}):
+  source      "file" | "tfds" | "python" ("": inferred: `path` -> file, `function` -> python, else tfds)
   file:       path; format "txt" | "json" | "jsonl" (default: from the extension); category (see below)
   tfds:       name (default "t2i_compbench"), config (builder config, e.g. "original" / "plus"), split
               ("train" | "val"), data_dir (tfds default when absent), prepare (default True: build the
@@ -46,7 +47,8 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path"]
+__all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
+           "PROMPT_SOURCE_DEFAULTS", "prompt_source"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,35 @@ _PROMPT_KEYS = ("Question", "prompt")
 _CATEGORY_KEYS = ("Category", "category")
 _ID_KEYS = ("Question_id", "id")
 _FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl"}
+
+# Every key a prompt source may set, with its default ("" / None: not set).
+PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", function="", kwargs={},
+                              name="t2i_compbench", config="", split="train", data_dir="", prepare=True,
+                              local_dir="", manual_dir="", categories=(), limit=None)
+
+
+def prompt_source(**values):
+  """A prompt-source config block with every key declared (an ml_collections ConfigDict)."""
+  import ml_collections
+  unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
+  if unknown:
+    raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
+  return ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
+
+
+def _normalise(source_cfg) -> dict:
+  """Any accepted form of a source config -> a dict with every key of PROMPT_SOURCE_DEFAULTS."""
+  if isinstance(source_cfg, (str, os.PathLike)):
+    given = {"source": "file", "path": os.fspath(source_cfg)}
+  else:
+    given = dict(source_cfg.to_dict() if hasattr(source_cfg, "to_dict") else source_cfg)
+  unknown = set(given) - set(PROMPT_SOURCE_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
+  cfg = {**PROMPT_SOURCE_DEFAULTS, **given}
+  if not cfg["source"]:
+    cfg["source"] = "file" if cfg["path"] else "python" if cfg["function"] else "tfds"
+  return cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,12 +202,12 @@ def _first(entry: Mapping, keys) -> Any:
 
 def _load_file(cfg: dict) -> _Collector:
   path = os.path.expanduser(os.fspath(cfg["path"]))
-  fmt = cfg.get("format") or _FORMATS.get(os.path.splitext(path)[1].lower())
+  fmt = cfg["format"] or _FORMATS.get(os.path.splitext(path)[1].lower())
   if fmt not in ("txt", "json", "jsonl"):
     raise ValueError(f"{path}: unknown prompt file format {fmt!r}; set format to txt, json or jsonl")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompt file not found: {path}")
-  col = _Collector(os.path.basename(path), cfg.get("category") or category_from_path(path))
+  col = _Collector(os.path.basename(path), cfg["category"] or category_from_path(path))
   with open(path, encoding="utf-8-sig") as f:
     text = f.read()
   if fmt == "txt":
@@ -211,8 +242,8 @@ def _load_python(cfg: dict) -> _Collector:
   if not sep or not module_name or not fn_name:
     raise ValueError(f"python prompt source must be 'module.path:function', got {spec!r}")
   fn = getattr(importlib.import_module(module_name), fn_name)
-  col = _Collector(spec, cfg.get("category") or "uncategorized")
-  for index, entry in enumerate(fn(**dict(cfg.get("kwargs") or {})), start=1):
+  col = _Collector(spec, cfg["category"] or "uncategorized")
+  for index, entry in enumerate(fn(**dict(cfg["kwargs"] or {})), start=1):
     col.add_entry(index, entry)
   return col
 
@@ -226,21 +257,18 @@ def _load_tfds(cfg: dict) -> _Collector:
 
   from srum_jax.data import t2i_compbench  # noqa: F401  (registers the builder)
 
-  name = cfg.get("name") or "t2i_compbench"
-  config = cfg.get("config")
-  split = cfg.get("split") or "train"
+  name, config, split = cfg["name"] or "t2i_compbench", cfg["config"], cfg["split"] or "train"
   full_name = f"{name}/{config}" if config else name
   builder_kwargs = {}
-  if cfg.get("local_dir"):
+  if cfg["local_dir"]:
     builder_kwargs["local_dir"] = cfg["local_dir"]
   prepare_kwargs = {}
-  if cfg.get("manual_dir"):
+  if cfg["manual_dir"]:
     prepare_kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=cfg["manual_dir"])
-  data_dir = cfg.get("data_dir")
-  source = tfds.data_source(full_name, split=split, data_dir=None if data_dir is None else os.path.expanduser(
-    data_dir), download=bool(cfg.get("prepare", True)), builder_kwargs=builder_kwargs or None,
-    download_and_prepare_kwargs=prepare_kwargs or None)
-  col = _Collector(f"tfds:{full_name}[{split}]", cfg.get("category") or "uncategorized")
+  data_dir = os.path.expanduser(cfg["data_dir"]) if cfg["data_dir"] else None
+  source = tfds.data_source(full_name, split=split, data_dir=data_dir, download=bool(cfg["prepare"]),
+                            builder_kwargs=builder_kwargs or None, download_and_prepare_kwargs=prepare_kwargs or None)
+  col = _Collector(f"tfds:{full_name}[{split}]", cfg["category"] or "uncategorized")
   for index in range(len(source)):
     row = {k: _decode(v) for k, v in source[index].items()}
     col.add_entry(index + 1, row)
@@ -249,23 +277,20 @@ def _load_tfds(cfg: dict) -> _Collector:
 
 def load_prompts(source_cfg) -> PromptList:
   """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`."""
-  if isinstance(source_cfg, (str, os.PathLike)):
-    cfg = {"source": "file", "path": os.fspath(source_cfg)}
-  else:
-    cfg = dict(source_cfg.to_dict() if hasattr(source_cfg, "to_dict") else source_cfg)
-  source = cfg.get("source") or ("file" if cfg.get("path") else "python" if cfg.get("function") else "tfds")
+  cfg = _normalise(source_cfg)
+  source = cfg["source"]
   loaders = {"file": _load_file, "tfds": _load_tfds, "python": _load_python}
   if source not in loaders:
     raise ValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
   col = loaders[source](cfg)
   items, report = col.items, col.report
-  categories = cfg.get("categories")
+  categories = cfg["categories"]
   if categories:
     wanted = set(categories)
     kept = [it for it in items if it.category in wanted]
     report.filtered += len(items) - len(kept)
     items = kept
-  limit = cfg.get("limit")
+  limit = cfg["limit"]
   if limit is not None and len(items) > int(limit):
     report.filtered += len(items) - int(limit)
     items = items[:int(limit)]

@@ -1,4 +1,4 @@
-"""Stage `propose`: region proposals for every generated image (spec E.5).
+"""Stage `propose`: region proposals for every generated image (docs/bagel.md, "Region proposals").
 
 Reads the generate stage's metadata, runs the configured proposer (`sam`, `felzenszwalb`, `components`,
 `grid`) with the official post-processing (boxes from masks, largest first, top `max_regions`) and writes

@@ -1,4 +1,4 @@
-"""Region proposers: an image -> the few boxes the judge scores (spec E.5).
+"""Region proposers: an image -> the few boxes the judge scores (docs/bagel.md, "Region proposals").
 
 Usage:
 
@@ -24,8 +24,8 @@ None = all) are kept. `min_area` in [0, 1) is a fraction of the image area, >= 1
 Box convention (`box_mode`):
   "official"   SAM's XYWH box has w = x_max - x_min with x_max the mask's LAST column (inclusive), so
                [x, y, x + w, y + h] = [x_min, y_min, x_max, y_max] in inclusive pixel indices. Under the
-               reward map's half-open rule (x0 <= x < x1, spec E.2) it misses the mask's last column and row.
-               A one-pixel-thick mask would give x0 == x1 (a box E.2 ignores); we widen such a box by one
+               reward map's half-open rule (x0 <= x < x1) it misses the mask's last column and row.
+               A one-pixel-thick mask would give x0 == x1 (a box the reward map ignores); we widen such a box by one
                pixel instead, so boxes are never empty.
   "half_open"  [x_min, y_min, x_max + 1, y_max + 1]: exactly the mask's bounding rectangle under x0 <= x < x1.
 Either way 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H.

@@ -10,8 +10,6 @@ prompts and seeds before/after, reward-map overlays on the scored candidates, an
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import pathlib
 import shutil
@@ -20,20 +18,21 @@ from typing import Dict, List
 
 import numpy as np
 
+from srum_jax import objective
 from srum_jax.pipeline import common, evaluate, generate, propose, score
+from srum_jax.pipeline import train as train_stage
 from srum_jax.pipeline.prompts import load_prompts
 
 
-def _train(config, model: common.Model, records: str, images_root: str, workdir: str, *, sft: bool):
-  from srum_jax.pipeline import train as train_stage
-  c = copy.deepcopy(config)
-  if sft:
-    with c.unlocked():
-      c.train.sft_baseline = True
-  summary = train_stage.train(c, cfg=model.cfg, params=model.params, tokenizer=model.tokenizer, records_path=records,
-                              images_root=images_root, workdir=workdir)
-  if float(c.train.ema_decay) > 0 and summary["state"].ema is not None:  # the trained model is the EMA (as BAGEL's)
-    summary["params"] = dict(summary["params"], bagel=summary["state"].ema)
+def train_model(config, model: common.Model, records: str, images_root: str, workdir: str, *,
+                objective_name: str = "srum") -> dict:
+  """Train `model` on reward records; the summary's `params` are the trained ones (the EMA of the weights
+  when `train.ema_decay` > 0, as BAGEL releases its EMA)."""
+  summary = train_stage.train(config, cfg=model.cfg, params=model.params, tokenizer=model.tokenizer,
+                              records_path=records, images_root=images_root, workdir=workdir,
+                              objective_name=objective_name)
+  if float(config.train.ema_decay) > 0 and summary["state"].ema is not None:
+    summary["params"] = summary["state"].ema
   return summary
 
 
@@ -58,32 +57,21 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
   return [str(path)]
 
 
-def record_reward_map(record: dict, height: int, width: int, signed: bool = False) -> np.ndarray:
-  """The [height, width] reward map of one reward record (its regions and global score)."""
-  from srum_jax.rewards import reward_map
-  regs = record.get("regions") or []
-  K = max(1, len(regs))
-  boxes = np.zeros((1, K, 4), np.float32)
-  scores = np.zeros((1, K), np.float32)
-  valid = np.zeros((1, K), bool)
-  for k, reg in enumerate(regs):
-    boxes[0, k], scores[0, k], valid[0, k] = reg["box"], reg["score"], True
-  g = np.asarray([record.get("global_score") or 0.0], np.float32)
-  return np.asarray(reward_map(boxes, scores, valid, g, height=height, width=width, signed=signed))[0]
-
-
-def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int, signed: bool) -> List[str]:
+def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int,
+                     levers: objective.RewardLevers) -> List[str]:
+  """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes."""
   from srum_jax import viz
-  rows = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()[:n]
+  from srum_jax.rewards import records as records_lib
+  recs, _ = records_lib.read_records(os.path.join(score_dir, "rewards.jsonl"))
   tiles = []
-  for r in rows:
-    im, _ = common.load_rgb(os.path.join(gen_dir, r["image_file"]))
+  for r in recs[:n]:
+    im, _ = common.load_rgb(os.path.join(gen_dir, r.image_file))
     if im is None:
       continue
-    regs = r.get("regions") or []
-    m = record_reward_map(r, im.shape[0], im.shape[1], signed)
-    tiles.append(viz.overlay_reward_map(im, m, boxes=[reg["box"] for reg in regs],
-                                        scores=[reg["score"] for reg in regs]))
+    arrays = records_lib.records_to_arrays([r], max_regions=max(1, len(r.regions)))
+    m = np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=im.shape[:2], levers=levers))[0]
+    tiles.append(viz.overlay_reward_map(im, m, boxes=[reg.box for reg in r.regions],
+                                        scores=[reg.score for reg in r.regions], signed=levers.signed))
   if not tiles:
     return []
   path = report_dir / "reward_overlays.png"
@@ -91,76 +79,96 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
   return [str(path)]
 
 
-def run(config) -> dict:
-  t0 = time.time()
-  work = pathlib.Path(config.workdir)
-  report_dir = work / "report"
-  report_dir.mkdir(parents=True, exist_ok=True)
-  common.check_model_dir(config.model.dir)  # fail before any work
-  base = common.load_model(config.model.dir)
-  train_items = load_prompts(config.prompts.train)
-  val_items = load_prompts(config.prompts.val)
-  if not train_items or not val_items:
-    raise ValueError(f"no prompts: {len(train_items)} train / {len(val_items)} val")
-  dt = config.model.compute_dtype
-  tables: Dict[str, dict] = {}
-  eval_dirs: Dict[str, str] = {}
+class Preempted(Exception):
+  """A training stage was stopped by a signal: its state is saved, nothing after it runs; rerun to resume."""
 
-  def do_eval(name: str, model: common.Model):
-    d = str(work / "eval" / name)
-    tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                     seed=config.eval.seed, compute_dtype=dt, name=name)
-    eval_dirs[name] = d
 
-  do_eval("base", base)
-  current = base
-  rounds = []
+def _trained(summary: dict) -> dict:
+  if summary["preempted"]:
+    raise Preempted(f"training stopped by a signal at step {summary['steps']}; its checkpoint is in "
+                    f"{summary['checkpoint']}; run the same command again to resume")
+  return summary
+
+
+def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
+  """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
+  dt, current, rounds = config.model.compute_dtype, base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
     generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt)
     propose.propose(config.propose, gen_dir, prop_dir)
     srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, compute_dtype=dt)
-    summary = _train(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir, str(rd / "train"),
-                     sft=False)
+    summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
+                                   str(rd / "train")))
     current = common.save_model(str(rd / "model"), current, summary["params"])
     rounds.append({"round": r, "score": srep.__dict__, "train": {k: v for k, v in summary.items()
                                                                   if k not in ("state", "params")}})
-  name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
-  do_eval(name, current)
+  return current, rounds
 
-  if config.run.sft_baseline and int(config.run.rounds) >= 1:
-    rd = work / "round_0"
-    summary = _train(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"), str(work / "sft_train"),
-                     sft=True)
-    sft_model = common.save_model(str(work / "sft_model"), base, summary["params"])
-    do_eval("sft", sft_model)
-    order = ["base", "sft", name]
-  else:
-    order = ["base", name]
 
-  ordered = {k: tables[k] for k in order}
+def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
+                  num_val: int, seconds: float) -> dict:
+  report_dir = work / "report"
   per = int(config.eval_generate.samples_per_prompt)
-  on = f"{len(val_items)} validation prompts" + (f" x {per} images" if per > 1 else "")
-  md = evaluate.markdown(ordered, title=f"Oracle-judged accuracy (%) on {on}"
+  on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
+  md = evaluate.markdown(tables, title=f"Oracle-judged accuracy (%) on {on}"
                          if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
-  pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in order}, int(config.run.report_images))
+  pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
+    levers = train_stage.step_options(config).levers
     pictures += _reward_overlays(report_dir, str(work / "round_0" / "generate"), str(work / "round_0" / "score"),
-                                 int(config.run.report_images), bool(config.srum.signed_rewards))
+                                 int(config.run.report_images), levers)
     for r in range(len(rounds)):
       curve = work / f"round_{r}" / "train" / "loss_curve.png"
       if curve.is_file():
         shutil.copy2(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
-  report = {"tables": ordered, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
-            "seconds": time.time() - t0, "judge": config.eval.judge}
+  report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
+            "seconds": seconds, "judge": config.eval.judge}
   common.write_json(str(report_dir / "report.json"), report)
-  lines = [f"# SRUM run report", "", md, "", "## Where things are", ""]
+  lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
-  lines += ["", f"Total time: {report['seconds']:.0f} s"]
+  lines += ["", f"Total time: {seconds:.0f} s"]
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
   print(f"report: {report_dir / 'report.md'}", flush=True)
   return report
+
+
+def run(config) -> dict:
+  """The loop: eval(base) -> rounds -> eval, plus the SFT control when `run.sft_control`; returns the report.
+  A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
+  t0 = time.time()
+  work = pathlib.Path(config.workdir)
+  (work / "report").mkdir(parents=True, exist_ok=True)
+  model_dir = common.resolve_model_dir(config)
+  common.check_model_dir(model_dir)  # fail before any work
+  base = common.load_model(model_dir)
+  train_items = load_prompts(config.prompts.train)
+  val_items = load_prompts(config.prompts.val)
+  if not train_items or not val_items:
+    raise ValueError(f"no prompts: {len(train_items)} train / {len(val_items)} val")
+  tables: Dict[str, dict] = {}
+  eval_dirs: Dict[str, str] = {}
+
+  def do_eval(name: str, model: common.Model):
+    d = str(work / "eval" / name)
+    tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
+                                     seed=config.eval.seed, compute_dtype=config.model.compute_dtype, name=name)
+    eval_dirs[name] = d
+
+  do_eval("base", base)
+  current, rounds = _srum_rounds(config, base, train_items, work)
+  name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
+  do_eval(name, current)
+  order = ["base", name]
+  if config.run.sft_control and int(config.run.rounds) >= 1:
+    rd = work / "round_0"
+    summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
+                                   str(work / "sft_train"), objective_name="sft"))
+    do_eval("sft", common.save_model(str(work / "sft_model"), base, summary["params"]))
+    order = ["base", "sft", name]
+  return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),
+                       time.time() - t0)

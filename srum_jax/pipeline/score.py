@@ -1,4 +1,5 @@
-"""Stage `score`: the UMM judges its own images — global layout and per-region scores (spec E.3, E.4).
+"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the official
+`srum_data_infer/vlm.py` prompts and parsing; records in the official format, see `rewards.records`).
 
 Two judge modes:
 * `generate` (paper-faithful): decode an answer to the global-layout prompt and to the region prompt
@@ -17,7 +18,6 @@ Writes `rewards.jsonl` (versioned `RewardRecord`s, image paths relative to the g
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Dict, List, Optional, Sequence
 
@@ -48,12 +48,21 @@ def _histogram(values: Sequence[float]) -> Dict[str, int]:
   return {f"[{edges[i]:.1f},{edges[i + 1]:.1f})": int(c) for i, c in enumerate(counts)}
 
 
+def square_view(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 image -> PIL bicubic resize to size x size (a multiple of the ViT patch, 14): the judge's view of
+  small synthetic images (`score.vit_image_size`), and what pretraining shows the judge."""
+  from PIL import Image
+  if size % 14:
+    raise ValueError(f"score.vit_image_size must be a multiple of 14, got {size}")
+  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.BICUBIC))
+
+
 class Judge:
   """The model's understanding branch as a scorer (both modes behind one interface)."""
 
   def __init__(self, scfg, model: common.Model, *, seed: int = 0, compute_dtype="float32"):
-    self.c = scfg
-    self.m = model
+    self.config = scfg
+    self.model = model
     self.dtype = jnp.dtype(compute_dtype)
     self.stats = parsing.ParseStats()
     self.key = jax.random.key(seed)
@@ -74,35 +83,33 @@ class Judge:
 
   def judge_view(self, image: np.ndarray):
     """What the understanding branch sees: the official transforms (PIL in) or, with `vit_image_size`,
-    a bicubic resize to that square size (a multiple of 14; for small synthetic images)."""
+    `square_view` at that size (for small synthetic images)."""
     from PIL import Image
-    pil = Image.fromarray(np.asarray(image, np.uint8))
-    size = int(self.c.vit_image_size)
+    size = int(self.config.vit_image_size)
     if not size:
-      return pil
-    if size % 14:
-      raise ValueError(f"score.vit_image_size must be a multiple of 14, got {size}")
-    return np.asarray(pil.resize((size, size), Image.BICUBIC))
+      return Image.fromarray(np.asarray(image, np.uint8))
+    return square_view(image, size)
 
   # -- generate mode ---------------------------------------------------------------------------
-  def _answers(self, images, prompts_text, max_new, temperature=0.0) -> List[str]:
+  def answers(self, images, prompts_text, max_new, temperature=0.0) -> List[str]:
+    """Greedy (or sampled) free-text answers to `prompts_text` about `images`, think blocks stripped."""
     from srum_jax.inference import decoding
     self.key, k = jax.random.split(self.key)
     images = [self.judge_view(im) for im in images]
-    raw = decoding.answer_text(self.m.params["bagel"], self.m.tokenizer, images, prompts_text, cfg=self.m.cfg,
+    raw = decoding.answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text, cfg=self.model.cfg,
                                system_prompt=self.system, max_new_tokens=int(max_new), temperature=temperature,
-                               key=k, dtype=self.dtype, text_budget=int(self.c.text_budget) or None)
+                               key=k, dtype=self.dtype, text_budget=int(self.config.text_budget) or None)
     return [parsing.strip_think(t) for t in raw]
 
   def _with_retries(self, images, texts, max_new, parse, rep: ScoreReport):
     """Parse each answer; re-ask the unparsable ones (sampled) up to max_retries times."""
     results: List[Optional[object]] = [None] * len(texts)
     pending = list(range(len(texts)))
-    for attempt in range(int(self.c.max_retries) + 1):
+    for attempt in range(int(self.config.max_retries) + 1):
       if not pending:
         break
-      temp = 0.0 if attempt == 0 else float(self.c.retry_temperature)
-      answers = self._answers([images[i] for i in pending], [texts[i] for i in pending], max_new, temp)
+      temp = 0.0 if attempt == 0 else float(self.config.retry_temperature)
+      answers = self.answers([images[i] for i in pending], [texts[i] for i in pending], max_new, temp)
       rep.retries += len(pending) if attempt else 0
       still = []
       for i, a in zip(pending, answers):
@@ -116,9 +123,9 @@ class Judge:
   def _expected(self, images, texts) -> List[float]:
     from srum_jax.inference import decoding
     images = [self.judge_view(im) for im in images]
-    logits = decoding.next_token_logits(self.m.params["bagel"], self.m.tokenizer, images, texts, "Score:",
-                                        cfg=self.m.cfg, system_prompt=None, dtype=self.dtype,
-                                        text_budget=int(self.c.text_budget) or None)
+    logits = decoding.next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
+                                        cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
+                                        text_budget=int(self.config.text_budget) or None)
     return self._expectation(logits)
 
   def _expectation(self, logits) -> List[float]:
@@ -130,29 +137,29 @@ class Judge:
     from srum_jax.inference import decoding
     images = [self.judge_view(im) for im in images]
     names, logits = decoding.continue_then_logits(
-        self.m.params["bagel"], self.m.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
-        cfg=self.m.cfg, max_new_tokens=int(self.c.max_identify_tokens), dtype=self.dtype,
-        text_budget=int(self.c.text_budget) or None)
+        self.model.params["bagel"], self.model.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
+        cfg=self.model.cfg, max_new_tokens=int(self.config.max_identify_tokens), dtype=self.dtype,
+        text_budget=int(self.config.text_budget) or None)
     return list(zip(self._expectation(logits), names))
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text, rep: ScoreReport) -> List[Optional[float]]:
     qs = [judge_prompts.global_layout_prompt(p) for p in prompts_text]
-    if self.c.mode == "logits":
+    if self.config.mode == "logits":
       return self._expected(images, qs)
-    out = self._with_retries(images, qs, self.c.max_new_tokens_global,
+    out = self._with_retries(images, qs, self.config.max_new_tokens_global,
                              lambda i, a: parsing.parse_global_score(a, self.stats), rep)
     return out
 
   def region_scores(self, images, prompts_text, boxes_list, rep: ScoreReport) -> List[Dict[int, tuple]]:
     """Per image {region index (1-based): (score, object)}."""
-    if self.c.mode == "logits":
+    if self.config.mode == "logits":
       flat = [(i, k) for i, bs in enumerate(boxes_list) for k in range(len(bs))]
       out: List[Dict[int, tuple]] = [dict() for _ in images]
       for chunk in common.batched(flat, max(1, len(images))):
         qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
         ims = [images[i] for i, _ in chunk]
-        if self.c.region_identify:
+        if self.config.region_identify:
           vals = self._identified_expected(ims, qs)
         else:
           vals = [(v, None) for v in self._expected(ims, qs)]
@@ -161,7 +168,7 @@ class Judge:
       return out
     qs = [judge_prompts.region_prompt(p, bs) for p, bs in zip(prompts_text, boxes_list)]
     parsed = self._with_retries(
-        images, qs, self.c.max_new_tokens_regions,
+        images, qs, self.config.max_new_tokens_regions,
         lambda i, a: parsing.parse_region_answers(a, len(boxes_list[i]), self.stats) or None, rep)
     return [{} if r is None else {k: (v.score, v.object) for k, v in r.items()} for r in parsed]
 

@@ -13,49 +13,49 @@ workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta), d
 ArrayRecord cache), tb/ (TensorBoard), samples/step_<step>.png (training images with reward overlays),
 data_log.jsonl (per step: the record indices consumed), loss_curve.png, summary.json.
 A workdir holding checkpoints is resumed from its latest one. SIGTERM finishes the current step, saves
-and returns with `preempted=True`.
+and returns with `preempted=True`. The optimizer, the guarded update, the preemption flag and the
+checkpoints are the shared training core (`srum_jax.training`).
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from srum_jax import sharding, train_step as ts, viz
-from srum_jax.pipeline import checkpointing, data
+from srum_jax import objective, sharding, train_step as ts, viz
+from srum_jax.pipeline import data
+from srum_jax.training import checkpointing, optimizer, update
+from srum_jax.training.preemption import PreemptionFlag
 
-__all__ = ["step_options", "lr_schedule", "train", "final_params", "default_load_model", "main"]
+__all__ = ["OBJECTIVES", "step_options", "train", "final_params", "default_load_model", "main"]
+
+OBJECTIVES = ("srum", "sft")
 
 LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
 
 
-def step_options(config) -> ts.StepOptions:
-  """StepOptions from `srum.*`, `train.*` and `model.*` (`train.sft_baseline`: uniform R, lambda 0)."""
+def step_options(config, objective_name: Optional[str] = None) -> ts.StepOptions:
+  """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
+  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data)."""
   t, s, m = config.train, config.srum, config.model
-  sft = bool(t.sft_baseline)
+  name = t.objective if objective_name is None else objective_name
+  if name not in OBJECTIVES:
+    raise ValueError(f"train.objective={name!r}; choose one of {OBJECTIVES}")
+  sft = name == "sft"
+  levers = objective.RewardLevers(use_local=bool(s.use_local), use_global=bool(s.use_global),
+                                  signed=bool(s.signed_rewards), uniform=sft)
   return ts.StepOptions(
       image_hw=tuple(int(v) for v in t.image_hw), samples_per_row=int(t.samples_per_row),
-      lambda_constraint=0.0 if sft else float(s.lambda_constraint), signed_rewards=bool(s.signed_rewards),
-      use_local=bool(s.use_local), use_global=bool(s.use_global), uniform_rewards=sft,
+      lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
       attn_impl=str(m.attn_impl), remat=bool(m.remat), ema_decay=float(t.ema_decay))
-
-
-def lr_schedule(tcfg) -> optax.Schedule:
-  """The learning rate `make_optimizer` applies at update count n (linear warm-up from 0, then constant)."""
-  warm = max(int(tcfg.warmup_steps), 1)
-  return optax.join_schedules([optax.linear_schedule(0.0, tcfg.lr, warm), optax.constant_schedule(tcfg.lr)],
-                              [warm])
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -74,77 +74,47 @@ def _any_process(flag: bool, process_count: int) -> bool:
 
 
 def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions) -> None:
-  """Grid of a batch's training images with their reward maps (as the loss sees them) and boxes."""
-  from srum_jax.rewards import reward_map
+  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`)."""
   b = hb.batch
   H, W = opts.image_hw
   images = viz.to_uint8(np.asarray(b.images).reshape(-1, H, W, 3))
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
-  valid = r.valid if opts.use_local else np.zeros_like(r.valid)
-  g = r.global_scores if opts.use_global else np.ones_like(r.global_scores)
-  if opts.uniform_rewards:
-    maps = np.ones((images.shape[0], H, W), np.float32)
-  else:
-    maps = np.asarray(reward_map(r.boxes, r.scores, valid, g, height=H, width=W, signed=opts.signed_rewards))
-  tiles = [viz.overlay_reward_map(images[i], maps[i], boxes=r.boxes[i][valid[i]], scores=r.scores[i][valid[i]],
-                                  signed=opts.signed_rewards) for i in range(images.shape[0])]
+  maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
+  shown = r.valid & opts.levers.use_local
+  tiles = [viz.overlay_reward_map(images[i], maps[i], boxes=r.boxes[i][shown[i]], scores=r.scores[i][shown[i]],
+                                  signed=opts.levers.signed) for i in range(images.shape[0])]
   idx = np.asarray(hb.indices).reshape(-1)
-  captions = [f"#{idx[i]} g={g[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])]
+  captions = [f"#{idx[i]} g={r.global_scores[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])]
   ncols = max(1, int(np.ceil(np.sqrt(images.shape[0]))))
   viz.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
 
 
-class _Preemption:
-  """SIGTERM -> a flag the loop polls (installed only from the main thread; restored on exit)."""
-
-  def __init__(self):
-    self.flag = threading.Event()
-    self._installed, self._prev = False, None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._prev = signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.set())
-      self._installed = True
-    return self
-
-  def __exit__(self, *exc):
-    if self._installed:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._prev is None else self._prev)
-    return False
-
-
 def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str, workdir: str, mesh=None,
-          max_steps: Optional[int] = None, step_hook: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
+          max_steps: Optional[int] = None, step_hook: Optional[Callable[[int], None]] = None,
+          objective_name: Optional[str] = None, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
   """Run (or resume) SRUM post-training to `max_steps` (default `config.train.steps`); returns a summary.
 
   params: {'bagel', 'ae'} trees (NumPy or jax arrays; placed onto the mesh here). tokenizer: any object
   with `encode(str) -> list[int]`. step_hook(step) runs on the host after every step (tests, custom
-  monitoring; it must not block for long). The summary holds steps, final_loss, skipped (non-finite
-  updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and `params`.
+  monitoring; it must not block for long). objective_name: see `step_options`. stop: a `PreemptionFlag` to
+  poll (default: one installed here for SIGTERM / SIGINT). The summary holds steps, final_loss, skipped
+  (non-finite updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and
+  `params`.
   """
-  with _Preemption() as stop:
-    return _train(stop, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
-                  images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps, step_hook=step_hook)
+  if stop is None:
+    with PreemptionFlag() as flag:
+      return train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
+                   images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps, step_hook=step_hook,
+                   objective_name=objective_name, stop=flag)
+  return _train(stop, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
+                images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps, step_hook=step_hook,
+                opts=step_options(config, objective_name))
 
 
-def _train(stop: "_Preemption", config, *, cfg, params, tokenizer, records_path, images_root, workdir, mesh,
-           max_steps, step_hook) -> Dict[str, Any]:
-  t0 = time.time()
-  t = config.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  pid, pcount = jax.process_index(), jax.process_count()
-  is_main = pid == 0
-  mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
-  rules = sharding.rules_from_config(config.get("sharding_rules", []))
-  batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-  if int(t.batch_size) % batch_ways:
-    raise ValueError(f"train.batch_size={t.batch_size} rows must divide over the mesh batch axes "
-                     f"(data x fsdp = {batch_ways})")
-  total = int(t.steps if max_steps is None else max_steps)
-  opts = step_options(config)
-
-  # data: validate once per input, then a per-host grain pipeline
+def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str):
+  """Validate the records once per input, then this host's grain iterator; returns (iterator, DataReport)."""
+  import grain
+  t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = data.spec_from_config(config, pcount)
   ar_path, report = data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
                                          max_regions=spec.max_regions,
@@ -152,56 +122,100 @@ def _train(stop: "_Preemption", config, *, cfg, params, tokenizer, records_path,
                                          threads=int(t.data_threads))
   if report.kept == 0:
     raise ValueError(f"no usable training records in {records_path}: {report.summary()}")
-  import grain
   ds = data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          shard=grain.sharding.ShardOptions(pid, pcount), read_threads=int(t.data_threads),
                          workers=int(t.data_workers), report=report)
-  it = iter(ds)
+  return iter(ds), report
 
-  # optimizer, state shardings, restore or init
-  labels = ts.param_labels(params, tuple(t.freeze))
-  tx = ts.make_optimizer(t, labels)
-  abstract = jax.eval_shape(lambda p: ts.init_state(p, tx, opts.ema_decay), params)
-  state_sh = ts.state_shardings(cfg, tx, abstract, mesh, rules)
-  rep = sharding.replicated(mesh)
-  key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), rep)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
-                                    save_interval_steps=int(t.save_every))
-  writer, bar = None, None
-  try:
-    resumed_from = ckpt.latest_step()
-    if resumed_from is not None:
-      state, key_data, data_state, _ = ckpt.restore(
-          resumed_from, checkpointing.abstract_with_shardings(abstract, state_sh),
-          jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=rep))
-      if data_state is not None:
-        it.set_state(data_state)
-    else:
-      params = jax.device_put(params, state_sh.params)
-      state = jax.jit(lambda p: ts.init_state(p, tx, opts.ema_decay), out_shardings=state_sh)(params)
-    del params
-    step = int(jax.device_get(state.step))
-    base_key = jax.random.wrap_key_data(key_data)
 
-    step_fn = ts.make_train_step(cfg, opts, tx)
-    keyed = lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step))
-    jstep, batch_sh = None, None
-    schedule = lr_schedule(t)
+def _restore_or_init(ckpt: checkpointing.Checkpointer, params, tx, abstract, state_sh, key_data, it,
+                     ema_decay: float):
+  """(state, key data, step resumed from or None): the latest checkpoint (with the data iterator's state)
+  or a fresh state placed on `state_sh`."""
+  resumed_from = ckpt.latest_step()
+  if resumed_from is None:
+    params = jax.device_put(params, state_sh.params)
+    state = jax.jit(lambda p: update.init_state(p, tx, ema_decay), out_shardings=state_sh)(params)
+    return state, key_data, None
+  state, key_data, data_state, _ = ckpt.restore(
+      resumed_from, checkpointing.abstract_with_shardings(abstract, state_sh),
+      jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key_data.sharding))
+  if data_state is not None:
+    it.set_state(data_state)
+  return state, key_data, resumed_from
 
+
+class _MetricsLog:
+  """Sums step metrics on device and syncs them every `log_every` steps: TensorBoard, the bar, the history."""
+
+  def __init__(self, workdir: str, schedule, log_every: int, is_main: bool, bar):
+    self.schedule, self.log_every, self.bar = schedule, max(1, int(log_every)), bar
+    self.history = {k: [] for k in LOGGED}
+    self.acc, self.n, self.last = None, 0, None
+    self.writer = None
     if is_main:
       from tensorboardX import SummaryWriter
-      writer = SummaryWriter(os.path.join(workdir, "tb"))
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=min(step, total), desc="train", disable=not is_main, dynamic_ncols=True,
+      self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def add(self, step: int, metrics, state, total: int) -> None:
+    self.last = metrics
+    self.acc = metrics if self.acc is None else jax.tree.map(jnp.add, self.acc, metrics)
+    self.n += 1
+    if step % self.log_every and step != total:
+      return
+    vals = {k: float(v) / self.n for k, v in jax.device_get(self.acc).items() if k != "skipped"}
+    vals.update(lr=float(self.schedule(step - 1)), skipped=int(jax.device_get(state.skipped)))
+    self.acc, self.n = None, 0
+    for k in LOGGED:
+      self.history[k].append((step, vals.get(k, float("nan"))))
+      if self.writer is not None:
+        self.writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
+    if self.writer is not None:
+      self.writer.flush()
+    self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"])
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path, images_root, workdir, mesh,
+           max_steps, step_hook, opts: ts.StepOptions) -> Dict[str, Any]:
+  from tqdm.auto import tqdm
+  t0, t = time.time(), config.train
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  pid, pcount = jax.process_index(), jax.process_count()
+  mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
+  rules = sharding.rules_from_config(config.sharding_rules)
+  batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+  if int(t.batch_size) % batch_ways:
+    raise ValueError(f"train.batch_size={t.batch_size} rows must divide over the mesh batch axes "
+                     f"(data x fsdp = {batch_ways})")
+  total = int(t.steps if max_steps is None else max_steps)
+  it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir)
+  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
+  abstract = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
+  state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
+  key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), sharding.replicated(mesh))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
+                                    save_interval_steps=int(t.save_every))
+  bar = log = None
+  try:
+    state, key_data, resumed_from = _restore_or_init(ckpt, params, tx, abstract, state_sh, key_data, it,
+                                                     opts.ema_decay)
+    del params
+    step = int(jax.device_get(state.step))
+    bar = tqdm(total=total, initial=min(step, total), desc="train", disable=pid != 0, dynamic_ncols=True,
                file=sys.stderr)
-    log_name = "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"
-    history = {k: [] for k in LOGGED}
-    acc, n_acc, last = None, 0, None
+    log = _MetricsLog(workdir, optimizer.lr_schedule(t, total), t.log_every, pid == 0, bar)
+    step_fn, base_key, jstep, batch_sh = ts.make_train_step(cfg, opts, tx), jax.random.wrap_key_data(key_data), None, None
+    save = lambda force=False: ckpt.save(step, state, key_data=key_data, data_state=it.get_state(),  # noqa: E731
+                                         meta={"report": report.to_dict()}, force=force)
     preempted = False
-    log_every, sample_every = max(1, int(t.log_every)), int(t.sample_every)
-    with open(os.path.join(workdir, log_name), "a") as data_log:
+    with open(os.path.join(workdir, "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"), "a") as data_log:
       while step < total:
-        if _any_process(stop.flag.is_set(), pcount):
+        if _any_process(stop.is_set(), pcount):
           preempted = True
           break
         hb = next(it)
@@ -210,49 +224,40 @@ def _train(stop: "_Preemption", config, *, cfg, params, tokenizer, records_path,
         report.truncated_prompts += hb.truncated
         if jstep is None:
           batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
-          jstep = ts.shard_train_step(keyed, state_sh, batch_sh, mesh)
-        state, last = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key)
+          jstep = ts.shard_train_step(lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh,
+                                      batch_sh, mesh)
+        state, metrics = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key)
         step += 1
         bar.update(1)
-        acc = last if acc is None else jax.tree.map(jnp.add, acc, last)
-        n_acc += 1
-        if step % log_every == 0 or step == total:
-          host = jax.device_get(acc)
-          vals = {k: float(v) / n_acc for k, v in host.items() if k != "skipped"}
-          vals["lr"] = float(schedule(step - 1))
-          vals["skipped"] = int(jax.device_get(state.skipped))
-          acc, n_acc = None, 0
-          for k in LOGGED:
-            history[k].append((step, vals.get(k, float("nan"))))
-          if writer is not None:
-            for k in LOGGED:
-              writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
-            writer.flush()
-          bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"])
-        if is_main and sample_every > 0 and step % sample_every == 0:
+        log.add(step, metrics, state, total)
+        if pid == 0 and int(t.sample_every) > 0 and step % int(t.sample_every) == 0:
           _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts)
         if ckpt.should_save(step):
-          ckpt.save(step, state, key_data=key_data, data_state=it.get_state(), meta={"report": report.to_dict()})
+          save()
         if step_hook is not None:
           step_hook(step)
-    if step > (0 if resumed_from is None else resumed_from):  # progress since the last checkpoint
-      ckpt.save(step, state, key_data=key_data, data_state=it.get_state(), meta={"report": report.to_dict()},
-                force=True)
+    if step > (resumed_from or 0):  # progress since the last checkpoint
+      save(force=True)
   finally:
     ckpt.close()  # waits for the async writes
     if bar is not None:
       bar.close()
-    if writer is not None:
-      writer.close()
+    if log is not None:
+      log.close()
+  return _summary(workdir, state, log, report, preempted=preempted, resumed_from=resumed_from, step=step,
+                  total=total, seconds=time.time() - t0, compiles=0 if jstep is None else jstep._cache_size())
 
-  if is_main and history["loss"]:
-    viz.loss_curve_png({k: history[k] for k in ("loss", "loss_reward", "loss_constraint")},
+
+def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, resumed_from, step: int, total: int,
+             seconds: float, compiles: int) -> Dict[str, Any]:
+  is_main = jax.process_index() == 0
+  if is_main and log.history["loss"]:
+    viz.loss_curve_png({k: log.history[k] for k in ("loss", "loss_reward", "loss_constraint")},
                        os.path.join(workdir, "loss_curve.png"), title="SRUM training loss")
   skipped = int(jax.device_get(state.skipped))
-  final_loss = None if last is None else float(jax.device_get(last["loss"]))
+  final_loss = None if log.last is None else float(jax.device_get(log.last["loss"]))
   summary = {"steps": step, "final_loss": final_loss, "skipped": skipped, "preempted": preempted,
-             "resumed_from": resumed_from, "data": report.to_dict(), "seconds": time.time() - t0,
-             "compiles": 0 if jstep is None else int(getattr(jstep, "_cache_size", lambda: -1)()),
+             "resumed_from": resumed_from, "data": report.to_dict(), "seconds": seconds, "compiles": compiles,
              "checkpoint": os.path.join(workdir, "checkpoints")}
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -269,29 +274,24 @@ def final_params(workdir: str, step: Optional[int] = None, abstract_params=None)
                                       abstract_params)
 
 
-def default_load_model(config):
-  """(cfg, params, tokenizer) from `config.model.dir` (a `python -m srum_jax convert` output), placed on
-  the config's mesh in `model.param_dtype`."""
+def default_load_model(config, model_dir: str):
+  """(cfg, params, tokenizer) from a converted model directory, placed on the config's mesh in
+  `model.param_dtype`."""
   from srum_jax import tokenizer as tok
   from srum_jax.convert import checkpoint
-  if not config.model.dir:
-    raise ValueError("training needs config.model.dir: a converted model directory (python -m srum_jax convert)")
   mesh = sharding.mesh_from_config(config.mesh)
-  rules = sharding.rules_from_config(config.get("sharding_rules", []))
-  cfg, params = checkpoint.load_model_dir(config.model.dir, mesh=mesh, dtype=config.model.param_dtype, rules=rules)
-  tokenizer = tok.load_tokenizer(config.model.dir)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  cfg, params = checkpoint.load_model_dir(model_dir, mesh=mesh, dtype=config.model.param_dtype, rules=rules)
+  tokenizer = tok.load_tokenizer(model_dir)
   tokenizer.check(cfg.tokens)
   return cfg, params, tokenizer
 
 
-def main(config, opts=None, load_model: Callable = default_load_model) -> int:
-  """CLI entry (`python -m srum_jax train --config=...`): records from `train.records` (default
-  `<workdir>/records.jsonl`), images from `train.images_root` (default: the records' folder)."""
+def main(config, *, model_dir: str, records: str, images_root: str, workdir: str,
+         load_model: Callable = default_load_model) -> Dict[str, Any]:
+  """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`."""
   from srum_jax import distributed
   distributed.maybe_initialize()
-  cfg, params, tokenizer = load_model(config)
-  records = config.train.records or os.path.join(config.workdir, "records.jsonl")
-  images_root = config.train.images_root or os.path.dirname(os.path.abspath(records))
-  train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records, images_root=images_root,
-        workdir=config.workdir)
-  return 0
+  cfg, params, tokenizer = load_model(config, model_dir)
+  return train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records, images_root=images_root,
+               workdir=workdir)

@@ -1,4 +1,4 @@
-"""SRUM rewards: judge prompts, answer parsers, reward records and dense reward maps (spec E.2-E.4)."""
+"""SRUM rewards: judge prompts, answer parsers, reward records and dense reward maps (docs/bagel.md)."""
 from srum_jax.rewards.parsing import (ParseStats, RegionAnswer, parse_global_answer, parse_global_score,
                                       parse_region_answers, parse_region_scores, strip_think)
 from srum_jax.rewards.prompts import (GEN_THINK_SYSTEM_PROMPT, JUDGE_THINK_SYSTEM_PROMPT, global_layout_prompt,

@@ -1,4 +1,5 @@
-"""Parsers for the judge's answers (spec E.4). Pure Python; they never raise, whatever they are given.
+"""Parsers for the judge's answers (the official `srum_data_infer/vlm.py` rules, with fixes). Pure Python;
+they never raise, whatever they are given.
 
 Rules shared by all parsers:
 

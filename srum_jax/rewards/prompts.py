@@ -1,4 +1,4 @@
-"""Judge prompts for SRUM's self-rewarding step (spec E.4), written in our own words.
+"""Judge prompts for SRUM's self-rewarding step (after SRUM's `srum_data_infer/vlm.py`), written in our own words.
 
 The scorer is the model itself in understanding mode with the think system prompt. Every prompt asks for
 answers in the exact line format the parsers in `srum_jax.rewards.parsing` read:
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# Understanding with thinking (spec C.2): the judge reasons first, then answers after </think>.
+# Understanding with thinking: the judge reasons first, then answers after </think>.
 JUDGE_THINK_SYSTEM_PROMPT = (
   "Before answering, work through the problem step by step. Put all of that reasoning between <think> and "
   "</think>. After the closing </think> tag, write only the final answer, in the format the user asks for."
 )
 
-# Generation with thinking (spec B.3): plan the picture in text, then produce the image.
+# Generation with thinking (think mode): plan the picture in text, then produce the image.
 GEN_THINK_SYSTEM_PROMPT = (
   "You will be asked to create an image. First plan it: inside <think> and </think>, reason about what the "
   "request needs (the objects, how many, their attributes, where each one goes and how they relate) and "

@@ -1,4 +1,5 @@
-"""Reward records: a typed, versioned JSONL schema, the official SRUM format, the formatting filter (E.3).
+"""Reward records: a typed, versioned JSONL schema, the official SRUM format, the formatting filter
+(official `srum_data_infer/vlm_format_output.py`).
 
 One record = one generated image scored by the judge:
 
@@ -9,7 +10,7 @@ One record = one generated image scored by the judge:
 Scores are finite and in [-1, 1] (the parsers clamp); `global_score` is null when global scoring failed.
 Readers never crash on a bad line: it is skipped and reported with its 1-based line number.
 
-The official format (spec E.3) is
+The official format (what `srum_data_infer/vlm_format_output.py` writes) is
   {"bad_image_file", "good_image_file", "prompt",
    "vlm_rewards": [{"object": "global_layout_reward", "bbox", "score", "reason"}, {"object", "bbox", "score"}, ...]}
 `from_official` / `to_official` convert one record each way.
@@ -305,7 +306,7 @@ def write_official_records(path: str | os.PathLike, records: Iterable[RewardReco
 
 def formatting_filter(records: Iterable[RewardRecord], drop_zero_global: bool = True
                       ) -> tuple[list[RewardRecord], FilterReport]:
-  """The official formatting filter (spec E.3).
+  """The official formatting filter (`srum_data_infer/vlm_format_output.py`).
 
   With `drop_zero_global`, records whose global score is exactly 0.0 are dropped, and so are records
   without one (official scoring writes 0.0 on failure, which this rule then drops). Records with neither a
@@ -326,29 +327,35 @@ def formatting_filter(records: Iterable[RewardRecord], drop_zero_global: bool = 
   return kept, rep
 
 
-def records_to_arrays(records: Sequence[RewardRecord], max_regions: int, stats: Optional[ArrayStats] = None):
-  """Padded inputs of `reward_map`: (boxes [B,K,4] f32, scores [B,K] f32, valid [B,K] bool, global [B] f32).
+def pad_regions(boxes: Sequence[Sequence[float]], scores: Sequence[float], max_regions: int):
+  """One image's regions as the fixed-size inputs of `reward_map`: (boxes [K, 4] f32, scores [K] f32,
+  valid [K] bool, regions dropped beyond K = max_regions). Regions keep their order. Box coordinates are
+  truncated toward zero here in float64 (so 13.99999999 stays 13 as with the official int(), instead of
+  rounding to 14.0 in float32) and limited to +-2^30; `reward_map` validates them."""
+  k = int(max_regions)
+  out_boxes = np.zeros((k, 4), np.float32)
+  out_scores = np.zeros((k,), np.float32)
+  valid = np.zeros((k,), bool)
+  n = min(len(boxes), k)
+  if n:
+    out_boxes[:n] = np.clip(np.trunc(np.asarray(boxes[:n], np.float64)), -_BOX_LIMIT, _BOX_LIMIT)
+    out_scores[:n] = scores[:n]
+    valid[:n] = True
+  return out_boxes, out_scores, valid, len(boxes) - n
 
-  Regions keep their order; those beyond `max_regions` are dropped (counted). A missing global score
-  becomes 0.0 as in the official dataset (counted). Box coordinates are truncated toward zero here in
-  float64 (so 13.99999999 stays 13 as with the official int(), instead of rounding to 14.0 in float32) and
-  limited to +-2^30; `reward_map` validates them.
-  """
+
+def records_to_arrays(records: Sequence[RewardRecord], max_regions: int, stats: Optional[ArrayStats] = None):
+  """Padded inputs of `reward_map` for a list of records: (boxes [B,K,4] f32, scores [B,K] f32, valid [B,K]
+  bool, global [B] f32), each record's regions by `pad_regions`. A missing global score becomes 0.0 as in
+  the official dataset; it and the dropped regions are counted in `stats`."""
   stats = ArrayStats() if stats is None else stats
-  b, k = len(records), int(max_regions)
-  boxes = np.zeros((b, k, 4), np.float32)
-  scores = np.zeros((b, k), np.float32)
-  valid = np.zeros((b, k), bool)
-  glob = np.zeros((b,), np.float32)
-  for i, r in enumerate(records):
-    if r.global_score is None:
-      stats.missing_global += 1
-    else:
-      glob[i] = r.global_score
-    regs = r.regions[:k]
-    stats.dropped_regions += len(r.regions) - len(regs)
-    for j, reg in enumerate(regs):
-      boxes[i, j] = np.clip(np.trunc(np.asarray(reg.box, np.float64)), -_BOX_LIMIT, _BOX_LIMIT)
-      scores[i, j] = reg.score
-      valid[i, j] = True
-  return boxes, scores, valid, glob
+  padded = [pad_regions([reg.box for reg in r.regions], [reg.score for reg in r.regions], max_regions)
+            for r in records]
+  stats.dropped_regions += sum(p[3] for p in padded)
+  stats.missing_global += sum(r.global_score is None for r in records)
+  glob = np.asarray([0.0 if r.global_score is None else r.global_score for r in records], np.float32)
+  k = int(max_regions)
+  if not padded:
+    return np.zeros((0, k, 4), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), bool), glob
+  return (np.stack([p[0] for p in padded]), np.stack([p[1] for p in padded]), np.stack([p[2] for p in padded]),
+          glob)

@@ -1,4 +1,5 @@
-"""Dense reward maps from judged regions (spec E.2) and their per-token form for the SRUM loss (spec E.1).
+"""Dense reward maps from judged regions (SRUM's `data/regional_reward_dataset.py`) and their per-token
+form for the SRUM loss (docs/bagel.md, "Reward map", "SRUM loss").
 
 Usage (shapes static; `height`/`width` are the transformed image size):
 
@@ -104,7 +105,7 @@ def resize_reward_map(maps, h: int, w: int):
 
 def token_rewards(maps, latent_hw: Sequence[Sequence[int]]):
   """Per-token rewards in packed order: map i resized to its latent token grid (h_i, w_i), flattened
-  row-major, concatenated over images -> [sum_i h_i * w_i] (spec E.1). `latent_hw` must be concrete
+  row-major, concatenated over images -> [sum_i h_i * w_i] (bilinear, align_corners=False). `latent_hw` must be concrete
   (e.g. `patchified_vae_latent_shapes`)."""
   hw = [(int(a), int(b)) for a, b in np.asarray(latent_hw).reshape(-1, 2).tolist()]
   if len(hw) != maps.shape[0]:

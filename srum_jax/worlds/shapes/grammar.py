@@ -309,7 +309,7 @@ def _gap(a: Obj, b: Obj) -> float:
   return max(abs(a.cx - b.cx) - ha - hb, abs(a.cy - b.cy) - ha - hb)
 
 
-def _place(rng, layout: Layout, cell: int, shape: str, color: str, others: Sequence[Obj],
+def place_object(rng, layout: Layout, cell: int, shape: str, color: str, others: Sequence[Obj],
            tries: int = 32) -> Optional[Obj]:
   """An object in `cell` with random size and jitter, inside the canvas and `min_gap` from `others`."""
   cx0, cy0 = layout.cell_centre(cell)
@@ -325,7 +325,8 @@ def _place(rng, layout: Layout, cell: int, shape: str, color: str, others: Seque
   return None
 
 
-def _cell_of(layout: Layout, obj: Obj) -> int:
+def cell_of(layout: Layout, obj: Obj) -> int:
+  """The lattice cell (row-major index) that holds the object's centre."""
   col = min(int(obj.cx * layout.grid / layout.width), layout.grid - 1)
   row = min(int(obj.cy * layout.grid / layout.height), layout.grid - 1)
   return row * layout.grid + col
@@ -343,7 +344,7 @@ def sample_scene(rng: np.random.Generator, prompt, layout: Layout = DEFAULT_LAYO
   kinds = [(g.shape, g.color) for g in spec.objects for _ in range(g.count)]
   objs: List[Obj] = []
   for cell, (shape, color) in zip(cells, kinds):
-    obj = _place(rng, layout, cell, shape, color, objs)
+    obj = place_object(rng, layout, cell, shape, color, objs)
     if obj is None:
       raise ValueError(f"layout {layout} cannot separate objects by {layout.min_gap} px")
     objs.append(obj)
@@ -403,10 +404,10 @@ def hard_negative(rng: np.random.Generator, prompt, scene: Scene, kind: Optional
     members = [k for k in range(len(objs)) if owner[k] == g]
     added = None
     if spec.objects[g].exact and rng.random() < 0.5:
-      used = {_cell_of(layout, o) for o in objs}
+      used = {cell_of(layout, o) for o in objs}
       free = [c for c in range(layout.grid ** 2) if c not in used]
       for c in rng.permutation(free):
-        added = _place(rng, layout, int(c), spec.objects[g].shape, spec.objects[g].color, objs)
+        added = place_object(rng, layout, int(c), spec.objects[g].shape, spec.objects[g].color, objs)
         if added is not None:
           break
     if added is not None:

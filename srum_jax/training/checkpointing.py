@@ -18,9 +18,9 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
-from srum_jax.train_step import TrainState
+from srum_jax.training.update import TrainState
 
-__all__ = ["Checkpointer", "abstract_with_shardings", "restore_params"]
+__all__ = ["Checkpointer", "abstract_with_shardings", "finished_steps", "restore_params"]
 
 
 class _IteratorSnapshot:
@@ -42,8 +42,9 @@ class _IteratorSnapshot:
 
 
 def _state_tree(state: TrainState, key_data) -> dict:
-  tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "skipped": state.skipped,
-          "key": key_data}
+  tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
+  if key_data is not None:
+    tree["key"] = key_data
   if state.ema is not None:
     tree["ema"] = state.ema
   return tree
@@ -78,7 +79,7 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._mngr.should_save(step)
 
-  def save(self, step: int, state: TrainState, *, key_data, data_state: Optional[dict] = None,
+  def save(self, step: int, state: TrainState, *, key_data=None, data_state: Optional[dict] = None,
            meta: Optional[dict] = None, force: bool = False) -> bool:
     """Save at `step` when the interval says so (or `force`); returns whether a save started.
 
@@ -95,7 +96,7 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
     return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=True))
 
-  def restore(self, step: Optional[int], abstract_state: TrainState, key_data
+  def restore(self, step: Optional[int], abstract_state: TrainState, key_data=None
               ) -> Tuple[TrainState, Any, Optional[dict], dict]:
     """(state, key_data, data-iterator state or None, meta) at `step` (None: latest).
 
@@ -117,7 +118,15 @@ class Checkpointer:
     state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
                        ema=tree.get("ema"), skipped=tree["skipped"])
     data_state = out["data"].state if has_data else None
-    return state, tree["key"], data_state, dict(out["meta"])
+    return state, tree.get("key"), data_state, dict(out["meta"])
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON meta saved with `step` (None: latest), without reading the state."""
+    import orbax.checkpoint as ocp
+    step = self.latest_step() if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -134,6 +143,15 @@ class Checkpointer:
     return False
 
 
+def finished_steps(directory: str) -> list:
+  """Steps with a finished checkpoint in `directory` (none when it does not exist), ascending; nothing is
+  created."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()
+                and os.path.isfile(os.path.join(directory, d, "_CHECKPOINT_METADATA")))
+
+
 def restore_params(directory: str, step: Optional[int] = None, abstract_params=None):
   """Trained parameters ({'bagel', 'ae'}) from a training checkpoint directory, e.g. for export.
 
@@ -143,11 +161,10 @@ def restore_params(directory: str, step: Optional[int] = None, abstract_params=N
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   if step is None:
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()
-             and os.path.isfile(os.path.join(directory, d, "_CHECKPOINT_METADATA"))]
+    steps = finished_steps(directory)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {directory}")
-    step = max(steps)
+    step = steps[-1]
   path = os.path.join(directory, str(step), "state")
   with ocp.PyTreeCheckpointer() as ckpt:
     if abstract_params is None:

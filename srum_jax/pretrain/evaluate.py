@@ -1,0 +1,273 @@
+"""Judge and generation metrics of a pretrained tiny model on the shapes world's VAL prompts only.
+
+    res = evaluate_model(model_dir, EvalSettings(num_pairs=400), vit_image_size=28)
+    res["judge"]["accuracy"], res["regions"]["sign_correct"], res["generation"]["oracle_accuracy"]
+
+judge: (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by the logits-mode
+global judge (`pipeline.score.Judge`): accuracy of score > 0, per kind, AUC.
+regions: one ground-truth box per pair (every 5th a background box), the one-box region prompt: object boxes
+sign-correct, background boxes |s| < 0.5, the rate of naming the boxed object; `regions` with the shapes
+world's scoring (name the object, then score it: `score.region_identify`), `regions_direct` with the one-step
+"Score:" answer; `regions_generate_mode`: multi-box prompts answered by greedy decoding and parsed.
+locate: the grounding question for an object of a unique kind, decoded greedily: parse rate, IoU >= 0.5,
+predicted centre in the right layout cell.
+generation: `text_to_image` for the val prompts, oracle accuracy per category; the global judge on those
+images vs the oracle: ROC AUC and accuracy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from srum_jax import metrics
+from srum_jax.pretrain import data, vocab
+from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The `pretrain.eval` keys (`enabled` aside)."""
+  seed: int = 0
+  num_pairs: int = 400
+  num_generate_mode: int = 32
+  num_locate: int = 0
+  num_gen_per_category: int = 0  # 0: every val prompt
+  gen_steps: int = 16
+  gen_cfg_scale: float = 3.0
+  gen_timestep_shift: float = 1.0
+  gen_cfg_interval: Tuple[float, float] = (0.0, 1.0)
+  batch_size: int = 32
+
+  @classmethod
+  def from_config(cls, ecfg) -> "EvalSettings":
+    values = {f.name: ecfg[f.name] for f in dataclasses.fields(cls)}
+    values["gen_cfg_interval"] = tuple(values["gen_cfg_interval"])
+    return cls(**values)
+
+
+def judge_config(vit_image_size: int, mode: str = "logits", region_identify: bool = False):
+  """The shapes world's judge settings: the base `score` block with the tiny world's values."""
+  from srum_jax import defaults
+  c = defaults.base_config().score
+  c.update(dict(mode=mode, think=False, logit_candidates=vocab.SCORE_TOKENS, vit_image_size=int(vit_image_size),
+                max_retries=1, max_new_tokens_global=8, max_new_tokens_regions=64, region_identify=region_identify))
+  return c
+
+
+def _chunks(items: Sequence, size: int):
+  for i in range(0, len(items), size):
+    yield items[i:i + size]
+
+
+def ae_reconstruction_accuracy(params_ae, cfg, sampler: data.PretrainSampler, *, seed: int,
+                               n: int = 128) -> Optional[float]:
+  """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp enough?
+  (Evaluation only: the oracle never labels training data.) None for n = 0."""
+  if n <= 0:
+    return None
+  import jax
+  import jax.numpy as jnp
+
+  from srum_jax.models import autoencoder
+  from srum_jax.worlds.shapes import oracle
+  rng = np.random.default_rng([seed, 5])
+  vindex = grammar.prompt_index(sampler.val)
+  prompts = [grammar.sample_prompt(rng, prompts=vindex) for _ in range(n)]
+  images = np.stack([data.rendered(grammar.sample_scene(rng, q)) for q in prompts])
+
+  @jax.jit
+  def roundtrip(p, x):
+    return autoencoder.to_uint8(autoencoder.decode(p, autoencoder.encode(p, x, cfg.ae), cfg.ae))
+
+  rec = np.asarray(roundtrip(params_ae, jnp.asarray(images)))
+  return float(np.mean([oracle.judge(r, q.spec, value_range=(0, 255)) for r, q in zip(rec, prompts)]))
+
+
+@dataclasses.dataclass
+class Pair:
+  prompt: grammar.Prompt
+  scene: scene_lib.Scene
+  image: np.ndarray
+  kind: str  # "positive" or the hard-negative kind
+  label: bool
+  region_scores: List[float]
+
+
+def held_out_pairs(rng, num_pairs: int) -> List[Pair]:
+  """(val prompt, ground-truth render) pairs; every second one a hard negative, kinds cycled."""
+  _, val = grammar.split_prompts(0)
+  vindex = grammar.prompt_index(val)
+  pairs = []
+  for i in range(num_pairs):
+    q = grammar.sample_prompt(rng, prompts=vindex)
+    scene = grammar.sample_scene(rng, q)
+    kind = "positive"
+    if i % 2 == 1:
+      kinds = grammar.negative_kinds(q, scene)
+      kind = kinds[(i // 2) % len(kinds)]
+      scene, _ = grammar.hard_negative(rng, q, scene, kind=kind)
+    ok, scores = truth.scene_truth(q.spec, scene)
+    pairs.append(Pair(q, scene, scene_lib.render(scene), kind, ok, scores))
+  return pairs
+
+
+def judge_metrics(judge, pairs: Sequence[Pair], batch: int, report) -> Dict[str, Any]:
+  scores = []
+  for chunk in _chunks(pairs, batch):
+    scores += judge.global_scores([x.image for x in chunk], [x.prompt.text for x in chunk], report)
+  labels = [x.label for x in pairs]
+  by_kind: Dict[str, List[bool]] = {}
+  for x, s in zip(pairs, scores):
+    by_kind.setdefault(x.kind, []).append((s > 0) == x.label)
+  return dict(accuracy=float(np.mean([(s > 0) == y for s, y in zip(scores, labels)])),
+              auc=metrics.roc_auc(scores, labels), n=len(pairs), positives=int(np.sum(labels)),
+              by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())})
+
+
+def region_items(rng, pairs: Sequence[Pair]) -> List[tuple]:
+  """One box per pair: (image, prompt, box, true score, pair kind, object name); every 5th a background box."""
+  items = []
+  for i, x in enumerate(pairs):
+    bg = truth.background_box(rng, x.scene) if i % 5 == 4 else None
+    if bg is not None:
+      items.append((x.image, x.prompt.text, bg, 0.0, x.kind, "background"))
+    elif x.scene.objects:
+      k = int(rng.integers(len(x.scene.objects)))
+      o = x.scene.objects[k]
+      items.append((x.image, x.prompt.text, truth.official_box(scene_lib.scene_boxes(x.scene)[k]), x.region_scores[k],
+                    x.kind, f"{o.color} {o.shape}"))
+  return items
+
+
+def region_metrics(judge, items: Sequence[tuple], batch: int, report) -> Dict[str, Any]:
+  scores, names = [], []
+  for chunk in _chunks(items, batch):
+    got = judge.region_scores([x[0] for x in chunk], [x[1] for x in chunk], [[x[2]] for x in chunk], report)
+    scores += [d[1][0] for d in got]
+    names += [d[1][1] for d in got]
+  obj = [(s, x[3]) for s, x in zip(scores, items) if x[3] != 0]
+  background = [s for s, x in zip(scores, items) if x[3] == 0]
+  by_kind: Dict[str, List[bool]] = {}
+  for s, x in zip(scores, items):
+    if x[3] != 0:
+      by_kind.setdefault(x[4], []).append(bool(np.sign(s) == np.sign(x[3])))
+  out = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
+             by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
+             auc=metrics.roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
+             background_near_zero=float(np.mean([abs(s) < 0.5 for s in background])) if background else None,
+             n_background=len(background))
+  if any(n is not None for n in names):
+    out["identified"] = float(np.mean([n == x[5] for n, x in zip(names, items)]))
+  return out
+
+
+def generate_mode_metrics(judge, pairs: Sequence[Pair], batch: int, report) -> Dict[str, Any]:
+  """Multi-box region prompts (every object of the scene) answered by greedy decoding and parsed."""
+  boxes = [[truth.official_box(b) for b in scene_lib.scene_boxes(x.scene)] for x in pairs]
+  keep = [i for i, b in enumerate(boxes) if b]
+  hits, parsed, named = [], 0, []
+  for idx in _chunks(keep, batch):
+    got = judge.region_scores([pairs[i].image for i in idx], [pairs[i].prompt.text for i in idx],
+                              [boxes[i] for i in idx], report)
+    for i, d in zip(idx, got):
+      parsed += int(len(d) == len(boxes[i]))
+      hits += [np.sign(d[k + 1][0]) == np.sign(y) for k, y in enumerate(pairs[i].region_scores)
+               if k + 1 in d and y != 0]
+      named += [(d[k + 1][1] or "").split()[:2] == [o.color, o.shape] for k, o in enumerate(pairs[i].scene.objects)
+                if k + 1 in d]
+  return dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None,
+              identified=float(np.mean(named)) if named else None)
+
+
+def locate_metrics(got: Sequence[Optional[Tuple[int, ...]]], want: Sequence[Tuple[int, ...]],
+                   layout: grammar.Layout = grammar.DEFAULT_LAYOUT) -> Dict[str, Any]:
+  """Parse rate, IoU >= 0.5 rate and the rate of predicted centres in the right layout cell (inclusive boxes)."""
+  ok = [(g, w) for g, w in zip(got, want) if g is not None and g[2] >= g[0] and g[3] >= g[1]]
+  n = max(len(want), 1)
+  cell = lambda b: metrics.box_cell(b, layout.grid, layout.width, layout.height)  # noqa: E731
+  return dict(n=len(want), parsed=len(ok) / n, iou50=sum(metrics.box_iou_inclusive(g, w) >= 0.5 for g, w in ok) / n,
+              cell=sum(cell(g) == cell(w) for g, w in ok) / n)
+
+
+def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any]:
+  """The locate question for one object of a unique kind per pair, answered greedily."""
+  questions = []
+  for x in pairs:
+    unique = truth.unique_objects(x.scene)
+    if unique:
+      o = x.scene.objects[unique[0]]
+      questions.append((x.image, vocab.locate_question(o.color, o.shape),
+                        truth.official_box(scene_lib.scene_boxes(x.scene)[unique[0]])))
+  got = []
+  for chunk in _chunks(questions, batch):
+    got += [vocab.parse_box(t) for t in judge.answers([x[0] for x in chunk], [x[1] for x in chunk], 4)]
+  return locate_metrics(got, [x[2] for x in questions])
+
+
+def generation_metrics(model, judge, settings: EvalSettings, report, compute_dtype: str) -> Dict[str, Any]:
+  """The model's own images for the val prompts: oracle accuracy per category, and the global judge on them
+  against the oracle (AUC, accuracy)."""
+  import jax.numpy as jnp
+
+  from srum_jax.inference import sampling
+  from srum_jax.pipeline import common
+  from srum_jax.worlds.shapes import judge_text, sources
+  rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
+  images = []
+  for chunk in _chunks(rows, settings.batch_size):
+    out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
+                                 [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed,
+                                 image_ids=[common.stable_int(r["id"]) for r in chunk], height=data.IMAGE_HW[0],
+                                 width=data.IMAGE_HW[1], num_timesteps=settings.gen_steps,
+                                 timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
+                                 cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype))
+    images += list(out.images)
+  oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
+  scores = []
+  for i in range(0, len(rows), settings.batch_size):
+    scores += judge.global_scores(images[i:i + settings.batch_size],
+                                  [r["prompt"] for r in rows[i:i + settings.batch_size]], report)
+  cats: Dict[str, List[bool]] = {}
+  for r, ok in zip(rows, oracle_ok):
+    cats.setdefault(r["category"], []).append(ok)
+  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows),
+              by_category={c: float(np.mean(v)) for c, v in sorted(cats.items())},
+              judge_auc=metrics.roc_auc(scores, oracle_ok),
+              judge_accuracy=float(np.mean([(s > 0) == ok for s, ok in zip(scores, oracle_ok)])),
+              judge_mean_score=float(np.mean(scores)),
+              settings=dict(steps=settings.gen_steps, cfg_text_scale=settings.gen_cfg_scale,
+                            timestep_shift=settings.gen_timestep_shift, cfg_interval=list(settings.gen_cfg_interval)))
+
+
+def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, vit_image_size: int = 28,
+                   compute_dtype: str = "float32", out_path: Optional[str] = None,
+                   extra: Optional[dict] = None) -> Dict[str, Any]:
+  """Every metric of the module docstring for a model directory; written to `out_path` when given."""
+  from srum_jax.pipeline import common, score as score_stage
+  from srum_jax.pretrain.stages import dir_size
+  t0, s = time.time(), settings
+  model = common.load_model(model_dir, dtype="float32")
+  make = lambda mode="logits", identify=False: score_stage.Judge(  # noqa: E731
+      judge_config(vit_image_size, mode, identify), model, seed=s.seed, compute_dtype=compute_dtype)
+  judge, report = make(), score_stage.ScoreReport()
+  rng = np.random.default_rng([s.seed, 1])
+  pairs = held_out_pairs(rng, s.num_pairs)
+  res: Dict[str, Any] = dict(model_dir=model_dir, judge=judge_metrics(judge, pairs, s.batch_size, report))
+  items = region_items(rng, pairs)
+  res["regions"] = region_metrics(make(identify=True), items, s.batch_size, report)
+  res["regions_direct"] = region_metrics(judge, items, s.batch_size, report)
+  res["regions_generate_mode"], res["parse_stats"] = dict(n=0, parsed=0, sign_correct=None), None
+  if s.num_generate_mode:
+    generate_judge = make("generate")
+    res["regions_generate_mode"] = generate_mode_metrics(generate_judge, pairs[:s.num_generate_mode], s.batch_size,
+                                                         report)
+    res["parse_stats"] = dataclasses.asdict(generate_judge.stats)
+  res["locate"] = grounding_metrics(judge, pairs[:s.num_locate], s.batch_size)
+  res["generation"] = generation_metrics(model, judge, s, report, compute_dtype)
+  res.update(seconds=time.time() - t0, model_dir_bytes=dir_size(model_dir), **(extra or {}))
+  if out_path:
+    common.write_json(out_path, res)
+  return res

@@ -1,0 +1,64 @@
+"""The guarded update every trainer uses: gradients -> (NaN/inf skip) -> optimizer -> EMA.
+
+    state = init_state(params, tx, ema_decay=0.0)
+    step = make_step(loss_fn, tx, ema_decay=0.0)   # loss_fn(params, batch, key) -> (loss, aux)
+    state, metrics = step(state, batch, key)        # pure: jit / shard it from the outside
+
+A non-finite loss or gradient norm skips the update: parameters, optimizer state and EMA stay as they were,
+the step counter still advances and `skipped` counts it. The EMA, when used, tracks every parameter leaf
+(e <- e + (1 - decay) (p - e) after each applied update).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["TrainState", "init_state", "guarded_update", "make_step"]
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # updates tried so far (skipped ones included)
+  params: Any
+  opt_state: Any
+  ema: Any  # EMA of `params`, or None
+  skipped: jax.Array  # non-finite updates skipped so far
+
+
+def init_state(params, tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
+  ema = jax.tree.map(jnp.array, params) if ema_decay > 0 else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+  """(new state, {'grad_norm', 'skipped'}) after one update with `grads`, or none when not finite."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
+  ema = state.ema
+  if ema is not None:
+    d = ema_decay
+    # e + (1 - d)(p - e): a leaf that never changes (a frozen one) keeps its EMA bit for bit
+    ema = jax.tree.map(lambda e, p: jnp.where(finite, e + (1 - d) * (p.astype(e.dtype) - e), e), ema, new_params)
+  skipped = (~finite).astype(jnp.int32)
+  new_state = TrainState(state.step + 1, new_params, new_opt, ema, state.skipped + skipped)
+  return new_state, {"grad_norm": grad_norm, "skipped": skipped}
+
+
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0) -> Callable:
+  """Pure step(state, batch, key) -> (state, metrics) for `loss_fn(params, batch, key) -> (loss, aux)`;
+  metrics = aux + loss, grad_norm, skipped."""
+
+  def step(state: TrainState, batch, key):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    state, info = guarded_update(state, grads, loss, tx, ema_decay)
+    return state, dict(aux, loss=loss, **info)
+
+  return step

@@ -1,0 +1,99 @@
+"""The training core every trainer shares: the one lr schedule, the optimizer's freezing, the guarded update
+(NaN skip, EMA), the preemption flag and checkpoints without a PRNG key."""
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from srum_jax.training import checkpointing, optimizer, update
+from srum_jax.training.preemption import PreemptionFlag
+
+
+def _ocfg(**kw):
+  c = ml_collections.ConfigDict(dict(lr=1e-2, lr_decay="constant", min_lr_ratio=0.1, warmup_steps=4, b1=0.9, b2=0.95,
+                                     eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  c.update(kw)
+  return c
+
+
+def test_lr_schedule_constant_and_cosine_are_functions_of_the_step():
+  const = optimizer.lr_schedule(_ocfg())
+  np.testing.assert_allclose([float(const(n)) for n in (0, 1, 2, 4, 100)], [0, 2.5e-3, 5e-3, 1e-2, 1e-2], rtol=1e-6)
+  cos = optimizer.lr_schedule(_ocfg(lr_decay="cosine"), total_steps=24)
+  for n in (4, 9, 14, 19, 24, 40):
+    k = min(n - 4, 20) / 20  # cosine over the 20 steps after warm-up, to min_lr_ratio * lr
+    want = 1e-2 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k)))
+    np.testing.assert_allclose(float(cos(n)), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="total_steps"):
+    optimizer.lr_schedule(_ocfg(lr_decay="cosine"))
+  with pytest.raises(ValueError, match="lr_decay"):
+    optimizer.lr_schedule(_ocfg(lr_decay="linear"))
+
+
+def _quadratic():
+  params = {"bagel": {"w": jnp.array([1.0, -2.0, 3.0]), "vit": {"k": jnp.array([0.5, 0.5])}},
+            "ae": {"k": jnp.array([4.0])}}
+  loss_fn = lambda p, batch, key: (jnp.sum((p["bagel"]["w"] - batch) ** 2) + jnp.sum(p["ae"]["k"] ** 2)  # noqa
+                                   + jnp.sum(p["bagel"]["vit"]["k"] ** 2), {"aux": jnp.float32(1.0)})
+  return params, loss_fn
+
+
+def test_guarded_update_freezes_skips_nonfinite_and_tracks_the_ema():
+  params, loss_fn = _quadratic()
+  labels = optimizer.param_labels(params, ("vit", "ae"))
+  assert labels == {"bagel": {"w": "train", "vit": {"k": "frozen"}}, "ae": {"k": "frozen"}}
+  tx = optimizer.make_optimizer(_ocfg(warmup_steps=1), labels)
+  step = jax.jit(update.make_step(loss_fn, tx, ema_decay=0.5))
+  state = update.init_state(params, tx, ema_decay=0.5)
+  target = jnp.zeros(3)
+  s0, _ = step(state, target, jax.random.key(0))  # update 0 of the warm-up has lr 0
+  np.testing.assert_array_equal(s0.params["bagel"]["w"], params["bagel"]["w"])
+  s1, m1 = step(s0, target, jax.random.key(0))
+  assert int(s1.step) == 2 and int(s1.skipped) == 0 and int(m1["skipped"]) == 0 and float(m1["aux"]) == 1.0
+  assert not np.allclose(s1.params["bagel"]["w"], params["bagel"]["w"])
+  for frozen in (("ae", "k"), ("bagel", "vit", "k")):  # frozen: same value, and the same EMA bit for bit
+    get = lambda t: t[frozen[0]][frozen[1]] if len(frozen) == 2 else t[frozen[0]][frozen[1]][frozen[2]]  # noqa
+    np.testing.assert_array_equal(get(s1.params), get(params))
+    np.testing.assert_array_equal(get(s1.ema), get(params))
+  np.testing.assert_allclose(s1.ema["bagel"]["w"], 0.5 * params["bagel"]["w"] + 0.5 * s1.params["bagel"]["w"],
+                             rtol=1e-6)
+  # a NaN batch: nothing moves (parameters, optimizer state, EMA), the step and the skip counter advance
+  s2, m2 = step(s1, jnp.array([np.nan, 0.0, 0.0]), jax.random.key(1))
+  assert int(s2.step) == 3 and int(s2.skipped) == 1 and int(m2["skipped"]) == 1
+  for a, b in zip(jax.tree.leaves((s2.params, s2.opt_state, s2.ema)), jax.tree.leaves((s1.params, s1.opt_state,
+                                                                                         s1.ema))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # frozen leaves keep no optimizer state
+  sizes = sum(np.size(x) for x in jax.tree.leaves(s2.opt_state))
+  assert sizes == 2 * 3 + 2  # Adam mu and nu of "w", plus the two step counts
+
+
+def test_preemption_flag_catches_sigterm_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with PreemptionFlag() as stop:
+    assert not stop.is_set()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.is_set()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_checkpoint_round_trip_without_a_key(tmp_path):
+  params, _ = _quadratic()
+  tx = optimizer.make_optimizer(_ocfg(), None)
+  state = update.init_state(params, tx)
+  state = state._replace(step=jnp.array(7, jnp.int32))
+  with checkpointing.Checkpointer(str(tmp_path / "ckpt"), max_to_keep=1) as ckpt:
+    ckpt.save(7, state, meta={"elapsed": 12.5}, force=True)
+  abstract = jax.eval_shape(lambda p: update.init_state(p, tx), params)
+  rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: rep, abstract))
+  with checkpointing.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    assert ckpt.latest_step() == 7
+    got, key, data_state, meta = ckpt.restore(None, abstract)
+  assert key is None and data_state is None and meta["elapsed"] == 12.5 and int(got.step) == 7
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
