@@ -1,134 +1,125 @@
-"""Ahead-of-time compile of the full-size SRUM train step on a simulated device mesh (no weights).
+"""Ahead-of-time compile of a config's programs for a target device set, on this machine (no weights).
 
-Lowers and compiles `train_step.make_train_step` for BAGEL-7B-MoT with abstract (shape-only) parameters,
-bf16 params and compute, remat and chunked attention, `--tokens_per_device` packed tokens per device,
-for each mesh in `--meshes` (e.g. 8 = fsdp 8, 32 = fsdp 32; or 2x16 = data 2 x fsdp 16). Prints per-device
-memory from `compiled.memory_analysis()`, XLA's FLOPs per step from `cost_analysis()`, and BAGEL's MFU
-formula 6*N*tokens + 12*head_dim*heads*layers*sum(len^2) (N = parameters a token passes through: one
-expert's decoder weights, plus the generation heads) for comparison.
+Targets: `cpu:N` (N simulated CPU devices) or `tpu:<type>:<topology>` (abstract TPU devices from
+`jax.experimental.topologies`: needs the TPU build of JAX, e.g. a separate venv with
+`pip install "jax[tpu]==0.10.2"`, and TPU_SKIP_MDS_QUERY=1). Programs (`srum_jax.aot`): the train step on
+`config.mesh` over every device, and on one host's devices (`config.inference_mesh`) one sampler step with
+CFG, the prompt prefill and the judge forward. Prints, per program: the mesh, compile time, XLA's
+per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM; for the train step also
+XLA's FLOPs and BAGEL's formula.
 
-    python benchmarks/aot_compile.py --meshes 8,32            # ~minutes on 2 CPU cores
-    python benchmarks/aot_compile.py --preset mid --meshes 8
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v6e:4x4 --programs sampler,judge
+    python benchmarks/aot_compile.py --target cpu:8 --programs train --set model.remat=False
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
+HBM_BYTES = {"TPU v5": 95e9, "TPU v5p": 95e9, "TPU v6 lite": 32e9, "TPU v5 lite": 16e9, "TPU v4": 32e9}
+PROGRAMS = ("train", "sampler", "prefill", "judge")
+
 
 def _parse():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--preset", default="bagel_7b_mot")
-  ap.add_argument("--meshes", default="8,32", help="comma list; N = fsdp N, DxF = data D x fsdp F")
-  ap.add_argument("--tokens_per_device", type=int, default=8192)
-  ap.add_argument("--image", default="960x1024", help="HxW of each training image (multiples of 16)")
-  ap.add_argument("--samples_per_row", type=int, default=2)
-  ap.add_argument("--text_tokens", type=int, default=128, help="prompt tokens per sample incl. BOS/EOS")
-  ap.add_argument("--no_remat", action="store_true")
-  ap.add_argument("--attn", default="chunked")
-  ap.add_argument("--param_dtype", default="float32", help="master weights (compute is bf16 either way)")
-  ap.add_argument("--no_count", action="store_true", help="skip the unrolled FLOP-counting compile")
+  ap.add_argument("--target", default="cpu:8", help="cpu:N or tpu:<type>:<topology>, e.g. tpu:v5p:2x2x4")
+  ap.add_argument("--config", default="experiments/bagel_7b_compbench.py")
+  ap.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma list of {PROGRAMS}")
+  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
   return ap.parse_args()
 
 
 ARGS = _parse()
-_meshes = [tuple(int(x) for x in m.split("x")) for m in ARGS.meshes.split(",")]
-_max_dev = max(m[0] * (m[1] if len(m) > 1 else 1) for m in _meshes)
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_max_dev}"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_kind, _, _spec = ARGS.target.partition(":")
+if _kind == "cpu":
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={int(_spec or 8)}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+elif _kind == "tpu":
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the abstract TPU devices need no TPU backend
+else:
+  sys.exit(f"unknown target {ARGS.target!r}: use cpu:N or tpu:<type>:<topology>")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from srum_jax import defaults, objective, sharding, train_step as ts  # noqa: E402
+from srum_jax import aot, config_utils  # noqa: E402
 from srum_jax.flops import bagel_active_params, bagel_flops  # noqa: E402
-from srum_jax.models import config as model_config, params as params_lib  # noqa: E402
-from srum_jax.training import optimizer, update  # noqa: E402
 
 
-def abstract_batch(cfg, rows: int):
-  H, W = (int(v) for v in ARGS.image.split("x"))
-  S = ARGS.samples_per_row
-  ids = [[[cfg.tokens.bos] + [7] * (ARGS.text_tokens - 2) + [cfg.tokens.eos] for _ in range(S)]]
-  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=ARGS.tokens_per_device,
-                         text_capacity=S * (ARGS.text_tokens + 2))
-  inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows,) + x.shape[1:], x.dtype), inputs)
-  K = 5
-  f32 = jnp.float32
-  batch = ts.SrumBatch(
-      inputs=inputs, images=jax.ShapeDtypeStruct((rows, S, H, W, 3), jnp.bfloat16),
-      rewards=objective.RegionRewards(jax.ShapeDtypeStruct((rows, S, K, 4), f32), jax.ShapeDtypeStruct((rows, S, K), f32),
-                                      jax.ShapeDtypeStruct((rows, S, K), jnp.bool_), jax.ShapeDtypeStruct((rows, S), f32)))
+def devices():
+  if _kind == "cpu":
+    return jax.devices()
+  from jax.experimental import topologies
+  chip, _, topology = _spec.partition(":")
+  return list(topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu").devices)
+
+
+def _value(text: str):
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def resident_bytes(tree) -> int:
+  """Bytes one device holds of an abstract tree with shardings (e.g. the whole model: the program may read
+  only part of it, but every parameter stays in HBM)."""
+  import numpy as np
+  return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def report(prog, compiled, seconds: float, hbm) -> None:
+  gib = 2 ** 30
+  mem = compiled.memory_analysis()
+  print(f"\n[{prog.name}] {prog.info}")
+  print(f"  compile {seconds:.1f} s; resident per device: {resident_bytes(prog.args[0]) / gib:.2f} GiB of "
+        f"{'the training state' if prog.name == 'train_step' else 'model parameters'}")
+  if mem is not None:
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    fits = "" if hbm is None else f" of {hbm / gib:.1f} GiB HBM ({100 * peak / hbm:.0f}%: {'fits' if peak < hbm else 'DOES NOT FIT'})"
+    print(f"  per device: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, outputs "
+          f"{mem.output_size_in_bytes / gib:.2f} GiB (aliased {mem.alias_size_in_bytes / gib:.2f}), temporaries "
+          f"{mem.temp_size_in_bytes / gib:.2f} GiB; peak ~{peak / gib:.2f} GiB{fits}")
+
+
+def train_flops(prog, compiled, config) -> None:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  n = prog.mesh.devices.size
+  xla = float(cost.get("flops", float("nan"))) * n if cost else float("nan")
+  cfg = aot.model_config(config)
+  t = config.train
+  H, W = (int(v) for v in t.image_hw)
   n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
-  real_tokens = S * (ARGS.text_tokens + 2 + n_lat)
-  lens = [ARGS.text_tokens + 2 + n_lat] * S  # one attention sequence per sample
-  return batch, (H, W), real_tokens, lens
+  per_sample = int(t.text_capacity) // int(t.samples_per_row) + n_lat
+  samples = int(t.batch_size) * int(t.samples_per_row)
+  formula = bagel_flops(cfg, samples * per_sample, [per_sample] * samples)
+  print(f"  XLA cost_analysis: {xla:.3e} FLOPs per update (loop bodies counted once: an undercount); BAGEL "
+        f"formula {formula:.3e} ({samples} samples of {per_sample} tokens, N = {bagel_active_params(cfg) / 1e9:.2f}B)")
 
 
 def main():
-  cfg = model_config.get_preset(ARGS.preset)
-  if cfg.vit is not None:
-    cfg = cfg.replace(vit=None)  # SRUM trains the generation path only (the official visual_und=False)
-  tcfg = defaults.base_config().train
-  opts = ts.StepOptions(image_hw=tuple(int(v) for v in ARGS.image.split("x")), samples_per_row=ARGS.samples_per_row,
-                        compute_dtype=jnp.bfloat16, attn_impl=ARGS.attn, remat=not ARGS.no_remat)
-  schema = ts.model_schema(cfg)
-  params = params_lib.abstract_params(schema, jnp.dtype(ARGS.param_dtype))
-  labels = optimizer.param_labels(params, ("ae",))
-  tx = optimizer.make_optimizer(tcfg, labels)
-  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx), params)
-  n_params = params_lib.count_params(schema["bagel"])
-  print(f"preset={ARGS.preset} params(bagel)={n_params / 1e9:.2f}B ae={params_lib.count_params(schema['ae']) / 1e6:.1f}M "
-        f"tokens/device={ARGS.tokens_per_device} image={ARGS.image} x{ARGS.samples_per_row}/row "
-        f"remat={opts.remat} attn={opts.attn_impl} params={ARGS.param_dtype} compute=bf16 "
-        f"jax={jax.__version__} backend={jax.default_backend()}")
-  counted = False
-  for m in _meshes:
-    data, fsdp = (1, m[0]) if len(m) == 1 else m
-    n = data * fsdp
-    mesh = sharding.make_mesh({"data": data, "fsdp": fsdp, "tensor": 1}, jax.devices()[:n])
-    batch, hw, real_tokens, lens = abstract_batch(cfg, rows=n)
-    state_sh = ts.state_shardings(cfg, abstract_state, mesh)
-    batch_sh = ts.batch_shardings(batch, mesh)
-    step = ts.shard_train_step(ts.make_train_step(cfg, opts, tx), state_sh, batch_sh, mesh)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  config = config_utils.load_config(ARGS.config, {k: _value(v) for k, v in (kv.split("=", 1) for kv in ARGS.set)})
+  devs = devices()
+  hbm = HBM_BYTES.get(devs[0].device_kind) if _kind == "tpu" else None
+  print(f"target {ARGS.target}: {len(devs)} x {devs[0].device_kind}; config {ARGS.config} {ARGS.set}; "
+        f"jax {jax.__version__}", flush=True)
+  builders = {"train": aot.train_step_program, "sampler": aot.sampler_step_program, "prefill": aot.prefill_program,
+              "judge": aot.judge_program}
+  for name in ARGS.programs.split(","):
     t0 = time.time()
-    lowered = step.lower(abstract_state, batch, key)
-    t1 = time.time()
-    compiled = lowered.compile()
-    t2 = time.time()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    formula = bagel_flops(cfg, real_tokens, lens) * n
-    gib = 1 / 2 ** 30
-    print(f"\nmesh data={data} fsdp={fsdp} ({n} devices): lower {t1 - t0:.1f}s compile {t2 - t1:.1f}s")
-    if mem is not None:
-      print(f"  per-device memory: arguments {mem.argument_size_in_bytes * gib:.2f} GiB, outputs "
-            f"{mem.output_size_in_bytes * gib:.2f} GiB (aliased {mem.alias_size_in_bytes * gib:.2f}), temporaries "
-            f"{mem.temp_size_in_bytes * gib:.2f} GiB, code {mem.generated_code_size_in_bytes / 2 ** 20:.1f} MiB; "
-            f"peak ~ {(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes) * gib:.2f} GiB")
-    print(f"  XLA cost_analysis of this program: {xla_flops * n:.3e} FLOPs/step (loop bodies -- layer scan, "
-          f"attention chunks -- counted once by XLA, so this undercounts)")
-    print(f"  BAGEL formula: {formula:.3e} FLOPs/step (6*N*tokens + 12*d*h*L*sum(len^2); {real_tokens} real "
-          f"tokens/device, N = {bagel_active_params(cfg) / 1e9:.2f}B params per token)")
-    if not ARGS.no_count and not counted:
-      # Exact count: layers unrolled, dense attention, no remat (no recomputation), same shapes.
-      count_opts = dataclasses.replace(opts, scan_unroll=True, attn_impl="dense", remat=False)
-      cstep = ts.shard_train_step(ts.make_train_step(cfg, count_opts, tx), state_sh, batch_sh, mesh)
-      t3 = time.time()
-      ccost = cstep.lower(abstract_state, batch, key).compile().cost_analysis()
-      ccost = ccost[0] if isinstance(ccost, (list, tuple)) else ccost
-      cf = float(ccost.get("flops", float("nan"))) * n
-      print(f"  XLA exact count (unrolled, dense attention, no remat; compile {time.time() - t3:.1f}s): "
-            f"{cf:.3e} FLOPs/step = {cf / formula:.2f} x formula (the step also runs 2 VAE encodes per image)")
-      counted = True
+    prog = builders[name](config, devs)
+    compiled = prog.jitted.lower(*prog.args).compile()
+    report(prog, compiled, time.time() - t0, hbm)
+    if name == "train":
+      train_flops(prog, compiled, config)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

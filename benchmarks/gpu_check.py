@@ -73,7 +73,7 @@ def time_step(steps: int, preset: str, image: str, tokens: int, text: int):
   from srum_jax.training import optimizer, update
   cfg = config.get_preset(preset).replace(vit=None)
   (H, W), S, T = (int(v) for v in image.split('x')), 2, text
-  schema = ts.model_schema(cfg)
+  schema = params_lib.model_schema(cfg)
   params = jax.jit(lambda k: params_lib.init_params(schema, k, jnp.float32))(jax.random.key(0))
   tx = optimizer.make_optimizer(defaults.base_config().train, optimizer.param_labels(params, ("ae",)))
   opts = ts.StepOptions(image_hw=(H, W), samples_per_row=S, compute_dtype=jnp.bfloat16, attn_impl="chunked",

@@ -32,13 +32,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dir = ""  # `python -m srum_jax convert` output
   c.model.official_dir = ""  # used instead of `dir` when set
   c.model.preset = "tiny"  # tiny | tiny_world | mid | bagel_7b_mot (benchmarks and tests build random models)
-  c.model.param_dtype = "float32"  # float32 | bfloat16
+  c.model.param_dtype = "float32"  # training's master weights: float32 | bfloat16
+  c.model.inference_dtype = ""  # parameters for generate / score / eval ("": param_dtype)
   c.model.compute_dtype = "bfloat16"
   c.model.attn_impl = "dense"  # dense | chunked
   c.model.remat = False
 
-  # Device mesh and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).
+  # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).
+  # Training runs on every device of every process; inference (generate, score, eval) on each process's own
+  # devices, parameters sharded by the same rules (fsdp / tensor), batch rows over data x fsdp.
+  # One size may be -1 (the remaining devices); mesh.tensor 0: derived so the batch rows split evenly.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.inference_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = []
 
   # SRUM objective: L = mean(R (v - (eps - x_bad))^2) + lambda * mean((v - (eps - x_gt))^2).
@@ -55,7 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 309
   c.train.timestep_shift = 1.0
   c.train.text_cond_dropout = 0.1
-  c.train.batch_size = 2
+  c.train.batch_size = 2  # global rows per update (samples_per_row images each), whatever the device count
+  c.train.microbatch_rows = 0  # rows per batch shard per forward/backward; fewer than a shard's: accumulation
   c.train.ema_decay = 0.0  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
   c.train.freeze = ("vit", "connector", "ae")  # top-level parameter groups held fixed
   c.train.save_every = 100
@@ -95,7 +101,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.think = True
   c.generate.max_think_tokens = 1000
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
-  c.generate.data_parallel = True  # split each batch over the local devices (batch_size must divide)
 
   # Region proposals (official: SAM, up to 5 boxes).
   c.propose = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ is a config change (mesh shape and rules), never a model-code change.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -103,6 +104,13 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes=No
       logical_tree, shapes, is_leaf=is_leaf)
 
 
+def schema_shardings(schema, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings of every parameter of a schema (`models.params`): its logical axes through `rules`,
+  dims a mesh axis does not divide replicated."""
+  from srum_jax.models import params as params_lib
+  return logical_to_sharding(params_lib.logical_axes(schema), mesh, rules, shapes=params_lib.abstract_params(schema))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Shard the leading dim of an activation/batch array over the batch mesh axes."""
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
@@ -112,9 +120,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def mesh_from_config(cfg) -> Mesh:
-  """`cfg.mesh` is a ConfigDict/dict like {'data': -1, 'fsdp': 1, 'tensor': 1}."""
-  return make_mesh(dict(cfg))
+def derive_mesh_shape(shape: Mapping[str, int], num_devices: int, batch_rows: int) -> dict:
+  """A mesh shape for `num_devices` from a config's: 'tensor': 0 means "derived": just enough tensor
+  parallelism that the remaining devices split `batch_rows` evenly (tensor = devices / gcd(devices, rows)),
+  so the global batch can stay the same on any number of devices. Other sizes (one may be -1) are kept."""
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  if sizes["tensor"] == 0:
+    sizes["tensor"] = num_devices // math.gcd(num_devices, int(batch_rows))
+  return sizes
+
+
+def mesh_from_config(cfg, devices: Optional[Sequence[jax.Device]] = None, batch_rows: int = 1) -> Mesh:
+  """`cfg` is a ConfigDict/dict like {'data': -1, 'fsdp': 1, 'tensor': 1} (see `derive_mesh_shape` for
+  tensor 0); `batch_rows` is the global batch the derivation divides."""
+  devices = list(jax.devices() if devices is None else devices)
+  return make_mesh(derive_mesh_shape(dict(cfg), len(devices), batch_rows), devices)
 
 
 def rules_from_config(cfg) -> Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...]:

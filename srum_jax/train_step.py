@@ -46,6 +46,8 @@ class StepOptions:
   remat: bool = False
   ema_decay: float = 0.0
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
+  microbatches: int = 1  # gradient accumulation over this many cuts of the batch's rows
+  batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
 
 
 class SrumBatch(NamedTuple):
@@ -114,21 +116,12 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
 
 def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation):
   """Pure step(state, batch, key) -> (state, metrics)."""
-  return update.make_step(functools.partial(srum_loss, cfg=cfg, opts=opts), tx, opts.ema_decay)
+  return update.make_step(functools.partial(srum_loss, cfg=cfg, opts=opts), tx, opts.ema_decay,
+                          microbatches=opts.microbatches, batch_ways=opts.batch_ways)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sharding
-
-
-def model_schema(cfg: BagelConfig):
-  return {"bagel": param_schema.bagel_schema(cfg), "ae": param_schema.ae_schema(cfg.ae)}
-
-
-def param_shardings(cfg: BagelConfig, mesh, rules=sharding.DEFAULT_RULES):
-  schema = model_schema(cfg)
-  return sharding.logical_to_sharding(param_schema.logical_axes(schema), mesh, rules,
-                                      shapes=param_schema.abstract_params(schema))
 
 
 def _key_names(path):
@@ -139,7 +132,7 @@ def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh, rules=sh
   """Shardings for a TrainState: every optimizer leaf whose key path ends with a parameter's path (Adam
   moments) follows that parameter, the EMA follows the parameters; everything else (counts, step) is
   replicated."""
-  ps = param_shardings(cfg, mesh, rules)
+  ps = sharding.schema_shardings(param_schema.model_schema(cfg), mesh, rules)
   rep = sharding.replicated(mesh)
   by_path = {_key_names(path): s for path, s in jax.tree_util.tree_flatten_with_path(
       ps, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]}

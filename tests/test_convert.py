@@ -190,7 +190,7 @@ def test_sharded_convert(tmp_path, golden_weights, mesh_shape):
   fsdp = mesh_shape["fsdp"]
   cfg, ref = hf_to_flax.load_official(str(src), dtype="fp32", **TINY_FLAGS)
   cfg_s, params = hf_to_flax.convert(str(src), str(tmp_path / "model"), dtype="fp32", mesh=mesh, **TINY_FLAGS)
-  schema = keymap.model_schema(cfg)
+  schema = params_lib.model_schema(cfg)
   want = sharding.logical_to_sharding(params_lib.logical_axes(schema), mesh, sharding.DEFAULT_RULES,
                                       shapes=params_lib.abstract_params(schema))
   for (path, x), s, r in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want),

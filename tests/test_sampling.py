@@ -153,7 +153,7 @@ def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
 
   def fake_sample_images(params, params_ae, cfg, contexts, **kw):
     seen["contexts"], seen["kw"] = contexts, kw
-    return np.zeros((len(kw["keys"]), kw["height"], kw["width"], 3), np.uint8)
+    return np.zeros((len(kw["keys"]), kw["height"], kw["width"], 3), np.uint8), None
 
   monkeypatch.setattr(sampling, "sample_images", fake_sample_images)
   prompts = ["a cat", "two red boxes"]

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from srum_jax import sharding
-from srum_jax.convert import keymap
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
@@ -59,12 +58,11 @@ def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None,
 
   Without a mesh every leaf lives on the first local device.
   """
-  schema = keymap.model_schema(cfg)
+  schema = params_lib.model_schema(cfg)
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda _: one, schema, is_leaf=params_lib.is_spec)
-  return sharding.logical_to_sharding(params_lib.logical_axes(schema), mesh, rules or sharding.DEFAULT_RULES,
-                               shapes=params_lib.abstract_params(schema))
+  return sharding.schema_shardings(schema, mesh, rules or sharding.DEFAULT_RULES)
 
 
 def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
@@ -93,7 +91,7 @@ def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype
   shardings = target_shardings(cfg, mesh, rules)
   with ocp.StandardCheckpointer() as ckpt:
     stored = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
-    abstract = params_lib.abstract_params(keymap.model_schema(cfg))
+    abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
     target = jax.tree.map(
         lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype is not None else m.dtype,
                                              sharding=s),

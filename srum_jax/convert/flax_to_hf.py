@@ -66,7 +66,7 @@ def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Ent
 
   The fixed tables take `dtype`, else the dtype of the token embedding.
   """
-  abstract = params_lib.abstract_params(keymap.model_schema(cfg))
+  abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
   bad = []
   for part in ("bagel", "ae"):
     want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract[part])}

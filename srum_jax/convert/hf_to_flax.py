@@ -341,7 +341,7 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
 
 def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
   """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`."""
-  abstract = params_lib.abstract_params(keymap.model_schema(cfg))
+  abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
   out = {}
   for part, table in keymap.official_keys(cfg).items():
     by_path: Dict[Tuple[str, ...], Dict[Optional[int], str]] = {}

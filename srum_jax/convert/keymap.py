@@ -157,11 +157,6 @@ def fixed_tables(cfg: BagelConfig) -> Dict[str, Tuple[int, int]]:
   return out
 
 
-def model_schema(cfg: BagelConfig):
-  """The converted checkpoint's tree: {'bagel': bagel_schema, 'ae': ae_schema}."""
-  return {"bagel": params.bagel_schema(cfg), "ae": params.ae_schema(cfg.ae)}
-
-
 def get_path(tree, path: Path):
   for name in path:
     tree = tree[name]
@@ -209,7 +204,7 @@ def expected_official_shapes(cfg: BagelConfig) -> Dict[str, Dict[str, Tuple[int,
   Includes the fixed sin-cos tables; with `cfg.vit=None` there are no vit_model / connector /
   vit_pos_embed keys (SRUM-trained `model.safetensors`).
   """
-  abstract = params.abstract_params(model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
+  abstract = params.abstract_params(params.model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
   out = {}
   for part, table in official_keys(cfg).items():
     out[part] = {k: official_shape(get_path(abstract[part], e.path).shape, e) for k, e in table.items()}

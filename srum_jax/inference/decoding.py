@@ -139,10 +139,13 @@ def _vit_image(img) -> Optional[np.ndarray]:
 
 def judge_context(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
                   system_prompt: Optional[str] = None, extra_tokens: int = 0, dtype=jnp.float32,
-                  text_budget: Optional[int] = None, patch_budget: Optional[int] = None) -> Context:
+                  text_budget: Optional[int] = None, patch_budget: Optional[int] = None, attn_impl: str = "dense",
+                  mesh=None) -> Context:
   """The understanding context per row: [system prompt] + image (ViT only) + prompt, in a cache with
   room for `extra_tokens` more. images: one per prompt (None, a PIL image or an HWC array; see
-  `_vit_image`). Budgets default to power-of-two buckets, so similar batches reuse compiled code."""
+  `_vit_image`). Budgets default to power-of-two buckets, so similar batches reuse compiled code.
+  mesh: split the rows over its ('data', 'fsdp') axes (`context.shard_rows`; the parameters keep their own
+  shardings)."""
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
   B = len(prompts)
@@ -152,21 +155,26 @@ def judge_context(params, tokenizer, images: Sequence, prompts: Sequence[str], *
   T = context.bucket((0 if sys_ids is None else len(sys_ids)) + patches.shape[1] + 2 + prompt_ids.shape[1]
                + extra_tokens)
   ctx = context.init_context(cfg, B, T, dtype)
+  if mesh is not None:
+    ctx = context.shard_context(ctx, mesh)
+    prompt_ids, prompt_lens, patches, grid = context.shard_rows((prompt_ids, prompt_lens, patches, grid), mesh)
   if sys_ids is not None:
     ids, lens = context.pad_ids([sys_ids] * B)
-    ctx = context.prefill_text(params, ctx, ids, lens, cfg=cfg)
-  ctx = context.prefill_vit_image(params, ctx, patches, grid, cfg=cfg)
-  return context.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg)
+    ctx = context.prefill_text(params, ctx, ids, lens, cfg=cfg, attn_impl=attn_impl)
+  ctx = context.prefill_vit_image(params, ctx, patches, grid, cfg=cfg, attn_impl=attn_impl)
+  return context.prefill_text(params, ctx, prompt_ids, prompt_lens, cfg=cfg, attn_impl=attn_impl)
 
 
 def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
                 system_prompt: Optional[str] = None, max_new_tokens: int = 1024, temperature: float = 0.0,
                 key: Optional[jax.Array] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                patch_budget: Optional[int] = None) -> list:
+                patch_budget: Optional[int] = None, attn_impl: str = "dense", mesh=None) -> list:
   """Raw decoded answers, one per prompt, from `judge_context`."""
   ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt,
-                      extra_tokens=max_new_tokens, dtype=dtype, text_budget=text_budget, patch_budget=patch_budget)
-  gen = generate_text(params, ctx, cfg, max_new_tokens=max_new_tokens, temperature=temperature, key=key)
+                      extra_tokens=max_new_tokens, dtype=dtype, text_budget=text_budget, patch_budget=patch_budget,
+                      attn_impl=attn_impl, mesh=mesh)
+  gen = generate_text(params, ctx, cfg, max_new_tokens=max_new_tokens, temperature=temperature, key=key,
+                      attn_impl=attn_impl)
   return [tokenizer.decode(ids) for ids in generated_ids(gen)]
 
 
@@ -204,7 +212,7 @@ def _prefix_logits(params, ctx: Context, ids: jax.Array, lengths: jax.Array, *, 
 def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str],
                       answer_prefix: Union[str, Sequence[str]], *, cfg: BagelConfig,
                       system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                      patch_budget: Optional[int] = None) -> jax.Array:
+                      patch_budget: Optional[int] = None, attn_impl: str = "dense", mesh=None) -> jax.Array:
   """Logits [B, V] of the token that follows `answer_prefix` (one for all rows, or one per row) in the
   answer to each (image, prompt).
 
@@ -212,8 +220,8 @@ def next_token_logits(params, tokenizer, images: Sequence, prompts: Sequence[str
   no decoding. Used by the `logits` judge mode (expected score over score tokens).
   """
   ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt, dtype=dtype,
-                      text_budget=text_budget, patch_budget=patch_budget)
-  return _logits_after(params, tokenizer, ctx, _per_row(answer_prefix, len(prompts)), cfg)
+                      text_budget=text_budget, patch_budget=patch_budget, attn_impl=attn_impl, mesh=mesh)
+  return _logits_after(params, tokenizer, ctx, _per_row(answer_prefix, len(prompts)), cfg, attn_impl)
 
 
 def _per_row(answer_prefix: Union[str, Sequence[str]], n: int) -> list:
@@ -223,16 +231,17 @@ def _per_row(answer_prefix: Union[str, Sequence[str]], n: int) -> list:
   return prefixes
 
 
-def _logits_after(params, tokenizer, ctx: Context, prefixes: Sequence[str], cfg: BagelConfig) -> jax.Array:
+def _logits_after(params, tokenizer, ctx: Context, prefixes: Sequence[str], cfg: BagelConfig,
+                  attn_impl: str) -> jax.Array:
   pre_ids, pre_lens = context.pad_ids([[cfg.tokens.bos] + tokenizer.encode(p) for p in prefixes])
-  return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg)
+  return _prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg, attn_impl=attn_impl)
 
 
 def continue_then_logits(params, tokenizer, images: Sequence, prompts: Sequence[str], answer_prefix: str,
                          then: str, *, cfg: BagelConfig, max_new_tokens: int = 8,
                          stop_texts: Sequence[str] = ("\n", "Score"), system_prompt: Optional[str] = None,
-                         dtype=jnp.float32, text_budget: Optional[int] = None,
-                         patch_budget: Optional[int] = None) -> Tuple[list, jax.Array]:
+                         dtype=jnp.float32, text_budget: Optional[int] = None, patch_budget: Optional[int] = None,
+                         attn_impl: str = "dense", mesh=None) -> Tuple[list, jax.Array]:
   """Greedy-continue `answer_prefix` for each row, then read the logits after `prefix + continuation + then`.
 
   The identify-then-score judge: prefix "Region ID: 1\nIdentified Object:", the model names what it sees,
@@ -242,11 +251,11 @@ def continue_then_logits(params, tokenizer, images: Sequence, prompts: Sequence[
   `stop_texts` (or EOS), or after `max_new_tokens`. Returns (continuations [str], logits [B, V]).
   """
   ctx = judge_context(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt, dtype=dtype,
-                      text_budget=text_budget, patch_budget=patch_budget)
+                      text_budget=text_budget, patch_budget=patch_budget, attn_impl=attn_impl, mesh=mesh)
   new = greedy_continuations(params, tokenizer, ctx, answer_prefix, cfg=cfg, max_new_tokens=max_new_tokens,
-                             stop_texts=stop_texts)
+                             stop_texts=stop_texts, attn_impl=attn_impl)
   names = [_cut(tokenizer.decode(n), stop_texts)[0].strip() for n in new]
-  logits = _logits_after(params, tokenizer, ctx, [f"{answer_prefix} {n}{then}" for n in names], cfg)
+  logits = _logits_after(params, tokenizer, ctx, [f"{answer_prefix} {n}{then}" for n in names], cfg, attn_impl)
   return names, logits
 
 
@@ -256,7 +265,7 @@ def _cut(text: str, stop_texts: Sequence[str]) -> Tuple[str, bool]:
 
 
 def greedy_continuations(params, tokenizer, ctx: Context, answer_prefix: str, *, cfg: BagelConfig,
-                         max_new_tokens: int, stop_texts: Sequence[str] = ()) -> list:
+                         max_new_tokens: int, stop_texts: Sequence[str] = (), attn_impl: str = "dense") -> list:
   """Greedy token ids after BOS + `answer_prefix`, per row of a prefilled judge context, by one forward pass
   over the whole answer prefix per step (no cache writes). A row ends at EOS (not included), once its decoded
   text contains one of `stop_texts` (that token included), or after `max_new_tokens`."""
@@ -268,7 +277,8 @@ def greedy_continuations(params, tokenizer, ctx: Context, answer_prefix: str, *,
     if all(done):
       break
     pre_ids, pre_lens = context.pad_ids([head + n for n in new])
-    nxt = np.asarray(jnp.argmax(_prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg), axis=-1))
+    nxt = np.asarray(jnp.argmax(_prefix_logits(params, ctx, pre_ids, pre_lens, cfg=cfg, attn_impl=attn_impl),
+                                axis=-1))
     for b in range(B):
       if done[b]:
         continue

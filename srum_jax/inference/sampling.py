@@ -196,8 +196,9 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
                   width: int, keys: Optional[jax.Array] = None, x0: Optional[jax.Array] = None,
                   num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
                   cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global",
-                  cfg_renorm_min: float = 0.0, attn_impl: str = "dense") -> jax.Array:
-  """uint8 NHWC images [B, height, width, 3] sampled from the (gen, cfg_text, cfg_img) contexts.
+                  cfg_renorm_min: float = 0.0, attn_impl: str = "dense", return_latents: bool = False):
+  """uint8 NHWC images [B, height, width, 3] sampled from the (gen, cfg_text, cfg_img) contexts (and the
+  sampled latent tokens, with `return_latents`).
 
   The initial noise is x0 if given, else drawn per row from keys [B] (`initial_noise`).
   """
@@ -210,7 +211,8 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
                           timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
                           cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
                           attn_impl=attn_impl)
-  return autoencoder.to_uint8(decode_latents(params_ae, tokens, cfg=cfg, grid=grid))
+  images = autoencoder.to_uint8(decode_latents(params_ae, tokens, cfg=cfg, grid=grid))
+  return (images, tokens) if return_latents else images
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +222,7 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
 class T2IResult(NamedTuple):
   images: np.ndarray  # uint8 [B, H, W, 3]
   think_texts: Optional[list]  # the decoded plans (think mode) or None
+  latents: jax.Array  # the sampled latent tokens [B, h*w, p*p*z] (fp32), before the VAE decode
 
 
 def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: BagelConfig, think: bool = False,
@@ -231,8 +234,8 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
                   attn_impl: str = "dense", mesh=None) -> T2IResult:
   """Generate one image per prompt with the official contexts.
 
-  mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (params should be replicated on it);
-  the batch size must divide by that many devices.
+  mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (the parameters keep their own shardings,
+  e.g. fsdp / tensor over the same mesh); the batch size must divide by that many devices.
 
   gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
   think mode); cfg_img: [system prompt] + prompt. think=True uses the generation think system prompt
@@ -257,7 +260,7 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
     prompt_ids, prompt_lens, keys = context.shard_rows((prompt_ids, prompt_lens, keys), mesh)
   if sys_ids is not None:
     ids_, lens_ = context.pad_ids([sys_ids] * B, sys_len)
-    base = context.prefill_text(params, base, ids_, lens_, cfg=cfg)
+    base = context.prefill_text(params, base, ids_, lens_, cfg=cfg, attn_impl=attn_impl)
   cfg_text = base
   gen = context.prefill_text(params, base, prompt_ids, prompt_lens, cfg=cfg, attn_impl=attn_impl)
   cfg_img = gen
@@ -268,8 +271,9 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
     seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
     t_ids, t_lens = context.pad_ids(seqs, think_budget)
     gen = context.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)
-  images = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width, keys=keys,
-                         num_timesteps=num_timesteps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
-                         cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
-                         cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl)
-  return T2IResult(images=np.asarray(images), think_texts=think_texts)
+  images, tokens = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width,
+                                 keys=keys, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
+                                 cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
+                                 cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl,
+                                 return_latents=True)
+  return T2IResult(images=np.asarray(images), think_texts=think_texts, latents=tokens)

@@ -219,6 +219,11 @@ def init_params(schema: Tree, key: jax.Array, dtype=jnp.float32) -> Tree:
   return jax.tree.unflatten(treedef, [_init_leaf(s, k, dtype) for s, k in zip(leaves, keys)])
 
 
+def model_schema(cfg: BagelConfig) -> Tree:
+  """The whole model's tree {'bagel': bagel_schema, 'ae': ae_schema} (what a model dir / checkpoint holds)."""
+  return {"bagel": bagel_schema(cfg), "ae": ae_schema(cfg.ae)}
+
+
 def abstract_params(schema: Tree, dtype=jnp.float32) -> Tree:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), schema, is_leaf=is_spec)
 

@@ -18,9 +18,10 @@ def _dirs(config):
 
 
 def _model(config) -> common.Model:
+  """The config's model, placed for inference (`common.load_inference_model`)."""
   model_dir = common.resolve_model_dir(config)
   common.check_model_dir(model_dir)
-  return common.load_model(model_dir)
+  return common.load_inference_model(config, model_dir)
 
 
 def generate_main(config, flags) -> int:
@@ -30,7 +31,7 @@ def generate_main(config, flags) -> int:
   model = _model(config)
   items = load_prompts(config.prompts.train)
   generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                    compute_dtype=config.model.compute_dtype)
+                    compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
   return 0
 
 
@@ -47,7 +48,7 @@ def score_main(config, flags) -> int:
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              compute_dtype=config.model.compute_dtype)
+              compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
   return 0
 
 
@@ -74,7 +75,7 @@ def eval_main(config, flags) -> int:
   items = load_prompts(config.prompts.val)
   evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items,
                     os.path.join(_dirs(config)["eval"], "model"), seed=config.eval.seed,
-                    compute_dtype=config.model.compute_dtype)
+                    compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
   return 0
 
 

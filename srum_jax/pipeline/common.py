@@ -21,11 +21,16 @@ import numpy as np
 
 @dataclasses.dataclass
 class Model:
-  """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, and where it came from."""
+  """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, where it came from, and the mesh
+  its parameters are sharded over (None: one device). Inference stages split batch rows over that mesh's
+  batch axes and let the parameters' shardings (fsdp / tensor, from the logical-axis rules) do the rest."""
   cfg: Any
   params: Any
   tokenizer: Any
   path: str
+  mesh: Any = None
+  rules: Any = None  # the logical-axis rules the parameters were placed by
+  dtype: Optional[str] = None  # the parameters' dtype as loaded (None: as stored)
 
 
 def check_model_dir(path: str) -> None:
@@ -70,32 +75,80 @@ def resolve_model_dir(config) -> str:
   return str(dst)
 
 
-def load_model(path: str, *, dtype: Optional[str] = None, mesh=None) -> Model:
+def load_model(path: str, *, dtype: Optional[str] = None, mesh=None, rules=None) -> Model:
+  """A model directory's config, tokenizer and parameters, restored straight onto `mesh` (sharded by the
+  logical-axis `rules`; None: one device) and cast to `dtype` (None: as stored)."""
   import jax.numpy as jnp
 
   from srum_jax.convert import checkpoint
   from srum_jax.tokenizer import load_tokenizer
   check_model_dir(path)
-  cfg, params = checkpoint.load_model_dir(path, mesh=mesh, dtype=None if dtype is None else jnp.dtype(dtype))
+  cfg, params = checkpoint.load_model_dir(path, mesh=mesh, dtype=None if dtype is None else jnp.dtype(dtype),
+                                          rules=rules)
   tok = load_tokenizer(path)
   tok.check(cfg.tokens)
-  return Model(cfg=cfg, params=params, tokenizer=tok, path=path)
+  return Model(cfg=cfg, params=params, tokenizer=tok, path=path, mesh=mesh, rules=rules, dtype=dtype)
+
+
+def inference_mesh(config):
+  """The mesh inference runs on: this process's devices shaped by `config.inference_mesh` (each host
+  generates and scores its own share of the items, so nothing waits on another host)."""
+  import jax
+
+  from srum_jax import sharding
+  return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
+
+
+def load_inference_model(config, path: str) -> Model:
+  """`load_model` onto `inference_mesh(config)` in `model.inference_dtype` (default `model.param_dtype`), by
+  the config's sharding rules."""
+  from srum_jax import sharding
+  return load_model(path, dtype=config.model.inference_dtype or config.model.param_dtype,
+                    mesh=inference_mesh(config), rules=sharding.rules_from_config(config.sharding_rules))
+
+
+def batch_ways(model: Model) -> int:
+  """How many ways batch rows split over the model's mesh (its 'data' x 'fsdp' axes; 1 without a mesh)."""
+  if model.mesh is None:
+    return 1
+  return int(np.prod([model.mesh.shape[a] for a in ("data", "fsdp")]))
+
+
+def batch_rows_mesh(model: Model, rows: int):
+  """The model's mesh when `rows` split over its batch axes (they then run data-parallel), else None (rows
+  replicated on every device; the parameters stay sharded)."""
+  ways = batch_ways(model)
+  return model.mesh if ways > 1 and rows % ways == 0 else None
+
+
+def pad_rows(items: Sequence, multiple: int) -> List:
+  """`items` with its last item repeated up to a multiple of `multiple` (the caller keeps the first len)."""
+  items = list(items)
+  return items + items[-1:] * (-len(items) % multiple) if items else items
 
 
 def save_model(path: str, model: Model, params) -> Model:
-  """Write `params` as a model directory next to the source model's tokenizer and json files."""
+  """Write `params` as a model directory next to the source model's tokenizer and json files, and return it
+  loaded like `model` (same mesh, rules and dtype): trained parameters may live on the training mesh, which
+  spans every host, while inference runs on each host's own devices."""
   import shutil
 
+  import jax
+
   from srum_jax.convert import checkpoint
+  from srum_jax.pipeline import multihost
   dst = pathlib.Path(path)
-  if dst.exists():
+  if jax.process_index() == 0 and dst.exists():
     shutil.rmtree(dst)
-  checkpoint.save_model_dir(str(dst), model.cfg, params)
-  for f in pathlib.Path(model.path).iterdir():
-    if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab",
-                                          "merges")):
-      shutil.copy2(f, dst / f.name)
-  return Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=str(dst))
+  multihost.barrier(f"save_model:{dst}:clean")
+  checkpoint.save_model_dir(str(dst), model.cfg, params)  # every process takes part (its shards)
+  if jax.process_index() == 0:
+    for f in pathlib.Path(model.path).iterdir():
+      if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab",
+                                            "merges")):
+        shutil.copy2(f, dst / f.name)
+  multihost.barrier(f"save_model:{dst}:done")
+  return load_model(str(dst), dtype=model.dtype, mesh=model.mesh, rules=model.rules)
 
 
 # ----------------------------------------------------------------------------------------------

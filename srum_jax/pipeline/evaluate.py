@@ -34,9 +34,9 @@ class OracleJudge:
 
 
 class SelfJudge:
-  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype):
+  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense"):
     from srum_jax.pipeline.score import Judge, ScoreReport
-    self.judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype)
+    self.judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
     self.threshold = threshold
     self.rep = ScoreReport()
 
@@ -66,12 +66,12 @@ class HFVLMJudge:
     return out
 
 
-def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype):
+def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = "dense"):
   name = ecfg.judge
   if name == "oracle":
     return OracleJudge(ecfg.oracle_fn)
   if name == "self":
-    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype)
+    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl)
   if name == "hf_vlm":
     return HFVLMJudge(ecfg.hf_vlm_dir)
   raise ValueError(f"unknown eval judge {name!r}; choose oracle, self or hf_vlm")
@@ -109,10 +109,10 @@ def markdown(tables: Dict[str, Dict[str, Dict[str, float]]], title: str = "") ->
 
 
 def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
-             name: str = "model") -> Dict[str, Dict[str, float]]:
+             name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
   out = pathlib.Path(out_dir)
-  judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype)
-  generate.generate(gcfg, model, items, str(out), seed=seed, compute_dtype=compute_dtype)
+  judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  generate.generate(gcfg, model, items, str(out), seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
   log = common.JsonlLog(str(out / "judgments.jsonl"))
   done = log.done()
   rows = [r for r in generate.read_metadata(str(out)) if r["id"] not in done]

@@ -4,7 +4,8 @@ mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "T
 Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, prompt_id, prompt, category, seed,
 image_file, think}). Each image is seeded by (config.seed, its id), so any host, batch composition or
 restart reproduces it; finished ids are skipped on restart. Multi-host: each process takes a round-robin
-share of the prompts and writes its own `metadata.<process>.jsonl`.
+share of the prompts (on its own devices: `common.inference_mesh`) and writes its own
+`metadata.<process>.jsonl`.
 """
 from __future__ import annotations
 
@@ -52,22 +53,10 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
-def data_parallel_mesh(batch_size: int):
-  """A ('data',) mesh over this process's devices when the batch splits evenly over them, else None."""
-  from srum_jax import sharding
-  n = jax.local_device_count()
-  if n <= 1 or jax.process_count() > 1:
-    return None
-  if batch_size % n:
-    print(f"[generate] batch_size {batch_size} does not divide over {n} devices: running on one device "
-          f"(set generate.batch_size to a multiple of {n})", flush=True)
-    return None
-  return sharding.make_mesh({"data": n}, jax.local_devices())
-
-
 def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
-             compute_dtype="float32") -> GenerateReport:
-  """Generate the missing images of `items` into `out_dir` (resumable); batches split over local devices."""
+             compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
+  """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
+  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes."""
   from srum_jax.inference import sampling
 
   rep = GenerateReport()
@@ -82,10 +71,11 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       rep.skipped_done += 1
     else:
       todo.append((image_id, it))
-  mesh = data_parallel_mesh(int(gcfg.batch_size)) if gcfg.data_parallel else None
+  mesh = common.batch_rows_mesh(model, int(gcfg.batch_size))
+  if mesh is None and common.batch_ways(model) > 1:
+    print(f"[generate] generate.batch_size={gcfg.batch_size} does not divide over the inference mesh's "
+          f"{common.batch_ways(model)} batch shards: rows are replicated", flush=True)
   params = model.params
-  if mesh is not None:
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   bar = common.progress(len(todo), "generate")
   for chunk in common.batched(todo, int(gcfg.batch_size)):
     if len(chunk) < int(gcfg.batch_size):  # pad the last batch: one compiled shape for the whole stage
@@ -101,7 +91,8 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
         cfg_interval=tuple(gcfg.cfg_interval), cfg_renorm_type=str(gcfg.cfg_renorm_type),
         cfg_renorm_min=float(gcfg.cfg_renorm_min), max_think_tokens=int(gcfg.max_think_tokens),
-        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, mesh=mesh)
+        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
+        mesh=mesh)
     images = jax.device_get(res.images)
     for j, (image_id, it) in enumerate(chunk[:real]):
       rel = f"images/{_safe(image_id)}.png"

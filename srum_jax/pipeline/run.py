@@ -26,11 +26,12 @@ from srum_jax.pipeline.prompts import load_prompts
 
 def train_model(config, model: common.Model, records: str, images_root: str, workdir: str, *,
                 objective_name: str = "srum") -> dict:
-  """Train `model` on reward records; the summary's `params` are the trained ones (the EMA of the weights
+  """Train the model saved at `model.path` on reward records (its parameters restored straight onto the
+  training mesh in `model.param_dtype`); the summary's `params` are the trained ones (the EMA of the weights
   when `train.ema_decay` > 0, as BAGEL releases its EMA)."""
-  summary = train_stage.train(config, cfg=model.cfg, params=model.params, tokenizer=model.tokenizer,
-                              records_path=records, images_root=images_root, workdir=workdir,
-                              objective_name=objective_name)
+  cfg, params, tokenizer = train_stage.default_load_model(config, model.path)
+  summary = train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
+                              images_root=images_root, workdir=workdir, objective_name=objective_name)
   if float(config.train.ema_decay) > 0 and summary["state"].ema is not None:
     summary["params"] = summary["state"].ema
   return summary
@@ -92,13 +93,15 @@ def _trained(summary: dict) -> dict:
 
 def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
-  dt, current, rounds = config.model.compute_dtype, base, []
+  dt, attn, current, rounds = config.model.compute_dtype, config.model.attn_impl, base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
-    generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt)
+    generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
+                      attn_impl=attn)
     propose.propose(config.propose, gen_dir, prop_dir)
-    srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, compute_dtype=dt)
+    srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, compute_dtype=dt,
+                       attn_impl=attn)
     summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                    str(rd / "train")))
     current = common.save_model(str(rd / "model"), current, summary["params"])
@@ -145,7 +148,7 @@ def run(config) -> dict:
   (work / "report").mkdir(parents=True, exist_ok=True)
   model_dir = common.resolve_model_dir(config)
   common.check_model_dir(model_dir)  # fail before any work
-  base = common.load_model(model_dir)
+  base = common.load_inference_model(config, model_dir)
   train_items = load_prompts(config.prompts.train)
   val_items = load_prompts(config.prompts.val)
   if not train_items or not val_items:
@@ -156,7 +159,8 @@ def run(config) -> dict:
   def do_eval(name: str, model: common.Model):
     d = str(work / "eval" / name)
     tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                     seed=config.eval.seed, compute_dtype=config.model.compute_dtype, name=name)
+                                     seed=config.eval.seed, compute_dtype=config.model.compute_dtype, name=name,
+                                     attn_impl=config.model.attn_impl)
     eval_dirs[name] = d
 
   do_eval("base", base)

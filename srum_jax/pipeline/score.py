@@ -60,9 +60,11 @@ def square_view(image: np.ndarray, size: int) -> np.ndarray:
 class Judge:
   """The model's understanding branch as a scorer (both modes behind one interface)."""
 
-  def __init__(self, scfg, model: common.Model, *, seed: int = 0, compute_dtype="float32"):
+  def __init__(self, scfg, model: common.Model, *, seed: int = 0, compute_dtype="float32",
+               attn_impl: str = "dense"):
     self.config = scfg
     self.model = model
+    self.attn_impl = attn_impl
     self.dtype = jnp.dtype(compute_dtype)
     self.stats = parsing.ParseStats()
     self.key = jax.random.key(seed)
@@ -90,16 +92,27 @@ class Judge:
       return Image.fromarray(np.asarray(image, np.uint8))
     return square_view(image, size)
 
+  def _placement(self, rows: int) -> dict:
+    """Attention implementation, and the mesh to split `rows` over (rows are padded to divide: `_padded`)."""
+    return dict(attn_impl=self.attn_impl, mesh=common.batch_rows_mesh(self.model, rows))
+
+  def _padded(self, *lists):
+    """Each list with its last item repeated to a multiple of the mesh's batch shards."""
+    ways = common.batch_ways(self.model)
+    return [common.pad_rows(x, ways) for x in lists]
+
   # -- generate mode ---------------------------------------------------------------------------
   def answers(self, images, prompts_text, max_new, temperature=0.0) -> List[str]:
     """Greedy (or sampled) free-text answers to `prompts_text` about `images`, think blocks stripped."""
     from srum_jax.inference import decoding
     self.key, k = jax.random.split(self.key)
-    images = [self.judge_view(im) for im in images]
-    raw = decoding.answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text, cfg=self.model.cfg,
-                               system_prompt=self.system, max_new_tokens=int(max_new), temperature=temperature,
-                               key=k, dtype=self.dtype, text_budget=int(self.config.text_budget) or None)
-    return [parsing.strip_think(t) for t in raw]
+    n = len(images)
+    images, prompts_text = self._padded([self.judge_view(im) for im in images], prompts_text)
+    raw = decoding.answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
+                               cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
+                               temperature=temperature, key=k, dtype=self.dtype,
+                               text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
+    return [parsing.strip_think(t) for t in raw[:n]]
 
   def _with_retries(self, images, texts, max_new, parse, rep: ScoreReport):
     """Parse each answer; re-ask the unparsable ones (sampled) up to max_retries times."""
@@ -122,11 +135,13 @@ class Judge:
   # -- logits mode -----------------------------------------------------------------------------
   def _expected(self, images, texts) -> List[float]:
     from srum_jax.inference import decoding
-    images = [self.judge_view(im) for im in images]
+    n = len(images)
+    images, texts = self._padded([self.judge_view(im) for im in images], texts)
     logits = decoding.next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
                                         cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
-                                        text_budget=int(self.config.text_budget) or None)
-    return self._expectation(logits)
+                                        text_budget=int(self.config.text_budget) or None,
+                                        **self._placement(len(images)))
+    return self._expectation(logits[:n])
 
   def _expectation(self, logits) -> List[float]:
     p = jax.nn.softmax(logits[:, self.cand_ids], axis=-1)
@@ -135,12 +150,13 @@ class Judge:
   def _identified_expected(self, images, texts) -> List[tuple]:
     """(score, identified object) per one-box region prompt: name the object, then the expected score."""
     from srum_jax.inference import decoding
-    images = [self.judge_view(im) for im in images]
+    n = len(images)
+    images, texts = self._padded([self.judge_view(im) for im in images], texts)
     names, logits = decoding.continue_then_logits(
         self.model.params["bagel"], self.model.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
         cfg=self.model.cfg, max_new_tokens=int(self.config.max_identify_tokens), dtype=self.dtype,
-        text_budget=int(self.config.text_budget) or None)
-    return list(zip(self._expectation(logits), names))
+        text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
+    return list(zip(self._expectation(logits[:n]), names[:n]))
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text, rep: ScoreReport) -> List[Optional[float]]:
@@ -174,9 +190,9 @@ class Judge:
 
 
 def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: str, *, seed: int,
-          compute_dtype="float32") -> ScoreReport:
+          compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
-  judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype)
+  judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   log = common.JsonlLog(str(out / "rewards.jsonl"))  # record fields + the item id (extra key, tolerated)

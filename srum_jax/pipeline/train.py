@@ -18,6 +18,7 @@ checkpoints are the shared training core (`srum_jax.training`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srum_jax import objective, sharding, train_step as ts, viz
-from srum_jax.pipeline import data
+from srum_jax.pipeline import data, multihost
 from srum_jax.training import checkpointing, optimizer, update
 from srum_jax.training.preemption import PreemptionFlag
 
@@ -63,14 +64,6 @@ def _to_device(tree, shardings, process_count: int):
   if process_count == 1:
     return jax.device_put(tree, shardings)
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
-
-
-def _any_process(flag: bool, process_count: int) -> bool:
-  """True when `flag` is set on any process (so every host stops at the same step)."""
-  if process_count == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
 def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions) -> None:
@@ -111,6 +104,26 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
                 opts=step_options(config, objective_name))
 
 
+def train_mesh(config):
+  """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size` rows."""
+  return sharding.mesh_from_config(config.mesh, batch_rows=int(config.train.batch_size))
+
+
+def batch_layout(config, mesh) -> Dict[str, int]:
+  """{'batch_ways', 'microbatches'} of `train.batch_size` global rows on `mesh`: rows split over its data x fsdp
+  axes, then each shard's rows over microbatches of `train.microbatch_rows` (0: one microbatch)."""
+  t = config.train
+  ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  rows = int(t.batch_size)
+  if rows % ways:
+    raise ValueError(f"train.batch_size={rows} rows must divide over the mesh batch axes (data x fsdp = {ways}); "
+                     f"mesh {dict(mesh.shape)} (mesh.tensor = 0 derives a tensor axis that makes them divide)")
+  per_shard, micro = rows // ways, int(t.microbatch_rows) or rows // ways
+  if per_shard % micro:
+    raise ValueError(f"train.microbatch_rows={micro} does not divide the {per_shard} rows of each batch shard")
+  return {"batch_ways": ways, "microbatches": per_shard // micro}
+
+
 def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str):
   """Validate the records once per input, then this host's grain iterator; returns (iterator, DataReport)."""
   import grain
@@ -128,15 +141,13 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   return iter(ds), report
 
 
-def _restore_or_init(ckpt: checkpointing.Checkpointer, params, tx, abstract, state_sh, key_data, it,
-                     ema_decay: float):
+def _restore_or_init(ckpt: checkpointing.Checkpointer, params, init, abstract, state_sh, key_data, it):
   """(state, key data, step resumed from or None): the latest checkpoint (with the data iterator's state)
-  or a fresh state placed on `state_sh`."""
+  or `init(params)` placed on `state_sh`."""
   resumed_from = ckpt.latest_step()
   if resumed_from is None:
     params = jax.device_put(params, state_sh.params)
-    state = jax.jit(lambda p: update.init_state(p, tx, ema_decay), out_shardings=state_sh)(params)
-    return state, key_data, None
+    return jax.jit(init, out_shardings=state_sh)(params), key_data, None
   state, key_data, data_state, _ = ckpt.restore(
       resumed_from, checkpointing.abstract_with_shardings(abstract, state_sh),
       jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key_data.sharding))
@@ -186,24 +197,22 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   pid, pcount = jax.process_index(), jax.process_count()
-  mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
+  mesh = train_mesh(config) if mesh is None else mesh
   rules = sharding.rules_from_config(config.sharding_rules)
-  batch_ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
-  if int(t.batch_size) % batch_ways:
-    raise ValueError(f"train.batch_size={t.batch_size} rows must divide over the mesh batch axes "
-                     f"(data x fsdp = {batch_ways})")
+  opts = dataclasses.replace(opts, **batch_layout(config, mesh))
   total = int(t.steps if max_steps is None else max_steps)
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir)
   tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
-  abstract = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
+  master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)
+  init = lambda p: update.init_state(jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay)  # noqa
+  abstract = jax.eval_shape(init, params)
   state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), sharding.replicated(mesh))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
                                     save_interval_steps=int(t.save_every))
   bar = log = None
   try:
-    state, key_data, resumed_from = _restore_or_init(ckpt, params, tx, abstract, state_sh, key_data, it,
-                                                     opts.ema_decay)
+    state, key_data, resumed_from = _restore_or_init(ckpt, params, init, abstract, state_sh, key_data, it)
     del params
     step = int(jax.device_get(state.step))
     bar = tqdm(total=total, initial=min(step, total), desc="train", disable=pid != 0, dynamic_ncols=True,
@@ -215,7 +224,7 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     preempted = False
     with open(os.path.join(workdir, "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"), "a") as data_log:
       while step < total:
-        if _any_process(stop.is_set(), pcount):
+        if multihost.any_process(stop.is_set()):
           preempted = True
           break
         hb = next(it)
@@ -279,9 +288,9 @@ def default_load_model(config, model_dir: str):
   `model.param_dtype`."""
   from srum_jax import tokenizer as tok
   from srum_jax.convert import checkpoint
-  mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  cfg, params = checkpoint.load_model_dir(model_dir, mesh=mesh, dtype=config.model.param_dtype, rules=rules)
+  cfg, params = checkpoint.load_model_dir(model_dir, mesh=train_mesh(config), dtype=config.model.param_dtype,
+                                          rules=rules)
   tokenizer = tok.load_tokenizer(model_dir)
   tokenizer.check(cfg.tokens)
   return cfg, params, tokenizer

@@ -4,6 +4,12 @@
     step = make_step(loss_fn, tx, ema_decay=0.0)   # loss_fn(params, batch, key) -> (loss, aux)
     state, metrics = step(state, batch, key)        # pure: jit / shard it from the outside
 
+With `microbatches` k > 1 the batch's rows are cut into k microbatches, the gradients of their losses are
+averaged (a `lax.scan`, one microbatch in memory at a time; microbatch j draws its randomness from
+fold_in(key, j)) and applied once: the global batch of an update does not depend on how many devices share it.
+`batch_ways`: how many shards the rows are split over on the mesh; each microbatch takes the same number of
+rows from every shard, so cutting never moves rows between devices.
+
 A non-finite loss or gradient norm skips the update: parameters, optimizer state and EMA stay as they were,
 the step counter still advances and `skipped` counts it. The EMA, when used, tracks every parameter leaf
 (e <- e + (1 - decay) (p - e) after each applied update).
@@ -52,12 +58,48 @@ def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformat
   return new_state, {"grad_norm": grad_norm, "skipped": skipped}
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0) -> Callable:
+def split_microbatches(batch, microbatches: int, batch_ways: int = 1):
+  """Every leaf [rows, ...] -> [microbatches, rows / microbatches, ...]; microbatch j holds, from each of the
+  `batch_ways` contiguous row shards, that shard's j-th run of rows."""
+  def cut(x):
+    rows = x.shape[0]
+    if rows % (microbatches * batch_ways):
+      raise ValueError(f"{rows} rows do not split into {microbatches} microbatches x {batch_ways} shards")
+    m = rows // (microbatches * batch_ways)
+    x = x.reshape((batch_ways, microbatches, m) + x.shape[1:]).swapaxes(0, 1)
+    return x.reshape((microbatches, batch_ways * m) + x.shape[3:])
+  return jax.tree.map(cut, batch)
+
+
+def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, batch_ways: int = 1):
+  """((mean loss, mean aux), mean gradients) over the microbatches of `batch` (see the module docstring)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch, key)
+  micro = split_microbatches(batch, microbatches, batch_ways)
+  first = jax.tree.map(lambda x: x[0], micro)
+  (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, first, key)
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)  # noqa: E731
+
+  def body(carry, xs):
+    mb, j = xs
+    (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(key, j))
+    add = lambda acc, new: jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, new)  # noqa: E731
+    return (add(carry[0], loss), add(carry[1], aux), add(carry[2], grads)), None
+
+  (loss, aux, grads), _ = jax.lax.scan(body, (zeros(loss0), zeros(aux0), zeros(grads0)),
+                                       (micro, jnp.arange(microbatches)))
+  mean = lambda tree, like: jax.tree.map(lambda a, b: (a / microbatches).astype(b.dtype), tree, like)  # noqa
+  return (mean(loss, loss0), mean(aux, aux0)), mean(grads, grads0)
+
+
+def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
+              microbatches: int = 1, batch_ways: int = 1) -> Callable:
   """Pure step(state, batch, key) -> (state, metrics) for `loss_fn(params, batch, key) -> (loss, aux)`;
   metrics = aux + loss, grad_norm, skipped."""
 
   def step(state: TrainState, batch, key):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    (loss, aux), grads = accumulated_grads(loss_fn, state.params, batch, key, microbatches, batch_ways)
     state, info = guarded_update(state, grads, loss, tx, ema_decay)
     return state, dict(aux, loss=loss, **info)
 

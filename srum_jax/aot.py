@@ -1,0 +1,220 @@
+"""The programs of a config, built on abstract values for ahead-of-time lowering and compiling.
+
+Nothing is allocated: parameters, optimizer state, caches and batches are ShapeDtypeStructs carrying the
+shardings a real run would use, on any device list (simulated CPU devices, or the abstract TPU devices of
+`jax.experimental.topologies`). What a benchmark or a test lowers is exactly what `run` executes:
+
+    prog = train_step_program(config, devices)   # the SRUM step of `pipeline.train` on config.mesh
+    compiled = prog.jitted.lower(*prog.args).compile()
+    prog = sampler_step_program(config, devices)  # one Euler step with CFG on config.inference_mesh
+    prog = prefill_program(config, devices)       # the prompt's prefill into a context
+    prog = judge_program(config, devices)         # the judge: ViT image + prompt prefill, then score logits
+
+Inference programs use one process's worth of devices (`local_devices`: the inference mesh of a host).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srum_jax import objective, sharding, train_step
+from srum_jax.models import params as params_lib
+from srum_jax.models.config import BagelConfig, get_preset
+
+__all__ = ["Program", "train_step_program", "sampler_step_program", "prefill_program", "judge_program",
+           "model_config"]
+
+
+@dataclasses.dataclass
+class Program:
+  """A jitted function, the abstract arguments to lower it with, its mesh, and a few facts for reports."""
+  name: str
+  jitted: Any
+  args: Tuple
+  mesh: Any
+  info: Dict[str, Any]
+
+
+def model_config(config) -> BagelConfig:
+  return get_preset(config.model.preset)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+def _params(cfg: BagelConfig, mesh, rules, dtype):
+  schema = params_lib.model_schema(cfg)
+  return _abstract(params_lib.abstract_params(schema, jnp.dtype(dtype)), sharding.schema_shardings(schema, mesh, rules))
+
+
+def _rows(mesh, ndim: int, axis: int = 0, extra: Dict[int, str] = None) -> NamedSharding:
+  """Rows (dim `axis`) over the mesh's batch axes; `extra` maps other dims to mesh axes."""
+  spec = [None] * ndim
+  spec[axis] = ("data", "fsdp")
+  for dim, name in (extra or {}).items():
+    spec[dim] = name
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _fit(s: NamedSharding, shape) -> NamedSharding:
+  return NamedSharding(s.mesh, sharding._fit(s.spec, tuple(shape), s.mesh))
+
+
+def _context(cfg: BagelConfig, rows: int, length: int, dtype, mesh):
+  """An abstract inference context: rows over the batch axes, the cache's kv heads over 'tensor'."""
+  from srum_jax.inference import context
+  ctx = jax.eval_shape(lambda: context.init_context(cfg, rows, length, dtype))
+
+  def place(path, x):
+    names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if names[-1] in ("k", "v"):  # [L, B, T, Hkv, d]
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_fit(_rows(mesh, 5, 1, {3: "tensor"}), x.shape))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_fit(_rows(mesh, x.ndim), x.shape))
+
+  return jax.tree_util.tree_map_with_path(place, ctx)
+
+
+def _local_mesh(config, devices: Sequence):
+  """The inference mesh over the first process's devices (one host)."""
+  local = [d for d in devices if getattr(d, "process_index", 0) == getattr(devices[0], "process_index", 0)]
+  return sharding.make_mesh(dict(config.inference_mesh), local)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
+  t = config.train
+  H, W = (int(v) for v in t.image_hw)
+  S = int(t.samples_per_row)
+  per_sample = int(t.text_capacity) // S - 4  # prompt ids that fit next to BOS/EOS and the image markers
+  ids = [[[cfg.tokens.bos] + [7] * per_sample + [cfg.tokens.eos] for _ in range(S)]]
+  inputs = train_step.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=int(t.num_tokens),
+                                 text_capacity=int(t.text_capacity))
+  K = int(t.max_regions)
+  f32 = np.float32
+  host = train_step.SrumBatch(
+      inputs=jax.tree.map(lambda x: np.zeros((rows,) + np.shape(x)[1:], np.asarray(x).dtype), inputs),
+      images=np.zeros((rows, S, H, W, 3), f32),
+      rewards=objective.RegionRewards(np.zeros((rows, S, K, 4), f32), np.zeros((rows, S, K), f32),
+                                      np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+  return _abstract(shapes, train_step.batch_shardings(host, mesh, rules))
+
+
+def train_step_program(config, devices: Sequence) -> Program:
+  """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices."""
+  from srum_jax.pipeline import train as train_stage
+  from srum_jax.training import optimizer, update
+  cfg, t = model_config(config), config.train
+  rows = int(t.batch_size)
+  mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  layout = train_stage.batch_layout(config, mesh)
+  opts = dataclasses.replace(train_stage.step_options(config), **layout)
+  params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype))
+  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=int(t.steps))
+  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
+  state_sh = train_step.state_shardings(cfg, abstract_state, mesh, rules)
+  batch = _abstract_batch(cfg, config, rows, mesh, rules)
+  step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx), state_sh,
+                                     jax.tree.map(lambda x: x.sharding, batch), mesh)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
+              params=params_lib.count_params(params), param_dtype=str(config.model.param_dtype))
+  return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference
+
+
+def _inference_setup(config, devices):
+  cfg = model_config(config)
+  mesh = _local_mesh(config, devices)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  dtype = config.model.inference_dtype or config.model.param_dtype
+  return cfg, mesh, _params(cfg, mesh, rules, dtype), jnp.dtype(config.model.compute_dtype)
+
+
+def _context_length(config, cfg: BagelConfig) -> int:
+  """Cache slots of a generation context: system prompt + prompt (+ the plan in think mode), bucketed as
+  `sampling.text_to_image` does (a 256-token system prompt and `generate.text_budget` or 128 prompt tokens)."""
+  from srum_jax.inference import context
+  g = config.generate
+  think = context.bucket(int(g.max_think_tokens) + 2) if g.think else 0
+  return context.bucket(256 + (int(g.text_budget) or 128) + think)
+
+
+def sampler_step_program(config, devices: Sequence) -> Program:
+  """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
+  generation batch (`generate.batch_size` rows per host)."""
+  from srum_jax.inference import sampling
+  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  g = config.generate
+  rows = int(g.batch_size)
+  grid = sampling.latent_grid(int(g.height), int(g.width), cfg)
+  n = sampling._branches(float(g.cfg_text_scale), float(g.cfg_img_scale))
+  length = _context_length(config, cfg)
+  contexts = tuple(_context(cfg, rows, length, dtype, mesh) for _ in range(n))
+  x = jax.ShapeDtypeStruct((rows, grid[0] * grid[1], cfg.patch_latent_dim), jnp.float32,
+                           sharding=_fit(_rows(mesh, 3), (rows, 1, 1)))
+  t = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+
+  def step(params, contexts, x, t):
+    v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid,
+                                 cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale),
+                                 cfg_interval=tuple(g.cfg_interval), cfg_renorm_type=str(g.cfg_renorm_type),
+                                 cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=str(config.model.attn_impl))
+    return x - v * 0.02
+
+  info = dict(mesh=dict(mesh.shape), rows=rows, branches=n, image=f"{g.height}x{g.width}",
+              latent_tokens=grid[0] * grid[1], context_slots=length)
+  return Program("sampler_step", jax.jit(step), (params, contexts, x, t), mesh, info)
+
+
+def prefill_program(config, devices: Sequence) -> Program:
+  """The prompt's prefill (`context.prefill_text`) into an empty generation context."""
+  from srum_jax.inference import context
+  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  rows, length = int(config.generate.batch_size), _context_length(config, cfg)
+  ids_len = int(config.generate.text_budget) or 128
+  ctx = _context(cfg, rows, length, dtype, mesh)
+  ids = jax.ShapeDtypeStruct((rows, ids_len), jnp.int32, sharding=_fit(_rows(mesh, 2), (rows, 1)))
+  lens = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=_fit(_rows(mesh, 1), (rows,)))
+  fn = jax.jit(lambda p, c, i, n: context.prefill_text(p["bagel"], c, i, n, cfg=cfg,
+                                                       attn_impl=str(config.model.attn_impl)))
+  return Program("prefill", fn, (params, ctx, ids, lens), mesh,
+                 dict(mesh=dict(mesh.shape), rows=rows, prompt_tokens=ids_len, context_slots=length))
+
+
+def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
+  """The judge's forward: a ViT image at the official transform's largest size and a region prompt
+  prefilled into a context, then the logits after the answer prefix ("Score:" etc.)."""
+  from srum_jax.inference import context, decoding
+  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  rows = int(config.score.batch_size)
+  side = cfg.vit_max_num_patch_per_side
+  patches = side * side
+  length = context.bucket(patches + 2 + prompt_tokens + 16)
+  ctx = _context(cfg, rows, length, dtype, mesh)
+  arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=_fit(_rows(mesh, len(shape)), shape))  # noqa
+  attn = str(config.model.attn_impl)
+
+  def forward(p, c, patch, grid, ids, lens, pre_ids, pre_lens):
+    c = context.prefill_vit_image(p["bagel"], c, patch, grid, cfg=cfg, attn_impl=attn)
+    c = context.prefill_text(p["bagel"], c, ids, lens, cfg=cfg, attn_impl=attn)
+    return decoding._prefix_logits(p["bagel"], c, pre_ids, pre_lens, cfg=cfg, attn_impl=attn)
+
+  args = (params, ctx, arg((rows, patches, cfg.vit.patch_dim), jnp.float32), arg((rows, 2), jnp.int32),
+          arg((rows, prompt_tokens), jnp.int32), arg((rows,), jnp.int32), arg((rows, 16), jnp.int32),
+          arg((rows,), jnp.int32))
+  info = dict(mesh=dict(mesh.shape), rows=rows, vit_patches=patches, prompt_tokens=prompt_tokens, context_slots=length)
+  return Program("judge", jax.jit(forward), args, mesh, info)
