@@ -21,6 +21,7 @@ import time
 
 HBM_BYTES = {"TPU v5": 95e9, "TPU v5p": 95e9, "TPU v6 lite": 32e9, "TPU v5 lite": 16e9, "TPU v4": 32e9}
 PROGRAMS = ("train", "sampler", "prefill", "judge")
+HOST_TOPOLOGY = {"v5p": "2x2x1", "v4": "2x2x1", "v6e": "2x2", "v5e": "2x2"}  # one host's chips
 
 
 def _parse():
@@ -29,6 +30,9 @@ def _parse():
   ap.add_argument("--config", default="experiments/bagel_7b_compbench.py")
   ap.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma list of {PROGRAMS}")
   ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  ap.add_argument("--host_topology", default="",
+                  help="TPU topology of one host, where the inference programs compile (default: 4 chips, "
+                       f"{HOST_TOPOLOGY})")
   return ap.parse_args()
 
 
@@ -51,11 +55,15 @@ from srum_jax import aot, config_utils  # noqa: E402
 from srum_jax.flops import bagel_active_params, bagel_flops  # noqa: E402
 
 
-def devices():
+def devices(host: bool = False):
+  """The target's devices; `host`: one host's (inference runs on each host's own devices; TPU programs compile
+  on that host's own topology, a compile on a subset of a multi-host topology is not supported)."""
   if _kind == "cpu":
     return jax.devices()
   from jax.experimental import topologies
   chip, _, topology = _spec.partition(":")
+  if host:
+    topology = ARGS.host_topology or HOST_TOPOLOGY[chip]
   return list(topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu").devices)
 
 
@@ -114,7 +122,7 @@ def main():
               "judge": aot.judge_program}
   for name in ARGS.programs.split(","):
     t0 = time.time()
-    prog = builders[name](config, devs)
+    prog = builders[name](config, devs if name == "train" else devices(host=True))
     compiled = prog.jitted.lower(*prog.args).compile()
     report(prog, compiled, time.time() - t0, hbm)
     if name == "train":

@@ -54,9 +54,13 @@ def show_config(config, flags) -> int:
 
 
 def sweep(config, flags) -> int:
+  """Each point runs `sweep_command` with this command's own --config.* overrides, the point's values and
+  its own workdir under `config.workdir`."""
   from srum_jax import config_utils
   spec = flags.config_spec
-  cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=flags.sweep_extra or [])
+  overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
+  cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=list(flags.sweep_extra or []),
+                                     workdir=config.workdir, overrides=overrides)
   for i, argv in enumerate(cmds):
     line = config_utils.shell_line(argv)
     print(f"[{i + 1}/{len(cmds)}] {line}", flush=True)

@@ -6,6 +6,8 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` and ma
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import pathlib
 import shlex
 import sys
@@ -87,12 +89,24 @@ def format_override(key: str, value: Any) -> str:
   return f"--config.{key}={value}"
 
 
-def sweep_commands(spec: str, subcommand: str, extra: Iterable[str] = ()) -> List[List[str]]:
-  """One argv per sweep point: python -m srum_jax <subcommand> --config=<spec> --config.k=v ..."""
+def point_name(index: int, point: Dict[str, Any]) -> str:
+  """A readable, file-name-safe name of a sweep point: its index and its key=value pairs."""
+  pairs = ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+  return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9._=,+-]+", "_", pairs)[:100]
+
+
+def sweep_commands(spec: str, subcommand: str, extra: Iterable[str] = (), workdir: Optional[str] = None,
+                   overrides: Iterable[str] = ()) -> List[List[str]]:
+  """One argv per sweep point: python -m srum_jax <subcommand> --config=<spec> <overrides> --config.k=v ...
+  --config.workdir=<workdir>/<point name> <extra> (default workdir: the config's), so points never share
+  outputs; a point's values win over `overrides` (given first)."""
+  path, arg = split_config_spec(spec)
+  base = workdir or _call_with_arg(load_config_module(path).get_config, arg).workdir
   cmds = []
   for i, point in enumerate(get_sweep(spec)):
-    argv = [sys.executable, "-m", "srum_jax", subcommand, f"--config={spec}"]
-    argv += [format_override(k, v) for k, v in point.items()]
+    argv = [sys.executable, "-m", "srum_jax", subcommand, f"--config={spec}", *overrides]
+    argv += [format_override(k, v) for k, v in point.items() if k != "workdir"]
+    argv += [f"--config.workdir={os.path.join(base, point_name(i, point))}"]
     argv += list(extra)
     cmds.append(argv)
   return cmds

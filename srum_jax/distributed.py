@@ -1,7 +1,8 @@
 """Multi-host start-up: call `jax.distributed.initialize()` exactly once when running on several hosts.
 
 TPU pods: every host runs the same command (launch/tpu.sh --worker=all) and JAX discovers its peers itself.
-GPU clusters: launch/gpu.sh exports SRUM_COORDINATOR / SRUM_NUM_PROCESSES / SRUM_PROCESS_ID.
+GPU clusters: launch/gpu.sh exports SRUM_COORDINATOR / SRUM_NUM_PROCESSES / SRUM_PROCESS_ID (several CPU
+processes on one machine, as the multi-host test runs them, use the same variables).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ def maybe_initialize() -> bool:
   import jax
   num = int(os.environ.get("SRUM_NUM_PROCESSES", "1") or 1)
   if num > 1:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU processes (tests, CPU clusters) talk through gloo
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["SRUM_COORDINATOR"], num_processes=num,
                                process_id=int(os.environ["SRUM_PROCESS_ID"]))
     _initialized = True

@@ -32,14 +32,22 @@ def test_overrides_and_unknown_keys():
     config_utils.load_config(spec, {"srum.nope": 1})
 
 
-def test_sweep_dry_run_prints_one_line_per_point(capsys):
+def test_sweep_dry_run_prints_one_line_per_point(capsys, tmp_path, monkeypatch):
+  """One command per point: the sweep command's own overrides, then the point's values, in its own workdir."""
   spec = str(ROOT / "experiments/bagel_7b_compbench.py")
-  rc = cli.main(["srum_jax", "sweep", f"--config={spec}", "--dry_run", "--sweep_command=train"])
+  argv = ["srum_jax", "sweep", f"--config={spec}", "--dry_run", "--sweep_command=train",
+          "--config.model.dir=/ckpt/b7", "--config.train.lr=3e-5", f"--config.workdir={tmp_path}"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads --config.* overrides from sys.argv
+  rc = cli.main(argv)
   out = capsys.readouterr().out.strip().splitlines()
   points = config_utils.get_sweep(spec)
   assert rc == 0 and len(out) == len(points) == 6
   assert "--config.srum.lambda_constraint=0.1" in out[0] and "--config.train.lr=1e-05" in out[0]
-  assert all(" train " in line for line in out)
+  assert all(" train " in line and "--config.model.dir=/ckpt/b7" in line for line in out)
+  first = out[0].split()
+  assert first.index("--config.train.lr=3e-5") < first.index("--config.train.lr=1e-05")  # the point's value wins
+  workdirs = [line.split("--config.workdir=")[1].split()[0] for line in out]
+  assert len(set(workdirs)) == 6 and all(w.startswith(str(tmp_path) + "/") for w in workdirs)
 
 
 def test_cli_subprocess_override_and_bad_key():

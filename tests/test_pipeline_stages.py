@@ -23,13 +23,65 @@ def _config(model_dir, workdir, **overrides):
   return cfg
 
 
-def test_run_end_to_end(tiny_model_dir, tmp_path):
-  """generate -> propose -> score -> train -> eval (+ SFT control), with the report the oracle's numbers."""
-  cfg = _config(tiny_model_dir, tmp_path)
-  t0 = time.time()
+def _two_processes(tiny_model_dir, workdir):
+  """`python -m srum_jax run` of the tiny pipeline as 2 JAX processes (4 simulated CPU devices each, a local
+  coordinator) sharing one workdir: started before the single-process run, they overlap with it."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = []
+  for k in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="highest", SRUM_NUM_PROCESSES="2", SRUM_PROCESS_ID=str(k),
+               SRUM_COORDINATOR=f"127.0.0.1:{port}")
+    log = open(workdir.parent / f"process_{k}.log", "w")
+    # generation batches of 4 on each process's 4 devices: one row per device, as the single-process run's 8
+    # rows on 8 devices, so both compile the same per-device program and draw bit-identical images
+    procs.append((subprocess.Popen([sys.executable, "-m", "srum_jax", "run", f"--config={TINY}",
+                                    f"--config.model.dir={tiny_model_dir}", f"--config.workdir={workdir}",
+                                    "--config.generate.batch_size=4", "--config.eval_generate.batch_size=4"],
+                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log.name))
+  return procs
+
+
+def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
+  """generate -> propose -> score -> train -> eval (+ SFT control), with the report the oracle's numbers; the
+  same run as 2 processes on one shared workdir does every item exactly once and ends with the same report
+  and (within fp32 tolerance) the same trained parameters."""
+  procs = _two_processes(tiny_model_dir, tmp_path / "two")
+  cfg = _config(tiny_model_dir, tmp_path / "one")
   report = run.run(cfg)
-  elapsed = time.time() - t0
-  rep_dir = tmp_path / "report"
+  _check_run(report, tmp_path / "one")
+  for p, log in procs:
+    assert p.wait(timeout=900) == 0, open(log).read()[-4000:]
+  two = json.loads((tmp_path / "two" / "report" / "report.json").read_text())
+  assert two["tables"] == report["tables"]
+  for stage, stem in (("round_0/generate", "metadata"), ("round_0/propose", "regions"), ("round_0/score", "rewards"),
+                      ("eval/srum", "judgments")):
+    per_process = [r["id"] for p in sorted((tmp_path / "two" / stage).glob(f"{stem}.[0-9].jsonl"))
+                   for r in common.JsonlLog(str(p)).rows()]
+    assert len(per_process) == len(set(per_process)) == 5, (stage, per_process)  # each item once, none lost
+  one_rewards = {r["id"]: r for r in common.JsonlLog(str(tmp_path / "one/round_0/score/rewards.jsonl")).rows()}
+  two_rewards = {r["id"]: r for r in common.JsonlLog(str(tmp_path / "two/round_0/score/rewards.jsonl")).rows()}
+  assert set(one_rewards) == set(two_rewards)
+  for k, r in one_rewards.items():
+    assert abs(r["global_score"] - two_rewards[k]["global_score"]) < 1e-5
+  # training: the same global batches (process p packs rows [p*4, p*4+4) of each), the same parameters
+  one_log = [json.loads(line)["indices"] for line in open(tmp_path / "one/round_0/train/data_log.jsonl")]
+  two_logs = [[json.loads(line)["indices"] for line in open(tmp_path / f"two/round_0/train/data_log.p{k}.jsonl")]
+              for k in range(2)]
+  assert one_log == [a + b for a, b in zip(*two_logs)]
+  import jax
+  from srum_jax.pipeline import train as train_stage
+  a = train_stage.final_params(str(tmp_path / "one/round_0/train"))
+  b = train_stage.final_params(str(tmp_path / "two/round_0/train"))
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b))
+  assert max(diffs) < 1e-5, max(diffs)
+
+
+def _check_run(report, workdir):
+  rep_dir = workdir / "report"
   for f in ("report.json", "report.md", "grid_before_after.png", "reward_overlays.png", "loss_curve_round_0.png"):
     assert (rep_dir / f).is_file(), f
   assert set(report["tables"]) == {"base", "sft", "srum"}
@@ -41,12 +93,11 @@ def test_run_end_to_end(tiny_model_dir, tmp_path):
     assert len(rows) == table["overall"]["total"] == 5
     correct = sum(judge_text(common.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
     assert correct == table["overall"]["correct"]
-  recs = common.JsonlLog(str(tmp_path / "round_0/score/rewards.jsonl")).rows()
+  recs = common.JsonlLog(str(workdir / "round_0/score/rewards.jsonl")).rows()
   assert len(recs) == 5 and all(-1 <= r["global_score"] <= 1 for r in recs)
   assert all(len(r["regions"]) >= 1 for r in recs)
   md = (rep_dir / "report.md").read_text()
   assert "| overall |" in md and "base" in md and "srum" in md
-  print(f"run took {elapsed:.1f}s")
 
 
 def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):

@@ -15,6 +15,7 @@ import sys
 import time
 import zlib
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -68,9 +69,13 @@ t.lr, t.warmup_steps = 1e-3, 1
 t.save_every, t.keep_checkpoints, t.log_every, t.sample_every = args["save_every"], 2, 1, 3
 t.data_threads = 2
 if args["mode"] == "main":  # the CLI entry with the caller's model loader; params from the checkpoint
-  summary = train.main(c, model_dir="unused", records=args["records"], images_root=args["images"],
+  src = os.path.join(args["workdir"], "source_model")  # the model dir trained from: its files are carried over
+  os.makedirs(src, exist_ok=True)
+  with open(os.path.join(src, "tokenizer.json"), "w") as f:
+    f.write("{}")
+  summary = train.main(c, model_dir=src, records=args["records"], images_root=args["images"],
                        workdir=args["workdir"], load_model=lambda config, model_dir: (cfg, params, WordTokenizer()))
-  assert summary["steps"] == args["steps"]
+  assert summary["steps"] == args["steps"] and summary["model_dir"] == os.path.join(args["workdir"], "model")
   final = train.final_params(args["workdir"])
   with open(os.path.join(args["workdir"], "summary.json")) as f:
     out = json.load(f)
@@ -273,6 +278,13 @@ def test_kill_and_resume_reproduce_uninterrupted(runs):
   assert seq_d == seq_a
   assert len(raw) > STEPS  # steps after the restored checkpoints really were re-run
   assert s["skipped"] == _summary(runs["a"][2], runs["a"][3])["skipped"]
+  # the CLI stage writes an exportable model dir: the final parameters, the source model's files
+  from srum_jax.convert import checkpoint
+  _, exported = checkpoint.load_model_dir(os.path.join(wd, "model"))
+  flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
+  for k in a.files:
+    np.testing.assert_array_equal(flat[k], d[k], err_msg=k)
+  assert os.path.isfile(os.path.join(wd, "model", "tokenizer.json"))
 
 
 def test_sigterm_saves_and_exits_cleanly(runs):

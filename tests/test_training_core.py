@@ -97,3 +97,31 @@ def test_checkpoint_round_trip_without_a_key(tmp_path):
   assert key is None and data_state is None and meta["elapsed"] == 12.5 and int(got.step) == 7
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradient_accumulation_averages_microbatch_gradients():
+  """k microbatches: the mean of the microbatches' losses and gradients (microbatch j keyed fold_in(key, j)),
+  each cut taking the same rows from every one of the batch's row shards; one update with that gradient."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+
+  def loss_fn(p, batch, key):
+    noise = jax.random.normal(key, batch.shape)
+    err = batch @ p["w"] + 0.1 * noise.sum(-1)
+    return jnp.mean(err ** 2), {"rows": jnp.float32(batch.shape[0])}
+
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+  key = jax.random.key(3)
+  (loss, aux), grads = update.accumulated_grads(loss_fn, params, x, key, microbatches=2, batch_ways=2)
+  # rows 0..3 on shard 0, 4..7 on shard 1: microbatch 0 = rows 0, 1, 4, 5; microbatch 1 = rows 2, 3, 6, 7
+  parts = [(x[jnp.array([0, 1, 4, 5])], jax.random.fold_in(key, 0)), (x[jnp.array([2, 3, 6, 7])],
+                                                                      jax.random.fold_in(key, 1))]
+  want = [jax.value_and_grad(loss_fn, has_aux=True)(params, b, k) for b, k in parts]
+  np.testing.assert_allclose(loss, np.mean([w[0][0] for w in want]), rtol=1e-6)
+  np.testing.assert_allclose(grads["w"], np.mean([w[1]["w"] for w in want], axis=0), rtol=1e-6)
+  assert float(aux["rows"]) == 4.0
+  np.testing.assert_array_equal(update.split_microbatches(jnp.arange(8), 2, 2), [[0, 1, 4, 5], [2, 3, 6, 7]])
+  # one microbatch is the plain gradient of the whole batch
+  (l1, _), g1 = update.accumulated_grads(loss_fn, params, x, key, microbatches=1)
+  (l2, _), g2 = jax.value_and_grad(loss_fn, has_aux=True)(params, x, key)
+  np.testing.assert_array_equal(g1["w"], g2["w"])

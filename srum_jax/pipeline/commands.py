@@ -37,6 +37,7 @@ def generate_main(config, flags) -> int:
 
 def propose_main(config, flags) -> int:
   from srum_jax.pipeline import propose
+  distributed.maybe_initialize()
   d = _dirs(config)
   propose.propose(config.propose, d["generate"], d["propose"])
   return 0

@@ -44,11 +44,28 @@ def check_model_dir(path: str) -> None:
       raise FileNotFoundError(f"model directory {path} lacks {need}")
 
 
+def dir_identity(directory: pathlib.Path, small: int = 1 << 20) -> str:
+  """A SHA-256 identifying a checkpoint directory's files without reading the weights: every file's name, size
+  and modification time, the whole of small files (json, tokenizer) and each safetensors file's header (its
+  tensor names, dtypes, shapes and offsets). A 29 GB checkpoint costs a few kilobytes of reads."""
+  digest = hashlib.sha256()
+  for f in sorted(p for p in directory.iterdir() if p.is_file()):
+    st = f.stat()
+    digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    with open(f, "rb") as fh:
+      if st.st_size <= small:
+        digest.update(fh.read())
+      elif f.suffix == ".safetensors":
+        n = int.from_bytes(fh.read(8), "little")
+        digest.update(fh.read(min(n, 1 << 26)))
+  return digest.hexdigest()
+
+
 def resolve_model_dir(config) -> str:
   """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir` is set,
   that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or BAGEL ships it)
   converted by the converter into `<workdir>/converted_model` (redone only when the official files change:
-  their SHA-256 is stamped next to the result). The config is not changed."""
+  their `dir_identity` is stamped next to the result). The config is not changed."""
   import shutil
 
   official = config.model.official_dir
@@ -58,20 +75,19 @@ def resolve_model_dir(config) -> str:
   src = pathlib.Path(official)
   if not src.is_dir():
     raise FileNotFoundError(f"model.official_dir {official!r} is not a directory")
-  digest = hashlib.sha256()
-  for f in sorted(src.iterdir()):
-    if f.is_file():
-      digest.update(f.name.encode())
-      digest.update(f.read_bytes())
   dst = pathlib.Path(config.workdir) / "converted_model"
   stamp = dst / "converted_from.json"
-  want = {"official_dir": str(src.resolve()), "sha256": digest.hexdigest()}
-  if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+  want = {"official_dir": str(src.resolve()), "identity": dir_identity(src)}
+  import jax
+
+  from srum_jax.pipeline import multihost
+  if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == want):
     if dst.exists():
       shutil.rmtree(dst)
     hf_to_flax.convert(str(src), str(dst), dtype=config.model.param_dtype)
     stamp.write_text(json.dumps(want, indent=2))
     print(f"[model] converted {src} -> {dst}", flush=True)
+  multihost.barrier(f"resolve_model_dir:{dst}")  # the other processes wait for process 0's conversion
   return str(dst)
 
 
@@ -127,10 +143,10 @@ def pad_rows(items: Sequence, multiple: int) -> List:
   return items + items[-1:] * (-len(items) % multiple) if items else items
 
 
-def save_model(path: str, model: Model, params) -> Model:
-  """Write `params` as a model directory next to the source model's tokenizer and json files, and return it
-  loaded like `model` (same mesh, rules and dtype): trained parameters may live on the training mesh, which
-  spans every host, while inference runs on each host's own devices."""
+def write_model_dir(path: str, cfg, params, source_dir: str) -> str:
+  """`params` as a model directory (orbax + model_config.json) with the tokenizer and json files of the model
+  dir it was trained from (`python -m srum_jax export` turns it into official safetensors). Every process
+  takes part in the orbax save (its shards); process 0 copies the files."""
   import shutil
 
   import jax
@@ -140,15 +156,22 @@ def save_model(path: str, model: Model, params) -> Model:
   dst = pathlib.Path(path)
   if jax.process_index() == 0 and dst.exists():
     shutil.rmtree(dst)
-  multihost.barrier(f"save_model:{dst}:clean")
-  checkpoint.save_model_dir(str(dst), model.cfg, params)  # every process takes part (its shards)
+  multihost.barrier(f"write_model_dir:{dst}:clean")
+  checkpoint.save_model_dir(str(dst), cfg, params)
   if jax.process_index() == 0:
-    for f in pathlib.Path(model.path).iterdir():
+    for f in pathlib.Path(source_dir).iterdir():
       if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab",
                                             "merges")):
         shutil.copy2(f, dst / f.name)
-  multihost.barrier(f"save_model:{dst}:done")
-  return load_model(str(dst), dtype=model.dtype, mesh=model.mesh, rules=model.rules)
+  multihost.barrier(f"write_model_dir:{dst}:done")
+  return str(dst)
+
+
+def save_model(path: str, model: Model, params) -> Model:
+  """`write_model_dir`, then the written model loaded like `model` (same mesh, rules and dtype): trained
+  parameters live on the training mesh, which spans every host, while inference runs on each host's own."""
+  write_model_dir(path, model.cfg, params, model.path)
+  return load_model(path, dtype=model.dtype, mesh=model.mesh, rules=model.rules)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +219,47 @@ class JsonlLog:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+
+
+def process_log(directory: str, stem: str) -> JsonlLog:
+  """This process's resumable log `<stem>.jsonl` in `directory` (`<stem>.<process>.jsonl` when several
+  processes share the directory: no two processes ever append to one file)."""
+  import jax
+  suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
+  return JsonlLog(str(pathlib.Path(directory) / f"{stem}{suffix}.jsonl"))
+
+
+def read_rows(directory: str, stem: str) -> List[Dict[str, Any]]:
+  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per id (the
+  first seen, files in name order), in the prompt set's order (`seq`, when every row has one) whatever the
+  number of processes that wrote them."""
+  rows, seen = [], set()
+  for p in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl")):
+    if p.name != f"{stem}.jsonl" and not p.name[len(stem) + 1:-len(".jsonl")].isdigit():
+      continue
+    for r in JsonlLog(str(p)).rows():
+      if r["id"] not in seen:
+        seen.add(r["id"])
+        rows.append(r)
+  if rows and all(isinstance(r.get("seq"), int) for r in rows):
+    rows.sort(key=lambda r: r["seq"])
+  return rows
+
+
+def merge_process_logs(directory: str, stem: str) -> None:
+  """After every process finished its share: process 0 writes `<stem>.jsonl` holding every process's rows
+  (one per id); a no-op with one process, whose log is that file already."""
+  import jax
+
+  from srum_jax.pipeline import multihost
+  multihost.barrier(f"merge:{directory}:{stem}:ready")
+  if jax.process_count() > 1 and jax.process_index() == 0:
+    rows = read_rows(directory, stem)
+    path = pathlib.Path(directory) / f"{stem}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+  multihost.barrier(f"merge:{directory}:{stem}:done")
 
 
 def save_png(path: str, image: np.ndarray) -> None:

@@ -11,8 +11,9 @@ records the official formatting filter drops (`records.formatting_filter`), miss
 are sanitised (degenerate or fully outside the image: dropped; partly outside: clamped), all COUNTED in a
 `DataReport`. Nothing in the input can kill the job; a pipeline with zero usable records is an error.
 
-The grain pipeline: per-host shard of the records (interleaved, `ShardOptions`), deterministic shuffle
-reseeded every epoch, endless repeat, a map that loads the PNG (bicubic resize to `image_hw`, [-1, 1]),
+The grain pipeline: a deterministic global record order (shuffle reseeded every epoch, endless repeat) whose
+global batches every process cuts the same way (process p takes the p-th slice: its rows), a map that loads
+the PNG (bicubic resize to `image_hw`, [-1, 1]),
 scales the boxes from the stored image size to `image_hw` (identity for the official 1024 -> 1024),
 pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
 per-sample text budget and counted), and a batcher that packs rows of `samples_per_row` samples with
@@ -303,10 +304,12 @@ class _Decode:
 
 
 class _Collate:
-  """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing."""
+  """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing. `sample_offset`: the
+  global number of this process's first sample, so sample ids (and the per-sample randomness keyed by them,
+  e.g. text-condition dropout) are those of the global batch, whatever the number of processes."""
 
-  def __init__(self, cfg, spec: DataSpec):
-    self.cfg, self.spec = cfg, spec
+  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0):
+    self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
 
   def __call__(self, samples):
     from srum_jax import train_step
@@ -315,6 +318,10 @@ class _Collate:
     inputs = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid],
                                    image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
                                    text_capacity=self.spec.text_capacity)
+    if self.sample_offset:
+      sid = inputs.meta.sample_id
+      inputs = inputs._replace(meta=inputs.meta._replace(sample_id=np.where(sid >= 0, sid + self.sample_offset,
+                                                                            sid).astype(sid.dtype)))
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
@@ -324,33 +331,31 @@ class _Collate:
 
 
 def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
-                 num_epochs: Optional[int] = None, shard=None, read_threads: int = 4, workers: int = 0,
-                 report: Optional[DataReport] = None):
-  """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of `HostBatch`.
+                 num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1,
+                 read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None):
+  """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's `HostBatch`es.
 
-  `shard`: `grain.sharding.ShardOptions` (default `ShardByJaxProcess()`: this host's slice); records are
-  dealt round-robin (index i goes to host i % count), so the hosts' sets are disjoint and cover all.
-  Shuffle is a deterministic permutation per epoch (seed + epoch); `num_epochs=None` repeats forever.
-  `workers > 0` decodes in that many processes (grain mp_prefetch); the iterator stays checkpointable.
-  Images failing to load are skipped and counted in `report.decode_failures` (in this process only).
+  Every process walks the same global record order: a deterministic permutation per epoch (seed + epoch;
+  `num_epochs=None` repeats forever) cut into global batches of `process_count * rows * samples_per_row`
+  records; process p reads, decodes and packs the p-th contiguous slice of each global batch (its rows of
+  the global batch). So a global batch is the same whatever the number of processes. `workers > 0` decodes
+  in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
+  skipped (the next record of the process's slice stream takes their place) and counted in
+  `report.decode_failures` (in this process only).
   """
   import grain
-  if shard is None:
-    shard = grain.sharding.ShardByJaxProcess()
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
-  n = len(ds)
-  if shard.drop_remainder:
-    ds = ds[:n - n % shard.shard_count]
-  ds = ds[shard.shard_index::shard.shard_count]
-  if len(ds) == 0:
-    raise ValueError(f"shard {shard.shard_index}/{shard.shard_count} of {array_record_path} has no records")
-  ds = ds.shuffle(seed=int(seed)).repeat(num_epochs).map(_Decode(images_root, cfg, spec, tokenizer, report))
   per_batch = spec.rows * spec.samples_per_row
+  ds = ds.shuffle(seed=int(seed)).repeat(num_epochs)
+  if process_count > 1:
+    mine = lambda i, rec: rec if (i % (per_batch * process_count)) // per_batch == process_index else None  # noqa
+    ds = ds.map_with_index(mine)
+  ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=2 * per_batch))
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
-  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec))
+  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec, process_index * per_batch))
 
 
 def spec_from_config(config, process_count: int = 1) -> DataSpec:

@@ -17,7 +17,7 @@ import pathlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Sequence
 
-from srum_jax.pipeline import common, generate
+from srum_jax.pipeline import common, generate, multihost
 
 
 def _resolve(spec: str) -> Callable:
@@ -113,9 +113,9 @@ def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed
   out = pathlib.Path(out_dir)
   judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
   generate.generate(gcfg, model, items, str(out), seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  log = common.JsonlLog(str(out / "judgments.jsonl"))
-  done = log.done()
-  rows = [r for r in generate.read_metadata(str(out)) if r["id"] not in done]
+  log = common.process_log(str(out), "judgments")
+  done = {r["id"] for r in common.read_rows(str(out), "judgments")}
+  rows = [r for r in common.process_shard(generate.read_metadata(str(out))) if r["id"] not in done]
   bad = 0
   for chunk in common.batched(rows, int(gcfg.batch_size)):
     imgs, keep = [], []
@@ -129,10 +129,12 @@ def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed
     for r, ok in zip(keep, judge(imgs, [r["prompt"] for r in keep])):
       log.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
                   "judge": ecfg.judge})
-  judged = log.rows()
+  multihost.barrier(f"evaluate:{out_dir}")
+  judged = common.read_rows(str(out), "judgments")
   t = table(judged)
-  common.write_json(str(out / "table.json"), t)
-  (out / "table.md").write_text(markdown({name: t}))
+  if multihost.is_main():
+    common.write_json(str(out / "table.json"), t)
+    (out / "table.md").write_text(markdown({name: t}))
   common.summary_line("eval", model=name, judge=ecfg.judge, images=len(judged), skipped_bad_image=bad,
                       overall=f"{100 * t.get('overall', {}).get('accuracy', 0.0):.1f}%", out=out_dir)
   return t

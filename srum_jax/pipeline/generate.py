@@ -1,8 +1,8 @@
 """Stage `generate`: the UMM draws candidate images for a prompt set (the official T2I inference: think
 mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "Think mode").
 
-Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, prompt_id, prompt, category, seed,
-image_file, think}). Each image is seeded by (config.seed, its id), so any host, batch composition or
+Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
+image_file, think}; seq: the image's place in the prompt set's order, the order every later stage keeps). Each image is seeded by (config.seed, its id), so any host, batch composition or
 restart reproduces it; finished ids are skipped on restart. Multi-host: each process takes a round-robin
 share of the prompts (on its own devices: `common.inference_mesh`) and writes its own
 `metadata.<process>.jsonl`.
@@ -17,7 +17,7 @@ from typing import List, Sequence
 import jax
 import jax.numpy as jnp
 
-from srum_jax.pipeline import common
+from srum_jax.pipeline import common, multihost
 from srum_jax.pipeline.prompts import PromptItem
 
 
@@ -34,16 +34,9 @@ def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
 
 
-def metadata_path(out_dir: str) -> pathlib.Path:
-  suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
-  return pathlib.Path(out_dir) / f"metadata{suffix}.jsonl"
-
-
 def read_metadata(out_dir: str) -> List[dict]:
-  rows = []
-  for p in sorted(pathlib.Path(out_dir).glob("metadata*.jsonl")):
-    rows += common.JsonlLog(str(p)).rows()
-  return rows
+  """Every process's metadata rows, one per image id."""
+  return common.read_rows(out_dir, "metadata")
 
 
 def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
@@ -60,17 +53,18 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
   from srum_jax.inference import sampling
 
   rep = GenerateReport()
-  log = common.JsonlLog(str(metadata_path(out_dir)))
+  log = common.process_log(out_dir, "metadata")
   done = set(r["id"] for r in read_metadata(out_dir))
   todo = []
-  for image_id, it in common.process_shard(expand(items, int(gcfg.samples_per_prompt))):
+  expanded = [(seq, image_id, it) for seq, (image_id, it) in enumerate(expand(items, int(gcfg.samples_per_prompt)))]
+  for seq, image_id, it in common.process_shard(expanded):
     rep.requested += 1
     if not it.prompt.strip():
       rep.skipped_empty += 1
     elif image_id in done:
       rep.skipped_done += 1
     else:
-      todo.append((image_id, it))
+      todo.append((seq, image_id, it))
   mesh = common.batch_rows_mesh(model, int(gcfg.batch_size))
   if mesh is None and common.batch_ways(model) > 1:
     print(f"[generate] generate.batch_size={gcfg.batch_size} does not divide over the inference mesh's "
@@ -80,12 +74,12 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
   for chunk in common.batched(todo, int(gcfg.batch_size)):
     if len(chunk) < int(gcfg.batch_size):  # pad the last batch: one compiled shape for the whole stage
       chunk = list(chunk) + [chunk[-1]] * (int(gcfg.batch_size) - len(chunk))
-      real = len(set(i for i, _ in chunk))
+      real = len(set(i for _, i, _ in chunk))
     else:
       real = len(chunk)
-    ids = [common.stable_int(image_id) for image_id, _ in chunk]
+    ids = [common.stable_int(image_id) for _, image_id, _ in chunk]
     res = sampling.text_to_image(
-        params["bagel"], params["ae"], model.tokenizer, [it.prompt for _, it in chunk], cfg=model.cfg,
+        params["bagel"], params["ae"], model.tokenizer, [it.prompt for _, _, it in chunk], cfg=model.cfg,
         think=bool(gcfg.think), seeds=int(seed), image_ids=ids, height=int(gcfg.height), width=int(gcfg.width),
         num_timesteps=int(gcfg.num_timesteps), timestep_shift=float(gcfg.timestep_shift),
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
@@ -94,14 +88,15 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
         mesh=mesh)
     images = jax.device_get(res.images)
-    for j, (image_id, it) in enumerate(chunk[:real]):
+    for j, (seq, image_id, it) in enumerate(chunk[:real]):
       rel = f"images/{_safe(image_id)}.png"
       common.save_png(str(pathlib.Path(out_dir) / rel), images[j])
-      log.append({"id": image_id, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
+      log.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})
       rep.generated += 1
     bar.update(real)
   bar.close()
+  multihost.barrier(f"generate:{out_dir}")  # the next stage reads every process's images
   common.summary_line("generate", **dataclasses.asdict(rep), out=out_dir)
   return rep

@@ -2,15 +2,16 @@
 
 Reads the generate stage's metadata, runs the configured proposer (`sam`, `felzenszwalb`, `components`,
 `grid`) with the official post-processing (boxes from masks, largest first, top `max_regions`) and writes
-one `regions.jsonl` row per image ({id, image_file, regions: [{box, area}]}). Missing or corrupt images are
-skipped and counted; finished ids are skipped on restart.
+one `regions.jsonl` row per image ({id, image_file, regions: [{box, area}]}; `regions.<process>.jsonl` when
+several processes share the work). Missing or corrupt images are skipped and counted; finished ids are
+skipped on restart.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
 
-from srum_jax.pipeline import common, generate
+from srum_jax.pipeline import common, generate, multihost
 from srum_jax.pipeline.proposers import get_proposer
 
 
@@ -30,8 +31,8 @@ def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
   proposer = get_proposer(name, max_regions=pcfg.max_regions, min_area=pcfg.min_area, box_mode=pcfg.box_mode,
                           **options)
   rep = ProposeReport()
-  log = common.JsonlLog(str(pathlib.Path(out_dir) / "regions.jsonl"))
-  done = log.done()
+  log = common.process_log(out_dir, "regions")
+  done = {r["id"] for r in common.read_rows(out_dir, "regions")}
   rows = common.process_shard(generate.read_metadata(gen_dir))
   bar = common.progress(len(rows), f"propose[{name}]")
   for row in rows:
@@ -51,5 +52,6 @@ def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
     rep.regions += len(regions)
     rep.images_without_regions += int(not regions)
   bar.close()
+  multihost.barrier(f"propose:{out_dir}")
   common.summary_line("propose", **dataclasses.asdict(rep), out=out_dir)
   return rep

@@ -19,7 +19,7 @@ from typing import Dict, List
 import numpy as np
 
 from srum_jax import objective
-from srum_jax.pipeline import common, evaluate, generate, propose, score
+from srum_jax.pipeline import common, evaluate, generate, multihost, propose, score
 from srum_jax.pipeline import train as train_stage
 from srum_jax.pipeline.prompts import load_prompts
 
@@ -27,14 +27,10 @@ from srum_jax.pipeline.prompts import load_prompts
 def train_model(config, model: common.Model, records: str, images_root: str, workdir: str, *,
                 objective_name: str = "srum") -> dict:
   """Train the model saved at `model.path` on reward records (its parameters restored straight onto the
-  training mesh in `model.param_dtype`); the summary's `params` are the trained ones (the EMA of the weights
-  when `train.ema_decay` > 0, as BAGEL releases its EMA)."""
+  training mesh in `model.param_dtype`); the summary's `params` are the trained ones (`train.train`)."""
   cfg, params, tokenizer = train_stage.default_load_model(config, model.path)
-  summary = train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
-                              images_root=images_root, workdir=workdir, objective_name=objective_name)
-  if float(config.train.ema_decay) > 0 and summary["state"].ema is not None:
-    summary["params"] = summary["state"].ema
-  return summary
+  return train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
+                           images_root=images_root, workdir=workdir, objective_name=objective_name)
 
 
 def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: int) -> List[str]:
@@ -112,11 +108,15 @@ def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
 
 def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
                   num_val: int, seconds: float) -> dict:
+  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it)."""
   report_dir = work / "report"
   per = int(config.eval_generate.samples_per_prompt)
   on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
   md = evaluate.markdown(tables, title=f"Oracle-judged accuracy (%) on {on}"
                          if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
+  if not multihost.is_main():
+    return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
+            "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers

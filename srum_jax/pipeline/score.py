@@ -195,9 +195,9 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
   judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  log = common.JsonlLog(str(out / "rewards.jsonl"))  # record fields + the item id (extra key, tolerated)
-  done = log.done()
-  regions = {r["id"]: r for r in common.JsonlLog(str(pathlib.Path(propose_dir) / "regions.jsonl")).rows()}
+  log = common.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
+  done = {r["id"] for r in common.read_rows(out_dir, "rewards")}
+  regions = {r["id"]: r for r in common.read_rows(propose_dir, "regions")}
   rows = common.process_shard(generate.read_metadata(gen_dir))
   todo = []
   for row in rows:
@@ -245,7 +245,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
                                  global_score=None if gs is None else float(gs), regions=regs,
                                  image_size=(int(imgs[i].shape[1]), int(imgs[i].shape[0])),
                                  metadata={"id": row["id"], "category": row.get("category"), "mode": scfg.mode})
-      log.append(dict(rec.to_dict(), id=row["id"]))
+      log.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
       rep.scored += 1
       rep.regions_scored += len(regs)
       if gs is not None:
@@ -256,6 +256,8 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
            "global_histogram": _histogram(g_values), "region_histogram": _histogram(r_values),
            "global_mean": float(np.mean(g_values)) if g_values else None,
            "region_mean": float(np.mean(r_values)) if r_values else None}
-  common.write_json(str(out / "stats.json"), stats)
+  common.write_json(str(out / ("stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json")),
+                    stats)
+  common.merge_process_logs(out_dir, "rewards")  # training reads <out>/rewards.jsonl: every process's records
   common.summary_line("score", **dataclasses.asdict(rep), out=out_dir)
   return rep

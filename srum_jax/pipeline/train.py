@@ -92,7 +92,7 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
   monitoring; it must not block for long). objective_name: see `step_options`. stop: a `PreemptionFlag` to
   poll (default: one installed here for SIGTERM / SIGINT). The summary holds steps, final_loss, skipped
   (non-finite updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and
-  `params`.
+  `params` (the EMA of the weights when `train.ema_decay` > 0, as BAGEL releases its EMA).
   """
   if stop is None:
     with PreemptionFlag() as flag:
@@ -126,7 +126,6 @@ def batch_layout(config, mesh) -> Dict[str, int]:
 
 def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str):
   """Validate the records once per input, then this host's grain iterator; returns (iterator, DataReport)."""
-  import grain
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = data.spec_from_config(config, pcount)
   ar_path, report = data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
@@ -136,7 +135,7 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   if report.kept == 0:
     raise ValueError(f"no usable training records in {records_path}: {report.summary()}")
   ds = data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
-                         shard=grain.sharding.ShardOptions(pid, pcount), read_threads=int(t.data_threads),
+                         process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
                          workers=int(t.data_workers), report=report)
   return iter(ds), report
 
@@ -274,7 +273,7 @@ def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, 
     print(f"train: {'preempted at' if preempted else 'done,'} step {step}/{total}; final loss "
           f"{'n/a' if final_loss is None else f'{final_loss:.5g}'}; skipped non-finite updates {skipped}; "
           f"data: {report.summary()}", flush=True)
-  return dict(summary, state=state, params=state.params)
+  return dict(summary, state=state, params=state.params if state.ema is None else state.ema)
 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):
@@ -298,9 +297,16 @@ def default_load_model(config, model_dir: str):
 
 def main(config, *, model_dir: str, records: str, images_root: str, workdir: str,
          load_model: Callable = default_load_model) -> Dict[str, Any]:
-  """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`."""
+  """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`, and
+  write the trained model dir `<workdir>/model` (unless preempted: rerun to resume)."""
   from srum_jax import distributed
+  from srum_jax.pipeline import common
   distributed.maybe_initialize()
   cfg, params, tokenizer = load_model(config, model_dir)
-  return train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records, images_root=images_root,
-               workdir=workdir)
+  summary = train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
+                  images_root=images_root, workdir=workdir)
+  if not summary["preempted"]:
+    summary["model_dir"] = common.write_model_dir(os.path.join(workdir, "model"), cfg, summary["params"], model_dir)
+    print(f"train: model dir {summary['model_dir']} (python -m srum_jax export --src {summary['model_dir']} "
+          f"--dst <official dir>)", flush=True)
+  return summary
