@@ -94,8 +94,8 @@ def test_spacy_parser_path_uses_the_nlp_object():
   class Doc(list):
     noun_chunks = [type("Span", (), {"text": "a cat"})(), type("Span", (), {"text": "a dog"})()]
 
-  nlp = lambda s: Doc([Tok("a", "DET"), Tok("cat", "NOUN"), Tok("near", "ADP"), Tok("a", "DET"), Tok("dog", "NOUN")])  # noqa: E731
-  p = text.SpacyParser(nlp)
+  words = [("a", "DET"), ("cat", "NOUN"), ("near", "ADP"), ("a", "DET"), ("dog", "NOUN")]
+  p = text.SpacyParser(lambda s: Doc([Tok(w, pos) for w, pos in words]))
   assert text.vqa_questions(p, "a cat near a dog", 1) == ["a cat?"]
   assert text.simple_spatial_objects(p, "a cat near a dog") == ("cat", "dog")
 
@@ -200,8 +200,8 @@ def test_reasonbench_parse_and_weights(tmp_path):
 
 
 def test_metric_table_means_and_markdown():
-  rows = [{"category": "color", "score": 0.5}, {"category": "color", "score": 1.0}, {"category": "spatial", "score": 0.0},
-          {"category": "spatial", "score": None}]
+  rows = [{"category": "color", "score": 0.5}, {"category": "color", "score": 1.0},
+          {"category": "spatial", "score": 0.0}, {"category": "spatial", "score": None}]
   t = report.metric_table(rows, "compbench", "CB", digits=3)
   assert t["categories"]["color"] == {"mean": 0.75, "n": 2, "unscored": 0}
   assert t["categories"]["spatial"] == {"mean": 0.0, "n": 1, "unscored": 1}
@@ -209,7 +209,13 @@ def test_metric_table_means_and_markdown():
   judge = report.judge_columns({"color": {"correct": 1, "total": 2, "accuracy": 0.5},
                                 "overall": {"correct": 1, "total": 2, "accuracy": 0.5}}, "oracle")
   md = report.markdown([judge, t])
-  assert "| spatial | - | 0.000 (n=1, 1 unscored) |" in md and "| overall | 50.0 (n=2) | 0.375 (n=3, 1 unscored) |" in md
+  assert "| spatial | - | 0.000 (n=1, 1 unscored) |" in md
+  assert "| overall | 50.0 (n=2) | 0.375 (n=3, 1 unscored) |" in md
+
+
+def test_grid_spreads_over_categories():
+  rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c} for c in "abc" for k in range(3) for s in range(2)]
+  assert [r["id"] for r in report.spread(rows, 5)] == ["a0#0", "b0#0", "c0#0", "a1#0", "b1#0"]
 
 
 def test_collect_images_made_elsewhere(tmp_path):

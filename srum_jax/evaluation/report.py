@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["COLUMNS", "metric_table", "judge_columns", "markdown", "side_by_side", "grid"]
+__all__ = ["COLUMNS", "metric_table", "judge_columns", "markdown", "side_by_side", "spread", "grid"]
 
 # metric -> [(column title, row key, scale, digits)]: what one table column shows
 COLUMNS = {
@@ -94,15 +94,21 @@ def side_by_side(eval_root: str) -> str:
   return "\n".join(parts)
 
 
+def spread(rows: Sequence[dict], n: int) -> List[dict]:
+  """The first image of `n` prompts, taken in turn from each category (pictures that show every category)."""
+  by_category: Dict[str, Dict[str, dict]] = OrderedDict()
+  for r in rows:
+    by_category.setdefault(str(r.get("category")), OrderedDict()).setdefault(r.get("prompt_id", r["id"]), r)
+  queues = [list(v.values()) for v in by_category.values()]
+  return [q[k] for k in range(max((len(q) for q in queues), default=0)) for q in queues if k < len(q)][:n]
+
+
 def grid(rows: Sequence[dict], verdicts: Dict[str, Dict[str, str]], n: int, title: str = ""):
-  """A labeled grid of the first image of the first `n` prompts: the prompt above, one caption line per
-  metric ("metric: value") under each image. `verdicts` = {metric: {image id: text}}."""
+  """A labeled grid of `spread(rows, n)`: the prompt above, one caption line per metric ("metric: value")
+  under each image. `verdicts` = {metric: {image id: text}}."""
   from srum_jax import viz
   from srum_jax.pipeline import common
-  first: Dict[str, dict] = OrderedDict()
-  for r in rows:
-    first.setdefault(r.get("prompt_id", r["id"]), r)
-  chosen = list(first.values())[:n]
+  chosen = spread(rows, n)
   cells, captions = [], []
   for r in chosen:
     im, _ = common.load_rgb(r["image_file"])

@@ -37,11 +37,15 @@ def train_model(config, model: common.Model, records: str, images_root: str, wor
 
 
 def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: int) -> List[str]:
-  """PNG table: one row per model, one column per prompt (same seeds), the prompt above each column and the
-  judge's verdict under each image; small images upscaled (nearest neighbour)."""
+  """PNG table: one row per model, one column per prompt (its first image, the same seed in every row; the
+  categories in turn), the prompt above each column and the judge's verdict under each image; small images
+  upscaled (nearest neighbour)."""
   from srum_jax import viz
+  from srum_jax.evaluation import report
   rows = {name: {r["id"]: r for r in generate.read_metadata(d)} for name, d in eval_dirs.items()}
-  ids = sorted(set.intersection(*[set(r) for r in rows.values()]))[:n]
+  common_ids = set.intersection(*[set(r) for r in rows.values()])
+  first = rows[next(iter(rows))]
+  ids = [r["id"] for r in report.spread([first[i] for i in sorted(common_ids)], n)]
   if not ids:
     return []
   cells, captions = [], []
@@ -51,7 +55,6 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
     captions.append([f"{verdicts[i]['judge']}: {'yes' if verdicts[i]['correct'] else 'no'}" if i in verdicts else ""
                      for i in ids])
-  first = rows[next(iter(rows))]
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
                           cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
   path = report_dir / "grid_before_after.png"
