@@ -119,8 +119,10 @@ def test_reasonbench_protocol(metric_models, tmp_path, monkeypatch):
   questions = {"0001": {"id": 1, "reason_evaluation": ["q1", "q2"], "quality_evaluation": ["q3"]}}
   scorer = reasonbench.ReasonBenchScorer(cfg.reasonbench, cfg.mllm, device="cpu", questions=questions,
                                          dimension="idiom_interpretation")
-  row = {"id": "0001", "prompt": "a piece of cake", "category": "idiom_interpretation"}
-  assert scorer(_images(1), [row])[0]["score"] is None  # the random model's answers fail, counted
+  row = {"id": "0001#0", "prompt_id": "0001", "prompt": "a piece of cake", "category": "idiom_interpretation"}
+  other = {"id": "0002", "prompt": "a storm in a teacup", "category": "idiom_interpretation"}
+  first = scorer(_images(2), [row, other])  # the random model's answers fail; an unknown prompt id is skipped
+  assert first[0]["score"] is None and "failed" in first[0] and "skipped" in first[1]
   seen = []
 
   def fake_chat(images, conversations, *, max_new_tokens, temperature=0.0):
@@ -145,7 +147,7 @@ def test_geneval_scorer_rows(metric_models, tmp_path):
                     "exclude": [{"class": "dog", "count": 3}],
                     "prompt": "two dogs"}}
   scorer = geneval.GenEvalScorer(cfg, device="cpu", dtype=F32, metadata=meta)
-  rows = [{"id": k, "prompt": m["prompt"], "category": m["tag"]} for k, m in meta.items()]
+  rows = [{"id": f"{k}#0", "prompt_id": k, "prompt": m["prompt"], "category": m["tag"]} for k, m in meta.items()]
   rows.append({"id": "99999", "prompt": "x", "category": "colors"})
   out = scorer(_images(3), rows)
   assert all(isinstance(r["correct"], bool) and r["score"] == float(r["correct"]) for r in out[:2])

@@ -214,7 +214,8 @@ def test_metric_table_means_and_markdown():
 
 
 def test_grid_spreads_over_categories():
-  rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c} for c in "abc" for k in range(3) for s in range(2)]
+  rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c}
+          for c in "abc" for k in range(3) for s in range(2)]
   assert [r["id"] for r in report.spread(rows, 5)] == ["a0#0", "b0#0", "c0#0", "a1#0", "b1#0"]
 
 
@@ -237,3 +238,30 @@ def test_collect_images_made_elsewhere(tmp_path):
   assert rep.layout == "geneval" and [r["id"] for r in rows] == ["00001#0003"] and rep.prompts_without_image == 0
   with pytest.raises(FileNotFoundError):
     images.collect(str(tmp_path / "nope"), items)
+
+
+def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
+  from PIL import Image
+
+  from srum_jax.pipeline import evaluate
+  for name in ("a", "b"):
+    Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
+  rows = [{"id": i, "prompt": i, "category": "c", "image_file": str(tmp_path / f"{i}.png")} for i in "abc"]
+  calls = []
+
+  class Scorer:
+    name = "fake"
+    metadata_ready = False
+
+    def __call__(self, images, chunk):
+      calls.append([r["id"] for r in chunk])
+      return [{"id": r["id"], "category": "c", "score": 1.0} if r["id"] == "a" or self.metadata_ready else
+              {"id": r["id"], "category": "c", "score": None, "skipped": "no metadata"} for r in chunk]
+
+  log = str(tmp_path / "fake.jsonl")
+  first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, log, 2)}
+  assert first["a"]["score"] == 1.0 and "skipped" in first["b"] and first["c"]["skipped"] == "image missing"
+  scorer = Scorer()
+  scorer.metadata_ready = True
+  again = {r["id"]: r for r in evaluate.run_metric(scorer, rows, log, 2)}
+  assert calls == [["a", "b"], ["b"]] and again["b"]["score"] == 1.0 and again["a"] == first["a"]

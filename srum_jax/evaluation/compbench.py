@@ -136,6 +136,16 @@ def to_frame(box: Box, image_hw: Tuple[int, int], frame_size: float) -> Box:
   return tuple(float(v) * s for v in box)
 
 
+_MODEL_USERS = {"blip": {"blip_vqa", "three_in_one"}, "clip": {"clip", "three_in_one"},
+                "detector": {"spatial", "numeracy", "three_in_one"}}
+
+
+def models_needed(categories) -> set:
+  """Which of blip / clip / detector the categories' metrics use."""
+  metrics = {CATEGORY_METRICS.get(category_key(c)) for c in categories}
+  return {model for model, users in _MODEL_USERS.items() if metrics & users}
+
+
 @dataclasses.dataclass
 class _Needs:
   """What one image asks the models for."""
@@ -160,28 +170,17 @@ class CompBenchScorer:
       if category_key(it.category) in subsets:
         subsets[category_key(it.category)].add(complex_subset_key(it.prompt))
     self.spatial_subset, self.action_subset = subsets["complex_spatial"], subsets["complex_action"]
-    needed = {CATEGORY_METRICS.get(category_key(it.category)) for it in items}
-    has = lambda *names: bool(needed & set(names))  # noqa: E731
+    needed = models_needed(it.category for it in items)
     self.blip = (torch_models.BlipVqa(ccfg.blip_dir, device, dtype, "eval.compbench.blip_dir")
-                 if has("blip_vqa", "three_in_one") else None)
-    self.clip = (torch_models.Clip(ccfg.clip_dir, device, dtype, "eval.compbench.clip_dir")
-                 if has("clip", "three_in_one") else None)
+                 if "blip" in needed else None)
+    self.clip = torch_models.Clip(ccfg.clip_dir, device, dtype, "eval.compbench.clip_dir") if "clip" in needed else None
     self.detector = (detectors.load_detector(ccfg.detector, ccfg.detector_dir, device, dtype,
-                                             "eval.compbench.detector_dir")
-                     if has("spatial", "numeracy", "three_in_one") else None)
+                                             "eval.compbench.detector_dir") if "detector" in needed else None)
 
   @staticmethod
   def required_dirs(ccfg, categories) -> Dict[str, str]:
     """{config key: directory} of the models the categories need (checked before any work)."""
-    needed = {CATEGORY_METRICS.get(category_key(c)) for c in categories}
-    out = {}
-    if needed & {"blip_vqa", "three_in_one"}:
-      out["eval.compbench.blip_dir"] = ccfg.blip_dir
-    if needed & {"clip", "three_in_one"}:
-      out["eval.compbench.clip_dir"] = ccfg.clip_dir
-    if needed & {"spatial", "numeracy", "three_in_one"}:
-      out["eval.compbench.detector_dir"] = ccfg.detector_dir
-    return out
+    return {f"eval.compbench.{m}_dir": getattr(ccfg, f"{m}_dir") for m in sorted(models_needed(categories))}
 
   def _needs(self, metric: str, row: dict) -> _Needs:
     p, prompt = self.parser, row["prompt"]

@@ -183,7 +183,7 @@ class GenEvalScorer:
     return [COLORS[i] for i in (feats @ self._classifier(name).T).argmax(-1)]
 
   def __call__(self, images, rows: Sequence[dict]) -> List[dict]:
-    metas = [self.metadata.get(r["id"]) for r in rows]
+    metas = [self.metadata.get(r.get("prompt_id", r["id"])) for r in rows]
     queries = [sorted({c["class"] for c in (m or {}).get("include", []) + (m or {}).get("exclude", [])})
                for m in metas]
     dets = self.detector(images, queries, min(float(self.cfg.threshold), float(self.cfg.counting_threshold)))
@@ -191,7 +191,7 @@ class GenEvalScorer:
     for im, r, m, d in zip(images, rows, metas, dets):
       base = {"id": r["id"], "prompt": r["prompt"], "category": r["category"]}
       if m is None:
-        out.append({**base, "score": None, "skipped": "no GenEval metadata for this id"})
+        out.append({**base, "score": None, "skipped": "no GenEval metadata for this prompt id"})
         continue
       threshold = float(self.cfg.counting_threshold if m["tag"] == "counting" else self.cfg.threshold)
       objects = keep_detections(d, threshold=threshold, max_objects=int(self.cfg.max_objects),

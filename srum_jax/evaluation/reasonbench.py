@@ -132,15 +132,23 @@ class ReasonBenchScorer:
                                       device_map=mcfg.device_map, batch_size=int(mcfg.batch_size))
 
   def __call__(self, images, rows: Sequence[dict]) -> List[dict]:
+    known = [k for k, r in enumerate(rows) if r.get("prompt_id", r["id"]) in self.questions]
+    scored = dict(zip(known, self._protocol([images[k] for k in known], [rows[k] for k in known]))) if known else {}
+    return [scored.get(k) or {"id": r["id"], "prompt": r["prompt"], "category": r["category"], "score": None,
+                              "quality": None, "skipped": "no question-criterion entry for this prompt id"}
+            for k, r in enumerate(rows)]
+
+  def _protocol(self, images, rows: Sequence[dict]) -> List[dict]:
     first = [mllm_judge.user_turn(self.rubric["describe"])]
     budget = int(self.mcfg.max_new_tokens) or int(self.rubric.get("max_new_tokens", 1000))
     descriptions = self.judge.chat(images, [first] * len(rows), max_new_tokens=budget)
     groups = list(self.dim["accuracy"]) + [self.dim["quality"]]
-    found: Dict[str, list] = {}
+    found: Dict[str, tuple] = {}
     for g in groups:
       convs = [first + [{"role": "assistant", "content": d},
                         {"role": "user", "content": [{"type": "text", "text": self.rubric["question"].replace(
-                            "{criteria}", str(self.questions[r["id"]][g]))}]}] for r, d in zip(rows, descriptions)]
+                            "{criteria}", str(self.questions[r.get("prompt_id", r["id"])][g]))}]}]
+               for r, d in zip(rows, descriptions)]
       found[g] = mllm_judge.ask_until_parsed(self.judge, images, convs, parse_score_list, max_new_tokens=budget,
                                              max_retries=int(self.mcfg.max_retries),
                                              retry_temperature=float(self.mcfg.retry_temperature))

@@ -199,10 +199,17 @@ def _load_images(chunk: Sequence[dict]):
   return images, keep, bad
 
 
+def _latest(log: common.JsonlLog, wanted) -> Dict[str, dict]:
+  """{id: its last row} of the ids in `wanted`."""
+  return {r["id"]: r for r in log.rows() if r["id"] in wanted}
+
+
 def run_metric(scorer, rows: Sequence[dict], path: str, batch_size: int) -> List[dict]:
-  """Score the rows not yet in the JSONL at `path` (one line per image, appended as scored); all rows' results."""
+  """Score the rows not yet in the JSONL at `path` (one line per image, appended as scored); the latest result
+  of every row. Skipped rows (unreadable image, no metadata for the prompt) are tried again by a rerun."""
   log = common.JsonlLog(path)
-  done = log.done()
+  wanted = {r["id"] for r in rows}
+  done = {i for i, r in _latest(log, wanted).items() if "skipped" not in r}
   todo = [r for r in rows if r["id"] not in done]
   bar = common.progress(len(todo), scorer.name)
   for chunk in common.batched(todo, max(1, int(batch_size))):
@@ -211,8 +218,7 @@ def run_metric(scorer, rows: Sequence[dict], path: str, batch_size: int) -> List
       log.append(row)
     bar.update(len(chunk))
   bar.close()
-  wanted = {r["id"] for r in rows}
-  return [r for r in log.rows() if r["id"] in wanted]
+  return list(_latest(log, wanted).values())
 
 
 def _verdict(metric: str, row: dict) -> str:
