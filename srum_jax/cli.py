@@ -21,7 +21,7 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "propose": ("srum_jax.pipeline.commands:propose_main", "region proposals for the generated images"),
     "score": ("srum_jax.pipeline.commands:score_main", "self-judging: global + region rewards"),
     "train": ("srum_jax.pipeline.commands:train_main", "SRUM post-training on the reward records"),
-    "eval": ("srum_jax.pipeline.commands:eval_main", "generate for held-out prompts and judge them"),
+    "eval": ("srum_jax.pipeline.commands:eval_main", "generate (or read eval.images_dir) and score eval.metrics"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
     "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
 }

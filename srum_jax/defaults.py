@@ -131,13 +131,60 @@ def base_config() -> ml_collections.ConfigDict:
   # pretraining's understanding data uses the same view)
   c.score.vit_image_size = 0
 
-  # Evaluation: held-out prompts, generation settings of their own, a pluggable judge.
+  # Evaluation (pipeline/evaluate.py, srum_jax/evaluation): held-out prompts, generation settings of their own,
+  # the metrics of `metrics`. Metric models are PyTorch (transformers) folders; nothing is downloaded.
   c.eval = ml_collections.ConfigDict()
+  c.eval.metrics = "judge"  # comma list of: judge, compbench, mllm, geneval, reasonbench
+  c.eval.model_dir = ""  # the UMM to evaluate: a converted or an official checkpoint dir ("" -> model.*)
+  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/images.py)
+  c.eval.name = "model"  # results in <workdir>/eval/<name>; <workdir>/eval/summary.md compares every name
+  c.eval.batch_size = 16  # images per scoring call (and per resumable log flush)
+  c.eval.grid_images = 8  # prompts in <out>/grid.png (0: no grid)
+  c.eval.device = "auto"  # torch device of the metric models: auto (cuda if visible) | cpu | cuda | cuda:N
+  c.eval.torch_dtype = "float32"  # BLIP / CLIP / detectors
   c.eval.judge = "self"  # oracle | self | hf_vlm
   c.eval.oracle_fn = ""  # "module:function(image uint8, prompt) -> bool" for judge=oracle
   c.eval.self_threshold = 0.0
   c.eval.hf_vlm_dir = ""
   c.eval.seed = 1234
+  # T2I-CompBench's own metrics (evaluation/compbench.py), each category scored by its benchmark metric.
+  c.eval.compbench = ml_collections.ConfigDict()
+  c.eval.compbench.blip_dir = ""  # BLIP VQA (the benchmark's: Salesforce/blip-vqa-capfilt-large)
+  c.eval.compbench.clip_dir = ""  # CLIP ViT-B/32 (openai/clip-vit-base-patch32)
+  c.eval.compbench.detector = "owlv2"  # owlv2 | owlvit | mask2former (UniDet is not in transformers)
+  c.eval.compbench.detector_dir = ""  # e.g. google/owlv2-base-patch16-ensemble
+  c.eval.compbench.detector_threshold = 0.1  # OWLv2's confidence scale (UniDet used 0.5 on its own scale)
+  c.eval.compbench.text_parser = "auto"  # auto | spacy | rules (how prompts are read: evaluation/text.py)
+  c.eval.compbench.np_num = 8  # noun phrases asked per prompt (BLIP-VQA)
+  c.eval.compbench.frame_size = 480  # long side (px) of the detector frame the position thresholds assume
+  c.eval.compbench.batch_size = 16  # BLIP questions per forward
+  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct).
+  c.eval.mllm = ml_collections.ConfigDict()
+  c.eval.mllm.model_dir = ""
+  c.eval.mllm.rubric = ""  # JSON rubric file ("" -> evaluation/rubrics/srum_compbench.json, SRUM's)
+  c.eval.mllm.torch_dtype = "bfloat16"
+  c.eval.mllm.device_map = ""  # "": the model on eval.device; "auto": layers over all visible GPUs
+  c.eval.mllm.batch_size = 4
+  c.eval.mllm.max_new_tokens = 0  # 0: the rubric's (SRUM: 512; T2I-ReasonBench: 1000)
+  c.eval.mllm.max_retries = 2  # answers without a score are asked again, sampling
+  c.eval.mllm.retry_temperature = 0.7
+  # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former on COCO.
+  c.eval.geneval = ml_collections.ConfigDict()
+  c.eval.geneval.metadata = ""  # GenEval's evaluation_metadata.jsonl (also the prompts of the run)
+  c.eval.geneval.detector = "mask2former"  # owlv2 | owlvit | mask2former
+  c.eval.geneval.detector_dir = ""  # e.g. facebook/mask2former-swin-small-coco-instance
+  c.eval.geneval.clip_dir = ""  # colour classifier: CLIP ViT-L/14 (openai/clip-vit-large-patch14)
+  c.eval.geneval.threshold = 0.3
+  c.eval.geneval.counting_threshold = 0.9
+  c.eval.geneval.max_objects = 16
+  c.eval.geneval.nms_threshold = 1.0  # 1.0: no NMS
+  c.eval.geneval.position_threshold = 0.1
+  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run.
+  c.eval.reasonbench = ml_collections.ConfigDict()
+  c.eval.reasonbench.prompts = ""  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
+  c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
+  c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
+  c.eval.reasonbench.rubric = ""  # protocol file ("" -> evaluation/rubrics/t2i_reasonbench.json)
   c.eval_generate = c.generate.copy_and_resolve_references()
   c.eval_generate.think = False
 

@@ -1,7 +1,9 @@
 """Pictures of a run with PIL only: image grids, reward-map overlays, loss curves, atomic PNG writes.
 
     grid = image_grid(images_uint8, ncols=4, pad=2, captions=prompts)         # PIL.Image
-    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores)  # uint8 [H, W, 3]
+    table = labeled_grid([[im, ...], ...], column_titles=prompts, row_titles=models,
+                         cell_captions=[["ok", ...], ...], min_tile=160)      # small images upscaled
+    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)  # uint8 [6H, 6W, 3]
     loss_curve_png({"loss": [(step, value), ...]}, "workdir/loss.png")
     save_png("workdir/samples/step_100.png", grid)
 
@@ -16,7 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["to_uint8", "reward_colors", "image_grid", "overlay_reward_map", "loss_curve_png", "save_png"]
+__all__ = ["to_uint8", "reward_colors", "image_grid", "upscale_nearest", "labeled_grid", "overlay_reward_map",
+           "loss_curve_png", "save_png"]
 
 # legend / series colours (RGB), cycled
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -38,8 +41,9 @@ def reward_colors(values) -> np.ndarray:
   return np.where(nan[..., None], 128.0, rgb)
 
 
-def _font():
-  return ImageFont.load_default()
+def _font(size: Optional[int] = None):
+  """PIL's bundled font: the bitmap default, or the scalable one at `size` pixels."""
+  return ImageFont.load_default() if size is None else ImageFont.load_default(size=size)
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> Tuple[int, int]:
@@ -83,18 +87,102 @@ def image_grid(images, ncols: int, pad: int = 2, captions: Optional[Sequence[str
   return canvas
 
 
+def upscale_nearest(image, min_size: int) -> np.ndarray:
+  """uint8 [H, W, C] enlarged by the smallest integer factor that makes its short side >= `min_size`
+  (nearest neighbour: every pixel becomes a square block, nothing is blurred)."""
+  image = np.asarray(image)
+  factor = max(1, -(-int(min_size) // max(1, min(image.shape[:2]))))
+  return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1) if factor > 1 else image
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 4) -> list:
+  """`text` broken at spaces into lines of at most `width` pixels (a word too long is cut), at most
+  `max_lines` lines (the last one ending in an ellipsis when text remains)."""
+  lines, line = [], ""
+  for word in str(text).split():
+    trial = f"{line} {word}".strip()
+    if _text_size(draw, trial, font)[0] <= width or not line:
+      line = trial if _text_size(draw, trial, font)[0] <= width else _fit_text(draw, trial, font, width)
+    else:
+      lines.append(line)
+      line = _fit_text(draw, word, font, width)
+  if line:
+    lines.append(line)
+  if len(lines) > max_lines:
+    lines = lines[:max_lines - 1] + [_fit_text(draw, lines[max_lines - 1] + " " + " ".join(lines[max_lines:]) + "...",
+                                               font, width)]
+  return lines
+
+
+def _tile(image, min_tile: int, max_tile: int) -> np.ndarray:
+  """Small images upscaled (nearest neighbour) to >= `min_tile`, large ones shrunk (Lanczos) to <= `max_tile`."""
+  image = upscale_nearest(image, min_tile)
+  h, w = image.shape[:2]
+  if max(h, w) <= max_tile:
+    return image
+  s = max_tile / max(h, w)
+  return np.asarray(Image.fromarray(image).resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS))
+
+
+def labeled_grid(cells: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str],
+                 row_titles: Optional[Sequence[str]] = None, cell_captions: Optional[Sequence[Sequence[str]]] = None,
+                 min_tile: int = 160, max_tile: int = 256, pad: int = 8, font_size: int = 13,
+                 title: str = "") -> Image.Image:
+  """A table of images a person can read: rows x columns of uint8 images, small ones upscaled (nearest
+  neighbour) to at least `min_tile` pixels and large ones shrunk to at most `max_tile`, each column headed by
+  its (wrapped) title, each row named on the left, each image captioned underneath (a caption may hold several
+  lines separated by newlines). Every tile takes the size of the first."""
+  font = _font(font_size)
+  probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  line_h = _text_size(probe, "Ag", font)[1] + 4
+  tiles = [[_tile(im, min_tile, max_tile) for im in row] for row in cells]
+  th, tw = tiles[0][0].shape[:2]
+  left = pad + (max(_text_size(probe, str(t), font)[0] for t in row_titles) + pad if row_titles else 0)
+  heads = [_wrap(probe, t, font, tw) for t in column_titles]
+  head_h = max((len(h) for h in heads), default=0) * line_h + pad
+  caps = [[str(c).split("\n") for c in row] for row in (cell_captions or [[""] * len(r) for r in tiles])]
+  cap_h = max((len(c) for row in caps for c in row), default=0) * line_h
+  top = pad + (line_h + pad if title else 0)
+  ncols = max(len(r) for r in tiles)
+  canvas = Image.new("RGB", (left + ncols * (tw + pad), top + head_h + len(tiles) * (th + cap_h + pad) + pad),
+                     (255, 255, 255))
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+  for c, lines in enumerate(heads):
+    for k, line in enumerate(lines):
+      draw.text((left + c * (tw + pad), top + k * line_h), line, fill=(0, 0, 0), font=font)
+  for r, row in enumerate(tiles):
+    y = top + head_h + r * (th + cap_h + pad)
+    if row_titles:
+      draw.text((pad, y + th // 2 - line_h // 2), str(row_titles[r]), fill=(0, 0, 0), font=font)
+    for c, tile in enumerate(row):
+      x = left + c * (tw + pad)
+      canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (x, y))
+      for k, line in enumerate(caps[r][c] if c < len(caps[r]) else []):
+        draw.text((x, y + th + 2 + k * line_h), _fit_text(draw, line, font, tw), fill=(0, 0, 0), font=font)
+  return canvas
+
+
 def overlay_reward_map(image, rmap, boxes=None, scores=None, alpha: float = 0.45,
-                       signed: Optional[bool] = None) -> np.ndarray:
+                       signed: Optional[bool] = None, scale: int = 1) -> np.ndarray:
   """Blend a reward map over an image: out = (1 - alpha) * image + alpha * ramp(rmap), uint8 [H, W, 3].
 
   `rmap` [H, W] in [0, 1], or in [-1, 1] when `signed` (None: signed iff it has negative values), shown
   as (r + 1) / 2. Boxes [K, 4] (x_min, y_min, x_max, y_max pixels) are outlined in their score's colour
-  (score in [-1, 1] -> (s + 1) / 2 on the ramp) with the score written at the top-left corner.
+  (score in [-1, 1] -> (s + 1) / 2 on the ramp) with the score written at the top-left corner on a dark
+  label. `scale` > 1 enlarges image, map and boxes by that factor first (nearest neighbour), so the labels
+  are legible on small images (font and line width grow with it).
   """
   image = np.asarray(image)
   rmap = np.asarray(rmap, np.float32)
   if image.shape[:2] != rmap.shape:
     raise ValueError(f"image {image.shape} and reward map {rmap.shape} differ in size")
+  scale = max(1, int(scale))
+  if scale > 1:
+    image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    rmap = np.repeat(np.repeat(rmap, scale, axis=0), scale, axis=1)
+    boxes = None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4) * scale
   if signed is None:
     signed = bool(np.nanmin(rmap) < 0) if np.isfinite(rmap).any() else False
   v = (rmap + 1.0) / 2.0 if signed else rmap
@@ -104,7 +192,7 @@ def overlay_reward_map(image, rmap, boxes=None, scores=None, alpha: float = 0.45
     return out
   pil = Image.fromarray(out)
   draw = ImageDraw.Draw(pil)
-  font = _font()
+  font = _font() if scale == 1 else _font(max(10, 2 * scale + 4))
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   scores = None if scores is None else np.asarray(scores, np.float32).reshape(-1)
   for k, (x0, y0, x1, y1) in enumerate(boxes):
@@ -112,9 +200,13 @@ def overlay_reward_map(image, rmap, boxes=None, scores=None, alpha: float = 0.45
       continue
     s = None if scores is None else float(scores[k])
     color = (255, 255, 255) if s is None else tuple(int(c) for c in reward_colors((s + 1.0) / 2.0))
-    draw.rectangle([int(x0), int(y0), int(x1) - 1, int(y1) - 1], outline=color, width=1)
+    draw.rectangle([int(x0), int(y0), int(x1) - 1, int(y1) - 1], outline=color, width=max(1, scale // 3))
     if s is not None:
-      draw.text((int(x0) + 2, int(y0) + 1), f"{s:+.2f}", fill=color, font=font)
+      label, at = f"{s:+.2f}", (int(x0) + 2 + scale // 3, int(y0) + 1 + scale // 3)
+      if scale > 1:  # a label in the score's colour with dark text
+        x0b, y0b, x1b, y1b = draw.textbbox(at, label, font=font)
+        draw.rectangle([x0b - 1, y0b - 1, x1b + 1, y1b + 1], fill=color)
+      draw.text(at, label, fill=(0, 0, 0) if scale > 1 else color, font=font)
   return np.asarray(pil)
 
 

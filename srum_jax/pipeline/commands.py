@@ -7,6 +7,7 @@ A wrong config key fails in the flag parser; a missing model directory fails her
 from __future__ import annotations
 
 import os
+import pathlib
 
 from srum_jax import distributed
 from srum_jax.pipeline import common
@@ -68,15 +69,39 @@ def train_main(config, flags) -> int:
   return 0
 
 
+def _eval_model(config, out_dir: str) -> common.Model:
+  """`eval.model_dir` (a converted model dir, or an official checkpoint converted into `<out_dir>/converted_model`),
+  else the config's `model.*`."""
+  path = config.eval.model_dir
+  if not path:
+    return _model(config)
+  p = pathlib.Path(path)
+  if p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors")):
+    view = config.copy_and_resolve_references()  # the converter's view of this model; the config is unchanged
+    view.model.official_dir, view.workdir = path, out_dir
+    path = common.resolve_model_dir(view)
+  common.check_model_dir(path)
+  return common.load_inference_model(config, path)
+
+
 def eval_main(config, flags) -> int:
+  """Generate for the prompt set and score (`eval.metrics`), or score `eval.images_dir`; results in
+  `<workdir>/eval/<eval.name>` (pipeline/evaluate.py)."""
   from srum_jax.pipeline import evaluate
-  from srum_jax.pipeline.prompts import load_prompts
   distributed.maybe_initialize()
-  model = _model(config)
-  items = load_prompts(config.prompts.val)
-  evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items,
-                    os.path.join(_dirs(config)["eval"], "model"), seed=config.eval.seed,
-                    compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
+  ecfg = config.eval
+  metrics = evaluate.parse_metrics(ecfg.metrics)
+  items = evaluate.eval_items(config)
+  out = os.path.join(_dirs(config)["eval"], ecfg.name)
+  if ecfg.images_dir:
+    needs_umm = "judge" in metrics and ecfg.judge == "self"
+    evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
+                             ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,
+                             name=ecfg.name)
+  else:
+    evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
+                      seed=ecfg.seed, compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                      attn_impl=config.model.attn_impl)
   return 0
 
 

@@ -1,23 +1,35 @@
-"""Stage `eval`: generate for held-out prompts, then judge every image; per-category tables (paper style).
+"""Stage `eval`: images for a prompt set (generated here, or a folder made elsewhere), then every metric in
+`eval.metrics` (comma list); per-category tables (markdown + json) and a captioned image grid.
 
-Judges (one interface: `judge(images uint8 list, prompts list[str]) -> list[bool]`):
-* `oracle`: a program named in the config (`eval.oracle_fn = "module:function"`, `(image, prompt) ->
-  bool`), for synthetic worlds; it never sees the model.
-* `self`: the UMM's own understanding: the global-layout score (generate or logits mode, `score.*`) above
-  `eval.self_threshold` counts as correct.
-* `hf_vlm`: a transformers image-text-to-text model from a local directory, asked whether the image
-  matches the prompt (yes/no). Optional: a missing directory is a clear error before any work.
+Metrics:
+* `judge`: the accuracy of `eval.judge`, one interface `judge(images uint8 list, prompts) -> list[bool]`:
+  - `oracle`: a program named in the config (`eval.oracle_fn = "module:function"`, `(image, prompt) -> bool`),
+    for synthetic worlds; it never sees the model.
+  - `self`: the UMM's own understanding: the global-layout score (generate or logits mode, `score.*`) above
+    `eval.self_threshold` counts as correct.
+  - `hf_vlm`: an image-text-to-text model (`eval.hf_vlm_dir`) answering "Does the image show: <prompt>?":
+    correct when the answer starts with "yes" (the MLLM judge's batching, dtype and device).
+* `compbench`, `mllm`, `geneval`, `reasonbench`: `srum_jax.evaluation` (T2I-CompBench's metrics, the 0-100
+  MLLM judge, GenEval, T2I-ReasonBench). GenEval and T2I-ReasonBench bring their own prompt files
+  (`eval_items`); the others read `prompts.val`.
 
-Writes `<out>/judgments.jsonl` (resumable), `<out>/table.json` and `<out>/table.md`.
+Every metric's configuration (model folders, files) is checked before any image is generated. Metric models
+are loaded one metric at a time and released after it. Writes `<out>/judgments.jsonl` and
+`<out>/metrics/<metric>.jsonl` (one row per image, resumable), `<out>/table.json` ({column: table}),
+`<out>/table.md`, `<out>/grid.png`, and `<out>/../summary.md` (every model evaluated under the same folder,
+side by side).
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import pathlib
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from srum_jax.pipeline import common, generate, multihost
+
+METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")
 
 
 def _resolve(spec: str) -> Callable:
@@ -46,24 +58,19 @@ class SelfJudge:
 
 
 class HFVLMJudge:
-  """A transformers VLM from a local directory answering 'Does the image show: <prompt>? yes or no'."""
+  """An image-text-to-text model answering 'Does the image show: <prompt>? Answer yes or no.'"""
 
-  def __init__(self, model_dir: str):
-    if not model_dir or not pathlib.Path(model_dir).is_dir():
-      raise FileNotFoundError(f"eval.hf_vlm_dir {model_dir!r} is not a directory with a transformers VLM")
-    from transformers import pipeline
-    self.pipe = pipeline("image-text-to-text", model=model_dir)
+  def __init__(self, ecfg):
+    from srum_jax.evaluation import mllm_judge, torch_models
+    self.judge = mllm_judge.MLLMJudge(ecfg.hf_vlm_dir, "eval.hf_vlm_dir", device=torch_models.resolve_device(
+        ecfg.device), dtype=torch_models.resolve_dtype(ecfg.mllm.torch_dtype), device_map=ecfg.mllm.device_map,
+        batch_size=int(ecfg.mllm.batch_size))
+    self.turn = mllm_judge.user_turn
 
   def __call__(self, images, prompts) -> List[bool]:
-    from PIL import Image
-    out = []
-    for im, p in zip(images, prompts):
-      msg = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(im)},
-                                          {"type": "text", "text": f"Does the image show: {p}? Answer yes or no."}]}]
-      ans = self.pipe(text=msg, max_new_tokens=5)[0]["generated_text"]
-      text = ans[-1]["content"] if isinstance(ans, list) else str(ans)
-      out.append(str(text).strip().lower().startswith("yes"))
-    return out
+    convs = [[self.turn(f"Does the image show: {p}? Answer yes or no.")] for p in prompts]
+    answers = self.judge.chat(images, convs, max_new_tokens=5)
+    return [str(a).strip().lower().startswith("yes") for a in answers]
 
 
 def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = "dense"):
@@ -71,9 +78,11 @@ def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = 
   if name == "oracle":
     return OracleJudge(ecfg.oracle_fn)
   if name == "self":
+    if model is None:
+      raise ValueError("eval.judge = 'self' needs the UMM: set eval.model_dir (or model.dir)")
     return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl)
   if name == "hf_vlm":
-    return HFVLMJudge(ecfg.hf_vlm_dir)
+    return HFVLMJudge(ecfg)
   raise ValueError(f"unknown eval judge {name!r}; choose oracle, self or hf_vlm")
 
 
@@ -108,33 +117,215 @@ def markdown(tables: Dict[str, Dict[str, Dict[str, float]]], title: str = "") ->
   return "\n".join(lines) + "\n"
 
 
-def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
-             name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
-  out = pathlib.Path(out_dir)
-  judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  generate.generate(gcfg, model, items, str(out), seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+# ----------------------------------------------------------------------------------------------
+# Metrics of srum_jax.evaluation
+
+
+def parse_metrics(text: str) -> List[str]:
+  """`eval.metrics` ("judge,compbench") -> the metric names, checked, in order."""
+  names = list(dict.fromkeys(m.strip() for m in str(text).split(",") if m.strip()))
+  unknown = [m for m in names if m not in METRICS]
+  if unknown or not names:
+    raise ValueError(f"eval.metrics {text!r}: unknown {unknown}; choose a comma list of {', '.join(METRICS)}")
+  if "geneval" in names and "reasonbench" in names:
+    raise ValueError("eval.metrics: geneval and reasonbench read different prompt files; evaluate them in two runs")
+  return names
+
+
+def eval_items(config):
+  """The prompts to evaluate: GenEval's metadata or T2I-ReasonBench's files when those metrics are asked for,
+  else `prompts.val`."""
+  from srum_jax.evaluation import geneval, reasonbench
+  from srum_jax.pipeline.prompts import load_prompts
+  metrics, ecfg = parse_metrics(config.eval.metrics), config.eval
+  if "geneval" in metrics:
+    return geneval.load_items(_required(ecfg.geneval.metadata, "eval.geneval.metadata"))[0]
+  if "reasonbench" in metrics:
+    r = ecfg.reasonbench
+    return reasonbench.load_items(_required(r.prompts, "eval.reasonbench.prompts"),
+                                  _required(r.questions, "eval.reasonbench.questions"), r.dimension,
+                                  reasonbench.load_rubric(r.rubric))[0]
+  return load_prompts(config.prompts.val)
+
+
+def _required(value: str, key: str) -> str:
+  if not value:
+    raise ValueError(f"{key} is not set")
+  return value
+
+
+def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
+  """Fail before any work when a metric's model folder or file is missing."""
+  from srum_jax.evaluation import compbench, mllm_judge, torch_models
+  dirs: Dict[str, str] = {}
+  if "compbench" in metrics:
+    dirs.update(compbench.CompBenchScorer.required_dirs(ecfg.compbench, {it.category for it in items}))
+  if "mllm" in metrics or "reasonbench" in metrics:
+    dirs["eval.mllm.model_dir"] = ecfg.mllm.model_dir
+    mllm_judge.load_rubric(ecfg.mllm.rubric)
+  if "geneval" in metrics:
+    dirs["eval.geneval.detector_dir"] = ecfg.geneval.detector_dir
+    dirs["eval.geneval.clip_dir"] = ecfg.geneval.clip_dir
+  for key, path in dirs.items():
+    torch_models.require_dir(path, key, "the metric's model")
+
+
+def make_scorer(metric: str, ecfg, items):
+  from srum_jax.evaluation import compbench, geneval, mllm_judge, reasonbench, torch_models
+  device, dtype = torch_models.resolve_device(ecfg.device), torch_models.resolve_dtype(ecfg.torch_dtype)
+  if metric == "compbench":
+    return compbench.CompBenchScorer(ecfg.compbench, device=device, dtype=dtype, items=items)
+  if metric == "mllm":
+    return mllm_judge.MLLMScorer(ecfg.mllm, device=device)
+  if metric == "geneval":
+    return geneval.GenEvalScorer(ecfg.geneval, device=device, dtype=dtype,
+                                 metadata=geneval.load_items(ecfg.geneval.metadata)[1])
+  r = ecfg.reasonbench
+  _, questions, dim = reasonbench.load_items(r.prompts, r.questions, r.dimension, reasonbench.load_rubric(r.rubric))
+  return reasonbench.ReasonBenchScorer(r, ecfg.mllm, device=device, questions=questions, dimension=dim)
+
+
+def _load_images(chunk: Sequence[dict]):
+  """(images, their rows, rows of unreadable files marked skipped)."""
+  images, keep, bad = [], [], []
+  for r in chunk:
+    im, why = common.load_rgb(r["image_file"])
+    if im is None:
+      bad.append({"id": r["id"], "prompt": r["prompt"], "category": r["category"], "score": None,
+                  "skipped": f"image {why}"})
+    else:
+      images.append(im)
+      keep.append(r)
+  return images, keep, bad
+
+
+def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
+  """{id: its last row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
+  only ever scored by one process)."""
+  out: Dict[str, dict] = {}
+  for path in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl")):
+    out.update({r["id"]: r for r in common.JsonlLog(str(path)).rows() if r["id"] in wanted})
+  return out
+
+
+def run_metric(scorer, rows: Sequence[dict], directory: str, stem: str, batch_size: int) -> List[dict]:
+  """Score this process's share of the rows not yet in `<directory>/<stem>[.<process>].jsonl` (one line per
+  image, appended as scored); every process's latest result of every row once all are done. Skipped rows
+  (unreadable image, no metadata for the prompt) are tried again by a rerun."""
+  log = common.process_log(directory, stem)
+  wanted = {r["id"] for r in rows}
+  done = {i for i, r in _latest(directory, stem, wanted).items() if "skipped" not in r}
+  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
+  bar = common.progress(len(todo), scorer.name)
+  for chunk in common.batched(todo, max(1, int(batch_size))):
+    images, keep, bad = _load_images(chunk)
+    for row in bad + (scorer(images, keep) if keep else []):
+      log.append(row)
+    bar.update(len(chunk))
+  bar.close()
+  multihost.barrier(f"metric:{directory}:{stem}")
+  return list(_latest(directory, stem, wanted).values())
+
+
+def _verdict(metric: str, row: dict) -> str:
+  if row.get("score") is None:
+    return "skipped" if "skipped" in row else "failed"
+  if metric == "compbench":
+    short = {"blip_vqa": "vqa", "three_in_one": "3-in-1"}
+    return f"{row['score']:.3f} {short.get(row['metric'], row['metric'])}"
+  if metric == "geneval":
+    return "correct" if row["correct"] else "wrong"
+  if metric == "reasonbench":
+    return f"acc {row['score']:.0f} / quality {row['quality']:.0f}"
+  return f"{row['score']:.0f}/100"
+
+
+def judge_images(ecfg, judge, rows: Sequence[dict], out: pathlib.Path, batch_size: int) -> List[dict]:
+  """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
+  every process's rows of `rows`' ids once all are done."""
   log = common.process_log(str(out), "judgments")
   done = {r["id"] for r in common.read_rows(str(out), "judgments")}
-  rows = [r for r in common.process_shard(generate.read_metadata(str(out))) if r["id"] not in done]
-  bad = 0
-  for chunk in common.batched(rows, int(gcfg.batch_size)):
-    imgs, keep = [], []
-    for r in chunk:
-      im, why = common.load_rgb(str(out / r["image_file"]))
-      if im is None:
-        bad += 1
-        continue
-      imgs.append(im)
-      keep.append(r)
-    for r, ok in zip(keep, judge(imgs, [r["prompt"] for r in keep])):
+  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
+  for chunk in common.batched(todo, max(1, int(batch_size))):
+    images, keep, bad = _load_images(chunk)
+    for r, ok in zip(keep, judge(images, [r["prompt"] for r in keep]) if keep else []):
       log.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
                   "judge": ecfg.judge})
-  multihost.barrier(f"evaluate:{out_dir}")
-  judged = common.read_rows(str(out), "judgments")
-  t = table(judged)
-  if multihost.is_main():
-    common.write_json(str(out / "table.json"), t)
-    (out / "table.md").write_text(markdown({name: t}))
-  common.summary_line("eval", model=name, judge=ecfg.judge, images=len(judged), skipped_bad_image=bad,
-                      overall=f"{100 * t.get('overall', {}).get('accuracy', 0.0):.1f}%", out=out_dir)
-  return t
+    if bad:
+      print(f"[eval] {len(bad)} unreadable images left out of the judge's table", flush=True)
+  multihost.barrier(f"judge:{out}")
+  wanted = {r["id"] for r in rows}
+  return [r for r in common.read_rows(str(out), "judgments") if r["id"] in wanted]
+
+
+def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], items, out_dir: str, *,
+                 batch_size: int, name: str) -> Dict[str, dict]:
+  """Every metric over `rows` (image_file absolute); writes the tables and the grid. Returns {"judge": the
+  judge's accuracy table (or {}), "tables": the metric tables}."""
+  from srum_jax.evaluation import report
+  out = pathlib.Path(out_dir)
+  tables, verdicts, judge_table = [], {}, {}
+  if judge is not None:
+    judged = judge_images(ecfg, judge, rows, out, batch_size)
+    judge_table = table(judged)
+    tables.append(report.judge_columns(judge_table, ecfg.judge))
+    verdicts[f"{ecfg.judge}"] = {r["id"]: "yes" if r["correct"] else "no" for r in judged}
+  for metric in (m for m in metrics if m != "judge"):
+    scorer = make_scorer(metric, ecfg, items)
+    scored = run_metric(scorer, rows, str(out / "metrics"), metric, batch_size)
+    del scorer
+    gc.collect()
+    tables += [report.metric_table(scored, metric, *col) for col in report.COLUMNS[metric]]
+    verdicts[metric] = {r["id"]: _verdict(metric, r) for r in scored}
+  _write(out, tables, rows, verdicts, int(ecfg.grid_images), name)
+  overall = {t["column"]: t["overall"]["mean"] for t in tables}
+  common.summary_line("eval", model=name, images=len(rows), **{k.split(" (")[0].replace(" ", "_"): (
+      "-" if v is None else round(v, 4)) for k, v in overall.items()}, out=out_dir)
+  return {"judge": judge_table, "tables": tables}
+
+
+def _write(out: pathlib.Path, tables: List[dict], rows, verdicts, grid_images: int, name: str) -> None:
+  """The tables (json, markdown), the grid and the side-by-side summary; written by process 0."""
+  from srum_jax import viz
+  from srum_jax.evaluation import report
+  if not multihost.is_main():
+    return
+  common.write_json(str(out / "table.json"), {t["column"]: t for t in tables})
+  md = report.markdown(tables, title=f"{name}: {len(rows)} images")
+  (out / "table.md").write_text(md)
+  print("\n" + md, flush=True)
+  picture = report.grid(rows, verdicts, grid_images, title=name) if grid_images > 0 else None
+  if picture is not None:
+    viz.save_png(str(out / "grid.png"), picture)
+  (out.parent / "summary.md").write_text(report.side_by_side(str(out.parent)))
+
+
+def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
+             name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
+  """Generate the missing images of `items` into `out_dir` (sharded, resumable), then score them with every
+  metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge)."""
+  metrics = parse_metrics(ecfg.metrics)
+  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+           if "judge" in metrics else None)
+  check_metrics(ecfg, metrics, items)
+  generate.generate(gcfg, model, items, out_dir, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  rows = [dict(r, image_file=str(pathlib.Path(out_dir) / r["image_file"])) for r in generate.read_metadata(out_dir)]
+  wanted = {it.id for it in items}
+  rows = [r for r in rows if r.get("prompt_id", r["id"]) in wanted]
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)["judge"]
+
+
+def evaluate_folder(ecfg, scfg, model: Optional[common.Model], items, images_dir: str, out_dir: str, *, seed: int,
+                    compute_dtype="float32", name: str = "model") -> Dict[str, dict]:
+  """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
+  from srum_jax.evaluation import images
+  metrics = parse_metrics(ecfg.metrics)
+  judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype) if "judge" in metrics else None
+  check_metrics(ecfg, metrics, items)
+  rows, rep = images.collect(images_dir, items)
+  common.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
+                      unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
+  if not rows:
+    raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "
+                     f"srum_jax/evaluation/images.py for the accepted names)")
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)

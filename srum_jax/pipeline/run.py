@@ -34,45 +34,57 @@ def train_model(config, model: common.Model, records: str, images_root: str, wor
 
 
 def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: int) -> List[str]:
-  """PNG grid: one row per model, same prompts and seeds in each column."""
+  """PNG table: one row per model, one column per prompt (its first image, the same seed in every row; the
+  categories in turn), the prompt above each column and the judge's verdict under each image; small images
+  upscaled (nearest neighbour)."""
   from srum_jax import viz
+  from srum_jax.evaluation import report
   rows = {name: {r["id"]: r for r in generate.read_metadata(d)} for name, d in eval_dirs.items()}
-  ids = sorted(set.intersection(*[set(r) for r in rows.values()]))[:n]
+  common_ids = set.intersection(*[set(r) for r in rows.values()])
+  first = rows[next(iter(rows))]
+  ids = [r["id"] for r in report.spread([first[i] for i in sorted(common_ids)], n)]
   if not ids:
     return []
-  images, captions = [], []
+  cells, captions = [], []
   for name, d in eval_dirs.items():
-    for i in ids:
-      im, _ = common.load_rgb(os.path.join(d, rows[name][i]["image_file"]))
-      images.append(im if im is not None else np.zeros((32, 32, 3), np.uint8))
-      captions.append(name)
-  grid = viz.image_grid(np.stack(images), ncols=len(ids), captions=captions)
+    verdicts = {j["id"]: j for j in common.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
+    images = [common.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
+    cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
+    captions.append([f"{verdicts[i]['judge']}: {'yes' if verdicts[i]['correct'] else 'no'}" if i in verdicts else ""
+                     for i in ids])
+  grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
+                          cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
   path = report_dir / "grid_before_after.png"
   viz.save_png(str(path), grid)
-  (report_dir / "grid_prompts.txt").write_text("\n".join(f"col {k}: {rows[next(iter(rows))][i]['prompt']}"
-                                                        for k, i in enumerate(ids)) + "\n")
   return [str(path)]
 
 
 def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int,
                      levers: objective.RewardLevers) -> List[str]:
-  """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes."""
+  """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes, enlarged so
+  the region scores are legible, each under its prompt with its global score."""
   from srum_jax import viz
   from srum_jax.rewards import records as records_lib
   recs, _ = records_lib.read_records(os.path.join(score_dir, "rewards.jsonl"))
-  tiles = []
+  tiles, titles, captions = [], [], []
   for r in recs[:n]:
     im, _ = common.load_rgb(os.path.join(gen_dir, r.image_file))
     if im is None:
       continue
     arrays = records_lib.records_to_arrays([r], max_regions=max(1, len(r.regions)))
     m = np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=im.shape[:2], levers=levers))[0]
+    scale = max(1, -(-192 // max(1, min(im.shape[:2]))))
     tiles.append(viz.overlay_reward_map(im, m, boxes=[reg.box for reg in r.regions],
-                                        scores=[reg.score for reg in r.regions], signed=levers.signed))
+                                        scores=[reg.score for reg in r.regions], signed=levers.signed, scale=scale))
+    titles.append(r.prompt)
+    g = "-" if r.global_score is None else f"{r.global_score:+.2f}"
+    captions.append(f"global {g}, {len(r.regions)} regions")
   if not tiles:
     return []
+  ramp = "-1" if levers.signed else "0"
   path = report_dir / "reward_overlays.png"
-  viz.save_png(str(path), viz.image_grid(np.stack(tiles), ncols=min(8, len(tiles))))
+  viz.save_png(str(path), viz.labeled_grid([tiles], titles, cell_captions=[captions], title=(
+      f"reward map: red {ramp} -> green 1; boxes: the judge's region scores in [-1, 1]")))
   return [str(path)]
 
 

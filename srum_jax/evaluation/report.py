@@ -1,0 +1,120 @@
+"""Per-category tables of every metric (markdown + json), models side by side, and a captioned image grid.
+
+A metric's per-image rows carry `score` (None: skipped or failed, counted) and `category`. Its table is
+{"metric", "column", "categories": {category: {"mean", "n", "unscored"}}, "overall": {"mean", "n", "unscored"}}
+where a category's mean is over its `n` scored images (`unscored`: skipped or failed ones, counted) and the
+overall mean is the mean of the category means (T2I-CompBench and SRUM average categories; GenEval averages
+tags).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["COLUMNS", "metric_table", "judge_columns", "markdown", "side_by_side", "spread", "grid"]
+
+# metric -> [(column title, row key, scale, digits)]: what one table column shows
+COLUMNS = {
+    "compbench": [("T2I-CompBench (0-1)", "score", 1.0, 4)],
+    "mllm": [("MLLM judge (0-100)", "score", 1.0, 1)],
+    "geneval": [("GenEval (%)", "score", 100.0, 1)],
+    "reasonbench": [("ReasonBench accuracy", "score", 1.0, 1), ("ReasonBench quality", "quality", 1.0, 1)],
+}
+
+
+def metric_table(rows: Sequence[dict], metric: str, column: str, key: str = "score", scale: float = 1.0,
+                 digits: int = 1) -> dict:
+  """The per-category table of one column (module docstring); categories in first-seen order."""
+  cats: Dict[str, List] = OrderedDict()
+  for r in rows:
+    c = cats.setdefault(str(r.get("category")), [[], 0])
+    v = r.get(key)
+    if v is None:
+      c[1] += 1
+    else:
+      c[0].append(float(v) * scale)
+  table = {name: {"mean": float(np.mean(v)) if v else None, "n": len(v), "unscored": f}
+           for name, (v, f) in cats.items()}
+  means = [t["mean"] for t in table.values() if t["mean"] is not None]
+  overall = {"mean": float(np.mean(means)) if means else None, "n": sum(t["n"] for t in table.values()),
+             "unscored": sum(t["unscored"] for t in table.values())}
+  return {"metric": metric, "column": column, "digits": digits, "categories": table, "overall": overall}
+
+
+def judge_columns(judge_table: Dict[str, dict], judge: str) -> dict:
+  """The judge's accuracy table ({category: {correct, total, accuracy}}) in the metric-table form (%)."""
+  cats = {k: {"mean": 100.0 * v["accuracy"], "n": v["total"], "unscored": 0} for k, v in judge_table.items()
+          if k != "overall"}
+  o = judge_table.get("overall")
+  return {"metric": "judge", "column": f"{judge} judge accuracy (%)", "digits": 1, "categories": cats,
+          "overall": {"mean": 100.0 * o["accuracy"] if o else None, "n": o["total"] if o else 0, "unscored": 0}}
+
+
+def _cell(entry: Optional[dict], digits: int) -> str:
+  if entry is None or entry["mean"] is None:
+    return "-" if entry is None or not entry["unscored"] else f"- ({entry['unscored']} unscored)"
+  unscored = f", {entry['unscored']} unscored" if entry["unscored"] else ""
+  return f"{entry['mean']:.{digits}f} (n={entry['n']}{unscored})"
+
+
+def markdown(tables: Sequence[dict], title: str = "") -> str:
+  """One table: a row per category (then "overall", the mean of the category means), a column per table."""
+  cats: List[str] = []
+  for t in tables:
+    cats += [c for c in t["categories"] if c not in cats]
+  lines = ([f"### {title}", ""] if title else []) + ["| category | " + " | ".join(t["column"] for t in tables) + " |",
+                                                      "|---|" + "---|" * len(tables)]
+  for c in cats + ["overall"]:
+    cells = [_cell(t["overall"] if c == "overall" else t["categories"].get(c), t["digits"]) for t in tables]
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def side_by_side(eval_root: str) -> str:
+  """Markdown comparing every `<eval_root>/<model>/table.json`: per column, a row per category and a column
+  per model (the official PyTorch model's images scored from a folder sit beside the port's)."""
+  root = pathlib.Path(eval_root)
+  models = {}
+  for p in sorted(root.glob("*/table.json")):
+    tables = json.loads(p.read_text())
+    if all(isinstance(t, dict) and "column" in t for t in tables.values()):  # folders of this format only
+      models[p.parent.name] = tables
+  columns: List[str] = []
+  for tables in models.values():
+    columns += [c for c in tables if c not in columns]
+  parts = []
+  for col in columns:
+    present = {m: t[col] for m, t in models.items() if col in t}
+    renamed = [dict(t, column=m) for m, t in present.items()]
+    parts.append(markdown(renamed, title=col))
+  return "\n".join(parts)
+
+
+def spread(rows: Sequence[dict], n: int) -> List[dict]:
+  """The first image of `n` prompts, taken in turn from each category (pictures that show every category)."""
+  by_category: Dict[str, Dict[str, dict]] = OrderedDict()
+  for r in rows:
+    by_category.setdefault(str(r.get("category")), OrderedDict()).setdefault(r.get("prompt_id", r["id"]), r)
+  queues = [list(v.values()) for v in by_category.values()]
+  return [q[k] for k in range(max((len(q) for q in queues), default=0)) for q in queues if k < len(q)][:n]
+
+
+def grid(rows: Sequence[dict], verdicts: Dict[str, Dict[str, str]], n: int, title: str = ""):
+  """A labeled grid of `spread(rows, n)`: the prompt above, one caption line per metric ("metric: value")
+  under each image. `verdicts` = {metric: {image id: text}}."""
+  from srum_jax import viz
+  from srum_jax.pipeline import common
+  chosen = spread(rows, n)
+  cells, captions = [], []
+  for r in chosen:
+    im, _ = common.load_rgb(r["image_file"])
+    cells.append(im if im is not None else np.zeros((32, 32, 3), np.uint8))
+    captions.append("\n".join(f"{m}: {v[r['id']]}" for m, v in verdicts.items() if r["id"] in v))
+  if not cells:
+    return None
+  return viz.labeled_grid([cells], [f"[{r['category']}] {r['prompt']}" for r in chosen], cell_captions=[captions],
+                          title=title)
