@@ -258,10 +258,9 @@ def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
       return [{"id": r["id"], "category": "c", "score": 1.0} if r["id"] == "a" or self.metadata_ready else
               {"id": r["id"], "category": "c", "score": None, "skipped": "no metadata"} for r in chunk]
 
-  log = str(tmp_path / "fake.jsonl")
-  first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, log, 2)}
+  first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, str(tmp_path), "fake", 2)}
   assert first["a"]["score"] == 1.0 and "skipped" in first["b"] and first["c"]["skipped"] == "image missing"
   scorer = Scorer()
   scorer.metadata_ready = True
-  again = {r["id"]: r for r in evaluate.run_metric(scorer, rows, log, 2)}
+  again = {r["id"]: r for r in evaluate.run_metric(scorer, rows, str(tmp_path), "fake", 2)}
   assert calls == [["a", "b"], ["b"]] and again["b"]["score"] == 1.0 and again["a"] == first["a"]
