@@ -5,10 +5,12 @@ targets of the design: >= 99% on clean ground truth and on rejecting each hard-n
 Gaussian pixel noise (sigma 10/255), a 1-px Gaussian blur (sigma 1) and a slight colour shift."""
 import ast
 import collections
+import json
 import pathlib
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from srum_jax.worlds.shapes import grammar
@@ -168,3 +170,21 @@ def test_shape_classifier_on_every_size_and_colour(shape):
       assert (det.shape, det.color) == (shape, color)
       assert oracle.judge(scene_lib.render(scene_lib.Scene((scene_lib.Obj(shape, color, 16, 16, size),))),
                      grammar.parse_prompt(f"a {color} {shape}"))
+
+
+# Objects cut from the shipped model's own generations (val prompts, eval seed), each read by eye.
+# kind: "agree" (old and new classifier agree), "rim" (a rounded square with a thin rim or spur that the
+# one-pass classifier read as a circle), "known_misread" (both read it wrong; strict xfail marks a fix).
+_GENERATED = pathlib.Path(__file__).parent / "fixtures" / "oracle_generated"
+_CASES = json.loads((_GENERATED / "labels.json").read_text())
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[f"{c['kind']}-{c['image']}-{c['color']}" for c in _CASES])
+def test_shapes_of_generated_objects_read_by_eye(case, request):
+  if case["kind"] == "known_misread":
+    request.applymarker(pytest.mark.xfail(strict=True, reason="a misread the oracle still makes"))
+  image = np.asarray(Image.open(_GENERATED / case["image"]).convert("RGB"))
+  x0, y0, x1, y1 = case["box"]
+  found = [d for d in oracle.detect(image) if d.color == case["color"] and x0 <= d.cx <= x1 and y0 <= d.cy <= y1]
+  assert len(found) == 1, found
+  assert found[0].shape == case["shape"], found[0]
