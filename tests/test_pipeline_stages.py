@@ -97,6 +97,10 @@ def _check_run(report, workdir):
   assert all(len(r["regions"]) >= 1 for r in recs)
   md = (rep_dir / "report.md").read_text()
   assert "| overall |" in md and "base" in md and "srum" in md
+  stages = ["load", "eval/base", "round_0/generate", "round_0/propose", "round_0/score", "round_0/train",
+            "eval/srum", "sft/train", "eval/sft"]
+  assert list(report["stage_seconds"]) == stages and all(s >= 0 for s in report["stage_seconds"].values())
+  assert sum(report["stage_seconds"].values()) <= report["seconds"] + 1e-6
 
 
 def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import contextlib
 import time
 from typing import Dict, List
 
@@ -88,6 +89,22 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
   return [str(path)]
 
 
+class StageClock:
+  """Wall seconds per named stage of this invocation, in the order the stages ran (a resumed stage that had
+  nothing left to do shows the seconds it took to find that out)."""
+
+  def __init__(self):
+    self.seconds: Dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t0 = time.time()
+    try:
+      yield
+    finally:
+      self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t0, 2)
+
+
 class Preempted(Exception):
   """A training stage was stopped by a signal: its state is saved, nothing after it runs; rerun to resume."""
 
@@ -99,27 +116,31 @@ def _trained(summary: dict) -> dict:
   return summary
 
 
-def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
+def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, clock: StageClock):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, config.model.attn_impl, base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
-    generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
-                      attn_impl=attn)
-    propose.propose(config.propose, gen_dir, prop_dir)
-    srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, compute_dtype=dt,
-                       attn_impl=attn)
-    summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
-                                   str(rd / "train")))
-    current = common.save_model(str(rd / "model"), current, summary["params"])
+    with clock(f"round_{r}/generate"):
+      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
+                        attn_impl=attn)
+    with clock(f"round_{r}/propose"):
+      propose.propose(config.propose, gen_dir, prop_dir)
+    with clock(f"round_{r}/score"):
+      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
+                         compute_dtype=dt, attn_impl=attn)
+    with clock(f"round_{r}/train"):
+      summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
+                                     str(rd / "train")))
+      current = common.save_model(str(rd / "model"), current, summary["params"])
     rounds.append({"round": r, "score": srep.__dict__, "train": {k: v for k, v in summary.items()
                                                                   if k not in ("state", "params")}})
   return current, rounds
 
 
 def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
-                  num_val: int, seconds: float) -> dict:
+                  num_val: int, seconds: float, stage_seconds: Dict[str, float]) -> dict:
   """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it)."""
   report_dir = work / "report"
   per = int(config.eval_generate.samples_per_prompt)
@@ -128,7 +149,7 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
                          if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
   if not multihost.is_main():
     return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
-            "judge": config.eval.judge}
+            "stage_seconds": stage_seconds, "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers
@@ -140,12 +161,13 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         shutil.copy2(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
-            "seconds": seconds, "judge": config.eval.judge}
+            "seconds": seconds, "stage_seconds": stage_seconds, "judge": config.eval.judge}
   common.write_json(str(report_dir / "report.json"), report)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
-  lines += ["", f"Total time: {seconds:.0f} s"]
+  lines += ["", f"Total time: {seconds:.0f} s", "", "| stage | s |", "|---|---|"]
+  lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
   print(f"report: {report_dir / 'report.md'}", flush=True)
@@ -155,12 +177,13 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
 def run(config) -> dict:
   """The loop: eval(base) -> rounds -> eval, plus the SFT control when `run.sft_control`; returns the report.
   A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
-  t0 = time.time()
+  t0, clock = time.time(), StageClock()
   work = pathlib.Path(config.workdir)
   (work / "report").mkdir(parents=True, exist_ok=True)
-  model_dir = common.resolve_model_dir(config)
-  common.check_model_dir(model_dir)  # fail before any work
-  base = common.load_inference_model(config, model_dir)
+  with clock("load"):
+    model_dir = common.resolve_model_dir(config)
+    common.check_model_dir(model_dir)  # fail before any work
+    base = common.load_inference_model(config, model_dir)
   train_items = load_prompts(config.prompts.train)
   val_items = load_prompts(config.prompts.val)
   if not train_items or not val_items:
@@ -170,21 +193,24 @@ def run(config) -> dict:
 
   def do_eval(name: str, model: common.Model):
     d = str(work / "eval" / name)
-    tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                     seed=config.eval.seed, compute_dtype=config.model.compute_dtype, name=name,
-                                     attn_impl=config.model.attn_impl)
+    with clock(f"eval/{name}"):
+      tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
+                                       seed=config.eval.seed, compute_dtype=config.model.compute_dtype,
+                                       name=name, attn_impl=config.model.attn_impl)
     eval_dirs[name] = d
 
   do_eval("base", base)
-  current, rounds = _srum_rounds(config, base, train_items, work)
+  current, rounds = _srum_rounds(config, base, train_items, work, clock)
   name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
   do_eval(name, current)
   order = ["base", name]
   if config.run.sft_control and int(config.run.rounds) >= 1:
     rd = work / "round_0"
-    summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
-                                   str(work / "sft_train"), objective_name="sft"))
-    do_eval("sft", common.save_model(str(work / "sft_model"), base, summary["params"]))
+    with clock("sft/train"):
+      summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
+                                     str(work / "sft_train"), objective_name="sft"))
+      sft_model = common.save_model(str(work / "sft_model"), base, summary["params"])
+    do_eval("sft", sft_model)
     order = ["base", "sft", name]
   return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),
-                       time.time() - t0)
+                       time.time() - t0, clock.seconds)
