@@ -34,14 +34,15 @@ class Model:
 
 
 def check_model_dir(path: str) -> None:
-  """Fail before any work starts when a model directory is missing or incomplete."""
+  """Fail before any work starts when a model directory is missing or incomplete (a `UserError`)."""
+  from srum_jax.errors import UserFileNotFoundError
   p = pathlib.Path(path)
   if not path or not p.is_dir():
-    raise FileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the output "
-                            f"of `python -m srum_jax convert`)")
-  for need in ("model_config.json", "tokenizer.json"):
+    raise UserFileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the "
+                                f"output of `python -m srum_jax convert`)")
+  for need in ("model_config.json", "tokenizer.json", "params/_METADATA"):
     if not (p / need).is_file():
-      raise FileNotFoundError(f"model directory {path} lacks {need}")
+      raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
 
 
 def dir_identity(directory: pathlib.Path, small: int = 1 << 20) -> str:
