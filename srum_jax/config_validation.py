@@ -380,7 +380,9 @@ def check_train_inputs(config) -> None:
 
 
 def check_prompts(config, key: str) -> None:
-  """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt)."""
+  """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
+  under another source is an error (an override would be ignored); a leftover `function` under
+  source=file is not (switching a python source to a file keeps the config file's function)."""
   from srum_jax.pipeline import prompts as prompts_lib
   src = _get(config, key)
   source = src.source or ("file" if src.path else "python" if src.function else "tfds")
@@ -389,9 +391,6 @@ def check_prompts(config, key: str) -> None:
   if src.path and source != "file":
     _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
           f"--config.{key}.source=file (or clear the path)")
-  if src.function and source != "python":
-    _fail(f"{key}.function", src.function, f"is ignored by {key}.source={source!r}: also set "
-          f"--config.{key}.source=python")
   if src.limit is not None:
     _int(config, f"{key}.limit", lo=1)
   if source == "file":
@@ -399,10 +398,14 @@ def check_prompts(config, key: str) -> None:
     if not src.path:
       _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
     _existing_file(f"{key}.path", src.path, "prompt file")
+    quiet = prompts_lib.log.disabled
+    prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
     try:
       items = prompts_lib.load_prompts(src)
     except UserError as e:
       raise UserValueError(f"config key {key}.path: {e}") from None
+    finally:
+      prompts_lib.log.disabled = quiet
     require_prompts(items, key)
   elif source == "python":
     module, sep, fn = str(src.function).partition(":")
