@@ -125,23 +125,24 @@ def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
   counted in the report and stats.json; `generate.max_prompt_tokens` lowers the cap."""
   cfg = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "workdir": str(tmp_path)})
   model = common.load_model(tiny_model_dir)
-  items = [PromptItem("long", " ".join(["red circle"] * 1700), "color"), PromptItem("short", "a red circle", "color")]
+  short = load_prompts(cfg.prompts.train)[:2]  # the NaN test's prompts: one compiled sampler for both tests
+  items = [PromptItem("long", " ".join(["red circle"] * 1700), "color"), *short]
   assert len(items[0].prompt) > 10_000
   out = tmp_path / "gen"
   rep = generate.generate(cfg.generate, model, items, str(out), seed=0)
   assert rep.prompt_token_cap == model.cfg.llm.max_position_embeddings - 3
-  assert (rep.skipped_too_long, rep.generated) == (1, 1)
-  assert [r["id"] for r in generate.read_metadata(str(out))] == ["short"]
+  assert (rep.skipped_too_long, rep.generated) == (1, 2)
+  assert [r["id"] for r in generate.read_metadata(str(out))] == [it.id for it in short]
   assert json.loads((out / "stats.json").read_text())["report"]["skipped_too_long"] == 1
   capped = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "generate.max_prompt_tokens": 2})
   rep2 = generate.generate(capped.generate, model, items, str(tmp_path / "gen2"), seed=0)
-  assert rep2.prompt_token_cap == 2 and (rep2.skipped_too_long, rep2.generated) == (2, 0)
+  assert rep2.prompt_token_cap == 2 and (rep2.skipped_too_long, rep2.generated) == (3, 0)
 
 
 def _poisoned(model: common.Model, part: str) -> common.Model:
   """The model with every parameter of `part` ('bagel' or 'ae') set to NaN."""
   params = dict(model.params)
-  params[part] = jax.tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), params[part])
+  params[part] = jax.tree.map(lambda x: jax.numpy.full_like(x, np.nan), params[part])  # placed as `x`
   return common.Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=model.path)
 
 
