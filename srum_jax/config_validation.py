@@ -120,7 +120,8 @@ def _existing_file(key: str, path: str, what: str) -> pathlib.Path:
 def _existing_dir(key: str, path: str, what: str) -> pathlib.Path:
   p = pathlib.Path(os.path.expanduser(path))
   if not p.is_dir():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} is not a directory")
+    why = "is a file, not a directory" if p.exists() else "does not exist"
+    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
   return p
 
 

@@ -417,7 +417,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
   from srum_jax.config_validation import read_json_file
   if not os.path.exists(path):
     return None
-  return read_json_file(path, os.path.basename(path))
+  return read_json_file(path, "checkpoint config")
 
 
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
