@@ -468,6 +468,44 @@ def check_run(config) -> None:
   _int(config, "run.report_images", lo=0)
 
 
+def check_pretrain_stage(config, key: str) -> None:
+  """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
+  model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
+  from srum_jax.models.config import PRESETS
+  _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
+  for k in ("compute_dtype", "eval_dtype", "save_dtype"):
+    _enum(config, f"{key}.{k}", MODEL_DTYPES)
+  _bool(config, f"{key}.resume")
+  _int(config, f"{key}.seed")
+  _float(config, f"{key}.max_seconds", lo=0.0, lo_open=True)
+  _float(config, f"{key}.snapshot_every_seconds", lo=0.0)
+  _int(config, f"{key}.log_every", lo=1)
+  _int(config, f"{key}.data_workers", lo=0)
+  for block in ("ae", "umm"):
+    _float(config, f"{key}.{block}.lr", lo=0.0, lo_open=True)
+    _enum(config, f"{key}.{block}.lr_decay", LR_DECAYS)
+    _int(config, f"{key}.{block}.warmup_steps", lo=0)
+  _int(config, f"{key}.ae.steps", lo=0)
+  _int(config, f"{key}.ae.batch", lo=1)
+  _int(config, f"{key}.umm.steps", lo=1)
+  for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
+            "gen_text_len"):
+    _int(config, f"{key}.umm.{k}", lo=1)
+  tasks = _get(config, f"{key}.data.tasks")
+  for k in tasks.keys():
+    _float(config, f"{key}.data.tasks.{k}", lo=0.0)
+  if not sum(float(tasks[k]) for k in tasks.keys()) > 0:
+    _fail(f"{key}.data.tasks", tasks.to_dict(), "needs a positive weight")
+  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur", "short_region_answer"):
+    _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
+  block = _get(config, key)
+  resumes = block.resume and (pathlib.Path(block.out) / "state").is_dir()
+  if block.init_from and not resumes:
+    _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")
+  if block.ae.from_dir and not resumes:
+    _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
+
+
 def _eval_metrics(config) -> None:
   """`eval.metrics` by the evaluation stage's own parser (imported last: it loads JAX)."""
   from srum_jax.pipeline import evaluate
@@ -478,8 +516,13 @@ def _eval_metrics(config) -> None:
 
 
 def validate(config, command: str) -> None:
-  """Check every key `command` reads; raise `UserError` (one line) on the first problem. Commands not in
-  `SECTIONS` (show-config, sweep, pretrain) are not checked here."""
+  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
+  stage blocks; show-config and sweep are not checked (each sweep point's command checks itself)."""
+  if command == "pretrain":
+    check_pretrain_stage(config, "pretrain")
+    if config.pretrain.then.name:
+      check_pretrain_stage(config, "pretrain.then")
+    return
   sections = SECTIONS.get(command)
   if sections is None:
     return

@@ -103,8 +103,11 @@ def _paper_config(tmp_path, **overrides):
 def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
   """The shipped configs pass every command's checks; a few more bad values, each naming its key."""
   world = config_utils.load_config(WORLD)
-  for command in ("generate", "propose", "score", "eval", "run"):
+  for command in ("generate", "propose", "score", "eval", "run", "pretrain"):
     config_validation.validate(world, command)
+  for key, value in {"pretrain.umm.steps": 0, "pretrain.then.data.negatives": 1.5, "pretrain.ae.from_dir": "nope"}.items():
+    with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
+      config_validation.validate(config_utils.load_config(WORLD, {key: value}), "pretrain")
   prompts = tmp_path / "p.json"
   prompts.write_text(json.dumps([{"Question": "a red cube", "Category": "color"}]))
   paper = _paper_config(tmp_path, **{"prompts.train.path": str(prompts), "prompts.val.path": str(prompts)})
