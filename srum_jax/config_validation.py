@@ -2,13 +2,15 @@
 
 `validate(config, command)` raises `errors.UserError` with one line naming the first bad key (or file) and
 what would work; the CLI prints it and exits with code 2 before any model is loaded or program compiled.
-The checks are cheap (no JAX import): JSON files are parsed, prompt files read, model folders listed; a
-model's geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
+The checks are cheap: JSON files are parsed, prompt files read, model folders listed, and JAX is imported
+only by the last check of eval / run (`eval.metrics`, by the evaluation stage's own parser). A model's
+geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
 `model_config.json` or, for an official checkpoint, the config's `model.preset`.
 
-Which sections a command reads (`SECTIONS`): generate (model, generate, prompts.train), propose (propose),
-score (model, score), train (model, train, srum), eval (eval, eval_generate, score, prompts.val, the model
-unless a folder of images is judged without the UMM), run (all of these and run.*).
+Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
+(propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
+score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
+run.*), pretrain (its stage blocks).
 """
 from __future__ import annotations
 
