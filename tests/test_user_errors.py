@@ -123,6 +123,16 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
       config_validation.validate(cfg, "run")
 
 
+def test_mesh_shapes_the_devices_cannot_take_name_the_key():
+  """Device counts are known only once JAX runs: the meshes fail there, as user errors naming the key."""
+  from srum_jax.pipeline import train
+  cfg = config_utils.load_config(TINY, {"inference_mesh.tensor": 3, "mesh.fsdp": 3})
+  with pytest.raises(errors.UserError, match=r"inference_mesh=.*'tensor': 3.*8 devices"):
+    common.inference_mesh(cfg)
+  with pytest.raises(errors.UserError, match=r"config key mesh=.*'fsdp': 3"):
+    train.train_mesh(cfg)
+
+
 def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
   """A 10,000-character prompt never reaches the sampler (positions stay below the model's 512): skipped,
   counted in the report and stats.json; `generate.max_prompt_tokens` lowers the cap."""

@@ -109,11 +109,17 @@ def load_model(path: str, *, dtype: Optional[str] = None, mesh=None, rules=None)
 
 def inference_mesh(config):
   """The mesh inference runs on: this process's devices shaped by `config.inference_mesh` (each host
-  generates and scores its own share of the items, so nothing waits on another host)."""
+  generates and scores its own share of the items, so nothing waits on another host); a shape these devices
+  cannot take is a `UserError` naming the key."""
   import jax
 
   from srum_jax import sharding
-  return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
+  from srum_jax.errors import UserValueError
+  try:
+    return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
+  except ValueError as e:  # e.g. the 7B recipe's tensor axis of 4 on a 1-device machine
+    raise UserValueError(f"config key inference_mesh={dict(config.inference_mesh)}: {e} (this process has "
+                         f"{jax.local_device_count()} devices)") from None
 
 
 def load_inference_model(config, path: str) -> Model:
