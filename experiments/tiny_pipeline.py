@@ -1,5 +1,6 @@
-"""The whole SRUM loop at toy size, for tests and smoke runs: the tiny BAGEL (random or any converted tiny
-checkpoint), shapes-world prompts, 32x32 images, 3 flow steps, components proposer, oracle eval.
+"""The whole SRUM loop at toy size, for tests and smoke runs: a converted tiny BAGEL (`model.dir` is required;
+tests build one from the golden tiny weights), shapes-world prompts, 32x32 images, 3 flow steps, components
+proposer, oracle eval.
 
     python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
 """

@@ -7,6 +7,7 @@ Subcommand implementations are imported lazily so `--help` and config checks sta
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 import types
@@ -72,10 +73,39 @@ def sweep(config, flags) -> int:
   return 0
 
 
+def _config_spec(argv: List[str]) -> str:
+  """The value of the last --config=... flag ('' when absent)."""
+  specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return specs[-1] if specs else ""
+
+
+def _first_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
+  """One line for a failed flag parse: the unknown override key with the closest real one, else the parser's
+  own message flattened."""
+  from srum_jax import config_utils, config_validation
+  try:
+    config = config_utils.load_config(spec)
+  except Exception as load_error:  # the config file itself fails: its own error, without the parser's traceback
+    return f"config {spec!r}: {type(load_error).__name__}: {_first_line(load_error)}"
+  return config_validation.first_unknown_override(config, argv) or _first_line(e)
+
+
 def _run_config_command(name: str, argv: List[str]) -> int:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
+  from srum_jax import config_validation, errors
+
+  spec = _config_spec(argv)
+  if spec:
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+      print(f"error: config file {path!r} does not exist (--config={spec})", file=sys.stderr)
+      return 2
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", flag_values=fv,
                                   lock_config=True)
@@ -85,23 +115,33 @@ def _run_config_command(name: str, argv: List[str]) -> int:
   flags.DEFINE_string("workdir", None, "overrides config.workdir when given", flag_values=fv)
   try:
     fv(argv)
+    config = fv.config
   except flags.Error as e:
-    print(f"error: {e}\n\n{usage()}", file=sys.stderr)
+    if spec and isinstance(e, flags.IllegalFlagValueError):
+      print(f"error: {_override_error(spec, argv, e)}", file=sys.stderr)
+    else:
+      print(f"error: {_first_line(e)}\n\n{usage()}", file=sys.stderr)
     return 2
-  if fv.config is None:
+  except (KeyError, AttributeError, TypeError, ValueError) as e:  # an override or the config file's get_config
+    print(f"error: {_override_error(spec, argv, e)}", file=sys.stderr)
+    return 2
+  if config is None:
     print(f"error: {name} needs --config=experiments/<name>.py\n\n{usage()}", file=sys.stderr)
     return 2
-  config = fv.config
   if fv.workdir is not None:
     with config.unlocked():
       config.workdir = fv.workdir
   cli_flags = types.SimpleNamespace(
-      config_spec=next(a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-      dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
+      config_spec=spec, dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
       argv=list(argv[1:]))
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  return int(_resolve(CONFIG_COMMANDS[name][0])(config, cli_flags) or 0)
+  try:
+    config_validation.validate(config, name)  # every key the command reads, before any work
+    return int(_resolve(CONFIG_COMMANDS[name][0])(config, cli_flags) or 0)
+  except errors.UserError as e:
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+    return 2
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official checkpoint
   # directory (safetensors + json) that is converted into <workdir>/converted_model on first use.
   c.model = ml_collections.ConfigDict()
-  c.model.dir = ""  # `python -m srum_jax convert` output
+  c.model.dir = ""  # `python -m srum_jax convert` output (required unless official_dir is set)
   c.model.official_dir = ""  # used instead of `dir` when set
   c.model.preset = "tiny"  # tiny | tiny_world | mid | bagel_7b_mot (benchmarks and tests build random models)
   c.model.param_dtype = "float32"  # training's master weights: float32 | bfloat16
@@ -101,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.think = True
   c.generate.max_think_tokens = 1000
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
+  # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest prompt, and
+  # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers, the plan
+  # (think mode) and the image's position.
+  c.generate.max_prompt_tokens = 0
 
   # Region proposals (official: SAM, up to 5 boxes).
   c.propose = ml_collections.ConfigDict()

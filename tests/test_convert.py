@@ -286,6 +286,33 @@ def test_layout_errors_listed_together(tmp_path, capsys, golden_weights, golden_
   assert not (tmp_path / "m").exists()
 
 
+def test_nan_and_inf_weights_refused_naming_the_tensors(tmp_path, capsys, golden_weights, golden_ae_weights):
+  """NaN / inf anywhere (one layer of a stacked leaf, the AE, a bf16 file) stops the conversion before anything
+  is written, naming each tensor (read in the file's own dtype: bf16 too)."""
+  w = {k: v.copy() for k, v in golden_weights.items()}
+  w["language_model.model.layers.1.mlp_moe_gen.up_proj.weight"][3, 5] = np.nan
+  w["connector.fc2.weight"][0, 0] = np.inf
+  ae = {k: v.copy() for k, v in golden_ae_weights.items()}
+  ae["decoder.mid.attn_1.q.bias"][0] = -np.inf
+  src = _official_dir(tmp_path, weights=w, ae=ae)
+  with pytest.raises(hf_to_flax.NonFiniteWeightsError) as err:
+    hf_to_flax.load_official(str(src), dtype="fp32", **TINY_FLAGS)
+  msg = str(err.value)
+  assert msg.startswith("3 tensors hold NaN or inf")
+  for key in ("language_model.model.layers.1.mlp_moe_gen.up_proj.weight", "connector.fc2.weight",
+              "decoder.mid.attn_1.q.bias"):
+    assert key in msg, key
+  assert "layers.0.mlp_moe_gen.up_proj" not in msg  # the other layers of the stacked leaf are fine
+  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 1
+  assert "connector.fc2.weight" in capsys.readouterr().err
+  assert not (tmp_path / "m").exists()
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden_weights.items()}
+  bf16["connector.fc2.weight"][1, 1] = np.nan
+  src = _official_dir(tmp_path, weights=bf16, sub="bf16")
+  with pytest.raises(hf_to_flax.NonFiniteWeightsError, match="^1 tensors .*connector.fc2.weight"):
+    hf_to_flax.load_official(str(src), dtype="bf16", **TINY_FLAGS)
+
+
 def test_pos_table_mismatch_warns_and_flags_override(tmp_path, golden_weights):
   w = dict(golden_weights)
   w["latent_pos_embed.pos_embed"] = w["latent_pos_embed.pos_embed"] + np.float32(1e-3)

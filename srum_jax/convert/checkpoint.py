@@ -78,8 +78,8 @@ def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
 
 
 def load_config(path: str) -> BagelConfig:
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    return config_from_dict(json.load(f))
+  from srum_jax.config_validation import read_json_file
+  return config_from_dict(read_json_file(os.path.join(path, CONFIG_FILE), "model config"))
 
 
 def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype=None,
@@ -89,6 +89,10 @@ def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype
   path = os.path.abspath(path)
   cfg = load_config(path)
   shardings = target_shardings(cfg, mesh, rules)
+  if not os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA")):
+    from srum_jax.errors import UserFileNotFoundError
+    raise UserFileNotFoundError(f"model directory {path} lacks {PARAMS_DIR}/_METADATA (an incomplete orbax save; "
+                                f"convert or save the model again)")
   with ocp.StandardCheckpointer() as ckpt:
     stored = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
     abstract = params_lib.abstract_params(params_lib.model_schema(cfg))

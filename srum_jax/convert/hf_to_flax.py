@@ -36,6 +36,7 @@ import numpy as np
 from safetensors import safe_open
 
 from srum_jax import sharding as sharding_lib
+from srum_jax.errors import UserValueError
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.models import embeddings
 from srum_jax.models import params as params_lib
@@ -66,6 +67,10 @@ DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float
 
 class CheckpointMismatchError(ValueError):
   """The official files do not match the layout the configuration implies (lists every problem)."""
+
+
+class NonFiniteWeightsError(UserValueError):
+  """Official tensors holding NaN or inf: converting them would hand every later stage broken weights."""
 
 
 def parse_dtype(dtype) -> np.dtype:
@@ -320,8 +325,19 @@ def _block(reader: SafetensorsReader, key: str, index, transform: str, dtype) ->
   return np.array(keymap.to_flax(raw, transform), dtype=dtype, order="C")
 
 
-def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, sharding, dtype) -> jax.Array:
-  """One parameter built shard by shard; a stacked leaf reads each needed layer's block separately."""
+def _finite_block(reader, key: str, index, transform: str, dtype, nonfinite: set) -> np.ndarray:
+  """`_block`, with `key` added to `nonfinite` when the block holds NaN or inf (checked in float32: a bf16
+  or fp16 block's own values, whatever the target dtype)."""
+  block = _block(reader, key, index, transform, dtype)
+  if not np.isfinite(block.astype(np.float32)).all():
+    nonfinite.add(key)
+  return block
+
+
+def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, sharding, dtype,
+                nonfinite: set) -> jax.Array:
+  """One parameter built shard by shard; a stacked leaf reads each needed layer's block separately. Official
+  tensors with non-finite values are added to `nonfinite`."""
   cache: Dict[Any, np.ndarray] = {}  # replicated shards share one read
 
   def callback(index):
@@ -330,9 +346,10 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
     if sig not in cache:
       if stacked:
         layers = range(*index[0].indices(shape[0]))
-        cache[sig] = np.stack([_block(reader, keys[l], index[1:], transform, dtype) for l in layers])
+        cache[sig] = np.stack([_finite_block(reader, keys[l], index[1:], transform, dtype, nonfinite)
+                               for l in layers])
       else:
-        cache[sig] = _block(reader, keys[0], index, transform, dtype)
+        cache[sig] = _finite_block(reader, keys[0], index, transform, dtype, nonfinite)
     return cache[sig]
 
   # wait for the host->device copies so the host blocks are freed before the next leaf is read
@@ -340,9 +357,10 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
 
 
 def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
-  """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`."""
+  """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`; official
+  tensors holding NaN or inf raise `NonFiniteWeightsError` naming them (after every tensor was read)."""
   abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
-  out = {}
+  out, nonfinite = {}, set()
   for part, table in keymap.official_keys(cfg).items():
     by_path: Dict[Tuple[str, ...], Dict[Optional[int], str]] = {}
     transforms = {}
@@ -355,9 +373,13 @@ def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype
       keys = [layer_keys[i] for i in sorted(layer_keys)] if stacked else [layer_keys[None]]
       leaves[path] = _leaf_array(readers[part], keys, transforms[path], stacked,
                                  keymap.get_path(abstract[part], path).shape,
-                                 keymap.get_path(shardings[part], path), dtype)
+                                 keymap.get_path(shardings[part], path), dtype, nonfinite)
     out[part] = jax.tree_util.tree_map_with_path(
         lambda kp, _: leaves[tuple(k.key for k in kp)], abstract[part])
+  if nonfinite:
+    names = sorted(nonfinite)
+    raise NonFiniteWeightsError(f"{len(names)} tensors hold NaN or inf values: {', '.join(names[:8])}"
+                                + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
   return out
 
 
@@ -391,10 +413,11 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
+  """A JSON file's content (None when absent); invalid JSON raises a UserValueError naming the file."""
+  from srum_jax.config_validation import read_json_file
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return read_json_file(path, "checkpoint config")
 
 
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:

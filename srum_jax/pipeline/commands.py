@@ -2,7 +2,8 @@
 
 Standalone stages read and write under `config.workdir`: generate/ (images + metadata), propose/
 (regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples), eval/<name>/.
-A wrong config key fails in the flag parser; a missing model directory fails here, before any work.
+A wrong config key fails in the flag parser; bad values, missing files and folders fail in
+`config_validation.validate` (called by the CLI), before any work; a stage left with no prompts is an error.
 """
 from __future__ import annotations
 
@@ -28,12 +29,14 @@ def _model(config) -> common.Model:
 def generate_main(config, flags) -> int:
   from srum_jax.pipeline import generate
   from srum_jax.pipeline.prompts import load_prompts
+  from srum_jax.config_validation import require_prompts
   distributed.maybe_initialize()
-  model = _model(config)
   items = load_prompts(config.prompts.train)
-  generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                    compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
-  return 0
+  require_prompts(items, "prompts.train")
+  model = _model(config)
+  rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
+                          compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
+  return 1 if rep.skipped_nonfinite else 0
 
 
 def propose_main(config, flags) -> int:
@@ -90,8 +93,10 @@ def eval_main(config, flags) -> int:
   from srum_jax.pipeline import evaluate
   distributed.maybe_initialize()
   ecfg = config.eval
+  from srum_jax.config_validation import require_prompts
   metrics = evaluate.parse_metrics(ecfg.metrics)
   items = evaluate.eval_items(config)
+  require_prompts(items, "prompts.val")
   out = os.path.join(_dirs(config)["eval"], ecfg.name)
   if ecfg.images_dir:
     needs_umm = "judge" in metrics and ecfg.judge == "self"

@@ -34,14 +34,15 @@ class Model:
 
 
 def check_model_dir(path: str) -> None:
-  """Fail before any work starts when a model directory is missing or incomplete."""
+  """Fail before any work starts when a model directory is missing or incomplete (a `UserError`)."""
+  from srum_jax.errors import UserFileNotFoundError
   p = pathlib.Path(path)
   if not path or not p.is_dir():
-    raise FileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the output "
-                            f"of `python -m srum_jax convert`)")
-  for need in ("model_config.json", "tokenizer.json"):
+    raise UserFileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the "
+                                f"output of `python -m srum_jax convert`)")
+  for need in ("model_config.json", "tokenizer.json", "params/_METADATA"):
     if not (p / need).is_file():
-      raise FileNotFoundError(f"model directory {path} lacks {need}")
+      raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
 
 
 def dir_identity(directory: pathlib.Path, small: int = 1 << 20) -> str:
@@ -108,11 +109,17 @@ def load_model(path: str, *, dtype: Optional[str] = None, mesh=None, rules=None)
 
 def inference_mesh(config):
   """The mesh inference runs on: this process's devices shaped by `config.inference_mesh` (each host
-  generates and scores its own share of the items, so nothing waits on another host)."""
+  generates and scores its own share of the items, so nothing waits on another host); a shape these devices
+  cannot take is a `UserError` naming the key."""
   import jax
 
   from srum_jax import sharding
-  return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
+  from srum_jax.errors import UserValueError
+  try:
+    return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
+  except ValueError as e:  # e.g. the 7B recipe's tensor axis of 4 on a 1-device machine
+    raise UserValueError(f"config key inference_mesh={dict(config.inference_mesh)}: {e} (this process has "
+                         f"{jax.local_device_count()} devices)") from None
 
 
 def load_inference_model(config, path: str) -> Model:

@@ -2,7 +2,9 @@
 mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "Think mode").
 
 Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
-image_file, think}; seq: the image's place in the prompt set's order, the order every later stage keeps). Each image is seeded by (config.seed, its id), so any host, batch composition or
+image_file, think}; seq: the image's place in the prompt set's order, the order every later stage keeps).
+Prompts longer than `prompt_token_cap` ids and images whose latents are not finite are skipped and counted
+(`stats.json`, the summary line). Each image is seeded by (config.seed, its id), so any host, batch composition or
 restart reproduces it; finished ids are skipped on restart. Multi-host: each process takes a round-robin
 share of the prompts (on its own devices: `common.inference_mesh`) and writes its own
 `metadata.<process>.jsonl`.
@@ -16,6 +18,7 @@ from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srum_jax.pipeline import common, multihost
 from srum_jax.pipeline.prompts import PromptItem
@@ -26,8 +29,11 @@ class GenerateReport:
   requested: int = 0
   skipped_done: int = 0
   skipped_empty: int = 0
+  skipped_too_long: int = 0  # prompts over `prompt_token_cap` (never generated)
+  skipped_nonfinite: int = 0  # images whose sampled latents held NaN / inf (no PNG, no row; retried on rerun)
   generated: int = 0
   failed: int = 0
+  prompt_token_cap: int = 0
 
 
 def _safe(name: str) -> str:
@@ -46,16 +52,32 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
+def prompt_token_cap(gcfg, model: common.Model) -> int:
+  """Prompt ids one generation accepts: the LLM's `max_position_embeddings` less what else takes positions
+  (the prompt's BOS/EOS, in think mode the system prompt and the plan with their BOS/EOS, one position for
+  the image's latent tokens), lowered to `max_prompt_tokens` and to `text_budget` (less BOS/EOS) when set."""
+  from srum_jax.inference import sampling
+  used = 2 + 1
+  if bool(gcfg.think):
+    used += len(model.tokenizer.encode(sampling.GEN_THINK_SYSTEM_PROMPT)) + 2 + int(gcfg.max_think_tokens) + 2
+  cap = int(model.cfg.llm.max_position_embeddings) - used
+  if int(gcfg.max_prompt_tokens):
+    cap = min(cap, int(gcfg.max_prompt_tokens))
+  if int(gcfg.text_budget):
+    cap = min(cap, int(gcfg.text_budget) - 2)
+  return cap
+
+
 def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
              compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
   """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
   they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes."""
   from srum_jax.inference import sampling
 
-  rep = GenerateReport()
+  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model))
   log = common.process_log(out_dir, "metadata")
   done = set(r["id"] for r in read_metadata(out_dir))
-  todo = []
+  todo, lengths = [], {}
   expanded = [(seq, image_id, it) for seq, (image_id, it) in enumerate(expand(items, int(gcfg.samples_per_prompt)))]
   for seq, image_id, it in common.process_shard(expanded):
     rep.requested += 1
@@ -63,6 +85,8 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       rep.skipped_empty += 1
     elif image_id in done:
       rep.skipped_done += 1
+    elif lengths.setdefault(it.id, len(model.tokenizer.encode(it.prompt))) > rep.prompt_token_cap:
+      rep.skipped_too_long += 1
     else:
       todo.append((seq, image_id, it))
   mesh = common.batch_rows_mesh(model, int(gcfg.batch_size))
@@ -88,7 +112,11 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
         mesh=mesh)
     images = jax.device_get(res.images)
+    finite = np.isfinite(np.asarray(jax.device_get(res.latents))).reshape(len(chunk), -1).all(axis=1)
     for j, (seq, image_id, it) in enumerate(chunk[:real]):
+      if not finite[j]:  # NaN / inf latents decode to a black image: never written as if it were fine
+        rep.skipped_nonfinite += 1
+        continue
       rel = f"images/{_safe(image_id)}.png"
       common.save_png(str(pathlib.Path(out_dir) / rel), images[j])
       log.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
@@ -98,5 +126,13 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
     bar.update(real)
   bar.close()
   multihost.barrier(f"generate:{out_dir}")  # the next stage reads every process's images
+  suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
+  common.write_json(str(pathlib.Path(out_dir) / f"stats{suffix}.json"), {"report": dataclasses.asdict(rep)})
   common.summary_line("generate", **dataclasses.asdict(rep), out=out_dir)
+  if rep.skipped_too_long:
+    print(f"[generate] {rep.skipped_too_long} images skipped: their prompts exceed {rep.prompt_token_cap} "
+          f"token ids (generate.max_prompt_tokens / the model's positions)", flush=True)
+  if rep.skipped_nonfinite:
+    print(f"[generate] {rep.skipped_nonfinite} images skipped: non-finite (NaN / inf) latents; check the "
+          f"model's weights", flush=True)
   return rep

@@ -33,8 +33,8 @@ JSON lists, python iterables and tfds rows):
   * ids come from the id field (as a string) or are a stable hash of (source name, position, prompt); a
     repeated id keeps its first item, later ones are skipped (`duplicate_ids`);
   * repeated prompt texts with distinct ids are kept but listed (`duplicate_prompts`).
-Prompts are whitespace-stripped. Whole-file problems (missing file, invalid JSON document, JSON that is not a
-list) raise.
+Prompts are whitespace-stripped. Whole-file problems (missing file, not UTF-8, invalid JSON document, JSON
+that is not a list) raise a `UserError` naming the file.
 """
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ import logging
 import os
 import re
 from typing import Any, Iterable, Mapping, Optional
+
+from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
            "PROMPT_SOURCE_DEFAULTS", "prompt_source"]
@@ -80,7 +82,7 @@ def _normalise(source_cfg) -> dict:
     given = dict(source_cfg.to_dict() if hasattr(source_cfg, "to_dict") else source_cfg)
   unknown = set(given) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
-    raise ValueError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
+    raise UserValueError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
   cfg = {**PROMPT_SOURCE_DEFAULTS, **given}
   if not cfg["source"]:
     cfg["source"] = "file" if cfg["path"] else "python" if cfg["function"] else "tfds"
@@ -204,12 +206,16 @@ def _load_file(cfg: dict) -> _Collector:
   path = os.path.expanduser(os.fspath(cfg["path"]))
   fmt = cfg["format"] or _FORMATS.get(os.path.splitext(path)[1].lower())
   if fmt not in ("txt", "json", "jsonl"):
-    raise ValueError(f"{path}: unknown prompt file format {fmt!r}; set format to txt, json or jsonl")
+    raise UserValueError(f"{path}: unknown prompt file format {fmt!r}; set format to txt, json or jsonl")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt file not found: {path}")
+    raise UserFileNotFoundError(f"prompt file not found: {path}")
   col = _Collector(os.path.basename(path), cfg["category"] or category_from_path(path))
-  with open(path, encoding="utf-8-sig") as f:
-    text = f.read()
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise UserValueError(f"prompt file {path}: not UTF-8 text (invalid byte at offset {e.start}); save it as "
+                         f"UTF-8") from None
   if fmt == "txt":
     for lineno, line in enumerate(text.splitlines(), start=1):
       col.add(lineno, line, col.default_category)
@@ -228,9 +234,9 @@ def _load_file(cfg: dict) -> _Collector:
     try:
       entries = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: invalid JSON: {e}") from e
+      raise UserValueError(f"prompt file {path}: invalid JSON: {e}") from None
     if not isinstance(entries, list):
-      raise ValueError(f"{path}: expected a JSON list of prompts, got {type(entries).__name__}")
+      raise UserValueError(f"{path}: expected a JSON list of prompts, got {type(entries).__name__}")
     for index, entry in enumerate(entries, start=1):
       col.add_entry(index, entry)
   return col
@@ -240,7 +246,7 @@ def _load_python(cfg: dict) -> _Collector:
   spec = cfg["function"]
   module_name, sep, fn_name = spec.partition(":")
   if not sep or not module_name or not fn_name:
-    raise ValueError(f"python prompt source must be 'module.path:function', got {spec!r}")
+    raise UserValueError(f"python prompt source must be 'module.path:function', got {spec!r}")
   fn = getattr(importlib.import_module(module_name), fn_name)
   col = _Collector(spec, cfg["category"] or "uncategorized")
   for index, entry in enumerate(fn(**dict(cfg["kwargs"] or {})), start=1):
@@ -281,7 +287,7 @@ def load_prompts(source_cfg) -> PromptList:
   source = cfg["source"]
   loaders = {"file": _load_file, "tfds": _load_tfds, "python": _load_python}
   if source not in loaders:
-    raise ValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
+    raise UserValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
   col = loaders[source](cfg)
   items, report = col.items, col.report
   categories = cfg["categories"]

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from srum_jax import objective
+from srum_jax import config_validation, objective
 from srum_jax.pipeline import common, evaluate, generate, multihost, propose, score
 from srum_jax.pipeline import train as train_stage
 from srum_jax.pipeline.prompts import load_prompts
@@ -186,8 +186,8 @@ def run(config) -> dict:
     base = common.load_inference_model(config, model_dir)
   train_items = load_prompts(config.prompts.train)
   val_items = load_prompts(config.prompts.val)
-  if not train_items or not val_items:
-    raise ValueError(f"no prompts: {len(train_items)} train / {len(val_items)} val")
+  config_validation.require_prompts(train_items, "prompts.train")
+  config_validation.require_prompts(val_items, "prompts.val")
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
 

@@ -40,6 +40,7 @@ class ScoreReport:
   region_failures: int = 0
   retries: int = 0
   regions_scored: int = 0
+  nonfinite_answers: int = 0  # judge scores that were NaN / inf / outside [-1, 1]: counted as failures
 
 
 def _histogram(values: Sequence[float]) -> Dict[str, int]:
@@ -189,6 +190,16 @@ class Judge:
     return [{} if r is None else {k: (v.score, v.object) for k, v in r.items()} for r in parsed]
 
 
+def _checked(value: Optional[float], rep: ScoreReport) -> Optional[float]:
+  """A judge's score as a record may hold it (finite, in [-1, 1]); anything else is a counted failure (None)."""
+  if value is None:
+    return None
+  ok = records.valid_score(value)
+  if ok is None:
+    rep.nonfinite_answers += 1
+  return ok
+
+
 def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: str, *, seed: int,
           compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
@@ -224,6 +235,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
       continue
     texts = [r["prompt"] for r in keep]
     g = judge.global_scores(imgs, texts, rep) if scfg.use_global else [None] * len(keep)
+    g = [_checked(v, rep) for v in g]
     boxes = [[reg["box"] for reg in regions.get(r["id"], {}).get("regions", [])] for r in keep]
     with_boxes = [i for i, b in enumerate(boxes) if b]
     rs: List[Dict[int, tuple]] = [dict() for _ in keep]
@@ -231,7 +243,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
       got = judge.region_scores([imgs[i] for i in with_boxes], [texts[i] for i in with_boxes],
                                 [boxes[i] for i in with_boxes], rep)
       for i, r in zip(with_boxes, got):
-        rs[i] = r
+        rs[i] = {k: (s, o) for k, (s, o) in r.items() if _checked(s, rep) is not None}
     for i, row in enumerate(keep):
       gs = g[i]
       if scfg.use_global and gs is None:

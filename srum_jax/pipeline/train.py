@@ -105,8 +105,15 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
 
 
 def train_mesh(config):
-  """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size` rows."""
-  return sharding.mesh_from_config(config.mesh, batch_rows=int(config.train.batch_size))
+  """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size` rows (a
+  shape these devices cannot take is a `UserError` naming the key)."""
+  import jax
+
+  from srum_jax.errors import UserValueError
+  try:
+    return sharding.mesh_from_config(config.mesh, batch_rows=int(config.train.batch_size))
+  except ValueError as e:
+    raise UserValueError(f"config key mesh={dict(config.mesh)}: {e} ({jax.device_count()} devices in all)") from None
 
 
 def batch_layout(config, mesh) -> Dict[str, int]:

@@ -110,6 +110,14 @@ def _score(x, what: str) -> float:
   return x
 
 
+def valid_score(x) -> Optional[float]:
+  """`x` as a float when it is a finite number in [-1, 1] (what a record may hold), else None."""
+  try:
+    return _score(x, "score")
+  except ValueError:
+    return None
+
+
 def _box(b, what: str) -> tuple[float, float, float, float]:
   if not isinstance(b, (list, tuple)) or len(b) != 4:
     raise ValueError(f"{what} is not a 4-element list: {b!r}")

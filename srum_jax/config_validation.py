@@ -1,0 +1,568 @@
+"""Config validation before any work: every key a stage reads, checked for type, range, enum and files.
+
+`validate(config, command)` raises `errors.UserError` with one line naming the first bad key (or file) and
+what would work; the CLI prints it and exits with code 2 before any model is loaded or program compiled.
+The checks are cheap: JSON files are parsed, prompt files read, model folders listed, and JAX is imported
+only by the last check of eval / run (`eval.metrics`, by the evaluation stage's own parser). A model's
+geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
+`model_config.json` or, for an official checkpoint, the config's `model.preset`.
+
+Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
+(propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
+score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
+run.*), pretrain (its stage blocks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
+
+MODEL_DTYPES = ("float32", "bfloat16")
+ATTN_IMPLS = ("dense", "chunked")
+OBJECTIVES = ("srum", "sft")
+LR_DECAYS = ("constant", "cosine")
+SCORE_MODES = ("generate", "logits")
+EVAL_JUDGES = ("oracle", "self", "hf_vlm")
+PROMPT_SOURCES = ("file", "tfds", "python")
+PROMPT_FORMATS = ("", "txt", "json", "jsonl")
+OFFICIAL_WEIGHTS = ("ema.safetensors", "model.safetensors")
+
+SECTIONS = {
+    "generate": ("model", "generate", "prompts.train"),
+    "propose": ("propose",),
+    "score": ("model", "score"),
+    "train": ("model", "train"),
+    "eval": ("eval",),
+    "run": ("model", "generate", "prompts.train", "propose", "score", "train", "eval", "run"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Small checks; each raises one line naming the key.
+
+def _fail(key: str, value: Any, why: str) -> None:
+  raise UserValueError(f"config key {key}={value!r}: {why}")
+
+
+def _get(config, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _int(config, key: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+  v = _get(config, key)
+  if isinstance(v, bool) or not isinstance(v, int):
+    _fail(key, v, f"must be an integer, not {type(v).__name__}")
+  if lo is not None and v < lo:
+    _fail(key, v, f"must be >= {lo}")
+  if hi is not None and v > hi:
+    _fail(key, v, f"must be <= {hi}")
+  return v
+
+
+def _float(config, key: str, lo: Optional[float] = None, hi: Optional[float] = None, *,
+           lo_open: bool = False, hi_open: bool = False) -> float:
+  v = _get(config, key)
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    _fail(key, v, f"must be a number, not {type(v).__name__}")
+  v = float(v)
+  if not math.isfinite(v):
+    _fail(key, v, "must be finite")
+  if lo is not None and (v <= lo if lo_open else v < lo):
+    _fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
+  if hi is not None and (v >= hi if hi_open else v > hi):
+    _fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
+  return v
+
+
+def _bool(config, key: str) -> bool:
+  v = _get(config, key)
+  if not isinstance(v, bool):
+    _fail(key, v, "must be True or False")
+  return v
+
+
+def _enum(config, key: str, choices: Sequence[str]) -> str:
+  v = _get(config, key)
+  if v not in choices:
+    hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
+    _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
+          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+  return v
+
+
+def _pair(config, key: str, kind=float) -> tuple:
+  v = _get(config, key)
+  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
+    _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}, e.g. "
+          + ("--config." + key + "=(32,32)" if kind is int else "(0.4,1.0)"))
+  for x in v:
+    if isinstance(x, bool) or not isinstance(x, (int,) if kind is int else (int, float)):
+      _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}")
+  return tuple(kind(x) for x in v)
+
+
+def _existing_file(key: str, path: str, what: str) -> pathlib.Path:
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.is_file():
+    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
+  return p
+
+
+def _existing_dir(key: str, path: str, what: str) -> pathlib.Path:
+  p = pathlib.Path(os.path.expanduser(path))
+  if not p.is_dir():
+    why = "is a file, not a directory" if p.exists() else "does not exist"
+    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
+  return p
+
+
+def read_json_file(path, what: str = "JSON file") -> Any:
+  """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the file."""
+  try:
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  except UnicodeDecodeError as e:
+    raise UserValueError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise UserValueError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def suggest_key(config, dotted: str) -> str:
+  """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
+  sibling; '' when every part exists."""
+  node, done = config, []
+  for part in dotted.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      bad = ".".join(done + [part])
+      close = difflib.get_close_matches(part, [str(k) for k in keys], n=1)
+      hint = f" (did you mean {'.'.join(done + close)!s}?)" if close else ""
+      return f"config has no key {bad!r}{hint}"
+    node, done = node[part], done + [part]
+  return ""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model: where it is and the geometry the other checks need.
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """What the model allows: pixels per latent token side, the largest latent grid side, RoPE positions."""
+  latent_stride: int
+  max_latent_size: int
+  max_positions: int
+  source: str
+
+
+def _geometry_from(d: dict, source: str) -> Geometry:
+  ae, llm = d.get("ae") or {}, d.get("llm") or {}
+  ch_mult = ae.get("ch_mult", (1, 2, 4, 4))
+  return Geometry(latent_stride=2 ** (len(ch_mult) - 1) * int(d.get("latent_patch_size", 2)),
+                  max_latent_size=int(d.get("max_latent_size", 64)),
+                  max_positions=int(llm.get("max_position_embeddings", 32768)), source=source)
+
+
+def _preset_geometry(config, source: str, max_positions: Optional[int] = None) -> Geometry:
+  from srum_jax.models.config import PRESETS
+  preset = _enum(config, "model.preset", tuple(sorted(PRESETS)))
+  cfg = PRESETS[preset]()
+  return Geometry(cfg.latent_downsample, cfg.max_latent_size,
+                  max_positions or cfg.llm.max_position_embeddings, source)
+
+
+def check_converted_dir(path: str, key: str) -> Geometry:
+  """A converted model dir (`python -m srum_jax convert` output): model_config.json, tokenizer.json and the
+  orbax parameters (params/_METADATA)."""
+  if not path:
+    raise UserValueError(f"config key {key} is empty: set it to a model dir converted by `python -m srum_jax "
+                         f"convert` (or set model.official_dir to an official checkpoint)")
+  p = _existing_dir(key, path, "model directory")
+  if not any(p.iterdir()):
+    raise UserValueError(f"config key {key}: model directory {path!r} is empty (convert a checkpoint into it "
+                         f"with `python -m srum_jax convert`)")
+  for need in ("model_config.json", "tokenizer.json"):
+    if not (p / need).is_file():
+      raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks {need}")
+  if not (p / "params" / "_METADATA").is_file():
+    raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks params/_METADATA (an "
+                                f"incomplete orbax save; convert or save the model again)")
+  d = read_json_file(p / "model_config.json", "model config")
+  if not isinstance(d, dict):
+    raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
+  return _geometry_from(d, str(p / "model_config.json"))
+
+
+def check_official_dir(config, path: str, key: str) -> Geometry:
+  """An official checkpoint dir: a weights file, ae.safetensors and a readable llm_config.json."""
+  p = _existing_dir(key, path, "official checkpoint")
+  if not any((p / n).is_file() for n in OFFICIAL_WEIGHTS):
+    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(OFFICIAL_WEIGHTS)}")
+  if not (p / "ae.safetensors").is_file():
+    raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
+  if not (p / "llm_config.json").is_file():
+    raise UserFileNotFoundError(f"config key {key}: {path} lacks llm_config.json")
+  llm = read_json_file(p / "llm_config.json", "LLM config")
+  if not isinstance(llm, dict):
+    raise UserValueError(f"LLM config {p / 'llm_config.json'}: expected a JSON object")
+  for name in ("vit_config.json",):
+    if (p / name).is_file():
+      read_json_file(p / name, "ViT config")
+  return _preset_geometry(config, f"model.preset={config.model.preset}",
+                          int(llm.get("max_position_embeddings", 0)) or None)
+
+
+def check_model(config) -> Geometry:
+  m = "model"
+  _enum(config, f"{m}.param_dtype", MODEL_DTYPES)
+  _enum(config, f"{m}.inference_dtype", ("",) + MODEL_DTYPES)
+  _enum(config, f"{m}.compute_dtype", MODEL_DTYPES)
+  _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
+  _bool(config, f"{m}.remat")
+  _check_mesh(config, "mesh", allow_zero_tensor=True)
+  _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
+  if config.model.official_dir:
+    return check_official_dir(config, config.model.official_dir, "model.official_dir")
+  return check_converted_dir(config.model.dir, "model.dir")
+
+
+def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:
+  mesh = _get(config, key)
+  unknown = sorted(set(mesh.keys()) - {"data", "fsdp", "tensor"})
+  if unknown:
+    _fail(key, dict(mesh), f"unknown axes {unknown}; the axes are data, fsdp, tensor")
+  for axis in mesh.keys():
+    v = _int(config, f"{key}.{axis}", lo=-1)
+    if v == 0 and not (allow_zero_tensor and axis == "tensor"):
+      _fail(f"{key}.{axis}", v, "must be >= 1, or -1 (the remaining devices)")
+  if sum(1 for axis in mesh.keys() if mesh[axis] == -1) > 1:
+    _fail(key, dict(mesh), "at most one axis may be -1")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stage sections.
+
+def _image_side(key: str, value: int, geo: Optional[Geometry], shown: Any = None) -> None:
+  """An image side in pixels (`shown`: the key's whole value, for the message)."""
+  shown = value if shown is None else shown
+  if value < 1:
+    _fail(key, shown, "must be >= 1 pixel")
+  if geo is None:
+    return
+  if value % geo.latent_stride:
+    _fail(key, shown, f"sides must be a multiple of {geo.latent_stride} (the model's pixels per latent token side, "
+          f"from {geo.source})")
+  if value // geo.latent_stride > geo.max_latent_size:
+    _fail(key, shown, f"a side exceeds the model's largest image side {geo.max_latent_size * geo.latent_stride} "
+          f"pixels (max_latent_size {geo.max_latent_size} x {geo.latent_stride}, from {geo.source})")
+
+
+def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
+  _int(config, f"{key}.batch_size", lo=1)
+  _int(config, f"{key}.samples_per_prompt", lo=1)
+  _image_side(f"{key}.height", _int(config, f"{key}.height", lo=1), geo)
+  _image_side(f"{key}.width", _int(config, f"{key}.width", lo=1), geo)
+  _int(config, f"{key}.num_timesteps", lo=1)
+  _float(config, f"{key}.timestep_shift", lo=0.0, lo_open=True)
+  _float(config, f"{key}.cfg_text_scale", lo=0.0)
+  _float(config, f"{key}.cfg_img_scale", lo=0.0)
+  lo, hi = _pair(config, f"{key}.cfg_interval")
+  if not 0.0 <= lo <= hi <= 1.0:
+    _fail(f"{key}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
+  _enum(config, f"{key}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _float(config, f"{key}.cfg_renorm_min", lo=0.0, hi=1.0)
+  _bool(config, f"{key}.think")
+  _int(config, f"{key}.max_think_tokens", lo=0)
+  _int(config, f"{key}.text_budget", lo=0)
+  cap = _int(config, f"{key}.max_prompt_tokens", lo=0)
+  if geo is not None and cap >= geo.max_positions:
+    _fail(f"{key}.max_prompt_tokens", cap, f"must be below the model's {geo.max_positions} positions (from "
+          f"{geo.source}); 0: the model's limit less the markers, the plan and the image")
+
+
+def check_propose(config) -> None:
+  from srum_jax.pipeline import proposers
+  _enum(config, "propose.name", proposers.available_proposers())
+  _int(config, "propose.max_regions", lo=1)
+  _float(config, "propose.min_area", lo=0.0)
+  _enum(config, "propose.box_mode", tuple(proposers.BOX_MODES))
+
+
+def check_score(config) -> None:
+  s = "score"
+  mode = _enum(config, f"{s}.mode", SCORE_MODES)
+  for k in ("think", "use_global", "use_regions", "region_identify"):
+    _bool(config, f"{s}.{k}")
+  _int(config, f"{s}.batch_size", lo=1)
+  _int(config, f"{s}.max_retries", lo=1)
+  _float(config, f"{s}.retry_temperature", lo=0.0)
+  _int(config, f"{s}.max_new_tokens_global", lo=1)
+  _int(config, f"{s}.max_new_tokens_regions", lo=1)
+  _float(config, f"{s}.global_default", lo=-1.0, hi=1.0)
+  cands = _get(config, f"{s}.logit_candidates")
+  try:
+    values = [float(c) for c in cands]
+  except (TypeError, ValueError):
+    values = []
+  if not values or not all(-1.0 <= v <= 1.0 for v in values):
+    _fail(f"{s}.logit_candidates", cands, "must be score strings in [-1, 1], e.g. ('-1.0','0.0','1.0')")
+  if config.score.region_identify and mode != "logits":
+    _fail(f"{s}.region_identify", True, "needs score.mode='logits'")
+  _int(config, f"{s}.max_identify_tokens", lo=1)
+  _int(config, f"{s}.text_budget", lo=0)
+  vit = _int(config, f"{s}.vit_image_size", lo=0)
+  if vit % 14:
+    _fail(f"{s}.vit_image_size", vit, "must be 0 (the official transform) or a multiple of 14 (the ViT patch)")
+
+
+def check_train(config, geo: Optional[Geometry]) -> None:
+  t = "train"
+  if _int(config, f"{t}.steps") < 1:
+    _fail(f"{t}.steps", config.train.steps, "must be >= 1 (the number of optimizer updates)")
+  _enum(config, f"{t}.objective", OBJECTIVES)
+  _float(config, f"{t}.lr", lo=0.0, lo_open=True)
+  _enum(config, f"{t}.lr_decay", LR_DECAYS)
+  _float(config, f"{t}.min_lr_ratio", lo=0.0, hi=1.0)
+  _int(config, f"{t}.warmup_steps", lo=0)
+  _float(config, f"{t}.b1", lo=0.0, hi=1.0, hi_open=True)
+  _float(config, f"{t}.b2", lo=0.0, hi=1.0, hi_open=True)
+  _float(config, f"{t}.eps", lo=0.0, lo_open=True)
+  _float(config, f"{t}.weight_decay", lo=0.0)
+  _float(config, f"{t}.grad_clip", lo=0.0)
+  _float(config, f"{t}.timestep_shift", lo=0.0, lo_open=True)
+  _float(config, f"{t}.text_cond_dropout", lo=0.0, hi=1.0)
+  _float(config, f"{t}.ema_decay", lo=0.0, hi=1.0, hi_open=True)
+  rows = _int(config, f"{t}.batch_size", lo=1)
+  micro = _int(config, f"{t}.microbatch_rows", lo=0)
+  if micro > rows:
+    _fail(f"{t}.microbatch_rows", micro, f"must be <= train.batch_size ({rows})")
+  for k in ("save_every", "keep_checkpoints", "log_every", "max_regions", "data_threads", "samples_per_row"):
+    _int(config, f"{t}.{k}", lo=1)
+  _int(config, f"{t}.sample_every", lo=0)
+  _int(config, f"{t}.data_workers", lo=0)
+  _bool(config, f"{t}.sample_posterior")
+  H, W = _pair(config, f"{t}.image_hw", int)
+  _image_side(f"{t}.image_hw", H, geo, (H, W))
+  _image_side(f"{t}.image_hw", W, geo, (H, W))
+  S = int(config.train.samples_per_row)
+  text = _int(config, f"{t}.text_capacity", lo=1)
+  tokens = _int(config, f"{t}.num_tokens", lo=1)
+  if geo is not None:  # the data pipeline's text_budget: room for at least one prompt id per sample
+    latents = S * (H // geo.latent_stride) * (W // geo.latent_stride)
+    per_sample = min(text // S, (tokens - latents) // S) - 4
+    if per_sample < 1:
+      _fail(f"{t}.num_tokens", tokens, f"leaves no room for prompt text: {S} samples of {H}x{W} pixels take "
+            f"{latents} latent tokens, each sample needs 4 marker slots and >= 1 prompt id (text_capacity {text})")
+  for k in ("lambda_constraint",):
+    _float(config, f"srum.{k}", lo=0.0)
+  for k in ("signed_rewards", "use_local", "use_global", "drop_zero_global"):
+    _bool(config, f"srum.{k}")
+
+
+def check_train_inputs(config) -> None:
+  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`)
+  and, when set, `train.images_root`."""
+  if config.train.records:
+    _existing_file("train.records", config.train.records, "reward records file")
+  else:
+    records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
+    if not os.path.isfile(records):
+      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
+                                  f"exist: run generate, propose and score first, or set train.records")
+  if config.train.images_root:
+    _existing_dir("train.images_root", config.train.images_root, "images folder")
+
+
+def check_prompts(config, key: str) -> None:
+  """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
+  under another source is an error (an override would be ignored); a leftover `function` under
+  source=file is not (switching a python source to a file keeps the config file's function)."""
+  from srum_jax.pipeline import prompts as prompts_lib
+  src = _get(config, key)
+  source = src.source or ("file" if src.path else "python" if src.function else "tfds")
+  if src.source:
+    _enum(config, f"{key}.source", PROMPT_SOURCES)
+  if src.path and source != "file":
+    _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
+          f"--config.{key}.source=file (or clear the path)")
+  if src.limit is not None:
+    _int(config, f"{key}.limit", lo=1)
+  if source == "file":
+    _enum(config, f"{key}.format", PROMPT_FORMATS)
+    if not src.path:
+      _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
+    _existing_file(f"{key}.path", src.path, "prompt file")
+    quiet = prompts_lib.log.disabled
+    prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
+    try:
+      items = prompts_lib.load_prompts(src)
+    except UserError as e:
+      raise UserValueError(f"config key {key}.path: {e}") from None
+    finally:
+      prompts_lib.log.disabled = quiet
+    require_prompts(items, key)
+  elif source == "python":
+    module, sep, fn = str(src.function).partition(":")
+    if not (module and sep and fn):
+      _fail(f"{key}.function", src.function, "must be 'module.path:function'")
+
+
+def require_prompts(items, key: str) -> None:
+  """A stage with no prompt to work on is a user error, not a silent success."""
+  if not len(items):
+    summary = items.report.summary() if getattr(items, "report", None) is not None else "0 loaded"
+    raise UserValueError(f"config key {key}: no prompts to use ({summary})")
+
+
+def check_eval(config, own_model: bool) -> Optional[Geometry]:
+  """The eval keys; with `own_model` (the eval command) also the model it evaluates: `eval.model_dir` (a
+  converted or an official dir), else `model.*`, unless a folder of images is judged without the UMM."""
+  e = "eval"
+  for k in ("batch_size",):
+    _int(config, f"{e}.{k}", lo=1)
+  _int(config, f"{e}.grid_images", lo=0)
+  _int(config, f"{e}.seed")
+  judge = _enum(config, f"{e}.judge", EVAL_JUDGES)
+  name = str(config.eval.name)
+  if not name or not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+    _fail(f"{e}.name", name, "must be a non-empty folder name (letters, digits, . _ + = -)")
+  if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(config.eval.device)):
+    _fail(f"{e}.device", config.eval.device, "must be auto, cpu, cuda or cuda:N")
+  if judge == "oracle":
+    module, sep, fn = str(config.eval.oracle_fn).partition(":")
+    if not (module and sep and fn):
+      _fail(f"{e}.oracle_fn", config.eval.oracle_fn, "eval.judge='oracle' needs 'module.path:function'")
+  if judge == "hf_vlm":
+    _existing_dir(f"{e}.hf_vlm_dir", config.eval.hf_vlm_dir, "judge model folder")
+  if config.eval.images_dir:
+    _existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder")
+  for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
+                  ("reasonbench.questions", "T2I-ReasonBench questions"), ("mllm.rubric", "rubric file"),
+                  ("reasonbench.rubric", "protocol file")):
+    if _get(config, f"{e}.{k}"):
+      _existing_file(f"{e}.{k}", _get(config, f"{e}.{k}"), what)
+  metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
+  needs_model = not config.eval.images_dir or ("judge" in metrics and judge == "self")
+  geo = None
+  if own_model and needs_model:
+    if config.eval.model_dir:
+      p = pathlib.Path(config.eval.model_dir)
+      official = p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
+      geo = (check_official_dir(config, config.eval.model_dir, "eval.model_dir") if official
+             else check_converted_dir(config.eval.model_dir, "eval.model_dir"))
+    else:
+      geo = check_model(config)
+  return geo
+
+
+def check_run(config) -> None:
+  _int(config, "run.rounds", lo=1)
+  _bool(config, "run.sft_control")
+  _int(config, "run.report_images", lo=0)
+
+
+def check_pretrain_stage(config, key: str) -> None:
+  """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
+  model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
+  from srum_jax.models.config import PRESETS
+  _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
+  for k in ("compute_dtype", "eval_dtype", "save_dtype"):
+    _enum(config, f"{key}.{k}", MODEL_DTYPES)
+  _bool(config, f"{key}.resume")
+  _int(config, f"{key}.seed")
+  _float(config, f"{key}.max_seconds", lo=0.0, lo_open=True)
+  _float(config, f"{key}.snapshot_every_seconds", lo=0.0)
+  _int(config, f"{key}.log_every", lo=1)
+  _int(config, f"{key}.data_workers", lo=0)
+  for block in ("ae", "umm"):
+    _float(config, f"{key}.{block}.lr", lo=0.0, lo_open=True)
+    _enum(config, f"{key}.{block}.lr_decay", LR_DECAYS)
+    _int(config, f"{key}.{block}.warmup_steps", lo=0)
+  _int(config, f"{key}.ae.steps", lo=0)
+  _int(config, f"{key}.ae.batch", lo=1)
+  _int(config, f"{key}.umm.steps", lo=1)
+  for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
+            "gen_text_len"):
+    _int(config, f"{key}.umm.{k}", lo=1)
+  tasks = _get(config, f"{key}.data.tasks")
+  for k in tasks.keys():
+    _float(config, f"{key}.data.tasks.{k}", lo=0.0)
+  if not sum(float(tasks[k]) for k in tasks.keys()) > 0:
+    _fail(f"{key}.data.tasks", tasks.to_dict(), "needs a positive weight")
+  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur", "short_region_answer"):
+    _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
+  block = _get(config, key)
+  resumes = block.resume and (pathlib.Path(block.out) / "state").is_dir()
+  if block.init_from and not resumes:
+    _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")
+  if block.ae.from_dir and not resumes:
+    _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
+
+
+def _eval_metrics(config) -> None:
+  """`eval.metrics` by the evaluation stage's own parser (imported last: it loads JAX)."""
+  from srum_jax.pipeline import evaluate
+  try:
+    evaluate.parse_metrics(config.eval.metrics)
+  except ValueError as e:
+    raise UserValueError(f"config key {e}") from None
+
+
+def validate(config, command: str) -> None:
+  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
+  stage blocks; show-config and sweep are not checked (each sweep point's command checks itself)."""
+  if command == "pretrain":
+    check_pretrain_stage(config, "pretrain")
+    if config.pretrain.then.name:
+      check_pretrain_stage(config, "pretrain.then")
+    return
+  sections = SECTIONS.get(command)
+  if sections is None:
+    return
+  _int(config, "seed")
+  if not str(config.workdir):
+    _fail("workdir", config.workdir, "must be a folder path")
+  geo = check_model(config) if "model" in sections else None
+  if "prompts.train" in sections:
+    check_prompts(config, "prompts.train")
+  if "generate" in sections:
+    check_generate(config, "generate", geo)
+  if "propose" in sections:
+    check_propose(config)
+  if "score" in sections:
+    check_score(config)
+  if "train" in sections:
+    check_train(config, geo)
+  if command == "train":
+    check_train_inputs(config)
+  if "run" in sections:
+    check_run(config)
+  if "eval" in sections:
+    eval_geo = check_eval(config, own_model=command == "eval")
+    metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
+    if not ({"geneval", "reasonbench"} & set(metrics)):
+      check_prompts(config, "prompts.val")
+    if not config.eval.images_dir or command == "run":
+      check_generate(config, "eval_generate", eval_geo or geo)
+    if "judge" in metrics and config.eval.judge == "self" or command == "run":
+      check_score(config)
+    _eval_metrics(config)
+
+
+def first_unknown_override(config, argv: Iterable[str]) -> str:
+  """The message for the first `--config.<key>=...` of `argv` naming a key the config lacks ('' if none)."""
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      msg = suggest_key(config, a[len("--config."):].split("=", 1)[0])
+      if msg:
+        return msg
+  return ""
