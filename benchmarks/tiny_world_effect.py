@@ -1,7 +1,7 @@
 """The SRUM effect on the embedded default, over seeds: base vs SFT (R == 1, lambda = 0) vs SRUM.
 
     python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...] \\
-        [--lever srum.lambda_constraint=0.0,0.1] [--oracle_ceiling]
+        [--lever srum.lambda_constraint=0.0,0.1] [--oracle_ceiling] [--on_train_prompts]
 
 Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
@@ -11,6 +11,8 @@ SRUM - SFT, and writes them to <workdir>/effect.json. Report what it prints, wha
 Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
 candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
 score > 0) and the mean reward-map value of oracle-correct vs oracle-wrong candidates.
+With --on_train_prompts every model is also evaluated on the train prompts (the prompts its candidates were
+drawn for), to tell a recipe that does not learn from its data from one that does not generalise.
 The base model's eval is the same for every seed (eval.seed is fixed), so later seeds reuse seed 0's images.
 """
 from __future__ import annotations
@@ -91,6 +93,45 @@ def oracle_filtered_sft(cfg) -> dict:
                            compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
 
 
+def _model_dirs(cfg, names) -> dict:
+  """Where the run left each evaluated model (base: the configured model dir)."""
+  where = {"base": common.resolve_model_dir(cfg), "sft": os.path.join(cfg.workdir, "sft_model"),
+           "srum": os.path.join(cfg.workdir, "round_0", "model"),
+           "oracle_sft": os.path.join(cfg.workdir, "oracle_sft_model")}
+  return {n: where[n] for n in names if n in where}
+
+
+def train_prompt_tables(cfg, names) -> dict:
+  """Each model's oracle table on the train prompts (same eval settings and seed as on val)."""
+  from srum_jax.pipeline import evaluate, prompts
+  items = prompts.load_prompts(cfg.prompts.train)
+  return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, common.load_inference_model(cfg, path),
+                                  items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=cfg.model.attn_impl)
+          for name, path in _model_dirs(cfg, names).items()}
+
+
+def table_text(tables: dict, title: str):
+  """Markdown: mean +- std over seeds per model and category, and the paired differences of each SRUM column
+  to base and to SFT; returns (text, {model: {category: accuracies over seeds}})."""
+  models = list(next(iter(tables.values())))
+  models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
+  cats = [c for c in next(iter(tables.values()))["base"]]
+  acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
+  srums = [m for m in models if m.startswith("srum")]
+  head = models + [f"{m} - base" for m in srums] + [f"{m} - sft" for m in srums]
+  lines = ["| category | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+  for c in cats:
+    cells = [f"{acc[m][c].mean():.1f} +- {acc[m][c].std():.1f}" for m in models]
+    for ref in ("base", "sft"):
+      for m in srums:
+        d = acc[m][c] - acc[ref][c]
+        cells.append(f"{d.mean():+.1f} +- {d.std():.1f}")
+    lines.append(f"| {c} | " + " | ".join(cells) + " |")
+  text = f"{title} over seeds {sorted(tables)} (mean +- std over seeds; differences paired)\n\n"
+  return text + "\n".join(lines), acc
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="experiments/tiny_world.py")
@@ -103,13 +144,15 @@ def main():
   ap.add_argument("--oracle_ceiling", action="store_true",
                   help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
                        "binary judge would give")
+  ap.add_argument("--on_train_prompts", action="store_true",
+                  help="also evaluate every model on the train prompts (section 'on train prompts')")
   a = ap.parse_args()
   overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
   lever_key, lever_values = "", []
   if a.lever:
     lever_key, _, vals = a.lever.partition("=")
     lever_values = [_value(v) for v in vals.split(",")]
-  tables, diags = {}, {}
+  tables, diags, train_tables = {}, {}, {}
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:
     cfg = config_utils.load_config(a.config, overrides)
@@ -134,22 +177,12 @@ def main():
       tables[seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = run.run(lc)["tables"]["srum"]
     if a.oracle_ceiling:
       tables[seed]["oracle_sft"] = oracle_filtered_sft(cfg)
-  models = list(next(iter(tables.values())))
-  models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
-  cats = [c for c in next(iter(tables.values()))["base"]]
-  acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
-  srums = [m for m in models if m.startswith("srum")]
-  head = models + [f"{m} - base" for m in srums] + [f"{m} - sft" for m in srums]
-  lines = ["| category | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
-  for c in cats:
-    cells = [f"{acc[m][c].mean():.1f} +- {acc[m][c].std():.1f}" for m in models]
-    for ref in ("base", "sft"):
-      for m in srums:
-        d = acc[m][c] - acc[ref][c]
-        cells.append(f"{d.mean():+.1f} +- {d.std():.1f}")
-    lines.append(f"| {c} | " + " | ".join(cells) + " |")
-  text = f"Oracle accuracy (%) over seeds {sorted(tables)} (mean +- std over seeds; differences paired)\n\n"
-  text += "\n".join(lines)
+    if a.on_train_prompts:
+      train_tables[seed] = train_prompt_tables(cfg, list(tables[seed]))
+  text, acc = table_text(tables, "Oracle accuracy (%) on the val prompts")
+  models, cats = list(acc), list(next(iter(acc.values())))
+  if train_tables:
+    text += "\n\n" + table_text(train_tables, "Oracle accuracy (%) on the train prompts")[0]
   keys = ["oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"]
   text += "\n\nSelf-judge on the round-0 candidates (oracle as reference; mean over seeds)\n\n"
   text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
@@ -157,7 +190,7 @@ def main():
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": sorted(tables), "tables": tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
+    json.dump({"seeds": sorted(tables), "tables": tables, "train_prompt_tables": train_tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
                "summary": {m: {c: [float(acc[m][c].mean()), float(acc[m][c].std())] for c in cats} for m in models}},
               f, indent=1)
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:
