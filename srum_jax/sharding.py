@@ -116,6 +116,18 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def under_mesh(fn, mesh: Optional[Mesh]):
+  """`fn` traced with `mesh` as the ambient mesh (what `jax.sharding.get_abstract_mesh` returns inside), so the
+  Pallas / cuDNN attention kernels, which GSPMD cannot partition, run per shard (`models.attention`)."""
+  if mesh is None:
+    return fn
+
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
