@@ -117,13 +117,14 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def under_mesh(fn, mesh: Optional[Mesh]):
-  """`fn` traced with `mesh` as the ambient mesh (what `jax.sharding.get_abstract_mesh` returns inside), so the
-  Pallas / cuDNN attention kernels, which GSPMD cannot partition, run per shard (`models.attention`)."""
+  """`fn` traced with `mesh` as the attention kernels' mesh (`models.attention.kernel_mesh`): the Pallas /
+  cuDNN kernels, which GSPMD cannot partition, then run per shard of it. For a function jitted on `mesh`."""
   if mesh is None:
     return fn
 
   def traced(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    from srum_jax.models import attention
+    with attention.kernel_mesh(mesh):
       return fn(*args, **kwargs)
   return traced
 

@@ -23,6 +23,8 @@ Implementations of the same function (`attention(..., impl=)`; `resolve_impl` tu
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import math
@@ -43,6 +45,7 @@ GPU_PLATFORMS = ("gpu", "cuda")
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 LANES = 128  # splash blocks are multiples of the TPU lane width
+_KERNEL_MESH = contextvars.ContextVar("kernel_mesh", default=None)
 
 _NEG = -1e30  # finite "minus infinity": keeps fully-masked rows NaN-free
 
@@ -179,11 +182,26 @@ def kernel_axes(mesh, batch: int, kv_heads: int):
   return tuple(rows) or None, head
 
 
+@contextlib.contextmanager
+def kernel_mesh(mesh):
+  """While tracing: the (concrete) mesh the kernels run per shard of (`sharding.under_mesh` sets it around a
+  function jitted with shardings on that mesh; a concrete mesh, unlike an abstract one inside jit, also lowers
+  when the kernel sits in a scanned or rematerialised layer)."""
+  token = _KERNEL_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
+
+
 def _per_shard(local: Callable, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
-  """Run `local` on each shard of the ambient mesh (`jax.set_mesh`), or directly without one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return local(q, k, v, q_meta, k_meta)
+  """Run `local` on each shard of the kernel mesh (`kernel_mesh`) or of the ambient one (`jax.set_mesh`), or
+  directly without either."""
+  mesh = _KERNEL_MESH.get()
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return local(q, k, v, q_meta, k_meta)
   rows, head = kernel_axes(mesh, q.shape[0], k.shape[2])
   x_spec, meta_spec = P(rows, None, head, None), P(rows, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, meta_spec, meta_spec),

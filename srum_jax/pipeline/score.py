@@ -108,7 +108,7 @@ class Judge:
     self.key, k = jax.random.split(self.key)
     n = len(images)
     images, prompts_text = self._padded([self.judge_view(im) for im in images], prompts_text)
-    raw = decoding.answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
+    raw = common.on_mesh(self.model, decoding.answer_text)(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
                                cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
                                temperature=temperature, key=k, dtype=self.dtype,
                                text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
@@ -137,7 +137,7 @@ class Judge:
     from srum_jax.inference import decoding
     n = len(images)
     images, texts = self._padded([self.judge_view(im) for im in images], texts)
-    logits = decoding.next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
+    logits = common.on_mesh(self.model, decoding.next_token_logits)(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
                                         cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
                                         text_budget=int(self.config.text_budget) or None,
                                         **self._placement(len(images)))
@@ -152,7 +152,7 @@ class Judge:
     from srum_jax.inference import decoding
     n = len(images)
     images, texts = self._padded([self.judge_view(im) for im in images], texts)
-    names, logits = decoding.continue_then_logits(
+    names, logits = common.on_mesh(self.model, decoding.continue_then_logits)(
         self.model.params["bagel"], self.model.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
         cfg=self.model.cfg, max_new_tokens=int(self.config.max_identify_tokens), dtype=self.dtype,
         text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
