@@ -216,8 +216,23 @@ def test_resolver_by_platform_and_errors(monkeypatch):
     q, k, v, qm, km = _case()
     with pytest.raises(ImportError, match="needs the tokamax package"):
       attn_lib.attention(q, k, v, qm, km, impl="tokamax")
-  # every config choice is declared and resolves on some platform
   assert set(attn_lib.CONFIG_CHOICES) == {"auto", "xla", "dense", "chunked", "splash", "cudnn", "tokamax"}
+
+
+def test_stages_resolve_the_config_the_same_way():
+  """`model.attn_impl` (default auto) through `common.attn_impl`: what generate / score / eval get, and the
+  train step's options, for this backend or a target platform (the AOT compile for TPU on a CPU host)."""
+  from srum_jax import defaults
+  from srum_jax.pipeline import common, train
+  c = defaults.base_config()
+  assert c.model.attn_impl == "auto"
+  assert common.attn_impl(c) == train.step_options(c).attn_impl == "xla"
+  assert common.attn_impl(c, "tpu") == train.step_options(c, platform="tpu").attn_impl == "splash"
+  c.model.attn_impl = "chunked"
+  assert common.attn_impl(c, "tpu") == train.step_options(c).attn_impl == "chunked"
+  c.model.attn_impl = "splash"
+  with pytest.raises(ValueError, match="TPU kernel"):
+    train.step_options(c)
 
 
 def test_decoder_with_splash_per_shard_equals_dense():

@@ -15,7 +15,9 @@ Implementations of the same function (`attention(..., impl=)`; `resolve_impl` tu
 * `splash`: Pallas TPU splash attention with a dynamic mask built from the metadata: blocks with no visible
   key are skipped, so BAGEL's block-sparse mask costs about its density. Pallas kernels cannot be
   partitioned by GSPMD: under a mesh (`jax.set_mesh`) the kernel runs per shard through `jax.shard_map`, rows
-  over the mesh's batch axes and heads over `tensor` where they divide.
+  over the mesh's batch axes and heads over `tensor` where they divide. (Splash's static mask + segment ids
+  mode does not fit: within a sample the split boundaries move with each prompt's length, so no single
+  static mask serves every row; it would take fixed per-sample text budgets in the packing.)
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as a dense bias (no block
   skipping); bf16/fp16 only, other dtypes take XLA's path of the same call. Per shard like `splash`.
 * `tokamax`: `tokamax.dot_product_attention` (GPU Pallas kernels; needs Python >= 3.12 and jax >= 0.11.1),
