@@ -139,7 +139,7 @@ SPLASH = functools.partial(attn_lib.splash_attention, block=128, interpret=True)
 
 def test_splash_matches_masked_attention_fp32():
   """Splash (Pallas interpreter, 128-blocks, dynamic mask from the metadata): fp32 forward and gradients within
-  1e-5 of the reference on every layout and on the KV-cache shape (measured: <= 2e-6)."""
+  1e-5 of the reference on every layout and on the KV-cache shape (measured: <= 4e-6)."""
   for kv_cache in (False, True):
     case = _case(kv_cache)
     got = _fwd_and_grads(SPLASH, *case)
