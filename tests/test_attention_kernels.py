@@ -259,3 +259,13 @@ def test_decoder_with_splash_per_shard_equals_dense():
   np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_steps_skip_the_kernels():
+  """Fewer than 128 queries (one decoded token over a cache) take the xla path under every kernel: splash and
+  cuDNN, which cannot run on the CPU, give the reference here."""
+  q, k, v, qm, km = _case(kv_cache=True)
+  q1, qm1 = q[:, -1:], TokenMeta(*(x[:, -1:] for x in qm))
+  want = np.asarray(_reference(q1, k, v, qm1, km))
+  for impl in ("splash", "cudnn"):
+    np.testing.assert_allclose(np.asarray(attn_lib.attention(q1, k, v, qm1, km, impl=impl)), want, atol=1e-6)

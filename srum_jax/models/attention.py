@@ -42,6 +42,7 @@ IMPLS = ("dense", "chunked", "xla", "splash", "cudnn", "tokamax")
 CONFIG_CHOICES = ("auto",) + IMPLS  # model.attn_impl
 # The splash kernel run by the Pallas interpreter (tests on CPU); not a config choice.
 SPLASH_INTERPRET = "splash_interpret"
+KERNELS = ("splash", SPLASH_INTERPRET, "cudnn", "tokamax")
 GPU_PLATFORMS = ("gpu", "cuda")
 # Mesh axes the kernels' rows and heads are split over (sharding.DEFAULT_RULES: batch -> data, fsdp; heads -> tensor).
 BATCH_AXES = ("data", "fsdp")
@@ -276,18 +277,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_met
   """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the packed-sequence mask from metadata.
 
   impl: one of `IMPLS` or "auto" (see the module docstring; all give the same result). block_q: the query
-  block of `chunked` / `xla` and the block of both token axes of `splash` (a multiple of 128). Fewer than
-  128 queries (a decoding step) take the `xla` path under `splash`: a kernel block would be mostly padding.
+  block of `chunked` / `xla` and the block of both token axes of `splash` (a multiple of 128). Under the
+  kernels (splash, cudnn, tokamax), fewer than 128 queries (a decoding step) take the `xla` path: a kernel
+  tile would be mostly padding.
   """
   if impl == "auto":
     impl = resolve_impl(impl)
   if impl == "dense":
     return masked_attention(q, k, v, attention_mask(q_meta, k_meta))
-  if impl in ("chunked", "xla"):
-    return _chunked(q, k, v, q_meta, k_meta, block_q, stop_max_grad=impl == "xla")
+  if impl in ("chunked", "xla") or (impl in KERNELS and q.shape[1] < LANES):
+    return _chunked(q, k, v, q_meta, k_meta, block_q, stop_max_grad=impl != "chunked")
   if impl in ("splash", SPLASH_INTERPRET):
-    if q.shape[1] < LANES:
-      return _chunked(q, k, v, q_meta, k_meta, block_q, stop_max_grad=True)
     return splash_attention(q, k, v, q_meta, k_meta, block=block_q, interpret=impl == SPLASH_INTERPRET)
   if impl == "cudnn":
     return sdpa_attention(q, k, v, q_meta, k_meta, implementation="cudnn")
