@@ -135,8 +135,9 @@ def train_step_program(config, devices: Sequence) -> Program:
   step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx), state_sh,
                                      jax.tree.map(lambda x: x.sharding, batch), mesh)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-  info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout, attn_impl=opts.attn_impl,
-              params=params_lib.count_params(params), param_dtype=str(config.model.param_dtype))
+  info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
+              attn_impl=opts.attn_impl, params=params_lib.count_params(params),
+              param_dtype=str(config.model.param_dtype))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
 
 

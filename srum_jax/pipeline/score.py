@@ -108,10 +108,11 @@ class Judge:
     self.key, k = jax.random.split(self.key)
     n = len(images)
     images, prompts_text = self._padded([self.judge_view(im) for im in images], prompts_text)
-    raw = common.on_mesh(self.model, decoding.answer_text)(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
-                               cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
-                               temperature=temperature, key=k, dtype=self.dtype,
-                               text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
+    answer_text = common.on_mesh(self.model, decoding.answer_text)
+    raw = answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
+                      cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
+                      temperature=temperature, key=k, dtype=self.dtype,
+                      text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
     return [parsing.strip_think(t) for t in raw[:n]]
 
   def _with_retries(self, images, texts, max_new, parse, rep: ScoreReport):
@@ -137,10 +138,11 @@ class Judge:
     from srum_jax.inference import decoding
     n = len(images)
     images, texts = self._padded([self.judge_view(im) for im in images], texts)
-    logits = common.on_mesh(self.model, decoding.next_token_logits)(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
-                                        cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
-                                        text_budget=int(self.config.text_budget) or None,
-                                        **self._placement(len(images)))
+    next_token_logits = common.on_mesh(self.model, decoding.next_token_logits)
+    logits = next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
+                               cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
+                               text_budget=int(self.config.text_budget) or None,
+                               **self._placement(len(images)))
     return self._expectation(logits[:n])
 
   def _expectation(self, logits) -> List[float]:
