@@ -244,8 +244,8 @@ def test_decoder_with_splash_per_shard_equals_dense():
   p = params.init_params(params.llm_schema(cfg), jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, N, cfg.llm.hidden_size))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # rows over data, kv heads over tensor
-  x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
-  meta = jax.device_put(meta, NamedSharding(mesh, P(("data", "fsdp"))))
+  x = jax.device_put(x, NamedSharding(mesh, P("data")))
+  meta = jax.device_put(meta, NamedSharding(mesh, P("data")))
 
   def loss(p, impl):
     h = qwen2_mot.decoder_forward(p, x, meta, cfg=cfg.llm, und_capacity=N, gen_capacity=N, attn_impl=impl,
