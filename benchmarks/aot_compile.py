@@ -34,7 +34,8 @@ def _parse():
   ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
   ap.add_argument("--attn_impl", default="",
                   help="model.attn_impl for every program: auto | xla | dense | chunked | splash | cudnn | tokamax "
-                       "(default: the config's)")
+                       "(default: the config's); splash_interpret: the splash kernel in the Pallas interpreter "
+                       "(a CPU check of its lowering)")
   ap.add_argument("--host_topology", default="",
                   help="TPU topology of one host, where the inference programs compile (default: 4 chips, "
                        f"{HOST_TOPOLOGY})")
