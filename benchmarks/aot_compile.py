@@ -6,11 +6,13 @@ Targets: `cpu:N` (N simulated CPU devices) or `tpu:<type>:<topology>` (abstract 
 `config.mesh` over every device, and on one host's devices (`config.inference_mesh`) one sampler step with
 CFG, the prompt prefill and the judge forward. Prints, per program: the mesh, compile time, XLA's
 per-device memory (arguments, outputs, temporaries, peak) against the chip's HBM; for the train step also
-XLA's FLOPs and BAGEL's formula.
+XLA's FLOPs and BAGEL's formula. `--attn_impl` picks the attention (default: the config's `model.attn_impl`,
+resolved for the target's platform: `auto` is splash on TPU targets, xla on CPU ones).
 
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v6e:4x4 --programs sampler,judge
     python benchmarks/aot_compile.py --target cpu:8 --programs train --set model.remat=False
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4 --programs train --attn_impl splash
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ def _parse():
   ap.add_argument("--config", default="experiments/bagel_7b_compbench.py")
   ap.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma list of {PROGRAMS}")
   ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+  ap.add_argument("--attn_impl", default="",
+                  help="model.attn_impl for every program: auto | xla | dense | chunked | splash | cudnn | tokamax "
+                       "(default: the config's); splash_interpret: the splash kernel in the Pallas interpreter "
+                       "(a CPU check of its lowering)")
   ap.add_argument("--host_topology", default="",
                   help="TPU topology of one host, where the inference programs compile (default: 4 chips, "
                        f"{HOST_TOPOLOGY})")
@@ -113,11 +119,18 @@ def train_flops(prog, compiled, config) -> None:
 
 
 def main():
-  config = config_utils.load_config(ARGS.config, {k: _value(v) for k, v in (kv.split("=", 1) for kv in ARGS.set)})
+  overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in ARGS.set)}
+  if ARGS.attn_impl:
+    overrides["model.attn_impl"] = ARGS.attn_impl
+  config = config_utils.load_config(ARGS.config, overrides)
   devs = devices()
+  try:
+    attn = aot.attn_impl(config, devs)  # the programs resolve it the same way
+  except (ValueError, ImportError) as e:
+    sys.exit(f"aot_compile: {e}")
   hbm = HBM_BYTES.get(devs[0].device_kind) if _kind == "tpu" else None
   print(f"target {ARGS.target}: {len(devs)} x {devs[0].device_kind}; config {ARGS.config} {ARGS.set}; "
-        f"jax {jax.__version__}", flush=True)
+        f"jax {jax.__version__}; attention {attn}", flush=True)
   builders = {"train": aot.train_step_program, "sampler": aot.sampler_step_program, "prefill": aot.prefill_program,
               "judge": aot.judge_program}
   for name in ARGS.programs.split(","):

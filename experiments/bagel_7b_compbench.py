@@ -14,7 +14,7 @@ sets what the full-size model needs on top:
   devices than rows (mesh.tensor 0), gradient accumulation when a device holds more rows than one microbatch;
 * fp32 master weights with bf16 compute for training; bf16 weights for inference, tensor-parallel over each
   host's devices (4 chips hold the 14.6B parameters at ~7.3 GB each);
-* the chunked attention in every stage, remat in training.
+* attention chosen by platform in every stage (`auto`: splash on TPU, cuDNN / tokamax on GPU), remat in training.
 """
 from srum_jax import defaults
 from srum_jax.pipeline.prompts import prompt_source
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"
   c.model.inference_dtype = "bfloat16"
   c.model.compute_dtype = "bfloat16"
-  c.model.attn_impl = "chunked"
+  c.model.attn_impl = "auto"
   c.model.remat = True
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 0
   c.inference_mesh.data, c.inference_mesh.tensor = -1, 4

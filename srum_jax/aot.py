@@ -11,6 +11,8 @@ shardings a real run would use, on any device list (simulated CPU devices, or th
     prog = judge_program(config, devices)         # the judge: ViT image + prompt prefill, then score logits
 
 Inference programs use one process's worth of devices (`local_devices`: the inference mesh of a host).
+`model.attn_impl` is resolved for the devices' platform (`auto` on TPU devices: splash, even when this
+machine's backend is the CPU), and every program is traced under its mesh (the attention kernels run per shard).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srum_jax import objective, sharding, train_step
+from srum_jax.models import attention
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import BagelConfig, get_preset
 
@@ -42,6 +45,11 @@ class Program:
 
 def model_config(config) -> BagelConfig:
   return get_preset(config.model.preset)
+
+
+def attn_impl(config, devices: Sequence) -> str:
+  """`model.attn_impl` resolved for the platform of `devices` (not this machine's backend)."""
+  return attention.resolve_impl(str(config.model.attn_impl), list(devices)[0].platform)
 
 
 def _abstract(tree, shardings):
@@ -118,7 +126,7 @@ def train_step_program(config, devices: Sequence) -> Program:
   mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
   rules = sharding.rules_from_config(config.sharding_rules)
   layout = train_stage.batch_layout(config, mesh)
-  opts = dataclasses.replace(train_stage.step_options(config), **layout)
+  opts = dataclasses.replace(train_stage.step_options(config, platform=list(devices)[0].platform), **layout)
   params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype))
   tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=int(t.steps))
   abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
@@ -128,7 +136,8 @@ def train_step_program(config, devices: Sequence) -> Program:
                                      jax.tree.map(lambda x: x.sharding, batch), mesh)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
-              params=params_lib.count_params(params), param_dtype=str(config.model.param_dtype))
+              attn_impl=opts.attn_impl, params=params_lib.count_params(params),
+              param_dtype=str(config.model.param_dtype))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
 
 
@@ -160,6 +169,7 @@ def sampler_step_program(config, devices: Sequence) -> Program:
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   g = config.generate
   rows = int(g.batch_size)
+  attn = attn_impl(config, devices)
   grid = sampling.latent_grid(int(g.height), int(g.width), cfg)
   n = sampling._branches(float(g.cfg_text_scale), float(g.cfg_img_scale))
   length = _context_length(config, cfg)
@@ -172,12 +182,12 @@ def sampler_step_program(config, devices: Sequence) -> Program:
     v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid,
                                  cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale),
                                  cfg_interval=tuple(g.cfg_interval), cfg_renorm_type=str(g.cfg_renorm_type),
-                                 cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=str(config.model.attn_impl))
+                                 cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=attn)
     return x - v * 0.02
 
   info = dict(mesh=dict(mesh.shape), rows=rows, branches=n, image=f"{g.height}x{g.width}",
-              latent_tokens=grid[0] * grid[1], context_slots=length)
-  return Program("sampler_step", jax.jit(step), (params, contexts, x, t), mesh, info)
+              latent_tokens=grid[0] * grid[1], context_slots=length, attn_impl=attn)
+  return Program("sampler_step", jax.jit(sharding.under_mesh(step, mesh)), (params, contexts, x, t), mesh, info)
 
 
 def prefill_program(config, devices: Sequence) -> Program:
@@ -189,10 +199,11 @@ def prefill_program(config, devices: Sequence) -> Program:
   ctx = _context(cfg, rows, length, dtype, mesh)
   ids = jax.ShapeDtypeStruct((rows, ids_len), jnp.int32, sharding=_fit(_rows(mesh, 2), (rows, 1)))
   lens = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=_fit(_rows(mesh, 1), (rows,)))
-  fn = jax.jit(lambda p, c, i, n: context.prefill_text(p["bagel"], c, i, n, cfg=cfg,
-                                                       attn_impl=str(config.model.attn_impl)))
+  attn = attn_impl(config, devices)
+  fn = jax.jit(sharding.under_mesh(lambda p, c, i, n: context.prefill_text(p["bagel"], c, i, n, cfg=cfg,
+                                                                          attn_impl=attn), mesh))
   return Program("prefill", fn, (params, ctx, ids, lens), mesh,
-                 dict(mesh=dict(mesh.shape), rows=rows, prompt_tokens=ids_len, context_slots=length))
+                 dict(mesh=dict(mesh.shape), rows=rows, prompt_tokens=ids_len, context_slots=length, attn_impl=attn))
 
 
 def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
@@ -206,7 +217,7 @@ def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Pro
   length = context.bucket(patches + 2 + prompt_tokens + 16)
   ctx = _context(cfg, rows, length, dtype, mesh)
   arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=_fit(_rows(mesh, len(shape)), shape))  # noqa
-  attn = str(config.model.attn_impl)
+  attn = attn_impl(config, devices)
 
   def forward(p, c, patch, grid, ids, lens, pre_ids, pre_lens):
     c = context.prefill_vit_image(p["bagel"], c, patch, grid, cfg=cfg, attn_impl=attn)
@@ -216,5 +227,6 @@ def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Pro
   args = (params, ctx, arg((rows, patches, cfg.vit.patch_dim), jnp.float32), arg((rows, 2), jnp.int32),
           arg((rows, prompt_tokens), jnp.int32), arg((rows,), jnp.int32), arg((rows, 16), jnp.int32),
           arg((rows,), jnp.int32))
-  info = dict(mesh=dict(mesh.shape), rows=rows, vit_patches=patches, prompt_tokens=prompt_tokens, context_slots=length)
-  return Program("judge", jax.jit(forward), args, mesh, info)
+  info = dict(mesh=dict(mesh.shape), rows=rows, vit_patches=patches, prompt_tokens=prompt_tokens, context_slots=length,
+              attn_impl=attn)
+  return Program("judge", jax.jit(sharding.under_mesh(forward, mesh)), args, mesh, info)

@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # training's master weights: float32 | bfloat16
   c.model.inference_dtype = ""  # parameters for generate / score / eval ("": param_dtype)
   c.model.compute_dtype = "bfloat16"
-  c.model.attn_impl = "dense"  # dense | chunked
+  # auto (by platform: tpu -> splash, gpu -> tokamax if installed else cudnn, cpu -> xla) | xla | dense | chunked
+  # | splash | cudnn | tokamax (srum_jax/models/attention.py); every stage resolves it the same way.
+  c.model.attn_impl = "auto"
   c.model.remat = False
 
   # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).

@@ -116,6 +116,19 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def under_mesh(fn, mesh: Optional[Mesh]):
+  """`fn` traced with `mesh` as the attention kernels' mesh (`models.attention.kernel_mesh`): the Pallas /
+  cuDNN kernels, which GSPMD cannot partition, then run per shard of it. For a function jitted on `mesh`."""
+  if mesh is None:
+    return fn
+
+  def traced(*args, **kwargs):
+    from srum_jax.models import attention
+    with attention.kernel_mesh(mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

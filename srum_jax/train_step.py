@@ -156,9 +156,10 @@ def batch_shardings(batch, mesh, rules=sharding.DEFAULT_RULES):
 
 
 def shard_train_step(step_fn, state_sh, batch_sh, mesh):
-  """jit with explicit in/out shardings (today's pjit); the state buffers are donated."""
+  """jit with explicit in/out shardings (today's pjit); the state buffers are donated; traced under the mesh
+  (attention kernels run per shard)."""
   rep = sharding.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+  return jax.jit(sharding.under_mesh(step_fn, mesh), in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                  donate_argnums=(0,))
 
 

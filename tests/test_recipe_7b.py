@@ -1,6 +1,6 @@
 """The paper recipe (`experiments/bagel_7b_compbench.py`) starts on 8, 16, 32 and 64 devices: the mesh, the
 per-device rows and the gradient accumulation are derived so that every update sees the same 16 images, and
-its train step (fp32 master weights, bf16 compute, chunked attention, remat) and inference programs lower with
+its train step (fp32 master weights, bf16 compute, attention `auto`: xla on CPU devices, remat) and inference programs lower with
 BAGEL-7B's abstract shapes. 64 simulated CPU devices in a subprocess; nothing is allocated or compiled."""
 import json
 import os
@@ -52,6 +52,7 @@ def test_recipe_lowers_on_8_to_64_devices():
     assert got["rows"] == got["batch_rows"] == 16 and got["samples_per_row"] == 1
     assert got["master_dtypes"] == ["float32"]
     assert got["params"] > 14e9
+    assert got["attn_impl"] == "xla"  # `auto` resolved for the (CPU) devices' platform
   inf = out["inference"]
   assert inf["sampler_step"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}  # 8 devices: one host's worth
   assert inf["sampler_step"]["latent_tokens"] == 4096 and inf["sampler_step"]["branches"] == 2

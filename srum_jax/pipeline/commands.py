@@ -35,7 +35,7 @@ def generate_main(config, flags) -> int:
   require_prompts(items, "prompts.train")
   model = _model(config)
   rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                          compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
+                          compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
   return 1 if rep.skipped_nonfinite else 0
 
 
@@ -53,7 +53,7 @@ def score_main(config, flags) -> int:
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              compute_dtype=config.model.compute_dtype, attn_impl=config.model.attn_impl)
+              compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
   return 0
 
 
@@ -102,11 +102,11 @@ def eval_main(config, flags) -> int:
     needs_umm = "judge" in metrics and ecfg.judge == "self"
     evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
                              ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,
-                             name=ecfg.name)
+                             name=ecfg.name, attn_impl=common.attn_impl(config))
   else:
     evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
                       seed=ecfg.seed, compute_dtype=config.model.compute_dtype, name=ecfg.name,
-                      attn_impl=config.model.attn_impl)
+                      attn_impl=common.attn_impl(config))
   return 0
 
 

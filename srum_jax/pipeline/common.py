@@ -19,6 +19,26 @@ import numpy as np
 # Model
 
 
+def attn_impl(config, platform: Optional[str] = None) -> str:
+  """The attention implementation every stage runs: `model.attn_impl` resolved for `platform` (default: JAX's
+  backend; `models.attention.resolve_impl`: `auto` by platform, an explicit choice checked against it)."""
+  from srum_jax.models import attention
+  return attention.resolve_impl(str(config.model.attn_impl), platform)
+
+
+def on_mesh(model, fn):
+  """`fn` run with the model's mesh as the ambient mesh (`jax.set_mesh`), so the attention kernels run per shard
+  of it (`models.attention`); `fn` itself without a mesh."""
+  if model.mesh is None:
+    return fn
+
+  def run(*args, **kwargs):
+    import jax
+    with jax.set_mesh(model.mesh):
+      return fn(*args, **kwargs)
+  return run
+
+
 @dataclasses.dataclass
 class Model:
   """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, where it came from, and the mesh

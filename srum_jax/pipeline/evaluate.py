@@ -316,11 +316,12 @@ def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed
 
 
 def evaluate_folder(ecfg, scfg, model: Optional[common.Model], items, images_dir: str, out_dir: str, *, seed: int,
-                    compute_dtype="float32", name: str = "model") -> Dict[str, dict]:
+                    compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, dict]:
   """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
   from srum_jax.evaluation import images
   metrics = parse_metrics(ecfg.metrics)
-  judge = make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype) if "judge" in metrics else None
+  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+           if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
   rows, rep = images.collect(images_dir, items)
   common.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,

@@ -102,7 +102,7 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
     else:
       real = len(chunk)
     ids = [common.stable_int(image_id) for _, image_id, _ in chunk]
-    res = sampling.text_to_image(
+    res = common.on_mesh(model, sampling.text_to_image)(
         params["bagel"], params["ae"], model.tokenizer, [it.prompt for _, _, it in chunk], cfg=model.cfg,
         think=bool(gcfg.think), seeds=int(seed), image_ids=ids, height=int(gcfg.height), width=int(gcfg.width),
         num_timesteps=int(gcfg.num_timesteps), timestep_shift=float(gcfg.timestep_shift),

@@ -118,7 +118,7 @@ def _trained(summary: dict) -> dict:
 
 def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, clock: StageClock):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
-  dt, attn, current, rounds = config.model.compute_dtype, config.model.attn_impl, base, []
+  dt, attn, current, rounds = config.model.compute_dtype, common.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
@@ -196,7 +196,7 @@ def run(config) -> dict:
     with clock(f"eval/{name}"):
       tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
                                        seed=config.eval.seed, compute_dtype=config.model.compute_dtype,
-                                       name=name, attn_impl=config.model.attn_impl)
+                                       name=name, attn_impl=common.attn_impl(config))
     eval_dirs[name] = d
 
   do_eval("base", base)

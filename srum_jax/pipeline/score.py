@@ -109,10 +109,11 @@ class Judge:
     self.key, k = jax.random.split(self.key)
     n = len(images)
     images, prompts_text = self._padded([self.judge_view(im) for im in images], prompts_text)
-    raw = decoding.answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
-                               cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
-                               temperature=temperature, key=k, dtype=self.dtype,
-                               text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
+    answer_text = common.on_mesh(self.model, decoding.answer_text)
+    raw = answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
+                      cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
+                      temperature=temperature, key=k, dtype=self.dtype,
+                      text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
     return [parsing.strip_think(t) for t in raw[:n]]
 
   def _with_retries(self, images, texts, max_new, parse, rep: ScoreReport):
@@ -138,10 +139,11 @@ class Judge:
     from srum_jax.inference import decoding
     n = len(images)
     images, texts = self._padded([self.judge_view(im) for im in images], texts)
-    logits = decoding.next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
-                                        cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
-                                        text_budget=int(self.config.text_budget) or None,
-                                        **self._placement(len(images)))
+    next_token_logits = common.on_mesh(self.model, decoding.next_token_logits)
+    logits = next_token_logits(self.model.params["bagel"], self.model.tokenizer, images, texts, "Score:",
+                               cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
+                               text_budget=int(self.config.text_budget) or None,
+                               **self._placement(len(images)))
     return self._expectation(logits[:n])
 
   def _expectation(self, logits) -> List[float]:
@@ -153,7 +155,7 @@ class Judge:
     from srum_jax.inference import decoding
     n = len(images)
     images, texts = self._padded([self.judge_view(im) for im in images], texts)
-    names, logits = decoding.continue_then_logits(
+    names, logits = common.on_mesh(self.model, decoding.continue_then_logits)(
         self.model.params["bagel"], self.model.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
         cfg=self.model.cfg, max_new_tokens=int(self.config.max_identify_tokens), dtype=self.dtype,
         text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srum_jax import objective, sharding, train_step as ts, viz
-from srum_jax.pipeline import data, multihost
+from srum_jax.pipeline import common, data, multihost
 from srum_jax.training import checkpointing, optimizer, update
 from srum_jax.training.preemption import PreemptionFlag
 
@@ -41,9 +41,10 @@ OBJECTIVES = ("srum", "sft")
 LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
 
 
-def step_options(config, objective_name: Optional[str] = None) -> ts.StepOptions:
+def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
   """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
-  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data)."""
+  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data); `platform`: the one the
+  attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
   if name not in OBJECTIVES:
@@ -56,7 +57,7 @@ def step_options(config, objective_name: Optional[str] = None) -> ts.StepOptions
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=str(m.attn_impl), remat=bool(m.remat), ema_decay=float(t.ema_decay))
+      attn_impl=common.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
 
 
 def _to_device(tree, shardings, process_count: int):
