@@ -107,7 +107,7 @@ def train_prompt_tables(cfg, names) -> dict:
   items = prompts.load_prompts(cfg.prompts.train)
   return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, common.load_inference_model(cfg, path),
                                   items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
-                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=cfg.model.attn_impl)
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
           for name, path in _model_dirs(cfg, names).items()}
 
 

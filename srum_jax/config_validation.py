@@ -24,9 +24,9 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
+from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
 
 MODEL_DTYPES = ("float32", "bfloat16")
-ATTN_IMPLS = ("dense", "chunked")
 OBJECTIVES = ("srum", "sft")
 LR_DECAYS = ("constant", "cosine")
 SCORE_MODES = ("generate", "logits")
