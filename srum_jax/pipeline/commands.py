@@ -3,14 +3,36 @@
 Standalone stages read and write under `config.workdir`: generate/ (images + metadata), propose/
 (regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples), eval/<name>/.
 A wrong config key fails in the flag parser; a missing model directory fails here, before any work.
+Every stage holds the workdir's lock (`common.WorkdirLock`) while it runs: a second command on the same
+workdir exits with code 2 and one line naming the holder.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+import sys
 
 from srum_jax import distributed
 from srum_jax.pipeline import common
+
+
+EXIT_USAGE = 2
+
+
+def locked(stage):
+  """Run the stage under the workdir's lock (after jax.distributed is up: only process 0 takes it)."""
+  @functools.wraps(stage)
+  def wrapper(config, flags) -> int:
+    distributed.maybe_initialize()
+    try:
+      lock = common.workdir_lock(config.workdir, command=stage.__name__.replace("_main", ""))
+      with lock:
+        return stage(config, flags)
+    except common.WorkdirBusy as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return EXIT_USAGE
+  return wrapper
 
 
 def _dirs(config):
@@ -25,6 +47,7 @@ def _model(config) -> common.Model:
   return common.load_inference_model(config, model_dir)
 
 
+@locked
 def generate_main(config, flags) -> int:
   from srum_jax.pipeline import generate
   from srum_jax.pipeline.prompts import load_prompts
@@ -36,6 +59,7 @@ def generate_main(config, flags) -> int:
   return 0
 
 
+@locked
 def propose_main(config, flags) -> int:
   from srum_jax.pipeline import propose
   distributed.maybe_initialize()
@@ -44,6 +68,7 @@ def propose_main(config, flags) -> int:
   return 0
 
 
+@locked
 def score_main(config, flags) -> int:
   from srum_jax.pipeline import score
   distributed.maybe_initialize()
@@ -54,6 +79,7 @@ def score_main(config, flags) -> int:
   return 0
 
 
+@locked
 def train_main(config, flags) -> int:
   """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
   `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
@@ -84,6 +110,7 @@ def _eval_model(config, out_dir: str) -> common.Model:
   return common.load_inference_model(config, path)
 
 
+@locked
 def eval_main(config, flags) -> int:
   """Generate for the prompt set and score (`eval.metrics`), or score `eval.images_dir`; results in
   `<workdir>/eval/<eval.name>` (pipeline/evaluate.py)."""
@@ -108,6 +135,7 @@ def eval_main(config, flags) -> int:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
 
 
+@locked
 def run_main(config, flags) -> int:
   from srum_jax.pipeline import run
   distributed.maybe_initialize()

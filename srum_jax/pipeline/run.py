@@ -50,7 +50,7 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     verdicts = {j["id"]: j for j in common.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
     images = [common.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
-    captions.append([f"{verdicts[i]['judge']}: {'yes' if verdicts[i]['correct'] else 'no'}" if i in verdicts else ""
+    captions.append([f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}" if i in verdicts else ""
                      for i in ids])
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
                           cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
