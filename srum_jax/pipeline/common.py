@@ -384,10 +384,11 @@ class _LineStream:
     self.stream.flush()
 
 
-def progress(total: int, desc: str, initial: int = 0, disable: bool = False, leave: bool = False):
+def progress(total: int, desc: str, initial: int = 0, disable: bool = False, leave: bool = False,
+             unit: str = "item"):
   """A progress bar on stderr, quiet off a terminal (`progress_options`)."""
   from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, unit="item", leave=leave, disable=disable,
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable,
               **progress_options())
 
 

@@ -10,6 +10,8 @@ prompts and seeds before/after, reward-map overlays on the scored candidates, an
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -99,6 +101,24 @@ def _trained(summary: dict) -> dict:
   return summary
 
 
+def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str, int]:
+  """A stage's counters over every invocation of a resumed run: counters of work done (`scored`, `retries`,
+  ...) add this invocation's to those stored at `path`; `images` and `skipped_*` describe what this
+  invocation saw (a rerun sees the same items again) and are taken as they are. Written back by process 0."""
+  before = {}
+  if path.is_file():
+    try:
+      before = json.loads(path.read_text())
+    except ValueError:
+      before = {}
+  total = {k: v if k == "images" or k.startswith("skipped") else int(before.get(k, 0) or 0) + v
+           for k, v in current.items()}
+  total["invocations"] = int(before.get("invocations", 0) or 0) + 1
+  if multihost.is_main():
+    common.write_json(str(path), total)
+  return total
+
+
 def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, config.model.attn_impl, base, []
@@ -113,8 +133,11 @@ def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
     summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                    str(rd / "train")))
     current = common.save_model(str(rd / "model"), current, summary["params"])
-    rounds.append({"round": r, "score": srep.__dict__, "train": {k: v for k, v in summary.items()
-                                                                  if k not in ("state", "params")}})
+    score_counts = accumulate_counters(rd / "score_counters.json",
+                                       multihost.sum_over_processes(dataclasses.asdict(srep)))
+    score_counts["scored"] = len(common.read_rows(score_dir, "rewards"))  # the records on disk: exact
+    rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
+                                                                if k not in ("state", "params")}})
   return current, rounds
 
 
@@ -139,13 +162,15 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
       if curve.is_file():
         shutil.copy2(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
+  runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
   report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
-            "seconds": seconds, "judge": config.eval.judge}
+            "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
+            "judge": config.eval.judge}
   common.write_json(str(report_dir / "report.json"), report)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
-  lines += ["", f"Total time: {seconds:.0f} s"]
+  lines += ["", f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one {seconds:.0f} s)"]
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
   print(f"report: {report_dir / 'report.md'}", flush=True)
