@@ -188,3 +188,15 @@ def test_launch_values_with_spaces_and_semicolons_stay_one_word():
   assert shlex.split(_remote_command(["run", "--dry_run", "--", "run", "--config=a b.py"], env))[:2] == \
       ["cd", "~/my dir;echo pwned"]
   assert "~/srum_jax/srum_run.log" in _remote_command(["logs", "--dry_run"], {})  # ~ still expands remotely
+
+
+def test_images_copied_out_under_their_own_names_still_match_their_prompts(tmp_path):
+  """A flat folder of the generate stage's files (no metadata) is matched through the names' hashes."""
+  from srum_jax.evaluation import images
+  from srum_jax.pipeline.prompts import PromptItem
+  items = [PromptItem("a/b", "a cube", "shape"), PromptItem("a_b", "a ball", "shape")]
+  for image_id in ("a/b", "a_b#1"):
+    (tmp_path / common.image_file_name(image_id)).write_bytes(b"")
+  (tmp_path / "a_b-0123456789abcdef.png").write_bytes(b"")  # a hash that is not the id's: not matched
+  rows, rep = images.collect(str(tmp_path), items)
+  assert sorted(r["id"] for r in rows) == ["a/b", "a_b#1"] and rep.unmatched_files == ["a_b-0123456789abcdef.png"]
