@@ -130,12 +130,13 @@ def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path):
     propose.propose(config.propose, gen_dir, prop_dir)
     srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, compute_dtype=dt,
                        attn_impl=attn)
-    summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
-                                   str(rd / "train")))
-    current = common.save_model(str(rd / "model"), current, summary["params"])
+    # counted as soon as the stage is done (a later crash cannot lose them)
     score_counts = accumulate_counters(rd / "score_counters.json",
                                        multihost.sum_over_processes(dataclasses.asdict(srep)))
     score_counts["scored"] = len(common.read_rows(score_dir, "rewards"))  # the records on disk: exact
+    summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
+                                   str(rd / "train")))
+    current = common.save_model(str(rd / "model"), current, summary["params"])
     rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
                                                                 if k not in ("state", "params")}})
   return current, rounds
