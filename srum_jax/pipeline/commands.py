@@ -21,17 +21,25 @@ EXIT_USAGE = 2
 
 
 def locked(stage):
-  """Run the stage under the workdir's lock (after jax.distributed is up: only process 0 takes it)."""
+  """Run the stage under the workdir's lock (after jax.distributed is up: only process 0 takes it, and every
+  process of the run stops when it cannot)."""
   @functools.wraps(stage)
   def wrapper(config, flags) -> int:
+    from srum_jax.pipeline import multihost
     distributed.maybe_initialize()
+    lock, busy = common.workdir_lock(config.workdir, command=stage.__name__.replace("_main", "")), None
     try:
-      lock = common.workdir_lock(config.workdir, command=stage.__name__.replace("_main", ""))
-      with lock:
-        return stage(config, flags)
+      lock.acquire()
     except common.WorkdirBusy as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
+      busy = str(e)
+    if multihost.any_process(busy is not None):
+      print(f"error: {busy or f'workdir {config.workdir} is in use (process 0 could not take its lock)'}",
+            file=sys.stderr, flush=True)
       return EXIT_USAGE
+    try:
+      return stage(config, flags)
+    finally:
+      lock.release()
   return wrapper
 
 

@@ -557,7 +557,14 @@ def _create_exclusive_replacing(path: pathlib.Path, stale: Dict[str, Any], data:
 
 
 class _NoLock:
+  """The lock of a process other than 0 (process 0 holds the run's lock)."""
   held = False
+
+  def acquire(self) -> "_NoLock":
+    return self
+
+  def release(self) -> None:
+    pass
 
   def __enter__(self):
     return self
