@@ -200,3 +200,30 @@ def test_images_copied_out_under_their_own_names_still_match_their_prompts(tmp_p
   (tmp_path / "a_b-0123456789abcdef.png").write_bytes(b"")  # a hash that is not the id's: not matched
   rows, rep = images.collect(str(tmp_path), items)
   assert sorted(r["id"] for r in rows) == ["a/b", "a_b#1"] and rep.unmatched_files == ["a_b-0123456789abcdef.png"]
+
+
+def _two_process_propose(workdir):
+  """`propose` (no model needed) as 2 JAX processes of one run sharing `workdir`: (exit codes, outputs)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-m", "srum_jax", "propose", f"--config={TINY}",
+                             f"--config.workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                                     SRUM_NUM_PROCESSES="2", SRUM_PROCESS_ID=str(k),
+                                     SRUM_COORDINATOR=f"127.0.0.1:{port}")) for k in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  return [p.returncode for p in procs], outs
+
+
+def test_one_multi_process_run_shares_the_lock_and_stops_together(tmp_path):
+  """Process 0 of a run takes the lock for every process of it; when it cannot, all of them stop (exit 2)."""
+  codes, outs = _two_process_propose(tmp_path)
+  assert codes == [0, 0], outs
+  assert not (tmp_path / common.LOCK_NAME).exists()  # released at the end
+  with common.WorkdirLock(str(tmp_path), "run"):
+    codes, outs = _two_process_propose(tmp_path)
+  assert codes == [2, 2], outs
+  assert "is in use by run on host" in outs[0] and "process 0 could not take its lock" in outs[1]
+  assert not any("Traceback" in o for o in outs)
