@@ -6,7 +6,8 @@
 # Settings come from the environment:
 #   TPU_NAME (srum), ZONE (us-central2-b), ACCELERATOR (v4-32), RUNTIME (tpu-ubuntu2204-base),
 #   PROJECT (gcloud default), QUEUED=1 to use a queued resource, REPO_URL (git URL of this repo),
-#   REPO_DIR (~/srum_jax), JAX_VERSION (0.10.2).
+#   REPO_DIR (~/srum_jax; a leading ~/ expands on the host), JAX_VERSION (0.10.2).
+# Values travel into the remote command quoted (printf %q): spaces or shell characters stay part of the value.
 # `run` executes the same CLI on every host (--worker=all); the program calls
 # jax.distributed.initialize() itself when it sees more than one host.
 set -euo pipefail
@@ -16,7 +17,7 @@ ZONE=${ZONE:-us-central2-b}
 ACCELERATOR=${ACCELERATOR:-v4-32}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
 REPO_URL=${REPO_URL:-}
-REPO_DIR=${REPO_DIR:-\~/srum_jax}
+REPO_DIR=${REPO_DIR:-'~/srum_jax'}
 JAX_VERSION=${JAX_VERSION:-0.10.2}
 QUEUED=${QUEUED:-0}
 PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
@@ -29,6 +30,11 @@ if [[ "${1:-}" == "--" ]]; then shift; fi
 
 run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# $1 quoted for the remote shell; a leading ~/ is left unquoted so that it expands to the remote home.
+q() {
+  if [[ "$1" == "~/"* ]]; then printf '~/%q' "${1#\~/}"; else printf '%q' "$1"; fi
 }
 
 ssh_all() {
@@ -47,14 +53,15 @@ case "$action" in
     ;;
   setup)
     [[ -n "$REPO_URL" || $DRY_RUN == 1 ]] || { echo "set REPO_URL to the git URL of this repository" >&2; exit 2; }
-    ssh_all "git clone ${REPO_URL:-REPO_URL} $REPO_DIR || (cd $REPO_DIR && git pull); cd $REPO_DIR && pip install -r requirements.txt && pip install -U 'jax[tpu]==$JAX_VERSION'"
+    dir=$(q "$REPO_DIR")
+    ssh_all "git clone $(q "${REPO_URL:-REPO_URL}") $dir || (cd $dir && git pull); cd $dir && pip install -r requirements.txt && pip install -U $(q "jax[tpu]==$JAX_VERSION")"
     ;;
   run)
     [[ $# -gt 0 ]] || { echo "usage: launch/tpu.sh run [--dry_run] -- <subcommand> --config=..." >&2; exit 2; }
-    ssh_all "cd $REPO_DIR && python -m srum_jax $(printf '%q ' "$@")2>&1 | tee -a srum_run.log"
+    ssh_all "cd $(q "$REPO_DIR") && python -m srum_jax $(printf '%q ' "$@")2>&1 | tee -a srum_run.log"
     ;;
   logs)
-    ssh_all "tail -n 100 $REPO_DIR/srum_run.log"
+    ssh_all "tail -n 100 $(q "$REPO_DIR")/srum_run.log"
     ;;
   delete)
     if [[ $QUEUED == 1 ]]; then

@@ -210,3 +210,31 @@ def test_decode_failure_while_iterating_is_counted(dataset_dir, tiny_cfg):
   rep = data.DataReport()
   idx = _indices(_iter(dataset_dir, tiny_cfg, path, seed=0, report=rep), 3)
   assert 3 not in idx and len(idx) == 12 and rep.decode_failures >= 1
+
+
+def test_every_image_gone_after_validation_stops_with_a_clear_error(dataset_dir, tiny_cfg):
+  """The filter would drop every record forever: the iterator raises instead of spinning."""
+  import time
+  path, rep = _prepare(dataset_dir)
+  assert rep.kept == 7
+  for f in (dataset_dir / "images").glob("*.png"):
+    f.unlink()
+  t0 = time.time()
+  with pytest.raises(data.NoUsableRecords, match="failed to load"):
+    next(_iter(dataset_dir, tiny_cfg, path, seed=0))
+  assert time.time() - t0 < 30
+
+
+def test_duplicate_ids_keep_one_record(tmp_path):
+  """Two score runs appending to one records file (before the workdir lock): one record per item id."""
+  img = tmp_path / "images"
+  img.mkdir()
+  lines = []
+  for i in range(3):
+    _png(img / f"{i}.png", _color(i))
+    lines.append(json.dumps(dict(_rec(i, f"{i}.png"), metadata={"id": f"item{i}"}, id=f"item{i}")))
+  lines += [json.dumps(dict(_rec(9, "0.png", g=-0.5), metadata={"id": "item0"}, id="item0"))]  # a second row
+  (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
+  good, rep = data.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
+  assert rep.duplicate_id == 1 and rep.kept == 3 == len(good) and rep.lines == rep.kept + rep.skipped
+  assert [g["global_score"] for g in good] == [0.5, 0.5, 0.5]  # the first row of item0 is kept

@@ -192,6 +192,9 @@ def _run_all(root):
   # D: resume to the end through the CLI entry `main`; its parameters come back via `final_params`
   pd, ld = _start(root, wb, records, images, mode="main")
   res["d"] = (*_finish(pd, ld), str(wb), pd.pid)
+  # E: resume once more with nothing left to do: the summary keeps the training's figures
+  pe, le = _start(root, wb, records, images)
+  res["e"] = (*_finish(pe, le), str(wb), pe.pid)
   return res
 
 
@@ -295,3 +298,13 @@ def test_sigterm_saves_and_exits_cleanly(runs):
   meta = os.path.join(wd, "checkpoints", str(s["steps"]), "_CHECKPOINT_METADATA")
   assert os.path.isfile(meta)  # saved at the step it stopped
   assert f"preempted at step {s['steps']}" in log
+
+
+def test_resume_with_nothing_left_keeps_the_summary(runs):
+  """A resumed invocation that runs no step reports the training's last loss and total time, not null / 0."""
+  rc, log, wd, pe = runs["e"]
+  assert rc == 0, log[-3000:]
+  e, a, d = _summary(wd, pe), _summary(runs["a"][2], runs["a"][3]), _summary(wd, runs["d"][3])
+  assert e["steps"] == STEPS and e["resumed_from"] == STEPS and not e["preempted"]
+  assert e["final_loss"] is not None and e["final_loss"] == d["final_loss"] == a["final_loss"]
+  assert e["seconds"] >= d["seconds"] > d["seconds_this_invocation"] > 0

@@ -125,3 +125,58 @@ def test_gradient_accumulation_averages_microbatch_gradients():
   (l1, _), g1 = update.accumulated_grads(loss_fn, params, x, key, microbatches=1)
   (l2, _), g2 = jax.value_and_grad(loss_fn, has_aux=True)(params, x, key)
   np.testing.assert_array_equal(g1["w"], g2["w"])
+
+
+def _saved_steps(directory, steps, data=True):
+  """A Checkpointer directory holding the tiny state at `steps` (step value = step number), with a data-iterator
+  state when `data`; returns (abstract state with shardings, the states saved)."""
+  params, _ = _quadratic()
+  tx = optimizer.make_optimizer(_ocfg(), None)
+  states = {s: update.init_state(jax.tree.map(lambda x: x + s, params), tx)._replace(step=jnp.array(s, jnp.int32))
+            for s in steps}
+  with checkpointing.Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+    for s in steps:
+      ckpt.save(s, states[s], data_state={"position": s} if data else None, force=True)
+  abstract = jax.eval_shape(lambda p: update.init_state(p, tx), params)
+  rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: rep, abstract)), states
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, capsys):
+  """The latest step's array data truncated: restore gives it up (printed, counted, moved aside) and resumes
+  from the step before; a later save of that step number is not refused."""
+  d = str(tmp_path / "ckpt")
+  abstract, states = _saved_steps(d, [2, 4])
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(d, "4", "state")) for f in fs]
+  for f in files:  # truncate every file of the step's state: the array data and its manifests
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  with checkpointing.Checkpointer(d) as ckpt:
+    step, got, given_up = ckpt.restore_latest_good(abstract)
+    assert step == 2 and [g[0] for g in given_up] == [4] and ckpt.all_steps() == [2]
+    state, _, data_state, _ = got
+    assert data_state == {"position": 2} and int(state.step) == 2
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(states[2].params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ckpt.save(4, states[4], data_state={"position": 4}, force=True)
+  assert "step 4" in capsys.readouterr().out
+  assert os.path.isdir(str(tmp_path / "ckpt_invalid" / "4"))
+
+
+def test_checkpoint_without_iterator_state_is_not_accepted(tmp_path):
+  """A latest step missing its data-iterator state would reset the data order: given up for the step before;
+  with no good step left, nothing is restored (the caller starts afresh, or says so)."""
+  d = str(tmp_path / "ckpt")
+  abstract, _ = _saved_steps(d, [2, 4])
+  import shutil
+  shutil.rmtree(os.path.join(d, "4", "data"))
+  with checkpointing.Checkpointer(d) as ckpt:
+    step, got, given_up = ckpt.restore_latest_good(abstract)
+    assert step == 2 and got[2] == {"position": 2}
+    assert given_up[0][0] == 4 and "data-iterator" in given_up[0][1]
+  abstract, _ = _saved_steps(str(tmp_path / "a"), [3], data=False)
+  with checkpointing.Checkpointer(str(tmp_path / "a")) as ckpt:
+    assert ckpt.restore_latest_good(abstract) == (None, None, [(3, given_up[0][1])])
+  _saved_steps(str(tmp_path / "b"), [3], data=False)
+  with checkpointing.Checkpointer(str(tmp_path / "b")) as ckpt:  # a trainer without a data iterator
+    assert ckpt.restore_latest_good(abstract, require_data=False)[0] == 3

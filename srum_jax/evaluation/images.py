@@ -4,7 +4,8 @@ same scorers read them. `collect(images_dir, items)` -> rows {id, prompt_id, pro
 * a folder written by this repository's `generate` stage (metadata*.jsonl): its rows, as they are;
 * GenEval's layout: `<prompt id>/samples/<k>.png` (a numbered folder per prompt);
 * a flat folder (images also under `samples/`), each file named after its prompt's id (`<id>.png`,
-  `<id>#<k>.png`, `<id>_<k>.png`; an id's characters outside [A-Za-z0-9] may be any such character) or, as
+  `<id>#<k>.png`, `<id>_<k>.png`; an id's characters outside [A-Za-z0-9] may be any such character; or the
+  `generate` stage's own names, `common.image_file_name`, without their metadata) or, as
   T2I-CompBench names samples, after its prompt text (`<prompt>_<k>.png`).
 
 Files that match no prompt and prompts without an image are counted in the report, not guessed.
@@ -71,19 +72,41 @@ def _match_stem(stem: str, by_id: Dict[str, object], by_prompt: Dict[str, object
   return None, None
 
 
+def _match_own_name(name: str, by_key: Dict[str, list]):
+  """(item, sample suffix or None) for a file named by this repository's generate stage
+  (`common.image_file_name`: a prefix of the image id, '-', a hash of the whole id), checked against the hash
+  (ids that differ only in replaced characters share a prefix; the hash tells them apart)."""
+  from srum_jax.pipeline import common
+  m = re.fullmatch(r"(.+)-[0-9a-f]{16}(\.[A-Za-z]+)", name)
+  if m is None:
+    return None, None
+  head, suffix = m.group(1), m.group(2)
+  base, _, tail = head.rpartition("_")
+  tries = [(head, None)] + ([(base, tail)] if base and tail.isdigit() else [])
+  for stem, sample in tries:
+    for it in by_key.get(match_key(stem), []):
+      if common.image_file_name(it.id if sample is None else f"{it.id}#{sample}", suffix) == name:
+        return it, sample
+  return None, None
+
+
 def _flat_layout(root: pathlib.Path, items) -> Tuple[List[dict], CollectReport]:
   rep = CollectReport(layout="flat")
   folder = root / "samples" if (root / "samples").is_dir() else root
   by_id = {match_key(it.id): it for it in items}
+  by_key: Dict[str, list] = {}
   by_prompt = {}
   for it in items:
     by_prompt.setdefault(it.prompt.strip().lower(), it)
+    by_key.setdefault(match_key(it.id), []).append(it)
   rows = []
   for f in sorted(folder.iterdir()):
     if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
       continue
     rep.files += 1
-    it, sample = _match_stem(f.stem, by_id, by_prompt)
+    it, sample = _match_own_name(f.name, by_key)
+    if it is None:
+      it, sample = _match_stem(f.stem, by_id, by_prompt)
     if it is None:
       rep.unmatched_files.append(f.name)
       continue

@@ -4,14 +4,44 @@ Standalone stages read and write under `config.workdir`: generate/ (images + met
 (regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples), eval/<name>/.
 A wrong config key fails in the flag parser; bad values, missing files and folders fail in
 `config_validation.validate` (called by the CLI), before any work; a stage left with no prompts is an error.
+Every stage holds the workdir's lock (`common.WorkdirLock`) while it runs: a second command on the same
+workdir exits with code 2 and one line naming the holder.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
+import sys
 
 from srum_jax import distributed
 from srum_jax.pipeline import common
+
+
+EXIT_USAGE = 2
+
+
+def locked(stage):
+  """Run the stage under the workdir's lock (after jax.distributed is up: only process 0 takes it, and every
+  process of the run stops when it cannot)."""
+  @functools.wraps(stage)
+  def wrapper(config, flags) -> int:
+    from srum_jax.pipeline import multihost
+    distributed.maybe_initialize()
+    lock, busy = common.workdir_lock(config.workdir, command=stage.__name__.replace("_main", "")), None
+    try:
+      lock.acquire()
+    except common.WorkdirBusy as e:
+      busy = str(e)
+    if multihost.any_process(busy is not None):
+      print(f"error: {busy or f'workdir {config.workdir} is in use (process 0 could not take its lock)'}",
+            file=sys.stderr, flush=True)
+      return EXIT_USAGE
+    try:
+      return stage(config, flags)
+    finally:
+      lock.release()
+  return wrapper
 
 
 def _dirs(config):
@@ -26,6 +56,7 @@ def _model(config) -> common.Model:
   return common.load_inference_model(config, model_dir)
 
 
+@locked
 def generate_main(config, flags) -> int:
   from srum_jax.pipeline import generate
   from srum_jax.pipeline.prompts import load_prompts
@@ -39,6 +70,7 @@ def generate_main(config, flags) -> int:
   return 1 if rep.skipped_nonfinite else 0
 
 
+@locked
 def propose_main(config, flags) -> int:
   from srum_jax.pipeline import propose
   distributed.maybe_initialize()
@@ -47,6 +79,7 @@ def propose_main(config, flags) -> int:
   return 0
 
 
+@locked
 def score_main(config, flags) -> int:
   from srum_jax.pipeline import score
   distributed.maybe_initialize()
@@ -57,6 +90,7 @@ def score_main(config, flags) -> int:
   return 0
 
 
+@locked
 def train_main(config, flags) -> int:
   """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
   `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
@@ -87,6 +121,7 @@ def _eval_model(config, out_dir: str) -> common.Model:
   return common.load_inference_model(config, path)
 
 
+@locked
 def eval_main(config, flags) -> int:
   """Generate for the prompt set and score (`eval.metrics`), or score `eval.images_dir`; results in
   `<workdir>/eval/<eval.name>` (pipeline/evaluate.py)."""
@@ -113,6 +148,7 @@ def eval_main(config, flags) -> int:
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
 
 
+@locked
 def run_main(config, flags) -> int:
   from srum_jax.pipeline import run
   distributed.maybe_initialize()

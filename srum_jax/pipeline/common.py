@@ -10,6 +10,10 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import socket
+import sys
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -210,27 +214,63 @@ def stable_int(text: str, bits: int = 31) -> int:
   return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % (1 << bits)
 
 
+@dataclasses.dataclass
+class LogReport:
+  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte character
+  by a crash mid-write), not a JSON object with a string `id`, missing a field the reader needs, or a second
+  row of an id already read."""
+  rows: int = 0
+  undecodable: int = 0
+  malformed: int = 0
+  missing_field: int = 0
+  duplicate_id: int = 0
+
+  @property
+  def skipped(self) -> int:
+    return self.undecodable + self.malformed + self.missing_field + self.duplicate_id
+
+  def add(self, other: "LogReport") -> None:
+    for f in dataclasses.fields(self):
+      setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
 class JsonlLog:
-  """Append-only JSONL keyed by `id`: `done()` gives finished ids; `append` is flushed and fsynced."""
+  """Append-only JSONL keyed by `id`: `done()` gives finished ids; `append` is flushed and fsynced.
+
+  Reading never fails on the content: any bytes are read, and a line that is not UTF-8, not JSON, or not an
+  object with a string `id` is skipped and counted (`read`), so a torn or garbled line never blocks a resume."""
 
   def __init__(self, path: str):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
 
-  def rows(self) -> List[Dict[str, Any]]:
-    """Well-formed rows; a torn last line (crash mid-write) or garbage line is ignored."""
+  def read(self) -> Tuple[List[Dict[str, Any]], LogReport]:
+    """(well-formed rows in file order, what was skipped)."""
+    rep = LogReport()
     if not self.path.is_file():
-      return []
+      return [], rep
     out = []
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(row, dict) and "id" in row:
-          out.append(row)
-    return out
+    for raw in self.path.read_bytes().split(b"\n"):
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError:
+        rep.undecodable += 1
+        continue
+      except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        rep.malformed += 1
+        continue
+      if isinstance(row, dict) and isinstance(row.get("id"), str):
+        out.append(row)
+      else:
+        rep.malformed += 1
+    rep.rows = len(out)
+    return out, rep
+
+  def rows(self) -> List[Dict[str, Any]]:
+    """Well-formed rows (`read` without its report)."""
+    return self.read()[0]
 
   def done(self) -> set:
     return {r["id"] for r in self.rows()}
@@ -238,7 +278,7 @@ class JsonlLog:
   def append(self, row: Dict[str, Any]) -> None:
     data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
     if self.path.is_file() and self.path.stat().st_size:
-      with open(self.path, "rb") as f:  # repair a torn last line before appending
+      with open(self.path, "rb") as f:  # end a torn last line first, so the new row stays a line of its own
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b"\n":
           data = b"\n" + data
@@ -256,20 +296,33 @@ def process_log(directory: str, stem: str) -> JsonlLog:
   return JsonlLog(str(pathlib.Path(directory) / f"{stem}{suffix}.jsonl"))
 
 
-def read_rows(directory: str, stem: str) -> List[Dict[str, Any]]:
+def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report: Optional[LogReport] = None
+              ) -> List[Dict[str, Any]]:
   """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per id (the
   first seen, files in name order), in the prompt set's order (`seq`, when every row has one) whatever the
-  number of processes that wrote them."""
-  rows, seen = [], set()
-  for p in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl")):
-    if p.name != f"{stem}.jsonl" and not p.name[len(stem) + 1:-len(".jsonl")].isdigit():
-      continue
-    for r in JsonlLog(str(p)).rows():
-      if r["id"] not in seen:
+  number of processes that wrote them. Rows lacking a field of `require` are skipped; every skip is counted
+  in `report` (when given)."""
+  rows, seen, rep = [], set(), LogReport()
+  files = [p for p in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl"))
+           if p.name == f"{stem}.jsonl" or p.name[len(stem) + 1:-len(".jsonl")].isdigit()]
+  per_process = any(p.name != f"{stem}.jsonl" for p in files)
+  for p in files:
+    got, file_rep = JsonlLog(str(p)).read()
+    rep.add(file_rep)
+    merged = per_process and p.name == f"{stem}.jsonl"  # process 0's copy of every process's rows
+    for r in got:
+      if any(k not in r for k in require):
+        rep.missing_field += int(not merged)
+      elif r["id"] in seen:
+        rep.duplicate_id += int(not merged)
+      else:
         seen.add(r["id"])
         rows.append(r)
-  if rows and all(isinstance(r.get("seq"), int) for r in rows):
+  if rows and all(isinstance(r.get("seq"), int) and not isinstance(r.get("seq"), bool) for r in rows):
     rows.sort(key=lambda r: r["seq"])
+  rep.rows = len(rows)
+  if report is not None:
+    report.add(rep)
   return rows
 
 
@@ -316,9 +369,54 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     yield items[i:i + size]
 
 
-def progress(total: int, desc: str):
+def image_file_name(item_id: str, suffix: str = ".png") -> str:
+  """The file name of an item's image: a readable prefix of the id (characters outside [A-Za-z0-9._-] become
+  '_', at most 80 of them) and the first 16 hex digits of the SHA-256 of the whole id, so ids that differ
+  only in replaced characters or after the prefix get distinct files. A pure function of the id: a restarted
+  stage finds its files again."""
+  prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id)[:80].lstrip(".") or "item"
+  return f"{prefix}-{hashlib.sha256(item_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}{suffix}"
+
+
+QUIET_INTERVAL_S = 30.0  # seconds between progress lines when the output is not a terminal
+
+
+def progress_options(stream=None) -> Dict[str, Any]:
+  """tqdm options: a live bar on a terminal; otherwise (a log file, a pipe) one line per `QUIET_INTERVAL_S`
+  at most, without the carriage-return redraws that fill logs."""
+  stream = sys.stderr if stream is None else stream
+  try:
+    tty = stream.isatty()
+  except (AttributeError, ValueError):
+    tty = False
+  if tty:
+    return dict(file=stream, dynamic_ncols=True)
+  return dict(file=_LineStream(stream), mininterval=QUIET_INTERVAL_S, maxinterval=QUIET_INTERVAL_S, ncols=100,
+              ascii=True)
+
+
+class _LineStream:
+  """A file for tqdm off a terminal: each redraw becomes one plain line (no carriage returns, no blank
+  clearing frames)."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    text = text.replace("\r", "").strip()
+    if text:
+      self.stream.write(text + "\n")
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+def progress(total: int, desc: str, initial: int = 0, disable: bool = False, leave: bool = False,
+             unit: str = "item"):
+  """A progress bar on stderr, quiet off a terminal (`progress_options`)."""
   from tqdm import tqdm
-  return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False)
+  return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable,
+              **progress_options())
 
 
 def process_shard(items: Sequence) -> Sequence:
@@ -340,3 +438,170 @@ def summary_line(stage: str, **counts) -> str:
   line = f"[{stage}] {parts}"
   print(line, flush=True)
   return line
+
+
+# ----------------------------------------------------------------------------------------------
+# Workdir lock
+
+
+LOCK_NAME = ".srum_lock.json"
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live command holds the workdir's lock."""
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """The kernel's start time of process `pid` (Linux /proc; None where unknown): a pid reused by another
+  process after the holder died has a different one."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      return f.read().rsplit(b")", 1)[1].split()[19].decode()
+  except (OSError, IndexError):
+    return None
+
+
+def _alive(holder: Dict[str, Any]) -> bool:
+  """Whether a lock holder on this host still runs (the same pid with the same start time)."""
+  pid = holder.get("pid")
+  if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # alive, owned by another user
+  start = holder.get("proc_start")
+  return start is None or _process_start(pid) in (None, start)
+
+
+def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
+  """The lock file's holder, {} for an unreadable (torn) file, None when there is no lock file."""
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    return None
+  try:
+    holder = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _create_exclusive(path: pathlib.Path, data: bytes) -> bool:
+  """Create `path` holding `data` unless it exists (O_EXCL: atomic among processes); whether it was created."""
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  try:
+    os.write(fd, data)
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  return True
+
+
+class WorkdirLock:
+  """One command at a time on a workdir: `<workdir>/.srum_lock.json` names the holder (host, pid, start time,
+  command). Taken by creating the file exclusively; a lock left by a dead process on this host (its pid gone,
+  or reused by a newer process) is taken over under a second exclusive file, so two commands taking over the
+  same stale lock cannot both win. A live holder, or one on another host (which cannot be checked from here),
+  makes `acquire` raise `WorkdirBusy` naming it. Several processes of one multi-host run share the workdir:
+  only process 0 takes the lock (`workdir_lock`)."""
+
+  def __init__(self, workdir: str, command: str = ""):
+    self.dir = pathlib.Path(workdir)
+    self.path = self.dir / LOCK_NAME
+    self.takeover = self.dir / (LOCK_NAME + ".takeover")
+    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command}
+    self.held = False
+    self.took_over: Optional[Dict[str, Any]] = None
+
+  def _describe(self, holder: Dict[str, Any]) -> str:
+    if not holder:
+      return f"workdir {self.dir} is locked by an unreadable lock file {self.path}"
+    return (f"workdir {self.dir} is in use by {holder.get('command') or 'a command'} on host "
+            f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}); wait for it to "
+            f"finish, or, if that process is gone, delete {self.path}")
+
+  def _stale(self, holder: Dict[str, Any]) -> bool:
+    return bool(holder) and holder.get("host") == self.me["host"] and not _alive(holder)
+
+  def acquire(self) -> "WorkdirLock":
+    self.dir.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(self.me).encode()
+    for _ in range(3):
+      if _create_exclusive(self.path, data):
+        self.held = True
+        return self
+      holder = _read_holder(self.path)
+      if holder is None:  # released meanwhile
+        continue
+      if not self._stale(holder):
+        raise WorkdirBusy(self._describe(holder))
+      self._take_over(holder, data)
+      if self.held:
+        return self
+    raise WorkdirBusy(self._describe(_read_holder(self.path) or {}))
+
+  def _take_over(self, stale: Dict[str, Any], data: bytes) -> None:
+    """Replace the stale lock `stale`, holding the takeover file (itself taken over when its maker died)."""
+    if not _create_exclusive(self.takeover, data):
+      other = _read_holder(self.takeover)
+      if other is None or not self._stale(other) or not _create_exclusive_replacing(self.takeover, other, data):
+        return
+    try:
+      if _read_holder(self.path) == stale:  # nobody replaced it meanwhile
+        self.path.unlink()
+        if _create_exclusive(self.path, data):
+          self.held, self.took_over = True, stale
+          print(f"[lock] took over the lock of a process that is gone: {stale}", flush=True)
+    finally:
+      self.takeover.unlink(missing_ok=True)
+
+  def release(self) -> None:
+    if self.held and _read_holder(self.path) == self.me:
+      self.path.unlink(missing_ok=True)
+    self.held = False
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+
+def _create_exclusive_replacing(path: pathlib.Path, stale: Dict[str, Any], data: bytes) -> bool:
+  """Replace the stale takeover file `path` (left by a process that died inside `_take_over`)."""
+  if _read_holder(path) != stale:
+    return False
+  path.unlink(missing_ok=True)
+  return _create_exclusive(path, data)
+
+
+class _NoLock:
+  """The lock of a process other than 0 (process 0 holds the run's lock)."""
+  held = False
+
+  def acquire(self) -> "_NoLock":
+    return self
+
+  def release(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def workdir_lock(workdir: str, command: str = ""):
+  """The workdir's lock for this run: a `WorkdirLock` on process 0, nothing on the other processes of a
+  multi-process run (they share process 0's workdir and its lock)."""
+  import jax
+  return WorkdirLock(workdir, command) if jax.process_index() == 0 else _NoLock()

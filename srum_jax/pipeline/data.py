@@ -34,7 +34,7 @@ import numpy as np
 from srum_jax import objective
 from srum_jax.rewards import records as records_lib
 
-VALIDATION_VERSION = 1  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
+VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
 __all__ = ["DataReport", "DataSpec", "HostBatch", "load_image", "validate_records", "prepare_records",
            "make_dataset", "spec_from_config", "text_budget"]
@@ -46,6 +46,7 @@ class DataReport:
   lines: int = 0
   malformed: int = 0  # unparsable lines or schema violations (scores outside [-1, 1], missing fields, ...)
   nonfinite: int = 0  # lines with NaN / inf numbers
+  duplicate_id: int = 0  # a second record of an item id already read (`metadata.id`): the first one is kept
   filtered_zero_global: int = 0
   filtered_missing_global: int = 0
   filtered_empty: int = 0
@@ -63,7 +64,7 @@ class DataReport:
 
   @property
   def skipped(self) -> int:
-    return (self.malformed + self.nonfinite + self.filtered_zero_global + self.filtered_missing_global
+    return (self.malformed + self.nonfinite + self.duplicate_id + self.filtered_zero_global + self.filtered_missing_global
             + self.filtered_empty + self.missing_image + self.corrupt_image)
 
   def to_dict(self) -> dict:
@@ -71,7 +72,7 @@ class DataReport:
 
   def summary(self) -> str:
     return (f"records kept {self.kept}/{self.lines} (skipped {self.skipped}: malformed {self.malformed}, "
-            f"non-finite {self.nonfinite}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
+            f"non-finite {self.nonfinite}, duplicate ids {self.duplicate_id}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
             f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image {self.corrupt_image}); "
             f"boxes dropped {self.boxes_degenerate + self.boxes_outside}, clamped {self.boxes_clamped}; "
             f"regions truncated {self.regions_truncated}; decode failures {self.decode_failures}; "
@@ -169,7 +170,16 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
     else:
       report.malformed += 1
     report.note(f"line {line_no}", why)
-  records, freport = records_lib.formatting_filter(records, drop_zero_global=drop_zero_global)
+  unique, seen = [], set()
+  for r in records:  # one record per item id (the score stage's records carry it in metadata.id)
+    item_id = r.metadata.get("id")
+    if isinstance(item_id, str) and item_id in seen:
+      report.duplicate_id += 1
+      report.note(item_id, "duplicate id")
+      continue
+    seen.add(item_id)
+    unique.append(r)
+  records, freport = records_lib.formatting_filter(unique, drop_zero_global=drop_zero_global)
   report.filtered_zero_global = freport.dropped_zero_global
   report.filtered_missing_global = freport.dropped_missing_global
   report.filtered_empty = freport.dropped_empty
@@ -274,23 +284,39 @@ def text_budget(cfg, spec: DataSpec) -> int:
   return n
 
 
-class _Decode:
-  """Record bytes -> sample dict (image, padded regions, prompt ids); None when the image fails to load."""
+class NoUsableRecords(RuntimeError):
+  """Every record failed to load for longer than the data can explain (e.g. images deleted after validation):
+  the pipeline would otherwise skip records forever without producing a batch."""
 
-  def __init__(self, images_root: str, cfg, spec: DataSpec, tokenizer, report: Optional[DataReport]):
+
+class _Decode:
+  """Record bytes -> sample dict (image, padded regions, prompt ids); None when the image fails to load.
+  `max_consecutive_failures` failed loads in a row (no success between them) raise `NoUsableRecords`."""
+
+  def __init__(self, images_root: str, cfg, spec: DataSpec, tokenizer, report: Optional[DataReport],
+               max_consecutive_failures: Optional[int] = None):
     self.images_root, self.spec, self.tokenizer, self.report = images_root, spec, tokenizer, report
     self.bos, self.eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
     self.max_ids = text_budget(cfg, spec)
+    self.max_failures, self.failures_in_a_row = max_consecutive_failures, 0
 
   def __call__(self, raw: bytes):
     rec = json.loads(raw)
     H, W = self.spec.image_hw
     try:
       image, (w0, h0) = load_image(os.path.join(self.images_root, rec["image_file"]), (H, W))
-    except Exception:  # the file changed or vanished after validation: skip it, never crash
+    except Exception as e:  # the file changed or vanished after validation: skip it
       if self.report is not None:
         self.report.decode_failures += 1
+      self.failures_in_a_row += 1
+      if self.max_failures is not None and self.failures_in_a_row >= self.max_failures:
+        raise NoUsableRecords(
+            f"training data: the last {self.failures_in_a_row} records all failed to load (e.g. "
+            f"{rec['image_file']!r} under {self.images_root}: {type(e).__name__}), longer than two passes "
+            f"over the validated records: their images changed or vanished after validation; restore them or "
+            f"rerun the stage that wrote them") from None
       return None
+    self.failures_in_a_row = 0
     sx, sy = W / float(w0), H / float(h0)
     boxes, scores, valid, _ = records_lib.pad_regions(
         [(reg["box"][0] * sx, reg["box"][1] * sy, reg["box"][2] * sx, reg["box"][3] * sy) for reg in rec["regions"]],
@@ -345,13 +371,17 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   """
   import grain
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
-  per_batch = spec.rows * spec.samples_per_row
+  per_batch, n = spec.rows * spec.samples_per_row, len(ds)
   ds = ds.shuffle(seed=int(seed)).repeat(num_epochs)
   if process_count > 1:
     mine = lambda i, rec: rec if (i % (per_batch * process_count)) // per_batch == process_index else None  # noqa
     ds = ds.map_with_index(mine)
-  ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=2 * per_batch))
+  # A run of failures longer than two passes over the data (plus the reads in flight, which may complete out
+  # of order) means no record loads any more: two passes bound the run any proper subset of records can make.
+  prefetch = 2 * per_batch
+  ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report,
+                      max_consecutive_failures=2 * n + prefetch * max(1, int(read_threads))))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=prefetch))
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))

@@ -191,7 +191,7 @@ def _load_images(chunk: Sequence[dict]):
   for r in chunk:
     im, why = common.load_rgb(r["image_file"])
     if im is None:
-      bad.append({"id": r["id"], "prompt": r["prompt"], "category": r["category"], "score": None,
+      bad.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "score": None,
                   "skipped": f"image {why}"})
     else:
       images.append(im)
@@ -244,7 +244,7 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out: pathlib.Path, batch_siz
   """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
   every process's rows of `rows`' ids once all are done."""
   log = common.process_log(str(out), "judgments")
-  done = {r["id"] for r in common.read_rows(str(out), "judgments")}
+  done = {r["id"] for r in common.read_rows(str(out), "judgments", require=("correct",))}
   todo = [r for r in common.process_shard(rows) if r["id"] not in done]
   for chunk in common.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
@@ -255,7 +255,11 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out: pathlib.Path, batch_siz
       print(f"[eval] {len(bad)} unreadable images left out of the judge's table", flush=True)
   multihost.barrier(f"judge:{out}")
   wanted = {r["id"] for r in rows}
-  return [r for r in common.read_rows(str(out), "judgments") if r["id"] in wanted]
+  rep = common.LogReport()
+  judged = [r for r in common.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
+  if rep.skipped:
+    print(f"[eval] judgments logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})", flush=True)
+  return judged
 
 
 def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], items, out_dir: str, *,

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import re
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +30,21 @@ class GenerateReport:
   skipped_empty: int = 0
   skipped_too_long: int = 0  # prompts over `prompt_token_cap` (never generated)
   skipped_nonfinite: int = 0  # images whose sampled latents held NaN / inf (no PNG, no row; retried on rerun)
+  skipped_log_lines: int = 0  # unreadable or incomplete lines of the metadata logs (the items are redone)
   generated: int = 0
   failed: int = 0
   prompt_token_cap: int = 0
 
 
-def _safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:120]
-
-
-def read_metadata(out_dir: str) -> List[dict]:
-  """Every process's metadata rows, one per image id."""
-  return common.read_rows(out_dir, "metadata")
+def read_metadata(out_dir: str, report: Optional[common.LogReport] = None) -> List[dict]:
+  """Every process's metadata rows, one per image id; rows without `image_file` or `prompt` (or not a
+  string) are skipped and counted in `report`."""
+  rows = common.read_rows(out_dir, "metadata", require=("image_file", "prompt"), report=report)
+  good = [r for r in rows if isinstance(r["image_file"], str) and isinstance(r["prompt"], str)]
+  if report is not None:
+    report.missing_field += len(rows) - len(good)
+    report.rows -= len(rows) - len(good)
+  return good
 
 
 def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
@@ -76,7 +78,9 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
 
   rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model))
   log = common.process_log(out_dir, "metadata")
-  done = set(r["id"] for r in read_metadata(out_dir))
+  log_rep = common.LogReport()
+  done = set(r["id"] for r in read_metadata(out_dir, log_rep))
+  rep.skipped_log_lines = log_rep.skipped
   todo, lengths = [], {}
   expanded = [(seq, image_id, it) for seq, (image_id, it) in enumerate(expand(items, int(gcfg.samples_per_prompt)))]
   for seq, image_id, it in common.process_shard(expanded):
@@ -117,7 +121,7 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       if not finite[j]:  # NaN / inf latents decode to a black image: never written as if it were fine
         rep.skipped_nonfinite += 1
         continue
-      rel = f"images/{_safe(image_id)}.png"
+      rel = f"images/{common.image_file_name(image_id)}"
       common.save_png(str(pathlib.Path(out_dir) / rel), images[j])
       log.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,

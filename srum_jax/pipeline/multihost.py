@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-__all__ = ["barrier", "any_process", "is_main"]
+__all__ = ["barrier", "any_process", "is_main", "sum_over_processes"]
 
 
 def is_main() -> bool:
@@ -29,3 +29,13 @@ def any_process(flag: bool) -> bool:
     return bool(flag)
   from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def sum_over_processes(counts: dict) -> dict:
+  """{name: int} summed over every process (the same names everywhere, e.g. a stage's report)."""
+  if jax.process_count() == 1:
+    return dict(counts)
+  from jax.experimental import multihost_utils
+  names = sorted(counts)
+  total = np.asarray(multihost_utils.process_allgather(np.asarray([int(counts[k]) for k in names], np.int64)))
+  return dict(zip(names, (int(v) for v in total.reshape(-1, len(names)).sum(0))))

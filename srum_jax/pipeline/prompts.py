@@ -229,12 +229,15 @@ def _load_file(cfg: dict) -> _Collector:
       except json.JSONDecodeError as e:
         col.malformed(lineno, f"invalid JSON: {e.msg}")
         continue
+      except (ValueError, RecursionError) as e:  # an integer beyond Python's digit limit; nesting too deep
+        col.malformed(lineno, f"invalid JSON: {type(e).__name__}")
+        continue
       col.add_entry(lineno, entry)
   else:
     try:
       entries = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise UserValueError(f"prompt file {path}: invalid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, digit limit, nesting too deep
+      raise UserValueError(f"prompt file {path}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(entries, list):
       raise UserValueError(f"{path}: expected a JSON list of prompts, got {type(entries).__name__}")
     for index, entry in enumerate(entries, start=1):

@@ -9,7 +9,10 @@ skipped on restart.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import pathlib
+from typing import List, Optional
 
 from srum_jax.pipeline import common, generate, multihost
 from srum_jax.pipeline.proposers import get_proposer
@@ -20,9 +23,30 @@ class ProposeReport:
   images: int = 0
   skipped_done: int = 0
   skipped_bad_image: int = 0
+  skipped_log_lines: int = 0  # unreadable or incomplete lines of the metadata / regions logs
   proposed: int = 0
   regions: int = 0
   images_without_regions: int = 0
+
+
+def _valid_regions(value) -> bool:
+  """A `regions` field as this stage writes it: a list of {box: 4 finite numbers, ...}."""
+  def number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+  return isinstance(value, list) and all(
+      isinstance(r, dict) and isinstance(r.get("box"), list) and len(r["box"]) == 4 and all(map(number, r["box"]))
+      for r in value)
+
+
+def read_regions(out_dir: str, report: Optional[common.LogReport] = None) -> List[dict]:
+  """Every process's region rows, one per image id; a row whose `regions` is not a list of boxes of 4 finite
+  numbers is skipped and counted in `report` (its image is then proposed again, or scored without regions)."""
+  rows = common.read_rows(out_dir, "regions", require=("regions",), report=report)
+  good = [r for r in rows if _valid_regions(r["regions"])]
+  if report is not None:
+    report.malformed += len(rows) - len(good)
+    report.rows -= len(rows) - len(good)
+  return good
 
 
 def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
@@ -32,8 +56,10 @@ def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
                           **options)
   rep = ProposeReport()
   log = common.process_log(out_dir, "regions")
-  done = {r["id"] for r in common.read_rows(out_dir, "regions")}
-  rows = common.process_shard(generate.read_metadata(gen_dir))
+  log_rep = common.LogReport()
+  done = {r["id"] for r in read_regions(out_dir, log_rep)}
+  rows = common.process_shard(generate.read_metadata(gen_dir, log_rep))
+  rep.skipped_log_lines = log_rep.skipped
   bar = common.progress(len(rows), f"propose[{name}]")
   for row in rows:
     rep.images += 1

@@ -10,6 +10,8 @@ prompts and seeds before/after, reward-map overlays on the scored candidates, an
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -51,7 +53,7 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     verdicts = {j["id"]: j for j in common.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
     images = [common.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
-    captions.append([f"{verdicts[i]['judge']}: {'yes' if verdicts[i]['correct'] else 'no'}" if i in verdicts else ""
+    captions.append([f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}" if i in verdicts else ""
                      for i in ids])
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
                           cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
@@ -116,6 +118,24 @@ def _trained(summary: dict) -> dict:
   return summary
 
 
+def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str, int]:
+  """A stage's counters over every invocation of a resumed run: counters of work done (`scored`, `retries`,
+  ...) add this invocation's to those stored at `path`; `images` and `skipped_*` describe what this
+  invocation saw (a rerun sees the same items again) and are taken as they are. Written back by process 0."""
+  before = {}
+  if path.is_file():
+    try:
+      before = json.loads(path.read_text())
+    except ValueError:
+      before = {}
+  total = {k: v if k == "images" or k.startswith("skipped") else int(before.get(k, 0) or 0) + v
+           for k, v in current.items()}
+  total["invocations"] = int(before.get("invocations", 0) or 0) + 1
+  if multihost.is_main():
+    common.write_json(str(path), total)
+  return total
+
+
 def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, clock: StageClock):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, common.attn_impl(config), base, []
@@ -130,12 +150,16 @@ def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, cl
     with clock(f"round_{r}/score"):
       srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
                          compute_dtype=dt, attn_impl=attn)
+    # counted as soon as the stage is done (a later crash cannot lose them)
+    score_counts = accumulate_counters(rd / "score_counters.json",
+                                       multihost.sum_over_processes(dataclasses.asdict(srep)))
+    score_counts["scored"] = len(common.read_rows(score_dir, "rewards"))  # the records on disk: exact
     with clock(f"round_{r}/train"):
       summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                      str(rd / "train")))
       current = common.save_model(str(rd / "model"), current, summary["params"])
-    rounds.append({"round": r, "score": srep.__dict__, "train": {k: v for k, v in summary.items()
-                                                                  if k not in ("state", "params")}})
+    rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
+                                                                if k not in ("state", "params")}})
   return current, rounds
 
 
@@ -160,13 +184,16 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
       if curve.is_file():
         shutil.copy2(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
+  runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
   report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
-            "seconds": seconds, "stage_seconds": stage_seconds, "judge": config.eval.judge}
+            "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
+            "stage_seconds": stage_seconds, "judge": config.eval.judge}
   common.write_json(str(report_dir / "report.json"), report)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
-  lines += ["", f"Total time: {seconds:.0f} s", "", "| stage | s |", "|---|---|"]
+  lines += ["", f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one {seconds:.0f} s)",
+            "", "| stage (this invocation) | s |", "|---|---|"]
   lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax.pipeline import common, generate
+from srum_jax.pipeline import common, generate, propose
 from srum_jax.rewards import parsing, prompts as judge_prompts, records
 
 
@@ -35,6 +35,7 @@ class ScoreReport:
   skipped_done: int = 0
   skipped_bad_image: int = 0
   skipped_no_proposals: int = 0
+  skipped_log_lines: int = 0  # unreadable or incomplete lines of the metadata / regions / rewards logs
   scored: int = 0
   global_failures: int = 0
   region_failures: int = 0
@@ -209,9 +210,11 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   log = common.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
-  done = {r["id"] for r in common.read_rows(out_dir, "rewards")}
-  regions = {r["id"]: r for r in common.read_rows(propose_dir, "regions")}
-  rows = common.process_shard(generate.read_metadata(gen_dir))
+  log_rep = common.LogReport()
+  done = {r["id"] for r in common.read_rows(out_dir, "rewards", report=log_rep)}
+  regions = {r["id"]: r for r in propose.read_regions(propose_dir, log_rep)}
+  rows = common.process_shard(generate.read_metadata(gen_dir, log_rep))
+  rep.skipped_log_lines = log_rep.skipped
   todo = []
   for row in rows:
     rep.images += 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -149,18 +148,20 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
 
 
 def _restore_or_init(ckpt: checkpointing.Checkpointer, params, init, abstract, state_sh, key_data, it):
-  """(state, key data, step resumed from or None): the latest checkpoint (with the data iterator's state)
-  or `init(params)` placed on `state_sh`."""
-  resumed_from = ckpt.latest_step()
+  """(state, key data, step resumed from or None, steps given up, its meta): the newest checkpoint that restores with
+  its data iterator's state (damaged newer ones are moved aside and counted: `restore_latest_good`), or
+  `init(params)` placed on `state_sh` when there is none."""
+  resumed_from, got, given_up = ckpt.restore_latest_good(
+      checkpointing.abstract_with_shardings(abstract, state_sh),
+      jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key_data.sharding), require_data=True)
   if resumed_from is None:
+    if given_up:
+      print(f"[checkpoint] no checkpoint restores ({len(given_up)} given up): training starts afresh", flush=True)
     params = jax.device_put(params, state_sh.params)
-    return jax.jit(init, out_shardings=state_sh)(params), key_data, None
-  state, key_data, data_state, _ = ckpt.restore(
-      resumed_from, checkpointing.abstract_with_shardings(abstract, state_sh),
-      jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key_data.sharding))
-  if data_state is not None:
-    it.set_state(data_state)
-  return state, key_data, resumed_from
+    return jax.jit(init, out_shardings=state_sh)(params), key_data, None, given_up, {}
+  state, key_data, data_state, meta = got
+  it.set_state(data_state)
+  return state, key_data, resumed_from, given_up, meta
 
 
 class _MetricsLog:
@@ -192,6 +193,10 @@ class _MetricsLog:
       self.writer.flush()
     self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"])
 
+  def final_loss(self, before: dict) -> Optional[float]:
+    """The last step's loss (this invocation's, else the one saved with the checkpoint resumed from)."""
+    return before.get("final_loss") if self.last is None else float(jax.device_get(self.last["loss"]))
+
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
@@ -199,7 +204,6 @@ class _MetricsLog:
 
 def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path, images_root, workdir, mesh,
            max_steps, step_hook, opts: ts.StepOptions) -> Dict[str, Any]:
-  from tqdm.auto import tqdm
   t0, t = time.time(), config.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -219,15 +223,18 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
                                     save_interval_steps=int(t.save_every))
   bar = log = None
   try:
-    state, key_data, resumed_from = _restore_or_init(ckpt, params, init, abstract, state_sh, key_data, it)
+    state, key_data, resumed_from, given_up, meta = _restore_or_init(ckpt, params, init, abstract, state_sh,
+                                                                     key_data, it)
+    before = {"final_loss": meta.get("final_loss"), "seconds": float(meta.get("seconds") or 0.0)}
     del params
     step = int(jax.device_get(state.step))
-    bar = tqdm(total=total, initial=min(step, total), desc="train", disable=pid != 0, dynamic_ncols=True,
-               file=sys.stderr)
+    bar = common.progress(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
+                          unit="step")
     log = _MetricsLog(workdir, optimizer.lr_schedule(t, total), t.log_every, pid == 0, bar)
     step_fn, base_key, jstep, batch_sh = ts.make_train_step(cfg, opts, tx), jax.random.wrap_key_data(key_data), None, None
     save = lambda force=False: ckpt.save(step, state, key_data=key_data, data_state=it.get_state(),  # noqa: E731
-                                         meta={"report": report.to_dict()}, force=force)
+                                         meta={"report": report.to_dict(), "final_loss": log.final_loss(before),
+                                               "seconds": before["seconds"] + time.time() - t0}, force=force)
     preempted = False
     with open(os.path.join(workdir, "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"), "a") as data_log:
       while step < total:
@@ -261,20 +268,24 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     if log is not None:
       log.close()
   return _summary(workdir, state, log, report, preempted=preempted, resumed_from=resumed_from, step=step,
-                  total=total, seconds=time.time() - t0, compiles=0 if jstep is None else jstep._cache_size())
+                  total=total, seconds=time.time() - t0, compiles=0 if jstep is None else jstep._cache_size(),
+                  before=before, given_up=given_up)
 
 
 def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, resumed_from, step: int, total: int,
-             seconds: float, compiles: int) -> Dict[str, Any]:
+             seconds: float, compiles: int, before: dict, given_up: list) -> Dict[str, Any]:
+  """The summary of the whole training so far: `final_loss` and `seconds` carry over from the checkpoint
+  resumed from (a resume with nothing left to do keeps them); `seconds_this_invocation` is this call's."""
   is_main = jax.process_index() == 0
   if is_main and log.history["loss"]:
     viz.loss_curve_png({k: log.history[k] for k in ("loss", "loss_reward", "loss_constraint")},
                        os.path.join(workdir, "loss_curve.png"), title="SRUM training loss")
   skipped = int(jax.device_get(state.skipped))
-  final_loss = None if log.last is None else float(jax.device_get(log.last["loss"]))
+  final_loss = log.final_loss(before)
   summary = {"steps": step, "final_loss": final_loss, "skipped": skipped, "preempted": preempted,
-             "resumed_from": resumed_from, "data": report.to_dict(), "seconds": seconds, "compiles": compiles,
-             "checkpoint": os.path.join(workdir, "checkpoints")}
+             "resumed_from": resumed_from, "data": report.to_dict(), "seconds": before["seconds"] + seconds,
+             "seconds_this_invocation": seconds, "compiles": compiles,
+             "checkpoints_given_up": [list(g) for g in given_up], "checkpoint": os.path.join(workdir, "checkpoints")}
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
@@ -308,7 +319,6 @@ def main(config, *, model_dir: str, records: str, images_root: str, workdir: str
   """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`, and
   write the trained model dir `<workdir>/model` (unless preempted: rerun to resume)."""
   from srum_jax import distributed
-  from srum_jax.pipeline import common
   distributed.maybe_initialize()
   cfg, params, tokenizer = load_model(config, model_dir)
   summary = train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,

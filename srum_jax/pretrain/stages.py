@@ -68,8 +68,8 @@ def _log(path: pathlib.Path, row: dict) -> None:
 
 
 def _progress(total: int, initial: int, desc: str):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+  from srum_jax.pipeline import common
+  return common.progress(total, desc, initial=initial, leave=True, unit="step")
 
 
 def train_autoencoder(p, cfg, sampler: data.PretrainSampler, params_ae, *, seed: int, deadline: float,

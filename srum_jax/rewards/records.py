@@ -208,19 +208,22 @@ def _reject_constant(name: str):
 
 
 def _read(path, convert) -> tuple[list, ReadReport]:
+  """Any bytes: lines are split on b"\\n" and decoded one by one, so a line that is not UTF-8 (e.g. torn inside
+  a multi-byte character) is one skipped line (UnicodeDecodeError is a ValueError), never a failed read."""
   report, records = ReadReport(), []
-  with open(path, "r", encoding="utf-8", errors="replace") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      report.lines += 1
-      try:
-        rec = convert(json.loads(line, parse_constant=_reject_constant))
-      except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
-        report.skipped.append((line_no, f"{type(e).__name__}: {e}"[:300]))
-        continue
-      records.append(rec)
-      report.records += 1
+  with open(path, "rb") as f:
+    data = f.read()
+  for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    if not raw.strip():
+      continue
+    report.lines += 1
+    try:
+      rec = convert(json.loads(raw.decode("utf-8"), parse_constant=_reject_constant))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      report.skipped.append((line_no, f"{type(e).__name__}: {e}"[:300]))
+      continue
+    records.append(rec)
+    report.records += 1
   return records, report
 
 

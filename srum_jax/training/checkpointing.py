@@ -120,6 +120,46 @@ class Checkpointer:
     data_state = out["data"].state if has_data else None
     return state, tree.get("key"), data_state, dict(out["meta"])
 
+  def restore_latest_good(self, abstract_state: TrainState, key_data=None, *, require_data: bool = True
+                          ) -> Tuple[Optional[int], Optional[tuple], list]:
+    """(step, `restore`'s tuple, the steps given up) of the newest step that restores, or (None, None, given
+    up) when none does. A step whose files are truncated or corrupt (its restore raises), or that lacks this
+    process's data-iterator state when `require_data`, is moved aside to `<dir>_invalid/<step>` (so the run
+    saves that step again) and the previous one is tried; each is printed. Several processes agree on each
+    step (a step is given up when any process cannot restore it)."""
+    from srum_jax.pipeline import multihost
+    given_up = []
+    for step in sorted(self.all_steps(), reverse=True):
+      why = None
+      if require_data and not os.path.isfile(os.path.join(self.directory, str(step), "data",
+                                                          _data_file(jax.process_index(), jax.process_count()))):
+        why = "no data-iterator state (its data order would be lost)"
+      else:
+        try:
+          got = self.restore(step, abstract_state, key_data)
+        except Exception as e:  # orbax / tensorstore / json raise many types for damaged files
+          why = f"{type(e).__name__}: {str(e)[:300]}"
+      if not multihost.any_process(why is not None):
+        return step, got, given_up
+      given_up.append((step, why or "another process could not restore it"))
+      print(f"[checkpoint] step {step} in {self.directory} cannot be restored ({given_up[-1][1]}); moved aside, "
+            f"trying the previous step", flush=True)
+      self._set_aside(step)
+    return None, None, given_up
+
+  def _set_aside(self, step: int) -> None:
+    """Move step `step` out of the manager's directory (process 0; every process then reloads the step list)."""
+    from srum_jax.pipeline import multihost
+    if multihost.is_main():
+      aside = self.directory + "_invalid"
+      os.makedirs(aside, exist_ok=True)
+      dst = os.path.join(aside, str(step))
+      if os.path.exists(dst):
+        dst = f"{dst}.{int(time.time())}"
+      os.replace(os.path.join(self.directory, str(step)), dst)
+    multihost.barrier(f"checkpoint_set_aside:{self.directory}:{step}")
+    self._mngr.reload()
+
   def restore_meta(self, step: Optional[int] = None) -> dict:
     """The JSON meta saved with `step` (None: latest), without reading the state."""
     import orbax.checkpoint as ocp
@@ -141,6 +181,11 @@ class Checkpointer:
   def __exit__(self, *exc):
     self.close()
     return False
+
+
+def _data_file(process_index: int, process_count: int) -> str:
+  """The file grain's checkpoint handler writes for one process's iterator state."""
+  return f"process_{process_index}-of-{process_count}.json"
 
 
 def finished_steps(directory: str) -> list:
