@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from srum_jax.errors import UserValueError
 from srum_jax.pipeline import common, data, generate, propose
 from srum_jax.pipeline.prompts import load_prompts
 from srum_jax.rewards import parsing, records
@@ -176,8 +177,8 @@ def test_prompt_files_load_or_refuse_clearly(fmt, entries, text, raw, bom):
       f.write(blob)
     try:
       items = load_prompts(path)
-    except ValueError as e:  # a whole-file refusal (not UTF-8; for json: not a JSON list)
-      assert isinstance(e, UnicodeDecodeError) or fmt == "json", e
+    except UserValueError as e:  # a whole-file refusal naming the file (not UTF-8; for json: not a JSON list)
+      assert path in str(e) and ("not UTF-8" in str(e) or fmt == "json"), e
       return
     _accounted(items)
     if fmt != "json":

@@ -83,10 +83,10 @@ def test_processes_racing_for_a_stale_lock_one_wins(tmp_path):
   assert sorted(outs) == ["busy"] * 5 + ["won"], outs
 
 
-def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path):
+def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, tiny_model_dir):
   with common.WorkdirLock(str(tmp_path), "run"):
     p = subprocess.run([sys.executable, "-m", "srum_jax", "run", f"--config={TINY}",
-                        f"--config.model.dir={tmp_path}/no_model", f"--config.workdir={tmp_path}"], cwd=ROOT,
+                        f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert p.returncode == 2, p.stderr[-2000:]
   assert "Traceback" not in p.stderr and "is in use by run on host" in p.stderr
