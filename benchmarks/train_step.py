@@ -9,9 +9,10 @@ posterior sample (from stored moments, `--vae cached`, as the train stage feeds 
 the step, `--vae step`), reward maps, packed MoT forward/backward, AdamW. Prints the median step time over
 `--steps` timed steps after warm-up, tokens/s, and two FLOP rates:
 * model FLOPs by BAGEL's MFU formula (`srum_jax.flops.bagel_flops`, what the official trainer reports);
-* counted FLOPs: XLA's cost analysis of the compiled step (forward, backward, remat recompute, optimizer,
-  encoder when in the step). With `--unroll` (default) the layers are unrolled so the count covers every
-  layer; a scanned program's count is XLA's (one loop body) and is printed as such.
+* counted FLOPs: XLA's HLO cost analysis of the same step lowered with its layers unrolled (forward,
+  backward, remat recompute, optimizer, the encoder when in the step). Lowering is tracing only, no compile;
+  the unrolled form is needed because XLA counts a scanned loop's body once. The timed program scans its
+  layers as the trainer does (`--unroll` times the unrolled program instead).
 MFU divides by the device's peak dense bf16 FLOP/s from `PEAK_TFLOPS` (matched on the device kind), by
 `--peak_tflops`, or, on CPU, by a measured matmul rate; the device and the peak used are printed.
 `--profile_dir` writes a jax.profiler trace of a few steps there (see `benchmarks/trace_summary.py`).
@@ -65,10 +66,10 @@ def device_peak(peak_tflops: float = 0.0) -> Tuple[str, float, str]:
   return kind, measured_matmul_tflops(), "measured fp32 1024^3 matmul (no table entry)"
 
 
-def counted_flops(compiled) -> Optional[float]:
-  """FLOPs of a compiled program by XLA's cost analysis (None when the backend gives none)."""
+def counted_flops(lowered) -> Optional[float]:
+  """FLOPs of a lowered (or compiled) program by XLA's cost analysis (None when the backend gives none)."""
   try:
-    ca = compiled.cost_analysis()
+    ca = lowered.cost_analysis()
   except Exception:  # some backends do not implement it
     return None
   if isinstance(ca, (list, tuple)):
@@ -113,7 +114,7 @@ def make_batch(cfg, image_hw: Tuple[int, int], tokens: int, text: int, vae: str,
 
 def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", tokens: int = 8192, text: int = 128,
             steps: int = 10, warmup: int = 2, attn_impl: str = "chunked", vae: str = "cached", remat: bool = True,
-            unroll: bool = True, compute_dtype: str = "bfloat16", peak_tflops: float = 0.0,
+            unroll: bool = False, compute_dtype: str = "bfloat16", peak_tflops: float = 0.0,
             profile_dir: str = "", profile_steps: int = 3, out=print) -> Dict[str, float]:
   """Time the step; print and return the figures."""
   from srum_jax import defaults, train_step as ts
@@ -138,7 +139,8 @@ def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", to
   t0 = time.time()
   compiled = step.lower(state, batch, jax.random.key(1)).compile()
   compile_s = time.time() - t0
-  counted = counted_flops(compiled)
+  unrolled = dataclasses.replace(opts, scan_unroll=True)
+  counted = counted_flops(jax.jit(ts.make_train_step(cfg, unrolled, tx)).lower(state, batch, jax.random.key(1)))
   for i in range(warmup):
     state, m = compiled(state, batch, jax.random.key(2 + i))
   jax.block_until_ready(m["loss"])
@@ -173,9 +175,8 @@ def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", to
   out(f"tokens_per_s {r['tokens_per_s']:.1f}")
   out(f"model_flops {model:.4e} (BAGEL formula); model_tflops_per_s {r['model_tflops_per_s']:.4f}; "
       f"mfu_model {100 * r['mfu_model']:.2f}%")
-  how = "unrolled layers" if unroll else "scanned layers: XLA counts the loop body once"
-  out(f"counted_flops {r['counted_flops']:.4e} (XLA cost analysis, {how}; includes remat recompute and the "
-      f"optimizer); counted_tflops_per_s {r['counted_tflops_per_s']:.4f}; mfu_counted {100 * r['mfu_counted']:.2f}%")
+  out(f"counted_flops {r['counted_flops']:.4e} (XLA HLO cost analysis, layers unrolled; includes remat recompute "
+      f"and the optimizer); counted_tflops_per_s {r['counted_tflops_per_s']:.4f}; mfu_counted {100 * r['mfu_counted']:.2f}%")
   out(f"counted/model {r['counted_flops'] / model:.3f}")
   return r
 
@@ -192,7 +193,7 @@ def parser():
   ap.add_argument("--attn_impl", default="chunked", help="model.attn_impl of the step")
   ap.add_argument("--vae", default="cached", help="cached: stored moments in the batch | step: encoder in the step")
   ap.add_argument("--no_remat", dest="remat", action="store_false")
-  ap.add_argument("--no_unroll", dest="unroll", action="store_false")
+  ap.add_argument("--unroll", action="store_true", help="time the program with unrolled layers (default: scanned)")
   ap.add_argument("--compute_dtype", default="bfloat16")
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak (TFLOP/s)")
   ap.add_argument("--profile_dir", default="")
