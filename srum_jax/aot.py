@@ -101,7 +101,7 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
   K = int(t.max_regions)
   f32 = np.float32
   cached = t.vae_moments == "cached"  # the batch carries the stored posterior moments, not the images
-  h, w = H // cfg.latent_downsample, W // cfg.latent_downsample
+  h, w = H // cfg.ae.downsample, W // cfg.ae.downsample  # the encoder's grid (before latent patching)
   host = train_step.SrumBatch(
       inputs=jax.tree.map(lambda x: np.zeros((rows,) + np.shape(x)[1:], np.asarray(x).dtype), inputs),
       images=None if cached else np.zeros((rows, S, H, W, 3), f32),

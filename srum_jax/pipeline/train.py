@@ -267,6 +267,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     raise ValueError(f"train.vae_moments={t.vae_moments!r}; choose one of {VAE_MOMENTS}")
   if t.moments_dtype not in data.MOMENTS_DTYPES:
     raise ValueError(f"train.moments_dtype={t.moments_dtype!r}; choose one of {data.MOMENTS_DTYPES}")
+  if int(t.encode_batch) < 1:
+    raise ValueError(f"train.encode_batch={t.encode_batch} must be >= 1")
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
   tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
   master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)
