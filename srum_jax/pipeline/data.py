@@ -1,7 +1,8 @@
 """Training data: reward records (JSONL) -> validated ArrayRecord file -> grain pipeline -> packed `SrumBatch`.
 
     path, report = prepare_records(records_jsonl, images_root, cache_dir, max_regions=5)
-    ds = make_dataset(path, images_root, spec, tokenizer, seed=0)       # grain.IterDataset of HostBatch
+    moments = prepare_moments(path, images_root, image_hw, encode, encoder_id=...)   # optional: VAE once
+    ds = make_dataset(path, images_root, spec, tokenizer, seed=0, moments=moments)   # grain.IterDataset of HostBatch
     it = iter(ds); hb = next(it)                                         # hb.batch: SrumBatch, hb.indices
     state = it.get_state(); ...; it.set_state(state)                     # checkpointable
 
