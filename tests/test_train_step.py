@@ -120,13 +120,14 @@ def test_sharded_step_equals_single_device(tiny_cfg, setup):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
-def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, setup):
+def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup):
   """The loss from stored posterior moments (the encoder run once, outside the step) equals the loss with the
   encoder in the step, for the same key: fp32 moments to 1e-6 relative (only the encoder's compiled form
   differs), bf16-stored moments to 2e-2 relative."""
   import ml_dtypes
   from srum_jax.models import autoencoder
-  params, _, opts = setup
+  _, _, opts = setup
+  params = jax.tree.map(jnp.asarray, tiny_params)  # fresh: earlier tests donate the shared fixture's buffers
   batch = _batch(tiny_cfg)
   B, S = batch.images.shape[:2]
   m = autoencoder.encoder(params["ae"]["encoder"], jnp.asarray(batch.images.reshape(B * S, H, W, 3)), tiny_cfg.ae)
