@@ -4,16 +4,16 @@
 
 Part 1 reruns the golden cases gen_t2i / srum (training forward) and llm on the accelerator with fp32
 compute (matmul precision 'highest') and with bf16 compute, and prints max abs errors vs the official
-fp32 references. Part 2 times the `mid` preset's full SRUM train step (VAE encode x2, reward maps, packed
-MoT forward/backward, AdamW; fp32 master weights, bf16 compute, remat, chunked attention): median of
-`--steps` steps after warm-up, tokens/s, and MFU by BAGEL's formula against 989 TFLOP/s (dense bf16).
+fp32 references. Part 2 times the `mid` preset's full SRUM train step with `benchmarks/train_step.py`
+(posterior samples from stored moments, or `--vae step` for the encoder in the step; reward maps, packed MoT
+forward/backward, AdamW; fp32 master weights, bf16 compute, remat, chunked attention): median step time,
+tokens/s, MFU by BAGEL's formula and by XLA-counted FLOPs against the device's peak.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -24,8 +24,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-
-PEAK = 989e12
 
 
 def golden(dtype_name: str):
@@ -66,53 +64,6 @@ def golden(dtype_name: str):
   return out
 
 
-def time_step(steps: int, preset: str, image: str, tokens: int, text: int):
-  from srum_jax.flops import bagel_flops
-  from srum_jax import defaults, objective, train_step as ts
-  from srum_jax.models import config, params as params_lib
-  from srum_jax.training import optimizer, update
-  cfg = config.get_preset(preset).replace(vit=None)
-  (H, W), S, T = (int(v) for v in image.split('x')), 2, text
-  schema = params_lib.model_schema(cfg)
-  params = jax.jit(lambda k: params_lib.init_params(schema, k, jnp.float32))(jax.random.key(0))
-  tx = optimizer.make_optimizer(defaults.base_config().train, optimizer.param_labels(params, ("ae",)))
-  opts = ts.StepOptions(image_hw=(H, W), samples_per_row=S, compute_dtype=jnp.bfloat16, attn_impl="chunked",
-                        remat=True)
-  rng = np.random.default_rng(0)
-  ids = [[[cfg.tokens.bos] + list(rng.integers(0, min(cfg.llm.vocab_size, 150000) - 8, T - 2)) + [cfg.tokens.eos] for _ in range(S)]]
-  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=tokens, text_capacity=S * (T + 2))
-  K = 5
-  batch = ts.SrumBatch(inputs=inputs, images=rng.uniform(-1, 1, (1, S, H, W, 3)).astype(np.float32),
-                       rewards=objective.RegionRewards(
-                           np.tile(np.array([0, 0, W // 2, H // 2], np.float32), (1, S, K, 1)),
-                           rng.uniform(-1, 1, (1, S, K)).astype(np.float32), np.ones((1, S, K), bool),
-                           rng.uniform(-1, 1, (1, S)).astype(np.float32)))
-  batch = jax.device_put(batch)
-  step = jax.jit(ts.make_train_step(cfg, opts, tx), donate_argnums=(0,))
-  state = update.init_state(params, tx)
-  t0 = time.time()
-  state, m = step(state, batch, jax.random.key(1))
-  jax.block_until_ready(m["loss"])
-  compile_s = time.time() - t0
-  for i in range(2):
-    state, m = step(state, batch, jax.random.key(2 + i))
-  jax.block_until_ready(m["loss"])
-  times = []
-  for i in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, batch, jax.random.key(10 + i))
-    jax.block_until_ready(m["loss"])
-    times.append(time.perf_counter() - t)
-  med = float(np.median(times))
-  n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
-  real = S * (T + 2 + n_lat)
-  flops = bagel_flops(cfg, real, [T + 2 + n_lat] * S)
-  print(f"{preset} preset: {params_lib.count_params(schema['bagel']) / 1e9:.2f}B params, tokens/step {real} (budget {tokens}), "
-        f"compile+first step {compile_s:.1f}s, loss {float(m['loss']):.4f}")
-  print(f"step time median {med * 1e3:.1f} ms (min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}, n={steps}); "
-        f"{real / med:.0f} tokens/s; MFU (BAGEL formula {flops:.3e} FLOPs) = {flops / med / PEAK * 100:.1f}% of 989 TFLOP/s")
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=20)
@@ -121,6 +72,7 @@ def main():
   ap.add_argument("--image", default="1024x960", help="HxW of each of the 2 images per step")
   ap.add_argument("--tokens", type=int, default=8192, help="packed token budget of the row")
   ap.add_argument("--text", type=int, default=128, help="prompt tokens per sample")
+  ap.add_argument("--vae", default="cached", help="cached: stored posterior moments | step: encoder in the step")
   a = ap.parse_args()
   print("devices:", jax.devices(), "jax", jax.__version__, flush=True)
   if not a.skip_golden:
@@ -128,7 +80,9 @@ def main():
       with jax.default_matmul_precision("highest" if name == "fp32" else "default"):
         errs = golden(name)
       print(f"golden {name} max abs err: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
-  time_step(a.steps, a.preset, a.image, a.tokens, a.text)
+  import train_step as step_benchmark  # benchmarks/train_step.py
+  step_benchmark.measure(a.preset, image=a.image, tokens=a.tokens, text=a.text, steps=a.steps, attn_impl="chunked",
+                         vae=a.vae)
 
 
 if __name__ == "__main__":

@@ -108,9 +108,12 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
                                  text_capacity=int(t.text_capacity))
   K = int(t.max_regions)
   f32 = np.float32
+  cached = t.vae_moments == "cached"  # the batch carries the stored posterior moments, not the images
+  h, w = H // cfg.ae.downsample, W // cfg.ae.downsample  # the encoder's grid (before latent patching)
   host = train_step.SrumBatch(
       inputs=jax.tree.map(lambda x: np.zeros((rows,) + np.shape(x)[1:], np.asarray(x).dtype), inputs),
-      images=np.zeros((rows, S, H, W, 3), f32),
+      images=None if cached else np.zeros((rows, S, H, W, 3), f32),
+      moments=np.zeros((rows, S, h, w, 2 * cfg.ae.z_channels), jnp.dtype(t.moments_dtype)) if cached else None,
       rewards=objective.RegionRewards(np.zeros((rows, S, K, 4), f32), np.zeros((rows, S, K), f32),
                                       np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)))
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)

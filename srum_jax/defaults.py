@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.sample_every = 100  # PNG grid of training images with reward overlays (0: never)
   c.train.sample_posterior = True  # VAE posterior sample (official) vs. its mean
+  c.train.vae_moments = "cached"  # cached: the frozen VAE encodes each round's images once (data preparation)
+  #   and the step samples from the stored posterior moments | step: the encoder runs inside every step
+  c.train.moments_dtype = "float32"  # stored moments: float32 (the step's loss unchanged) | bfloat16 (half size)
+  c.train.encode_batch = 8  # images per jitted encoder call of the moments pass (rounded up to the device count)
   # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
   c.train.records = ""  # "" -> <workdir>/score/rewards.jsonl (the score stage's output)
   c.train.images_root = ""

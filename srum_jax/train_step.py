@@ -1,4 +1,4 @@
-"""The SRUM train step: frozen VAE encode -> reward maps -> packed MoT forward -> SRUM loss -> guarded AdamW.
+"""The SRUM train step: VAE posterior -> reward maps -> packed MoT forward -> SRUM loss -> guarded AdamW.
 
 Functional core of post-training. `make_train_step` returns a pure `step(state, batch, key)` (the update
 itself is the shared `training.update.make_step`); the imperative shell (`srum_jax.pipeline.train`) feeds
@@ -9,12 +9,18 @@ Faithful to the official recipe (SRUM's `modeling/bagel/bagel.py` and BAGEL's tr
 and "good" latents are two independent posterior samples of the same image; one raw timestep ~ N(0, 1) per
 image, squashed by a sigmoid and shifted; the text condition is dropped with probability
 `text_cond_dropout` (CFG training).
+
+The posterior comes either from the batch (`SrumBatch.moments`: encoded once per round by the data
+pipeline, `pipeline.data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
+encoder need not run every step) or from the frozen encoder run inside the step on `SrumBatch.images`.
+Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal moments and key the loss
+is the same.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -52,30 +58,44 @@ class StepOptions:
 
 class SrumBatch(NamedTuple):
   """inputs: packed T2I layout (per sample a text split + one noise image of `image_hw`; latent slots in
-  sample order, `t2i_layout`). images [B, S, H, W, 3] in [-1, 1]; rewards: RegionRewards, leading dims [B, S]."""
+  sample order, `t2i_layout`). Exactly one of images [B, S, H, W, 3] in [-1, 1] (encoded in the step) or
+  moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then log-variance; fp32 or bf16)
+  is set, the other is None. rewards: RegionRewards, leading dims [B, S]."""
   inputs: PackedInputs
-  images: jax.Array
+  images: Optional[jax.Array]
   rewards: objective.RegionRewards
+  moments: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Loss
 
 
-def _latent_tokens(params_ae, images, cfg: BagelConfig, keys, sample: bool):
-  """[B, S, H, W, 3] -> one [B, S*h*w, p*p*z] token array per key (frozen: no gradient).
+def _latent_tokens_from_moments(moments, cfg: BagelConfig, keys, sample: bool):
+  """Posterior moments [B, S, h, w, 2z] -> one [B, S*h*w, p*p*z] fp32 token array per key (no gradient).
 
-  The encoder runs once; each key draws its own posterior sample from the shared moments, which is
-  the same distribution as the official two independent `encode` calls at half the encoder cost.
+  Each key draws its own posterior sample from the shared moments, which is the same distribution as the
+  official two independent `encode` calls at the cost of one encoder pass (or none, with stored moments).
   """
-  B, S, H, W, _ = images.shape
-  mean, logvar = autoencoder.encode_moments(jax.lax.stop_gradient(params_ae), images.reshape(B * S, H, W, 3), cfg.ae)
+  B, S = moments.shape[:2]
+  z_ch = cfg.ae.z_channels
+  m = jax.lax.stop_gradient(moments.astype(jnp.float32)).reshape((B * S,) + moments.shape[2:])
+  mean, logvar = m[..., :z_ch], m[..., z_ch:]
   out = []
   for key in keys:
     z = autoencoder.latents_from_moments(mean, logvar, cfg.ae, key if sample else None)
     tok = embeddings.patchify_latent(z, cfg.latent_patch_size)
-    out.append(jax.lax.stop_gradient(tok.reshape(B, S * tok.shape[1], tok.shape[2]).astype(jnp.float32)))
+    out.append(tok.reshape(B, S * tok.shape[1], tok.shape[2]))
   return out
+
+
+def batch_moments(params_ae, batch: "SrumBatch", cfg: BagelConfig) -> jax.Array:
+  """The batch's posterior moments [B, S, h, w, 2z]: stored ones, else the frozen encoder on its images."""
+  if batch.moments is not None:
+    return batch.moments
+  B, S, H, W, _ = batch.images.shape
+  m = autoencoder.encoder(jax.lax.stop_gradient(params_ae)["encoder"], batch.images.reshape(B * S, H, W, 3), cfg.ae)
+  return m.reshape((B, S) + m.shape[1:])
 
 
 def drop_text_condition(meta, key, p: float):
@@ -96,8 +116,9 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
   """Scalar SRUM loss and metrics for one packed batch: the targets, noise and times are drawn here."""
   k_bad, k_gt, k_t, k_noise, k_drop = jax.random.split(key, 5)
   inputs = batch.inputs
-  B, S = batch.images.shape[:2]
-  x_bad, x_gt = _latent_tokens(params["ae"], batch.images, cfg, (k_bad, k_gt), opts.sample_posterior)
+  moments = batch_moments(params["ae"], batch, cfg)
+  B, S = moments.shape[:2]
+  x_bad, x_gt = _latent_tokens_from_moments(moments, cfg, (k_bad, k_gt), opts.sample_posterior)
   n_tok = x_bad.shape[1] // S
   if inputs.latent_index.shape[1] != x_bad.shape[1]:
     raise ValueError(f"latent capacity {inputs.latent_index.shape[1]} != samples_per_row * tokens = {x_bad.shape[1]}")

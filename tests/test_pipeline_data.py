@@ -238,3 +238,79 @@ def test_duplicate_ids_keep_one_record(tmp_path):
   good, rep = data.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
   assert rep.duplicate_id == 1 and rep.kept == 3 == len(good) and rep.lines == rep.kept + rep.skipped
   assert [g["global_score"] for g in good] == [0.5, 0.5, 0.5]  # the first row of item0 is kept
+
+
+def _pool_encode(calls):
+  """A stand-in encoder: 8x8 mean pool, then [mean, -mean] channels (moments-shaped [b, H/8, W/8, 6])."""
+  def encode(x):
+    calls.append(len(x))
+    m = x.reshape(x.shape[0], H // 8, 8, W // 8, 8, 3).mean(axis=(2, 4))
+    return np.concatenate([m, -m], axis=-1)
+  return encode
+
+
+def _want_moments(i):
+  v = (np.array(_color(i), np.float32) / 255 - 0.5) / 0.5
+  return np.broadcast_to(np.concatenate([v, -v]), (H // 8, W // 8, 6))
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_stored_moments_replace_images(dataset_dir, tiny_cfg, process_count):
+  """Moments encoded once (by each of `process_count` processes for its share) stand in for the images: same
+  records in the same order, each record's moments, resumable, reused without encoding again."""
+  path, _ = _prepare(dataset_dir)
+  calls = []
+  files = [data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
+                                batch_size=3, process_index=p, process_count=process_count)
+           for p in range(process_count)]
+  assert files[0] == files[-1] and len(files[0].parts) == process_count and sum(calls) == 7
+  n_calls = len(calls)
+  again = data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
+                               batch_size=3, process_index=0, process_count=process_count)
+  assert again == files[0] and len(calls) == n_calls  # reused
+
+  def it(**kw):
+    return iter(data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
+                                  seed=5, read_threads=2, **kw))
+  with_images, with_moments = it(), it(moments=files[0])
+  for _ in range(4):  # past one epoch of 7
+    a, b = next(with_images), next(with_moments)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.batch.rewards.boxes, b.batch.rewards.boxes)
+    np.testing.assert_array_equal(a.batch.inputs.text_ids, b.batch.inputs.text_ids)
+    assert b.batch.images is None and b.batch.moments.shape == (2, 2, H // 8, W // 8, 6)
+    assert b.image_files == [f"{int(i)}.png" for i in b.indices.reshape(-1)]
+    for r in range(2):
+      for s in range(2):
+        np.testing.assert_allclose(b.batch.moments[r, s], _want_moments(int(b.indices[r, s])), atol=1e-6)
+  state = json.loads(json.dumps(with_moments.get_state()))
+  want = [next(with_moments) for _ in range(2)]
+  resumed = it(moments=files[0])
+  resumed.set_state(state)
+  for w in want:
+    g = next(resumed)
+    np.testing.assert_array_equal(w.indices, g.indices)
+    np.testing.assert_array_equal(w.batch.moments, g.batch.moments)
+
+
+def test_stored_moments_bf16_and_unloadable_images(dataset_dir, tiny_cfg):
+  path, _ = _prepare(dataset_dir)
+  os.remove(dataset_dir / "images" / "3.png")  # vanished after validation: no moments, counted when reached
+  files = data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool",
+                               dtype="bfloat16")
+  rep = data.DataReport()
+  ds = data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(), seed=0,
+                         read_threads=2, report=rep, moments=files)
+  seen = []
+  it = iter(ds)
+  for _ in range(3):
+    hb = next(it)
+    assert str(hb.batch.moments.dtype) == "bfloat16"
+    for r in range(2):
+      for s in range(2):
+        i = int(hb.indices[r, s])
+        seen.append(i)
+        np.testing.assert_allclose(hb.batch.moments[r, s].astype(np.float32), _want_moments(i), rtol=1e-2, atol=1e-2)
+  assert 3 not in seen and len(seen) == 12 and rep.decode_failures >= 1
+  with pytest.raises(ValueError, match="moments dtype"):
+    data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool", dtype="fp8")

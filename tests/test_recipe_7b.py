@@ -25,7 +25,7 @@ for n in (8, 16, 32, 64):
   state = prog.args[0]
   out["train"][n] = dict(prog.info, lowered=lowered is not None,
                          master_dtypes=sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
-                         batch_rows=int(prog.args[1].images.shape[0]))
+                         batch_rows=int(prog.args[1].rewards.global_scores.shape[0]))
 for build in (aot.sampler_step_program, aot.prefill_program, aot.judge_program):
   prog = build(config, jax.devices()[:8])
   prog.jitted.lower(*prog.args)

@@ -1,9 +1,7 @@
 """SRUM train step: learns, freezes what it should, skips non-finite updates, and shards exactly."""
-import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -120,3 +118,27 @@ def test_sharded_step_equals_single_device(tiny_cfg, setup):
   np.testing.assert_allclose(float(m["loss"]), float(single_m["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(single_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup):
+  """The loss from stored posterior moments (the encoder run once, outside the step) equals the loss with the
+  encoder in the step, for the same key: fp32 moments to 1e-6 relative (only the encoder's compiled form
+  differs), bf16-stored moments to 2e-2 relative."""
+  import ml_dtypes
+  from srum_jax.models import autoencoder
+  _, _, opts = setup
+  params = jax.tree.map(jnp.asarray, tiny_params)  # fresh: earlier tests donate the shared fixture's buffers
+  batch = _batch(tiny_cfg)
+  B, S = batch.images.shape[:2]
+  m = autoencoder.encoder(params["ae"]["encoder"], jnp.asarray(batch.images.reshape(B * S, H, W, 3)), tiny_cfg.ae)
+  m = np.asarray(m).reshape((B, S) + m.shape[1:])
+  assert m.shape[-1] == 2 * tiny_cfg.ae.z_channels
+  fwd = jax.jit(lambda p, b, k: ts.srum_loss(p, b, k, cfg=tiny_cfg, opts=opts)[0])
+  key = jax.random.key(3)
+  ref = float(fwd(params, batch, key))
+  got = float(fwd(params, batch._replace(images=None, moments=m), key))
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  assert got != float(fwd(params, batch._replace(images=None, moments=m), jax.random.key(4)))  # the key matters
+  half = float(fwd(params, batch._replace(images=None, moments=m.astype(ml_dtypes.bfloat16)), key))
+  np.testing.assert_allclose(half, ref, rtol=2e-2)
+  assert half != ref  # bf16 storage really rounds

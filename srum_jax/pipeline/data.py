@@ -1,7 +1,8 @@
 """Training data: reward records (JSONL) -> validated ArrayRecord file -> grain pipeline -> packed `SrumBatch`.
 
     path, report = prepare_records(records_jsonl, images_root, cache_dir, max_regions=5)
-    ds = make_dataset(path, images_root, spec, tokenizer, seed=0)       # grain.IterDataset of HostBatch
+    moments = prepare_moments(path, images_root, image_hw, encode, encoder_id=...)   # optional: VAE once
+    ds = make_dataset(path, images_root, spec, tokenizer, seed=0, moments=moments)   # grain.IterDataset of HostBatch
     it = iter(ds); hb = next(it)                                         # hb.batch: SrumBatch, hb.indices
     state = it.get_state(); ...; it.set_state(state)                     # checkpointable
 
@@ -18,6 +19,11 @@ scales the boxes from the stored image size to `image_hw` (identity for the offi
 pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
 per-sample text budget and counted), and a batcher that packs rows of `samples_per_row` samples with
 `train_step.t2i_layout` under static budgets. Every batch carries the record indices it used.
+
+With stored posterior moments (`prepare_moments`: the frozen VAE encoder run once over the prepared records,
+since SRUM's training images are fixed within a round) the map reads each record's moments row instead of
+decoding its image, and batches carry `SrumBatch.moments` (images None); the record order, the per-process
+slices and the iterator state are the same either way.
 """
 from __future__ import annotations
 
@@ -36,8 +42,10 @@ from srum_jax.rewards import records as records_lib
 
 VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
-__all__ = ["DataReport", "DataSpec", "HostBatch", "load_image", "validate_records", "prepare_records",
-           "make_dataset", "spec_from_config", "text_budget"]
+__all__ = ["DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "validate_records",
+           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget"]
+
+MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
@@ -98,11 +106,13 @@ class DataSpec:
 
 class HostBatch(NamedTuple):
   """One host batch: the packed `SrumBatch` (NumPy), global record indices [rows, S], prompts [rows*S],
-  and how many of its prompts were truncated to the text budget."""
+  how many of its prompts were truncated to the text budget, and the image files [rows*S] (relative to the
+  images root; for pictures of the batch)."""
   batch: Any
   indices: np.ndarray
   prompts: list
   truncated: int
+  image_files: list
 
 
 # --- images -------------------------------------------------------------------------------------------------
@@ -269,6 +279,108 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
   return path, report
 
 
+# --- posterior moments, encoded once per prepared record file ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MomentsFiles:
+  """Stored posterior moments of a prepared record file. Process p of n encoded the records i with
+  i % n == p into `parts[p]` (row i // n, [rows, h, w, 2z]; bf16 kept as its uint16 bits) and marked in
+  `parts[p]`'s `.ok.npy` companion whether the image loaded."""
+  parts: Tuple[str, ...]
+  dtype: str
+
+  def locate(self, index: int) -> Tuple[str, int]:
+    return self.parts[index % len(self.parts)], index // len(self.parts)
+
+
+def _ok_path(part: str) -> str:
+  return part[:-len(".npy")] + ".ok.npy"
+
+
+def _read_records(array_record_path: str) -> List[dict]:
+  import grain
+  src = grain.sources.ArrayRecordDataSource(array_record_path)
+  return [json.loads(src[i]) for i in range(len(src))]
+
+
+def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[int, int], encode, *, encoder_id: str,
+                    dtype: str = "float32", batch_size: int = 8, process_index: int = 0, process_count: int = 1,
+                    threads: int = 4) -> MomentsFiles:
+  """Encode this process's share of a prepared record file once: `encode(images [b, H, W, 3] float32 in [-1, 1])
+  -> moments [b, h, w, 2z]` (the caller's jitted frozen encoder) over batches of `batch_size` images loaded as
+  the pipeline loads them (`load_image`); images that fail to load get ok=False and zero moments (the pipeline
+  skips and counts them as decode failures). Files are named by the record file, `image_hw`, `dtype`,
+  `encoder_id` (identifies the encoder weights) and the process count, written under a temporary name and
+  renamed, and reused when present. Callers with several processes wait at a barrier before reading."""
+  if dtype not in MOMENTS_DTYPES:
+    raise ValueError(f"moments dtype {dtype!r}; choose one of {MOMENTS_DTYPES}")
+  H, W = (int(v) for v in image_hw)
+  stem = array_record_path[:-len(".array_record")] if array_record_path.endswith(".array_record") else array_record_path
+  parts = tuple(f"{stem}.moments-{H}x{W}-{dtype}-{encoder_id}.p{p}of{process_count}.npy" for p in range(process_count))
+  out = MomentsFiles(parts=parts, dtype=dtype)
+  mine = parts[process_index]
+  if os.path.isfile(mine) and os.path.isfile(_ok_path(mine)):
+    return out
+  records = _read_records(array_record_path)[process_index::process_count]
+  moments, ok = None, np.zeros((len(records),), bool)
+  tmp = f"{mine}.tmp{os.getpid()}.npy"
+
+  def load(rec):
+    try:
+      return load_image(os.path.join(images_root, rec["image_file"]), (H, W))[0], True
+    except Exception:  # vanished or changed since validation: counted when the pipeline reaches the record
+      return np.zeros((H, W, 3), np.float32), False
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+    for lo in range(0, len(records), batch_size):
+      loaded = list(pool.map(load, records[lo:lo + batch_size]))
+      m = np.asarray(encode(np.stack([x for x, _ in loaded])))
+      if dtype == "bfloat16":
+        import ml_dtypes
+        m = m.astype(ml_dtypes.bfloat16).view(np.uint16)
+      else:
+        m = m.astype(np.float32)
+      if moments is None:
+        moments = np.lib.format.open_memmap(tmp, mode="w+", dtype=m.dtype, shape=(len(records),) + m.shape[1:])
+      moments[lo:lo + len(loaded)] = m
+      ok[lo:lo + len(loaded)] = [good for _, good in loaded]
+  if moments is None:  # no record for this process
+    np.save(tmp, np.zeros((0,), np.float32))
+  else:
+    moments.flush()
+    del moments
+  np.save(f"{tmp}.ok.npy", ok)
+  os.replace(f"{tmp}.ok.npy", _ok_path(mine))
+  os.replace(tmp, mine)
+  return out
+
+
+class _MomentsReader:
+  """Lazily memory-mapped moments rows (reopened in each grain worker process; pickles as paths only)."""
+
+  def __init__(self, files: MomentsFiles):
+    self.files, self._open = files, {}
+
+  def __getstate__(self):
+    return {"files": self.files}
+
+  def __setstate__(self, state):
+    self.files, self._open = state["files"], {}
+
+  def __call__(self, index: int) -> Optional[np.ndarray]:
+    part, row = self.files.locate(index)
+    if part not in self._open:
+      self._open[part] = (np.load(part, mmap_mode="r"), np.load(_ok_path(part)))
+    m, ok = self._open[part]
+    if not ok[row]:
+      return None
+    x = np.array(m[row])
+    if self.files.dtype == "bfloat16":
+      import ml_dtypes
+      x = x.view(ml_dtypes.bfloat16)
+    return x
+
+
 # --- grain pipeline -----------------------------------------------------------------------------------------
 
 def text_budget(cfg, spec: DataSpec) -> int:
@@ -290,32 +402,44 @@ class NoUsableRecords(RuntimeError):
 
 
 class _Decode:
-  """Record bytes -> sample dict (image, padded regions, prompt ids); None when the image fails to load.
-  `max_consecutive_failures` failed loads in a row (no success between them) raise `NoUsableRecords`."""
+  """Record bytes -> sample dict (image or stored moments, padded regions, prompt ids); None when the image
+  (or its moments row) failed to load. `max_consecutive_failures` failed loads in a row (no success between
+  them) raise `NoUsableRecords`."""
 
   def __init__(self, images_root: str, cfg, spec: DataSpec, tokenizer, report: Optional[DataReport],
-               max_consecutive_failures: Optional[int] = None):
+               moments: Optional[MomentsFiles] = None, max_consecutive_failures: Optional[int] = None):
     self.images_root, self.spec, self.tokenizer, self.report = images_root, spec, tokenizer, report
     self.bos, self.eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
     self.max_ids = text_budget(cfg, spec)
+    self.moments = None if moments is None else _MomentsReader(moments)
     self.max_failures, self.failures_in_a_row = max_consecutive_failures, 0
+
+  def _failed(self, rec: dict, why: str):
+    if self.report is not None:
+      self.report.decode_failures += 1
+    self.failures_in_a_row += 1
+    if self.max_failures is not None and self.failures_in_a_row >= self.max_failures:
+      raise NoUsableRecords(
+          f"training data: the last {self.failures_in_a_row} records all failed to load (e.g. "
+          f"{rec.get('image_file')!r} under {self.images_root}: {why}), longer than two passes over the validated "
+          f"records: their images changed or vanished after validation; restore them or rerun the stage that "
+          f"wrote them") from None
+    return None
 
   def __call__(self, raw: bytes):
     rec = json.loads(raw)
     H, W = self.spec.image_hw
-    try:
-      image, (w0, h0) = load_image(os.path.join(self.images_root, rec["image_file"]), (H, W))
-    except Exception as e:  # the file changed or vanished after validation: skip it
-      if self.report is not None:
-        self.report.decode_failures += 1
-      self.failures_in_a_row += 1
-      if self.max_failures is not None and self.failures_in_a_row >= self.max_failures:
-        raise NoUsableRecords(
-            f"training data: the last {self.failures_in_a_row} records all failed to load (e.g. "
-            f"{rec['image_file']!r} under {self.images_root}: {type(e).__name__}), longer than two passes "
-            f"over the validated records: their images changed or vanished after validation; restore them or "
-            f"rerun the stage that wrote them") from None
-      return None
+    if self.moments is not None:
+      pixels = self.moments(int(rec["index"]))
+      if pixels is None:
+        return self._failed(rec, "no stored moments")
+      key, (w0, h0) = "moments", rec["image_size"]
+    else:
+      try:
+        pixels, (w0, h0) = load_image(os.path.join(self.images_root, rec["image_file"]), (H, W))
+      except Exception as e:  # the file changed or vanished after validation: skip it, never crash
+        return self._failed(rec, type(e).__name__)
+      key = "image"
     self.failures_in_a_row = 0
     sx, sy = W / float(w0), H / float(h0)
     boxes, scores, valid, _ = records_lib.pad_regions(
@@ -323,7 +447,7 @@ class _Decode:
         [reg["score"] for reg in rec["regions"]], self.spec.max_regions)
     ids = [int(i) for i in self.tokenizer.encode(rec["prompt"])]
     truncated = len(ids) > self.max_ids
-    return {"index": int(rec["index"]), "image": image, "boxes": boxes, "scores": scores, "valid": valid,
+    return {"index": int(rec["index"]), key: pixels, "image_file": rec["image_file"], "boxes": boxes, "scores": scores, "valid": valid,
             "global_score": np.float32(0.0 if rec["global_score"] is None else rec["global_score"]),
             "ids": [self.bos] + ids[:self.max_ids] + [self.eos], "truncated": truncated,
             "prompt": rec["prompt"]}
@@ -351,14 +475,18 @@ class _Collate:
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
-    batch = train_step.SrumBatch(inputs=inputs, images=stack("image"), rewards=rewards)
+    stored = "moments" in samples[0]
+    batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
+                                 moments=stack("moments") if stored else None)
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
-                     truncated=int(sum(s["truncated"] for s in samples)))
+                     truncated=int(sum(s["truncated"] for s in samples)),
+                     image_files=[s["image_file"] for s in samples])
 
 
 def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
                  num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1,
-                 read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None):
+                 read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None,
+                 moments: Optional[MomentsFiles] = None):
   """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's `HostBatch`es.
 
   Every process walks the same global record order: a deterministic permutation per epoch (seed + epoch;
@@ -367,7 +495,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   the global batch). So a global batch is the same whatever the number of processes. `workers > 0` decodes
   in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
   skipped (the next record of the process's slice stream takes their place) and counted in
-  `report.decode_failures` (in this process only).
+  `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
+  batches carry the stored posterior moments instead of images.
   """
   import grain
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
@@ -379,7 +508,7 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   # A run of failures longer than two passes over the data (plus the reads in flight, which may complete out
   # of order) means no record loads any more: two passes bound the run any proper subset of records can make.
   prefetch = 2 * per_batch
-  ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report,
+  ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report, moments,
                       max_consecutive_failures=2 * n + prefetch * max(1, int(read_threads))))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=prefetch))
   it = it.filter(lambda x: x is not None)

@@ -66,11 +66,15 @@ def _to_device(tree, shardings, process_count: int):
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
 
 
-def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions) -> None:
+def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions, images_root: str) -> None:
   """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`)."""
   b = hb.batch
   H, W = opts.image_hw
-  images = viz.to_uint8(np.asarray(b.images).reshape(-1, H, W, 3))
+  if b.images is not None:
+    pixels = np.asarray(b.images).reshape(-1, H, W, 3)
+  else:  # the batch carries stored moments: read the images back for the picture
+    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W)) for f in hb.image_files])
+  images = viz.to_uint8(pixels)
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
   maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
   shown = r.valid & opts.levers.use_local
@@ -80,6 +84,13 @@ def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions) -> None:
   captions = [f"#{idx[i]} g={r.global_scores[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])]
   ncols = max(1, int(np.ceil(np.sqrt(images.shape[0]))))
   viz.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
+
+
+def _load_or_blank(path: str, image_hw) -> np.ndarray:
+  try:
+    return data.load_image(path, image_hw)[0]
+  except Exception:  # a picture is not worth a crash; the tile stays grey
+    return np.zeros(tuple(image_hw) + (3,), np.float32)
 
 
 def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str, workdir: str, mesh=None,
@@ -131,8 +142,51 @@ def batch_layout(config, mesh) -> Dict[str, int]:
   return {"batch_ways": ways, "microbatches": per_shard // micro}
 
 
-def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str):
-  """Validate the records once per input, then this host's grain iterator; returns (iterator, DataReport)."""
+VAE_MOMENTS = ("cached", "step")
+
+
+def _host_tree(tree):
+  """A parameter tree as NumPy on this host (pieces of arrays spread over several processes gathered)."""
+  from jax.experimental import multihost_utils
+
+  def host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(host, tree)
+
+
+def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
+  """(encode, encoder_id) for `data.prepare_moments`: the frozen VAE encoder jitted once over this process's
+  devices (weights replicated, images split over them; batches padded to a multiple of the device count),
+  returning moments in `dtype`; encoder_id is a content hash of the encoder weights."""
+  import hashlib
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from srum_jax.models import autoencoder
+  host = _host_tree(params_encoder)
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
+    h.update(f"{jax.tree_util.keystr(path)}\0{leaf.dtype}\0{leaf.shape}\n".encode())
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  devices = jax.local_devices()
+  mesh = Mesh(np.array(devices), ("batch",))
+  rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+  weights = jax.device_put(host, rep)
+  rows = -(-int(batch_size) // len(devices)) * len(devices)
+  fn = jax.jit(lambda p, x: autoencoder.encoder(p, x, cfg.ae).astype(dtype), in_shardings=(rep, split),
+               out_shardings=split)
+
+  def encode(images: np.ndarray) -> np.ndarray:
+    n = images.shape[0]
+    padded = np.zeros((rows,) + images.shape[1:], np.float32)
+    padded[:n] = images
+    return np.asarray(fn(weights, jax.device_put(padded, split)))[:n]
+  return encode, h.hexdigest()[:12]
+
+
+def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str, params_ae=None):
+  """Validate the records once per input, encode their images' posterior moments once (`train.vae_moments` =
+  cached; needs `params_ae`), then this host's grain iterator; returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = data.spec_from_config(config, pcount)
   ar_path, report = data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
@@ -141,9 +195,18 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          threads=int(t.data_threads))
   if report.kept == 0:
     raise ValueError(f"no usable training records in {records_path}: {report.summary()}")
+  moments = None
+  if t.vae_moments == "cached":
+    master = jnp.dtype(config.model.param_dtype)  # the dtype the step would run the encoder in
+    encode, encoder_id = moments_encoder(jax.tree.map(lambda x: x.astype(master), params_ae["encoder"]), cfg,
+                                         int(t.encode_batch), jnp.dtype(t.moments_dtype))
+    moments = data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
+                                   dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=pid,
+                                   process_count=pcount, threads=int(t.data_threads))
+    multihost.barrier("train_moments")
   ds = data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
-                         workers=int(t.data_workers), report=report)
+                         workers=int(t.data_workers), report=report, moments=moments)
   return iter(ds), report
 
 
@@ -212,7 +275,13 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   rules = sharding.rules_from_config(config.sharding_rules)
   opts = dataclasses.replace(opts, **batch_layout(config, mesh))
   total = int(t.steps if max_steps is None else max_steps)
-  it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir)
+  if t.vae_moments not in VAE_MOMENTS:
+    raise ValueError(f"train.vae_moments={t.vae_moments!r}; choose one of {VAE_MOMENTS}")
+  if t.moments_dtype not in data.MOMENTS_DTYPES:
+    raise ValueError(f"train.moments_dtype={t.moments_dtype!r}; choose one of {data.MOMENTS_DTYPES}")
+  if int(t.encode_batch) < 1:
+    raise ValueError(f"train.encode_batch={t.encode_batch} must be >= 1")
+  it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
   tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
   master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)
   init = lambda p: update.init_state(jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay)  # noqa
@@ -254,7 +323,7 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
         bar.update(1)
         log.add(step, metrics, state, total)
         if pid == 0 and int(t.sample_every) > 0 and step % int(t.sample_every) == 0:
-          _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts)
+          _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts, images_root)
         if ckpt.should_save(step):
           save()
         if step_hook is not None:
