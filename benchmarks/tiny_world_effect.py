@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from srum_jax import config_utils  # noqa: E402
 from srum_jax.pipeline import common, run  # noqa: E402
+from srum_jax.pipeline import train as train_stage  # noqa: E402
 
 
 def _value(text: str):
@@ -49,14 +50,15 @@ def oracle_checked_candidates(workdir: str):
       yield rec, im, bool(judge_text(im, rec["prompt"]))
 
 
-def candidate_diagnostics(workdir: str, signed: bool = False) -> dict:
-  """Self-judge vs oracle on the round-0 candidates."""
+def candidate_diagnostics(workdir: str, levers) -> dict:
+  """Self-judge vs oracle on the round-0 candidates (reward maps under the run's `levers`)."""
   from srum_jax.metrics import roc_auc
+  from srum_jax.rewards import records as records_lib
   g, ok, r_mean = [], [], []
   for rec, im, verdict in oracle_checked_candidates(workdir):
     g.append(float(rec.get("global_score") or 0.0))
     ok.append(verdict)
-    r_mean.append(float(run.record_reward_map(rec, im.shape[0], im.shape[1], signed).mean()))
+    r_mean.append(float(run.record_reward_map(records_lib.record_from_dict(rec), im.shape[:2], levers).mean()))
   g, ok, r_mean = np.asarray(g), np.asarray(ok), np.asarray(r_mean)
   return dict(n=int(len(g)), oracle_correct=float(ok.mean()) if len(ok) else None, judge_auc=roc_auc(g, ok),
               judge_accuracy=float(np.mean((g > 0) == ok)) if len(ok) else None,
@@ -166,7 +168,7 @@ def main():
     if seed != seeds[0] and os.path.isdir(first) and not os.path.exists(base_eval):
       shutil.copytree(first, base_eval)  # resumable stage: the copied images are judged again, not redrawn
     tables[seed] = dict(run.run(cfg)["tables"])
-    diags[seed] = candidate_diagnostics(cfg.workdir, bool(cfg.srum.signed_rewards))
+    diags[seed] = candidate_diagnostics(cfg.workdir, train_stage.step_options(cfg).levers)
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
     for v in lever_values:  # same candidates and rewards, another SRUM setting
       lc = config_utils.load_config(a.config, {**overrides, lever_key: v})

@@ -62,6 +62,14 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
   return [str(path)]
 
 
+def record_reward_map(record, image_hw, levers: objective.RewardLevers) -> np.ndarray:
+  """[H, W] reward map of one reward record (`rewards.records.RewardRecord`): the map the loss weighs."""
+  from srum_jax.rewards import records as records_lib
+  arrays = records_lib.records_to_arrays([record], max_regions=max(1, len(record.regions)))
+  return np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=tuple(image_hw),
+                                          levers=levers))[0]
+
+
 def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int,
                      levers: objective.RewardLevers) -> List[str]:
   """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes, enlarged so
@@ -74,8 +82,7 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
     im, _ = common.load_rgb(os.path.join(gen_dir, r.image_file))
     if im is None:
       continue
-    arrays = records_lib.records_to_arrays([r], max_regions=max(1, len(r.regions)))
-    m = np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=im.shape[:2], levers=levers))[0]
+    m = record_reward_map(r, im.shape[:2], levers)
     scale = max(1, -(-192 // max(1, min(im.shape[:2]))))
     tiles.append(viz.overlay_reward_map(im, m, boxes=[reg.box for reg in r.regions],
                                         scores=[reg.score for reg in r.regions], signed=levers.signed, scale=scale))
