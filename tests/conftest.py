@@ -1,10 +1,16 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported) and the golden fixtures."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported), a persistent XLA compilation cache shared
+by the test workers and the subprocesses they start (the same tiny programs compile in many tests), and the
+golden fixtures."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "srum_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib  # noqa: E402
 
