@@ -1,5 +1,19 @@
 """Small helpers shared by test files (imported as `helpers`; tests/ is on sys.path under pytest)."""
+import importlib.util
+import pathlib
+
 import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+  """A repo file that is not in a package (an experiment config, a benchmark script) as a fresh module."""
+  path = ROOT / relpath
+  spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 class CharTokenizer:

@@ -1,21 +1,15 @@
 """The benchmark scripts run end to end at tiny size and print their fields (timings are never asserted)."""
 import gzip
-import importlib.util
 import json
-import os
 import types
 
 import numpy as np
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_script
 
 
 def _bench(name):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script(f"benchmarks/{name}.py")
 
 
 def test_train_step_benchmark(capsys):

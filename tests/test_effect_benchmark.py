@@ -1,8 +1,6 @@
 """The effect benchmark's diagnostics read a run's round-0 candidates as the run left them (records +
 images): the oracle's verdict, the self-judge's separation and the reward maps of the loss."""
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,15 +8,11 @@ from PIL import Image
 
 from srum_jax import objective
 from srum_jax.worlds.shapes import grammar, scene as scene_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 
 def _benchmark():
-  spec = importlib.util.spec_from_file_location("tiny_world_effect", ROOT / "benchmarks" / "tiny_world_effect.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("benchmarks/tiny_world_effect.py")
 
 
 def test_candidate_diagnostics_on_a_written_round(tmp_path):

@@ -5,7 +5,6 @@ The short run (a few AE and UMM steps on CPU, ~40 s with compilation) checks tha
 directory that `pipeline.common.load_model` loads, whose tokenizer agrees with the model's special ids and
 the judge prompts, and that the losses go down.
 """
-import importlib.util
 import json
 import pathlib
 
@@ -18,15 +17,13 @@ from srum_jax.models.config import get_preset
 from srum_jax.pretrain import data, evaluate, stages, vocab
 from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
+from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location("tiny_world", ROOT / "experiments" / "tiny_world.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("experiments/tiny_world.py")
 
 
 @pytest.fixture(scope="module")

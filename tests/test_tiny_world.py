@@ -5,7 +5,6 @@ the converter like any other BAGEL checkpoint, fit in 10 MB, and judge held-out 
 hard negatives at the issue's targets. The reduced `run` must produce every artefact, and its tables must be
 the oracle's verdicts on the saved images.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -16,6 +15,7 @@ import pytest
 
 from srum_jax.convert import hf_to_flax
 from srum_jax.pipeline import common, generate
+from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "srum_jax" / "worlds" / "shapes" / "checkpoint"
@@ -31,10 +31,7 @@ RELATION_FLOOR = 0.80
 
 
 def _experiment():
-  spec = importlib.util.spec_from_file_location("tiny_world_exp", ROOT / "experiments" / "tiny_world.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("experiments/tiny_world.py")
 
 
 def test_shipped_checkpoint_is_official_layout_and_small():
