@@ -254,7 +254,7 @@ class _MetricsLog:
         self.writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
     if self.writer is not None:
       self.writer.flush()
-    self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"])
+    self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"], refresh=False)
 
   def final_loss(self, before: dict) -> Optional[float]:
     """The last step's loss (this invocation's, else the one saved with the checkpoint resumed from)."""

@@ -96,7 +96,7 @@ def train_autoencoder(p, cfg, sampler: data.PretrainSampler, params_ae, *, seed:
     bar.update(1)
     if n % int(p.log_every) == 0:
       m = {k: float(v) for k, v in metrics.items()}
-      bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.2f}")
+      bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.2f}", refresh=False)
       _log(log_path, dict(stage="ae", step=n, lr=float(schedule(n)), time=time.time() - t0, **m))
   bar.close()
   done = int(jax.device_get(state.step))
@@ -210,7 +210,8 @@ def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: floa
       if n % int(p.log_every) == 0 or n == total - 1:
         m = {k: float(v) for k, v in metrics.items()}
         smooth = {k: m[k] if k not in smooth else 0.8 * smooth[k] + 0.2 * m[k] for k in m}
-        bar.set_postfix(flow=f"{smooth['flow']:.3f}", ce=f"{smooth['ce']:.3f}", sacc=f"{smooth['score_acc']:.2f}")
+        bar.set_postfix(flow=f"{smooth['flow']:.3f}", ce=f"{smooth['ce']:.3f}", sacc=f"{smooth['score_acc']:.2f}",
+                       refresh=False)
         _log(log_path, dict(stage="umm", step=n, lr=float(schedule(n)), time=time.time() - t_start, **m))
   finally:
     bar.close()
