@@ -77,21 +77,55 @@ def position_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return p
 
 
+def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Stage D, warm-started from stage C's model: think mode, as BAGEL generates SRUM's candidates.
+
+  The model learns to write a layout plan for a prompt (`grammar.plan_text`: what goes in each cell of the
+  2x2 lattice, learned from scene ground truth; the `plan` task, asked after the generation think system
+  prompt) and to draw from prompt + plan (a share `data.think` of the generation samples). Plain-prompt
+  generation keeps training on the rest, and the judge on stage C's mix.
+  """
+  p.name = "think"
+  p.out = "outputs/tiny_world_pretrain/position/think"
+  p.init_from = "outputs/tiny_world_pretrain/position/model"  # stage C's model
+  p.umm.lr = 3e-4
+  p.umm.min_lr_ratio = 0.2
+  p.umm.warmup_steps = 100
+  p.umm.gen_rows = 2  # generation learns a new condition: twice stage B/C's share
+  p.umm.gen_text_len = 3 + 13 + 10  # [system prompt] + [the longest prompt] + [plan: 8 words], each BOS/EOS-wrapped
+  p.data.tasks = ml_collections.ConfigDict(dict(p.data.tasks.to_dict(), locate=0.1, plan=0.3))  # C's mix + plans
+  p.data.think = 0.6
+  p.umm.steps = 4000
+  p.max_seconds = 1800.0
+  p.snapshot_every_seconds = min(p.snapshot_every_seconds, 600.0)
+  p.eval.think = True
+  return p
+
+
 def get_config(arg=None):
-  """arg: "cpu" (default) or "gpu", optionally ",position" (stage C alone, `position_stage`), e.g. "gpu,position"."""
+  """arg: "cpu" (default) or "gpu", optionally ",position" (stages C and D, from B's model) or ",think" (stage D
+  alone, from C's model), e.g. "gpu,position"."""
   parts = [a for a in (arg or "").split(",") if a]
-  if set(parts) - {"cpu", "gpu", "position"} or {"cpu", "gpu"} <= set(parts):
-    raise ValueError(f"unknown config arg {arg!r}; use 'cpu' (default) or 'gpu', optionally ',position'")
+  if set(parts) - {"cpu", "gpu", "position", "think"} or {"cpu", "gpu"} <= set(parts) or {"position", "think"} <= set(parts):
+    raise ValueError(f"unknown config arg {arg!r}; use 'cpu' (default) or 'gpu', optionally ',position' or ',think'")
   gpu = "gpu" in parts
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world"
-  if "position" in parts:  # stage C alone, from an existing stage-B model (`pretrain.init_from`)
+  empty = defaults.base_config().pretrain.then
+  if "think" in parts:  # stage D alone, from an existing stage-C model (`pretrain.init_from`)
+    c.pretrain = think_stage(pretrain_config(gpu))
+    c.pretrain.then = empty
+  elif "position" in parts:  # stage C, then D, from an existing stage-B model (`pretrain.init_from`)
     c.pretrain = position_stage(pretrain_config(gpu))
-    c.pretrain.then = defaults.base_config().pretrain.then
-  else:  # one command, A+B then C: C starts from <pretrain.out>/model and writes <pretrain.out>/position
+    c.pretrain.then = think_stage(pretrain_config(gpu))
+    c.pretrain.then.out = c.pretrain.then.init_from = ""
+    c.pretrain.then.then = empty.then
+  else:  # one command, A+B, C, D: each starts from the model before it and writes under its out
     c.pretrain = pretrain_config(gpu)
     c.pretrain.then = position_stage(pretrain_config(gpu))
     c.pretrain.then.out = c.pretrain.then.init_from = ""  # "": derived from `pretrain.out`
+    c.pretrain.then.then = think_stage(pretrain_config(gpu))
+    c.pretrain.then.then.out = c.pretrain.then.then.init_from = ""
   c.model.official_dir = SHIPPED
   c.model.preset = "tiny_world"
   c.model.compute_dtype = "float32"
@@ -106,7 +140,8 @@ def get_config(arg=None):
     g.cfg_text_scale = 3.0
     g.cfg_interval = (0.0, 1.0)
     g.think = False
-    g.max_think_tokens = 8
+    g.max_think_tokens = 9  # a plan: 8 words + EOS
+  c.generate.think = True  # SRUM's candidates come from think mode (the paper's recipe); eval: the plain prompt
   c.generate.samples_per_prompt = 4
   c.eval_generate.samples_per_prompt = 4  # 4 x 295 val images per model: halves the eval noise (one image: ~3 pts)
   c.propose.name = "components"

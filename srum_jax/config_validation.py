@@ -493,12 +493,16 @@ def check_pretrain_stage(config, key: str) -> None:
   for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
             "gen_text_len"):
     _int(config, f"{key}.umm.{k}", lo=1)
+  from srum_jax.pretrain.data import TASKS
   tasks = _get(config, f"{key}.data.tasks")
   for k in tasks.keys():
+    if k not in TASKS:
+      _fail(f"{key}.data.tasks.{k}", tasks[k], f"is not a task; tasks: {', '.join(TASKS)}")
     _float(config, f"{key}.data.tasks.{k}", lo=0.0)
   if not sum(float(tasks[k]) for k in tasks.keys()) > 0:
     _fail(f"{key}.data.tasks", tasks.to_dict(), "needs a positive weight")
-  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur", "short_region_answer"):
+  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur", "short_region_answer", "think",
+            "think_uncond"):
     _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
   block = _get(config, key)
   resumes = block.resume and (pathlib.Path(block.out) / "state").is_dir()
@@ -521,10 +525,13 @@ def validate(config, command: str) -> None:
   """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
   stage blocks; show-config and sweep are not checked (each sweep point's command checks itself)."""
   if command == "pretrain":
-    check_pretrain_stage(config, "pretrain")
-    if config.pretrain.then.name:
-      check_pretrain_stage(config, "pretrain.then")
-    return
+    key = "pretrain"
+    while True:  # the stage and the stages chained after it (`then`)
+      check_pretrain_stage(config, key)
+      block = _get(config, key)
+      if "then" not in block or not block.then.name:
+        return
+      key += ".then"
   sections = SECTIONS.get(command)
   if sections is None:
     return

@@ -206,8 +206,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Pretraining a tiny UMM from scratch on a synthetic world (`python -m srum_jax pretrain`).
   c.pretrain = pretrain_stage()
-  c.pretrain.then = pretrain_stage()  # a second stage in the same command, warm-started from the first
-  c.pretrain.then.name = c.pretrain.then.out = ""  # name "": no second stage
+  # Up to two more stages in the same command, each warm-started from the one before (name "": none).
+  c.pretrain.then = pretrain_stage()
+  c.pretrain.then.name = c.pretrain.then.out = ""
+  c.pretrain.then.then = pretrain_stage()
+  c.pretrain.then.then.name = c.pretrain.then.then.out = ""
   return c
 
 
@@ -268,6 +271,8 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.data.blur = 0.3
   p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
   p.data.relations_only = False  # True: judge questions on prompts with a relation only (a curriculum phase)
+  p.data.think = 0.0  # generation samples in think mode: [think system prompt] [prompt] [layout plan] -> image
+  p.data.think_uncond = 0.1  # of those, the system prompt alone (think mode's classifier-free guidance)
   # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces).
   p.phases = ()
   # Evaluation on val prompts at the end (`pretrain.evaluate.evaluate_model`).
@@ -283,4 +288,6 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.eval.gen_timestep_shift = 1.0
   p.eval.gen_cfg_interval = (0.0, 1.0)
   p.eval.batch_size = 32
+  p.eval.think = False  # also generate in think mode (plan validity, oracle accuracy of think-mode images)
+  p.eval.max_think_tokens = 9  # the shapes world's plan: 8 words + EOS
   return p

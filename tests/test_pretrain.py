@@ -84,7 +84,17 @@ def test_tokenizer_words_and_judge_prompts(tmp_path):
   assert parsing.parse_region_scores(tok.decode(tok.encode(answer)), 2) == {2: -0.5}
 
 
-def test_und_batch_targets_are_next_tokens(sampler):
+@pytest.fixture(scope="module")
+def think_sampler(tmp_path_factory):
+  """The think stage's data mix (stage D: C's judge mix + plans, think-mode generation samples)."""
+  cfg = get_preset("tiny_world")
+  tok = vocab.build_tokenizer(tmp_path_factory.mktemp("tok"), cfg)
+  return data.PretrainSampler(cfg, tok, _experiment().get_config().pretrain.then.then.data, vit_size=28)
+
+
+@pytest.mark.parametrize("which", ["sampler", "think_sampler"])
+def test_und_batch_targets_are_next_tokens(which, request):
+  sampler = request.getfixturevalue(which)
   rng = np.random.default_rng(1)
   ub = sampler.und_batch(rng, rows=6, num_tokens=128, samples_per_row=2, logit_capacity=64)
   gb = ub.inputs
@@ -102,6 +112,57 @@ def test_und_batch_targets_are_next_tokens(sampler):
     assert (gb.meta.split_id[b, ub.logit_index[b, :n]] % 3 == 2).all()
   scores = {sampler.encode(t)[0] for t in vocab.SCORE_TOKENS}
   assert all((t in scores) == m for t, m in zip(ub.targets[ub.mask], ub.score_mask[ub.mask]))
+
+
+def test_plan_examples_and_think_generation_samples(think_sampler):
+  """Plan questions are [think system prompt] [prompt] -> a valid plan of that prompt; think-mode generation
+  samples carry [system prompt] [prompt] [plan of the rendered scene] (or the system prompt alone)."""
+  from srum_jax.rewards import prompts as judge_prompts
+  rng = np.random.default_rng(2)
+  tok = think_sampler.tokenizer
+  marker = tok.encode(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+  assert tok.hf.convert_ids_to_tokens(marker) == [vocab.THINK_GEN]
+  for _ in range(20):
+    image, question, plan, info = think_sampler.und_example(rng, task="plan")
+    assert image is None and info["task"] == "plan" and question[0] == judge_prompts.GEN_THINK_SYSTEM_PROMPT
+    assert evaluate.plan_valid(plan, question[1]) == (True, True)
+  gb = think_sampler.gen_batch(rng, rows=8, samples_per_row=4, text_len=26)
+  meta = gb.inputs.meta
+  kinds = {"plain": 0, "think": 0, "uncond": 0}
+  for b in range(8):
+    for s in range(4):
+      t = get_preset("tiny_world").tokens
+      ids = [int(i) for i, slot in zip(gb.inputs.text_ids[b], gb.inputs.text_index[b])
+             if slot < meta.sample_id.shape[1] and meta.sample_id[b, slot] == s
+             and i not in (t.start_of_image, t.end_of_image)]
+      bos, eos = t.bos, t.eos
+      segments = " ".join(str(i) for i in ids).replace(f" {eos} {bos} ", f" {eos} | {bos} ").split(" | ")
+      if len(segments) == 1 and ids[1:-1] == marker:
+        kinds["uncond"] += 1
+      elif len(segments) == 1:
+        kinds["plain"] += 1
+      else:
+        assert len(segments) == 3 and [int(i) for i in segments[0].split()][1:-1] == marker
+        prompt = tok.decode([int(i) for i in segments[1].split()][1:-1])
+        plan = tok.decode([int(i) for i in segments[2].split()][1:-1])
+        assert grammar.parse_prompt(prompt) and evaluate.plan_valid(plan, prompt) == (True, True)
+        kinds["think"] += 1
+  assert kinds["plain"] and kinds["think"] and sum(kinds.values()) == 32, kinds
+
+
+def test_chain_of_three_stages_derives_each_stage_from_the_one_before(tmp_path):
+  """The default command chains A+B -> position -> think: each stage's out and init_from derive from the stage
+  before, and the last one ends the chain."""
+  c = _experiment().get_config()
+  c.pretrain.out = str(tmp_path / "pre")
+  second = stages.next_stage(c)
+  third = stages.next_stage(second)
+  assert (second.pretrain.name, second.pretrain.out) == ("position", str(tmp_path / "pre" / "position"))
+  assert second.pretrain.init_from == str(tmp_path / "pre" / "model")
+  assert (third.pretrain.name, third.pretrain.out) == ("think", str(tmp_path / "pre" / "position" / "think"))
+  assert third.pretrain.init_from == str(tmp_path / "pre" / "position" / "model")
+  assert third.pretrain.data.think > 0 and third.pretrain.data.tasks.plan > 0 and third.pretrain.eval.think
+  assert stages.next_stage(third) is None
 
 
 def _short(c, out):
@@ -139,6 +200,7 @@ def test_pretrain_short_run(tmp_path):
   c.pretrain.max_seconds = 300.0
   t = c.pretrain.then
   t.umm.steps, t.umm.und_rows, t.phases, t.eval.enabled = 1, 4, (), False
+  t.then.name = ""  # the think stage: its chaining and data are tested above, its step is stage C's
   summary, warm = pretrain.pretrain_chain(c)
   assert summary["start_mode"] == "fresh" and warm["start_mode"] == "warm_start"
   model = common.load_model(summary["model_dir"])

@@ -12,10 +12,16 @@ another prompt or carry an extra object. Tasks and their answers:
                                                        background box, random order)
     describe  "<describe>" (auxiliary)              -> `grammar.describe(scene)`
     locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of that kind
+    plan      [think system prompt] [prompt] (no image) -> `grammar.plan_text(scene)` of a scene of the prompt
+              (think mode: the layout plan the model writes before it draws)
 
 s = 1.0 for an object the prompt asks for, -0.5 for the right kind in a wrong count, -1.0 for an object that
 contradicts the prompt and 0.0 for a background box. Boxes follow the proposer's "official" convention,
 jittered by a pixel half the time; images are blurred a little sometimes (generated images are soft).
+
+Generation batches: (prompt, rendered scene) pairs; a fraction `think` of them in think mode: the text is
+[think system prompt] [prompt] [plan of that scene], or (a fraction `think_uncond` of those) the system prompt
+alone, the context think mode's classifier-free guidance compares against.
 
 Every batch is a pure function of (seed, step), so a resumed run draws the data of an uninterrupted one.
 """
@@ -36,6 +42,7 @@ from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)
 MAX_REGIONS = 5  # the proposer's default max_regions
+TASKS = ("global", "region1", "regions", "describe", "locate", "plan")  # understanding tasks (`pretrain.data.tasks`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,14 +146,18 @@ class PretrainSampler:
 
   # -- one judge example --------------------------------------------------------------------------------
   def und_example(self, rng, prompt: Optional[grammar.Prompt] = None, task: Optional[str] = None):
-    """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt."""
+    """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt; for
+    the plan task (image None, [think system prompt, prompt], plan, info)."""
     prompt = grammar.sample_prompt(rng, prompts=self.und_index) if prompt is None else prompt
+    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
+    if task == "plan":
+      plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
+      return None, [judge_prompts.GEN_THINK_SYSTEM_PROMPT, prompt.text], plan, dict(task=task, label=True)
     scene = self.scene_for(rng, prompt)
     ok, scores = truth.scene_truth(prompt.spec, scene)
     image = scene_lib.render(scene)
     if rng.random() < self.mix["blur"]:
       image = blur(rng, image)
-    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(grammar.NUMBER_WORDS):
       return image, vocab.DESCRIBE, grammar.describe(scene, rng), dict(task=task, label=ok)
@@ -193,7 +204,8 @@ class PretrainSampler:
     return [self.cfg.tokens.bos, *self.encode(text), self.cfg.tokens.eos]
 
   def _pack_examples(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int):
-    """Judge examples packed row by row while tokens, samples and scored answer tokens fit."""
+    """Judge examples packed row by row while tokens, samples and scored answer tokens fit: per row a list
+    of samples, each (items for `bagel.build_packed_inputs`, answer ids, text entries before the answer)."""
     from srum_jax.models import bagel, image_transforms
     grid = (self.vit_size // self.cfg.vit.patch_size,) * 2
     n_vit = grid[0] * grid[1]
@@ -201,8 +213,11 @@ class PretrainSampler:
     r, used, used_logits = 0, 0, 0
     while r < rows:
       image, q, a, _ = self.und_example(rng)
-      qi, ai = self.wrap(q), self.wrap(a)
-      need, preds = n_vit + 2 + len(qi) + len(ai), len(ai) - 1
+      qs = [self.wrap(t) for t in ([q] if isinstance(q, str) else q)]
+      ai = self.wrap(a)
+      # text entries: <|vision_start|> and <|vision_end|> around an image, then the question segments
+      before = (0 if image is None else 2) + sum(len(x) for x in qs)
+      need, preds = (0 if image is None else n_vit) + before + len(ai), len(ai) - 1
       if need > num_tokens or preds > logit_capacity:
         raise ValueError(f"a judge example needs {need} tokens / {preds} answer logits; budgets are "
                          f"{num_tokens} / {logit_capacity}")
@@ -211,17 +226,21 @@ class PretrainSampler:
         r, used, used_logits = r + 1, 0, 0
         if r == rows:
           break
-      patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), self.cfg.vit.patch_size)
-      packed[r].append((bagel.ImageTokens("vit", grid, patches=patches), qi, ai))
+      items = list(qs)
+      if image is not None:
+        patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), self.cfg.vit.patch_size)
+        items = [bagel.ImageTokens("vit", grid, patches=patches)] + items
+      packed[r].append((items + [ai], ai, before))
       used, used_logits = used + need, used_logits + preds
     return packed, n_vit
 
   def und_batch(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int) -> UndBatch:
     """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the decoding
-    context); examples fill a row while its tokens, samples and scored answer tokens fit, then the next."""
+    context; a plan example: [think system prompt] [prompt] [plan]); examples fill a row while its tokens,
+    samples and scored answer tokens fit, then the next."""
     from srum_jax.models import bagel
     packed, n_vit = self._pack_examples(rng, rows, num_tokens, samples_per_row, logit_capacity)
-    inputs, _ = bagel.build_packed_inputs(self.cfg, [[list(smp) for smp in row] for row in packed],
+    inputs, _ = bagel.build_packed_inputs(self.cfg, [[items for items, _, _ in row] for row in packed],
                                           num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
                                           vit_capacity=n_vit * samples_per_row, latent_capacity=0)
     A = logit_capacity
@@ -231,9 +250,9 @@ class PretrainSampler:
     score_mask = np.zeros((rows, A), bool)
     score_ids = {self.encode(t)[0] for t in vocab.SCORE_TOKENS}
     for b, row in enumerate(packed):
-      entry, j = 0, 0  # text entries per sample: <|vision_start|>, <|vision_end|>, question, answer
-      for _, qi, ai in row:
-        start, n = entry + 2 + len(qi), len(ai) - 1
+      entry, j = 0, 0  # text entries of the row so far
+      for _, ai, before in row:
+        start, n = entry + before, len(ai) - 1
         index[b, j:j + n] = inputs.text_index[b, start:start + n]
         targets[b, j:j + n] = ai[1:]
         mask[b, j:j + n] = True
@@ -242,7 +261,8 @@ class PretrainSampler:
     return UndBatch(inputs, index, targets, mask, score_mask)
 
   def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
-    """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal scene)."""
+    """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal scene),
+    some in think mode (module docstring)."""
     from srum_jax import objective, train_step
     B, S = rows, samples_per_row
     ids, images = [], np.zeros((B, S) + IMAGE_HW + (3,), np.float32)
@@ -250,10 +270,15 @@ class PretrainSampler:
       row = []
       for s in range(S):
         p = grammar.sample_prompt(rng, prompts=self.index)
-        images[b, s] = rendered(grammar.sample_scene(rng, p))
+        scene = grammar.sample_scene(rng, p)
+        images[b, s] = rendered(scene)
         w = self.wrap(p.text)
+        if self.mix["think"] and rng.random() < self.mix["think"]:  # one text run = the think-mode prefills
+          w = self.wrap(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+          if rng.random() >= self.mix["think_uncond"]:
+            w = w + self.wrap(p.text) + self.wrap(grammar.plan_text(scene))
         if len(w) > text_len:
-          raise ValueError(f"prompt {p.text!r} has {len(w)} tokens > gen text_len {text_len}")
+          raise ValueError(f"generation text of {p.text!r} has {len(w)} tokens > gen text_len {text_len}")
         row.append(w)
       ids.append(row)
     n_lat = (IMAGE_HW[0] // self.cfg.latent_downsample) * (IMAGE_HW[1] // self.cfg.latent_downsample)

@@ -13,6 +13,8 @@ locate: the grounding question for an object of a unique kind, decoded greedily:
 predicted centre in the right layout cell.
 generation: `text_to_image` for the val prompts, oracle accuracy per category; the global judge on those
 images vs the oracle: ROC AUC and accuracy.
+generation_think (`think`): the same prompts in think mode: the greedy plans (parsed, and valid: a scene laid
+out by the plan satisfies the prompt) and the oracle accuracy of the images drawn from them.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class EvalSettings:
   gen_timestep_shift: float = 1.0
   gen_cfg_interval: Tuple[float, float] = (0.0, 1.0)
   batch_size: int = 32
+  think: bool = False
+  max_think_tokens: int = 9
 
   @classmethod
   def from_config(cls, ecfg) -> "EvalSettings":
@@ -207,39 +211,72 @@ def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any
   return locate_metrics(got, [x[2] for x in questions])
 
 
-def generation_metrics(model, judge, settings: EvalSettings, report, compute_dtype: str) -> Dict[str, Any]:
-  """The model's own images for the val prompts: oracle accuracy per category, and the global judge on them
-  against the oracle (AUC, accuracy)."""
+def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bool):
+  """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings)."""
   import jax.numpy as jnp
 
   from srum_jax.inference import sampling
   from srum_jax.pipeline import common
-  from srum_jax.worlds.shapes import judge_text, sources
-  rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
-  images = []
+  images, plans = [], []
   for chunk in _chunks(rows, settings.batch_size):
     out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
                                  [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed,
                                  image_ids=[common.stable_int(r["id"]) for r in chunk], height=data.IMAGE_HW[0],
                                  width=data.IMAGE_HW[1], num_timesteps=settings.gen_steps,
                                  timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
-                                 cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype))
+                                 cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype),
+                                 think=think, max_think_tokens=settings.max_think_tokens)
     images += list(out.images)
+    plans += out.think_texts or []
+  return images, (plans if think else None)
+
+
+def _by_category(rows, oks) -> Dict[str, float]:
+  cats: Dict[str, List[bool]] = {}
+  for r, ok in zip(rows, oks):
+    cats.setdefault(r["category"], []).append(bool(ok))
+  return {c: float(np.mean(v)) for c, v in sorted(cats.items())}
+
+
+def plan_valid(plan: str, prompt_text: str, seed: int = 0) -> Tuple[bool, bool]:
+  """(parsed, valid) of a written plan: a scene laid out by it satisfies the prompt (`truth.scene_truth`)."""
+  cells = grammar.parse_plan(plan)
+  if cells is None:
+    return False, False
+  scene = grammar.plan_scene(np.random.default_rng(seed), cells)
+  return True, scene is not None and truth.scene_truth(grammar.parse_prompt(prompt_text), scene)[0]
+
+
+def generation_metrics(model, judge, settings: EvalSettings, report, compute_dtype: str) -> Dict[str, Any]:
+  """The model's own images for the val prompts: oracle accuracy per category, and the global judge on them
+  against the oracle (AUC, accuracy)."""
+  from srum_jax.worlds.shapes import judge_text, sources
+  rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
+  images, _ = _generate(model, rows, settings, compute_dtype, think=False)
   oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
   scores = []
   for i in range(0, len(rows), settings.batch_size):
     scores += judge.global_scores(images[i:i + settings.batch_size],
                                   [r["prompt"] for r in rows[i:i + settings.batch_size]], report)
-  cats: Dict[str, List[bool]] = {}
-  for r, ok in zip(rows, oracle_ok):
-    cats.setdefault(r["category"], []).append(ok)
-  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows),
-              by_category={c: float(np.mean(v)) for c, v in sorted(cats.items())},
+  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(rows, oracle_ok),
               judge_auc=metrics.roc_auc(scores, oracle_ok),
               judge_accuracy=float(np.mean([(s > 0) == ok for s, ok in zip(scores, oracle_ok)])),
               judge_mean_score=float(np.mean(scores)),
               settings=dict(steps=settings.gen_steps, cfg_text_scale=settings.gen_cfg_scale,
                             timestep_shift=settings.gen_timestep_shift, cfg_interval=list(settings.gen_cfg_interval)))
+
+
+def think_generation_metrics(model, settings: EvalSettings, compute_dtype: str) -> Dict[str, Any]:
+  """Think mode on the val prompts: plan parse / validity rates and the oracle accuracy of the images."""
+  from srum_jax.worlds.shapes import judge_text, sources
+  rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
+  images, plans = _generate(model, rows, settings, compute_dtype, think=True)
+  oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
+  checks = [plan_valid(p, r["prompt"]) for p, r in zip(plans, rows)]
+  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(rows, oracle_ok),
+              plan_parsed=float(np.mean([c[0] for c in checks])), plan_valid=float(np.mean([c[1] for c in checks])),
+              plan_valid_by_category=_by_category(rows, [c[1] for c in checks]),
+              examples=[dict(prompt=r["prompt"], plan=p) for r, p in list(zip(rows, plans))[:: max(1, len(rows) // 8)]])
 
 
 def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, vit_image_size: int = 28,
@@ -267,6 +304,8 @@ def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, v
     res["parse_stats"] = dataclasses.asdict(generate_judge.stats)
   res["locate"] = grounding_metrics(judge, pairs[:s.num_locate], s.batch_size)
   res["generation"] = generation_metrics(model, judge, s, report, compute_dtype)
+  if s.think:
+    res["generation_think"] = think_generation_metrics(model, s, compute_dtype)
   res.update(seconds=time.time() - t0, model_dir_bytes=dir_size(model_dir), **(extra or {}))
   if out_path:
     common.write_json(out_path, res)

@@ -329,7 +329,8 @@ def next_stage(config):
   """The config whose `pretrain` is the stage that follows `config.pretrain` (its `then`), or None.
 
   A follow-up stage is a warm start (`init_from`, fresh optimizer) from this stage's model; empty `out` /
-  `init_from` are derived: `<pretrain.out>/<then.name>` and `<pretrain.out>/model`.
+  `init_from` are derived: `<pretrain.out>/<then.name>` and `<pretrain.out>/model`. The follow-up's own
+  `then` (if it has one) comes next.
   """
   p = config.pretrain
   if not p.then.name:
@@ -339,8 +340,9 @@ def next_stage(config):
   then = c.pretrain.then
   then.init_from = then.init_from or str(pathlib.Path(p.out) / "model")
   then.out = then.out or str(pathlib.Path(p.out) / then.name)
-  with then.unlocked():
-    then.then = defaults.base_config().pretrain.then  # name "": the chain ends here
+  if "then" not in then:
+    with then.unlocked():
+      then.then = defaults.base_config().pretrain.then.then  # name "": the chain ends here
   c.pretrain = then
   return c
 
@@ -389,4 +391,8 @@ def main(config, flags) -> int:
             f"{ev['regions_direct']['sign_correct']:.3f}), generation oracle "
             f"{ev['generation']['oracle_accuracy']:.3f}, judge AUC on own generations "
             f"{ev['generation']['judge_auc']}", flush=True)
+      think = ev.get("generation_think")
+      if think:
+        print(f"[pretrain] {summary['name']}: think mode: plans valid {think['plan_valid']:.3f}, generation oracle "
+              f"{think['oracle_accuracy']:.3f}", flush=True)
   return 0

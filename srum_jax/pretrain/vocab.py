@@ -18,6 +18,7 @@ SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
 MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
 DESCRIBE = "<describe>"  # the question of the auxiliary captioning task (never asked by the pipeline)
 LOCATE = "<locate>"  # the question of the auxiliary grounding task: "<locate> red circle" -> its box
+THINK_GEN = "<think_gen>"  # the generation think system prompt (`rewards.prompts.GEN_THINK_SYSTEM_PROMPT`)
 _PLACEHOLDER = "QQPROMPTQQ"
 
 
@@ -39,13 +40,14 @@ def world_words() -> List[str]:
   """Every word the world's prompts and the judge's answers use, the box numbers and the markers."""
   words = list(grammar.VOCAB) + list(JUDGE_WORDS) + list(SCORE_TOKENS)
   words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS) + [DESCRIBE, LOCATE]
-  return words
+  return words + [THINK_GEN, *grammar.PLAN_WORDS]  # think mode, appended: earlier words keep their ids
 
 
 def build_tokenizer(directory, cfg):
   """The world's word-level tokenizer (saved as `directory`/tokenizer.json), with the model's special ids.
 
-  Normaliser: each constant piece of the judge prompts becomes one marker word, then "[", "]" and "," become
+  Normaliser: each constant piece of the judge prompts (and the generation think system prompt) becomes
+  one marker word, then "[", "]" and "," become
   spaces (boxes read "1 2 13 14", region ids and coordinates share the number words). Pre-tokenizer:
   whitespace. Words outside the vocabulary map to <unk>.
   """
@@ -57,7 +59,8 @@ def build_tokenizer(directory, cfg):
   words = world_words()
   if len(words) + 1 > min(special.values()) or max(special.values()) >= cfg.llm.vocab_size:
     raise ValueError(f"{len(words) + 1} words and special ids {t} do not fit the vocabulary {cfg.llm.vocab_size}")
-  pieces = sorted(template_pieces().items(), key=lambda kv: -len(kv[1]))
+  pieces = sorted(dict(template_pieces(), **{THINK_GEN: judge_prompts.GEN_THINK_SYSTEM_PROMPT}).items(),
+                  key=lambda kv: -len(kv[1]))
   normalizer = normalizers.Sequence([normalizers.Replace(text, f" {m} ") for m, text in pieces]
                                     + [normalizers.Replace(c, " ") for c in "[],"])
   out = build_word_level(words, directory, special_ids=special, normalizer=normalizer)

@@ -468,3 +468,62 @@ def describe(scene: Scene, rng: Optional[np.random.Generator] = None, margin: fl
         spec = _mirror(spec)
       return realize(spec)
   return realize(Spec(tuple(spec_groups)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout plans (think mode).
+#
+# A plan is the text a model writes before drawing in think mode: what goes in each cell of the 2x2 lattice,
+# in reading order, two words per cell ("red square" or "empty cell"), e.g. for "two red circles above a
+# blue square": "red circle red circle empty cell blue square". Fixed width keeps each cell's words at a
+# fixed distance from the image that follows, so the generator can read cell k from its slot.
+
+PLAN_EMPTY = ("empty", "cell")
+PLAN_WORDS = PLAN_EMPTY  # the words a plan adds to the grammar's vocabulary
+
+
+def plan_text(scene: Scene, layout: Layout = DEFAULT_LAYOUT) -> str:
+  """The plan of `scene`: each lattice cell's object ("colour shape") or "empty cell", in reading order."""
+  cells: Dict[int, Obj] = {}
+  for o in scene.objects:
+    c = cell_of(layout, o)
+    if c in cells:
+      raise ValueError(f"two objects in cell {c} of {layout.grid}x{layout.grid}: a plan holds one per cell")
+    cells[c] = o
+  words = []
+  for c in range(layout.grid ** 2):
+    o = cells.get(c)
+    words += PLAN_EMPTY if o is None else (o.color, o.shape)
+  return " ".join(words)
+
+
+def parse_plan(text: str, layout: Layout = DEFAULT_LAYOUT) -> Optional[Tuple[Optional[Tuple[str, str]], ...]]:
+  """Inverse of `plan_text`: per cell (colour, shape) or None for an empty cell; None when `text` is not a
+  plan of this layout (wrong length, unknown words)."""
+  words = text.split()
+  if len(words) != 2 * layout.grid ** 2:
+    return None
+  out = []
+  for k in range(0, len(words), 2):
+    pair = tuple(words[k:k + 2])
+    if pair == PLAN_EMPTY:
+      out.append(None)
+    elif pair[0] in COLORS and pair[1] in SHAPES:
+      out.append(pair)
+    else:
+      return None
+  return tuple(out)
+
+
+def plan_scene(rng: np.random.Generator, plan, layout: Layout = DEFAULT_LAYOUT) -> Optional[Scene]:
+  """A scene drawn from a parsed plan (each object in its cell, random size and jitter); None if the objects
+  cannot be placed apart."""
+  objs: List[Obj] = []
+  for cell, kind in enumerate(plan):
+    if kind is None:
+      continue
+    obj = place_object(rng, layout, cell, kind[1], kind[0], objs)
+    if obj is None:
+      return None
+    objs.append(obj)
+  return Scene(tuple(objs), layout.height, layout.width)
