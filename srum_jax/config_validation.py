@@ -23,6 +23,7 @@ import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
+from srum_jax import paths
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
 
@@ -112,15 +113,15 @@ def _pair(config, key: str, kind=float) -> tuple:
   return tuple(kind(x) for x in v)
 
 
-def _existing_file(key: str, path: str, what: str) -> pathlib.Path:
-  p = pathlib.Path(os.path.expanduser(path))
+def _existing_file(key: str, path: str, what: str):
+  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_file():
     raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
   return p
 
 
-def _existing_dir(key: str, path: str, what: str) -> pathlib.Path:
-  p = pathlib.Path(os.path.expanduser(path))
+def _existing_dir(key: str, path: str, what: str):
+  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_dir():
     why = "is a file, not a directory" if p.exists() else "does not exist"
     raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
@@ -130,7 +131,7 @@ def _existing_dir(key: str, path: str, what: str) -> pathlib.Path:
 def read_json_file(path, what: str = "JSON file") -> Any:
   """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the file."""
   try:
-    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    return json.loads(paths.path(path).read_bytes().decode("utf-8"))  # local or remote (gs://)
   except UnicodeDecodeError as e:
     raise UserValueError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
   except json.JSONDecodeError as e:
@@ -375,7 +376,7 @@ def check_train_inputs(config) -> None:
     _existing_file("train.records", config.train.records, "reward records file")
   else:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
-    if not os.path.isfile(records):
+    if not paths.path(records).is_file():
       raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
                                   f"exist: run generate, propose and score first, or set train.records")
   if config.train.images_root:
@@ -455,7 +456,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   geo = None
   if own_model and needs_model:
     if config.eval.model_dir:
-      p = pathlib.Path(config.eval.model_dir)
+      p = paths.path(config.eval.model_dir)
       official = p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
       geo = (check_official_dir(config, config.eval.model_dir, "eval.model_dir") if official
              else check_converted_dir(config.eval.model_dir, "eval.model_dir"))

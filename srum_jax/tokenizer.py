@@ -66,13 +66,15 @@ def from_hf(hf) -> Tokenizer:
 
 
 def load_tokenizer(model_dir) -> Tokenizer:
-  """Tokenizer of a model directory holding `tokenizer.json` (+ optional `tokenizer_config.json`)."""
+  """Tokenizer of a model directory holding `tokenizer.json` (+ optional `tokenizer_config.json`). A remote
+  model dir (gs://) has its tokenizer.json copied to the local cache first (`tokenizer_file=` takes a file name)."""
   from transformers import PreTrainedTokenizerFast
 
-  path = pathlib.Path(model_dir) / "tokenizer.json"
+  from srum_jax import paths
+  path = paths.path(paths.join(model_dir, "tokenizer.json"))
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
-  return from_hf(PreTrainedTokenizerFast(tokenizer_file=str(path)))
+  return from_hf(PreTrainedTokenizerFast(tokenizer_file=paths.local_copy(str(path))))
 
 
 def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>",

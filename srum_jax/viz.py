@@ -11,6 +11,7 @@ Reward colours are a red -> green ramp: 0 (or -1 for a signed map) is pure red, 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
@@ -299,9 +300,16 @@ def loss_curve_png(series: Dict[str, Sequence[Tuple[float, float]]], path: str, 
 
 
 def save_png(path: str, image) -> str:
-  """Write a PIL image or uint8 array as PNG atomically (temporary file in the same folder + rename)."""
+  """Write a PIL image or uint8 array as PNG atomically (temporary file in the same folder + rename; a remote
+  path such as gs://... as one whole object)."""
   if not isinstance(image, Image.Image):
     image = Image.fromarray(np.asarray(image))
+  from srum_jax import paths
+  if paths.is_remote(path):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    paths.write_bytes(path, buf.getvalue())
+    return path
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")

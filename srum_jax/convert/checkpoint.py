@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from srum_jax import sharding
+from srum_jax import paths, sharding
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
@@ -66,15 +66,15 @@ def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None,
 
 
 def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
-  """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path`."""
+  """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path` (local or
+  remote: orbax writes gs:// itself)."""
   import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+  path = paths.abspath(path)
+  paths.path(path).mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(path, PARAMS_DIR), params, force=True)
     ckpt.wait_until_finished()
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(config_to_dict(cfg), f, indent=1)
+  paths.path(os.path.join(path, CONFIG_FILE)).write_text(json.dumps(config_to_dict(cfg), indent=1))
 
 
 def load_config(path: str) -> BagelConfig:
@@ -86,10 +86,10 @@ def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype
                    rules=None) -> Tuple[BagelConfig, Any]:
   """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored)."""
   import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
+  path = paths.abspath(path)
   cfg = load_config(path)
   shardings = target_shardings(cfg, mesh, rules)
-  if not os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA")):
+  if not paths.path(os.path.join(path, PARAMS_DIR, "_METADATA")).is_file():
     from srum_jax.errors import UserFileNotFoundError
     raise UserFileNotFoundError(f"model directory {path} lacks {PARAMS_DIR}/_METADATA (an incomplete orbax save; "
                                 f"convert or save the model again)")

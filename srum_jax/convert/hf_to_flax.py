@@ -35,7 +35,7 @@ import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy read
 import numpy as np
 from safetensors import safe_open
 
-from srum_jax import sharding as sharding_lib
+from srum_jax import paths, sharding as sharding_lib
 from srum_jax.errors import UserValueError
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.models import embeddings
@@ -480,7 +480,10 @@ def convert(src_dir: str, dst_dir: str, *, dtype="bf16", mesh=None, rules=None, 
   checkpoint.save_model_dir(dst_dir, cfg, params)
   for n in AUX_FILES:
     if os.path.exists(os.path.join(src_dir, n)):
-      shutil.copyfile(os.path.join(src_dir, n), os.path.join(dst_dir, n))
+      if paths.is_remote(dst_dir):  # gs://...: one object each
+        paths.copy_file(os.path.join(src_dir, n), paths.join(dst_dir, n))
+      else:
+        shutil.copyfile(os.path.join(src_dir, n), os.path.join(dst_dir, n))
   return cfg, params
 
 

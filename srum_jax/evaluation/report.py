@@ -9,7 +9,6 @@ tags).
 from __future__ import annotations
 
 import json
-import pathlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -77,7 +76,8 @@ def markdown(tables: Sequence[dict], title: str = "") -> str:
 def side_by_side(eval_root: str) -> str:
   """Markdown comparing every `<eval_root>/<model>/table.json`: per column, a row per category and a column
   per model (the official PyTorch model's images scored from a folder sit beside the port's)."""
-  root = pathlib.Path(eval_root)
+  from srum_jax import paths
+  root = paths.path(eval_root)  # local or remote (gs://)
   models = {}
   for p in sorted(root.glob("*/table.json")):
     tables = json.loads(p.read_text())

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
 import sys
 
-from srum_jax import distributed
+from srum_jax import distributed, paths
 from srum_jax.pipeline import common
 
 
@@ -99,7 +98,7 @@ def train_main(config, flags) -> int:
   d = _dirs(config)
   records = config.train.records or os.path.join(d["score"], "rewards.jsonl")
   images_root = config.train.images_root or (d["generate"] if not config.train.records
-                                             else os.path.dirname(os.path.abspath(records)))
+                                             else os.path.dirname(paths.abspath(records)))
   model_dir = common.resolve_model_dir(config)
   common.check_model_dir(model_dir)
   train.main(config, model_dir=model_dir, records=records, images_root=images_root, workdir=d["train"])
@@ -112,7 +111,7 @@ def _eval_model(config, out_dir: str) -> common.Model:
   path = config.eval.model_dir
   if not path:
     return _model(config)
-  p = pathlib.Path(path)
+  p = paths.path(path)
   if p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors")):
     view = config.copy_and_resolve_references()  # the converter's view of this model; the config is unchanged
     view.model.official_dir, view.workdir = path, out_dir

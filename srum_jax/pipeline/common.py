@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -17,6 +18,8 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from srum_jax import paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +63,7 @@ class Model:
 def check_model_dir(path: str) -> None:
   """Fail before any work starts when a model directory is missing or incomplete (a `UserError`)."""
   from srum_jax.errors import UserFileNotFoundError
-  p = pathlib.Path(path)
+  p = paths.path(path or ".")
   if not path or not p.is_dir():
     raise UserFileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the "
                                 f"output of `python -m srum_jax convert`)")
@@ -69,16 +72,20 @@ def check_model_dir(path: str) -> None:
       raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
 
 
-def dir_identity(directory: pathlib.Path, small: int = 1 << 20) -> str:
+def dir_identity(directory, small: int = 1 << 20) -> str:
   """A SHA-256 identifying a checkpoint directory's files without reading the weights: every file's name, size
   and modification time, the whole of small files (json, tokenizer) and each safetensors file's header (its
-  tensor names, dtypes, shapes and offsets). A 29 GB checkpoint costs a few kilobytes of reads."""
+  tensor names, dtypes, shapes and offsets). A 29 GB checkpoint costs a few kilobytes of reads. `directory`:
+  local (pathlib, nanosecond mtimes) or remote (epath: the object store's size and mtime)."""
   digest = hashlib.sha256()
-  for f in sorted(p for p in directory.iterdir() if p.is_file()):
+  remote = paths.is_remote(directory)
+  directory = paths.path(directory)
+  for f in sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: p.name):
     st = f.stat()
-    digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    with open(f, "rb") as fh:
-      if st.st_size <= small:
+    size, mtime = (st.length, st.mtime) if remote else (st.st_size, st.st_mtime_ns)
+    digest.update(f"{f.name}\0{size}\0{mtime}\n".encode())
+    with f.open("rb") as fh:
+      if size <= small:
         digest.update(fh.read())
       elif f.suffix == ".safetensors":
         n = int.from_bytes(fh.read(8), "little")
@@ -90,26 +97,27 @@ def resolve_model_dir(config) -> str:
   """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir` is set,
   that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or BAGEL ships it)
   converted by the converter into `<workdir>/converted_model` (redone only when the official files change:
-  their `dir_identity` is stamped next to the result). The config is not changed."""
-  import shutil
-
+  their `dir_identity` is stamped next to the result). The config is not changed. Either may be remote
+  (`gs://`): a remote official dir is copied into the local cache first (the converter memory-maps
+  safetensors)."""
   official = config.model.official_dir
   if not official:
     return config.model.dir
   from srum_jax.convert import hf_to_flax
-  src = pathlib.Path(official)
+  src = paths.path(official)
   if not src.is_dir():
     raise FileNotFoundError(f"model.official_dir {official!r} is not a directory")
-  dst = pathlib.Path(config.workdir) / "converted_model"
+  dst = paths.path(paths.join(config.workdir, "converted_model"))
   stamp = dst / "converted_from.json"
-  want = {"official_dir": str(src.resolve()), "identity": dir_identity(src)}
+  want = {"official_dir": official if paths.is_remote(official) else str(pathlib.Path(official).resolve()),
+          "identity": dir_identity(official)}
   import jax
 
   from srum_jax.pipeline import multihost
   if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == want):
     if dst.exists():
-      shutil.rmtree(dst)
-    hf_to_flax.convert(str(src), str(dst), dtype=config.model.param_dtype)
+      paths.rmtree(dst)
+    hf_to_flax.convert(paths.local_copy_dir(official), str(dst), dtype=config.model.param_dtype)
     stamp.write_text(json.dumps(want, indent=2))
     print(f"[model] converted {src} -> {dst}", flush=True)
   multihost.barrier(f"resolve_model_dir:{dst}")  # the other processes wait for process 0's conversion
@@ -177,23 +185,21 @@ def pad_rows(items: Sequence, multiple: int) -> List:
 def write_model_dir(path: str, cfg, params, source_dir: str) -> str:
   """`params` as a model directory (orbax + model_config.json) with the tokenizer and json files of the model
   dir it was trained from (`python -m srum_jax export` turns it into official safetensors). Every process
-  takes part in the orbax save (its shards); process 0 copies the files."""
-  import shutil
-
+  takes part in the orbax save (its shards); process 0 copies the files. Local or remote (`gs://`) alike."""
   import jax
 
   from srum_jax.convert import checkpoint
   from srum_jax.pipeline import multihost
-  dst = pathlib.Path(path)
+  dst = paths.path(path)
   if jax.process_index() == 0 and dst.exists():
-    shutil.rmtree(dst)
+    paths.rmtree(dst)
   multihost.barrier(f"write_model_dir:{dst}:clean")
   checkpoint.save_model_dir(str(dst), cfg, params)
   if jax.process_index() == 0:
-    for f in pathlib.Path(source_dir).iterdir():
+    for f in paths.path(source_dir).iterdir():
       if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab",
                                             "merges")):
-        shutil.copy2(f, dst / f.name)
+        paths.copy_file(f, dst / f.name)
   multihost.barrier(f"write_model_dir:{dst}:done")
   return str(dst)
 
@@ -238,19 +244,68 @@ class JsonlLog:
   """Append-only JSONL keyed by `id`: `done()` gives finished ids; `append` is flushed and fsynced.
 
   Reading never fails on the content: any bytes are read, and a line that is not UTF-8, not JSON, or not an
-  object with a string `id` is skipped and counted (`read`), so a torn or garbled line never blocks a resume."""
+  object with a string `id` is skipped and counted (`read`), so a torn or garbled line never blocks a resume.
+
+  On an object store (a remote `path`, e.g. `gs://`), where objects cannot be appended to, each `append` writes
+  one part object `<path>.parts/<n>-<random>.jsonl` (all-or-nothing: never a torn line) and readers read the
+  parts after `<path>` itself. The log's one writer (`process_log`: one log per process, one command per
+  workdir) folds the parts into `<path>` when it opens the log and every `COMPACT_EVERY` appends (rewrite
+  `<path>`, then delete the parts it folded in), so a read costs at most `COMPACT_EVERY` + 1 object reads and
+  a resume sees every row exactly once. Readers list the parts before reading `<path>` and drop a line equal to
+  one read before, so a read during a fold, or after a fold stopped between its two steps, sees each row once."""
+
+  COMPACT_EVERY = 256  # part objects a remote log holds at most before its writer folds them in
 
   def __init__(self, path: str):
-    self.path = pathlib.Path(path)
+    self.remote = paths.is_remote(path)
+    self.path = paths.path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._next_part: Optional[int] = None  # remote: the number of the next part object this writer writes
+
+  @property
+  def parts_dir(self):
+    """Where a remote log's part objects live."""
+    return self.path.parent / (self.path.name + ".parts")
+
+  def _parts(self) -> list:
+    """A remote log's part objects in write order (by their number)."""
+    if not self.parts_dir.is_dir():
+      return []
+    return sorted((p for p in self.parts_dir.iterdir() if p.name.endswith(".jsonl")),
+                  key=lambda p: (_part_number(p.name), p.name))
+
+  def _remote_bytes(self) -> Tuple[bytes, list]:
+    """(the log's lines: `<path>`, then its parts, each line once; the parts read). Parts are listed first:
+    a fold between the listing and the read leaves a part missing, whose rows `<path>` then holds."""
+    parts, chunks = self._parts(), []
+    for p in parts:
+      try:
+        chunks.append(p.read_bytes())
+      except FileNotFoundError:  # folded into <path> meanwhile
+        pass
+    try:
+      chunks.insert(0, self.path.read_bytes())
+    except FileNotFoundError:
+      pass
+    lines, seen = [], set()
+    for chunk in chunks:
+      for raw in chunk.split(b"\n"):
+        if raw.strip() and raw not in seen:
+          seen.add(raw)
+          lines.append(raw)
+    return b"".join(line + b"\n" for line in lines), parts
 
   def read(self) -> Tuple[List[Dict[str, Any]], LogReport]:
     """(well-formed rows in file order, what was skipped)."""
     rep = LogReport()
-    if not self.path.is_file():
+    if self.remote:
+      data = self._remote_bytes()[0]
+    elif self.path.is_file():
+      data = self.path.read_bytes()
+    else:
       return [], rep
     out = []
-    for raw in self.path.read_bytes().split(b"\n"):
+    for raw in data.split(b"\n"):
       if not raw.strip():
         continue
       try:
@@ -277,6 +332,9 @@ class JsonlLog:
 
   def append(self, row: Dict[str, Any]) -> None:
     data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    if self.remote:
+      self._append_part(data)
+      return
     if self.path.is_file() and self.path.stat().st_size:
       with open(self.path, "rb") as f:  # end a torn last line first, so the new row stays a line of its own
         f.seek(-1, os.SEEK_END)
@@ -287,13 +345,61 @@ class JsonlLog:
       f.flush()
       os.fsync(f.fileno())
 
+  def _append_part(self, data: bytes) -> None:
+    """One remote row: a new part object (numbered after the last one; a random tail so that two writers can
+    never overwrite each other's part), folded in every `COMPACT_EVERY` parts."""
+    import uuid
+    if self._next_part is None:
+      self._next_part = max((_part_number(p.name) for p in self._parts()), default=-1) + 1
+    self.parts_dir.mkdir(parents=True, exist_ok=True)
+    (self.parts_dir / f"{self._next_part:09d}-{uuid.uuid4().hex[:8]}.jsonl").write_bytes(data)
+    self._next_part += 1
+    if self._next_part % self.COMPACT_EVERY == 0:
+      self.compact()
+
+  def compact(self) -> None:
+    """Fold a remote log's parts into `<path>` (one rewrite, then the folded parts deleted); only the log's
+    writer calls it (two concurrent folds could drop each other's newest rows). A no-op for a local log."""
+    if not self.remote:
+      return
+    data, parts = self._remote_bytes()
+    if not parts:
+      return
+    self.path.write_bytes(data)
+    for p in parts:
+      p.unlink(missing_ok=True)
+
+
+def _part_number(name: str) -> int:
+  """The write number of a remote log's part object `<n>-<random>.jsonl` (-1 for a foreign name)."""
+  head = name.split("-", 1)[0]
+  return int(head) if head.isdigit() else -1
+
 
 def process_log(directory: str, stem: str) -> JsonlLog:
   """This process's resumable log `<stem>.jsonl` in `directory` (`<stem>.<process>.jsonl` when several
-  processes share the directory: no two processes ever append to one file)."""
+  processes share the directory: no two processes ever append to one file). The caller is the log's writer:
+  a remote log's parts are folded in now (`JsonlLog.compact`)."""
   import jax
   suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
-  return JsonlLog(str(pathlib.Path(directory) / f"{stem}{suffix}.jsonl"))
+  log = JsonlLog(paths.join(directory, f"{stem}{suffix}.jsonl"))
+  log.compact()
+  return log
+
+
+def log_paths(directory: str, stem: str) -> List[str]:
+  """Every process's log of `stem` in `directory`, in name order: `<stem>.jsonl` and `<stem>.<process>.jsonl`
+  (a remote log that so far has only part objects, `<name>.parts/`, counts too)."""
+  d = paths.path(directory)
+  if not d.is_dir():
+    return []
+  pattern = re.compile(rf"{re.escape(stem)}(\.[0-9]+)?\.jsonl")
+  names = set()
+  for p in d.iterdir():
+    name = p.name[:-len(".parts")] if p.name.endswith(".parts") else p.name
+    if pattern.fullmatch(name):
+      names.add(name)
+  return [paths.join(directory, n) for n in sorted(names)]
 
 
 def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report: Optional[LogReport] = None
@@ -303,13 +409,12 @@ def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report:
   number of processes that wrote them. Rows lacking a field of `require` are skipped; every skip is counted
   in `report` (when given)."""
   rows, seen, rep = [], set(), LogReport()
-  files = [p for p in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl"))
-           if p.name == f"{stem}.jsonl" or p.name[len(stem) + 1:-len(".jsonl")].isdigit()]
-  per_process = any(p.name != f"{stem}.jsonl" for p in files)
+  files = log_paths(directory, stem)
+  per_process = any(os.path.basename(p) != f"{stem}.jsonl" for p in files)
   for p in files:
-    got, file_rep = JsonlLog(str(p)).read()
+    got, file_rep = JsonlLog(p).read()
     rep.add(file_rep)
-    merged = per_process and p.name == f"{stem}.jsonl"  # process 0's copy of every process's rows
+    merged = per_process and os.path.basename(p) == f"{stem}.jsonl"  # process 0's copy of every process's rows
     for r in got:
       if any(k not in r for k in require):
         rep.missing_field += int(not merged)
@@ -328,23 +433,36 @@ def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report:
 
 def merge_process_logs(directory: str, stem: str) -> None:
   """After every process finished its share: process 0 writes `<stem>.jsonl` holding every process's rows
-  (one per id); a no-op with one process, whose log is that file already."""
+  (one per id); with one process its log is that file already (a remote one gets its parts folded in, so plain
+  file readers such as `records.read_records` see every row)."""
   import jax
 
   from srum_jax.pipeline import multihost
   multihost.barrier(f"merge:{directory}:{stem}:ready")
+  if jax.process_count() == 1:
+    JsonlLog(paths.join(directory, f"{stem}.jsonl")).compact()  # a no-op for a local log
   if jax.process_count() > 1 and jax.process_index() == 0:
     rows = read_rows(directory, stem)
-    path = pathlib.Path(directory) / f"{stem}.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    path = paths.join(directory, f"{stem}.jsonl")
+    if paths.is_remote(path):
+      paths.write_bytes(path, data)  # one whole object
+    else:
+      tmp = pathlib.Path(path + ".tmp")
+      tmp.write_bytes(data)
+      os.replace(tmp, path)
   multihost.barrier(f"merge:{directory}:{stem}:done")
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Atomic PNG write (tmp + rename): a crash never leaves a half-written image under the final name."""
+  """Atomic PNG write (tmp + rename; remote: one whole object): a crash never leaves a half-written image under
+  the final name."""
   from PIL import Image
+  if paths.is_remote(path):
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+    paths.write_bytes(path, buf.getvalue())
+    return
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(p.name + ".tmp")
@@ -356,7 +474,7 @@ def load_rgb(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
   """(uint8 HWC image, None) or (None, reason) for a missing or corrupt file."""
   from PIL import Image
   try:
-    with Image.open(path) as im:
+    with Image.open(paths.readable(path)) as im:
       return np.asarray(im.convert("RGB")), None
   except FileNotFoundError:
     return None, "missing"
@@ -426,6 +544,10 @@ def process_shard(items: Sequence) -> Sequence:
 
 
 def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented JSON, written atomically (tmp + rename; remote: one whole object)."""
+  if paths.is_remote(path):
+    paths.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=float).encode("utf-8"))
+    return
   p = pathlib.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(p.name + ".tmp")
@@ -489,8 +611,14 @@ def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
   return holder if isinstance(holder, dict) else {}
 
 
-def _create_exclusive(path: pathlib.Path, data: bytes) -> bool:
-  """Create `path` holding `data` unless it exists (O_EXCL: atomic among processes); whether it was created."""
+REMOTE_SETTLE_S = 2.0  # remote lock: seconds between writing the lock object and reading it back
+
+
+def _create_exclusive(path, data: bytes) -> bool:
+  """Create `path` holding `data` unless it exists (O_EXCL: atomic among processes); whether it was created.
+  A remote `path` takes `_create_if_absent_remote` (best effort)."""
+  if paths.is_remote(path):
+    return _create_if_absent_remote(path, data)
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError:
@@ -503,16 +631,35 @@ def _create_exclusive(path: pathlib.Path, data: bytes) -> bool:
   return True
 
 
+def _create_if_absent_remote(path, data: bytes) -> bool:
+  """`_create_exclusive` on an object store, best effort: epath offers no exclusive create (GCS's
+  if-generation-match precondition is not reachable through it), so: absent? write, wait `REMOTE_SETTLE_S`,
+  read back. Of two commands racing within that window the later write wins and the other backs off; both
+  run only when one's write lands more than `REMOTE_SETTLE_S` after the other's first read (a slow write)."""
+  if path.exists():
+    return False
+  path.write_bytes(data)
+  time.sleep(REMOTE_SETTLE_S)
+  try:
+    return path.read_bytes() == data
+  except FileNotFoundError:
+    return False
+
+
 class WorkdirLock:
   """One command at a time on a workdir: `<workdir>/.srum_lock.json` names the holder (host, pid, start time,
   command). Taken by creating the file exclusively; a lock left by a dead process on this host (its pid gone,
   or reused by a newer process) is taken over under a second exclusive file, so two commands taking over the
   same stale lock cannot both win. A live holder, or one on another host (which cannot be checked from here),
   makes `acquire` raise `WorkdirBusy` naming it. Several processes of one multi-host run share the workdir:
-  only process 0 takes the lock (`workdir_lock`)."""
+  only process 0 takes the lock (`workdir_lock`).
+
+  On a remote workdir (`gs://`) the same protocol runs on objects, but the create is only best effort
+  (`_create_if_absent_remote`: read, write, read back; a warning says so): it stops a second command started
+  later, not two started within seconds of each other."""
 
   def __init__(self, workdir: str, command: str = ""):
-    self.dir = pathlib.Path(workdir)
+    self.dir = paths.path(workdir)
     self.path = self.dir / LOCK_NAME
     self.takeover = self.dir / (LOCK_NAME + ".takeover")
     self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
@@ -532,6 +679,9 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     self.dir.mkdir(parents=True, exist_ok=True)
+    if paths.is_remote(self.dir):
+      print(f"[lock] {self.dir} is on an object store: the workdir lock is best effort (no exclusive create); "
+            f"do not start two commands on it at once", flush=True)
     data = json.dumps(self.me).encode()
     for _ in range(3):
       if _create_exclusive(self.path, data):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from srum_jax import objective
+from srum_jax import objective, paths
 from srum_jax.rewards import records as records_lib
 
 VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
@@ -120,9 +121,9 @@ class HostBatch(NamedTuple):
 def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[int, int]]:
   """PNG/JPEG -> (float32 [H, W, 3] in [-1, 1], original (width, height)). Bicubic (antialiased) resize to
   `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5), the
-  official training transform."""
+  official training transform. `path` may be remote (gs://)."""
   from PIL import Image
-  with Image.open(path) as im:
+  with Image.open(paths.readable(path)) as im:
     size = im.size
     im = im.convert("RGB")
     H, W = image_hw
@@ -133,14 +134,23 @@ def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[
 
 
 def _check_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
-  """(width, height) of a fully decodable image, else (None, 'missing' | 'corrupt: why')."""
+  """(width, height) of a fully decodable image, else (None, 'missing' | 'corrupt: why'). `path` may be remote
+  (gs://: its bytes are read once)."""
   from PIL import Image
-  if not os.path.isfile(path):
+  if paths.is_remote(path):
+    try:
+      data = paths.path(path).read_bytes()
+    except FileNotFoundError:
+      return None, "missing"
+    source = lambda: io.BytesIO(data)  # noqa: E731
+  elif not os.path.isfile(path):
     return None, "missing"
+  else:
+    source = lambda: path  # noqa: E731
   try:
-    with Image.open(path) as im:
+    with Image.open(source()) as im:
       im.verify()  # chunk CRCs and structure
-    with Image.open(path) as im:
+    with Image.open(source()) as im:
       im.load()  # every pixel decodes (truncated data raises)
       if im.size[0] <= 0 or im.size[1] <= 0:
         return None, "corrupt: empty image"
@@ -194,9 +204,9 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
   report.filtered_missing_global = freport.dropped_missing_global
   report.filtered_empty = freport.dropped_empty
 
-  paths = [os.path.join(images_root, r.image_file) for r in records]
+  image_paths = [os.path.join(images_root, r.image_file) for r in records]
   with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
-    checked = list(pool.map(_check_image, paths))
+    checked = list(pool.map(_check_image, image_paths))
   out = []
   for r, (size, why) in zip(records, checked):
     if size is None:
@@ -222,23 +232,34 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
   return out, report
 
 
-def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero_global: bool) -> str:
+def _file_stamp(images_root: str, name: str) -> str:
+  """`name\0size\0mtime` of an image file (a remote object: the store's size and mtime), or `name\0missing`."""
+  path = os.path.join(images_root, name)
+  try:
+    if paths.is_remote(path):
+      st = paths.path(path).stat()
+      return f"{name}\0{st.length}\0{st.mtime}\n"
+    st = os.stat(path)
+    return f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n"
+  except OSError:  # FileNotFoundError included
+    return f"{name}\0missing\n"
+
+
+def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero_global: bool,
+                threads: int = 8) -> str:
   """Content hash of the JSONL, the referenced image files' (name, size, mtime) and the settings."""
   h = hashlib.sha256()
-  h.update(json.dumps([VALIDATION_VERSION, os.path.abspath(images_root), int(max_regions),
+  h.update(json.dumps([VALIDATION_VERSION, paths.abspath(images_root), int(max_regions),
                        bool(drop_zero_global)]).encode())
-  with open(records_path, "rb") as f:
+  with (paths.path(records_path).open("rb") if paths.is_remote(records_path) else open(records_path, "rb")) as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   names = set()
   for rec in records_lib.read_records(records_path)[0]:
     names.add(rec.image_file)
-  for name in sorted(names):
-    try:
-      st = os.stat(os.path.join(images_root, name))
-      h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    except OSError:
-      h.update(f"{name}\0missing\n".encode())
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:  # a remote stat is a round trip
+    for stamp in pool.map(lambda n: _file_stamp(images_root, n), sorted(names)):
+      h.update(stamp.encode())
   return h.hexdigest()[:16]
 
 
@@ -252,10 +273,13 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
                     drop_zero_global: bool = True, threads: int = 8) -> Tuple[str, DataReport]:
   """Validated records -> `cache_dir/records-<n>-<hash>.array_record` (one JSON record per entry) plus a
   `.report.json` beside it; an existing file for the same input is reused. Writes go to a per-process
-  temporary name and are renamed into place, so several hosts preparing the same file cannot clash."""
+  temporary name and are renamed into place, so several hosts preparing the same file cannot clash. A remote
+  `cache_dir` (gs://...) stands for a local one (`paths.local_cache_dir`: ArrayRecord and the memory-mapped
+  moments need local files), which each host fills for itself; the records and images may be remote."""
   from array_record.python.array_record_module import ArrayRecordWriter
+  cache_dir = paths.local_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  key = _input_hash(records_path, images_root, max_regions, drop_zero_global)
+  key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads)
   existing = [f for f in os.listdir(cache_dir) if f.endswith(f"-{key}.array_record")]
   if existing:
     path = os.path.join(cache_dir, existing[0])

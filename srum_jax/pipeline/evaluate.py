@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import gc
 import importlib
-import pathlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
+from srum_jax import paths
 from srum_jax.pipeline import common, generate, multihost
 
 METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")
@@ -203,8 +203,8 @@ def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
   """{id: its last row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
   only ever scored by one process)."""
   out: Dict[str, dict] = {}
-  for path in sorted(pathlib.Path(directory).glob(f"{stem}*.jsonl")):
-    out.update({r["id"]: r for r in common.JsonlLog(str(path)).rows() if r["id"] in wanted})
+  for path in common.log_paths(directory, stem):
+    out.update({r["id"]: r for r in common.JsonlLog(path).rows() if r["id"] in wanted})
   return out
 
 
@@ -240,7 +240,7 @@ def _verdict(metric: str, row: dict) -> str:
   return f"{row['score']:.0f}/100"
 
 
-def judge_images(ecfg, judge, rows: Sequence[dict], out: pathlib.Path, batch_size: int) -> List[dict]:
+def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> List[dict]:
   """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
   every process's rows of `rows`' ids once all are done."""
   log = common.process_log(str(out), "judgments")
@@ -267,7 +267,7 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
   """Every metric over `rows` (image_file absolute); writes the tables and the grid. Returns {"judge": the
   judge's accuracy table (or {}), "tables": the metric tables}."""
   from srum_jax.evaluation import report
-  out = pathlib.Path(out_dir)
+  out = paths.path(out_dir)  # local or remote (gs://)
   tables, verdicts, judge_table = [], {}, {}
   if judge is not None:
     judged = judge_images(ecfg, judge, rows, out, batch_size)
@@ -288,7 +288,7 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
   return {"judge": judge_table, "tables": tables}
 
 
-def _write(out: pathlib.Path, tables: List[dict], rows, verdicts, grid_images: int, name: str) -> None:
+def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str) -> None:
   """The tables (json, markdown), the grid and the side-by-side summary; written by process 0."""
   from srum_jax import viz
   from srum_jax.evaluation import report
@@ -313,7 +313,7 @@ def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
   generate.generate(gcfg, model, items, out_dir, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  rows = [dict(r, image_file=str(pathlib.Path(out_dir) / r["image_file"])) for r in generate.read_metadata(out_dir)]
+  rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in generate.read_metadata(out_dir)]
   wanted = {it.id for it in items}
   rows = [r for r in rows if r.get("prompt_id", r["id"]) in wanted]
   return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)["judge"]

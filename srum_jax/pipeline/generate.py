@@ -12,13 +12,13 @@ share of the prompts (on its own devices: `common.inference_mesh`) and writes it
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srum_jax import paths
 from srum_jax.pipeline import common, multihost
 from srum_jax.pipeline.prompts import PromptItem
 
@@ -122,7 +122,7 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         rep.skipped_nonfinite += 1
         continue
       rel = f"images/{common.image_file_name(image_id)}"
-      common.save_png(str(pathlib.Path(out_dir) / rel), images[j])
+      common.save_png(paths.join(out_dir, rel), images[j])
       log.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})
@@ -131,7 +131,7 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
   bar.close()
   multihost.barrier(f"generate:{out_dir}")  # the next stage reads every process's images
   suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
-  common.write_json(str(pathlib.Path(out_dir) / f"stats{suffix}.json"), {"report": dataclasses.asdict(rep)})
+  common.write_json(paths.join(out_dir, f"stats{suffix}.json"), {"report": dataclasses.asdict(rep)})
   common.summary_line("generate", **dataclasses.asdict(rep), out=out_dir)
   if rep.skipped_too_long:
     print(f"[generate] {rep.skipped_too_long} images skipped: their prompts exceed {rep.prompt_token_cap} "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import pathlib
 from typing import List, Optional
 
+from srum_jax import paths
 from srum_jax.pipeline import common, generate, multihost
 from srum_jax.pipeline.proposers import get_proposer
 
@@ -67,7 +67,7 @@ def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
     if row["id"] in done:
       rep.skipped_done += 1
       continue
-    image, why = common.load_rgb(str(pathlib.Path(gen_dir) / row["image_file"]))
+    image, why = common.load_rgb(paths.join(gen_dir, row["image_file"]))
     if image is None:
       rep.skipped_bad_image += 1
       continue

@@ -14,14 +14,13 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import contextlib
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from srum_jax import config_validation, objective
+from srum_jax import config_validation, objective, paths
 from srum_jax.pipeline import common, evaluate, generate, multihost, propose, score
 from srum_jax.pipeline import train as train_stage
 from srum_jax.pipeline.prompts import load_prompts
@@ -189,7 +188,7 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
     for r in range(len(rounds)):
       curve = work / f"round_{r}" / "train" / "loss_curve.png"
       if curve.is_file():
-        shutil.copy2(curve, report_dir / f"loss_curve_round_{r}.png")
+        paths.copy_file(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
   report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
@@ -212,7 +211,7 @@ def run(config) -> dict:
   """The loop: eval(base) -> rounds -> eval, plus the SFT control when `run.sft_control`; returns the report.
   A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
   t0, clock = time.time(), StageClock()
-  work = pathlib.Path(config.workdir)
+  work = paths.path(config.workdir)  # local or remote (gs://): etils.epath
   (work / "report").mkdir(parents=True, exist_ok=True)
   with clock("load"):
     model_dir = common.resolve_model_dir(config)

@@ -18,13 +18,13 @@ Writes `rewards.jsonl` (versioned `RewardRecord`s, image paths relative to the g
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srum_jax import paths
 from srum_jax.pipeline import common, generate, propose
 from srum_jax.rewards import parsing, prompts as judge_prompts, records
 
@@ -207,8 +207,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
           compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
   judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   log = common.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
   log_rep = common.LogReport()
   done = {r["id"] for r in common.read_rows(out_dir, "rewards", report=log_rep)}
@@ -229,7 +228,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
   for chunk in common.batched(todo, int(scfg.batch_size)):
     imgs, keep = [], []
     for row in chunk:
-      im, why = common.load_rgb(str(pathlib.Path(gen_dir) / row["image_file"]))
+      im, why = common.load_rgb(paths.join(gen_dir, row["image_file"]))
       if im is None:
         rep.skipped_bad_image += 1
       else:
@@ -273,7 +272,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
            "global_histogram": _histogram(g_values), "region_histogram": _histogram(r_values),
            "global_mean": float(np.mean(g_values)) if g_values else None,
            "region_mean": float(np.mean(r_values)) if r_values else None}
-  common.write_json(str(out / ("stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json")),
+  common.write_json(paths.join(out_dir, "stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json"),
                     stats)
   common.merge_process_logs(out_dir, "rewards")  # training reads <out>/rewards.jsonl: every process's records
   common.summary_line("score", **dataclasses.asdict(rep), out=out_dir)

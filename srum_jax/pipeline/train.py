@@ -11,7 +11,9 @@ never waits on the device except every `log_every` steps (metrics) and when savi
 
 workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta), data/ (validated
 ArrayRecord cache), tb/ (TensorBoard), samples/step_<step>.png (training images with reward overlays),
-data_log.jsonl (per step: the record indices consumed), loss_curve.png, summary.json.
+data_log.jsonl (per step: the record indices consumed), loss_curve.png, summary.json. The workdir may be
+remote (gs://, through etils.epath; orbax writes checkpoints there directly): the data/ cache then lives in a
+local cache folder per host (`paths.local_cache_dir`) and the data log is written as objects (`_open_data_log`).
 A workdir holding checkpoints is resumed from its latest one. SIGTERM finishes the current step, saves
 and returns with `preempted=True`. The optimizer, the guarded update, the preemption flag and the
 checkpoints are the shared training core (`srum_jax.training`).
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax import objective, sharding, train_step as ts, viz
+from srum_jax import objective, paths, sharding, train_step as ts, viz
 from srum_jax.pipeline import common, data, multihost
 from srum_jax.training import checkpointing, optimizer, update
 from srum_jax.training.preemption import PreemptionFlag
@@ -196,18 +198,56 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   if report.kept == 0:
     raise ValueError(f"no usable training records in {records_path}: {report.summary()}")
   moments = None
+  # on a remote workdir there is no shared file system for the per-process moments parts: every host encodes
+  # every record into its own local cache (a one-off encoder pass per round; the step's batches are unchanged)
+  mpid, mpcount = (0, 1) if paths.is_remote(workdir) else (pid, pcount)
   if t.vae_moments == "cached":
     master = jnp.dtype(config.model.param_dtype)  # the dtype the step would run the encoder in
     encode, encoder_id = moments_encoder(jax.tree.map(lambda x: x.astype(master), params_ae["encoder"]), cfg,
                                          int(t.encode_batch), jnp.dtype(t.moments_dtype))
     moments = data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
-                                   dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=pid,
-                                   process_count=pcount, threads=int(t.data_threads))
+                                   dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
+                                   process_count=mpcount, threads=int(t.data_threads))
     multihost.barrier("train_moments")
   ds = data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
                          workers=int(t.data_workers), report=report, moments=moments)
   return iter(ds), report
+
+
+def _open_data_log(workdir: str, pid: int, pcount: int, step: int):
+  """The data log file to write lines to: `data_log.jsonl` (`data_log.p<pid>.jsonl` with several processes),
+  appended to. An object store cannot append: there this invocation writes `data_log[.p<pid>].from<step>.jsonl`
+  (`_ObjectLog`)."""
+  name = "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"
+  if not paths.is_remote(workdir):
+    return open(os.path.join(workdir, name), "a")
+  return _ObjectLog(paths.join(workdir, name[:-len(".jsonl")] + f".from{step:08d}.jsonl"))
+
+
+class _ObjectLog:
+  """A text log on an object store: lines kept in memory, the whole object rewritten by `flush` at most every
+  `FLUSH_S` seconds (bounded cost) and on close; a crash loses at most the last `FLUSH_S` seconds of lines."""
+
+  FLUSH_S = 60.0
+
+  def __init__(self, path: str):
+    self.path, self.lines, self.flushed = path, [], 0.0
+
+  def write(self, text: str) -> None:
+    self.lines.append(text)
+
+  def flush(self, force: bool = False) -> None:
+    if force or time.time() - self.flushed >= self.FLUSH_S:
+      paths.write_bytes(self.path, "".join(self.lines).encode("utf-8"))
+      self.flushed = time.time()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.flush(force=True)
+    return False
 
 
 def _restore_or_init(ckpt: checkpointing.Checkpointer, params, init, abstract, state_sh, key_data, it):
@@ -228,16 +268,28 @@ def _restore_or_init(ckpt: checkpointing.Checkpointer, params, init, abstract, s
 
 
 class _MetricsLog:
-  """Sums step metrics on device and syncs them every `log_every` steps: TensorBoard, the bar, the history."""
+  """Sums step metrics on device and syncs them every `log_every` steps: TensorBoard, the bar, the history.
+  On a remote workdir the TensorBoard events are written to a local cache folder and copied to `<workdir>/tb`
+  at most every `UPLOAD_S` seconds and on close (no extra GCS client needed)."""
+
+  UPLOAD_S = 60.0
 
   def __init__(self, workdir: str, schedule, log_every: int, is_main: bool, bar):
     self.schedule, self.log_every, self.bar = schedule, max(1, int(log_every)), bar
     self.history = {k: [] for k in LOGGED}
     self.acc, self.n, self.last = None, 0, None
-    self.writer = None
+    self.writer, self.tb_dir, self.uploaded = None, os.path.join(workdir, "tb"), 0.0
     if is_main:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+      self.writer = SummaryWriter(paths.local_cache_dir(self.tb_dir))
+
+  def _upload(self, force: bool = False) -> None:
+    """Copy the local TensorBoard files to a remote `<workdir>/tb` (a no-op for a local workdir)."""
+    if self.writer is None or not paths.is_remote(self.tb_dir):
+      return
+    if force or time.time() - self.uploaded >= self.UPLOAD_S:
+      paths.upload_dir(paths.local_cache_dir(self.tb_dir), self.tb_dir)
+      self.uploaded = time.time()
 
   def add(self, step: int, metrics, state, total: int) -> None:
     self.last = metrics
@@ -254,6 +306,7 @@ class _MetricsLog:
         self.writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
     if self.writer is not None:
       self.writer.flush()
+      self._upload()
     self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"], refresh=False)
 
   def final_loss(self, before: dict) -> Optional[float]:
@@ -263,13 +316,14 @@ class _MetricsLog:
   def close(self) -> None:
     if self.writer is not None:
       self.writer.close()
+      self._upload(force=True)
 
 
 def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path, images_root, workdir, mesh,
            max_steps, step_hook, opts: ts.StepOptions) -> Dict[str, Any]:
   t0, t = time.time(), config.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.abspath(workdir)  # a remote workdir (gs://) stays as it is
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   pid, pcount = jax.process_index(), jax.process_count()
   mesh = train_mesh(config) if mesh is None else mesh
   rules = sharding.rules_from_config(config.sharding_rules)
@@ -305,7 +359,7 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
                                          meta={"report": report.to_dict(), "final_loss": log.final_loss(before),
                                                "seconds": before["seconds"] + time.time() - t0}, force=force)
     preempted = False
-    with open(os.path.join(workdir, "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"), "a") as data_log:
+    with _open_data_log(workdir, pid, pcount, step) as data_log:
       while step < total:
         if multihost.any_process(stop.is_set()):
           preempted = True
@@ -356,8 +410,7 @@ def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, 
              "seconds_this_invocation": seconds, "compiles": compiles,
              "checkpoints_given_up": [list(g) for g in given_up], "checkpoint": os.path.join(workdir, "checkpoints")}
   if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    paths.write_bytes(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1).encode("utf-8"))
     print(f"train: {'preempted at' if preempted else 'done,'} step {step}/{total}; final loss "
           f"{'n/a' if final_loss is None else f'{final_loss:.5g}'}; skipped non-finite updates {skipped}; "
           f"data: {report.summary()}", flush=True)
@@ -366,7 +419,7 @@ def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):
   """The trained {'bagel', 'ae'} parameters from `workdir`'s latest (or `step`'s) checkpoint."""
-  return checkpointing.restore_params(os.path.join(os.path.abspath(workdir), "checkpoints"), step,
+  return checkpointing.restore_params(os.path.join(paths.abspath(workdir), "checkpoints"), step,
                                       abstract_params)
 
 

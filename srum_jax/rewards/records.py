@@ -188,17 +188,25 @@ def _dumps(d: dict) -> str:
   return json.dumps(d, ensure_ascii=False, allow_nan=False)
 
 
+def _write_lines(path: str | os.PathLike, lines: list) -> int:
+  """`lines` as a UTF-8 JSONL file (overwriting; a remote path, e.g. gs://, as one object); how many."""
+  from srum_jax import paths
+  data = "".join(line + "\n" for line in lines)
+  if paths.is_remote(path):
+    paths.path(path).write_bytes(data.encode("utf-8"))
+  else:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(data)
+  return len(lines)
+
+
 def write_records(path: str | os.PathLike, records: Iterable[RewardRecord]) -> int:
   """Writes records as JSONL (overwriting); returns how many."""
-  n = 0
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(_dumps(r.to_dict()) + "\n")
-      n += 1
-  return n
+  return _write_lines(path, [_dumps(r.to_dict()) for r in records])
 
 
 def append_record(path: str | os.PathLike, record: RewardRecord) -> None:
+  """One record appended to a local JSONL file (object stores cannot append: use `write_records`)."""
   with open(path, "a", encoding="utf-8") as f:
     f.write(_dumps(record.to_dict()) + "\n")
 
@@ -210,9 +218,13 @@ def _reject_constant(name: str):
 def _read(path, convert) -> tuple[list, ReadReport]:
   """Any bytes: lines are split on b"\\n" and decoded one by one, so a line that is not UTF-8 (e.g. torn inside
   a multi-byte character) is one skipped line (UnicodeDecodeError is a ValueError), never a failed read."""
+  from srum_jax import paths
   report, records = ReadReport(), []
-  with open(path, "rb") as f:
-    data = f.read()
+  if paths.is_remote(path):  # gs://...: through etils.epath
+    data = paths.path(path).read_bytes()
+  else:
+    with open(path, "rb") as f:
+      data = f.read()
   for line_no, raw in enumerate(data.split(b"\n"), start=1):
     if not raw.strip():
       continue
@@ -305,12 +317,7 @@ def read_official_records(path: str | os.PathLike) -> tuple[list[RewardRecord], 
 
 
 def write_official_records(path: str | os.PathLike, records: Iterable[RewardRecord]) -> int:
-  n = 0
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(_dumps(to_official(r)) + "\n")
-      n += 1
-  return n
+  return _write_lines(path, [_dumps(to_official(r)) for r in records])
 
 
 # --- filter and arrays -------------------------------------------------------------------------------------

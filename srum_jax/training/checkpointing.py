@@ -18,6 +18,7 @@ from typing import Any, Optional, Tuple
 import jax
 import numpy as np
 
+from srum_jax import paths
 from srum_jax.training.update import TrainState
 
 __all__ = ["Checkpointer", "abstract_with_shardings", "finished_steps", "restore_params"]
@@ -61,7 +62,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2, save_interval_steps: int = 1,
                async_save: bool = True):
     import orbax.checkpoint as ocp
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.abspath(directory)  # orbax takes a gs:// directory as it is
     # Only the interval (orbax's default policy would also save the first step of a fresh run: a full
     # 7B state for nothing); off-interval saves (final, SIGTERM) use force=True.
     policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_interval_steps)))
@@ -110,7 +111,7 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(_state_tree(abstract_state, key_data)),
              "meta": ocp.args.JsonRestore()}
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    has_data = paths.path(os.path.join(self.directory, str(step), "data")).is_dir()
     if has_data:
       items["data"] = grain.checkpoint.CheckpointRestore(_IteratorSnapshot())
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
@@ -131,8 +132,8 @@ class Checkpointer:
     given_up = []
     for step in sorted(self.all_steps(), reverse=True):
       why = None
-      if require_data and not os.path.isfile(os.path.join(self.directory, str(step), "data",
-                                                          _data_file(jax.process_index(), jax.process_count()))):
+      if require_data and not paths.path(os.path.join(self.directory, str(step), "data",
+                                                      _data_file(jax.process_index(), jax.process_count()))).is_file():
         why = "no data-iterator state (its data order would be lost)"
       else:
         try:
@@ -148,15 +149,16 @@ class Checkpointer:
     return None, None, given_up
 
   def _set_aside(self, step: int) -> None:
-    """Move step `step` out of the manager's directory (process 0; every process then reloads the step list)."""
+    """Move step `step` out of the manager's directory (process 0; every process then reloads the step list).
+    On an object store the move is a copy, then a delete (`paths.move_tree`)."""
     from srum_jax.pipeline import multihost
     if multihost.is_main():
       aside = self.directory + "_invalid"
-      os.makedirs(aside, exist_ok=True)
+      paths.path(aside).mkdir(parents=True, exist_ok=True)
       dst = os.path.join(aside, str(step))
-      if os.path.exists(dst):
+      if paths.path(dst).exists():
         dst = f"{dst}.{int(time.time())}"
-      os.replace(os.path.join(self.directory, str(step)), dst)
+      paths.move_tree(os.path.join(self.directory, str(step)), dst)
     multihost.barrier(f"checkpoint_set_aside:{self.directory}:{step}")
     self._mngr.reload()
 
@@ -190,11 +192,11 @@ def _data_file(process_index: int, process_count: int) -> str:
 
 def finished_steps(directory: str) -> list:
   """Steps with a finished checkpoint in `directory` (none when it does not exist), ascending; nothing is
-  created."""
-  if not os.path.isdir(directory):
+  created. Local or remote (gs://)."""
+  root = paths.path(directory)
+  if not root.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()
-                and os.path.isfile(os.path.join(directory, d, "_CHECKPOINT_METADATA")))
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file())
 
 
 def restore_params(directory: str, step: Optional[int] = None, abstract_params=None):
@@ -204,7 +206,7 @@ def restore_params(directory: str, step: Optional[int] = None, abstract_params=N
   (NumPy on the host when the stored sharding cannot be rebuilt).
   """
   import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
+  directory = paths.abspath(directory)
   if step is None:
     steps = finished_steps(directory)
     if not steps:
