@@ -1,8 +1,9 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
     python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (2 CPU cores)
-    python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A, B, C; CPU (2 cores): < 2 h
-    python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stage C alone, from B's model
+    python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A, B, C, D; CPU (2 cores)
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stages C and D, from B's model
+    python -m srum_jax pretrain --config=experiments/tiny_world.py:think  # stage D alone, from C's model
     python -m srum_jax pretrain --config=experiments/tiny_world.py:gpu    # one GPU: same steps, larger batches
     python -m srum_jax run --config=experiments/tiny_world.py \
         --config.model.official_dir=outputs/tiny_world_pretrain/position/official  # SRUM on your own model
@@ -11,9 +12,11 @@
 BAGEL safetensors + json, converted into `<workdir>/converted_model` by the converter at start). `pretrain.*`
 drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pretrain.out>/official` (the
 shipped layout) for stages A+B, then runs `pretrain.then` (stage C) as a warm start from that model into
-`<pretrain.out>/position/{model,official}`: the shipped checkpoint is the last stage's `official`. Everything
-else is the SRUM loop at the tiny model's size (32x32 images, components proposer, logits-mode self-judge on
-the 28x28 view that names each boxed object before scoring it, oracle eval on the val prompts). Measured
+`<pretrain.out>/position/{model,official}` and its `then` (stage D, think mode) into
+`<pretrain.out>/position/think/{model,official}`: the shipped checkpoint is the last stage's `official`.
+Everything else is the SRUM loop at the tiny model's size (32x32 images; candidates drawn in think mode, the
+model writing a layout plan first, as the paper draws them; components proposer, logits-mode self-judge on
+the 28x28 view that names each boxed object before scoring it; plain-prompt oracle eval on the val prompts). Measured
 figures: `benchmarks/results_tiny_world_effect_cpu.txt`.
 """
 import pathlib

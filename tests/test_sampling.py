@@ -186,6 +186,15 @@ def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
   np.testing.assert_array_equal(keys, want)
   assert out.images.shape == (2, 16, 16, 3)
 
+  # Given plans (the decoded ones) skip decoding and build the same gen context.
+  given = sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, system_prompt="plan it",
+                                 max_think_tokens=6, height=16, width=16, seeds=[1, 2], image_ids=[5, 9],
+                                 plans=out.think_texts)
+  assert given.think_texts == out.think_texts
+  np.testing.assert_allclose(np.asarray(seen["contexts"][0].cache.k), np.asarray(gen.cache.k), atol=1e-6)
+  with pytest.raises(ValueError, match="one plan per prompt"):
+    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, plans=["x"], height=16, width=16)
+
   plain = sampling.text_to_image(params, None, tok, prompts, cfg=cfg, height=16, width=16)
   gen, cfg_text, cfg_img = seen["contexts"]
   assert plain.think_texts is None

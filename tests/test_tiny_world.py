@@ -131,5 +131,9 @@ def test_main_command_on_a_reduced_config(tmp_path):
       assert table[cat]["total"] == 3 * 4
   recs = common.JsonlLog(str(work / "round_0" / "score" / "rewards.jsonl")).rows()
   assert len(recs) == 20 and all(-1 <= r["global_score"] <= 1 for r in recs)
+  candidates = generate.read_metadata(str(work / "round_0" / "generate"))
+  assert len(candidates) == 20 and all(r["think"] for r in candidates)  # drawn in think mode, after a written plan
+  from srum_jax.pretrain import evaluate as pretrain_eval
+  assert sum(pretrain_eval.plan_valid(r["think"], r["prompt"])[1] for r in candidates) >= 10  # mostly valid plans
   stamp = json.loads((work / "converted_model" / "converted_from.json").read_text())
   assert stamp["official_dir"] == str(SHIPPED)

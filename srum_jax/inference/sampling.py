@@ -231,7 +231,7 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
                   cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, max_think_tokens: int = 1000,
                   system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                  attn_impl: str = "dense", mesh=None) -> T2IResult:
+                  attn_impl: str = "dense", mesh=None, plans: Optional[Sequence[str]] = None) -> T2IResult:
   """Generate one image per prompt with the official contexts.
 
   mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (the parameters keep their own shardings,
@@ -239,7 +239,8 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
 
   gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
   think mode); cfg_img: [system prompt] + prompt. think=True uses the generation think system prompt
-  (unless one is given) and greedily decodes the plan first. Image i starts from noise keyed by
+  (unless one is given) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
+  decoding them (a diagnostic: drawing from known-good plans). Image i starts from noise keyed by
   fold_in(PRNGKey(seed_i), image_ids[i]) (default ids 0..B-1): the same (seed, id) gives the same image
   in any batch.
   """
@@ -265,9 +266,14 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   gen = context.prefill_text(params, base, prompt_ids, prompt_lens, cfg=cfg, attn_impl=attn_impl)
   cfg_img = gen
   think_texts = None
+  if plans is not None and (not think or len(plans) != B):
+    raise ValueError(f"plans need think=True and one plan per prompt ({B}), got {len(plans)}")
   if think:
-    out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens, attn_impl=attn_impl)
-    think_texts = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
+    if plans is None:
+      out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens, attn_impl=attn_impl)
+      think_texts = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
+    else:
+      think_texts = list(plans)
     seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
     t_ids, t_lens = context.pad_ids(seqs, think_budget)
     gen = context.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)

@@ -14,7 +14,8 @@ predicted centre in the right layout cell.
 generation: `text_to_image` for the val prompts, oracle accuracy per category; the global judge on those
 images vs the oracle: ROC AUC and accuracy.
 generation_think (`think`): the same prompts in think mode: the greedy plans (parsed, and valid: a scene laid
-out by the plan satisfies the prompt) and the oracle accuracy of the images drawn from them.
+out by the plan satisfies the prompt), the oracle accuracy of the images drawn from them and of images drawn
+from true plans; generation_think_train: the same on the train prompts (where SRUM's candidates come from).
 """
 from __future__ import annotations
 
@@ -211,24 +212,26 @@ def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any
   return locate_metrics(got, [x[2] for x in questions])
 
 
-def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bool):
-  """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings)."""
+def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bool, plans=None):
+  """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings); `plans`:
+  think mode from these plans instead of the model's own."""
   import jax.numpy as jnp
 
   from srum_jax.inference import sampling
   from srum_jax.pipeline import common
-  images, plans = [], []
-  for chunk in _chunks(rows, settings.batch_size):
+  images, written = [], []
+  for k, chunk in enumerate(_chunks(rows, settings.batch_size)):
+    given = None if plans is None else plans[k * settings.batch_size:(k + 1) * settings.batch_size]
     out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
                                  [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed,
                                  image_ids=[common.stable_int(r["id"]) for r in chunk], height=data.IMAGE_HW[0],
                                  width=data.IMAGE_HW[1], num_timesteps=settings.gen_steps,
                                  timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
                                  cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype),
-                                 think=think, max_think_tokens=settings.max_think_tokens)
+                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given)
     images += list(out.images)
-    plans += out.think_texts or []
-  return images, (plans if think else None)
+    written += out.think_texts or []
+  return images, (written if think else None)
 
 
 def _by_category(rows, oks) -> Dict[str, float]:
@@ -266,16 +269,26 @@ def generation_metrics(model, judge, settings: EvalSettings, report, compute_dty
                             timestep_shift=settings.gen_timestep_shift, cfg_interval=list(settings.gen_cfg_interval)))
 
 
-def think_generation_metrics(model, settings: EvalSettings, compute_dtype: str) -> Dict[str, Any]:
-  """Think mode on the val prompts: plan parse / validity rates and the oracle accuracy of the images."""
+def think_generation_metrics(model, settings: EvalSettings, compute_dtype: str, split: str = "val",
+                             per_category: Optional[int] = None) -> Dict[str, Any]:
+  """Think mode on a split's prompts: plan parse / validity rates and the oracle accuracy of the images drawn
+  from the model's own plans, and (`oracle_accuracy_true_plans`) from plans of true scenes of the prompts (what
+  a perfect planner would give: separates the planner from the plan-conditioned generator)."""
   from srum_jax.worlds.shapes import judge_text, sources
-  rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
+  per_category = per_category or int(settings.num_gen_per_category) or None
+  rows = list(sources.prompts(split, per_category=per_category))
   images, plans = _generate(model, rows, settings, compute_dtype, think=True)
   oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
   checks = [plan_valid(p, r["prompt"]) for p, r in zip(plans, rows)]
-  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(rows, oracle_ok),
+  rng = np.random.default_rng([settings.seed, 5])
+  true_plans = [grammar.plan_text(grammar.sample_scene(rng, grammar.parse_prompt(r["prompt"]))) for r in rows]
+  images_true, _ = _generate(model, rows, settings, compute_dtype, think=True, plans=true_plans)
+  ok_true = [judge_text(im, r["prompt"]) for im, r in zip(images_true, rows)]
+  return dict(split=split, oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows),
+              by_category=_by_category(rows, oracle_ok),
               plan_parsed=float(np.mean([c[0] for c in checks])), plan_valid=float(np.mean([c[1] for c in checks])),
               plan_valid_by_category=_by_category(rows, [c[1] for c in checks]),
+              oracle_accuracy_true_plans=float(np.mean(ok_true)), by_category_true_plans=_by_category(rows, ok_true),
               examples=[dict(prompt=r["prompt"], plan=p) for r, p in list(zip(rows, plans))[:: max(1, len(rows) // 8)]])
 
 
@@ -306,6 +319,8 @@ def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, v
   res["generation"] = generation_metrics(model, judge, s, report, compute_dtype)
   if s.think:
     res["generation_think"] = think_generation_metrics(model, s, compute_dtype)
+    res["generation_think_train"] = think_generation_metrics(model, s, compute_dtype, split="train",
+                                                             per_category=int(s.num_gen_per_category) or 60)
   res.update(seconds=time.time() - t0, model_dir_bytes=dir_size(model_dir), **(extra or {}))
   if out_path:
     common.write_json(out_path, res)
