@@ -257,6 +257,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
                                 [boxes[i] for i in with_boxes], rep)
       for i, r in zip(with_boxes, got):
         rs[i] = {k: (s, o) for k, (s, o) in r.items() if _checked(s, rep) is not None}
+    done_rows = []
     for i, row in enumerate(keep):
       gs = g[i]
       if scfg.use_global and gs is None:
@@ -270,12 +271,13 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
                                  global_score=None if gs is None else float(gs), regions=regs,
                                  image_size=(int(imgs[i].shape[1]), int(imgs[i].shape[0])),
                                  metadata={"id": row["id"], "category": row.get("category"), "mode": scfg.mode})
-      log.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
+      done_rows.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
       rep.scored += 1
       rep.regions_scored += len(regs)
       if gs is not None:
         g_values.append(gs)
       r_values += [r.score for r in regs]
+    log.extend(done_rows)  # the chunk's records in one write
   bar.close()
   stats = {"report": dataclasses.asdict(rep), "parse": dataclasses.asdict(judge.stats),
            "global_histogram": _histogram(g_values), "region_histogram": _histogram(r_values),
