@@ -64,3 +64,43 @@ def test_greedy_continuations_equal_cached_greedy_decoding(tiny_model_dir):
                                    cfg=m.cfg)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=1e-5, rtol=1e-5)
   assert all("Score" not in n for n in names)
+
+
+def _judge_inputs(n: int, seed: int):
+  rng = np.random.default_rng(seed)
+  images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+  words = ["red circle", "two blue squares", "a green triangle", "three red squares", "a yellow circle"]
+  prompts = [words[i % len(words)] for i in range(n)]
+  boxes = [[[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 32, 32]][:1 + i % 3] for i in range(n)]
+  return images, prompts, boxes
+
+
+def test_logits_judge_pads_to_one_shape_per_query_kind(tiny_model_dir):
+  """The logits judge (regions named, then scored) pads every call to `score.batch_size` rows: a stage's
+  chunks of other sizes (its last one, region lists of any length) reuse the compiled prefills and prefix
+  passes instead of compiling one program per chunk size, and the padding never changes a real row's name
+  or score (each item judged alone gives the same)."""
+  from srum_jax import config_utils
+  from srum_jax.inference import context
+  from srum_jax.pipeline import score
+  import pathlib
+  tiny = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny_pipeline.py")
+  cfg = config_utils.load_config(tiny, {"score.region_identify": True,
+                                                                   "score.batch_size": 4})
+  judge = score.Judge(cfg.score, common.load_model(tiny_model_dir))
+  rep = score.ScoreReport()
+  images, prompts, boxes = _judge_inputs(7, seed=3)
+  judge.global_scores(images[:4], prompts[:4], rep)  # warm up: one program per query kind
+  got = judge.region_scores(images[:3], prompts[:3], boxes[:3], rep)  # 1 + 2 + 3 regions: chunks of 4 and 2
+  before = dict(context.TRACES)
+  got += judge.region_scores(images[3:], prompts[3:], boxes[3:], rep)  # 4 images, 2 + 3 + 1 + 2 regions
+  g = judge.global_scores(images[:3], prompts[:3], rep) + judge.global_scores(images[3:4], prompts[3:4], rep)
+  for name in ("prefill_text", "prefill_vit_image", "prefix_logits"):
+    assert context.TRACES[name] == before[name], (name, before[name], context.TRACES[name])
+  assert [len(r) for r in got] == [len(b) for b in boxes]
+  for i in range(len(images)):  # each item alone: the same names, the same scores up to float noise
+    alone = judge.region_scores(images[i:i + 1], prompts[i:i + 1], boxes[i:i + 1], rep)[0]
+    assert [o for _, o in alone.values()] == [o for _, o in got[i].values()]
+    np.testing.assert_allclose([s for s, _ in alone.values()], [s for s, _ in got[i].values()], atol=1e-5)
+  for i in range(4):
+    np.testing.assert_allclose(judge.global_scores(images[i:i + 1], prompts[i:i + 1], rep), g[i:i + 1], atol=1e-5)

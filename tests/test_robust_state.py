@@ -126,6 +126,13 @@ def test_log_lines_not_utf8_or_torn_are_skipped_and_counted(tmp_path):
   log.append({"id": "c", "prompt": "p", "image_file": "images/c.png"})
   rep = common.LogReport()
   assert [r["id"] for r in generate.read_metadata(str(tmp_path), rep)] == ["a", "c"] and rep.skipped == 4
+  # a batch of rows in one write (`extend`, what the stages log per batch), also after a torn line
+  with open(log.path, "ab") as f:
+    f.write(torn[:5])
+  log.extend([{"id": k, "prompt": "p", "image_file": f"images/{k}.png"} for k in ("d", "e")])
+  log.extend([])
+  rep = common.LogReport()
+  assert [r["id"] for r in generate.read_metadata(str(tmp_path), rep)] == ["a", "c", "d", "e"] and rep.skipped == 5
 
 
 def test_read_rows_keeps_one_row_per_id_and_counts_the_rest(tmp_path):

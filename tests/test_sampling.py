@@ -216,3 +216,13 @@ def test_text_to_image_seeded_per_image(tiny_params, tiny_cfg):
   assert np.abs(second.images[1].astype(int) - second.images[0].astype(int)).mean() > 1.0
   x = [sampling.initial_noise(sampling.prompt_keys(s, i), cfg, (2, 2)) for s, i in (([7, 8], [0, 1]), ([8], [1]))]
   np.testing.assert_array_equal(np.asarray(x[0][1]), np.asarray(x[1][0]))
+
+
+def test_prompt_keys_one_call_equals_fold_in_per_key():
+  """`prompt_keys` folds a batch's ids in one jitted call: the keys (hence the images) of the per-key loop."""
+  ids = [0, 1, 5, 123456789, 2 ** 31 - 1]
+  for seed in (0, 3, 2024):
+    want = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), i)) for i in ids])
+    np.testing.assert_array_equal(np.asarray(sampling.prompt_keys(seed, ids)), want)
+  np.testing.assert_array_equal(np.asarray(sampling.prompt_keys([4, 5], [7, 8])),
+                                np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(s), i)) for s, i in ((4, 7), (5, 8))]))

@@ -195,6 +195,7 @@ def _prefix_logits(params, ctx: Context, ids: jax.Array, lengths: jax.Array, *, 
                    attn_impl: str = "dense") -> jax.Array:
   """Feed the answer prefix ids [B, L] (BOS + prefix, right-padded) as the start of the answer split in one
   forward pass; logits [B, V] at each row's last real prefix token."""
+  context.TRACES["prefix_logits"] += 1
   B, L = ids.shape
   k = jnp.arange(L, dtype=jnp.int32)[None, :]
   real = k < lengths[:, None]

@@ -331,7 +331,15 @@ class JsonlLog:
     return {r["id"] for r in self.rows()}
 
   def append(self, row: Dict[str, Any]) -> None:
-    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    self.extend([row])
+
+  def extend(self, rows: Sequence[Dict[str, Any]]) -> None:
+    """`append` of several rows in one write (one fsync; remotely one part object): a stage logs a batch's
+    results at the cost of one row's (fsync per row: ~3 ms each, seconds per 1000-image eval). A crash
+    mid-write leaves at most a torn last line, which readers skip and a resume redoes."""
+    if not rows:
+      return
+    data = b"".join((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
     if self.remote:
       self._append_part(data)
       return

@@ -219,8 +219,7 @@ def run_metric(scorer, rows: Sequence[dict], directory: str, stem: str, batch_si
   bar = common.progress(len(todo), scorer.name)
   for chunk in common.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
-    for row in bad + (scorer(images, keep) if keep else []):
-      log.append(row)
+    log.extend(bad + (scorer(images, keep) if keep else []))
     bar.update(len(chunk))
   bar.close()
   multihost.barrier(f"metric:{directory}:{stem}")
@@ -248,9 +247,8 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> Lis
   todo = [r for r in common.process_shard(rows) if r["id"] not in done]
   for chunk in common.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
-    for r, ok in zip(keep, judge(images, [r["prompt"] for r in keep]) if keep else []):
-      log.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
-                  "judge": ecfg.judge})
+    log.extend([{"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
+                 "judge": ecfg.judge} for r, ok in zip(keep, judge(images, [r["prompt"] for r in keep]) if keep else [])])
     if bad:
       print(f"[eval] {len(bad)} unreadable images left out of the judge's table", flush=True)
   multihost.barrier(f"judge:{out}")

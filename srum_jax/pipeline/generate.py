@@ -117,16 +117,18 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         mesh=mesh)
     images = jax.device_get(res.images)
     finite = np.isfinite(np.asarray(jax.device_get(res.latents))).reshape(len(chunk), -1).all(axis=1)
+    rows = []
     for j, (seq, image_id, it) in enumerate(chunk[:real]):
       if not finite[j]:  # NaN / inf latents decode to a black image: never written as if it were fine
         rep.skipped_nonfinite += 1
         continue
       rel = f"images/{common.image_file_name(image_id)}"
       common.save_png(paths.join(out_dir, rel), images[j])
-      log.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
+      rows.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})
       rep.generated += 1
+    log.extend(rows)  # the batch's rows in one write, each after its PNG
     bar.update(real)
   bar.close()
   multihost.barrier(f"generate:{out_dir}")  # the next stage reads every process's images

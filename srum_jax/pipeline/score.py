@@ -98,10 +98,17 @@ class Judge:
     """Attention implementation, and the mesh to split `rows` over (rows are padded to divide: `_padded`)."""
     return dict(attn_impl=self.attn_impl, mesh=common.batch_rows_mesh(self.model, rows))
 
-  def _padded(self, *lists):
-    """Each list with its last item repeated to a multiple of the mesh's batch shards."""
+  def rows(self, n: int) -> int:
+    """Rows a judge call on n items runs with: a multiple of `score.batch_size` (itself rounded up to the mesh's
+    batch shards), so every call of a query kind has one shape (one compile per stage, not one per chunk size)."""
     ways = common.batch_ways(self.model)
-    return [common.pad_rows(x, ways) for x in lists]
+    unit = -(-max(1, int(self.config.batch_size)) // ways) * ways
+    return max(1, -(-n // unit)) * unit
+
+  def _padded(self, *lists):
+    """Each list with its last item repeated up to `rows` (rows are independent: the first len keep their
+    results whatever the padding)."""
+    return [list(x) + list(x)[-1:] * (self.rows(len(x)) - len(x)) for x in lists]
 
   # -- generate mode ---------------------------------------------------------------------------
   def answers(self, images, prompts_text, max_new, temperature=0.0) -> List[str]:
@@ -109,7 +116,9 @@ class Judge:
     from srum_jax.inference import decoding
     self.key, k = jax.random.split(self.key)
     n = len(images)
-    images, prompts_text = self._padded([self.judge_view(im) for im in images], prompts_text)
+    # sampled retries draw per-row noise from the batch's shape: only the mesh's padding here (as always)
+    ways = common.batch_ways(self.model)
+    images, prompts_text = (common.pad_rows(x, ways) for x in ([self.judge_view(im) for im in images], prompts_text))
     answer_text = common.on_mesh(self.model, decoding.answer_text)
     raw = answer_text(self.model.params["bagel"], self.model.tokenizer, images, prompts_text,
                       cfg=self.model.cfg, system_prompt=self.system, max_new_tokens=int(max_new),
@@ -145,7 +154,7 @@ class Judge:
                                cfg=self.model.cfg, system_prompt=None, dtype=self.dtype,
                                text_budget=int(self.config.text_budget) or None,
                                **self._placement(len(images)))
-    return self._expectation(logits[:n])
+    return self._expectation(logits)[:n]
 
   def _expectation(self, logits) -> List[float]:
     p = jax.nn.softmax(logits[:, self.cand_ids], axis=-1)
@@ -160,7 +169,7 @@ class Judge:
         self.model.params["bagel"], self.model.tokenizer, images, texts, "Region ID: 1\nIdentified Object:", "\nScore:",
         cfg=self.model.cfg, max_new_tokens=int(self.config.max_identify_tokens), dtype=self.dtype,
         text_budget=int(self.config.text_budget) or None, **self._placement(len(images)))
-    return list(zip(self._expectation(logits[:n]), names[:n]))
+    return list(zip(self._expectation(logits)[:n], names[:n]))
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text, rep: ScoreReport) -> List[Optional[float]]:
@@ -176,7 +185,7 @@ class Judge:
     if self.config.mode == "logits":
       flat = [(i, k) for i, bs in enumerate(boxes_list) for k in range(len(bs))]
       out: List[Dict[int, tuple]] = [dict() for _ in images]
-      for chunk in common.batched(flat, max(1, len(images))):
+      for chunk in common.batched(flat, self.rows(1)):  # full chunks: one shape
         qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
         ims = [images[i] for i, _ in chunk]
         if self.config.region_identify:
@@ -248,6 +257,7 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
                                 [boxes[i] for i in with_boxes], rep)
       for i, r in zip(with_boxes, got):
         rs[i] = {k: (s, o) for k, (s, o) in r.items() if _checked(s, rep) is not None}
+    done_rows = []
     for i, row in enumerate(keep):
       gs = g[i]
       if scfg.use_global and gs is None:
@@ -261,12 +271,13 @@ def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: st
                                  global_score=None if gs is None else float(gs), regions=regs,
                                  image_size=(int(imgs[i].shape[1]), int(imgs[i].shape[0])),
                                  metadata={"id": row["id"], "category": row.get("category"), "mode": scfg.mode})
-      log.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
+      done_rows.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
       rep.scored += 1
       rep.regions_scored += len(regs)
       if gs is not None:
         g_values.append(gs)
       r_values += [r.score for r in regs]
+    log.extend(done_rows)  # the chunk's records in one write
   bar.close()
   stats = {"report": dataclasses.asdict(rep), "parse": dataclasses.asdict(judge.stats),
            "global_histogram": _histogram(g_values), "region_histogram": _histogram(r_values),
