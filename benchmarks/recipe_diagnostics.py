@@ -17,6 +17,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -85,9 +86,10 @@ def main():
   results = {"base": tables_for(cfg, base, "base")}
   for name, extra in variants.items():
     vcfg = config_utils.load_config(a.config, {**overrides, **extra, "workdir": a.workdir})
+    where = os.path.join(a.workdir, re.sub(r"[^A-Za-z0-9._-]", "_", name))  # no brackets in checkpoint paths
     summary = run.train_model(vcfg, base, records, os.path.join(a.workdir, "truth", "images"),
-                              os.path.join(a.workdir, name, "train"), objective_name="sft")
-    model = common.save_model(os.path.join(a.workdir, name, "model"), base, summary["params"])
+                              os.path.join(where, "train"), objective_name="sft")
+    model = common.save_model(os.path.join(where, "model"), base, summary["params"])
     results[name] = tables_for(vcfg, model, name)
   cats = list(results["base"]["val"])
   lines = []

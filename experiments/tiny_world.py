@@ -86,7 +86,9 @@ def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   The model learns to write a layout plan for a prompt (`grammar.plan_text`: what goes in each cell of the
   2x2 lattice, learned from scene ground truth; the `plan` task, asked after the generation think system
   prompt) and to draw from prompt + plan (a share `data.think` of the generation samples). Plain-prompt
-  generation keeps training on the rest, and the judge on stage C's mix.
+  generation keeps training on the rest, and the judge on stage C's mix. The shipped checkpoint got its stage D
+  as two runs of this stage (3693 steps with half the generation rows, then 4000 steps with these settings;
+  its `pretrain_summary.json` has the commands); one run of these settings is the same amount of training.
   """
   p.name = "think"
   p.out = "outputs/tiny_world_pretrain/position/think"
@@ -94,12 +96,13 @@ def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   p.umm.lr = 3e-4
   p.umm.min_lr_ratio = 0.2
   p.umm.warmup_steps = 100
-  p.umm.gen_rows = 2  # generation learns a new condition: twice stage B/C's share
+  p.umm.gen_rows = 4  # generation learns a new condition: four times stage B/C's share ...
+  p.umm.und_rows = 4  # ... the judge keeps its skills on half of its rows (and learns to plan there)
   p.umm.gen_text_len = 3 + 13 + 10  # [system prompt] + [the longest prompt] + [plan: 8 words], each BOS/EOS-wrapped
   p.data.tasks = ml_collections.ConfigDict(dict(p.data.tasks.to_dict(), locate=0.1, plan=0.3))  # C's mix + plans
-  p.data.think = 0.6
-  p.umm.steps = 4000
-  p.max_seconds = 1800.0
+  p.data.think = 0.75
+  p.umm.steps = 7700
+  p.max_seconds = 3000.0
   p.snapshot_every_seconds = min(p.snapshot_every_seconds, 600.0)
   p.eval.think = True
   return p
