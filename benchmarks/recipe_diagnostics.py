@@ -14,7 +14,6 @@ are what limits self-training. `--lever key=v1,v2` adds one SFT model per value 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -26,13 +25,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from srum_jax import config_utils  # noqa: E402
 from srum_jax.pipeline import common, evaluate, prompts, run  # noqa: E402
-
-
-def _value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
 
 
 def truth_records(cfg, out_dir: str, per_prompt: int, seed: int) -> str:
@@ -75,11 +67,11 @@ def main():
   ap.add_argument("--lever", default="", help="key=v1,v2,...: one more SFT model per value")
   ap.add_argument("--images_per_prompt", type=int, default=4)
   a = ap.parse_args()
-  overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+  overrides = config_utils.parse_overrides(a.set)
   variants = {"sft_truth": {}}
   if a.lever:
     key, _, vals = a.lever.partition("=")
-    variants.update({f"sft_truth[{key.split('.')[-1]}={v}]": {key: _value(v)} for v in vals.split(",")})
+    variants.update({f"sft_truth[{key.split('.')[-1]}={v}]": {key: config_utils.literal(v)} for v in vals.split(",")})
   cfg = config_utils.load_config(a.config, {**overrides, "workdir": a.workdir})
   records = truth_records(cfg, os.path.join(a.workdir, "truth"), a.images_per_prompt, int(cfg.seed))
   base = common.load_model(common.resolve_model_dir(cfg))

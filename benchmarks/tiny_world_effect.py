@@ -18,7 +18,6 @@ The base model's eval is the same for every seed (eval.seed is fixed), so later 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import shutil
@@ -31,13 +30,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from srum_jax import config_utils  # noqa: E402
 from srum_jax.pipeline import common, run  # noqa: E402
 from srum_jax.pipeline import train as train_stage  # noqa: E402
-
-
-def _value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
 
 
 def oracle_checked_candidates(workdir: str):
@@ -149,11 +141,11 @@ def main():
   ap.add_argument("--on_train_prompts", action="store_true",
                   help="also evaluate every model on the train prompts (section 'on train prompts')")
   a = ap.parse_args()
-  overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+  overrides = config_utils.parse_overrides(a.set)
   lever_key, lever_values = "", []
   if a.lever:
     lever_key, _, vals = a.lever.partition("=")
-    lever_values = [_value(v) for v in vals.split(",")]
+    lever_values = [config_utils.literal(v) for v in vals.split(",")]
   tables, diags, train_tables = {}, {}, {}
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:

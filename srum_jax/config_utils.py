@@ -48,6 +48,26 @@ def load_config(spec: str, overrides: Optional[Dict[str, Any]] = None) -> ml_col
   return cfg
 
 
+def literal(text: str) -> Any:
+  """A command-line value: a Python literal when it parses as one ("1e-4", "True", "(0, 1)"), else the string."""
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_overrides(pairs: Iterable[str]) -> Dict[str, Any]:
+  """["a.b=v", ...] (scripts' `--set` flags) -> {"a.b": literal(v)}; raises ValueError on a pair without '='."""
+  out = {}
+  for kv in pairs:
+    key, sep, value = kv.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {kv!r} is not key=value")
+    out[key] = literal(value)
+  return out
+
+
 def set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """cfg['a.b.c'] = value, failing clearly on keys the config does not have."""
   *parents, leaf = key.split(".")

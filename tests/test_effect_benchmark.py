@@ -46,3 +46,23 @@ def test_table_text_pairs_differences_over_seeds():
   text, per = _benchmark().table_text(tables, "t")
   np.testing.assert_allclose(per["srum"]["overall"], [60.0, 70.0])
   assert "| overall | 60.0 +- 10.0 | 50.0 +- 10.0 | 65.0 +- 5.0 | +5.0 +- 5.0 | +15.0 +- 5.0 |" in text
+
+
+def test_recipe_diagnostics_truth_records_are_correct_renders(tmp_path):
+  """The perfect-data control: one record per (train prompt, k), each image a true render the oracle accepts,
+  global score 1, readable by the train stage's record reader."""
+  from srum_jax import config_utils
+  from srum_jax.rewards import records as records_lib
+  from srum_jax.worlds.shapes import judge_text
+  script = load_script("benchmarks/recipe_diagnostics.py")
+  cfg = config_utils.load_config("experiments/tiny_world.py", {"prompts.train.kwargs.per_category": 2})
+  path = script.truth_records(cfg, str(tmp_path), per_prompt=2, seed=0)
+  recs = [records_lib.record_from_dict(json.loads(line)) for line in open(path)]
+  assert len(recs) == 5 * 2 * 2 and len({r.metadata["id"] for r in recs}) == len(recs)
+  for r in recs:
+    image = np.asarray(Image.open(tmp_path / "images" / r.image_file))
+    assert r.global_score == 1.0 and judge_text(image, r.prompt), r.prompt
+  assert config_utils.parse_overrides(["train.lr=3e-4", "generate.think=False", "run.name=x"]) == {
+      "train.lr": 3e-4, "generate.think": False, "run.name": "x"}
+  with pytest.raises(ValueError, match="not key=value"):
+    config_utils.parse_overrides(["train.lr"])
