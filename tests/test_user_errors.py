@@ -105,9 +105,15 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
   world = config_utils.load_config(WORLD)
   for command in ("generate", "propose", "score", "eval", "run", "pretrain"):
     config_validation.validate(world, command)
-  for key, value in {"pretrain.umm.steps": 0, "pretrain.then.data.negatives": 1.5, "pretrain.ae.from_dir": "nope"}.items():
+  for key, value in {"pretrain.umm.steps": 0, "pretrain.then.data.negatives": 1.5, "pretrain.ae.from_dir": "nope",
+                     "pretrain.then.then.data.think": 1.5, "pretrain.then.then.umm.gen_rows": 0}.items():
     with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
       config_validation.validate(config_utils.load_config(WORLD, {key: value}), "pretrain")
+  typo = config_utils.load_config(WORLD)
+  with typo.pretrain.data.tasks.unlocked():
+    typo.pretrain.data.tasks.plans = 0.3  # a config file naming a task that does not exist
+  with pytest.raises(errors.UserError, match=r"pretrain\.data\.tasks\.plans.*not a task"):
+    config_validation.validate(typo, "pretrain")
   prompts = tmp_path / "p.json"
   prompts.write_text(json.dumps([{"Question": "a red cube", "Category": "color"}]))
   paper = _paper_config(tmp_path, **{"prompts.train.path": str(prompts), "prompts.val.path": str(prompts)})
