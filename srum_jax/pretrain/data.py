@@ -149,15 +149,15 @@ class PretrainSampler:
     """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt; for
     the plan task (image None, [think system prompt, prompt], plan, info)."""
     prompt = grammar.sample_prompt(rng, prompts=self.und_index) if prompt is None else prompt
-    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
-    if task == "plan":
-      plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
-      return None, [judge_prompts.GEN_THINK_SYSTEM_PROMPT, prompt.text], plan, dict(task=task, label=True)
     scene = self.scene_for(rng, prompt)
     ok, scores = truth.scene_truth(prompt.spec, scene)
     image = scene_lib.render(scene)
     if rng.random() < self.mix["blur"]:
       image = blur(rng, image)
+    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
+    if task == "plan":  # drawn here, after the scene, so the other tasks' random streams stay as they were
+      plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
+      return None, [judge_prompts.GEN_THINK_SYSTEM_PROMPT, prompt.text], plan, dict(task=task, label=True)
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(grammar.NUMBER_WORDS):
       return image, vocab.DESCRIBE, grammar.describe(scene, rng), dict(task=task, label=ok)
