@@ -452,30 +452,16 @@ def merge_process_logs(directory: str, stem: str) -> None:
   if jax.process_count() > 1 and jax.process_index() == 0:
     rows = read_rows(directory, stem)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    path = paths.join(directory, f"{stem}.jsonl")
-    if paths.is_remote(path):
-      paths.write_bytes(path, data)  # one whole object
-    else:
-      tmp = pathlib.Path(path + ".tmp")
-      tmp.write_bytes(data)
-      os.replace(tmp, path)
+    paths.write_bytes(paths.join(directory, f"{stem}.jsonl"), data)
   multihost.barrier(f"merge:{directory}:{stem}:done")
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Atomic PNG write (tmp + rename; remote: one whole object): a crash never leaves a half-written image under
-  the final name."""
+  """Atomic PNG write (`paths.write_bytes`): a crash never leaves a half-written image under the final name."""
   from PIL import Image
-  if paths.is_remote(path):
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
-    paths.write_bytes(path, buf.getvalue())
-    return
-  p = pathlib.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(p.name + ".tmp")
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, p)
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())
 
 
 def load_rgb(path: str) -> Tuple[Optional[np.ndarray], Optional[str]]:
@@ -552,15 +538,8 @@ def process_shard(items: Sequence) -> Sequence:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """`obj` as indented JSON, written atomically (tmp + rename; remote: one whole object)."""
-  if paths.is_remote(path):
-    paths.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=float).encode("utf-8"))
-    return
-  p = pathlib.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.with_name(p.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-  os.replace(tmp, p)
+  """`obj` as indented JSON, written atomically (`paths.write_bytes`)."""
+  paths.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=float).encode("utf-8"))
 
 
 def summary_line(stage: str, **counts) -> str:
