@@ -187,3 +187,18 @@ def test_nan_weights_flagged_in_generate_and_score(tiny_model_dir, tmp_path):
     assert all(np.isfinite(reg["score"]) and -1 <= reg["score"] <= 1 for reg in r["regions"])
   stats = json.loads((tmp_path / "score" / "stats.json").read_text())
   assert stats["report"]["nonfinite_answers"] == srep.nonfinite_answers
+
+
+def test_train_on_records_without_their_images_is_one_error_line(tmp_path):
+  """Records that point at images that are not there (a wrong `train.images_root`): exit 2, one error line."""
+  rec = {"schema_version": 1, "image_file": "0.png", "prompt": "a red circle", "global_score": 0.5,
+         "regions": [{"box": [0, 0, 16, 16], "score": 0.8, "object": "red circle"}]}
+  (tmp_path / "rewards.jsonl").write_text(json.dumps(rec) + "\n")
+  rc, text = _cli(["train", f"--config={WORLD}", f"--config.workdir={tmp_path / 'work'}",
+                   f"--config.train.records={tmp_path / 'rewards.jsonl'}"])
+  assert rc == 2, text
+  assert "Traceback" not in text, text
+  errors_said = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+  assert len(errors_said) == 1, text
+  assert "no usable training records" in errors_said[0] and "missing image 1" in errors_said[0], text
+  assert "train.images_root" in errors_said[0], text

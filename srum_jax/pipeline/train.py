@@ -195,8 +195,11 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          max_regions=spec.max_regions,
                                          drop_zero_global=bool(config.srum.drop_zero_global),
                                          threads=int(t.data_threads))
-  if report.kept == 0:
-    raise ValueError(f"no usable training records in {records_path}: {report.summary()}")
+  if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
+    from srum_jax.errors import UserValueError
+    raise UserValueError(f"no usable training records in {records_path} (images under "
+                         f"{images_root or 'the records folder'}; set train.records / train.images_root): "
+                         f"{report.summary()}")
   moments = None
   # on a remote workdir there is no shared file system for the per-process moments parts: every host encodes
   # every record into its own local cache (a one-off encoder pass per round; the step's batches are unchanged)
