@@ -1,7 +1,7 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
     python -m srum_jax run --config=experiments/tiny_world.py             # SRUM on the shipped model (2 CPU cores)
-    python -m srum_jax run --config=experiments/tiny_world.py:full        # the effect benchmark's recipe (~11 min)
+    python -m srum_jax run --config=experiments/tiny_world.py:full        # the effect benchmark's recipe (~10 min)
     python -m srum_jax pretrain --config=experiments/tiny_world.py        # stages A, B, C, D; CPU (2 cores)
     python -m srum_jax pretrain --config=experiments/tiny_world.py:position  # stages C and D, from B's model
     python -m srum_jax pretrain --config=experiments/tiny_world.py:think  # stage D alone, from C's model
