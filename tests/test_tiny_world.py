@@ -142,17 +142,11 @@ def test_main_command_on_a_reduced_config(tmp_path):
 def test_full_arg_scales_the_srum_recipe_and_nothing_else():
   """`:full` is the effect benchmark's recipe: the main job's config with more candidates per prompt and more
   steps (and its own workdir); every other key, the candidates' prompts included, is the main job's."""
+  from flax import traverse_util
+
   from srum_jax import config_utils
-  main = config_utils.load_config("experiments/tiny_world.py").to_dict()
-  full = config_utils.load_config("experiments/tiny_world.py:full").to_dict()
-
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-  a, b = flat(main), flat(full)
+  a, b = (traverse_util.flatten_dict(config_utils.load_config(f"experiments/tiny_world.py{arg}").to_dict(), sep=".")
+          for arg in ("", ":full"))
   assert a.keys() == b.keys()
   assert {k for k in a if a[k] != b[k]} == {"workdir", "generate.samples_per_prompt", "train.steps"}
   assert (a["generate.samples_per_prompt"], a["train.steps"]) == (1, 300)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srum_jax import objective, paths, sharding, train_step as ts, viz
+from srum_jax.errors import UserValueError
 from srum_jax.pipeline import common, data, multihost
 from srum_jax.training import checkpointing, optimizer, update
 from srum_jax.training.preemption import PreemptionFlag
@@ -120,9 +121,6 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
 def train_mesh(config):
   """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size` rows (a
   shape these devices cannot take is a `UserError` naming the key)."""
-  import jax
-
-  from srum_jax.errors import UserValueError
   try:
     return sharding.mesh_from_config(config.mesh, batch_rows=int(config.train.batch_size))
   except ValueError as e:
@@ -196,7 +194,6 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          drop_zero_global=bool(config.srum.drop_zero_global),
                                          threads=int(t.data_threads))
   if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
-    from srum_jax.errors import UserValueError
     raise UserValueError(f"no usable training records in {records_path} (images under "
                          f"{images_root or 'the records folder'}; set train.records / train.images_root): "
                          f"{report.summary()}")
