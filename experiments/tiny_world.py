@@ -34,7 +34,8 @@ SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
 
 def pretrain_config(gpu: bool) -> ml_collections.ConfigDict:
-  """Stages A+B. The schedules follow the step counts; `max_seconds` only caps a slow machine."""
+  """Stages A+B. The schedules follow the step counts, sized so that the chain A-D takes < 2 h on 2 CPU cores
+  (`benchmarks/results_pretrain_cpu.txt`); `max_seconds` only caps a slow machine."""
   p = defaults.pretrain_stage()
   p.out = "outputs/tiny_world_pretrain"
   if gpu:
@@ -75,8 +76,8 @@ def position_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       dict(steps=2000, tasks={"global": 0.1, "region1": 0.4, "regions": 0.4, "locate": 0.1}, negatives=0.5,
            distractors=0.25, negative_kind_weights=dict(region_kinds, color=3.0)),
   )
-  p.umm.steps = 9000  # the phases (7000 steps), then the mix
-  p.max_seconds = 2400.0
+  p.umm.steps = 8000  # the phases (7000 steps), then the mix
+  p.max_seconds = 2100.0
   p.snapshot_every_seconds = min(p.snapshot_every_seconds, 600.0)
   return p
 
@@ -89,7 +90,7 @@ def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   prompt) and to draw from prompt + plan (a share `data.think` of the generation samples). Plain-prompt
   generation keeps training on the rest, and the judge on stage C's mix. The shipped checkpoint got its stage D
   as two runs of this stage (3693 steps with half the generation rows, then 4000 steps with these settings;
-  its `pretrain_summary.json` has the commands); one run of these settings is the same amount of training.
+  its `pretrain_summary.json` has the commands), before the chain's schedule was cut to fit 2 h.
   """
   p.name = "think"
   p.out = "outputs/tiny_world_pretrain/position/think"
@@ -102,8 +103,8 @@ def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   p.umm.gen_text_len = 3 + 13 + 10  # [system prompt] + [the longest prompt] + [plan: 8 words], each BOS/EOS-wrapped
   p.data.tasks = ml_collections.ConfigDict(dict(p.data.tasks.to_dict(), locate=0.1, plan=0.3))  # C's mix + plans
   p.data.think = 0.75
-  p.umm.steps = 7700
-  p.max_seconds = 3000.0
+  p.umm.steps = 6000
+  p.max_seconds = 1300.0
   p.snapshot_every_seconds = min(p.snapshot_every_seconds, 600.0)
   p.eval.think = True
   return p

@@ -226,7 +226,7 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.resume = True  # continue from <out>/state when it exists; a finished stage is kept by a rerun of a chain
   p.seed = 0
   p.preset = "tiny_world"
-  p.max_seconds = 4800.0  # wall-clock cap of the stage (A + B), compilation included, eval excluded
+  p.max_seconds = 4000.0  # wall-clock cap of the stage (A + B), compilation included, eval excluded
   p.compute_dtype = "float32"
   p.eval_dtype = "float32"
   p.save_dtype = "float32"
@@ -236,15 +236,15 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   # Stage A: the autoencoder (cosine schedule over its steps).
   p.ae = optimizer_block(lr=2e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=50, b2=0.99, eps=1e-8)
   p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
-  p.ae.steps = 1450
-  p.ae.max_seconds = 600.0
+  p.ae.steps = 1200
+  p.ae.max_seconds = 540.0
   p.ae.batch = 32
   p.ae.kl_weight = 1e-4
   p.ae.check_images = 128  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
   # Stage B: the UMM; one step = one generation batch + one understanding batch (cosine schedule).
   p.umm = optimizer_block(lr=1e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=100, b2=0.98, eps=1e-8,
                           weight_decay=0.01)
-  p.umm.steps = 19000
+  p.umm.steps = 14000
   p.umm.und_weight = 1.0
   p.umm.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
   p.umm.number_init = True  # number words start from sin-cos features of their value
