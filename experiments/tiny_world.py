@@ -14,7 +14,7 @@ BAGEL safetensors + json, converted into `<workdir>/converted_model` by the conv
 drives `srum_jax.pretrain`, which writes `<pretrain.out>/model` (orbax) and `<pretrain.out>/official` (the
 shipped layout) for stages A+B, then runs `pretrain.then` (stage C) as a warm start from that model into
 `<pretrain.out>/position/{model,official}` and its `then` (stage D, think mode) into
-`<pretrain.out>/position/think/{model,official}`: the shipped checkpoint is the last stage's `official`.
+`<pretrain.out>/position/think/{model,official}` (the shipped checkpoint has this layout; it came from a longer schedule).
 Everything else is the SRUM loop at the tiny model's size (32x32 images; candidates drawn in think mode, the
 model writing a layout plan first, as the paper draws them; components proposer, logits-mode self-judge on
 the 28x28 view that names each boxed object before scoring it; plain-prompt oracle eval on the val prompts). Measured
