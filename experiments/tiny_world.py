@@ -98,8 +98,8 @@ def think_stage(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   p.umm.lr = 3e-4
   p.umm.min_lr_ratio = 0.2
   p.umm.warmup_steps = 100
-  p.umm.gen_rows = 4  # generation learns a new condition: four times stage B/C's share ...
-  p.umm.und_rows = 8  # ... the judge keeps stage C's rows; plans are learned in them (half: weaker plans)
+  p.umm.gen_rows *= 4  # generation learns a new condition: four times stage B/C's share; the judge keeps
+  # stage C's rows (`umm.und_rows`): plans are learned in them (half as many: weaker plans)
   p.umm.gen_text_len = 3 + 13 + 10  # [system prompt] + [the longest prompt] + [plan: 8 words], each BOS/EOS-wrapped
   p.data.tasks = ml_collections.ConfigDict(dict(p.data.tasks.to_dict(), locate=0.1, plan=0.3))  # C's mix + plans
   p.data.think = 0.75
