@@ -17,7 +17,7 @@ sets what the full-size model needs on top:
 * attention chosen by platform in every stage (`auto`: splash on TPU, cuDNN / tokamax on GPU), remat in training.
 """
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ proposer, oracle eval.
     python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
 """
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 

@@ -26,7 +26,7 @@ import ml_collections
 
 import srum_jax
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 SHIPPED = str(pathlib.Path(srum_jax.__file__).parent / "worlds" / "shapes" / "checkpoint")
 

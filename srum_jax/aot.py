@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from srum_jax import objective, sharding, train_step
-from srum_jax.models import attention
-from srum_jax.models import params as params_lib
+from srum_jax import sharding
+from srum_jax.inference import context, decoding, sampling
+from srum_jax.models import attention, params as params_lib
 from srum_jax.models.config import BagelConfig, get_preset
+from srum_jax.pipeline import train as train_stage
+from srum_jax.training import objective, optimizer, train_step, update
 
 __all__ = ["Program", "train_step_program", "sampler_step_program", "prefill_program", "judge_program",
            "model_config"]
@@ -76,7 +78,6 @@ def _fit(s: NamedSharding, shape) -> NamedSharding:
 
 def _context(cfg: BagelConfig, rows: int, length: int, dtype, mesh):
   """An abstract inference context: rows over the batch axes, the cache's kv heads over 'tensor'."""
-  from srum_jax.inference import context
   ctx = jax.eval_shape(lambda: context.init_context(cfg, rows, length, dtype))
 
   def place(path, x):
@@ -122,8 +123,6 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
 
 def train_step_program(config, devices: Sequence) -> Program:
   """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices."""
-  from srum_jax.pipeline import train as train_stage
-  from srum_jax.training import optimizer, update
   cfg, t = model_config(config), config.train
   rows = int(t.batch_size)
   mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
@@ -159,7 +158,6 @@ def _inference_setup(config, devices):
 def _context_length(config, cfg: BagelConfig) -> int:
   """Cache slots of a generation context: system prompt + prompt (+ the plan in think mode), bucketed as
   `sampling.text_to_image` does (a 256-token system prompt and `generate.text_budget` or 128 prompt tokens)."""
-  from srum_jax.inference import context
   g = config.generate
   think = context.bucket(int(g.max_think_tokens) + 2) if g.think else 0
   return context.bucket(256 + (int(g.text_budget) or 128) + think)
@@ -168,7 +166,6 @@ def _context_length(config, cfg: BagelConfig) -> int:
 def sampler_step_program(config, devices: Sequence) -> Program:
   """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
   generation batch (`generate.batch_size` rows per host)."""
-  from srum_jax.inference import sampling
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   g = config.generate
   rows = int(g.batch_size)
@@ -195,7 +192,6 @@ def sampler_step_program(config, devices: Sequence) -> Program:
 
 def prefill_program(config, devices: Sequence) -> Program:
   """The prompt's prefill (`context.prefill_text`) into an empty generation context."""
-  from srum_jax.inference import context
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   rows, length = int(config.generate.batch_size), _context_length(config, cfg)
   ids_len = int(config.generate.text_budget) or 128
@@ -212,7 +208,6 @@ def prefill_program(config, devices: Sequence) -> Program:
 def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
   """The judge's forward: a ViT image at the official transform's largest size and a region prompt
   prefilled into a context, then the logits after the answer prefix ("Score:" etc.)."""
-  from srum_jax.inference import context, decoding
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   rows = int(config.score.batch_size)
   side = cfg.vit_max_num_patch_per_side

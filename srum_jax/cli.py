@@ -13,6 +13,11 @@ import sys
 import types
 from typing import Callable, Dict, List, Tuple
 
+from absl import flags, logging
+from ml_collections import config_flags
+
+from srum_jax import config_utils, config_validation, errors
+
 # name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw commands
 # get argv.
 CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
@@ -57,7 +62,6 @@ def show_config(config, flags) -> int:
 def sweep(config, flags) -> int:
   """Each point runs `sweep_command` with this command's own --config.* overrides, the point's values and
   its own workdir under `config.workdir`."""
-  from srum_jax import config_utils
   spec = flags.config_spec
   overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
   cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=list(flags.sweep_extra or []),
@@ -86,7 +90,6 @@ def _first_line(e: BaseException) -> str:
 def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
   """One line for a failed flag parse: the unknown override key with the closest real one, else the parser's
   own message flattened."""
-  from srum_jax import config_utils, config_validation
   try:
     config = config_utils.load_config(spec)
   except Exception as load_error:  # the config file itself fails: its own error, without the parser's traceback
@@ -95,10 +98,7 @@ def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
 
 
 def _run_config_command(name: str, argv: List[str]) -> int:
-  from absl import flags
-  from ml_collections import config_flags
 
-  from srum_jax import config_validation, errors
 
   spec = _config_spec(argv)
   if spec:
@@ -134,7 +134,6 @@ def _run_config_command(name: str, argv: List[str]) -> int:
   cli_flags = types.SimpleNamespace(
       config_spec=spec, dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
       argv=list(argv[1:]))
-  from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     config_validation.validate(config, name)  # every key the command reads, before any work

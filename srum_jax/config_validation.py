@@ -24,8 +24,12 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 from srum_jax import paths
+from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
+from srum_jax.models.config import PRESETS
+from srum_jax.pipeline import evaluate, proposers
+from srum_jax.pretrain.batches import TASKS
 
 MODEL_DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("srum", "sft")
@@ -174,7 +178,6 @@ def _geometry_from(d: dict, source: str) -> Geometry:
 
 
 def _preset_geometry(config, source: str, max_positions: Optional[int] = None) -> Geometry:
-  from srum_jax.models.config import PRESETS
   preset = _enum(config, "model.preset", tuple(sorted(PRESETS)))
   cfg = PRESETS[preset]()
   return Geometry(cfg.latent_downsample, cfg.max_latent_size,
@@ -291,7 +294,6 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
 
 
 def check_propose(config) -> None:
-  from srum_jax.pipeline import proposers
   _enum(config, "propose.name", proposers.available_proposers())
   _int(config, "propose.max_regions", lo=1)
   _float(config, "propose.min_area", lo=0.0)
@@ -387,7 +389,6 @@ def check_prompts(config, key: str) -> None:
   """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
   under another source is an error (an override would be ignored); a leftover `function` under
   source=file is not (switching a python source to a file keeps the config file's function)."""
-  from srum_jax.pipeline import prompts as prompts_lib
   src = _get(config, key)
   source = src.source or ("file" if src.path else "python" if src.function else "tfds")
   if src.source:
@@ -474,7 +475,6 @@ def check_run(config) -> None:
 def check_pretrain_stage(config, key: str) -> None:
   """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
   model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
-  from srum_jax.models.config import PRESETS
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
   for k in ("compute_dtype", "eval_dtype", "save_dtype"):
     _enum(config, f"{key}.{k}", MODEL_DTYPES)
@@ -494,7 +494,6 @@ def check_pretrain_stage(config, key: str) -> None:
   for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
             "gen_text_len"):
     _int(config, f"{key}.umm.{k}", lo=1)
-  from srum_jax.pretrain.data import TASKS
   tasks = _get(config, f"{key}.data.tasks")
   for k in tasks.keys():
     if k not in TASKS:
@@ -515,7 +514,6 @@ def check_pretrain_stage(config, key: str) -> None:
 
 def _eval_metrics(config) -> None:
   """`eval.metrics` by the evaluation stage's own parser (imported last: it loads JAX)."""
-  from srum_jax.pipeline import evaluate
   try:
     evaluate.parse_metrics(config.eval.metrics)
   except ValueError as e:

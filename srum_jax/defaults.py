@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 
 def optimizer_block(**values) -> ml_collections.ConfigDict:

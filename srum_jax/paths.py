@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pathlib
 import posixpath
 import re
+import shutil
 import tempfile
 from typing import Union
+
+from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,9 +41,7 @@ def path(p: PathLike):
   local (the calls local paths always made). Both have exists / is_file / is_dir / iterdir / glob / mkdir /
   read_bytes / write_bytes / unlink; use `rmtree` and `copy_file` here for the rest."""
   if is_remote(p):
-    from etils import epath
     return epath.Path(p)
-  import pathlib
   return pathlib.Path(p)
 
 
@@ -48,7 +50,6 @@ def rmtree(p: PathLike) -> None:
   if is_remote(p):
     path(p).rmtree()
   else:
-    import shutil
     shutil.rmtree(p)
 
 
@@ -131,7 +132,6 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
   if is_remote(src) or is_remote(dst):
     path(src).copy(path(dst), overwrite=True)
   else:
-    import shutil
     shutil.copy2(src, dst)
 
 

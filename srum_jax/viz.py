@@ -19,6 +19,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from srum_jax import paths
+
 __all__ = ["to_uint8", "reward_colors", "image_grid", "upscale_nearest", "labeled_grid", "overlay_reward_map",
            "loss_curve_png", "save_png"]
 
@@ -304,7 +306,6 @@ def save_png(path: str, image) -> str:
   path such as gs://... as one whole object)."""
   if not isinstance(image, Image.Image):
     image = Image.fromarray(np.asarray(image))
-  from srum_jax import paths
   if paths.is_remote(path):
     buf = io.BytesIO()
     image.save(buf, format="PNG")

@@ -5,6 +5,9 @@ import types
 
 import numpy as np
 import pytest
+
+from srum_jax.flops import bagel_flops
+
 from helpers import load_script
 
 
@@ -13,7 +16,6 @@ def _bench(name):
 
 
 def test_train_step_benchmark(capsys):
-  from srum_jax.flops import bagel_flops
   b = _bench("train_step")
   r = b.main(["--preset", "tiny", "--image", "32x32", "--tokens", "64", "--text", "8", "--steps", "2", "--warmup", "1",
               "--compute_dtype", "float32", "--no_remat", "--attn_impl", "dense", "--peak_tflops", "2.5"])

@@ -3,8 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from srum_jax.inference import context
-from srum_jax.inference import decoding
+from srum_jax.inference import context, decoding
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: step logits ~3e-6)
 T = 64  # cache slots per row in these tests (one budget -> one compilation per function)

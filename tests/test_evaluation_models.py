@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from srum_jax import config_utils  # noqa: E402
-from srum_jax.evaluation import (compbench, detectors, geneval, mllm_judge, random_models, reasonbench,  # noqa: E402
-                                 torch_models)
+from srum_jax.data.prompt_sources import PromptItem  # noqa: E402
+from srum_jax.evaluation import (compbench, detectors, geneval, mllm_judge,  # noqa: E402
+                                 random_models, reasonbench, torch_models)
 from srum_jax.pipeline import commands, evaluate  # noqa: E402
-from srum_jax.pipeline.prompts import PromptItem  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F32 = torch.float32

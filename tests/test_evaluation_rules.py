@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 
+from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.evaluation import compbench, geneval, images, mllm_judge, reasonbench, report, text
 from srum_jax.evaluation.detectors import Detection, mask_box
 from srum_jax.evaluation.torch_models import yes_no_ratio
-from srum_jax.pipeline.prompts import PromptItem
+from srum_jax.pipeline import evaluate
 
 
 def test_blip_vqa_score_is_the_product_of_yes_over_yes_plus_no():
@@ -243,7 +244,6 @@ def test_collect_images_made_elsewhere(tmp_path):
 def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
   from PIL import Image
 
-  from srum_jax.pipeline import evaluate
   for name in ("a", "b"):
     Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
   rows = [{"id": i, "prompt": i, "category": "c", "image_file": str(tmp_path / f"{i}.png")} for i in "abc"]

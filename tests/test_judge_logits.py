@@ -2,12 +2,14 @@
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax.inference import decoding
-from srum_jax.pipeline import common
+from srum_jax import config_utils
+from srum_jax.engine import loaded_model
+from srum_jax.inference import context, decoding
+from srum_jax.pipeline import score
 
 
 def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 255, (28, 42, 3), dtype=np.uint8), rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)]
   prompts = ["a red circle", "two blue squares left of a green triangle"]
@@ -27,7 +29,7 @@ def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
 
 
 def test_per_row_prefixes_equal_one_call_per_row(tiny_model_dir):
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(1)
   images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(3)]
   prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
@@ -48,7 +50,7 @@ def test_per_row_prefixes_equal_one_call_per_row(tiny_model_dir):
 def test_greedy_continuations_equal_cached_greedy_decoding(tiny_model_dir):
   """The identify-then-score helper decodes by re-reading the answer prefix each step (no KV cache): its
   tokens must be the cached greedy decoder's, and its final logits those after the decoded text + `then`."""
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(2)
   images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(4)]
   prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
@@ -80,14 +82,12 @@ def test_logits_judge_pads_to_one_shape_per_query_kind(tiny_model_dir):
   chunks of other sizes (its last one, region lists of any length) reuse the compiled prefills and prefix
   passes instead of compiling one program per chunk size, and the padding never changes a real row's name
   or score (each item judged alone gives the same)."""
-  from srum_jax import config_utils
-  from srum_jax.inference import context
-  from srum_jax.pipeline import score
   import pathlib
+
   tiny = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny_pipeline.py")
   cfg = config_utils.load_config(tiny, {"score.region_identify": True,
                                                                    "score.batch_size": 4})
-  judge = score.Judge(cfg.score, common.load_model(tiny_model_dir))
+  judge = score.Judge(cfg.score, loaded_model.load_model(tiny_model_dir))
   rep = score.ScoreReport()
   images, prompts, boxes = _judge_inputs(7, seed=3)
   judge.global_scores(images[:4], prompts[:4], rep)  # warm up: one program per query kind

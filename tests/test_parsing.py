@@ -3,12 +3,9 @@ and the prompts' contract."""
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from srum_jax.rewards import parsing
-from srum_jax.rewards import prompts
-
+from srum_jax.rewards import parsing, prompts
 
 # ---- global ----------------------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+from srum_jax.data.prompt_sources import load_prompts
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
@@ -62,7 +64,6 @@ def test_recipe_lowers_on_8_to_64_devices():
 
 def test_srum_train_prompts_load_with_ten_categories(tmp_path):
   """The recipe's prompt file format (SRUM's train_comp.json): Question / Category / Question_id."""
-  from srum_jax.pipeline.prompts import load_prompts
   rows = [{"Question": f"a prompt {i}", "Category": c, "Question_id": i}
           for i, c in enumerate(["3d_spatial", "color", "complex", "non-spatial", "numeracy", "shape", "spatial",
                                  "texture", "complex_action", "complex_spatial"])]

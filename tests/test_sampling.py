@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax.inference import context
-from srum_jax.inference import decoding, sampling
+from srum_jax.inference import context, decoding, sampling
 from srum_jax.models import autoencoder, embeddings
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: cache K/V ~2e-6, velocities ~1e-6, CFG ~7e-6)

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from srum_jax.convert import checkpoint
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 STEPS, SAVE_EVERY, N_RECORDS, NAN_FILE = 6, 2, 6, "img_3.png"
@@ -39,20 +41,21 @@ from conftest import GOLDEN, tree_from_state_dict
 from srum_jax import defaults
 from srum_jax.convert import keymap
 from srum_jax.models import config as model_config, params as params_lib
-from srum_jax.pipeline import data, train
+from srum_jax.pipeline import train
+from srum_jax.pipeline import train_data
 
 cfg = model_config.tiny()
 keys = keymap.official_keys(cfg)
 params = {"bagel": tree_from_state_dict(load_file(GOLDEN / "weights.safetensors"), keys["bagel"], params_lib.bagel_schema(cfg)),
           "ae": tree_from_state_dict(load_file(GOLDEN / "ae.safetensors"), keys["ae"], params_lib.ae_schema(cfg.ae))}
 
-real_load = data.load_image
+real_load = train_data.load_image
 def load_image(path, image_hw):  # test hook: one record decodes to NaN
   x, size = real_load(path, image_hw)
   if os.path.basename(path) == args["nan_file"]:
     x = np.full_like(x, np.nan)
   return x, size
-data.load_image = load_image
+train_data.load_image = load_image
 
 class WordTokenizer:
   def encode(self, text):
@@ -241,8 +244,9 @@ def test_uninterrupted_run_outputs(runs):
 
 
 def test_tensorboard_scalars(runs):
-  from tensorboardX.proto import event_pb2
   import struct
+
+  from tensorboardX.proto import event_pb2
   _, _, wd, _ = runs["a"]
   tb = os.path.join(wd, "tb")
   path = os.path.join(tb, next(f for f in os.listdir(tb) if f.startswith("events")))
@@ -282,7 +286,6 @@ def test_kill_and_resume_reproduce_uninterrupted(runs):
   assert len(raw) > STEPS  # steps after the restored checkpoints really were re-run
   assert s["skipped"] == _summary(runs["a"][2], runs["a"][3])["skipped"]
   # the CLI stage writes an exportable model dir: the final parameters, the source model's files
-  from srum_jax.convert import checkpoint
   _, exported = checkpoint.load_model_dir(os.path.join(wd, "model"))
   flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
   for k in a.files:

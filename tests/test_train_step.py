@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax import defaults, objective, sharding, train_step as ts
-from srum_jax.training import optimizer, update
+from srum_jax import defaults, sharding
+from srum_jax.models import autoencoder
+from srum_jax.training import objective, optimizer, train_step as ts, update
 
 H, W = 32, 24
 
@@ -125,7 +126,7 @@ def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup
   encoder in the step, for the same key: fp32 moments to 1e-6 relative (only the encoder's compiled form
   differs), bf16-stored moments to 2e-2 relative."""
   import ml_dtypes
-  from srum_jax.models import autoencoder
+
   _, _, opts = setup
   params = jax.tree.map(jnp.asarray, tiny_params)  # fresh: earlier tests donate the shared fixture's buffers
   batch = _batch(tiny_cfg)

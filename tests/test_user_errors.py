@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from srum_jax import config_utils, config_validation, errors
-from srum_jax.pipeline import common, generate, propose, score
-from srum_jax.pipeline.prompts import PromptItem, load_prompts
+from srum_jax.data.prompt_sources import PromptItem, load_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import generate, propose, score, train
+from srum_jax.workdir import layout, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/tiny_pipeline.py"
@@ -131,10 +133,9 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
 
 def test_mesh_shapes_the_devices_cannot_take_name_the_key():
   """Device counts are known only once JAX runs: the meshes fail there, as user errors naming the key."""
-  from srum_jax.pipeline import train
   cfg = config_utils.load_config(TINY, {"inference_mesh.tensor": 3, "mesh.fsdp": 3})
   with pytest.raises(errors.UserError, match=r"inference_mesh=.*'tensor': 3.*8 devices"):
-    common.inference_mesh(cfg)
+    loaded_model.inference_mesh(cfg)
   with pytest.raises(errors.UserError, match=r"config key mesh=.*'fsdp': 3"):
     train.train_mesh(cfg)
 
@@ -143,7 +144,7 @@ def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
   """A 10,000-character prompt never reaches the sampler (positions stay below the model's 512): skipped,
   counted in the report and stats.json; `generate.max_prompt_tokens` lowers the cap."""
   cfg = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "workdir": str(tmp_path)})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   short = load_prompts(cfg.prompts.train)[:2]  # the NaN test's prompts: one compiled sampler for both tests
   items = [PromptItem("long", " ".join(["red circle"] * 1700), "color"), *short]
   assert len(items[0].prompt) > 10_000
@@ -151,36 +152,36 @@ def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
   rep = generate.generate(cfg.generate, model, items, str(out), seed=0)
   assert rep.prompt_token_cap == model.cfg.llm.max_position_embeddings - 3
   assert (rep.skipped_too_long, rep.generated) == (1, 2)
-  assert [r["id"] for r in generate.read_metadata(str(out))] == [it.id for it in short]
+  assert [r["id"] for r in layout.read_metadata(str(out))] == [it.id for it in short]
   assert json.loads((out / "stats.json").read_text())["report"]["skipped_too_long"] == 1
   capped = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "generate.max_prompt_tokens": 2})
   rep2 = generate.generate(capped.generate, model, items, str(tmp_path / "gen2"), seed=0)
   assert rep2.prompt_token_cap == 2 and (rep2.skipped_too_long, rep2.generated) == (3, 0)
 
 
-def _poisoned(model: common.Model, part: str) -> common.Model:
+def _poisoned(model: loaded_model.Model, part: str) -> loaded_model.Model:
   """The model with every parameter of `part` ('bagel' or 'ae') set to NaN."""
   params = dict(model.params)
   params[part] = jax.tree.map(lambda x: jax.numpy.full_like(x, np.nan), params[part])  # placed as `x`
-  return common.Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=model.path)
+  return loaded_model.Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=model.path)
 
 
 def test_nan_weights_flagged_in_generate_and_score(tiny_model_dir, tmp_path):
   """NaN weights: generate writes no PNG and no row (counted); score records keep only finite scores in
   [-1, 1], the NaN answers counted as failures."""
   cfg = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "workdir": str(tmp_path)})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)[:2]
   bad_gen = tmp_path / "bad_gen"
   rep = generate.generate(cfg.generate, _poisoned(model, "bagel"), items, str(bad_gen), seed=0)
   assert (rep.skipped_nonfinite, rep.generated) == (2, 0)
-  assert generate.read_metadata(str(bad_gen)) == [] and not list(bad_gen.glob("images/*.png"))
+  assert layout.read_metadata(str(bad_gen)) == [] and not list(bad_gen.glob("images/*.png"))
   gen, prop, out = (str(tmp_path / k) for k in ("gen", "prop", "score"))
   assert generate.generate(cfg.generate, model, items, gen, seed=0).generated == 2
   propose.propose(cfg.propose, gen, prop)
   srep = score.score(cfg.score, _poisoned(model, "bagel"), gen, prop, out, seed=0)
   assert srep.scored == 2 and srep.global_failures == 2 and srep.nonfinite_answers >= 2
-  recs = common.JsonlLog(os.path.join(out, "rewards.jsonl")).rows()
+  recs = logs.JsonlLog(os.path.join(out, "rewards.jsonl")).rows()
   assert len(recs) == 2
   for r in recs:
     assert r["global_score"] == cfg.score.global_default  # the failure default, never NaN

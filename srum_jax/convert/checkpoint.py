@@ -16,8 +16,10 @@ from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
-from srum_jax import paths, sharding
+from srum_jax import distributed, files, paths, sharding
+from srum_jax.errors import UserFileNotFoundError
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
@@ -68,7 +70,6 @@ def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None,
 def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
   """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path` (local or
   remote: orbax writes gs:// itself)."""
-  import orbax.checkpoint as ocp
   path = paths.abspath(path)
   paths.path(path).mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
@@ -77,20 +78,42 @@ def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
   paths.path(os.path.join(path, CONFIG_FILE)).write_text(json.dumps(config_to_dict(cfg), indent=1))
 
 
+# Files of a model dir besides the parameters that a trained copy carries over (tokenizer, official json).
+CARRIED_FILES = ("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab", "merges")
+
+
+def write_model_dir(path: str, cfg: BagelConfig, params, files_from: Optional[str] = None, *,
+                    dtype=None) -> str:
+  """`params` as a model directory (orbax + model_config.json) replacing whatever `path` held; with `files_from`,
+  that model dir's tokenizer and json files (`CARRIED_FILES`) are copied beside (`python -m srum_jax export`
+  turns the result into official safetensors); `dtype` casts every leaf first. Every process takes part in the
+  orbax save (its shards); process 0 clears the folder and copies the files. Local or remote (`gs://`)."""
+  dst = paths.path(path)
+  if jax.process_index() == 0 and dst.exists():
+    paths.rmtree(dst)
+  distributed.barrier(f"write_model_dir:{dst}:clean")
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  save_model_dir(str(dst), cfg, params)
+  if files_from is not None and jax.process_index() == 0:
+    for f in paths.path(files_from).iterdir():
+      if f.is_file() and f.name.startswith(CARRIED_FILES):
+        paths.copy_file(f, dst / f.name)
+  distributed.barrier(f"write_model_dir:{dst}:done")
+  return str(dst)
+
+
 def load_config(path: str) -> BagelConfig:
-  from srum_jax.config_validation import read_json_file
-  return config_from_dict(read_json_file(os.path.join(path, CONFIG_FILE), "model config"))
+  return config_from_dict(files.read_json(os.path.join(path, CONFIG_FILE), "model config"))
 
 
 def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype=None,
                    rules=None) -> Tuple[BagelConfig, Any]:
   """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored)."""
-  import orbax.checkpoint as ocp
   path = paths.abspath(path)
   cfg = load_config(path)
   shardings = target_shardings(cfg, mesh, rules)
   if not paths.path(os.path.join(path, PARAMS_DIR, "_METADATA")).is_file():
-    from srum_jax.errors import UserFileNotFoundError
     raise UserFileNotFoundError(f"model directory {path} lacks {PARAMS_DIR}/_METADATA (an incomplete orbax save; "
                                 f"convert or save the model again)")
   with ocp.StandardCheckpointer() as ckpt:

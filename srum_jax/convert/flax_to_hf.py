@@ -22,9 +22,9 @@ import ml_dtypes
 import numpy as np
 
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.convert.hf_to_flax import AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON, parse_dtype
-from srum_jax.models import embeddings
-from srum_jax.models import params as params_lib
+from srum_jax.convert.hf_to_flax import (AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON,
+                                         parse_dtype)
+from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import BagelConfig
 
 ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",

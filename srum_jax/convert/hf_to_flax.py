@@ -36,10 +36,10 @@ import numpy as np
 from safetensors import safe_open
 
 from srum_jax import paths, sharding as sharding_lib
-from srum_jax.errors import UserValueError
+from srum_jax.config_validation import read_json_file
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.models import embeddings
-from srum_jax.models import params as params_lib
+from srum_jax.errors import UserValueError
+from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,6 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:
   """A JSON file's content (None when absent); invalid JSON raises a UserValueError naming the file."""
-  from srum_jax.config_validation import read_json_file
   if not os.path.exists(path):
     return None
   return read_json_file(path, "checkpoint config")

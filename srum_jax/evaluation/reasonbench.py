@@ -16,6 +16,7 @@ import pathlib
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from srum_jax.data.prompt_sources import PromptItem, PromptList
 from srum_jax.evaluation import mllm_judge, torch_models
 
 __all__ = ["DIMENSIONS", "load_rubric", "infer_dimension", "load_items", "parse_score_list", "image_scores",
@@ -61,7 +62,6 @@ def _read_list(path: str, key: str) -> list:
 def load_items(prompts_path: str, questions_path: str, dimension: str, rubric: dict):
   """(PromptItems with ids "0001"..., {id: question-criterion entry}, dimension); every entry must carry the
   dimension's groups."""
-  from srum_jax.pipeline.prompts import PromptItem, PromptList
   dim = infer_dimension(dimension, prompts_path, questions_path)
   if dim not in rubric["dimensions"]:
     raise ValueError(f"unknown T2I-ReasonBench dimension {dim!r}; known: {sorted(rubric['dimensions'])}")

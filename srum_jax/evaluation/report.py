@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from srum_jax import files, paths, viz
+
 __all__ = ["COLUMNS", "metric_table", "judge_columns", "markdown", "side_by_side", "spread", "grid"]
 
 # metric -> [(column title, row key, scale, digits)]: what one table column shows
@@ -76,7 +78,6 @@ def markdown(tables: Sequence[dict], title: str = "") -> str:
 def side_by_side(eval_root: str) -> str:
   """Markdown comparing every `<eval_root>/<model>/table.json`: per column, a row per category and a column
   per model (the official PyTorch model's images scored from a folder sit beside the port's)."""
-  from srum_jax import paths
   root = paths.path(eval_root)  # local or remote (gs://)
   models = {}
   for p in sorted(root.glob("*/table.json")):
@@ -106,12 +107,10 @@ def spread(rows: Sequence[dict], n: int) -> List[dict]:
 def grid(rows: Sequence[dict], verdicts: Dict[str, Dict[str, str]], n: int, title: str = ""):
   """A labeled grid of `spread(rows, n)`: the prompt above, one caption line per metric ("metric: value")
   under each image. `verdicts` = {metric: {image id: text}}."""
-  from srum_jax import viz
-  from srum_jax.pipeline import common
   chosen = spread(rows, n)
   cells, captions = [], []
   for r in chosen:
-    im, _ = common.load_rgb(r["image_file"])
+    im, _ = files.load_rgb(r["image_file"])
     cells.append(im if im is not None else np.zeros((32, 32, 3), np.uint8))
     captions.append("\n".join(f"{m}: {v[r['id']]}" for m, v in verdicts.items() if r["id"] in v))
   if not cells:

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srum_jax import losses
-from srum_jax.inference import context
-from srum_jax.inference import decoding
+from srum_jax.inference import context, decoding
 from srum_jax.inference.context import Context
 from srum_jax.models import autoencoder, bagel, embeddings, qwen2_mot
 from srum_jax.models.config import BagelConfig

@@ -26,8 +26,14 @@ import importlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
-from srum_jax import paths
-from srum_jax.pipeline import common, generate, multihost
+from srum_jax import distributed, files, paths, progress, viz
+from srum_jax.data.prompt_sources import load_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.evaluation import (compbench, geneval, images, mllm_judge, reasonbench, report,
+                                 torch_models)
+from srum_jax.pipeline import generate
+from srum_jax.workdir import layout, logs
 
 METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")
 
@@ -47,13 +53,12 @@ class OracleJudge:
 
 class SelfJudge:
   def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense"):
-    from srum_jax.pipeline.score import Judge, ScoreReport
-    self.judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+    self.judge = Judge(JudgeOptions.from_config(scfg), model, seed=seed, compute_dtype=compute_dtype,
+                       attn_impl=attn_impl)
     self.threshold = threshold
-    self.rep = ScoreReport()
 
   def __call__(self, images, prompts) -> List[bool]:
-    scores = self.judge.global_scores(images, prompts, self.rep)
+    scores = self.judge.global_scores(images, prompts)
     return [s is not None and s > self.threshold for s in scores]
 
 
@@ -61,7 +66,6 @@ class HFVLMJudge:
   """An image-text-to-text model answering 'Does the image show: <prompt>? Answer yes or no.'"""
 
   def __init__(self, ecfg):
-    from srum_jax.evaluation import mllm_judge, torch_models
     self.judge = mllm_judge.MLLMJudge(ecfg.hf_vlm_dir, "eval.hf_vlm_dir", device=torch_models.resolve_device(
         ecfg.device), dtype=torch_models.resolve_dtype(ecfg.mllm.torch_dtype), device_map=ecfg.mllm.device_map,
         batch_size=int(ecfg.mllm.batch_size))
@@ -135,8 +139,6 @@ def parse_metrics(text: str) -> List[str]:
 def eval_items(config):
   """The prompts to evaluate: GenEval's metadata or T2I-ReasonBench's files when those metrics are asked for,
   else `prompts.val`."""
-  from srum_jax.evaluation import geneval, reasonbench
-  from srum_jax.pipeline.prompts import load_prompts
   metrics, ecfg = parse_metrics(config.eval.metrics), config.eval
   if "geneval" in metrics:
     return geneval.load_items(_required(ecfg.geneval.metadata, "eval.geneval.metadata"))[0]
@@ -156,7 +158,6 @@ def _required(value: str, key: str) -> str:
 
 def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
   """Fail before any work when a metric's model folder or file is missing."""
-  from srum_jax.evaluation import compbench, mllm_judge, torch_models
   dirs: Dict[str, str] = {}
   if "compbench" in metrics:
     dirs.update(compbench.CompBenchScorer.required_dirs(ecfg.compbench, {it.category for it in items}))
@@ -171,7 +172,6 @@ def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
 
 
 def make_scorer(metric: str, ecfg, items):
-  from srum_jax.evaluation import compbench, geneval, mllm_judge, reasonbench, torch_models
   device, dtype = torch_models.resolve_device(ecfg.device), torch_models.resolve_dtype(ecfg.torch_dtype)
   if metric == "compbench":
     return compbench.CompBenchScorer(ecfg.compbench, device=device, dtype=dtype, items=items)
@@ -189,7 +189,7 @@ def _load_images(chunk: Sequence[dict]):
   """(images, their rows, rows of unreadable files marked skipped)."""
   images, keep, bad = [], [], []
   for r in chunk:
-    im, why = common.load_rgb(r["image_file"])
+    im, why = files.load_rgb(r["image_file"])
     if im is None:
       bad.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "score": None,
                   "skipped": f"image {why}"})
@@ -203,8 +203,8 @@ def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
   """{id: its last row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
   only ever scored by one process)."""
   out: Dict[str, dict] = {}
-  for path in common.log_paths(directory, stem):
-    out.update({r["id"]: r for r in common.JsonlLog(path).rows() if r["id"] in wanted})
+  for path in logs.log_paths(directory, stem):
+    out.update({r["id"]: r for r in logs.JsonlLog(path).rows() if r["id"] in wanted})
   return out
 
 
@@ -212,17 +212,17 @@ def run_metric(scorer, rows: Sequence[dict], directory: str, stem: str, batch_si
   """Score this process's share of the rows not yet in `<directory>/<stem>[.<process>].jsonl` (one line per
   image, appended as scored); every process's latest result of every row once all are done. Skipped rows
   (unreadable image, no metadata for the prompt) are tried again by a rerun."""
-  log = common.process_log(directory, stem)
+  log = logs.process_log(directory, stem)
   wanted = {r["id"] for r in rows}
   done = {i for i, r in _latest(directory, stem, wanted).items() if "skipped" not in r}
-  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
-  bar = common.progress(len(todo), scorer.name)
-  for chunk in common.batched(todo, max(1, int(batch_size))):
+  todo = [r for r in distributed.process_shard(rows) if r["id"] not in done]
+  bar = progress.bar(len(todo), scorer.name)
+  for chunk in distributed.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
     log.extend(bad + (scorer(images, keep) if keep else []))
     bar.update(len(chunk))
   bar.close()
-  multihost.barrier(f"metric:{directory}:{stem}")
+  distributed.barrier(f"metric:{directory}:{stem}")
   return list(_latest(directory, stem, wanted).values())
 
 
@@ -242,19 +242,19 @@ def _verdict(metric: str, row: dict) -> str:
 def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> List[dict]:
   """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
   every process's rows of `rows`' ids once all are done."""
-  log = common.process_log(str(out), "judgments")
-  done = {r["id"] for r in common.read_rows(str(out), "judgments", require=("correct",))}
-  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
-  for chunk in common.batched(todo, max(1, int(batch_size))):
+  log = logs.process_log(str(out), "judgments")
+  done = {r["id"] for r in logs.read_rows(str(out), "judgments", require=("correct",))}
+  todo = [r for r in distributed.process_shard(rows) if r["id"] not in done]
+  for chunk in distributed.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
     log.extend([{"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
                  "judge": ecfg.judge} for r, ok in zip(keep, judge(images, [r["prompt"] for r in keep]) if keep else [])])
     if bad:
       print(f"[eval] {len(bad)} unreadable images left out of the judge's table", flush=True)
-  multihost.barrier(f"judge:{out}")
+  distributed.barrier(f"judge:{out}")
   wanted = {r["id"] for r in rows}
-  rep = common.LogReport()
-  judged = [r for r in common.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
+  rep = logs.LogReport()
+  judged = [r for r in logs.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
   if rep.skipped:
     print(f"[eval] judgments logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})", flush=True)
   return judged
@@ -264,7 +264,6 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
                  batch_size: int, name: str) -> Dict[str, dict]:
   """Every metric over `rows` (image_file absolute); writes the tables and the grid. Returns {"judge": the
   judge's accuracy table (or {}), "tables": the metric tables}."""
-  from srum_jax.evaluation import report
   out = paths.path(out_dir)  # local or remote (gs://)
   tables, verdicts, judge_table = [], {}, {}
   if judge is not None:
@@ -281,18 +280,16 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
     verdicts[metric] = {r["id"]: _verdict(metric, r) for r in scored}
   _write(out, tables, rows, verdicts, int(ecfg.grid_images), name)
   overall = {t["column"]: t["overall"]["mean"] for t in tables}
-  common.summary_line("eval", model=name, images=len(rows), **{k.split(" (")[0].replace(" ", "_"): (
+  progress.summary_line("eval", model=name, images=len(rows), **{k.split(" (")[0].replace(" ", "_"): (
       "-" if v is None else round(v, 4)) for k, v in overall.items()}, out=out_dir)
   return {"judge": judge_table, "tables": tables}
 
 
 def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str) -> None:
   """The tables (json, markdown), the grid and the side-by-side summary; written by process 0."""
-  from srum_jax import viz
-  from srum_jax.evaluation import report
-  if not multihost.is_main():
+  if not distributed.is_main():
     return
-  common.write_json(str(out / "table.json"), {t["column"]: t for t in tables})
+  files.write_json(str(out / "table.json"), {t["column"]: t for t in tables})
   md = report.markdown(tables, title=f"{name}: {len(rows)} images")
   (out / "table.md").write_text(md)
   print("\n" + md, flush=True)
@@ -302,7 +299,7 @@ def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str)
   (out.parent / "summary.md").write_text(report.side_by_side(str(out.parent)))
 
 
-def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
+def evaluate(ecfg, gcfg, scfg, model: loaded_model.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
              name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
   """Generate the missing images of `items` into `out_dir` (sharded, resumable), then score them with every
   metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge)."""
@@ -311,22 +308,21 @@ def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
   generate.generate(gcfg, model, items, out_dir, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in generate.read_metadata(out_dir)]
+  rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in layout.read_metadata(out_dir)]
   wanted = {it.id for it in items}
   rows = [r for r in rows if r.get("prompt_id", r["id"]) in wanted]
   return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)["judge"]
 
 
-def evaluate_folder(ecfg, scfg, model: Optional[common.Model], items, images_dir: str, out_dir: str, *, seed: int,
+def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, images_dir: str, out_dir: str, *, seed: int,
                     compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, dict]:
   """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
-  from srum_jax.evaluation import images
   metrics = parse_metrics(ecfg.metrics)
   judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
   rows, rep = images.collect(images_dir, items)
-  common.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
+  progress.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
                       unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
   if not rows:
     raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "

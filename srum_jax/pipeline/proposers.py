@@ -38,6 +38,8 @@ import pathlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
+from skimage import measure, segmentation
 
 __all__ = [
   "Region", "Candidates", "Proposer", "register_proposer", "get_proposer", "available_proposers",
@@ -105,7 +107,6 @@ def label_bounds(labels, *, background: Optional[int] = None) -> tuple[np.ndarra
   Each distinct label is one mask (`background`, if given, is skipped); computed without materialising
   N full-size masks, so a segmentation with hundreds of segments stays cheap.
   """
-  from scipy import ndimage
 
   labels = np.asarray(labels)
   if labels.ndim != 2:
@@ -270,7 +271,6 @@ class ComponentsProposer(Proposer):
     self.connectivity = int(connectivity)
 
   def candidates(self, image):
-    from skimage import measure
 
     q = image.astype(np.int64) * self.levels // 256
     key = (q[..., 0] * self.levels + q[..., 1]) * self.levels + q[..., 2] + 1
@@ -292,7 +292,6 @@ class FelzenszwalbProposer(Proposer):
     self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
 
   def candidates(self, image):
-    from skimage import segmentation
 
     labels = segmentation.felzenszwalb(image, scale=self.scale, sigma=self.sigma, min_size=self.min_size,
                                        channel_axis=-1)

@@ -21,6 +21,7 @@ checkpoints are the shared training core (`srum_jax.training`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -29,11 +30,17 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
 
-from srum_jax import objective, paths, sharding, train_step as ts, viz
+from srum_jax import distributed, paths, progress, sharding, tokenizer as tok, viz
+from srum_jax.convert import checkpoint
+from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
-from srum_jax.pipeline import common, data, multihost
-from srum_jax.training import checkpointing, optimizer, update
+from srum_jax.models import autoencoder
+from srum_jax.pipeline import train_data
+from srum_jax.training import checkpointing, objective, optimizer, train_step as ts, update
 from srum_jax.training.preemption import PreemptionFlag
 
 __all__ = ["OBJECTIVES", "step_options", "train", "final_params", "default_load_model", "main"]
@@ -59,7 +66,7 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=common.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
+      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -69,7 +76,7 @@ def _to_device(tree, shardings, process_count: int):
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
 
 
-def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions, images_root: str) -> None:
+def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str) -> None:
   """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`)."""
   b = hb.batch
   H, W = opts.image_hw
@@ -91,7 +98,7 @@ def _write_samples(path: str, hb: data.HostBatch, opts: ts.StepOptions, images_r
 
 def _load_or_blank(path: str, image_hw) -> np.ndarray:
   try:
-    return data.load_image(path, image_hw)[0]
+    return train_data.load_image(path, image_hw)[0]
   except Exception:  # a picture is not worth a crash; the tile stays grey
     return np.zeros(tuple(image_hw) + (3,), np.float32)
 
@@ -147,7 +154,6 @@ VAE_MOMENTS = ("cached", "step")
 
 def _host_tree(tree):
   """A parameter tree as NumPy on this host (pieces of arrays spread over several processes gathered)."""
-  from jax.experimental import multihost_utils
 
   def host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -157,12 +163,9 @@ def _host_tree(tree):
 
 
 def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
-  """(encode, encoder_id) for `data.prepare_moments`: the frozen VAE encoder jitted once over this process's
+  """(encode, encoder_id) for `train_data.prepare_moments`: the frozen VAE encoder jitted once over this process's
   devices (weights replicated, images split over them; batches padded to a multiple of the device count),
   returning moments in `dtype`; encoder_id is a content hash of the encoder weights."""
-  import hashlib
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from srum_jax.models import autoencoder
   host = _host_tree(params_encoder)
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
@@ -188,8 +191,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   """Validate the records once per input, encode their images' posterior moments once (`train.vae_moments` =
   cached; needs `params_ae`), then this host's grain iterator; returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
-  spec = data.spec_from_config(config, pcount)
-  ar_path, report = data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
+  spec = train_data.spec_from_config(config, pcount)
+  ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
                                          max_regions=spec.max_regions,
                                          drop_zero_global=bool(config.srum.drop_zero_global),
                                          threads=int(t.data_threads))
@@ -205,11 +208,11 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
     master = jnp.dtype(config.model.param_dtype)  # the dtype the step would run the encoder in
     encode, encoder_id = moments_encoder(jax.tree.map(lambda x: x.astype(master), params_ae["encoder"]), cfg,
                                          int(t.encode_batch), jnp.dtype(t.moments_dtype))
-    moments = data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
+    moments = train_data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
                                    dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
                                    process_count=mpcount, threads=int(t.data_threads))
-    multihost.barrier("train_moments")
-  ds = data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
+    distributed.barrier("train_moments")
+  ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
                          workers=int(t.data_workers), report=report, moments=moments)
   return iter(ds), report
@@ -280,7 +283,6 @@ class _MetricsLog:
     self.acc, self.n, self.last = None, 0, None
     self.writer, self.tb_dir, self.uploaded = None, os.path.join(workdir, "tb"), 0.0
     if is_main:
-      from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(paths.local_cache_dir(self.tb_dir))
 
   def _upload(self, force: bool = False) -> None:
@@ -331,8 +333,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   total = int(t.steps if max_steps is None else max_steps)
   if t.vae_moments not in VAE_MOMENTS:
     raise ValueError(f"train.vae_moments={t.vae_moments!r}; choose one of {VAE_MOMENTS}")
-  if t.moments_dtype not in data.MOMENTS_DTYPES:
-    raise ValueError(f"train.moments_dtype={t.moments_dtype!r}; choose one of {data.MOMENTS_DTYPES}")
+  if t.moments_dtype not in train_data.MOMENTS_DTYPES:
+    raise ValueError(f"train.moments_dtype={t.moments_dtype!r}; choose one of {train_data.MOMENTS_DTYPES}")
   if int(t.encode_batch) < 1:
     raise ValueError(f"train.encode_batch={t.encode_batch} must be >= 1")
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
@@ -351,7 +353,7 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     before = {"final_loss": meta.get("final_loss"), "seconds": float(meta.get("seconds") or 0.0)}
     del params
     step = int(jax.device_get(state.step))
-    bar = common.progress(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
+    bar = progress.bar(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
                           unit="step")
     log = _MetricsLog(workdir, optimizer.lr_schedule(t, total), t.log_every, pid == 0, bar)
     step_fn, base_key, jstep, batch_sh = ts.make_train_step(cfg, opts, tx), jax.random.wrap_key_data(key_data), None, None
@@ -361,7 +363,7 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     preempted = False
     with _open_data_log(workdir, pid, pcount, step) as data_log:
       while step < total:
-        if multihost.any_process(stop.is_set()):
+        if distributed.any_process(stop.is_set()):
           preempted = True
           break
         hb = next(it)
@@ -426,8 +428,6 @@ def final_params(workdir: str, step: Optional[int] = None, abstract_params=None)
 def default_load_model(config, model_dir: str):
   """(cfg, params, tokenizer) from a converted model directory, placed on the config's mesh in
   `model.param_dtype`."""
-  from srum_jax import tokenizer as tok
-  from srum_jax.convert import checkpoint
   rules = sharding.rules_from_config(config.sharding_rules)
   cfg, params = checkpoint.load_model_dir(model_dir, mesh=train_mesh(config), dtype=config.model.param_dtype,
                                           rules=rules)
@@ -440,13 +440,12 @@ def main(config, *, model_dir: str, records: str, images_root: str, workdir: str
          load_model: Callable = default_load_model) -> Dict[str, Any]:
   """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`, and
   write the trained model dir `<workdir>/model` (unless preempted: rerun to resume)."""
-  from srum_jax import distributed
   distributed.maybe_initialize()
   cfg, params, tokenizer = load_model(config, model_dir)
   summary = train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
                   images_root=images_root, workdir=workdir)
   if not summary["preempted"]:
-    summary["model_dir"] = common.write_model_dir(os.path.join(workdir, "model"), cfg, summary["params"], model_dir)
+    summary["model_dir"] = checkpoint.write_model_dir(os.path.join(workdir, "model"), cfg, summary["params"], model_dir)
     print(f"train: model dir {summary['model_dir']} (python -m srum_jax export --src {summary['model_dir']} "
           f"--dst <official dir>)", flush=True)
   return summary

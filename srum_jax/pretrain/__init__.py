@@ -16,7 +16,7 @@ Modules: `vocab` (word-level tokenizer, answer text), `data` (examples, batches,
 `steps` (losses and steps), `init` (initialisations), `stages` (start modes, stages, the chain, CLI),
 `evaluate` (held-out metrics).
 """
-from srum_jax.pretrain.evaluate import EvalSettings, evaluate_model
+from srum_jax.pretrain.heldout import EvalSettings, evaluate_model
 from srum_jax.pretrain.stages import StartMode, main, next_stage, pretrain_chain, run_stage, start_mode
 
 __all__ = ["EvalSettings", "evaluate_model", "StartMode", "main", "next_stage", "pretrain_chain", "run_stage",

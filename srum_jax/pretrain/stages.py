@@ -10,22 +10,31 @@ stage that reaches it stops cleanly and is saved like a finished one. SIGTERM / 
 return (`preempted`); the same command resumes.
 
 Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
-`pipeline.common.load_model`), official/ (the official safetensors layout), log.jsonl, pretrain_summary.json,
-pretrain_eval.json (`evaluate.evaluate_model`).
+`engine.loaded_model.load_model`), official/ (the official safetensors layout), log.jsonl, pretrain_summary.json,
+pretrain_eval.json (`heldout.evaluate_model`).
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import json
+import os
 import pathlib
 import shutil
 import time
 from typing import Any, Dict, List, Optional
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from srum_jax.pretrain import data, init, vocab
+from srum_jax import files, progress
+from srum_jax.convert import checkpoint, flax_to_hf
+from srum_jax.models import params as params_lib
+from srum_jax.models.config import get_preset
+from srum_jax.pretrain import batches, heldout, init, steps as steps_lib, vocab
+from srum_jax.training import checkpointing, objective, optimizer, train_step, update
 from srum_jax.training.preemption import PreemptionFlag
 
 STATE_DIR = "state"
@@ -40,7 +49,6 @@ class StartMode(str, enum.Enum):
 
 def start_mode(p) -> StartMode:
   """How the stage configured by `p` (a `pretrain` block) starts; see the module docstring."""
-  from srum_jax.training import checkpointing
   if p.resume and checkpointing.finished_steps(str(pathlib.Path(p.out) / STATE_DIR)):
     return StartMode.RESUME
   if p.init_from:
@@ -68,18 +76,13 @@ def _log(path: pathlib.Path, row: dict) -> None:
 
 
 def _progress(total: int, initial: int, desc: str):
-  from srum_jax.pipeline import common
-  return common.progress(total, desc, initial=initial, leave=True, unit="step")
+  return progress.bar(total, desc, initial=initial, leave=True, unit="step")
 
 
-def train_autoencoder(p, cfg, sampler: data.PretrainSampler, params_ae, *, seed: int, deadline: float,
+def train_autoencoder(p, cfg, sampler: batches.PretrainSampler, params_ae, *, seed: int, deadline: float,
                       log_path) -> tuple:
   """Stage A: (trained AE params, summary). Stops at `p.ae.steps` or the wall-clock deadline."""
-  import jax
-  import jax.numpy as jnp
 
-  from srum_jax.pretrain import steps as steps_lib
-  from srum_jax.training import optimizer, update
   a = p.ae
   total = int(a.steps)
   tx = optimizer.make_optimizer(a, None, total_steps=total)
@@ -104,25 +107,18 @@ def train_autoencoder(p, cfg, sampler: data.PretrainSampler, params_ae, *, seed:
 
 
 def _load_dir(path: str):
-  import jax
-  import jax.numpy as jnp
 
-  from srum_jax.convert import checkpoint
   cfg_src, params = checkpoint.load_model_dir(path)
   return cfg_src, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
-def prepare_start(mode: StartMode, p, cfg, sampler: data.PretrainSampler, tokenizer, *, deadline: float,
+def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tokenizer, *, deadline: float,
                   log_path) -> Start:
   """Everything stage B needs from before it, by start mode (stage A runs here for `fresh`)."""
-  import jax
 
-  from srum_jax.convert import checkpoint
-  from srum_jax.models import params as params_lib
   t0, seed = time.time(), int(p.seed)
   k_bagel, k_ae = jax.random.split(jax.random.PRNGKey(seed))
   if mode == StartMode.RESUME:
-    from srum_jax.training import checkpointing
     state_dir = pathlib.Path(p.out) / STATE_DIR
     with checkpointing.Checkpointer(str(state_dir)) as ckpt:
       meta = ckpt.restore_meta()
@@ -155,9 +151,7 @@ def prepare_start(mode: StartMode, p, cfg, sampler: data.PretrainSampler, tokeni
 
 def _abstract_state(state, sharding):
   """The state's structure, shapes and dtypes, every leaf on `sharding` (what a restore reads onto)."""
-  import jax
 
-  from srum_jax.training import checkpointing
   abstract = jax.eval_shape(lambda s: s, state)
   return checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding, abstract))
 
@@ -165,17 +159,12 @@ def _abstract_state(state, sharding):
 def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: float, stop: PreemptionFlag,
               log_path, t_start: float) -> tuple:
   """Stage B from `start` until `p.umm.steps`, the deadline or a stop signal; returns (state, info)."""
-  import jax
 
-  from srum_jax import objective, train_step
-  from srum_jax.convert import checkpoint
-  from srum_jax.pretrain import steps as steps_lib
-  from srum_jax.training import checkpointing, optimizer, update
   u, cfg, seed = p.umm, start.cfg, int(p.seed)
   total = int(u.steps)
   tx = optimizer.make_optimizer(u, optimizer.param_labels(start.params, ("ae",)), total_steps=total)
   opts = train_step.StepOptions(
-      image_hw=data.IMAGE_HW, samples_per_row=int(u.gen_samples_per_row), lambda_constraint=0.0,
+      image_hw=batches.IMAGE_HW, samples_per_row=int(u.gen_samples_per_row), lambda_constraint=0.0,
       levers=objective.RewardLevers(uniform=True), timestep_shift=float(u.timestep_shift),
       text_cond_dropout=float(u.text_cond_dropout), sample_posterior=True,
       compute_dtype=jax.numpy.dtype(p.compute_dtype))
@@ -189,7 +178,7 @@ def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: floa
     state, _, _, meta = ckpt.restore(None, _abstract_state(state, one_device))
     elapsed0 = float(meta["elapsed"])
   n0 = int(jax.device_get(state.step))
-  stream = data.BatchStream(curriculum, data.BatchBudgets.from_config(u, curriculum[-1][1].vit_size), seed,
+  stream = batches.BatchStream(curriculum, batches.BatchBudgets.from_config(u, curriculum[-1][1].vit_size), seed,
                             workers=int(p.data_workers), start=n0, model_config=checkpoint.config_to_dict(cfg),
                             tokenizer_dir=tokenizer_dir)
   key, t_b, schedule = jax.random.PRNGKey(seed), time.time(), optimizer.lr_schedule(u, total)
@@ -225,24 +214,15 @@ def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: floa
 
 
 def save_model(out_dir: str, cfg, params, *, param_dtype: str = "float32") -> str:
-  """Model directory: orbax params ({'bagel', 'ae'}, cast to param_dtype) + model_config.json +
-  tokenizer.json; returns its path."""
-  import jax
-  import jax.numpy as jnp
-
-  from srum_jax.convert import checkpoint
-  path = pathlib.Path(out_dir)
-  if path.exists():
-    shutil.rmtree(path)
-  dt = jnp.dtype(param_dtype)
-  checkpoint.save_model_dir(str(path), cfg, jax.tree.map(lambda x: np.asarray(x).astype(dt), params))
+  """Model directory (`checkpoint.write_model_dir`: orbax params {'bagel', 'ae'} cast to param_dtype +
+  model_config.json) with the world's tokenizer.json; returns its path."""
+  path = checkpoint.write_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), dtype=param_dtype)
   vocab.build_tokenizer(path, cfg)
-  return str(path)
+  return path
 
 
 def _snapshot(out: pathlib.Path, cfg, params, param_dtype: str) -> None:
   """<out>/snapshot: the current params as a model dir (written aside, then renamed into place)."""
-  import os
   try:
     tmp = save_model(str(out / "snapshot.tmp"), cfg, params, param_dtype=param_dtype)
     if (out / "snapshot").exists():
@@ -252,36 +232,27 @@ def _snapshot(out: pathlib.Path, cfg, params, param_dtype: str) -> None:
     print(f"[pretrain] snapshot failed: {e}", flush=True)
 
 
-def dir_size(path: str) -> int:
-  return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
-
-
 def _finish(p, config, cfg, params, summary: dict, out: pathlib.Path) -> Dict[str, Any]:
   """Save the model dir and its official export, drop the resumable state, evaluate; returns the summary."""
-  from srum_jax.convert import flax_to_hf
-  from srum_jax.pipeline import common
-  from srum_jax.pretrain import evaluate
   model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
-  summary.update(model_dir=model_dir, model_dir_bytes=dir_size(model_dir))
+  summary.update(model_dir=model_dir, model_dir_bytes=files.dir_size(model_dir))
   flax_to_hf.export(model_dir, str(out / "official"))  # the official layout too: what the repo ships
-  summary.update(official_dir=str(out / "official"), official_dir_bytes=dir_size(str(out / "official")))
+  summary.update(official_dir=str(out / "official"), official_dir_bytes=files.dir_size(str(out / "official")))
   shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # finished: a rerun is a new run
   print(f"[pretrain] saved {model_dir} ({summary['model_dir_bytes'] / 1e6:.2f} MB) after "
         f"{summary['umm']['steps']} UMM steps, {summary['train_seconds']:.0f} s", flush=True)
   if p.eval.enabled:
-    summary["eval"] = evaluate.evaluate_model(
-        model_dir, evaluate.EvalSettings.from_config(p.eval), vit_image_size=int(config.score.vit_image_size),
+    summary["eval"] = heldout.evaluate_model(
+        model_dir, heldout.EvalSettings.from_config(p.eval), vit_image_size=int(config.score.vit_image_size),
         compute_dtype=p.eval_dtype, out_path=str(out / "pretrain_eval.json"),
         extra=dict(pretrain={k: v for k, v in summary.items() if k != "eval"}))
-  common.write_json(str(out / "pretrain_summary.json"), summary)
+  files.write_json(str(out / "pretrain_summary.json"), summary)
   return summary
 
 
 def run_stage(config, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
-  """One stage (`config.pretrain`): start (`start_mode`), stage A when fresh, stage B, save, evaluate.
+  """One stage (`config.pretrain`): start (`start_mode`), stage A when fresh, stage B, save, heldout.
   Returns the summary (`preempted` when a signal stopped it: the state is saved, no model is written)."""
-  from srum_jax.models.config import get_preset
-  from srum_jax.pretrain import evaluate
   if stop is None:
     with PreemptionFlag() as flag:
       return run_stage(config, flag)
@@ -296,7 +267,7 @@ def run_stage(config, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
   tok_dir = out / "tokenizer"
   tok = vocab.build_tokenizer(tok_dir, cfg)
   vit_size = int(config.score.vit_image_size)
-  sampler = data.PretrainSampler(cfg, tok, p.data, vit_size=vit_size)
+  sampler = batches.PretrainSampler(cfg, tok, p.data, vit_size=vit_size)
   deadline = t_start + float(p.max_seconds)
   start = prepare_start(mode, p, cfg, sampler, tok, deadline=deadline, log_path=log_path)
   summary: Dict[str, Any] = dict(preset=p.preset, start_mode=mode.value, ae=dict(start.ae_summary))
@@ -307,15 +278,15 @@ def run_stage(config, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
     deadline = t_start + max(0.0, float(p.max_seconds) - used)
     print(f"[pretrain] resuming stage B ({used:.0f} s done) from {out / STATE_DIR}", flush=True)
   else:
-    summary["ae"]["recon_oracle_acc"] = evaluate.ae_reconstruction_accuracy(
+    summary["ae"]["recon_oracle_acc"] = heldout.ae_reconstruction_accuracy(
         start.params["ae"], start.cfg, sampler, seed=int(p.seed), n=int(p.ae.check_images))
     print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
   sampler.cfg = start.cfg
-  curriculum = [(first, data.PretrainSampler(start.cfg, tok, mix, vit_size=vit_size))
-                for first, mix in data.curriculum_data(p)[:-1]] + [(data.curriculum_data(p)[-1][0], sampler)]
+  curriculum = [(first, batches.PretrainSampler(start.cfg, tok, mix, vit_size=vit_size))
+                for first, mix in batches.curriculum_data(p)[:-1]] + [(batches.curriculum_data(p)[-1][0], sampler)]
   state, info = train_umm(p, start, curriculum, tokenizer_dir=str(tok_dir), deadline=deadline, stop=stop,
                           log_path=log_path, t_start=t_start)
-  budgets = data.BatchBudgets.from_config(p.umm, vit_size)
+  budgets = batches.BatchBudgets.from_config(p.umm, vit_size)
   summary["umm"] = dict(info, rows_und=info["steps"] * budgets.und_rows,
                         samples_gen=info["steps"] * budgets.gen_rows * budgets.gen_samples_per_row)
   if info["preempted"]:  # keep the state, no final model; rerunning the same command resumes
@@ -335,14 +306,13 @@ def next_stage(config):
   p = config.pretrain
   if not p.then.name:
     return None
-  from srum_jax import defaults
   c = config.copy_and_resolve_references()
   then = c.pretrain.then
   then.init_from = then.init_from or str(pathlib.Path(p.out) / "model")
   then.out = then.out or str(pathlib.Path(p.out) / then.name)
   if "then" not in then:
     with then.unlocked():
-      then.then = defaults.base_config().pretrain.then.then  # name "": the chain ends here
+      then.then = ml_collections.ConfigDict({"name": "", "out": ""})  # name "": the chain ends here
   c.pretrain = then
   return c
 
@@ -359,7 +329,6 @@ def finished_summary(p) -> Optional[Dict[str, Any]]:
 def pretrain_chain(config) -> List[Dict[str, Any]]:
   """`pretrain` and its `then` stage in one command; a stage that finished before (and is followed by another)
   is kept, so an interrupted chain resumes where it stopped. Writes `<first out>/chain_summary.json`."""
-  from srum_jax.pipeline import common
   t0, summaries, c = time.time(), [], config
   while c is not None:
     nxt, name = next_stage(c), c.pretrain.name
@@ -374,7 +343,7 @@ def pretrain_chain(config) -> List[Dict[str, Any]]:
       break
     c = nxt
   if len(summaries) > 1:
-    common.write_json(str(pathlib.Path(config.pretrain.out) / "chain_summary.json"), dict(
+    files.write_json(str(pathlib.Path(config.pretrain.out) / "chain_summary.json"), dict(
         seconds_this_command=time.time() - t0,
         stages=[dict(name=s["name"], out=s["out"], train_seconds=s.get("train_seconds"), umm_steps=s["umm"]["steps"],
                      eval=s.get("eval")) for s in summaries]))

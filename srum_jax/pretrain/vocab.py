@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from tokenizers import normalizers
+
 from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.tokenizer import build_word_level
 from srum_jax.worlds.shapes import grammar
 
 SCORE_TOKENS = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
@@ -51,9 +54,7 @@ def build_tokenizer(directory, cfg):
   spaces (boxes read "1 2 13 14", region ids and coordinates share the number words). Pre-tokenizer:
   whitespace. Words outside the vocabulary map to <unk>.
   """
-  from tokenizers import normalizers
 
-  from srum_jax.tokenizer import build_word_level
   t = cfg.tokens
   special = dict(zip(SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image)))
   words = world_words()

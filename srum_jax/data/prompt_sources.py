@@ -47,6 +47,10 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional
 
+import ml_collections
+import tensorflow_datasets as tfds
+
+from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds builder)
 from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
@@ -67,7 +71,6 @@ PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", functi
 
 def prompt_source(**values):
   """A prompt-source config block with every key declared (an ml_collections ConfigDict)."""
-  import ml_collections
   unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
     raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
@@ -262,9 +265,7 @@ def _decode(value: Any) -> Any:
 
 
 def _load_tfds(cfg: dict) -> _Collector:
-  import tensorflow_datasets as tfds
 
-  from srum_jax.data import t2i_compbench  # noqa: F401  (registers the builder)
 
   name, config, split = cfg["name"] or "t2i_compbench", cfg["config"], cfg["split"] or "train"
   full_name = f"{name}/{config}" if config else name

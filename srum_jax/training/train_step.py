@@ -27,13 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from srum_jax import losses, objective, sharding
-from srum_jax.models import autoencoder, bagel, embeddings
-from srum_jax.models import params as param_schema
+from srum_jax import losses, sharding
+from srum_jax.models import autoencoder, bagel, embeddings, params as param_schema
 from srum_jax.models.bagel import PackedInputs
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import CAUSAL
-from srum_jax.training import update
+from srum_jax.training import objective, update
 from srum_jax.training.update import TrainState
 
 

@@ -35,9 +35,14 @@ import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
+from srum_jax.convert import checkpoint
+from srum_jax.models import bagel, image_transforms
 from srum_jax.pretrain import vocab
 from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.tokenizer import load_tokenizer
+from srum_jax.training import objective, train_step
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)
@@ -76,15 +81,12 @@ class UndBatch(NamedTuple):
 
 
 def vit_view(image_uint8: np.ndarray, size: int) -> np.ndarray:
-  """What the judge sees (`pipeline.score.square_view`, the scoring stage's view), in [-1, 1]."""
-  from srum_jax.models import image_transforms
-  from srum_jax.pipeline.score import square_view
-  return image_transforms.to_model_range(square_view(image_uint8, size))
+  """What the judge sees (`image_transforms.square_view`, the judge's view), in [-1, 1]."""
+  return image_transforms.to_model_range(image_transforms.square_view(image_uint8, size))
 
 
 def blur(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
   """A light Gaussian blur (sigma 0.4..0.9 px), rounded back to uint8."""
-  from scipy import ndimage
   sigma = float(rng.uniform(0.4, 0.9))
   x = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
@@ -206,7 +208,6 @@ class PretrainSampler:
   def _pack_examples(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int):
     """Judge examples packed row by row while tokens, samples and scored answer tokens fit: per row a list
     of samples, each (items for `bagel.build_packed_inputs`, answer ids, text entries before the answer)."""
-    from srum_jax.models import bagel, image_transforms
     grid = (self.vit_size // self.cfg.vit.patch_size,) * 2
     n_vit = grid[0] * grid[1]
     packed = [[] for _ in range(rows)]
@@ -238,7 +239,6 @@ class PretrainSampler:
     """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the decoding
     context; a plan example: [think system prompt] [prompt] [plan]); examples fill a row while its tokens,
     samples and scored answer tokens fit, then the next."""
-    from srum_jax.models import bagel
     packed, n_vit = self._pack_examples(rng, rows, num_tokens, samples_per_row, logit_capacity)
     inputs, _ = bagel.build_packed_inputs(self.cfg, [[items for items, _, _ in row] for row in packed],
                                           num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
@@ -263,7 +263,6 @@ class PretrainSampler:
   def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
     """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal scene),
     some in think mode (module docstring)."""
-    from srum_jax import objective, train_step
     B, S = rows, samples_per_row
     ids, images = [], np.zeros((B, S) + IMAGE_HW + (3,), np.float32)
     for b in range(B):
@@ -340,8 +339,6 @@ _WORKER: Dict[str, Any] = {}
 
 def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, budgets: BatchBudgets, seed: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from srum_jax.convert import checkpoint
-  from srum_jax.tokenizer import load_tokenizer
   cfg = checkpoint.config_from_dict(model_config)
   tok = load_tokenizer(tokenizer_dir)
   _WORKER.update(curriculum=[(start, PretrainSampler(cfg, tok, mix, vit_size=budgets.vit_size))
