@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from srum_jax import config_utils
 from srum_jax.engine import loaded_model
-from srum_jax.pipeline import score
+from srum_jax.engine.judge import Judge, JudgeOptions
 from srum_jax.worlds.shapes import grammar, scene as scene_lib
 
 
@@ -81,16 +81,16 @@ def _batches(items, size: int):
 def run_mode(config, model, items, mode: str, out=print) -> dict:
   scfg = config.score.copy_and_resolve_references()
   scfg.mode = mode
-  judge = score.Judge(scfg, model, seed=int(config.seed), compute_dtype=config.model.compute_dtype,
+  judge = Judge(JudgeOptions.from_config(scfg), model, seed=int(config.seed), compute_dtype=config.model.compute_dtype,
                       attn_impl=str(config.model.attn_impl))
   batches = _batches(items, max(1, int(scfg.batch_size)))
   t = time.perf_counter()
-  judge.global_scores([im for im, _ in batches[0]], [p for _, p in batches[0]], score.ScoreReport())
+  judge.global_scores([im for im, _ in batches[0]], [p for _, p in batches[0]])
   first = time.perf_counter() - t
-  rep, scores = score.ScoreReport(), []
+  scores = []
   t = time.perf_counter()
   for b in batches:
-    scores += judge.global_scores([im for im, _ in b], [p for _, p in b], rep)
+    scores += judge.global_scores([im for im, _ in b], [p for _, p in b])
   seconds = time.perf_counter() - t
   failed = sum(s is None for s in scores)
   r = dict(mode=mode, images_per_s=len(items) / seconds, seconds=seconds, first_batch_s=first, scores=scores,

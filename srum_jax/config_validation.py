@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-from srum_jax import paths
+from srum_jax import files, paths
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
@@ -132,16 +131,6 @@ def _existing_dir(key: str, path: str, what: str):
   return p
 
 
-def read_json_file(path, what: str = "JSON file") -> Any:
-  """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the file."""
-  try:
-    return json.loads(paths.path(path).read_bytes().decode("utf-8"))  # local or remote (gs://)
-  except UnicodeDecodeError as e:
-    raise UserValueError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise UserValueError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
 def suggest_key(config, dotted: str) -> str:
   """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
   sibling; '' when every part exists."""
@@ -200,7 +189,7 @@ def check_converted_dir(path: str, key: str) -> Geometry:
   if not (p / "params" / "_METADATA").is_file():
     raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks params/_METADATA (an "
                                 f"incomplete orbax save; convert or save the model again)")
-  d = read_json_file(p / "model_config.json", "model config")
+  d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
   return _geometry_from(d, str(p / "model_config.json"))
@@ -215,12 +204,12 @@ def check_official_dir(config, path: str, key: str) -> Geometry:
     raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
   if not (p / "llm_config.json").is_file():
     raise UserFileNotFoundError(f"config key {key}: {path} lacks llm_config.json")
-  llm = read_json_file(p / "llm_config.json", "LLM config")
+  llm = files.read_json(p / "llm_config.json", "LLM config")
   if not isinstance(llm, dict):
     raise UserValueError(f"LLM config {p / 'llm_config.json'}: expected a JSON object")
   for name in ("vit_config.json",):
     if (p / name).is_file():
-      read_json_file(p / name, "ViT config")
+      files.read_json(p / name, "ViT config")
   return _preset_geometry(config, f"model.preset={config.model.preset}",
                           int(llm.get("max_position_embeddings", 0)) or None)
 
@@ -411,18 +400,11 @@ def check_prompts(config, key: str) -> None:
       raise UserValueError(f"config key {key}.path: {e}") from None
     finally:
       prompts_lib.log.disabled = quiet
-    require_prompts(items, key)
+    prompts_lib.require_prompts(items, key)
   elif source == "python":
     module, sep, fn = str(src.function).partition(":")
     if not (module and sep and fn):
       _fail(f"{key}.function", src.function, "must be 'module.path:function'")
-
-
-def require_prompts(items, key: str) -> None:
-  """A stage with no prompt to work on is a user error, not a silent success."""
-  if not len(items):
-    summary = items.report.summary() if getattr(items, "report", None) is not None else "0 loaded"
-    raise UserValueError(f"config key {key}: no prompts to use ({summary})")
 
 
 def check_eval(config, own_model: bool) -> Optional[Geometry]:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.errors import UserValueError
-from srum_jax.pipeline import generate, propose, train_data
+from srum_jax.pipeline import train_data
 from srum_jax.rewards import parsing, records
 from srum_jax.workdir import layout, logs
 

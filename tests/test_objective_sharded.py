@@ -2,11 +2,10 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from srum_jax import losses, sharding
+from srum_jax import sharding
 from srum_jax.rewards import resize_reward_map, reward_map
 from srum_jax.training import objective
 

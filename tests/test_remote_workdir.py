@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from srum_jax import defaults, files, paths, viz
+from srum_jax import defaults, files, paths
 from srum_jax.engine import loaded_model
-from srum_jax.pipeline import generate, propose, train, train_data
+from srum_jax.pipeline import propose, train, train_data
 from srum_jax.rewards import records as records_lib
 from srum_jax.training import checkpointing
 from srum_jax.workdir import layout, locking, logs
@@ -136,7 +136,7 @@ def test_propose_killed_and_resumed_on_object_store_does_every_item_once(gcs, mo
 def test_images_json_and_records_are_whole_objects(gcs):
   files.write_json(f"{RUN}/report/report.json", {"a": 1})
   assert json.loads(paths.path(f"{RUN}/report/report.json").read_text()) == {"a": 1}
-  viz.save_png(f"{RUN}/report/grid.png", np.zeros((4, 5, 3), np.uint8))
+  files.save_png(f"{RUN}/report/grid.png", np.zeros((4, 5, 3), np.uint8))
   im, why = files.load_rgb(f"{RUN}/report/grid.png")
   assert im.shape == (4, 5, 3) and why is None
   assert files.load_rgb(f"{RUN}/report/none.png") == (None, "missing")

@@ -14,7 +14,7 @@ import pytest
 from srum_jax import progress
 from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.evaluation import images
-from srum_jax.pipeline import generate, propose, run
+from srum_jax.pipeline import run
 from srum_jax.workdir import layout, locking, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

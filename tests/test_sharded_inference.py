@@ -12,10 +12,10 @@ import pytest
 
 from srum_jax import defaults, sharding
 from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
 from srum_jax.inference import sampling
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import get_preset
-from srum_jax.pipeline import score
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -61,9 +61,8 @@ def test_sharded_judge_equals_one_device(models):
   scfg.update(dict(mode="logits", think=False, vit_image_size=28, max_new_tokens_global=6, max_retries=0))
   got = []
   for model in (one, sharded):
-    judge = score.Judge(scfg, model)
-    rep = score.ScoreReport()
-    got.append((judge.global_scores(images, texts, rep), judge.answers(images, texts, 6)))
+    judge = Judge(JudgeOptions.from_config(scfg), model)
+    got.append((judge.global_scores(images, texts), judge.answers(images, texts, 6)))
   np.testing.assert_allclose(got[0][0], got[1][0], atol=1e-5)
   assert got[0][1] == got[1][1] and len(got[1][1]) == 5
 

@@ -16,9 +16,9 @@ import pytest
 from srum_jax import config_utils, files, pretrain
 from srum_jax.convert import hf_to_flax
 from srum_jax.engine import loaded_model
-from srum_jax.pipeline import generate, score as score_stage
+from srum_jax.engine.judge import Judge
 from srum_jax.pretrain import heldout as pretrain_eval
-from srum_jax.pretrain.heldout import judge_config
+from srum_jax.pretrain.heldout import judge_options
 from srum_jax.rewards import prompts as judge_prompts
 from srum_jax.workdir import layout, logs
 from srum_jax.worlds.shapes import grammar, judge_text, scene as scene_lib, truth as world_truth
@@ -99,8 +99,8 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
     texts.append(q.text)
     boxes.append([world_truth.official_box(scene_lib.scene_boxes(scene)[k])])
     truth.append(f"{scene.objects[k].color} {scene.objects[k].shape}")
-  judge = score_stage.Judge(judge_config(28, region_identify=True), model)
-  got = judge.region_scores(images, texts, boxes, score_stage.ScoreReport())
+  judge = Judge(judge_options(28, region_identify=True), model)
+  got = judge.region_scores(images, texts, boxes)
   names = [d[1][1] for d in got]
   answers = judge.answers(images, [judge_prompts.region_prompt(t, b) for t, b in zip(texts, boxes)], 12)
   assert [a.split("Identified Object:")[1].split("Score")[0].strip() for a in answers] == names

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import jax
 import numpy as np

@@ -21,6 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from srum_jax import files
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.convert.hf_to_flax import (AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON,
                                          parse_dtype)
@@ -131,13 +132,6 @@ def extras_json(cfg: BagelConfig) -> Dict[str, Any]:
               tokens=dict(bos=t.bos, eos=t.eos, start_of_image=t.start_of_image, end_of_image=t.end_of_image))
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None,
            weights_name: str = "ema.safetensors", metadata: Optional[Dict[str, str]] = PT_METADATA) -> BagelConfig:
   """Write the official files for a model directory or a `(cfg, {'bagel', 'ae'} params)` pair.
@@ -157,7 +151,7 @@ def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None
   entries = official_entries(cfg, params, dt)
   write_safetensors(os.path.join(dst_dir, weights_name), entries["bagel"], metadata)
   write_safetensors(os.path.join(dst_dir, AE_FILE), entries["ae"], metadata)
-  base = {n: _read_json(os.path.join(src_dir, n)) if src_dir else None for n in (LLM_JSON, VIT_JSON)}
+  base = {n: files.read_json_if_present(os.path.join(src_dir, n)) if src_dir else None for n in (LLM_JSON, VIT_JSON)}
   llm, vit = hf_json_configs(cfg, base[LLM_JSON], base[VIT_JSON])
   with open(os.path.join(dst_dir, LLM_JSON), "w") as f:
     json.dump(llm, f, indent=2)

@@ -35,8 +35,7 @@ import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy read
 import numpy as np
 from safetensors import safe_open
 
-from srum_jax import paths, sharding as sharding_lib
-from srum_jax.config_validation import read_json_file
+from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.errors import UserValueError
 from srum_jax.models import embeddings, params as params_lib
@@ -412,16 +411,9 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
   raise FileNotFoundError(f"none of {list(names)} in {src_dir}")
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  """A JSON file's content (None when absent); invalid JSON raises a UserValueError naming the file."""
-  if not os.path.exists(path):
-    return None
-  return read_json_file(path, "checkpoint config")
-
-
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
   """`overrides` with the missing (None) entries filled from the directory's EXTRAS_JSON, if any."""
-  extras = _read_json(os.path.join(src_dir, EXTRAS_JSON)) or {}
+  extras = files.read_json_if_present(os.path.join(src_dir, EXTRAS_JSON), "checkpoint config") or {}
   unknown = sorted(set(extras) - set(EXTRA_KEYS))
   if unknown:
     raise CheckpointMismatchError(f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
@@ -445,10 +437,10 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   for n in files.values():
     if not os.path.exists(os.path.join(src_dir, n)):
       raise FileNotFoundError(f"{n} not found in {src_dir}")
-  llm_json = _read_json(os.path.join(src_dir, LLM_JSON))
+  llm_json = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
   if llm_json is None:
     raise FileNotFoundError(f"{LLM_JSON} not found in {src_dir}")
-  vit_json = _read_json(os.path.join(src_dir, VIT_JSON))
+  vit_json = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   overrides = _with_extras(src_dir, overrides)
 
   problems, shapes = [], {}
@@ -523,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              end_of_image=args.end_of_image_id)
   tokens = None
   if any(v is not None for v in ids.values()):
-    extra = (_read_json(os.path.join(args.src, EXTRAS_JSON)) or {}).get("tokens") or {}
+    extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or {}).get("tokens") or {}
     tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
   try:
     cfg, params = convert(

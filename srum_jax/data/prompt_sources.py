@@ -54,7 +54,7 @@ from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds build
 from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
-           "PROMPT_SOURCE_DEFAULTS", "prompt_source"]
+           "PROMPT_SOURCE_DEFAULTS", "prompt_source", "require_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -308,3 +308,10 @@ def load_prompts(source_cfg) -> PromptList:
   if report.empty or report.malformed or report.duplicate_ids:
     log.warning("%s", report.summary())
   return PromptList(items, report)
+
+
+def require_prompts(items, key: str) -> None:
+  """A stage with no prompt to work on is a user error, not a silent success."""
+  if not len(items):
+    summary = items.report.summary() if getattr(items, "report", None) is not None else "0 loaded"
+    raise UserValueError(f"config key {key}: no prompts to use ({summary})")

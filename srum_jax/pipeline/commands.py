@@ -14,8 +14,7 @@ import os
 import sys
 
 from srum_jax import distributed, paths
-from srum_jax.config_validation import require_prompts
-from srum_jax.data.prompt_sources import load_prompts
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import evaluate, generate, propose, run, score, train
 from srum_jax.workdir import locking

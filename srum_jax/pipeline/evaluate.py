@@ -26,7 +26,7 @@ import importlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
-from srum_jax import distributed, files, paths, progress, viz
+from srum_jax import distributed, files, paths, progress
 from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
@@ -295,7 +295,7 @@ def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str)
   print("\n" + md, flush=True)
   picture = report.grid(rows, verdicts, grid_images, title=name) if grid_images > 0 else None
   if picture is not None:
-    viz.save_png(str(out / "grid.png"), picture)
+    files.save_png(str(out / "grid.png"), picture)
   (out.parent / "summary.md").write_text(report.side_by_side(str(out.parent)))
 
 

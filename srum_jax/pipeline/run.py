@@ -20,8 +20,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from srum_jax import config_validation, distributed, files, paths, viz
-from srum_jax.data.prompt_sources import load_prompts
+from srum_jax import distributed, files, paths, viz
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.evaluation import report
 from srum_jax.pipeline import evaluate, generate, propose, score, train as train_stage
@@ -59,7 +59,7 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
                           cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
   path = report_dir / "grid_before_after.png"
-  viz.save_png(str(path), grid)
+  files.save_png(str(path), grid)
   return [str(path)]
 
 
@@ -91,7 +91,7 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
     return []
   ramp = "-1" if levers.signed else "0"
   path = report_dir / "reward_overlays.png"
-  viz.save_png(str(path), viz.labeled_grid([tiles], titles, cell_captions=[captions], title=(
+  files.save_png(str(path), viz.labeled_grid([tiles], titles, cell_captions=[captions], title=(
       f"reward map: red {ramp} -> green 1; boxes: the judge's region scores in [-1, 1]")))
   return [str(path)]
 
@@ -218,8 +218,8 @@ def run(config) -> dict:
     base = loaded_model.load_inference_model(config, model_dir)
   train_items = load_prompts(config.prompts.train)
   val_items = load_prompts(config.prompts.val)
-  config_validation.require_prompts(train_items, "prompts.train")
-  config_validation.require_prompts(val_items, "prompts.val")
+  require_prompts(train_items, "prompts.train")
+  require_prompts(val_items, "prompts.val")
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
 

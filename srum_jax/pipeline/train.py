@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
-from srum_jax import distributed, paths, progress, sharding, tokenizer as tok, viz
+from srum_jax import distributed, files, paths, progress, sharding, tokenizer as tok, viz
 from srum_jax.convert import checkpoint
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
@@ -93,7 +93,7 @@ def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, im
   idx = np.asarray(hb.indices).reshape(-1)
   captions = [f"#{idx[i]} g={r.global_scores[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])]
   ncols = max(1, int(np.ceil(np.sqrt(images.shape[0]))))
-  viz.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
+  files.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
 
 
 def _load_or_blank(path: str, image_hw) -> np.ndarray:
