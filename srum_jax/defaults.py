@@ -146,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = "judge"  # comma list of: judge, compbench, mllm, geneval, reasonbench
   c.eval.model_dir = ""  # the UMM to evaluate: a converted or an official checkpoint dir ("" -> model.*)
-  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/images.py)
+  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/image_folders.py)
   c.eval.name = "model"  # results in <workdir>/eval/<name>; <workdir>/eval/summary.md compares every name
   c.eval.batch_size = 16  # images per scoring call (and per resumable log flush)
   c.eval.grid_images = 8  # prompts in <out>/grid.png (0: no grid)

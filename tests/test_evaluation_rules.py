@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from srum_jax.data.prompt_sources import PromptItem
-from srum_jax.evaluation import compbench, geneval, images, mllm_judge, reasonbench, report, text
+from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
+                                 text)
 from srum_jax.evaluation.detectors import Detection, mask_box
 from srum_jax.evaluation.torch_models import yes_no_ratio
 from srum_jax.pipeline import evaluate
@@ -228,17 +229,17 @@ def test_collect_images_made_elsewhere(tmp_path):
   flat.mkdir()
   for name in ("val_color_0.png", "7#1.png", "two cats_000002.png", "unrelated.png", "notes.txt"):
     Image.new("RGB", (4, 4)).save(flat / name) if name.endswith(".png") else (flat / name).write_text("x")
-  rows, rep = images.collect(str(flat), items)
+  rows, rep = image_folders.collect(str(flat), items)
   assert sorted((r["id"], r["prompt"]) for r in rows) == [("7#1", "a blue bench"), ("8#000002", "two cats"),
                                                           ("val/color/0", "a red car")]
   assert rep.layout == "flat" and rep.files == 4 and rep.unmatched_files == ["unrelated.png"]
   geneval_dir = tmp_path / "geneval"
   (geneval_dir / "00001" / "samples").mkdir(parents=True)
   Image.new("RGB", (4, 4)).save(geneval_dir / "00001" / "samples" / "0003.png")
-  rows, rep = images.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
+  rows, rep = image_folders.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
   assert rep.layout == "geneval" and [r["id"] for r in rows] == ["00001#0003"] and rep.prompts_without_image == 0
   with pytest.raises(FileNotFoundError):
-    images.collect(str(tmp_path / "nope"), items)
+    image_folders.collect(str(tmp_path / "nope"), items)
 
 
 def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):

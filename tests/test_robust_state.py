@@ -13,7 +13,7 @@ import pytest
 
 from srum_jax import progress
 from srum_jax.data.prompt_sources import PromptItem
-from srum_jax.evaluation import images
+from srum_jax.evaluation import image_folders
 from srum_jax.pipeline import run
 from srum_jax.workdir import layout, locking, logs
 
@@ -207,7 +207,7 @@ def test_images_copied_out_under_their_own_names_still_match_their_prompts(tmp_p
   for image_id in ("a/b", "a_b#1"):
     (tmp_path / layout.image_file_name(image_id)).write_bytes(b"")
   (tmp_path / "a_b-0123456789abcdef.png").write_bytes(b"")  # a hash that is not the id's: not matched
-  rows, rep = images.collect(str(tmp_path), items)
+  rows, rep = image_folders.collect(str(tmp_path), items)
   assert sorted(r["id"] for r in rows) == ["a/b", "a_b#1"] and rep.unmatched_files == ["a_b-0123456789abcdef.png"]
 
 

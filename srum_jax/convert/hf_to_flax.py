@@ -285,10 +285,10 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
 
 
 def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]],
-                 files: Dict[str, str]) -> List[str]:
+                 weight_files: Dict[str, str]) -> List[str]:
   """Problems (missing / unexpected / mis-shaped keys) of the official files against `cfg`.
 
-  `shapes` / `files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
+  `shapes` / `weight_files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
   recomputed); when present they must be [G*G, D].
   """
   expected = keymap.expected_official_shapes(cfg)
@@ -297,7 +297,7 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
   for part in ("bagel", "ae"):
     want = {k: v for k, v in expected[part].items() if k not in tables}
     have = shapes[part]
-    name = files[part]
+    name = weight_files[part]
     missing = sorted(set(want) - set(have))
     unexpected = sorted(k for k in have if k not in want and k not in tables)
     misshaped = [f"{k}: file {list(have[k])}, expected {list(want[k])}" for k in sorted(want)
@@ -433,8 +433,8 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   """
   dtype = parse_dtype(dtype)
   wname = _weights_file(src_dir, weights)
-  files = {"bagel": wname, "ae": AE_FILE}
-  for n in files.values():
+  weight_files = {"bagel": wname, "ae": AE_FILE}
+  for n in weight_files.values():
     if not os.path.exists(os.path.join(src_dir, n)):
       raise FileNotFoundError(f"{n} not found in {src_dir}")
   llm_json = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
@@ -444,7 +444,7 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   overrides = _with_extras(src_dir, overrides)
 
   problems, shapes = [], {}
-  for part, n in files.items():
+  for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
     problems += bad
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
@@ -452,13 +452,13 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
     shapes[part] = {k: s for k, (_, s) in header.items()}
   cfg, bad = infer_config(llm_json, vit_json, shapes["bagel"], shapes["ae"], **overrides)
   problems += bad
-  problems += check_layout(cfg, shapes, files)
+  problems += check_layout(cfg, shapes, weight_files)
   if problems:
     raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout:\n" + "\n".join(problems))
 
   shardings = checkpoint.target_shardings(cfg, mesh, rules)
   with contextlib.ExitStack() as stack:
-    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in files.items()}
+    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in weight_files.items()}
     check_fixed_tables(readers["bagel"], shapes["bagel"])
     params = stream_params(readers, cfg, dtype, shardings)
   return cfg, params

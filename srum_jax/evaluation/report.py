@@ -46,18 +46,26 @@ def metric_table(rows: Sequence[dict], metric: str, column: str, key: str = "sco
   return {"metric": metric, "column": column, "digits": digits, "categories": table, "overall": overall}
 
 
-def judge_columns(judge_table: Dict[str, dict], judge: str) -> dict:
-  """The judge's accuracy table ({category: {correct, total, accuracy}}) in the metric-table form (%)."""
-  cats = {k: {"mean": 100.0 * v["accuracy"], "n": v["total"], "unscored": 0} for k, v in judge_table.items()
-          if k != "overall"}
+def judge_columns(judge_table: Dict[str, dict], judge: str, column: Optional[str] = None,
+                  counts: bool = False) -> dict:
+  """A judge's accuracy table ({category: {correct, total, accuracy}}) in the metric-table form (%), titled
+  `column` (default "<judge> judge accuracy (%)"); with `counts` the cells show correct/total."""
+  def entry(v):
+    e = {"mean": 100.0 * v["accuracy"], "n": v["total"], "unscored": 0}
+    return dict(e, correct=v["correct"]) if counts else e
+  cats = {k: entry(v) for k, v in judge_table.items() if k != "overall"}
   o = judge_table.get("overall")
-  return {"metric": "judge", "column": f"{judge} judge accuracy (%)", "digits": 1, "categories": cats,
-          "overall": {"mean": 100.0 * o["accuracy"] if o else None, "n": o["total"] if o else 0, "unscored": 0}}
+  overall = entry(o) if o else {"mean": None, "n": 0, "unscored": 0}
+  return {"metric": "judge", "column": column or f"{judge} judge accuracy (%)", "digits": 1, "categories": cats,
+          "overall": overall}
 
 
 def _cell(entry: Optional[dict], digits: int) -> str:
+  """"mean (n=...)", or "mean (correct/n)" for a judge's accuracy; "-" where nothing was scored."""
   if entry is None or entry["mean"] is None:
     return "-" if entry is None or not entry["unscored"] else f"- ({entry['unscored']} unscored)"
+  if "correct" in entry:
+    return f"{entry['mean']:.{digits}f} ({entry['correct']}/{entry['n']})"
   unscored = f", {entry['unscored']} unscored" if entry["unscored"] else ""
   return f"{entry['mean']:.{digits}f} (n={entry['n']}{unscored})"
 

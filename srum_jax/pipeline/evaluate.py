@@ -30,7 +30,7 @@ from srum_jax import distributed, files, paths, progress
 from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
-from srum_jax.evaluation import (compbench, geneval, images, mllm_judge, reasonbench, report,
+from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
                                  torch_models)
 from srum_jax.pipeline import generate
 from srum_jax.workdir import layout, logs
@@ -101,24 +101,6 @@ def table(rows: Sequence[dict]) -> Dict[str, Dict[str, float]]:
   if "overall" in tally:
     tally.move_to_end("overall")
   return {k: {"correct": c, "total": n, "accuracy": c / n} for k, (c, n) in tally.items()}
-
-
-def markdown(tables: Dict[str, Dict[str, Dict[str, float]]], title: str = "") -> str:
-  """Side-by-side accuracy table: one column per model (e.g. base / SFT / SRUM), one row per category."""
-  names = list(tables)
-  cats = []
-  for t in tables.values():
-    cats += [c for c in t if c not in cats and c != "overall"]
-  cats.append("overall")
-  lines = ([f"### {title}", ""] if title else []) + ["| category | " + " | ".join(names) + " |",
-                                                      "|---|" + "---|" * len(names)]
-  for c in cats:
-    cells = []
-    for n in names:
-      e = tables[n].get(c)
-      cells.append("-" if e is None else f"{100 * e['accuracy']:.1f} ({e['correct']}/{e['total']})")
-    lines.append(f"| {c} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +303,10 @@ def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, imag
   judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
-  rows, rep = images.collect(images_dir, items)
+  rows, rep = image_folders.collect(images_dir, items)
   progress.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
                       unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
   if not rows:
     raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "
-                     f"srum_jax/evaluation/images.py for the accepted names)")
+                     f"srum_jax/evaluation/image_folders.py for the accepted names)")
   return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)

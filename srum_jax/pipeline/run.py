@@ -174,8 +174,10 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
   report_dir = work / "report"
   per = int(config.eval_generate.samples_per_prompt)
   on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
-  md = evaluate.markdown(tables, title=f"Oracle-judged accuracy (%) on {on}"
-                         if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
+  title = (f"Oracle-judged accuracy (%) on {on}" if config.eval.judge == "oracle"
+           else f"{config.eval.judge}-judged accuracy (%)")
+  md = report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True) for name, t in tables.items()],
+                       title=title)
   if not distributed.is_main():
     return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
@@ -190,10 +192,10 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         paths.copy_file(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
-  report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
+  summary = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
             "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
-  files.write_json(str(report_dir / "report.json"), report)
+  files.write_json(str(report_dir / "report.json"), summary)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
@@ -203,7 +205,7 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
   print(f"report: {report_dir / 'report.md'}", flush=True)
-  return report
+  return summary
 
 
 def run(config) -> dict:
