@@ -26,18 +26,13 @@ from srum_jax import files, paths
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
-from srum_jax.models.config import PRESETS
-from srum_jax.pipeline import evaluate, proposers
+from srum_jax.models.config import DTYPES, PRESETS
+from srum_jax.convert import hf_to_flax
+from srum_jax.engine.judge import JUDGE_MODES
+from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
+from srum_jax.training import optimizer
 from srum_jax.pretrain.batches import TASKS
 
-MODEL_DTYPES = ("float32", "bfloat16")
-OBJECTIVES = ("srum", "sft")
-LR_DECAYS = ("constant", "cosine")
-SCORE_MODES = ("generate", "logits")
-EVAL_JUDGES = ("oracle", "self", "hf_vlm")
-PROMPT_SOURCES = ("file", "tfds", "python")
-PROMPT_FORMATS = ("", "txt", "json", "jsonl")
-OFFICIAL_WEIGHTS = ("ema.safetensors", "model.safetensors")
 
 SECTIONS = {
     "generate": ("model", "generate", "prompts.train"),
@@ -103,6 +98,19 @@ def _enum(config, key: str, choices: Sequence[str]) -> str:
     _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
   return v
+
+
+def _subset(config, key: str, choices: Sequence[str]) -> tuple:
+  """A tuple of names, each one of `choices`."""
+  v = _get(config, key)
+  if isinstance(v, str) or not isinstance(v, Sequence):
+    _fail(key, v, f"must be a tuple of names from {', '.join(choices)}, e.g. ('vit','ae')")
+  for name in v:
+    if name not in choices:
+      hint = difflib.get_close_matches(str(name), choices, n=1)
+      _fail(key, tuple(v), f"{name!r} is not one of {', '.join(choices)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+  return tuple(v)
 
 
 def _pair(config, key: str, kind=float) -> tuple:
@@ -198,8 +206,8 @@ def check_converted_dir(path: str, key: str) -> Geometry:
 def check_official_dir(config, path: str, key: str) -> Geometry:
   """An official checkpoint dir: a weights file, ae.safetensors and a readable llm_config.json."""
   p = _existing_dir(key, path, "official checkpoint")
-  if not any((p / n).is_file() for n in OFFICIAL_WEIGHTS):
-    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(OFFICIAL_WEIGHTS)}")
+  if not any((p / n).is_file() for n in hf_to_flax.WEIGHT_FILES):
+    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(hf_to_flax.WEIGHT_FILES)}")
   if not (p / "ae.safetensors").is_file():
     raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
   if not (p / "llm_config.json").is_file():
@@ -216,9 +224,9 @@ def check_official_dir(config, path: str, key: str) -> Geometry:
 
 def check_model(config) -> Geometry:
   m = "model"
-  _enum(config, f"{m}.param_dtype", MODEL_DTYPES)
-  _enum(config, f"{m}.inference_dtype", ("",) + MODEL_DTYPES)
-  _enum(config, f"{m}.compute_dtype", MODEL_DTYPES)
+  _enum(config, f"{m}.param_dtype", DTYPES)
+  _enum(config, f"{m}.inference_dtype", ("",) + DTYPES)
+  _enum(config, f"{m}.compute_dtype", DTYPES)
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
   _check_mesh(config, "mesh", allow_zero_tensor=True)
@@ -291,7 +299,7 @@ def check_propose(config) -> None:
 
 def check_score(config) -> None:
   s = "score"
-  mode = _enum(config, f"{s}.mode", SCORE_MODES)
+  mode = _enum(config, f"{s}.mode", JUDGE_MODES)
   for k in ("think", "use_global", "use_regions", "region_identify"):
     _bool(config, f"{s}.{k}")
   _int(config, f"{s}.batch_size", lo=1)
@@ -320,9 +328,13 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   t = "train"
   if _int(config, f"{t}.steps") < 1:
     _fail(f"{t}.steps", config.train.steps, "must be >= 1 (the number of optimizer updates)")
-  _enum(config, f"{t}.objective", OBJECTIVES)
+  _enum(config, f"{t}.objective", train_stage.OBJECTIVES)
+  _enum(config, f"{t}.vae_moments", train_stage.VAE_MOMENTS)
+  _enum(config, f"{t}.moments_dtype", train_data.MOMENTS_DTYPES)
+  _int(config, f"{t}.encode_batch", lo=1)
+  _subset(config, f"{t}.freeze", optimizer.FREEZE_GROUPS)
   _float(config, f"{t}.lr", lo=0.0, lo_open=True)
-  _enum(config, f"{t}.lr_decay", LR_DECAYS)
+  _enum(config, f"{t}.lr_decay", optimizer.LR_DECAYS)
   _float(config, f"{t}.min_lr_ratio", lo=0.0, hi=1.0)
   _int(config, f"{t}.warmup_steps", lo=0)
   _float(config, f"{t}.b1", lo=0.0, hi=1.0, hi_open=True)
@@ -381,14 +393,14 @@ def check_prompts(config, key: str) -> None:
   src = _get(config, key)
   source = src.source or ("file" if src.path else "python" if src.function else "tfds")
   if src.source:
-    _enum(config, f"{key}.source", PROMPT_SOURCES)
+    _enum(config, f"{key}.source", prompts_lib.PROMPT_SOURCES)
   if src.path and source != "file":
     _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
           f"--config.{key}.source=file (or clear the path)")
   if src.limit is not None:
     _int(config, f"{key}.limit", lo=1)
   if source == "file":
-    _enum(config, f"{key}.format", PROMPT_FORMATS)
+    _enum(config, f"{key}.format", prompts_lib.PROMPT_FORMATS)
     if not src.path:
       _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
     _existing_file(f"{key}.path", src.path, "prompt file")
@@ -415,7 +427,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
     _int(config, f"{e}.{k}", lo=1)
   _int(config, f"{e}.grid_images", lo=0)
   _int(config, f"{e}.seed")
-  judge = _enum(config, f"{e}.judge", EVAL_JUDGES)
+  judge = _enum(config, f"{e}.judge", evaluate.JUDGES)
   name = str(config.eval.name)
   if not name or not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
     _fail(f"{e}.name", name, "must be a non-empty folder name (letters, digits, . _ + = -)")
@@ -459,7 +471,7 @@ def check_pretrain_stage(config, key: str) -> None:
   model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
   for k in ("compute_dtype", "eval_dtype", "save_dtype"):
-    _enum(config, f"{key}.{k}", MODEL_DTYPES)
+    _enum(config, f"{key}.{k}", DTYPES)
   _bool(config, f"{key}.resume")
   _int(config, f"{key}.seed")
   _float(config, f"{key}.max_seconds", lo=0.0, lo_open=True)
@@ -468,7 +480,7 @@ def check_pretrain_stage(config, key: str) -> None:
   _int(config, f"{key}.data_workers", lo=0)
   for block in ("ae", "umm"):
     _float(config, f"{key}.{block}.lr", lo=0.0, lo_open=True)
-    _enum(config, f"{key}.{block}.lr_decay", LR_DECAYS)
+    _enum(config, f"{key}.{block}.lr_decay", optimizer.LR_DECAYS)
     _int(config, f"{key}.{block}.warmup_steps", lo=0)
   _int(config, f"{key}.ae.steps", lo=0)
   _int(config, f"{key}.ae.batch", lo=1)

@@ -54,7 +54,8 @@ from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds build
 from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
-           "PROMPT_SOURCE_DEFAULTS", "prompt_source", "require_prompts"]
+           "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
+           "require_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ _PROMPT_KEYS = ("Question", "prompt")
 _CATEGORY_KEYS = ("Category", "category")
 _ID_KEYS = ("Question_id", "id")
 _FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl"}
+PROMPT_SOURCES = ("file", "tfds", "python")  # `source`; "" picks one from the keys that are set
+PROMPT_FORMATS = ("",) + tuple(_FORMATS.values())  # `format`; "": from the file's extension
 
 # Every key a prompt source may set, with its default ("" / None: not set).
 PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", function="", kwargs={},
@@ -289,7 +292,7 @@ def load_prompts(source_cfg) -> PromptList:
   """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`."""
   cfg = _normalise(source_cfg)
   source = cfg["source"]
-  loaders = {"file": _load_file, "tfds": _load_tfds, "python": _load_python}
+  loaders = dict(zip(PROMPT_SOURCES, (_load_file, _load_tfds, _load_python)))
   if source not in loaders:
     raise UserValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
   col = loaders[source](cfg)

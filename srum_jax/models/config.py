@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+DTYPES = ("float32", "bfloat16")  # parameter and compute dtypes a model runs in
+
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:

@@ -35,7 +35,8 @@ from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, 
 from srum_jax.pipeline import generate
 from srum_jax.workdir import layout, logs
 
-METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")
+METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")  # `eval.metrics`
+JUDGES = ("oracle", "self", "hf_vlm")  # `eval.judge`
 
 
 def _resolve(spec: str) -> Callable:
@@ -87,7 +88,7 @@ def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = 
     return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl)
   if name == "hf_vlm":
     return HFVLMJudge(ecfg)
-  raise ValueError(f"unknown eval judge {name!r}; choose oracle, self or hf_vlm")
+  raise ValueError(f"unknown eval judge {name!r}; choose one of {JUDGES}")
 
 
 def table(rows: Sequence[dict]) -> Dict[str, Dict[str, float]]:

@@ -45,7 +45,7 @@ from srum_jax.training.preemption import PreemptionFlag
 
 __all__ = ["OBJECTIVES", "step_options", "train", "final_params", "default_load_model", "main"]
 
-OBJECTIVES = ("srum", "sft")
+OBJECTIVES = ("srum", "sft")  # `train.objective`: SRUM, or the SFT control on the same data
 
 LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
 
@@ -56,8 +56,6 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
   attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
-  if name not in OBJECTIVES:
-    raise ValueError(f"train.objective={name!r}; choose one of {OBJECTIVES}")
   sft = name == "sft"
   levers = objective.RewardLevers(use_local=bool(s.use_local), use_global=bool(s.use_global),
                                   signed=bool(s.signed_rewards), uniform=sft)
@@ -149,7 +147,7 @@ def batch_layout(config, mesh) -> Dict[str, int]:
   return {"batch_ways": ways, "microbatches": per_shard // micro}
 
 
-VAE_MOMENTS = ("cached", "step")
+VAE_MOMENTS = ("cached", "step")  # `train.vae_moments`: encoded once as data preparation, or in the step
 
 
 def _host_tree(tree):
@@ -331,12 +329,6 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   rules = sharding.rules_from_config(config.sharding_rules)
   opts = dataclasses.replace(opts, **batch_layout(config, mesh))
   total = int(t.steps if max_steps is None else max_steps)
-  if t.vae_moments not in VAE_MOMENTS:
-    raise ValueError(f"train.vae_moments={t.vae_moments!r}; choose one of {VAE_MOMENTS}")
-  if t.moments_dtype not in train_data.MOMENTS_DTYPES:
-    raise ValueError(f"train.moments_dtype={t.moments_dtype!r}; choose one of {train_data.MOMENTS_DTYPES}")
-  if int(t.encode_batch) < 1:
-    raise ValueError(f"train.encode_batch={t.encode_batch} must be >= 1")
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
   tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
   master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)

@@ -15,9 +15,11 @@ from typing import Any, Optional, Sequence
 import jax
 import optax
 
-__all__ = ["LR_DECAYS", "lr_schedule", "make_optimizer", "param_labels"]
+__all__ = ["LR_DECAYS", "FREEZE_GROUPS", "lr_schedule", "make_optimizer", "param_labels"]
 
 LR_DECAYS = ("constant", "cosine")
+# What `freeze` may name: the top-level BAGEL groups, the autoencoder, the understanding expert.
+FREEZE_GROUPS = ("vit", "connector", "llm", "vae2llm", "llm2vae", "time_embedder", "ae", "und")
 
 
 def lr_schedule(ocfg, total_steps: Optional[int] = None) -> optax.Schedule:
