@@ -234,6 +234,7 @@ def test_stages_resolve_the_config_the_same_way():
     train.step_options(c)
 
 
+@pytest.mark.slow
 def test_decoder_with_splash_per_shard_equals_dense():
   """The MoT decoder (layers scanned, remat, routed experts) with splash on an 8-device mesh, traced under the
   mesh as the train step is (`sharding.under_mesh`): hidden states and parameter gradients equal `dense`."""

@@ -15,6 +15,7 @@ def _bench(name):
   return load_script(f"benchmarks/{name}.py")
 
 
+@pytest.mark.slow
 def test_train_step_benchmark(capsys):
   b = _bench("train_step")
   r = b.main(["--preset", "tiny", "--image", "32x32", "--tokens", "64", "--text", "8", "--steps", "2", "--warmup", "1",
@@ -67,6 +68,7 @@ def test_spearman_matches_scipy():
   assert np.isnan(j.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
+@pytest.mark.slow
 def test_judge_benchmark(capsys, tmp_path):
   r = _bench("judge").main(["--num", "4", "--workdir", str(tmp_path)])
   out = capsys.readouterr().out

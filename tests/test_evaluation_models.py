@@ -166,6 +166,7 @@ def _eval_config(tiny_model_dir, workdir, metric_models, **extra):
       "eval.mllm.max_new_tokens": 4, "eval.mllm.max_retries": 0, "eval.mllm.torch_dtype": "float32", **extra})
 
 
+@pytest.mark.slow
 def test_eval_command_tables_on_the_tiny_model_and_on_a_folder(tiny_model_dir, metric_models, tmp_path):
   cfg = _eval_config(tiny_model_dir, tmp_path, metric_models)
   assert commands.eval_main(cfg, None) == 0

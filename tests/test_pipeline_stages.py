@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from srum_jax import config_utils, files
 from srum_jax.data.prompt_sources import load_prompts
@@ -48,6 +49,7 @@ def _two_processes(tiny_model_dir, workdir):
   return procs
 
 
+@pytest.mark.slow
 def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
   """generate -> propose -> score -> train -> eval (+ SFT control), with the report the oracle's numbers; the
   same run as 2 processes on one shared workdir does every item exactly once and ends with the same report
@@ -156,6 +158,7 @@ def test_generate_and_score_modes(tiny_model_dir, tmp_path):
   assert all(r["global_score"] is not None for r in recs)  # failures fall back to the default 0.0
 
 
+@pytest.mark.slow
 def test_identify_then_score_records_and_ema_training(tiny_model_dir, tmp_path):
   """Logits-mode regions with `region_identify` record the named object next to each score; with
   `train.ema_decay` > 0 the trained model `run` goes on with is the EMA of the weights, not the last step."""
@@ -183,6 +186,7 @@ def _cli(args, **kw):
                           stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_generate_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path):
   args = ["generate", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}",
           "--config.generate.batch_size=1", "--config.prompts.train.kwargs.per_category=6"]  # 30 items
@@ -237,6 +241,7 @@ def test_launch_scripts_dry_run():
   assert no_coord.returncode == 2 and "COORDINATOR" in no_coord.stderr
 
 
+@pytest.mark.slow
 def test_score_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path):
   cfg = _config(tiny_model_dir, tmp_path, **{"prompts.train.kwargs.per_category": 2})
   model = loaded_model.load_model(tiny_model_dir)

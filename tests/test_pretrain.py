@@ -195,6 +195,7 @@ def test_start_mode_is_decided_once(tmp_path):
   assert stages.start_mode(p) == stages.StartMode.WARM_START
 
 
+@pytest.mark.slow
 def test_pretrain_short_run(tmp_path):
   """The default command's chain on CPU, a few steps per stage: A+B from scratch (a loadable model directory,
   consistent ids, falling losses), then the position stage as a warm start from B's model; a rerun keeps B."""
@@ -255,6 +256,7 @@ class _StopAfter(PreemptionFlag):
     return self.checks > self.k
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_and_resumed_equals_uninterrupted(tmp_path):
   """A stop signal mid stage B saves the state; the same command then resumes and ends with the parameters of
   an uninterrupted run, bit for bit (data, noise and the learning rate are functions of the step)."""

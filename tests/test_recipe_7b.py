@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from srum_jax.data.prompt_sources import load_prompts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +39,7 @@ print("RESULT " + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_recipe_lowers_on_8_to_64_devices():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)

@@ -226,6 +226,7 @@ def _two_process_propose(workdir):
   return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow
 def test_one_multi_process_run_shares_the_lock_and_stops_together(tmp_path):
   """Process 0 of a run takes the lock for every process of it; when it cannot, all of them stop (exit 2)."""
   codes, outs = _two_process_propose(tmp_path)

@@ -37,6 +37,7 @@ def test_parameters_are_sharded_by_the_rules(models):
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
+@pytest.mark.slow
 def test_sharded_sampler_equals_one_device(models):
   """think mode (plan decoded, then the image) with text CFG: the same plans, latents and pixels."""
   one, sharded = models
@@ -50,6 +51,7 @@ def test_sharded_sampler_equals_one_device(models):
   assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_sharded_judge_equals_one_device(models):
   """logits mode (expected scores) and generate mode (decoded answers); five rows do not divide the mesh's
   four batch shards: the judge pads them."""

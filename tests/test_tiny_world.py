@@ -66,6 +66,7 @@ def shipped_model_dir(tmp_path_factory):
   return str(dst)
 
 
+@pytest.mark.slow
 def test_shipped_judge_meets_targets_on_held_out_pairs(shipped_model_dir, tmp_path):
   settings = pretrain.EvalSettings(seed=123, num_pairs=200, num_generate_mode=0, num_gen_per_category=2, batch_size=50)
   res = pretrain.evaluate_model(shipped_model_dir, settings, out_path=str(tmp_path / "eval.json"))
@@ -108,6 +109,7 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
   assert np.mean([n == t for n, t in zip(names, truth)]) >= 0.6, list(zip(names, truth))
 
 
+@pytest.mark.slow
 def test_main_command_on_a_reduced_config(tmp_path):
   """`python -m srum_jax run --config=experiments/tiny_world.py` (README's command), fewer prompts and steps."""
   work = tmp_path / "run"

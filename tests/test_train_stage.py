@@ -21,6 +21,8 @@ from PIL import Image
 
 from srum_jax.convert import checkpoint
 
+pytestmark = pytest.mark.slow  # every test here shares one module fixture of several training runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 STEPS, SAVE_EVERY, N_RECORDS, NAN_FILE = 6, 2, 6, "img_3.png"

@@ -44,6 +44,7 @@ def setup(tiny_cfg, tiny_params):
   return params, tx, opts
 
 
+@pytest.mark.slow
 def test_step_learns_and_freezes(tiny_cfg, setup):
   params, tx, opts = setup
   step = jax.jit(ts.make_train_step(tiny_cfg, opts, tx))
@@ -80,6 +81,7 @@ def test_nonfinite_loss_skips_update(tiny_cfg, setup):
   assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
 
 
+@pytest.mark.slow
 def test_sft_control_options(tiny_cfg, setup):
   """uniform rewards + lambda 0 is the plain flow loss (R == 1)."""
   params, tx, opts = setup
@@ -98,6 +100,7 @@ def dataclass_replace(x, **kw):
   return dataclasses.replace(x, **kw)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tiny_cfg, setup):
   params, tx, opts = setup
   step_fn = ts.make_train_step(tiny_cfg, opts, tx)
@@ -121,6 +124,7 @@ def test_sharded_step_equals_single_device(tiny_cfg, setup):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup):
   """The loss from stored posterior moments (the encoder run once, outside the step) equals the loss with the
   encoder in the step, for the same key: fp32 moments to 1e-6 relative (only the encoder's compiled form

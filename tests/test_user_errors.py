@@ -83,6 +83,7 @@ def _cases(tmp: pathlib.Path):
   ]
 
 
+@pytest.mark.slow
 def test_each_user_error_is_one_line_and_exit_2(tmp_path):
   cases = _cases(tmp_path)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
