@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.data_threads = 4
   c.train.data_workers = 0  # >0: grain decodes in that many processes
 
-  # Prompt sets (srum_jax.pipeline.prompts.load_prompts): file / tfds / python sources.
+  # Prompt sets (srum_jax.data.prompt_sources.load_prompts): file / tfds / python sources.
   c.prompts = ml_collections.ConfigDict()
   c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
   c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
@@ -275,7 +275,7 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.data.think_uncond = 0.1  # of those, the system prompt alone (think mode's classifier-free guidance)
   # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces).
   p.phases = ()
-  # Evaluation on val prompts at the end (`pretrain.evaluate.evaluate_model`).
+  # Evaluation on val prompts at the end (`pretrain.heldout.evaluate_model`).
   p.eval = ml_collections.ConfigDict()
   p.eval.enabled = True
   p.eval.seed = 0

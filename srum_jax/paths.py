@@ -4,8 +4,8 @@ A path with a scheme (`gs://`, `s3://`, ...) is *remote*: it goes through `etils
 its writes are single whole-object writes (an object appears complete or not at all, so no temporary name and
 rename is needed). A local path keeps the plain os / pathlib calls it always used (tmp + `os.replace`,
 appends, `O_EXCL`). What an object store cannot do (append, exclusive create, memory-map) is handled where it
-is needed: resumable logs as part objects (`pipeline.common.JsonlLog`), a best-effort workdir lock
-(`pipeline.common.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
+is needed: resumable logs as part objects (`workdir.logs.JsonlLog`), a best-effort workdir lock
+(`workdir.locking.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
 tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
 
     paths.is_remote("gs://b/run")                  # True

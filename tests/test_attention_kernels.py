@@ -185,7 +185,7 @@ def test_kernels_run_per_shard_under_a_mesh():
       assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
   assert "shard_map" in str(jax.make_jaxpr(sharding.under_mesh(SPLASH, mesh))(q, k, v, meta, meta))
   sdpa = functools.partial(attn_lib.sdpa_attention, implementation="xla")
-  with jax.set_mesh(mesh):  # the inference stages' way (`pipeline.common.on_mesh`)
+  with jax.set_mesh(mesh):  # the inference stages' way (`engine.loaded_model.on_mesh`)
     assert "shard_map" in str(jax.make_jaxpr(sdpa)(q, k, v, meta, meta))
     got = _fwd_and_grads(sdpa, q, k, v, meta, meta)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

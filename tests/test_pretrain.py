@@ -2,7 +2,7 @@
 decision, a short run of the default chain, and stop + resume == uninterrupted.
 
 The short run (a few AE and UMM steps on CPU, ~40 s with compilation) checks that pretraining writes a model
-directory that `pipeline.common.load_model` loads, whose tokenizer agrees with the model's special ids and
+directory that `engine.loaded_model.load_model` loads, whose tokenizer agrees with the model's special ids and
 the judge prompts, and that the losses go down.
 """
 import json

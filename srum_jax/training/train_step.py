@@ -11,7 +11,7 @@ image, squashed by a sigmoid and shifted; the text condition is dropped with pro
 `text_cond_dropout` (CFG training).
 
 The posterior comes either from the batch (`SrumBatch.moments`: encoded once per round by the data
-pipeline, `pipeline.data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
+pipeline, `pipeline.train_data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
 encoder need not run every step) or from the frozen encoder run inside the step on `SrumBatch.images`.
 Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal moments and key the loss
 is the same.
