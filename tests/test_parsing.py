@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srum_jax.rewards import parsing
-from srum_jax.rewards import prompts
+from srum_jax.rewards import texts as prompts
 
 
 # ---- global ----------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_und_batch_targets_are_next_tokens(which, request):
 def test_plan_examples_and_think_generation_samples(think_sampler):
   """Plan questions are [think system prompt] [prompt] -> a valid plan of that prompt; think-mode generation
   samples carry [system prompt] [prompt] [plan of the rendered scene] (or the system prompt alone)."""
-  from srum_jax.rewards import prompts as judge_prompts
+  from srum_jax.rewards import texts as judge_prompts
   rng = np.random.default_rng(2)
   tok = think_sampler.tokenizer
   marker = tok.encode(judge_prompts.GEN_THINK_SYSTEM_PROMPT)

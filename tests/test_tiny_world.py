@@ -77,7 +77,7 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
   import numpy as np
   from srum_jax.pipeline import score as score_stage
   from srum_jax.pretrain.evaluate import judge_config
-  from srum_jax.rewards import prompts as judge_prompts
+  from srum_jax.rewards import texts as judge_prompts
   from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth as world_truth
   model = common.load_model(shipped_model_dir)
   rng = np.random.default_rng(5)

@@ -25,7 +25,7 @@ from srum_jax.models import image_transforms, qwen2_mot
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import CAUSAL, TokenMeta
 from srum_jax.rewards.parsing import strip_think
-from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
+from srum_jax.rewards.texts import JUDGE_THINK_SYSTEM_PROMPT
 
 __all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think",
            "next_token_logits", "greedy_continuations", "continue_then_logits"]

@@ -27,7 +27,7 @@ from srum_jax.inference.context import Context
 from srum_jax.models import autoencoder, bagel, embeddings, qwen2_mot
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import FULL
-from srum_jax.rewards.prompts import GEN_THINK_SYSTEM_PROMPT
+from srum_jax.rewards.texts import GEN_THINK_SYSTEM_PROMPT
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from srum_jax import paths
 from srum_jax.pipeline import common, generate, propose
-from srum_jax.rewards import parsing, prompts as judge_prompts, records
+from srum_jax.rewards import parsing, texts as judge_prompts, records
 
 
 @dataclasses.dataclass

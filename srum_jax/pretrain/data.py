@@ -37,7 +37,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 
 from srum_jax.pretrain import vocab
-from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.rewards import texts as judge_prompts
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)

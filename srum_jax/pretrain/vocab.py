@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.rewards import texts as judge_prompts
 from srum_jax.worlds.shapes import grammar
 
 SCORE_TOKENS = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
@@ -18,12 +18,12 @@ SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
 MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
 DESCRIBE = "<describe>"  # the question of the auxiliary captioning task (never asked by the pipeline)
 LOCATE = "<locate>"  # the question of the auxiliary grounding task: "<locate> red circle" -> its box
-THINK_GEN = "<think_gen>"  # the generation think system prompt (`rewards.prompts.GEN_THINK_SYSTEM_PROMPT`)
+THINK_GEN = "<think_gen>"  # the generation think system prompt (`rewards.texts.GEN_THINK_SYSTEM_PROMPT`)
 _PLACEHOLDER = "QQPROMPTQQ"
 
 
 def template_pieces() -> Dict[str, str]:
-  """The constant text of the judge prompts (`rewards.prompts`), cut around the prompt and the boxes:
+  """The constant text of the judge prompts (`rewards.texts`), cut around the prompt and the boxes:
   {marker: text}. Read from the prompt functions themselves, so the tokenizer follows their wording."""
   pre, g_suf = judge_prompts.global_layout_prompt(_PLACEHOLDER).split(_PLACEHOLDER)
   boxes = [[1, 2, 3, 4], [5, 6, 7, 8]]
@@ -69,7 +69,7 @@ def build_tokenizer(directory, cfg):
 
 
 def check_tokenizer(tokenizer) -> None:
-  """Raise unless the judge prompts of today's `rewards.prompts` tokenize to markers + prompt + boxes
+  """Raise unless the judge prompts of today's `rewards.texts` tokenize to markers + prompt + boxes
   (a model directory built for other prompt wording would see <unk> runs instead)."""
   words = tokenizer.hf.convert_ids_to_tokens(tokenizer.encode(judge_prompts.global_layout_prompt("two red circles")))
   want = ["<judge_prompt>", "two", "red", "circles", "<judge_global>"]
