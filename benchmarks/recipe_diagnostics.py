@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from srum_jax import config_utils  # noqa: E402
 from srum_jax.pipeline import common, evaluate, prompts, run  # noqa: E402
+from srum_jax.rewards import texts as texts_lib  # noqa: E402
 
 
 def truth_records(cfg, out_dir: str, per_prompt: int, seed: int) -> str:
@@ -55,7 +56,7 @@ def tables_for(cfg, model, name: str) -> dict:
     items = prompts.load_prompts(cfg.prompts[split])
     out[split] = evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
                                    os.path.join(cfg.workdir, f"eval_{split}", name), seed=cfg.eval.seed,
-                                   compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                   texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
   return out
 
 

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from srum_jax import config_utils  # noqa: E402
 from srum_jax.pipeline import common, run  # noqa: E402
 from srum_jax.pipeline import train as train_stage  # noqa: E402
+from srum_jax.rewards import texts as texts_lib  # noqa: E402
 
 
 def oracle_checked_candidates(workdir: str):
@@ -84,7 +85,7 @@ def oracle_filtered_sft(cfg) -> dict:
   model = common.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
   return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompts.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
-                           compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
 
 
 def _model_dirs(cfg, names) -> dict:
@@ -101,7 +102,7 @@ def train_prompt_tables(cfg, names) -> dict:
   items = prompts.load_prompts(cfg.prompts.train)
   return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, common.load_inference_model(cfg, path),
                                   items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
-                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                  texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
           for name, path in _model_dirs(cfg, names).items()}
 
 

@@ -23,6 +23,7 @@ from srum_jax.pipeline.prompts import prompt_source
 def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/bagel_7b_compbench"
+  c.texts.require_official = True  # BAGEL's and SRUM's own texts (README, "Official texts"), or texts.file=own
   c.model.preset = "bagel_7b_mot"
   c.model.param_dtype = "float32"
   c.model.inference_dtype = "bfloat16"

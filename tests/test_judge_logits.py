@@ -4,6 +4,7 @@ import numpy as np
 
 from srum_jax.inference import decoding
 from srum_jax.pipeline import common
+from srum_jax.rewards.texts import own_texts
 
 
 def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
@@ -87,7 +88,7 @@ def test_logits_judge_pads_to_one_shape_per_query_kind(tiny_model_dir):
   tiny = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny_pipeline.py")
   cfg = config_utils.load_config(tiny, {"score.region_identify": True,
                                                                    "score.batch_size": 4})
-  judge = score.Judge(cfg.score, common.load_model(tiny_model_dir))
+  judge = score.Judge(cfg.score, common.load_model(tiny_model_dir), texts=own_texts())
   rep = score.ScoreReport()
   images, prompts, boxes = _judge_inputs(7, seed=3)
   judge.global_scores(images[:4], prompts[:4], rep)  # warm up: one program per query kind

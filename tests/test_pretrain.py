@@ -117,14 +117,14 @@ def test_und_batch_targets_are_next_tokens(which, request):
 def test_plan_examples_and_think_generation_samples(think_sampler):
   """Plan questions are [think system prompt] [prompt] -> a valid plan of that prompt; think-mode generation
   samples carry [system prompt] [prompt] [plan of the rendered scene] (or the system prompt alone)."""
-  from srum_jax.rewards import texts as judge_prompts
+  from srum_jax.rewards import texts as texts_lib
   rng = np.random.default_rng(2)
   tok = think_sampler.tokenizer
-  marker = tok.encode(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+  marker = tok.encode(texts_lib.own_texts().gen_think_system)
   assert tok.hf.convert_ids_to_tokens(marker) == [vocab.THINK_GEN]
   for _ in range(20):
     image, question, plan, info = think_sampler.und_example(rng, task="plan")
-    assert image is None and info["task"] == "plan" and question[0] == judge_prompts.GEN_THINK_SYSTEM_PROMPT
+    assert image is None and info["task"] == "plan" and question[0] == texts_lib.own_texts().gen_think_system
     assert evaluate.plan_valid(plan, question[1]) == (True, True)
   gb = think_sampler.gen_batch(rng, rows=8, samples_per_row=4, text_len=26)
   meta = gb.inputs.meta

@@ -14,6 +14,7 @@ from srum_jax import sharding
 from srum_jax.inference import sampling
 from srum_jax.models import params as params_lib
 from srum_jax.pipeline import common, score
+from srum_jax.rewards.texts import own_texts
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -60,7 +61,7 @@ def test_sharded_judge_equals_one_device(models):
   scfg.update(dict(mode="logits", think=False, vit_image_size=28, max_new_tokens_global=6, max_retries=0))
   got = []
   for model in (one, sharded):
-    judge = score.Judge(scfg, model)
+    judge = score.Judge(scfg, model, texts=own_texts())
     rep = score.ScoreReport()
     got.append((judge.global_scores(images, texts, rep), judge.answers(images, texts, 6)))
   np.testing.assert_allclose(got[0][0], got[1][0], atol=1e-5)

@@ -77,7 +77,7 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
   import numpy as np
   from srum_jax.pipeline import score as score_stage
   from srum_jax.pretrain.evaluate import judge_config
-  from srum_jax.rewards import texts as judge_prompts
+  from srum_jax.rewards import texts as texts_lib
   from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth as world_truth
   model = common.load_model(shipped_model_dir)
   rng = np.random.default_rng(5)
@@ -95,10 +95,11 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
     texts.append(q.text)
     boxes.append([world_truth.official_box(scene_lib.scene_boxes(scene)[k])])
     truth.append(f"{scene.objects[k].color} {scene.objects[k].shape}")
-  judge = score_stage.Judge(judge_config(28, region_identify=True), model)
+  own = texts_lib.own_texts()  # the shapes world's model was trained on these
+  judge = score_stage.Judge(judge_config(28, region_identify=True), model, texts=own)
   got = judge.region_scores(images, texts, boxes, score_stage.ScoreReport())
   names = [d[1][1] for d in got]
-  answers = judge.answers(images, [judge_prompts.region_prompt(t, b) for t, b in zip(texts, boxes)], 12)
+  answers = judge.answers(images, [texts_lib.render_regions(own, t, b) for t, b in zip(texts, boxes)], 12)
   assert [a.split("Identified Object:")[1].split("Score")[0].strip() for a in answers] == names
   assert all(-1.0 <= d[1][0] <= 1.0 for d in got)
   assert np.mean([n == t for n, t in zip(names, truth)]) >= 0.6, list(zip(names, truth))

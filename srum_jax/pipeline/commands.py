@@ -48,6 +48,12 @@ def _dirs(config):
   return {k: os.path.join(w, k) for k in ("generate", "propose", "score", "train", "eval")}
 
 
+def _texts(config):
+  """The texts the config names (`texts.file`: "" / "own" or a texts file; `rewards.texts`)."""
+  from srum_jax.rewards import texts as texts_lib
+  return texts_lib.from_setting(config.texts.file)
+
+
 def _model(config) -> common.Model:
   """The config's model, placed for inference (`common.load_inference_model`)."""
   model_dir = common.resolve_model_dir(config)
@@ -65,7 +71,7 @@ def generate_main(config, flags) -> int:
   require_prompts(items, "prompts.train")
   model = _model(config)
   rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                          compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
+                          texts=_texts(config), compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
   return 1 if rep.skipped_nonfinite else 0
 
 
@@ -85,7 +91,7 @@ def score_main(config, flags) -> int:
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
+              texts=_texts(config), compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
   return 0
 
 
@@ -129,17 +135,18 @@ def eval_main(config, flags) -> int:
   ecfg = config.eval
   from srum_jax.config_validation import require_prompts
   metrics = evaluate.parse_metrics(ecfg.metrics)
-  items = evaluate.eval_items(config)
+  texts = _texts(config)
+  items = evaluate.eval_items(config, texts)
   require_prompts(items, "prompts.val")
   out = os.path.join(_dirs(config)["eval"], ecfg.name)
   if ecfg.images_dir:
     needs_umm = "judge" in metrics and ecfg.judge == "self"
     evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
-                             ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,
+                             ecfg.images_dir, out, seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype,
                              name=ecfg.name, attn_impl=common.attn_impl(config))
   else:
     evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
-                      seed=ecfg.seed, compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                      seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype, name=ecfg.name,
                       attn_impl=common.attn_impl(config))
   return 0
 

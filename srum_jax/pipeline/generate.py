@@ -21,6 +21,7 @@ import numpy as np
 from srum_jax import paths
 from srum_jax.pipeline import common, multihost
 from srum_jax.pipeline.prompts import PromptItem
+from srum_jax.rewards.texts import Texts
 
 
 @dataclasses.dataclass
@@ -54,14 +55,13 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
-def prompt_token_cap(gcfg, model: common.Model) -> int:
+def prompt_token_cap(gcfg, model: common.Model, texts: Texts) -> int:
   """Prompt ids one generation accepts: the LLM's `max_position_embeddings` less what else takes positions
   (the prompt's BOS/EOS, in think mode the system prompt and the plan with their BOS/EOS, one position for
   the image's latent tokens), lowered to `max_prompt_tokens` and to `text_budget` (less BOS/EOS) when set."""
-  from srum_jax.inference import sampling
   used = 2 + 1
   if bool(gcfg.think):
-    used += len(model.tokenizer.encode(sampling.GEN_THINK_SYSTEM_PROMPT)) + 2 + int(gcfg.max_think_tokens) + 2
+    used += len(model.tokenizer.encode(texts.gen_think_system)) + 2 + int(gcfg.max_think_tokens) + 2
   cap = int(model.cfg.llm.max_position_embeddings) - used
   if int(gcfg.max_prompt_tokens):
     cap = min(cap, int(gcfg.max_prompt_tokens))
@@ -70,13 +70,14 @@ def prompt_token_cap(gcfg, model: common.Model) -> int:
   return cap
 
 
-def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
+def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int, texts: Texts,
              compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
   """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
-  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes."""
+  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes. Think mode
+  sends `texts.gen_think_system`."""
   from srum_jax.inference import sampling
 
-  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model))
+  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model, texts))
   log = common.process_log(out_dir, "metadata")
   log_rep = common.LogReport()
   done = set(r["id"] for r in read_metadata(out_dir, log_rep))
@@ -113,7 +114,7 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
         cfg_interval=tuple(gcfg.cfg_interval), cfg_renorm_type=str(gcfg.cfg_renorm_type),
         cfg_renorm_min=float(gcfg.cfg_renorm_min), max_think_tokens=int(gcfg.max_think_tokens),
-        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
+        system_prompt=texts.gen_think_system if bool(gcfg.think) else None, dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
         mesh=mesh)
     images = jax.device_get(res.images)
     finite = np.isfinite(np.asarray(jax.device_get(res.latents))).reshape(len(chunk), -1).all(axis=1)

@@ -26,7 +26,8 @@ import numpy as np
 
 from srum_jax import paths
 from srum_jax.pipeline import common, generate, propose
-from srum_jax.rewards import parsing, texts as judge_prompts, records
+from srum_jax.rewards import parsing, records
+from srum_jax.rewards import texts as texts_lib
 
 
 @dataclasses.dataclass
@@ -60,19 +61,21 @@ def square_view(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class Judge:
-  """The model's understanding branch as a scorer (both modes behind one interface)."""
+  """The model's understanding branch as a scorer (both modes behind one interface); `texts` gives the judge
+  questions and the think system prompt (`rewards.texts`)."""
 
-  def __init__(self, scfg, model: common.Model, *, seed: int = 0, compute_dtype="float32",
+  def __init__(self, scfg, model: common.Model, *, texts: texts_lib.Texts, seed: int = 0, compute_dtype="float32",
                attn_impl: str = "dense"):
     self.config = scfg
     self.model = model
+    self.texts = texts
     self.attn_impl = attn_impl
     self.dtype = jnp.dtype(compute_dtype)
     self.stats = parsing.ParseStats()
     self.key = jax.random.key(seed)
     if scfg.mode not in ("generate", "logits"):
       raise ValueError(f"score.mode must be 'generate' or 'logits', got {scfg.mode!r}")
-    self.system = judge_prompts.JUDGE_THINK_SYSTEM_PROMPT if scfg.think else None
+    self.system = texts.judge_think_system if scfg.think else None
     if scfg.mode == "logits":
       values, ids = [], []
       for text in scfg.logit_candidates:
@@ -173,7 +176,7 @@ class Judge:
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text, rep: ScoreReport) -> List[Optional[float]]:
-    qs = [judge_prompts.global_layout_prompt(p) for p in prompts_text]
+    qs = [texts_lib.render_global(self.texts, p) for p in prompts_text]
     if self.config.mode == "logits":
       return self._expected(images, qs)
     out = self._with_retries(images, qs, self.config.max_new_tokens_global,
@@ -186,7 +189,7 @@ class Judge:
       flat = [(i, k) for i, bs in enumerate(boxes_list) for k in range(len(bs))]
       out: List[Dict[int, tuple]] = [dict() for _ in images]
       for chunk in common.batched(flat, self.rows(1)):  # full chunks: one shape
-        qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
+        qs = [texts_lib.render_regions(self.texts, prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
         ims = [images[i] for i, _ in chunk]
         if self.config.region_identify:
           vals = self._identified_expected(ims, qs)
@@ -195,7 +198,7 @@ class Judge:
         for (i, k), v in zip(chunk, vals):
           out[i][k + 1] = v
       return out
-    qs = [judge_prompts.region_prompt(p, bs) for p, bs in zip(prompts_text, boxes_list)]
+    qs = [texts_lib.render_regions(self.texts, p, bs) for p, bs in zip(prompts_text, boxes_list)]
     parsed = self._with_retries(
         images, qs, self.config.max_new_tokens_regions,
         lambda i, a: parsing.parse_region_answers(a, len(boxes_list[i]), self.stats) or None, rep)
@@ -213,9 +216,9 @@ def _checked(value: Optional[float], rep: ScoreReport) -> Optional[float]:
 
 
 def score(scfg, model: common.Model, gen_dir: str, propose_dir: str, out_dir: str, *, seed: int,
-          compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
+          texts: texts_lib.Texts, compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
-  judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  judge = Judge(scfg, model, texts=texts, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   log = common.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
   log_rep = common.LogReport()
