@@ -40,7 +40,8 @@ def test_sharded_sampler_equals_one_device(models):
   """think mode (plan decoded, then the image) with text CFG: the same plans, latents and pixels."""
   one, sharded = models
   kw = dict(cfg=one.cfg, seeds=3, image_ids=list(range(4)), height=32, width=32, num_timesteps=3,
-            cfg_text_scale=2.0, think=True, max_think_tokens=4)
+            cfg_text_scale=2.0, think=True, max_think_tokens=4,
+            system_prompt=own_texts().gen_think_system)
   a = sampling.text_to_image(one.params["bagel"], one.params["ae"], one.tokenizer, PROMPTS, **kw)
   b = sampling.text_to_image(sharded.params["bagel"], sharded.params["ae"], sharded.tokenizer, PROMPTS,
                              mesh=common.batch_rows_mesh(sharded, 4), **kw)

@@ -1,9 +1,10 @@
 """The texts model (`rewards.texts`) and the official-texts reader (`rewards.official_texts`).
 
-The "official" files here are stand-ins written for these tests: laid out like BAGEL's `inferencer.py`, SRUM's
-`srum_data_infer/vlm.py` and `CompBench_eval/qwen_eval.py`, and T2I-ReasonBench's `eval_*.py` (same function
-and variable names, same statement shapes), with sentences of our own. The reader parses them; the tests run
-the stand-in functions themselves (our code) and compare their strings with the renders.
+The "official" files here are stand-ins written for these tests: laid out like BAGEL's
+`inferencer.py`, SRUM's `srum_data_infer/vlm.py` and `CompBench_eval/qwen_eval.py`, and
+T2I-ReasonBench's `eval_*.py` (same function and variable names, same statement shapes), with
+sentences of our own. The reader parses them; the tests run the stand-in functions themselves (our
+code) and compare their strings with the renders.
 """
 import ast
 import hashlib
@@ -65,7 +66,8 @@ def parse_global_layout_output(text):
     return {}
 
 
-def create_hybrid_evaluation_prompt(original_prompt: str, detected_objects: list[dict]) -> str:
+def create_hybrid_evaluation_prompt(original_prompt: str,
+                                    detected_objects: list[dict]) -> str:
     """Region question."""
     regions_text = ""
     for i, obj in enumerate(detected_objects):
@@ -102,13 +104,15 @@ def main():
             continue
 '''
 
-REASONBENCH_GROUPS = {"idiom": ("reason",), "textual_image": ("reason",), "entity": ("entity", "other_details"),
+REASONBENCH_GROUPS = {"idiom": ("reason",), "textual_image": ("reason",),
+                      "entity": ("entity", "other_details"),
                       "scientific": ("scientific", "other_details")}
 
 
 def reasonbench_eval(stem: str) -> str:
   groups = REASONBENCH_GROUPS[stem] + ("quality",)
-  reads = "".join(f'            qs_{g}_question_criteria = qs[num]["{g}_evaluation"]\n' for g in groups)
+  reads = "".join(f'            qs_{g}_question_criteria = qs[num]["{g}_evaluation"]\n'
+                  for g in groups)
   asks = "".join(f'''            q{k} = f"""\\
 Using what you said, grade each item: {{qs_{g}_question_criteria}}
 Reply as {{{{"why": [...], "score": [s1, ...]}}}}"""
@@ -125,7 +129,8 @@ Reply as {{{{"why": [...], "score": [s1, ...]}}}}"""
 def write_checkouts(tmp: pathlib.Path, vlm: str = VLM, inferencer: str = INFERENCER):
   """(bagel, srum, reasonbench) stand-in checkouts under `tmp`."""
   bagel, srum, rb = tmp / "Bagel", tmp / "SRUM", tmp / "T2I-ReasonBench"
-  for path, text in ((bagel / "inferencer.py", inferencer), (srum / "srum_data_infer" / "vlm.py", vlm),
+  for path, text in ((bagel / "inferencer.py", inferencer),
+                     (srum / "srum_data_infer" / "vlm.py", vlm),
                      (srum / "CompBench_eval" / "qwen_eval.py", QWEN_EVAL)):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -147,17 +152,19 @@ def stand_in(path, *names):
 
 
 def run_assignments(path, function, env, *names):
-  """Execute the assignments to `names` found inside `function` (in source order) with `env` bound."""
+  """Execute the assignments to `names` inside `function` (in source order) with `env` bound."""
   fn = next(n for n in ast.walk(ast.parse(pathlib.Path(path).read_text()))
             if isinstance(n, ast.FunctionDef) and n.name == function)
-  stmts = sorted((n for n in ast.walk(fn) if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in names),
+  stmts = sorted((n for n in ast.walk(fn)
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) in names),
                  key=lambda n: n.lineno)
   ns = dict(env)
   exec(compile(ast.Module(body=stmts, type_ignores=[]), str(path), "exec"), ns)
   return ns
 
 
-PROMPTS = ["a red apple left of a bowl", "two  cats\nand a dog", ' "quoted" {braces} ', "un café, 3 éléphants"]
+PROMPTS = ["a red apple left of a bowl", "two  cats\nand a dog", ' "quoted" {braces} ',
+           "un café, 3 éléphants"]
 BOXES = [[], [[0, 0, 1024, 1024]], [[12, 40, 300, 512], [0, 0, 5, 5], [1.5, 2.0, 3, 4]],
          [[k, 2 * k, k + 100, 2 * k + 50] for k in range(10)]]
 
@@ -165,32 +172,38 @@ BOXES = [[], [[0, 0, 1024, 1024]], [[12, 40, 300, 512], [0, 0, 5, 5], [1.5, 2.0,
 def test_import_renders_what_the_official_functions_return(tmp_path):
   bagel, srum, rb = write_checkouts(tmp_path)
   texts, notes = official_texts.import_texts(bagel, srum, rb)
-  assert texts.origin == "official" and texts.prompt_rule == "verbatim" and texts.box_format == "python_list"
-  sys_prompts = stand_in(pathlib.Path(bagel) / "inferencer.py", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT")
-  assert texts.gen_think_system == sys_prompts["GEN_THINK_SYSTEM_PROMPT"]  # trailing space before the newline kept
+  assert (texts.origin, texts.prompt_rule, texts.box_format) == ("official", "verbatim",
+                                                                 "python_list")
+  sys_prompts = stand_in(pathlib.Path(bagel) / "inferencer.py", "GEN_THINK_SYSTEM_PROMPT",
+                         "VLM_THINK_SYSTEM_PROMPT")
+  # the trailing space before the newline is kept
+  assert texts.gen_think_system == sys_prompts["GEN_THINK_SYSTEM_PROMPT"]
   assert texts.judge_think_system == sys_prompts["VLM_THINK_SYSTEM_PROMPT"]
   vlm_path = pathlib.Path(srum) / "srum_data_infer" / "vlm.py"
   fns = stand_in(vlm_path, "create_global_layout_reward_prompt", "create_hybrid_evaluation_prompt")
+  global_fn, regions_fn = fns["create_global_layout_reward_prompt"], fns[
+      "create_hybrid_evaluation_prompt"]
   qwen = pathlib.Path(srum) / "CompBench_eval" / "qwen_eval.py"
   for prompt in PROMPTS:
-    assert texts_lib.render_global(texts, prompt) == fns["create_global_layout_reward_prompt"](prompt)
+    assert texts_lib.render_global(texts, prompt) == global_fn(prompt)
     for boxes in BOXES:
       objects = [{"bbox": list(b), "area": 1} for b in boxes]
-      assert texts_lib.render_regions(texts, prompt, boxes) == fns["create_hybrid_evaluation_prompt"](prompt, objects)
-    want = run_assignments(qwen, "main", {"prompt_name": prompt}, "question_text")["question_text"]
-    assert texts_lib.render_compbench(texts, prompt) == want
+      assert texts_lib.render_regions(texts, prompt, boxes) == regions_fn(prompt, objects)
+    want = run_assignments(qwen, "main", {"prompt_name": prompt}, "question_text")
+    assert texts_lib.render_compbench(texts, prompt) == want["question_text"]
   # NumPy coordinates are written as the Python numbers they hold
   np_boxes = [np.array([1, 2, 3, 4], np.int64)]
-  assert texts_lib.render_regions(texts, "x", np_boxes) == texts_lib.render_regions(texts, "x", [[1, 2, 3, 4]])
+  assert texts_lib.render_regions(texts, "x", np_boxes) == regions_fn("x", [{"bbox": [1, 2, 3, 4]}])
   for dim, stem in official_texts.REASONBENCH_FILES.items():
     path = pathlib.Path(rb) / "evaluation" / "Qwen2.5-VL" / f"eval_{stem}.py"
     groups = [f"{g}_evaluation" for g in REASONBENCH_GROUPS[stem] + ("quality",)]
     assert list(texts.reasonbench[dim]["questions"]) == groups
-    qs = [{"id": 1, **{g: [f"q{k}: is {g} right?", f"c{k}: 1 if so"] for k, g in enumerate(groups)}},
+    qs = [{"id": 1, **{g: [f"q{k}: is {g} right?", f"c{k}: 1 if so"]
+                       for k, g in enumerate(groups)}},
           {"id": 2, **{g: "a plain string entry" for g in groups}}]
     for num in range(2):
-      names = ["q1"] + [f"q{k}" for k in range(2, len(groups) + 2)] + [f"qs_{g[:-11]}_question_criteria"
-                                                                      for g in groups]
+      names = (["q1"] + [f"q{k}" for k in range(2, len(groups) + 2)]
+               + [f"qs_{g[:-len('_evaluation')]}_question_criteria" for g in groups])
       ns = run_assignments(path, "eval", {"qs": qs, "num": num, "ask": len}, *names)
       assert texts_lib.reasonbench_describe(texts, dim) == ns["q1"]
       for k, g in enumerate(groups, start=2):
@@ -198,7 +211,8 @@ def test_import_renders_what_the_official_functions_return(tmp_path):
   for role, (flag, rel) in official_texts.SOURCES.items():  # provenance: the files' own hashes
     root = {"--bagel_code": bagel, "--srum_code": srum}[flag]
     assert texts.sources[role]["path"] == rel
-    assert texts.sources[role]["sha256"] == hashlib.sha256((pathlib.Path(root) / rel).read_bytes()).hexdigest()
+    file_hash = hashlib.sha256((pathlib.Path(root) / rel).read_bytes()).hexdigest()
+    assert texts.sources[role]["sha256"] == file_hash
   assert texts.sources["reasonbench_entity"]["path"] == "evaluation/Qwen2.5-VL/eval_entity.py"
   assert notes == []  # no SRUM inferencer copy here, the ReasonBench checkout given
   # a file round trip keeps every byte
@@ -208,19 +222,21 @@ def test_import_renders_what_the_official_functions_return(tmp_path):
 
 
 def test_formats_concatenation_constants_and_joins_are_read(tmp_path):
-  """Other ways to write the same builders: a module constant, `+`, `"...".format(...)` with a conversion and
-  a format spec, a join over `enumerate(..., start=1)`."""
+  """Other ways to write the same builders: a module constant, `+`, `"...".format(...)` with a
+  conversion and a format spec, a join over `enumerate(..., start=1)`."""
   vlm = textwrap.dedent('''\
       HEADER = "# JOB: " + "layout"
       RULE = f"""Scores run {'from'} -1 to 1."""
 
 
       def create_global_layout_reward_prompt(original_prompt):
-          return HEADER + "\\nRequest: {}\\nAlso: {p!r} {n:>6}".format(original_prompt, p=original_prompt, n="x") + RULE
+          return (HEADER + "\\nRequest: {}\\nAlso: {p!r} {n:>6}".format(
+              original_prompt, p=original_prompt, n="x") + RULE)
 
 
       def create_hybrid_evaluation_prompt(original_prompt, detected_objects):
-          regions_text = "\\n".join(f"[{k}] {obj['bbox']!s}" for k, obj in enumerate(detected_objects, start=1))
+          regions_text = "\\n".join(f"[{k}] {obj['bbox']!s}"
+                                   for k, obj in enumerate(detected_objects, start=1))
           tail = "Answer per area."
           return f"Request: {original_prompt!r}\\n" + regions_text + "\\n" + tail
       ''')
@@ -231,10 +247,12 @@ def test_formats_concatenation_constants_and_joins_are_read(tmp_path):
   fns = stand_in(pathlib.Path(srum) / "srum_data_infer" / "vlm.py", "HEADER", "RULE",
                  "create_global_layout_reward_prompt", "create_hybrid_evaluation_prompt")
   for prompt in PROMPTS:
-    assert texts_lib.render_global(texts, prompt) == fns["create_global_layout_reward_prompt"](prompt)
+    want = fns["create_global_layout_reward_prompt"](prompt)
+    assert texts_lib.render_global(texts, prompt) == want
     for boxes in BOXES:
       objects = [{"bbox": list(b)} for b in boxes]
-      assert texts_lib.render_regions(texts, prompt, boxes) == fns["create_hybrid_evaluation_prompt"](prompt, objects)
+      want = fns["create_hybrid_evaluation_prompt"](prompt, objects)
+      assert texts_lib.render_regions(texts, prompt, boxes) == want
   with pytest.raises(errors.UserError, match="reasonbench_code"):
     texts_lib.reasonbench_describe(texts, "entity_reasoning")
 
@@ -250,20 +268,27 @@ LAYOUT_CHANGES = [
     ("builder renamed", "vlm", "def create_global_layout_reward_prompt(", "def make_layout_prompt(",
      ["srum_data_infer/vlm.py", "create_global_layout_reward_prompt"]),
     ("a call on the prompt", "vlm", '**Request:** "{original_prompt}"\n---\n* Give',
-     '**Request:** "{original_prompt.strip()}"\n---\n* Give', ["vlm.py:", "replacement field", "strip"]),
+     '**Request:** "{original_prompt.strip()}"\n---\n* Give',
+     ["vlm.py:", "replacement field", "strip"]),
     ("a condition in the region loop", "vlm", "        obj['region_id'] = region_id\n",
-     "        if region_id > 3:\n            break\n", ["vlm.py:", "unexpected If in the region loop"]),
+     "        if region_id > 3:\n            break\n",
+     ["vlm.py:", "unexpected If in the region loop"]),
     ("another field of the object", "vlm", "Box: {obj['bbox']}", "Box: {obj['area']}",
      ["vlm.py:", "obj['area']"]),
-    ("region ids from 0", "vlm", "region_id = i + 1", "region_id = i + 0", ["no region id counting from 1"]),
-    ("two returns", "vlm", '    """Layout question."""\n', '    """Layout question."""\n    return "x"\n',
+    ("region ids from 0", "vlm", "region_id = i + 1", "region_id = i + 0",
+     ["no region id counting from 1"]),
+    ("two returns", "vlm", '    """Layout question."""\n',
+     '    """Layout question."""\n    return "x"\n',
      ["create_global_layout_reward_prompt() should end in one `return <string>`"]),
-    ("question variable renamed", "qwen", "question_text = (", "question = (", ["qwen_eval.py", "question_text"]),
-    ("not Python", "vlm", "def create_sample_level", "def create_sample_level(((", ["cannot be parsed"]),
+    ("question variable renamed", "qwen", "question_text = (", "question = (",
+     ["qwen_eval.py", "question_text"]),
+    ("not Python", "vlm", "def create_sample_level", "def create_sample_level(((",
+     ["cannot be parsed"]),
 ]
 
 
-@pytest.mark.parametrize("name,which,old,new,needles", LAYOUT_CHANGES, ids=[c[0] for c in LAYOUT_CHANGES])
+@pytest.mark.parametrize("name,which,old,new,needles", LAYOUT_CHANGES,
+                         ids=[c[0] for c in LAYOUT_CHANGES])
 def test_a_changed_layout_is_a_one_line_error(tmp_path, name, which, old, new, needles):
   vlm, inferencer = VLM, INFERENCER
   if which == "vlm":
@@ -286,63 +311,73 @@ def test_reasonbench_layout_change_and_missing_checkout(tmp_path):
   bagel, srum, rb = write_checkouts(tmp_path)
   p = pathlib.Path(rb) / "evaluation" / "Qwen2.5-VL" / "eval_entity.py"
   p.write_text(p.read_text().replace('qs[num]["entity_evaluation"]', "pick(qs, num)"))
-  with pytest.raises(errors.UserError, match=r"eval_entity\.py:\d+: eval\(\): qs_entity_question_criteria"):
+  with pytest.raises(errors.UserError,
+                     match=r"eval_entity\.py:\d+: eval\(\): qs_entity_question_criteria"):
     official_texts.import_texts(bagel, srum, rb)
   with pytest.raises(errors.UserError, match="--srum_code .*no srum_data_infer/vlm.py"):
     official_texts.import_texts(bagel, str(tmp_path))
 
 
 def _cli(*args):
-  p = subprocess.run([sys.executable, "-m", "srum_jax", "texts", *args], cwd=ROOT, capture_output=True, text=True,
-                     timeout=120)
+  p = subprocess.run([sys.executable, "-m", "srum_jax", "texts", *args], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
   return p.returncode, p.stdout, p.stderr
 
 
 def test_cli_import_and_show(tmp_path):
   bagel, srum, rb = write_checkouts(tmp_path)
   out = tmp_path / "texts.json"
-  rc, stdout, stderr = _cli("import", f"--bagel_code={bagel}", f"--srum_code={srum}", f"--reasonbench_code={rb}",
-                            f"--out={out}")
+  rc, stdout, stderr = _cli("import", f"--bagel_code={bagel}", f"--srum_code={srum}",
+                            f"--reasonbench_code={rb}", f"--out={out}")
   assert rc == 0, stderr
   assert "sha256" in stdout and "Sketch a plan" not in stdout  # hashes and lengths, never the texts
   boxes = [[12, 40, 300, 512], [0, 0, 5, 5]]
-  rc, stdout, stderr = _cli("show", f"--texts={out}", "--prompt=two  cats", f"--boxes={json.dumps(boxes)}")
+  rc, stdout, stderr = _cli("show", f"--texts={out}", "--prompt=two  cats",
+                            f"--boxes={json.dumps(boxes)}")
   assert rc == 0, stderr
   shown = json.loads(stdout)
-  fns = stand_in(pathlib.Path(srum) / "srum_data_infer" / "vlm.py", "create_global_layout_reward_prompt",
-                 "create_hybrid_evaluation_prompt")
-  sys_prompts = stand_in(pathlib.Path(bagel) / "inferencer.py", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT")
+  vlm = pathlib.Path(srum) / "srum_data_infer" / "vlm.py"
+  fns = stand_in(vlm, "create_global_layout_reward_prompt", "create_hybrid_evaluation_prompt")
+  sys_prompts = stand_in(pathlib.Path(bagel) / "inferencer.py", "GEN_THINK_SYSTEM_PROMPT",
+                         "VLM_THINK_SYSTEM_PROMPT")
+  objects = [{"bbox": b} for b in boxes]
   assert shown == {"gen_think_system": sys_prompts["GEN_THINK_SYSTEM_PROMPT"],
                    "judge_think_system": sys_prompts["VLM_THINK_SYSTEM_PROMPT"],
                    "global": fns["create_global_layout_reward_prompt"]("two  cats"),
-                   "regions": fns["create_hybrid_evaluation_prompt"]("two  cats", [{"bbox": b} for b in boxes])}
-  rc, stdout, _ = _cli("show", "--prompt=two  cats", f"--boxes={json.dumps(boxes)}")  # no --texts: the own set
+                   "regions": fns["create_hybrid_evaluation_prompt"]("two  cats", objects)}
+  # no --texts: the own set
+  rc, stdout, _ = _cli("show", "--prompt=two  cats", f"--boxes={json.dumps(boxes)}")
   own = texts_lib.own_texts()
   assert rc == 0 and json.loads(stdout) == texts_lib.show(own, "two  cats", boxes)
-  (pathlib.Path(srum) / "srum_data_infer" / "vlm.py").write_text(VLM.replace("regions_text +=", "regions_text -="))
-  rc, stdout, stderr = _cli("import", f"--bagel_code={bagel}", f"--srum_code={srum}", f"--out={tmp_path / 'b.json'}")
-  assert rc == 2 and stderr.count("\n") == 1 and stderr.startswith("error: ") and "vlm.py:" in stderr
+  vlm.write_text(VLM.replace("regions_text +=", "regions_text -="))
+  rc, stdout, stderr = _cli("import", f"--bagel_code={bagel}", f"--srum_code={srum}",
+                            f"--out={tmp_path / 'b.json'}")
+  assert rc == 2 and stderr.count("\n") == 1 and stderr.startswith("error: ")
+  assert "vlm.py:" in stderr and not (tmp_path / "b.json").exists()
   rc, _, stderr = _cli("show", "--prompt=x", "--boxes=[[1, 2]]")
   assert rc == 2 and "--boxes" in stderr and stderr.count("\n") == 1
 
 
-# Digests of the own texts' renders before they became templates (the shapes world's model was trained on
-# them): the own set must keep every byte.
+# Digests of the own texts' renders before they became templates (the shapes world's model was
+# trained on them): the own set must keep every byte.
 OWN_DIGESTS = [
     ("two red circles", [[1, 2, 13, 14]], "8dd1f1c40bf1cceb", "e4aeb9f8714a4cb9"),
-    ("a cat  left of\na dog", [[0, 0, 10, 20], [5.5, 1, 7, 8]], "d73172972ccf34b8", "229ec8b1e3a403e3"),
+    ("a cat  left of\na dog", [[0, 0, 10, 20], [5.5, 1, 7, 8]], "d73172972ccf34b8",
+     "229ec8b1e3a403e3"),
     ("x", [], "e52c33ffa43149ac", "ed569b083270fc78"),
-    ("a blue square above a green triangle", [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]], "7da819924d0215ac",
-     "cb328ca2ede0248d"),
+    ("a blue square above a green triangle", [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]],
+     "7da819924d0215ac", "cb328ca2ede0248d"),
 ]
 
 
 def test_own_texts_keep_every_byte():
   own = texts_lib.own_texts()
   h = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
-  assert (h(own.gen_think_system), h(own.judge_think_system)) == ("a8836e43d3225e4b", "5ec6d66cb3ac025f")
+  assert h(own.gen_think_system) == "a8836e43d3225e4b"
+  assert h(own.judge_think_system) == "5ec6d66cb3ac025f"
   for prompt, boxes, g, r in OWN_DIGESTS:
-    assert (h(texts_lib.render_global(own, prompt)), h(texts_lib.render_regions(own, prompt, boxes))) == (g, r)
+    assert h(texts_lib.render_global(own, prompt)) == g
+    assert h(texts_lib.render_regions(own, prompt, boxes)) == r
   assert texts_lib.from_setting("") == texts_lib.from_setting("own") == own
   for name in ("tiny_world.py", "tiny_pipeline.py"):  # the shapes world keeps its own texts
     assert config_utils.load_config(str(ROOT / "experiments" / name)).texts.file == "own"
@@ -353,7 +388,8 @@ def test_texts_files_are_checked(tmp_path):
   cases = {
       "format": ({**good, "format": "other"}, "not a texts file"),
       "placeholder": ({**good, "global": "no prompt here"}, "global: placeholders"),
-      "extra placeholder": ({**good, "compbench_question": "{prompt} {category}"}, "compbench_question"),
+      "extra placeholder": ({**good, "compbench_question": "{prompt} {category}"},
+                            "compbench_question"),
       "box": ({**good, "regions": {**good["regions"], "box": "xyxy"}}, "regions.box"),
       "missing": ({k: v for k, v in good.items() if k != "regions"}, "missing or malformed"),
       "broken template": ({**good, "global": "{prompt"}, "not a valid template"),
@@ -372,7 +408,8 @@ def test_texts_files_are_checked(tmp_path):
 
 def test_the_paper_config_requires_the_official_set(tmp_path):
   paper = str(ROOT / "experiments" / "bagel_7b_compbench.py")
-  with pytest.raises(errors.UserError, match=r"texts\.file is empty.*texts import --bagel_code=.*texts\.file=own"):
+  with pytest.raises(errors.UserError,
+                     match=r"texts\.file is empty.*texts import --bagel_code=.*texts\.file=own"):
     config_validation.check_texts(config_utils.load_config(paper), "score")
   config_validation.check_texts(config_utils.load_config(paper, {"texts.file": "own"}), "score")
   bagel, srum, _ = write_checkouts(tmp_path)
