@@ -81,8 +81,8 @@ def run_mode(config, model, items, mode: str, out=print) -> dict:
   from srum_jax.pipeline import score
   scfg = config.score.copy_and_resolve_references()
   scfg.mode = mode
-  judge = score.Judge(scfg, model, texts=texts_lib.from_setting(config.texts.file), seed=int(config.seed),
-                      compute_dtype=config.model.compute_dtype,
+  judge = score.Judge(scfg, model, texts=texts_lib.from_setting(config.texts.file),
+                      seed=int(config.seed), compute_dtype=config.model.compute_dtype,
                       attn_impl=str(config.model.attn_impl))
   batches = _batches(items, max(1, int(scfg.batch_size)))
   t = time.perf_counter()

@@ -56,7 +56,8 @@ def tables_for(cfg, model, name: str) -> dict:
     items = prompts.load_prompts(cfg.prompts[split])
     out[split] = evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
                                    os.path.join(cfg.workdir, f"eval_{split}", name), seed=cfg.eval.seed,
-                                   texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                   texts=texts_lib.from_setting(cfg.texts.file),
+                                   compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
   return out
 
 

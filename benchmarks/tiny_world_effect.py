@@ -85,7 +85,8 @@ def oracle_filtered_sft(cfg) -> dict:
   model = common.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
   return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompts.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
-                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,
+                           name="oracle_sft")
 
 
 def _model_dirs(cfg, names) -> dict:
@@ -102,7 +103,8 @@ def train_prompt_tables(cfg, names) -> dict:
   items = prompts.load_prompts(cfg.prompts.train)
   return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, common.load_inference_model(cfg, path),
                                   items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
-                                  texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                  texts=texts_lib.from_setting(cfg.texts.file),
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
           for name, path in _model_dirs(cfg, names).items()}
 
 

@@ -29,8 +29,8 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
     "export": ("srum_jax.convert.flax_to_hf:main", "orbax model dir -> official safetensors"),
-    "texts": ("srum_jax.cli:texts_main", "official texts from your BAGEL / SRUM checkouts (import), what a stage "
-              "sends (show)"),
+    "texts": ("srum_jax.cli:texts_main",
+              "official texts from your BAGEL / SRUM checkouts (import), what a stage sends (show)"),
 }
 
 
@@ -146,41 +146,45 @@ def _run_config_command(name: str, argv: List[str]) -> int:
     return 2
 
 
-# ------------------------------------------------------------------------------------------------------------
-# `texts` (issue 28): the official texts from the user's checkouts (srum_jax/rewards/official_texts.py).
+# ----------------------------------------------------------------------------------------------
+# `texts` (issue 28): the official texts from the user's checkouts (rewards/official_texts.py).
 
 def texts_main(argv: List[str]) -> int:
-  """`python -m srum_jax texts import --bagel_code=DIR --srum_code=DIR [--reasonbench_code=DIR] --out=FILE`
-  writes the texts file; `python -m srum_jax texts show [--texts=FILE] --prompt=TEXT [--boxes=JSON]` prints
-  one JSON object: the exact strings the stages would send (without --texts: the project's own). A user error
-  is one line and exit code 2."""
+  """`texts import --bagel_code=DIR --srum_code=DIR [--reasonbench_code=DIR] --out=FILE` writes the
+  texts file; `texts show [--texts=FILE] --prompt=TEXT [--boxes=JSON]` prints one JSON object, the
+  exact strings the stages would send (without --texts: the project's own). A user error is one
+  line and exit code 2."""
   import argparse
   import json
 
   from srum_jax import errors
-  ap = argparse.ArgumentParser(prog="srum_jax texts", description="the texts the stages send to the model")
+  from srum_jax.rewards import official_texts, texts as texts_lib
+  ap = argparse.ArgumentParser(prog="srum_jax texts",
+                               description="the texts the stages send to the model")
   sub = ap.add_subparsers(dest="action", required=True)
-  imp = sub.add_parser("import", help="read the official texts from your checkouts into a texts file")
+  imp = sub.add_parser("import", help="read the official texts from your checkouts into a file")
   imp.add_argument("--bagel_code", required=True, help="checkout of github.com/ByteDance-Seed/Bagel")
   imp.add_argument("--srum_code", required=True, help="checkout of github.com/WayneJin0918/SRUM")
-  imp.add_argument("--reasonbench_code", default="", help="checkout of github.com/KaiyueSun98/T2I-ReasonBench")
+  imp.add_argument("--reasonbench_code", default="",
+                   help="checkout of github.com/KaiyueSun98/T2I-ReasonBench (optional)")
   imp.add_argument("--out", required=True, help="the texts file to write (JSON)")
   show = sub.add_parser("show", help="print what the stages would send for a prompt and boxes")
-  show.add_argument("--texts", default="", help="a texts file ('' or 'own': the project's own texts)")
+  show.add_argument("--texts", default="", help="a texts file ('' or 'own': the own texts)")
   show.add_argument("--prompt", required=True)
-  show.add_argument("--boxes", default="[]", help='JSON list of [x0, y0, x1, y1] pixel boxes, e.g. "[[0,0,8,8]]"')
+  show.add_argument("--boxes", default="[]",
+                    help='JSON list of [x0, y0, x1, y1] pixel boxes, e.g. "[[0,0,8,8]]"')
   args = ap.parse_args(argv)
-  from srum_jax.rewards import official_texts, texts as texts_lib
   try:
     if args.action == "import":
-      texts, notes = official_texts.import_texts(args.bagel_code, args.srum_code, args.reasonbench_code)
+      texts, notes = official_texts.import_texts(args.bagel_code, args.srum_code,
+                                                 args.reasonbench_code)
       texts_lib.save_texts(texts, args.out)
       for line in notes + official_texts.summary(texts):
         print(line)
       print(f"wrote {args.out}: pass it as --config.texts.file={args.out}")
       return 0
-    texts = texts_lib.from_setting(args.texts)
-    print(json.dumps(texts_lib.show(texts, args.prompt, _boxes_flag(args.boxes)), ensure_ascii=False))
+    shown = texts_lib.show(texts_lib.from_setting(args.texts), args.prompt, _boxes_flag(args.boxes))
+    print(json.dumps(shown, ensure_ascii=False))
     return 0
   except errors.UserError as e:
     print(f"error: {_first_line(e)}", file=sys.stderr)
@@ -196,14 +200,13 @@ def _boxes_flag(text: str) -> list:
     boxes = json.loads(text)
   except ValueError as e:
     raise UserValueError(f"--boxes is not JSON ({_first_line(e)})") from None
-  ok = isinstance(boxes, list) and all(
-      isinstance(b, list) and len(b) == 4
-      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) for b in boxes)
-  if not ok:
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+  if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and all(map(number, b))
+                                          for b in boxes)):
     raise UserValueError(f"--boxes {text!r}: expected a JSON list of [x0, y0, x1, y1] number lists")
   return boxes
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: List[str] | None = None) -> int:

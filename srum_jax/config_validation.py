@@ -10,7 +10,7 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
 (propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
 score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks).
+run.*), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
@@ -512,16 +512,16 @@ def check_pretrain_stage(config, key: str) -> None:
     _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
 
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The texts (issue 28: official texts from the user's checkouts; srum_jax/rewards/texts.py).
 
 TEXTS_COMMANDS = ("generate", "score", "eval", "run")  # the commands that send texts to a model
 
 
 def check_texts(config, command: str) -> None:
-  """`texts.file`: "" / "own" (the project's own wording) or a texts file that loads and checks. A config
-  with `texts.require_official` (the paper's run) stops on "" with the line that says how to import the
-  official set; `own` stays possible, explicitly. T2I-ReasonBench needs the texts' protocol."""
+  """`texts.file`: "" / "own" (the project's own wording) or a texts file that loads and checks. A
+  config with `texts.require_official` (the paper's run) stops on "" with the line that says how to
+  import the official set; `own` stays possible, explicitly. T2I-ReasonBench needs its protocol."""
   from srum_jax.rewards import texts as texts_lib
   value = str(config.texts.file)
   if _bool(config, "texts.require_official") and value == "":
@@ -532,10 +532,10 @@ def check_texts(config, command: str) -> None:
   texts = texts_lib.from_setting(value)
   metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
   if command in ("eval", "run") and "reasonbench" in metrics and not texts.reasonbench:
-    raise UserValueError(f"eval.metrics has reasonbench, but texts.file {value!r} holds no T2I-ReasonBench "
-                         f"protocol; {texts_lib.IMPORT_HINT}")
+    raise UserValueError(f"eval.metrics has reasonbench, but texts.file {value!r} holds no "
+                         f"T2I-ReasonBench protocol; {texts_lib.IMPORT_HINT}")
 
-# ------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 
 def _eval_metrics(config) -> None:

@@ -40,11 +40,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attn_impl = "auto"
   c.model.remat = False
 
-  # The texts the model and the metric judges are sent (think system prompts, SRUM's judge questions, the
-  # evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own wording (the shapes
-  # world's model was trained on it); a path -> the official texts, read from your BAGEL / SRUM /
-  # T2I-ReasonBench checkouts by `python -m srum_jax texts import` (README, "Official texts").
-  # require_official: "" is an error (stops before any work, says how to import); "own" must be explicit.
+  # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
+  # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own
+  # wording (the shapes world's model was trained on it); a path -> the official texts, read from
+  # your BAGEL / SRUM / T2I-ReasonBench checkouts by `python -m srum_jax texts import` (README,
+  # "Official texts"). require_official: "" is an error that stops before any work and says how to
+  # import them; "own" must be chosen explicitly.
   c.texts = ml_collections.ConfigDict()
   c.texts.file = ""
   c.texts.require_official = False
@@ -129,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.propose.box_mode = "official"
   c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
 
-  # Self-judging (official srum_data_infer/vlm.py prompts).
+  # Self-judging (srum_data_infer/vlm.py's procedure; its prompts: the texts, `texts.file`).
   c.score = ml_collections.ConfigDict()
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
@@ -178,13 +179,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.compbench.frame_size = 480  # long side (px) of the detector frame the position thresholds assume
   c.eval.compbench.batch_size = 16  # BLIP questions per forward
   # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct);
-  # its question is the texts' `compbench_question` (SRUM's CompBench_eval/qwen_eval.py with official texts).
+  # its question: the texts' `compbench_question` (official texts: SRUM's CompBench_eval/qwen_eval.py).
   c.eval.mllm = ml_collections.ConfigDict()
   c.eval.mllm.model_dir = ""
   c.eval.mllm.torch_dtype = "bfloat16"
   c.eval.mllm.device_map = ""  # "": the model on eval.device; "auto": layers over all visible GPUs
   c.eval.mllm.batch_size = 4
-  c.eval.mllm.max_new_tokens = 0  # 0: the benchmark script's (SRUM's qwen_eval.py: 512; T2I-ReasonBench: 1000)
+  c.eval.mllm.max_new_tokens = 0  # 0: the benchmark script's (qwen_eval.py: 512; ReasonBench: 1000)
   c.eval.mllm.max_retries = 2  # answers without a score are asked again, sampling
   c.eval.mllm.retry_temperature = 0.7
   # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former on COCO.

@@ -1,5 +1,6 @@
-"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the official
-`srum_data_infer/vlm.py` prompts and parsing; records in the official format, see `rewards.records`).
+"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the judge prompts of
+the texts, `rewards.texts`: SRUM's `srum_data_infer/vlm.py` ones read from the user's checkout, or the own
+wording; `rewards.parsing`; records in the official format, see `rewards.records`).
 
 Two judge modes:
 * `generate` (paper-faithful): decode an answer to the global-layout prompt and to the region prompt

@@ -1,4 +1,5 @@
-"""SRUM rewards: the texts (judge prompts, system prompts, rubrics), answer parsers, reward records and dense reward maps (docs/bagel.md)."""
+"""SRUM rewards: the texts (system prompts, judge prompts, rubrics), answer parsers, reward records and
+dense reward maps (docs/bagel.md)."""
 from srum_jax.rewards.parsing import (ParseStats, RegionAnswer, parse_global_answer, parse_global_score,
                                       parse_region_answers, parse_region_scores, strip_think)
 from srum_jax.rewards.texts import Texts, load_texts, own_texts, render_global, render_regions
