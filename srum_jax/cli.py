@@ -184,7 +184,7 @@ def texts_main(argv: List[str]) -> int:
       print(f"wrote {args.out}: pass it as --config.texts.file={args.out}")
       return 0
     shown = texts_lib.show(texts_lib.from_setting(args.texts), args.prompt, _boxes_flag(args.boxes))
-    print(json.dumps(shown, ensure_ascii=False))
+    print(json.dumps(shown))  # ASCII with \u escapes: the same strings whatever the locale
     return 0
   except errors.UserError as e:
     print(f"error: {_first_line(e)}", file=sys.stderr)

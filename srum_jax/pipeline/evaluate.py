@@ -156,7 +156,7 @@ def _required(value: str, key: str) -> str:
 
 def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
   """Fail before any work when a metric's model folder or file is missing."""
-  from srum_jax.evaluation import compbench, mllm_judge, torch_models
+  from srum_jax.evaluation import compbench, torch_models
   dirs: Dict[str, str] = {}
   if "compbench" in metrics:
     dirs.update(compbench.CompBenchScorer.required_dirs(ecfg.compbench, {it.category for it in items}))
