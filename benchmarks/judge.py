@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from srum_jax import config_utils
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.rewards import texts as texts_lib  # noqa: E402
 from srum_jax.worlds.shapes import grammar, scene as scene_lib
 
 
@@ -81,7 +82,8 @@ def _batches(items, size: int):
 def run_mode(config, model, items, mode: str, out=print) -> dict:
   scfg = config.score.copy_and_resolve_references()
   scfg.mode = mode
-  judge = Judge(JudgeOptions.from_config(scfg), model, seed=int(config.seed), compute_dtype=config.model.compute_dtype,
+  judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts_lib.from_setting(config.texts.file),
+                seed=int(config.seed), compute_dtype=config.model.compute_dtype,
                       attn_impl=str(config.model.attn_impl))
   batches = _batches(items, max(1, int(scfg.batch_size)))
   t = time.perf_counter()

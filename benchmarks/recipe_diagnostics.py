@@ -28,7 +28,7 @@ from srum_jax import files
 from srum_jax.data import prompt_sources
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import evaluate, run  # noqa: E402
-from srum_jax.rewards import records as records_lib
+from srum_jax.rewards import records as records_lib, texts as texts_lib  # noqa: E402
 from srum_jax.workdir import layout
 from srum_jax.worlds.shapes import grammar, scene as scene_lib
 
@@ -59,7 +59,8 @@ def tables_for(cfg, model, name: str) -> dict:
     items = prompt_sources.load_prompts(cfg.prompts[split])
     out[split] = evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
                                    os.path.join(cfg.workdir, f"eval_{split}", name), seed=cfg.eval.seed,
-                                   compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
+                                  texts=texts_lib.from_setting(cfg.texts.file),
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
   return out
 
 

@@ -34,7 +34,7 @@ from srum_jax.engine import loaded_model
 from srum_jax.metrics import roc_auc
 from srum_jax.pipeline import run  # noqa: E402
 from srum_jax.pipeline import evaluate, train as train_stage  # noqa: E402
-from srum_jax.rewards import records as records_lib
+from srum_jax.rewards import records as records_lib, texts as texts_lib  # noqa: E402
 from srum_jax.workdir import logs
 from srum_jax.worlds.shapes import judge_text
 
@@ -87,7 +87,8 @@ def oracle_filtered_sft(cfg) -> dict:
   model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
   return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompt_sources.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
-                           compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,
+                           name="oracle_sft")
 
 
 def _model_dirs(cfg, names) -> dict:
@@ -103,6 +104,7 @@ def train_prompt_tables(cfg, names) -> dict:
   items = prompt_sources.load_prompts(cfg.prompts.train)
   return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, loaded_model.load_inference_model(cfg, path),
                                   items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
+                                  texts=texts_lib.from_setting(cfg.texts.file),
                                   compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
           for name, path in _model_dirs(cfg, names).items()}
 

@@ -13,6 +13,7 @@ SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/tiny_pipeline"
+  c.texts.file = "own"  # the shapes world's texts
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"

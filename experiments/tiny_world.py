@@ -122,6 +122,7 @@ def get_config(arg=None):
   gpu = "gpu" in parts
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world_full" if "full" in parts else "outputs/tiny_world"
+  c.texts.file = "own"  # the model was trained on the own texts (its tokenizer reads their pieces)
   empty = defaults.base_config().pretrain.then
   if "think" in parts:  # stage D alone, from an existing stage-C model (`pretrain.init_from`)
     c.pretrain = think_stage(pretrain_config(gpu))

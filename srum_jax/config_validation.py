@@ -10,7 +10,7 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
 (propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
 score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks).
+run.*), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ import re
 from typing import Any, Iterable, Optional, Sequence
 
 from srum_jax import files, paths
+from srum_jax.convert import hf_to_flax
 from srum_jax.data import prompt_sources as prompts_lib
+from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
 from srum_jax.models.config import DTYPES, PRESETS
-from srum_jax.convert import hf_to_flax
-from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
-from srum_jax.training import optimizer
 from srum_jax.pretrain.batches import TASKS
-
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.training import optimizer
 
 SECTIONS = {
     "generate": ("model", "generate", "prompts.train"),
@@ -442,8 +442,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   if config.eval.images_dir:
     _existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder")
   for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
-                  ("reasonbench.questions", "T2I-ReasonBench questions"), ("mllm.rubric", "rubric file"),
-                  ("reasonbench.rubric", "protocol file")):
+                  ("reasonbench.questions", "T2I-ReasonBench questions")):
     if _get(config, f"{e}.{k}"):
       _existing_file(f"{e}.{k}", _get(config, f"{e}.{k}"), what)
   metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
@@ -506,6 +505,31 @@ def check_pretrain_stage(config, key: str) -> None:
     _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
 
 
+# ----------------------------------------------------------------------------------------------
+# The texts (issue 28: official texts from the user's checkouts; srum_jax/rewards/texts.py).
+
+TEXTS_COMMANDS = ("generate", "score", "eval", "run")  # the commands that send texts to a model
+
+
+def check_texts(config, command: str) -> None:
+  """`texts.file`: "" / "own" (the project's own wording) or a texts file that loads and checks. A
+  config with `texts.require_official` (the paper's run) stops on "" with the line that says how to
+  import the official set; `own` stays possible, explicitly. T2I-ReasonBench needs its protocol."""
+  value = str(config.texts.file)
+  if _bool(config, "texts.require_official") and value == "":
+    raise UserValueError(
+        "config key texts.file is empty, and this config needs the official BAGEL and SRUM texts: "
+        f"{texts_lib.IMPORT_HINT}; then pass --config.texts.file=texts.json "
+        "(or --config.texts.file=own for the project's own wording)")
+  texts = texts_lib.from_setting(value)
+  metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
+  if command in ("eval", "run") and "reasonbench" in metrics and not texts.reasonbench:
+    raise UserValueError(f"eval.metrics has reasonbench, but texts.file {value!r} holds no "
+                         f"T2I-ReasonBench protocol; {texts_lib.IMPORT_HINT}")
+
+# ----------------------------------------------------------------------------------------------
+
+
 def _eval_metrics(config) -> None:
   """`eval.metrics` by the evaluation stage's own parser (imported last: it loads JAX)."""
   try:
@@ -531,6 +555,8 @@ def validate(config, command: str) -> None:
   _int(config, "seed")
   if not str(config.workdir):
     _fail("workdir", config.workdir, "must be a folder path")
+  if command in TEXTS_COMMANDS:
+    check_texts(config, command)
   geo = check_model(config) if "model" in sections else None
   if "prompts.train" in sections:
     check_prompts(config, "prompts.train")

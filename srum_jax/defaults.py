@@ -40,6 +40,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attn_impl = "auto"
   c.model.remat = False
 
+  # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
+  # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own
+  # wording (the shapes world's model was trained on it); a path -> the official texts, read from
+  # your BAGEL / SRUM / T2I-ReasonBench checkouts by `python -m srum_jax texts import` (README,
+  # "Official texts"). require_official: "" is an error that stops before any work and says how to
+  # import them; "own" must be chosen explicitly.
+  c.texts = ml_collections.ConfigDict()
+  c.texts.file = ""
+  c.texts.require_official = False
+
   # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).
   # Training runs on every device of every process; inference (generate, score, eval) on each process's own
   # devices, parameters sharded by the same rules (fsdp / tensor), batch rows over data x fsdp.
@@ -120,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.propose.box_mode = "official"
   c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
 
-  # Self-judging (official srum_data_infer/vlm.py prompts).
+  # Self-judging (srum_data_infer/vlm.py's procedure; its prompts: the texts, `texts.file`).
   c.score = ml_collections.ConfigDict()
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
@@ -168,14 +178,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.compbench.np_num = 8  # noun phrases asked per prompt (BLIP-VQA)
   c.eval.compbench.frame_size = 480  # long side (px) of the detector frame the position thresholds assume
   c.eval.compbench.batch_size = 16  # BLIP questions per forward
-  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct).
+  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct);
+  # its question: the texts' `compbench_question` (official texts: SRUM's CompBench_eval/qwen_eval.py).
   c.eval.mllm = ml_collections.ConfigDict()
   c.eval.mllm.model_dir = ""
-  c.eval.mllm.rubric = ""  # JSON rubric file ("" -> evaluation/rubrics/srum_compbench.json, SRUM's)
   c.eval.mllm.torch_dtype = "bfloat16"
   c.eval.mllm.device_map = ""  # "": the model on eval.device; "auto": layers over all visible GPUs
   c.eval.mllm.batch_size = 4
-  c.eval.mllm.max_new_tokens = 0  # 0: the rubric's (SRUM: 512; T2I-ReasonBench: 1000)
+  c.eval.mllm.max_new_tokens = 0  # 0: the benchmark script's (qwen_eval.py: 512; ReasonBench: 1000)
   c.eval.mllm.max_retries = 2  # answers without a score are asked again, sampling
   c.eval.mllm.retry_temperature = 0.7
   # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former on COCO.
@@ -189,12 +199,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.geneval.max_objects = 16
   c.eval.geneval.nms_threshold = 1.0  # 1.0: no NMS
   c.eval.geneval.position_threshold = 0.1
-  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run.
+  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run;
+  # its questions are the texts' `reasonbench` protocol (texts import --reasonbench_code).
   c.eval.reasonbench = ml_collections.ConfigDict()
   c.eval.reasonbench.prompts = ""  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
   c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
   c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
-  c.eval.reasonbench.rubric = ""  # protocol file ("" -> evaluation/rubrics/t2i_reasonbench.json)
   c.eval_generate = c.generate.copy_and_resolve_references()
   c.eval_generate.think = False
 

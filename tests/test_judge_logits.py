@@ -5,6 +5,7 @@ from srum_jax import config_utils
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
 from srum_jax.inference import context, decoding
+from srum_jax.rewards.texts import own_texts
 
 
 def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
@@ -86,7 +87,7 @@ def test_logits_judge_pads_to_one_shape_per_query_kind(tiny_model_dir):
   tiny = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny_pipeline.py")
   cfg = config_utils.load_config(tiny, {"score.region_identify": True,
                                                                    "score.batch_size": 4})
-  judge = Judge(JudgeOptions.from_config(cfg.score), loaded_model.load_model(tiny_model_dir))
+  judge = Judge(JudgeOptions.from_config(cfg.score), loaded_model.load_model(tiny_model_dir), texts=own_texts())
   images, prompts, boxes = _judge_inputs(7, seed=3)
   judge.global_scores(images[:4], prompts[:4])  # warm up: one program per query kind
   got = judge.region_scores(images[:3], prompts[:3], boxes[:3])  # 1 + 2 + 3 regions: chunks of 4 and 2

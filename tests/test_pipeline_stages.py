@@ -15,11 +15,13 @@ from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import generate, propose, run, score, train as train_stage
 from srum_jax.rewards import records
+from srum_jax.rewards.texts import own_texts
 from srum_jax.workdir import layout, logs
 from srum_jax.worlds.shapes import judge_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments/tiny_pipeline.py")
+OWN = own_texts()
 
 
 def _config(model_dir, workdir, **overrides):
@@ -113,16 +115,16 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
   model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)
   gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  rep = generate.generate(cfg.generate, model, items[:3], gen_dir, seed=0)
+  rep = generate.generate(cfg.generate, model, items[:3], gen_dir, seed=0, texts=OWN)
   assert rep.generated == 3
-  again = generate.generate(cfg.generate, model, items, gen_dir, seed=0)
+  again = generate.generate(cfg.generate, model, items, gen_dir, seed=0, texts=OWN)
   assert again.skipped_done == 3 and again.generated == 2
   rows = layout.read_metadata(gen_dir)
   assert sorted(r["id"] for r in rows) == sorted(it.id for it in items)
   # same (seed, id) -> same image, independent of batch composition
   first = files.load_rgb(os.path.join(gen_dir, rows[0]["image_file"]))[0]
   solo = str(tmp_path / "solo")
-  generate.generate(cfg.generate, model, [it for it in items if it.id == rows[0]["id"]], solo, seed=0)
+  generate.generate(cfg.generate, model, [it for it in items if it.id == rows[0]["id"]], solo, seed=0, texts=OWN)
   np.testing.assert_array_equal(first, files.load_rgb(os.path.join(solo, layout.read_metadata(solo)[0]["image_file"]))[0])
   # bad input: one corrupt PNG, one missing image, one torn metadata line
   pathlib.Path(gen_dir, rows[1]["image_file"]).write_bytes(b"not a png")
@@ -131,9 +133,9 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
     f.write('{"id": "torn", "prompt": "a red')
   prep = propose.propose(cfg.propose, gen_dir, prop_dir)
   assert prep.skipped_bad_image == 2 and prep.proposed == 3
-  srep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  srep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
   assert srep.skipped_no_proposals == 2 and srep.scored == 3
-  srep2 = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  srep2 = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
   assert srep2.skipped_done == 3 and srep2.scored == 0
   stats = json.loads(pathlib.Path(score_dir, "stats.json").read_text())
   assert stats["report"]["scored"] == 0 and "global_histogram" in stats
@@ -142,9 +144,9 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
 def _generate_propose_score(cfg, model, tmp_path, n: int):
   """The first n train prompts through generate -> propose -> score; (generate dir, score dir, ScoreReport)."""
   gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  generate.generate(cfg.generate, model, load_prompts(cfg.prompts.train)[:n], gen_dir, seed=0)
+  generate.generate(cfg.generate, model, load_prompts(cfg.prompts.train)[:n], gen_dir, seed=0, texts=OWN)
   propose.propose(cfg.propose, gen_dir, prop_dir)
-  return gen_dir, score_dir, score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  return gen_dir, score_dir, score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
 
 
 def test_generate_and_score_modes(tiny_model_dir, tmp_path):
@@ -246,7 +248,7 @@ def test_score_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path)
   cfg = _config(tiny_model_dir, tmp_path, **{"prompts.train.kwargs.per_category": 2})
   model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)
-  generate.generate(cfg.generate, model, items, str(tmp_path / "generate"), seed=0)
+  generate.generate(cfg.generate, model, items, str(tmp_path / "generate"), seed=0, texts=OWN)
   propose.propose(cfg.propose, str(tmp_path / "generate"), str(tmp_path / "propose"))
   args = ["score", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}",
           "--config.score.batch_size=1"]

@@ -17,7 +17,7 @@ from srum_jax.convert import checkpoint
 from srum_jax.engine import loaded_model
 from srum_jax.models.config import get_preset
 from srum_jax.pretrain import batches, heldout, stages, vocab
-from srum_jax.rewards import parsing, prompts as judge_prompts
+from srum_jax.rewards import parsing, texts as texts_lib
 from srum_jax.training import optimizer
 from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
@@ -123,11 +123,11 @@ def test_plan_examples_and_think_generation_samples(think_sampler):
   samples carry [system prompt] [prompt] [plan of the rendered scene] (or the system prompt alone)."""
   rng = np.random.default_rng(2)
   tok = think_sampler.tokenizer
-  marker = tok.encode(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+  marker = tok.encode(texts_lib.own_texts().gen_think_system)
   assert tok.hf.convert_ids_to_tokens(marker) == [vocab.THINK_GEN]
   for _ in range(20):
     image, question, plan, info = think_sampler.und_example(rng, task="plan")
-    assert image is None and info["task"] == "plan" and question[0] == judge_prompts.GEN_THINK_SYSTEM_PROMPT
+    assert image is None and info["task"] == "plan" and question[0] == texts_lib.own_texts().gen_think_system
     assert heldout.plan_valid(plan, question[1]) == (True, True)
   gb = think_sampler.gen_batch(rng, rows=8, samples_per_row=4, text_len=26)
   meta = gb.inputs.meta

@@ -192,7 +192,10 @@ def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
   assert given.think_texts == out.think_texts
   np.testing.assert_allclose(np.asarray(seen["contexts"][0].cache.k), np.asarray(gen.cache.k), atol=1e-6)
   with pytest.raises(ValueError, match="one plan per prompt"):
-    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, plans=["x"], height=16, width=16)
+    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, system_prompt="plan it", plans=["x"],
+                           height=16, width=16)
+  with pytest.raises(ValueError, match="generation think system prompt"):  # never a built-in wording
+    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, height=16, width=16)
 
   plain = sampling.text_to_image(params, None, tok, prompts, cfg=cfg, height=16, width=16)
   gen, cfg_text, cfg_img = seen["contexts"]

@@ -16,6 +16,7 @@ from srum_jax.engine.judge import Judge, JudgeOptions
 from srum_jax.inference import sampling
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import get_preset
+from srum_jax.rewards.texts import own_texts
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -42,7 +43,8 @@ def test_sharded_sampler_equals_one_device(models):
   """think mode (plan decoded, then the image) with text CFG: the same plans, latents and pixels."""
   one, sharded = models
   kw = dict(cfg=one.cfg, seeds=3, image_ids=list(range(4)), height=32, width=32, num_timesteps=3,
-            cfg_text_scale=2.0, think=True, max_think_tokens=4)
+            cfg_text_scale=2.0, think=True, max_think_tokens=4,
+            system_prompt=own_texts().gen_think_system)
   a = sampling.text_to_image(one.params["bagel"], one.params["ae"], one.tokenizer, PROMPTS, **kw)
   b = sampling.text_to_image(sharded.params["bagel"], sharded.params["ae"], sharded.tokenizer, PROMPTS,
                              mesh=loaded_model.batch_rows_mesh(sharded, 4), **kw)
@@ -63,7 +65,7 @@ def test_sharded_judge_equals_one_device(models):
   scfg.update(dict(mode="logits", think=False, vit_image_size=28, max_new_tokens_global=6, max_retries=0))
   got = []
   for model in (one, sharded):
-    judge = Judge(JudgeOptions.from_config(scfg), model)
+    judge = Judge(JudgeOptions.from_config(scfg), model, texts=own_texts())
     got.append((judge.global_scores(images, texts), judge.answers(images, texts, 6)))
   np.testing.assert_allclose(got[0][0], got[1][0], atol=1e-5)
   assert got[0][1] == got[1][1] and len(got[1][1]) == 5

@@ -19,7 +19,7 @@ from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge
 from srum_jax.pretrain import heldout as pretrain_eval
 from srum_jax.pretrain.heldout import judge_options
-from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.rewards import texts as texts_lib
 from srum_jax.workdir import layout, logs
 from srum_jax.worlds.shapes import grammar, judge_text, scene as scene_lib, truth as world_truth
 
@@ -83,7 +83,6 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
   """`score.region_identify` on the trained model: the object it names for a box is the "Identified Object" of
   the full greedy answer (KV-cache decoder), and it is the boxed object far more often than chance."""
   import numpy as np
-
   model = loaded_model.load_model(shipped_model_dir)
   rng = np.random.default_rng(5)
   _, val = grammar.split_prompts(0)
@@ -100,10 +99,11 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
     texts.append(q.text)
     boxes.append([world_truth.official_box(scene_lib.scene_boxes(scene)[k])])
     truth.append(f"{scene.objects[k].color} {scene.objects[k].shape}")
-  judge = Judge(judge_options(28, region_identify=True), model)
+  own = texts_lib.own_texts()  # the shapes world's model was trained on these
+  judge = Judge(judge_options(28, region_identify=True), model, texts=own)
   got = judge.region_scores(images, texts, boxes)
   names = [d[1][1] for d in got]
-  answers = judge.answers(images, [judge_prompts.region_prompt(t, b) for t, b in zip(texts, boxes)], 12)
+  answers = judge.answers(images, [texts_lib.render_regions(own, t, b) for t, b in zip(texts, boxes)], 12)
   assert [a.split("Identified Object:")[1].split("Score")[0].strip() for a in answers] == names
   assert all(-1.0 <= d[1][0] <= 1.0 for d in got)
   assert np.mean([n == t for n, t in zip(names, truth)]) >= 0.6, list(zip(names, truth))

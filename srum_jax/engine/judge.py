@@ -11,7 +11,7 @@ Two modes (`JudgeOptions.mode`, the vocabulary `JUDGE_MODES`):
   `region_identify` the model first names the object in the box (greedy, "Region ID: 1\nIdentified
   Object: ...", the official answer order) and the score is read after that name (`decoding.continue_then_logits`).
 
-    judge = Judge(JudgeOptions.from_config(config.score), model, seed=0)
+    judge = Judge(JudgeOptions.from_config(config.score), model, texts=texts_lib.own_texts(), seed=0)
     g = judge.global_scores(images_uint8, prompts)                 # [score or None]
     r = judge.region_scores(images_uint8, prompts, boxes_lists)    # [{region (1-based): (score, object)}]
 """
@@ -30,7 +30,7 @@ from srum_jax.engine import loaded_model
 from srum_jax.engine.loaded_model import Model
 from srum_jax.inference import decoding
 from srum_jax.models.image_transforms import square_view
-from srum_jax.rewards import parsing, prompts as judge_prompts
+from srum_jax.rewards import parsing, texts as texts_lib
 
 JUDGE_MODES = ("generate", "logits")
 
@@ -60,12 +60,14 @@ class JudgeOptions:
 
 
 class Judge:
-  """The model's understanding branch as a scorer (both modes behind one interface)."""
+  """The model's understanding branch as a scorer (both modes behind one interface); `texts` gives the judge
+  questions and the think system prompt (`rewards.texts`)."""
 
-  def __init__(self, options: JudgeOptions, model: Model, *, seed: int = 0, compute_dtype="float32",
-               attn_impl: str = "dense"):
+  def __init__(self, options: JudgeOptions, model: Model, *, texts: texts_lib.Texts, seed: int = 0,
+               compute_dtype="float32", attn_impl: str = "dense"):
     self.config = options
     self.model = model
+    self.texts = texts
     self.attn_impl = attn_impl
     self.dtype = jnp.dtype(compute_dtype)
     self.stats = parsing.ParseStats()
@@ -73,7 +75,7 @@ class Judge:
     self.key = jax.random.key(seed)
     if options.mode not in JUDGE_MODES:
       raise ValueError(f"judge mode must be one of {JUDGE_MODES}, got {options.mode!r}")
-    self.system = judge_prompts.JUDGE_THINK_SYSTEM_PROMPT if options.think else None
+    self.system = texts.judge_think_system if options.think else None
     if options.mode == "logits":
       values, ids = [], []
       for text in options.logit_candidates:
@@ -170,7 +172,7 @@ class Judge:
 
   # -- both ------------------------------------------------------------------------------------
   def global_scores(self, images, prompts_text) -> List[Optional[float]]:
-    qs = [judge_prompts.global_layout_prompt(p) for p in prompts_text]
+    qs = [texts_lib.render_global(self.texts, p) for p in prompts_text]
     if self.config.mode == "logits":
       return self._expected(images, qs)
     out = self._with_retries(images, qs, self.config.max_new_tokens_global,
@@ -183,7 +185,7 @@ class Judge:
       flat = [(i, k) for i, bs in enumerate(boxes_list) for k in range(len(bs))]
       out: List[Dict[int, tuple]] = [dict() for _ in images]
       for chunk in distributed.batched(flat, self.rows(1)):  # full chunks: one shape
-        qs = [judge_prompts.region_prompt(prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
+        qs = [texts_lib.render_regions(self.texts, prompts_text[i], [boxes_list[i][k]]) for i, k in chunk]
         ims = [images[i] for i, _ in chunk]
         if self.config.region_identify:
           vals = self._identified_expected(ims, qs)
@@ -192,7 +194,7 @@ class Judge:
         for (i, k), v in zip(chunk, vals):
           out[i][k + 1] = v
       return out
-    qs = [judge_prompts.region_prompt(p, bs) for p, bs in zip(prompts_text, boxes_list)]
+    qs = [texts_lib.render_regions(self.texts, p, bs) for p, bs in zip(prompts_text, boxes_list)]
     parsed = self._with_retries(
         images, qs, self.config.max_new_tokens_regions,
         lambda i, a: parsing.parse_region_answers(a, len(boxes_list[i]), self.stats) or None)

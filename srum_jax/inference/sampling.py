@@ -26,7 +26,6 @@ from srum_jax.inference.context import Context
 from srum_jax.models import autoencoder, bagel, embeddings, qwen2_mot
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import FULL
-from srum_jax.rewards.prompts import GEN_THINK_SYSTEM_PROMPT
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
@@ -244,15 +243,15 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   e.g. fsdp / tensor over the same mesh); the batch size must divide by that many devices.
 
   gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
-  think mode); cfg_img: [system prompt] + prompt. think=True uses the generation think system prompt
-  (unless one is given) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
+  think mode); cfg_img: [system prompt] + prompt. think=True needs `system_prompt` (the generation think
+  system prompt, `texts.gen_think_system`) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
   decoding them (a diagnostic: drawing from known-good plans). Image i starts from noise keyed by
   fold_in(PRNGKey(seed_i), image_ids[i]) (default ids 0..B-1): the same (seed, id) gives the same image
   in any batch.
   """
   B = len(prompts)
   if think and system_prompt is None:
-    system_prompt = GEN_THINK_SYSTEM_PROMPT
+    raise ValueError("think mode needs the generation think system prompt (system_prompt=texts.gen_think_system)")
   ids = list(range(B)) if image_ids is None else list(image_ids)
   keys = prompt_keys(seeds, ids)
   sys_ids = None if system_prompt is None else context.wrap_text(tokenizer.encode(system_prompt), cfg)

@@ -17,6 +17,7 @@ from srum_jax import distributed, paths
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import evaluate, generate, propose, run, score, train
+from srum_jax.rewards import texts as texts_lib
 from srum_jax.workdir import locking
 
 EXIT_USAGE = 2
@@ -49,6 +50,11 @@ def _dirs(config):
   return {k: os.path.join(w, k) for k in ("generate", "propose", "score", "train", "eval")}
 
 
+def _texts(config) -> texts_lib.Texts:
+  """The texts the config names (`texts.file`: "" / "own" or a texts file; `rewards.texts`)."""
+  return texts_lib.from_setting(config.texts.file)
+
+
 def _model(config) -> loaded_model.Model:
   """The config's model, placed for inference (`loaded_model.load_inference_model`)."""
   model_dir = loaded_model.resolve_model_dir(config)
@@ -63,7 +69,8 @@ def generate_main(config, flags) -> int:
   require_prompts(items, "prompts.train")
   model = _model(config)
   rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                          compute_dtype=config.model.compute_dtype, attn_impl=loaded_model.attn_impl(config))
+                          texts=_texts(config), compute_dtype=config.model.compute_dtype,
+                          attn_impl=loaded_model.attn_impl(config))
   return 1 if rep.skipped_nonfinite else 0
 
 
@@ -81,7 +88,8 @@ def score_main(config, flags) -> int:
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              compute_dtype=config.model.compute_dtype, attn_impl=loaded_model.attn_impl(config))
+              texts=_texts(config), compute_dtype=config.model.compute_dtype,
+              attn_impl=loaded_model.attn_impl(config))
   return 0
 
 
@@ -122,17 +130,19 @@ def eval_main(config, flags) -> int:
   distributed.maybe_initialize()
   ecfg = config.eval
   metrics = evaluate.parse_metrics(ecfg.metrics)
-  items = evaluate.eval_items(config)
+  texts = _texts(config)
+  items = evaluate.eval_items(config, texts)
   require_prompts(items, "prompts.val")
   out = os.path.join(_dirs(config)["eval"], ecfg.name)
   if ecfg.images_dir:
     needs_umm = "judge" in metrics and ecfg.judge == "self"
     evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
-                             ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,
-                             name=ecfg.name, attn_impl=loaded_model.attn_impl(config))
+                             ecfg.images_dir, out, seed=ecfg.seed, texts=texts,
+                             compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                             attn_impl=loaded_model.attn_impl(config))
   else:
     evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
-                      seed=ecfg.seed, compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                      seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype, name=ecfg.name,
                       attn_impl=loaded_model.attn_impl(config))
   return 0
 

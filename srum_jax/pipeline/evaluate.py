@@ -53,9 +53,10 @@ class OracleJudge:
 
 
 class SelfJudge:
-  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense"):
-    self.judge = Judge(JudgeOptions.from_config(scfg), model, seed=seed, compute_dtype=compute_dtype,
-                       attn_impl=attn_impl)
+  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense", *,
+               texts):
+    self.judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts, seed=seed,
+                       compute_dtype=compute_dtype, attn_impl=attn_impl)
     self.threshold = threshold
 
   def __call__(self, images, prompts) -> List[bool]:
@@ -78,14 +79,14 @@ class HFVLMJudge:
     return [str(a).strip().lower().startswith("yes") for a in answers]
 
 
-def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = "dense"):
+def make_judge(ecfg, scfg, model, *, seed: int, texts, compute_dtype, attn_impl: str = "dense"):
   name = ecfg.judge
   if name == "oracle":
     return OracleJudge(ecfg.oracle_fn)
   if name == "self":
     if model is None:
       raise ValueError("eval.judge = 'self' needs the UMM: set eval.model_dir (or model.dir)")
-    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl)
+    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl, texts=texts)
   if name == "hf_vlm":
     return HFVLMJudge(ecfg)
   raise ValueError(f"unknown eval judge {name!r}; choose one of {JUDGES}")
@@ -119,7 +120,7 @@ def parse_metrics(text: str) -> List[str]:
   return names
 
 
-def eval_items(config):
+def eval_items(config, texts):
   """The prompts to evaluate: GenEval's metadata or T2I-ReasonBench's files when those metrics are asked for,
   else `prompts.val`."""
   metrics, ecfg = parse_metrics(config.eval.metrics), config.eval
@@ -128,8 +129,7 @@ def eval_items(config):
   if "reasonbench" in metrics:
     r = ecfg.reasonbench
     return reasonbench.load_items(_required(r.prompts, "eval.reasonbench.prompts"),
-                                  _required(r.questions, "eval.reasonbench.questions"), r.dimension,
-                                  reasonbench.load_rubric(r.rubric))[0]
+                                  _required(r.questions, "eval.reasonbench.questions"), r.dimension, texts)[0]
   return load_prompts(config.prompts.val)
 
 
@@ -146,7 +146,6 @@ def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
     dirs.update(compbench.CompBenchScorer.required_dirs(ecfg.compbench, {it.category for it in items}))
   if "mllm" in metrics or "reasonbench" in metrics:
     dirs["eval.mllm.model_dir"] = ecfg.mllm.model_dir
-    mllm_judge.load_rubric(ecfg.mllm.rubric)
   if "geneval" in metrics:
     dirs["eval.geneval.detector_dir"] = ecfg.geneval.detector_dir
     dirs["eval.geneval.clip_dir"] = ecfg.geneval.clip_dir
@@ -154,18 +153,19 @@ def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
     torch_models.require_dir(path, key, "the metric's model")
 
 
-def make_scorer(metric: str, ecfg, items):
+def make_scorer(metric: str, ecfg, items, texts):
   device, dtype = torch_models.resolve_device(ecfg.device), torch_models.resolve_dtype(ecfg.torch_dtype)
   if metric == "compbench":
     return compbench.CompBenchScorer(ecfg.compbench, device=device, dtype=dtype, items=items)
   if metric == "mllm":
-    return mllm_judge.MLLMScorer(ecfg.mllm, device=device)
+    return mllm_judge.MLLMScorer(ecfg.mllm, device=device, texts=texts)
   if metric == "geneval":
     return geneval.GenEvalScorer(ecfg.geneval, device=device, dtype=dtype,
                                  metadata=geneval.load_items(ecfg.geneval.metadata)[1])
   r = ecfg.reasonbench
-  _, questions, dim = reasonbench.load_items(r.prompts, r.questions, r.dimension, reasonbench.load_rubric(r.rubric))
-  return reasonbench.ReasonBenchScorer(r, ecfg.mllm, device=device, questions=questions, dimension=dim)
+  _, questions, dim = reasonbench.load_items(r.prompts, r.questions, r.dimension, texts)
+  return reasonbench.ReasonBenchScorer(r, ecfg.mllm, device=device, questions=questions, dimension=dim,
+                                       texts=texts)
 
 
 def _load_images(chunk: Sequence[dict]):
@@ -244,7 +244,7 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> Lis
 
 
 def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], items, out_dir: str, *,
-                 batch_size: int, name: str) -> Dict[str, dict]:
+                 batch_size: int, name: str, texts) -> Dict[str, dict]:
   """Every metric over `rows` (image_file absolute); writes the tables and the grid. Returns {"judge": the
   judge's accuracy table (or {}), "tables": the metric tables}."""
   out = paths.path(out_dir)  # local or remote (gs://)
@@ -255,7 +255,7 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
     tables.append(report.judge_columns(judge_table, ecfg.judge))
     verdicts[f"{ecfg.judge}"] = {r["id"]: "yes" if r["correct"] else "no" for r in judged}
   for metric in (m for m in metrics if m != "judge"):
-    scorer = make_scorer(metric, ecfg, items)
+    scorer = make_scorer(metric, ecfg, items, texts)
     scored = run_metric(scorer, rows, str(out / "metrics"), metric, batch_size)
     del scorer
     gc.collect()
@@ -282,26 +282,30 @@ def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str)
   (out.parent / "summary.md").write_text(report.side_by_side(str(out.parent)))
 
 
-def evaluate(ecfg, gcfg, scfg, model: loaded_model.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
-             name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
+def evaluate(ecfg, gcfg, scfg, model: loaded_model.Model, items, out_dir: str, *, seed: int, texts,
+             compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
   """Generate the missing images of `items` into `out_dir` (sharded, resumable), then score them with every
-  metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge)."""
+  metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge). `texts`: the think
+  system prompts, the self-judge's questions and the metric judges' rubrics (`rewards.texts`)."""
   metrics = parse_metrics(ecfg.metrics)
-  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
-  generate.generate(gcfg, model, items, out_dir, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  generate.generate(gcfg, model, items, out_dir, seed=seed, texts=texts, compute_dtype=compute_dtype,
+                    attn_impl=attn_impl)
   rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in layout.read_metadata(out_dir)]
   wanted = {it.id for it in items}
   rows = [r for r in rows if r.get("prompt_id", r["id"]) in wanted]
-  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)["judge"]
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name,
+                      texts=texts)["judge"]
 
 
-def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, images_dir: str, out_dir: str, *, seed: int,
-                    compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, dict]:
+def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, images_dir: str, out_dir: str, *,
+                    seed: int, texts, compute_dtype="float32", name: str = "model",
+                    attn_impl: str = "dense") -> Dict[str, dict]:
   """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
   metrics = parse_metrics(ecfg.metrics)
-  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
   rows, rep = image_folders.collect(images_dir, items)
@@ -310,4 +314,5 @@ def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, imag
   if not rows:
     raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "
                      f"srum_jax/evaluation/image_folders.py for the accepted names)")
-  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name,
+                      texts=texts)

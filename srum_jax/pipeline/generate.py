@@ -22,6 +22,7 @@ from srum_jax import distributed, files, paths, progress
 from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.engine import loaded_model
 from srum_jax.inference import sampling
+from srum_jax.rewards.texts import Texts
 from srum_jax.workdir import layout, logs
 
 
@@ -45,13 +46,13 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
-def prompt_token_cap(gcfg, model: loaded_model.Model) -> int:
+def prompt_token_cap(gcfg, model: loaded_model.Model, texts: Texts) -> int:
   """Prompt ids one generation accepts: the LLM's `max_position_embeddings` less what else takes positions
   (the prompt's BOS/EOS, in think mode the system prompt and the plan with their BOS/EOS, one position for
   the image's latent tokens), lowered to `max_prompt_tokens` and to `text_budget` (less BOS/EOS) when set."""
   used = 2 + 1
   if bool(gcfg.think):
-    used += len(model.tokenizer.encode(sampling.GEN_THINK_SYSTEM_PROMPT)) + 2 + int(gcfg.max_think_tokens) + 2
+    used += len(model.tokenizer.encode(texts.gen_think_system)) + 2 + int(gcfg.max_think_tokens) + 2
   cap = int(model.cfg.llm.max_position_embeddings) - used
   if int(gcfg.max_prompt_tokens):
     cap = min(cap, int(gcfg.max_prompt_tokens))
@@ -61,11 +62,11 @@ def prompt_token_cap(gcfg, model: loaded_model.Model) -> int:
 
 
 def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
-             compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
+             texts: Texts, compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
   """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
-  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes."""
-
-  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model))
+  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes. Think mode
+  sends `texts.gen_think_system`."""
+  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model, texts))
   log = logs.process_log(out_dir, "metadata")
   log_rep = logs.LogReport()
   done = set(r["id"] for r in layout.read_metadata(out_dir, log_rep))
@@ -102,7 +103,7 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
         cfg_interval=tuple(gcfg.cfg_interval), cfg_renorm_type=str(gcfg.cfg_renorm_type),
         cfg_renorm_min=float(gcfg.cfg_renorm_min), max_think_tokens=int(gcfg.max_think_tokens),
-        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
+        system_prompt=texts.gen_think_system if bool(gcfg.think) else None, dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
         mesh=mesh)
     images = jax.device_get(res.images)
     finite = np.isfinite(np.asarray(jax.device_get(res.latents))).reshape(len(chunk), -1).all(axis=1)

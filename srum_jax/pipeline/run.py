@@ -25,7 +25,7 @@ from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.evaluation import report
 from srum_jax.pipeline import evaluate, generate, propose, score, train as train_stage
-from srum_jax.rewards import records as records_lib
+from srum_jax.rewards import records as records_lib, texts as texts_lib
 from srum_jax.training import objective
 from srum_jax.workdir import layout, logs
 
@@ -141,19 +141,20 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   return total
 
 
-def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path, clock: StageClock):
+def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path, clock: StageClock,
+                 texts: texts_lib.Texts):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, loaded_model.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
     with clock(f"round_{r}/generate"):
-      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
-                        attn_impl=attn)
+      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, texts=texts,
+                        compute_dtype=dt, attn_impl=attn)
     with clock(f"round_{r}/propose"):
       propose.propose(config.propose, gen_dir, prop_dir)
     with clock(f"round_{r}/score"):
-      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
+      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, texts=texts,
                          compute_dtype=dt, attn_impl=attn)
     # counted as soon as the stage is done (a later crash cannot lose them)
     score_counts = accumulate_counters(rd / "score_counters.json",
@@ -222,6 +223,7 @@ def run(config) -> dict:
   val_items = load_prompts(config.prompts.val)
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
+  texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
 
@@ -229,12 +231,12 @@ def run(config) -> dict:
     d = str(work / "eval" / name)
     with clock(f"eval/{name}"):
       tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                       seed=config.eval.seed, compute_dtype=config.model.compute_dtype,
+                                       seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
                                        name=name, attn_impl=loaded_model.attn_impl(config))
     eval_dirs[name] = d
 
   do_eval("base", base)
-  current, rounds = _srum_rounds(config, base, train_items, work, clock)
+  current, rounds = _srum_rounds(config, base, train_items, work, clock, texts)
   name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
   do_eval(name, current)
   order = ["base", name]

@@ -1,5 +1,6 @@
-"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the official
-`srum_data_infer/vlm.py` prompts and parsing; records in the official format, see `rewards.records`).
+"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the judge prompts of
+the texts, `rewards.texts`: SRUM's `srum_data_infer/vlm.py` ones read from the user's checkout, or the own
+wording; `rewards.parsing`; records in the official format, see `rewards.records`).
 
 The judge itself (`engine.judge`: `generate` or `logits` mode) takes the `score` block's judge keys; this
 stage adds which scores to ask for (`use_global`, `use_regions`) and the official fallback when every try
@@ -19,7 +20,7 @@ import numpy as np
 from srum_jax import distributed, files, paths, progress
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
-from srum_jax.rewards import records
+from srum_jax.rewards import records, texts as texts_lib
 from srum_jax.workdir import layout, logs
 
 
@@ -55,9 +56,9 @@ def _checked(value: Optional[float], rep: ScoreReport) -> Optional[float]:
 
 
 def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_dir: str, *, seed: int,
-          compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
+          texts: texts_lib.Texts, compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
-  judge = Judge(JudgeOptions.from_config(scfg), model, seed=seed, compute_dtype=compute_dtype,
+  judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts, seed=seed, compute_dtype=compute_dtype,
                 attn_impl=attn_impl)
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   log = logs.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
@@ -89,14 +90,14 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
     bar.update(len(chunk))
     if not keep:
       continue
-    texts = [r["prompt"] for r in keep]
-    g = judge.global_scores(imgs, texts) if scfg.use_global else [None] * len(keep)
+    prompts_text = [r["prompt"] for r in keep]
+    g = judge.global_scores(imgs, prompts_text) if scfg.use_global else [None] * len(keep)
     g = [_checked(v, rep) for v in g]
     boxes = [[reg["box"] for reg in regions.get(r["id"], {}).get("regions", [])] for r in keep]
     with_boxes = [i for i, b in enumerate(boxes) if b]
     rs: List[Dict[int, tuple]] = [dict() for _ in keep]
     if scfg.use_regions and with_boxes:
-      got = judge.region_scores([imgs[i] for i in with_boxes], [texts[i] for i in with_boxes],
+      got = judge.region_scores([imgs[i] for i in with_boxes], [prompts_text[i] for i in with_boxes],
                                 [boxes[i] for i in with_boxes])
       for i, r in zip(with_boxes, got):
         rs[i] = {k: (s, o) for k, (s, o) in r.items() if _checked(s, rep) is not None}

@@ -3,12 +3,13 @@
 Labels come from the scene's ground truth (`worlds.shapes.truth.scene_truth`), never from the oracle. Judge
 examples are [ViT image] [question] [answer] exactly as `inference.decoding.judge_context` builds the
 decoding context; about half of the scenes are hard negatives (`grammar.hard_negative`), a few are scenes of
-another prompt or carry an extra object. Tasks and their answers:
+another prompt or carry an extra object. Questions are the project's own texts (`vocab.OWN_TEXTS`, through
+`rewards.texts.render_global` / `render_regions`). Tasks and their answers:
 
-    global    `global_layout_prompt(prompt)`        -> "Score: 1.0" / "Score: -1.0"
-    region1   `region_prompt(prompt, [box])`        -> "Score: s" (the logits judge) or the block
+    global    `render_global(prompt)`               -> "Score: 1.0" / "Score: -1.0"
+    region1   `render_regions(prompt, [box])`       -> "Score: s" (the logits judge) or the block
                                                        "Region ID: 1 Identified Object: red circle Score: s"
-    regions   `region_prompt(prompt, boxes)`        -> one block per region (all objects, sometimes a
+    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes a
                                                        background box, random order)
     describe  "<describe>" (auxiliary)              -> `grammar.describe(scene)`
     locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of that kind
@@ -40,7 +41,7 @@ from scipy import ndimage
 from srum_jax.convert import checkpoint
 from srum_jax.models import bagel, image_transforms
 from srum_jax.pretrain import vocab
-from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.rewards import texts as texts_lib
 from srum_jax.tokenizer import load_tokenizer
 from srum_jax.training import objective, train_step
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
@@ -159,7 +160,7 @@ class PretrainSampler:
     task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
     if task == "plan":  # drawn here, after the scene, so the other tasks' random streams stay as they were
       plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
-      return None, [judge_prompts.GEN_THINK_SYSTEM_PROMPT, prompt.text], plan, dict(task=task, label=True)
+      return None, [vocab.OWN_TEXTS.gen_think_system, prompt.text], plan, dict(task=task, label=True)
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(grammar.NUMBER_WORDS):
       return image, vocab.DESCRIBE, grammar.describe(scene, rng), dict(task=task, label=ok)
@@ -170,9 +171,9 @@ class PretrainSampler:
       return image, vocab.locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(task=task, label=ok)
     if task in ("global", "describe", "locate"):
       answer = f"Score: {vocab.score_text(1.0 if ok else -1.0)}"
-      return image, judge_prompts.global_layout_prompt(prompt.text), answer, dict(task=task, label=ok)
+      return image, texts_lib.render_global(vocab.OWN_TEXTS, prompt.text), answer, dict(task=task, label=ok)
     regions = self.regions(rng, scene, scores, many=task == "regions")
-    question = judge_prompts.region_prompt(prompt.text, [b for b, _, _ in regions])
+    question = texts_lib.render_regions(vocab.OWN_TEXTS, prompt.text, [b for b, _, _ in regions])
     if task == "region1" and rng.random() < self.mix["short_region_answer"]:
       answer = f"Score: {vocab.score_text(regions[0][2])}"
     else:
@@ -273,7 +274,7 @@ class PretrainSampler:
         images[b, s] = rendered(scene)
         w = self.wrap(p.text)
         if self.mix["think"] and rng.random() < self.mix["think"]:  # one text run = the think-mode prefills
-          w = self.wrap(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+          w = self.wrap(vocab.OWN_TEXTS.gen_think_system)
           if rng.random() >= self.mix["think_uncond"]:
             w = w + self.wrap(p.text) + self.wrap(grammar.plan_text(scene))
         if len(w) > text_len:

@@ -226,7 +226,8 @@ def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bo
                                  width=batches.IMAGE_HW[1], num_timesteps=settings.gen_steps,
                                  timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
                                  cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype),
-                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given)
+                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given,
+                                 system_prompt=vocab.OWN_TEXTS.gen_think_system if think else None)
     images += list(out.images)
     written += out.think_texts or []
   return images, (written if think else None)
@@ -295,7 +296,8 @@ def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, v
   t0, s = time.time(), settings
   model = loaded_model.load_model(model_dir, dtype="float32")
   make = lambda mode="logits", identify=False: Judge(  # noqa: E731
-      judge_options(vit_image_size, mode, identify), model, seed=s.seed, compute_dtype=compute_dtype)
+      judge_options(vit_image_size, mode, identify), model, texts=vocab.OWN_TEXTS, seed=s.seed,
+      compute_dtype=compute_dtype)
   judge = make()
   rng = np.random.default_rng([s.seed, 1])
   pairs = held_out_pairs(rng, s.num_pairs)
