@@ -21,7 +21,9 @@ context updates, `_forward_flow` and `generate_text`), with the weights loaded a
 (accelerate, bfloat16, one device). Where `flash_attn` is not installed (CPU), its
 `flash_attn_varlen_func` is replaced by exact per-segment softmax attention with torch SDPA (causal
 masks aligned bottom-right, as flash-attn >= 2.1 does for the KV-cache path); BAGEL's code is not
-otherwise changed, so its hard-coded bfloat16 casts stay.
+otherwise changed. `--official_dtype=float32` loads the weights in float32 and redirects the code's
+hard-coded bfloat16 casts to float32: with `--jax_dtype=float32` both sides then compute in float32,
+and the differences show the implementations, not rounding.
 
 The official code needs its own environment (transformers 4.49) and this port its own (JAX); the
 halves can run apart: `--half=jax --save=jax.npz` here, then, with the official environment's
@@ -38,24 +40,21 @@ import importlib.machinery
 import os
 import sys
 import types
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
-# Keys of an inputs / outputs file (npz): ids of text splits are int arrays, parts are listed by
-# kind.
-CHECKS = ("t2i", "judge", "think")
+FLOAT_OUTPUTS = ("v_cond", "v_uncond", "v_cfg", "logits")  # the other outputs are token ids
 
 # ----------------------------------------------------------------------------------------------
 # Inputs (prepared once, in the JAX environment)
 
 
 def official_constant(bagel_code: str, name: str) -> str:
-  """A string constant of the official `inferencer.py`, read from its syntax tree (never
-  executed)."""
+  """A string constant of the official `inferencer.py`, read from its syntax tree (not run)."""
   path = os.path.join(os.path.expanduser(bagel_code), "inferencer.py")
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read())
@@ -122,11 +121,9 @@ def make_inputs(tokenizer, cfg, *, image: Image.Image, prompt: str, question: st
 
 def check_parts(inputs: dict) -> Dict[str, List[Tuple[str, np.ndarray]]]:
   """Each check's context as (kind, content) splits, in order."""
-  return {
-      "t2i": [("text", inputs["prompt_ids"])], "judge": [("vit", inputs["vit_image"]),
-                                                         ("text", inputs["question_ids"])],
-      "think": [("text", inputs["think_system_ids"]), ("text", inputs["prompt_ids"])]
-  }
+  return {"t2i": [("text", inputs["prompt_ids"])],
+          "judge": [("vit", inputs["vit_image"]), ("text", inputs["question_ids"])],
+          "think": [("text", inputs["think_system_ids"]), ("text", inputs["prompt_ids"])]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +131,7 @@ def check_parts(inputs: dict) -> Dict[str, List[Tuple[str, np.ndarray]]]:
 
 
 def jax_half(params, cfg, inputs: dict, parts=None, dtype="float32") -> Dict[str, np.ndarray]:
-  """This port's outputs for `inputs` (`params` = {'bagel': ...}); `parts` overrides
-  `check_parts`."""
+  """This port's outputs for `inputs` (`params`: {'bagel': ...}); `parts` replaces `check_parts`."""
   import jax.numpy as jnp  # jax: absent from the official environment
   from srum_jax.inference import context, decoding, sampling
 
@@ -145,9 +141,8 @@ def jax_half(params, cfg, inputs: dict, parts=None, dtype="float32") -> Dict[str
 
   def build(splits, extra):
     patches = [context.vit_inputs([x], cfg) for kind, x in splits if kind == "vit"]
-    T = context.bucket(
-        sum(len(x) + 2 for kind, x in splits if kind == "text") +
-        sum(p.shape[1] + 2 for p, _ in patches) + extra)
+    texts = sum(len(x) + 2 for kind, x in splits if kind == "text")
+    T = context.bucket(texts + sum(p.shape[1] + 2 for p, _ in patches) + extra)
     ctx = context.init_context(cfg, 1, T, jnp.dtype(dtype))
     for kind, x in splits:
       if kind == "text":
@@ -170,16 +165,12 @@ def jax_half(params, cfg, inputs: dict, parts=None, dtype="float32") -> Dict[str
                                stop_ids=(), return_logits=True)
     out[f"{check}.tokens"] = g.tokens[0]
     out[f"{check}.logits"] = g.logits[0]
-  return {
-      k: np.asarray(
-          v, np.float32 if k.endswith(
-              ("v_cond", "v_uncond", "v_cfg", "logits")) else np.int64) for k, v in out.items()
-  }
+  return {k: np.asarray(v, np.float32 if k.endswith(FLOAT_OUTPUTS) else np.int64)
+          for k, v in out.items()}
 
 
 def load_jax_model(weights: str, dtype: str):
-  """(cfg, params, tokenizer) of an official checkpoint dir through the converter (nothing
-  written)."""
+  """(cfg, params, tokenizer) of an official checkpoint dir, through the converter (in memory)."""
   from srum_jax.convert import hf_to_flax  # srum_jax: absent from the official environment
   from srum_jax.tokenizer import load_tokenizer
 
@@ -208,9 +199,8 @@ def install_flash_attn_fallback() -> bool:
                              **unused):
     out = torch.empty_like(q)
     for b in range(len(cu_seqlens_q) - 1):
-      q0, q1, k0, k1 = (
-          int(x)
-          for x in (cu_seqlens_q[b], cu_seqlens_q[b + 1], cu_seqlens_k[b], cu_seqlens_k[b + 1]))
+      q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+      k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
       qb, kb, vb = (x.transpose(0, 1).float() for x in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [H, L, d]
       rep = qb.shape[0] // kb.shape[0]
       kb, vb = kb.repeat_interleave(rep, 0), vb.repeat_interleave(rep, 0)
@@ -225,9 +215,9 @@ def install_flash_attn_fallback() -> bool:
     return out
 
   module = types.ModuleType("flash_attn")
-  module.__spec__ = importlib.machinery.ModuleSpec("flash_attn",
-                                                   None)  # no package metadata: libraries that
-  module.flash_attn_varlen_func = flash_attn_varlen_func  # probe for flash-attn still see none
+  # A spec without package metadata: libraries that probe for flash-attn still find none.
+  module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+  module.flash_attn_varlen_func = flash_attn_varlen_func
   sys.modules["flash_attn"] = module
   return True
 
@@ -251,19 +241,23 @@ def compare_tokenizers(weights: str, inputs: dict) -> None:
 
 
 class _IdTokenizer:
-  """The official context builders tokenize with `tokenizer.encode(text)`: here the text is already
-  ids."""
+  """The official context builders call `tokenizer.encode(text)`; here the text is already ids."""
 
   def encode(self, ids):
     return [int(i) for i in ids]
 
 
-def torch_half(bagel_code: str, weights: str, inputs: dict,
-               device: str = "cpu") -> Dict[str, np.ndarray]:
-  """The official model's outputs for `inputs` (its modules from `bagel_code`, weights from
-  `weights`)."""
+def torch_half(bagel_code: str, weights: str, inputs: dict, device: str = "cpu",
+               dtype: str = "bfloat16") -> Dict[str, Any]:
+  """The official model's outputs for `inputs` (its modules from `bagel_code`). dtype "float32":
+  weights in float32 and BAGEL's hard-coded bfloat16 casts redirected to float32 (`torch.bfloat16`
+  is rebound for this process), so the differences show the implementations, not rounding."""
   import torch  # torch: only the official half uses it
   from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+  if dtype == "float32":
+    torch.bfloat16 = torch.float32
+  compute = getattr(torch, dtype)
 
   sys.path.insert(0, os.path.expanduser(bagel_code))
   fallback = install_flash_attn_fallback()
@@ -292,14 +286,14 @@ def torch_half(bagel_code: str, weights: str, inputs: dict,
   name = next(n for n in ("ema.safetensors", "model.safetensors")
               if os.path.exists(os.path.join(weights, n)))
   model = load_checkpoint_and_dispatch(model, checkpoint=os.path.join(weights, name),
-                                       device_map={"": device}, dtype=torch.bfloat16).eval()
+                                       device_map={"": device}, dtype=compute).eval()
   model.language_model.model.enable_taylorseer = False
   bos, eos, soi, eoi = (int(i) for i in inputs["special_ids"])
   token_ids = dict(bos_token_id=bos, eos_token_id=eos, start_of_image=soi, end_of_image=eoi)
   vit = lambda image: torch.from_numpy(np.asarray(image, np.float32).transpose(2, 0, 1).copy())
   inf = InterleaveInferencer(model, None, _IdTokenizer(), None, vit, token_ids)
   note = "; flash-attn replaced by SDPA" if fallback else ""
-  print(f"[official] {name} on {device} (bfloat16){note}", flush=True)
+  print(f"[official] {name} on {device} ({dtype}){note}", flush=True)
   compare_tokenizers(weights, inputs)
 
   def build(splits):
@@ -332,10 +326,8 @@ def torch_half(bagel_code: str, weights: str, inputs: dict,
     hook = model.language_model.lm_head.register_forward_hook(
         lambda m, i, o: seen.append(o.float().cpu()))
     try:
-      gi = {
-          k: v.to(device)
-          for k, v in model.prepare_start_tokens(ctx["kv_lens"], ctx["ropes"], token_ids).items()
-      }
+      start = model.prepare_start_tokens(ctx["kv_lens"], ctx["ropes"], token_ids)
+      gi = {k: v.to(device) for k, v in start.items()}
       toks = model.generate_text(past_key_values=ctx["past_key_values"], max_length=n,
                                  do_sample=False, end_token_id=None, **gi)
     finally:
@@ -345,7 +337,9 @@ def torch_half(bagel_code: str, weights: str, inputs: dict,
   parts = check_parts(inputs)
   H, W = (int(s) for s in inputs["size"])
   out = {}
-  with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+  autocast = torch.autocast(device_type=torch.device(device).type, dtype=compute,
+                            enabled=dtype != "float32")
+  with torch.no_grad(), autocast:
     x = torch.from_numpy(inputs["noise"]).to(device)
     gen, empty = build(parts["t2i"]), inf.init_gen_context()
     out["t2i.v_cond"] = flow(gen, H, W, x, inputs["t"], 1.0)
@@ -366,8 +360,7 @@ def torch_half(bagel_code: str, weights: str, inputs: dict,
 
 def compare(ours: Dict[str, np.ndarray], official: Dict[str, np.ndarray]) -> List[str]:
   """One line per output: the largest absolute difference and its size relative to the official
-  values' largest magnitude; for tokens the agreeing prefix; for logits also the top-1 agreement per
-  step."""
+  values' largest magnitude; for tokens the agreeing prefix; for logits also top-1 agreement."""
   lines = []
   for k in sorted(official):
     a, b = np.asarray(ours[k]), np.asarray(official[k])
@@ -402,6 +395,8 @@ def main(argv: Sequence[str] = None) -> int:
   ap.add_argument("--device", default="cpu",
                   help="torch device of the official half (cpu, cuda, cuda:1)")
   ap.add_argument("--jax_dtype", default="bfloat16", help="this port's parameter and compute dtype")
+  ap.add_argument("--official_dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                  help="the official half's dtype (float32: its bfloat16 casts redirected)")
   ap.add_argument("--image", default="", help="default: <bagel_code>/test_images/meme.jpg")
   ap.add_argument("--prompt", default="A red apple to the left of a blue cup on a wooden table.")
   ap.add_argument("--question", default="What objects are in this picture, and where is each one?")
@@ -422,7 +417,7 @@ def main(argv: Sequence[str] = None) -> int:
       ap.error("--half=torch needs --inputs (the npz of a --half=jax run)")
     saved = dict(np.load(args.inputs, allow_pickle=False))
     inputs = {k[3:]: v for k, v in saved.items() if k.startswith("in.")}
-    official = torch_half(args.bagel_code, args.weights, inputs, args.device)
+    official = torch_half(args.bagel_code, args.weights, inputs, args.device, args.official_dtype)
     ours = {k[4:]: v for k, v in saved.items() if k.startswith("jax.")}
   else:
     sys.path.insert(0, ROOT)
@@ -436,8 +431,9 @@ def main(argv: Sequence[str] = None) -> int:
                          vit_transform=_ints(args.vit_transform))
     ours = jax_half(params, cfg, inputs, dtype=args.jax_dtype)
     del params
-    official = torch_half(args.bagel_code, args.weights, inputs,
-                          args.device) if args.half == "both" else None
+    official = None
+    if args.half == "both":
+      official = torch_half(args.bagel_code, args.weights, inputs, args.device, args.official_dtype)
   if args.save:
     blob = {f"in.{k}": v for k, v in inputs.items()}
     blob.update({f"jax.{k}": v for k, v in ours.items()})

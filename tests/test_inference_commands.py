@@ -22,9 +22,8 @@ def _config(tiny_model_dir, workdir, **overrides):
   c.workdir = str(workdir)
   c.model.dir = tiny_model_dir
   c.model.compute_dtype = "float32"
-  c.sample.update(
-      dict(height=16, width=16, num_timesteps=2, batch_size=2, think=True, max_think_tokens=3,
-           prompts=("a red circle", "two blue squares")))
+  c.sample.update(dict(height=16, width=16, num_timesteps=2, batch_size=2, think=True,
+                       max_think_tokens=3, prompts=("a red circle", "two blue squares")))
   for block in (c.edit, c.ask):  # a 24x16 input stays 24x16 (stride 8); the ViT sees it at 42x28
     block.update(dict(vae_transform=(24, 16, 8), vit_transform=(42, 28, 14)))
   c.edit.update(dict(num_timesteps=2, max_think_tokens=3))
@@ -49,8 +48,8 @@ def test_sample_writes_images_plans_and_resumes(model, tiny_model_dir, tmp_path)
   for seed in (3, 4):
     d = tmp_path / "sample" / f"seed_{seed}"
     rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["a red circle", "two blue squares"
-                                          ] and {r["seed"] for r in rows} == {seed}
+    assert [r["prompt"] for r in rows] == ["a red circle", "two blue squares"]
+    assert {r["seed"] for r in rows} == {seed}
     for r in rows:
       assert np.asarray(Image.open(d / r["image_file"])).shape == (16, 16, 3)
       plan = (d / r["image_file"]).with_suffix(".txt").read_text()
@@ -67,18 +66,14 @@ def test_edit_batches_by_size_and_resumes(model, tiny_model_dir, tmp_path):
   _image(tmp_path / "b.png", 1)
   (tmp_path / "requests.jsonl").write_text(
       json.dumps({"image": "b.png", "prompt": "two blue squares", "id": "b"}))
-  c = _config(
-      tiny_model_dir, tmp_path / "w", **{
-          "edit.image": a, "edit.prompt": "a red circle",
-          "edit.requests": str(tmp_path / "requests.jsonl"), "edit.batch_size": 2
-      })
+  requests = str(tmp_path / "requests.jsonl")
+  c = _config(tiny_model_dir, tmp_path / "w", **{"edit.image": a, "edit.prompt": "a red circle",
+                                                 "edit.requests": requests, "edit.batch_size": 2})
   config_validation.validate(c, "edit")
   assert commands.edit(c, model) == {42: 2}
   d = tmp_path / "w" / "edit" / "seed_42"
-  rows = {
-      json.loads(line)["id"]: json.loads(line)
-      for line in (d / "metadata.jsonl").read_text().splitlines()
-  }
+  rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text().splitlines()]
+  rows = {r["id"]: r for r in rows}
   assert rows["b"]["image"] == str(tmp_path / "b.png") and rows["b"]["prompt"] == "two blue squares"
   for r in rows.values():
     assert np.asarray(Image.open(d / r["image_file"])).shape == (16, 24, 3) and r["think"] is None
@@ -87,11 +82,9 @@ def test_edit_batches_by_size_and_resumes(model, tiny_model_dir, tmp_path):
 
 def test_edit_think_and_ask(model, tiny_model_dir, tmp_path):
   img = _image(tmp_path / "a.png")
-  c = _config(
-      tiny_model_dir, tmp_path / "w", **{
-          "edit.image": img, "edit.prompt": "a red circle", "edit.think": True, "ask.image": img,
-          "ask.question": "two blue squares"
-      })
+  inputs = {"edit.image": img, "edit.prompt": "a red circle", "edit.think": True, "ask.image": img,
+            "ask.question": "two blue squares"}
+  c = _config(tiny_model_dir, tmp_path / "w", **inputs)
   commands.edit(c, model)
   d = tmp_path / "w" / "edit" / "seed_42"
   row = json.loads((d / "metadata.jsonl").read_text())
@@ -99,8 +92,8 @@ def test_edit_think_and_ask(model, tiny_model_dir, tmp_path):
 
   config_validation.validate(c, "ask")
   rows = commands.ask(c, model)
-  assert len(rows) == 1 and rows[0]["answer"] == rows[0]["text"] and rows[0][
-      "question"] == "two blue squares"
+  assert len(rows) == 1 and rows[0]["question"] == "two blue squares"
+  assert rows[0]["answer"] == rows[0]["text"]
   assert commands.ask(c, model) == []  # resumed: answered already
   c.ask.update(dict(think=True, out=str(tmp_path / "think")))
   think = commands.ask(c, model)[0]
@@ -109,15 +102,16 @@ def test_edit_think_and_ask(model, tiny_model_dir, tmp_path):
 
 def test_validation_of_the_command_blocks(tiny_model_dir, tmp_path):
   img = _image(tmp_path / "a.png")
-  ok = _config(tiny_model_dir, tmp_path,
-               **{"edit.image": img, "edit.prompt": "x", "ask.image": img, "ask.question": "y"})
+  inputs = {"edit.image": img, "edit.prompt": "x", "ask.image": img, "ask.question": "y"}
+  ok = _config(tiny_model_dir, tmp_path, **inputs)
   for command in ("sample", "edit", "ask"):
     config_validation.validate(ok, command)
   bad = [("sample", {"sample.prompts": ()}, "sample.prompts"),
          ("sample", {"sample.prompts": ("",)}, "sample.prompts"),
          ("sample", {"sample.seeds": (-1,)}, "sample.seeds"),
          ("sample", {"sample.height": 20}, "sample.height"),
-         ("edit", {"edit.image": ""}, "edit.image"), ("edit", {"edit.prompt": ""}, "edit.prompt"),
+         ("edit", {"edit.image": ""}, "edit.image"),
+         ("edit", {"edit.prompt": ""}, "edit.prompt"),
          ("edit", {"edit.image": str(tmp_path / "none.png")}, "edit.image"),
          ("edit", {"edit.vae_transform": (24, 16, 12)}, "edit.vae_transform"),
          ("edit", {"edit.vit_transform": (42, 28, 15)}, "edit.vit_transform"),
@@ -125,11 +119,7 @@ def test_validation_of_the_command_blocks(tiny_model_dir, tmp_path):
          ("ask", {"ask.question": " "}, "ask.question"),
          ("ask", {"ask.requests": str(tmp_path / "none.jsonl")}, "ask.requests")]
   for command, overrides, key in bad:
-    c = _config(
-        tiny_model_dir, tmp_path, **{
-            "edit.image": img, "edit.prompt": "x", "ask.image": img, "ask.question": "y",
-            **overrides
-        })
+    c = _config(tiny_model_dir, tmp_path, **{**inputs, **overrides})
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
       config_validation.validate(c, command)
 
@@ -142,5 +132,5 @@ def test_requests_file_errors_and_the_cli_table(tmp_path):
     commands.read_requests(block, "question", "ask")
   for name in ("sample", "edit", "ask"):
     assert name in cli.CONFIG_COMMANDS and name in cli.usage()
-  assert cli._resolve(
-      cli.CONFIG_COMMANDS["ask"][0]).__module__ == "srum_jax.pipeline.inference_commands"
+  ask_main = cli._resolve(cli.CONFIG_COMMANDS["ask"][0])
+  assert ask_main.__module__ == "srum_jax.pipeline.inference_commands"
