@@ -274,7 +274,7 @@ def edit(config, model: loaded_model.Model) -> Dict[int, int]:
 
 def ask(config, model: loaded_model.Model) -> List[dict]:
   """Answer every request (resumable); returns this run's rows ({id, image, question, answer,
-  text})."""
+  text}). Greedy by default; with `do_sample` a batch's draws are keyed by (seed, batch index)."""
   acfg = config.ask
   _check_vit_transform(config, "ask", model)
   requests = read_requests(acfg, "question", "ask")
