@@ -47,13 +47,11 @@ from srum_jax.rewards import prompts as own_texts
 from srum_jax.rewards.parsing import strip_think
 from srum_jax.workdir import layout, logs
 
-# Keys that choose inputs or how work is cut, not what an output looks like (left out of
-# settings.json).
-INPUT_KEYS = {
-    "sample": ("prompts", "prompts_file", "seeds", "out", "batch_size"),
-    "edit": ("image", "prompt", "requests", "seeds", "out", "batch_size"),
-    "ask": ("image", "question", "requests", "out", "batch_size")
-}
+# Keys that choose inputs or cut the work, not what an output looks like (not in settings.json).
+INPUT_KEYS = {"sample": ("prompts", "prompts_file", "seeds", "out", "batch_size"),
+              "edit": ("image", "prompt", "requests", "seeds", "out", "batch_size"),
+              "ask": ("image", "question", "requests", "out", "batch_size")}
+MODEL_KEYS = ("dir", "official_dir", "inference_dtype", "compute_dtype", "param_dtype")
 
 
 def think_system_prompts(config) -> Tuple[str, str]:
@@ -82,10 +80,7 @@ def check_settings(config, command: str, directory: str) -> None:
   `UserError`) when the folder holds outputs made with other ones (a resume would mix them)."""
   block = config[command].to_dict()
   settings = {k: v for k, v in block.items() if k not in INPUT_KEYS[command]}
-  settings["model"] = {
-      k: str(config.model[k])
-      for k in ("dir", "official_dir", "inference_dtype", "compute_dtype", "param_dtype")
-  }
+  settings["model"] = {k: str(config.model[k]) for k in MODEL_KEYS}
   settings = json.loads(json.dumps(settings))
   path = paths.join(directory, "settings.json")
   old = files.read_json_if_present(path, "settings file")
@@ -104,17 +99,16 @@ def check_settings(config, command: str, directory: str) -> None:
 
 def sample_items(scfg) -> List[PromptItem]:
   """`sample.prompts_file`'s prompts (its ids), then `sample.prompts` (ids: a hash of the text)."""
-  items = list(load_prompts(prompt_source(source="file",
-                                          path=scfg.prompts_file))) if scfg.prompts_file else []
-  items += [
-      PromptItem(id=text_id(p.strip()), prompt=p.strip(), category="prompt") for p in scfg.prompts
-  ]
+  items = []
+  if scfg.prompts_file:
+    items += load_prompts(prompt_source(source="file", path=scfg.prompts_file))
+  items += [PromptItem(id=text_id(p.strip()), prompt=p.strip(), category="prompt")
+            for p in scfg.prompts]
   return items
 
 
 def write_plans(directory: str) -> int:
-  """Each think-mode image's plan as `<image file>.txt` beside it (once); returns how many were
-  written."""
+  """Each think-mode image's plan as `<image file>.txt` beside it (once); returns how many."""
   written = 0
   for row in layout.read_metadata(directory):
     txt = paths.join(directory, os.path.splitext(row["image_file"])[0] + ".txt")
@@ -125,8 +119,7 @@ def write_plans(directory: str) -> int:
 
 
 def sample(config, model: loaded_model.Model) -> Dict[int, generate.GenerateReport]:
-  """Generate `sample`'s prompts once per seed (`pipeline.generate`, resumable); returns the
-  reports."""
+  """Generate `sample`'s prompts once per seed (`pipeline.generate`, resumable); the reports."""
   items = sample_items(config.sample)
   require_prompts(items, "sample.prompts")
   out, reports = out_dir(config, "sample"), {}
@@ -158,8 +151,7 @@ class Request:
 
 def read_requests(block, text_key: str, key: str) -> List[Request]:
   """The block's JSONL `requests` ({"image", <text_key>, "id" optional} per line), then its single
-  `image` + text. A line that is not such an object is a `UserValueError` naming the file and
-  line."""
+  `image` + text. A line that is not such an object is a `UserValueError` naming file and line."""
   out = []
   if block.requests:
     folder = os.path.dirname(os.path.abspath(block.requests))
@@ -174,8 +166,8 @@ def read_requests(block, text_key: str, key: str) -> List[Request]:
         raise UserValueError(
             f"config key {key}.requests: {block.requests} line {n} is not a JSON object with "
             f"'image' and '{text_key}'") from None
-      path = image if paths.is_remote(image) or os.path.isabs(image) else os.path.join(
-          folder, image)
+      absolute = paths.is_remote(image) or os.path.isabs(image)
+      path = image if absolute else os.path.join(folder, image)
       out.append(Request(str(row.get("id") or text_id(image, words)), path, words))
   if block.image:
     out.append(Request(text_id(block.image, block[text_key]), block.image, str(block[text_key])))
@@ -202,10 +194,32 @@ def _check_vit_transform(config, key: str, model: loaded_model.Model) -> None:
 
 
 def _chunks(rows: Sequence, size: int):
-  """Batches of `size`, the last padded by repeating its last row (one compiled shape); with the
-  count of real rows."""
+  """(batch, real rows): batches of `size`, the last padded by repeating its last row (one compiled
+  shape)."""
   for chunk in distributed.batched(list(rows), size):
     yield loaded_model.pad_rows(chunk, size), len(chunk)
+
+
+def edit_settings(config) -> dict:
+  """`editing.edit_images`' keyword arguments from the `edit` block and the model's dtypes."""
+  e = config.edit
+  return dict(think=bool(e.think), num_timesteps=int(e.num_timesteps),
+              timestep_shift=float(e.timestep_shift), cfg_text_scale=float(e.cfg_text_scale),
+              cfg_img_scale=float(e.cfg_img_scale), cfg_interval=tuple(e.cfg_interval),
+              cfg_renorm_type=str(e.cfg_renorm_type), cfg_renorm_min=float(e.cfg_renorm_min),
+              max_think_tokens=int(e.max_think_tokens), sample_posterior=bool(e.sample_posterior),
+              dtype=jnp.dtype(config.model.compute_dtype), text_budget=int(e.text_budget) or None,
+              attn_impl=loaded_model.attn_impl(config))
+
+
+def save_image(directory: str, item_id: str, image, plan) -> str:
+  """An output PNG under `directory/images` (and its plan beside it as .txt); its relative path."""
+  rel = f"images/{layout.image_file_name(item_id)}"
+  files.save_png(paths.join(directory, rel), image)
+  if plan is not None:
+    txt = paths.join(directory, os.path.splitext(rel)[0] + ".txt")
+    paths.write_bytes(txt, f"{plan}\n".encode("utf-8"))
+  return rel
 
 
 def edit(config, model: loaded_model.Model) -> Dict[int, int]:
@@ -215,61 +229,42 @@ def edit(config, model: loaded_model.Model) -> Dict[int, int]:
   requests = read_requests(ecfg, "prompt", "edit")
   out = out_dir(config, "edit")
   check_settings(config, "edit", out)
-  gen_system, _ = think_system_prompts(config)
-  size = int(ecfg.batch_size)
+  gen_system = think_system_prompts(config)[0] if ecfg.think else None
+  settings, size = edit_settings(config), int(ecfg.batch_size)
   mesh = loaded_model.batch_rows_mesh(model, size)
-  done_per_seed = {}
+  run = loaded_model.on_mesh(model, editing.edit_images)
+  written = {}
   for seed in seeds(config, "edit"):
     d = paths.join(out, f"seed_{seed}")
     log = logs.process_log(d, "metadata")
     done = {r["id"] for r in layout.read_metadata(d)}
     todo = [r for r in distributed.process_shard(requests) if r.id not in done]
-    views = {
-        r.id: editing.input_views(_load_image(r), ecfg.vae_transform, ecfg.vit_transform)
-        for r in todo
-    }
-    by_size: Dict[tuple, list] = {}
+    views = {r.id: editing.input_views(_load_image(r), ecfg.vae_transform, ecfg.vit_transform)
+             for r in todo}
+    by_size: Dict[tuple, list] = {}  # a batch edits images of one size
     for r in todo:
       by_size.setdefault(views[r.id][0].shape[:2], []).append(r)
-    bar, written = progress.bar(len(todo), f"edit seed {seed}"), 0
+    bar, written[seed] = progress.bar(len(todo), f"edit seed {seed}"), 0
     for group in by_size.values():
       for chunk, real in _chunks(group, size):
         ids = [layout.stable_int(r.id) for r in chunk]
-        res = loaded_model.on_mesh(model, editing.edit_images)(
-            model.params["bagel"], model.params["ae"], model.tokenizer,
-            [views[r.id] for r in chunk], [r.text for r in chunk], cfg=model.cfg,
-            think=bool(ecfg.think), system_prompt=gen_system if ecfg.think else None, seeds=seed,
-            image_ids=ids, num_timesteps=int(ecfg.num_timesteps),
-            timestep_shift=float(ecfg.timestep_shift), cfg_text_scale=float(ecfg.cfg_text_scale),
-            cfg_img_scale=float(ecfg.cfg_img_scale), cfg_interval=tuple(ecfg.cfg_interval),
-            cfg_renorm_type=str(ecfg.cfg_renorm_type), cfg_renorm_min=float(ecfg.cfg_renorm_min),
-            max_think_tokens=int(ecfg.max_think_tokens), sample_posterior=bool(
-                ecfg.sample_posterior), dtype=jnp.dtype(config.model.compute_dtype),
-            text_budget=int(ecfg.text_budget) or None, attn_impl=loaded_model.attn_impl(config),
-            mesh=mesh)
-        images = jax.device_get(res.images)
-        rows = []
+        res = run(model.params["bagel"], model.params["ae"], model.tokenizer,
+                  [views[r.id] for r in chunk], [r.text for r in chunk], cfg=model.cfg,
+                  system_prompt=gen_system, seeds=seed, image_ids=ids, mesh=mesh, **settings)
+        images, rows = jax.device_get(res.images), []
         for j, r in enumerate(chunk[:real]):
-          rel = f"images/{layout.image_file_name(r.id)}"
-          files.save_png(paths.join(d, rel), images[j])
           plan = res.think_texts[j] if res.think_texts else None
-          if plan is not None:  # the plan beside its image, as `write_plans` does for sample
-            paths.write_bytes(
-                paths.join(d,
-                           os.path.splitext(rel)[0] + ".txt"), f"{plan}\n".encode("utf-8"))
-          rows.append({
-              "id": r.id, "image": r.image, "prompt": r.text, "seed": seed, "image_seed_id": ids[j],
-              "image_file": rel, "think": plan
-          })
+          rel = save_image(d, r.id, images[j], plan)
+          rows.append({"id": r.id, "image": r.image, "prompt": r.text, "seed": seed,
+                       "image_seed_id": ids[j], "image_file": rel, "think": plan})
           print(f"{paths.join(d, rel)}\t{r.text}", flush=True)
-        log.extend(rows)
-        written += len(rows)
+        log.extend(rows)  # the batch's rows in one write, after their PNGs
+        written[seed] += len(rows)
         bar.update(real)
     bar.close()
-    done_per_seed[seed] = written
     progress.summary_line("edit", seed=seed, requested=len(requests),
-                          skipped_done=len(requests) - len(todo), edited=written, out=d)
-  return done_per_seed
+                          skipped_done=len(requests) - len(todo), edited=written[seed], out=d)
+  return written
 
 
 def ask(config, model: loaded_model.Model) -> List[dict]:
@@ -290,10 +285,8 @@ def ask(config, model: loaded_model.Model) -> List[dict]:
   key = jax.random.PRNGKey(int(config.seed))
   new = []
   for n, (chunk, real) in enumerate(_chunks(todo, size)):
-    views = [
-        editing.input_views(_load_image(r), acfg.vae_transform, acfg.vit_transform)[1]
-        for r in chunk
-    ]
+    views = [editing.input_views(_load_image(r), acfg.vae_transform, acfg.vit_transform)[1]
+             for r in chunk]
     texts = loaded_model.on_mesh(model, decoding.answer_text)(
         model.params["bagel"], model.tokenizer, views, [r.text for r in chunk], cfg=model.cfg,
         system_prompt=und_system if acfg.think else None, max_new_tokens=int(acfg.max_new_tokens),
@@ -301,10 +294,9 @@ def ask(config, model: loaded_model.Model) -> List[dict]:
         key=jax.random.fold_in(key, n) if sampled else None,
         dtype=jnp.dtype(config.model.compute_dtype), text_budget=int(acfg.text_budget) or None,
         attn_impl=loaded_model.attn_impl(config), mesh=mesh)
-    rows = [{
-        "id": r.id, "image": r.image, "question": r.text,
-        "answer": strip_think(t) if acfg.think else t, "text": t
-    } for r, t in zip(chunk[:real], texts)]
+    rows = [{"id": r.id, "image": r.image, "question": r.text,
+             "answer": strip_think(t) if acfg.think else t, "text": t}
+            for r, t in zip(chunk[:real], texts)]
     for row in rows:
       print(f"[{row['id']}] {row['image']}: {row['question']}\n{row['answer']}\n", flush=True)
     log.extend(rows)
