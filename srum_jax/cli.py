@@ -34,6 +34,12 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("srum_jax.pipeline.commands:eval_main", "generate (or read eval.images_dir) and score eval.metrics"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
     "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
+    "sample": ("srum_jax.pipeline.inference_commands:sample_main",
+               "text to image (sample.prompts, sample.prompts_file)"),
+    "edit": ("srum_jax.pipeline.inference_commands:edit_main",
+             "edit an image by an instruction (edit.image, edit.prompt)"),
+    "ask": ("srum_jax.pipeline.inference_commands:ask_main",
+            "answer a question about an image (ask.image, ask.question)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),

@@ -10,13 +10,13 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
 (propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
 score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
+run.*), pretrain (its stage blocks), and the inference commands sample, edit, ask (model, their
+block). generate, score, eval, run and the inference commands also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import pathlib
 import re
@@ -24,6 +24,10 @@ from typing import Any, Iterable, Optional, Sequence
 
 from srum_jax import files, paths
 from srum_jax.convert import hf_to_flax
+from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, check_float as _float,
+                                    check_int as _int, check_pair as _pair, check_subset as _subset,
+                                    config_value as _get, existing_dir as _existing_dir,
+                                    existing_file as _existing_file, fail as _fail)
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
@@ -41,103 +45,14 @@ SECTIONS = {
     "train": ("model", "train"),
     "eval": ("eval",),
     "run": ("model", "generate", "prompts.train", "propose", "score", "train", "eval", "run"),
+    "sample": ("model", "sample"),  # the inference commands (pipeline/inference_commands.py)
+    "edit": ("model", "edit"),
+    "ask": ("model", "ask"),
 }
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Small checks; each raises one line naming the key.
-
-def _fail(key: str, value: Any, why: str) -> None:
-  raise UserValueError(f"config key {key}={value!r}: {why}")
-
-
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def _int(config, key: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, int):
-    _fail(key, v, f"must be an integer, not {type(v).__name__}")
-  if lo is not None and v < lo:
-    _fail(key, v, f"must be >= {lo}")
-  if hi is not None and v > hi:
-    _fail(key, v, f"must be <= {hi}")
-  return v
-
-
-def _float(config, key: str, lo: Optional[float] = None, hi: Optional[float] = None, *,
-           lo_open: bool = False, hi_open: bool = False) -> float:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, (int, float)):
-    _fail(key, v, f"must be a number, not {type(v).__name__}")
-  v = float(v)
-  if not math.isfinite(v):
-    _fail(key, v, "must be finite")
-  if lo is not None and (v <= lo if lo_open else v < lo):
-    _fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
-  if hi is not None and (v >= hi if hi_open else v > hi):
-    _fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
-  return v
-
-
-def _bool(config, key: str) -> bool:
-  v = _get(config, key)
-  if not isinstance(v, bool):
-    _fail(key, v, "must be True or False")
-  return v
-
-
-def _enum(config, key: str, choices: Sequence[str]) -> str:
-  v = _get(config, key)
-  if v not in choices:
-    hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
-    _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
-          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-  return v
-
-
-def _subset(config, key: str, choices: Sequence[str]) -> tuple:
-  """A tuple of names, each one of `choices`."""
-  v = _get(config, key)
-  if isinstance(v, str) or not isinstance(v, Sequence):
-    _fail(key, v, f"must be a tuple of names from {', '.join(choices)}, e.g. ('vit','ae')")
-  for name in v:
-    if name not in choices:
-      hint = difflib.get_close_matches(str(name), choices, n=1)
-      _fail(key, tuple(v), f"{name!r} is not one of {', '.join(choices)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-  return tuple(v)
-
-
-def _pair(config, key: str, kind=float) -> tuple:
-  v = _get(config, key)
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
-    _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}, e.g. "
-          + ("--config." + key + "=(32,32)" if kind is int else "(0.4,1.0)"))
-  for x in v:
-    if isinstance(x, bool) or not isinstance(x, (int,) if kind is int else (int, float)):
-      _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}")
-  return tuple(kind(x) for x in v)
-
-
-def _existing_file(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_file():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
-  return p
-
-
-def _existing_dir(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_dir():
-    why = "is a file, not a directory" if p.exists() else "does not exist"
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
-  return p
-
+# Small checks (`config_utils`); each raises one line naming the key.
 
 def suggest_key(config, dotted: str) -> str:
   """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
@@ -459,6 +374,94 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   return geo
 
 
+# ---- The inference commands: sample, edit, ask (pipeline/inference_commands.py).
+
+def _seeds(config, key: str) -> None:
+  v = _get(config, key)
+  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(
+      isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in v):
+    _fail(key, v, "must be a tuple of seeds in [0, 2**31), e.g. (0,1,2); () uses the config's seed")
+
+
+def _resize(config, key: str, stride_of: int, geo: Optional[Geometry], latent: bool) -> None:
+  """An official ImageTransform triple (max side, min side, stride): stride a multiple of
+  `stride_of`, max side a multiple of the stride, min <= max; a VAE resize's max side within the
+  model's latent grid."""
+  v = _get(config, key)
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be (max_side, min_side, stride), positive integers, e.g. (1024,512,16)")
+  hi, lo, stride = v
+  if stride % stride_of or hi % stride or lo > hi:
+    _fail(key, tuple(v), f"needs a stride that is a multiple of {stride_of}, a max side that is a "
+          f"multiple of the stride, and min side <= max side")
+  if latent:
+    _image_side(key, hi, geo, tuple(v))
+
+
+def _request_inputs(config, key: str, text_key: str) -> None:
+  """An image (+ its text) and/or a requests JSONL file; the files must exist."""
+  block = _get(config, key)
+  if not block.image and not block.requests:
+    _fail(f"{key}.image", block.image,
+          f"is empty: give an image and {key}.{text_key}, or {key}.requests")
+  if block.image:
+    _existing_file(f"{key}.image", block.image, "image")
+    if not str(block[text_key]).strip():
+      _fail(f"{key}.{text_key}", block[text_key], f"is empty: {key}.image needs its {text_key}")
+  if block.requests:
+    _existing_file(f"{key}.requests", block.requests, "requests file")
+
+
+def check_sample(config, geo: Optional[Geometry]) -> None:
+  check_generate(config, "sample", geo)
+  _seeds(config, "sample.seeds")
+  given = _get(config, "sample.prompts")
+  if isinstance(given, (str, bytes)) or not all(isinstance(p, str) and p.strip() for p in given):
+    _fail("sample.prompts", given, "must be a tuple of non-empty prompts, e.g. ('a red fox',)")
+  if config.sample.prompts_file:
+    _existing_file("sample.prompts_file", config.sample.prompts_file, "prompt file")
+  elif not given:
+    _fail("sample.prompts", given, "is empty and so is sample.prompts_file: give prompts")
+
+
+def check_edit(config, geo: Optional[Geometry]) -> None:
+  e = "edit"
+  _request_inputs(config, e, "prompt")
+  _bool(config, f"{e}.think")
+  _bool(config, f"{e}.sample_posterior")
+  _int(config, f"{e}.max_think_tokens", lo=1)
+  _int(config, f"{e}.num_timesteps", lo=2)
+  _float(config, f"{e}.timestep_shift", lo=0.0, lo_open=True)
+  _float(config, f"{e}.cfg_text_scale", lo=0.0)
+  _float(config, f"{e}.cfg_img_scale", lo=0.0)
+  lo, hi = _pair(config, f"{e}.cfg_interval")
+  if not 0.0 <= lo <= hi <= 1.0:
+    _fail(f"{e}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
+  _enum(config, f"{e}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _float(config, f"{e}.cfg_renorm_min", lo=0.0, hi=1.0)
+  _resize(config, f"{e}.vae_transform", geo.latent_stride if geo else 1, geo, latent=True)
+  _resize(config, f"{e}.vit_transform", 14, geo, latent=False)
+  _int(config, f"{e}.text_budget", lo=0)
+  _int(config, f"{e}.batch_size", lo=1)
+  _seeds(config, f"{e}.seeds")
+
+
+def check_ask(config) -> None:
+  a = "ask"
+  _request_inputs(config, a, "question")
+  _bool(config, f"{a}.think")
+  _bool(config, f"{a}.do_sample")
+  _int(config, f"{a}.max_new_tokens", lo=1)
+  _float(config, f"{a}.temperature", lo=0.0, lo_open=True)
+  _resize(config, f"{a}.vae_transform", 1, None, latent=False)
+  _resize(config, f"{a}.vit_transform", 14, None, latent=False)
+  _int(config, f"{a}.text_budget", lo=0)
+  _int(config, f"{a}.batch_size", lo=1)
+
+# ---- end of the inference commands
+
+
 def check_run(config) -> None:
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
@@ -508,7 +511,7 @@ def check_pretrain_stage(config, key: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # The texts (issue 28: official texts from the user's checkouts; srum_jax/rewards/texts.py).
 
-TEXTS_COMMANDS = ("generate", "score", "eval", "run")  # the commands that send texts to a model
+TEXTS_COMMANDS = ("generate", "score", "eval", "run", "sample", "edit", "ask")  # commands that send texts
 
 
 def check_texts(config, command: str) -> None:
@@ -572,6 +575,12 @@ def validate(config, command: str) -> None:
     check_train_inputs(config)
   if "run" in sections:
     check_run(config)
+  if "sample" in sections:  # the inference commands
+    check_sample(config, geo)
+  if "edit" in sections:
+    check_edit(config, geo)
+  if "ask" in sections:
+    check_ask(config)
   if "eval" in sections:
     eval_geo = check_eval(config, own_model=command == "eval")
     metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]

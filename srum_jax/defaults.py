@@ -208,6 +208,49 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_generate = c.generate.copy_and_resolve_references()
   c.eval_generate.think = False
 
+  # ---- Inference commands `sample`, `edit`, `ask` (pipeline/inference_commands.py); BAGEL's
+  # inferencer and app defaults. Outputs under `out` ("" -> <workdir>/<command>); `seeds` () -> (seed,).
+  c.sample = c.generate.copy_and_resolve_references()  # generate's keys (size, steps, CFG, think)
+  c.sample.think = False  # BAGEL's default; True: the model writes a plan first (kept beside the image)
+  c.sample.prompts = ()  # e.g. --config.sample.prompts="('a red fox in the snow',)"
+  c.sample.prompts_file = ""  # and/or a prompt file: txt, json or jsonl (`prompt_sources` formats)
+  c.sample.seeds = ()
+  c.sample.out = ""
+  c.edit = ml_collections.ConfigDict()
+  c.edit.image = ""  # the image to edit (its size after `vae_transform` is the output's)
+  c.edit.prompt = ""  # the instruction
+  c.edit.requests = ""  # and/or JSONL lines {"image", "prompt", "id" (optional)}; paths relative to it
+  c.edit.think = False
+  c.edit.max_think_tokens = 1000
+  c.edit.num_timesteps = 50
+  c.edit.timestep_shift = 3.0
+  c.edit.cfg_text_scale = 4.0  # BAGEL's editing recipe: text 4, image 2, whole flow, text_channel
+  c.edit.cfg_img_scale = 2.0
+  c.edit.cfg_interval = (0.0, 1.0)
+  c.edit.cfg_renorm_type = "text_channel"
+  c.edit.cfg_renorm_min = 0.0
+  c.edit.vae_transform = (1024, 512, 16)  # (max side, min side, stride) of the input's resize
+  c.edit.vit_transform = (980, 224, 14)  # the ViT's view of the resized input
+  c.edit.sample_posterior = True  # the official encoder samples the VAE posterior; False: its mean
+  c.edit.text_budget = 0  # 0: bucket to the longest instruction
+  c.edit.batch_size = 1
+  c.edit.seeds = ()
+  c.edit.out = ""
+  c.ask = ml_collections.ConfigDict()
+  c.ask.image = ""
+  c.ask.question = ""
+  c.ask.requests = ""  # and/or JSONL lines {"image", "question", "id" (optional)}
+  c.ask.think = False  # True: the understanding think system prompt; `answer`: what follows </think>
+  c.ask.max_new_tokens = 1000
+  c.ask.do_sample = False  # BAGEL's default: greedy
+  c.ask.temperature = 0.3  # with do_sample
+  c.ask.vae_transform = (1024, 512, 16)  # the image is resized as for the VAE, then
+  c.ask.vit_transform = (980, 224, 14)  # put through the ViT transform
+  c.ask.text_budget = 0
+  c.ask.batch_size = 1
+  c.ask.out = ""
+  # ---- end of the inference commands
+
   # The closed loop.
   c.run = ml_collections.ConfigDict()
   c.run.rounds = 1

@@ -50,7 +50,7 @@ def _dirs(config):
   return {k: os.path.join(w, k) for k in ("generate", "propose", "score", "train", "eval")}
 
 
-def _texts(config) -> texts_lib.Texts:
+def config_texts(config) -> texts_lib.Texts:
   """The texts the config names (`texts.file`: "" / "own" or a texts file; `rewards.texts`)."""
   return texts_lib.from_setting(config.texts.file)
 
@@ -69,7 +69,7 @@ def generate_main(config, flags) -> int:
   require_prompts(items, "prompts.train")
   model = _model(config)
   rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                          texts=_texts(config), compute_dtype=config.model.compute_dtype,
+                          texts=config_texts(config), compute_dtype=config.model.compute_dtype,
                           attn_impl=loaded_model.attn_impl(config))
   return 1 if rep.skipped_nonfinite else 0
 
@@ -88,7 +88,7 @@ def score_main(config, flags) -> int:
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              texts=_texts(config), compute_dtype=config.model.compute_dtype,
+              texts=config_texts(config), compute_dtype=config.model.compute_dtype,
               attn_impl=loaded_model.attn_impl(config))
   return 0
 
@@ -130,7 +130,7 @@ def eval_main(config, flags) -> int:
   distributed.maybe_initialize()
   ecfg = config.eval
   metrics = evaluate.parse_metrics(ecfg.metrics)
-  texts = _texts(config)
+  texts = config_texts(config)
   items = evaluate.eval_items(config, texts)
   require_prompts(items, "prompts.val")
   out = os.path.join(_dirs(config)["eval"], ecfg.name)
