@@ -239,6 +239,9 @@ def test_uninterrupted_run_outputs(runs):
   # outputs: checkpoints (keep 2), TensorBoard events, sample grids, loss curve
   assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [4, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]  # the same scalars
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and rows[-1]["skipped"] == 2
+  assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
   assert sorted(os.listdir(os.path.join(wd, "samples"))) == ["step_000003.png", "step_000006.png"]
   assert Image.open(os.path.join(wd, "samples", "step_000003.png")).size[0] > 24
   assert os.path.isfile(os.path.join(wd, "loss_curve.png"))

@@ -1,8 +1,21 @@
-"""Resumable JSONL logs: one row per finished item, readable whatever a crash left behind.
+"""Resumable JSONL logs: one row per finished item, readable whatever a crash left behind; and the
+one remote-log policy of every log a run writes.
 
-Every stage writes one JSONL line per finished item (after the item's files are on disk), so a restarted
-stage reads the ids already done and skips them: each item is done exactly once, whatever the crash point.
-Several processes of one run each write their own log (`process_log`); readers merge them (`read_rows`).
+Every stage writes one JSONL line per finished item (after the item's files are on disk), so a
+restarted stage reads the ids already done and skips them: each item is done exactly once, whatever
+the crash point. Several processes of one run each write their own log (`process_log`); readers
+merge them (`read_rows`).
+
+Remote-log policy (a workdir on an object store, e.g. `gs://`, where objects cannot be appended to):
+every log is a `JsonlLog`, whose appends there are whole part objects
+(`<log>.parts/<n>-<rand>.jsonl`, never a torn line) folded into `<log>` by its one writer. A stage's
+resumable log writes one part per append (each row is durable when `append` returns). A log written
+every step and read after the fact (training's data log and metrics: `BufferedLog`) appends at once
+to a local file; on an object store it keeps its rows in memory and writes them as one part at most
+every `BufferedLog.FLUSH_S` seconds and when closed (a crash loses at most that much of it). Files
+only a local writer can make (TensorBoard's event files) are written in a local cache folder and
+copied to the workdir at those same moments (`BufferedLog(mirror=...)`). Logs have no other remote
+write path.
 """
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -173,6 +187,45 @@ class JsonlLog:
     self.path.write_bytes(data)
     for p in parts:
       p.unlink(missing_ok=True)
+
+
+class BufferedLog:
+  """A log written often and read after the fact (training's data log, metrics; rows need no `id`):
+  each row is appended to `log` at once on a local disk; on an object store rows are kept in memory
+  and written as one part object at most every `FLUSH_S` seconds and on `close`. `mirror` = (local
+  folder, workdir folder): files that a local writer makes (TensorBoard events), copied to a remote
+  workdir folder at the same moments."""
+
+  FLUSH_S = 60.0
+
+  def __init__(self, log: JsonlLog, mirror: Optional[Tuple[str, str]] = None):
+    self.log, self.mirror, self.rows, self.flushed = log, mirror, [], 0.0
+
+  def append(self, row: Dict[str, Any]) -> None:
+    self.rows.append(row)
+    self.flush()
+
+  def flush(self, force: bool = False) -> None:
+    """Write the rows held and copy the mirror: now when local or `force`, else once `FLUSH_S` has
+    passed since the last time."""
+    remote = self.log.remote or (self.mirror is not None and paths.is_remote(self.mirror[1]))
+    if remote and not force and time.time() - self.flushed < self.FLUSH_S:
+      return
+    rows, self.rows = self.rows, []
+    self.log.extend(rows)
+    if self.mirror is not None and paths.is_remote(self.mirror[1]):
+      paths.upload_dir(*self.mirror)
+    self.flushed = time.time()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+  def __enter__(self) -> "BufferedLog":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
 
 
 def _part_number(name: str) -> int:
