@@ -23,9 +23,12 @@ import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
+import jax
+
 from srum_jax import paths
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
+from srum_jax.models.config import LORA_EXPERTS, LORA_TARGETS
 
 MODEL_DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("srum", "sft")
@@ -229,11 +232,32 @@ def check_model(config) -> Geometry:
   _enum(config, f"{m}.compute_dtype", MODEL_DTYPES)
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
+  _check_remat_lora(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
   if config.model.official_dir:
     return check_official_dir(config, config.model.official_dir, "model.official_dir")
   return check_converted_dir(config.model.dir, "model.dir")
+
+
+# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
+def _check_remat_lora(config) -> None:
+  """`model.remat_policy` names a jax.checkpoint_policies policy; `model.lora.*` form a valid LoraConfig."""
+  policy = config.model.remat_policy
+  if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
+    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name, e.g. "
+          "'dots_with_no_batch_dims_saveable'")
+  k = "model.lora"
+  if _int(config, f"{k}.rank", lo=0) == 0:
+    return
+  _float(config, f"{k}.alpha", lo=0.0, lo_open=True)
+  _float(config, f"{k}.dropout", lo=0.0, hi=1.0, hi_open=True)
+  _enum(config, f"{k}.dtype", MODEL_DTYPES)
+  for name, known in (("targets", LORA_TARGETS), ("experts", LORA_EXPERTS)):
+    v = _get(config, f"{k}.{name}")
+    if isinstance(v, str) or not v or set(v) - set(known) or len(set(v)) != len(tuple(v)):
+      _fail(f"{k}.{name}", v, f"must be a non-empty tuple of distinct names from {known}")
+# --- end LoRA ----------------------------------------------------------------------------------------------------
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from srum_jax import paths, sharding
 from srum_jax.models import params as params_lib
-from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
+from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, LoraConfig, SpecialTokens, ViTConfig
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -38,11 +38,24 @@ def _build(cls, d: Dict[str, Any]):
   return cls(**d)
 
 
+def _llm_config(d: Dict[str, Any]) -> LLMConfig:
+  """LLMConfig from its dict; `lora` (absent or None: no adapters) holds lists for its tuples."""
+  d = dict(d)
+  lora = d.pop("lora", None)
+  if lora is not None:
+    lora = dict(lora)
+    for name in ("targets", "experts"):
+      if name in lora:
+        lora[name] = tuple(lora[name])
+    d["lora"] = _build(LoraConfig, lora)
+  return _build(LLMConfig, d)
+
+
 def config_from_dict(d: Dict[str, Any]) -> BagelConfig:
   """Inverse of `config_to_dict`; missing fields take the dataclass defaults, unknown ones are errors."""
   d = dict(d)
   sub = {
-      "llm": lambda v: _build(LLMConfig, v),
+      "llm": _llm_config,
       "vit": lambda v: None if v is None else _build(ViTConfig, v),
       "ae": lambda v: _build(AEConfig, dict(v, ch_mult=tuple(v.get("ch_mult", AEConfig.ch_mult)))),
       "tokens": lambda v: _build(SpecialTokens, v),

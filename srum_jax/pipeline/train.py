@@ -59,7 +59,8 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=common.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
+      attn_impl=common.attn_impl(config, platform), remat=bool(m.remat), remat_policy=m.remat_policy or None,
+      ema_decay=float(t.ema_decay))
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -336,9 +337,11 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   if int(t.encode_batch) < 1:
     raise ValueError(f"train.encode_batch={t.encode_batch} must be >= 1")
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
-  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=cfg.llm.lora is not None)
+  tx = optimizer.make_optimizer(t, labels, total_steps=total)
   master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)
-  init = lambda p: update.init_state(jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay)  # noqa
+  init = lambda p: update.init_state(jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay,  # noqa
+                                     labels)
   abstract = jax.eval_shape(init, params)
   state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), sharding.replicated(mesh))
@@ -354,7 +357,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     bar = common.progress(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
                           unit="step")
     log = _MetricsLog(workdir, optimizer.lr_schedule(t, total), t.log_every, pid == 0, bar)
-    step_fn, base_key, jstep, batch_sh = ts.make_train_step(cfg, opts, tx), jax.random.wrap_key_data(key_data), None, None
+    step_fn, jstep, batch_sh = ts.make_train_step(cfg, opts, tx, labels), None, None
+    base_key = jax.random.wrap_key_data(key_data)
     save = lambda force=False: ckpt.save(step, state, key_data=key_data, data_state=it.get_state(),  # noqa: E731
                                          meta={"report": report.to_dict(), "final_loss": log.final_loss(before),
                                                "seconds": before["seconds"] + time.time() - t0}, force=force)
@@ -414,7 +418,7 @@ def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, 
     print(f"train: {'preempted at' if preempted else 'done,'} step {step}/{total}; final loss "
           f"{'n/a' if final_loss is None else f'{final_loss:.5g}'}; skipped non-finite updates {skipped}; "
           f"data: {report.summary()}", flush=True)
-  return dict(summary, state=state, params=state.params if state.ema is None else state.ema)
+  return dict(summary, state=state, params=update.ema_params(state))
 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):
