@@ -1,7 +1,5 @@
 """SRUM post-training of BAGEL-7B-MoT with LoRA adapters on the generation expert, on one accelerator.
 
-    python -m srum_jax run --config=experiments/bagel_7b_lora.py --config.model.dir=/ckpt/bagel7b \
-        --config.prompts.train.path=/data/srum_train_comp.json --config.prompts.val.path=/data/srum_val_comp.json
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:1x1x1 --single_host --programs train \
         --config experiments/bagel_7b_lora.py          # the memory plan: benchmarks/results_aot_compile_tpu.txt
 
@@ -10,10 +8,14 @@ trained: rank-32 adapters (alpha 32) on the generation expert's attention q/k/v/
 fp32 master weights with AdamW state; the whole base model (both experts, ViT, VAE) frozen and held in bf16,
 with no gradients and no optimizer state. The 16 rows go through gradient accumulation: on one chip 16
 microbatches of one 1024^2 image each (the mesh puts every device on `fsdp`, so a v6e-8 host runs the same
-config with the frozen base sharded 8 ways and 2 microbatches per chip). Remat saves each layer's input only.
+config with the frozen base sharded 8 ways and 2 microbatches per chip). Remat keeps every projection's output
+(`dots_with_no_batch_dims_saveable`), so the backward pass recomputes no projection, only norms, activations
+and the attention.
 
-The learning rate is the full fine-tuning recipe's (2e-5); LoRA is usually trained with a larger one, which
-the shapes-world LoRA vs full comparison (issue 33) is to settle before a 7B run.
+The pipeline stages do not load or save adapters yet (config validation refuses `model.lora.rank` > 0 for
+them until they do); today the config is the compiled memory plan. The learning rate is the full fine-tuning
+recipe's (2e-5); LoRA is usually trained with a larger one, which the shapes-world LoRA vs full comparison
+(issue 33) is to settle before a 7B run.
 """
 from srum_jax import defaults
 from srum_jax.pipeline.prompts import prompt_source
@@ -28,7 +30,7 @@ def get_config(arg=None):
   c.model.compute_dtype = "bfloat16"
   c.model.attn_impl = "auto"
   c.model.remat = True
-  c.model.remat_policy = ""  # save nothing but each layer's input
+  c.model.remat_policy = "dots_with_no_batch_dims_saveable"  # keep the projections' outputs
   c.model.lora.rank = 32
   c.model.lora.alpha = 32.0
   c.model.lora.dtype = "float32"  # the adapters' master weights

@@ -77,11 +77,10 @@ def read_adapters(src_dir: str, cfg: BagelConfig) -> Tuple[LoraConfig, Any]:
   full = with_lora(cfg, lora)
   table = keymap.adapter_keys(full)
   abstract = lora_lib.adapter_schema(full)
-  bad = sorted(set(shapes) - set(table))
-  bad += [f"{k}: missing" for k in sorted(set(table) - set(shapes))]
-  bad += [f"{k}: shape {list(shapes[k])}, expected {list(keymap.official_shape(keymap.get_path(abstract['bagel'], e.path).shape, e))}"
-          for k, e in table.items() if k in shapes
-          and shapes[k] != keymap.official_shape(keymap.get_path(abstract["bagel"], e.path).shape, e)]
+  want = {k: keymap.official_shape(keymap.get_path(abstract["bagel"], e.path).shape, e) for k, e in table.items()}
+  bad = [f"{k}: unexpected" for k in sorted(set(shapes) - set(want))]
+  bad += [f"{k}: missing" for k in sorted(set(want) - set(shapes))]
+  bad += [f"{k}: shape {list(shapes[k])}, expected {list(w)}" for k, w in want.items() if k in shapes and shapes[k] != w]
   if bad:
     raise ValueError(f"{path} does not fit the base model:\n    " + "\n    ".join(bad))
   out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract["bagel"], is_leaf=params_lib.is_spec)

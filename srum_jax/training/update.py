@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["TrainState", "init_state", "guarded_update", "make_step", "trainable_part", "with_trainable",
-           "ema_params"]
+           "ema_params", "trainable_state", "with_frozen"]
 
 
 class TrainState(NamedTuple):
@@ -62,6 +62,17 @@ def ema_params(state: TrainState):
   if state.ema is None:
     return state.params
   return jax.tree.map(lambda p, e: p if e is None else e, state.params, state.ema)
+
+
+def trainable_state(state: TrainState, labels) -> TrainState:
+  """`state` without its frozen parameters (None there): what an adapters-only checkpoint holds (the frozen
+  base is the model directory's). The optimizer state and EMA already hold trainable leaves only."""
+  return state._replace(params=trainable_part(state.params, labels))
+
+
+def with_frozen(state: TrainState, params, labels) -> TrainState:
+  """Inverse of `trainable_state`: the frozen leaves taken from `params` (e.g. the base model)."""
+  return state._replace(params=with_trainable(params, state.params, labels))
 
 
 def init_state(params, tx: optax.GradientTransformation, ema_decay: float = 0.0, labels=None) -> TrainState:
