@@ -424,4 +424,6 @@ def test_7b_lora_recipe_state_on_one_device():
   dtypes = {params_lib.is_adapter_path(p): str(x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   assert dtypes == {True: "float32", False: "bfloat16"}
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(state.opt_state)) == 2 * info["trainable"] + 2
+  assert info["remat"] and info["remat_policy"] == "dots_with_no_batch_dims_saveable"
   assert prog.jitted.lower(*prog.args) is not None
+  assert config_utils.load_config(str(helpers.ROOT / "experiments/bagel_7b_lora.py:v6e")).model.remat_policy == ""
