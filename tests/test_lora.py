@@ -327,6 +327,12 @@ def test_config_and_model_dir_round_trip_with_adapters(tiny_cfg, tiny_params, tm
   assert got_cfg == cfg
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(full)):
     np.testing.assert_array_equal(np.asarray(a), b)
+  _, got = checkpoint.load_model_dir(str(tmp_path / "m"), dtype="bfloat16", adapter_dtype="float32")
+  assert {params_lib.is_adapter_path(p): str(x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(got)} \
+      == {True: "float32", False: "bfloat16"}
+  # the export command on a model directory with adapters: written apart, in PEFT's files
+  assert flax_to_hf.main(["--src", str(tmp_path / "m"), "--dst", str(tmp_path / "out"), "--adapters", "separate"]) == 0
+  assert adapters_io.read_adapters(str(tmp_path / "out"), tiny_cfg)[0] == BOTH
 
 
 def test_merged_export_equals_base_plus_adapters(tiny_cfg, tiny_params, tmp_path):

@@ -96,8 +96,9 @@ def load_config(path: str) -> BagelConfig:
 
 
 def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype=None,
-                   rules=None) -> Tuple[BagelConfig, Any]:
-  """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored)."""
+                   rules=None, adapter_dtype=None) -> Tuple[BagelConfig, Any]:
+  """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored), LoRA adapters
+  (a config with `llm.lora`) to `adapter_dtype` when given (e.g. fp32 adapters beside a bf16 base)."""
   import orbax.checkpoint as ocp
   path = paths.abspath(path)
   cfg = load_config(path)
@@ -109,9 +110,11 @@ def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype
   with ocp.StandardCheckpointer() as ckpt:
     stored = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
     abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
-    target = jax.tree.map(
-        lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype is not None else m.dtype,
-                                             sharding=s),
-        abstract, stored, shardings)
+
+    def leaf(path, a, m, s):
+      want = adapter_dtype if adapter_dtype is not None and params_lib.is_adapter_path(path) else dtype
+      return jax.ShapeDtypeStruct(a.shape, jnp.dtype(want) if want is not None else m.dtype, sharding=s)
+
+    target = jax.tree_util.tree_map_with_path(leaf, abstract, stored, shardings)
     params = ckpt.restore(os.path.join(path, PARAMS_DIR), target)
   return cfg, params
