@@ -28,7 +28,7 @@ import jax
 from srum_jax import paths
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
-from srum_jax.models.config import LORA_EXPERTS, LORA_TARGETS
+from srum_jax.models.lora import lora_config
 
 MODEL_DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("srum", "sft")
@@ -233,6 +233,7 @@ def check_model(config) -> Geometry:
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
   _check_remat_lora(config)
+  _lora_stages_pending(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
   if config.model.official_dir:
@@ -242,30 +243,21 @@ def check_model(config) -> Geometry:
 
 # --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
 def _check_remat_lora(config) -> None:
-  """`model.remat_policy` names a jax.checkpoint_policies policy; `model.lora.*` form a valid LoraConfig."""
+  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank 0: none)."""
   policy = config.model.remat_policy
   if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
-    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name, e.g. "
-          "'dots_with_no_batch_dims_saveable'")
-  k = "model.lora"
-  if _int(config, f"{k}.rank", lo=0) == 0:
-    return
-  _float(config, f"{k}.alpha", lo=0.0, lo_open=True)
-  _float(config, f"{k}.dropout", lo=0.0, hi=1.0, hi_open=True)
-  _enum(config, f"{k}.dtype", MODEL_DTYPES)
-  for name, known in (("targets", LORA_TARGETS), ("experts", LORA_EXPERTS)):
-    v = _get(config, f"{k}.{name}")
-    if isinstance(v, str) or not v or set(v) - set(known) or len(set(v)) != len(tuple(v)):
-      _fail(f"{k}.{name}", v, f"must be a non-empty tuple of distinct names from {known}")
+    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name")
+  _enum(config, "model.lora.dtype", MODEL_DTYPES)
+  try:
+    lora_config(config.model.lora)
+  except (ValueError, TypeError) as e:
+    _fail("model.lora", config.model.lora.to_dict(), str(e))
 
 
 def _lora_stages_pending(config) -> None:
-  """The stages do not load or save adapters yet (issue 33's stage part, after the issue-27 refactor): refuse a
-  LoRA config rather than silently fine-tune everything. Delete this check when they do."""
+  """The stages do not load or save adapters yet (issue 33's stage part): refuse LoRA. Delete when they do."""
   if config.model.lora.rank:
-    _fail("model.lora.rank", config.model.lora.rank, "LoRA is not wired into the pipeline stages yet; "
-          "benchmarks/aot_compile.py compiles the LoRA train step (set 0 to run the stages)")
-# --- end LoRA ----------------------------------------------------------------------------------------------------
+    _fail("model.lora.rank", config.model.lora.rank, "the pipeline stages do not run LoRA yet; set 0")
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:
@@ -572,8 +564,6 @@ def validate(config, command: str) -> None:
   if not str(config.workdir):
     _fail("workdir", config.workdir, "must be a folder path")
   geo = check_model(config) if "model" in sections else None
-  if "model" in sections:
-    _lora_stages_pending(config)
   if "prompts.train" in sections:
     check_prompts(config, "prompts.train")
   if "generate" in sections:

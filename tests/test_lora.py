@@ -394,11 +394,10 @@ def test_lora_settings_are_validated():
 
   check(rank=0, targets=("nonsense",))  # off: nothing else is read
   check(rank=8, experts=("gen", "und"))
-  for bad, key in ((dict(rank=-1), "model.lora.rank"), (dict(rank=8, alpha=0.0), "model.lora.alpha"),
-                   (dict(rank=8, dropout=1.0), "model.lora.dropout"), (dict(rank=8, dtype="int8"), "model.lora.dtype"),
-                   (dict(rank=8, targets=("q_proj", "qkv")), "model.lora.targets"),
-                   (dict(rank=8, experts=()), "model.lora.experts")):
-    with pytest.raises(UserValueError, match=key.replace(".", r"\.")):
+  for bad, why in ((dict(rank=-1), "rank"), (dict(rank=8, alpha=0.0), "alpha"), (dict(rank=8, dropout=1.0), "dropout"),
+                   (dict(rank=8, dtype="int8"), "dtype"), (dict(rank=8, targets=("q_proj", "qkv")), "targets"),
+                   (dict(rank=8, experts=()), "experts")):
+    with pytest.raises(UserValueError, match=f"model\\.lora.*{why}"):
       check(**bad)
   c = defaults.base_config()
   c.model.remat_policy = "save_everything_please"
@@ -410,7 +409,7 @@ def test_lora_settings_are_validated():
   c = defaults.base_config()
   config_validation._lora_stages_pending(c)
   c.model.lora.rank = 8  # the stages refuse LoRA until they load and save adapters
-  with pytest.raises(UserValueError, match="not wired"):
+  with pytest.raises(UserValueError, match="do not run LoRA yet"):
     config_validation._lora_stages_pending(c)
   with pytest.raises(ValueError, match="rank"):
     LoraConfig(rank=0)

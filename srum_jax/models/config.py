@@ -32,6 +32,8 @@ class LoraConfig:
   def __post_init__(self):
     if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
       raise ValueError(f"LoRA rank must be an integer >= 1, not {self.rank!r}")
+    if not float(self.alpha) > 0:
+      raise ValueError(f"LoRA alpha must be > 0, not {self.alpha!r}")
     if not 0.0 <= float(self.dropout) < 1.0:
       raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
     for name, value, known in (("targets", self.targets, LORA_TARGETS), ("experts", self.experts, LORA_EXPERTS)):
