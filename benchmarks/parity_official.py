@@ -133,6 +133,7 @@ def check_parts(inputs: dict) -> Dict[str, List[Tuple[str, np.ndarray]]]:
 def jax_half(params, cfg, inputs: dict, parts=None, dtype="float32") -> Dict[str, np.ndarray]:
   """This port's outputs for `inputs` (`params`: {'bagel': ...}); `parts` replaces `check_parts`."""
   import jax.numpy as jnp  # jax: absent from the official environment
+
   from srum_jax.inference import context, decoding, sampling
 
   params = params["bagel"]

@@ -22,17 +22,20 @@ import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
+import jax
+
 from srum_jax import files, paths
-from srum_jax.convert import hf_to_flax
 from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, check_float as _float,
                                     check_int as _int, check_pair as _pair, check_subset as _subset,
                                     config_value as _get, existing_dir as _existing_dir,
                                     existing_file as _existing_file, fail as _fail)
+from srum_jax.convert import hf_to_flax
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
 from srum_jax.models.config import DTYPES, PRESETS
+from srum_jax.models.lora import lora_config
 from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
 from srum_jax.pretrain.batches import TASKS
 from srum_jax.rewards import texts as texts_lib
@@ -144,11 +147,32 @@ def check_model(config) -> Geometry:
   _enum(config, f"{m}.compute_dtype", DTYPES)
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
+  _check_remat_lora(config)
+  _lora_stages_pending(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
   if config.model.official_dir:
     return check_official_dir(config, config.model.official_dir, "model.official_dir")
   return check_converted_dir(config.model.dir, "model.dir")
+
+
+# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
+def _check_remat_lora(config) -> None:
+  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank 0: none)."""
+  policy = config.model.remat_policy
+  if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
+    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name")
+  _enum(config, "model.lora.dtype", DTYPES)
+  try:
+    lora_config(config.model.lora)
+  except (ValueError, TypeError) as e:
+    _fail("model.lora", config.model.lora.to_dict(), str(e))
+
+
+def _lora_stages_pending(config) -> None:
+  """The stages do not load or save adapters yet (issue 33's stage part): refuse LoRA. Delete when they do."""
+  if config.model.lora.rank:
+    _fail("model.lora.rank", config.model.lora.rank, "the pipeline stages do not run LoRA yet; set 0")
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:

@@ -39,6 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   # | splash | cudnn | tokamax (srum_jax/models/attention.py); every stage resolves it the same way.
   c.model.attn_impl = "auto"
   c.model.remat = False
+  c.model.remat_policy = ""  # with remat: "" saves nothing, else a jax.checkpoint_policies name
+  # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is frozen (held in
+  # model.param_dtype) and the adapters' master weights are in model.lora.dtype (srum_jax/models/lora.py).
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, dtype="float32",
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), experts=("gen",)))
 
   # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
   # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own

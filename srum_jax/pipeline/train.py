@@ -43,8 +43,8 @@ from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.models import autoencoder
 from srum_jax.pipeline import train_data
-from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption, train_step as ts,
-                               update)
+from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption,
+                               train_step as ts, update)
 from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.workdir import logs
@@ -70,7 +70,8 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
+      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat),
+      remat_policy=m.remat_policy or None, ema_decay=float(t.ema_decay))
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -274,16 +275,16 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   total = int(t.steps if max_steps is None else max_steps)
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir,
                               params["ae"])
-  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)),
-                                total_steps=total)
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=cfg.llm.lora is not None)
+  tx = optimizer.make_optimizer(t, labels, total_steps=total)
   master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of bf16)
   init = lambda p: update.init_state(  # noqa: E731
-      jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay)
+      jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay, labels)
   abstract = jax.eval_shape(init, params)
   state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))),
                             sharding.replicated(mesh))
-  step_fn = ts.make_train_step(cfg, opts, tx)
+  step_fn = ts.make_train_step(cfg, opts, tx, labels)
   last = {"batch": None, "final_loss": None}  # the step's host batch; the loss resumed from
   compiled = {}
 
@@ -342,7 +343,7 @@ def _summary(workdir: str, result: loop.LoopResult, history: dict, report, *, re
     how = "preempted at" if result.preempted else "done,"
     print(f"train: {how} step {step}/{total}; final loss "
           f"{loss}; skipped non-finite updates {skipped}; data: {report.summary()}", flush=True)
-  return dict(summary, state=state, params=state.params if state.ema is None else state.ema)
+  return dict(summary, state=state, params=update.ema_params(state))
 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):
