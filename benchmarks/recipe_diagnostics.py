@@ -86,7 +86,8 @@ def main():
     where = os.path.join(a.workdir, re.sub(r"[^A-Za-z0-9._-]", "_", name))  # no brackets in checkpoint paths
     summary = run.train_model(vcfg, base, records, os.path.join(a.workdir, "truth", "images"),
                               os.path.join(where, "train"), objective_name="sft")
-    model = loaded_model.save_model(os.path.join(where, "model"), base, summary["params"])
+    model = loaded_model.save_model(os.path.join(where, "model"), base, summary["params"],
+                                    summary["cfg"])
     results[name] = tables_for(vcfg, model, name)
   cats = list(results["base"]["val"])
   lines = []

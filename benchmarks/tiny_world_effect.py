@@ -84,7 +84,8 @@ def oracle_filtered_sft(cfg) -> dict:
         f.write(json.dumps(rec) + "\n")
   base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
   summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out, objective_name="sft")
-  model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
+  model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base,
+                                  summary["params"], summary["cfg"])
   return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompt_sources.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
                            texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,

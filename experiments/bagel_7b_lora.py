@@ -14,10 +14,11 @@ remat keeps every projection's output (`dots_with_no_batch_dims_saveable`), so t
 projection, only norms, activations and the attention; `:v6e` (32 GB chips) saves nothing but each layer's
 input, which a v6e-8 host needs (the projections' outputs of one 1024^2 image take ~20 GiB).
 
-The pipeline stages do not load or save adapters yet (config validation refuses `model.lora.rank` > 0 for
-them until they do); today the config is the compiled memory plan. The learning rate is the full fine-tuning
-recipe's (2e-5); LoRA is usually trained with a larger one, which the shapes-world LoRA vs full comparison
-(issue 33) is to settle before a 7B run.
+The train stage saves the adapters and their optimizer state only, and writes an adapters-only
+model dir over the base (`srum_jax/convert/checkpoint.py`) that every stage and `export --adapters
+merge|separate` read. The learning rate is the full fine-tuning recipe's (2e-5); LoRA is usually
+trained with a larger one, which the shapes-world LoRA vs full comparison (issue 33) is to settle
+before a 7B run.
 """
 from srum_jax import defaults
 from srum_jax.data.prompt_sources import prompt_source

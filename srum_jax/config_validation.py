@@ -29,7 +29,7 @@ from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, ch
                                     check_int as _int, check_pair as _pair, check_subset as _subset,
                                     config_value as _get, existing_dir as _existing_dir,
                                     existing_file as _existing_file, fail as _fail)
-from srum_jax.convert import hf_to_flax
+from srum_jax.convert import checkpoint, hf_to_flax
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
@@ -118,6 +118,7 @@ def check_converted_dir(path: str, key: str) -> Geometry:
   d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
+  checkpoint.resolve_base(str(p))  # an adapters-only dir: its base is there (a UserError when not)
   return _geometry_from(d, str(p / "model_config.json"))
 
 
@@ -148,7 +149,6 @@ def check_model(config) -> Geometry:
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
   _check_remat_lora(config)
-  _lora_stages_pending(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
   if config.model.official_dir:
@@ -167,12 +167,6 @@ def _check_remat_lora(config) -> None:
     lora_config(config.model.lora)
   except (ValueError, TypeError) as e:
     _fail("model.lora", config.model.lora.to_dict(), str(e))
-
-
-def _lora_stages_pending(config) -> None:
-  """The stages do not load or save adapters yet (issue 33's stage part): refuse LoRA. Delete when they do."""
-  if config.model.lora.rank:
-    _fail("model.lora.rank", config.model.lora.rank, "the pipeline stages do not run LoRA yet; set 0")
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:

@@ -165,9 +165,11 @@ def pad_rows(items: Sequence, multiple: int) -> List:
   return items + items[-1:] * (-len(items) % multiple) if items else items
 
 
-def save_model(path: str, model: Model, params) -> Model:
-  """`write_model_dir`, then the written model loaded like `model` (same mesh, rules and dtype): trained
-  parameters live on the training mesh, which spans every host, while inference runs on each host's own."""
-  checkpoint.write_model_dir(path, model.cfg, params, model.path)
+def save_model(path: str, model: Model, params, cfg=None) -> Model:
+  """The model trained from `model`: `params` of `cfg` (default `model.cfg`; a LoRA training's has
+  adapters), written by `checkpoint.write_trained_dir` (LoRA: an adapters-only dir over `model`'s
+  base), then loaded like `model` (same mesh, rules and dtype): trained parameters live on the
+  training mesh, which spans every host, while inference runs on each host's own."""
+  checkpoint.write_trained_dir(path, model.cfg if cfg is None else cfg, params, model.path)
   return load_model(path, dtype=model.dtype, mesh=model.mesh, rules=model.rules)
 

@@ -6,6 +6,7 @@ by `layers.dense`; this module works on whole trees (nested dicts, as every para
     base, adapters = split_adapters(params)          # two pruned trees; attach_adapters(base, adapters) undoes it
     adapters = init_adapters(cfg, key)               # fresh adapters (B = 0: the model is unchanged)
     merged = merge_adapters(params, cfg.llm.lora)    # W + A @ B * alpha / rank, adapters dropped (export)
+    cfg, params = for_training(cfg, params, lora, key)  # what a training with `lora` starts from
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from srum_jax.models import params as params_lib
-from srum_jax.models.config import BagelConfig, LoraConfig
+from srum_jax.models.config import BagelConfig, LoraConfig, with_lora
 
 Tree = Any
 
@@ -91,3 +92,26 @@ def lora_config(settings: Mapping[str, Any]) -> Optional[LoraConfig]:
     return None
   return LoraConfig(rank=int(settings["rank"]), alpha=float(settings["alpha"]), dropout=float(settings["dropout"]),
                     targets=tuple(settings["targets"]), experts=tuple(settings["experts"]))
+
+
+def _shape_of(lora: LoraConfig):
+  """What makes two LoraConfigs the same adapters (the dropout acts in training only)."""
+  return lora.rank, float(lora.alpha), frozenset(lora.targets), frozenset(lora.experts)
+
+
+def for_training(cfg: BagelConfig, params, lora: Optional[LoraConfig], key: jax.Array,
+                 dtype=jnp.float32) -> Tuple[BagelConfig, Tree]:
+  """(cfg, params) that a training with adapters `lora` (None: a full fine-tune) starts from, given
+  a model `cfg`, `params` ({'bagel', 'ae'}): a model without adapters gets fresh ones
+  (`init_adapters` from `key`, in `dtype`); a model with adapters keeps them when they are `lora`'s
+  (rank, alpha, targets, experts; the dropout is `lora`'s), else ValueError; a full fine-tune of a
+  model with adapters trains the merged model (`merge_adapters`)."""
+  have = cfg.llm.lora
+  if lora is None:
+    return (cfg, params) if have is None else (with_lora(cfg, None), merge_adapters(params, have))
+  if have is None:
+    cfg = with_lora(cfg, lora)
+    return cfg, attach_adapters(params, init_adapters(cfg, key, dtype))
+  if _shape_of(have) != _shape_of(lora):
+    raise ValueError(f"the model holds LoRA adapters {have}, not the {lora} asked for")
+  return with_lora(cfg, lora), params

@@ -250,6 +250,14 @@ def leaf_dtypes(schema: Tree, dtype, adapter_dtype=None) -> Tree:
       lambda path, _: jnp.dtype(adapter_dtype if is_adapter_path(path) else dtype), schema, is_leaf=is_spec)
 
 
+def cast_params(tree: Tree, dtype, adapter_dtype=None) -> Tree:
+  """`tree` (arrays) with every leaf in `dtype`, the LoRA adapters in `adapter_dtype` (default
+  `dtype`)."""
+  adapter_dtype = dtype if adapter_dtype is None else adapter_dtype
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(adapter_dtype if is_adapter_path(path) else dtype), tree)
+
+
 def init_params(schema: Tree, key: jax.Array, dtype=jnp.float32, adapter_dtype=None) -> Tree:
   """Random parameters for `schema` (pure; jit / eval_shape friendly); adapters in `adapter_dtype`."""
   leaves, treedef = jax.tree.flatten(schema, is_leaf=is_spec)

@@ -4,6 +4,10 @@
     -> eval of the post-trained model; optionally the SFT control: the same self-generated images trained
     with R == 1 and lambda = 0 from the same starting model, then evaluated.
 
+With LoRA (`model.lora.rank` > 0) each round trains the adapters further (round r + 1 starts from
+round r's) and writes round_<r>/model as an adapters-only model dir over the base model; the SFT
+control trains its own adapters from the base.
+
 Every stage is resumable, so a restarted `run` continues where it stopped. The report folder holds
 report.json / report.md (per-category before/after, SFT, where the outputs are), grids of the same
 prompts and seeds before/after, reward-map overlays on the scored candidates, and the loss curves.
@@ -33,7 +37,8 @@ from srum_jax.workdir import layout, logs
 def train_model(config, model: loaded_model.Model, records: str, images_root: str, workdir: str, *,
                 objective_name: str = "srum") -> dict:
   """Train the model saved at `model.path` on reward records (its parameters restored straight onto the
-  training mesh in `model.param_dtype`); the summary's `params` are the trained ones (`train.train`)."""
+  training mesh in `model.param_dtype`); the summary's `params` are the trained ones, of its `cfg`
+  (`train.train`; with LoRA: base + adapters)."""
   cfg, params, tokenizer = train_stage.default_load_model(config, model.path)
   return train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
                            images_root=images_root, workdir=workdir, objective_name=objective_name)
@@ -163,9 +168,10 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
     with clock(f"round_{r}/train"):
       summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                      str(rd / "train")))
-      current = loaded_model.save_model(str(rd / "model"), current, summary["params"])
-    rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
-                                                                if k not in ("state", "params")}})
+      current = loaded_model.save_model(str(rd / "model"), current, summary["params"],
+                                        summary["cfg"])
+    rounds.append({"round": r, "score": score_counts, "train": {
+        k: v for k, v in summary.items() if k not in ("state", "params", "cfg")}})
   return current, rounds
 
 
@@ -245,7 +251,8 @@ def run(config) -> dict:
     with clock("sft/train"):
       summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
                                      str(work / "sft_train"), objective_name="sft"))
-      sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"])
+      sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"],
+                                          summary["cfg"])
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
   return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),

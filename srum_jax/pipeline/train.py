@@ -11,15 +11,15 @@ hot loop never waits on the device except every `log_every` steps (metrics) and 
 loop around the step is the shared one (`training.loop`): stop signal, checkpoints every
 `save_every` steps and on stop / at the end, metrics, sample grids.
 
-workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta), data/ (validated
-ArrayRecord cache), metrics.jsonl + tb/ (the metrics sink: JSONL rows, TensorBoard),
-samples/step_<step>.png (training images with reward overlays), data_log.jsonl (per step: the
-record indices consumed; data_log.<process>.jsonl with several processes), loss_curve.png,
-summary.json. The workdir may be remote (gs://, through etils.epath; orbax writes checkpoints there
-directly): the data/ cache then lives in a local cache folder per host (`paths.local_cache_dir`)
-and the logs follow the remote-log policy of `workdir.logs`. A workdir holding checkpoints is
-resumed from its latest one. SIGTERM finishes the current step, saves and returns with
-`preempted=True`.
+workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta; with LoRA the state
+is the adapters' alone), data/ (validated ArrayRecord cache), metrics.jsonl + tb/ (the metrics
+sink: JSONL rows, TensorBoard), samples/step_<step>.png (training images with reward overlays),
+data_log.jsonl (per step: the record indices consumed; data_log.<process>.jsonl with several
+processes), loss_curve.png, summary.json. The workdir may be remote (gs://, through etils.epath;
+orbax writes checkpoints there directly): the data/ cache then lives in a local cache folder per
+host (`paths.local_cache_dir`) and the logs follow the remote-log policy of `workdir.logs`. A
+workdir holding checkpoints is resumed from its latest one. SIGTERM finishes the current step,
+saves and returns with `preempted=True`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from srum_jax import distributed, files, paths, sharding, tokenizer as tok, viz
 from srum_jax.convert import checkpoint
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
-from srum_jax.models import autoencoder
+from srum_jax.models import autoencoder, lora as lora_lib, params as params_lib
 from srum_jax.pipeline import train_data
 from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption,
                                train_step as ts, update)
@@ -118,7 +118,13 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
   monitoring; it must not block for long). objective_name: see `step_options`. stop: a `PreemptionFlag` to
   poll (default: one installed here for SIGTERM / SIGINT). The summary holds steps, final_loss, skipped
   (non-finite updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and
-  `params` (the EMA of the weights when `train.ema_decay` > 0, as BAGEL releases its EMA).
+  `params` (the EMA of the weights when `train.ema_decay` > 0, as BAGEL releases its EMA) and the
+  `cfg` they belong to.
+
+  LoRA (`model.lora.rank` > 0; `_with_lora`): only the adapters train (in `model.lora.dtype`; the
+  frozen base in `model.param_dtype`), and the checkpoints hold the adapters, their optimizer state
+  and EMA only: a resume takes the frozen base from `params` (the same model, or it is not the same
+  training).
   """
   with preemption.flag_or_installed(stop) as flag:
     return _train(flag, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
@@ -151,6 +157,8 @@ def batch_layout(config, mesh) -> Dict[str, int]:
 
 
 VAE_MOMENTS = ("cached", "step")  # `train.vae_moments`: encoded once as data preparation, or in the step
+# fresh adapters' key: fold_in(key(seed), this); step i folds in i (< this), so no step shares it
+ADAPTER_INIT_STREAM = 0x4C6F5241
 
 
 def _host_tree(tree):
@@ -219,15 +227,19 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   return iter(ds), report
 
 
-def _init_on(init, params, state_sh):
-  """`init(params)` placed on the state shardings `state_sh` (a fresh start)."""
-  return jax.jit(init, out_shardings=state_sh)(jax.device_put(params, state_sh.params))
+def _init_on(init, params, state_sh, stored, complete):
+  """`init(params)` on the state shardings `state_sh` (a fresh start), built as what a checkpoint
+  stores (`stored`), then `complete`d: with LoRA the jitted init makes the adapters' state only and
+  the frozen base is the placed `params` themselves (one bf16 7B base in memory, not two)."""
+  placed = jax.device_put(params, state_sh.params)
+  return complete(jax.jit(lambda p: stored(init(p)), out_shardings=stored(state_sh))(placed))
 
 
 def _loop(config, total: int, stop, t0: float, ckpt, sink, *, key_data, it, report, last: dict,
-          hooks) -> loop.TrainLoop:
+          hooks, stored, complete) -> loop.TrainLoop:
   """The shared loop with this stage's cadences: checkpoints every `save_every` steps (and on stop,
-  at the end) with the data iterator and the last loss; `LOGGED` means every `log_every` steps."""
+  at the end) of `stored(state)` with the data iterator and the last loss; `LOGGED` means every
+  `log_every` steps."""
   t, main = config.train, jax.process_index() == 0
   schedule = optimizer.lr_schedule(t, total)
 
@@ -243,7 +255,7 @@ def _loop(config, total: int, stop, t0: float, ckpt, sink, *, key_data, it, repo
             "skipped": int(jax.device_get(info.state.skipped))}
 
   checkpoints = loop.Checkpoints(ckpt, every=loop.Every(steps=int(t.save_every)), meta=meta,
-                                 key_data=key_data, data=it)
+                                 key_data=key_data, data=it, stored=stored, complete=complete)
   metrics = loop.LogMetrics(sink, "train", loop.Every(steps=int(t.log_every), last=True), mean=True,
                             keys=LOGGED, extra=extra,
                             postfix=lambda v: {"loss": f"{v['loss']:.4g}", "skipped": v["skipped"]})
@@ -275,13 +287,26 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   total = int(t.steps if max_steps is None else max_steps)
   it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir,
                               params["ae"])
-  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=cfg.llm.lora is not None)
+  cfg, params, lora = _with_lora(config, cfg, params)
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=lora)
   tx = optimizer.make_optimizer(t, labels, total_steps=total)
-  master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of bf16)
-  init = lambda p: update.init_state(  # noqa: E731
-      jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay, labels)
+  # the trained copy: model.param_dtype (e.g. fp32 masters of bf16; LoRA: the frozen base), the
+  # adapters in model.lora.dtype (their fp32 masters beside a bf16 base)
+  cast = functools.partial(params_lib.cast_params, dtype=jnp.dtype(config.model.param_dtype),
+                           adapter_dtype=jnp.dtype(config.model.lora.dtype))
+  init = lambda p: update.init_state(cast(p), tx, opts.ema_decay, labels)  # noqa: E731
   abstract = jax.eval_shape(init, params)
   state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
+  # LoRA checkpoints hold the trainable state (adapters, their optimizer state and EMA); the frozen
+  # base comes from `params` (placed, not copied), on a fresh start as on a restore
+  frozen = [params]  # emptied once the state is made: training holds no other copy
+
+  def stored(state):
+    return update.trainable_state(state, labels) if lora else state
+
+  def complete(part):
+    return update.with_frozen(part, cast(jax.device_put(frozen[0], state_sh.params)),
+                              labels) if lora else part
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))),
                             sharding.replicated(mesh))
   step_fn = ts.make_train_step(cfg, opts, tx, labels)
@@ -304,19 +329,38 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   with ckpt, MetricsSink(workdir, "metrics.jsonl", main=jax.process_index() == 0) as sink, \
       logs.BufferedLog(logs.process_log(workdir, "data_log")) as data_log:
     trainer = _loop(config, total, stop, t0, ckpt, sink, key_data=key_data, it=it, report=report,
-                    last=last, hooks=_hooks(config, workdir, images_root, opts, last, step_hook))
-    restored = trainer.restore_or_init(checkpointing.abstract_with_shardings(abstract, state_sh),
-                                       functools.partial(_init_on, init, params, state_sh))
+                    last=last, hooks=_hooks(config, workdir, images_root, opts, last, step_hook),
+                    stored=stored, complete=complete)
+    restored = trainer.restore_or_init(
+        checkpointing.abstract_with_shardings(stored(abstract), stored(state_sh)),
+        functools.partial(_init_on, init, params, state_sh, stored, complete))
     del params
+    frozen.clear()
     last["final_loss"] = restored.meta.get("final_loss")
     base_key = jax.random.wrap_key_data(restored.key_data)
     result = trainer.run(restored.state, advance, start=int(jax.device_get(restored.state.step)))
   if result.metrics is not None:
     last["final_loss"] = float(jax.device_get(result.metrics["loss"]))
-  return _summary(workdir, result, sink.history, report, resumed_from=restored.step, total=total,
-                  seconds=time.time() - t0, final_loss=last["final_loss"],
-                  given_up=restored.given_up,
-                  compiles=compiled["step"]._cache_size() if compiled else 0)
+  summary = _summary(workdir, result, sink.history, report, resumed_from=restored.step, total=total,
+                     seconds=time.time() - t0, final_loss=last["final_loss"],
+                     given_up=restored.given_up,
+                     compiles=compiled["step"]._cache_size() if compiled else 0)
+  return dict(summary, cfg=cfg)
+
+
+def _with_lora(config, cfg, params):
+  """(cfg, params, LoRA on?) that training starts from under `model.lora` (`lora.for_training`):
+  fresh adapters (from `seed`) on a model without them, the model's own when they match, the merged
+  model for a full fine-tune of a model with adapters."""
+  lora = lora_lib.lora_config(config.model.lora)
+  key = jax.random.fold_in(jax.random.key(int(config.seed)), ADAPTER_INIT_STREAM)
+  try:
+    cfg, params = lora_lib.for_training(cfg, params, lora, key, jnp.dtype(config.model.lora.dtype))
+  except ValueError as e:
+    raise UserValueError(f"config key model.lora={config.model.lora.to_dict()}: {e}; set "
+                         "model.lora to match the model's adapters, or merge them first (export "
+                         "--adapters merge)") from None
+  return cfg, params, lora is not None
 
 
 def _summary(workdir: str, result: loop.LoopResult, history: dict, report, *, resumed_from,
@@ -347,17 +391,19 @@ def _summary(workdir: str, result: loop.LoopResult, history: dict, report, *, re
 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):
-  """The trained {'bagel', 'ae'} parameters from `workdir`'s latest (or `step`'s) checkpoint."""
+  """The trained {'bagel', 'ae'} parameters from `workdir`'s latest (or `step`'s) checkpoint (LoRA:
+  the adapters alone; the base is the model trained from)."""
   return checkpointing.restore_params(os.path.join(paths.abspath(workdir), "checkpoints"), step,
                                       abstract_params)
 
 
 def default_load_model(config, model_dir: str):
-  """(cfg, params, tokenizer) from a converted model directory, placed on the config's mesh in
-  `model.param_dtype`."""
+  """(cfg, params, tokenizer) from a converted model directory (or an adapters-only one: base +
+  adapters), placed on the config's mesh in `model.param_dtype` (adapters in `model.lora.dtype`)."""
   rules = sharding.rules_from_config(config.sharding_rules)
-  cfg, params = checkpoint.load_model_dir(model_dir, mesh=train_mesh(config), dtype=config.model.param_dtype,
-                                          rules=rules)
+  cfg, params = checkpoint.load_model_dir(model_dir, mesh=train_mesh(config), rules=rules,
+                                          dtype=config.model.param_dtype,
+                                          adapter_dtype=config.model.lora.dtype)
   tokenizer = tok.load_tokenizer(model_dir)
   tokenizer.check(cfg.tokens)
   return cfg, params, tokenizer
@@ -365,14 +411,16 @@ def default_load_model(config, model_dir: str):
 
 def main(config, *, model_dir: str, records: str, images_root: str, workdir: str,
          load_model: Callable = default_load_model) -> Dict[str, Any]:
-  """The standalone stage: load the model, train on `records` (images under `images_root`) in `workdir`, and
-  write the trained model dir `<workdir>/model` (unless preempted: rerun to resume)."""
+  """The standalone stage: load the model, train on `records` (images under `images_root`) in
+  `workdir`, and write the trained model dir `<workdir>/model` (unless preempted: rerun to resume);
+  with LoRA an adapters-only dir over the base (`checkpoint.write_trained_dir`)."""
   distributed.maybe_initialize()
   cfg, params, tokenizer = load_model(config, model_dir)
   summary = train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
                   images_root=images_root, workdir=workdir)
   if not summary["preempted"]:
-    summary["model_dir"] = checkpoint.write_model_dir(os.path.join(workdir, "model"), cfg, summary["params"], model_dir)
+    summary["model_dir"] = checkpoint.write_trained_dir(
+        os.path.join(workdir, "model"), summary["cfg"], summary["params"], model_dir)
     print(f"train: model dir {summary['model_dir']} (python -m srum_jax export --src {summary['model_dir']} "
           f"--dst <official dir>)", flush=True)
   return summary

@@ -19,10 +19,11 @@ same for all:
     or their mean since the last row, to the one `MetricsSink`); a periodic checkpoint
     (`Checkpoints.every`, by steps and / or wall clock, then its `snapshot`); the hooks (`Hook`),
     each when its `Every` says;
-  * checkpoints: the state, the PRNG key data, the data iterator's state and the trainer's meta,
-    plus `seconds`, the training's total time over every invocation; a forced save when the flag
-    stops the loop (a step saved already is not saved again) and, with `at_end`, whenever it ends;
-    restoring falls back over damaged steps (`Checkpointer.restore_latest_good`).
+  * checkpoints: the state (or the part the trainer stores: LoRA keeps the adapters and their
+    optimizer state, not the frozen base), the PRNG key data, the data iterator's state and the
+    trainer's meta, plus `seconds`, the training's total time over every invocation; a forced save
+    when the flag stops the loop (a step saved already is not saved again) and, with `at_end`,
+    whenever it ends; restoring falls back over damaged steps (`Checkpointer.restore_latest_good`).
 `LoopResult.seconds` is the total that the final state's checkpoint records (so a resume with
 nothing left to do reports the same number); without such a save, the carried total plus this
 invocation's time if it took a step.
@@ -139,9 +140,10 @@ class LogMetrics:
 class Checkpoints:
   """The loop's checkpoints in `ckpt`: periodic saves when `every` says, each followed by
   `snapshot(info)` (when given); a forced save when a stop signal ends the loop and, with `at_end`,
-  whenever it ends. A save holds the state, `key_data`, `data.get_state()` (a data iterator:
-  restored into it by `restore_or_init`) and `meta(info)` (info: the last step's; None before any)
-  plus `seconds`."""
+  whenever it ends. A save holds `stored(state)` (default: the state; e.g. its trainable part:
+  `update.trainable_state`), `key_data`, `data.get_state()` (a data iterator: restored into it by
+  `restore_or_init`) and `meta(info)` (info: the last step's; None before any) plus `seconds`;
+  `complete` turns what a checkpoint holds back into the state (e.g. `update.with_frozen`)."""
   ckpt: Checkpointer
   every: Every = Every()
   meta: Callable[[Optional[StepInfo]], Dict[str, Any]] = lambda info: {}
@@ -149,6 +151,8 @@ class Checkpoints:
   data: Any = None
   at_end: bool = True
   snapshot: Optional[Callable[[StepInfo], None]] = None
+  stored: Callable[[Any], Any] = lambda state: state
+  complete: Callable[[Any], Any] = lambda stored: stored
 
 
 @dataclasses.dataclass
@@ -196,9 +200,10 @@ class TrainLoop:
 
   def restore_or_init(self, abstract, init: Optional[Callable[[], Any]], *,
                       required: bool = False) -> Restored:
-    """The newest checkpoint that restores onto `abstract` (ShapeDtypeStructs with shardings), with
-    the data iterator's state when `Checkpoints.data` is set; else `init()` (`required`: raise
-    instead)."""
+    """The newest checkpoint that restores onto `abstract` (ShapeDtypeStructs with shardings of
+    what a checkpoint holds: `Checkpoints.stored` of the state), completed by
+    `Checkpoints.complete`, with the data iterator's state when `Checkpoints.data` is set; else
+    `init()` (`required`: raise instead)."""
     c = self.checkpoints
     key = c.key_data
     key_abstract = None if key is None else jax.ShapeDtypeStruct(key.shape, key.dtype,
@@ -219,7 +224,7 @@ class TrainLoop:
     if key_data is not None:
       c.key_data = key_data
     self.carried = float(meta.get("seconds") or 0.0)
-    return Restored(state, step, c.key_data, meta, given_up)
+    return Restored(c.complete(state), step, c.key_data, meta, given_up)
 
   def _stopping(self) -> Tuple[bool, bool]:
     """(the flag is raised, the deadline has passed), as every process agrees."""
@@ -231,7 +236,7 @@ class TrainLoop:
     c = self.checkpoints
     seconds = self.carried + time.time() - self.t0
     data_state = None if c.data is None else c.data.get_state()
-    if c.ckpt.save(step, state, key_data=c.key_data, data_state=data_state,
+    if c.ckpt.save(step, c.stored(state), key_data=c.key_data, data_state=data_state,
                    meta=dict(c.meta(info), seconds=seconds), force=True):
       self._saved = (step, seconds)
 
