@@ -1,7 +1,8 @@
 """The SRUM effect on the embedded default, over seeds: base vs SFT (R == 1, lambda = 0) vs SRUM.
 
-    python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...] \\
-        [--lever srum.lambda_constraint=0.0,0.1] [--oracle_ceiling] [--on_train_prompts]
+    python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] \\
+        [--set k=v ...] [--lever srum.lambda_constraint=0.0,0.1] [--column "k1=v1 k2=v2" ...] \\
+        [--oracle_ceiling] [--on_train_prompts] [--workdir outputs/tiny_world_effect]
 
 Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
@@ -11,9 +12,14 @@ SRUM - SFT, and writes them to <workdir>/effect.json. Report what it prints, wha
 Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
 candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
 score > 0) and the mean reward-map value of oracle-correct vs oracle-wrong candidates.
+Each --column is one more SRUM model trained on the same candidates and rewards with several
+overrides, paired with SRUM itself, e.g. LoRA against full fine-tuning:
+    --column "model.lora.rank=8 train.lr=1e-3"
+The base model's eval is the same for every seed (eval.seed is fixed), so a seed reuses the base
+images of any seed already in the workdir; every stage resumes, so seeds can run as separate
+invocations with one --workdir, and a last invocation over all of them prints the table over seeds.
 With --on_train_prompts every model is also evaluated on the train prompts (the prompts its candidates were
 drawn for), to tell a recipe that does not learn from its data from one that does not generalise.
-The base model's eval is the same for every seed (eval.seed is fixed), so later seeds reuse seed 0's images.
 """
 from __future__ import annotations
 
@@ -70,6 +76,19 @@ def _copy_stage_dirs(src: str, dst: str) -> None:
       shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
 
 
+def _reuse_base_eval(root: str, workdir: str) -> None:
+  """Seed `workdir`/eval/base with another seed's base eval under `root` (eval.seed is the same for
+  every seed; resumable stage: the copied images are judged again, not redrawn)."""
+  base_eval = os.path.join(workdir, "eval", "base")
+  if os.path.exists(base_eval) or not os.path.isdir(root):
+    return
+  for name in sorted(os.listdir(root)):
+    other = os.path.join(root, name, "eval", "base")
+    if name.startswith("seed_") and os.path.isdir(other):
+      shutil.copytree(other, base_eval)
+      return
+
+
 def oracle_filtered_sft(cfg) -> dict:
   """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the round-0
   candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others.
@@ -111,21 +130,23 @@ def train_prompt_tables(cfg, names) -> dict:
 
 
 def table_text(tables: dict, title: str):
-  """Markdown: mean +- std over seeds per model and category, and the paired differences of each SRUM column
-  to base and to SFT; returns (text, {model: {category: accuracies over seeds}})."""
+  """Markdown: mean +- std over seeds per model and category, and the paired differences of each
+  SRUM column to base and to SFT, and of each extra SRUM column to SRUM; returns
+  (text, {model: {category: accuracies over seeds}})."""
   models = list(next(iter(tables.values())))
   models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
   cats = [c for c in next(iter(tables.values()))["base"]]
   acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
   srums = [m for m in models if m.startswith("srum")]
-  head = models + [f"{m} - base" for m in srums] + [f"{m} - sft" for m in srums]
+  pairs = [(m, ref) for ref in ("base", "sft") for m in srums]
+  pairs += [(m, "srum") for m in srums if m != "srum"]  # extra columns (levers, LoRA) vs SRUM
+  head = models + [f"{m} - {ref}" for m, ref in pairs]
   lines = ["| category | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
   for c in cats:
     cells = [f"{acc[m][c].mean():.1f} +- {acc[m][c].std():.1f}" for m in models]
-    for ref in ("base", "sft"):
-      for m in srums:
-        d = acc[m][c] - acc[ref][c]
-        cells.append(f"{d.mean():+.1f} +- {d.std():.1f}")
+    for m, ref in pairs:
+      d = acc[m][c] - acc[ref][c]
+      cells.append(f"{d.mean():+.1f} +- {d.std():.1f}")
     lines.append(f"| {c} | " + " | ".join(cells) + " |")
   text = f"{title} over seeds {sorted(tables)} (mean +- std over seeds; differences paired)\n\n"
   return text + "\n".join(lines), acc
@@ -140,6 +161,10 @@ def main():
   ap.add_argument("--lever", default="",
                   help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
                        "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
+  ap.add_argument("--column", action="append", default=[],
+                  help="'k1=v1 k2=v2 ...' (repeatable): one extra SRUM column per flag with these "
+                       "overrides, trained on the same candidates and rewards (a lever of several "
+                       "keys, e.g. LoRA: 'model.lora.rank=8 train.lr=1e-3')")
   ap.add_argument("--oracle_ceiling", action="store_true",
                   help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
                        "binary judge would give")
@@ -147,10 +172,13 @@ def main():
                   help="also evaluate every model on the train prompts (section 'on train prompts')")
   a = ap.parse_args()
   overrides = config_utils.parse_overrides(a.set)
-  lever_key, lever_values = "", []
+  columns = {}  # column name -> its overrides
   if a.lever:
     lever_key, _, vals = a.lever.partition("=")
-    lever_values = [config_utils.literal(v) for v in vals.split(",")]
+    for v in vals.split(","):
+      columns[f"srum[{lever_key.split('.')[-1]}={v}]"] = {lever_key: config_utils.literal(v)}
+  for text in a.column:
+    columns[f"srum[{text}]"] = config_utils.parse_overrides(text.split())
   tables, diags, train_tables = {}, {}, {}
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:
@@ -160,20 +188,19 @@ def main():
       cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
       cfg.workdir = os.path.join(a.workdir, f"seed_{seed}")
       cfg.run.sft_control = True
-    base_eval = os.path.join(cfg.workdir, "eval", "base")
-    first = os.path.join(a.workdir, f"seed_{seeds[0]}", "eval", "base")
-    if seed != seeds[0] and os.path.isdir(first) and not os.path.exists(base_eval):
-      shutil.copytree(first, base_eval)  # resumable stage: the copied images are judged again, not redrawn
+    _reuse_base_eval(a.workdir, cfg.workdir)
     tables[seed] = dict(run.run(cfg)["tables"])
     diags[seed] = candidate_diagnostics(cfg.workdir, train_stage.step_options(cfg).levers)
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
-    for v in lever_values:  # same candidates and rewards, another SRUM setting
-      lc = config_utils.load_config(a.config, {**overrides, lever_key: v})
+    for column, extra in columns.items():  # same candidates and rewards, another SRUM setting
+      lc = config_utils.load_config(a.config, {**overrides, **extra})
       with lc.unlocked():
         lc.seed, lc.run.sft_control = cfg.seed, False
-        lc.workdir = os.path.join(a.workdir, f"seed_{seed}", f"lever_{lever_key}={v}")
+        lc.workdir = os.path.join(a.workdir, f"seed_{seed}", "lever_" + "_".join(
+            f"{k}={v}" for k, v in extra.items()).replace("/", "|").replace(" ", ""))
       _copy_stage_dirs(cfg.workdir, lc.workdir)
-      tables[seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = run.run(lc)["tables"]["srum"]
+      t = run.run(lc)["tables"]
+      tables[seed][column] = t[next(k for k in t if k.startswith("srum"))]
     if a.oracle_ceiling:
       tables[seed]["oracle_sft"] = oracle_filtered_sft(cfg)
     if a.on_train_prompts:
@@ -189,7 +216,8 @@ def main():
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": sorted(tables), "tables": tables, "train_prompt_tables": train_tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
+    json.dump({"seeds": sorted(tables), "tables": tables, "train_prompt_tables": train_tables,
+               "candidates": diags, "overrides": a.set, "lever": a.lever, "columns": a.column,
                "summary": {m: {c: [float(acc[m][c].mean()), float(acc[m][c].std())] for c in cats} for m in models}},
               f, indent=1)
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:

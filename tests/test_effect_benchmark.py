@@ -49,7 +49,29 @@ def test_table_text_pairs_differences_over_seeds():
   text, per = _benchmark().table_text(tables, "t")
   np.testing.assert_allclose(per["srum"]["overall"], [60.0, 70.0])
   assert "| overall | 60.0 +- 10.0 | 50.0 +- 10.0 | 65.0 +- 5.0 | +5.0 +- 5.0 | +15.0 +- 5.0 |" in text
+  # an extra SRUM column (a lever, LoRA) is also paired with SRUM itself
+  tables[0]["srum[lora]"], tables[1]["srum[lora]"] = acc(0.55), acc(0.75)
+  text, _ = _benchmark().table_text(tables, "t")
+  head = ("| category | base | sft | srum | srum[lora] | srum - base | srum[lora] - base | "
+          "srum - sft | srum[lora] - sft | srum[lora] - srum |")
+  assert head in text
+  assert text.rstrip().endswith("| +15.0 +- 5.0 | +15.0 +- 0.0 | +0.0 +- 5.0 |")
 
+
+
+def test_a_seed_reuses_any_other_seeds_base_eval(tmp_path):
+  """Seeds run as separate invocations share the base eval of whichever seed is already there, and
+  never overwrite one they have."""
+  reuse = _benchmark()._reuse_base_eval
+  (tmp_path / "seed_2" / "eval" / "base").mkdir(parents=True)
+  (tmp_path / "seed_2" / "eval" / "base" / "oracle.jsonl").write_text("seed 2\n")
+  reuse(str(tmp_path), str(tmp_path / "seed_0"))
+  assert (tmp_path / "seed_0" / "eval" / "base" / "oracle.jsonl").read_text() == "seed 2\n"
+  (tmp_path / "seed_0" / "eval" / "base" / "oracle.jsonl").write_text("seed 0\n")
+  reuse(str(tmp_path), str(tmp_path / "seed_0"))
+  assert (tmp_path / "seed_0" / "eval" / "base" / "oracle.jsonl").read_text() == "seed 0\n"
+  reuse(str(tmp_path / "absent"), str(tmp_path / "seed_1"))  # nothing to reuse: nothing made
+  assert not (tmp_path / "seed_1").exists()
 
 def test_recipe_diagnostics_truth_records_are_correct_renders(tmp_path):
   """The perfect-data control: one record per (train prompt, k), each image a true render the oracle accepts,
