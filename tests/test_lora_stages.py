@@ -20,7 +20,8 @@ from srum_jax import config_utils, config_validation, defaults, files, sharding
 from srum_jax.convert import adapters as adapters_io, checkpoint, flax_to_hf, hf_to_flax
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserError
-from srum_jax.models import lora as lora_lib, params as params_lib
+from srum_jax.models import bagel, lora as lora_lib, params as params_lib
+from srum_jax.models.bagel import ImageTokens
 from srum_jax.models.config import LoraConfig, with_lora
 from srum_jax.pipeline import run, train as train_stage
 from srum_jax.training import preemption
@@ -277,7 +278,8 @@ def test_lora_checkpoints_hold_the_adapters_alone(trainings, tiny_model_dir):
   stored = _stored(ckpts / "4" / "state")
   params = [p for p, _ in stored if p[0].key == "params"]
   assert params and all(params_lib.is_adapter_path(p) for p in params)
-  tensors = [p for p, shape in stored if shape]  # everything but the counters
+  assert any(p[0].key == "key" for p, _ in stored)  # the RNG key: a bit-exact resume needs it
+  tensors = [p for p, shape in stored if shape and p[0].key != "key"]  # all but counters and key
   assert [p for p in tensors if not params_lib.is_adapter_path(p)] == []
   assert len(tensors) == 4 * len(params)  # the adapters, Adam's two moments, the EMA
   assert files.dir_size(str(ckpts / "4")) < _params_size(tiny_model_dir) / 4
@@ -314,6 +316,50 @@ def test_a_second_round_trains_the_adapters_further(trainings, tiny_model_dir):
                for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
   assert dist(c_ad, a_ad) < dist(c_ad, fresh)
 
+
+def _velocities(params, cfg, seed=5):
+  """The generation path's velocities of two T2I rows (text, then a 2x3 noisy latent image)."""
+  rng = np.random.default_rng(seed)
+  rows = [[[[cfg.tokens.bos] + list(rng.integers(0, 100, 3 + b)) + [cfg.tokens.eos],
+            ImageTokens("vae_noise", (2, 3), raw_t=0.3,
+                        x_bad=rng.normal(size=(6, cfg.patch_latent_dim)).astype(np.float32))]]
+          for b in range(2)]
+  inputs, slots = bagel.build_packed_inputs(cfg, rows, num_tokens=20, text_capacity=10,
+                                            latent_capacity=6)
+  t = jnp.asarray(rng.uniform(0.1, 0.9, slots.raw_t.shape), jnp.float32)
+  v = bagel.forward_gen(params["bagel"], inputs, jnp.asarray(slots.x_bad), t, cfg=cfg)
+  return np.asarray(v)
+
+
+@pytest.mark.slow
+def test_resumed_adapters_save_load_merge_and_load_back(trainings, tiny_model_dir, tiny_params):
+  """The whole life of trained adapters in the stage path: the resumed training's adapters are
+  saved as an adapters-only dir, load back exactly (training's dtypes and the stored ones), and
+  export merged (official files: the same velocities as base + adapters, fp32 to 1e-4 of their
+  scale) or separate (PEFT files holding exactly those adapters)."""
+  b, root = trainings["b"], trainings["root"]
+  b_dir = checkpoint.write_trained_dir(str(root / "b" / "model"), b["cfg"], b["params"],
+                                       tiny_model_dir)
+  assert _only_adapters_stored(root / "b" / "model" / "params")
+  _assert_trees_equal(checkpoint.load_model_dir(b_dir, dtype="bfloat16",
+                                                adapter_dtype="float32")[1], b["params"])
+  model = loaded_model.load_model(b_dir)  # the inference loader: fp32 base + fp32 adapters
+  assert model.cfg == b["cfg"] and model.cfg.llm.lora == LORA
+  _assert_trees_equal(_adapter_part(model.params), _adapter_part(b["params"]))
+  want = _velocities(model.params, model.cfg)
+  scale = np.abs(want).max()
+  base_v = _velocities(jax.tree.map(jnp.asarray, tiny_params), with_lora(model.cfg, None))
+  assert np.abs(want - base_v).max() > 1e-3 * scale  # the trained adapters change the model
+  merged = str(root / "b" / "merged")
+  assert flax_to_hf.main(["--src", b_dir, "--dst", merged, "--adapters", "merge"]) == 0
+  got_cfg, got = hf_to_flax.load_official(merged, dtype="fp32")
+  assert got_cfg == with_lora(model.cfg, None) and not lora_lib.has_adapters(got)
+  np.testing.assert_allclose(_velocities(got, got_cfg), want, atol=1e-4 * scale)
+  sep = str(root / "b" / "separate")
+  assert flax_to_hf.main(["--src", b_dir, "--dst", sep, "--adapters", "separate"]) == 0
+  lora, read = adapters_io.read_adapters(sep, got_cfg)
+  assert lora == LORA
+  _assert_trees_equal(read, _adapter_part(b["params"]))
 
 # ------------------------------------------------------------------------------------------------
 # `run` with LoRA: rounds chained, evals and the SFT control on base + adapters
