@@ -17,8 +17,9 @@ input, which a v6e-8 host needs (the projections' outputs of one 1024^2 image ta
 The train stage saves the adapters and their optimizer state only, and writes an adapters-only
 model dir over the base (`srum_jax/convert/checkpoint.py`) that every stage and `export --adapters
 merge|separate` read. The learning rate is the full fine-tuning recipe's (2e-5); LoRA is usually
-trained with a larger one, which the shapes-world LoRA vs full comparison (issue 33) is to settle
-before a 7B run.
+trained with a larger one. In the shapes world, rank-8 LoRA at 10x full SRUM's learning rate ended
+1.6 +- 1.9 points below full SRUM (benchmarks/results_lora_shapes.txt, one setting, not tuned); the
+7B learning rate is not measured.
 """
 from srum_jax import defaults
 from srum_jax.data.prompt_sources import prompt_source
