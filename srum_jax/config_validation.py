@@ -22,7 +22,7 @@ import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-from srum_jax import files, paths
+from srum_jax import errors, files, paths
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
@@ -32,6 +32,7 @@ from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
 from srum_jax.training import optimizer
 from srum_jax.pretrain.batches import TASKS
+from srum_jax.tokenizer import load_tokenizer
 
 
 SECTIONS = {
@@ -92,8 +93,11 @@ def _bool(config, key: str) -> bool:
 
 
 def _enum(config, key: str, choices: Sequence[str]) -> str:
-  v = _get(config, key)
-  if v not in choices:
+  return _check_enum(key, _get(config, key), choices)
+
+
+def _check_enum(key: str, v: Any, choices: Sequence[str]) -> str:
+  if not isinstance(v, str) or v not in choices:
     hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
     _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -125,13 +129,18 @@ def _pair(config, key: str, kind=float) -> tuple:
 
 
 def _existing_file(key: str, path: str, what: str):
+  if not isinstance(path, str):
+    _fail(key, path, f"must be the path of the {what} (a string)")
   p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_file():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
+    why = "is a folder, not a file" if p.exists() else "does not exist"
+    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
   return p
 
 
 def _existing_dir(key: str, path: str, what: str):
+  if not isinstance(path, str):
+    _fail(key, path, f"must be the path of the {what} (a string)")
   p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_dir():
     why = "is a file, not a directory" if p.exists() else "does not exist"
@@ -200,29 +209,30 @@ def check_converted_dir(path: str, key: str) -> Geometry:
   d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
+  try:
+    load_tokenizer(str(p))
+  except UserError as e:
+    raise UserValueError(f"config key {key}: {errors.one_line(e)}") from None
   return _geometry_from(d, str(p / "model_config.json"))
 
 
 def check_official_dir(config, path: str, key: str) -> Geometry:
-  """An official checkpoint dir: a weights file, ae.safetensors and a readable llm_config.json."""
+  """An official checkpoint dir: its files readable and whole (`hf_to_flax.check_official_files`: headers,
+  the json files; a damaged file is named), and a tokenizer this code reads."""
   p = _existing_dir(key, path, "official checkpoint")
-  if not any((p / n).is_file() for n in hf_to_flax.WEIGHT_FILES):
-    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(hf_to_flax.WEIGHT_FILES)}")
-  if not (p / "ae.safetensors").is_file():
-    raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
-  if not (p / "llm_config.json").is_file():
-    raise UserFileNotFoundError(f"config key {key}: {path} lacks llm_config.json")
+  try:
+    hf_to_flax.check_official_files(str(p))
+    if (p / "tokenizer.json").is_file():
+      load_tokenizer(str(p))
+  except UserError as e:
+    raise UserValueError(f"config key {key}: {errors.one_line(e)}") from None
   llm = files.read_json(p / "llm_config.json", "LLM config")
-  if not isinstance(llm, dict):
-    raise UserValueError(f"LLM config {p / 'llm_config.json'}: expected a JSON object")
-  for name in ("vit_config.json",):
-    if (p / name).is_file():
-      files.read_json(p / name, "ViT config")
   return _preset_geometry(config, f"model.preset={config.model.preset}",
                           int(llm.get("max_position_embeddings", 0)) or None)
 
 
-def check_model(config) -> Geometry:
+def check_model(config, files: bool = True) -> Optional[Geometry]:
+  """The model keys; with `files`, the model dir too (and its geometry, else None)."""
   m = "model"
   _enum(config, f"{m}.param_dtype", DTYPES)
   _enum(config, f"{m}.inference_dtype", ("",) + DTYPES)
@@ -231,6 +241,8 @@ def check_model(config) -> Geometry:
   _bool(config, f"{m}.remat")
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
+  if not files:
+    return None
   if config.model.official_dir:
     return check_official_dir(config, config.model.official_dir, "model.official_dir")
   return check_converted_dir(config.model.dir, "model.dir")
@@ -380,46 +392,51 @@ def check_train_inputs(config) -> None:
   else:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
-      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
-                                  f"exist: run generate, propose and score first, or set train.records")
+      why = "is a folder, not a file" if paths.path(records).exists() else "does not exist"
+      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} {why}: "
+                                  f"run generate, propose and score first, or set train.records")
   if config.train.images_root:
     _existing_dir("train.images_root", config.train.images_root, "images folder")
 
 
-def check_prompts(config, key: str) -> None:
-  """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
-  under another source is an error (an override would be ignored); a leftover `function` under
-  source=file is not (switching a python source to a file keeps the config file's function)."""
-  src = _get(config, key)
-  source = src.source or ("file" if src.path else "python" if src.function else "tfds")
-  if src.source:
-    _enum(config, f"{key}.source", prompts_lib.PROMPT_SOURCES)
-  if src.path and source != "file":
-    _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
+def check_prompts(config, key: str, files: bool = True) -> None:
+  """A prompt source's keys (a partial block takes the defaults of the keys it lacks); a file source is read
+  now (existence, UTF-8, JSON, at least one prompt) unless `files` is False. A path under another source is
+  an error (an override would be ignored); a leftover `function` under source=file is not (switching a
+  python source to a file keeps the config file's function)."""
+  src = prompts_lib.normalise(_get(config, key), key)
+  given = _get(config, key)
+  source = src["source"]
+  if isinstance(given, str) or given.get("source"):
+    _check_enum(f"{key}.source", source, prompts_lib.PROMPT_SOURCES)
+  if src["path"] and source != "file":
+    _fail(f"{key}.path", src["path"], f"is ignored by {key}.source={source!r}: also set "
           f"--config.{key}.source=file (or clear the path)")
-  if src.limit is not None:
-    _int(config, f"{key}.limit", lo=1)
+  if src["limit"] is not None and src["limit"] < 1:
+    _fail(f"{key}.limit", src["limit"], "must be >= 1 (or None: every prompt)")
   if source == "file":
-    _enum(config, f"{key}.format", prompts_lib.PROMPT_FORMATS)
-    if not src.path:
-      _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
-    _existing_file(f"{key}.path", src.path, "prompt file")
+    _check_enum(f"{key}.format", src["format"], prompts_lib.PROMPT_FORMATS)
+    if not src["path"]:
+      _fail(f"{key}.path", src["path"], "is empty: set the prompt file (txt, json or jsonl)")
+    if not files:
+      return
+    _existing_file(f"{key}.path", src["path"], "prompt file")
     quiet = prompts_lib.log.disabled
     prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
     try:
-      items = prompts_lib.load_prompts(src)
+      items = prompts_lib.load_prompts(src, key)
     except UserError as e:
       raise UserValueError(f"config key {key}.path: {e}") from None
     finally:
       prompts_lib.log.disabled = quiet
     prompts_lib.require_prompts(items, key)
   elif source == "python":
-    module, sep, fn = str(src.function).partition(":")
+    module, sep, fn = str(src["function"]).partition(":")
     if not (module and sep and fn):
-      _fail(f"{key}.function", src.function, "must be 'module.path:function'")
+      _fail(f"{key}.function", src["function"], "must be 'module.path:function'")
 
 
-def check_eval(config, own_model: bool) -> Optional[Geometry]:
+def check_eval(config, own_model: bool, files: bool = True) -> Optional[Geometry]:
   """The eval keys; with `own_model` (the eval command) also the model it evaluates: `eval.model_dir` (a
   converted or an official dir), else `model.*`, unless a folder of images is judged without the UMM."""
   e = "eval"
@@ -437,10 +454,13 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
     module, sep, fn = str(config.eval.oracle_fn).partition(":")
     if not (module and sep and fn):
       _fail(f"{e}.oracle_fn", config.eval.oracle_fn, "eval.judge='oracle' needs 'module.path:function'")
+  if not files:
+    return None
   if judge == "hf_vlm":
     _existing_dir(f"{e}.hf_vlm_dir", config.eval.hf_vlm_dir, "judge model folder")
   if config.eval.images_dir:
-    _existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder")
+    if not any(_existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder").iterdir()):
+      _fail(f"{e}.images_dir", config.eval.images_dir, "is an empty folder: no image to score")
   for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
                   ("reasonbench.questions", "T2I-ReasonBench questions"), ("mllm.rubric", "rubric file"),
                   ("reasonbench.rubric", "protocol file")):
@@ -466,7 +486,7 @@ def check_run(config) -> None:
   _int(config, "run.report_images", lo=0)
 
 
-def check_pretrain_stage(config, key: str) -> None:
+def check_pretrain_stage(config, key: str, files: bool = True) -> None:
   """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
   model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
@@ -499,7 +519,7 @@ def check_pretrain_stage(config, key: str) -> None:
             "think_uncond"):
     _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
   block = _get(config, key)
-  resumes = block.resume and (pathlib.Path(block.out) / "state").is_dir()
+  resumes = not files or block.resume and (pathlib.Path(block.out) / "state").is_dir()
   if block.init_from and not resumes:
     _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")
   if block.ae.from_dir and not resumes:
@@ -514,13 +534,15 @@ def _eval_metrics(config) -> None:
     raise UserValueError(f"config key {e}") from None
 
 
-def validate(config, command: str) -> None:
+def validate(config, command: str, files: bool = True) -> None:
   """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
-  stage blocks; show-config and sweep are not checked (each sweep point's command checks itself)."""
+  stage blocks; show-config and sweep are not checked (`sweep` checks each of its points). `files` False:
+  the values only, not the files and folders they name (a sweep's dry run)."""
+  _bool(config, "discard_stale")
   if command == "pretrain":
     key = "pretrain"
     while True:  # the stage and the stages chained after it (`then`)
-      check_pretrain_stage(config, key)
+      check_pretrain_stage(config, key, files)
       block = _get(config, key)
       if "then" not in block or not block.then.name:
         return
@@ -531,9 +553,9 @@ def validate(config, command: str) -> None:
   _int(config, "seed")
   if not str(config.workdir):
     _fail("workdir", config.workdir, "must be a folder path")
-  geo = check_model(config) if "model" in sections else None
+  geo = check_model(config, files) if "model" in sections else None
   if "prompts.train" in sections:
-    check_prompts(config, "prompts.train")
+    check_prompts(config, "prompts.train", files)
   if "generate" in sections:
     check_generate(config, "generate", geo)
   if "propose" in sections:
@@ -542,15 +564,15 @@ def validate(config, command: str) -> None:
     check_score(config)
   if "train" in sections:
     check_train(config, geo)
-  if command == "train":
+  if command == "train" and files:
     check_train_inputs(config)
   if "run" in sections:
     check_run(config)
   if "eval" in sections:
-    eval_geo = check_eval(config, own_model=command == "eval")
+    eval_geo = check_eval(config, own_model=command == "eval", files=files)
     metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
     if not ({"geneval", "reasonbench"} & set(metrics)):
-      check_prompts(config, "prompts.val")
+      check_prompts(config, "prompts.val", files)
     if not config.eval.images_dir or command == "run":
       check_generate(config, "eval_generate", eval_geo or geo)
     if "judge" in metrics and config.eval.judge == "self" or command == "run":

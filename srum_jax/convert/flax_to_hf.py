@@ -24,7 +24,7 @@ import numpy as np
 from srum_jax import files
 from srum_jax.convert import checkpoint, keymap
 from srum_jax.convert.hf_to_flax import (AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON,
-                                         parse_dtype)
+                                         check_destination, parse_dtype)
 from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import BagelConfig
 
@@ -176,10 +176,11 @@ def main(argv: Optional[List[str]] = None) -> int:
   ap.add_argument("--weights_name", default="ema.safetensors", help="name of the BAGEL weights file")
   args = ap.parse_args(argv)
   try:
+    check_destination(args.src, args.dst, "export")
     cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # the user's files or flags: one message, exit code 2
     print(f"export: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(f"exported {args.src} -> {args.dst} ({args.weights_name}, {AE_FILE}, {LLM_JSON}"
         f"{', ' + VIT_JSON if cfg.vit else ''})")
   return 0
