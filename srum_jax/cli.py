@@ -116,6 +116,10 @@ def _parse(name: str, argv: List[str]):
   """(config, parsed flags) of a config command's argv (argv[0]: the program); the config file is checked
   first (it imports, `get_config` returns a ConfigDict), then the overrides apply. Raises
   `CommandLineError`."""
+  for a in argv[1:]:
+    key, eq, _ = a.partition("=")
+    if key in ("--config", "-config") and not eq or key.startswith("--config.") and (not eq or key.endswith(".")):
+      raise CommandLineError(f"flag {a!r}: expected --config=<file>[:arg] or --config.<key>=<value>")
   spec = _config_spec(argv)
   if spec:
     path = spec.partition(":")[0]

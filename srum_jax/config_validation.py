@@ -424,7 +424,7 @@ def check_prompts(config, key: str, files: bool = True) -> None:
     quiet = prompts_lib.log.disabled
     prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
     try:
-      items = prompts_lib.load_prompts(src, key)
+      items = prompts_lib.load_prompts(src)
     except UserError as e:
       raise UserValueError(f"config key {key}.path: {e}") from None
     finally:
@@ -471,8 +471,8 @@ def check_eval(config, own_model: bool, files: bool = True) -> Optional[Geometry
   geo = None
   if own_model and needs_model:
     if config.eval.model_dir:
-      p = paths.path(config.eval.model_dir)
-      official = p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
+      p = _existing_dir(f"{e}.model_dir", config.eval.model_dir, "model directory")
+      official = not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
       geo = (check_official_dir(config, config.eval.model_dir, "eval.model_dir") if official
              else check_converted_dir(config.eval.model_dir, "eval.model_dir"))
     else:
@@ -519,6 +519,8 @@ def check_pretrain_stage(config, key: str, files: bool = True) -> None:
             "think_uncond"):
     _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
   block = _get(config, key)
+  if not isinstance(block.out, str) or not block.out and key == "pretrain":
+    _fail(f"{key}.out", block.out, "must be a folder path")
   resumes = not files or block.resume and (pathlib.Path(block.out) / "state").is_dir()
   if block.init_from and not resumes:
     _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")

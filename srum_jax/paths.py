@@ -86,9 +86,14 @@ def write_bytes(p: PathLike, data: bytes) -> None:
   if os.path.isdir(p):  # never a rename onto a folder (its error would name the temporary file)
     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
   tmp = f"{p}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, p)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, p)
+  except BaseException:  # a full disk, a signal: no torn temporary file left behind either
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def local_cache_dir(p: PathLike) -> str:

@@ -51,7 +51,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds builder)
-from srum_jax.errors import UserFileNotFoundError, UserValueError
+from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
            "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
@@ -77,7 +77,10 @@ def prompt_source(**values):
   unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
     raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
-  return ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
+  block = ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
+  if block.limit is None:  # a typed empty value: `--config.<block>.limit=10` can set it
+    block.limit = ml_collections.config_dict.placeholder(int)
+  return block
 
 
 def _type_problem(name: str, value: Any) -> Optional[str]:
@@ -331,7 +334,12 @@ def load_prompts(source_cfg, key: str = "prompt source") -> PromptList:
   loaders = dict(zip(PROMPT_SOURCES, (_load_file, _load_tfds, _load_python)))
   if source not in loaders:
     raise UserValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
-  col = loaders[source](cfg)
+  try:
+    col = loaders[source](cfg)
+  except UserError as e:
+    if key == "prompt source":
+      raise
+    raise type(e)(f"config key {key}: {e}") from None
   items, report = col.items, col.report
   categories = cfg["categories"]
   if categories:
