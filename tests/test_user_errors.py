@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import resource
 import signal
 import subprocess
 import sys
@@ -352,11 +351,8 @@ def test_pipes_full_disks_and_signals_end_in_one_line_or_75(tiny_model_dir, tmp_
   w = tmp_path / "w"
   gen = ["generate", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={w}"]
 
-  def limit_files():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1200, 1200))  # writes past 1200 bytes fail: EFBIG
-
-  full = subprocess.run([sys.executable, "-m", "srum_jax", *gen], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, preexec_fn=limit_files)
+  full = subprocess.run(["bash", "-c", 'ulimit -f 1 && exec "$0" "$@"', sys.executable, "-m", "srum_jax", *gen],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # writes past 1 KiB fail: EFBIG
   lines = [ln for ln in full.stderr.splitlines() if ln.startswith("error: ")]
   assert full.returncode == 2 and "Traceback" not in full.stderr and len(lines) == 1, full.stderr[-3000:]
   assert "File too large" in lines[0] and "run the same command again" in lines[0]
@@ -366,8 +362,8 @@ def test_pipes_full_disks_and_signals_end_in_one_line_or_75(tiny_model_dir, tmp_
   ids = [r["id"] for r in logs.JsonlLog(str(w / "generate" / "metadata.jsonl")).rows()]
   assert len(ids) == len(set(ids)) == 5 and all(r for r in layout.read_metadata(str(w / "generate")))
   records = tmp_path / "rewards.jsonl"
-  records.write_text("".join(json.dumps({"image_file": f"w/generate/{r['image_file']}", "prompt": r["prompt"],
-                                         "global_score": 0.5, "regions": []}) + "\n"
+  records.write_text("".join(json.dumps({"schema_version": 1, "image_file": f"w/generate/{r['image_file']}",
+                                         "prompt": r["prompt"], "global_score": 0.5, "regions": []}) + "\n"
                              for r in layout.read_metadata(str(w / "generate"))))
   train = ["train", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={w}",
            f"--config.train.records={records}", "--config.train.steps=12", "--config.train.sample_every=0",
