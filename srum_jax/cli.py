@@ -60,17 +60,20 @@ def show_config(config, flags) -> int:
 
 
 def sweep(config, flags) -> int:
-  """Each point runs `sweep_command` with this command's own --config.* overrides, the point's values and
-  its own workdir under `config.workdir`. Every point is parsed and validated before the first one runs (a
-  dry run checks the values only: the files a point names may live on the machine that runs it)."""
+  """Each point runs `sweep_command` with this command's own --config.* overrides, the point's
+  values and its own workdir under `config.workdir`. Every point is parsed and validated before the
+  first one runs (a dry run checks the values only: the files a point names may live on the machine
+  that runs it)."""
   if flags.sweep_command not in CONFIG_COMMANDS or flags.sweep_command in ("sweep", "show-config"):
-    raise errors.UserValueError(f"--sweep_command={flags.sweep_command!r} is not a stage; choose one of "
-                                f"{', '.join(sorted(set(CONFIG_COMMANDS) - {'sweep', 'show-config'}))}")
+    stages = ", ".join(sorted(set(CONFIG_COMMANDS) - {"sweep", "show-config"}))
+    raise errors.UserValueError(f"--sweep_command={flags.sweep_command!r} is not a stage; "
+                                f"choose one of {stages}")
   spec = flags.config_spec
   overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
   try:
-    cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=list(flags.sweep_extra or []),
-                                       workdir=config.workdir, overrides=overrides)
+    cmds = config_utils.sweep_commands(spec, flags.sweep_command,
+                                       extra=list(flags.sweep_extra or []), workdir=config.workdir,
+                                       overrides=overrides)
   except config_utils.ConfigFileError as e:
     raise errors.UserValueError(str(e)) from None
   for i, argv in enumerate(cmds):
@@ -78,7 +81,8 @@ def sweep(config, flags) -> int:
       point, _ = _parse(flags.sweep_command, ["srum_jax"] + argv[4:])
       config_validation.validate(point, flags.sweep_command, files=not flags.dry_run)
     except (CommandLineError, errors.UserError) as e:
-      raise errors.UserValueError(f"sweep point {i + 1}/{len(cmds)} ({config_utils.shell_line(argv[4:])}): "
+      shown = config_utils.shell_line(argv[4:])
+      raise errors.UserValueError(f"sweep point {i + 1}/{len(cmds)} ({shown}): "
                                   f"{errors.one_line(e)}") from None
   for i, argv in enumerate(cmds):
     line = config_utils.shell_line(argv)
@@ -113,13 +117,15 @@ def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
 
 
 def _parse(name: str, argv: List[str]):
-  """(config, parsed flags) of a config command's argv (argv[0]: the program); the config file is checked
-  first (it imports, `get_config` returns a ConfigDict), then the overrides apply. Raises
+  """(config, parsed flags) of a config command's argv (argv[0]: the program); the config file is
+  checked first (it imports, `get_config` returns a ConfigDict), then the overrides apply. Raises
   `CommandLineError`."""
   for a in argv[1:]:
     key, eq, _ = a.partition("=")
-    if key in ("--config", "-config") and not eq or key.startswith("--config.") and (not eq or key.endswith(".")):
-      raise CommandLineError(f"flag {a!r}: expected --config=<file>[:arg] or --config.<key>=<value>")
+    bare = key in ("--config", "-config") and not eq
+    if bare or key.startswith("--config.") and (not eq or key.endswith(".")):
+      raise CommandLineError(f"flag {a!r}: expected --config=<file>[:arg] or "
+                             f"--config.<key>=<value>")
   spec = _config_spec(argv)
   if spec:
     path = spec.partition(":")[0]
@@ -144,7 +150,7 @@ def _parse(name: str, argv: List[str]):
     if spec and isinstance(e, flags.IllegalFlagValueError):
       raise CommandLineError(_override_error(spec, argv, e)) from None
     raise CommandLineError(errors.one_line(e), usage=True) from None
-  except Exception as e:  # an override the config's field cannot take (KeyError, TypeError, ValueError, ...)
+  except Exception as e:  # an override the config's field cannot take (KeyError, TypeError, ...)
     raise CommandLineError(_override_error(spec, argv, e) if spec else errors.one_line(e)) from None
   if config is None:
     raise CommandLineError(f"{name} needs --config=experiments/<name>.py", usage=True)
@@ -169,7 +175,8 @@ def _run_config_command(name: str, argv: List[str]) -> int:
 
 
 def _user_errors(fn, *args) -> int:
-  """`fn(*args)`, a user's error (`UserError`, an `OSError` the user fixes) printed as one line: exit 2."""
+  """`fn(*args)`; a user's error (`UserError`, an `OSError` the user fixes) is printed as one line:
+  exit code 2."""
   try:
     return fn(*args)
   except errors.UserError as e:
@@ -183,11 +190,13 @@ def _user_errors(fn, *args) -> int:
 
 
 def main(argv: List[str] | None = None) -> int:
-  """The CLI. A closed standard output (`show-config | head`) ends the command quietly, exit code 2."""
+  """The CLI. A closed standard output (`show-config | head`) ends the command quietly, exit code
+  2."""
   try:
     return _main(list(sys.argv if argv is None else argv))
   except BrokenPipeError:
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to the closed pipe at exit
+    # nothing more goes to the closed pipe, not even at exit
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 2
 
 

@@ -24,8 +24,9 @@ def split_config_spec(spec: str) -> Tuple[str, Optional[str]]:
 
 
 class ConfigFileError(ValueError):
-  """A config file that cannot be used: it does not import, or its `get_config` / `get_sweep` is missing,
-  raises or returns the wrong type. The message is one line naming the file and the error."""
+  """A config file that cannot be used: it does not import, or its `get_config` / `get_sweep` is
+  missing, raises or returns the wrong type. The message is one line naming the file and the error.
+  """
 
 
 def _describe(e: BaseException) -> str:
@@ -37,8 +38,8 @@ def _describe(e: BaseException) -> str:
 
 
 def load_config_module(path: str):
-  """The config file as a module; a file that is missing, does not import, or defines no `get_config` raises
-  (`FileNotFoundError`, `ConfigFileError`)."""
+  """The config file as a module; a file that is missing, does not import, or defines no
+  `get_config` raises (`FileNotFoundError`, `ConfigFileError`)."""
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"config file not found: {path}")
@@ -127,15 +128,17 @@ class _nullcontext:
 
 
 def get_sweep(spec: str) -> List[Dict[str, Any]]:
-  """The points of the config file's `get_sweep(arg)`: a non-empty list of {dotted key: value}, every key one
-  the config has and every value one its field takes (else a `ConfigFileError` naming the point)."""
+  """The points of the config file's `get_sweep(arg)`: a non-empty list of {dotted key: value},
+  every key one the config has and every value one its field takes (else a `ConfigFileError` naming
+  the point)."""
   path, arg = split_config_spec(spec)
   module = load_config_module(path)
   if not callable(getattr(module, "get_sweep", None)):
-    raise ConfigFileError(f"config file {path} defines no get_sweep(arg=None): there is nothing to sweep "
-                          f"(run the command itself instead)")
+    raise ConfigFileError(f"config file {path} defines no get_sweep(arg=None): there is nothing to "
+                          f"sweep (run the command itself instead)")
   points = _call(module, "get_sweep", path, arg)
-  if not isinstance(points, (list, tuple)) or not points or not all(isinstance(p, dict) for p in points):
+  if (not isinstance(points, (list, tuple)) or not points
+          or not all(isinstance(p, dict) for p in points)):
     raise ConfigFileError(f"config file {path}: get_sweep must return a non-empty list of dicts "
                           f"{{dotted key: value}}, not {type(points).__name__} {str(points)[:80]}")
   base = config_from_module(module, path, arg)
@@ -146,7 +149,8 @@ def get_sweep(spec: str) -> List[Dict[str, Any]]:
           raise KeyError(f"key {key!r} is not a dotted string")
         set_dotted(base.copy_and_resolve_references(), key, value)
       except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ConfigFileError(f"config file {path}: sweep point {i + 1} {point}: {_describe(e)}") from None
+        raise ConfigFileError(f"config file {path}: sweep point {i + 1} {point}: "
+                              f"{_describe(e)}") from None
   return points
 
 

@@ -217,8 +217,8 @@ def check_converted_dir(path: str, key: str) -> Geometry:
 
 
 def check_official_dir(config, path: str, key: str) -> Geometry:
-  """An official checkpoint dir: its files readable and whole (`hf_to_flax.check_official_files`: headers,
-  the json files; a damaged file is named), and a tokenizer this code reads."""
+  """An official checkpoint dir: its files readable and whole (`hf_to_flax.check_official_files`:
+  headers, the json files; a damaged file is named), and a tokenizer this code reads."""
   p = _existing_dir(key, path, "official checkpoint")
   try:
     hf_to_flax.check_official_files(str(p))
@@ -393,17 +393,18 @@ def check_train_inputs(config) -> None:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
       why = "is a folder, not a file" if paths.path(records).exists() else "does not exist"
-      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} {why}: "
-                                  f"run generate, propose and score first, or set train.records")
+      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's "
+                                  f"{records} {why}: run generate, propose and score first, or set "
+                                  f"train.records")
   if config.train.images_root:
     _existing_dir("train.images_root", config.train.images_root, "images folder")
 
 
 def check_prompts(config, key: str, files: bool = True) -> None:
-  """A prompt source's keys (a partial block takes the defaults of the keys it lacks); a file source is read
-  now (existence, UTF-8, JSON, at least one prompt) unless `files` is False. A path under another source is
-  an error (an override would be ignored); a leftover `function` under source=file is not (switching a
-  python source to a file keeps the config file's function)."""
+  """A prompt source's keys (a partial block takes the defaults of the keys it lacks); a file source
+  is read now (existence, UTF-8, JSON, at least one prompt) unless `files` is False. A path under
+  another source is an error (an override would be ignored); a leftover `function` under source=file
+  is not (switching a python source to a file keeps the config file's function)."""
   src = prompts_lib.normalise(_get(config, key), key)
   given = _get(config, key)
   source = src["source"]
@@ -537,9 +538,10 @@ def _eval_metrics(config) -> None:
 
 
 def validate(config, command: str, files: bool = True) -> None:
-  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
-  stage blocks; show-config and sweep are not checked (`sweep` checks each of its points). `files` False:
-  the values only, not the files and folders they name (a sweep's dry run)."""
+  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain`
+  checks its stage blocks; show-config and sweep are not checked (`sweep` checks each of its
+  points). `files` False: the values only, not the files and folders they name (a sweep's dry run).
+  """
   _bool(config, "discard_stale")
   if command == "pretrain":
     key = "pretrain"

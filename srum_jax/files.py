@@ -60,8 +60,8 @@ def load_rgb(path) -> Tuple[Optional[np.ndarray], Optional[str]]:
 
 
 def image_problem(path) -> Optional[str]:
-  """None when `path` is an image file that reads whole, else why not ('missing', 'corrupt (...)'): PIL's
-  `verify` (PNG: every chunk's checksum, no decoding: about a millisecond for a 2 MB file)."""
+  """None when `path` is an image file that reads whole, else why not ('missing', 'corrupt (...)'):
+  PIL's `verify` (PNG: every chunk's checksum, no decoding: about a millisecond for a 2 MB file)."""
   try:
     with Image.open(paths.readable(path)) as im:
       im.verify()

@@ -73,16 +73,16 @@ def readable(p: PathLike):
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
-  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file under the
-  final name); remotely one object write (objects are all-or-nothing). Parent folders are made; a folder at
-  `p`, or a file where a parent folder belongs, raises the `OSError` naming it."""
+  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file
+  under the final name); remotely one object write (objects are all-or-nothing). Parent folders are
+  made; a folder at `p`, or a file where a parent folder belongs, raises the `OSError` naming it."""
   if is_remote(p):
     q = path(p)
     q.parent.mkdir(parents=True, exist_ok=True)
     q.write_bytes(data)
     return
   p = os.fspath(p)
-  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)  # a file in the way: FileExistsError
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)  # a file in the way: raises
   if os.path.isdir(p):  # never a rename onto a folder (its error would name the temporary file)
     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
   tmp = f"{p}.tmp{os.getpid()}"

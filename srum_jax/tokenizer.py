@@ -82,8 +82,8 @@ def load_tokenizer(model_dir) -> Tokenizer:
     hf = PreTrainedTokenizerFast(tokenizer_file=paths.local_copy(str(path)))
   except Exception as e:  # the tokenizers library's own errors: a JSON file that is not a tokenizer
     text = " ".join(str(e).split())
-    raise UserValueError(f"tokenizer file {path} is not a tokenizer this code reads ({type(e).__name__}: "
-                         f"{text})") from None
+    raise UserValueError(f"tokenizer file {path} is not a tokenizer this code reads "
+                         f"({type(e).__name__}: {text})") from None
   return from_hf(hf)
 
 

@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     check_destination(args.src, args.dst, "export")
     cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name)
-  except (ValueError, FileNotFoundError) as e:  # the user's files or flags: one message, exit code 2
+  except (ValueError, FileNotFoundError) as e:  # the user's files or flags: exit code 2
     print(f"export: error: {e}", file=sys.stderr)
     return 2
   print(f"exported {args.src} -> {args.dst} ({args.weights_name}, {AE_FILE}, {LLM_JSON}"

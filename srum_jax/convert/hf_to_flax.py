@@ -65,12 +65,13 @@ DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float
 
 
 class CheckpointMismatchError(UserValueError):
-  """The official files do not match the layout the configuration implies (its first line says what; the
-  lines after it list every problem)."""
+  """The official files do not match the layout the configuration implies (its first line says what;
+  the lines after it list every problem)."""
 
 
 class DamagedFileError(CheckpointMismatchError):
-  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>: <why>'."""
+  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>:
+  <why>'."""
 
 
 class NonFiniteWeightsError(UserValueError):
@@ -128,16 +129,18 @@ def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List
 
 
 def _raise_damaged(path: str, problems: Sequence[str]) -> None:
-  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its name)."""
+  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its
+  name)."""
   if problems:
     text = "\n".join(problems)
     raise DamagedFileError(f"file damaged: {path}: {text[len(os.path.basename(path)) + 2:]}")
 
 
 def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
-  """What a conversion needs, checked without reading a tensor: the weights and AE files with readable
-  headers whose byte ranges fit the files (else `DamagedFileError`), a JSON `llm_config.json`, and a
-  `vit_config.json` when the weights hold a ViT (`CheckpointMismatchError` / `UserFileNotFoundError`)."""
+  """What a conversion needs, checked without reading a tensor: the weights and AE files with
+  readable headers whose byte ranges fit the files (else `DamagedFileError`), a JSON
+  `llm_config.json`, and a `vit_config.json` when the weights hold a ViT (`CheckpointMismatchError`
+  / `UserFileNotFoundError`)."""
   names = {"bagel": _weights_file(src_dir, weights), "ae": AE_FILE}
   for n in names.values():
     if not os.path.isfile(os.path.join(src_dir, n)):
@@ -150,17 +153,17 @@ def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
   _raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
   vit = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   if any(k.startswith(("vit_model.", "connector.")) for k in header) and not isinstance(vit, dict):
-    raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* keys but "
-                                  f"there is no {VIT_JSON} (a JSON object)")
+    raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* "
+                                  f"keys but there is no {VIT_JSON} (a JSON object)")
 
 
 def check_destination(src: str, dst: str, command: str) -> None:
-  """`--dst` is neither `--src` (nor a folder holding it, nor inside it) nor an existing file: refused before
-  anything is written."""
+  """`--dst` is neither `--src` (nor a folder holding it, nor inside it) nor an existing file:
+  refused before anything is written."""
   a, b = os.path.realpath(src), os.path.realpath(dst)
   if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
-    raise UserValueError(f"--dst {dst} is --src {src}, holds it or lies in it: write the {command} result "
-                         f"to a folder of its own")
+    raise UserValueError(f"--dst {dst} is --src {src}, holds it or lies in it: write the {command} "
+                         f"result to a folder of its own")
   if os.path.exists(dst) and not os.path.isdir(dst):
     raise UserValueError(f"--dst {dst} is a file: name a folder (it is made when absent)")
 

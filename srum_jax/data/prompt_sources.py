@@ -90,7 +90,8 @@ def _type_problem(name: str, value: Any) -> Optional[str]:
     ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
     return None if ok else "must be an integer (or None)"
   if name == "kwargs":
-    return None if isinstance(value, Mapping) or hasattr(value, "to_dict") else "must be a dict of arguments"
+    ok = isinstance(value, Mapping) or hasattr(value, "to_dict")
+    return None if ok else "must be a dict of arguments"
   if name == "categories":
     ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
     return None if ok else "must be a list of category names"
@@ -100,9 +101,10 @@ def _type_problem(name: str, value: Any) -> Optional[str]:
 
 
 def normalise(source_cfg, key: str = "prompt source") -> dict:
-  """Any accepted form of a source config -> a dict with every key of PROMPT_SOURCE_DEFAULTS: a dict or
-  ConfigDict giving any subset of the keys (the others take their defaults), or a bare path string (a file
-  source). An unknown key, a value of the wrong type or anything else is a `UserValueError` naming `key`."""
+  """Any accepted form of a source config -> a dict with every key of PROMPT_SOURCE_DEFAULTS: a dict
+  or ConfigDict giving any subset of the keys (the others take their defaults), or a bare path
+  string (a file source). An unknown key, a value of the wrong type or anything else is a
+  `UserValueError` naming `key`."""
   if isinstance(source_cfg, (str, os.PathLike)):
     given = {"source": "file", "path": os.fspath(source_cfg)}
   elif isinstance(source_cfg, Mapping) or hasattr(source_cfg, "to_dict"):
@@ -283,13 +285,14 @@ def _load_file(cfg: dict) -> _Collector:
 
 
 def _load_python(cfg: dict) -> _Collector:
-  """The entries of `function(**kwargs)`; a function that cannot be found or that raises (a bad argument) is
-  a `UserValueError` naming it and its arguments (user code: any exception)."""
+  """The entries of `function(**kwargs)`; a function that cannot be found or that raises (a bad
+  argument) is a `UserValueError` naming it and its arguments (user code: any exception)."""
   spec = cfg["function"]
   module_name, sep, fn_name = spec.partition(":")
   if not sep or not module_name or not fn_name:
     raise UserValueError(f"python prompt source must be 'module.path:function', got {spec!r}")
-  kwargs = dict(cfg["kwargs"].to_dict() if hasattr(cfg["kwargs"], "to_dict") else cfg["kwargs"] or {})
+  given = cfg["kwargs"]
+  kwargs = dict(given.to_dict() if hasattr(given, "to_dict") else given or {})
   col = _Collector(spec, cfg["category"] or "uncategorized")
   try:
     fn = getattr(importlib.import_module(module_name), fn_name)
@@ -297,7 +300,8 @@ def _load_python(cfg: dict) -> _Collector:
       col.add_entry(index, entry)
   except Exception as e:
     text = " ".join(str(e).split())
-    raise UserValueError(f"python prompt source {spec}(**{kwargs}) failed: {type(e).__name__}: {text}") from None
+    raise UserValueError(f"python prompt source {spec}(**{kwargs}) failed: {type(e).__name__}: "
+                         f"{text}") from None
   return col
 
 
@@ -327,8 +331,8 @@ def _load_tfds(cfg: dict) -> _Collector:
 
 
 def load_prompts(source_cfg, key: str = "prompt source") -> PromptList:
-  """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`; `key`:
-  the config key named by errors."""
+  """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`;
+  `key`: the config key named by errors."""
   cfg = normalise(source_cfg, key)
   source = cfg["source"]
   loaders = dict(zip(PROMPT_SOURCES, (_load_file, _load_tfds, _load_python)))

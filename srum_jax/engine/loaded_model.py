@@ -4,8 +4,9 @@
     rows_mesh = batch_rows_mesh(model, rows)                           # split rows over the batch axes, or not
 
 `resolve_model_dir` turns an official checkpoint (`model.official_dir`) into a converted model dir once (its
-files' identity is stamped beside the result, so a changed checkpoint converts again). `identity_of` names a
-model without loading it (the stages' outputs record it: `workdir.fingerprints`).
+files' identity is stamped beside the result, so a changed checkpoint converts again).
+`identity_of` names a model without loading it (the stages' outputs record it:
+`workdir.fingerprints`).
 """
 from __future__ import annotations
 
@@ -70,20 +71,21 @@ def check_model_dir(path: str) -> None:
       raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
 
 
-IDENTITY_FILE = "identity.json"  # what a model dir made here (a conversion, a training) is, by what made it
+IDENTITY_FILE = "identity.json"  # a model dir made here (conversion, training): what made it
 
 
 def official_identity(official_dir: str, param_dtype: str) -> str:
-  """The identity of the model an official checkpoint converts into: its files' `dir_identity` and the
-  parameter dtype of the conversion (known before converting)."""
-  return fingerprints.digest({"official": dir_identity(official_dir), "param_dtype": str(param_dtype)})
+  """The identity of the model an official checkpoint converts into: its files' `dir_identity` and
+  the parameter dtype of the conversion (known before converting)."""
+  return fingerprints.digest({"official": dir_identity(official_dir),
+                              "param_dtype": str(param_dtype)})
 
 
 def model_identity(model_dir: str) -> str:
-  """The identity of a converted model dir: the one recorded in it by what made it (`IDENTITY_FILE`: a
-  conversion's `official_identity`, a training's fingerprint, stable when the same training rewrites it),
-  else its files' recursive `dir_identity` (names, sizes, modification times: a model written again is
-  another model)."""
+  """The identity of a converted model dir: the one recorded in it by what made it (`IDENTITY_FILE`:
+  a conversion's `official_identity`, a training's fingerprint, stable when the same training
+  rewrites it), else its files' recursive `dir_identity` (names, sizes, modification times: a model
+  written again is another model)."""
   rec = files.read_json_if_present(paths.join(model_dir, IDENTITY_FILE), "model identity")
   if isinstance(rec, dict) and isinstance(rec.get("identity"), str):
     return rec["identity"]
@@ -91,7 +93,7 @@ def model_identity(model_dir: str) -> str:
 
 
 def is_official_dir(path: str) -> bool:
-  """Whether `path` is an official checkpoint (safetensors + json) rather than a converted model dir."""
+  """Whether `path` is an official checkpoint (safetensors + json), not a converted model dir."""
   p = paths.path(path)
   return p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
 
@@ -127,7 +129,11 @@ def resolve_model_dir(config) -> str:
   stamp = dst / "converted_from.json"
   want = {"official_dir": official if paths.is_remote(official) else str(pathlib.Path(official).resolve()),
           "identity": dir_identity(official), "param_dtype": str(config.model.param_dtype)}
-  if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+  try:
+    stamped = files.read_json_if_present(str(stamp), "conversion stamp")
+  except UserValueError:  # a damaged stamp: convert again
+    stamped = None
+  if jax.process_index() == 0 and stamped != want:
     if dst.exists():
       paths.rmtree(dst)
     hf_to_flax.convert(paths.local_copy_dir(official), str(dst), dtype=config.model.param_dtype)
@@ -188,9 +194,9 @@ def pad_rows(items: Sequence, multiple: int) -> List:
 
 
 def save_model(path: str, model: Model, params, identity: Optional[str] = None) -> Model:
-  """`write_model_dir` (with `identity` recorded: what made it, e.g. the training's fingerprint), then the
-  written model loaded like `model` (same mesh, rules and dtype): trained parameters live on the training
-  mesh, which spans every host, while inference runs on each host's own."""
+  """`write_model_dir` (with `identity` recorded: what made it, e.g. the training's fingerprint),
+  then the written model loaded like `model` (same mesh, rules and dtype): trained parameters live
+  on the training mesh, which spans every host, while inference runs on each host's own."""
   checkpoint.write_model_dir(path, model.cfg, params, model.path)
   if identity is not None:
     write_identity(path, identity)

@@ -5,9 +5,10 @@ Standalone stages read and write under `config.workdir`: generate/ (images + met
 A wrong config key fails in the flag parser; bad values, missing files and folders fail in
 `config_validation.validate` (called by the CLI), before any work; a stage left with no prompts is an error.
 Every stage holds the workdir's lock (`locking.WorkdirLock`) while it runs: a second command on the same
-workdir exits with code 2 and one line naming the holder. Before any work each stage claims its outputs
-(`provenance`): outputs another configuration made stop it with exit code 2, unless `discard_stale`. A
-training stopped by a signal exits with code 75 (its state is saved: the same command resumes).
+workdir exits with code 2 and one line naming the holder. Before any work each stage claims its
+outputs (`provenance`): outputs another configuration made stop it with exit code 2, unless
+`discard_stale`. A training stopped by a signal exits with code 75 (its state is saved: the same
+command resumes).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def locked(stage):
   """Run the stage under the workdir's lock (`locking.run_locked`)."""
   @functools.wraps(stage)
   def wrapper(config, flags) -> int:
-    return locking.run_locked(config.workdir, stage.__name__.replace("_main", ""), lambda: stage(config, flags))
+    command = stage.__name__.replace("_main", "")
+    return locking.run_locked(config.workdir, command, lambda: stage(config, flags))
   return wrapper
 
 
@@ -49,8 +51,8 @@ def generate_main(config, flags) -> int:
   require_prompts(items, "prompts.train")
   out = _dirs(config)["generate"]
   provenance.claim(config, [provenance.generate_unit(
-      config, out, block="generate", model=loaded_model.identity_of(config), seed=config.seed, items=items,
-      what="generate")])
+      config, out, block="generate", model=loaded_model.identity_of(config), seed=config.seed,
+      items=items, what="generate")])
   model = _model(config)
   rep = generate.generate(config.generate, model, items, out, seed=config.seed,
                           compute_dtype=config.model.compute_dtype, attn_impl=loaded_model.attn_impl(config))
@@ -60,8 +62,8 @@ def generate_main(config, flags) -> int:
 @locked
 def propose_main(config, flags) -> int:
   d = _dirs(config)
-  provenance.claim(config, [provenance.propose_unit(config, d["propose"],
-                                                    fingerprints.fingerprint_of(d["generate"], "metadata"))])
+  generated = fingerprints.fingerprint_of(d["generate"], "metadata")
+  provenance.claim(config, [provenance.propose_unit(config, d["propose"], generated)])
   propose.propose(config.propose, d["generate"], d["propose"])
   return 0
 
@@ -84,7 +86,8 @@ def check_train_devices(config) -> None:
   try:
     train.batch_layout(config, train.train_mesh(config))
   except ValueError as e:
-    raise UserValueError(f"config key {errors.one_line(e)} ({jax.device_count()} devices)") from None
+    raise UserValueError(f"config key {errors.one_line(e)} ({jax.device_count()} "
+                         f"devices)") from None
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
@@ -98,9 +101,10 @@ def _preempted(what: str, detail: str) -> int:
 
 @locked
 def train_main(config, flags) -> int:
-  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
-  `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
-  records' folder); writes `<workdir>/train`. Exit code 75 when a signal stopped it (rerun to resume)."""
+  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`),
+  images from `train.images_root` (default: the generate stage's folder when the records are the
+  score stage's, else the records' folder); writes `<workdir>/train`. Exit code 75 when a signal
+  stopped it (rerun to resume)."""
   d = _dirs(config)
   if config.train.records:
     records = config.train.records
@@ -115,8 +119,8 @@ def train_main(config, flags) -> int:
   if config.train.images_root:
     inputs["images_root"] = config.train.images_root
   check_train_devices(config)
-  unit = provenance.train_unit(config, d["train"], model=loaded_model.identity_of(config), records=inputs,
-                               objective=config.train.objective)
+  unit = provenance.train_unit(config, d["train"], model=loaded_model.identity_of(config),
+                               records=inputs, objective=config.train.objective)
   provenance.claim(config, [unit])
   model_dir = loaded_model.resolve_model_dir(config)
   loaded_model.check_model_dir(model_dir)
@@ -145,8 +149,8 @@ def _eval_model(config, out_dir: str) -> loaded_model.Model:
 @locked
 def eval_main(config, flags) -> int:
   """Generate for the prompt set and score (`eval.metrics`), or score `eval.images_dir`; results in
-  `<workdir>/eval/<eval.name>` (pipeline/evaluate.py), keyed by the evaluated model's identity as well as
-  the name (another model under the same name stops with exit code 2)."""
+  `<workdir>/eval/<eval.name>` (pipeline/evaluate.py), keyed by the evaluated model's identity as
+  well as the name (another model under the same name stops with exit code 2)."""
   ecfg = config.eval
   metrics = evaluate.parse_metrics(ecfg.metrics)
   items = evaluate.eval_items(config)
@@ -154,7 +158,8 @@ def eval_main(config, flags) -> int:
   out = paths.join(_dirs(config)["eval"], ecfg.name)
   needs_umm = not ecfg.images_dir or "judge" in metrics and ecfg.judge == "self"
   identity = loaded_model.identity_of(config, ecfg.model_dir) if needs_umm else None
-  provenance.claim(config, provenance.eval_units(config, out, model=identity, items=items, name=ecfg.name))
+  provenance.claim(config, provenance.eval_units(config, out, model=identity, items=items,
+                                                 name=ecfg.name))
   if ecfg.images_dir:
     evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
                              ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,

@@ -184,12 +184,14 @@ def _load_images(chunk: Sequence[dict]):
 
 
 def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
-  """{id: its last good row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
-  only ever scored by one process; rows of the wrong types are skipped and counted)."""
+  """{id: its last good row} of the ids in `wanted`, over every process's `<stem>` log in
+  `directory` (an id is only ever scored by one process; rows of the wrong types are skipped and
+  counted)."""
   rep = logs.LogReport()
   out = {r["id"]: r for r in layout.read_metric(directory, stem, rep) if r["id"] in wanted}
   if rep.skipped:
-    print(f"[eval] {stem} logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})", flush=True)
+    print(f"[eval] {stem} logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})",
+          flush=True)
   return out
 
 
@@ -305,10 +307,12 @@ def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, imag
   metrics = parse_metrics(ecfg.metrics)
   rows, rep = image_folders.collect(images_dir, items)  # before any model loads
   progress.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
-                        unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
+                        unmatched_files=len(rep.unmatched_files),
+                        prompts_without_image=rep.prompts_without_image)
   if not rows:
-    raise UserValueError(f"config key eval.images_dir: no image in {images_dir} matches a prompt ({rep.files} "
-                         f"files; see srum_jax/evaluation/image_folders.py for the accepted names)")
+    raise UserValueError(f"config key eval.images_dir: no image in {images_dir} matches a prompt "
+                         f"({rep.files} files; see srum_jax/evaluation/image_folders.py for the "
+                         f"accepted names)")
   judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)

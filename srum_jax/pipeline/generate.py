@@ -62,9 +62,9 @@ def prompt_token_cap(gcfg, model: loaded_model.Model) -> int:
 
 
 def done_items(out_dir: str, rows: Sequence[dict]) -> set:
-  """The ids of `rows` (logged images) whose PNG is there and readable (`files.image_problem`); an image
-  whose file went missing or was damaged is made again. One listing of the images folder (local files are
-  also checked, cheaply: PNG chunk checksums, no decoding)."""
+  """The ids of `rows` (logged images) whose PNG is there and readable (`files.image_problem`); an
+  image whose file went missing or was damaged is made again. One listing of the images folder
+  (local files are also checked, cheaply: PNG chunk checksums, no decoding)."""
   present = layout.present_files(paths.join(out_dir, "images"))
   if present is None:
     return set()

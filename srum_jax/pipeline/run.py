@@ -4,9 +4,9 @@
     -> eval of the post-trained model; optionally the SFT control: the same self-generated images trained
     with R == 1 and lambda = 0 from the same starting model, then evaluated.
 
-Every stage is resumable, so a restarted `run` continues where it stopped. Every output it will write is
-known before any work (`plan`): outputs another configuration made stop the run with exit code 2, unless
-`discard_stale`. The report folder holds
+Every stage is resumable, so a restarted `run` continues where it stopped. Every output it will
+write is known before any work (`plan`): outputs another configuration made stop the run with exit
+code 2, unless `discard_stale`. The report folder holds
 report.json / report.md (per-category before/after, SFT, where the outputs are), grids of the same
 prompts and seeds before/after, reward-map overlays on the scored candidates, and the loss curves.
 """
@@ -135,6 +135,9 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
       before = json.loads(path.read_text())
     except ValueError:
       before = {}
+  if not isinstance(before, dict):  # a damaged file counts from zero again
+    before = {}
+  before = {k: v for k, v in before.items() if isinstance(v, int) and not isinstance(v, bool)}
   total = {k: v if k == "images" or k.startswith("skipped") else int(before.get(k, 0) or 0) + v
            for k, v in current.items()}
   total["invocations"] = int(before.get("invocations", 0) or 0) + 1
@@ -144,19 +147,20 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
 
 
 def plan(config, base_identity: str, train_items, val_items) -> Dict[str, object]:
-  """Every output unit of the run (`provenance`), known before any work: {"units": [...], "rounds": [each
-  round's units], "final": the final eval's name, "sft_train": the SFT control's training unit or None}."""
+  """Every output unit of the run (`provenance`), known before any work: {"units": [...], "rounds":
+  [each round's units], "final": the final eval's name, "sft_train": the SFT control's training unit
+  or None}."""
   work = str(config.workdir)
   rounds, units, current = [], [], base_identity
 
   def evals(name: str, model: str) -> None:
-    units.extend(provenance.eval_units(config, paths.join(work, "eval", name), model=model, items=val_items,
-                                       name=name))
+    units.extend(provenance.eval_units(config, paths.join(work, "eval", name), model=model,
+                                       items=val_items, name=name))
 
   evals("base", base_identity)
   for r in range(int(config.run.rounds)):
-    rd = provenance.round_units(config, paths.join(work, f"round_{r}"), model=current, seed=config.seed + r,
-                                items=train_items, label=f"round {r}")
+    rd = provenance.round_units(config, paths.join(work, f"round_{r}"), model=current,
+                                seed=config.seed + r, items=train_items, label=f"round {r}")
     rounds.append(rd)
     units.extend(rd.values())
     current = rd["train"].fingerprint
@@ -172,8 +176,8 @@ def plan(config, base_identity: str, train_items, val_items) -> Dict[str, object
   return {"units": units, "rounds": rounds, "final": final, "sft_train": sft}
 
 
-def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path, clock: StageClock,
-                 round_units: List[dict]):
+def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path,
+                 clock: StageClock, round_units: List[dict]):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, loaded_model.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
@@ -251,7 +255,7 @@ def run(config) -> dict:
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
   outputs = plan(config, loaded_model.identity_of(config), train_items, val_items)
-  provenance.claim(config, outputs["units"])  # before any work: outputs of another configuration stop here
+  provenance.claim(config, outputs["units"])  # before any work: another config's outputs stop here
   (work / "report").mkdir(parents=True, exist_ok=True)
   with clock("load"):
     model_dir = loaded_model.resolve_model_dir(config)

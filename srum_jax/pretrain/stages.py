@@ -355,17 +355,17 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command aga
 
 
 def main(config, flags) -> int:
-  """`python -m srum_jax pretrain --config=...`: the chain under the lock of its folder (`pretrain.out`), then
-  one line of figures per stage; exit code 75 when a signal stopped it (its state is saved: the same command
-  resumes)."""
+  """`python -m srum_jax pretrain --config=...`: the chain under the lock of its folder
+  (`pretrain.out`), then one line of figures per stage; exit code 75 when a signal stopped it (its
+  state is saved: the same command resumes)."""
   return locking.run_locked(str(config.pretrain.out), "pretrain", lambda: _main(config))
 
 
 def _main(config) -> int:
   summaries = pretrain_chain(config)
   if summaries and summaries[-1].get("preempted"):
-    print(f"[pretrain] preempted: stage {summaries[-1]['name']} stopped by a signal; its state is saved: run the "
-          f"same command again to resume (exit code {EXIT_PREEMPTED})", flush=True)
+    print(f"[pretrain] preempted: stage {summaries[-1]['name']} stopped by a signal; its state is "
+          f"saved: run the same command again to resume (exit code {EXIT_PREEMPTED})", flush=True)
     return EXIT_PREEMPTED
   for summary in summaries:
     ev = summary.get("eval")

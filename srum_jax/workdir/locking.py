@@ -46,11 +46,12 @@ def _alive(holder: Dict[str, Any]) -> bool:
 
 
 def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
-  """The lock file's holder, {} for an unreadable (torn or empty) file, None when there is no lock file; a
-  folder in its place raises `WorkdirBusy` saying so (nothing can lock the workdir while it is there)."""
+  """The lock file's holder, {} for an unreadable (torn or empty) file, None when there is no lock
+  file; a folder in its place raises `WorkdirBusy` saying so (nothing can lock the workdir while it
+  is there)."""
   if path.is_dir():
-    raise WorkdirBusy(f"{path} is a folder, not a lock file: remove it (no command can hold the workdir's "
-                      f"lock while it is there)")
+    raise WorkdirBusy(f"{path} is a folder, not a lock file: remove it (no command can hold the "
+                      f"workdir's lock while it is there)")
   try:
     data = path.read_bytes()
   except FileNotFoundError:
@@ -63,8 +64,8 @@ def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
 
 
 REMOTE_SETTLE_S = 2.0  # remote lock: seconds between writing the lock object and reading it back
-# An unreadable (empty, torn) lock file older than this was left by a process that died between creating it
-# and writing it (the two are microseconds apart): it is stale.
+# An unreadable (empty, torn) lock file older than this was left by a process that died between
+# creating it and writing it (the two are microseconds apart): it is stale.
 UNREADABLE_STALE_S = 60.0
 
 
@@ -133,9 +134,10 @@ class WorkdirLock:
 
   def _describe(self, holder: Dict[str, Any]) -> str:
     if not holder:
-      return (f"workdir {self.dir} is locked by an unreadable lock file {self.path} (being written right now, "
-              f"or left by a crash: it counts as stale {UNREADABLE_STALE_S:.0f} s after it was made); if no "
-              f"command runs on this workdir, delete {self.path}")
+      stale = f"{UNREADABLE_STALE_S:.0f} s"
+      return (f"workdir {self.dir} is locked by an unreadable lock file {self.path} (being written "
+              f"right now, or left by a crash: it counts as stale {stale} after it was made); if "
+              f"no command runs on this workdir, delete {self.path}")
     return (f"workdir {self.dir} is in use by {holder.get('command') or 'a command'} on host "
             f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}); wait for it to "
             f"finish, or, if that process is gone, delete {self.path}")
@@ -169,7 +171,8 @@ class WorkdirLock:
     """Replace the stale lock `stale`, holding the takeover file (itself taken over when its maker died)."""
     if not _create_exclusive(self.takeover, data):
       other = _read_holder(self.takeover)
-      if other is None or not self._stale(other, self.takeover) or not _create_exclusive_replacing(self.takeover, other, data):
+      if (other is None or not self._stale(other, self.takeover)
+              or not _create_exclusive_replacing(self.takeover, other, data)):
         return
     try:
       if _read_holder(self.path) == stale:  # nobody replaced it meanwhile
@@ -225,9 +228,9 @@ def workdir_lock(workdir: str, command: str = ""):
 
 
 def run_locked(workdir: str, command: str, fn: Callable[[], int]) -> int:
-  """`fn()` holding the workdir's lock (after jax.distributed is up: only process 0 takes it, and every
-  process of the run stops when it cannot); exit code 2 and one line naming the holder when another command
-  holds it."""
+  """`fn()` holding the workdir's lock (after jax.distributed is up: only process 0 takes it, and
+  every process of the run stops when it cannot); exit code 2 and one line naming the holder when
+  another command holds it."""
   distributed.maybe_initialize()
   lock, busy = workdir_lock(workdir, command), None
   try:

@@ -23,9 +23,10 @@ from srum_jax.errors import UserValueError
 
 @dataclasses.dataclass
 class LogReport:
-  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte character
-  by a crash mid-write), not a JSON object with a string `id`, missing a field the reader needs, holding a
-  field of the wrong type (`"correct": "false"`, a NaN score), or a second row of an id already read."""
+  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte
+  character by a crash mid-write), not a JSON object with a string `id`, missing a field the reader
+  needs, holding a field of the wrong type (`"correct": "false"`, a NaN score), or a second row of
+  an id already read."""
   rows: int = 0
   undecodable: int = 0
   malformed: int = 0
@@ -35,7 +36,8 @@ class LogReport:
 
   @property
   def skipped(self) -> int:
-    return self.undecodable + self.malformed + self.missing_field + self.wrong_type + self.duplicate_id
+    return (self.undecodable + self.malformed + self.missing_field + self.wrong_type
+            + self.duplicate_id)
 
   def add(self, other: "LogReport") -> None:
     for f in dataclasses.fields(self):
@@ -98,10 +100,10 @@ class JsonlLog:
     return b"".join(line + b"\n" for line in lines), parts
 
   def _check_not_folder(self) -> None:
-    """A folder where the log file belongs is a user error naming it (never read as an empty log)."""
+    """A folder where the log file belongs is a user error naming it (not an empty log)."""
     if not self.remote and self.path.is_dir():
-      raise UserValueError(f"{self.path} is a folder where a log file is expected: move it away, or use "
-                           f"another workdir")
+      raise UserValueError(f"{self.path} is a folder where a log file is expected: move it "
+                           f"away, or use another workdir")
 
   def read(self) -> Tuple[List[Dict[str, Any]], LogReport]:
     """(well-formed rows in file order, what was skipped)."""
@@ -260,13 +262,13 @@ def row_problem(row: Dict[str, Any], schema: Optional[Schema]) -> Optional[str]:
   return None
 
 
-def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None, report: Optional[LogReport] = None,
-              last: bool = False) -> List[Dict[str, Any]]:
-  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per id (the
-  first good row seen, files in name order; `last`: the last one, for logs that append a newer result of an
-  id), in the prompt set's order (`seq`, when every row has one) whatever the number of processes that wrote
-  them. Rows `schema` refuses (a required field missing, a field of the wrong type) are skipped; every skip is
-  counted in `report` (when given)."""
+def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
+              report: Optional[LogReport] = None, last: bool = False) -> List[Dict[str, Any]]:
+  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per
+  id (the first good row seen, files in name order; `last`: the last one, for logs that append a
+  newer result of an id), in the prompt set's order (`seq`, when every row has one) whatever the
+  number of processes that wrote them. Rows `schema` refuses (a required field missing, a field of
+  the wrong type) are skipped; every skip is counted in `report` (when given)."""
   by_id: Dict[str, Dict[str, Any]] = {}
   rep = LogReport()
   files = log_paths(directory, stem)
