@@ -155,7 +155,7 @@ def plan(config, base_identity: str, train_items, val_items) -> Dict[str, object
 
   def evals(name: str, model: str) -> None:
     units.extend(provenance.eval_units(config, paths.join(work, "eval", name), model=model,
-                                       items=val_items, name=name))
+                                       items=val_items, name=name, images_dir=""))
 
   evals("base", base_identity)
   for r in range(int(config.run.rounds)):
