@@ -26,6 +26,9 @@ from srum_jax.data.prompt_sources import prompt_source
 
 
 def get_config(arg=None):
+  """arg: none (this config takes no argument)."""
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r}; bagel_7b_compbench.py takes none")
   c = defaults.base_config()
   c.workdir = "outputs/bagel_7b_compbench"
   c.texts.require_official = True  # BAGEL's and SRUM's texts (README, "Official texts") or file=own
@@ -50,5 +53,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   """lambda x lr grid around the paper's point (0.5, 2e-5)."""
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r}; bagel_7b_compbench.py takes none")
   return [{"srum.lambda_constraint": lam, "train.lr": lr}
           for lam in (0.1, 0.5, 1.0) for lr in (1e-5, 2e-5)]

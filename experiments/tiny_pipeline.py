@@ -11,6 +11,9 @@ SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
 
 def get_config(arg=None):
+  """arg: none (this config takes no argument)."""
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r}; tiny_pipeline.py takes none")
   c = defaults.base_config()
   c.workdir = "outputs/tiny_pipeline"
   c.texts.file = "own"  # the shapes world's texts

@@ -25,6 +25,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.workdir = "outputs/run"
+  # A workdir's outputs record what made them (model identity, seed, the stage's settings, its
+  # inputs): a command whose configuration would make different outputs stops (exit 2) naming what
+  # differs. True: those stale outputs (and what was made from them) are deleted and made again.
+  c.discard_stale = False
 
   # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official checkpoint
   # directory (safetensors + json) that is converted into <workdir>/converted_model on first use.

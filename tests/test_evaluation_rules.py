@@ -256,8 +256,9 @@ def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
 
     def __call__(self, images, chunk):
       calls.append([r["id"] for r in chunk])
-      return [{"id": r["id"], "category": "c", "score": 1.0} if r["id"] == "a" or self.metadata_ready else
-              {"id": r["id"], "category": "c", "score": None, "skipped": "no metadata"} for r in chunk]
+      base = lambda r: {"id": r["id"], "prompt": r["prompt"], "category": "c"}  # noqa: E731
+      return [dict(base(r), score=1.0) if r["id"] == "a" or self.metadata_ready else
+              dict(base(r), score=None, skipped="no metadata") for r in chunk]
 
   first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, str(tmp_path), "fake", 2)}
   assert first["a"]["score"] == 1.0 and "skipped" in first["b"] and first["c"]["skipped"] == "image missing"
