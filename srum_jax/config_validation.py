@@ -30,6 +30,7 @@ from srum_jax.models.config import DTYPES, PRESETS
 from srum_jax.convert import hf_to_flax
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
+from srum_jax.rewards import record_sources
 from srum_jax.training import optimizer
 from srum_jax.pretrain.batches import TASKS
 
@@ -280,6 +281,7 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
   if not 0.0 <= lo <= hi <= 1.0:
     _fail(f"{key}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
   _enum(config, f"{key}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _bool(config, f"{key}.crop_to_content")
   _float(config, f"{key}.cfg_renorm_min", lo=0.0, hi=1.0)
   _bool(config, f"{key}.think")
   _int(config, f"{key}.max_think_tokens", lo=0)
@@ -357,6 +359,9 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   H, W = _pair(config, f"{t}.image_hw", int)
   _image_side(f"{t}.image_hw", H, geo, (H, W))
   _image_side(f"{t}.image_hw", W, geo, (H, W))
+  _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
+  if _enum(config, f"{t}.image_resize", train_data.IMAGE_RESIZES) == "official":
+    check_official_resize(config, (H, W), geo)
   S = int(config.train.samples_per_row)
   text = _int(config, f"{t}.text_capacity", lo=1)
   tokens = _int(config, f"{t}.num_tokens", lo=1)
@@ -372,18 +377,44 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     _bool(config, f"srum.{k}")
 
 
+def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
+  """`train.official_resize` (max_size, min_size, stride) of SRUM's training transform: every size it makes is
+  a multiple of the model's latent stride and fits the canvas `train.image_hw`."""
+  key = "train.official_resize"
+  v = _get(config, key)
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be three positive integers (max_image_size, min_image_size, image_stride), e.g. "
+          "(1024,512,256) as SRUM's scripts/data/rft_comp.yaml")
+  mx, mn, stride = v
+  if mn > mx:
+    _fail(key, tuple(v), "min_image_size must be <= max_image_size")
+  if mx % stride:
+    _fail(key, tuple(v), "max_image_size must be a multiple of image_stride (else a rounded side can exceed it)")
+  if geo is not None and stride % geo.latent_stride:
+    _fail(key, tuple(v), f"image_stride must be a multiple of {geo.latent_stride} (the model's pixels per latent "
+          f"token side, from {geo.source})")
+  if min(canvas) < mx:
+    _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image train.official_resize makes "
+          f"({mx}x{mx}); set it to ({mx},{mx}) or train.image_resize='fixed'")
+
+
 def check_train_inputs(config) -> None:
-  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`)
-  and, when set, `train.images_root`."""
+  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`;
+  a file or a folder: `rewards.record_sources.resolve` finds the file, its format and its images) and, when
+  set, `train.images_root`."""
+  if config.train.images_root:
+    _existing_dir("train.images_root", config.train.images_root, "images folder")
   if config.train.records:
-    _existing_file("train.records", config.train.records, "reward records file")
+    record_sources.resolve(config.train.records, config.train.images_root, config.train.records_format)
   else:
+    if config.train.records_format == "official":
+      _fail("train.records_format", "official", "needs train.records (the score stage writes this project's "
+            "records)")
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
       raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
                                   f"exist: run generate, propose and score first, or set train.records")
-  if config.train.images_root:
-    _existing_dir("train.images_root", config.train.images_root, "images folder")
 
 
 def check_prompts(config, key: str) -> None:

@@ -17,6 +17,7 @@ from srum_jax import distributed, paths
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import evaluate, generate, propose, run, score, train
+from srum_jax.rewards import record_sources
 from srum_jax.workdir import locking
 
 EXIT_USAGE = 2
@@ -87,13 +88,17 @@ def score_main(config, flags) -> int:
 
 @locked
 def train_main(config, flags) -> int:
-  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
-  `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
-  records' folder); writes `<workdir>/train`."""
+  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`; a file of this
+  project's or SRUM's format, or a folder of SRUM's released data: `rewards.record_sources`), images from
+  `train.images_root` (default: the generate stage's folder for the score stage's records, else found beside
+  the records); writes `<workdir>/train`."""
   d = _dirs(config)
-  records = config.train.records or os.path.join(d["score"], "rewards.jsonl")
-  images_root = config.train.images_root or (d["generate"] if not config.train.records
-                                             else os.path.dirname(paths.abspath(records)))
+  records = os.path.join(d["score"], "rewards.jsonl")
+  images_root = config.train.images_root or d["generate"]
+  if config.train.records:
+    src = record_sources.resolve(config.train.records, config.train.images_root, config.train.records_format)
+    records, images_root = src.path, src.images_root
+    print(f"[train] records {records} ({src.format}), images under {images_root}", flush=True)
   model_dir = loaded_model.resolve_model_dir(config)
   loaded_model.check_model_dir(model_dir)
   train.main(config, model_dir=model_dir, records=records, images_root=images_root, workdir=d["train"])
