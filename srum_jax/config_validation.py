@@ -359,7 +359,9 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   H, W = _pair(config, f"{t}.image_hw", int)
   _image_side(f"{t}.image_hw", H, geo, (H, W))
   _image_side(f"{t}.image_hw", W, geo, (H, W))
-  _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
+  fmt = _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
+  if fmt == "official" and not config.train.records:
+    _fail(f"{t}.records_format", "official", "needs train.records (stages write this project's records)")
   if _enum(config, f"{t}.image_resize", train_data.IMAGE_RESIZES) == "official":
     check_official_resize(config, (H, W), geo)
   S = int(config.train.samples_per_row)
@@ -378,25 +380,19 @@ def check_train(config, geo: Optional[Geometry]) -> None:
 
 
 def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
-  """`train.official_resize` (max_size, min_size, stride) of SRUM's training transform: every size it makes is
-  a multiple of the model's latent stride and fits the canvas `train.image_hw`."""
-  key = "train.official_resize"
-  v = _get(config, key)
+  """`train.official_resize` (max, min, stride) of SRUM's training transform: the sizes it makes are
+  multiples of the model's latent stride and fit the canvas `train.image_hw`."""
+  key, v = "train.official_resize", _get(config, "train.official_resize")
   if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
       or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
-    _fail(key, v, "must be three positive integers (max_image_size, min_image_size, image_stride), e.g. "
-          "(1024,512,256) as SRUM's scripts/data/rft_comp.yaml")
-  mx, mn, stride = v
-  if mn > mx:
-    _fail(key, tuple(v), "min_image_size must be <= max_image_size")
-  if mx % stride:
-    _fail(key, tuple(v), "max_image_size must be a multiple of image_stride (else a rounded side can exceed it)")
-  if geo is not None and stride % geo.latent_stride:
-    _fail(key, tuple(v), f"image_stride must be a multiple of {geo.latent_stride} (the model's pixels per latent "
-          f"token side, from {geo.source})")
+    _fail(key, v, "must be (max_image_size, min_image_size, image_stride), e.g. (1024,512,256)")
+  (mx, mn, stride), stride_px = v, (geo.latent_stride if geo is not None else 1)
+  if mn > mx or mx % stride or stride % stride_px:
+    _fail(key, tuple(v), f"needs min <= max, max a multiple of the stride, the stride a multiple of "
+          f"{stride_px} (the model's pixels per latent token side)")
   if min(canvas) < mx:
-    _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image train.official_resize makes "
-          f"({mx}x{mx}); set it to ({mx},{mx}) or train.image_resize='fixed'")
+    _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image of "
+          f"train.official_resize ({mx}x{mx}), or set train.image_resize='fixed'")
 
 
 def check_train_inputs(config) -> None:
@@ -408,9 +404,6 @@ def check_train_inputs(config) -> None:
   if config.train.records:
     record_sources.resolve(config.train.records, config.train.images_root, config.train.records_format)
   else:
-    if config.train.records_format == "official":
-      _fail("train.records_format", "official", "needs train.records (the score stage writes this project's "
-            "records)")
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
       raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
@@ -492,6 +485,8 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
 
 
 def check_run(config) -> None:
+  if config.train.records_format == "official":  # the loop trains on its own score stage's records
+    _fail("train.records_format", "official", "is for the train command; run writes this project's records")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)

@@ -152,7 +152,10 @@ def test_train_command_validation_reads_the_folder(tmp_path):
     config_validation.check_train_inputs(c)
   c.train.records, c.train.records_format = "", "official"
   with pytest.raises(UserError, match="records_format"):
-    config_validation.check_train_inputs(c)
+    config_validation.validate(c, "train")
+  c.train.records = str(root)  # the loop trains on its own records: SRUM's format is for `train`
+  with pytest.raises(UserError, match="records_format"):
+    config_validation.validate(c, "run")
 
 
 def test_images_of_several_aspects_in_the_official_transform(tmp_path, tiny_cfg):
