@@ -361,7 +361,7 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   _image_side(f"{t}.image_hw", W, geo, (H, W))
   fmt = _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
   if fmt == "official" and not config.train.records:
-    _fail(f"{t}.records_format", "official", "needs train.records (stages write this project's records)")
+    _fail(f"{t}.records_format", "official", "needs train.records (stages write this project's)")
   if _enum(config, f"{t}.image_resize", train_data.IMAGE_RESIZES) == "official":
     check_official_resize(config, (H, W), geo)
   S = int(config.train.samples_per_row)
@@ -388,8 +388,8 @@ def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
     _fail(key, v, "must be (max_image_size, min_image_size, image_stride), e.g. (1024,512,256)")
   (mx, mn, stride), stride_px = v, (geo.latent_stride if geo is not None else 1)
   if mn > mx or mx % stride or stride % stride_px:
-    _fail(key, tuple(v), f"needs min <= max, max a multiple of the stride, the stride a multiple of "
-          f"{stride_px} (the model's pixels per latent token side)")
+    _fail(key, tuple(v), f"needs min <= max, max a multiple of the stride, the stride a multiple "
+          f"of {stride_px} (the model's pixels per latent token side)")
   if min(canvas) < mx:
     _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image of "
           f"train.official_resize ({mx}x{mx}), or set train.image_resize='fixed'")
@@ -402,7 +402,8 @@ def check_train_inputs(config) -> None:
   if config.train.images_root:
     _existing_dir("train.images_root", config.train.images_root, "images folder")
   if config.train.records:
-    record_sources.resolve(config.train.records, config.train.images_root, config.train.records_format)
+    t = config.train
+    record_sources.resolve(t.records, t.images_root, t.records_format)
   else:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
@@ -486,7 +487,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
 
 def check_run(config) -> None:
   if config.train.records_format == "official":  # the loop trains on its own score stage's records
-    _fail("train.records_format", "official", "is for the train command; run writes this project's records")
+    _fail("train.records_format", "official", "is for the train command; run makes its own records")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)

@@ -79,18 +79,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.moments_dtype = "float32"  # stored moments: float32 (the step's loss unchanged) | bfloat16 (half size)
   c.train.encode_batch = 8  # images per jitted encoder call of the moments pass (rounded up to the device count)
   # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
-  # `train.records`: a JSONL of this project's schema or SRUM's formatted one (`vlm_format_output.py`), or a
-  # folder holding one (SRUM's released CompBench training set as downloaded); `rewards/record_sources.py`.
+  # `train.records`: a JSONL of this project's schema or SRUM's formatted one (`vlm_format_output.py`),
+  # or a folder holding one (SRUM's released CompBench training set as downloaded): `record_sources.py`.
   c.train.records = ""  # "" -> <workdir>/score/rewards.jsonl (the score stage's output)
   c.train.records_format = "auto"  # auto (from the file's first record) | srum_jax | official
-  c.train.images_root = ""  # "" -> the score stage's images, or found beside the records (official layout)
+  c.train.images_root = ""  # "": the score stage's images, or found beside the records (SRUM's layout)
   # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args -> `data/transforms.py`
-  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short side >= min,
-  # sides multiples of the stride) and pads it to the static canvas `image_hw` (padded latent tokens stay out of
-  # the packed rows and the loss); `fixed` resizes every image to `image_hw`. Boxes follow each image's scaling.
+  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short side
+  # >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded latent
+  # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`. Boxes
+  # follow each image's scaling.
   c.train.image_resize = "official"  # official | fixed
   c.train.official_resize = (1024, 512, 256)  # (max_image_size, min_image_size, image_stride)
-  c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest image `official` makes
+  c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest `official` image
   c.train.samples_per_row = 2  # T2I samples packed per row (official: ~2 per GPU at 8192 tokens)
   c.train.num_tokens = 8448  # static row budget: samples_per_row * (h*w latents) + text_capacity
   c.train.text_capacity = 256  # static text slots per row (BOS/EOS, prompt ids and the image markers)
@@ -118,15 +119,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.cfg_renorm_min = 0.0
   c.generate.think = True
   c.generate.max_think_tokens = 1000
-  c.generate.crop_to_content = True  # save each image cropped to its non-black box (SRUM's t2i.py `main`)
+  c.generate.crop_to_content = True  # save images cropped to their non-black box (SRUM's t2i.py)
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
   # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest prompt, and
   # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers, the plan
   # (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
-  # Region proposals (SRUM's vlm.sh: SAM, the 10 largest masks: `vlm_multi_gpu.py`'s --max_regions default,
-  # which overrides the 5 of `vlm.py`'s own parser).
+  # Region proposals (SRUM's vlm.sh: SAM, the 10 largest masks: `vlm_multi_gpu.py`'s --max_regions
+  # default, which overrides the 5 of `vlm.py`'s own parser).
   c.propose = ml_collections.ConfigDict()
   c.propose.name = "sam"  # sam | felzenszwalb | components | grid
   c.propose.max_regions = 10
@@ -139,9 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
   c.score.batch_size = 4
-  # Unparsable answers are asked again: 5 attempts in all (`vlm_multi_gpu.py`'s --max_retries default 5 counts
-  # attempts; `vlm.py`'s own parser says 3), every one greedy (`vlm.py` passes text_temperature 0.0 and the
-  # inferencer does not sample). Greedy re-asks repeat a deterministic model's answer; > 0 samples them.
+  # Unparsable answers are asked again: 5 attempts in all (`vlm_multi_gpu.py`'s --max_retries default 5
+  # counts attempts; `vlm.py`'s own parser says 3), every one greedy (`vlm.py` passes text_temperature
+  # 0.0 and the inferencer does not sample). Greedy re-asks repeat a deterministic model's answer; > 0
+  # samples them.
   c.score.max_retries = 4  # re-asks after the first answer
   c.score.retry_temperature = 0.0
   c.score.max_new_tokens_global = 1024
@@ -212,8 +214,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
   c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
   c.eval.reasonbench.rubric = ""  # protocol file ("" -> evaluation/rubrics/t2i_reasonbench.json)
-  # Held-out images as SRUM's CompBench_eval/comp_eval_infer.sh makes them: t2i_multi_gpu.py with --think
-  # (the paper's 88.37 row), saved cropped as t2i.py does; think False is its "no think" row.
+  # Held-out images as SRUM's CompBench_eval/comp_eval_infer.sh makes them: t2i_multi_gpu.py with
+  # --think (the paper's 88.37 row), saved cropped as t2i.py does; think False is its "no think" row.
   c.eval_generate = c.generate.copy_and_resolve_references()
 
   # The closed loop.

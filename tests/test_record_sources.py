@@ -209,3 +209,31 @@ def test_images_of_several_aspects_in_the_official_transform(tmp_path, tiny_cfg)
   first = train_data.load_canvas(str(root / "bagel_base_7b_300_step_think" / "image_00001.png"), (32, 32),
                                  (32, 16, 8))[0]
   assert any(np.array_equal(c, first) for c in canvases) and canvases.shape == (6, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_train_command_on_a_released_folder(tiny_model_dir, tmp_path):
+  """`python -m srum_jax train --config.train.records=<downloaded folder>`: SRUM's rows and images, SRUM's
+  transform on the canvas, stored moments, training pictures; no hand-written Python."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = released_folder(tmp_path, n=8)
+  work = tmp_path / "work"
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  args = [sys.executable, "-m", "srum_jax", "train", "--config=experiments/tiny_pipeline.py",
+          f"--config.model.dir={tiny_model_dir}", f"--config.workdir={work}", f"--config.train.records={root}",
+          "--config.train.image_resize=official", "--config.train.official_resize=(32,16,8)",
+          "--config.train.image_hw=(32,32)", "--config.train.steps=2", "--config.train.sample_every=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "(official), images under" in out.stdout and "official records kept 8/8" in out.stdout
+  summary = json.loads((work / "train" / "summary.json").read_text())
+  assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+  assert summary["data"]["records_format"] == "official" and summary["data"]["kept"] == 8
+  assert (work / "train" / "samples").is_dir() and any((work / "train" / "samples").iterdir())
+  assert any("r32-16-8" in p.name for p in (work / "train" / "data").iterdir())  # moments of the canvases

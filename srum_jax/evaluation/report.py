@@ -55,8 +55,9 @@ def srum_overall(categories: Dict[str, dict]) -> Dict[str, dict]:
   base = [t for k, t in scored.items() if not is_complex(k)]
   composite = _entry([t["mean"] for t in cx], cx)
   means = [t["mean"] for t in base] + ([composite["mean"]] if cx else [])
-  return {"overall": _entry(means, list(categories.values())), "complex composite": composite,
-          "mean of categories": _entry([t["mean"] for t in scored.values()], list(categories.values()))}
+  every = list(categories.values())
+  return {"overall": _entry(means, every), "complex composite": composite,
+          "mean of categories": _entry([t["mean"] for t in scored.values()], every)}
 
 
 def metric_table(rows: Sequence[dict], metric: str, column: str, key: str = "score", scale: float = 1.0,
@@ -76,7 +77,8 @@ def metric_table(rows: Sequence[dict], metric: str, column: str, key: str = "sco
   if overall == "srum_compbench":
     rows_ = srum_overall(table)
     return {"metric": metric, "column": column, "digits": digits, "categories": table,
-            "overall": rows_.pop("overall"), "summary_rows": rows_, "overall_rule": OVERALL_RULES[overall]}
+            "overall": rows_.pop("overall"), "summary_rows": rows_,
+            "overall_rule": OVERALL_RULES[overall]}
   if overall != "mean":
     raise ValueError(f"overall rule {overall!r}; choose one of {sorted(OVERALL_RULES)}")
   means = [t["mean"] for t in table.values() if t["mean"] is not None]

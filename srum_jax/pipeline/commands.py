@@ -96,7 +96,8 @@ def train_main(config, flags) -> int:
   records = os.path.join(d["score"], "rewards.jsonl")
   images_root = config.train.images_root or d["generate"]
   if config.train.records:
-    src = record_sources.resolve(config.train.records, config.train.images_root, config.train.records_format)
+    t = config.train
+    src = record_sources.resolve(t.records, t.images_root, t.records_format)
     records, images_root = src.path, src.images_root
     print(f"[train] records {records} ({src.format}), images under {images_root}", flush=True)
   model_dir = loaded_model.resolve_model_dir(config)

@@ -83,7 +83,8 @@ def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, im
   if b.images is not None:
     pixels = np.asarray(b.images).reshape(-1, H, W, 3)
   else:  # the batch carries stored moments: read the images back for the picture
-    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W), resize) for f in hb.image_files])
+    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W), resize)
+                       for f in hb.image_files])
   images = viz.to_uint8(pixels)
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
   maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
@@ -197,7 +198,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
                                          max_regions=spec.max_regions,
                                          drop_zero_global=bool(config.srum.drop_zero_global),
-                                         threads=int(t.data_threads), records_format=str(t.records_format))
+                                         threads=int(t.data_threads),
+                                         records_format=str(t.records_format))
   if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
     raise UserValueError(f"no usable training records in {records_path} (images under "
                          f"{images_root or 'the records folder'}; set train.records / train.images_root): "
@@ -212,7 +214,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          int(t.encode_batch), jnp.dtype(t.moments_dtype))
     moments = train_data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
                                    dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
-                                   process_count=mpcount, threads=int(t.data_threads), resize=spec.resize)
+                                   process_count=mpcount, threads=int(t.data_threads),
+                                   resize=spec.resize)
     distributed.barrier("train_moments")
   ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
@@ -375,8 +378,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
         bar.update(1)
         log.add(step, metrics, state, total)
         if pid == 0 and int(t.sample_every) > 0 and step % int(t.sample_every) == 0:
-          _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts, images_root,
-                         train_data.resize_of(config))
+          _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts,
+                         images_root, train_data.resize_of(config))
         if ckpt.should_save(step):
           save()
         if step_hook is not None:

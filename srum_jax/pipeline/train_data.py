@@ -47,7 +47,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from srum_jax import paths
 from srum_jax.pipeline import train_images
-from srum_jax.pipeline.train_images import load_canvas, load_image, training_size  # noqa: F401 (the API)
+from srum_jax.pipeline.train_images import load_canvas, load_image, training_size  # noqa: F401
 from srum_jax.rewards import record_sources, records as records_lib
 from srum_jax.training import objective, train_step
 
@@ -76,7 +76,7 @@ class DataReport:
   boxes_clamped: int = 0
   regions_truncated: int = 0  # regions beyond max_regions
   missing_global: int = 0  # kept records without a global score (0.0 is used, as official)
-  other_good_image: int = 0  # official rows whose good (target) image is another file: unsupported, skipped
+  other_good_image: int = 0  # official rows whose good (target) image is another file: skipped
   records_format: str = ""  # srum_jax | official (`rewards.record_sources`)
   kept: int = 0
   examples: list = dataclasses.field(default_factory=list)  # first few (where, why) of skipped records
@@ -92,7 +92,8 @@ class DataReport:
     return dict(dataclasses.asdict(self), skipped=self.skipped)
 
   def summary(self) -> str:
-    return (f"{self.records_format or 'records'} records kept {self.kept}/{self.lines} (skipped {self.skipped}: "
+    return (f"{self.records_format or 'records'} records kept {self.kept}/{self.lines} "
+            f"(skipped {self.skipped}: "
             f"malformed {self.malformed}, other good image {self.other_good_image}, "
             f"non-finite {self.nonfinite}, duplicate ids {self.duplicate_id}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
             f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image {self.corrupt_image}); "
@@ -159,21 +160,30 @@ def _sanitise_box(box, width: int, height: int, report: DataReport):
   return c
 
 
+def _format_of(records_path: str, records_format: str) -> str:
+  """The records' format: `records_format`, or for "auto" the file's (this project's when it has no
+  record of a known format: its lines are then counted as malformed, never a crash)."""
+  if records_format != "auto":
+    return records_format
+  return record_sources.detect_format(records_path, default="srum_jax")
+
+
 def validate_records(records_path: str, images_root: str, *, max_regions: int, drop_zero_global: bool = True,
-                     threads: int = 8, records_format: str = "auto") -> Tuple[List[dict], DataReport]:
+                     threads: int = 8, records_format: str = "auto"
+                     ) -> Tuple[List[dict], DataReport]:
   """Read, filter and check every record; returns the usable records as plain dicts (with the decoded
   image size in `image_size` and sanitised boxes) and the report of everything skipped or changed.
   `records_format`: srum_jax | official | auto (`rewards.record_sources`); `drop_zero_global` applies to
   this project's records (the official file was filtered when SRUM formatted it)."""
   report = DataReport()
-  fmt = record_sources.detect_format(records_path) if records_format == "auto" else records_format
+  fmt = _format_of(records_path, records_format)
   records, read_report = record_sources.read(records_path, fmt)
   report.lines, report.records_format = read_report.lines, fmt
   if fmt == "official":
     drop_zero_global = False
     kept = []
     for r in records:
-      if "good_image_file" in r.metadata:  # SRUM's constraint target is another image: not trained here
+      if "good_image_file" in r.metadata:  # SRUM's target is another image: not trained here
         report.other_good_image += 1
         report.note(r.image_file, f"good image {r.metadata['good_image_file']!r} differs")
       else:
@@ -244,7 +254,7 @@ def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero
                 threads: int = 8, records_format: str = "auto") -> str:
   """Content hash of the JSONL, the referenced image files' (name, size, mtime) and the settings."""
   h = hashlib.sha256()
-  fmt = record_sources.detect_format(records_path) if records_format == "auto" else records_format
+  fmt = _format_of(records_path, records_format)
   h.update(json.dumps([VALIDATION_VERSION, paths.abspath(images_root), int(max_regions),
                        bool(drop_zero_global), fmt]).encode())
   with (paths.path(records_path).open("rb") if paths.is_remote(records_path) else open(records_path, "rb")) as f:
@@ -275,7 +285,8 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
   moments need local files), which each host fills for itself; the records and images may be remote."""
   cache_dir = paths.local_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads, records_format)
+  key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads,
+                    records_format)
   existing = [f for f in os.listdir(cache_dir) if f.endswith(f"-{key}.array_record")]
   if existing:
     path = os.path.join(cache_dir, existing[0])
@@ -325,7 +336,8 @@ def _read_records(array_record_path: str) -> List[dict]:
 
 def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[int, int], encode, *, encoder_id: str,
                     dtype: str = "float32", batch_size: int = 8, process_index: int = 0, process_count: int = 1,
-                    threads: int = 4, resize: Optional[Tuple[int, int, int]] = None) -> MomentsFiles:
+                    threads: int = 4, resize: Optional[Tuple[int, int, int]] = None
+                    ) -> MomentsFiles:
   """Encode this process's share of a prepared record file once: `encode(images [b, H, W, 3] float32 in [-1, 1])
   -> moments [b, h, w, 2z]` (the caller's jitted frozen encoder) over batches of `batch_size` images loaded as
   the pipeline loads them (`load_image`, or `load_canvas` with `resize`); images that fail to load get ok=False
@@ -336,8 +348,8 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
   if dtype not in MOMENTS_DTYPES:
     raise ValueError(f"moments dtype {dtype!r}; choose one of {MOMENTS_DTYPES}")
   H, W = (int(v) for v in image_hw)
-  spec = DataSpec(image_hw=(H, W), rows=1, samples_per_row=1, num_tokens=1, text_capacity=1, max_regions=1,
-                  resize=None if resize is None else tuple(int(v) for v in resize))
+  spec = DataSpec(image_hw=(H, W), rows=1, samples_per_row=1, num_tokens=1, text_capacity=1,
+                  max_regions=1, resize=None if resize is None else tuple(int(v) for v in resize))
   stem = array_record_path[:-len(".array_record")] if array_record_path.endswith(".array_record") else array_record_path
   size = f"{H}x{W}" if resize is None else f"{H}x{W}r" + "-".join(str(v) for v in spec.resize)
   parts = tuple(f"{stem}.moments-{size}-{dtype}-{encoder_id}.p{p}of{process_count}.npy" for p in range(process_count))
@@ -459,7 +471,8 @@ class _Decode:
       key, (w0, h0) = "moments", rec["image_size"]
     else:
       try:
-        pixels, (w0, h0) = _load_training_image(os.path.join(self.images_root, rec["image_file"]), self.spec)
+        path = os.path.join(self.images_root, rec["image_file"])
+        pixels, (w0, h0) = _load_training_image(path, self.spec)
       except Exception as e:  # the file changed or vanished after validation: skip it, never crash
         return self._failed(rec, type(e).__name__)
       key = "image"
@@ -503,7 +516,8 @@ class _Collate:
     canvas = tuple(v // int(self.cfg.latent_downsample) for v in self.spec.image_hw)
     batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
                                  moments=stack("moments") if stored else None,
-                                 latent_src=None if grids is None else train_step.latent_sources(grids, canvas))
+                                 latent_src=(None if grids is None
+                                             else train_step.latent_sources(grids, canvas)))
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
                      truncated=int(sum(s["truncated"] for s in samples)),
                      image_files=[s["image_file"] for s in samples])
@@ -550,7 +564,8 @@ def spec_from_config(config, process_count: int = 1) -> DataSpec:
     raise ValueError(f"train.batch_size={rows} rows do not split over {process_count} processes")
   return DataSpec(image_hw=tuple(int(v) for v in t.image_hw), rows=rows // process_count,
                   samples_per_row=int(t.samples_per_row), num_tokens=int(t.num_tokens),
-                  text_capacity=int(t.text_capacity), max_regions=int(t.max_regions), resize=resize_of(config))
+                  text_capacity=int(t.text_capacity), max_regions=int(t.max_regions),
+                  resize=resize_of(config))
 
 
 IMAGE_RESIZES = ("fixed", "official")  # `train.image_resize`

@@ -60,7 +60,7 @@ def _first_object(path: str) -> Optional[dict]:
         return None
       try:
         obj = json.loads(raw.decode("utf-8"))
-      except ValueError:  # a torn or garbled line: the readers count it; look further
+      except (ValueError, RecursionError):  # a torn or garbled line: the readers count it
         continue
       if isinstance(obj, dict):
         return obj
@@ -87,9 +87,14 @@ def _raw_error(path: str) -> UserValueError:
       f"(as its vlm.sh does): format it and set train.records to the formatted file")
 
 
-def detect_format(path: str) -> str:
-  """"srum_jax" or "official" from the file's first JSON object; a `UserValueError` otherwise."""
+def detect_format(path: str, default: Optional[str] = None) -> str:
+  """"srum_jax" or "official" from the file's first JSON object; otherwise `default` when given (a file of
+  bad lines is then read, and its lines counted, as that format), else a `UserValueError`."""
   kind = _kind(_first_object(path))
+  if kind in ("srum_jax", "official"):
+    return kind
+  if default is not None:
+    return default
   if kind == "raw":
     raise _raw_error(path)
   if not kind:

@@ -86,7 +86,8 @@ def gather_tokens(a: jax.Array, token_index: jax.Array) -> jax.Array:
 
 
 def srum_objective(r: RegionRewards, v_pred, noise, x_bad, x_gt, token_mask, *, image_hw, latent_hw,
-                   lambda_constraint: float, levers: RewardLevers = RewardLevers(), token_index=None):
+                   lambda_constraint: float, levers: RewardLevers = RewardLevers(),
+                   token_index=None):
   """SRUM loss for rows of images: tokens [B, S*h*w, C] (S images of one latent grid per row, in order),
   rewards with leading dims [B] or [B, S]. With `token_index` [B, L] the tokens are packed slots and the
   rewards are taken from the canvas grid at those indices (`gather_tokens`; module docstring). Returns

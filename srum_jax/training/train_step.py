@@ -223,7 +223,8 @@ def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]],
   return inputs
 
 
-def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tuple[int, int]) -> np.ndarray:
+def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tuple[int, int]
+                   ) -> np.ndarray:
   """`SrumBatch.latent_src` [B, S * hc * wc] int32 for rows of samples with latent grids `grids[b][s]` on a
   canvas grid (hc, wc): slot by slot (samples in order, each grid row-major, as `t2i_layout` packs them) the
   canvas token s * hc * wc + r * wc + c of the sample's token (r, c); -1 after the row's last token."""
@@ -231,7 +232,8 @@ def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tupl
   S = len(grids[0])
   out = np.full((len(grids), S * hc * wc), -1, np.int32)
   for b, row in enumerate(grids):
-    src = [s * hc * wc + r * wc + np.arange(int(gw)) for s, (gh, gw) in enumerate(row) for r in range(int(gh))]
+    src = [s * hc * wc + r * wc + np.arange(int(gw))
+           for s, (gh, gw) in enumerate(row) for r in range(int(gh))]
     flat = np.concatenate(src) if src else np.zeros((0,), np.int32)
     out[b, :flat.size] = flat
   return out
