@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.srum.signed_rewards = False
   c.srum.use_local = True  # region rewards
   c.srum.use_global = True  # global layout reward
-  c.srum.drop_zero_global = True  # official formatting filter: records whose global score is 0.0 are dropped
+  # SRUM's vlm_format_output.py `parse_and_convert_record`: records whose global score is 0.0 are dropped
+  c.srum.drop_zero_global = True
 
   # Post-training (SRUM's scripts/train_reg_comp.sh).
   c.train = optimizer_block()
@@ -104,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
   c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
 
-  # Candidate generation (official t2i inference: think mode, 50 steps, cfg 4.0 in [0.4, 1], shift 3.0).
+  # Candidate generation: SRUM's srum_data_infer/t2i.py `main` as compt2i.sh runs it (think mode, 50 steps,
+  # text cfg 4.0 in (0.4, 1], image cfg 1.0, shift 3.0, global renorm; 1024^2: the inferencer's image_shapes).
   c.generate = ml_collections.ConfigDict()
   c.generate.batch_size = 4
   c.generate.samples_per_prompt = 1
@@ -148,7 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.retry_temperature = 0.0
   c.score.max_new_tokens_global = 1024
   c.score.max_new_tokens_regions = 4096
-  c.score.global_default = 0.0  # official value when every try fails (then removed by the filter)
+  c.score.global_default = 0.0  # vlm.py's value when every try fails (then removed by the filter)
   c.score.use_global = True
   c.score.use_regions = True
   c.score.logit_candidates = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
