@@ -245,6 +245,25 @@ def test_mllm_overall_is_srum_rule_with_the_plain_mean_beside_it():
   assert "| complex composite | - | 60.0 (n=3) |" in both
 
 
+def test_srum_overall_on_the_categories_of_srums_val_prompts():
+  """SRUM's val_comp.json categories (an excerpt of the file, as shipped): seven base categories and the
+  three complex ones averaged into one composite: the overall averages eight numbers."""
+  import pathlib
+  from srum_jax.data.prompt_sources import load_prompts
+
+  excerpt = pathlib.Path(__file__).parent / "fixtures" / "prompts" / "srum_val_comp_excerpt.json"
+  cats = sorted({it.category for it in load_prompts({"source": "file", "path": str(excerpt)})})
+  assert len(cats) == 10
+  values = {c: float(10 * k) for k, c in enumerate(cats)}
+  rows = [{"category": c, "score": v} for c, v in values.items()]
+  t = report.metric_table(rows, "mllm", *report.COLUMNS["mllm"][0])
+  complex_ = [values[c] for c in ("complex", "complex_action", "complex_spatial")]
+  base = [v for c, v in values.items() if not c.startswith("complex")]
+  assert len(base) == 7
+  assert t["overall"]["mean"] == pytest.approx((sum(base) + np.mean(complex_)) / 8)
+  assert t["summary_rows"]["mean of categories"]["mean"] == pytest.approx(np.mean(list(values.values())))
+
+
 def test_grid_spreads_over_categories():
   rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c}
           for c in "abc" for k in range(3) for s in range(2)]
