@@ -39,10 +39,9 @@ from srum_jax.models.config import DTYPES, PRESETS
 from srum_jax.models.lora import lora_config
 from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
 from srum_jax.pretrain.batches import TASKS
-from srum_jax.rewards import texts as texts_lib
-from srum_jax.training import optimizer
+from srum_jax.rewards import record_sources, texts as texts_lib
 from srum_jax.tokenizer import load_tokenizer
-
+from srum_jax.training import optimizer
 
 SECTIONS = {
     "generate": ("model", "generate", "prompts.train"),
@@ -225,6 +224,7 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
   if not 0.0 <= lo <= hi <= 1.0:
     _fail(f"{key}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
   _enum(config, f"{key}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _bool(config, f"{key}.crop_to_content")
   _float(config, f"{key}.cfg_renorm_min", lo=0.0, hi=1.0)
   _bool(config, f"{key}.think")
   _int(config, f"{key}.max_think_tokens", lo=0)
@@ -302,6 +302,11 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   H, W = _pair(config, f"{t}.image_hw", int)
   _image_side(f"{t}.image_hw", H, geo, (H, W))
   _image_side(f"{t}.image_hw", W, geo, (H, W))
+  fmt = _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
+  if fmt == "official" and not config.train.records:
+    _fail(f"{t}.records_format", "official", "needs train.records (stages write this project's)")
+  if _enum(config, f"{t}.image_resize", train_data.IMAGE_RESIZES) == "official":
+    check_official_resize(config, (H, W), geo)
   S = int(config.train.samples_per_row)
   text = _int(config, f"{t}.text_capacity", lo=1)
   tokens = _int(config, f"{t}.num_tokens", lo=1)
@@ -317,11 +322,31 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     _bool(config, f"srum.{k}")
 
 
+def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
+  """`train.official_resize` (max, min, stride) of SRUM's training transform: the sizes it makes are
+  multiples of the model's latent stride and fit the canvas `train.image_hw`."""
+  key, v = "train.official_resize", _get(config, "train.official_resize")
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be (max_image_size, min_image_size, image_stride), e.g. (1024,512,256)")
+  (mx, mn, stride), stride_px = v, (geo.latent_stride if geo is not None else 1)
+  if mn > mx or mx % stride or stride % stride_px:
+    _fail(key, tuple(v), f"needs min <= max, max a multiple of the stride, the stride a multiple "
+          f"of {stride_px} (the model's pixels per latent token side)")
+  if min(canvas) < mx:
+    _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image of "
+          f"train.official_resize ({mx}x{mx}), or set train.image_resize='fixed'")
+
+
 def check_train_inputs(config) -> None:
-  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`)
-  and, when set, `train.images_root`."""
+  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`;
+  a file or a folder: `rewards.record_sources.resolve` finds the file, its format and its images) and, when
+  set, `train.images_root`."""
+  if config.train.images_root:
+    _existing_dir("train.images_root", config.train.images_root, "images folder")
   if config.train.records:
-    _existing_file("train.records", config.train.records, "reward records file")
+    t = config.train
+    record_sources.resolve(t.records, t.images_root, t.records_format)
   else:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
@@ -502,6 +527,8 @@ def check_ask(config) -> None:
 
 
 def check_run(config) -> None:
+  if config.train.records_format == "official":  # the loop trains on its own score stage's records
+    _fail("train.records_format", "official", "is for the train command; run makes its own records")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)

@@ -133,7 +133,9 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
     config_validation.validate(paper, command)
   bad = {"generate.cfg_interval": (0.5, 0.2), "generate.height": 1000, "propose.name": "samm",
          "score.vit_image_size": 30, "train.lr": 0.0, "train.num_tokens": 4096, "eval.judge": "oracel",
-         "train.microbatch_rows": 32, "generate.max_prompt_tokens": 40000, "mesh.fsdp": 0}
+         "train.microbatch_rows": 32, "generate.max_prompt_tokens": 40000, "mesh.fsdp": 0,
+         "train.image_resize": "fix", "train.official_resize": (1024, 512, 100), "train.image_hw": (512, 512),
+         "train.records_format": "parquet"}
   for key, value in bad.items():
     cfg = _paper_config(tmp_path, **{"prompts.train.path": str(prompts), "prompts.val.path": str(prompts),
                                      key: value})

@@ -1,9 +1,9 @@
 """Prompt sources for data generation: one config -> a list of `PromptItem`s plus a load report.
 
-  items = load_prompts({"source": "file", "path": "srum_train_comp.json"})
+  items = load_prompts({"source": "file", "path": "SRUM/train_comp.json"})
   items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds", "local_dir": ".../dataset"})
   items = load_prompts({"source": "python", "function": "my_pkg.prompts:make", "kwargs": {"n": 10}})
-  items.report.summary()   # 'srum_train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
+  items.report.summary()   # 'SRUM/train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
 
 The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as `.report`.
 

@@ -13,7 +13,6 @@ command resumes).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 
@@ -22,8 +21,9 @@ from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.pipeline import evaluate, generate, propose, provenance, run, score, train
-from srum_jax.rewards import texts as texts_lib
+from srum_jax.rewards import record_sources, texts as texts_lib
 from srum_jax.workdir import fingerprints, locking
+
 
 def locked(stage):
   """Run the stage under the workdir's lock (`locking.run_locked`)."""
@@ -109,15 +109,18 @@ def _preempted(what: str, detail: str) -> int:
 
 @locked
 def train_main(config, flags) -> int:
-  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`),
-  images from `train.images_root` (default: the generate stage's folder when the records are the
-  score stage's, else the records' folder); writes `<workdir>/train`. Exit code 75 when a signal
-  stopped it (rerun to resume)."""
+  """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`; a
+  file of this project's or SRUM's format, or a folder of SRUM's released data:
+  `rewards.record_sources`), images from `train.images_root` (default: the generate stage's folder
+  for the score stage's records, else found beside the records); writes `<workdir>/train`. Exit
+  code 75 when a signal stopped it (rerun to resume)."""
   d = _dirs(config)
   if config.train.records:
-    records = config.train.records
+    t = config.train
+    src = record_sources.resolve(t.records, t.images_root, t.records_format)
+    records, images_root = src.path, src.images_root
+    print(f"[train] records {records} ({src.format}), images under {images_root}", flush=True)
     inputs = {"records_file": provenance.file_digest(records)}
-    images_root = config.train.images_root or os.path.dirname(paths.abspath(records))
   else:
     records = paths.join(d["score"], "rewards.jsonl")
     inputs = {"score": fingerprints.fingerprint_of(d["score"], "rewards")}

@@ -1,7 +1,8 @@
 """Stage `generate`: the UMM draws candidate images for a prompt set (the official T2I inference: think
 mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "Think mode").
 
-Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
+Writes `images/<id>.png` (cropped to its non-black bounding box with `crop_to_content`, as SRUM's `t2i.py`
+saves its candidates) and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
 image_file, think}; seq: the image's place in the prompt set's order, the order every later stage keeps).
 Prompts longer than `prompt_token_cap` ids and images whose latents are not finite are skipped and counted
 (`stats.json`, the summary line). Each image is seeded by (config.seed, its id), so any host, batch composition or
@@ -23,6 +24,7 @@ from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.engine import loaded_model
 from srum_jax.inference import sampling
 from srum_jax.rewards.texts import Texts
+from srum_jax.models import image_transforms
 from srum_jax.workdir import layout, logs
 
 
@@ -131,7 +133,8 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
         rep.skipped_nonfinite += 1
         continue
       rel = f"images/{layout.image_file_name(image_id)}"
-      files.save_png(paths.join(out_dir, rel), images[j])
+      image = image_transforms.crop_to_content(images[j]) if gcfg.crop_to_content else images[j]
+      files.save_png(paths.join(out_dir, rel), image)  # crop: SRUM's t2i.py saves the non-black box
       rows.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})
