@@ -23,7 +23,7 @@ from srum_jax.errors import UserError
 from srum_jax.models import bagel, lora as lora_lib, params as params_lib
 from srum_jax.models.bagel import ImageTokens
 from srum_jax.models.config import LoraConfig, with_lora
-from srum_jax.pipeline import run, train as train_stage
+from srum_jax.pipeline import provenance, run, train as train_stage
 from srum_jax.training import preemption
 
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -181,6 +181,22 @@ def test_for_training_adds_keeps_or_merges_adapters(tiny_cfg, tiny_params):
   assert lora_lib.for_training(tiny_cfg, tiny_params, None, key) == (tiny_cfg, tiny_params)
 
 
+def test_a_lora_training_is_another_train_unit():
+  """The train stage's fingerprint (the trained model's identity) names the LoRA settings when they
+  are on, so a workdir trained with other adapters (or none) is stale; off, they change nothing."""
+  cfg = defaults.base_config()
+
+  def print_of(c):
+    return provenance.train_unit(c, "unused", model="m", records={"rewards": "r"},
+                                 objective="srum").fingerprint
+  full = print_of(cfg)
+  cfg.model.lora.alpha = 3.0
+  assert print_of(cfg) == full  # rank 0: no adapters, the settings are unused
+  cfg.model.lora.rank = 4
+  lora4 = print_of(cfg)
+  cfg.model.lora.rank = 8
+  assert len({full, lora4, print_of(cfg)}) == 3
+
 # ------------------------------------------------------------------------------------------------
 # The train stage with LoRA (slow: several trainings)
 
@@ -201,7 +217,8 @@ def _records(root):
     pixels = rng.integers(0, 256, (32, 24, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(img / f"img_{i}.png")
     lines.append(json.dumps({
-        "schema_version": 1, "image_file": f"img_{i}.png", "prompt": f"a red cube {i} left of a ball",
+        "schema_version": 1, "image_file": f"img_{i}.png",
+        "prompt": f"a red cube {i} left of a ball",
         "global_score": float(rng.uniform(-1, 1)),
         "regions": [{"box": [2, 3, 14, 20], "score": float(rng.uniform(-1, 1))}]}))
   (root / "records.jsonl").write_text("\n".join(lines) + "\n")
@@ -218,6 +235,7 @@ def _train_config(steps=STEPS):
   t = c.train
   t.steps, t.batch_size, t.samples_per_row = steps, 2, 1
   t.image_hw, t.num_tokens, t.text_capacity, t.max_regions = (32, 24), 24, 12, 3
+  t.image_resize = "fixed"  # the records' one image size
   t.lr, t.warmup_steps, t.ema_decay = 1e-2, 1, 0.5
   t.save_every, t.keep_checkpoints, t.log_every, t.sample_every = 2, 3, 1, 0
   t.data_threads = 1
@@ -265,7 +283,8 @@ def test_lora_training_moves_only_fp32_adapters_over_a_bf16_base(trainings, tiny
   assert any(np.any(x) for p, x in jax.tree_util.tree_leaves_with_path(_adapter_part(state.params))
              if p[-1].key == "lora_b")
   # the EMA (the summary's params) tracks the adapters alone; the base passes through
-  assert all(params_lib.is_adapter_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.ema))
+  ema_paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state.ema)]
+  assert all(params_lib.is_adapter_path(p) for p in ema_paths)
   _assert_trees_equal(_adapter_part(a["params"]), _adapter_part(state.ema))
 
 
