@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from srum_jax import config_utils, config_validation, defaults, files, sharding
+from srum_jax.config_validation import model_keys
 from srum_jax.convert import adapters as adapters_io, checkpoint, flax_to_hf, hf_to_flax
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserError
@@ -106,7 +107,7 @@ def test_adapter_dir_records_its_base_and_loads_base_plus_adapters(tiny_cfg, tin
   # the inference loader and the config checks take it as any model dir
   model = loaded_model.load_model(out)
   assert model.cfg == cfg and lora_lib.has_adapters(model.params)
-  config_validation.check_converted_dir(out, "model.dir")
+  model_keys.check_converted_dir(out, "model.dir")
   # trained again from the adapters-only dir: the new dir points at the same base (no chains)
   again = checkpoint.write_trained_dir(str(tmp_path / "again"), cfg, full, out)
   assert json.loads((tmp_path / "again" / checkpoint.BASE_FILE).read_text())["path"] == base
@@ -134,7 +135,7 @@ def test_adapter_dir_finds_a_moved_base_and_refuses_a_changed_one(tiny_cfg, tiny
   with pytest.raises(UserError, match="saved again"):
     checkpoint.load_model_dir(moved)
   with pytest.raises(UserError, match="base model"):
-    config_validation.check_converted_dir(moved, "model.dir")
+    model_keys.check_converted_dir(moved, "model.dir")
 
 
 def test_export_merges_or_separates_an_adapter_dir(tiny_cfg, tiny_params, tiny_model_dir,
