@@ -94,7 +94,7 @@ def train_unit(config, directory: str, *, model: str, records: Dict[str, Optiona
   settings = {"train": _block(config, "train", EXECUTION_KEYS["train"]),
               "srum": _block(config, "srum"), "objective": objective,
               "param_dtype": config.model.param_dtype, "compute_dtype": config.model.compute_dtype}
-  if int(config.model.lora.rank) > 0:  # LoRA trains another model (full fine-tunes keep their prints)
+  if int(config.model.lora.rank) > 0:  # LoRA trains another model (full fine-tunes: as before)
     settings["lora"] = _block(config, "model.lora")
   made_by = {"stage": "train", "model": model, "seed": int(config.seed), "settings": settings,
              "inputs": records}
