@@ -14,14 +14,13 @@ from the json.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Tuple
 
 import jax
 import numpy as np
 
-from srum_jax import sharding
+from srum_jax import files, sharding
 from srum_jax.convert import checkpoint, hf_to_flax, keymap
 from srum_jax.models import lora as lora_lib, params as params_lib
 from srum_jax.models.config import LORA_EXPERTS, LORA_TARGETS, BagelConfig, LoraConfig, with_lora
@@ -63,8 +62,7 @@ def _lora_from_files(cfg: BagelConfig, shapes: Dict[str, Tuple[int, ...]], meta:
 def read_adapters(src_dir: str, cfg: BagelConfig) -> Tuple[LoraConfig, Any]:
   """(LoraConfig, {'bagel': adapters} NumPy tree) from `src_dir` for the base model `cfg`. Keys or shapes
   that do not fit the base model raise a ValueError listing them."""
-  with open(os.path.join(src_dir, ADAPTER_CONFIG)) as f:
-    meta = json.load(f)
+  meta = files.read_json(os.path.join(src_dir, ADAPTER_CONFIG), "adapter config")
   if meta.get("use_rslora") or meta.get("bias", "none") != "none":
     raise ValueError(f"{ADAPTER_CONFIG}: only plain LoRA (no rsLoRA, bias 'none') is supported")
   path = os.path.join(src_dir, ADAPTER_WEIGHTS)

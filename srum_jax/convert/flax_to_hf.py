@@ -134,8 +134,7 @@ def save_adapters(dst_dir: str, cfg: BagelConfig, params, dtype=None) -> None:
     entries.append((key, d, keymap.official_shape(leaf.shape, e), fetch))
   os.makedirs(dst_dir, exist_ok=True)
   write_safetensors(os.path.join(dst_dir, adapters.ADAPTER_WEIGHTS), entries, PT_METADATA)
-  with open(os.path.join(dst_dir, adapters.ADAPTER_CONFIG), "w") as f:
-    json.dump(adapters.adapter_config_json(cfg), f, indent=2)
+  files.write_json(os.path.join(dst_dir, adapters.ADAPTER_CONFIG), adapters.adapter_config_json(cfg))
 
 
 
@@ -199,13 +198,10 @@ def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None
   write_safetensors(os.path.join(dst_dir, AE_FILE), entries["ae"], metadata)
   base = {n: files.read_json_if_present(os.path.join(src_dir, n)) if src_dir else None for n in (LLM_JSON, VIT_JSON)}
   llm, vit = hf_json_configs(cfg, base[LLM_JSON], base[VIT_JSON])
-  with open(os.path.join(dst_dir, LLM_JSON), "w") as f:
-    json.dump(llm, f, indent=2)
+  files.write_json(os.path.join(dst_dir, LLM_JSON), llm)
   if vit is not None:
-    with open(os.path.join(dst_dir, VIT_JSON), "w") as f:
-      json.dump(vit, f, indent=2)
-  with open(os.path.join(dst_dir, EXTRAS_JSON), "w") as f:
-    json.dump(extras_json(cfg), f, indent=2)
+    files.write_json(os.path.join(dst_dir, VIT_JSON), vit)
+  files.write_json(os.path.join(dst_dir, EXTRAS_JSON), extras_json(cfg))
   if src_dir:
     for n in AUX_FILES:
       if n not in (LLM_JSON, VIT_JSON) and os.path.exists(os.path.join(src_dir, n)):

@@ -18,6 +18,7 @@ import pathlib
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from srum_jax import files
 from srum_jax.data.prompt_sources import PromptItem, PromptList
 from srum_jax.evaluation import mllm_judge, torch_models
 from srum_jax.rewards import texts as texts_lib
@@ -56,7 +57,7 @@ def _read_list(path: str, key: str) -> list:
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"{key} {path!r} not found")
-  data = json.loads(p.read_text(encoding="utf-8"))
+  data = files.read_json(p, key)
   if not isinstance(data, list):
     raise ValueError(f"{key} {path}: expected a JSON list, got {type(data).__name__}")
   return data

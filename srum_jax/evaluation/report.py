@@ -12,7 +12,6 @@ under "overall".
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -140,7 +139,7 @@ def side_by_side(eval_root: str) -> str:
   root = paths.path(eval_root)  # local or remote (gs://)
   models = {}
   for p in sorted(root.glob("*/table.json")):
-    tables = json.loads(p.read_text())
+    tables = files.read_json(p, "eval table")
     if all(isinstance(t, dict) and "column" in t for t in tables.values()):  # folders of this format only
       models[p.parent.name] = tables
   columns: List[str] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from srum_jax import distributed, files, paths, viz
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
+from srum_jax.errors import UserValueError
 from srum_jax.evaluation import report
 from srum_jax.pipeline import evaluate, generate, propose, provenance, score, train as train_stage
 from srum_jax.rewards import records as records_lib, texts as texts_lib
@@ -132,8 +132,8 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   before = {}
   if path.is_file():
     try:
-      before = json.loads(path.read_text())
-    except ValueError:
+      before = files.read_json(path, "counters")
+    except UserValueError:
       before = {}
   if not isinstance(before, dict):  # a damaged file counts from zero again
     before = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 import pathlib
 import shutil
@@ -331,7 +330,7 @@ def finished_summary(p) -> Optional[Dict[str, Any]]:
   done = (out / "pretrain_summary.json").is_file() and (out / "model").is_dir() and not (out / STATE_DIR).exists()
   if not (p.resume and done):
     return None
-  return json.loads((out / "pretrain_summary.json").read_text())
+  return files.read_json(out / "pretrain_summary.json", "pretrain summary")
 
 
 def pretrain_chain(config) -> List[Dict[str, Any]]:
