@@ -19,5 +19,5 @@ def bagel_active_params(cfg: BagelConfig) -> int:
 
 def bagel_flops(cfg: BagelConfig, tokens: int, seq_lens: Sequence[int]) -> float:
   c = cfg.llm
-  return (6.0 * bagel_active_params(cfg) * tokens
-          + 12.0 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sum(l * l for l in seq_lens))
+  return (6.0 * bagel_active_params(cfg) * tokens + 12.0 * c.head_dim * c.num_attention_heads *
+          c.num_hidden_layers * sum(l * l for l in seq_lens))

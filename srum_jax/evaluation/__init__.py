@@ -11,5 +11,6 @@
     torch_models.py  device / dtype, CLIP and BLIP-VQA wrappers (PyTorch; evaluation only)
     random_models.py tiny random models of every class above (plumbing checks without weights)
 
-The stage that drives generation and scoring is `srum_jax.pipeline.evaluate` (`python -m srum_jax eval`).
+The stage that drives generation and scoring is `srum_jax.pipeline.evaluate` (`python -m srum_jax
+eval`).
 """
