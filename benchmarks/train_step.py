@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --preset mid                      # ~2B MoT, 2 x 1024x960 images, 8192 tokens
     python benchmarks/train_step.py --preset bagel_7b_mot --layers 8  # 7B width, layers cut to fit one chip
     python benchmarks/train_step.py --preset tiny --image 32x32 --tokens 64 --text 8 --steps 3   # CPU plumbing
+    python benchmarks/train_step.py --config experiments/tiny_world.py --steps 50 --losses 40   # the stage's step
 
 One packed row of two T2I samples (random weights, fp32 masters, bf16 compute by default), the full step:
 posterior sample (from stored moments, `--vae cached`, as the train stage feeds it; or the VAE encoder in
@@ -181,6 +182,104 @@ def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", to
   return r
 
 
+def stage_batch(cfg, config, seed: int):
+  """One batch of the train stage's shapes for `config` (`train.batch_size` rows of `train.samples_per_row` T2I
+  samples, the prompt budget, stand-in posterior moments and five judged boxes per image), random content."""
+  from srum_jax import objective, train_step as ts
+  t = config.train
+  H, W = (int(v) for v in t.image_hw)
+  rows, S, K = int(t.batch_size), int(t.samples_per_row), int(t.max_regions)
+  rng = np.random.default_rng(seed)
+  per = int(t.text_capacity) // S - 2  # BOS + ids + EOS, next to the two image markers
+  ids = [[[cfg.tokens.bos] + list(rng.integers(0, cfg.tokens.bos, int(rng.integers(1, per - 1)))) + [cfg.tokens.eos]
+          for _ in range(S)] for _ in range(rows)]
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=int(t.num_tokens), text_capacity=int(t.text_capacity))
+  boxes = np.sort(rng.uniform(0, min(H, W), (rows, S, K, 2, 2)), axis=-2).reshape(rows, S, K, 4)
+  rewards = objective.RegionRewards(boxes.astype(np.float32), rng.uniform(-1, 1, (rows, S, K)).astype(np.float32),
+                                    rng.uniform(size=(rows, S, K)) < 0.8, rng.uniform(-1, 1, (rows, S)).astype(np.float32))
+  f, z = cfg.ae.downsample, cfg.ae.z_channels
+  m = rng.normal(size=(rows, S, H // f, W // f, 2 * z)).astype(np.float32)
+  m[..., z:] = np.log(0.01)
+  return ts.SrumBatch(inputs=inputs, images=None, rewards=rewards, moments=m.astype(t.moments_dtype))
+
+
+def measure_stage(config_path: str, *, steps: int = 20, warmup: int = 2, batches: int = 4, losses: int = 0,
+                  profile_dir: str = "", profile_steps: int = 5, sets=(), out=print) -> Dict[str, float]:
+  """The train stage's step for a config (`pipeline.train`: its step options, optimizer, mesh and jit),
+  random-initialised parameters (seed 0), `batches` random batches of the stage's shapes used in turn. Prints
+  the median step time; with `losses` N, the loss of each of the first N steps (a fixed sequence: compare
+  two versions of the code on it)."""
+  from srum_jax import config_utils, sharding, train_step as ts
+  from srum_jax.models import config as model_configs, params as params_lib
+  from srum_jax.pipeline import train as train_stage
+  from srum_jax.training import optimizer, update
+  overrides = {}
+  for kv in sets:
+    k, v = kv.split("=", 1)
+    overrides[k] = _literal(v)
+  config = config_utils.load_config(config_path, overrides)
+  cfg = model_configs.get_preset(config.model.preset)
+  t = config.train
+  mesh = train_stage.train_mesh(config)
+  opts = dataclasses.replace(train_stage.step_options(config), **train_stage.batch_layout(config, mesh))
+  params = jax.jit(lambda k: params_lib.init_params(params_lib.model_schema(cfg), k, jnp.float32))(jax.random.key(0))
+  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=int(t.steps))
+  state = update.init_state(jax.tree.map(lambda x: x.astype(config.model.param_dtype), params), tx, opts.ema_decay)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state_sh = ts.state_shardings(cfg, jax.eval_shape(lambda s: s, state), mesh, rules)
+  state = jax.device_put(state, state_sh)
+  host = [stage_batch(cfg, config, seed) for seed in range(batches)]
+  batch_sh = ts.batch_shardings(host[0], mesh, rules)
+  dev = [jax.device_put(b, batch_sh) for b in host]
+  step_fn = ts.make_train_step(cfg, opts, tx)
+  jstep = ts.shard_train_step(lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh, batch_sh, mesh,
+                              ts.compiler_options(mesh.devices.flat[0].platform, bool(t.tpu_collective_matmul)))
+  key = jax.random.key(int(config.seed))
+  t0 = time.time()
+  compiled = jstep.lower(state, dev[0], key).compile()
+  compile_s = time.time() - t0
+  seen = []
+  for i in range(warmup):
+    state, m = compiled(state, dev[i % batches], key)
+    seen.append(m["loss"])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(warmup, warmup + steps):
+    t1 = time.perf_counter()
+    state, m = compiled(state, dev[i % batches], key)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t1)
+    seen.append(m["loss"])
+  i = warmup + steps
+  while len(seen) < losses:
+    state, m = compiled(state, dev[i % batches], key)
+    seen.append(m["loss"])
+    i += 1
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for j in range(profile_steps):
+        state, m = compiled(state, dev[(i + j) % batches], key)
+      jax.block_until_ready(m["loss"])
+  med = float(np.median(times))
+  out(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}; config {config_path} "
+      f"{list(sets)}: preset {config.model.preset}, {t.batch_size} rows x {t.samples_per_row} samples, "
+      f"image {tuple(t.image_hw)}, tokens {t.num_tokens}, attn {opts.attn_impl}, remat {opts.remat}, "
+      f"compute {np.dtype(opts.compute_dtype).name}")
+  out(f"step_ms {med * 1e3:.2f} (min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, n={steps}); "
+      f"compile_s {compile_s:.1f}")
+  if losses:
+    out("losses " + " ".join(f"{float(v):.8g}" for v in seen[:losses]))
+  return dict(step_ms=med * 1e3, compile_s=compile_s, losses=[float(v) for v in seen[:losses]])
+
+
+def _literal(text: str):
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def parser():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="mid", help="tiny | mid | bagel_7b_mot (srum_jax.models.config)")
@@ -197,11 +296,18 @@ def parser():
   ap.add_argument("--compute_dtype", default="bfloat16")
   ap.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak (TFLOP/s)")
   ap.add_argument("--profile_dir", default="")
+  ap.add_argument("--config", default="", help="time the train stage's step of this config instead (e.g. "
+                  "experiments/tiny_world.py: the shapes world's train stage); --set, --losses apply")
+  ap.add_argument("--set", action="append", default=[], help="with --config: override key=value (repeatable)")
+  ap.add_argument("--losses", type=int, default=0, help="with --config: print the first N steps' losses")
   return ap
 
 
 def main(argv=None):
   a = parser().parse_args(argv)
+  if a.config:
+    return measure_stage(a.config, steps=a.steps, warmup=a.warmup, losses=a.losses, profile_dir=a.profile_dir,
+                         sets=a.set)
   return measure(a.preset, layers=a.layers, image=a.image, tokens=a.tokens, text=a.text, steps=a.steps,
                  warmup=a.warmup, attn_impl=a.attn_impl, vae=a.vae, remat=a.remat, unroll=a.unroll,
                  compute_dtype=a.compute_dtype, peak_tflops=a.peak_tflops, profile_dir=a.profile_dir)

@@ -17,7 +17,7 @@ machine's backend is the CPU), and every program is traced under its mesh (the a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,9 @@ class Program:
   info: Dict[str, Any]
 
 
-def model_config(config) -> BagelConfig:
-  return get_preset(config.model.preset)
+def model_config(config, cfg: Optional[BagelConfig] = None) -> BagelConfig:
+  """The config's model preset, or `cfg` when given (benchmarks compile cut-down variants, e.g. fewer layers)."""
+  return get_preset(config.model.preset) if cfg is None else cfg
 
 
 def attn_impl(config, devices: Sequence) -> str:
@@ -120,11 +121,12 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
   return _abstract(shapes, train_step.batch_shardings(host, mesh, rules))
 
 
-def train_step_program(config, devices: Sequence) -> Program:
-  """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices."""
+def train_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
+  """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices (`cfg`: another
+  model config than the preset's, e.g. fewer layers)."""
   from srum_jax.pipeline import train as train_stage
   from srum_jax.training import optimizer, update
-  cfg, t = model_config(config), config.train
+  cfg, t = model_config(config, cfg), config.train
   rows = int(t.batch_size)
   mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
   rules = sharding.rules_from_config(config.sharding_rules)
@@ -135,11 +137,12 @@ def train_step_program(config, devices: Sequence) -> Program:
   abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
   state_sh = train_step.state_shardings(cfg, abstract_state, mesh, rules)
   batch = _abstract_batch(cfg, config, rows, mesh, rules)
+  options = train_step.compiler_options(list(devices)[0].platform, bool(t.tpu_collective_matmul))
   step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx), state_sh,
-                                     jax.tree.map(lambda x: x.sharding, batch), mesh)
+                                     jax.tree.map(lambda x: x.sharding, batch), mesh, options)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
-              attn_impl=opts.attn_impl, params=params_lib.count_params(params),
+              attn_impl=opts.attn_impl, remat=opts.remat, xla_options=options, params=params_lib.count_params(params),
               param_dtype=str(config.model.param_dtype))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
 
@@ -148,8 +151,8 @@ def train_step_program(config, devices: Sequence) -> Program:
 # Inference
 
 
-def _inference_setup(config, devices):
-  cfg = model_config(config)
+def _inference_setup(config, devices, cfg: Optional[BagelConfig] = None):
+  cfg = model_config(config, cfg)
   mesh = _local_mesh(config, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   dtype = config.model.inference_dtype or config.model.param_dtype
@@ -165,11 +168,11 @@ def _context_length(config, cfg: BagelConfig) -> int:
   return context.bucket(256 + (int(g.text_budget) or 128) + think)
 
 
-def sampler_step_program(config, devices: Sequence) -> Program:
+def sampler_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
   """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
   generation batch (`generate.batch_size` rows per host)."""
   from srum_jax.inference import sampling
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   g = config.generate
   rows = int(g.batch_size)
   attn = attn_impl(config, devices)
@@ -193,10 +196,10 @@ def sampler_step_program(config, devices: Sequence) -> Program:
   return Program("sampler_step", jax.jit(sharding.under_mesh(step, mesh)), (params, contexts, x, t), mesh, info)
 
 
-def prefill_program(config, devices: Sequence) -> Program:
+def prefill_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
   """The prompt's prefill (`context.prefill_text`) into an empty generation context."""
   from srum_jax.inference import context
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   rows, length = int(config.generate.batch_size), _context_length(config, cfg)
   ids_len = int(config.generate.text_budget) or 128
   ctx = _context(cfg, rows, length, dtype, mesh)
@@ -209,11 +212,12 @@ def prefill_program(config, devices: Sequence) -> Program:
                  dict(mesh=dict(mesh.shape), rows=rows, prompt_tokens=ids_len, context_slots=length, attn_impl=attn))
 
 
-def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
+def judge_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None, *,
+                  prompt_tokens: int = 512) -> Program:
   """The judge's forward: a ViT image at the official transform's largest size and a region prompt
   prefilled into a context, then the logits after the answer prefix ("Score:" etc.)."""
   from srum_jax.inference import context, decoding
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   rows = int(config.score.batch_size)
   side = cfg.vit_max_num_patch_per_side
   patches = side * side

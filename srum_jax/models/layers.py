@@ -10,9 +10,14 @@ import jax.numpy as jnp
 
 
 def dense(p, x: jax.Array) -> jax.Array:
-  """y = x @ kernel + bias, computed in x's dtype (fp32 accumulation where the backend does it)."""
-  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype),
-                 preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  """y = x @ kernel + bias, computed in x's dtype (fp32 accumulation where the backend does it).
+
+  The leading dims are flattened into one for the matmul: its weight gradient is then one plain 2-D
+  contraction (with several batch dims XLA's CPU backend transposes the activations first; on TPU the
+  reshape is free)."""
+  lead = x.shape[:-1]
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), p["kernel"].astype(x.dtype),
+              preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None).reshape(*lead, -1)
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
   return y.astype(x.dtype)

@@ -371,7 +371,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
         if jstep is None:
           batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
           jstep = ts.shard_train_step(lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh,
-                                      batch_sh, mesh)
+                                      batch_sh, mesh, ts.compiler_options(mesh.devices.flat[0].platform,
+                                                                          bool(t.tpu_collective_matmul)))
         state, metrics = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key)
         step += 1
         bar.update(1)
