@@ -7,6 +7,7 @@ This module parses the scheduled HLO module and walks it from the entry computat
   its operands and results, as XLA's cost model counts a fusion (an operand the fusion only slices or
   gathers from counts the slice; the buffer an in-place dynamic-update-slice or scatter writes into counts
   the update, not the whole buffer);
+* a `conditional` counts its costliest branch (a run takes one);
 * a `while` loop's body is walked `trip count` times (the count is read from the loop's condition, a
   comparison of the induction variable with a constant): unlike `cost_analysis()`, which counts a loop body
   once, these totals are what the program runs. XLA TPU turns some all-gather + matmul pairs into such loops
@@ -385,10 +386,11 @@ def ops(module: Module, comp: Optional[str] = None, count: int = 1) -> Iterable[
       n = trip_count(module, ins, comp)
       yield from ops(module, _attr(ins.attrs, "body"), count * n)
       continue
-    if ins.opcode in ("call", "conditional"):
-      for name in re.findall(r"(?:to_apply|calls|branch_computations=\{[^}]*)=?%([\w.\-]+)", ins.attrs):
-        if name in module.computations:
-          yield from ops(module, name, count)
+    if ins.opcode == "call":
+      yield from ops(module, _attr(ins.attrs, "to_apply"), count)
+      continue
+    if ins.opcode == "conditional":  # a run takes one branch: the costliest one is counted
+      yield from max((list(ops(module, name, count)) for name in _branches(ins)), key=_weight, default=[])
       continue
     if ins.opcode.endswith("-done"):
       continue  # an async pair counts once, at its start
@@ -411,6 +413,19 @@ def ops(module: Module, comp: Optional[str] = None, count: int = 1) -> Iterable[
       nbytes = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
     q_shape = _kernel_q_shape(ins, shapes) if cat == "attention kernel" else ()
     yield Op(ins.name, cat, flops, nbytes, count, ins.shape.split("{")[0][:80], _op_name(ins.attrs), q_shape)
+
+
+def _branches(ins: Instr) -> List[str]:
+  m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+  if m:
+    return re.findall(r"%([\w.\-]+)", m.group(1))
+  return [n for n in (_attr(ins.attrs, "true_computation"), _attr(ins.attrs, "false_computation")) if n]
+
+
+def _weight(branch: List["Op"]) -> float:
+  """A branch's cost for choosing the costliest: bytes plus FLOPs at ~166 FLOPs per byte (a TPU's ratio of
+  peak FLOP/s to HBM bytes/s)."""
+  return sum((o.bytes + o.flops / 166.0) * o.count for o in branch)
 
 
 def _kernel_q_shape(ins: Instr, shapes: Dict[str, str]) -> tuple:

@@ -1,9 +1,10 @@
 """XLA's own TPU cost model on the 7B programs, compiled on this machine for abstract TPU devices.
 
 COMPILER ESTIMATES, NOT MEASUREMENTS. Each program of `srum_jax.aot` (the SRUM train step, one sampler step
-with CFG, the prompt prefill, the judge) is compiled for a TPU target with a cut-down decoder (1 and 2 LLM
-layers; for the judge also 2 ViT layers) and every `lax.scan` unrolled, and the whole program is read off
-by linear extrapolation: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)). Per compile:
+with CFG (the guided step, inside `cfg_interval`), the prompt prefill, the judge) is compiled for a TPU
+target with a cut-down decoder (1 and 2 LLM layers; for the judge also 2 ViT layers) and every `lax.scan`
+unrolled, and the whole program is read off by linear extrapolation: cost(L) = cost(1) + (L - 1) *
+(cost(2) - cost(1)). Per compile:
 * XLA's `cost_analysis()`: flops, bytes accessed and `optimal_seconds`, the compiler's estimate of the run
   time on that chip. It counts a while loop's body once, and XLA TPU turns FSDP all-gather + matmul pairs
   into such loops (windowed einsum): `hlo_ops` reads the loops' trip counts from the compiled module, and
@@ -12,7 +13,8 @@ by linear extrapolation: cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)). Per 
 * the attention kernel: splash is a Pallas custom call, outside the cost model (no FLOPs; its operands'
   bytes are counted). Its FLOPs are computed here from the blocks it executes: each call's q / k shapes
   come from the module, the visible blocks from the program's token layout (`attention_sites`), and units
-  of 2 x heads x head_dim x (block pairs x bq x bkv): forward 2 (QK^T, PV), dq 3, dkv 4. Its time is those
+  of 2 x heads x head_dim x (block pairs x bq x bkv): forward 2 (QK^T, PV), dq 3, dkv 4 (fused dq + dkv: 5,
+  one recomputation of the scores). Its time is those
   FLOPs at the chip's peak (at 512-blocks the kernel does ~512 FLOPs per byte read, compute-bound).
 Estimated time = XLA's optimal_seconds (extrapolated) + the loops' missing iterations + the kernel's time.
 Utilisation: BAGEL's formula (`srum_jax.flops`) over estimated time x peak (train step), and the counted
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -39,7 +42,7 @@ CHIPS = {  # per chip: dense bf16 peak FLOP/s, HBM bytes/s, ICI bytes/s (all lin
 }
 PROGRAMS = ("train", "sampler", "prefill", "judge")
 HOST_TOPOLOGY = {"v5p": "2x2x1", "v6e": "2x2"}
-KERNEL_UNITS = {"fwd": 2, "dq": 3, "dkv": 4}  # matmuls per executed block pair
+KERNEL_UNITS = {"fwd": 2, "dq": 3, "dkv": 4, "fused": 5}  # block matmuls per executed block pair
 
 
 def _parse():
@@ -189,10 +192,12 @@ def kernel_flops(split: hlo_ops.Split, sites: list, block: int) -> tuple:
     vis, exe, (pq, pk) = executed_pairs(s, block)
     by_len[pq] = (exe, s)
   total, calls = 0.0, 0
-  for o in split.ops:
-    if o.category != "attention kernel" or not o.q_shape:
-      continue
+  kernels = [o for o in split.ops if o.category == "attention kernel" and o.q_shape]
+  fused = not any("dq" in o.name for o in kernels)  # a fused backward: dq from the dkv kernel
+  for o in kernels:
     kind = "dkv" if "dkv" in o.name else "dq" if "dq" in o.name else "fwd"
+    if kind == "dkv" and fused:
+      kind = "fused"
     *lead, nq, d = o.q_shape
     heads = math.prod(lead)
     match = by_len.get(nq)
@@ -217,7 +222,7 @@ def _cfg(config, llm_layers: int, vit_layers: int):
 
 def compile_variant(name: str, config, target: str, llm_layers: int, vit_layers: int, chip: dict):
   """Compile one cut-down variant; returns its measurements (a dict)."""
-  builders = {"train": aot.train_step_program, "sampler": aot.sampler_step_program,
+  builders = {"train": aot.train_step_program, "sampler": functools.partial(aot.sampler_step_program, guided=True),
               "prefill": aot.prefill_program, "judge": aot.judge_program}
   devs = tpu_devices(target, host=name != "train")
   cfg = _cfg(config, llm_layers, vit_layers)

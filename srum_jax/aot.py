@@ -168,9 +168,11 @@ def _context_length(config, cfg: BagelConfig) -> int:
   return context.bucket(256 + (int(g.text_budget) or 128) + think)
 
 
-def sampler_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
+def sampler_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None,
+                         guided: bool = False) -> Program:
   """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
-  generation batch (`generate.batch_size` rows per host)."""
+  generation batch (`generate.batch_size` rows per host). `guided`: the step inside `cfg_interval` only (the
+  guided branch of `sampling.guided_velocity`'s cond, without the cond: one program per step kind)."""
   from srum_jax.inference import sampling
   cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   g = config.generate
@@ -184,11 +186,17 @@ def sampler_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] =
                            sharding=_fit(_rows(mesh, 3), (rows, 1, 1)))
   t = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
 
+  scales = dict(cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale))
+
   def step(params, contexts, x, t):
-    v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid,
-                                 cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale),
-                                 cfg_interval=tuple(g.cfg_interval), cfg_renorm_type=str(g.cfg_renorm_type),
-                                 cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=attn)
+    if guided:
+      vs = sampling.branch_velocities(params["bagel"], contexts[:n], x, t, cfg=cfg, grid=grid, attn_impl=attn)
+      v = sampling.cfg_combine(vs[0], vs[1] if n > 1 else None, vs[2] if n > 2 else None, **scales,
+                               cfg_renorm_type=str(g.cfg_renorm_type), cfg_renorm_min=float(g.cfg_renorm_min))
+    else:
+      v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid, **scales,
+                                   cfg_interval=tuple(g.cfg_interval), cfg_renorm_type=str(g.cfg_renorm_type),
+                                   cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=attn)
     return x - v * 0.02
 
   info = dict(mesh=dict(mesh.shape), rows=rows, branches=n, image=f"{g.height}x{g.width}",
