@@ -1,29 +1,32 @@
-"""Op categories, FLOPs and bytes of a compiled XLA program, read from its HLO text (`compiled.as_text()`).
+"""Op categories, FLOPs and bytes of a compiled XLA program, read from its HLO text
+(`compiled.as_text()`).
 
-XLA's `cost_analysis()` gives one total per program; the compiled module says what the total is made of.
-This module parses the scheduled HLO module and walks it from the entry computation:
-* every top-level instruction (a fusion, a custom call, a collective, a copy ...) is one op; its FLOPs are
-  those of the dots / convolutions inside it (2 x output elements x contracted size), its bytes the sizes of
-  its operands and results, as XLA's cost model counts a fusion (an operand the fusion only slices or
-  gathers from counts the slice; the buffer an in-place dynamic-update-slice or scatter writes into counts
-  the update, not the whole buffer);
+XLA's `cost_analysis()` gives one total per program; the compiled module says what the total is made
+of. This module parses the scheduled HLO module and walks it from the entry computation:
+* every top-level instruction (a fusion, a custom call, a collective, a copy ...) is one op; its
+  FLOPs are
+  those of the dots / convolutions inside it (2 x output elements x contracted size), its bytes the
+  sizes of its operands and results, as XLA's cost model counts a fusion (an operand the fusion only
+  slices or gathers from counts the slice; the buffer an in-place dynamic-update-slice or scatter
+  writes into counts the update, not the whole buffer);
 * a `conditional` counts its costliest branch (a run takes one);
 * a `while` loop's body is walked `trip count` times (the count is read from the loop's condition, a
-  comparison of the induction variable with a constant): unlike `cost_analysis()`, which counts a loop body
-  once, these totals are what the program runs. XLA TPU turns some all-gather + matmul pairs into such loops
-  ("windowed einsum": the gathered operand arrives in pieces while the matmul runs), so the difference
-  matters even when the layer scan is unrolled;
-* each op gets one category (`CATEGORIES`), by what it is: a Pallas / Mosaic kernel (`tpu_custom_call`) is
-  the attention kernel; collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute,
-  their async start/done pairs count once) are collectives; a fusion with a dot or convolution is a matmul;
-  a fusion rooted in a gather / scatter / dynamic-slice / dynamic-update-slice (or holding a gather or
-  scatter) is a gather/scatter; a copy, a transpose, or a fusion of only layout ops (copy, transpose,
-  bitcast, reshape, broadcast, slice, concatenate, pad) is a copy/transpose; any other fusion or op is an
-  elementwise fusion (reductions included).
+  comparison of the induction variable with a constant): unlike `cost_analysis()`, which counts a
+  loop body once, these totals are what the program runs. XLA TPU turns some all-gather + matmul
+  pairs into such loops ("windowed einsum": the gathered operand arrives in pieces while the matmul
+  runs), so the difference matters even when the layer scan is unrolled;
+* each op gets one category (`CATEGORIES`), by what it is: a Pallas / Mosaic kernel
+  (`tpu_custom_call`) is
+  the attention kernel; collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
+  collective-permute, their async start/done pairs count once) are collectives; a fusion with a dot
+  or convolution is a matmul; a fusion rooted in a gather / scatter / dynamic-slice /
+  dynamic-update-slice (or holding a gather or scatter) is a gather/scatter; a copy, a transpose, or
+  a fusion of only layout ops (copy, transpose, bitcast, reshape, broadcast, slice, concatenate,
+  pad) is a copy/transpose; any other fusion or op is an elementwise fusion (reductions included).
 
 Per-op time is not in the module. `roofline_seconds` gives each op max(FLOPs / peak, bytes / HBM
-bandwidth), collectives bytes / ICI bandwidth: a lower bound per op, used to split XLA's own estimated time
-by category, never as a replacement for it.
+bandwidth), collectives bytes / ICI bandwidth: a lower bound per op, used to split XLA's own
+estimated time by category, never as a replacement for it.
 """
 from __future__ import annotations
 
@@ -32,19 +35,24 @@ import dataclasses
 import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
-CATEGORIES = ("matmul/convolution", "attention kernel", "elementwise fusion", "copy/transpose", "gather/scatter",
-              "collective", "other")
+CATEGORIES = ("matmul/convolution", "attention kernel", "elementwise fusion", "copy/transpose",
+              "gather/scatter", "collective", "other")
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
-               "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
-               "c128": 16, "token": 0}
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+               "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8,
+               "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")
-LAYOUT_OPS = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate", "pad", "parameter",
-              "constant", "tuple", "get-tuple-element", "bitcast-convert", "copy-start", "copy-done"}
+LAYOUT_OPS = {
+    "copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "concatenate", "pad",
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast-convert", "copy-start",
+    "copy-done"
+}
 INDEXING_ROOTS = {"gather", "scatter", "dynamic-slice", "dynamic-update-slice"}
-FREE_OPS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
-            "replica-id", "iota", "opt-barrier", "add-dependency"}
+FREE_OPS = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+    "replica-id", "iota", "opt-barrier", "add-dependency"
+}
 
 _ARRAY = re.compile(r"\b(pred|[subfc]\d+|f8e4m3fn|f8e5m2|bf16|token)\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
@@ -89,7 +97,8 @@ class Module:
 
 
 def _split_operands(text: str) -> Tuple[List[str], str, str]:
-  """'a, b), attrs...' -> (['a', 'b'], 'attrs...') (the operand list ends at the matching parenthesis)."""
+  """'a, b), attrs...' -> (['a', 'b'], 'attrs...') (the operand list ends at the matching
+  parenthesis)."""
   depth, i = 1, 0
   while i < len(text) and depth:
     depth += {"(": 1, ")": -1}.get(text[i], 0)
@@ -136,7 +145,8 @@ def parse_module(text: str) -> Module:
     if not m:
       continue
     operands, attrs, args = _split_operands(m.group(5))
-    comps[current].append(Instr(m.group(2), m.group(3), m.group(4), operands, attrs, bool(m.group(1)), args))
+    comps[current].append(
+        Instr(m.group(2), m.group(3), m.group(4), operands, attrs, bool(m.group(1)), args))
   return Module(comps, entry)
 
 
@@ -157,9 +167,12 @@ def dot_flops(ins: Instr, shapes: Dict[str, str]) -> float:
     for d in (dims.group(1).split(",") if dims and dims.group(1) else []):
       k *= lhs[int(d)]
     return 2.0 * out * k
-  # convolution: each output element sums over the kernel's input features ('i') and the window taps that
-  # land inside the (padded, dilated) input; XLA TPU also encodes batched matmuls as convolutions whose
-  # window spans a padded batch dim, where one tap per output is real, so taps are counted, not assumed.
+  # convolution: each output element sums over the kernel's input features ('i') and the window taps
+  # that
+  # land inside the (padded, dilated) input; XLA TPU also encodes batched matmuls as convolutions
+  # whose
+  # window spans a padded batch dim, where one tap per output is real, so taps are counted, not
+  # assumed.
   lhs = shape_dims(shapes.get(ins.operands[0], ""))
   rhs = shape_dims(shapes.get(ins.operands[1], ""))
   labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
@@ -177,7 +190,8 @@ def dot_flops(ins: Instr, shapes: Dict[str, str]) -> float:
 
 
 def _window(attrs: str) -> List[Dict[str, int]]:
-  """Per spatial dim: size, pad_lo, stride, lhs_dilate, rhs_dilate of a convolution's `window={...}`."""
+  """Per spatial dim: size, pad_lo, stride, lhs_dilate, rhs_dilate of a convolution's
+  `window={...}`."""
   m = re.search(r"window=\{([^}]*)\}", attrs)
   if not m:
     return []
@@ -195,18 +209,21 @@ def _window(attrs: str) -> List[Dict[str, int]]:
 
 
 def _valid_taps(in_size: int, out_size: int, w: Dict[str, int]) -> int:
-  """Window taps, summed over the output positions of one spatial dim, that read a real input element."""
+  """Window taps, summed over the output positions of one spatial dim, that read a real input
+  element."""
   total = 0
   for o in range(out_size):
     base = o * w["stride"] - w["pad"]
     if w["lhs_dilate"] == 1:
       d = w["rhs_dilate"]
-      lo = -(base // d) if base < 0 else 0  # first tap at or past the input's start: ceil(-base / d)
+      lo = -(base //
+             d) if base < 0 else 0  # first tap at or past the input's start: ceil(-base / d)
       hi = min(w["size"] - 1, (in_size - 1 - base) // d)
       total += max(0, hi - lo + 1)
     else:
-      total += sum(1 for j in range(w["size"]) if (base + j * w["rhs_dilate"]) % w["lhs_dilate"] == 0
-                   and 0 <= (base + j * w["rhs_dilate"]) // w["lhs_dilate"] < in_size)
+      total += sum(
+          1 for j in range(w["size"]) if (base + j * w["rhs_dilate"]) %
+          w["lhs_dilate"] == 0 and 0 <= (base + j * w["rhs_dilate"]) // w["lhs_dilate"] < in_size)
   return total
 
 
@@ -224,8 +241,8 @@ def _fused_ops(module: Module, comp: str, seen=None) -> List[Instr]:
 
 
 def _fusion_bytes(module: Module, comp: str, ins: Instr, shapes: Dict[str, str]) -> float:
-  """Operand + result bytes of a fusion as XLA counts them (sliced operands: the slices; in-place updates: the
-  update)."""
+  """Operand + result bytes of a fusion as XLA counts them (sliced operands: the slices; in-place
+  updates: the update)."""
   body = module.computations.get(comp, [])
   params = {b.name: b for b in body if b.opcode == "parameter"}
   users = collections.defaultdict(list)
@@ -246,7 +263,8 @@ def _fusion_bytes(module: Module, comp: str, ins: Instr, shapes: Dict[str, str])
     if pname == in_place:
       continue
     us = users.get(pname, [])
-    if us and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in us):
+    if us and all(
+        u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == pname for u in us):
       total += sum(shape_bytes(u.shape) for u in us)
     else:
       total += shape_bytes(p.shape)
@@ -278,9 +296,9 @@ def _tuple_index(comp: Dict[str, Instr], name: str) -> Optional[int]:
 
 
 def trip_count(module: Module, loop: Instr, caller: str) -> int:
-  """Iterations of a while loop: its condition compares an induction variable (a tuple element) with a
-  constant; the start is that element of the loop's initial tuple, the step what the body adds to it. A known
-  trip count in the loop's backend config wins; 1 when neither can be read."""
+  """Iterations of a while loop: its condition compares an induction variable (a tuple element) with
+  a constant; the start is that element of the loop's initial tuple, the step what the body adds to
+  it. A known trip count in the loop's backend config wins; 1 when neither can be read."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
   if known:
     return int(known.group(1))
@@ -289,10 +307,16 @@ def trip_count(module: Module, loop: Instr, caller: str) -> int:
   if root is None or root.opcode != "compare" or len(root.operands) != 2:
     return 1
   a, b = root.operands
-  bound, index, direction = _const(cond, b), _tuple_index(cond, a), re.search(r"direction=(\w+)", root.attrs)
+  bound, index, direction = _const(cond, b), _tuple_index(cond, a), re.search(
+      r"direction=(\w+)", root.attrs)
   if bound is None:  # constant on the left: flip
     bound, index = _const(cond, a), _tuple_index(cond, b)
-    direction = {"GT": "LT", "GE": "LE", "LT": "GT", "LE": "GE"}.get(direction.group(1) if direction else "", "")
+    direction = {
+        "GT": "LT",
+        "GE": "LE",
+        "LT": "GT",
+        "LE": "GE"
+    }.get(direction.group(1) if direction else "", "")
   else:
     direction = direction.group(1) if direction else ""
   if bound is None or index is None:
@@ -321,10 +345,11 @@ def trip_count(module: Module, loop: Instr, caller: str) -> int:
 
 
 def _is_kernel(ins: Instr) -> bool:
-  """A Pallas / Mosaic kernel (on TPU: custom_call_target="tpu_custom_call"); other custom calls are XLA's
-  own helpers (buffer allocation, index hints)."""
+  """A Pallas / Mosaic kernel (on TPU: custom_call_target="tpu_custom_call"); other custom calls are
+  XLA's own helpers (buffer allocation, index hints)."""
   target = re.search(r'custom_call_target="([^"]*)"', ins.attrs)
-  return bool(target) and target.group(1) in ("tpu_custom_call", "mosaic_gpu", "__gpu$xla.gpu.triton")
+  return bool(target) and target.group(1) in ("tpu_custom_call", "mosaic_gpu",
+                                              "__gpu$xla.gpu.triton")
 
 
 def categorize(module: Module, ins: Instr) -> str:
@@ -366,7 +391,8 @@ class Op:
   count: int  # executions (loop trip counts multiplied in)
   shape: str
   op_name: str  # the JAX op that produced it (metadata), for reading
-  q_shape: tuple = ()  # a kernel call's first float operand of rank >= 3 (splash: q [..., heads, Nq, d])
+  q_shape: tuple = (
+  )  # a kernel call's first float operand of rank >= 3 (splash: q [..., heads, Nq, d])
 
 
 def _op_name(attrs: str) -> str:
@@ -375,7 +401,8 @@ def _op_name(attrs: str) -> str:
 
 
 def ops(module: Module, comp: Optional[str] = None, count: int = 1) -> Iterable[Op]:
-  """Every op a run executes, from the entry computation down through while loops (`count` = iterations)."""
+  """Every op a run executes, from the entry computation down through while loops (`count` =
+  iterations)."""
   comp = comp or module.entry
   body = module.computations[comp]
   shapes = {i.name: i.shape for i in body}
@@ -390,7 +417,8 @@ def ops(module: Module, comp: Optional[str] = None, count: int = 1) -> Iterable[
       yield from ops(module, _attr(ins.attrs, "to_apply"), count)
       continue
     if ins.opcode == "conditional":  # a run takes one branch: the costliest one is counted
-      yield from max((list(ops(module, name, count)) for name in _branches(ins)), key=_weight, default=[])
+      yield from max((list(ops(module, name, count)) for name in _branches(ins)), key=_weight,
+                     default=[])
       continue
     if ins.opcode.endswith("-done"):
       continue  # an async pair counts once, at its start
@@ -407,24 +435,28 @@ def ops(module: Module, comp: Optional[str] = None, count: int = 1) -> Iterable[
       nbytes = _fusion_bytes(module, called, ins, shapes)
     elif ins.opcode.endswith("-start"):
       result = re.match(r"\((.*)\)", ins.shape)
-      nbytes = shape_bytes(ins.shape) / 2 if result else shape_bytes(ins.shape)  # (operand, result, ...)
+      nbytes = shape_bytes(ins.shape) / 2 if result else shape_bytes(
+          ins.shape)  # (operand, result, ...)
       nbytes = max(nbytes, sum(shape_bytes(shapes.get(o, "")) for o in ins.operands))
     else:
       nbytes = shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ins.operands)
     q_shape = _kernel_q_shape(ins, shapes) if cat == "attention kernel" else ()
-    yield Op(ins.name, cat, flops, nbytes, count, ins.shape.split("{")[0][:80], _op_name(ins.attrs), q_shape)
+    yield Op(ins.name, cat, flops, nbytes, count,
+             ins.shape.split("{")[0][:80], _op_name(ins.attrs), q_shape)
 
 
 def _branches(ins: Instr) -> List[str]:
   m = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
   if m:
     return re.findall(r"%([\w.\-]+)", m.group(1))
-  return [n for n in (_attr(ins.attrs, "true_computation"), _attr(ins.attrs, "false_computation")) if n]
+  return [
+      n for n in (_attr(ins.attrs, "true_computation"), _attr(ins.attrs, "false_computation")) if n
+  ]
 
 
 def _weight(branch: List["Op"]) -> float:
-  """A branch's cost for choosing the costliest: bytes plus FLOPs at ~166 FLOPs per byte (a TPU's ratio of
-  peak FLOP/s to HBM bytes/s)."""
+  """A branch's cost for choosing the costliest: bytes plus FLOPs at ~166 FLOPs per byte (a TPU's
+  ratio of peak FLOP/s to HBM bytes/s)."""
   return sum((o.bytes + o.flops / 166.0) * o.count for o in branch)
 
 
@@ -443,7 +475,8 @@ class Split:
   bytes: Dict[str, float]
   seconds: Dict[str, float]  # per-op roofline lower bounds, summed
   ops: List[Op]
-  loop_extra: Dict[str, float]  # flops, bytes, seconds of the loop iterations past the first (XLA counts one)
+  loop_extra: Dict[
+      str, float]  # flops, bytes, seconds of the loop iterations past the first (XLA counts one)
 
 
 def split(text: str, peak_flops: float, hbm_bytes_per_s: float, ici_bytes_per_s: float) -> Split:

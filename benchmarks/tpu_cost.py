@@ -1,26 +1,32 @@
 """XLA's own TPU cost model on the 7B programs, compiled on this machine for abstract TPU devices.
 
-COMPILER ESTIMATES, NOT MEASUREMENTS. Each program of `srum_jax.aot` (the SRUM train step, one sampler step
-with CFG (the guided step, inside `cfg_interval`), the prompt prefill, the judge) is compiled for a TPU
-target with a cut-down decoder (1 and 2 LLM layers; for the judge also 2 ViT layers) and every `lax.scan`
-unrolled, and the whole program is read off by linear extrapolation: cost(L) = cost(1) + (L - 1) *
-(cost(2) - cost(1)). Per compile:
-* XLA's `cost_analysis()`: flops, bytes accessed and `optimal_seconds`, the compiler's estimate of the run
-  time on that chip. It counts a while loop's body once, and XLA TPU turns FSDP all-gather + matmul pairs
-  into such loops (windowed einsum): `hlo_ops` reads the loops' trip counts from the compiled module, and
-  the missing iterations are added (their FLOPs and bytes; their time as the body's per-op roofline).
-* the op-category split (`hlo_ops`): FLOPs, bytes and per-op roofline seconds per category, loops counted.
-* the attention kernel: splash is a Pallas custom call, outside the cost model (no FLOPs; its operands'
-  bytes are counted). Its FLOPs are computed here from the blocks it executes: each call's q / k shapes
-  come from the module, the visible blocks from the program's token layout (`attention_sites`), and units
-  of 2 x heads x head_dim x (block pairs x bq x bkv): forward 2 (QK^T, PV), dq 3, dkv 4 (fused dq + dkv: 5,
-  one recomputation of the scores). Its time is those
+COMPILER ESTIMATES, NOT MEASUREMENTS. Each program of `srum_jax.aot` (the SRUM train step, one
+sampler step with CFG (the guided step, inside `cfg_interval`), the prompt prefill, the judge) is
+compiled for a TPU target with a cut-down decoder (1 and 2 LLM layers; for the judge also 2 ViT
+layers) and every `lax.scan` unrolled, and the whole program is read off by linear extrapolation:
+cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)). Per compile:
+* XLA's `cost_analysis()`: flops, bytes accessed and `optimal_seconds`, the compiler's estimate of
+  the run
+  time on that chip. It counts a while loop's body once, and XLA TPU turns FSDP all-gather + matmul
+  pairs into such loops (windowed einsum): `hlo_ops` reads the loops' trip counts from the compiled
+  module, and the missing iterations are added (their FLOPs and bytes; their time as the body's
+  per-op roofline).
+* the op-category split (`hlo_ops`): FLOPs, bytes and per-op roofline seconds per category, loops
+  counted.
+* the attention kernel: splash is a Pallas custom call, outside the cost model (no FLOPs; its
+  operands'
+  bytes are counted). Its FLOPs are computed here from the blocks it executes: each call's q / k
+  shapes come from the module, the visible blocks from the program's token layout
+  (`attention_sites`), and units of 2 x heads x head_dim x (block pairs x bq x bkv): forward 2
+  (QK^T, PV), dq 3, dkv 4 (fused dq + dkv: 5, one recomputation of the scores). Its time is those
   FLOPs at the chip's peak (at 512-blocks the kernel does ~512 FLOPs per byte read, compute-bound).
-Estimated time = XLA's optimal_seconds (extrapolated) + the loops' missing iterations + the kernel's time.
-Utilisation: BAGEL's formula (`srum_jax.flops`) over estimated time x peak (train step), and the counted
-FLOPs (XLA's, loop-corrected, + kernel) over the same. The check `counted / formula` validates the scaling.
+Estimated time = XLA's optimal_seconds (extrapolated) + the loops' missing iterations + the kernel's
+time. Utilisation: BAGEL's formula (`srum_jax.flops`) over estimated time x peak (train step), and
+the counted FLOPs (XLA's, loop-corrected, + kernel) over the same. The check `counted / formula`
+validates the scaling.
 
-    TPU_SKIP_MDS_QUERY=1 venv_tpu/bin/python benchmarks/tpu_cost.py --target tpu:v5p:2x2x4 --programs train
+    TPU_SKIP_MDS_QUERY=1 venv_tpu/bin/python benchmarks/tpu_cost.py --target tpu:v5p:2x2x4 \
+        --programs train
     ... --programs sampler,prefill,judge --json runs/tpu_cost.jsonl --label baseline
 """
 from __future__ import annotations
@@ -50,10 +56,14 @@ def _parse():
   ap.add_argument("--target", default="tpu:v5p:2x2x4", help="tpu:<type>:<topology>")
   ap.add_argument("--config", default="experiments/bagel_7b_compbench.py")
   ap.add_argument("--programs", default="train", help=f"comma list of {PROGRAMS}")
-  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-  ap.add_argument("--attn_impl", default="", help="model.attn_impl (default: the config's, resolved for TPU)")
-  ap.add_argument("--host_topology", default="", help=f"inference programs' topology (default {HOST_TOPOLOGY})")
-  ap.add_argument("--xla", action="append", default=[], help="XLA compiler option key=value for the compile")
+  ap.add_argument("--set", action="append", default=[],
+                  help="config override key=value (repeatable)")
+  ap.add_argument("--attn_impl", default="",
+                  help="model.attn_impl (default: the config's, resolved for TPU)")
+  ap.add_argument("--host_topology", default="",
+                  help=f"inference programs' topology (default {HOST_TOPOLOGY})")
+  ap.add_argument("--xla", action="append", default=[],
+                  help="XLA compiler option key=value for the compile")
   ap.add_argument("--json", default="", help="append one JSON record per program to this file")
   ap.add_argument("--label", default="", help="a name for this configuration in the JSON records")
   ap.add_argument("--hlo_dir", default="", help="write each compiled module's text here")
@@ -71,15 +81,18 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hlo_ops  # noqa: E402
+
 from srum_jax import aot, config_utils  # noqa: E402
 from srum_jax.flops import bagel_active_params, bagel_flops  # noqa: E402
+from srum_jax.inference import context  # noqa: E402
 from srum_jax.models import packing  # noqa: E402
+from srum_jax.training import train_step  # noqa: E402
 
 
 @contextlib.contextmanager
 def unrolled_scans():
-  """Every `jax.lax.scan` traced inside runs unrolled (no while loop): XLA's cost analysis counts a loop
-  body once, so the layer scans are unrolled for counting. Only for compiling estimates."""
+  """Every `jax.lax.scan` traced inside runs unrolled (no while loop): XLA's cost analysis counts a
+  loop body once, so the layer scans are unrolled for counting. Only for compiling estimates."""
   scan = jax.lax.scan
 
   def unrolled(*args, **kwargs):
@@ -106,18 +119,19 @@ def tpu_devices(spec: str, host: bool = False):
   chip, _, topology = spec.partition(":")
   if host:
     topology = ARGS.host_topology or HOST_TOPOLOGY[chip]
-  return list(topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu").devices)
+  return list(
+      topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu").devices)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The attention kernel's executed blocks
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
   """One attention call of a layer: `q_len` queries over `slots` cached keys (`filled` of them real,
-  earlier splits: visible to all queries) followed by the queries' own keys, `mode` CAUSAL or FULL among
-  them; or, with `meta`, the packed training row's own mask."""
+  earlier splits: visible to all queries) followed by the queries' own keys, `mode` CAUSAL or FULL
+  among them; or, with `meta`, the packed training row's own mask."""
   q_len: int
   slots: int = 0
   filled: int = 0
@@ -139,8 +153,8 @@ def _mask(site: Site) -> np.ndarray:
 
 
 def executed_pairs(site: Site, block: int) -> tuple:
-  """(visible pairs, pairs the kernel computes: non-empty block pairs x block^2) of one row, with splash's
-  padding of both axes to whole blocks (`models.attention._splash_local`)."""
+  """(visible pairs, pairs the kernel computes: non-empty block pairs x block^2) of one row, with
+  splash's padding of both axes to whole blocks (`models.attention._splash_local`)."""
   mask = _mask(site)
   nq, nk = mask.shape
   bq, bk = min(block, -(-nq // 128) * 128), min(block, -(-nk // 128) * 128)
@@ -152,10 +166,9 @@ def executed_pairs(site: Site, block: int) -> tuple:
 
 
 def attention_sites(name: str, config, cfg) -> list:
-  """The kernel's attention calls per layer of a program, in the layout the program compiles for. Inference
-  contexts are taken as filled to the budgets `aot` sizes them by (system prompt, prompt, plan): an upper
-  bound on a typical context."""
-  from srum_jax import train_step
+  """The kernel's attention calls per layer of a program, in the layout the program compiles for.
+  Inference contexts are taken as filled to the budgets `aot` sizes them by (system prompt, prompt,
+  plan): an upper bound on a typical context."""
   t, g = config.train, config.generate
   if name == "train":
     H, W = (int(v) for v in t.image_hw)
@@ -175,7 +188,6 @@ def attention_sites(name: str, config, cfg) -> list:
     return [Site(q_len=int(g.text_budget) or 128, slots=aot._context_length(config, cfg), filled=0,
                  mode=packing.CAUSAL)]
   if name == "judge":
-    from srum_jax.inference import context
     side = cfg.vit_max_num_patch_per_side
     img = side * side + 2
     slots = context.bucket(side * side + 2 + 512 + 16)
@@ -185,8 +197,8 @@ def attention_sites(name: str, config, cfg) -> list:
 
 
 def kernel_flops(split: hlo_ops.Split, sites: list, block: int) -> tuple:
-  """(FLOPs, calls) of the module's attention-kernel calls: each call matched to a site by its padded
-  query length, heads and head dim from its q operand."""
+  """(FLOPs, calls) of the module's attention-kernel calls: each call matched to a site by its
+  padded query length, heads and head dim from its q operand."""
   by_len = {}
   for s in sites:
     vis, exe, (pq, pk) = executed_pairs(s, block)
@@ -208,7 +220,7 @@ def kernel_flops(split: hlo_ops.Split, sites: list, block: int) -> tuple:
   return total, calls
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One program
 
 
@@ -222,8 +234,12 @@ def _cfg(config, llm_layers: int, vit_layers: int):
 
 def compile_variant(name: str, config, target: str, llm_layers: int, vit_layers: int, chip: dict):
   """Compile one cut-down variant; returns its measurements (a dict)."""
-  builders = {"train": aot.train_step_program, "sampler": functools.partial(aot.sampler_step_program, guided=True),
-              "prefill": aot.prefill_program, "judge": aot.judge_program}
+  builders = {
+      "train": aot.train_step_program,
+      "sampler": functools.partial(aot.sampler_step_program, guided=True),
+      "prefill": aot.prefill_program,
+      "judge": aot.judge_program
+  }
   devs = tpu_devices(target, host=name != "train")
   cfg = _cfg(config, llm_layers, vit_layers)
   t0 = time.time()
@@ -238,19 +254,19 @@ def compile_variant(name: str, config, target: str, llm_layers: int, vit_layers:
   text = compiled.as_text()
   if ARGS.hlo_dir:
     os.makedirs(ARGS.hlo_dir, exist_ok=True)
-    with open(os.path.join(ARGS.hlo_dir, f"{ARGS.label or 'run'}_{name}_{llm_layers}_{vit_layers}.hlo.txt"),
-              "w") as f:
+    with open(
+        os.path.join(ARGS.hlo_dir,
+                     f"{ARGS.label or 'run'}_{name}_{llm_layers}_{vit_layers}.hlo.txt"), "w") as f:
       f.write(text)
   split = hlo_ops.split(text, chip["peak"], chip["hbm"], chip["ici"])
   kflops, kcalls = kernel_flops(split, attention_sites(name, config, cfg), 512)
-  return dict(
-      compile_s=seconds, devices=len(prog.mesh.devices.flat), mesh=dict(prog.mesh.shape), info=prog.info,
-      xla_flops=float(cost.get("flops", 0.0)), xla_bytes=float(cost.get("bytes accessed", 0.0)),
-      xla_seconds=float(cost.get("optimal_seconds", 0.0)),
-      loop_flops=split.loop_extra["flops"], loop_bytes=split.loop_extra["bytes"],
-      loop_seconds=split.loop_extra["seconds"],
-      cat_flops=split.flops, cat_bytes=split.bytes, cat_seconds=split.seconds,
-      kernel_flops=kflops, kernel_calls=kcalls)
+  return dict(compile_s=seconds, devices=len(prog.mesh.devices.flat), mesh=dict(
+      prog.mesh.shape), info=prog.info, xla_flops=float(cost.get("flops", 0.0)), xla_bytes=float(
+          cost.get("bytes accessed", 0.0)), xla_seconds=float(cost.get(
+              "optimal_seconds", 0.0)), loop_flops=split.loop_extra["flops"],
+              loop_bytes=split.loop_extra["bytes"], loop_seconds=split.loop_extra["seconds"],
+              cat_flops=split.flops, cat_bytes=split.bytes, cat_seconds=split.seconds,
+              kernel_flops=kflops, kernel_calls=kcalls)
 
 
 def _extrapolate(a, b, n: float):
@@ -261,7 +277,8 @@ def _extrapolate(a, b, n: float):
 
 
 def train_formula(config, cfg) -> tuple:
-  """BAGEL's formula for one update of the config's batch: (total, the 6 N tokens term, the attention term)."""
+  """BAGEL's formula for one update of the config's batch: (total, the 6 N tokens term, the
+  attention term)."""
   t = config.train
   H, W = (int(v) for v in t.image_hw)
   n_lat = (H // cfg.latent_downsample) * (W // cfg.latent_downsample)
@@ -281,8 +298,8 @@ def estimate(name: str, config, target: str) -> dict:
   Lv = full.vit.num_hidden_layers if full.vit is not None else 1
   v11 = compile_variant(name, config, target, 1, 1, chip)
   v21 = compile_variant(name, config, target, 2, 1, chip)
-  keys = ("xla_flops", "xla_bytes", "xla_seconds", "loop_flops", "loop_bytes", "loop_seconds", "cat_flops",
-          "cat_bytes", "cat_seconds", "kernel_flops", "kernel_calls")
+  keys = ("xla_flops", "xla_bytes", "xla_seconds", "loop_flops", "loop_bytes", "loop_seconds",
+          "cat_flops", "cat_bytes", "cat_seconds", "kernel_flops", "kernel_calls")
   pick = lambda v: {k: v[k] for k in keys}  # noqa: E731
   whole = _extrapolate(pick(v11), pick(v21), L - 1)
   per_layer = {k: _sub(pick(v21)[k], pick(v11)[k]) for k in keys}
@@ -295,30 +312,35 @@ def estimate(name: str, config, target: str) -> dict:
   kernel_s = whole["kernel_flops"] / chip["peak"]
   roofline = sum(whole["cat_seconds"].values()) + kernel_s
   valid = all(v["xla_seconds"] > 0 for v in (v11, v21, v12) if v is not None)
-  # XLA's estimate where it gave one (on some targets some ops get a negative time: then the roofline)
+  # XLA's estimate where it gave one (on some targets some ops get a negative time: then the
+  # roofline)
   est = whole["xla_seconds"] + whole["loop_seconds"] + kernel_s if valid else roofline
   counted = whole["xla_flops"] + whole["loop_flops"] + whole["kernel_flops"]
   cat_seconds = dict(whole["cat_seconds"])
   cat_seconds["attention kernel"] += kernel_s
   cat_flops = dict(whole["cat_flops"])
   cat_flops["attention kernel"] += whole["kernel_flops"]
-  raw = {"%d_%d" % lv: dict(xla_flops=v["xla_flops"], xla_bytes=v["xla_bytes"], xla_seconds=v["xla_seconds"])
-         for lv, v in (((1, 1), v11), ((2, 1), v21)) + ((((1, 2), v12),) if name == "judge" else ())}
-  out = dict(program=name, target=target, raw=raw, chip=chip["name"], devices=n, mesh=v11["mesh"], info=v11["info"],
-             layers=L, vit_layers=Lv if name == "judge" else 0, label=ARGS.label, sets=ARGS.set, xla_options=ARGS.xla,
-             compile_s=[v11["compile_s"], v21["compile_s"]],
-             xla_flops=whole["xla_flops"], xla_bytes=whole["xla_bytes"], xla_seconds=whole["xla_seconds"],
-             loop_flops=whole["loop_flops"], loop_bytes=whole["loop_bytes"], loop_seconds=whole["loop_seconds"],
-             kernel_flops=whole["kernel_flops"], kernel_seconds=kernel_s, kernel_calls=whole["kernel_calls"],
-             estimated_seconds=est, xla_time_valid=valid, roofline_seconds=roofline, counted_flops=counted,
-             bytes_per_chip=whole["xla_bytes"] + whole["loop_bytes"],
-             counted_utilisation=counted / (est * chip["peak"]),
-             cat_flops=cat_flops, cat_bytes=whole["cat_bytes"], cat_seconds=cat_seconds,
-             per_layer=dict(xla_flops=per_layer["xla_flops"], xla_bytes=per_layer["xla_bytes"],
-                            xla_seconds=per_layer["xla_seconds"], loop_flops=per_layer["loop_flops"],
-                            loop_bytes=per_layer["loop_bytes"], loop_seconds=per_layer["loop_seconds"],
-                            kernel_flops=per_layer["kernel_flops"]),
-             hbm_gib=chip["hbm_bytes"] / 2 ** 30)
+  raw = {
+      "%d_%d" % lv:
+          dict(xla_flops=v["xla_flops"], xla_bytes=v["xla_bytes"], xla_seconds=v["xla_seconds"])
+      for lv, v in (((1, 1), v11), ((2, 1), v21)) + ((((1, 2), v12),) if name == "judge" else ())
+  }
+  out = dict(
+      program=name, target=target, raw=raw, chip=chip["name"], devices=n, mesh=v11["mesh"],
+      info=v11["info"], layers=L, vit_layers=Lv if name == "judge" else 0, label=ARGS.label,
+      sets=ARGS.set, xla_options=ARGS.xla, compile_s=[v11["compile_s"], v21["compile_s"]],
+      xla_flops=whole["xla_flops"], xla_bytes=whole["xla_bytes"], xla_seconds=whole["xla_seconds"],
+      loop_flops=whole["loop_flops"], loop_bytes=whole["loop_bytes"],
+      loop_seconds=whole["loop_seconds"], kernel_flops=whole["kernel_flops"],
+      kernel_seconds=kernel_s, kernel_calls=whole["kernel_calls"], estimated_seconds=est,
+      xla_time_valid=valid, roofline_seconds=roofline, counted_flops=counted,
+      bytes_per_chip=whole["xla_bytes"] + whole["loop_bytes"],
+      counted_utilisation=counted / (est * chip["peak"]), cat_flops=cat_flops,
+      cat_bytes=whole["cat_bytes"], cat_seconds=cat_seconds, per_layer=dict(
+          xla_flops=per_layer["xla_flops"], xla_bytes=per_layer["xla_bytes"],
+          xla_seconds=per_layer["xla_seconds"], loop_flops=per_layer["loop_flops"],
+          loop_bytes=per_layer["loop_bytes"], loop_seconds=per_layer["loop_seconds"],
+          kernel_flops=per_layer["kernel_flops"]), hbm_gib=chip["hbm_bytes"] / 2**30)
   matmul_s = cat_flops["matmul/convolution"] / chip["peak"]
   out["matmul_bound_seconds"] = matmul_s
   out["matmul_attention_bound_seconds"] = matmul_s + kernel_s
@@ -346,37 +368,59 @@ def _scale(a, s):
 
 def report(r: dict) -> None:
   gib = 2 ** 30
-  print(f"\n[{r['program']}] {r['target']} ({r['devices']} x {r['chip']}; mesh {r['mesh']}); "
-        f"{r['layers']} layers{' + %d ViT layers' % r['vit_layers'] if r['vit_layers'] else ''}; label "
-        f"{r['label'] or '-'}; sets {r['sets']}; xla options {r['xla_options']} -- COMPILER ESTIMATE")
+  print(
+      f"\n[{r['program']}] {r['target']} ({r['devices']} x {r['chip']}; mesh {r['mesh']}); "
+      f"{r['layers']} layers{' + %d ViT layers' % r['vit_layers'] if r['vit_layers'] else ''}; "
+      f"label "
+      f"{r['label'] or '-'}; sets {r['sets']}; xla options {r['xla_options']} -- COMPILER ESTIMATE")
   print(f"  info {r['info']}; compile {r['compile_s'][0]:.0f} + {r['compile_s'][1]:.0f} s")
-  print(f"  XLA cost_analysis (per chip, extrapolated): flops {r['xla_flops']:.3e}, bytes {r['xla_bytes']:.3e}, "
-        f"optimal_seconds {r['xla_seconds']:.4f}")
-  print(f"  + loop iterations XLA counts once: flops {r['loop_flops']:.3e}, bytes {r['loop_bytes']:.3e}, "
-        f"{r['loop_seconds']:.4f} s (roofline)")
+  print(
+      f"  XLA cost_analysis (per chip, extrapolated): flops {r['xla_flops']:.3e}, bytes "
+      f"{r['xla_bytes']:.3e}, "
+      f"optimal_seconds {r['xla_seconds']:.4f}")
+  print(
+      f"  + loop iterations XLA counts once: flops {r['loop_flops']:.3e}, bytes "
+      f"{r['loop_bytes']:.3e}, "
+      f"{r['loop_seconds']:.4f} s (roofline)")
   print(f"  + attention kernel: {r['kernel_calls']:.0f} calls, flops {r['kernel_flops']:.3e}, "
         f"{r['kernel_seconds']:.4f} s at peak")
   if not r["xla_time_valid"]:
-    print(f"  XLA's optimal_seconds is not usable on this target (a variant's is <= 0: {r['raw']}): the estimate "
-          f"below is the per-op roofline")
-  print(f"  = estimated {r['estimated_seconds']:.4f} s per step per chip (per-op roofline {r['roofline_seconds']:.4f} s); "
-        f"bytes per chip {r['bytes_per_chip']:.3e}; "
-        f"counted FLOPs {r['counted_flops']:.3e} at {100 * r['counted_utilisation']:.1f}% of peak")
+    print(
+        f"  XLA's optimal_seconds is not usable on this target (a variant's is <= 0: {r['raw']}): "
+        f"the estimate "
+        f"below is the per-op roofline")
+  print(
+      f"  = estimated {r['estimated_seconds']:.4f} s per step per chip (per-op roofline "
+      f"{r['roofline_seconds']:.4f} s); "
+      f"bytes per chip {r['bytes_per_chip']:.3e}; "
+      f"counted FLOPs {r['counted_flops']:.3e} at {100 * r['counted_utilisation']:.1f}% of peak")
   pl = r["per_layer"]
-  print(f"  per layer: XLA flops {pl['xla_flops']:.3e} bytes {pl['xla_bytes']:.3e} {pl['xla_seconds']:.4f} s; "
-        f"loops +{pl['loop_flops']:.3e} flops +{pl['loop_bytes']:.3e} bytes +{pl['loop_seconds']:.4f} s; "
-        f"kernel {pl['kernel_flops']:.3e} flops")
+  print(
+      f"  per layer: XLA flops {pl['xla_flops']:.3e} bytes {pl['xla_bytes']:.3e} "
+      f"{pl['xla_seconds']:.4f} s; "
+      f"loops +{pl['loop_flops']:.3e} flops +{pl['loop_bytes']:.3e} bytes "
+      f"+{pl['loop_seconds']:.4f} s; "
+      f"kernel {pl['kernel_flops']:.3e} flops")
   if "formula_flops" in r:
-    print(f"  BAGEL formula {r['formula_flops']:.3e} per update ({r['formula_flops'] / r['devices']:.3e} per chip): "
-          f"MFU {100 * r['mfu_formula']:.1f}%; counted / formula {r['counted_over_formula']:.3f} (matmuls / 6 N tokens "
-          f"{r['matmul_over_formula_dense']:.3f}, kernel / attention term {r['kernel_over_formula_attention']:.3f})")
-  print(f"  matmul-only bound {r['matmul_bound_seconds']:.4f} s (+ kernel {r['matmul_attention_bound_seconds']:.4f} s); "
-        f"estimate / bound {r['estimated_seconds'] / r['matmul_attention_bound_seconds']:.2f}")
+    print(
+        f"  BAGEL formula {r['formula_flops']:.3e} per update "
+        f"({r['formula_flops'] / r['devices']:.3e} per chip): "
+        f"MFU {100 * r['mfu_formula']:.1f}%; counted / formula {r['counted_over_formula']:.3f} "
+        f"(matmuls / 6 N tokens "
+        f"{r['matmul_over_formula_dense']:.3f}, kernel / attention term "
+        f"{r['kernel_over_formula_attention']:.3f})"
+    )
+  print(
+      f"  matmul-only bound {r['matmul_bound_seconds']:.4f} s (+ kernel "
+      f"{r['matmul_attention_bound_seconds']:.4f} s); "
+      f"estimate / bound {r['estimated_seconds'] / r['matmul_attention_bound_seconds']:.2f}")
   tot_s = sum(r["cat_seconds"].values()) or 1.0
   print(f"  {'category':22s} {'flops':>10s} {'bytes':>10s} {'roofline s':>10s} {'share':>6s}")
   for c in hlo_ops.CATEGORIES:
-    print(f"  {c:22s} {r['cat_flops'][c]:10.3e} {r['cat_bytes'][c]:10.3e} {r['cat_seconds'][c]:10.4f} "
-          f"{100 * r['cat_seconds'][c] / tot_s:5.1f}%")
+    print(
+        f"  {c:22s} {r['cat_flops'][c]:10.3e} {r['cat_bytes'][c]:10.3e} "
+        f"{r['cat_seconds'][c]:10.4f} "
+        f"{100 * r['cat_seconds'][c] / tot_s:5.1f}%")
   del gib
 
 
@@ -388,8 +432,10 @@ def main():
   kind, _, spec = ARGS.target.partition(":")
   if kind != "tpu":
     sys.exit("tpu_cost: the target must be tpu:<type>:<topology>")
-  print(f"jax {jax.__version__}; config {ARGS.config}; COMPILER ESTIMATES (XLA's TPU cost model), not measurements",
-        flush=True)
+  print(
+      f"jax {jax.__version__}; config {ARGS.config}; COMPILER ESTIMATES (XLA's TPU cost model), "
+      f"not measurements",
+      flush=True)
   for name in ARGS.programs.split(","):
     r = estimate(name, config, spec)
     report(r)

@@ -26,7 +26,7 @@ import ml_collections
 
 import srum_jax
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 SHIPPED = str(pathlib.Path(srum_jax.__file__).parent / "worlds" / "shapes" / "checkpoint")
 
@@ -122,6 +122,7 @@ def get_config(arg=None):
   gpu = "gpu" in parts
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world_full" if "full" in parts else "outputs/tiny_world"
+  c.texts.file = "own"  # the model was trained on the own texts (its tokenizer reads their pieces)
   empty = defaults.base_config().pretrain.then
   if "think" in parts:  # stage D alone, from an existing stage-C model (`pretrain.init_from`)
     c.pretrain = think_stage(pretrain_config(gpu))
@@ -141,15 +142,15 @@ def get_config(arg=None):
   c.model.preset = "tiny_world"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"
-  # Recomputing each layer in the backward: on CPU the step is faster than storing the scanned layers'
-  # activations (same losses; benchmarks/results_benchmarks_cpu.txt, issue 31)
+  # Recomputing each layer in the backward: on CPU the step is faster than storing the scanned
+  # layers' activations (same losses; benchmarks/results_benchmarks_cpu.txt, issue 31)
   c.model.remat = True
   # Candidates for every train prompt (1277): SRUM's gain on held-out prompts grows with the number of distinct
   # prompts its candidates cover, far more than with candidates per prompt or their correctness
   # (benchmarks/results_tiny_world_think_cpu.txt).
   c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 0})
   c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 0})  # all
-  for g in (c.generate, c.eval_generate):
+  for g in (c.generate, c.eval_generate, c.sample):
     g.batch_size = 32
     g.height = g.width = 32
     g.num_timesteps = 16
@@ -158,7 +159,13 @@ def get_config(arg=None):
     g.cfg_interval = (0.0, 1.0)
     g.think = False
     g.max_think_tokens = 9  # a plan: 8 words + EOS
+    g.crop_to_content = False  # scenes fill the canvas (a black background is part of the picture)
   c.generate.think = True  # SRUM's candidates come from think mode (the paper's recipe); eval: the plain prompt
+  # `sample`, `edit`, `ask` on the shipped model: 32x32 images, a 28x28 ViT view, the world's sampler
+  c.sample.batch_size = 8
+  c.edit.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), num_timesteps=16,
+                     timestep_shift=1.0, cfg_text_scale=3.0, cfg_img_scale=1.5, max_think_tokens=9))
+  c.ask.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), max_new_tokens=48))
   c.generate.samples_per_prompt = 2 if "full" in parts else 1
   c.eval_generate.samples_per_prompt = 4  # 4 x 295 val images per model: halves the eval noise (one image: ~3 pts)
   c.propose.name = "components"
@@ -188,7 +195,9 @@ def get_config(arg=None):
   c.train.lr = 1e-4
   c.train.batch_size = 8
   c.train.samples_per_row = 4
+  c.train.image_resize = "fixed"  # the world's one image size
   c.train.image_hw = (32, 32)
+  c.train.max_regions = 5  # what the proposer gives
   c.train.text_capacity = 4 * 15  # per sample: BOS + <= 11 words + EOS + 2 image markers
   c.train.num_tokens = 4 * 31  # + 16 latent tokens
   c.train.timestep_shift = 4.0

@@ -4,8 +4,8 @@ A path with a scheme (`gs://`, `s3://`, ...) is *remote*: it goes through `etils
 its writes are single whole-object writes (an object appears complete or not at all, so no temporary name and
 rename is needed). A local path keeps the plain os / pathlib calls it always used (tmp + `os.replace`,
 appends, `O_EXCL`). What an object store cannot do (append, exclusive create, memory-map) is handled where it
-is needed: resumable logs as part objects (`pipeline.common.JsonlLog`), a best-effort workdir lock
-(`pipeline.common.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
+is needed: resumable logs as part objects (`workdir.logs.JsonlLog`), a best-effort workdir lock
+(`workdir.locking.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
 tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
 
     paths.is_remote("gs://b/run")                  # True
@@ -14,13 +14,18 @@ tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import pathlib
 import posixpath
 import re
+import shutil
 import tempfile
 from typing import Union
+
+from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,9 +42,7 @@ def path(p: PathLike):
   local (the calls local paths always made). Both have exists / is_file / is_dir / iterdir / glob / mkdir /
   read_bytes / write_bytes / unlink; use `rmtree` and `copy_file` here for the rest."""
   if is_remote(p):
-    from etils import epath
     return epath.Path(p)
-  import pathlib
   return pathlib.Path(p)
 
 
@@ -48,7 +51,6 @@ def rmtree(p: PathLike) -> None:
   if is_remote(p):
     path(p).rmtree()
   else:
-    import shutil
     shutil.rmtree(p)
 
 
@@ -71,19 +73,27 @@ def readable(p: PathLike):
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
-  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file under the
-  final name); remotely one object write (objects are all-or-nothing). Parent folders are made."""
+  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file
+  under the final name); remotely one object write (objects are all-or-nothing). Parent folders are
+  made; a folder at `p`, or a file where a parent folder belongs, raises the `OSError` naming it."""
   if is_remote(p):
     q = path(p)
     q.parent.mkdir(parents=True, exist_ok=True)
     q.write_bytes(data)
     return
   p = os.fspath(p)
-  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)  # a file in the way: raises
+  if os.path.isdir(p):  # never a rename onto a folder (its error would name the temporary file)
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
   tmp = f"{p}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, p)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, p)
+  except BaseException:  # a full disk, a signal: no torn temporary file left behind either
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def local_cache_dir(p: PathLike) -> str:
@@ -131,7 +141,6 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
   if is_remote(src) or is_remote(dst):
     path(src).copy(path(dst), overwrite=True)
   else:
-    import shutil
     shutil.copy2(src, dst)
 
 

@@ -5,6 +5,9 @@ import types
 
 import numpy as np
 import pytest
+
+from srum_jax.flops import bagel_flops
+
 from helpers import load_script
 
 
@@ -12,8 +15,8 @@ def _bench(name):
   return load_script(f"benchmarks/{name}.py")
 
 
+@pytest.mark.slow
 def test_train_step_benchmark(capsys):
-  from srum_jax.flops import bagel_flops
   b = _bench("train_step")
   r = b.main(["--preset", "tiny", "--image", "32x32", "--tokens", "64", "--text", "8", "--steps", "2", "--warmup", "1",
               "--compute_dtype", "float32", "--no_remat", "--attn_impl", "dense", "--peak_tflops", "2.5"])
@@ -65,6 +68,7 @@ def test_spearman_matches_scipy():
   assert np.isnan(j.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
+@pytest.mark.slow
 def test_judge_benchmark(capsys, tmp_path):
   r = _bench("judge").main(["--num", "4", "--workdir", str(tmp_path)])
   out = capsys.readouterr().out

@@ -33,8 +33,8 @@ def test_overrides_and_unknown_keys():
 
 
 def test_paper_recipe_v5p_variant():
-  """`:v5p` changes only how the step and inference run (no remat, data-parallel inference), never the
-  recipe; another arg is refused."""
+  """`:v5p` changes only how the step and inference run (no remat, data-parallel inference), never
+  the recipe; another arg is refused."""
   spec = str(ROOT / "experiments/bagel_7b_compbench.py")
   base, v5p = config_utils.load_config(spec), config_utils.load_config(spec + ":v5p")
   assert base.model.remat and not v5p.model.remat

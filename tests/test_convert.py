@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, GOLDEN
 from srum_jax import sharding
 from srum_jax.convert import checkpoint, flax_to_hf, hf_to_flax, keymap
-from srum_jax.models import config
-from srum_jax.models import params as params_lib
+from srum_jax.models import config, params as params_lib
+from srum_jax.models.embeddings import sincos_2d_table
+
+from conftest import FIXTURES, GOLDEN
 
 TINY_FLAGS = dict(timestep_shift=2.0, ae_resolution=32, tokens=config.SpecialTokens(120, 121, 122, 123))
 VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
@@ -280,7 +281,7 @@ def test_layout_errors_listed_together(tmp_path, capsys, golden_weights, golden_
                  "ema.safetensors: 1 mis-shaped keys", "connector.fc2.weight: file [64, 32], expected [64, 64]",
                  "ae.safetensors: 1 missing keys", "decoder.mid.attn_1.q.bias"):
     assert needle in msg, needle
-  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 1
+  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 2  # a user error
   err_text = capsys.readouterr().err
   assert "connector.fc2.weight" in err_text and "decoder.mid.attn_1.q.bias" in err_text
   assert not (tmp_path / "m").exists()
@@ -303,7 +304,7 @@ def test_nan_and_inf_weights_refused_naming_the_tensors(tmp_path, capsys, golden
               "decoder.mid.attn_1.q.bias"):
     assert key in msg, key
   assert "layers.0.mlp_moe_gen.up_proj" not in msg  # the other layers of the stacked leaf are fine
-  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 1
+  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 2  # a user error
   assert "connector.fc2.weight" in capsys.readouterr().err
   assert not (tmp_path / "m").exists()
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden_weights.items()}
@@ -326,7 +327,6 @@ def test_pos_table_mismatch_warns_and_flags_override(tmp_path, golden_weights):
   assert cfg.max_latent_size == 16
   flax_to_hf.export((cfg, params), str(tmp_path / "out"))
   got = load_file(str(tmp_path / "out" / "ema.safetensors"))
-  from srum_jax.models.embeddings import sincos_2d_table
   np.testing.assert_array_equal(got["latent_pos_embed.pos_embed"], sincos_2d_table(16, 64))
 
 

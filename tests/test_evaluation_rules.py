@@ -1,15 +1,20 @@
 """The benchmarks' rules on hand-built inputs: every expected value below is worked out by hand from the
 published definitions (T2I-CompBench's scripts, GenEval's evaluate_images.py, T2I-ReasonBench's eval_*.py,
 SRUM's qwen_eval.py); no model is involved."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from srum_jax.evaluation import compbench, geneval, images, mllm_judge, reasonbench, report, text
+from srum_jax import errors
+from srum_jax.data.prompt_sources import PromptItem
+from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
+                                 text)
 from srum_jax.evaluation.detectors import Detection, mask_box
 from srum_jax.evaluation.torch_models import yes_no_ratio
-from srum_jax.pipeline.prompts import PromptItem
+from srum_jax.pipeline import evaluate
+from srum_jax.rewards import texts as texts_lib
 
 
 def test_blip_vqa_score_is_the_product_of_yes_over_yes_plus_no():
@@ -167,36 +172,33 @@ def test_mllm_parse_score(answer, expected):
   assert mllm_judge.parse_score(answer, (0, 100)) == expected
 
 
-def test_rubrics_load_and_reject_bad_files(tmp_path):
-  rubric = mllm_judge.load_rubric("")
-  text_ = mllm_judge.rubric_text(rubric, "color", "a red car")
-  assert '"a red car"' in text_ and "0 to 100" in text_ and rubric["max_new_tokens"] == 512
-  bad = tmp_path / "bad.json"
-  bad.write_text(json.dumps({"templates": {"default": "no placeholder"}}))
-  with pytest.raises(ValueError, match="prompt"):
-    mllm_judge.load_rubric(str(bad))
-  per_cat = tmp_path / "cat.json"
-  per_cat.write_text(json.dumps({"templates": {"default": "D {prompt}", "color": "C {prompt}"}, "score_range": [1, 5]}))
-  r = mllm_judge.load_rubric(str(per_cat))
-  assert mllm_judge.rubric_text(r, "color", "x") == "C x" and mllm_judge.rubric_text(r, "shape", "x") == "D x"
-  assert r["score_range"] == [1.0, 5.0]
-  assert set(reasonbench.load_rubric("")["dimensions"]) == set(reasonbench.DIMENSIONS.values())
+def test_rubric_stand_ins_and_scoring_tables():
+  own = texts_lib.own_texts()
+  question = texts_lib.render_compbench(own, 'a red car named "Bo"')
+  assert '"a red car named "Bo""' in question and "0 to 100" in question and mllm_judge.MAX_NEW_TOKENS == 512
+  assert set(reasonbench.SCORING) == set(reasonbench.DIMENSIONS.values()) == set(own.reasonbench)
+  for dim in reasonbench.SCORING:  # the groups the scoring reads are the groups the texts ask
+    assert reasonbench.groups_of(dim) == list(texts_lib.REASONBENCH_GROUPS[dim])
+    assert sum(reasonbench.SCORING[dim]["accuracy"].values()) == pytest.approx(1.0)
 
 
 def test_reasonbench_parse_and_weights(tmp_path):
   assert reasonbench.parse_score_list('{"reason": ["a {b}"], "score": [1, 0.5, 0]}') == [1.0, 0.5, 0.0]
   assert reasonbench.parse_score_list('{"reason": ["x"], "score": [1, 0.5]"}') == [1.0, 0.5]  # the template's quote
   assert reasonbench.parse_score_list('{"score": [2, 1]}') is None and reasonbench.parse_score_list("no") is None
-  dims = reasonbench.load_rubric("")["dimensions"]
   acc, quality = reasonbench.image_scores({"entity_evaluation": [1, 0.5], "other_details_evaluation": [0, 1],
-                                           "quality_evaluation": [1, 1, 0]}, dims["entity_reasoning"])
+                                           "quality_evaluation": [1, 1, 0]}, reasonbench.SCORING["entity_reasoning"])
   assert acc == pytest.approx(0.7 * 0.75 + 0.3 * 0.5) and quality == pytest.approx(2 / 3)
   prompts, qs = tmp_path / "entity_reasoning.json", tmp_path / "evaluation_entity.json"
   prompts.write_text(json.dumps([{"prompt": "the tallest animal"}, {"prompt": "a famous bridge"}]))
   qs.write_text(json.dumps([{"id": k, "entity_evaluation": ["q"], "other_details_evaluation": ["d"],
                              "quality_evaluation": ["q"]} for k in (1, 2)]))
-  items, questions, dim = reasonbench.load_items(str(prompts), str(qs), "", reasonbench.load_rubric(""))
+  own = texts_lib.own_texts()
+  items, questions, dim = reasonbench.load_items(str(prompts), str(qs), "", own)
   assert dim == "entity_reasoning" and [i.id for i in items] == ["0001", "0002"] and questions["0002"]["id"] == 2
+  without = dataclasses.replace(own, reasonbench={})  # texts imported without --reasonbench_code
+  with pytest.raises(errors.UserError, match="reasonbench_code"):
+    reasonbench.load_items(str(prompts), str(qs), "", without)
 
 
 def test_metric_table_means_and_markdown():
@@ -213,6 +215,55 @@ def test_metric_table_means_and_markdown():
   assert "| overall | 50.0 (n=2) | 0.375 (n=3, 1 unscored) |" in md
 
 
+def test_mllm_overall_is_srum_rule_with_the_plain_mean_beside_it():
+  """SRUM's CompBench_eval/qwen_eval.sh: the three complex categories average into one composite that counts as
+  one category beside the base ones; the mean of all category means is kept, named, under it."""
+  means = {"color": 80.0, "shape": 70.0, "3d_spatial": 60.0, "complex": 90.0, "complex_action": 60.0,
+           "complex_spatial": 30.0}
+  rows = [{"category": c, "score": m} for c, m in means.items()] + [{"category": "color", "score": None}]
+  t = report.metric_table(rows, "mllm", *report.COLUMNS["mllm"][0])
+  composite = (90.0 + 60.0 + 30.0) / 3  # 60
+  assert t["summary_rows"]["complex composite"]["mean"] == pytest.approx(composite)
+  assert t["overall"]["mean"] == pytest.approx((80.0 + 70.0 + 60.0 + composite) / 4)  # 67.5
+  assert t["summary_rows"]["mean of categories"]["mean"] == pytest.approx(sum(means.values()) / 6)  # 65
+  assert (t["overall"]["n"], t["overall"]["unscored"]) == (6, 1)
+  md = report.markdown([t])
+  assert "| overall | 67.5 (n=6, 1 unscored) |" in md
+  assert "| complex composite | 60.0 (n=3) |" in md and "| mean of categories | 65.0 (n=6, 1 unscored) |" in md
+  assert "overall (MLLM judge (0-100)): SRUM's qwen_eval.sh" in md
+  # the script's spelling ("complex action") and the prompt file's (complex_action) are the same category
+  spaced = report.srum_overall({"complex action": {"mean": 10.0, "n": 1, "unscored": 0},
+                                "color": {"mean": 50.0, "n": 1, "unscored": 0}})
+  assert spaced["overall"]["mean"] == pytest.approx(30.0)
+  # no complex category: no composite, the base categories alone
+  assert report.srum_overall({"color": {"mean": 50.0, "n": 2, "unscored": 0},
+                              "shape": {"mean": None, "n": 0, "unscored": 2}})["overall"] == {
+                                  "mean": 50.0, "n": 2, "unscored": 2}
+  other = report.metric_table(rows, "compbench", *report.COLUMNS["compbench"][0])
+  assert "summary_rows" not in other and other["overall"]["mean"] == pytest.approx(65.0)
+  both = report.markdown([other, t])
+  assert "| complex composite | - | 60.0 (n=3) |" in both
+
+
+def test_srum_overall_on_the_categories_of_srums_val_prompts():
+  """SRUM's val_comp.json categories (an excerpt of the file, as shipped): seven base categories and the
+  three complex ones averaged into one composite: the overall averages eight numbers."""
+  import pathlib
+  from srum_jax.data.prompt_sources import load_prompts
+
+  excerpt = pathlib.Path(__file__).parent / "fixtures" / "prompts" / "srum_val_comp_excerpt.json"
+  cats = sorted({it.category for it in load_prompts({"source": "file", "path": str(excerpt)})})
+  assert len(cats) == 10
+  values = {c: float(10 * k) for k, c in enumerate(cats)}
+  rows = [{"category": c, "score": v} for c, v in values.items()]
+  t = report.metric_table(rows, "mllm", *report.COLUMNS["mllm"][0])
+  complex_ = [values[c] for c in ("complex", "complex_action", "complex_spatial")]
+  base = [v for c, v in values.items() if not c.startswith("complex")]
+  assert len(base) == 7
+  assert t["overall"]["mean"] == pytest.approx((sum(base) + np.mean(complex_)) / 8)
+  assert t["summary_rows"]["mean of categories"]["mean"] == pytest.approx(np.mean(list(values.values())))
+
+
 def test_grid_spreads_over_categories():
   rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c}
           for c in "abc" for k in range(3) for s in range(2)]
@@ -227,23 +278,22 @@ def test_collect_images_made_elsewhere(tmp_path):
   flat.mkdir()
   for name in ("val_color_0.png", "7#1.png", "two cats_000002.png", "unrelated.png", "notes.txt"):
     Image.new("RGB", (4, 4)).save(flat / name) if name.endswith(".png") else (flat / name).write_text("x")
-  rows, rep = images.collect(str(flat), items)
+  rows, rep = image_folders.collect(str(flat), items)
   assert sorted((r["id"], r["prompt"]) for r in rows) == [("7#1", "a blue bench"), ("8#000002", "two cats"),
                                                           ("val/color/0", "a red car")]
   assert rep.layout == "flat" and rep.files == 4 and rep.unmatched_files == ["unrelated.png"]
   geneval_dir = tmp_path / "geneval"
   (geneval_dir / "00001" / "samples").mkdir(parents=True)
   Image.new("RGB", (4, 4)).save(geneval_dir / "00001" / "samples" / "0003.png")
-  rows, rep = images.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
+  rows, rep = image_folders.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
   assert rep.layout == "geneval" and [r["id"] for r in rows] == ["00001#0003"] and rep.prompts_without_image == 0
   with pytest.raises(FileNotFoundError):
-    images.collect(str(tmp_path / "nope"), items)
+    image_folders.collect(str(tmp_path / "nope"), items)
 
 
 def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
   from PIL import Image
 
-  from srum_jax.pipeline import evaluate
   for name in ("a", "b"):
     Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
   rows = [{"id": i, "prompt": i, "category": "c", "image_file": str(tmp_path / f"{i}.png")} for i in "abc"]
@@ -255,8 +305,9 @@ def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
 
     def __call__(self, images, chunk):
       calls.append([r["id"] for r in chunk])
-      return [{"id": r["id"], "category": "c", "score": 1.0} if r["id"] == "a" or self.metadata_ready else
-              {"id": r["id"], "category": "c", "score": None, "skipped": "no metadata"} for r in chunk]
+      base = lambda r: {"id": r["id"], "prompt": r["prompt"], "category": "c"}  # noqa: E731
+      return [dict(base(r), score=1.0) if r["id"] == "a" or self.metadata_ready else
+              dict(base(r), score=None, skipped="no metadata") for r in chunk]
 
   first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, str(tmp_path), "fake", 2)}
   assert first["a"]["score"] == 1.0 and "skipped" in first["b"] and first["c"]["skipped"] == "image missing"

@@ -1,4 +1,5 @@
-"""benchmarks/hlo_ops.py: FLOPs, bytes, loop trip counts and op categories read from compiled HLO text."""
+"""benchmarks/hlo_ops.py: FLOPs, bytes, loop trip counts and op categories read from compiled HLO
+text."""
 
 import itertools
 import os
@@ -17,7 +18,8 @@ def _compiled_text(fn, *args):
 
 
 def test_loop_bodies_are_counted_per_iteration():
-  """A fori_loop of 7 matmuls: XLA's cost analysis counts the body once, the walk counts it 7 times."""
+  """A fori_loop of 7 matmuls: XLA's cost analysis counts the body once, the walk counts it 7
+  times."""
   a = jnp.ones((64, 96), jnp.float32)
   b = jnp.ones((96, 96), jnp.float32)
 
@@ -31,7 +33,8 @@ def test_loop_bodies_are_counted_per_iteration():
   per_matmul = 2 * 64 * 96 * 96
   assert s.flops["matmul/convolution"] == 7 * per_matmul
   assert s.loop_extra["flops"] == 6 * per_matmul
-  np.testing.assert_allclose(float(once["flops"]) - 64 * 96 * 2, per_matmul, rtol=0.05)  # (+ tanh etc.)
+  np.testing.assert_allclose(float(once["flops"]) - 64 * 96 * 2, per_matmul,
+                             rtol=0.05)  # (+ tanh etc.)
 
 
 def test_trip_count_with_a_start_and_a_step():
@@ -65,34 +68,38 @@ def test_categories_of_a_small_program():
 
 
 def test_valid_taps_match_brute_force():
-  for in_size, size, pad, stride, rd in itertools.product([1, 3, 7, 16], [1, 2, 5, 16], [0, 1, 4, 15], [1, 2],
-                                                          [1, 2, 3]):
+  for in_size, size, pad, stride, rd in itertools.product([1, 3, 7, 16], [1, 2, 5, 16],
+                                                          [0, 1, 4, 15], [1, 2], [1, 2, 3]):
     w = dict(size=size, pad=pad, stride=stride, lhs_dilate=1, rhs_dilate=rd)
     out = (in_size + 2 * pad - ((size - 1) * rd + 1)) // stride + 1
     if out <= 0:
       continue
-    want = sum(1 for o in range(out) for j in range(size) if 0 <= o * stride + j * rd - pad < in_size)
+    want = sum(
+        1 for o in range(out) for j in range(size) if 0 <= o * stride + j * rd - pad < in_size)
     assert hlo_ops._valid_taps(in_size, out, w) == want
 
 
 def test_convolution_flops_count_real_taps():
-  """XLA TPU writes some batched matmuls as a convolution whose window spans a padded batch dim (one real tap
-  per output): the FLOPs are those of the matmul, not window-size times more."""
-  text = """HloModule m, entry_computation_layout={(bf16[3584,224,1]{2,1,0}, bf16[16,4096,3584]{2,1,0})->bf16[16,4096,224]{2,1,0}}
-
-ENTRY %main (a: bf16[3584,224,1], b: bf16[16,4096,3584]) -> bf16[16,4096,224] {
-  %a = bf16[3584,224,1]{2,1,0} parameter(0)
-  %b = bf16[16,4096,3584]{2,1,0} parameter(1)
-  ROOT %c = bf16[16,4096,224]{2,1,0} convolution(%a, %b), window={size=16 pad=15_15 rhs_reversal=1}, dim_labels=fb0_0oi->0fb
-}
-"""
+  """XLA TPU writes some batched matmuls as a convolution whose window spans a padded batch dim (one
+  real tap per output): the FLOPs are those of the matmul, not window-size times more."""
+  layout = "{(bf16[3584,224,1]{2,1,0}, bf16[16,4096,3584]{2,1,0})->bf16[16,4096,224]{2,1,0}}"
+  conv = ("convolution(%a, %b), window={size=16 pad=15_15 rhs_reversal=1}, "
+          "dim_labels=fb0_0oi->0fb")
+  text = "\n".join([
+      "HloModule m, entry_computation_layout=" + layout, "",
+      "ENTRY %main (a: bf16[3584,224,1], b: bf16[16,4096,3584]) -> bf16[16,4096,224] {",
+      "  %a = bf16[3584,224,1]{2,1,0} parameter(0)",
+      "  %b = bf16[16,4096,3584]{2,1,0} parameter(1)",
+      "  ROOT %c = bf16[16,4096,224]{2,1,0} " + conv,
+      "}", ""])
   s = hlo_ops.split(text, 1e12, 1e11, 1e10)
   assert s.flops["matmul/convolution"] == 2 * 16 * 4096 * 224 * 3584
   assert s.bytes["matmul/convolution"] == 2 * (3584 * 224 + 16 * 4096 * 3584 + 16 * 4096 * 224)
 
 
 def test_a_conditional_counts_its_costliest_branch():
-  """lax.cond between one matmul and three: a run takes one branch, the walk counts the costlier one."""
+  """lax.cond between one matmul and three: a run takes one branch, the walk counts the costlier
+  one."""
   x = jnp.ones((64, 64), jnp.float32)
 
   def fn(p, x):

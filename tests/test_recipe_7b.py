@@ -8,6 +8,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from srum_jax.data.prompt_sources import load_prompts
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
@@ -35,6 +39,7 @@ print("RESULT " + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_recipe_lowers_on_8_to_64_devices():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
@@ -57,16 +62,15 @@ def test_recipe_lowers_on_8_to_64_devices():
   assert inf["sampler_step"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}  # 8 devices: one host's worth
   assert inf["sampler_step"]["latent_tokens"] == 4096 and inf["sampler_step"]["branches"] == 2
   assert inf["judge"]["vit_patches"] == 70 * 70
-  assert out["prompts"]["source"] == "file" and out["prompts"]["path"].endswith("srum_train_comp.json")
+  assert out["prompts"]["source"] == "file" and out["prompts"]["path"] == "SRUM/train_comp.json"
 
 
 def test_srum_train_prompts_load_with_ten_categories(tmp_path):
   """The recipe's prompt file format (SRUM's train_comp.json): Question / Category / Question_id."""
-  from srum_jax.pipeline.prompts import load_prompts
   rows = [{"Question": f"a prompt {i}", "Category": c, "Question_id": i}
           for i, c in enumerate(["3d_spatial", "color", "complex", "non-spatial", "numeracy", "shape", "spatial",
                                  "texture", "complex_action", "complex_spatial"])]
-  path = tmp_path / "srum_train_comp.json"
+  path = tmp_path / "train_comp.json"
   path.write_text(json.dumps(rows))
   items = load_prompts({"source": "file", "path": str(path)})
   assert len({it.category for it in items}) == 10 and [it.id for it in items] == [str(i) for i in range(10)]

@@ -35,11 +35,10 @@ import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy read
 import numpy as np
 from safetensors import safe_open
 
-from srum_jax import paths, sharding as sharding_lib
-from srum_jax.errors import UserValueError
+from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.models import embeddings
-from srum_jax.models import params as params_lib
+from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
+from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,14 @@ DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float
                "float32": jnp.float32, "fp16": jnp.float16, "f16": jnp.float16, "float16": jnp.float16}
 
 
-class CheckpointMismatchError(ValueError):
-  """The official files do not match the layout the configuration implies (lists every problem)."""
+class CheckpointMismatchError(UserValueError):
+  """The official files do not match the layout the configuration implies (its first line says what;
+  the lines after it list every problem)."""
+
+
+class DamagedFileError(CheckpointMismatchError):
+  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>:
+  <why>'."""
 
 
 class NonFiniteWeightsError(UserValueError):
@@ -121,6 +126,46 @@ def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List
     problems.append(_listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",
                              sorted(corrupt)))
   return out, problems
+
+
+def _raise_damaged(path: str, problems: Sequence[str]) -> None:
+  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its
+  name)."""
+  if problems:
+    text = "\n".join(problems)
+    raise DamagedFileError(f"file damaged: {path}: {text[len(os.path.basename(path)) + 2:]}")
+
+
+def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
+  """What a conversion needs, checked without reading a tensor: the weights and AE files with
+  readable headers whose byte ranges fit the files (else `DamagedFileError`), a JSON
+  `llm_config.json`, and a `vit_config.json` when the weights hold a ViT (`CheckpointMismatchError`
+  / `UserFileNotFoundError`)."""
+  names = {"bagel": _weights_file(src_dir, weights), "ae": AE_FILE}
+  for n in names.values():
+    if not os.path.isfile(os.path.join(src_dir, n)):
+      raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {n}")
+  llm = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
+  if not isinstance(llm, dict):
+    raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {LLM_JSON} (a JSON object)")
+  header, bad = read_header(os.path.join(src_dir, names["bagel"]))
+  _raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
+  _raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
+  vit = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
+  if any(k.startswith(("vit_model.", "connector.")) for k in header) and not isinstance(vit, dict):
+    raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* "
+                                  f"keys but there is no {VIT_JSON} (a JSON object)")
+
+
+def check_destination(src: str, dst: str, command: str) -> None:
+  """`--dst` is neither `--src` (nor a folder holding it, nor inside it) nor an existing file:
+  refused before anything is written."""
+  a, b = os.path.realpath(src), os.path.realpath(dst)
+  if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+    raise UserValueError(f"--dst {dst} is --src {src}, holds it or lies in it: write the {command} "
+                         f"result to a folder of its own")
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise UserValueError(f"--dst {dst} is a file: name a folder (it is made when absent)")
 
 
 def _listing(title: str, lines: Sequence[str]) -> str:
@@ -286,10 +331,10 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
 
 
 def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]],
-                 files: Dict[str, str]) -> List[str]:
+                 weight_files: Dict[str, str]) -> List[str]:
   """Problems (missing / unexpected / mis-shaped keys) of the official files against `cfg`.
 
-  `shapes` / `files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
+  `shapes` / `weight_files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
   recomputed); when present they must be [G*G, D].
   """
   expected = keymap.expected_official_shapes(cfg)
@@ -298,7 +343,7 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
   for part in ("bagel", "ae"):
     want = {k: v for k, v in expected[part].items() if k not in tables}
     have = shapes[part]
-    name = files[part]
+    name = weight_files[part]
     missing = sorted(set(want) - set(have))
     unexpected = sorted(k for k in have if k not in want and k not in tables)
     misshaped = [f"{k}: file {list(have[k])}, expected {list(want[k])}" for k in sorted(want)
@@ -409,20 +454,12 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
   for n in names:
     if os.path.exists(os.path.join(src_dir, n)):
       return n
-  raise FileNotFoundError(f"none of {list(names)} in {src_dir}")
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  """A JSON file's content (None when absent); invalid JSON raises a UserValueError naming the file."""
-  from srum_jax.config_validation import read_json_file
-  if not os.path.exists(path):
-    return None
-  return read_json_file(path, "checkpoint config")
+  raise UserFileNotFoundError(f"official checkpoint {src_dir} holds none of {list(names)}")
 
 
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
   """`overrides` with the missing (None) entries filled from the directory's EXTRAS_JSON, if any."""
-  extras = _read_json(os.path.join(src_dir, EXTRAS_JSON)) or {}
+  extras = files.read_json_if_present(os.path.join(src_dir, EXTRAS_JSON), "checkpoint config") or {}
   unknown = sorted(set(extras) - set(EXTRA_KEYS))
   if unknown:
     raise CheckpointMismatchError(f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
@@ -442,32 +479,34 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   """
   dtype = parse_dtype(dtype)
   wname = _weights_file(src_dir, weights)
-  files = {"bagel": wname, "ae": AE_FILE}
-  for n in files.values():
+  weight_files = {"bagel": wname, "ae": AE_FILE}
+  for n in weight_files.values():
     if not os.path.exists(os.path.join(src_dir, n)):
       raise FileNotFoundError(f"{n} not found in {src_dir}")
-  llm_json = _read_json(os.path.join(src_dir, LLM_JSON))
+  llm_json = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
   if llm_json is None:
     raise FileNotFoundError(f"{LLM_JSON} not found in {src_dir}")
-  vit_json = _read_json(os.path.join(src_dir, VIT_JSON))
+  vit_json = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   overrides = _with_extras(src_dir, overrides)
 
   problems, shapes = [], {}
-  for part, n in files.items():
+  for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
-    problems += bad
+    _raise_damaged(os.path.join(src_dir, n), bad)
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
                  if d not in ST_DTYPES]
     shapes[part] = {k: s for k, (_, s) in header.items()}
   cfg, bad = infer_config(llm_json, vit_json, shapes["bagel"], shapes["ae"], **overrides)
   problems += bad
-  problems += check_layout(cfg, shapes, files)
+  problems += check_layout(cfg, shapes, weight_files)
   if problems:
-    raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout:\n" + "\n".join(problems))
+    titles = "; ".join(p.split("\n", 1)[0].rstrip(":") for p in problems)
+    raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout: {titles}\n"
+                                  + "\n".join(problems))
 
   shardings = checkpoint.target_shardings(cfg, mesh, rules)
   with contextlib.ExitStack() as stack:
-    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in files.items()}
+    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in weight_files.items()}
     check_fixed_tables(readers["bagel"], shapes["bagel"])
     params = stream_params(readers, cfg, dtype, shardings)
   return cfg, params
@@ -523,8 +562,13 @@ def main(argv: Optional[List[str]] = None) -> int:
   ids = dict(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
              end_of_image=args.end_of_image_id)
   tokens = None
+  try:
+    check_destination(args.src, args.dst, "convert")
+  except UserError as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 2
   if any(v is not None for v in ids.values()):
-    extra = (_read_json(os.path.join(args.src, EXTRAS_JSON)) or {}).get("tokens") or {}
+    extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or {}).get("tokens") or {}
     tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
   try:
     cfg, params = convert(
@@ -532,9 +576,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_latent_size=args.max_latent_size, vit_max_num_patch_per_side=args.vit_max_num_patch_per_side,
         connector_act=args.connector_act, timestep_shift=args.timestep_shift, ae_resolution=args.ae_resolution,
         scale_factor=args.scale_factor, shift_factor=args.shift_factor, tokens=tokens)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # the user's files: one message, exit code 2
     print(f"convert: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"converted {args.src} -> {args.dst}: {n / 1e9:.3f}e9 parameters, dtype {parse_dtype(args.dtype).name}, "
         f"vit={'yes' if cfg.vit else 'no'}, max_latent_size={cfg.max_latent_size}")

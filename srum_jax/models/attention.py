@@ -133,8 +133,8 @@ def _splash_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int, 
   pq, pk = _round_up(Nq, bq) - Nq, _round_up(Nk, bkv) - Nk
   q, k, v = _pad_tokens(q, pq), _pad_tokens(k, pk), _pad_tokens(v, pk)
   mask = attention_mask(_pad_meta(q_meta, pq), _pad_meta(k_meta, pk))  # padding slots see and are seen by nothing
-  # One fused backward kernel (dq, dk and dv from one recomputation of the scores: 5 block matmuls instead of
-  # 3 + 4 in separate dq and dkv kernels); dq is summed over the kv blocks outside the kernel.
+  # One fused backward kernel (dq, dk and dv from one recomputation of the scores: 5 block matmuls
+  # instead of 3 + 4 in separate dq and dkv kernels); dq is summed over the kv blocks outside it.
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                             block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
 

@@ -9,13 +9,10 @@ skipped on restart.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import List, Optional
 
-from srum_jax import paths
-from srum_jax.pipeline import common, generate, multihost
+from srum_jax import distributed, files, paths, progress
 from srum_jax.pipeline.proposers import get_proposer
+from srum_jax.workdir import layout, logs
 
 
 @dataclasses.dataclass
@@ -29,45 +26,25 @@ class ProposeReport:
   images_without_regions: int = 0
 
 
-def _valid_regions(value) -> bool:
-  """A `regions` field as this stage writes it: a list of {box: 4 finite numbers, ...}."""
-  def number(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-  return isinstance(value, list) and all(
-      isinstance(r, dict) and isinstance(r.get("box"), list) and len(r["box"]) == 4 and all(map(number, r["box"]))
-      for r in value)
-
-
-def read_regions(out_dir: str, report: Optional[common.LogReport] = None) -> List[dict]:
-  """Every process's region rows, one per image id; a row whose `regions` is not a list of boxes of 4 finite
-  numbers is skipped and counted in `report` (its image is then proposed again, or scored without regions)."""
-  rows = common.read_rows(out_dir, "regions", require=("regions",), report=report)
-  good = [r for r in rows if _valid_regions(r["regions"])]
-  if report is not None:
-    report.malformed += len(rows) - len(good)
-    report.rows -= len(rows) - len(good)
-  return good
-
-
 def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
   name = pcfg.name
   options = {k: v for k, v in dict(pcfg.options).items() if not (k == "weights_dir" and name != "sam")}
   proposer = get_proposer(name, max_regions=pcfg.max_regions, min_area=pcfg.min_area, box_mode=pcfg.box_mode,
                           **options)
   rep = ProposeReport()
-  log = common.process_log(out_dir, "regions")
-  log_rep = common.LogReport()
-  done = {r["id"] for r in read_regions(out_dir, log_rep)}
-  rows = common.process_shard(generate.read_metadata(gen_dir, log_rep))
+  log = logs.process_log(out_dir, "regions")
+  log_rep = logs.LogReport()
+  done = {r["id"] for r in layout.read_regions(out_dir, log_rep)}
+  rows = distributed.process_shard(layout.read_metadata(gen_dir, log_rep))
   rep.skipped_log_lines = log_rep.skipped
-  bar = common.progress(len(rows), f"propose[{name}]")
+  bar = progress.bar(len(rows), f"propose[{name}]")
   for row in rows:
     rep.images += 1
     bar.update(1)
     if row["id"] in done:
       rep.skipped_done += 1
       continue
-    image, why = common.load_rgb(paths.join(gen_dir, row["image_file"]))
+    image, why = files.load_rgb(paths.join(gen_dir, row["image_file"]))
     if image is None:
       rep.skipped_bad_image += 1
       continue
@@ -78,6 +55,6 @@ def propose(pcfg, gen_dir: str, out_dir: str) -> ProposeReport:
     rep.regions += len(regions)
     rep.images_without_regions += int(not regions)
   bar.close()
-  multihost.barrier(f"propose:{out_dir}")
-  common.summary_line("propose", **dataclasses.asdict(rep), out=out_dir)
+  distributed.barrier(f"propose:{out_dir}")
+  progress.summary_line("propose", **dataclasses.asdict(rep), out=out_dir)
   return rep

@@ -18,8 +18,9 @@ Proposers (`available_proposers()`):
 
 Official post-processing, shared by all (`postprocess`): each mask's bounding box becomes an integer box
 [x, y, x + w, y + h] with the mask's pixel area; regions are sorted by area, largest first (stable: equal
-areas keep the proposer's order), masks below `min_area` are dropped, and the first `max_regions` (default 5,
-None = all) are kept. `min_area` in [0, 1) is a fraction of the image area, >= 1 a pixel count.
+areas keep the proposer's order), masks below `min_area` are dropped, and the first `max_regions` are kept
+(None = all; the functions' default 5 is `vlm.py`'s own parser default, while SRUM's shipped `vlm.sh` ->
+`vlm_multi_gpu.py` scores 10: `propose.max_regions`). `min_area` in [0, 1) is a fraction of the image area, >= 1 a pixel count.
 
 Box convention (`box_mode`):
   "official"   SAM's XYWH box has w = x_max - x_min with x_max the mask's LAST column (inclusive), so
@@ -38,6 +39,8 @@ import pathlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
+from skimage import measure, segmentation
 
 __all__ = [
   "Region", "Candidates", "Proposer", "register_proposer", "get_proposer", "available_proposers",
@@ -105,7 +108,6 @@ def label_bounds(labels, *, background: Optional[int] = None) -> tuple[np.ndarra
   Each distinct label is one mask (`background`, if given, is skipped); computed without materialising
   N full-size masks, so a segmentation with hundreds of segments stays cheap.
   """
-  from scipy import ndimage
 
   labels = np.asarray(labels)
   if labels.ndim != 2:
@@ -270,7 +272,6 @@ class ComponentsProposer(Proposer):
     self.connectivity = int(connectivity)
 
   def candidates(self, image):
-    from skimage import measure
 
     q = image.astype(np.int64) * self.levels // 256
     key = (q[..., 0] * self.levels + q[..., 1]) * self.levels + q[..., 2] + 1
@@ -292,7 +293,6 @@ class FelzenszwalbProposer(Proposer):
     self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
 
   def candidates(self, image):
-    from skimage import segmentation
 
     labels = segmentation.felzenszwalb(image, scale=self.scale, sigma=self.sigma, min_size=self.min_size,
                                        channel_axis=-1)
