@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.microbatch_rows = 0  # rows per batch shard per forward/backward; fewer than a shard's: accumulation
   c.train.ema_decay = 0.0  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
   c.train.freeze = ("vit", "connector", "ae")  # top-level parameter groups held fixed
+  # XLA TPU's windowed einsum for the step's FSDP matmuls (False: whole all-gathers and
+  # reduce-scatters; fewer bytes by XLA's cost model, benchmarks/results_tpu_cost.txt)
+  c.train.tpu_collective_matmul = True
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
   c.train.log_every = 10
