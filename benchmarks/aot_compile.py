@@ -12,10 +12,13 @@ HBM; for the train step also XLA's FLOPs and BAGEL's formula. `--attn_impl` pick
 TPU targets, xla on CPU ones).
 
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4
-    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v6e:4x4 --programs sampler,judge
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v6e:4x4 \
+        --programs sampler,judge
     python benchmarks/aot_compile.py --target cpu:8 --programs train --set model.remat=False
-    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4 --programs train --attn_impl splash
-    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:1x1x1 --single_host --programs train \
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4 --programs train \
+        --attn_impl splash
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:1x1x1 --single_host \
+        --programs train \
         --config experiments/bagel_7b_lora.py                 # one chip: the LoRA memory plan
 `--single_host` describes the topology as one host's chips (needed below a host's usual 4 chips,
 e.g. one chip, and for v6e-8's single host of 8 chips: `--target tpu:v6e:2x4 --single_host`).

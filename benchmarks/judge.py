@@ -1,8 +1,10 @@
 """The self-judge's speed, logits mode vs generate mode, and how well the two rank the same images.
 
-    python benchmarks/judge.py                                   # the shipped tiny-world model on world scenes
+    # the shipped tiny-world model on world scenes
+    python benchmarks/judge.py
     python benchmarks/judge.py --config experiments/bagel_7b_compbench.py --set model.dir=CKPT \
-        --images random:1024 --num 16 --max_new_tokens 64       # a real-size model (plumbing on random pixels)
+        # a real-size model (plumbing on random pixels)
+        --images random:1024 --num 16 --max_new_tokens 64
 
 Both modes are the score stage's `Judge` (`srum_jax.pipeline.score`) answering the global-layout
 question for the same `--num` (image, prompt) pairs in batches of `score.batch_size`: `logits` reads

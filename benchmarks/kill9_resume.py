@@ -38,8 +38,8 @@ from srum_jax.workdir import logs
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIG = str(ROOT / "experiments" / "tiny_pipeline.py")
-LOGS = (("round_0/generate", "metadata"), ("round_0/propose", "regions"), ("round_0/score",
-                                                                           "rewards"),
+LOGS = (("round_0/generate", "metadata"), ("round_0/propose", "regions"),
+        ("round_0/score", "rewards"),
         ("eval/base", "metadata"), ("eval/base", "judgments"), ("eval/srum", "metadata"),
         ("eval/srum", "judgments"), ("eval/sft", "metadata"), ("eval/sft", "judgments"))
 TRAININGS = ("round_0/train", "sft_train")
@@ -47,8 +47,9 @@ TRAININGS = ("round_0/train", "sft_train")
 
 def _env(root: pathlib.Path) -> dict:
   return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-              JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=str(
-                  root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_DEFAULT_MATMUL_PRECISION="highest",
+              JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
@@ -68,11 +69,11 @@ from srum_jax.tokenizer import build_word_level
 from srum_jax.worlds.shapes import VOCAB
 cfg = config.tiny()
 keys = keymap.official_keys(cfg)
-params = {{"bagel": conftest.tree_from_state_dict(load_file(conftest.GOLDEN /
-"weights.safetensors"), keys["bagel"],
+weights = load_file(conftest.GOLDEN / "weights.safetensors")
+ae = load_file(conftest.GOLDEN / "ae.safetensors")
+params = {{"bagel": conftest.tree_from_state_dict(weights, keys["bagel"],
                                                 params_lib.bagel_schema(cfg)),
-          "ae": conftest.tree_from_state_dict(load_file(conftest.GOLDEN / "ae.safetensors"), keys["ae"],
-                                             params_lib.ae_schema(cfg.ae))}}
+          "ae": conftest.tree_from_state_dict(ae, keys["ae"], params_lib.ae_schema(cfg.ae))}}
 checkpoint.save_model_dir({str(dst)!r}, cfg, jax.tree.map(np.asarray, params))
 t = cfg.tokens
 build_word_level(list(VOCAB) + list(conftest.JUDGE_WORDS), {str(dst)!r}, special_ids={{
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
   ref = root / "reference"
   if not (args.reuse_reference and (ref / "report" / "report.json").is_file()):
     shutil.rmtree(ref, ignore_errors=True)
-    rc, cold = _run(_command(model_dir, ref), root,
-                    root / "reference.log")  # also warms the compilation cache
+    # also warms the compilation cache
+    rc, cold = _run(_command(model_dir, ref), root, root / "reference.log")
     if rc != 0:
       print(f"reference run failed (exit {rc}); see {root / 'reference.log'}")
       return 1

@@ -1,7 +1,8 @@
 """Text-to-image sampling speed: s/image at each size, with prefill, Euler steps and VAE decode
 apart.
 
-    python benchmarks/sample.py --preset mid --sizes 512,1024           # random weights, the paper's CFG
+    # random weights, the paper's CFG
+    python benchmarks/sample.py --preset mid --sizes 512,1024
     python benchmarks/sample.py --preset tiny --sizes 64,128 --steps 5   # CPU plumbing
 
 Non-think T2I as `inference.sampling.text_to_image` runs it: the prompt is prefilled into a KV cache

@@ -2,7 +2,8 @@
 required; tests build one from the golden tiny weights), shapes-world prompts, 32x32 images, 3 flow
 steps, components proposer, oracle eval.
 
-    python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
+    python -m srum_jax run --config=experiments/tiny_pipeline.py \
+        --config.model.dir=/path/to/tiny_model
 """
 from srum_jax import defaults
 from srum_jax.data.prompt_sources import prompt_source

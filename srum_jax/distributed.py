@@ -30,8 +30,8 @@ def maybe_initialize() -> bool:
     return True
   num = int(os.environ.get("SRUM_NUM_PROCESSES", "1") or 1)
   if num > 1:
-    if os.environ.get("JAX_PLATFORMS",
-                      "") == "cpu":  # CPU processes (tests, CPU clusters) talk through gloo
+    # CPU processes (tests, CPU clusters) talk through gloo
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["SRUM_COORDINATOR"],
                                num_processes=num, process_id=int(os.environ["SRUM_PROCESS_ID"]))

@@ -10,7 +10,8 @@ that must be local (ArrayRecord, memory-mapped moments, the tokenizer file) in a
 (`local_cache_dir`, `local_copy`).
 
     paths.is_remote("gs://b/run")                  # True
-    paths.join("gs://b/run", "generate", "x.png")  # "gs://b/run/generate/x.png" (pathlib would eat a slash)
+    # "gs://b/run/generate/x.png" (pathlib would eat a slash)
+    paths.join("gs://b/run", "generate", "x.png")
     paths.write_bytes("gs://b/run/report.json", data)
 """
 from __future__ import annotations

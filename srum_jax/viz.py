@@ -3,8 +3,10 @@ writes.
 
     grid = image_grid(images_uint8, ncols=4, pad=2, captions=prompts)         # PIL.Image
     table = labeled_grid([[im, ...], ...], column_titles=prompts, row_titles=models,
-                         cell_captions=[["ok", ...], ...], min_tile=160)      # small images upscaled
-    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)  # uint8 [6H, 6W, 3]
+                         # small images upscaled
+                         cell_captions=[["ok", ...], ...], min_tile=160)
+    # uint8 [6H, 6W, 3]
+    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)
     loss_curve_png({"loss": [(step, value), ...]}, "workdir/loss.png")
     files.save_png("workdir/samples/step_100.png", grid)
 

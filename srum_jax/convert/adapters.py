@@ -1,16 +1,18 @@
 """LoRA adapters on disk apart from their base model, in PEFT's layout for the official PyTorch
 BAGEL.
 
-  <dir>/adapter_model.safetensors  PEFT keys (`keymap.adapter_keys`): `base_model.model.<official
-  module>.lora_A
-                                   .weight` [rank, in] and `.lora_B.weight` [out, rank], one per layer
+  <dir>/adapter_model.safetensors  PEFT keys (`keymap.adapter_keys`):
+                                   `base_model.model.<official module>.lora_A.weight` [rank, in]
+                                   and `.lora_B.weight` [out, rank], one per layer
   <dir>/adapter_config.json        PEFT's LoRA fields: r, lora_alpha, lora_dropout, target_modules
-  (a regular
-                                   expression over the official module names), bias "none", ...
+                                   (a regular expression over the official module names), bias
+                                   "none", ...
 
     flax_to_hf.save_adapters(dir, cfg, params)           # writing lives with the exporter
-    lora, adapters = read_adapters(dir, cfg)             # NumPy {'bagel': ...} tree of adapters only
-    cfg, params = load_with_adapters(base_dir, dir)      # a model dir or official dir + adapters, attached
+    # NumPy {'bagel': ...} tree of adapters only
+    lora, adapters = read_adapters(dir, cfg)
+    # a model dir or official dir + adapters, attached
+    cfg, params = load_with_adapters(base_dir, dir)
 
 Which projections carry adapters and their rank are read from the file's keys and shapes; alpha and
 dropout from the json.

@@ -497,8 +497,8 @@ def check_fixed_tables(reader: SafetensorsReader,
     diff = float(np.max(np.abs(stored.astype(np.float64) -
                                table.astype(np.float64)))) if stored.size else 0.0
     out[key] = diff
-    if diff > float(ml_dtypes.finfo(
-        stored.dtype).eps):  # one ulp at 1.0 of the stored dtype (bf16 too)
+    # one ulp at 1.0 of the stored dtype (bf16 too)
+    if diff > float(ml_dtypes.finfo(stored.dtype).eps):
       warnings.warn(f"{key} differs from the fixed 2-D sin-cos table by up to {diff:.3g}; "
                     "the recomputed table is used")
     else:

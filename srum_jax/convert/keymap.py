@@ -237,8 +237,8 @@ def expected_official_shapes(cfg: BagelConfig) -> Dict[str, Dict[str, Tuple[int,
   Includes the fixed sin-cos tables; with `cfg.vit=None` there are no vit_model / connector /
   vit_pos_embed keys (SRUM-trained `model.safetensors`).
   """
-  abstract = params.abstract_params(
-      params.model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
+  # ShapeDtypeStructs: nothing is allocated
+  abstract = params.abstract_params(params.model_schema(cfg))
   out = {}
   for part, table in official_keys(cfg).items():
     out[part] = {

@@ -1,10 +1,10 @@
 """Prompt sources for data generation: one config -> a list of `PromptItem`s plus a load report.
 
   items = load_prompts({"source": "file", "path": "SRUM/train_comp.json"})
-  items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds", "local_dir":
-  ".../dataset"}) items = load_prompts({"source": "python", "function": "my_pkg.prompts:make",
-  "kwargs": {"n": 10}}) items.report.summary()   # 'SRUM/train_comp.json: 6234 loaded of 6234; 0
-  empty, 0 malformed, ...'
+  items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds",
+                        "local_dir": ".../dataset"})
+  items = load_prompts({"source": "python", "function": "my_pkg.prompts:make", "kwargs": {"n": 10}})
+  items.report.summary()   # 'SRUM/train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
 
 The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as
 `.report`.
@@ -14,14 +14,14 @@ any subset, an unknown key is an error; a bare path string means {"source": "fil
   source      "file" | "tfds" | "python" ("": inferred: `path` -> file, `function` -> python, else tfds)
   file:       path; format "txt" | "json" | "jsonl" (default: from the extension); category (see below)
   tfds:       name (default "t2i_compbench"), config (builder config, e.g. "original" / "plus"),
-  split
-              ("train" | "val"), data_dir (tfds default when absent), prepare (default True: build the
-              dataset if it is not there yet), local_dir / manual_dir (build from local prompt files instead
-              of downloading; see `srum_jax.data.t2i_compbench`). Read back with `tfds.data_source` (array_record
-              random access; no tensorflow).
+              split ("train" | "val"), data_dir (tfds default when absent), prepare (default True:
+              build the dataset if it is not there yet), local_dir / manual_dir (build from local
+              prompt files instead of downloading; see `srum_jax.data.t2i_compbench`). Read back
+              with `tfds.data_source` (array_record random access; no tensorflow).
   python:     function "module.path:function" returning an iterable of PromptItem, dicts or strings;
-  kwargs categories  optional list: keep only these categories;  limit: optional int, keep the first
-  `limit` items
+              kwargs
+  categories  optional list: keep only these categories;  limit: optional int, keep the first
+              `limit` items
 
 Formats. TXT: one prompt per line. JSON: a list of objects {Question|prompt, Category|category,
 Question_id|id} (the SRUM files' format) or a list of strings. JSONL: one such object (or JSON string) per line.
@@ -284,8 +284,8 @@ def _load_file(cfg: dict) -> _Collector:
       except json.JSONDecodeError as e:
         col.malformed(lineno, f"invalid JSON: {e.msg}")
         continue
-      except (ValueError,
-              RecursionError) as e:  # an integer beyond Python's digit limit; nesting too deep
+      # an integer beyond Python's digit limit; nesting too deep
+      except (ValueError, RecursionError) as e:
         col.malformed(lineno, f"invalid JSON: {type(e).__name__}")
         continue
       col.add_entry(lineno, entry)

@@ -11,8 +11,8 @@ directory holding those files, given either as the builder kwarg `local_dir` or 
   builder = T2iCompbench(data_dir="~/tfds", local_dir="T2I-CompBench/examples/dataset")
   builder.download_and_prepare()
   source = builder.as_data_source(split="val")           # random access, no tensorflow
-  source[0]  # {"prompt": b"a green bench and a red car", "category": b"color", "id":
-  b"color_val:00001"}
+  # {"prompt": b"a green bench and a red car", "category": b"color", "id": b"color_val:00001"}
+  source[0]
 
   # or: tfds.data_source("t2i_compbench", split="val", data_dir="~/tfds",
   builder_kwargs={"local_dir": ...})

@@ -13,9 +13,11 @@ Two modes (`JudgeOptions.mode`, the vocabulary `JUDGE_MODES`):
   1\nIdentified Object: ...", the official answer order) and the score is read after that name
   (`decoding.continue_then_logits`).
 
-    judge = Judge(JudgeOptions.from_config(config.score), model, texts=texts_lib.own_texts(), seed=0)
+    options = JudgeOptions.from_config(config.score)
+    judge = Judge(options, model, texts=texts_lib.own_texts(), seed=0)
     g = judge.global_scores(images_uint8, prompts)                 # [score or None]
-    r = judge.region_scores(images_uint8, prompts, boxes_lists)    # [{region (1-based): (score, object)}]
+    # [{region (1-based): (score, object)}]
+    r = judge.region_scores(images_uint8, prompts, boxes_lists)
 """
 from __future__ import annotations
 

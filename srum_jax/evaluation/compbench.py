@@ -307,7 +307,8 @@ class CompBenchScorer:
     if metric == "numeracy":
       if not n.targets:
         return {**base, "score": None, "skipped": "no counted object in the prompt"}
-      parts["numeracy"] = numeracy_score(n.targets, {k: [b for _, b in v] for k, v in found.items()})
+      boxes = {k: [b for _, b in v] for k, v in found.items()}
+      parts["numeracy"] = numeracy_score(n.targets, boxes)
     score = (
         three_in_one(n.kind, parts["blip_vqa"], parts["spatial"], parts["clip"])
         if metric == "three_in_one" else parts[metric])

@@ -63,8 +63,8 @@ class OwlDetector:
     torch = self.torch
     images = torch_models.pil_images(images)
     n = max(1, max(len(q) for q in queries))
-    padded = [list(q) + [q[-1]] * (n - len(q)) if q else [""] * n for q in queries
-             ]  # repeats never win ties
+    # repeats never win ties
+    padded = [list(q) + [q[-1]] * (n - len(q)) if q else [""] * n for q in queries]
     enc = self.tokenizer([QUERY_TEMPLATE.format(q) for qs in padded for q in qs],
                          padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     pix = self.image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -154,8 +154,8 @@ def side_by_side(eval_root: str) -> str:
   models = {}
   for p in sorted(root.glob("*/table.json")):
     tables = files.read_json(p, "eval table")
-    if all(isinstance(t, dict) and "column" in t
-           for t in tables.values()):  # folders of this format only
+    # folders of this format only
+    if all(isinstance(t, dict) and "column" in t for t in tables.values()):
       models[p.parent.name] = tables
   columns: List[str] = []
   for tables in models.values():

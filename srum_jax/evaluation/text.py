@@ -167,8 +167,8 @@ class RuleParser:
         tags[i] = "VERB" if i and tags[i - 1] in ("NOUN", "AUX", "PRON", "ADV", "VERB") else "ADJ"
       elif tag == "SIDE":
         tags[i] = "NOUN" if i and tags[i - 1] == "DET" else "ADV"
-    for start, end in _runs(
-        tags):  # a phrase needs a head: its last adjective is the noun ("a blue square")
+    # a phrase needs a head: its last adjective is the noun ("a blue square")
+    for start, end in _runs(tags):
       if "NOUN" not in tags[start:end] and tags[end - 1] == "ADJ":
         tags[end - 1] = "NOUN"
     return [Token(w, t) for w, t in zip(words, tags)]

@@ -112,8 +112,8 @@ class BlipVqa:
     if missing:
       raise ValueError(f"{key}: the tokenizer has no token for {missing}")
     self.yes, self.no = vocab["yes"], vocab["no"]
-    self.enc = vocab.get(
-        "[ENC]")  # BLIP's question encoder starts with [ENC] where the tokenizer has it
+    # BLIP's question encoder starts with [ENC] where the tokenizer has it
+    self.enc = vocab.get("[ENC]")
 
   def yes_probability(self, images, questions: Sequence[str]) -> np.ndarray:
     torch = self.torch

@@ -55,8 +55,8 @@ def prompt_keys(seeds: Union[int, Sequence[int]], ids: Sequence[int]) -> jax.Arr
   seeds = [int(seeds)] * len(ids) if np.ndim(seeds) == 0 else [int(s) for s in seeds]
   if len(seeds) != len(ids):
     raise ValueError(f"{len(seeds)} seeds for {len(ids)} images")
-  if all(0 <= v < 2**31
-         for v in (*seeds, *(int(i) for i in ids))):  # one jitted call, not 2 dispatches a key
+  # one jitted call, not 2 dispatches a key
+  if all(0 <= v < 2 ** 31 for v in (*seeds, *(int(i) for i in ids))):
     return _fold_keys(np.asarray(seeds, np.int32), np.asarray([int(i) for i in ids], np.int32))
   return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), int(i)) for s, i in zip(seeds, ids)])
 

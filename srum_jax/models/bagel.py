@@ -8,7 +8,8 @@ logits at chosen slots. A model call returns model outputs only: noise, flow tim
 belong to the loss (`losses`, `train_step`).
 
     inputs, slots = build_packed_inputs(cfg, samples, num_tokens=..., ...)   # host, NumPy
-    t = losses.timesteps_from_raw(slots.raw_t, shift); x_t = losses.interpolate(slots.x_bad, noise, t)
+    t = losses.timesteps_from_raw(slots.raw_t, shift)
+    x_t = losses.interpolate(slots.x_bad, noise, t)
     v = forward_gen(params, inputs, x_t, t, cfg=cfg, ...)                      # device, jit
 """
 from __future__ import annotations

@@ -117,8 +117,8 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
   params = model.params
   bar = progress.bar(len(todo), "generate")
   for chunk in distributed.batched(todo, int(gcfg.batch_size)):
-    if len(chunk) < int(
-        gcfg.batch_size):  # pad the last batch: one compiled shape for the whole stage
+    # pad the last batch: one compiled shape for the whole stage
+    if len(chunk) < int(gcfg.batch_size):
       chunk = list(chunk) + [chunk[-1]] * (int(gcfg.batch_size) - len(chunk))
       real = len(set(i for _, i, _ in chunk))
     else:
@@ -140,8 +140,8 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
                                                                           -1).all(axis=1)
     rows = []
     for j, (seq, image_id, it) in enumerate(chunk[:real]):
-      if not finite[
-          j]:  # NaN / inf latents decode to a black image: never written as if it were fine
+      # NaN / inf latents decode to a black image: never written as if it were fine
+      if not finite[j]:
         rep.skipped_nonfinite += 1
         continue
       rel = f"images/{layout.image_file_name(image_id)}"

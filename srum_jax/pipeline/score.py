@@ -147,7 +147,7 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
       paths.join(out_dir,
                  "stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json"),
       stats)
-  logs.merge_process_logs(out_dir,
-                          "rewards")  # training reads <out>/rewards.jsonl: every process's records
+  # training reads <out>/rewards.jsonl: every process's records
+  logs.merge_process_logs(out_dir, "rewards")
   progress.summary_line("score", **dataclasses.asdict(rep), out=out_dir)
   return rep

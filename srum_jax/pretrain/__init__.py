@@ -19,7 +19,8 @@ workers), `steps` (losses and steps), `init` (initialisations), `stages` (start 
 chain, CLI), `heldout` (held-out metrics).
 """
 from srum_jax.pretrain.heldout import EvalSettings, evaluate_model
-from srum_jax.pretrain.stages import StartMode, main, next_stage, pretrain_chain, run_stage, start_mode
+from srum_jax.pretrain.stages import (StartMode, main, next_stage, pretrain_chain, run_stage,
+                                      start_mode)
 
 __all__ = [
     "EvalSettings", "evaluate_model", "StartMode", "main", "next_stage", "pretrain_chain",

@@ -10,13 +10,15 @@ Questions are the project's own texts (`vocab.OWN_TEXTS`, through `rewards.texts
 
     global    `render_global(prompt)`               -> "Score: 1.0" / "Score: -1.0"
     region1   `render_regions(prompt, [box])`       -> "Score: s" (the logits judge) or the block
-                                                       "Region ID: 1 Identified Object: red circle Score: s"
-    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes a
+                            "Region ID: 1 Identified Object: red circle Score: s"
+    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes
+              a
                                                        background box, random order)
     describe  "<describe>" (auxiliary)              -> `grammar.describe(scene)`
-    locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of that kind
-    plan      [think system prompt] [prompt] (no image) -> `grammar.plan_text(scene)` of a scene of the prompt
-              (think mode: the layout plan the model writes before it draws)
+    locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of
+              that kind
+    plan      [think system prompt] [prompt] (no image) -> `grammar.plan_text(scene)` of a scene of
+              the prompt (think mode: the layout plan the model writes before it draws)
 
 s = 1.0 for an object the prompt asks for, -0.5 for the right kind in a wrong count, -1.0 for an
 object that contradicts the prompt and 0.0 for a background box. Boxes follow the proposer's
@@ -52,8 +54,8 @@ from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)
 MAX_REGIONS = 5  # the proposer's default max_regions
-TASKS = ("global", "region1", "regions", "describe", "locate", "plan"
-        )  # understanding tasks (`pretrain.data.tasks`)
+# understanding tasks (`pretrain.data.tasks`)
+TASKS = ("global", "region1", "regions", "describe", "locate", "plan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,8 +302,8 @@ class PretrainSampler:
         scene = grammar.sample_scene(rng, p)
         images[b, s] = rendered(scene)
         w = self.wrap(p.text)
-        if self.mix["think"] and rng.random(
-        ) < self.mix["think"]:  # one text run = the think-mode prefills
+        # one text run = the think-mode prefills
+        if self.mix["think"] and rng.random() < self.mix["think"]:
           w = self.wrap(vocab.OWN_TEXTS.gen_think_system)
           if rng.random() >= self.mix["think_uncond"]:
             w = w + self.wrap(p.text) + self.wrap(grammar.plan_text(scene))

@@ -18,8 +18,8 @@ def init_number_embeddings(params_bagel, tokenizer, seed: int = 0):
   emb = np.array(params_bagel["llm"]["embed_tokens"]["embedding"], np.float32)
   n = np.arange(vocab.MAX_COORD + 1, dtype=np.float64)
   freqs = np.pi / vocab.MAX_COORD * 2.0 ** np.arange(4)
-  feats = np.concatenate(
-      [np.sin(n[:, None] * freqs), np.cos(n[:, None] * freqs)], axis=1)  # [33, 8]
+  # [33, 8]
+  feats = np.concatenate([np.sin(n[:, None] * freqs), np.cos(n[:, None] * freqs)], axis=1)
   proj = np.random.default_rng(seed).standard_normal(
       (feats.shape[1], emb.shape[1])) / np.sqrt(feats.shape[1])
   ids = [tokenizer.encode(str(int(v)))[0] for v in n]

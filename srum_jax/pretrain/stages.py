@@ -3,9 +3,10 @@ command.
 
 How a stage starts is decided once (`start_mode`):
   resume      <out>/state holds a checkpoint of this stage (and `resume`): continue stage B where it
-  stopped warm_start  `init_from` names a model dir: its AE and UMM weights, a fresh optimizer and
-  warm-up reuse_ae    `ae.from_dir` names a model dir: its AE (and latent scale), a fresh UMM fresh
-  train the AE (stage A), then a fresh UMM
+              stopped
+  warm_start  `init_from` names a model dir: its AE and UMM weights, a fresh optimizer and warm-up
+  reuse_ae    `ae.from_dir` names a model dir: its AE (and latent scale), a fresh UMM
+  fresh       train the AE (stage A), then a fresh UMM
 The schedules are functions of the step; `max_seconds` caps the stage's wall clock (over restarts)
 and a stage that reaches it stops cleanly and is saved like a finished one. SIGTERM / SIGINT save
 the state and return (`preempted`); the same command resumes.
@@ -247,8 +248,8 @@ def _finish(p, config, cfg, params, summary: dict, out: pathlib.Path) -> Dict[st
   summary."""
   model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
   summary.update(model_dir=model_dir, model_dir_bytes=files.dir_size(model_dir))
-  flax_to_hf.export(model_dir,
-                    str(out / "official"))  # the official layout too: what the repo ships
+  # the official layout too: what the repo ships
+  flax_to_hf.export(model_dir, str(out / "official"))
   summary.update(
       official_dir=str(out / "official"), official_dir_bytes=files.dir_size(str(out / "official")))
   shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # finished: a rerun is a new run

@@ -26,8 +26,8 @@ DESCRIBE = "<describe>"
 LOCATE = "<locate>"
 THINK_GEN = "<think_gen>"  # the generation think system prompt (the own texts' `gen_think_system`)
 _PLACEHOLDER = "QQPROMPTQQ"
-OWN_TEXTS = texts_lib.own_texts(
-)  # the shapes world's model is trained on the project's own wording
+# the shapes world's model is trained on the project's own wording
+OWN_TEXTS = texts_lib.own_texts()
 
 
 def template_pieces() -> Dict[str, str]:
@@ -49,8 +49,8 @@ def world_words() -> List[str]:
   """Every word the world's prompts and the judge's answers use, the box numbers and the markers."""
   words = list(grammar.VOCAB) + list(JUDGE_WORDS) + list(SCORE_TOKENS)
   words += [str(n) for n in range(MAX_COORD + 1)] + list(MARKERS) + [DESCRIBE, LOCATE]
-  return words + [THINK_GEN, *grammar.PLAN_WORDS
-                 ]  # think mode, appended: earlier words keep their ids
+  # think mode, appended: earlier words keep their ids
+  return words + [THINK_GEN, *grammar.PLAN_WORDS]
 
 
 def build_tokenizer(directory, cfg):

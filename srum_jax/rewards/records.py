@@ -255,8 +255,8 @@ def _read(path, convert) -> tuple[list, ReadReport]:
     report.lines += 1
     try:
       rec = convert(json.loads(raw.decode("utf-8"), parse_constant=_reject_constant))
-    except (ValueError,
-            RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:
       report.skipped.append((line_no, f"{type(e).__name__}: {e}"[:300]))
       continue
     records.append(rec)

@@ -4,9 +4,10 @@ per-token form for the SRUM loss (docs/bagel.md, "Reward map", "SRUM loss").
 Usage (shapes static; `height`/`width` are the transformed image size):
 
   boxes, scores, valid, g = records_to_arrays(records, max_regions=5)
-  maps = reward_map(boxes, scores, valid, g, height=1024, width=1024)      # [B, 1024, 1024] in [0,
-  1] r_tok = token_rewards(maps, [(32, 32)] * len(records))                    # [B*32*32] packed
-  token order
+  # [B, 1024, 1024] in [0, 1]
+  maps = reward_map(boxes, scores, valid, g, height=1024, width=1024)
+  # [B*32*32] packed token order
+  r_tok = token_rewards(maps, [(32, 32)] * len(records))
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def reward_map(boxes, scores, valid, global_scores, *, height: int, width: int,
 
   Args:
     boxes: [B, K, 4] (x_min, y_min, x_max, y_max) in pixels. Each coordinate is truncated toward
-    zero
-      (Python int(): -0.5 -> 0, 13.7 -> 13); a box whose truncated x_min >= x_max or y_min >= y_max is
-      ignored (checked before clamping, as the official code does), and NaN coordinates make it ignored.
-      The box then covers the pixels x_min <= x < x_max, y_min <= y < y_max clamped to the image.
+      zero (Python int(): -0.5 -> 0, 13.7 -> 13); a box whose truncated x_min >= x_max or y_min >=
+      y_max is ignored (checked before clamping, as the official code does), and NaN coordinates
+      make it ignored. The box then covers the pixels x_min <= x < x_max, y_min <= y < y_max
+      clamped to the image.
     scores: [B, K] region scores in [-1, 1].
     valid: [B, K] bool; False entries (padding) are ignored.
     global_scores: [B] global layout scores g in [-1, 1] (use 0.0 for a missing one, as official).

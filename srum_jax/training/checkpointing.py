@@ -2,8 +2,9 @@
 
 Per step directory `<dir>/<step>/`:
   state/  {params, opt_state, ema (when used), step, skipped, key (PRNG key data)} (orbax PyTree,
-  sharded) data/   the grain iterator state, one JSON file per process (grain's orbax handler) meta/
-  JSON: step, skipped, wall time, anything the caller adds
+          sharded)
+  data/   the grain iterator state, one JSON file per process (grain's orbax handler)
+  meta/   JSON: step, skipped, wall time, anything the caller adds
 Saves are asynchronous (the device -> host copy happens inside `save`, the writes in the
 background); `save_interval_steps` / `max_to_keep` come from the config; `force=True` saves off the
 interval (final and SIGTERM saves). Restoring places every leaf directly onto the target shardings

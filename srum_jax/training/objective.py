@@ -5,9 +5,12 @@ Pure and jit-able with static image/latent sizes; shard the batch dim over the m
 the result equals the single-device one (the means are global over the batch, XLA inserts the
 reductions).
 
-    rewards = RegionRewards(boxes, scores, valid, global_scores)   # [..., K, 4], [..., K], [..., K], [...]
-    levers = RewardLevers()                                         # the official map; ablations flip fields
-    maps = reward_maps(rewards, image_hw=(H, W), levers=levers)     # [..., H, W]: what the loss weighs (and the
+    # [..., K, 4], [..., K], [..., K], [...]
+    rewards = RegionRewards(boxes, scores, valid, global_scores)
+    # the official map; ablations flip fields
+    levers = RewardLevers()
+    # [..., H, W]: what the loss weighs (and the
+    maps = reward_maps(rewards, image_hw=(H, W), levers=levers)
                                                                     # training pictures show)
     loss, aux = srum_objective(rewards, v_pred, noise, x_bad, x_gt, token_mask, image_hw=(H, W),
                                latent_hw=(h, w), lambda_constraint=0.5, levers=levers)

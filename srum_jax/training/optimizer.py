@@ -1,10 +1,13 @@
 """Optimizer and learning-rate schedule shared by every trainer (SRUM post-training, tiny-world
 pretraining).
 
-    labels = param_labels(params, freeze=("vit", "connector", "ae"))   # adapters_only=True: LoRA training
+    # adapters_only=True: LoRA training
+    labels = param_labels(params, freeze=("vit", "connector", "ae"))
     tx = make_optimizer(config.train, labels, total_steps=config.train.steps)
-    state = update.init_state(params, tx, labels=labels)   # gradients and EMA for the trainable leaves only
-    lr = lr_schedule(config.train, total_steps)(step)        # what the optimizer applies at update `step`
+    # gradients and EMA for the trainable leaves only
+    state = update.init_state(params, tx, labels=labels)
+    # what the optimizer applies at update `step`
+    lr = lr_schedule(config.train, total_steps)(step)
 
 The schedule is a function of the update count only (never of wall-clock time), so a run's numbers
 do not depend on the machine's speed. An optimizer config block declares: lr, lr_decay ("constant" |

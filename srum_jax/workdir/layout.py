@@ -32,7 +32,8 @@ def image_file_name(item_id: str, suffix: str = ".png") -> str:
   whole id, so ids that differ only in replaced characters or after the prefix get distinct files. A
   pure function of the id: a restarted stage finds its files again."""
   prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id)[:80].lstrip(".") or "item"
-  return f"{prefix}-{hashlib.sha256(item_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}{suffix}"
+  digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+  return f"{prefix}-{digest}{suffix}"
 
 
 def _boxes(value) -> bool:

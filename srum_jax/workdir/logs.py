@@ -80,8 +80,8 @@ class JsonlLog:
     self.remote = paths.is_remote(path)
     self.path = paths.path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._next_part: Optional[
-        int] = None  # remote: the number of the next part object this writer writes
+    # remote: the number of the next part object this writer writes
+    self._next_part: Optional[int] = None
 
   @property
   def parts_dir(self):
@@ -175,8 +175,8 @@ class JsonlLog:
       self._append_part(data)
       return
     if self.path.is_file() and self.path.stat().st_size:
-      with open(self.path,
-                "rb") as f:  # end a torn last line first, so the new row stays a line of its own
+      # end a torn last line first, so the new row stays a line of its own
+      with open(self.path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b"\n":
           data = b"\n" + data
@@ -337,8 +337,8 @@ def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
   for p in files:
     got, file_rep = JsonlLog(p).read()
     rep.add(file_rep)
-    merged = per_process and os.path.basename(
-        p) == f"{stem}.jsonl"  # process 0's copy of every process's rows
+    # process 0's copy of every process's rows
+    merged = per_process and os.path.basename(p) == f"{stem}.jsonl"
     for r in got:
       problem = row_problem(r, schema)
       if problem:

@@ -10,14 +10,12 @@ T2I-CompBench:
   color     2-3 single objects with pairwise different colours: colour must bind to the right shape
             ("a red circle and a blue square").
   shape     one object, or 2-3 objects with pairwise different shapes where some colour repeats, so
-  that
-            only the shape tells the objects apart ("a red circle and a red triangle").
+            that only the shape tells the objects apart ("a red circle and a red triangle").
   spatial   two objects (different colours and shapes) in a 2-D relation ("a green triangle left of
-  a
-            yellow circle"), decided by centroids with a margin.
+            a yellow circle"), decided by centroids with a margin.
   numeracy  exact counts: "three blue squares", "two red circles and one blue square".
   complex   count + colour + relation: "two red circles above a blue square" (every circle above
-  it).
+            it).
 
 Surface forms (group orders, mirrored relations) of one combination share a canonical key, and the
 train/val split is made over keys, so a validation prompt is a combination never seen in training.
@@ -392,8 +390,7 @@ def hard_negative(rng: np.random.Generator, prompt, scene: Scene, kind: Optional
     color     one object recoloured            shape     one object given another shape
     count     exact groups +-1 object, "a" groups one object fewer
     relation  two related objects swap places  roles     two objects of different groups swap
-    colours
-              (with their sizes)                         (colour-shape binding swapped)
+              colours (with their sizes)                         (colour-shape binding swapped)
   """
   spec = _spec_of(prompt)
   applicable = negative_kinds(spec, scene)
