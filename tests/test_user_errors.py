@@ -357,7 +357,8 @@ def test_pipes_full_disks_and_signals_end_in_one_line_or_75(tiny_model_dir, tmp_
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   p.stdout.readline()
   p.stdout.close()  # `| head -1`
-  assert p.wait(timeout=120) == 2 and p.stderr.read() == b""
+  # exit 2 when a write met the closed pipe, 0 when the whole config fit in the pipe's buffer first
+  assert p.wait(timeout=120) in (0, 2) and p.stderr.read() == b""
   w = tmp_path / "w"
   gen = ["generate", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={w}"]
 
