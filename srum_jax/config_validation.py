@@ -292,10 +292,41 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
 
 def check_propose(config) -> None:
   from srum_jax.pipeline import proposers
-  _enum(config, "propose.name", proposers.available_proposers())
+  name = _enum(config, "propose.name", proposers.available_proposers())
   _int(config, "propose.max_regions", lo=1)
   _float(config, "propose.min_area", lo=0.0)
   _enum(config, "propose.box_mode", tuple(proposers.BOX_MODES))
+  _int(config, "propose.batch_size", lo=1)
+  _check_sam_options(config, name)
+
+
+SAM_PRESETS = ("", "vit_h", "vit_l", "vit_b")
+SAM_DTYPES = ("", "float32", "bfloat16")
+
+
+def _check_sam_options(config, name: str) -> None:
+  """propose.options of the SAM proposers: weights that exist (a .pth file or a directory), a known preset
+  and dtype; `preset` only for sam, `device` only for sam_torch, none of them for weight-free proposers."""
+  options = dict(config.propose.options)
+  allowed = {"sam": ("weights", "preset", "dtype"), "sam_torch": ("weights", "device", "dtype")}.get(name, ())
+  for key in ("weights", "preset", "device", "dtype"):
+    if options.get(key, "") != "" and key not in allowed:
+      _fail(f"propose.options.{key}", options[key], f"is not an option of proposer {name!r}")
+  if not allowed:
+    return
+  weights = options.get("weights", "")
+  if not isinstance(weights, str) or not weights:
+    _fail("propose.options.weights", weights, f"proposer {name!r} needs SAM weights: a released "
+          "sam_vit_h_4b8939.pth, a transformers SamModel directory or a `convert-sam` directory (README, "
+          "\"Region proposals\")")
+  if name == "sam_torch":
+    _existing_dir("propose.options.weights", weights, "transformers SamModel directory")
+  elif not paths.path(os.path.expanduser(weights)).exists():
+    raise UserFileNotFoundError(f"config key propose.options.weights: SAM weights {weights!r} do not exist")
+  if "preset" in options:
+    _enum(config, "propose.options.preset", SAM_PRESETS)
+  if "dtype" in options:
+    _enum(config, "propose.options.dtype", SAM_DTYPES)
 
 
 def check_score(config) -> None:

@@ -112,13 +112,18 @@ def base_config() -> ml_collections.ConfigDict:
   # (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
-  # Region proposals (official: SAM, up to 5 boxes).
+  # Region proposals (official: SAM ViT-H's automatic masks, up to 5 boxes).
   c.propose = ml_collections.ConfigDict()
-  c.propose.name = "sam"  # sam | felzenszwalb | components | grid
+  c.propose.name = "sam"  # sam (JAX, on inference_mesh) | sam_torch (PyTorch) | felzenszwalb | components | grid
   c.propose.max_regions = 5
   c.propose.min_area = 0.0  # < 1: fraction of the image; >= 1: pixels
   c.propose.box_mode = "official"
-  c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
+  c.propose.batch_size = 8  # images per proposer call (sam: one program over inference_mesh's data x fsdp)
+  # Proposer keyword arguments; keys left "" are not passed. sam: weights = a released sam_vit_*.pth, a
+  # transformers SamModel dir or a `convert-sam` dir; preset = vit_h | vit_l | vit_b (checked against the
+  # weights); dtype = float32 | bfloat16. sam_torch: weights = a transformers SamModel dir, device = cpu | cuda
+  # | ..., dtype. An experiment may add the generator's thresholds (points_per_side, pred_iou_thresh, ...).
+  c.propose.options = ml_collections.ConfigDict({"weights": "", "preset": "", "device": "", "dtype": ""})
 
   # Self-judging (official srum_data_infer/vlm.py prompts).
   c.score = ml_collections.ConfigDict()

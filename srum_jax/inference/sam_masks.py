@@ -193,6 +193,7 @@ def greedy_nms(bounds: jax.Array, scores: jax.Array, valid: jax.Array,
                threshold: float) -> jax.Array:
   """[N] bool kept: repeatedly keep the highest-scored remaining candidate (lowest index on ties)
   and drop the remaining ones whose IoU with it exceeds `threshold`; stops when none remains."""
+  bounds, scores, valid = jnp.asarray(bounds), jnp.asarray(scores), jnp.asarray(valid)
   n = scores.shape[0]
 
   def body(state):
@@ -209,6 +210,7 @@ def greedy_nms(bounds: jax.Array, scores: jax.Array, valid: jax.Array,
 def largest(bounds, areas, scores, keep, k: int):
   """The first k kept candidates by (area desc, score desc, index asc): (bounds [k, 4], areas [k]
   (-1 past the kept ones), scores [k], count of kept)."""
+  bounds, areas, scores, keep = (jnp.asarray(x) for x in (bounds, areas, scores, keep))
   n = areas.shape[0]
   area_key = jnp.where(keep, areas, -1)
   order = jnp.lexsort((jnp.arange(n), -jnp.where(keep, scores, -jnp.inf), -area_key))[:k]

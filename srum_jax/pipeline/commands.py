@@ -74,7 +74,7 @@ def propose_main(config, flags) -> int:
   from srum_jax.pipeline import propose
   distributed.maybe_initialize()
   d = _dirs(config)
-  propose.propose(config.propose, d["generate"], d["propose"])
+  propose.propose(config.propose, d["generate"], d["propose"], mesh=common.inference_mesh(config))
   return 0
 
 

@@ -152,7 +152,7 @@ def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, cl
       generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
                         attn_impl=attn)
     with clock(f"round_{r}/propose"):
-      propose.propose(config.propose, gen_dir, prop_dir)
+      propose.propose(config.propose, gen_dir, prop_dir, mesh=common.inference_mesh(config))
     with clock(f"round_{r}/score"):
       srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
                          compute_dtype=dt, attn_impl=attn)
