@@ -34,19 +34,8 @@ def max_err(a, b) -> float:
 def hf_sam_config(cfg):
   """transformers' SamConfig for a `srum_jax.models.sam_config.SamConfig`."""
   from transformers import SamConfig
-  e, d = cfg.encoder, cfg.decoder
-  return SamConfig(
-      vision_config=dict(hidden_size=e.hidden_size, output_channels=e.out_channels,
-                         num_hidden_layers=e.num_layers, num_attention_heads=e.num_heads,
-                         image_size=e.image_size, patch_size=e.patch_size, window_size=e.window_size,
-                         global_attn_indexes=list(e.global_attn_indexes), mlp_dim=e.mlp_dim,
-                         num_pos_feats=d.hidden_size // 2, layer_norm_eps=e.layer_norm_eps),
-      prompt_encoder_config=dict(hidden_size=d.hidden_size, image_size=e.image_size,
-                                 patch_size=e.patch_size, mask_input_channels=d.mask_in_chans),
-      mask_decoder_config=dict(hidden_size=d.hidden_size, mlp_dim=d.mlp_dim,
-                               num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads,
-                               iou_head_depth=d.iou_head_depth,
-                               iou_head_hidden_dim=d.iou_head_hidden_dim))
+  from srum_jax.convert import sam_to_flax
+  return SamConfig(**sam_to_flax.transformers_config(cfg))
 
 
 def random_sam(cfg, seed: int = 0, positions: bool = True, mask_scale: float = 1.0):

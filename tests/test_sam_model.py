@@ -29,13 +29,7 @@ def hf_tiny():
   cfg = sam_config.tiny()
   model = helpers.random_sam(cfg, seed=0)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  return model, sd, sam_to_flax.tree_from_state_dict(hf_cfg(cfg), sd, "transformers")
-
-
-def hf_cfg(cfg):
-  """Our config with transformers' decoder block-norm epsilon (1e-6; the official value is 1e-5)."""
-  import dataclasses
-  return dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, block_norm_eps=1e-6))
+  return model, sd, sam_to_flax.tree_from_state_dict(cfg, sd, "transformers")
 
 
 def test_vit_h_official_key_table():
@@ -113,7 +107,7 @@ def test_prompt_encoder_matches_transformers(hf_tiny):
 @pytest.mark.parametrize("multimask", [True, False])
 def test_mask_decoder_matches_transformers(hf_tiny, multimask):
   model, _, params = hf_tiny
-  cfg = hf_cfg(sam_config.tiny())
+  cfg = sam_config.tiny()
   rng = np.random.default_rng(3)
   emb = rng.normal(size=(2, 16, 8, 8)).astype(np.float32)
   points = rng.uniform(0, 64, (2, 5, 2, 2)).astype(np.float32)
@@ -129,15 +123,9 @@ def test_mask_decoder_matches_transformers(hf_tiny, multimask):
   np.testing.assert_allclose(np.asarray(iou), out.iou_scores.numpy(), atol=2e-5, rtol=0)
 
 
-def _official_state_dict(cfg, hf_sd):
-  """The tiny model's weights under the released `.pth` key names (through the two key tables)."""
-  hf = {(e.path, e.index): (k, e.transform) for k, e in sam_keymap.checkpoint_keys(cfg, "transformers").items()}
-  out = {}
-  for key, e in sam_keymap.checkpoint_keys(cfg, "official").items():
-    hf_key, hf_transform = hf[(e.path, e.index)]
-    flax = sam_keymap.to_flax(hf_sd[hf_key], hf_transform)
-    out[key] = torch.tensor(np.ascontiguousarray(sam_keymap.to_checkpoint(flax, e.transform)))
-  return out
+def _official_state_dict(cfg, tree):
+  """The tiny model's weights under the released `.pth` key names."""
+  return {k: torch.tensor(v) for k, v in sam_to_flax.checkpoint_state_dict(cfg, tree, "official").items()}
 
 
 def test_official_pth_source(hf_tiny, tmp_path):
@@ -145,10 +133,12 @@ def test_official_pth_source(hf_tiny, tmp_path):
   listed at once; non-finite tensors refused."""
   _, sd, ref = hf_tiny
   cfg = sam_config.tiny()
-  state = _official_state_dict(cfg, sd)
+  state = _official_state_dict(cfg, ref)
+  hf_back = sam_to_flax.checkpoint_state_dict(cfg, ref, "transformers")
+  assert hf_back.keys() <= sd.keys() and all(np.array_equal(hf_back[k], sd[k]) for k in hf_back)
   torch.save(state, tmp_path / "sam.pth")
   got_cfg, got = sam_to_flax.load_sam(str(tmp_path / "sam.pth"), preset="tiny", decoder_heads=2)
-  assert got_cfg == cfg  # official decoder norms: eps 1e-5
+  assert got_cfg == cfg
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, ref)
   bad = dict(state)
   bad.pop("prompt_encoder.no_mask_embed.weight")
@@ -174,7 +164,7 @@ def test_converted_dir_and_sharded_streaming(hf_tiny, tmp_path):
   src = helpers.save_sam_dir(model, tmp_path / "hf", 64)
   assert sam_to_flax.main(["--src", src, "--dst", str(tmp_path / "conv")]) == 0
   cfg, restored = sam_to_flax.load_sam(str(tmp_path / "conv"))
-  assert cfg == hf_cfg(sam_config.tiny())
+  assert cfg == sam_config.tiny()
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, ref)
   mesh = sharding.make_mesh({"fsdp": 8})
   _, streamed = sam_to_flax.load_sam(src, mesh=mesh)

@@ -165,6 +165,35 @@ def config_from_transformers(directory: str) -> SamConfig:
   return SamConfig(encoder=enc, decoder=dec, **stats)
 
 
+def transformers_config(cfg: SamConfig) -> Dict[str, Any]:
+  """The transformers `SamConfig` keyword arguments of `cfg` (inverse of `config_from_transformers`)."""
+  e, d = cfg.encoder, cfg.decoder
+  return dict(
+      vision_config=dict(hidden_size=e.hidden_size, output_channels=e.out_channels,
+                         num_hidden_layers=e.num_layers, num_attention_heads=e.num_heads,
+                         image_size=e.image_size, patch_size=e.patch_size, window_size=e.window_size,
+                         global_attn_indexes=list(e.global_attn_indexes), mlp_dim=e.mlp_dim,
+                         num_pos_feats=d.hidden_size // 2, layer_norm_eps=e.layer_norm_eps),
+      prompt_encoder_config=dict(hidden_size=d.hidden_size, image_size=e.image_size,
+                                 patch_size=e.patch_size, mask_input_channels=d.mask_in_chans),
+      mask_decoder_config=dict(hidden_size=d.hidden_size, mlp_dim=d.mlp_dim,
+                               num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads,
+                               attention_downsample_rate=d.attention_downsample_rate,
+                               num_multimask_outputs=d.num_multimask_outputs,
+                               iou_head_depth=d.iou_head_depth,
+                               iou_head_hidden_dim=d.iou_head_hidden_dim,
+                               layer_norm_eps=d.block_norm_eps))
+
+
+def checkpoint_state_dict(cfg: SamConfig, params, source: str) -> Dict[str, np.ndarray]:
+  """The parameter tree as a state dict in layout `source` (numpy, checkpoint layouts)."""
+  out = {}
+  for key, e in sam_keymap.checkpoint_keys(cfg, source).items():
+    leaf = np.asarray(sam_keymap.get_path(params, e.path))[e.index]
+    out[key] = np.ascontiguousarray(sam_keymap.to_checkpoint(leaf, e.transform))
+  return out
+
+
 def config_from_official_shapes(shapes: Dict[str, Tuple[int, ...]],
                                 decoder_heads: int = OFFICIAL_DECODER_HEADS) -> SamConfig:
   """SamConfig of a released state dict from its tensor shapes (the decoder's heads are a flag)."""
