@@ -184,8 +184,12 @@ def compile_tpu(args) -> dict:
         f"outputs {mem.output_size_in_bytes / gib:.4f} GiB, temporaries "
         f"{mem.temp_size_in_bytes / gib:.2f} GiB; peak ~{peak / gib:.2f} GiB"
         + (f" of {hbm / gib:.1f} GiB HBM ({100 * peak / hbm:.0f}%)" if hbm else ""))
-  print(f"  XLA cost_analysis: {flops:.3e} FLOPs per device per call (loop bodies counted once)")
-  return dict(compile_s=sec, peak_bytes=peak, flops=flops)
+  hlo = compiled.as_text()
+  collectives = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce", "reduce-scatter",
+                                                      "all-to-all", "collective-permute")}
+  print(f"  XLA cost_analysis: {flops:.3e} FLOPs per device per call (loop bodies counted once); "
+        f"collectives in the program: {collectives}")
+  return dict(compile_s=sec, peak_bytes=peak, flops=flops, collectives=collectives)
 
 
 def main(argv: Optional[List[str]] = None):

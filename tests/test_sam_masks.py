@@ -70,18 +70,21 @@ def test_mask_stats_match_numpy():
   low[1, 5:9, 20:22] = 50.0
   low[1] -= 20.0  # one small blob
   taps = sam_masks.upscale_taps(32, 64, 64, 64), sam_masks.upscale_taps(32, 64, 43, 40)
-  area, stability, bounds = sam_masks.mask_stats(low, taps[0], taps[1], 0.0, 1.0)
   up = np.asarray(sam_masks._apply_taps(sam_masks._apply_taps(low, taps[0], -2), taps[1], -1))
   ref_bounds, ref_area = proposers.mask_bounds(up > 0.0)
-  np.testing.assert_array_equal(np.asarray(area), ref_area)
-  np.testing.assert_array_equal(np.asarray(bounds), ref_bounds)
-  np.testing.assert_allclose(np.asarray(stability), proposers.stability_score(up, 0.0, 1.0), rtol=1e-6)
+  for rows in (64, 7, 1):  # one block; blocks with a padded last one; one row at a time
+    area, stability, bounds = sam_masks.mask_stats(low, taps[0], taps[1], 0.0, 1.0,
+                                                   rows_per_block=rows)
+    np.testing.assert_array_equal(np.asarray(area), ref_area)
+    np.testing.assert_array_equal(np.asarray(bounds), ref_bounds)
+    np.testing.assert_allclose(np.asarray(stability), proposers.stability_score(up, 0.0, 1.0),
+                               rtol=1e-6)
   assert ref_area[0] == 0 and 0 < ref_area[1] < 200
 
 
 def test_greedy_nms_matches_numpy():
-  """`greedy_nms` keeps exactly what `proposers.box_nms` keeps (duplicates, nested, degenerate boxes,
-  tied scores), among the valid candidates."""
+  """`greedy_nms` keeps exactly what `proposers.box_nms` keeps (duplicates, nested, degenerate
+  boxes, tied scores), among the valid candidates."""
   rng = np.random.default_rng(2)
   for trial in range(20):
     n = 60
@@ -137,8 +140,10 @@ def test_generator_matches_torch_path(sam_dir):
     np.testing.assert_allclose([r.score for r in regions], [r.score for r in want], atol=1e-5)
   assert total >= 30  # the filters leave a real set of boxes (not all, not none)
   # the same proposer's top 5 (the stage's default) are the first 5 of the full list
-  top = proposers.get_proposer("sam", weights=sam_dir, images_per_call=4, points_per_batch=16, **OPTIONS)
-  assert [[r.box for r in rs] for rs in top.propose_batch(images)] == [[r.box for r in rs[:5]] for rs in got]
+  top = proposers.get_proposer("sam", weights=sam_dir, images_per_call=4, points_per_batch=16,
+                               **OPTIONS)
+  assert [[r.box for r in rs] for rs in top.propose_batch(images)] == \
+      [[r.box for r in rs[:5]] for rs in got]
 
 
 def test_sharded_equals_single_device(sam_dir):
@@ -148,8 +153,8 @@ def test_sharded_equals_single_device(sam_dir):
   images = scenes(8, seed=1)[:8]
   images = [im for im in images if im.shape == (32, 32, 3)] * 2
   images = images[:8]
-  one = sam_masks.SamMaskGenerator(cfg, params, opts, mesh=sharding.make_mesh({"data": 1}, jax.devices()[:1]),
-                                   images_per_call=8)
+  single = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  one = sam_masks.SamMaskGenerator(cfg, params, opts, mesh=single, images_per_call=8)
   eight = sam_masks.SamMaskGenerator(cfg, params, opts, mesh=sharding.make_mesh({"data": 8}),
                                      images_per_call=8)
   a, b = one(images), eight(images)
@@ -162,8 +167,8 @@ def test_sharded_equals_single_device(sam_dir):
 
 
 def test_propose_stage_with_sam(sam_dir, tmp_path):
-  """The stage with `propose.name=sam`: batches of 3 on a 2-device mesh, the same rows as the PyTorch
-  proposer, resumable."""
+  """The stage with `propose.name=sam`: batches of 3 on a 2-device mesh, the same rows as the
+  PyTorch proposer, resumable."""
   from srum_jax import defaults
   images = scenes(5, seed=3)
   gen = tmp_path / "generate"

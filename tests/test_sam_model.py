@@ -33,7 +33,7 @@ def hf_tiny():
 
 
 def test_vit_h_official_key_table():
-  """The schema's official keys and shapes equal the table derived from segment_anything's modules."""
+  """The schema's official keys and shapes equal the table from segment_anything's modules."""
   ref = json.loads(FIXTURE.read_text())
   cfg = sam_config.vit_h()
   ours = {k: list(v) for k, v in sam_keymap.expected_shapes(cfg, "official").items()}
@@ -62,7 +62,8 @@ def test_image_encoder_matches_transformers(hf_tiny):
   pixels = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
   with torch.no_grad():
     ref = model.get_image_embeddings(torch.tensor(pixels)).numpy().transpose(0, 2, 3, 1)
-  ours = sam_encoder.encode_images(params["image_encoder"], cfg, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+  ours = sam_encoder.encode_images(params["image_encoder"], cfg,
+                                   jnp.asarray(pixels.transpose(0, 2, 3, 1)))
   assert np.abs(ref).max() > 1.0
   np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-5, rtol=0)
 
@@ -77,7 +78,8 @@ def test_pixel_normalisation_matches_processor():
   rh, rw = (int(v) for v in ref["reshaped_input_sizes"][0])
   assert (rh, rw) == sam_masks.input_size(40, 50, 64) == (51, 64)
   ours = sam_encoder.normalize_pixels(cfg, sam_masks.model_input(image, 64)[None], rh, rw)
-  np.testing.assert_allclose(np.asarray(ours)[0], ref["pixel_values"][0].transpose(1, 2, 0), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ours)[0], ref["pixel_values"][0].transpose(1, 2, 0),
+                             atol=1e-6)
 
 
 def test_prompt_encoder_matches_transformers(hf_tiny):
@@ -94,8 +96,8 @@ def test_prompt_encoder_matches_transformers(hf_tiny):
     boxes_ref, _ = model.prompt_encoder(None, None, torch.tensor(boxes), None)
     _, dense = model.prompt_encoder(None, None, None, torch.tensor(masks))
     dense_pe = model.get_image_wide_positional_embeddings()[0].numpy().transpose(1, 2, 0)
-  np.testing.assert_allclose(np.asarray(sam_decoder.embed_points(pe, cfg, points, labels)), sparse.numpy(),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(sam_decoder.embed_points(pe, cfg, points, labels)),
+                             sparse.numpy(), atol=1e-5)
   np.testing.assert_allclose(np.asarray(sam_decoder.embed_boxes(pe, cfg, boxes)),
                              boxes_ref.numpy(), atol=1e-5)
   np.testing.assert_allclose(np.asarray(sam_decoder.embed_masks(pe, masks[:, 0])),
@@ -115,8 +117,8 @@ def test_mask_decoder_matches_transformers(hf_tiny, multimask):
   with torch.no_grad():
     out = model(image_embeddings=torch.tensor(emb), input_points=torch.tensor(points),
                 input_labels=torch.tensor(labels), multimask_output=multimask)
-  masks, iou = sam_decoder.decode(params, cfg, jnp.asarray(emb.transpose(0, 2, 3, 1))[:, None], points,
-                                  labels, multimask=multimask)
+  embeddings = jnp.asarray(emb.transpose(0, 2, 3, 1))[:, None]
+  masks, iou = sam_decoder.decode(params, cfg, embeddings, points, labels, multimask=multimask)
   assert masks.shape == out.pred_masks.shape and iou.shape == out.iou_scores.shape
   assert np.abs(out.pred_masks.numpy()).max() > 0.5
   np.testing.assert_allclose(np.asarray(masks), out.pred_masks.numpy(), atol=2e-5, rtol=0)
@@ -125,12 +127,13 @@ def test_mask_decoder_matches_transformers(hf_tiny, multimask):
 
 def _official_state_dict(cfg, tree):
   """The tiny model's weights under the released `.pth` key names."""
-  return {k: torch.tensor(v) for k, v in sam_to_flax.checkpoint_state_dict(cfg, tree, "official").items()}
+  state = sam_to_flax.checkpoint_state_dict(cfg, tree, "official")
+  return {k: torch.tensor(v) for k, v in state.items()}
 
 
 def test_official_pth_source(hf_tiny, tmp_path):
-  """A `.pth` state dict: architecture read from its shapes, the same parameters; layout problems all
-  listed at once; non-finite tensors refused."""
+  """A `.pth` state dict: architecture read from its shapes, the same parameters; layout problems
+  all listed at once; non-finite tensors refused."""
   _, sd, ref = hf_tiny
   cfg = sam_config.tiny()
   state = _official_state_dict(cfg, ref)
@@ -147,7 +150,8 @@ def test_official_pth_source(hf_tiny, tmp_path):
   torch.save(bad, tmp_path / "bad.pth")
   with pytest.raises(CheckpointMismatchError) as e:
     sam_to_flax.load_sam(str(tmp_path / "bad.pth"), decoder_heads=2)
-  assert "1 missing" in str(e.value) and "1 unexpected" in str(e.value) and "mis-shaped" in str(e.value)
+  for needle in ("1 missing", "1 unexpected", "1 mis-shaped"):
+    assert needle in str(e.value)
   nan = dict(state)
   nan["mask_decoder.iou_token.weight"] = torch.full((1, 16), float("nan"))
   torch.save(nan, tmp_path / "nan.pth")

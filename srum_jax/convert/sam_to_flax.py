@@ -166,12 +166,13 @@ def config_from_transformers(directory: str) -> SamConfig:
 
 
 def transformers_config(cfg: SamConfig) -> Dict[str, Any]:
-  """The transformers `SamConfig` keyword arguments of `cfg` (inverse of `config_from_transformers`)."""
+  """transformers' `SamConfig` arguments for `cfg` (inverse of `config_from_transformers`)."""
   e, d = cfg.encoder, cfg.decoder
   return dict(
       vision_config=dict(hidden_size=e.hidden_size, output_channels=e.out_channels,
                          num_hidden_layers=e.num_layers, num_attention_heads=e.num_heads,
-                         image_size=e.image_size, patch_size=e.patch_size, window_size=e.window_size,
+                         image_size=e.image_size, patch_size=e.patch_size,
+                         window_size=e.window_size,
                          global_attn_indexes=list(e.global_attn_indexes), mlp_dim=e.mlp_dim,
                          num_pos_feats=d.hidden_size // 2, layer_norm_eps=e.layer_norm_eps),
       prompt_encoder_config=dict(hidden_size=d.hidden_size, image_size=e.image_size,

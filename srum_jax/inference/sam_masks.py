@@ -16,8 +16,9 @@ What runs (SAM's `SamAutomaticMaskGenerator` with its defaults and one crop, the
           image, bilinear to the original size: one precomputed sparse matrix per axis, fp32);
           per mask only its pixel area, stability (|logits > t + offset| / |logits > t - offset|,
           0 for an empty union) and inclusive bounds (x_min, y_min, x_max, y_max of logits > t;
-          0s when empty) are kept, never the full-size mask; masks with predicted IoU >
-          `pred_iou_thresh` and stability >= `stability_score_thresh` are candidates; greedy box
+          0s when empty) are kept, computed 64 upscaled rows at a time (no full-size mask ever
+          exists); masks with predicted IoU > `pred_iou_thresh` and stability >=
+          `stability_score_thresh` are candidates; greedy box
           NMS (IoU > `box_nms_thresh` suppressed, highest predicted IoU first, ties by index,
           torchvision's box IoU on the inclusive bounds) in a `while_loop` that ends when no
           candidate remains; the survivors sorted by area (largest first, then predicted IoU, then
@@ -143,34 +144,55 @@ def upscale_taps(low: int, size: int, resized: int, out: int) -> Tuple[np.ndarra
 # ----------------------------------------------------------------------------------------------
 # device: per-mask statistics, NMS, selection
 
-def _apply_taps(x: jax.Array, taps: Tuple[np.ndarray, np.ndarray], axis: int) -> jax.Array:
+def _apply_taps(x: jax.Array, taps, axis: int) -> jax.Array:
   """Resample `x` along `axis` with (index [out, K], weight [out, K]) taps, in fp32."""
-  index, weight = taps
+  index, weight = jnp.asarray(taps[0]), jnp.asarray(taps[1])
   shape = [1] * x.ndim
   shape[axis] = index.shape[0]
   out = None
   for k in range(index.shape[1]):
-    term = jnp.take(x, jnp.asarray(index[:, k]), axis=axis)
-    term = term * jnp.asarray(weight[:, k]).reshape(shape)
+    term = jnp.take(x, index[:, k], axis=axis) * weight[:, k].reshape(shape)
     out = term if out is None else out + term
   return out
 
 
-def mask_stats(logits: jax.Array, taps_h, taps_w, threshold: float, offset: float):
+def mask_stats(logits: jax.Array, taps_h, taps_w, threshold: float, offset: float,
+               rows_per_block: int = 64):
   """Low-resolution logits [..., L, L] -> (areas, stability, bounds [..., 4]) at the image size.
 
   Upscaled logits are thresholded at `threshold` (area, bounds) and at threshold +- offset
-  (stability); nothing image-sized is returned.
+  (stability). The image is upscaled `rows_per_block` output rows at a time (`lax.scan`), so only
+  one block of rows of every mask exists at once; nothing image-sized is returned.
   """
-  x = _apply_taps(_apply_taps(logits.astype(jnp.float32), taps_h, -2), taps_w, -1)
-  inside = x > threshold
-  area = inside.sum(axis=(-2, -1), dtype=jnp.int32)
-  inter = (x > threshold + offset).sum(axis=(-2, -1), dtype=jnp.int32)
-  union = (x > threshold - offset).sum(axis=(-2, -1), dtype=jnp.int32)
+  index_h, weight_h = taps_h
+  h, w = index_h.shape[0], taps_w[0].shape[0]
+  block = min(rows_per_block, h)
+  n = -(-h // block)
+  pad = n * block - h
+  index_h = np.pad(index_h, ((0, pad), (0, 0))).reshape(n, block, -1)
+  weight_h = np.pad(weight_h, ((0, pad), (0, 0))).reshape(n, block, -1)
+  real = (np.arange(n * block) < h).reshape(n, block)
+  x32 = logits.astype(jnp.float32)
+  lead = logits.shape[:-2]
+
+  def rows(carry, xs):
+    area, inter, union, cols = carry
+    ih, wh, valid = xs
+    x = _apply_taps(_apply_taps(x32, (ih, wh), -2), taps_w, -1)  # [..., block, W]
+    valid = valid[:, None]
+    inside = (x > threshold) & valid
+    count = lambda m: m.sum(axis=(-2, -1), dtype=jnp.int32)
+    carry = (area + count(inside), inter + count((x > threshold + offset) & valid),
+             union + count((x > threshold - offset) & valid), cols | inside.any(axis=-2))
+    return carry, inside.any(axis=-1)
+
+  zeros = jnp.zeros(lead, jnp.int32)
+  init = (zeros, zeros, zeros, jnp.zeros(lead + (w,), bool))
+  (area, inter, union, cols), row_any = jax.lax.scan(
+      rows, init, (jnp.asarray(index_h), jnp.asarray(weight_h), jnp.asarray(real)))
+  row_any = jnp.moveaxis(row_any, 0, -2).reshape(lead + (n * block,))[..., :h]
   stability = jnp.where(union > 0, inter.astype(jnp.float32) / jnp.maximum(union, 1), 0.0)
-  rows, cols = inside.any(axis=-1), inside.any(axis=-2)
-  h, w = rows.shape[-1], cols.shape[-1]
-  y0, y1 = jnp.argmax(rows, axis=-1), h - 1 - jnp.argmax(rows[..., ::-1], axis=-1)
+  y0, y1 = jnp.argmax(row_any, axis=-1), h - 1 - jnp.argmax(row_any[..., ::-1], axis=-1)
   x0, x1 = jnp.argmax(cols, axis=-1), w - 1 - jnp.argmax(cols[..., ::-1], axis=-1)
   bounds = jnp.stack([x0, y0, x1, y1], axis=-1).astype(jnp.int32)
   bounds = jnp.where((area > 0)[..., None], bounds, 0)

@@ -374,7 +374,7 @@ class SamProposer(Proposer):
                stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, mask_threshold: float = 0.0,
                dtype: str = "float32", mesh=None, images_per_call: int = 1, **post):
     super().__init__(**post)
-    self.cfg, params = sam_to_flax.load_sam(str(weights), preset=preset, dtype=dtype)
+    self.cfg, params = sam_to_flax.load_sam(str(weights), preset=preset, dtype=dtype, mesh=mesh)
     max_boxes = self.max_regions if self.max_regions is not None else 3 * int(points_per_side) ** 2
     self.opts = sam_masks.MaskOptions(
         points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
