@@ -25,13 +25,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from srum_jax import losses
+from srum_jax.convert import keymap
+from srum_jax.models import bagel, config, packing, params as params_lib, qwen2_mot
+
 
 def golden(dtype_name: str):
+  from test_bagel_forward import _noise_rows, _t2i_rows
+
   import conftest  # noqa: F401  (helpers only; platform already chosen)
-  from srum_jax import losses
-  from srum_jax.convert import keymap
-  from srum_jax.models import bagel, config, params as params_lib, qwen2_mot, packing
-  from test_bagel_forward import _t2i_rows, _noise_rows
   d = os.path.join(ROOT, "tests/fixtures/bagel_tiny")
   c = dict(load_file(f"{d}/cases.safetensors"))
   c.update(load_file(f"{d}/srum_cases.safetensors"))

@@ -28,6 +28,12 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from srum_jax import config_utils
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.rewards import texts as texts_lib  # noqa: E402
+from srum_jax.worlds.shapes import grammar, scene as scene_lib
+
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
   """Ranks 1..n with ties sharing their mean rank."""
@@ -51,7 +57,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def world_items(n: int, seed: int = 0):
   """n (uint8 image, prompt) pairs from the shapes world: scenes of val prompts, odd ones hard negatives."""
-  from srum_jax.worlds.shapes import grammar, scene as scene_lib
   rng = np.random.default_rng(seed)
   _, val = grammar.split_prompts(0)
   items = []
@@ -65,7 +70,6 @@ def world_items(n: int, seed: int = 0):
 
 
 def random_items(n: int, size: int, seed: int = 0):
-  from srum_jax.worlds.shapes import grammar
   rng = np.random.default_rng(seed)
   _, val = grammar.split_prompts(0)
   return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), val[i % len(val)].text) for i in range(n)]
@@ -76,19 +80,19 @@ def _batches(items, size: int):
 
 
 def run_mode(config, model, items, mode: str, out=print) -> dict:
-  from srum_jax.pipeline import score
   scfg = config.score.copy_and_resolve_references()
   scfg.mode = mode
-  judge = score.Judge(scfg, model, seed=int(config.seed), compute_dtype=config.model.compute_dtype,
+  judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts_lib.from_setting(config.texts.file),
+                seed=int(config.seed), compute_dtype=config.model.compute_dtype,
                       attn_impl=str(config.model.attn_impl))
   batches = _batches(items, max(1, int(scfg.batch_size)))
   t = time.perf_counter()
-  judge.global_scores([im for im, _ in batches[0]], [p for _, p in batches[0]], score.ScoreReport())
+  judge.global_scores([im for im, _ in batches[0]], [p for _, p in batches[0]])
   first = time.perf_counter() - t
-  rep, scores = score.ScoreReport(), []
+  scores = []
   t = time.perf_counter()
   for b in batches:
-    scores += judge.global_scores([im for im, _ in b], [p for _, p in b], rep)
+    scores += judge.global_scores([im for im, _ in b], [p for _, p in b])
   seconds = time.perf_counter() - t
   failed = sum(s is None for s in scores)
   r = dict(mode=mode, images_per_s=len(items) / seconds, seconds=seconds, first_batch_s=first, scores=scores,
@@ -100,8 +104,7 @@ def run_mode(config, model, items, mode: str, out=print) -> dict:
 
 def measure(config, items, out=print) -> dict:
   import jax
-  from srum_jax.pipeline import common
-  model = common.load_inference_model(config, common.resolve_model_dir(config))
+  model = loaded_model.load_inference_model(config, loaded_model.resolve_model_dir(config))
   dev = jax.devices()[0]
   out(f"device: {getattr(dev, 'device_kind', dev.platform)} ({dev.platform}, jax {jax.__version__}); model "
       f"{model.path}; {len(items)} images {items[0][0].shape[0]}x{items[0][0].shape[1]}; think "
@@ -117,7 +120,6 @@ def measure(config, items, out=print) -> dict:
 
 
 def main(argv: Optional[List[str]] = None):
-  from srum_jax import config_utils
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(ROOT, "experiments/tiny_world.py"))
   ap.add_argument("--set", action="append", default=[], help="key=value config overrides (repeatable)")

@@ -29,6 +29,9 @@ import time
 
 import numpy as np
 
+from srum_jax.pipeline import train as train_stage
+from srum_jax.workdir import logs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIG = str(ROOT / "experiments" / "tiny_pipeline.py")
@@ -95,20 +98,17 @@ def _run(cmd, root: pathlib.Path, log: pathlib.Path, kill_after: float = None) -
 
 def _raw_ids(directory: pathlib.Path, stem: str) -> list:
   """Every row's id in the stage's log, duplicates included (what a reader that does not de-duplicate sees)."""
-  from srum_jax.pipeline import common
-  return [r["id"] for r in common.JsonlLog(str(directory / f"{stem}.jsonl")).rows()]
+  return [r["id"] for r in logs.JsonlLog(str(directory / f"{stem}.jsonl")).rows()]
 
 
 def _rows(directory: pathlib.Path, stem: str) -> dict:
-  from srum_jax.pipeline import common
-  return {r["id"]: r for r in common.JsonlLog(str(directory / f"{stem}.jsonl")).rows()}
+  return {r["id"]: r for r in logs.JsonlLog(str(directory / f"{stem}.jsonl")).rows()}
 
 
 def compare(ref: pathlib.Path, got: pathlib.Path) -> list:
   """What differs between two finished workdirs (empty: identical in every checked respect)."""
   from PIL import Image
 
-  from srum_jax.pipeline import train as train_stage
   problems = []
   for sub, stem in LOGS:
     ids = _raw_ids(got / sub, stem)

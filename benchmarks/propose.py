@@ -62,6 +62,7 @@ def scenes(n: int, side: int):
   """n shapes-world renders scaled (nearest) to side x side."""
   import numpy as np
   from PIL import Image
+
   from srum_jax.worlds import shapes
   rng = np.random.default_rng(0)
   out = []
@@ -78,9 +79,9 @@ def random_weights(preset: str, directory: str):
   import torch
   from safetensors.torch import save_file
   from transformers import SamConfig, SamModel
+
   from srum_jax.convert import sam_to_flax
-  from srum_jax.models import params as params_lib
-  from srum_jax.models import sam_config, sam_schema
+  from srum_jax.models import params as params_lib, sam_config, sam_schema
   cfg = sam_config.get_preset(preset)
   params = params_lib.init_params(sam_schema.sam_schema(cfg), jax.random.key(0))
   params = jax.tree.map(np.asarray, params)
@@ -95,8 +96,8 @@ def random_weights(preset: str, directory: str):
 
 
 def speed(args) -> dict:
-  import numpy as np
   import torch
+
   from srum_jax.pipeline import proposers
   torch.set_num_threads(args.threads)
   work = tempfile.mkdtemp(prefix="sam_bench_")
@@ -150,8 +151,8 @@ def tpu_devices(target: str):
 
 
 def compile_tpu(args) -> dict:
-  import jax
   import jax.numpy as jnp
+
   from srum_jax import sharding
   from srum_jax.inference import sam_masks
   from srum_jax.models import sam_config

@@ -7,7 +7,7 @@ The SRUM train stage's recipe (the config's `train` / `srum` blocks, SFT objecti
 ground-truth renders of the tiny world's train prompts (`grammar.sample_scene` + the exact renderer: images
 every oracle accepts, with exactly the named objects, the distribution pretraining drew from), not on the
 model's own samples. Each model is evaluated like `run` does (oracle, eval seed fixed) on the train prompts and
-on the val prompts. If SFT on perfect data lowers accuracy, the recipe (steps, lr, optimizer, timestep
+on the val prompt_sources. If SFT on perfect data lowers accuracy, the recipe (steps, lr, optimizer, timestep
 sampling, text dropout) damages the generator whatever the data; if it raises it, the model's own candidates
 are what limits self-training. `--lever key=v1,v2` adds one SFT model per value (same data).
 """
@@ -24,23 +24,27 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from srum_jax import config_utils  # noqa: E402
-from srum_jax.pipeline import common, evaluate, prompts, run  # noqa: E402
+from srum_jax import files
+from srum_jax.data import prompt_sources
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import evaluate, run  # noqa: E402
+from srum_jax.rewards import records as records_lib, texts as texts_lib  # noqa: E402
+from srum_jax.workdir import layout
+from srum_jax.worlds.shapes import grammar, scene as scene_lib
 
 
 def truth_records(cfg, out_dir: str, per_prompt: int, seed: int) -> str:
   """Ground-truth renders of the train prompts as reward records (global 1, no regions); returns the path."""
-  from srum_jax.rewards import records as records_lib
-  from srum_jax.worlds.shapes import grammar, scene as scene_lib
   images = os.path.join(out_dir, "images")
   os.makedirs(images, exist_ok=True)
   path = os.path.join(out_dir, "rewards.jsonl")
   rng = np.random.default_rng(seed)
   with open(path, "w") as f:
-    for item in prompts.load_prompts(cfg.prompts.train):
+    for item in prompt_sources.load_prompts(cfg.prompts.train):
       for k in range(per_prompt):
-        name = common.image_file_name(f"truth-{item.id}#{k}")
+        name = layout.image_file_name(f"truth-{item.id}#{k}")
         image = scene_lib.render(grammar.sample_scene(rng, grammar.parse_prompt(item.prompt)))
-        common.save_png(os.path.join(images, name), image)
+        files.save_png(os.path.join(images, name), image)
         rec = records_lib.RewardRecord(image_file=name, prompt=item.prompt, global_score=1.0,
                                        image_size=(image.shape[1], image.shape[0]),
                                        metadata={"id": f"{item.id}#{k}", "category": item.category})
@@ -52,10 +56,11 @@ def tables_for(cfg, model, name: str) -> dict:
   """Oracle tables of one model on the train and the val prompts (run's eval settings and seed)."""
   out = {}
   for split in ("train", "val"):
-    items = prompts.load_prompts(cfg.prompts[split])
+    items = prompt_sources.load_prompts(cfg.prompts[split])
     out[split] = evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
                                    os.path.join(cfg.workdir, f"eval_{split}", name), seed=cfg.eval.seed,
-                                   compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                  texts=texts_lib.from_setting(cfg.texts.file),
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
   return out
 
 
@@ -74,14 +79,14 @@ def main():
     variants.update({f"sft_truth[{key.split('.')[-1]}={v}]": {key: config_utils.literal(v)} for v in vals.split(",")})
   cfg = config_utils.load_config(a.config, {**overrides, "workdir": a.workdir})
   records = truth_records(cfg, os.path.join(a.workdir, "truth"), a.images_per_prompt, int(cfg.seed))
-  base = common.load_model(common.resolve_model_dir(cfg))
+  base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
   results = {"base": tables_for(cfg, base, "base")}
   for name, extra in variants.items():
     vcfg = config_utils.load_config(a.config, {**overrides, **extra, "workdir": a.workdir})
     where = os.path.join(a.workdir, re.sub(r"[^A-Za-z0-9._-]", "_", name))  # no brackets in checkpoint paths
     summary = run.train_model(vcfg, base, records, os.path.join(a.workdir, "truth", "images"),
                               os.path.join(where, "train"), objective_name="sft")
-    model = common.save_model(os.path.join(where, "model"), base, summary["params"])
+    model = loaded_model.save_model(os.path.join(where, "model"), base, summary["params"])
     results[name] = tables_for(vcfg, model, name)
   cats = list(results["base"]["val"])
   lines = []

@@ -25,6 +25,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from srum_jax import defaults
+from srum_jax.inference import context, sampling
+from srum_jax.models import autoencoder, config, params as params_lib
+
 
 def _timed(fn: Callable, repeats: int):
   """(compile-and-first-run seconds, median seconds of `repeats` further runs, last output)."""
@@ -42,9 +46,6 @@ def _timed(fn: Callable, repeats: int):
 def measure(preset: str = "mid", *, sizes=(512, 1024), steps: int = 50, batch: int = 1, text: int = 32,
             repeats: int = 2, attn_impl: str = "dense", dtype: str = "bfloat16", cfg_text_scale=None,
             cfg_img_scale=None, out=print) -> List[Dict[str, float]]:
-  from srum_jax import defaults
-  from srum_jax.inference import context, sampling
-  from srum_jax.models import autoencoder, config, params as params_lib
   cfg = config.get_preset(preset).replace(vit=None)
   g = defaults.base_config().generate
   text_scale = float(g.cfg_text_scale if cfg_text_scale is None else cfg_text_scale)

@@ -28,24 +28,28 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from srum_jax import config_utils  # noqa: E402
-from srum_jax.pipeline import common, run  # noqa: E402
-from srum_jax.pipeline import train as train_stage  # noqa: E402
+from srum_jax import files
+from srum_jax.data import prompt_sources
+from srum_jax.engine import loaded_model
+from srum_jax.metrics import roc_auc
+from srum_jax.pipeline import run  # noqa: E402
+from srum_jax.pipeline import evaluate, train as train_stage  # noqa: E402
+from srum_jax.rewards import records as records_lib, texts as texts_lib  # noqa: E402
+from srum_jax.workdir import logs
+from srum_jax.worlds.shapes import judge_text
 
 
 def oracle_checked_candidates(workdir: str):
   """(record, image, oracle verdict) for each readable round-0 candidate (the images SRUM trained on)."""
-  from srum_jax.worlds.shapes import judge_text
   rd = os.path.join(workdir, "round_0")
-  for rec in common.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
-    im, _ = common.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
+  for rec in logs.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
+    im, _ = files.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
     if im is not None:
       yield rec, im, bool(judge_text(im, rec["prompt"]))
 
 
 def candidate_diagnostics(workdir: str, levers) -> dict:
   """Self-judge vs oracle on the round-0 candidates (reward maps under the run's `levers`)."""
-  from srum_jax.metrics import roc_auc
-  from srum_jax.rewards import records as records_lib
   g, ok, r_mean = [], [], []
   for rec, im, verdict in oracle_checked_candidates(workdir):
     g.append(float(rec.get("global_score") or 0.0))
@@ -70,7 +74,6 @@ def oracle_filtered_sft(cfg) -> dict:
   """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the round-0
   candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others.
   A diagnostic run after the SRUM run, which never sees the oracle."""
-  from srum_jax.pipeline import evaluate, prompts
   rd = os.path.join(cfg.workdir, "round_0")
   out = os.path.join(cfg.workdir, "oracle_sft_train")
   os.makedirs(out, exist_ok=True)
@@ -79,17 +82,18 @@ def oracle_filtered_sft(cfg) -> dict:
     for rec, _, verdict in oracle_checked_candidates(cfg.workdir):
       if verdict:
         f.write(json.dumps(rec) + "\n")
-  base = common.load_model(common.resolve_model_dir(cfg))
+  base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
   summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out, objective_name="sft")
-  model = common.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
-  return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompts.load_prompts(cfg.prompts.val),
+  model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
+  return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompt_sources.load_prompts(cfg.prompts.val),
                            os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
-                           compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,
+                           name="oracle_sft")
 
 
 def _model_dirs(cfg, names) -> dict:
   """Where the run left each evaluated model (base: the configured model dir)."""
-  where = {"base": common.resolve_model_dir(cfg), "sft": os.path.join(cfg.workdir, "sft_model"),
+  where = {"base": loaded_model.resolve_model_dir(cfg), "sft": os.path.join(cfg.workdir, "sft_model"),
            "srum": os.path.join(cfg.workdir, "round_0", "model"),
            "oracle_sft": os.path.join(cfg.workdir, "oracle_sft_model")}
   return {n: where[n] for n in names if n in where}
@@ -97,11 +101,11 @@ def _model_dirs(cfg, names) -> dict:
 
 def train_prompt_tables(cfg, names) -> dict:
   """Each model's oracle table on the train prompts (same eval settings and seed as on val)."""
-  from srum_jax.pipeline import evaluate, prompts
-  items = prompts.load_prompts(cfg.prompts.train)
-  return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, common.load_inference_model(cfg, path),
+  items = prompt_sources.load_prompts(cfg.prompts.train)
+  return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, loaded_model.load_inference_model(cfg, path),
                                   items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
-                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=common.attn_impl(cfg))
+                                  texts=texts_lib.from_setting(cfg.texts.file),
+                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
           for name, path in _model_dirs(cfg, names).items()}
 
 

@@ -33,6 +33,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from srum_jax import defaults
+from srum_jax.flops import bagel_flops
+from srum_jax.models import config, params as params_lib
+from srum_jax.training import objective, optimizer, train_step as ts, update
+
 # Dense bf16 peak TFLOP/s per chip (vendor figures, no sparsity), matched on jax's device_kind (lowercase).
 PEAK_TFLOPS = (
     ("h200", 989.0), ("h100", 989.0), ("a100", 312.0),
@@ -80,7 +85,6 @@ def counted_flops(lowered) -> Optional[float]:
 
 
 def model_config(preset: str, layers: int = 0):
-  from srum_jax.models import config
   cfg = config.get_preset(preset).replace(vit=None)  # the SRUM step never runs the ViT
   if layers:
     cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, num_hidden_layers=int(layers)))
@@ -91,7 +95,6 @@ def make_batch(cfg, image_hw: Tuple[int, int], tokens: int, text: int, vae: str,
                samples: int = 2, moments_dtype=np.float32):
   """One packed row of `samples` T2I samples (prompt of `text` tokens incl. BOS/EOS), random images or
   their stand-in posterior moments, five boxes each."""
-  from srum_jax import objective, train_step as ts
   H, W = image_hw
   rng = np.random.default_rng(seed)
   vocab = min(cfg.llm.vocab_size, 150000)
@@ -117,10 +120,6 @@ def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", to
             unroll: bool = False, compute_dtype: str = "bfloat16", peak_tflops: float = 0.0,
             profile_dir: str = "", profile_steps: int = 3, out=print) -> Dict[str, float]:
   """Time the step; print and return the figures."""
-  from srum_jax import defaults, train_step as ts
-  from srum_jax.flops import bagel_flops
-  from srum_jax.models import params as params_lib
-  from srum_jax.training import optimizer, update
   if vae not in ("cached", "step"):
     raise ValueError(f"--vae {vae!r}; choose cached or step")
   cfg = model_config(preset, layers)

@@ -1,12 +1,17 @@
 """The paper's recipe: SRUM post-training of BAGEL-7B-MoT on SRUM's T2I-CompBench train prompts.
 
+    python -m srum_jax texts import --bagel_code=Bagel --srum_code=SRUM --out=texts.json  # README
     python -m srum_jax run --config=experiments/bagel_7b_compbench.py --config.model.dir=/ckpt/bagel7b \
+        --config.texts.file=texts.json \
         --config.prompts.train.path=/data/srum_train_comp.json --config.prompts.val.path=/data/srum_val_comp.json
     python -m srum_jax sweep --config=experiments/bagel_7b_compbench.py --dry_run   # lambda x lr grid
 
 The recipe itself (lambda 0.5, AdamW lr 2e-5, 309 steps, think-mode candidates at 1024^2 with 50 steps and
 CFG 4.0, SAM regions, the generate-mode self-judge) is the base config (`srum_jax/defaults.py`); this file
 sets what the full-size model needs on top:
+* the official texts (BAGEL's think system prompts, SRUM's judge prompts and evaluation question),
+  from the file `texts import` writes; without `texts.file` a command stops and says how to make it
+  (`texts.file=own`: the project's own wording, explicitly);
 * prompts: SRUM's `srum_train_comp.json` (10 categories, 6,234 prompts) and `srum_val_comp.json` (2,670), the
   files the official SRUM code ships (download them from its repository; the paths are config keys);
 * the global batch of the official run, 16 images of 1024^2 per update (8 GPUs x ~2 packed samples), as 16
@@ -17,12 +22,13 @@ sets what the full-size model needs on top:
 * attention chosen by platform in every stage (`auto`: splash on TPU, cuDNN / tokamax on GPU), remat in training.
 """
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 
 def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/bagel_7b_compbench"
+  c.texts.require_official = True  # BAGEL's and SRUM's texts (README, "Official texts") or file=own
   c.model.preset = "bagel_7b_mot"
   c.model.param_dtype = "float32"
   c.model.inference_dtype = "bfloat16"

@@ -5,7 +5,7 @@ proposer, oracle eval.
     python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
 """
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
@@ -13,6 +13,7 @@ SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 def get_config(arg=None):
   c = defaults.base_config()
   c.workdir = "outputs/tiny_pipeline"
+  c.texts.file = "own"  # the shapes world's texts
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"

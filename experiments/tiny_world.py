@@ -26,7 +26,7 @@ import ml_collections
 
 import srum_jax
 from srum_jax import defaults
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 SHIPPED = str(pathlib.Path(srum_jax.__file__).parent / "worlds" / "shapes" / "checkpoint")
 
@@ -122,6 +122,7 @@ def get_config(arg=None):
   gpu = "gpu" in parts
   c = defaults.base_config()
   c.workdir = "outputs/tiny_world_full" if "full" in parts else "outputs/tiny_world"
+  c.texts.file = "own"  # the model was trained on the own texts (its tokenizer reads their pieces)
   empty = defaults.base_config().pretrain.then
   if "think" in parts:  # stage D alone, from an existing stage-C model (`pretrain.init_from`)
     c.pretrain = think_stage(pretrain_config(gpu))
@@ -146,7 +147,7 @@ def get_config(arg=None):
   # (benchmarks/results_tiny_world_think_cpu.txt).
   c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 0})
   c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 0})  # all
-  for g in (c.generate, c.eval_generate):
+  for g in (c.generate, c.eval_generate, c.sample):
     g.batch_size = 32
     g.height = g.width = 32
     g.num_timesteps = 16
@@ -156,6 +157,11 @@ def get_config(arg=None):
     g.think = False
     g.max_think_tokens = 9  # a plan: 8 words + EOS
   c.generate.think = True  # SRUM's candidates come from think mode (the paper's recipe); eval: the plain prompt
+  # `sample`, `edit`, `ask` on the shipped model: 32x32 images, a 28x28 ViT view, the world's sampler
+  c.sample.batch_size = 8
+  c.edit.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), num_timesteps=16,
+                     timestep_shift=1.0, cfg_text_scale=3.0, cfg_img_scale=1.5, max_think_tokens=9))
+  c.ask.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), max_new_tokens=48))
   c.generate.samples_per_prompt = 2 if "full" in parts else 1
   c.eval_generate.samples_per_prompt = 4  # 4 x 295 val images per model: halves the eval noise (one image: ~3 pts)
   c.propose.name = "components"

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from srum_jax import objective, sharding, train_step
-from srum_jax.models import attention
-from srum_jax.models import params as params_lib
-from srum_jax.models.config import BagelConfig, get_preset
+from srum_jax import sharding
+from srum_jax.inference import context, decoding, sampling
+from srum_jax.models import attention, lora as lora_lib, params as params_lib
+from srum_jax.models.config import BagelConfig, get_preset, with_lora
+from srum_jax.pipeline import train as train_stage
+from srum_jax.training import objective, optimizer, train_step, update
 
 __all__ = ["Program", "train_step_program", "sampler_step_program", "prefill_program", "judge_program",
            "model_config"]
@@ -44,7 +46,8 @@ class Program:
 
 
 def model_config(config) -> BagelConfig:
-  return get_preset(config.model.preset)
+  """The preset `model.preset` with the adapters `model.lora` asks for (rank 0: none)."""
+  return with_lora(get_preset(config.model.preset), lora_lib.lora_config(config.model.lora))
 
 
 def attn_impl(config, devices: Sequence) -> str:
@@ -76,7 +79,6 @@ def _fit(s: NamedSharding, shape) -> NamedSharding:
 
 def _context(cfg: BagelConfig, rows: int, length: int, dtype, mesh):
   """An abstract inference context: rows over the batch axes, the cache's kv heads over 'tensor'."""
-  from srum_jax.inference import context
   ctx = jax.eval_shape(lambda: context.init_context(cfg, rows, length, dtype))
 
   def place(path, x):
@@ -122,25 +124,30 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
 
 def train_step_program(config, devices: Sequence) -> Program:
   """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices."""
-  from srum_jax.pipeline import train as train_stage
-  from srum_jax.training import optimizer, update
   cfg, t = model_config(config), config.train
   rows = int(t.batch_size)
   mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
   rules = sharding.rules_from_config(config.sharding_rules)
   layout = train_stage.batch_layout(config, mesh)
   opts = dataclasses.replace(train_stage.step_options(config, platform=list(devices)[0].platform), **layout)
-  params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype))
-  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=int(t.steps))
-  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
+  lora = cfg.llm.lora
+  params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype),
+                                      jnp.dtype(config.model.lora.dtype))
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=lora is not None)
+  tx = optimizer.make_optimizer(t, labels, total_steps=int(t.steps))
+  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay, labels), params)
   state_sh = train_step.state_shardings(cfg, abstract_state, mesh, rules)
   batch = _abstract_batch(cfg, config, rows, mesh, rules)
-  step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx), state_sh,
+  step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx, labels), state_sh,
                                      jax.tree.map(lambda x: x.sharding, batch), mesh)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  trainable = update.trainable_part(params, labels)
   info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
               attn_impl=opts.attn_impl, params=params_lib.count_params(params),
-              param_dtype=str(config.model.param_dtype))
+              trainable=params_lib.count_params(trainable), param_dtype=str(config.model.param_dtype),
+              remat=opts.remat, remat_policy=opts.remat_policy,
+              lora=None if lora is None else dict(rank=lora.rank, alpha=lora.alpha, experts=list(lora.experts),
+                                                  dtype=str(config.model.lora.dtype)))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
 
 
@@ -159,7 +166,6 @@ def _inference_setup(config, devices):
 def _context_length(config, cfg: BagelConfig) -> int:
   """Cache slots of a generation context: system prompt + prompt (+ the plan in think mode), bucketed as
   `sampling.text_to_image` does (a 256-token system prompt and `generate.text_budget` or 128 prompt tokens)."""
-  from srum_jax.inference import context
   g = config.generate
   think = context.bucket(int(g.max_think_tokens) + 2) if g.think else 0
   return context.bucket(256 + (int(g.text_budget) or 128) + think)
@@ -168,7 +174,6 @@ def _context_length(config, cfg: BagelConfig) -> int:
 def sampler_step_program(config, devices: Sequence) -> Program:
   """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
   generation batch (`generate.batch_size` rows per host)."""
-  from srum_jax.inference import sampling
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   g = config.generate
   rows = int(g.batch_size)
@@ -195,7 +200,6 @@ def sampler_step_program(config, devices: Sequence) -> Program:
 
 def prefill_program(config, devices: Sequence) -> Program:
   """The prompt's prefill (`context.prefill_text`) into an empty generation context."""
-  from srum_jax.inference import context
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   rows, length = int(config.generate.batch_size), _context_length(config, cfg)
   ids_len = int(config.generate.text_budget) or 128
@@ -212,7 +216,6 @@ def prefill_program(config, devices: Sequence) -> Program:
 def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
   """The judge's forward: a ViT image at the official transform's largest size and a region prompt
   prefilled into a context, then the logits after the answer prefix ("Score:" etc.)."""
-  from srum_jax.inference import context, decoding
   cfg, mesh, params, dtype = _inference_setup(config, devices)
   rows = int(config.score.batch_size)
   side = cfg.vit_max_num_patch_per_side

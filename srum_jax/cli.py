@@ -1,17 +1,27 @@
 """One entry point: `python -m srum_jax <subcommand> --config=experiments/x.py[:arg] --config.a.b=v`.
 
 Config-driven subcommands parse absl flags with `ml_collections.config_flags` (big_vision style: a wrong
-override key is an error before any work starts). `convert`, `convert-sam` and `export` take plain `--src/--dst`
-flags. Subcommand implementations are imported lazily so `--help` and config checks stay fast.
+override key is an error before any work starts). `convert`, `convert-sam` and `export` take plain
+`--src/--dst` flags. Subcommand implementations are imported lazily so `--help` and config checks
+stay fast.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
 import types
 from typing import Callable, Dict, List, Tuple
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+from srum_jax import config_utils, config_validation, errors
+from srum_jax.errors import UserValueError
+from srum_jax.rewards import official_texts, texts as texts_lib
 
 # name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw commands
 # get argv.
@@ -25,11 +35,20 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("srum_jax.pipeline.commands:eval_main", "generate (or read eval.images_dir) and score eval.metrics"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
     "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
+    "sample": ("srum_jax.pipeline.inference_commands:sample_main",
+               "text to image (sample.prompts, sample.prompts_file)"),
+    "edit": ("srum_jax.pipeline.inference_commands:edit_main",
+             "edit an image by an instruction (edit.image, edit.prompt)"),
+    "ask": ("srum_jax.pipeline.inference_commands:ask_main",
+            "answer a question about an image (ask.image, ask.question)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
     "export": ("srum_jax.convert.flax_to_hf:main", "orbax model dir -> official safetensors"),
-    "convert-sam": ("srum_jax.convert.sam_to_flax:main", "SAM weights (sam_vit_*.pth / SamModel dir) -> orbax dir"),
+    "convert-sam": ("srum_jax.convert.sam_to_flax:main",
+                    "SAM weights (sam_vit_*.pth / SamModel dir) -> orbax dir"),
+    "texts": ("srum_jax.cli:texts_main",
+              "official texts from your BAGEL / SRUM checkouts (import), what a stage sends (show)"),
 }
 
 
@@ -58,7 +77,6 @@ def show_config(config, flags) -> int:
 def sweep(config, flags) -> int:
   """Each point runs `sweep_command` with this command's own --config.* overrides, the point's values and
   its own workdir under `config.workdir`."""
-  from srum_jax import config_utils
   spec = flags.config_spec
   overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
   cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=list(flags.sweep_extra or []),
@@ -87,7 +105,6 @@ def _first_line(e: BaseException) -> str:
 def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
   """One line for a failed flag parse: the unknown override key with the closest real one, else the parser's
   own message flattened."""
-  from srum_jax import config_utils, config_validation
   try:
     config = config_utils.load_config(spec)
   except Exception as load_error:  # the config file itself fails: its own error, without the parser's traceback
@@ -96,10 +113,7 @@ def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
 
 
 def _run_config_command(name: str, argv: List[str]) -> int:
-  from absl import flags
-  from ml_collections import config_flags
 
-  from srum_jax import config_validation, errors
 
   spec = _config_spec(argv)
   if spec:
@@ -135,7 +149,6 @@ def _run_config_command(name: str, argv: List[str]) -> int:
   cli_flags = types.SimpleNamespace(
       config_spec=spec, dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
       argv=list(argv[1:]))
-  from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     config_validation.validate(config, name)  # every key the command reads, before any work
@@ -143,6 +156,63 @@ def _run_config_command(name: str, argv: List[str]) -> int:
   except errors.UserError as e:
     print(f"error: {_first_line(e)}", file=sys.stderr)
     return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# `texts` (issue 28): the official texts from the user's checkouts (rewards/official_texts.py).
+
+def texts_main(argv: List[str]) -> int:
+  """`texts import --bagel_code=DIR --srum_code=DIR [--reasonbench_code=DIR] --out=FILE` writes the
+  texts file; `texts show [--texts=FILE] --prompt=TEXT [--boxes=JSON]` prints one JSON object, the
+  exact strings the stages would send (without --texts: the project's own). A user error is one
+  line and exit code 2."""
+
+  ap = argparse.ArgumentParser(prog="srum_jax texts",
+                               description="the texts the stages send to the model")
+  sub = ap.add_subparsers(dest="action", required=True)
+  imp = sub.add_parser("import", help="read the official texts from your checkouts into a file")
+  imp.add_argument("--bagel_code", required=True, help="checkout of github.com/ByteDance-Seed/Bagel")
+  imp.add_argument("--srum_code", required=True, help="checkout of github.com/WayneJin0918/SRUM")
+  imp.add_argument("--reasonbench_code", default="",
+                   help="checkout of github.com/KaiyueSun98/T2I-ReasonBench (optional)")
+  imp.add_argument("--out", required=True, help="the texts file to write (JSON)")
+  show = sub.add_parser("show", help="print what the stages would send for a prompt and boxes")
+  show.add_argument("--texts", default="", help="a texts file ('' or 'own': the own texts)")
+  show.add_argument("--prompt", required=True)
+  show.add_argument("--boxes", default="[]",
+                    help='JSON list of [x0, y0, x1, y1] pixel boxes, e.g. "[[0,0,8,8]]"')
+  args = ap.parse_args(argv)
+  try:
+    if args.action == "import":
+      texts, notes = official_texts.import_texts(args.bagel_code, args.srum_code,
+                                                 args.reasonbench_code)
+      texts_lib.save_texts(texts, args.out)
+      for line in notes + official_texts.summary(texts):
+        print(line)
+      print(f"wrote {args.out}: pass it as --config.texts.file={args.out}")
+      return 0
+    shown = texts_lib.show(texts_lib.from_setting(args.texts), args.prompt, _boxes_flag(args.boxes))
+    print(json.dumps(shown))  # ASCII with \u escapes: the same strings whatever the locale
+    return 0
+  except errors.UserError as e:
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+    return 2
+
+
+def _boxes_flag(text: str) -> list:
+  """--boxes: a JSON list of 4-number lists."""
+
+  try:
+    boxes = json.loads(text)
+  except ValueError as e:
+    raise UserValueError(f"--boxes is not JSON ({_first_line(e)})") from None
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+  if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and all(map(number, b))
+                                          for b in boxes)):
+    raise UserValueError(f"--boxes {text!r}: expected a JSON list of [x0, y0, x1, y1] number lists")
+  return boxes
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main(argv: List[str] | None = None) -> int:

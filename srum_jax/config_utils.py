@@ -5,10 +5,11 @@ A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` and ma
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
-import re
 import pathlib
+import re
 import shlex
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -50,7 +51,6 @@ def load_config(spec: str, overrides: Optional[Dict[str, Any]] = None) -> ml_col
 
 def literal(text: str) -> Any:
   """A command-line value: a Python literal when it parses as one ("1e-4", "True", "(0, 1)"), else the string."""
-  import ast
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):

@@ -10,31 +10,36 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
 (propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
 score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks).
+run.*), pretrain (its stage blocks), and the inference commands sample, edit, ask (model, their
+block). generate, score, eval, run and the inference commands also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-from srum_jax import paths
+import jax
+
+from srum_jax import files, paths
+from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, check_float as _float,
+                                    check_int as _int, check_pair as _pair, check_subset as _subset,
+                                    config_value as _get, existing_dir as _existing_dir,
+                                    existing_file as _existing_file, fail as _fail)
+from srum_jax.convert import hf_to_flax
+from srum_jax.data import prompt_sources as prompts_lib
+from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
-
-MODEL_DTYPES = ("float32", "bfloat16")
-OBJECTIVES = ("srum", "sft")
-LR_DECAYS = ("constant", "cosine")
-SCORE_MODES = ("generate", "logits")
-EVAL_JUDGES = ("oracle", "self", "hf_vlm")
-PROMPT_SOURCES = ("file", "tfds", "python")
-PROMPT_FORMATS = ("", "txt", "json", "jsonl")
-OFFICIAL_WEIGHTS = ("ema.safetensors", "model.safetensors")
+from srum_jax.models.config import DTYPES, PRESETS
+from srum_jax.models.lora import lora_config
+from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
+from srum_jax.pretrain.batches import TASKS
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.training import optimizer
 
 SECTIONS = {
     "generate": ("model", "generate", "prompts.train"),
@@ -43,100 +48,14 @@ SECTIONS = {
     "train": ("model", "train"),
     "eval": ("eval",),
     "run": ("model", "generate", "prompts.train", "propose", "score", "train", "eval", "run"),
+    "sample": ("model", "sample"),  # the inference commands (pipeline/inference_commands.py)
+    "edit": ("model", "edit"),
+    "ask": ("model", "ask"),
 }
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Small checks; each raises one line naming the key.
-
-def _fail(key: str, value: Any, why: str) -> None:
-  raise UserValueError(f"config key {key}={value!r}: {why}")
-
-
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def _int(config, key: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, int):
-    _fail(key, v, f"must be an integer, not {type(v).__name__}")
-  if lo is not None and v < lo:
-    _fail(key, v, f"must be >= {lo}")
-  if hi is not None and v > hi:
-    _fail(key, v, f"must be <= {hi}")
-  return v
-
-
-def _float(config, key: str, lo: Optional[float] = None, hi: Optional[float] = None, *,
-           lo_open: bool = False, hi_open: bool = False) -> float:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, (int, float)):
-    _fail(key, v, f"must be a number, not {type(v).__name__}")
-  v = float(v)
-  if not math.isfinite(v):
-    _fail(key, v, "must be finite")
-  if lo is not None and (v <= lo if lo_open else v < lo):
-    _fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
-  if hi is not None and (v >= hi if hi_open else v > hi):
-    _fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
-  return v
-
-
-def _bool(config, key: str) -> bool:
-  v = _get(config, key)
-  if not isinstance(v, bool):
-    _fail(key, v, "must be True or False")
-  return v
-
-
-def _enum(config, key: str, choices: Sequence[str]) -> str:
-  v = _get(config, key)
-  if v not in choices:
-    hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
-    _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
-          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-  return v
-
-
-def _pair(config, key: str, kind=float) -> tuple:
-  v = _get(config, key)
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
-    _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}, e.g. "
-          + ("--config." + key + "=(32,32)" if kind is int else "(0.4,1.0)"))
-  for x in v:
-    if isinstance(x, bool) or not isinstance(x, (int,) if kind is int else (int, float)):
-      _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}")
-  return tuple(kind(x) for x in v)
-
-
-def _existing_file(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_file():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
-  return p
-
-
-def _existing_dir(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_dir():
-    why = "is a file, not a directory" if p.exists() else "does not exist"
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
-  return p
-
-
-def read_json_file(path, what: str = "JSON file") -> Any:
-  """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the file."""
-  try:
-    return json.loads(paths.path(path).read_bytes().decode("utf-8"))  # local or remote (gs://)
-  except UnicodeDecodeError as e:
-    raise UserValueError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise UserValueError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
+# Small checks (`config_utils`); each raises one line naming the key.
 
 def suggest_key(config, dotted: str) -> str:
   """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
@@ -174,7 +93,6 @@ def _geometry_from(d: dict, source: str) -> Geometry:
 
 
 def _preset_geometry(config, source: str, max_positions: Optional[int] = None) -> Geometry:
-  from srum_jax.models.config import PRESETS
   preset = _enum(config, "model.preset", tuple(sorted(PRESETS)))
   cfg = PRESETS[preset]()
   return Geometry(cfg.latent_downsample, cfg.max_latent_size,
@@ -197,7 +115,7 @@ def check_converted_dir(path: str, key: str) -> Geometry:
   if not (p / "params" / "_METADATA").is_file():
     raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks params/_METADATA (an "
                                 f"incomplete orbax save; convert or save the model again)")
-  d = read_json_file(p / "model_config.json", "model config")
+  d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
   return _geometry_from(d, str(p / "model_config.json"))
@@ -206,34 +124,55 @@ def check_converted_dir(path: str, key: str) -> Geometry:
 def check_official_dir(config, path: str, key: str) -> Geometry:
   """An official checkpoint dir: a weights file, ae.safetensors and a readable llm_config.json."""
   p = _existing_dir(key, path, "official checkpoint")
-  if not any((p / n).is_file() for n in OFFICIAL_WEIGHTS):
-    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(OFFICIAL_WEIGHTS)}")
+  if not any((p / n).is_file() for n in hf_to_flax.WEIGHT_FILES):
+    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(hf_to_flax.WEIGHT_FILES)}")
   if not (p / "ae.safetensors").is_file():
     raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
   if not (p / "llm_config.json").is_file():
     raise UserFileNotFoundError(f"config key {key}: {path} lacks llm_config.json")
-  llm = read_json_file(p / "llm_config.json", "LLM config")
+  llm = files.read_json(p / "llm_config.json", "LLM config")
   if not isinstance(llm, dict):
     raise UserValueError(f"LLM config {p / 'llm_config.json'}: expected a JSON object")
   for name in ("vit_config.json",):
     if (p / name).is_file():
-      read_json_file(p / name, "ViT config")
+      files.read_json(p / name, "ViT config")
   return _preset_geometry(config, f"model.preset={config.model.preset}",
                           int(llm.get("max_position_embeddings", 0)) or None)
 
 
 def check_model(config) -> Geometry:
   m = "model"
-  _enum(config, f"{m}.param_dtype", MODEL_DTYPES)
-  _enum(config, f"{m}.inference_dtype", ("",) + MODEL_DTYPES)
-  _enum(config, f"{m}.compute_dtype", MODEL_DTYPES)
+  _enum(config, f"{m}.param_dtype", DTYPES)
+  _enum(config, f"{m}.inference_dtype", ("",) + DTYPES)
+  _enum(config, f"{m}.compute_dtype", DTYPES)
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
+  _check_remat_lora(config)
+  _lora_stages_pending(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
   if config.model.official_dir:
     return check_official_dir(config, config.model.official_dir, "model.official_dir")
   return check_converted_dir(config.model.dir, "model.dir")
+
+
+# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
+def _check_remat_lora(config) -> None:
+  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank 0: none)."""
+  policy = config.model.remat_policy
+  if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
+    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name")
+  _enum(config, "model.lora.dtype", DTYPES)
+  try:
+    lora_config(config.model.lora)
+  except (ValueError, TypeError) as e:
+    _fail("model.lora", config.model.lora.to_dict(), str(e))
+
+
+def _lora_stages_pending(config) -> None:
+  """The stages do not load or save adapters yet (issue 33's stage part): refuse LoRA. Delete when they do."""
+  if config.model.lora.rank:
+    _fail("model.lora.rank", config.model.lora.rank, "the pipeline stages do not run LoRA yet; set 0")
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:
@@ -291,47 +230,16 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
 
 
 def check_propose(config) -> None:
-  from srum_jax.pipeline import proposers
   name = _enum(config, "propose.name", proposers.available_proposers())
   _int(config, "propose.max_regions", lo=1)
   _float(config, "propose.min_area", lo=0.0)
   _enum(config, "propose.box_mode", tuple(proposers.BOX_MODES))
-  _int(config, "propose.batch_size", lo=1)
-  _check_sam_options(config, name)
-
-
-SAM_PRESETS = ("", "vit_h", "vit_l", "vit_b")
-SAM_DTYPES = ("", "float32", "bfloat16")
-
-
-def _check_sam_options(config, name: str) -> None:
-  """propose.options of the SAM proposers: weights that exist (a .pth file or a directory), a known preset
-  and dtype; `preset` only for sam, `device` only for sam_torch, none of them for weight-free proposers."""
-  options = dict(config.propose.options)
-  allowed = {"sam": ("weights", "preset", "dtype"), "sam_torch": ("weights", "device", "dtype")}.get(name, ())
-  for key in ("weights", "preset", "device", "dtype"):
-    if options.get(key, "") != "" and key not in allowed:
-      _fail(f"propose.options.{key}", options[key], f"is not an option of proposer {name!r}")
-  if not allowed:
-    return
-  weights = options.get("weights", "")
-  if not isinstance(weights, str) or not weights:
-    _fail("propose.options.weights", weights, f"proposer {name!r} needs SAM weights: a released "
-          "sam_vit_h_4b8939.pth, a transformers SamModel directory or a `convert-sam` directory (README, "
-          "\"Region proposals\")")
-  if name == "sam_torch":
-    _existing_dir("propose.options.weights", weights, "transformers SamModel directory")
-  elif not paths.path(os.path.expanduser(weights)).exists():
-    raise UserFileNotFoundError(f"config key propose.options.weights: SAM weights {weights!r} do not exist")
-  if "preset" in options:
-    _enum(config, "propose.options.preset", SAM_PRESETS)
-  if "dtype" in options:
-    _enum(config, "propose.options.dtype", SAM_DTYPES)
+  proposers.check_propose_options(config, name)
 
 
 def check_score(config) -> None:
   s = "score"
-  mode = _enum(config, f"{s}.mode", SCORE_MODES)
+  mode = _enum(config, f"{s}.mode", JUDGE_MODES)
   for k in ("think", "use_global", "use_regions", "region_identify"):
     _bool(config, f"{s}.{k}")
   _int(config, f"{s}.batch_size", lo=1)
@@ -360,9 +268,13 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   t = "train"
   if _int(config, f"{t}.steps") < 1:
     _fail(f"{t}.steps", config.train.steps, "must be >= 1 (the number of optimizer updates)")
-  _enum(config, f"{t}.objective", OBJECTIVES)
+  _enum(config, f"{t}.objective", train_stage.OBJECTIVES)
+  _enum(config, f"{t}.vae_moments", train_stage.VAE_MOMENTS)
+  _enum(config, f"{t}.moments_dtype", train_data.MOMENTS_DTYPES)
+  _int(config, f"{t}.encode_batch", lo=1)
+  _subset(config, f"{t}.freeze", optimizer.FREEZE_GROUPS)
   _float(config, f"{t}.lr", lo=0.0, lo_open=True)
-  _enum(config, f"{t}.lr_decay", LR_DECAYS)
+  _enum(config, f"{t}.lr_decay", optimizer.LR_DECAYS)
   _float(config, f"{t}.min_lr_ratio", lo=0.0, hi=1.0)
   _int(config, f"{t}.warmup_steps", lo=0)
   _float(config, f"{t}.b1", lo=0.0, hi=1.0, hi_open=True)
@@ -418,18 +330,17 @@ def check_prompts(config, key: str) -> None:
   """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
   under another source is an error (an override would be ignored); a leftover `function` under
   source=file is not (switching a python source to a file keeps the config file's function)."""
-  from srum_jax.pipeline import prompts as prompts_lib
   src = _get(config, key)
   source = src.source or ("file" if src.path else "python" if src.function else "tfds")
   if src.source:
-    _enum(config, f"{key}.source", PROMPT_SOURCES)
+    _enum(config, f"{key}.source", prompts_lib.PROMPT_SOURCES)
   if src.path and source != "file":
     _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
           f"--config.{key}.source=file (or clear the path)")
   if src.limit is not None:
     _int(config, f"{key}.limit", lo=1)
   if source == "file":
-    _enum(config, f"{key}.format", PROMPT_FORMATS)
+    _enum(config, f"{key}.format", prompts_lib.PROMPT_FORMATS)
     if not src.path:
       _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
     _existing_file(f"{key}.path", src.path, "prompt file")
@@ -441,18 +352,11 @@ def check_prompts(config, key: str) -> None:
       raise UserValueError(f"config key {key}.path: {e}") from None
     finally:
       prompts_lib.log.disabled = quiet
-    require_prompts(items, key)
+    prompts_lib.require_prompts(items, key)
   elif source == "python":
     module, sep, fn = str(src.function).partition(":")
     if not (module and sep and fn):
       _fail(f"{key}.function", src.function, "must be 'module.path:function'")
-
-
-def require_prompts(items, key: str) -> None:
-  """A stage with no prompt to work on is a user error, not a silent success."""
-  if not len(items):
-    summary = items.report.summary() if getattr(items, "report", None) is not None else "0 loaded"
-    raise UserValueError(f"config key {key}: no prompts to use ({summary})")
 
 
 def check_eval(config, own_model: bool) -> Optional[Geometry]:
@@ -463,7 +367,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
     _int(config, f"{e}.{k}", lo=1)
   _int(config, f"{e}.grid_images", lo=0)
   _int(config, f"{e}.seed")
-  judge = _enum(config, f"{e}.judge", EVAL_JUDGES)
+  judge = _enum(config, f"{e}.judge", evaluate.JUDGES)
   name = str(config.eval.name)
   if not name or not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
     _fail(f"{e}.name", name, "must be a non-empty folder name (letters, digits, . _ + = -)")
@@ -478,8 +382,7 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   if config.eval.images_dir:
     _existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder")
   for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
-                  ("reasonbench.questions", "T2I-ReasonBench questions"), ("mllm.rubric", "rubric file"),
-                  ("reasonbench.rubric", "protocol file")):
+                  ("reasonbench.questions", "T2I-ReasonBench questions")):
     if _get(config, f"{e}.{k}"):
       _existing_file(f"{e}.{k}", _get(config, f"{e}.{k}"), what)
   metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
@@ -496,6 +399,94 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   return geo
 
 
+# ---- The inference commands: sample, edit, ask (pipeline/inference_commands.py).
+
+def _seeds(config, key: str) -> None:
+  v = _get(config, key)
+  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(
+      isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in v):
+    _fail(key, v, "must be a tuple of seeds in [0, 2**31), e.g. (0,1,2); () uses the config's seed")
+
+
+def _resize(config, key: str, stride_of: int, geo: Optional[Geometry], latent: bool) -> None:
+  """An official ImageTransform triple (max side, min side, stride): stride a multiple of
+  `stride_of`, max side a multiple of the stride, min <= max; a VAE resize's max side within the
+  model's latent grid."""
+  v = _get(config, key)
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be (max_side, min_side, stride), positive integers, e.g. (1024,512,16)")
+  hi, lo, stride = v
+  if stride % stride_of or hi % stride or lo > hi:
+    _fail(key, tuple(v), f"needs a stride that is a multiple of {stride_of}, a max side that is a "
+          f"multiple of the stride, and min side <= max side")
+  if latent:
+    _image_side(key, hi, geo, tuple(v))
+
+
+def _request_inputs(config, key: str, text_key: str) -> None:
+  """An image (+ its text) and/or a requests JSONL file; the files must exist."""
+  block = _get(config, key)
+  if not block.image and not block.requests:
+    _fail(f"{key}.image", block.image,
+          f"is empty: give an image and {key}.{text_key}, or {key}.requests")
+  if block.image:
+    _existing_file(f"{key}.image", block.image, "image")
+    if not str(block[text_key]).strip():
+      _fail(f"{key}.{text_key}", block[text_key], f"is empty: {key}.image needs its {text_key}")
+  if block.requests:
+    _existing_file(f"{key}.requests", block.requests, "requests file")
+
+
+def check_sample(config, geo: Optional[Geometry]) -> None:
+  check_generate(config, "sample", geo)
+  _seeds(config, "sample.seeds")
+  given = _get(config, "sample.prompts")
+  if isinstance(given, (str, bytes)) or not all(isinstance(p, str) and p.strip() for p in given):
+    _fail("sample.prompts", given, "must be a tuple of non-empty prompts, e.g. ('a red fox',)")
+  if config.sample.prompts_file:
+    _existing_file("sample.prompts_file", config.sample.prompts_file, "prompt file")
+  elif not given:
+    _fail("sample.prompts", given, "is empty and so is sample.prompts_file: give prompts")
+
+
+def check_edit(config, geo: Optional[Geometry]) -> None:
+  e = "edit"
+  _request_inputs(config, e, "prompt")
+  _bool(config, f"{e}.think")
+  _bool(config, f"{e}.sample_posterior")
+  _int(config, f"{e}.max_think_tokens", lo=1)
+  _int(config, f"{e}.num_timesteps", lo=2)
+  _float(config, f"{e}.timestep_shift", lo=0.0, lo_open=True)
+  _float(config, f"{e}.cfg_text_scale", lo=0.0)
+  _float(config, f"{e}.cfg_img_scale", lo=0.0)
+  lo, hi = _pair(config, f"{e}.cfg_interval")
+  if not 0.0 <= lo <= hi <= 1.0:
+    _fail(f"{e}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
+  _enum(config, f"{e}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _float(config, f"{e}.cfg_renorm_min", lo=0.0, hi=1.0)
+  _resize(config, f"{e}.vae_transform", geo.latent_stride if geo else 1, geo, latent=True)
+  _resize(config, f"{e}.vit_transform", 14, geo, latent=False)
+  _int(config, f"{e}.text_budget", lo=0)
+  _int(config, f"{e}.batch_size", lo=1)
+  _seeds(config, f"{e}.seeds")
+
+
+def check_ask(config) -> None:
+  a = "ask"
+  _request_inputs(config, a, "question")
+  _bool(config, f"{a}.think")
+  _bool(config, f"{a}.do_sample")
+  _int(config, f"{a}.max_new_tokens", lo=1)
+  _float(config, f"{a}.temperature", lo=0.0, lo_open=True)
+  _resize(config, f"{a}.vae_transform", 1, None, latent=False)
+  _resize(config, f"{a}.vit_transform", 14, None, latent=False)
+  _int(config, f"{a}.text_budget", lo=0)
+  _int(config, f"{a}.batch_size", lo=1)
+
+# ---- end of the inference commands
+
+
 def check_run(config) -> None:
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
@@ -505,10 +496,9 @@ def check_run(config) -> None:
 def check_pretrain_stage(config, key: str) -> None:
   """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
   model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
-  from srum_jax.models.config import PRESETS
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
   for k in ("compute_dtype", "eval_dtype", "save_dtype"):
-    _enum(config, f"{key}.{k}", MODEL_DTYPES)
+    _enum(config, f"{key}.{k}", DTYPES)
   _bool(config, f"{key}.resume")
   _int(config, f"{key}.seed")
   _float(config, f"{key}.max_seconds", lo=0.0, lo_open=True)
@@ -517,7 +507,7 @@ def check_pretrain_stage(config, key: str) -> None:
   _int(config, f"{key}.data_workers", lo=0)
   for block in ("ae", "umm"):
     _float(config, f"{key}.{block}.lr", lo=0.0, lo_open=True)
-    _enum(config, f"{key}.{block}.lr_decay", LR_DECAYS)
+    _enum(config, f"{key}.{block}.lr_decay", optimizer.LR_DECAYS)
     _int(config, f"{key}.{block}.warmup_steps", lo=0)
   _int(config, f"{key}.ae.steps", lo=0)
   _int(config, f"{key}.ae.batch", lo=1)
@@ -525,7 +515,6 @@ def check_pretrain_stage(config, key: str) -> None:
   for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
             "gen_text_len"):
     _int(config, f"{key}.umm.{k}", lo=1)
-  from srum_jax.pretrain.data import TASKS
   tasks = _get(config, f"{key}.data.tasks")
   for k in tasks.keys():
     if k not in TASKS:
@@ -544,9 +533,33 @@ def check_pretrain_stage(config, key: str) -> None:
     _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
 
 
+# ----------------------------------------------------------------------------------------------
+# The texts (issue 28: official texts from the user's checkouts; srum_jax/rewards/texts.py).
+
+TEXTS_COMMANDS = ("generate", "score", "eval", "run", "sample", "edit", "ask")  # commands that send texts
+
+
+def check_texts(config, command: str) -> None:
+  """`texts.file`: "" / "own" (the project's own wording) or a texts file that loads and checks. A
+  config with `texts.require_official` (the paper's run) stops on "" with the line that says how to
+  import the official set; `own` stays possible, explicitly. T2I-ReasonBench needs its protocol."""
+  value = str(config.texts.file)
+  if _bool(config, "texts.require_official") and value == "":
+    raise UserValueError(
+        "config key texts.file is empty, and this config needs the official BAGEL and SRUM texts: "
+        f"{texts_lib.IMPORT_HINT}; then pass --config.texts.file=texts.json "
+        "(or --config.texts.file=own for the project's own wording)")
+  texts = texts_lib.from_setting(value)
+  metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
+  if command in ("eval", "run") and "reasonbench" in metrics and not texts.reasonbench:
+    raise UserValueError(f"eval.metrics has reasonbench, but texts.file {value!r} holds no "
+                         f"T2I-ReasonBench protocol; {texts_lib.IMPORT_HINT}")
+
+# ----------------------------------------------------------------------------------------------
+
+
 def _eval_metrics(config) -> None:
   """`eval.metrics` by the evaluation stage's own parser (imported last: it loads JAX)."""
-  from srum_jax.pipeline import evaluate
   try:
     evaluate.parse_metrics(config.eval.metrics)
   except ValueError as e:
@@ -570,6 +583,8 @@ def validate(config, command: str) -> None:
   _int(config, "seed")
   if not str(config.workdir):
     _fail("workdir", config.workdir, "must be a folder path")
+  if command in TEXTS_COMMANDS:
+    check_texts(config, command)
   geo = check_model(config) if "model" in sections else None
   if "prompts.train" in sections:
     check_prompts(config, "prompts.train")
@@ -585,6 +600,12 @@ def validate(config, command: str) -> None:
     check_train_inputs(config)
   if "run" in sections:
     check_run(config)
+  if "sample" in sections:  # the inference commands
+    check_sample(config, geo)
+  if "edit" in sections:
+    check_edit(config, geo)
+  if "ask" in sections:
+    check_ask(config)
   if "eval" in sections:
     eval_geo = check_eval(config, own_model=command == "eval")
     metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]

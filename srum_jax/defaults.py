@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from srum_jax.pipeline.prompts import prompt_source
+from srum_jax.data.prompt_sources import prompt_source
 
 
 def optimizer_block(**values) -> ml_collections.ConfigDict:
@@ -39,6 +39,22 @@ def base_config() -> ml_collections.ConfigDict:
   # | splash | cudnn | tokamax (srum_jax/models/attention.py); every stage resolves it the same way.
   c.model.attn_impl = "auto"
   c.model.remat = False
+  c.model.remat_policy = ""  # with remat: "" saves nothing, else a jax.checkpoint_policies name
+  # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is frozen (held in
+  # model.param_dtype) and the adapters' master weights are in model.lora.dtype (srum_jax/models/lora.py).
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, dtype="float32",
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), experts=("gen",)))
+
+  # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
+  # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own
+  # wording (the shapes world's model was trained on it); a path -> the official texts, read from
+  # your BAGEL / SRUM / T2I-ReasonBench checkouts by `python -m srum_jax texts import` (README,
+  # "Official texts"). require_official: "" is an error that stops before any work and says how to
+  # import them; "own" must be chosen explicitly.
+  c.texts = ml_collections.ConfigDict()
+  c.texts.file = ""
+  c.texts.require_official = False
 
   # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).
   # Training runs on every device of every process; inference (generate, score, eval) on each process's own
@@ -86,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.data_threads = 4
   c.train.data_workers = 0  # >0: grain decodes in that many processes
 
-  # Prompt sets (srum_jax.pipeline.prompts.load_prompts): file / tfds / python sources.
+  # Prompt sets (srum_jax.data.prompt_sources.load_prompts): file / tfds / python sources.
   c.prompts = ml_collections.ConfigDict()
   c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
   c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
@@ -114,18 +130,22 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Region proposals (official: SAM ViT-H's automatic masks, up to 5 boxes).
   c.propose = ml_collections.ConfigDict()
-  c.propose.name = "sam"  # sam (JAX, on inference_mesh) | sam_torch (PyTorch) | felzenszwalb | components | grid
+  # sam (JAX, on inference_mesh) | sam_torch (PyTorch) | felzenszwalb | components | grid
+  c.propose.name = "sam"
   c.propose.max_regions = 5
   c.propose.min_area = 0.0  # < 1: fraction of the image; >= 1: pixels
   c.propose.box_mode = "official"
-  c.propose.batch_size = 8  # images per proposer call (sam: one program over inference_mesh's data x fsdp)
-  # Proposer keyword arguments; keys left "" are not passed. sam: weights = a released sam_vit_*.pth, a
-  # transformers SamModel dir or a `convert-sam` dir; preset = vit_h | vit_l | vit_b (checked against the
-  # weights); dtype = float32 | bfloat16. sam_torch: weights = a transformers SamModel dir, device = cpu | cuda
-  # | ..., dtype. An experiment may add the generator's thresholds (points_per_side, pred_iou_thresh, ...).
-  c.propose.options = ml_collections.ConfigDict({"weights": "", "preset": "", "device": "", "dtype": ""})
+  # images per proposer call (sam: one program over inference_mesh's data x fsdp)
+  c.propose.batch_size = 8
+  # Proposer keyword arguments; keys left "" are not passed. sam: weights = a released
+  # sam_vit_*.pth, a transformers SamModel dir or a `convert-sam` dir; preset = vit_h | vit_l |
+  # vit_b (checked against the weights); dtype = float32 | bfloat16. sam_torch: weights = a
+  # transformers SamModel dir, device = cpu | cuda | ..., dtype. An experiment may add the
+  # generator's thresholds (points_per_side, pred_iou_thresh, ...).
+  c.propose.options = ml_collections.ConfigDict(
+      {"weights": "", "preset": "", "device": "", "dtype": ""})
 
-  # Self-judging (official srum_data_infer/vlm.py prompts).
+  # Self-judging (srum_data_infer/vlm.py's procedure; its prompts: the texts, `texts.file`).
   c.score = ml_collections.ConfigDict()
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
@@ -151,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = "judge"  # comma list of: judge, compbench, mllm, geneval, reasonbench
   c.eval.model_dir = ""  # the UMM to evaluate: a converted or an official checkpoint dir ("" -> model.*)
-  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/images.py)
+  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/image_folders.py)
   c.eval.name = "model"  # results in <workdir>/eval/<name>; <workdir>/eval/summary.md compares every name
   c.eval.batch_size = 16  # images per scoring call (and per resumable log flush)
   c.eval.grid_images = 8  # prompts in <out>/grid.png (0: no grid)
@@ -173,14 +193,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.compbench.np_num = 8  # noun phrases asked per prompt (BLIP-VQA)
   c.eval.compbench.frame_size = 480  # long side (px) of the detector frame the position thresholds assume
   c.eval.compbench.batch_size = 16  # BLIP questions per forward
-  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct).
+  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct);
+  # its question: the texts' `compbench_question` (official texts: SRUM's CompBench_eval/qwen_eval.py).
   c.eval.mllm = ml_collections.ConfigDict()
   c.eval.mllm.model_dir = ""
-  c.eval.mllm.rubric = ""  # JSON rubric file ("" -> evaluation/rubrics/srum_compbench.json, SRUM's)
   c.eval.mllm.torch_dtype = "bfloat16"
   c.eval.mllm.device_map = ""  # "": the model on eval.device; "auto": layers over all visible GPUs
   c.eval.mllm.batch_size = 4
-  c.eval.mllm.max_new_tokens = 0  # 0: the rubric's (SRUM: 512; T2I-ReasonBench: 1000)
+  c.eval.mllm.max_new_tokens = 0  # 0: the benchmark script's (qwen_eval.py: 512; ReasonBench: 1000)
   c.eval.mllm.max_retries = 2  # answers without a score are asked again, sampling
   c.eval.mllm.retry_temperature = 0.7
   # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former on COCO.
@@ -194,14 +214,57 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.geneval.max_objects = 16
   c.eval.geneval.nms_threshold = 1.0  # 1.0: no NMS
   c.eval.geneval.position_threshold = 0.1
-  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run.
+  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run;
+  # its questions are the texts' `reasonbench` protocol (texts import --reasonbench_code).
   c.eval.reasonbench = ml_collections.ConfigDict()
   c.eval.reasonbench.prompts = ""  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
   c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
   c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
-  c.eval.reasonbench.rubric = ""  # protocol file ("" -> evaluation/rubrics/t2i_reasonbench.json)
   c.eval_generate = c.generate.copy_and_resolve_references()
   c.eval_generate.think = False
+
+  # ---- Inference commands `sample`, `edit`, `ask` (pipeline/inference_commands.py); BAGEL's
+  # inferencer and app defaults. Outputs under `out` ("" -> <workdir>/<command>); `seeds` () -> (seed,).
+  c.sample = c.generate.copy_and_resolve_references()  # generate's keys (size, steps, CFG, think)
+  c.sample.think = False  # BAGEL's default; True: the model writes a plan first (kept beside the image)
+  c.sample.prompts = ()  # e.g. --config.sample.prompts="('a red fox in the snow',)"
+  c.sample.prompts_file = ""  # and/or a prompt file: txt, json or jsonl (`prompt_sources` formats)
+  c.sample.seeds = ()
+  c.sample.out = ""
+  c.edit = ml_collections.ConfigDict()
+  c.edit.image = ""  # the image to edit (its size after `vae_transform` is the output's)
+  c.edit.prompt = ""  # the instruction
+  c.edit.requests = ""  # and/or JSONL lines {"image", "prompt", "id" (optional)}; paths relative to it
+  c.edit.think = False
+  c.edit.max_think_tokens = 1000
+  c.edit.num_timesteps = 50
+  c.edit.timestep_shift = 3.0
+  c.edit.cfg_text_scale = 4.0  # BAGEL's editing recipe: text 4, image 2, whole flow, text_channel
+  c.edit.cfg_img_scale = 2.0
+  c.edit.cfg_interval = (0.0, 1.0)
+  c.edit.cfg_renorm_type = "text_channel"
+  c.edit.cfg_renorm_min = 0.0
+  c.edit.vae_transform = (1024, 512, 16)  # (max side, min side, stride) of the input's resize
+  c.edit.vit_transform = (980, 224, 14)  # the ViT's view of the resized input
+  c.edit.sample_posterior = True  # the official encoder samples the VAE posterior; False: its mean
+  c.edit.text_budget = 0  # 0: bucket to the longest instruction
+  c.edit.batch_size = 1
+  c.edit.seeds = ()
+  c.edit.out = ""
+  c.ask = ml_collections.ConfigDict()
+  c.ask.image = ""
+  c.ask.question = ""
+  c.ask.requests = ""  # and/or JSONL lines {"image", "question", "id" (optional)}
+  c.ask.think = False  # True: the understanding think system prompt; `answer`: what follows </think>
+  c.ask.max_new_tokens = 1000
+  c.ask.do_sample = False  # BAGEL's default: greedy
+  c.ask.temperature = 0.3  # with do_sample
+  c.ask.vae_transform = (1024, 512, 16)  # the image is resized as for the VAE, then
+  c.ask.vit_transform = (980, 224, 14)  # put through the ViT transform
+  c.ask.text_budget = 0
+  c.ask.batch_size = 1
+  c.ask.out = ""
+  # ---- end of the inference commands
 
   # The closed loop.
   c.run = ml_collections.ConfigDict()
@@ -280,7 +343,7 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.data.think_uncond = 0.1  # of those, the system prompt alone (think mode's classifier-free guidance)
   # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces).
   p.phases = ()
-  # Evaluation on val prompts at the end (`pretrain.evaluate.evaluate_model`).
+  # Evaluation on val prompts at the end (`pretrain.heldout.evaluate_model`).
   p.eval = ml_collections.ConfigDict()
   p.eval.enabled = True
   p.eval.seed = 0

@@ -4,8 +4,8 @@ A path with a scheme (`gs://`, `s3://`, ...) is *remote*: it goes through `etils
 its writes are single whole-object writes (an object appears complete or not at all, so no temporary name and
 rename is needed). A local path keeps the plain os / pathlib calls it always used (tmp + `os.replace`,
 appends, `O_EXCL`). What an object store cannot do (append, exclusive create, memory-map) is handled where it
-is needed: resumable logs as part objects (`pipeline.common.JsonlLog`), a best-effort workdir lock
-(`pipeline.common.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
+is needed: resumable logs as part objects (`workdir.logs.JsonlLog`), a best-effort workdir lock
+(`workdir.locking.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
 tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
 
     paths.is_remote("gs://b/run")                  # True
@@ -17,10 +17,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pathlib
 import posixpath
 import re
+import shutil
 import tempfile
 from typing import Union
+
+from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,9 +41,7 @@ def path(p: PathLike):
   local (the calls local paths always made). Both have exists / is_file / is_dir / iterdir / glob / mkdir /
   read_bytes / write_bytes / unlink; use `rmtree` and `copy_file` here for the rest."""
   if is_remote(p):
-    from etils import epath
     return epath.Path(p)
-  import pathlib
   return pathlib.Path(p)
 
 
@@ -48,7 +50,6 @@ def rmtree(p: PathLike) -> None:
   if is_remote(p):
     path(p).rmtree()
   else:
-    import shutil
     shutil.rmtree(p)
 
 
@@ -131,7 +132,6 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
   if is_remote(src) or is_remote(dst):
     path(src).copy(path(dst), overwrite=True)
   else:
-    import shutil
     shutil.copy2(src, dst)
 
 

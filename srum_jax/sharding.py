@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from srum_jax.models import attention, params as params_lib
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axes. Parameters are FSDP-sharded over their `embed` dim and tensor-parallel over
@@ -32,6 +34,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("vit_mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: A [in, r] / B [r, out] shard like their kernel's in / out dims
     ("length", None),
     ("norm", None),
     ("channels", None),
@@ -107,7 +110,6 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes=No
 def schema_shardings(schema, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings of every parameter of a schema (`models.params`): its logical axes through `rules`,
   dims a mesh axis does not divide replicated."""
-  from srum_jax.models import params as params_lib
   return logical_to_sharding(params_lib.logical_axes(schema), mesh, rules, shapes=params_lib.abstract_params(schema))
 
 
@@ -123,7 +125,6 @@ def under_mesh(fn, mesh: Optional[Mesh]):
     return fn
 
   def traced(*args, **kwargs):
-    from srum_jax.models import attention
     with attention.kernel_mesh(mesh):
       return fn(*args, **kwargs)
   return traced

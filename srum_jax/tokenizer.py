@@ -15,6 +15,10 @@ import dataclasses
 import pathlib
 from typing import Optional, Sequence
 
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from srum_jax import paths
+
 BOS, EOS, START_OF_IMAGE, END_OF_IMAGE = "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"
 SPECIAL_TOKENS = (BOS, EOS, START_OF_IMAGE, END_OF_IMAGE)
 
@@ -70,7 +74,6 @@ def load_tokenizer(model_dir) -> Tokenizer:
   model dir (gs://) has its tokenizer.json copied to the local cache first (`tokenizer_file=` takes a file name)."""
   from transformers import PreTrainedTokenizerFast
 
-  from srum_jax import paths
   path = paths.path(paths.join(model_dir, "tokenizer.json"))
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
@@ -85,7 +88,6 @@ def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk:
   the tiny model's 120..123). Splitting is on whitespace only, so "Score:" and "-0.5" stay single tokens.
   `normalizer`: an optional `tokenizers.normalizers` object applied before splitting.
   """
-  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
 
   vocab = {}

@@ -5,22 +5,22 @@
                          cell_captions=[["ok", ...], ...], min_tile=160)      # small images upscaled
     over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)  # uint8 [6H, 6W, 3]
     loss_curve_png({"loss": [(step, value), ...]}, "workdir/loss.png")
-    save_png("workdir/samples/step_100.png", grid)
+    files.save_png("workdir/samples/step_100.png", grid)
 
 Reward colours are a red -> green ramp: 0 (or -1 for a signed map) is pure red, 1 pure green.
 """
 from __future__ import annotations
 
-import io
 import math
-import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from srum_jax import files
+
 __all__ = ["to_uint8", "reward_colors", "image_grid", "upscale_nearest", "labeled_grid", "overlay_reward_map",
-           "loss_curve_png", "save_png"]
+           "loss_curve_png"]
 
 # legend / series colours (RGB), cycled
 PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -295,28 +295,5 @@ def loss_curve_png(series: Dict[str, Sequence[Tuple[float, float]]], path: str, 
     ly = y0 + 4 + i * (lh + 6)
     draw.line([(x1 - lw - 30, ly + lh / 2), (x1 - lw - 12, ly + lh / 2)], fill=color, width=3)
     draw.text((x1 - lw - 6, ly), name, fill=axis, font=font)
-  save_png(path, img)
+  files.save_png(path, img)
   return img
-
-
-def save_png(path: str, image) -> str:
-  """Write a PIL image or uint8 array as PNG atomically (temporary file in the same folder + rename; a remote
-  path such as gs://... as one whole object)."""
-  if not isinstance(image, Image.Image):
-    image = Image.fromarray(np.asarray(image))
-  from srum_jax import paths
-  if paths.is_remote(path):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    paths.write_bytes(path, buf.getvalue())
-    return path
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path

@@ -19,6 +19,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from srum_jax.convert import checkpoint, keymap
+from srum_jax.models import config, params as params_lib
+from srum_jax.tokenizer import build_word_level
+from srum_jax.worlds.shapes import VOCAB
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -52,8 +57,6 @@ def golden_ae_weights():
 
 def tree_from_state_dict(state_dict, entries, schema):
   """Official-name numpy state dict -> parameter tree, via the converter's key table (test helper)."""
-  from srum_jax.convert import keymap
-  from srum_jax.models import params as params_lib
   tree = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), schema, is_leaf=params_lib.is_spec)
   for key, e in entries.items():
     value = state_dict[key]
@@ -69,15 +72,12 @@ def tree_from_state_dict(state_dict, entries, schema):
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-  from srum_jax.models import config
   return config.tiny()
 
 
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg, golden_weights, golden_ae_weights):
   """{'bagel': ..., 'ae': ...} trees of the golden tiny model (float32 numpy)."""
-  from srum_jax.convert import keymap
-  from srum_jax.models import params as params_lib
   keys = keymap.official_keys(tiny_cfg)
   return {"bagel": tree_from_state_dict(golden_weights, keys["bagel"], params_lib.bagel_schema(tiny_cfg)),
           "ae": tree_from_state_dict(golden_ae_weights, keys["ae"], params_lib.ae_schema(tiny_cfg.ae))}
@@ -90,9 +90,6 @@ JUDGE_WORDS = ("Score:", "Reason:", "Region", "ID:", "Identified", "Object:", "-
 def tiny_model_dir(tmp_path_factory, tiny_cfg, tiny_params):
   """A model directory (orbax params + model_config.json + word-level tokenizer.json) of the golden tiny
   BAGEL, laid out like a converted checkpoint, with the shapes world's words in its vocabulary."""
-  from srum_jax.convert import checkpoint
-  from srum_jax.tokenizer import build_word_level
-  from srum_jax.worlds.shapes import VOCAB
   d = tmp_path_factory.mktemp("tiny_model")
   checkpoint.save_model_dir(str(d), tiny_cfg, jax.tree.map(np.asarray, tiny_params))
   t = tiny_cfg.tokens

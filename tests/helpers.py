@@ -34,6 +34,7 @@ def max_err(a, b) -> float:
 def hf_sam_config(cfg):
   """transformers' SamConfig for a `srum_jax.models.sam_config.SamConfig`."""
   from transformers import SamConfig
+
   from srum_jax.convert import sam_to_flax
   return SamConfig(**sam_to_flax.transformers_config(cfg))
 
@@ -43,9 +44,10 @@ def random_sam(cfg, seed: int = 0, positions: bool = True, mask_scale: float = 1
   image encoder ~1e-10): weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ 1 + N(0, 0.1),
   the Fourier matrix ~ N(0, 1); position tables ~ N(0, 0.5) with `positions`, else 0.
 
-  `positions=False` plus a `mask_scale` > 1 gives an image model whose masks follow the image content
-  (a translation-equivariant encoder, upscaling kernels equal over their 2x2 taps, mask logits scaled):
-  on shapes-world scenes its masks are object / background blobs with varied boxes."""
+  `positions=False` plus a `mask_scale` > 1 gives an image model whose masks follow the image
+  content (a translation-equivariant encoder, upscaling kernels equal over their 2x2 taps, mask
+  logits scaled): on shapes-world scenes its masks are object / background blobs with varied
+  boxes."""
   import torch
   from transformers import SamModel
   torch.manual_seed(seed)

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax.models import attention as attn_lib
-from srum_jax.models import packing, rope
+from srum_jax.models import attention as attn_lib, packing, rope
 from srum_jax.models.packing import CAUSAL, FULL, NOISE, Split, TokenMeta
 
 BOS, EOS, SOI, EOI = 120, 121, 122, 123

@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-
-from srum_jax import sharding, train_step
-from srum_jax.models import attention as attn_lib
-from srum_jax.models import packing
-from srum_jax.models.packing import Split, TokenMeta
-
 from test_attention import _random_meta
+
+from srum_jax import defaults, sharding
+from srum_jax.engine import loaded_model
+from srum_jax.models import attention as attn_lib, config, packing, params, qwen2_mot
+from srum_jax.models.packing import Split, TokenMeta
+from srum_jax.pipeline import train
+from srum_jax.training import train_step
 
 N = 256  # two 128-blocks of splash
 
@@ -184,7 +185,7 @@ def test_kernels_run_per_shard_under_a_mesh():
       assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
   assert "shard_map" in str(jax.make_jaxpr(sharding.under_mesh(SPLASH, mesh))(q, k, v, meta, meta))
   sdpa = functools.partial(attn_lib.sdpa_attention, implementation="xla")
-  with jax.set_mesh(mesh):  # the inference stages' way (`pipeline.common.on_mesh`)
+  with jax.set_mesh(mesh):  # the inference stages' way (`engine.loaded_model.on_mesh`)
     assert "shard_map" in str(jax.make_jaxpr(sdpa)(q, k, v, meta, meta))
     got = _fwd_and_grads(sdpa, q, k, v, meta, meta)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -220,25 +221,23 @@ def test_resolver_by_platform_and_errors(monkeypatch):
 
 
 def test_stages_resolve_the_config_the_same_way():
-  """`model.attn_impl` (default auto) through `common.attn_impl`: what generate / score / eval get, and the
+  """`model.attn_impl` (default auto) through `loaded_model.attn_impl`: what generate / score / eval get, and the
   train step's options, for this backend or a target platform (the AOT compile for TPU on a CPU host)."""
-  from srum_jax import defaults
-  from srum_jax.pipeline import common, train
   c = defaults.base_config()
   assert c.model.attn_impl == "auto"
-  assert common.attn_impl(c) == train.step_options(c).attn_impl == "xla"
-  assert common.attn_impl(c, "tpu") == train.step_options(c, platform="tpu").attn_impl == "splash"
+  assert loaded_model.attn_impl(c) == train.step_options(c).attn_impl == "xla"
+  assert loaded_model.attn_impl(c, "tpu") == train.step_options(c, platform="tpu").attn_impl == "splash"
   c.model.attn_impl = "chunked"
-  assert common.attn_impl(c, "tpu") == train.step_options(c).attn_impl == "chunked"
+  assert loaded_model.attn_impl(c, "tpu") == train.step_options(c).attn_impl == "chunked"
   c.model.attn_impl = "splash"
   with pytest.raises(ValueError, match="TPU kernel"):
     train.step_options(c)
 
 
+@pytest.mark.slow
 def test_decoder_with_splash_per_shard_equals_dense():
   """The MoT decoder (layers scanned, remat, routed experts) with splash on an 8-device mesh, traced under the
   mesh as the train step is (`sharding.under_mesh`): hidden states and parameter gradients equal `dense`."""
-  from srum_jax.models import config, params, qwen2_mot
   cfg = config.tiny()
   meta = _t2i(9, text_dropout=True)
   p = params.init_params(params.llm_schema(cfg), jax.random.PRNGKey(0))

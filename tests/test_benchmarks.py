@@ -5,6 +5,9 @@ import types
 
 import numpy as np
 import pytest
+
+from srum_jax.flops import bagel_flops
+
 from helpers import load_script
 
 
@@ -12,8 +15,8 @@ def _bench(name):
   return load_script(f"benchmarks/{name}.py")
 
 
+@pytest.mark.slow
 def test_train_step_benchmark(capsys):
-  from srum_jax.flops import bagel_flops
   b = _bench("train_step")
   r = b.main(["--preset", "tiny", "--image", "32x32", "--tokens", "64", "--text", "8", "--steps", "2", "--warmup", "1",
               "--compute_dtype", "float32", "--no_remat", "--attn_impl", "dense", "--peak_tflops", "2.5"])
@@ -65,6 +68,7 @@ def test_spearman_matches_scipy():
   assert np.isnan(j.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
+@pytest.mark.slow
 def test_judge_benchmark(capsys, tmp_path):
   r = _bench("judge").main(["--num", "4", "--workdir", str(tmp_path)])
   out = capsys.readouterr().out
@@ -122,9 +126,11 @@ def test_trace_summary_on_a_cpu_trace(tmp_path, capsys):
 
 def test_propose_benchmark(capsys):
   pytest.importorskip("torch")
-  r = _bench("propose").main(["--preset", "tiny", "--images", "2", "--images_per_call", "2", "--points_per_side", "4",
-                              "--points_per_batch", "8"])
+  r = _bench("propose").main(["--preset", "tiny", "--images", "2", "--images_per_call", "2",
+                              "--points_per_side", "4", "--points_per_batch", "8"])
   out = capsys.readouterr().out
-  for field in ("preset tiny", "jax ", "torch ", "images/s", "boxes identical on", "jax / torch speed"):
+  for field in ("preset tiny", "jax ", "torch ", "images/s", "boxes identical on",
+                "jax / torch speed"):
     assert field in out, field
-  assert r["jax"]["images_per_s"] > 0 and r["torch"]["images_per_s"] > 0 and r["identical_images"] == 2
+  assert r["jax"]["images_per_s"] > 0 and r["torch"]["images_per_s"] > 0
+  assert r["identical_images"] == 2

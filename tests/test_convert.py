@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, GOLDEN
 from srum_jax import sharding
 from srum_jax.convert import checkpoint, flax_to_hf, hf_to_flax, keymap
-from srum_jax.models import config
-from srum_jax.models import params as params_lib
+from srum_jax.models import config, params as params_lib
+from srum_jax.models.embeddings import sincos_2d_table
+
+from conftest import FIXTURES, GOLDEN
 
 TINY_FLAGS = dict(timestep_shift=2.0, ae_resolution=32, tokens=config.SpecialTokens(120, 121, 122, 123))
 VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")
@@ -326,7 +327,6 @@ def test_pos_table_mismatch_warns_and_flags_override(tmp_path, golden_weights):
   assert cfg.max_latent_size == 16
   flax_to_hf.export((cfg, params), str(tmp_path / "out"))
   got = load_file(str(tmp_path / "out" / "ema.safetensors"))
-  from srum_jax.models.embeddings import sincos_2d_table
   np.testing.assert_array_equal(got["latent_pos_embed.pos_embed"], sincos_2d_table(16, 64))
 
 

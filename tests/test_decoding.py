@@ -3,8 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from srum_jax.inference import context
-from srum_jax.inference import decoding
+from srum_jax.inference import context, decoding
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: step logits ~3e-6)
 T = 64  # cache slots per row in these tests (one budget -> one compilation per function)
@@ -139,7 +138,9 @@ def test_think_answers_keep_text_after_last_think_tag(tiny_params, tiny_cfg, gol
     return ["<think>plan</think>Score: 0.5"] * len(prompts)
 
   monkeypatch.setattr(decoding, "answer_text", fake_answer_text)
-  out = decoding.answer(None, None, [None], ["q"], cfg=tiny_cfg, think=True)
-  assert out == ["Score: 0.5"] and seen["system"] == decoding.JUDGE_THINK_SYSTEM_PROMPT
-  assert decoding.answer(None, None, [None], ["q"], cfg=tiny_cfg, think=True, keep_reasoning=True) == [
-      "<think>plan</think>Score: 0.5"]
+  out = decoding.answer(None, None, [None], ["q"], cfg=tiny_cfg, think=True, system_prompt="think first")
+  assert out == ["Score: 0.5"] and seen["system"] == "think first"
+  assert decoding.answer(None, None, [None], ["q"], cfg=tiny_cfg, think=True, system_prompt="s",
+                         keep_reasoning=True) == ["<think>plan</think>Score: 0.5"]
+  with pytest.raises(ValueError, match="judge think system prompt"):  # never a built-in wording
+    decoding.answer(None, None, [None], ["q"], cfg=tiny_cfg, think=True)

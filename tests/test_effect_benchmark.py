@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax import objective
-from srum_jax.worlds.shapes import grammar, scene as scene_lib
+from srum_jax import config_utils
+from srum_jax.rewards import records as records_lib
+from srum_jax.training import objective
+from srum_jax.worlds.shapes import grammar, judge_text, scene as scene_lib
+
 from helpers import load_script
 
 
@@ -51,9 +54,6 @@ def test_table_text_pairs_differences_over_seeds():
 def test_recipe_diagnostics_truth_records_are_correct_renders(tmp_path):
   """The perfect-data control: one record per (train prompt, k), each image a true render the oracle accepts,
   global score 1, readable by the train stage's record reader."""
-  from srum_jax import config_utils
-  from srum_jax.rewards import records as records_lib
-  from srum_jax.worlds.shapes import judge_text
   script = load_script("benchmarks/recipe_diagnostics.py")
   cfg = config_utils.load_config("experiments/tiny_world.py", {"prompts.train.kwargs.per_category": 2})
   path = script.truth_records(cfg, str(tmp_path), per_prompt=2, seed=0)

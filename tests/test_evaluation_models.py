@@ -12,10 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from srum_jax import config_utils  # noqa: E402
-from srum_jax.evaluation import (compbench, detectors, geneval, mllm_judge, random_models, reasonbench,  # noqa: E402
-                                 torch_models)
+from srum_jax.data.prompt_sources import PromptItem  # noqa: E402
+from srum_jax.evaluation import (compbench, detectors, geneval, mllm_judge,  # noqa: E402
+                                 random_models, reasonbench, torch_models)
 from srum_jax.pipeline import commands, evaluate  # noqa: E402
-from srum_jax.pipeline.prompts import PromptItem  # noqa: E402
+from srum_jax.rewards import texts as texts_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 F32 = torch.float32
@@ -96,7 +97,7 @@ def test_compbench_scorer_rows(metric_models):
 def test_mllm_judge_counts_failures_and_retries(metric_models, monkeypatch):
   cfg = config_utils.load_config(str(ROOT / "experiments/tiny_pipeline.py"), {}).eval.mllm
   cfg.model_dir, cfg.max_new_tokens, cfg.max_retries = metric_models["qwen2_5_vl"], 6, 1
-  scorer = mllm_judge.MLLMScorer(cfg, device="cpu")
+  scorer = mllm_judge.MLLMScorer(cfg, device="cpu", texts=texts_lib.own_texts())
   rows = [{"id": str(k), "prompt": p, "category": "color"} for k, p in enumerate(["a red car", "two cats", "a bench"])]
   out = scorer(_images(3), rows)  # a random model writes no score: every answer fails, is asked twice, counted
   assert [(r["score"], r["tries"]) for r in out] == [(None, 2)] * 3 and all("failed" in r for r in out)
@@ -117,8 +118,9 @@ def test_reasonbench_protocol(metric_models, tmp_path, monkeypatch):
   cfg = config_utils.load_config(str(ROOT / "experiments/tiny_pipeline.py"), {}).eval
   cfg.mllm.model_dir, cfg.mllm.max_new_tokens, cfg.mllm.max_retries = metric_models["qwen2_5_vl"], 4, 0
   questions = {"0001": {"id": 1, "reason_evaluation": ["q1", "q2"], "quality_evaluation": ["q3"]}}
+  own = texts_lib.own_texts()
   scorer = reasonbench.ReasonBenchScorer(cfg.reasonbench, cfg.mllm, device="cpu", questions=questions,
-                                         dimension="idiom_interpretation")
+                                         dimension="idiom_interpretation", texts=own)
   row = {"id": "0001#0", "prompt_id": "0001", "prompt": "a piece of cake", "category": "idiom_interpretation"}
   other = {"id": "0002", "prompt": "a storm in a teacup", "category": "idiom_interpretation"}
   first = scorer(_images(2), [row, other])  # the random model's answers fail; an unknown prompt id is skipped
@@ -134,8 +136,11 @@ def test_reasonbench_protocol(metric_models, tmp_path, monkeypatch):
   out = scorer(_images(1), [row])[0]
   assert out["score"] == pytest.approx(75.0) and out["quality"] == pytest.approx(50.0)
   second = seen[1]
+  assert seen[0][0]["content"][1]["text"] == texts_lib.reasonbench_describe(own, "idiom_interpretation")
   assert second[1] == {"role": "assistant", "content": "An easy task."}  # the description, then the criteria
-  assert "['q1', 'q2']" in second[2]["content"][0]["text"]
+  assert second[2]["content"][0]["text"] == texts_lib.render_reasonbench(own, "idiom_interpretation",
+                                                                         "reason_evaluation", ["q1", "q2"])
+  assert "['q1', 'q2']" in second[2]["content"][0]["text"]  # Python's str() of the entry, as the benchmark
 
 
 def test_geneval_scorer_rows(metric_models, tmp_path):
@@ -166,6 +171,7 @@ def _eval_config(tiny_model_dir, workdir, metric_models, **extra):
       "eval.mllm.max_new_tokens": 4, "eval.mllm.max_retries": 0, "eval.mllm.torch_dtype": "float32", **extra})
 
 
+@pytest.mark.slow
 def test_eval_command_tables_on_the_tiny_model_and_on_a_folder(tiny_model_dir, metric_models, tmp_path):
   cfg = _eval_config(tiny_model_dir, tmp_path, metric_models)
   assert commands.eval_main(cfg, None) == 0

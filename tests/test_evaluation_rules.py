@@ -1,15 +1,20 @@
 """The benchmarks' rules on hand-built inputs: every expected value below is worked out by hand from the
 published definitions (T2I-CompBench's scripts, GenEval's evaluate_images.py, T2I-ReasonBench's eval_*.py,
 SRUM's qwen_eval.py); no model is involved."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from srum_jax.evaluation import compbench, geneval, images, mllm_judge, reasonbench, report, text
+from srum_jax import errors
+from srum_jax.data.prompt_sources import PromptItem
+from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
+                                 text)
 from srum_jax.evaluation.detectors import Detection, mask_box
 from srum_jax.evaluation.torch_models import yes_no_ratio
-from srum_jax.pipeline.prompts import PromptItem
+from srum_jax.pipeline import evaluate
+from srum_jax.rewards import texts as texts_lib
 
 
 def test_blip_vqa_score_is_the_product_of_yes_over_yes_plus_no():
@@ -167,36 +172,33 @@ def test_mllm_parse_score(answer, expected):
   assert mllm_judge.parse_score(answer, (0, 100)) == expected
 
 
-def test_rubrics_load_and_reject_bad_files(tmp_path):
-  rubric = mllm_judge.load_rubric("")
-  text_ = mllm_judge.rubric_text(rubric, "color", "a red car")
-  assert '"a red car"' in text_ and "0 to 100" in text_ and rubric["max_new_tokens"] == 512
-  bad = tmp_path / "bad.json"
-  bad.write_text(json.dumps({"templates": {"default": "no placeholder"}}))
-  with pytest.raises(ValueError, match="prompt"):
-    mllm_judge.load_rubric(str(bad))
-  per_cat = tmp_path / "cat.json"
-  per_cat.write_text(json.dumps({"templates": {"default": "D {prompt}", "color": "C {prompt}"}, "score_range": [1, 5]}))
-  r = mllm_judge.load_rubric(str(per_cat))
-  assert mllm_judge.rubric_text(r, "color", "x") == "C x" and mllm_judge.rubric_text(r, "shape", "x") == "D x"
-  assert r["score_range"] == [1.0, 5.0]
-  assert set(reasonbench.load_rubric("")["dimensions"]) == set(reasonbench.DIMENSIONS.values())
+def test_rubric_stand_ins_and_scoring_tables():
+  own = texts_lib.own_texts()
+  question = texts_lib.render_compbench(own, 'a red car named "Bo"')
+  assert '"a red car named "Bo""' in question and "0 to 100" in question and mllm_judge.MAX_NEW_TOKENS == 512
+  assert set(reasonbench.SCORING) == set(reasonbench.DIMENSIONS.values()) == set(own.reasonbench)
+  for dim in reasonbench.SCORING:  # the groups the scoring reads are the groups the texts ask
+    assert reasonbench.groups_of(dim) == list(texts_lib.REASONBENCH_GROUPS[dim])
+    assert sum(reasonbench.SCORING[dim]["accuracy"].values()) == pytest.approx(1.0)
 
 
 def test_reasonbench_parse_and_weights(tmp_path):
   assert reasonbench.parse_score_list('{"reason": ["a {b}"], "score": [1, 0.5, 0]}') == [1.0, 0.5, 0.0]
   assert reasonbench.parse_score_list('{"reason": ["x"], "score": [1, 0.5]"}') == [1.0, 0.5]  # the template's quote
   assert reasonbench.parse_score_list('{"score": [2, 1]}') is None and reasonbench.parse_score_list("no") is None
-  dims = reasonbench.load_rubric("")["dimensions"]
   acc, quality = reasonbench.image_scores({"entity_evaluation": [1, 0.5], "other_details_evaluation": [0, 1],
-                                           "quality_evaluation": [1, 1, 0]}, dims["entity_reasoning"])
+                                           "quality_evaluation": [1, 1, 0]}, reasonbench.SCORING["entity_reasoning"])
   assert acc == pytest.approx(0.7 * 0.75 + 0.3 * 0.5) and quality == pytest.approx(2 / 3)
   prompts, qs = tmp_path / "entity_reasoning.json", tmp_path / "evaluation_entity.json"
   prompts.write_text(json.dumps([{"prompt": "the tallest animal"}, {"prompt": "a famous bridge"}]))
   qs.write_text(json.dumps([{"id": k, "entity_evaluation": ["q"], "other_details_evaluation": ["d"],
                              "quality_evaluation": ["q"]} for k in (1, 2)]))
-  items, questions, dim = reasonbench.load_items(str(prompts), str(qs), "", reasonbench.load_rubric(""))
+  own = texts_lib.own_texts()
+  items, questions, dim = reasonbench.load_items(str(prompts), str(qs), "", own)
   assert dim == "entity_reasoning" and [i.id for i in items] == ["0001", "0002"] and questions["0002"]["id"] == 2
+  without = dataclasses.replace(own, reasonbench={})  # texts imported without --reasonbench_code
+  with pytest.raises(errors.UserError, match="reasonbench_code"):
+    reasonbench.load_items(str(prompts), str(qs), "", without)
 
 
 def test_metric_table_means_and_markdown():
@@ -227,23 +229,22 @@ def test_collect_images_made_elsewhere(tmp_path):
   flat.mkdir()
   for name in ("val_color_0.png", "7#1.png", "two cats_000002.png", "unrelated.png", "notes.txt"):
     Image.new("RGB", (4, 4)).save(flat / name) if name.endswith(".png") else (flat / name).write_text("x")
-  rows, rep = images.collect(str(flat), items)
+  rows, rep = image_folders.collect(str(flat), items)
   assert sorted((r["id"], r["prompt"]) for r in rows) == [("7#1", "a blue bench"), ("8#000002", "two cats"),
                                                           ("val/color/0", "a red car")]
   assert rep.layout == "flat" and rep.files == 4 and rep.unmatched_files == ["unrelated.png"]
   geneval_dir = tmp_path / "geneval"
   (geneval_dir / "00001" / "samples").mkdir(parents=True)
   Image.new("RGB", (4, 4)).save(geneval_dir / "00001" / "samples" / "0003.png")
-  rows, rep = images.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
+  rows, rep = image_folders.collect(str(geneval_dir), [PromptItem("00001", "a photo of a bench", "single_object")])
   assert rep.layout == "geneval" and [r["id"] for r in rows] == ["00001#0003"] and rep.prompts_without_image == 0
   with pytest.raises(FileNotFoundError):
-    images.collect(str(tmp_path / "nope"), items)
+    image_folders.collect(str(tmp_path / "nope"), items)
 
 
 def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
   from PIL import Image
 
-  from srum_jax.pipeline import evaluate
   for name in ("a", "b"):
     Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
   rows = [{"id": i, "prompt": i, "category": "c", "image_file": str(tmp_path / f"{i}.png")} for i in "abc"]

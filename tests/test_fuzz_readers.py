@@ -12,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.errors import UserValueError
-from srum_jax.pipeline import common, data, generate, propose
-from srum_jax.pipeline.prompts import load_prompts
+from srum_jax.pipeline import train_data
 from srum_jax.rewards import parsing, records
+from srum_jax.workdir import layout, logs
+
 
 def fuzz(n: int):
   """Settings of one fuzz test: n generated inputs, no deadline (file I/O), derandomized (the same inputs each
@@ -79,18 +81,18 @@ def test_resumable_logs_read_any_bytes(lines, trailing):
       f.write(blob)
     with open(os.path.join(d, "regions.jsonl"), "wb") as f:
       f.write(blob)
-    rows, rep = common.JsonlLog(os.path.join(d, "metadata.jsonl")).read()
+    rows, rep = logs.JsonlLog(os.path.join(d, "metadata.jsonl")).read()
     assert rep.rows + rep.undecodable + rep.malformed == _nonblank(blob) and rep.rows == len(rows)
-    for reader in (generate.read_metadata, propose.read_regions):
-      rep = common.LogReport()
+    for reader in (layout.read_metadata, layout.read_regions):
+      rep = logs.LogReport()
       got = reader(d, rep)
       assert rep.rows == len(got) and rep.rows + rep.skipped == _nonblank(blob)
       assert len({r["id"] for r in got}) == len(got)  # one row per id
-    for r in generate.read_metadata(d):
+    for r in layout.read_metadata(d):
       assert isinstance(r["image_file"], str) and isinstance(r["prompt"], str)
     # appending after whatever is there gives one more readable row
-    common.JsonlLog(os.path.join(d, "metadata.jsonl")).append({"id": "new", "image_file": "x", "prompt": "p"})
-    assert "new" in common.JsonlLog(os.path.join(d, "metadata.jsonl")).done()
+    logs.JsonlLog(os.path.join(d, "metadata.jsonl")).append({"id": "new", "image_file": "x", "prompt": "p"})
+    assert "new" in logs.JsonlLog(os.path.join(d, "metadata.jsonl")).done()
 
 
 @fuzz(250)
@@ -130,7 +132,7 @@ def test_training_validation_accounts_for_every_line(image_dir, lines, drop_zero
     path = os.path.join(d, "records.jsonl")
     with open(path, "wb") as f:
       f.write(blob)
-    good, rep = data.validate_records(path, img, max_regions=3, drop_zero_global=drop_zero, threads=1)
+    good, rep = train_data.validate_records(path, img, max_regions=3, drop_zero_global=drop_zero, threads=1)
     assert rep.kept == len(good) and rep.kept + rep.skipped == rep.lines == _nonblank(blob)
     for g in good:
       w, h = g["image_size"]

@@ -1,13 +1,15 @@
 """The logits judge reads the same distribution greedy decoding would sample from (one forward pass)."""
-import jax.numpy as jnp
 import numpy as np
 
-from srum_jax.inference import decoding
-from srum_jax.pipeline import common
+from srum_jax import config_utils
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.inference import context, decoding
+from srum_jax.rewards.texts import own_texts
 
 
 def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 255, (28, 42, 3), dtype=np.uint8), rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)]
   prompts = ["a red circle", "two blue squares left of a green triangle"]
@@ -27,7 +29,7 @@ def test_next_token_logits_equal_decoding_logits(tiny_model_dir):
 
 
 def test_per_row_prefixes_equal_one_call_per_row(tiny_model_dir):
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(1)
   images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(3)]
   prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
@@ -48,7 +50,7 @@ def test_per_row_prefixes_equal_one_call_per_row(tiny_model_dir):
 def test_greedy_continuations_equal_cached_greedy_decoding(tiny_model_dir):
   """The identify-then-score helper decodes by re-reading the answer prefix each step (no KV cache): its
   tokens must be the cached greedy decoder's, and its final logits those after the decoded text + `then`."""
-  m = common.load_model(tiny_model_dir)
+  m = loaded_model.load_model(tiny_model_dir)
   rng = np.random.default_rng(2)
   images = [rng.integers(0, 255, (28, 28, 3), dtype=np.uint8) for _ in range(4)]
   prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three red squares"]
@@ -80,27 +82,24 @@ def test_logits_judge_pads_to_one_shape_per_query_kind(tiny_model_dir):
   chunks of other sizes (its last one, region lists of any length) reuse the compiled prefills and prefix
   passes instead of compiling one program per chunk size, and the padding never changes a real row's name
   or score (each item judged alone gives the same)."""
-  from srum_jax import config_utils
-  from srum_jax.inference import context
-  from srum_jax.pipeline import score
   import pathlib
+
   tiny = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "tiny_pipeline.py")
   cfg = config_utils.load_config(tiny, {"score.region_identify": True,
                                                                    "score.batch_size": 4})
-  judge = score.Judge(cfg.score, common.load_model(tiny_model_dir))
-  rep = score.ScoreReport()
+  judge = Judge(JudgeOptions.from_config(cfg.score), loaded_model.load_model(tiny_model_dir), texts=own_texts())
   images, prompts, boxes = _judge_inputs(7, seed=3)
-  judge.global_scores(images[:4], prompts[:4], rep)  # warm up: one program per query kind
-  got = judge.region_scores(images[:3], prompts[:3], boxes[:3], rep)  # 1 + 2 + 3 regions: chunks of 4 and 2
+  judge.global_scores(images[:4], prompts[:4])  # warm up: one program per query kind
+  got = judge.region_scores(images[:3], prompts[:3], boxes[:3])  # 1 + 2 + 3 regions: chunks of 4 and 2
   before = dict(context.TRACES)
-  got += judge.region_scores(images[3:], prompts[3:], boxes[3:], rep)  # 4 images, 2 + 3 + 1 + 2 regions
-  g = judge.global_scores(images[:3], prompts[:3], rep) + judge.global_scores(images[3:4], prompts[3:4], rep)
+  got += judge.region_scores(images[3:], prompts[3:], boxes[3:])  # 4 images, 2 + 3 + 1 + 2 regions
+  g = judge.global_scores(images[:3], prompts[:3]) + judge.global_scores(images[3:4], prompts[3:4])
   for name in ("prefill_text", "prefill_vit_image", "prefix_logits"):
     assert context.TRACES[name] == before[name], (name, before[name], context.TRACES[name])
   assert [len(r) for r in got] == [len(b) for b in boxes]
   for i in range(len(images)):  # each item alone: the same names, the same scores up to float noise
-    alone = judge.region_scores(images[i:i + 1], prompts[i:i + 1], boxes[i:i + 1], rep)[0]
+    alone = judge.region_scores(images[i:i + 1], prompts[i:i + 1], boxes[i:i + 1])[0]
     assert [o for _, o in alone.values()] == [o for _, o in got[i].values()]
     np.testing.assert_allclose([s for s, _ in alone.values()], [s for s, _ in got[i].values()], atol=1e-5)
   for i in range(4):
-    np.testing.assert_allclose(judge.global_scores(images[i:i + 1], prompts[i:i + 1], rep), g[i:i + 1], atol=1e-5)
+    np.testing.assert_allclose(judge.global_scores(images[i:i + 1], prompts[i:i + 1]), g[i:i + 1], atol=1e-5)

@@ -87,6 +87,7 @@ def test_route_indices():
   np.testing.assert_array_equal(np.asarray(r.gen_index), [[1, 2, 6], [0, 1, 6]])
 
 
+@pytest.mark.slow
 def test_routed_gradients_chunked_attention_and_remat(rand_params):
   rng = np.random.default_rng(7)
   meta = _meta(rng.random((B, N)) < 0.4, used=[N, N - 4, N - 11])

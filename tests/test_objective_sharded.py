@@ -2,12 +2,12 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from srum_jax import losses, objective, sharding
-from srum_jax.rewards import reward_map, resize_reward_map
+from srum_jax import sharding
+from srum_jax.rewards import resize_reward_map, reward_map
+from srum_jax.training import objective
 
 
 def _batch(B=8, K=4, H=32, W=24, h=4, w=3, C=16, seed=0):

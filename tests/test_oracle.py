@@ -13,9 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from srum_jax.worlds.shapes import grammar
-from srum_jax.worlds.shapes import oracle
-from srum_jax.worlds.shapes import scene as scene_lib
+from srum_jax.worlds.shapes import grammar, oracle, scene as scene_lib
 
 PALETTE = np.array(list(scene_lib.PALETTE.values()), np.float64)
 

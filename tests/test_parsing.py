@@ -1,14 +1,11 @@
 """Judge-answer parsers: every tolerance, the blank-line fix, clamp counting, think stripping, never raising;
-and the prompts' contract."""
+and the own judge prompts' contract."""
 import math
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from srum_jax.rewards import parsing
-from srum_jax.rewards import prompts
-
+from srum_jax.rewards import parsing, texts as texts_lib
 
 # ---- global ----------------------------------------------------------------------------------------------
 
@@ -170,16 +167,15 @@ def test_prop_parsers_never_raise_and_stay_in_range(text, n):
 # ---- prompts ---------------------------------------------------------------------------------------------
 
 def test_prompts_contract():
-  g = prompts.global_layout_prompt("a cat  left of\na dog")
+  own = texts_lib.own_texts()
+  g = texts_lib.render_global(own, "a cat  left of\na dog")
   assert '"a cat left of a dog"' in g and "Score: <" in g and "Reason: <" in g and "0.0" in g
   for band in ("1.0", "0.5 to 0.9", "-0.4 to 0.4", "-0.9 to -0.5", "-1.0"):
     assert band in g
-  r = prompts.region_prompt("two cats", [[0, 0, 10, 20], [5.5, 1, 7, 8]])
+  r = texts_lib.render_regions(own, "two cats", [[0, 0, 10, 20], [5.5, 1, 7, 8]])
   assert "Region ID: 1\nBounding Box: [0, 0, 10, 20]" in r and "Region ID: 2\nBounding Box: [5.5, 1, 7, 8]" in r
   assert "Identified Object:" in r and "strict" in r and "-0.9 to -0.5" in r
-  s = prompts.sample_level_prompt("x")
-  assert "Score: <" in s and "Reason: <" in s
-  for p in (prompts.JUDGE_THINK_SYSTEM_PROMPT, prompts.GEN_THINK_SYSTEM_PROMPT):
+  for p in (own.judge_think_system, own.gen_think_system):
     assert "<think>" in p and "</think>" in p
   # the region prompt's own example answer parses to the advertised scores
   example = r.split("Example answer for two regions:\n", 1)[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax.pipeline import data
+from srum_jax.pipeline import train_data
 
 H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
 ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
@@ -67,16 +67,16 @@ def dataset_dir(tmp_path):
 
 
 def _spec(rows=2, S=2, text_capacity=2 * 10, max_regions=3):
-  return data.DataSpec(image_hw=(H, W), rows=rows, samples_per_row=S, num_tokens=S * 12 + text_capacity,
+  return train_data.DataSpec(image_hw=(H, W), rows=rows, samples_per_row=S, num_tokens=S * 12 + text_capacity,
                        text_capacity=text_capacity, max_regions=max_regions)
 
 
 def _prepare(d, **kw):
-  return data.prepare_records(str(d / "records.jsonl"), str(d / "images"), str(d / "cache"), max_regions=3, **kw)
+  return train_data.prepare_records(str(d / "records.jsonl"), str(d / "images"), str(d / "cache"), max_regions=3, **kw)
 
 
 def _iter(d, tiny_cfg, path, seed=0, process=(0, 1), spec=None, report=None):
-  ds = data.make_dataset(path, str(d / "images"), spec or _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
+  ds = train_data.make_dataset(path, str(d / "images"), spec or _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
                          seed=seed, process_index=process[0], process_count=process[1], read_threads=2,
                          report=report)
   return iter(ds)
@@ -150,9 +150,9 @@ def test_long_prompts_truncated_and_counted(tmp_path, tiny_cfg):
     words = " ".join(f"w{k}" for k in range(3 + 10 * (i % 2)))  # 3 or 13 words; budget 10 - 4 = 6
     lines.append(json.dumps(_rec(i, f"{i}.png", prompt=words)))
   (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-  path, _ = data.prepare_records(str(tmp_path / "records.jsonl"), str(img), str(tmp_path / "c"), max_regions=3)
+  path, _ = train_data.prepare_records(str(tmp_path / "records.jsonl"), str(img), str(tmp_path / "c"), max_regions=3)
   spec = _spec(rows=2, S=2, text_capacity=20)
-  assert data.text_budget(tiny_cfg, spec) == 6
+  assert train_data.text_budget(tiny_cfg, spec) == 6
   hb = next(_iter(tmp_path, tiny_cfg, path, spec=spec))
   assert hb.truncated == 2
   # every row's text stays inside its capacity: 2 samples x (BOS + <=6 ids + EOS + 2 markers)
@@ -207,7 +207,7 @@ def test_iterator_state_round_trip(dataset_dir, tiny_cfg):
 def test_decode_failure_while_iterating_is_counted(dataset_dir, tiny_cfg):
   path, _ = _prepare(dataset_dir)
   os.remove(dataset_dir / "images" / "3.png")  # vanished after validation
-  rep = data.DataReport()
+  rep = train_data.DataReport()
   idx = _indices(_iter(dataset_dir, tiny_cfg, path, seed=0, report=rep), 3)
   assert 3 not in idx and len(idx) == 12 and rep.decode_failures >= 1
 
@@ -220,7 +220,7 @@ def test_every_image_gone_after_validation_stops_with_a_clear_error(dataset_dir,
   for f in (dataset_dir / "images").glob("*.png"):
     f.unlink()
   t0 = time.time()
-  with pytest.raises(data.NoUsableRecords, match="failed to load"):
+  with pytest.raises(train_data.NoUsableRecords, match="failed to load"):
     next(_iter(dataset_dir, tiny_cfg, path, seed=0))
   assert time.time() - t0 < 30
 
@@ -235,7 +235,7 @@ def test_duplicate_ids_keep_one_record(tmp_path):
     lines.append(json.dumps(dict(_rec(i, f"{i}.png"), metadata={"id": f"item{i}"}, id=f"item{i}")))
   lines += [json.dumps(dict(_rec(9, "0.png", g=-0.5), metadata={"id": "item0"}, id="item0"))]  # a second row
   (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-  good, rep = data.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
+  good, rep = train_data.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
   assert rep.duplicate_id == 1 and rep.kept == 3 == len(good) and rep.lines == rep.kept + rep.skipped
   assert [g["global_score"] for g in good] == [0.5, 0.5, 0.5]  # the first row of item0 is kept
 
@@ -260,17 +260,17 @@ def test_stored_moments_replace_images(dataset_dir, tiny_cfg, process_count):
   records in the same order, each record's moments, resumable, reused without encoding again."""
   path, _ = _prepare(dataset_dir)
   calls = []
-  files = [data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
+  files = [train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
                                 batch_size=3, process_index=p, process_count=process_count)
            for p in range(process_count)]
   assert files[0] == files[-1] and len(files[0].parts) == process_count and sum(calls) == 7
   n_calls = len(calls)
-  again = data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
+  again = train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode(calls), encoder_id="pool",
                                batch_size=3, process_index=0, process_count=process_count)
   assert again == files[0] and len(calls) == n_calls  # reused
 
   def it(**kw):
-    return iter(data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
+    return iter(train_data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(),
                                   seed=5, read_threads=2, **kw))
   with_images, with_moments = it(), it(moments=files[0])
   for _ in range(4):  # past one epoch of 7
@@ -296,10 +296,10 @@ def test_stored_moments_replace_images(dataset_dir, tiny_cfg, process_count):
 def test_stored_moments_bf16_and_unloadable_images(dataset_dir, tiny_cfg):
   path, _ = _prepare(dataset_dir)
   os.remove(dataset_dir / "images" / "3.png")  # vanished after validation: no moments, counted when reached
-  files = data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool",
+  files = train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool",
                                dtype="bfloat16")
-  rep = data.DataReport()
-  ds = data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(), seed=0,
+  rep = train_data.DataReport()
+  ds = train_data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(), seed=0,
                          read_threads=2, report=rep, moments=files)
   seen = []
   it = iter(ds)
@@ -313,4 +313,4 @@ def test_stored_moments_bf16_and_unloadable_images(dataset_dir, tiny_cfg):
         np.testing.assert_allclose(hb.batch.moments[r, s].astype(np.float32), _want_moments(i), rtol=1e-2, atol=1e-2)
   assert 3 not in seen and len(seen) == 12 and rep.decode_failures >= 1
   with pytest.raises(ValueError, match="moments dtype"):
-    data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool", dtype="fp8")
+    train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool", dtype="fp8")

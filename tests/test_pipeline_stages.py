@@ -8,13 +8,20 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
-from srum_jax import config_utils
-from srum_jax.pipeline import common, generate, propose, run, score
-from srum_jax.pipeline.prompts import load_prompts
+from srum_jax import config_utils, files
+from srum_jax.data.prompt_sources import load_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import generate, propose, run, score, train as train_stage
+from srum_jax.rewards import records
+from srum_jax.rewards.texts import own_texts
+from srum_jax.workdir import layout, logs
+from srum_jax.worlds.shapes import judge_text
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments/tiny_pipeline.py")
+OWN = own_texts()
 
 
 def _config(model_dir, workdir, **overrides):
@@ -44,6 +51,7 @@ def _two_processes(tiny_model_dir, workdir):
   return procs
 
 
+@pytest.mark.slow
 def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
   """generate -> propose -> score -> train -> eval (+ SFT control), with the report the oracle's numbers; the
   same run as 2 processes on one shared workdir does every item exactly once and ends with the same report
@@ -59,20 +67,20 @@ def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
   for stage, stem in (("round_0/generate", "metadata"), ("round_0/propose", "regions"), ("round_0/score", "rewards"),
                       ("eval/srum", "judgments")):
     per_process = [r["id"] for p in sorted((tmp_path / "two" / stage).glob(f"{stem}.[0-9].jsonl"))
-                   for r in common.JsonlLog(str(p)).rows()]
+                   for r in logs.JsonlLog(str(p)).rows()]
     assert len(per_process) == len(set(per_process)) == 5, (stage, per_process)  # each item once, none lost
-  one_rewards = {r["id"]: r for r in common.JsonlLog(str(tmp_path / "one/round_0/score/rewards.jsonl")).rows()}
-  two_rewards = {r["id"]: r for r in common.JsonlLog(str(tmp_path / "two/round_0/score/rewards.jsonl")).rows()}
+  one_rewards = {r["id"]: r for r in logs.JsonlLog(str(tmp_path / "one/round_0/score/rewards.jsonl")).rows()}
+  two_rewards = {r["id"]: r for r in logs.JsonlLog(str(tmp_path / "two/round_0/score/rewards.jsonl")).rows()}
   assert set(one_rewards) == set(two_rewards)
   for k, r in one_rewards.items():
     assert abs(r["global_score"] - two_rewards[k]["global_score"]) < 1e-5
   # training: the same global batches (process p packs rows [p*4, p*4+4) of each), the same parameters
   one_log = [json.loads(line)["indices"] for line in open(tmp_path / "one/round_0/train/data_log.jsonl")]
-  two_logs = [[json.loads(line)["indices"] for line in open(tmp_path / f"two/round_0/train/data_log.p{k}.jsonl")]
+  two_logs = [[json.loads(line)["indices"] for line in open(tmp_path / f"two/round_0/train/data_log.{k}.jsonl")]
               for k in range(2)]
   assert one_log == [a + b for a, b in zip(*two_logs)]
   import jax
-  from srum_jax.pipeline import train as train_stage
+
   a = train_stage.final_params(str(tmp_path / "one/round_0/train"))
   b = train_stage.final_params(str(tmp_path / "two/round_0/train"))
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b))
@@ -85,14 +93,13 @@ def _check_run(report, workdir):
     assert (rep_dir / f).is_file(), f
   assert set(report["tables"]) == {"base", "sft", "srum"}
   # the table equals what the oracle says about the saved images (recomputed here from the PNGs)
-  from srum_jax.worlds.shapes import judge_text
   for name, table in report["tables"].items():
     d = pathlib.Path(report["eval_dirs"][name])
-    rows = generate.read_metadata(str(d))
+    rows = layout.read_metadata(str(d))
     assert len(rows) == table["overall"]["total"] == 5
-    correct = sum(judge_text(common.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
+    correct = sum(judge_text(files.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
     assert correct == table["overall"]["correct"]
-  recs = common.JsonlLog(str(workdir / "round_0/score/rewards.jsonl")).rows()
+  recs = logs.JsonlLog(str(workdir / "round_0/score/rewards.jsonl")).rows()
   assert len(recs) == 5 and all(-1 <= r["global_score"] <= 1 for r in recs)
   assert all(len(r["regions"]) >= 1 for r in recs)
   md = (rep_dir / "report.md").read_text()
@@ -105,20 +112,20 @@ def _check_run(report, workdir):
 
 def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
   cfg = _config(tiny_model_dir, tmp_path)
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)
   gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  rep = generate.generate(cfg.generate, model, items[:3], gen_dir, seed=0)
+  rep = generate.generate(cfg.generate, model, items[:3], gen_dir, seed=0, texts=OWN)
   assert rep.generated == 3
-  again = generate.generate(cfg.generate, model, items, gen_dir, seed=0)
+  again = generate.generate(cfg.generate, model, items, gen_dir, seed=0, texts=OWN)
   assert again.skipped_done == 3 and again.generated == 2
-  rows = generate.read_metadata(gen_dir)
+  rows = layout.read_metadata(gen_dir)
   assert sorted(r["id"] for r in rows) == sorted(it.id for it in items)
   # same (seed, id) -> same image, independent of batch composition
-  first = common.load_rgb(os.path.join(gen_dir, rows[0]["image_file"]))[0]
+  first = files.load_rgb(os.path.join(gen_dir, rows[0]["image_file"]))[0]
   solo = str(tmp_path / "solo")
-  generate.generate(cfg.generate, model, [it for it in items if it.id == rows[0]["id"]], solo, seed=0)
-  np.testing.assert_array_equal(first, common.load_rgb(os.path.join(solo, generate.read_metadata(solo)[0]["image_file"]))[0])
+  generate.generate(cfg.generate, model, [it for it in items if it.id == rows[0]["id"]], solo, seed=0, texts=OWN)
+  np.testing.assert_array_equal(first, files.load_rgb(os.path.join(solo, layout.read_metadata(solo)[0]["image_file"]))[0])
   # bad input: one corrupt PNG, one missing image, one torn metadata line
   pathlib.Path(gen_dir, rows[1]["image_file"]).write_bytes(b"not a png")
   os.remove(os.path.join(gen_dir, rows[2]["image_file"]))
@@ -126,9 +133,9 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
     f.write('{"id": "torn", "prompt": "a red')
   prep = propose.propose(cfg.propose, gen_dir, prop_dir)
   assert prep.skipped_bad_image == 2 and prep.proposed == 3
-  srep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  srep = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
   assert srep.skipped_no_proposals == 2 and srep.scored == 3
-  srep2 = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  srep2 = score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
   assert srep2.skipped_done == 3 and srep2.scored == 0
   stats = json.loads(pathlib.Path(score_dir, "stats.json").read_text())
   assert stats["report"]["scored"] == 0 and "global_histogram" in stats
@@ -137,31 +144,32 @@ def test_stages_resume_and_count_bad_input(tiny_model_dir, tmp_path):
 def _generate_propose_score(cfg, model, tmp_path, n: int):
   """The first n train prompts through generate -> propose -> score; (generate dir, score dir, ScoreReport)."""
   gen_dir, prop_dir, score_dir = (str(tmp_path / k) for k in ("generate", "propose", "score"))
-  generate.generate(cfg.generate, model, load_prompts(cfg.prompts.train)[:n], gen_dir, seed=0)
+  generate.generate(cfg.generate, model, load_prompts(cfg.prompts.train)[:n], gen_dir, seed=0, texts=OWN)
   propose.propose(cfg.propose, gen_dir, prop_dir)
-  return gen_dir, score_dir, score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0)
+  return gen_dir, score_dir, score.score(cfg.score, model, gen_dir, prop_dir, score_dir, seed=0, texts=OWN)
 
 
 def test_generate_and_score_modes(tiny_model_dir, tmp_path):
   """generate-mode judging on an untrained model: unparsable answers are retried, then defaulted and counted."""
   cfg = _config(tiny_model_dir, tmp_path, **{"score.mode": "generate"})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   gen_dir, score_dir, rep = _generate_propose_score(cfg, model, tmp_path, n=2)
   assert rep.scored == 2
   assert rep.global_failures + rep.retries >= 0
-  recs = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
+  recs = logs.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
   assert all(r["global_score"] is not None for r in recs)  # failures fall back to the default 0.0
 
 
+@pytest.mark.slow
 def test_identify_then_score_records_and_ema_training(tiny_model_dir, tmp_path):
   """Logits-mode regions with `region_identify` record the named object next to each score; with
   `train.ema_decay` > 0 the trained model `run` goes on with is the EMA of the weights, not the last step."""
   import jax
   cfg = _config(tiny_model_dir, tmp_path, **{"score.mode": "logits", "score.region_identify": True,
                                               "train.ema_decay": 0.5})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   gen_dir, score_dir, rep = _generate_propose_score(cfg, model, tmp_path, n=2)
-  recs = common.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
+  recs = logs.JsonlLog(os.path.join(score_dir, "rewards.jsonl")).rows()
   assert rep.scored == 2 and rep.regions_scored >= 2
   regions = [g for r in recs for g in r["regions"]]
   assert regions and all(isinstance(g["object"], str) and -1 <= g["score"] <= 1 for g in regions)
@@ -180,6 +188,7 @@ def _cli(args, **kw):
                           stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_generate_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path):
   args = ["generate", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}",
           "--config.generate.batch_size=1", "--config.prompts.train.kwargs.per_category=6"]  # 30 items
@@ -192,12 +201,12 @@ def test_generate_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_pa
     time.sleep(0.01)  # kill early: on an idle machine one image takes a few tens of ms
   p.send_signal(signal.SIGKILL)
   p.wait()
-  done_before = len(common.JsonlLog(str(meta)).rows())
+  done_before = len(logs.JsonlLog(str(meta)).rows())
   assert 1 <= done_before < 30
   out = _cli(args)
   text, _ = out.communicate(timeout=300)
   assert out.returncode == 0, text
-  rows = common.JsonlLog(str(meta)).rows()
+  rows = logs.JsonlLog(str(meta)).rows()
   ids = [r["id"] for r in rows]
   assert len(ids) == len(set(ids)) == 30
   assert f"skipped_done={done_before}" in text
@@ -234,11 +243,12 @@ def test_launch_scripts_dry_run():
   assert no_coord.returncode == 2 and "COORDINATOR" in no_coord.stderr
 
 
+@pytest.mark.slow
 def test_score_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path):
   cfg = _config(tiny_model_dir, tmp_path, **{"prompts.train.kwargs.per_category": 2})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)
-  generate.generate(cfg.generate, model, items, str(tmp_path / "generate"), seed=0)
+  generate.generate(cfg.generate, model, items, str(tmp_path / "generate"), seed=0, texts=OWN)
   propose.propose(cfg.propose, str(tmp_path / "generate"), str(tmp_path / "propose"))
   args = ["score", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}",
           "--config.score.batch_size=1"]
@@ -251,13 +261,12 @@ def test_score_killed_and_resumed_does_every_item_once(tiny_model_dir, tmp_path)
     time.sleep(0.2)
   p.send_signal(signal.SIGKILL)
   p.wait()
-  before = len(common.JsonlLog(str(log)).rows())
+  before = len(logs.JsonlLog(str(log)).rows())
   assert 1 <= before < 10
   out = _cli(args)
   text, _ = out.communicate(timeout=300)
   assert out.returncode == 0, text
-  ids = [r["id"] for r in common.JsonlLog(str(log)).rows()]
+  ids = [r["id"] for r in logs.JsonlLog(str(log)).rows()]
   assert len(ids) == len(set(ids)) == 10
-  from srum_jax.rewards import records
   recs, rep = records.read_records(str(log))
   assert len(recs) == 10 and not rep.skipped

@@ -2,7 +2,7 @@
 decision, a short run of the default chain, and stop + resume == uninterrupted.
 
 The short run (a few AE and UMM steps on CPU, ~40 s with compilation) checks that pretraining writes a model
-directory that `pipeline.common.load_model` loads, whose tokenizer agrees with the model's special ids and
+directory that `engine.loaded_model.load_model` loads, whose tokenizer agrees with the model's special ids and
 the judge prompts, and that the losses go down.
 """
 import json
@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 
 from srum_jax import pretrain
+from srum_jax.convert import checkpoint
+from srum_jax.engine import loaded_model
 from srum_jax.models.config import get_preset
-from srum_jax.pretrain import data, evaluate, stages, vocab
+from srum_jax.pretrain import batches, heldout, stages, vocab
+from srum_jax.rewards import parsing, texts as texts_lib
+from srum_jax.training import optimizer
 from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
+
 from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +35,7 @@ def _experiment():
 def sampler(tmp_path_factory):
   cfg = get_preset("tiny_world")
   tok = vocab.build_tokenizer(tmp_path_factory.mktemp("tok"), cfg)
-  return data.PretrainSampler(cfg, tok, _experiment().get_config().pretrain.data, vit_size=28)
+  return batches.PretrainSampler(cfg, tok, _experiment().get_config().pretrain.data, vit_size=28)
 
 
 def test_scene_truth_matches_construction():
@@ -80,7 +85,6 @@ def test_tokenizer_words_and_judge_prompts(tmp_path):
   for p in grammar.all_prompts():
     assert unk not in tok.encode(p.text) and tok.decode(tok.encode(p.text)) == p.text
   answer = "Region ID: 2\nIdentified Object: red circle\nScore: -0.5"
-  from srum_jax.rewards import parsing
   assert parsing.parse_region_scores(tok.decode(tok.encode(answer)), 2) == {2: -0.5}
 
 
@@ -89,7 +93,7 @@ def think_sampler(tmp_path_factory):
   """The think stage's data mix (stage D: C's judge mix + plans, think-mode generation samples)."""
   cfg = get_preset("tiny_world")
   tok = vocab.build_tokenizer(tmp_path_factory.mktemp("tok"), cfg)
-  return data.PretrainSampler(cfg, tok, _experiment().get_config().pretrain.then.then.data, vit_size=28)
+  return batches.PretrainSampler(cfg, tok, _experiment().get_config().pretrain.then.then.data, vit_size=28)
 
 
 @pytest.mark.parametrize("which", ["sampler", "think_sampler"])
@@ -117,15 +121,14 @@ def test_und_batch_targets_are_next_tokens(which, request):
 def test_plan_examples_and_think_generation_samples(think_sampler):
   """Plan questions are [think system prompt] [prompt] -> a valid plan of that prompt; think-mode generation
   samples carry [system prompt] [prompt] [plan of the rendered scene] (or the system prompt alone)."""
-  from srum_jax.rewards import prompts as judge_prompts
   rng = np.random.default_rng(2)
   tok = think_sampler.tokenizer
-  marker = tok.encode(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+  marker = tok.encode(texts_lib.own_texts().gen_think_system)
   assert tok.hf.convert_ids_to_tokens(marker) == [vocab.THINK_GEN]
   for _ in range(20):
     image, question, plan, info = think_sampler.und_example(rng, task="plan")
-    assert image is None and info["task"] == "plan" and question[0] == judge_prompts.GEN_THINK_SYSTEM_PROMPT
-    assert evaluate.plan_valid(plan, question[1]) == (True, True)
+    assert image is None and info["task"] == "plan" and question[0] == texts_lib.own_texts().gen_think_system
+    assert heldout.plan_valid(plan, question[1]) == (True, True)
   gb = think_sampler.gen_batch(rng, rows=8, samples_per_row=4, text_len=26)
   meta = gb.inputs.meta
   kinds = {"plain": 0, "think": 0, "uncond": 0}
@@ -145,7 +148,7 @@ def test_plan_examples_and_think_generation_samples(think_sampler):
         assert len(segments) == 3 and [int(i) for i in segments[0].split()][1:-1] == marker
         prompt = tok.decode([int(i) for i in segments[1].split()][1:-1])
         plan = tok.decode([int(i) for i in segments[2].split()][1:-1])
-        assert grammar.parse_prompt(prompt) and evaluate.plan_valid(plan, prompt) == (True, True)
+        assert grammar.parse_prompt(prompt) and heldout.plan_valid(plan, prompt) == (True, True)
         kinds["think"] += 1
   assert kinds["plain"] and kinds["think"] and sum(kinds.values()) == 32, kinds
 
@@ -192,10 +195,10 @@ def test_start_mode_is_decided_once(tmp_path):
   assert stages.start_mode(p) == stages.StartMode.WARM_START
 
 
+@pytest.mark.slow
 def test_pretrain_short_run(tmp_path):
   """The default command's chain on CPU, a few steps per stage: A+B from scratch (a loadable model directory,
   consistent ids, falling losses), then the position stage as a warm start from B's model; a rerun keeps B."""
-  from srum_jax.pipeline import common
   c = _short(_experiment().get_config(), tmp_path / "pre")
   c.pretrain.max_seconds = 300.0
   t = c.pretrain.then
@@ -203,7 +206,7 @@ def test_pretrain_short_run(tmp_path):
   t.then.name = ""  # the think stage: its chaining and data are tested above, its step is stage C's
   summary, warm = pretrain.pretrain_chain(c)
   assert summary["start_mode"] == "fresh" and warm["start_mode"] == "warm_start"
-  model = common.load_model(summary["model_dir"])
+  model = loaded_model.load_model(summary["model_dir"])
   model.tokenizer.check(model.cfg.tokens)
   vocab.check_tokenizer(model.tokenizer)
   assert model.cfg.ae.scale_factor != 1.0 and model.cfg.ae.shift_factor != 0.0  # fitted latent statistics
@@ -216,7 +219,6 @@ def test_pretrain_short_run(tmp_path):
   assert np.mean(ce[-3:]) < 0.8 * np.mean(ce[:2]), ce
   assert all(np.isfinite(r["flow"]) and r["skipped"] == 0 for r in rows if r["stage"] == "umm")
   # the learning rate is the step's (the shared schedule): warm-up from 0, then a cosine decay
-  from srum_jax.training import optimizer
   schedule = optimizer.lr_schedule(c.pretrain.umm, c.pretrain.umm.steps)
   umm_rows = [r for r in rows if r["stage"] == "umm"]
   assert [r["lr"] for r in umm_rows] == pytest.approx([float(schedule(r["step"])) for r in umm_rows])
@@ -225,7 +227,7 @@ def test_pretrain_short_run(tmp_path):
   assert warm["name"] == "position" and warm["out"] == str(tmp_path / "pre" / "position")
   assert warm["init_from"] == summary["model_dir"] and warm["umm"]["steps"] == 1
   assert warm["ae"]["scale_factor"] == model.cfg.ae.scale_factor
-  after = common.load_model(warm["model_dir"])
+  after = loaded_model.load_model(warm["model_dir"])
   same_ae = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), model.params["ae"], after.params["ae"]))
   assert all(same_ae)
   emb0 = np.asarray(model.params["bagel"]["llm"]["embed_tokens"]["embedding"])
@@ -254,10 +256,10 @@ class _StopAfter(PreemptionFlag):
     return self.checks > self.k
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_and_resumed_equals_uninterrupted(tmp_path):
   """A stop signal mid stage B saves the state; the same command then resumes and ends with the parameters of
   an uninterrupted run, bit for bit (data, noise and the learning rate are functions of the step)."""
-  from srum_jax.convert import checkpoint
 
   def config(out):
     c = _short(_experiment().get_config(), out)
@@ -305,7 +307,7 @@ def test_locate_examples_give_the_box_of_the_named_object(sampler):
 def test_locate_metrics():
   want = [(2, 2, 11, 11), (20, 2, 29, 11), (2, 20, 11, 29)]
   got = [(2, 2, 11, 11), (4, 2, 13, 11), None]  # exact; the right shape in the wrong cell; unparsable
-  m = evaluate.locate_metrics(got, want)
+  m = heldout.locate_metrics(got, want)
   assert m["n"] == 3 and m["parsed"] == 2 / 3 and m["iou50"] == 1 / 3 and m["cell"] == 1 / 3
   assert vocab.parse_box("4 5 12 13") == (4, 5, 12, 13) and vocab.parse_box("4 five") is None
 
@@ -314,7 +316,7 @@ def test_curriculum_phases_switch_the_judge_data(sampler):
   """`pretrain.phases`: each phase replaces `data` keys for its steps, then `data` itself; generation batches
   always come from the main sampler; relations_only keeps judge questions on prompts with a relation."""
   p = _experiment().get_config("position").pretrain
-  phases = data.curriculum_data(p)
+  phases = batches.curriculum_data(p)
   starts = [s for s, _ in phases]
   assert starts == [0, 2000, 3500, 5000, 7000] and phases[-1][1] == p.data.to_dict()
   assert phases[0][1]["tasks"] == {"locate": 1.0} and phases[0][1]["negatives"] == p.data.negatives
@@ -322,9 +324,9 @@ def test_curriculum_phases_switch_the_judge_data(sampler):
   bad = _experiment().get_config().pretrain
   bad.phases = (dict(steps=5, task={"locate": 1.0}),)
   with pytest.raises(ValueError, match="unknown data keys"):
-    data.curriculum_data(bad)
+    batches.curriculum_data(bad)
   cfg, tok = sampler.cfg, sampler.tokenizer
-  rel = data.PretrainSampler(cfg, tok, phases[1][1], vit_size=28)
+  rel = batches.PretrainSampler(cfg, tok, phases[1][1], vit_size=28)
   rng = np.random.default_rng(0)
   asked = 0
   for _ in range(40):
@@ -333,12 +335,12 @@ def test_curriculum_phases_switch_the_judge_data(sampler):
       asked += 1
       assert grammar.parse_prompt(q.split('"')[1]).relations, q
   assert asked >= 20
-  curriculum = [(0, data.PretrainSampler(cfg, tok, phases[0][1], vit_size=28)), (2, sampler)]
-  budgets = data.BatchBudgets(gen_rows=1, gen_samples_per_row=2, gen_text_len=13, und_rows=2, und_tokens=128,
+  curriculum = [(0, batches.PretrainSampler(cfg, tok, phases[0][1], vit_size=28)), (2, sampler)]
+  budgets = batches.BatchBudgets(gen_rows=1, gen_samples_per_row=2, gen_text_len=13, und_rows=2, und_tokens=128,
                               und_samples_per_row=3, logit_capacity=64, vit_size=28)
   loc = sampler.encode(vocab.LOCATE)[0]
-  g0, u0 = data.make_batches(curriculum, budgets, 0, 0)
-  g2, u2 = data.make_batches(curriculum, budgets, 0, 2)
+  g0, u0 = batches.make_batches(curriculum, budgets, 0, 0)
+  g2, u2 = batches.make_batches(curriculum, budgets, 0, 2)
   assert (np.asarray(u0.inputs.text_ids) == loc).sum() >= 1 and (np.asarray(u2.inputs.text_ids) == loc).sum() == 0
-  gm, _ = data.make_batches([(0, sampler)], budgets, 0, 0)
+  gm, _ = batches.make_batches([(0, sampler)], budgets, 0, 0)
   assert np.array_equal(g0.images, gm.images)  # generation data does not depend on the phase

@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from srum_jax.pipeline.prompts import LoadReport, PromptItem, PromptList, load_prompts, prompt_id
+from srum_jax.data.prompt_sources import LoadReport, PromptItem, PromptList, load_prompts, prompt_id
+from srum_jax.data.t2i_compbench import T2iCompbench
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "prompts"
 SIX = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
@@ -90,7 +91,7 @@ def test_jsonl_malformed_lines_with_line_numbers(tmp_path):
 
 def test_python_source(tmp_path, monkeypatch):
   (tmp_path / "my_prompt_mod.py").write_text(textwrap.dedent("""\
-    from srum_jax.pipeline.prompts import PromptItem
+    from srum_jax.data.prompt_sources import PromptItem
 
     def make(n, prefix="p"):
       for i in range(n):
@@ -155,8 +156,8 @@ def test_tfds_builder_from_local_files(tmp_path):
 
 
 def test_tfds_builder_manual_dir_and_missing_files(tmp_path):
-  from srum_jax.data.t2i_compbench import T2iCompbench
   import tensorflow_datasets as tfds
+
 
   manual = tmp_path / "manual"
   _write_compbench(manual)

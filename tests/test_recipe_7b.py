@@ -8,6 +8,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from srum_jax.data.prompt_sources import load_prompts
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
@@ -35,6 +39,7 @@ print("RESULT " + json.dumps(out))
 '''
 
 
+@pytest.mark.slow
 def test_recipe_lowers_on_8_to_64_devices():
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
@@ -62,7 +67,6 @@ def test_recipe_lowers_on_8_to_64_devices():
 
 def test_srum_train_prompts_load_with_ten_categories(tmp_path):
   """The recipe's prompt file format (SRUM's train_comp.json): Question / Category / Question_id."""
-  from srum_jax.pipeline.prompts import load_prompts
   rows = [{"Question": f"a prompt {i}", "Category": c, "Question_id": i}
           for i, c in enumerate(["3d_spatial", "color", "complex", "non-spatial", "numeracy", "shape", "spatial",
                                  "texture", "complex_action", "complex_spatial"])]

@@ -8,11 +8,15 @@ import os
 import numpy as np
 import pytest
 
-from fake_gcs import fake_gcs
-from srum_jax import defaults, paths, viz
-from srum_jax.pipeline import common, data, generate, propose
+from srum_jax import defaults, files, paths
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import propose, train_data
 from srum_jax.rewards import records as records_lib
 from srum_jax.training import checkpointing
+from srum_jax.training.metrics_sink import MetricsSink
+from srum_jax.workdir import layout, locking, logs
+
+from fake_gcs import fake_gcs
 
 RUN = "gs://bucket/run"
 
@@ -25,7 +29,7 @@ def gcs(tmp_path, monkeypatch):
   cwd.mkdir()
   monkeypatch.chdir(cwd)
   monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
-  monkeypatch.setattr(common, "REMOTE_SETTLE_S", 0.0)
+  monkeypatch.setattr(locking, "REMOTE_SETTLE_S", 0.0)
   with fake_gcs(str(tmp_path / "store")) as fs:
     yield fs
   assert os.listdir(cwd) == []
@@ -37,8 +41,8 @@ def _store(fs, url: str) -> str:
 
 
 def test_log_on_object_store_is_part_objects_folded_by_its_writer(gcs, monkeypatch):
-  monkeypatch.setattr(common.JsonlLog, "COMPACT_EVERY", 3)
-  log = common.process_log(f"{RUN}/generate", "metadata")
+  monkeypatch.setattr(logs.JsonlLog, "COMPACT_EVERY", 3)
+  log = logs.process_log(f"{RUN}/generate", "metadata")
   assert log.remote
   for i in range(7):  # folds after parts 3 and 6 of this writer
     log.append({"id": f"i{i}", "seq": i})
@@ -49,54 +53,54 @@ def test_log_on_object_store_is_part_objects_folded_by_its_writer(gcs, monkeypat
   data_before, parts = log._remote_bytes()
   log.path.write_bytes(data_before)  # the fold's first step only
   assert len(log._parts()) == 2
-  rep = common.LogReport()
-  rows = common.read_rows(f"{RUN}/generate", "metadata", report=rep)
+  rep = logs.LogReport()
+  rows = logs.read_rows(f"{RUN}/generate", "metadata", report=rep)
   assert [r["id"] for r in rows] == [f"i{i}" for i in range(8)] and rep.skipped == 0
   # the next writer (a resume) folds what is left: one object, every row once
-  again = common.process_log(f"{RUN}/generate", "metadata")
+  again = logs.process_log(f"{RUN}/generate", "metadata")
   assert again._parts() == [] and again.done() == {f"i{i}" for i in range(8)}
 
 
 def test_read_rows_merges_per_process_logs_that_have_only_parts(gcs):
   d = f"{RUN}/propose"
   for p, ids in ((0, [0, 2, 4]), (1, [1, 3])):
-    log = common.JsonlLog(f"{d}/regions.{p}.jsonl")
+    log = logs.JsonlLog(f"{d}/regions.{p}.jsonl")
     for i in ids:
       log.append({"id": f"i{i}", "seq": i, "regions": []})
-  assert common.log_paths(d, "regions") == [f"{d}/regions.0.jsonl", f"{d}/regions.1.jsonl"]
-  assert [r["id"] for r in common.read_rows(d, "regions")] == [f"i{i}" for i in range(5)]
+  assert logs.log_paths(d, "regions") == [f"{d}/regions.0.jsonl", f"{d}/regions.1.jsonl"]
+  assert [r["id"] for r in logs.read_rows(d, "regions")] == [f"i{i}" for i in range(5)]
   # one process's score log is folded at the stage's end, so plain file readers see every record
-  log = common.JsonlLog(f"{RUN}/score/rewards.jsonl")
+  log = logs.JsonlLog(f"{RUN}/score/rewards.jsonl")
   rec = records_lib.RewardRecord(image_file="images/a.png", prompt="a red cube", global_score=0.5)
   log.append(dict(rec.to_dict(), id="a"))
-  common.merge_process_logs(f"{RUN}/score", "rewards")
+  logs.merge_process_logs(f"{RUN}/score", "rewards")
   recs, rep = records_lib.read_records(f"{RUN}/score/rewards.jsonl")
   assert [r.prompt for r in recs] == ["a red cube"] and not rep.skipped
 
 
 def test_lock_on_object_store_is_best_effort_but_excludes_a_later_command(gcs, capsys):
-  with common.WorkdirLock(RUN, "run") as lock:
+  with locking.WorkdirLock(RUN, "run") as lock:
     assert lock.held
     assert "best effort" in capsys.readouterr().out
-    with pytest.raises(common.WorkdirBusy, match="in use by run"):
-      common.WorkdirLock(RUN, "train").acquire()
-  assert not paths.path(f"{RUN}/{common.LOCK_NAME}").exists()
+    with pytest.raises(locking.WorkdirBusy, match="in use by run"):
+      locking.WorkdirLock(RUN, "train").acquire()
+  assert not paths.path(f"{RUN}/{locking.LOCK_NAME}").exists()
   # a lock left by a dead process on this host is taken over, as on a local disk
-  stale = {"host": common.socket.gethostname(), "pid": 2 ** 22 + 12345, "started": "then", "command": "old"}
-  paths.path(f"{RUN}/{common.LOCK_NAME}").write_bytes(json.dumps(stale).encode())
-  with common.WorkdirLock(RUN, "new") as lock:
+  stale = {"host": locking.socket.gethostname(), "pid": 2 ** 22 + 12345, "started": "then", "command": "old"}
+  paths.path(f"{RUN}/{locking.LOCK_NAME}").write_bytes(json.dumps(stale).encode())
+  with locking.WorkdirLock(RUN, "new") as lock:
     assert lock.took_over == stale
-    assert not paths.path(f"{RUN}/{common.LOCK_NAME}.takeover").exists()
+    assert not paths.path(f"{RUN}/{locking.LOCK_NAME}.takeover").exists()
 
 
 def _generated(n: int) -> str:
   """A generate stage's output on the object store: n images and their metadata rows."""
   gen = f"{RUN}/round_0/generate"
-  log = common.process_log(gen, "metadata")
+  log = logs.process_log(gen, "metadata")
   rng = np.random.default_rng(0)
   for i in range(n):
-    rel = f"images/{common.image_file_name(f'p{i}')}"
-    common.save_png(paths.join(gen, rel), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    rel = f"images/{layout.image_file_name(f'p{i}')}"
+    files.save_png(paths.join(gen, rel), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
     log.append({"id": f"p{i}", "seq": i, "prompt": f"prompt {i}", "image_file": rel})
   return gen
 
@@ -104,39 +108,41 @@ def _generated(n: int) -> str:
 def test_propose_killed_and_resumed_on_object_store_does_every_item_once(gcs, monkeypatch):
   gen, out = _generated(6), f"{RUN}/round_0/propose"
   pcfg = defaults.base_config().propose
-  pcfg.name = "grid"
+  pcfg.name, pcfg.batch_size = "grid", 3
   real = propose.get_proposer
   calls = []
 
   def crashing(*args, **kwargs):
     proposer = real(*args, **kwargs)
+    candidates = proposer.candidates
 
     def run(image):
       calls.append(1)
       if len(calls) == 4:
-        raise KeyboardInterrupt  # killed mid-stage, after 3 items were logged
-      return proposer(image)
-    return run
+        raise KeyboardInterrupt  # killed mid-stage, in the second batch: the first 3 are logged
+      return candidates(image)
+    proposer.candidates = run
+    return proposer
 
   monkeypatch.setattr(propose, "get_proposer", crashing)
   with pytest.raises(KeyboardInterrupt):
     propose.propose(pcfg, gen, out)
-  assert len(common.read_rows(out, "regions")) == 3
+  assert len(logs.read_rows(out, "regions")) == 3
   rep = propose.propose(pcfg, gen, out)
   assert (rep.skipped_done, rep.proposed, rep.skipped_bad_image) == (3, 3, 0)
-  log_rep = common.LogReport()
-  rows = propose.read_regions(out, log_rep)
+  log_rep = logs.LogReport()
+  rows = layout.read_regions(out, log_rep)
   assert sorted(r["id"] for r in rows) == [f"p{i}" for i in range(6)] and log_rep.skipped == 0
-  assert [r["id"] for r in generate.read_metadata(gen)] == [f"p{i}" for i in range(6)]
+  assert [r["id"] for r in layout.read_metadata(gen)] == [f"p{i}" for i in range(6)]
 
 
 def test_images_json_and_records_are_whole_objects(gcs):
-  common.write_json(f"{RUN}/report/report.json", {"a": 1})
+  files.write_json(f"{RUN}/report/report.json", {"a": 1})
   assert json.loads(paths.path(f"{RUN}/report/report.json").read_text()) == {"a": 1}
-  viz.save_png(f"{RUN}/report/grid.png", np.zeros((4, 5, 3), np.uint8))
-  im, why = common.load_rgb(f"{RUN}/report/grid.png")
+  files.save_png(f"{RUN}/report/grid.png", np.zeros((4, 5, 3), np.uint8))
+  im, why = files.load_rgb(f"{RUN}/report/grid.png")
   assert im.shape == (4, 5, 3) and why is None
-  assert common.load_rgb(f"{RUN}/report/none.png") == (None, "missing")
+  assert files.load_rgb(f"{RUN}/report/none.png") == (None, "missing")
   recs = [records_lib.RewardRecord(image_file="a.png", prompt="p", global_score=1.0)]
   assert records_lib.write_records(f"{RUN}/x/r.jsonl", recs) == 1
   assert records_lib.read_records(f"{RUN}/x/r.jsonl")[0] == recs
@@ -145,17 +151,17 @@ def test_images_json_and_records_are_whole_objects(gcs):
 
 def test_prepare_records_from_object_store_into_the_local_cache(gcs, tmp_path):
   gen = _generated(3)
-  rows = common.read_rows(gen, "metadata")
+  rows = logs.read_rows(gen, "metadata")
   recs = [records_lib.RewardRecord(image_file=r["image_file"], prompt=r["prompt"], global_score=0.5,
                                    regions=(records_lib.RegionReward((0, 0, 8, 8), 0.5, "cube"),),
                                    metadata={"id": r["id"]}) for r in rows]
   recs.append(records_lib.RewardRecord(image_file="images/gone.png", prompt="p", global_score=0.5,
                                        metadata={"id": "gone"}))
   records_lib.write_records(f"{RUN}/score/rewards.jsonl", recs)
-  path, report = data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
+  path, report = train_data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
   assert path.startswith(str(tmp_path / "cache")) and os.path.isfile(path)  # ArrayRecord needs a local file
   assert report.kept == 3 and report.missing_image == 1
-  again, _ = data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
+  again, _ = train_data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
   assert again == path  # the same inputs reuse the cached file
 
 
@@ -173,7 +179,7 @@ def test_checkpoint_listing_moves_and_local_copies(gcs):
   paths.write_bytes(f"{RUN}/model/tokenizer.json", b'{"t": 1}')
   local = paths.local_copy(f"{RUN}/model/tokenizer.json")
   assert not paths.is_remote(local) and open(local, "rb").read() == b'{"t": 1}'
-  assert common.dir_identity(f"{RUN}/model") == common.dir_identity(f"{RUN}/model")
+  assert loaded_model.dir_identity(f"{RUN}/model") == loaded_model.dir_identity(f"{RUN}/model")
 
 
 def test_tpu_launch_passes_a_gs_workdir():
@@ -188,14 +194,22 @@ def test_tpu_launch_passes_a_gs_workdir():
   assert "gcsfs" in setup.stdout
 
 
-def test_train_side_logs_on_object_store(gcs):
-  from srum_jax.pipeline import train
-  with train._open_data_log(f"{RUN}/train", 0, 1, 5) as log:
-    log.write('{"step": 5}\n')
-    log.flush()  # the first flush writes; later ones at most every FLUSH_S seconds
-    log.write('{"step": 6}\n')
-  assert paths.path(f"{RUN}/train/data_log.from00000005.jsonl").read_text() == '{"step": 5}\n{"step": 6}\n'
-  metrics = train._MetricsLog(f"{RUN}/train", lambda step: 0.0, 1, True, bar=None)
-  metrics.writer.add_scalar("train/loss", 1.0, 1)
-  metrics.close()  # TensorBoard events written locally, copied to <workdir>/tb
-  assert [p.name for p in paths.path(f"{RUN}/train/tb").iterdir()][0].startswith("events.out.tfevents")
+def test_train_side_logs_on_object_store(gcs, monkeypatch):
+  """The one remote-log policy for training's logs: the data log's rows are kept and written as one part
+  object at most every FLUSH_S seconds and on close (read back as a JsonlLog); the metrics sink's rows
+  too, and its TensorBoard events are written locally and copied to <workdir>/tb at those moments."""
+  with logs.BufferedLog(logs.process_log(f"{RUN}/train", "data_log")) as log:
+    log.append({"step": 5})  # the first flush writes at once; later ones at most every FLUSH_S seconds
+    log.append({"step": 6})
+    assert len(log.log._parts()) == 1 and log.rows == [{"step": 6}]
+  assert [json.loads(line) for line in log.log._remote_bytes()[0].splitlines()] == [{"step": 5},
+                                                                                   {"step": 6}]
+  again = logs.process_log(f"{RUN}/train", "data_log")  # the next invocation's writer folds the parts in
+  assert again._parts() == [] and paths.path(f"{RUN}/train/data_log.jsonl").read_text().count("step") == 2
+  with MetricsSink(f"{RUN}/train") as sink:
+    sink.write("train", 1, {"loss": 1.0})
+    sink.write("train", 2, {"loss": 0.5})
+  events = [p.name for p in paths.path(f"{RUN}/train/tb").iterdir()]
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  rows = logs.JsonlLog(f"{RUN}/train/metrics.jsonl")._remote_bytes()[0].splitlines()
+  assert [json.loads(r)["loss"] for r in rows] == [1.0, 0.5]

@@ -6,8 +6,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from srum_jax.rewards import records as rec
 from srum_jax.rewards.reward_map import resize_reward_map, reward_map, token_rewards

@@ -11,7 +11,11 @@ import sys
 
 import pytest
 
-from srum_jax.pipeline import common, generate, propose, run
+from srum_jax import progress
+from srum_jax.data.prompt_sources import PromptItem
+from srum_jax.evaluation import image_folders
+from srum_jax.pipeline import run
+from srum_jax.workdir import layout, locking, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments/tiny_pipeline.py")
@@ -27,50 +31,50 @@ def _write_lock(workdir, **holder):
   workdir.mkdir(parents=True, exist_ok=True)
   base = {"host": socket.gethostname(), "pid": _dead_pid(), "proc_start": None, "started": "2020-01-01T00:00:00Z",
           "command": "run"}
-  (workdir / common.LOCK_NAME).write_text(json.dumps(dict(base, **holder)))
+  (workdir / locking.LOCK_NAME).write_text(json.dumps(dict(base, **holder)))
 
 
 # --- the workdir lock -----------------------------------------------------------------------------------------
 
 def test_second_command_on_a_workdir_is_refused_naming_the_holder(tmp_path):
-  with common.WorkdirLock(str(tmp_path), "run") as lock:
-    assert lock.held and (tmp_path / common.LOCK_NAME).is_file()
-    with pytest.raises(common.WorkdirBusy) as e:
-      common.WorkdirLock(str(tmp_path), "score").acquire()
+  with locking.WorkdirLock(str(tmp_path), "run") as lock:
+    assert lock.held and (tmp_path / locking.LOCK_NAME).is_file()
+    with pytest.raises(locking.WorkdirBusy) as e:
+      locking.WorkdirLock(str(tmp_path), "score").acquire()
     msg = str(e.value)
     assert socket.gethostname() in msg and f"pid {os.getpid()}" in msg and lock.me["started"] in msg
     assert "\n" not in msg
-  assert not (tmp_path / common.LOCK_NAME).exists()  # released
-  with common.WorkdirLock(str(tmp_path)) as again:
+  assert not (tmp_path / locking.LOCK_NAME).exists()  # released
+  with locking.WorkdirLock(str(tmp_path)) as again:
     assert again.held
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
   _write_lock(tmp_path)
-  with common.WorkdirLock(str(tmp_path), "run") as lock:
+  with locking.WorkdirLock(str(tmp_path), "run") as lock:
     assert lock.held and lock.took_over["started"] == "2020-01-01T00:00:00Z"
-    assert json.loads((tmp_path / common.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / locking.LOCK_NAME).read_text())["pid"] == os.getpid()
   assert "took over" in capsys.readouterr().out
   # a live pid reused by another process (a different kernel start time) is stale too
   _write_lock(tmp_path, pid=os.getpid(), proc_start="1")
-  with common.WorkdirLock(str(tmp_path)) as lock:
+  with locking.WorkdirLock(str(tmp_path)) as lock:
     assert lock.took_over is not None
   # a holder on another host cannot be checked from here: refused
   _write_lock(tmp_path, host="some-other-host")
-  with pytest.raises(common.WorkdirBusy, match="some-other-host"):
-    common.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(locking.WorkdirBusy, match="some-other-host"):
+    locking.WorkdirLock(str(tmp_path)).acquire()
 
 
 TAKER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from srum_jax.pipeline import common
+from srum_jax.workdir import locking
 try:
-  lock = common.WorkdirLock(sys.argv[1]).acquire()
+  lock = locking.WorkdirLock(sys.argv[1]).acquire()
   print("won", flush=True)
   time.sleep(3)
   lock.release()
-except common.WorkdirBusy:
+except locking.WorkdirBusy:
   print("busy", flush=True)
 """
 
@@ -84,7 +88,7 @@ def test_processes_racing_for_a_stale_lock_one_wins(tmp_path):
 
 
 def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, tiny_model_dir):
-  with common.WorkdirLock(str(tmp_path), "run"):
+  with locking.WorkdirLock(str(tmp_path), "run"):
     p = subprocess.run([sys.executable, "-m", "srum_jax", "run", f"--config={TINY}",
                         f"--config.model.dir={tiny_model_dir}", f"--config.workdir={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -99,9 +103,9 @@ def test_cli_refuses_a_busy_workdir_in_one_line(tmp_path, tiny_model_dir):
 def test_image_names_distinct_for_ids_that_differ_in_replaced_characters():
   long_a, long_b = "x" * 120 + "a", "x" * 120 + "b"
   ids = ["a/b", "a_b", "a b", "a:b", "a\\b", long_a, long_b, "../../etc", ".hidden", "", "ü", "u"]
-  names = [common.image_file_name(i) for i in ids]
+  names = [layout.image_file_name(i) for i in ids]
   assert len(set(names)) == len(ids)
-  assert names == [common.image_file_name(i) for i in ids]  # a pure function of the id (resume finds them)
+  assert names == [layout.image_file_name(i) for i in ids]  # a pure function of the id (resume finds them)
   assert names[0].startswith("a_b-") and names[0].endswith(".png")
   for n in names:
     assert "/" not in n and "\\" not in n and not n.startswith(".") and len(n) <= 80 + 1 + 16 + 4
@@ -110,7 +114,7 @@ def test_image_names_distinct_for_ids_that_differ_in_replaced_characters():
 # --- logs that survive any bytes ------------------------------------------------------------------------------
 
 def test_log_lines_not_utf8_or_torn_are_skipped_and_counted(tmp_path):
-  log = common.JsonlLog(str(tmp_path / "metadata.jsonl"))
+  log = logs.JsonlLog(str(tmp_path / "metadata.jsonl"))
   log.append({"id": "a", "prompt": "ein Würfel", "image_file": "images/a.png"})
   torn = (json.dumps({"id": "b", "prompt": "ein Würfel", "image_file": "x"}, ensure_ascii=False) + "\n").encode()
   with open(log.path, "ab") as f:
@@ -118,35 +122,35 @@ def test_log_lines_not_utf8_or_torn_are_skipped_and_counted(tmp_path):
     f.write(b'{"id": "no_file", "prompt": "p"}\n')  # a metadata row without image_file
     f.write(b'["not", "an", "object"]\n')
     f.write(torn[:torn.index("ü".encode()) + 1])  # a crash mid-write, inside the 2-byte character
-  rep = common.LogReport()
-  rows = generate.read_metadata(str(tmp_path), rep)
+  rep = logs.LogReport()
+  rows = layout.read_metadata(str(tmp_path), rep)
   assert [r["id"] for r in rows] == ["a"]
   assert (rep.undecodable, rep.missing_field, rep.malformed) == (2, 1, 1) and rep.skipped == 4
   # appending after the torn line starts a line of its own: the new row is read back whole
   log.append({"id": "c", "prompt": "p", "image_file": "images/c.png"})
-  rep = common.LogReport()
-  assert [r["id"] for r in generate.read_metadata(str(tmp_path), rep)] == ["a", "c"] and rep.skipped == 4
+  rep = logs.LogReport()
+  assert [r["id"] for r in layout.read_metadata(str(tmp_path), rep)] == ["a", "c"] and rep.skipped == 4
   # a batch of rows in one write (`extend`, what the stages log per batch), also after a torn line
   with open(log.path, "ab") as f:
     f.write(torn[:5])
   log.extend([{"id": k, "prompt": "p", "image_file": f"images/{k}.png"} for k in ("d", "e")])
   log.extend([])
-  rep = common.LogReport()
-  assert [r["id"] for r in generate.read_metadata(str(tmp_path), rep)] == ["a", "c", "d", "e"] and rep.skipped == 5
+  rep = logs.LogReport()
+  assert [r["id"] for r in layout.read_metadata(str(tmp_path), rep)] == ["a", "c", "d", "e"] and rep.skipped == 5
 
 
 def test_read_rows_keeps_one_row_per_id_and_counts_the_rest(tmp_path):
   for name, ids in (("regions.0.jsonl", ["a", "b"]), ("regions.1.jsonl", ["c", "a"])):
     for i in ids:
-      common.JsonlLog(str(tmp_path / name)).append({"id": i, "regions": [{"box": [0, 0, 1, 1], "area": 1}]})
-  common.JsonlLog(str(tmp_path / "regions.1.jsonl")).append({"id": "d", "regions": "garbage"})
-  rep = common.LogReport()
-  rows = propose.read_regions(str(tmp_path), rep)
+      logs.JsonlLog(str(tmp_path / name)).append({"id": i, "regions": [{"box": [0, 0, 1, 1], "area": 1}]})
+  logs.JsonlLog(str(tmp_path / "regions.1.jsonl")).append({"id": "d", "regions": "garbage"})
+  rep = logs.LogReport()
+  rows = layout.read_regions(str(tmp_path), rep)
   assert sorted(r["id"] for r in rows) == ["a", "b", "c"] and rep.duplicate_id == 1 and rep.malformed == 1
   # the merged copy process 0 writes next to the per-process logs holds the same rows: not duplicates
-  common.JsonlLog(str(tmp_path / "regions.jsonl")).append({"id": "a", "regions": []})
-  rep = common.LogReport()
-  assert len(propose.read_regions(str(tmp_path), rep)) == 3 and rep.duplicate_id == 1
+  logs.JsonlLog(str(tmp_path / "regions.jsonl")).append({"id": "a", "regions": []})
+  rep = logs.LogReport()
+  assert len(layout.read_regions(str(tmp_path), rep)) == 3 and rep.duplicate_id == 1
 
 
 # --- progress bars --------------------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ def test_read_rows_keeps_one_row_per_id_and_counts_the_rest(tmp_path):
 def test_progress_off_a_terminal_writes_plain_lines_at_most_per_interval(monkeypatch):
   out = io.StringIO()  # not a terminal
   monkeypatch.setattr(sys, "stderr", out)
-  bar = common.progress(1000, "generate")
+  bar = progress.bar(1000, "generate")
   for _ in range(1000):
     bar.update(1)
   bar.close()
@@ -199,13 +203,11 @@ def test_launch_values_with_spaces_and_semicolons_stay_one_word():
 
 def test_images_copied_out_under_their_own_names_still_match_their_prompts(tmp_path):
   """A flat folder of the generate stage's files (no metadata) is matched through the names' hashes."""
-  from srum_jax.evaluation import images
-  from srum_jax.pipeline.prompts import PromptItem
   items = [PromptItem("a/b", "a cube", "shape"), PromptItem("a_b", "a ball", "shape")]
   for image_id in ("a/b", "a_b#1"):
-    (tmp_path / common.image_file_name(image_id)).write_bytes(b"")
+    (tmp_path / layout.image_file_name(image_id)).write_bytes(b"")
   (tmp_path / "a_b-0123456789abcdef.png").write_bytes(b"")  # a hash that is not the id's: not matched
-  rows, rep = images.collect(str(tmp_path), items)
+  rows, rep = image_folders.collect(str(tmp_path), items)
   assert sorted(r["id"] for r in rows) == ["a/b", "a_b#1"] and rep.unmatched_files == ["a_b-0123456789abcdef.png"]
 
 
@@ -224,12 +226,13 @@ def _two_process_propose(workdir):
   return [p.returncode for p in procs], outs
 
 
+@pytest.mark.slow
 def test_one_multi_process_run_shares_the_lock_and_stops_together(tmp_path):
   """Process 0 of a run takes the lock for every process of it; when it cannot, all of them stop (exit 2)."""
   codes, outs = _two_process_propose(tmp_path)
   assert codes == [0, 0], outs
-  assert not (tmp_path / common.LOCK_NAME).exists()  # released at the end
-  with common.WorkdirLock(str(tmp_path), "run"):
+  assert not (tmp_path / locking.LOCK_NAME).exists()  # released at the end
+  with locking.WorkdirLock(str(tmp_path), "run"):
     codes, outs = _two_process_propose(tmp_path)
   assert codes == [2, 2], outs
   assert "is in use by run on host" in outs[0] and "process 0 could not take its lock" in outs[1]

@@ -2,19 +2,20 @@
 (`pipeline.proposers.SamTorchProposer`) and NumPy statements of its steps; sharded == single device;
 the `sam` proposer in the propose stage."""
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import helpers
-from srum_jax import sharding
+from srum_jax import defaults, sharding
 from srum_jax.convert import sam_to_flax
 from srum_jax.inference import sam_masks
-from srum_jax.pipeline import proposers, propose
+from srum_jax.pipeline import propose, proposers
+from srum_jax.workdir import layout
 from srum_jax.worlds import shapes
+
+import helpers
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -169,7 +170,6 @@ def test_sharded_equals_single_device(sam_dir):
 def test_propose_stage_with_sam(sam_dir, tmp_path):
   """The stage with `propose.name=sam`: batches of 3 on a 2-device mesh, the same rows as the
   PyTorch proposer, resumable."""
-  from srum_jax import defaults
   images = scenes(5, seed=3)
   gen = tmp_path / "generate"
   gen.mkdir()
@@ -185,7 +185,7 @@ def test_propose_stage_with_sam(sam_dir, tmp_path):
   rep = propose.propose(cfg, str(gen), str(tmp_path / "propose"),
                         mesh=sharding.make_mesh({"data": 2}, jax.devices()[:2]))
   assert rep.proposed == 5
-  rows = {r["id"]: r["regions"] for r in propose.read_regions(str(tmp_path / "propose"))}
+  rows = {r["id"]: r["regions"] for r in layout.read_regions(str(tmp_path / "propose"))}
   ref = proposers.get_proposer("sam_torch", weights=sam_dir, **OPTIONS)
   for i, image in enumerate(images):
     assert rows[f"p{i}"] == [{"box": list(r.box), "area": r.area} for r in ref(image)]

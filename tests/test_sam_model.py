@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 from srum_jax import sharding
 from srum_jax.convert import sam_keymap, sam_to_flax
 from srum_jax.convert.hf_to_flax import CheckpointMismatchError, NonFiniteWeightsError
-from srum_jax.models import params as params_lib
-from srum_jax.models import sam_config, sam_decoder, sam_encoder, sam_schema
+from srum_jax.models import params as params_lib, sam_config, sam_decoder, sam_encoder, sam_schema
+
+import helpers
 
 torch = pytest.importorskip("torch")
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "sam_vit_h_state_dict_shapes.json"
@@ -70,6 +70,7 @@ def test_image_encoder_matches_transformers(hf_tiny):
 
 def test_pixel_normalisation_matches_processor():
   from transformers import SamImageProcessorPil
+
   from srum_jax.inference import sam_masks
   cfg = sam_config.tiny()
   image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)

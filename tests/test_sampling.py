@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax.inference import context
-from srum_jax.inference import decoding, sampling
+from srum_jax.inference import context, decoding, sampling
 from srum_jax.models import autoencoder, embeddings
 
 ATOL = RTOL = 1e-4  # fp32 golden tolerance (measured: cache K/V ~2e-6, velocities ~1e-6, CFG ~7e-6)
@@ -193,7 +192,10 @@ def test_text_to_image_contexts(tiny_params, tiny_cfg, monkeypatch):
   assert given.think_texts == out.think_texts
   np.testing.assert_allclose(np.asarray(seen["contexts"][0].cache.k), np.asarray(gen.cache.k), atol=1e-6)
   with pytest.raises(ValueError, match="one plan per prompt"):
-    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, plans=["x"], height=16, width=16)
+    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, system_prompt="plan it", plans=["x"],
+                           height=16, width=16)
+  with pytest.raises(ValueError, match="generation think system prompt"):  # never a built-in wording
+    sampling.text_to_image(params, None, tok, prompts, cfg=cfg, think=True, height=16, width=16)
 
   plain = sampling.text_to_image(params, None, tok, prompts, cfg=cfg, height=16, width=16)
   gen, cfg_text, cfg_img = seen["contexts"]

@@ -13,8 +13,16 @@ import sys
 
 import pytest
 
+from srum_jax import config_utils, files, pretrain
 from srum_jax.convert import hf_to_flax
-from srum_jax.pipeline import common, generate
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge
+from srum_jax.pretrain import heldout as pretrain_eval
+from srum_jax.pretrain.heldout import judge_options
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.workdir import layout, logs
+from srum_jax.worlds.shapes import grammar, judge_text, scene as scene_lib, truth as world_truth
+
 from helpers import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,8 +66,8 @@ def shipped_model_dir(tmp_path_factory):
   return str(dst)
 
 
+@pytest.mark.slow
 def test_shipped_judge_meets_targets_on_held_out_pairs(shipped_model_dir, tmp_path):
-  from srum_jax import pretrain
   settings = pretrain.EvalSettings(seed=123, num_pairs=200, num_generate_mode=0, num_gen_per_category=2, batch_size=50)
   res = pretrain.evaluate_model(shipped_model_dir, settings, out_path=str(tmp_path / "eval.json"))
   print(json.dumps({k: res[k] for k in ("judge", "regions", "regions_direct", "generation")}, indent=1))
@@ -75,11 +83,7 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
   """`score.region_identify` on the trained model: the object it names for a box is the "Identified Object" of
   the full greedy answer (KV-cache decoder), and it is the boxed object far more often than chance."""
   import numpy as np
-  from srum_jax.pipeline import score as score_stage
-  from srum_jax.pretrain.evaluate import judge_config
-  from srum_jax.rewards import prompts as judge_prompts
-  from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth as world_truth
-  model = common.load_model(shipped_model_dir)
+  model = loaded_model.load_model(shipped_model_dir)
   rng = np.random.default_rng(5)
   _, val = grammar.split_prompts(0)
   index = grammar.prompt_index(val)
@@ -95,15 +99,17 @@ def test_identify_then_score_names_what_greedy_decoding_names(shipped_model_dir)
     texts.append(q.text)
     boxes.append([world_truth.official_box(scene_lib.scene_boxes(scene)[k])])
     truth.append(f"{scene.objects[k].color} {scene.objects[k].shape}")
-  judge = score_stage.Judge(judge_config(28, region_identify=True), model)
-  got = judge.region_scores(images, texts, boxes, score_stage.ScoreReport())
+  own = texts_lib.own_texts()  # the shapes world's model was trained on these
+  judge = Judge(judge_options(28, region_identify=True), model, texts=own)
+  got = judge.region_scores(images, texts, boxes)
   names = [d[1][1] for d in got]
-  answers = judge.answers(images, [judge_prompts.region_prompt(t, b) for t, b in zip(texts, boxes)], 12)
+  answers = judge.answers(images, [texts_lib.render_regions(own, t, b) for t, b in zip(texts, boxes)], 12)
   assert [a.split("Identified Object:")[1].split("Score")[0].strip() for a in answers] == names
   assert all(-1.0 <= d[1][0] <= 1.0 for d in got)
   assert np.mean([n == t for n, t in zip(names, truth)]) >= 0.6, list(zip(names, truth))
 
 
+@pytest.mark.slow
 def test_main_command_on_a_reduced_config(tmp_path):
   """`python -m srum_jax run --config=experiments/tiny_world.py` (README's command), fewer prompts and steps."""
   work = tmp_path / "run"
@@ -120,20 +126,18 @@ def test_main_command_on_a_reduced_config(tmp_path):
     assert (rep_dir / f).is_file(), f
   report = json.loads((rep_dir / "report.json").read_text())
   assert set(report["tables"]) == {"base", "sft", "srum"}
-  from srum_jax.worlds.shapes import judge_text
   for name, table in report["tables"].items():  # the report's numbers are the oracle's, recomputed from PNGs
     d = pathlib.Path(report["eval_dirs"][name])
-    rows = generate.read_metadata(str(d))
+    rows = layout.read_metadata(str(d))
     assert len(rows) == table["overall"]["total"] == 15 * 4  # eval_generate.samples_per_prompt = 4
-    correct = sum(judge_text(common.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
+    correct = sum(judge_text(files.load_rgb(str(d / r["image_file"]))[0], r["prompt"]) for r in rows)
     assert correct == table["overall"]["correct"]
     for cat in ("color", "shape", "spatial", "numeracy", "complex"):
       assert table[cat]["total"] == 3 * 4
-  recs = common.JsonlLog(str(work / "round_0" / "score" / "rewards.jsonl")).rows()
+  recs = logs.JsonlLog(str(work / "round_0" / "score" / "rewards.jsonl")).rows()
   assert len(recs) == 20 and all(-1 <= r["global_score"] <= 1 for r in recs)
-  candidates = generate.read_metadata(str(work / "round_0" / "generate"))
+  candidates = layout.read_metadata(str(work / "round_0" / "generate"))
   assert len(candidates) == 20 and all(r["think"] for r in candidates)  # drawn in think mode, after a written plan
-  from srum_jax.pretrain import evaluate as pretrain_eval
   assert sum(pretrain_eval.plan_valid(r["think"], r["prompt"])[1] for r in candidates) >= 10  # mostly valid plans
   stamp = json.loads((work / "converted_model" / "converted_from.json").read_text())
   assert stamp["official_dir"] == str(SHIPPED)
@@ -144,7 +148,6 @@ def test_full_arg_scales_the_srum_recipe_and_nothing_else():
   steps (and its own workdir); every other key, the candidates' prompts included, is the main job's."""
   from flax import traverse_util
 
-  from srum_jax import config_utils
   a, b = (traverse_util.flatten_dict(config_utils.load_config(f"experiments/tiny_world.py{arg}").to_dict(), sep=".")
           for arg in ("", ":full"))
   assert a.keys() == b.keys()

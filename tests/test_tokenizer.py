@@ -2,8 +2,7 @@
 import json
 
 import pytest
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
 from srum_jax import tokenizer
 from srum_jax.models import config

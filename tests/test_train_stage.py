@@ -13,12 +13,15 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+
+from srum_jax.convert import checkpoint
+
+pytestmark = pytest.mark.slow  # every test here shares one module fixture of several training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
@@ -39,20 +42,21 @@ from conftest import GOLDEN, tree_from_state_dict
 from srum_jax import defaults
 from srum_jax.convert import keymap
 from srum_jax.models import config as model_config, params as params_lib
-from srum_jax.pipeline import data, train
+from srum_jax.pipeline import train
+from srum_jax.pipeline import train_data
 
 cfg = model_config.tiny()
 keys = keymap.official_keys(cfg)
 params = {"bagel": tree_from_state_dict(load_file(GOLDEN / "weights.safetensors"), keys["bagel"], params_lib.bagel_schema(cfg)),
           "ae": tree_from_state_dict(load_file(GOLDEN / "ae.safetensors"), keys["ae"], params_lib.ae_schema(cfg.ae))}
 
-real_load = data.load_image
+real_load = train_data.load_image
 def load_image(path, image_hw):  # test hook: one record decodes to NaN
   x, size = real_load(path, image_hw)
   if os.path.basename(path) == args["nan_file"]:
     x = np.full_like(x, np.nan)
   return x, size
-data.load_image = load_image
+train_data.load_image = load_image
 
 class WordTokenizer:
   def encode(self, text):
@@ -235,14 +239,18 @@ def test_uninterrupted_run_outputs(runs):
   # outputs: checkpoints (keep 2), TensorBoard events, sample grids, loss curve
   assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [4, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]  # the same scalars
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and rows[-1]["skipped"] == 2
+  assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
   assert sorted(os.listdir(os.path.join(wd, "samples"))) == ["step_000003.png", "step_000006.png"]
   assert Image.open(os.path.join(wd, "samples", "step_000003.png")).size[0] > 24
   assert os.path.isfile(os.path.join(wd, "loss_curve.png"))
 
 
 def test_tensorboard_scalars(runs):
-  from tensorboardX.proto import event_pb2
   import struct
+
+  from tensorboardX.proto import event_pb2
   _, _, wd, _ = runs["a"]
   tb = os.path.join(wd, "tb")
   path = os.path.join(tb, next(f for f in os.listdir(tb) if f.startswith("events")))
@@ -282,7 +290,6 @@ def test_kill_and_resume_reproduce_uninterrupted(runs):
   assert len(raw) > STEPS  # steps after the restored checkpoints really were re-run
   assert s["skipped"] == _summary(runs["a"][2], runs["a"][3])["skipped"]
   # the CLI stage writes an exportable model dir: the final parameters, the source model's files
-  from srum_jax.convert import checkpoint
   _, exported = checkpoint.load_model_dir(os.path.join(wd, "model"))
   flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
   for k in a.files:

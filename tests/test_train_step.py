@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srum_jax import defaults, objective, sharding, train_step as ts
-from srum_jax.training import optimizer, update
+from srum_jax import defaults, sharding
+from srum_jax.models import autoencoder
+from srum_jax.training import objective, optimizer, train_step as ts, update
 
 H, W = 32, 24
 
@@ -43,6 +44,7 @@ def setup(tiny_cfg, tiny_params):
   return params, tx, opts
 
 
+@pytest.mark.slow
 def test_step_learns_and_freezes(tiny_cfg, setup):
   params, tx, opts = setup
   step = jax.jit(ts.make_train_step(tiny_cfg, opts, tx))
@@ -79,6 +81,7 @@ def test_nonfinite_loss_skips_update(tiny_cfg, setup):
   assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
 
 
+@pytest.mark.slow
 def test_sft_control_options(tiny_cfg, setup):
   """uniform rewards + lambda 0 is the plain flow loss (R == 1)."""
   params, tx, opts = setup
@@ -97,6 +100,7 @@ def dataclass_replace(x, **kw):
   return dataclasses.replace(x, **kw)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(tiny_cfg, setup):
   params, tx, opts = setup
   step_fn = ts.make_train_step(tiny_cfg, opts, tx)
@@ -120,12 +124,13 @@ def test_sharded_step_equals_single_device(tiny_cfg, setup):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup):
   """The loss from stored posterior moments (the encoder run once, outside the step) equals the loss with the
   encoder in the step, for the same key: fp32 moments to 1e-6 relative (only the encoder's compiled form
   differs), bf16-stored moments to 2e-2 relative."""
   import ml_dtypes
-  from srum_jax.models import autoencoder
+
   _, _, opts = setup
   params = jax.tree.map(jnp.asarray, tiny_params)  # fresh: earlier tests donate the shared fixture's buffers
   batch = _batch(tiny_cfg)

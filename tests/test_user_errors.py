@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 
 from srum_jax import config_utils, config_validation, errors
-from srum_jax.pipeline import common, generate, propose, score
-from srum_jax.pipeline.prompts import PromptItem, load_prompts
+from srum_jax.data.prompt_sources import PromptItem, load_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import generate, propose, score, train
+from srum_jax.rewards.texts import own_texts
+from srum_jax.workdir import layout, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/tiny_pipeline.py"
 WORLD = "experiments/tiny_world.py"
 PAPER = "experiments/bagel_7b_compbench.py"
 SHIPPED = ROOT / "srum_jax" / "worlds" / "shapes" / "checkpoint"
+OWN = own_texts()
 
 
 def _cli(args):
@@ -72,9 +76,14 @@ def _cases(tmp: pathlib.Path):
                                  f"--config.prompts.train.path={tmp / 'latin1.txt'}", w],
        [str(tmp / "latin1.txt"), "not UTF-8"]),
       ("paper config's prompt path is used (empty file)",
-       ["generate", f"--config={PAPER}", f"--config.model.official_dir={SHIPPED}",
+       ["generate", f"--config={PAPER}", f"--config.model.official_dir={SHIPPED}", "--config.texts.file=own",
         f"--config.prompts.train.path={tmp / 'empty.txt'}", w],
        ["prompts.train", "no prompts", "empty.txt"]),
+      ("paper config without the official texts",
+       ["score", f"--config={PAPER}", f"--config.model.official_dir={SHIPPED}", w],
+       ["texts.file", "python -m srum_jax texts import --bagel_code=", "--config.texts.file=own"]),
+      ("texts file missing", ["eval", f"--config={WORLD}", f"--config.texts.file={tmp / 'texts.json'}", w],
+       ["texts file", str(tmp / "texts.json"), "not found"]),
       ("path on a python source", ["generate", f"--config={WORLD}", f"--config.prompts.train.path={tmp / 'x.txt'}", w],
        ["prompts.train.path", "source='python'", "source=file"]),
       ("train without records", ["train", f"--config={WORLD}", w], ["train.records", "rewards.jsonl"]),
@@ -83,6 +92,7 @@ def _cases(tmp: pathlib.Path):
   ]
 
 
+@pytest.mark.slow
 def test_each_user_error_is_one_line_and_exit_2(tmp_path):
   cases = _cases(tmp_path)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -101,7 +111,8 @@ def _paper_config(tmp_path, **overrides):
   sam = tmp_path / "sam_vit_h_4b8939.pth"  # the proposer's weights: only their existence is checked
   sam.touch()
   return config_utils.load_config(PAPER, {"model.official_dir": str(SHIPPED), "workdir": str(tmp_path),
-                                          "propose.options.weights": str(sam), **overrides})
+                                          "propose.options.weights": str(sam), "texts.file": "own",
+                                          **overrides})
 
 
 def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
@@ -137,10 +148,9 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
 
 def test_mesh_shapes_the_devices_cannot_take_name_the_key():
   """Device counts are known only once JAX runs: the meshes fail there, as user errors naming the key."""
-  from srum_jax.pipeline import train
   cfg = config_utils.load_config(TINY, {"inference_mesh.tensor": 3, "mesh.fsdp": 3})
   with pytest.raises(errors.UserError, match=r"inference_mesh=.*'tensor': 3.*8 devices"):
-    common.inference_mesh(cfg)
+    loaded_model.inference_mesh(cfg)
   with pytest.raises(errors.UserError, match=r"config key mesh=.*'fsdp': 3"):
     train.train_mesh(cfg)
 
@@ -149,44 +159,44 @@ def test_long_prompts_are_skipped_and_counted(tiny_model_dir, tmp_path):
   """A 10,000-character prompt never reaches the sampler (positions stay below the model's 512): skipped,
   counted in the report and stats.json; `generate.max_prompt_tokens` lowers the cap."""
   cfg = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "workdir": str(tmp_path)})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   short = load_prompts(cfg.prompts.train)[:2]  # the NaN test's prompts: one compiled sampler for both tests
   items = [PromptItem("long", " ".join(["red circle"] * 1700), "color"), *short]
   assert len(items[0].prompt) > 10_000
   out = tmp_path / "gen"
-  rep = generate.generate(cfg.generate, model, items, str(out), seed=0)
+  rep = generate.generate(cfg.generate, model, items, str(out), seed=0, texts=OWN)
   assert rep.prompt_token_cap == model.cfg.llm.max_position_embeddings - 3
   assert (rep.skipped_too_long, rep.generated) == (1, 2)
-  assert [r["id"] for r in generate.read_metadata(str(out))] == [it.id for it in short]
+  assert [r["id"] for r in layout.read_metadata(str(out))] == [it.id for it in short]
   assert json.loads((out / "stats.json").read_text())["report"]["skipped_too_long"] == 1
   capped = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "generate.max_prompt_tokens": 2})
-  rep2 = generate.generate(capped.generate, model, items, str(tmp_path / "gen2"), seed=0)
+  rep2 = generate.generate(capped.generate, model, items, str(tmp_path / "gen2"), seed=0, texts=OWN)
   assert rep2.prompt_token_cap == 2 and (rep2.skipped_too_long, rep2.generated) == (3, 0)
 
 
-def _poisoned(model: common.Model, part: str) -> common.Model:
+def _poisoned(model: loaded_model.Model, part: str) -> loaded_model.Model:
   """The model with every parameter of `part` ('bagel' or 'ae') set to NaN."""
   params = dict(model.params)
   params[part] = jax.tree.map(lambda x: jax.numpy.full_like(x, np.nan), params[part])  # placed as `x`
-  return common.Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=model.path)
+  return loaded_model.Model(cfg=model.cfg, params=params, tokenizer=model.tokenizer, path=model.path)
 
 
 def test_nan_weights_flagged_in_generate_and_score(tiny_model_dir, tmp_path):
   """NaN weights: generate writes no PNG and no row (counted); score records keep only finite scores in
   [-1, 1], the NaN answers counted as failures."""
   cfg = config_utils.load_config(TINY, {"model.dir": tiny_model_dir, "workdir": str(tmp_path)})
-  model = common.load_model(tiny_model_dir)
+  model = loaded_model.load_model(tiny_model_dir)
   items = load_prompts(cfg.prompts.train)[:2]
   bad_gen = tmp_path / "bad_gen"
-  rep = generate.generate(cfg.generate, _poisoned(model, "bagel"), items, str(bad_gen), seed=0)
+  rep = generate.generate(cfg.generate, _poisoned(model, "bagel"), items, str(bad_gen), seed=0, texts=OWN)
   assert (rep.skipped_nonfinite, rep.generated) == (2, 0)
-  assert generate.read_metadata(str(bad_gen)) == [] and not list(bad_gen.glob("images/*.png"))
+  assert layout.read_metadata(str(bad_gen)) == [] and not list(bad_gen.glob("images/*.png"))
   gen, prop, out = (str(tmp_path / k) for k in ("gen", "prop", "score"))
-  assert generate.generate(cfg.generate, model, items, gen, seed=0).generated == 2
+  assert generate.generate(cfg.generate, model, items, gen, seed=0, texts=OWN).generated == 2
   propose.propose(cfg.propose, gen, prop)
-  srep = score.score(cfg.score, _poisoned(model, "bagel"), gen, prop, out, seed=0)
+  srep = score.score(cfg.score, _poisoned(model, "bagel"), gen, prop, out, seed=0, texts=OWN)
   assert srep.scored == 2 and srep.global_failures == 2 and srep.nonfinite_answers >= 2
-  recs = common.JsonlLog(os.path.join(out, "rewards.jsonl")).rows()
+  recs = logs.JsonlLog(os.path.join(out, "rewards.jsonl")).rows()
   assert len(recs) == 2
   for r in recs:
     assert r["global_score"] == cfg.score.global_default  # the failure default, never NaN

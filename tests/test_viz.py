@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax import viz
+from srum_jax import files, viz
 
 
 def test_image_grid_layout_and_pixels():
@@ -73,9 +73,9 @@ def test_loss_curve_png(tmp_path):
 def test_save_png_atomic(tmp_path):
   p = tmp_path / "x.png"
   arr = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
-  viz.save_png(str(p), arr)
+  files.save_png(str(p), arr)
   np.testing.assert_array_equal(np.asarray(Image.open(p)), arr)
-  viz.save_png(str(p), Image.fromarray(arr[:, ::-1]))  # replaces in place
+  files.save_png(str(p), Image.fromarray(arr[:, ::-1]))  # replaces in place
   np.testing.assert_array_equal(np.asarray(Image.open(p)), arr[:, ::-1])
   assert os.listdir(tmp_path) == ["x.png"]
   assert viz.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])).tolist() == [0, 127, 255, 255]

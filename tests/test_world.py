@@ -7,8 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from srum_jax.worlds.shapes import grammar
-from srum_jax.worlds.shapes import scene as scene_lib
+from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 
 def _scenes(n_per_category, seed=0, layout=grammar.DEFAULT_LAYOUT):
@@ -202,7 +201,6 @@ def test_describe_is_a_grammar_text_of_the_scene():
 def test_plans_round_trip_and_satisfy_their_prompts():
   """A scene's plan (one cell per object, fixed width) parses back to its objects, and a scene laid out by the
   plan satisfies the prompt, for every prompt of both splits."""
-  from srum_jax.worlds.shapes import truth
   rng = np.random.default_rng(3)
   train, val = grammar.split_prompts(0)
   for p in train + val:

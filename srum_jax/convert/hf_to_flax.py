@@ -35,11 +35,10 @@ import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy read
 import numpy as np
 from safetensors import safe_open
 
-from srum_jax import paths, sharding as sharding_lib
-from srum_jax.errors import UserValueError
+from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.models import embeddings
-from srum_jax.models import params as params_lib
+from srum_jax.errors import UserValueError
+from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -286,10 +285,10 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
 
 
 def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]],
-                 files: Dict[str, str]) -> List[str]:
+                 weight_files: Dict[str, str]) -> List[str]:
   """Problems (missing / unexpected / mis-shaped keys) of the official files against `cfg`.
 
-  `shapes` / `files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
+  `shapes` / `weight_files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
   recomputed); when present they must be [G*G, D].
   """
   expected = keymap.expected_official_shapes(cfg)
@@ -298,7 +297,7 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
   for part in ("bagel", "ae"):
     want = {k: v for k, v in expected[part].items() if k not in tables}
     have = shapes[part]
-    name = files[part]
+    name = weight_files[part]
     missing = sorted(set(want) - set(have))
     unexpected = sorted(k for k in have if k not in want and k not in tables)
     misshaped = [f"{k}: file {list(have[k])}, expected {list(want[k])}" for k in sorted(want)
@@ -412,17 +411,9 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
   raise FileNotFoundError(f"none of {list(names)} in {src_dir}")
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-  """A JSON file's content (None when absent); invalid JSON raises a UserValueError naming the file."""
-  from srum_jax.config_validation import read_json_file
-  if not os.path.exists(path):
-    return None
-  return read_json_file(path, "checkpoint config")
-
-
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
   """`overrides` with the missing (None) entries filled from the directory's EXTRAS_JSON, if any."""
-  extras = _read_json(os.path.join(src_dir, EXTRAS_JSON)) or {}
+  extras = files.read_json_if_present(os.path.join(src_dir, EXTRAS_JSON), "checkpoint config") or {}
   unknown = sorted(set(extras) - set(EXTRA_KEYS))
   if unknown:
     raise CheckpointMismatchError(f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
@@ -442,18 +433,18 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   """
   dtype = parse_dtype(dtype)
   wname = _weights_file(src_dir, weights)
-  files = {"bagel": wname, "ae": AE_FILE}
-  for n in files.values():
+  weight_files = {"bagel": wname, "ae": AE_FILE}
+  for n in weight_files.values():
     if not os.path.exists(os.path.join(src_dir, n)):
       raise FileNotFoundError(f"{n} not found in {src_dir}")
-  llm_json = _read_json(os.path.join(src_dir, LLM_JSON))
+  llm_json = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
   if llm_json is None:
     raise FileNotFoundError(f"{LLM_JSON} not found in {src_dir}")
-  vit_json = _read_json(os.path.join(src_dir, VIT_JSON))
+  vit_json = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   overrides = _with_extras(src_dir, overrides)
 
   problems, shapes = [], {}
-  for part, n in files.items():
+  for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
     problems += bad
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
@@ -461,13 +452,13 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
     shapes[part] = {k: s for k, (_, s) in header.items()}
   cfg, bad = infer_config(llm_json, vit_json, shapes["bagel"], shapes["ae"], **overrides)
   problems += bad
-  problems += check_layout(cfg, shapes, files)
+  problems += check_layout(cfg, shapes, weight_files)
   if problems:
     raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout:\n" + "\n".join(problems))
 
   shardings = checkpoint.target_shardings(cfg, mesh, rules)
   with contextlib.ExitStack() as stack:
-    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in files.items()}
+    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in weight_files.items()}
     check_fixed_tables(readers["bagel"], shapes["bagel"])
     params = stream_params(readers, cfg, dtype, shardings)
   return cfg, params
@@ -524,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              end_of_image=args.end_of_image_id)
   tokens = None
   if any(v is not None for v in ids.values()):
-    extra = (_read_json(os.path.join(args.src, EXTRAS_JSON)) or {}).get("tokens") or {}
+    extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or {}).get("tokens") or {}
     tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
   try:
     cfg, params = convert(

@@ -20,8 +20,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from srum_jax.models import params as params_lib
-from srum_jax.models import sam_schema
+from srum_jax.models import params as params_lib, sam_schema
 from srum_jax.models.sam_config import SamConfig
 
 Path = Tuple[str, ...]

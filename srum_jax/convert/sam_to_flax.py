@@ -30,14 +30,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import safe_open
 
 from srum_jax import paths, sharding as sharding_lib
 from srum_jax.convert import sam_keymap
 from srum_jax.convert.hf_to_flax import (CheckpointMismatchError, NonFiniteWeightsError,
                                          parse_dtype, parse_mesh)
 from srum_jax.errors import UserFileNotFoundError, UserValueError
-from srum_jax.models import params as params_lib
-from srum_jax.models import sam_config, sam_schema
+from srum_jax.models import params as params_lib, sam_config, sam_schema
 from srum_jax.models.sam_config import SamConfig, SamDecoderConfig, SamEncoderConfig
 
 PARAMS_DIR = "params"
@@ -84,7 +85,6 @@ class SafetensorsReader:
   """One safetensors file or a sharded set (`model.safetensors.index.json`)."""
 
   def __init__(self, files: List[str]):
-    from safetensors import safe_open
     self.handles, self.where = [], {}
     for f in files:
       h = safe_open(f, framework="np")
@@ -333,7 +333,6 @@ def is_converted_dir(path: str) -> bool:
 
 def save_sam_dir(path: str, cfg: SamConfig, params) -> None:
   """params (orbax) + sam_config.json under `path` (local or gs://)."""
-  import orbax.checkpoint as ocp
   path = paths.abspath(path)
   paths.path(path).mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
@@ -345,7 +344,6 @@ def save_sam_dir(path: str, cfg: SamConfig, params) -> None:
 
 def load_sam_dir(path: str, *, mesh=None, dtype=None, rules=None) -> Tuple[SamConfig, Any]:
   """(cfg, params) of a converted directory, restored onto the target shardings."""
-  import orbax.checkpoint as ocp
   path = paths.abspath(path)
   cfg = sam_config.config_from_dict(_read_json(os.path.join(path, CONFIG_FILE), "SAM config"))
   shardings = target_shardings(cfg, mesh, rules)

@@ -3,7 +3,7 @@
     compbench.py     T2I-CompBench: BLIP-VQA, detector spatial / numeracy, CLIPScore, 3-in-1 (rules + scorer)
     text.py          reading its prompts: noun chunks, objects, relation, counts (spaCy or deterministic rules)
     detectors.py     OWLv2 / OWL-ViT (open vocabulary) and Mask2Former (GenEval's) behind one interface
-    mllm_judge.py    the external 0-100 MLLM judge (Qwen2.5-VL class), rubrics from rubrics/*.json
+    mllm_judge.py    the external 0-100 MLLM judge (Qwen2.5-VL class), question from the texts (`rewards.texts`)
     geneval.py       GenEval's metadata, detection filtering, colour and position rules
     reasonbench.py   T2I-ReasonBench's two-turn protocol through the MLLM judge
     images.py        images made elsewhere matched to a prompt set

@@ -25,7 +25,9 @@ import pathlib
 from typing import Callable, Dict, List, Sequence, Set, Tuple
 
 import numpy as np
+from PIL import Image
 
+from srum_jax.data.prompt_sources import PromptItem, PromptList
 from srum_jax.evaluation import detectors, torch_models
 
 __all__ = ["COLORS", "load_items", "compute_iou", "relative_position", "keep_detections", "evaluate",
@@ -39,7 +41,6 @@ BACKGROUND = (153, 153, 153)  # "#999"
 def load_items(path: str):
   """(PromptItems, {id: metadata}) from GenEval's metadata JSONL; id = the line's 0-based index as five digits
   (GenEval's folder names), category = the tag. Malformed lines raise (the file is the benchmark's)."""
-  from srum_jax.pipeline.prompts import PromptItem, PromptList
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"GenEval metadata {path!r} not found (eval.geneval.metadata)")
@@ -147,7 +148,6 @@ def evaluate(objects: Dict[str, List[detectors.Detection]], metadata: dict,
 
 def object_crop(image: np.ndarray, det: detectors.Detection):
   """The detection's box crop, pixels outside its mask (when it has one) set to GenEval's grey."""
-  from PIL import Image
   im = np.asarray(image, np.uint8)
   if det.mask is not None:
     im = np.where(det.mask[..., None], im, np.asarray(BACKGROUND, np.uint8))

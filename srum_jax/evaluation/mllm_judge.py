@@ -1,16 +1,13 @@
 """An external MLLM judge as in SRUM's evaluation: a Qwen2.5-VL-class model from transformers scores each
 image 0-100 against its prompt with a rubric (the paper: Qwen2.5-VL-72B-Instruct on T2I-CompBench).
 
-The rubric is a JSON file (`eval.mllm.rubric`; default `rubrics/srum_compbench.json`, SRUM's own question):
-
-    {"name": ..., "source": ..., "score_range": [0, 100], "max_new_tokens": 512,
-     "templates": {"default": "... \"{prompt}\" ...", "<category>": "..."}}
-
-A category's template (else "default") gets `{prompt}` replaced by the prompt; the image comes first in the
-user turn, then the text, answered greedily. The answer's score is the integer of its JSON "score" key (SRUM's
-`extract_score`: the JSON object, else the `"score": N` pattern), kept only inside `score_range`. Answers
-without one are asked again (`max_retries` times, sampling at `retry_temperature`); what still fails is counted
-as a parse failure and left out of the means, never a crash.
+The question is the texts' `compbench_question` with the prompt in it (`rewards.texts.render_compbench`):
+SRUM's `CompBench_eval/qwen_eval.py` question, read from the user's SRUM checkout by `texts import`, or the
+project's stand-in in its own words (the own texts: tests and plumbing). The image comes first in the user
+turn, then the text, answered greedily in up to 512 new tokens (qwen_eval.py's). The answer's score is the
+number of its JSON "score" key (SRUM's `extract_score`: the JSON object, else the `"score": N` pattern), kept
+only inside 0-100. Answers without one are asked again (`max_retries` times, sampling at
+`retry_temperature`); what still fails is counted as a parse failure and left out of the means, never a crash.
 
 The model is any transformers image-text-to-text model whose tokenizer has a chat template and whose image
 processor returns `image_grid_thw` (the Qwen2-VL family): the image placeholder token is expanded to the
@@ -26,34 +23,12 @@ import re
 from typing import List, Optional, Sequence
 
 from srum_jax.evaluation import torch_models
+from srum_jax.rewards import texts as texts_lib
 
-__all__ = ["RUBRICS", "load_rubric", "rubric_text", "parse_score", "MLLMJudge", "MLLMScorer"]
+__all__ = ["SCORE_RANGE", "MAX_NEW_TOKENS", "parse_score", "MLLMJudge", "MLLMScorer"]
 
-RUBRICS = pathlib.Path(__file__).parent / "rubrics"
-
-
-def load_rubric(path: str) -> dict:
-  """The rubric JSON at `path` ("" -> the shipped SRUM rubric), checked: a default template with {prompt}."""
-  p = pathlib.Path(path) if path else RUBRICS / "srum_compbench.json"
-  if not p.is_file():
-    raise FileNotFoundError(f"rubric file {str(p)!r} not found (eval.mllm.rubric)")
-  try:
-    rubric = json.loads(p.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"rubric file {p} is not valid JSON: {e}") from e
-  templates = rubric.get("templates") if isinstance(rubric, dict) else None
-  if not isinstance(templates, dict) or "default" not in templates:
-    raise ValueError(f"rubric file {p} needs a 'templates' object with a 'default' template")
-  bad = [k for k, t in templates.items() if not isinstance(t, str) or "{prompt}" not in t]
-  if bad:
-    raise ValueError(f"rubric file {p}: templates {bad} are not strings containing {{prompt}}")
-  lo, hi = rubric.get("score_range", [0, 100])
-  return {**rubric, "score_range": [float(lo), float(hi)], "max_new_tokens": int(rubric.get("max_new_tokens", 512)),
-          "path": str(p)}
-
-
-def rubric_text(rubric: dict, category: str, prompt: str) -> str:
-  return rubric["templates"].get(category, rubric["templates"]["default"]).replace("{prompt}", prompt)
+SCORE_RANGE = (0.0, 100.0)  # the question's scale
+MAX_NEW_TOKENS = 512  # SRUM's CompBench_eval/qwen_eval.py: model.generate(max_new_tokens=512, do_sample=False)
 
 
 _SCORE = re.compile(r'"?score"?\s*:\s*"?(-?\d+(?:\.\d+)?)"?')
@@ -181,18 +156,18 @@ class MLLMScorer:
   """The `mllm` metric: one rubric score per image (module docstring)."""
   name = "mllm"
 
-  def __init__(self, mcfg, *, device: str):
+  def __init__(self, mcfg, *, device: str, texts: texts_lib.Texts):
     self.cfg = mcfg
-    self.rubric = load_rubric(mcfg.rubric)
+    self.texts = texts
     self.judge = MLLMJudge(mcfg.model_dir, "eval.mllm.model_dir", device=device,
                            dtype=torch_models.resolve_dtype(mcfg.torch_dtype), device_map=mcfg.device_map,
                            batch_size=int(mcfg.batch_size))
 
   def __call__(self, images, rows: Sequence[dict]) -> List[dict]:
-    convs = [[user_turn(rubric_text(self.rubric, r["category"], r["prompt"]))] for r in rows]
+    convs = [[user_turn(texts_lib.render_compbench(self.texts, r["prompt"]))] for r in rows]
     values, answers, tries = ask_until_parsed(
-        self.judge, images, convs, lambda a: parse_score(a, self.rubric["score_range"]),
-        max_new_tokens=int(self.cfg.max_new_tokens) or self.rubric["max_new_tokens"],
+        self.judge, images, convs, lambda a: parse_score(a, SCORE_RANGE),
+        max_new_tokens=int(self.cfg.max_new_tokens) or MAX_NEW_TOKENS,
         max_retries=int(self.cfg.max_retries), retry_temperature=float(self.cfg.retry_temperature))
     return [{"id": r["id"], "prompt": r["prompt"], "category": r["category"], "score": v, "answer": a,
              "tries": t, **({"failed": "no score in the answer"} if v is None else {})}

@@ -12,6 +12,9 @@ import pathlib
 import string
 from typing import Dict, Sequence
 
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 __all__ = ["write_blip", "write_clip", "write_owl", "write_mask2former", "write_qwen2_5_vl", "write_all"]
 
 DEFAULT_CLASSES = ("person", "bench", "cat", "dog", "car", "circle", "square", "triangle")
@@ -27,8 +30,8 @@ def _text(vocab_size: int, **extra) -> dict:
 def write_blip(dst: str, seed: int = 0) -> str:
   """BlipForQuestionAnswering with a WordPiece tokenizer that spells any lowercase word."""
   import torch
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor
+  from transformers import (BertTokenizerFast, BlipConfig, BlipForQuestionAnswering,
+                            BlipImageProcessor)
   words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no", "[DEC]", "[ENC]"]
   words += list(string.ascii_lowercase + string.digits + "?.,'-") + [f"##{c}" for c in string.ascii_lowercase]
   vocab = {w: i for i, w in enumerate(words)}
@@ -53,7 +56,6 @@ def write_blip(dst: str, seed: int = 0) -> str:
 
 
 def _clip_tokenizer():
-  import tokenizers
   from transformers import CLIPTokenizer
   alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
   # OWL reads a query whose first id is 0 as padding: the special tokens come last, as in CLIP's vocabulary
@@ -100,8 +102,8 @@ def write_owl(dst: str, kind: str = "owlv2", seed: int = 0) -> str:
 def write_mask2former(dst: str, classes: Sequence[str] = DEFAULT_CLASSES, seed: int = 0) -> str:
   """Mask2FormerForUniversalSegmentation on a 2-stage-wide Swin with `classes` as its label set."""
   import torch
-  from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
-                            SwinConfig)
+  from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
+                            Mask2FormerImageProcessor, SwinConfig)
   backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                         window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
   torch.manual_seed(seed)
@@ -126,9 +128,9 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 def write_qwen2_5_vl(dst: str, seed: int = 0) -> str:
   """Qwen2_5_VLForConditionalGeneration with a byte-level tokenizer, a Qwen-style chat template and images
   resized to 56 x 56 (4 image tokens)."""
-  import tokenizers
   import torch
-  from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessor
+  from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,
+                            Qwen2VLImageProcessor)
   vocab = {c: i for i, c in enumerate(sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet()))}
   special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
              "<|video_pad|>"]

@@ -2,12 +2,14 @@
 
 Inputs are the benchmark's files for one dimension: the prompts JSON (a list of {"prompt", ...}; entry k is
 image `k+1` as four digits, the benchmark's file names) and the question-criterion JSON (a list of {"id": k+1,
-"<group>_evaluation": ...}). The protocol (`rubrics/t2i_reasonbench.json`): the judge describes the image
-("Describe this image."), then, in a second turn after its own description, scores each group's questions with
-1, 0.5 or 0 and answers JSON {"reason": ..., "score": [s1, s2, ...]}. Per image: accuracy = the weighted sum of
-the accuracy groups' means (idiom, textual: reason 1.0; entity, scientific: their group 0.7 + other details
-0.3), quality = the quality group's mean; a dimension's scores are the means x 100. An answer without a valid
-score list is asked again like the 0-100 judge's, then counted as failed and left out.
+"<group>_evaluation": ...}). The protocol's texts are the texts' `reasonbench` entry (read from the user's
+T2I-ReasonBench checkout by `texts import --reasonbench_code`, or the own stand-ins): the judge describes the
+image (the `describe` turn), then, in a second turn after its own description, scores each group's questions
+with 1, 0.5 or 0 and answers JSON {"reason": ..., "score": [s1, s2, ...]}, up to 1000 new tokens a turn (the
+benchmark's `eval_*.py`). Per image: accuracy = the weighted sum of the accuracy groups' means (`SCORING`:
+idiom, textual: reason 1.0; entity, scientific: their group 0.7 + other details 0.3), quality = the quality
+group's mean; a dimension's scores are the means x 100. An answer without a valid score list is asked again
+like the 0-100 judge's, then counted as failed and left out.
 """
 from __future__ import annotations
 
@@ -16,24 +18,26 @@ import pathlib
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from srum_jax.data.prompt_sources import PromptItem, PromptList
 from srum_jax.evaluation import mllm_judge, torch_models
+from srum_jax.rewards import texts as texts_lib
 
-__all__ = ["DIMENSIONS", "load_rubric", "infer_dimension", "load_items", "parse_score_list", "image_scores",
+__all__ = ["DIMENSIONS", "SCORING", "infer_dimension", "load_items", "parse_score_list", "image_scores",
            "ReasonBenchScorer"]
 
 DIMENSIONS = {"idiom": "idiom_interpretation", "textual": "textual_image_design", "entity": "entity_reasoning",
               "scientific": "scientific_reasoning"}
-
-
-def load_rubric(path: str) -> dict:
-  p = pathlib.Path(path) if path else mllm_judge.RUBRICS / "t2i_reasonbench.json"
-  if not p.is_file():
-    raise FileNotFoundError(f"ReasonBench protocol file {str(p)!r} not found (eval.reasonbench.rubric)")
-  rubric = json.loads(p.read_text(encoding="utf-8"))
-  for key in ("describe", "question", "dimensions"):
-    if key not in rubric:
-      raise ValueError(f"ReasonBench protocol file {p} lacks {key!r}")
-  return rubric
+# The benchmark's scoring per dimension (its eval_<dimension>.py and model_score): accuracy groups with their
+# weights, and the quality group. The groups are `texts.REASONBENCH_GROUPS`.
+SCORING = {
+    "idiom_interpretation": {"accuracy": {"reason_evaluation": 1.0}, "quality": "quality_evaluation"},
+    "textual_image_design": {"accuracy": {"reason_evaluation": 1.0}, "quality": "quality_evaluation"},
+    "entity_reasoning": {"accuracy": {"entity_evaluation": 0.7, "other_details_evaluation": 0.3},
+                         "quality": "quality_evaluation"},
+    "scientific_reasoning": {"accuracy": {"scientific_evaluation": 0.7, "other_details_evaluation": 0.3},
+                             "quality": "quality_evaluation"},
+}
+MAX_NEW_TOKENS = 1000  # the benchmark's ask_qw: model.generate(max_new_tokens=1000)
 
 
 def infer_dimension(dimension: str, *paths: str) -> str:
@@ -58,14 +62,21 @@ def _read_list(path: str, key: str) -> list:
   return data
 
 
-def load_items(prompts_path: str, questions_path: str, dimension: str, rubric: dict):
+def groups_of(dimension: str) -> List[str]:
+  """The criterion groups a dimension asks: its accuracy groups, then its quality group."""
+  return list(SCORING[dimension]["accuracy"]) + [SCORING[dimension]["quality"]]
+
+
+def load_items(prompts_path: str, questions_path: str, dimension: str, texts: texts_lib.Texts):
   """(PromptItems with ids "0001"..., {id: question-criterion entry}, dimension); every entry must carry the
-  dimension's groups."""
-  from srum_jax.pipeline.prompts import PromptItem, PromptList
+  dimension's groups, and `texts` a question for each of them."""
   dim = infer_dimension(dimension, prompts_path, questions_path)
-  if dim not in rubric["dimensions"]:
-    raise ValueError(f"unknown T2I-ReasonBench dimension {dim!r}; known: {sorted(rubric['dimensions'])}")
-  groups = list(rubric["dimensions"][dim]["accuracy"]) + [rubric["dimensions"][dim]["quality"]]
+  if dim not in SCORING:
+    raise ValueError(f"unknown T2I-ReasonBench dimension {dim!r}; known: {sorted(SCORING)}")
+  groups = groups_of(dim)
+  missing = [g for g in groups if g not in texts_lib.reasonbench_protocol(texts, dim)["questions"]]
+  if missing:
+    raise ValueError(f"the texts' T2I-ReasonBench protocol for {dim} has no question for {missing}")
   prompts = _read_list(prompts_path, "eval.reasonbench.prompts")
   by_id = {int(q["id"]): q for q in _read_list(questions_path, "eval.reasonbench.questions")
            if isinstance(q, dict) and "id" in q}
@@ -112,21 +123,21 @@ def parse_score_list(text: str) -> Optional[List[float]]:
   return _scores([v.strip().strip('"') for v in m.group(1).split(",")]) if m else None
 
 
-def image_scores(group_scores: Dict[str, Sequence[float]], dim_rubric: dict) -> Tuple[float, float]:
-  """(accuracy, quality) in [0, 1] of one image from its groups' score lists."""
+def image_scores(group_scores: Dict[str, Sequence[float]], scoring: dict) -> Tuple[float, float]:
+  """(accuracy, quality) in [0, 1] of one image from its groups' score lists (`scoring`: a `SCORING` entry)."""
   mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-  accuracy = sum(float(w) * mean(group_scores[g]) for g, w in dim_rubric["accuracy"].items())
-  return accuracy, mean(group_scores[dim_rubric["quality"]])
+  accuracy = sum(float(w) * mean(group_scores[g]) for g, w in scoring["accuracy"].items())
+  return accuracy, mean(group_scores[scoring["quality"]])
 
 
 class ReasonBenchScorer:
   """The `reasonbench` metric (module docstring)."""
   name = "reasonbench"
 
-  def __init__(self, rcfg, mcfg, *, device: str, questions: Dict[str, dict], dimension: str):
-    self.cfg, self.mcfg = rcfg, mcfg
-    self.rubric = load_rubric(rcfg.rubric)
-    self.dim, self.questions = self.rubric["dimensions"][dimension], questions
+  def __init__(self, rcfg, mcfg, *, device: str, questions: Dict[str, dict], dimension: str,
+               texts: texts_lib.Texts):
+    self.cfg, self.mcfg, self.texts, self.dimension = rcfg, mcfg, texts, dimension
+    self.dim, self.questions = SCORING[dimension], questions
     self.judge = mllm_judge.MLLMJudge(mcfg.model_dir, "eval.mllm.model_dir", device=device,
                                       dtype=torch_models.resolve_dtype(mcfg.torch_dtype),
                                       device_map=mcfg.device_map, batch_size=int(mcfg.batch_size))
@@ -139,15 +150,15 @@ class ReasonBenchScorer:
             for k, r in enumerate(rows)]
 
   def _protocol(self, images, rows: Sequence[dict]) -> List[dict]:
-    first = [mllm_judge.user_turn(self.rubric["describe"])]
-    budget = int(self.mcfg.max_new_tokens) or int(self.rubric.get("max_new_tokens", 1000))
+    first = [mllm_judge.user_turn(texts_lib.reasonbench_describe(self.texts, self.dimension))]
+    budget = int(self.mcfg.max_new_tokens) or MAX_NEW_TOKENS
     descriptions = self.judge.chat(images, [first] * len(rows), max_new_tokens=budget)
-    groups = list(self.dim["accuracy"]) + [self.dim["quality"]]
+    groups = groups_of(self.dimension)
     found: Dict[str, tuple] = {}
     for g in groups:
       convs = [first + [{"role": "assistant", "content": d},
-                        {"role": "user", "content": [{"type": "text", "text": self.rubric["question"].replace(
-                            "{criteria}", str(self.questions[r.get("prompt_id", r["id"])][g]))}]}]
+                        {"role": "user", "content": [{"type": "text", "text": texts_lib.render_reasonbench(
+                            self.texts, self.dimension, g, self.questions[r.get("prompt_id", r["id"])][g])}]}]
                for r, d in zip(rows, descriptions)]
       found[g] = mllm_judge.ask_until_parsed(self.judge, images, convs, parse_score_list, max_new_tokens=budget,
                                              max_retries=int(self.mcfg.max_retries),

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from srum_jax import files, paths, viz
+
 __all__ = ["COLUMNS", "metric_table", "judge_columns", "markdown", "side_by_side", "spread", "grid"]
 
 # metric -> [(column title, row key, scale, digits)]: what one table column shows
@@ -44,18 +46,26 @@ def metric_table(rows: Sequence[dict], metric: str, column: str, key: str = "sco
   return {"metric": metric, "column": column, "digits": digits, "categories": table, "overall": overall}
 
 
-def judge_columns(judge_table: Dict[str, dict], judge: str) -> dict:
-  """The judge's accuracy table ({category: {correct, total, accuracy}}) in the metric-table form (%)."""
-  cats = {k: {"mean": 100.0 * v["accuracy"], "n": v["total"], "unscored": 0} for k, v in judge_table.items()
-          if k != "overall"}
+def judge_columns(judge_table: Dict[str, dict], judge: str, column: Optional[str] = None,
+                  counts: bool = False) -> dict:
+  """A judge's accuracy table ({category: {correct, total, accuracy}}) in the metric-table form (%), titled
+  `column` (default "<judge> judge accuracy (%)"); with `counts` the cells show correct/total."""
+  def entry(v):
+    e = {"mean": 100.0 * v["accuracy"], "n": v["total"], "unscored": 0}
+    return dict(e, correct=v["correct"]) if counts else e
+  cats = {k: entry(v) for k, v in judge_table.items() if k != "overall"}
   o = judge_table.get("overall")
-  return {"metric": "judge", "column": f"{judge} judge accuracy (%)", "digits": 1, "categories": cats,
-          "overall": {"mean": 100.0 * o["accuracy"] if o else None, "n": o["total"] if o else 0, "unscored": 0}}
+  overall = entry(o) if o else {"mean": None, "n": 0, "unscored": 0}
+  return {"metric": "judge", "column": column or f"{judge} judge accuracy (%)", "digits": 1, "categories": cats,
+          "overall": overall}
 
 
 def _cell(entry: Optional[dict], digits: int) -> str:
+  """"mean (n=...)", or "mean (correct/n)" for a judge's accuracy; "-" where nothing was scored."""
   if entry is None or entry["mean"] is None:
     return "-" if entry is None or not entry["unscored"] else f"- ({entry['unscored']} unscored)"
+  if "correct" in entry:
+    return f"{entry['mean']:.{digits}f} ({entry['correct']}/{entry['n']})"
   unscored = f", {entry['unscored']} unscored" if entry["unscored"] else ""
   return f"{entry['mean']:.{digits}f} (n={entry['n']}{unscored})"
 
@@ -76,7 +86,6 @@ def markdown(tables: Sequence[dict], title: str = "") -> str:
 def side_by_side(eval_root: str) -> str:
   """Markdown comparing every `<eval_root>/<model>/table.json`: per column, a row per category and a column
   per model (the official PyTorch model's images scored from a folder sit beside the port's)."""
-  from srum_jax import paths
   root = paths.path(eval_root)  # local or remote (gs://)
   models = {}
   for p in sorted(root.glob("*/table.json")):
@@ -106,12 +115,10 @@ def spread(rows: Sequence[dict], n: int) -> List[dict]:
 def grid(rows: Sequence[dict], verdicts: Dict[str, Dict[str, str]], n: int, title: str = ""):
   """A labeled grid of `spread(rows, n)`: the prompt above, one caption line per metric ("metric: value")
   under each image. `verdicts` = {metric: {image id: text}}."""
-  from srum_jax import viz
-  from srum_jax.pipeline import common
   chosen = spread(rows, n)
   cells, captions = [], []
   for r in chosen:
-    im, _ = common.load_rgb(r["image_file"])
+    im, _ = files.load_rgb(r["image_file"])
     cells.append(im if im is not None else np.zeros((32, 32, 3), np.uint8))
     captions.append("\n".join(f"{m}: {v[r['id']]}" for m, v in verdicts.items() if r["id"] in v))
   if not cells:

@@ -12,6 +12,7 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 __all__ = ["resolve_device", "resolve_dtype", "require_dir", "pil_images", "Clip", "BlipVqa", "yes_no_ratio"]
 
@@ -42,7 +43,6 @@ def require_dir(path: str, key: str, what: str) -> str:
 
 def pil_images(images) -> list:
   """uint8 HWC arrays (or PIL images) -> RGB PIL images."""
-  from PIL import Image
   return [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8)).convert("RGB")
           for im in images]
 

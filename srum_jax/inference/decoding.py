@@ -25,7 +25,6 @@ from srum_jax.models import image_transforms, qwen2_mot
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import CAUSAL, TokenMeta
 from srum_jax.rewards.parsing import strip_think
-from srum_jax.rewards.prompts import JUDGE_THINK_SYSTEM_PROMPT
 
 __all__ = ["Generation", "generate_text", "generated_ids", "answer_text", "answer", "strip_think",
            "next_token_logits", "greedy_continuations", "continue_then_logits"]
@@ -181,10 +180,11 @@ def answer_text(params, tokenizer, images: Sequence, prompts: Sequence[str], *, 
 def answer(params, tokenizer, images: Sequence, prompts: Sequence[str], *, cfg: BagelConfig,
            system_prompt: Optional[str] = None, max_new_tokens: int = 1024, think: bool = False,
            keep_reasoning: bool = False, **kw) -> list:
-  """Judge answers as strings. think=True uses the judge think system prompt (unless one is given) and
-  returns what follows the last `</think>` (the whole decoded text with keep_reasoning=True)."""
+  """Judge answers as strings. think=True needs `system_prompt` (the understanding think system prompt,
+  `texts.judge_think_system`) and returns what follows the last `</think>` (the whole decoded text with
+  keep_reasoning=True)."""
   if think and system_prompt is None:
-    system_prompt = JUDGE_THINK_SYSTEM_PROMPT
+    raise ValueError("think mode needs the judge think system prompt (system_prompt=texts.judge_think_system)")
   texts = answer_text(params, tokenizer, images, prompts, cfg=cfg, system_prompt=system_prompt,
                       max_new_tokens=max_new_tokens, **kw)
   return texts if (keep_reasoning or not think) else [strip_think(t) for t in texts]

@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
 
 from srum_jax import sharding as sharding_lib
-from srum_jax.models import params as params_lib
-from srum_jax.models import sam_decoder, sam_encoder, sam_schema
+from srum_jax.models import params as params_lib, sam_decoder, sam_encoder, sam_schema
 from srum_jax.models.sam_config import SamConfig
 
 
@@ -96,7 +96,6 @@ def input_size(height: int, width: int, size: int) -> Tuple[int, int]:
 def model_input(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [size, size, 3]: PIL bilinear resize to `input_size`, zero padding at
   the bottom / right."""
-  from PIL import Image
   h, w = image.shape[:2]
   rh, rw = input_size(h, w, size)
   if (rh, rw) != (h, w):

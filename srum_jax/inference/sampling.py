@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from srum_jax import losses
-from srum_jax.inference import context
-from srum_jax.inference import decoding
+from srum_jax.inference import context, decoding
 from srum_jax.inference.context import Context
 from srum_jax.models import autoencoder, bagel, embeddings, qwen2_mot
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import FULL
-from srum_jax.rewards.prompts import GEN_THINK_SYSTEM_PROMPT
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
@@ -223,7 +221,24 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
 
 
 # ----------------------------------------------------------------------------------------------
-# Text to image (the official contexts)
+# Think mode and text to image (the official contexts)
+
+
+def add_plans(params, tokenizer, gen: Context, *, cfg: BagelConfig, max_think_tokens: int,
+              plans: Optional[Sequence[str]] = None,
+              attn_impl: str = "dense") -> Tuple[Context, list]:
+  """Think mode's plan step: greedily decode each row's plan from `gen` (up to `max_think_tokens`),
+  or take `plans`, then append it to `gen` as a text split `[bos] + plan + [eos]` (the official
+  inferencer's `gen_text` then `update_context_text`). `gen` needs `bucket(max_think_tokens + 2)`
+  free cache slots. Returns (the context with the plans, the plan texts)."""
+  think_budget = context.bucket(max_think_tokens + 2)
+  if plans is None:
+    out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens,
+                                 attn_impl=attn_impl)
+    plans = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
+  seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in plans]
+  ids, lens = context.pad_ids(seqs, think_budget)
+  return context.prefill_text(params, gen, ids, lens, cfg=cfg, attn_impl=attn_impl), list(plans)
 
 
 class T2IResult(NamedTuple):
@@ -245,15 +260,15 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   e.g. fsdp / tensor over the same mesh); the batch size must divide by that many devices.
 
   gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
-  think mode); cfg_img: [system prompt] + prompt. think=True uses the generation think system prompt
-  (unless one is given) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
+  think mode); cfg_img: [system prompt] + prompt. think=True needs `system_prompt` (the generation think
+  system prompt, `texts.gen_think_system`) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
   decoding them (a diagnostic: drawing from known-good plans). Image i starts from noise keyed by
   fold_in(PRNGKey(seed_i), image_ids[i]) (default ids 0..B-1): the same (seed, id) gives the same image
   in any batch.
   """
   B = len(prompts)
   if think and system_prompt is None:
-    system_prompt = GEN_THINK_SYSTEM_PROMPT
+    raise ValueError("think mode needs the generation think system prompt (system_prompt=texts.gen_think_system)")
   ids = list(range(B)) if image_ids is None else list(image_ids)
   keys = prompt_keys(seeds, ids)
   sys_ids = None if system_prompt is None else context.wrap_text(tokenizer.encode(system_prompt), cfg)
@@ -276,14 +291,8 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   if plans is not None and (not think or len(plans) != B):
     raise ValueError(f"plans need think=True and one plan per prompt ({B}), got {len(plans)}")
   if think:
-    if plans is None:
-      out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens, attn_impl=attn_impl)
-      think_texts = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
-    else:
-      think_texts = list(plans)
-    seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
-    t_ids, t_lens = context.pad_ids(seqs, think_budget)
-    gen = context.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)
+    gen, think_texts = add_plans(params, tokenizer, gen, cfg=cfg, max_think_tokens=max_think_tokens,
+                                 plans=plans, attn_impl=attn_impl)
   images, tokens = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width,
                                  keys=keys, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
                                  cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,

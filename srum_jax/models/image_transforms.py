@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+from PIL import Image
 
 VIT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1806336, the default pixel budget of ImageTransform
 
@@ -50,7 +51,6 @@ def resize_image(img, max_size: int, min_size: int, stride: int, max_pixels: int
   that is exactly what torchvision's `F.resize(pil_image, size, BICUBIC, antialias=True)` calls for PIL
   inputs, so the pixels match the official pipeline.
   """
-  from PIL import Image
   img = img.convert("RGB")
   new_w, new_h = resize_dims(img.width, img.height, max_size, min_size, stride, max_pixels)
   if (new_w, new_h) == img.size:
@@ -77,3 +77,12 @@ def vit_patchify(image_hwc, patch_size: int = 14):
   x = image_hwc.reshape(hp, patch_size, wp, patch_size, c)
   x = x.transpose(0, 2, 1, 3, 4)  # [hp, wp, row, col, c]
   return x.reshape(hp * wp, patch_size * patch_size * c)
+
+
+def square_view(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 image -> PIL bicubic resize to size x size (a multiple of the ViT patch, 14): the judge's view of
+  small synthetic images (the judge's `vit_image_size`), and what pretraining shows the judge."""
+  if size % 14:
+    raise ValueError(f"score.vit_image_size must be a multiple of 14, got {size}")
+  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.BICUBIC))
+

@@ -4,7 +4,7 @@ Standalone stages read and write under `config.workdir`: generate/ (images + met
 (regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples), eval/<name>/.
 A wrong config key fails in the flag parser; bad values, missing files and folders fail in
 `config_validation.validate` (called by the CLI), before any work; a stage left with no prompts is an error.
-Every stage holds the workdir's lock (`common.WorkdirLock`) while it runs: a second command on the same
+Every stage holds the workdir's lock (`locking.WorkdirLock`) while it runs: a second command on the same
 workdir exits with code 2 and one line naming the holder.
 """
 from __future__ import annotations
@@ -14,8 +14,11 @@ import os
 import sys
 
 from srum_jax import distributed, paths
-from srum_jax.pipeline import common
-
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.pipeline import evaluate, generate, propose, run, score, train
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.workdir import locking
 
 EXIT_USAGE = 2
 
@@ -25,14 +28,13 @@ def locked(stage):
   process of the run stops when it cannot)."""
   @functools.wraps(stage)
   def wrapper(config, flags) -> int:
-    from srum_jax.pipeline import multihost
     distributed.maybe_initialize()
-    lock, busy = common.workdir_lock(config.workdir, command=stage.__name__.replace("_main", "")), None
+    lock, busy = locking.workdir_lock(config.workdir, command=stage.__name__.replace("_main", "")), None
     try:
       lock.acquire()
-    except common.WorkdirBusy as e:
+    except locking.WorkdirBusy as e:
       busy = str(e)
-    if multihost.any_process(busy is not None):
+    if distributed.any_process(busy is not None):
       print(f"error: {busy or f'workdir {config.workdir} is in use (process 0 could not take its lock)'}",
             file=sys.stderr, flush=True)
       return EXIT_USAGE
@@ -48,44 +50,47 @@ def _dirs(config):
   return {k: os.path.join(w, k) for k in ("generate", "propose", "score", "train", "eval")}
 
 
-def _model(config) -> common.Model:
-  """The config's model, placed for inference (`common.load_inference_model`)."""
-  model_dir = common.resolve_model_dir(config)
-  common.check_model_dir(model_dir)
-  return common.load_inference_model(config, model_dir)
+def config_texts(config) -> texts_lib.Texts:
+  """The texts the config names (`texts.file`: "" / "own" or a texts file; `rewards.texts`)."""
+  return texts_lib.from_setting(config.texts.file)
+
+
+def _model(config) -> loaded_model.Model:
+  """The config's model, placed for inference (`loaded_model.load_inference_model`)."""
+  model_dir = loaded_model.resolve_model_dir(config)
+  loaded_model.check_model_dir(model_dir)
+  return loaded_model.load_inference_model(config, model_dir)
 
 
 @locked
 def generate_main(config, flags) -> int:
-  from srum_jax.pipeline import generate
-  from srum_jax.pipeline.prompts import load_prompts
-  from srum_jax.config_validation import require_prompts
   distributed.maybe_initialize()
   items = load_prompts(config.prompts.train)
   require_prompts(items, "prompts.train")
   model = _model(config)
   rep = generate.generate(config.generate, model, items, _dirs(config)["generate"], seed=config.seed,
-                          compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
+                          texts=config_texts(config), compute_dtype=config.model.compute_dtype,
+                          attn_impl=loaded_model.attn_impl(config))
   return 1 if rep.skipped_nonfinite else 0
 
 
 @locked
 def propose_main(config, flags) -> int:
-  from srum_jax.pipeline import propose
   distributed.maybe_initialize()
   d = _dirs(config)
-  propose.propose(config.propose, d["generate"], d["propose"], mesh=common.inference_mesh(config))
+  propose.propose(config.propose, d["generate"], d["propose"],
+                  mesh=loaded_model.inference_mesh(config))
   return 0
 
 
 @locked
 def score_main(config, flags) -> int:
-  from srum_jax.pipeline import score
   distributed.maybe_initialize()
   model = _model(config)
   d = _dirs(config)
   score.score(config.score, model, d["generate"], d["propose"], d["score"], seed=config.seed,
-              compute_dtype=config.model.compute_dtype, attn_impl=common.attn_impl(config))
+              texts=config_texts(config), compute_dtype=config.model.compute_dtype,
+              attn_impl=loaded_model.attn_impl(config))
   return 0
 
 
@@ -94,18 +99,17 @@ def train_main(config, flags) -> int:
   """Records from `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`), images from
   `train.images_root` (default: the generate stage's folder when the records are the score stage's, else the
   records' folder); writes `<workdir>/train`."""
-  from srum_jax.pipeline import train
   d = _dirs(config)
   records = config.train.records or os.path.join(d["score"], "rewards.jsonl")
   images_root = config.train.images_root or (d["generate"] if not config.train.records
                                              else os.path.dirname(paths.abspath(records)))
-  model_dir = common.resolve_model_dir(config)
-  common.check_model_dir(model_dir)
+  model_dir = loaded_model.resolve_model_dir(config)
+  loaded_model.check_model_dir(model_dir)
   train.main(config, model_dir=model_dir, records=records, images_root=images_root, workdir=d["train"])
   return 0
 
 
-def _eval_model(config, out_dir: str) -> common.Model:
+def _eval_model(config, out_dir: str) -> loaded_model.Model:
   """`eval.model_dir` (a converted model dir, or an official checkpoint converted into `<out_dir>/converted_model`),
   else the config's `model.*`."""
   path = config.eval.model_dir
@@ -115,32 +119,32 @@ def _eval_model(config, out_dir: str) -> common.Model:
   if p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors")):
     view = config.copy_and_resolve_references()  # the converter's view of this model; the config is unchanged
     view.model.official_dir, view.workdir = path, out_dir
-    path = common.resolve_model_dir(view)
-  common.check_model_dir(path)
-  return common.load_inference_model(config, path)
+    path = loaded_model.resolve_model_dir(view)
+  loaded_model.check_model_dir(path)
+  return loaded_model.load_inference_model(config, path)
 
 
 @locked
 def eval_main(config, flags) -> int:
   """Generate for the prompt set and score (`eval.metrics`), or score `eval.images_dir`; results in
   `<workdir>/eval/<eval.name>` (pipeline/evaluate.py)."""
-  from srum_jax.pipeline import evaluate
   distributed.maybe_initialize()
   ecfg = config.eval
-  from srum_jax.config_validation import require_prompts
   metrics = evaluate.parse_metrics(ecfg.metrics)
-  items = evaluate.eval_items(config)
+  texts = config_texts(config)
+  items = evaluate.eval_items(config, texts)
   require_prompts(items, "prompts.val")
   out = os.path.join(_dirs(config)["eval"], ecfg.name)
   if ecfg.images_dir:
     needs_umm = "judge" in metrics and ecfg.judge == "self"
     evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
-                             ecfg.images_dir, out, seed=ecfg.seed, compute_dtype=config.model.compute_dtype,
-                             name=ecfg.name, attn_impl=common.attn_impl(config))
+                             ecfg.images_dir, out, seed=ecfg.seed, texts=texts,
+                             compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                             attn_impl=loaded_model.attn_impl(config))
   else:
     evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
-                      seed=ecfg.seed, compute_dtype=config.model.compute_dtype, name=ecfg.name,
-                      attn_impl=common.attn_impl(config))
+                      seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype, name=ecfg.name,
+                      attn_impl=loaded_model.attn_impl(config))
   return 0
 
 
@@ -149,7 +153,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command aga
 
 @locked
 def run_main(config, flags) -> int:
-  from srum_jax.pipeline import run
   distributed.maybe_initialize()
   try:
     run.run(config)

@@ -26,10 +26,17 @@ import importlib
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
 
-from srum_jax import paths
-from srum_jax.pipeline import common, generate, multihost
+from srum_jax import distributed, files, paths, progress
+from srum_jax.data.prompt_sources import load_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
+                                 torch_models)
+from srum_jax.pipeline import generate
+from srum_jax.workdir import layout, logs
 
-METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")
+METRICS = ("judge", "compbench", "mllm", "geneval", "reasonbench")  # `eval.metrics`
+JUDGES = ("oracle", "self", "hf_vlm")  # `eval.judge`
 
 
 def _resolve(spec: str) -> Callable:
@@ -46,14 +53,14 @@ class OracleJudge:
 
 
 class SelfJudge:
-  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense"):
-    from srum_jax.pipeline.score import Judge, ScoreReport
-    self.judge = Judge(scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  def __init__(self, scfg, model, threshold: float, seed: int, compute_dtype, attn_impl: str = "dense", *,
+               texts):
+    self.judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts, seed=seed,
+                       compute_dtype=compute_dtype, attn_impl=attn_impl)
     self.threshold = threshold
-    self.rep = ScoreReport()
 
   def __call__(self, images, prompts) -> List[bool]:
-    scores = self.judge.global_scores(images, prompts, self.rep)
+    scores = self.judge.global_scores(images, prompts)
     return [s is not None and s > self.threshold for s in scores]
 
 
@@ -61,7 +68,6 @@ class HFVLMJudge:
   """An image-text-to-text model answering 'Does the image show: <prompt>? Answer yes or no.'"""
 
   def __init__(self, ecfg):
-    from srum_jax.evaluation import mllm_judge, torch_models
     self.judge = mllm_judge.MLLMJudge(ecfg.hf_vlm_dir, "eval.hf_vlm_dir", device=torch_models.resolve_device(
         ecfg.device), dtype=torch_models.resolve_dtype(ecfg.mllm.torch_dtype), device_map=ecfg.mllm.device_map,
         batch_size=int(ecfg.mllm.batch_size))
@@ -73,17 +79,17 @@ class HFVLMJudge:
     return [str(a).strip().lower().startswith("yes") for a in answers]
 
 
-def make_judge(ecfg, scfg, model, *, seed: int, compute_dtype, attn_impl: str = "dense"):
+def make_judge(ecfg, scfg, model, *, seed: int, texts, compute_dtype, attn_impl: str = "dense"):
   name = ecfg.judge
   if name == "oracle":
     return OracleJudge(ecfg.oracle_fn)
   if name == "self":
     if model is None:
       raise ValueError("eval.judge = 'self' needs the UMM: set eval.model_dir (or model.dir)")
-    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl)
+    return SelfJudge(scfg, model, float(ecfg.self_threshold), seed, compute_dtype, attn_impl, texts=texts)
   if name == "hf_vlm":
     return HFVLMJudge(ecfg)
-  raise ValueError(f"unknown eval judge {name!r}; choose oracle, self or hf_vlm")
+  raise ValueError(f"unknown eval judge {name!r}; choose one of {JUDGES}")
 
 
 def table(rows: Sequence[dict]) -> Dict[str, Dict[str, float]]:
@@ -97,24 +103,6 @@ def table(rows: Sequence[dict]) -> Dict[str, Dict[str, float]]:
   if "overall" in tally:
     tally.move_to_end("overall")
   return {k: {"correct": c, "total": n, "accuracy": c / n} for k, (c, n) in tally.items()}
-
-
-def markdown(tables: Dict[str, Dict[str, Dict[str, float]]], title: str = "") -> str:
-  """Side-by-side accuracy table: one column per model (e.g. base / SFT / SRUM), one row per category."""
-  names = list(tables)
-  cats = []
-  for t in tables.values():
-    cats += [c for c in t if c not in cats and c != "overall"]
-  cats.append("overall")
-  lines = ([f"### {title}", ""] if title else []) + ["| category | " + " | ".join(names) + " |",
-                                                      "|---|" + "---|" * len(names)]
-  for c in cats:
-    cells = []
-    for n in names:
-      e = tables[n].get(c)
-      cells.append("-" if e is None else f"{100 * e['accuracy']:.1f} ({e['correct']}/{e['total']})")
-    lines.append(f"| {c} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,19 +120,16 @@ def parse_metrics(text: str) -> List[str]:
   return names
 
 
-def eval_items(config):
+def eval_items(config, texts):
   """The prompts to evaluate: GenEval's metadata or T2I-ReasonBench's files when those metrics are asked for,
   else `prompts.val`."""
-  from srum_jax.evaluation import geneval, reasonbench
-  from srum_jax.pipeline.prompts import load_prompts
   metrics, ecfg = parse_metrics(config.eval.metrics), config.eval
   if "geneval" in metrics:
     return geneval.load_items(_required(ecfg.geneval.metadata, "eval.geneval.metadata"))[0]
   if "reasonbench" in metrics:
     r = ecfg.reasonbench
     return reasonbench.load_items(_required(r.prompts, "eval.reasonbench.prompts"),
-                                  _required(r.questions, "eval.reasonbench.questions"), r.dimension,
-                                  reasonbench.load_rubric(r.rubric))[0]
+                                  _required(r.questions, "eval.reasonbench.questions"), r.dimension, texts)[0]
   return load_prompts(config.prompts.val)
 
 
@@ -156,13 +141,11 @@ def _required(value: str, key: str) -> str:
 
 def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
   """Fail before any work when a metric's model folder or file is missing."""
-  from srum_jax.evaluation import compbench, mllm_judge, torch_models
   dirs: Dict[str, str] = {}
   if "compbench" in metrics:
     dirs.update(compbench.CompBenchScorer.required_dirs(ecfg.compbench, {it.category for it in items}))
   if "mllm" in metrics or "reasonbench" in metrics:
     dirs["eval.mllm.model_dir"] = ecfg.mllm.model_dir
-    mllm_judge.load_rubric(ecfg.mllm.rubric)
   if "geneval" in metrics:
     dirs["eval.geneval.detector_dir"] = ecfg.geneval.detector_dir
     dirs["eval.geneval.clip_dir"] = ecfg.geneval.clip_dir
@@ -170,26 +153,26 @@ def check_metrics(ecfg, metrics: Sequence[str], items) -> None:
     torch_models.require_dir(path, key, "the metric's model")
 
 
-def make_scorer(metric: str, ecfg, items):
-  from srum_jax.evaluation import compbench, geneval, mllm_judge, reasonbench, torch_models
+def make_scorer(metric: str, ecfg, items, texts):
   device, dtype = torch_models.resolve_device(ecfg.device), torch_models.resolve_dtype(ecfg.torch_dtype)
   if metric == "compbench":
     return compbench.CompBenchScorer(ecfg.compbench, device=device, dtype=dtype, items=items)
   if metric == "mllm":
-    return mllm_judge.MLLMScorer(ecfg.mllm, device=device)
+    return mllm_judge.MLLMScorer(ecfg.mllm, device=device, texts=texts)
   if metric == "geneval":
     return geneval.GenEvalScorer(ecfg.geneval, device=device, dtype=dtype,
                                  metadata=geneval.load_items(ecfg.geneval.metadata)[1])
   r = ecfg.reasonbench
-  _, questions, dim = reasonbench.load_items(r.prompts, r.questions, r.dimension, reasonbench.load_rubric(r.rubric))
-  return reasonbench.ReasonBenchScorer(r, ecfg.mllm, device=device, questions=questions, dimension=dim)
+  _, questions, dim = reasonbench.load_items(r.prompts, r.questions, r.dimension, texts)
+  return reasonbench.ReasonBenchScorer(r, ecfg.mllm, device=device, questions=questions, dimension=dim,
+                                       texts=texts)
 
 
 def _load_images(chunk: Sequence[dict]):
   """(images, their rows, rows of unreadable files marked skipped)."""
   images, keep, bad = [], [], []
   for r in chunk:
-    im, why = common.load_rgb(r["image_file"])
+    im, why = files.load_rgb(r["image_file"])
     if im is None:
       bad.append({"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "score": None,
                   "skipped": f"image {why}"})
@@ -203,8 +186,8 @@ def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
   """{id: its last row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
   only ever scored by one process)."""
   out: Dict[str, dict] = {}
-  for path in common.log_paths(directory, stem):
-    out.update({r["id"]: r for r in common.JsonlLog(path).rows() if r["id"] in wanted})
+  for path in logs.log_paths(directory, stem):
+    out.update({r["id"]: r for r in logs.JsonlLog(path).rows() if r["id"] in wanted})
   return out
 
 
@@ -212,17 +195,17 @@ def run_metric(scorer, rows: Sequence[dict], directory: str, stem: str, batch_si
   """Score this process's share of the rows not yet in `<directory>/<stem>[.<process>].jsonl` (one line per
   image, appended as scored); every process's latest result of every row once all are done. Skipped rows
   (unreadable image, no metadata for the prompt) are tried again by a rerun."""
-  log = common.process_log(directory, stem)
+  log = logs.process_log(directory, stem)
   wanted = {r["id"] for r in rows}
   done = {i for i, r in _latest(directory, stem, wanted).items() if "skipped" not in r}
-  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
-  bar = common.progress(len(todo), scorer.name)
-  for chunk in common.batched(todo, max(1, int(batch_size))):
+  todo = [r for r in distributed.process_shard(rows) if r["id"] not in done]
+  bar = progress.bar(len(todo), scorer.name)
+  for chunk in distributed.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
     log.extend(bad + (scorer(images, keep) if keep else []))
     bar.update(len(chunk))
   bar.close()
-  multihost.barrier(f"metric:{directory}:{stem}")
+  distributed.barrier(f"metric:{directory}:{stem}")
   return list(_latest(directory, stem, wanted).values())
 
 
@@ -242,29 +225,28 @@ def _verdict(metric: str, row: dict) -> str:
 def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> List[dict]:
   """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
   every process's rows of `rows`' ids once all are done."""
-  log = common.process_log(str(out), "judgments")
-  done = {r["id"] for r in common.read_rows(str(out), "judgments", require=("correct",))}
-  todo = [r for r in common.process_shard(rows) if r["id"] not in done]
-  for chunk in common.batched(todo, max(1, int(batch_size))):
+  log = logs.process_log(str(out), "judgments")
+  done = {r["id"] for r in logs.read_rows(str(out), "judgments", require=("correct",))}
+  todo = [r for r in distributed.process_shard(rows) if r["id"] not in done]
+  for chunk in distributed.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
     log.extend([{"id": r["id"], "prompt": r["prompt"], "category": r.get("category"), "correct": bool(ok),
                  "judge": ecfg.judge} for r, ok in zip(keep, judge(images, [r["prompt"] for r in keep]) if keep else [])])
     if bad:
       print(f"[eval] {len(bad)} unreadable images left out of the judge's table", flush=True)
-  multihost.barrier(f"judge:{out}")
+  distributed.barrier(f"judge:{out}")
   wanted = {r["id"] for r in rows}
-  rep = common.LogReport()
-  judged = [r for r in common.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
+  rep = logs.LogReport()
+  judged = [r for r in logs.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
   if rep.skipped:
     print(f"[eval] judgments logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})", flush=True)
   return judged
 
 
 def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], items, out_dir: str, *,
-                 batch_size: int, name: str) -> Dict[str, dict]:
+                 batch_size: int, name: str, texts) -> Dict[str, dict]:
   """Every metric over `rows` (image_file absolute); writes the tables and the grid. Returns {"judge": the
   judge's accuracy table (or {}), "tables": the metric tables}."""
-  from srum_jax.evaluation import report
   out = paths.path(out_dir)  # local or remote (gs://)
   tables, verdicts, judge_table = [], {}, {}
   if judge is not None:
@@ -273,7 +255,7 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
     tables.append(report.judge_columns(judge_table, ecfg.judge))
     verdicts[f"{ecfg.judge}"] = {r["id"]: "yes" if r["correct"] else "no" for r in judged}
   for metric in (m for m in metrics if m != "judge"):
-    scorer = make_scorer(metric, ecfg, items)
+    scorer = make_scorer(metric, ecfg, items, texts)
     scored = run_metric(scorer, rows, str(out / "metrics"), metric, batch_size)
     del scorer
     gc.collect()
@@ -281,54 +263,56 @@ def score_images(ecfg, metrics: Sequence[str], judge, rows: Sequence[dict], item
     verdicts[metric] = {r["id"]: _verdict(metric, r) for r in scored}
   _write(out, tables, rows, verdicts, int(ecfg.grid_images), name)
   overall = {t["column"]: t["overall"]["mean"] for t in tables}
-  common.summary_line("eval", model=name, images=len(rows), **{k.split(" (")[0].replace(" ", "_"): (
+  progress.summary_line("eval", model=name, images=len(rows), **{k.split(" (")[0].replace(" ", "_"): (
       "-" if v is None else round(v, 4)) for k, v in overall.items()}, out=out_dir)
   return {"judge": judge_table, "tables": tables}
 
 
 def _write(out, tables: List[dict], rows, verdicts, grid_images: int, name: str) -> None:
   """The tables (json, markdown), the grid and the side-by-side summary; written by process 0."""
-  from srum_jax import viz
-  from srum_jax.evaluation import report
-  if not multihost.is_main():
+  if not distributed.is_main():
     return
-  common.write_json(str(out / "table.json"), {t["column"]: t for t in tables})
+  files.write_json(str(out / "table.json"), {t["column"]: t for t in tables})
   md = report.markdown(tables, title=f"{name}: {len(rows)} images")
   (out / "table.md").write_text(md)
   print("\n" + md, flush=True)
   picture = report.grid(rows, verdicts, grid_images, title=name) if grid_images > 0 else None
   if picture is not None:
-    viz.save_png(str(out / "grid.png"), picture)
+    files.save_png(str(out / "grid.png"), picture)
   (out.parent / "summary.md").write_text(report.side_by_side(str(out.parent)))
 
 
-def evaluate(ecfg, gcfg, scfg, model: common.Model, items, out_dir: str, *, seed: int, compute_dtype="float32",
-             name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
+def evaluate(ecfg, gcfg, scfg, model: loaded_model.Model, items, out_dir: str, *, seed: int, texts,
+             compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, Dict[str, float]]:
   """Generate the missing images of `items` into `out_dir` (sharded, resumable), then score them with every
-  metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge)."""
+  metric of `ecfg.metrics`; returns the judge's accuracy table ({} without the judge). `texts`: the think
+  system prompts, the self-judge's questions and the metric judges' rubrics (`rewards.texts`)."""
   metrics = parse_metrics(ecfg.metrics)
-  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
-  generate.generate(gcfg, model, items, out_dir, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
-  rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in generate.read_metadata(out_dir)]
+  generate.generate(gcfg, model, items, out_dir, seed=seed, texts=texts, compute_dtype=compute_dtype,
+                    attn_impl=attn_impl)
+  rows = [dict(r, image_file=paths.join(out_dir, r["image_file"])) for r in layout.read_metadata(out_dir)]
   wanted = {it.id for it in items}
   rows = [r for r in rows if r.get("prompt_id", r["id"]) in wanted]
-  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)["judge"]
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name,
+                      texts=texts)["judge"]
 
 
-def evaluate_folder(ecfg, scfg, model: Optional[common.Model], items, images_dir: str, out_dir: str, *, seed: int,
-                    compute_dtype="float32", name: str = "model", attn_impl: str = "dense") -> Dict[str, dict]:
+def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, images_dir: str, out_dir: str, *,
+                    seed: int, texts, compute_dtype="float32", name: str = "model",
+                    attn_impl: str = "dense") -> Dict[str, dict]:
   """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
-  from srum_jax.evaluation import images
   metrics = parse_metrics(ecfg.metrics)
-  judge = (make_judge(ecfg, scfg, model, seed=seed, compute_dtype=compute_dtype, attn_impl=attn_impl)
+  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype, attn_impl=attn_impl)
            if "judge" in metrics else None)
   check_metrics(ecfg, metrics, items)
-  rows, rep = images.collect(images_dir, items)
-  common.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
+  rows, rep = image_folders.collect(images_dir, items)
+  progress.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
                       unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
   if not rows:
     raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "
-                     f"srum_jax/evaluation/images.py for the accepted names)")
-  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name)
+                     f"srum_jax/evaluation/image_folders.py for the accepted names)")
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name,
+                      texts=texts)

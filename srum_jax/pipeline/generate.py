@@ -6,21 +6,24 @@ image_file, think}; seq: the image's place in the prompt set's order, the order 
 Prompts longer than `prompt_token_cap` ids and images whose latents are not finite are skipped and counted
 (`stats.json`, the summary line). Each image is seeded by (config.seed, its id), so any host, batch composition or
 restart reproduces it; finished ids are skipped on restart. Multi-host: each process takes a round-robin
-share of the prompts (on its own devices: `common.inference_mesh`) and writes its own
+share of the prompts (on its own devices: `loaded_model.inference_mesh`) and writes its own
 `metadata.<process>.jsonl`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax import paths
-from srum_jax.pipeline import common, multihost
-from srum_jax.pipeline.prompts import PromptItem
+from srum_jax import distributed, files, paths, progress
+from srum_jax.data.prompt_sources import PromptItem
+from srum_jax.engine import loaded_model
+from srum_jax.inference import sampling
+from srum_jax.rewards.texts import Texts
+from srum_jax.workdir import layout, logs
 
 
 @dataclasses.dataclass
@@ -36,17 +39,6 @@ class GenerateReport:
   prompt_token_cap: int = 0
 
 
-def read_metadata(out_dir: str, report: Optional[common.LogReport] = None) -> List[dict]:
-  """Every process's metadata rows, one per image id; rows without `image_file` or `prompt` (or not a
-  string) are skipped and counted in `report`."""
-  rows = common.read_rows(out_dir, "metadata", require=("image_file", "prompt"), report=report)
-  good = [r for r in rows if isinstance(r["image_file"], str) and isinstance(r["prompt"], str)]
-  if report is not None:
-    report.missing_field += len(rows) - len(good)
-    report.rows -= len(rows) - len(good)
-  return good
-
-
 def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   """(image id, item) pairs: `id` for one sample per prompt, `id#k` for several."""
   if samples_per_prompt <= 1:
@@ -54,14 +46,13 @@ def expand(items: Sequence[PromptItem], samples_per_prompt: int) -> List[tuple]:
   return [(f"{it.id}#{k}", it) for it in items for k in range(samples_per_prompt)]
 
 
-def prompt_token_cap(gcfg, model: common.Model) -> int:
+def prompt_token_cap(gcfg, model: loaded_model.Model, texts: Texts) -> int:
   """Prompt ids one generation accepts: the LLM's `max_position_embeddings` less what else takes positions
   (the prompt's BOS/EOS, in think mode the system prompt and the plan with their BOS/EOS, one position for
   the image's latent tokens), lowered to `max_prompt_tokens` and to `text_budget` (less BOS/EOS) when set."""
-  from srum_jax.inference import sampling
   used = 2 + 1
   if bool(gcfg.think):
-    used += len(model.tokenizer.encode(sampling.GEN_THINK_SYSTEM_PROMPT)) + 2 + int(gcfg.max_think_tokens) + 2
+    used += len(model.tokenizer.encode(texts.gen_think_system)) + 2 + int(gcfg.max_think_tokens) + 2
   cap = int(model.cfg.llm.max_position_embeddings) - used
   if int(gcfg.max_prompt_tokens):
     cap = min(cap, int(gcfg.max_prompt_tokens))
@@ -70,20 +61,19 @@ def prompt_token_cap(gcfg, model: common.Model) -> int:
   return cap
 
 
-def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
-             compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
+def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
+             texts: Texts, compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
   """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
-  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes."""
-  from srum_jax.inference import sampling
-
-  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model))
-  log = common.process_log(out_dir, "metadata")
-  log_rep = common.LogReport()
-  done = set(r["id"] for r in read_metadata(out_dir, log_rep))
+  they are (sharded over `model.mesh`); each batch's rows split over that mesh's batch axes. Think mode
+  sends `texts.gen_think_system`."""
+  rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model, texts))
+  log = logs.process_log(out_dir, "metadata")
+  log_rep = logs.LogReport()
+  done = set(r["id"] for r in layout.read_metadata(out_dir, log_rep))
   rep.skipped_log_lines = log_rep.skipped
   todo, lengths = [], {}
   expanded = [(seq, image_id, it) for seq, (image_id, it) in enumerate(expand(items, int(gcfg.samples_per_prompt)))]
-  for seq, image_id, it in common.process_shard(expanded):
+  for seq, image_id, it in distributed.process_shard(expanded):
     rep.requested += 1
     if not it.prompt.strip():
       rep.skipped_empty += 1
@@ -93,27 +83,27 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       rep.skipped_too_long += 1
     else:
       todo.append((seq, image_id, it))
-  mesh = common.batch_rows_mesh(model, int(gcfg.batch_size))
-  if mesh is None and common.batch_ways(model) > 1:
+  mesh = loaded_model.batch_rows_mesh(model, int(gcfg.batch_size))
+  if mesh is None and loaded_model.batch_ways(model) > 1:
     print(f"[generate] generate.batch_size={gcfg.batch_size} does not divide over the inference mesh's "
-          f"{common.batch_ways(model)} batch shards: rows are replicated", flush=True)
+          f"{loaded_model.batch_ways(model)} batch shards: rows are replicated", flush=True)
   params = model.params
-  bar = common.progress(len(todo), "generate")
-  for chunk in common.batched(todo, int(gcfg.batch_size)):
+  bar = progress.bar(len(todo), "generate")
+  for chunk in distributed.batched(todo, int(gcfg.batch_size)):
     if len(chunk) < int(gcfg.batch_size):  # pad the last batch: one compiled shape for the whole stage
       chunk = list(chunk) + [chunk[-1]] * (int(gcfg.batch_size) - len(chunk))
       real = len(set(i for _, i, _ in chunk))
     else:
       real = len(chunk)
-    ids = [common.stable_int(image_id) for _, image_id, _ in chunk]
-    res = common.on_mesh(model, sampling.text_to_image)(
+    ids = [layout.stable_int(image_id) for _, image_id, _ in chunk]
+    res = loaded_model.on_mesh(model, sampling.text_to_image)(
         params["bagel"], params["ae"], model.tokenizer, [it.prompt for _, _, it in chunk], cfg=model.cfg,
         think=bool(gcfg.think), seeds=int(seed), image_ids=ids, height=int(gcfg.height), width=int(gcfg.width),
         num_timesteps=int(gcfg.num_timesteps), timestep_shift=float(gcfg.timestep_shift),
         cfg_text_scale=float(gcfg.cfg_text_scale), cfg_img_scale=float(gcfg.cfg_img_scale),
         cfg_interval=tuple(gcfg.cfg_interval), cfg_renorm_type=str(gcfg.cfg_renorm_type),
         cfg_renorm_min=float(gcfg.cfg_renorm_min), max_think_tokens=int(gcfg.max_think_tokens),
-        dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
+        system_prompt=texts.gen_think_system if bool(gcfg.think) else None, dtype=jnp.dtype(compute_dtype), text_budget=int(gcfg.text_budget) or None, attn_impl=attn_impl,
         mesh=mesh)
     images = jax.device_get(res.images)
     finite = np.isfinite(np.asarray(jax.device_get(res.latents))).reshape(len(chunk), -1).all(axis=1)
@@ -122,8 +112,8 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
       if not finite[j]:  # NaN / inf latents decode to a black image: never written as if it were fine
         rep.skipped_nonfinite += 1
         continue
-      rel = f"images/{common.image_file_name(image_id)}"
-      common.save_png(paths.join(out_dir, rel), images[j])
+      rel = f"images/{layout.image_file_name(image_id)}"
+      files.save_png(paths.join(out_dir, rel), images[j])
       rows.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})
@@ -131,10 +121,10 @@ def generate(gcfg, model: common.Model, items: Sequence[PromptItem], out_dir: st
     log.extend(rows)  # the batch's rows in one write, each after its PNG
     bar.update(real)
   bar.close()
-  multihost.barrier(f"generate:{out_dir}")  # the next stage reads every process's images
+  distributed.barrier(f"generate:{out_dir}")  # the next stage reads every process's images
   suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
-  common.write_json(paths.join(out_dir, f"stats{suffix}.json"), {"report": dataclasses.asdict(rep)})
-  common.summary_line("generate", **dataclasses.asdict(rep), out=out_dir)
+  files.write_json(paths.join(out_dir, f"stats{suffix}.json"), {"report": dataclasses.asdict(rep)})
+  progress.summary_line("generate", **dataclasses.asdict(rep), out=out_dir)
   if rep.skipped_too_long:
     print(f"[generate] {rep.skipped_too_long} images skipped: their prompts exceed {rep.prompt_token_cap} "
           f"token ids (generate.max_prompt_tokens / the model's positions)", flush=True)

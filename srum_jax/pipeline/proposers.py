@@ -7,11 +7,12 @@ Usage:
   regions[0].box, regions[0].area    # (x0, y0, x1, y1) ints, mask pixel count
 
 Proposers (`available_proposers()`):
-  sam           SAM in JAX (`inference.sam_masks`: automatic mask generation as one jitted program, several
-                images per call sharded over a mesh), weights from a released `sam_vit_*.pth`, a transformers
-                `SamModel` directory or a `convert-sam` directory (see `SamProposer`). What SRUM uses (ViT-H).
-  sam_torch     the same generator with transformers' PyTorch `SamModel` on a torch device (`SamTorchProposer`):
-                the reference the JAX path is tested against.
+  sam           SAM in JAX (`inference.sam_masks`: automatic mask generation as one jitted program,
+                several images per call sharded over a mesh), weights from a released
+                `sam_vit_*.pth`, a transformers `SamModel` directory or a `convert-sam` directory
+                (see `SamProposer`). What SRUM uses (ViT-H).
+  sam_torch     the same generator with transformers' PyTorch `SamModel` on a torch device
+                (`SamTorchProposer`): the reference the JAX path is tested against.
   felzenszwalb  scikit-image's graph-based segmentation; no weights. Every pixel belongs to some segment, so
                 the largest one is usually the background.
   components    connected components of equal quantised colour among non-background pixels: exact objects
@@ -36,19 +37,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 import pathlib
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
+from skimage import measure, segmentation
 
+from srum_jax import paths
+from srum_jax.config_checks import check_enum, check_int, existing_dir, fail
 from srum_jax.convert import sam_to_flax
+from srum_jax.errors import UserFileNotFoundError
 from srum_jax.inference import sam_masks
 
 __all__ = [
   "Region", "Candidates", "Proposer", "register_proposer", "get_proposer", "available_proposers",
   "as_image", "mask_bounds", "label_bounds", "min_area_pixels", "postprocess", "masks_to_regions",
   "point_grid", "stability_score", "box_nms", "GridProposer", "ComponentsProposer",
-  "FelzenszwalbProposer", "SamProposer", "SamTorchProposer", "BOX_MODES",
+  "FelzenszwalbProposer", "SamProposer", "SamTorchProposer", "BOX_MODES", "check_propose_options",
 ]
 
 BOX_MODES = ("official", "half_open")
@@ -110,7 +117,6 @@ def label_bounds(labels, *, background: Optional[int] = None) -> tuple[np.ndarra
   Each distinct label is one mask (`background`, if given, is skipped); computed without materialising
   N full-size masks, so a segmentation with hundreds of segments stays cheap.
   """
-  from scipy import ndimage
 
   labels = np.asarray(labels)
   if labels.ndim != 2:
@@ -232,6 +238,39 @@ def available_proposers() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
+SAM_PRESETS = ("", "vit_h", "vit_l", "vit_b")
+SAM_DTYPES = ("", "float32", "bfloat16")
+SAM_OPTIONS = {"sam": ("weights", "preset", "dtype"), "sam_torch": ("weights", "device", "dtype")}
+
+
+def check_propose_options(config, name: str) -> None:
+  """`propose.batch_size` and `propose.options` of proposer `name` before any work (for
+  `config_validation`): SAM weights that exist (a .pth file or a directory), a known preset and
+  dtype; `preset` only for sam, `device` only for sam_torch, none for the weight-free proposers."""
+  check_int(config, "propose.batch_size", lo=1)
+  options = dict(config.propose.options)
+  allowed = SAM_OPTIONS.get(name, ())
+  for key in ("weights", "preset", "device", "dtype"):
+    if options.get(key, "") != "" and key not in allowed:
+      fail(f"propose.options.{key}", options[key], f"is not an option of proposer {name!r}")
+  if not allowed:
+    return
+  weights = options.get("weights", "")
+  if not isinstance(weights, str) or not weights:
+    fail("propose.options.weights", weights, f"proposer {name!r} needs SAM weights: a released "
+         "sam_vit_h_4b8939.pth, a transformers SamModel directory or a `convert-sam` directory "
+         "(README, \"Region proposals\")")
+  if name == "sam_torch":
+    existing_dir("propose.options.weights", weights, "transformers SamModel directory")
+  elif not paths.path(os.path.expanduser(weights)).exists():
+    raise UserFileNotFoundError(
+        f"config key propose.options.weights: SAM weights {weights!r} do not exist")
+  if "preset" in options:
+    check_enum(config, "propose.options.preset", SAM_PRESETS)
+  if "dtype" in options:
+    check_enum(config, "propose.options.dtype", SAM_DTYPES)
+
+
 def get_proposer(name: str, *, mesh=None, images_per_call: int = 1, **cfg: Any) -> Proposer:
   """The proposer registered as `name`, built with `cfg` (its own options plus max_regions, min_area,
   box_mode); a batched one also gets `mesh` and `images_per_call`."""
@@ -290,7 +329,6 @@ class ComponentsProposer(Proposer):
     self.connectivity = int(connectivity)
 
   def candidates(self, image):
-    from skimage import measure
 
     q = image.astype(np.int64) * self.levels // 256
     key = (q[..., 0] * self.levels + q[..., 1]) * self.levels + q[..., 2] + 1
@@ -312,7 +350,6 @@ class FelzenszwalbProposer(Proposer):
     self.scale, self.sigma, self.min_size = float(scale), float(sigma), int(min_size)
 
   def candidates(self, image):
-    from skimage import segmentation
 
     labels = segmentation.felzenszwalb(image, scale=self.scale, sigma=self.sigma, min_size=self.min_size,
                                        channel_axis=-1)
@@ -360,25 +397,27 @@ class SamProposer(Proposer):
   """SAM automatic mask generation in JAX (`inference.sam_masks`), `images_per_call` images per call
   sharded over `mesh` (default: every local device on the data axis).
 
-  `weights`: a released `sam_vit_{h,l,b}_*.pth`, a transformers `SamModel` directory or a `convert-sam`
-  directory (`convert.sam_to_flax.load_sam`); `preset` (vit_h, vit_l, vit_b), when given, must match the
-  weights. The generator's settings are SAM's defaults (module docstring of `inference.sam_masks`); the
-  program returns the `max_regions` largest boxes after NMS (all of them, up to every mask, with
-  `max_regions=None`), which `postprocess` turns into regions as for every proposer. Scores are the
-  predicted IoUs.
+  `weights`: a released `sam_vit_{h,l,b}_*.pth`, a transformers `SamModel` directory or a
+  `convert-sam` directory (`convert.sam_to_flax.load_sam`); `preset` (vit_h, vit_l, vit_b), when
+  given, must match the weights. The generator's settings are SAM's defaults (module docstring of
+  `inference.sam_masks`); the program returns the `max_regions` largest boxes after NMS (all of
+  them, up to every mask, with `max_regions=None`), which `postprocess` turns into regions as for
+  every proposer. Scores are the predicted IoUs.
   """
   batched = True
 
-  def __init__(self, weights: str, preset: str = "", points_per_side: int = 32, points_per_batch: int = 64,
-               pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
-               stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, mask_threshold: float = 0.0,
-               dtype: str = "float32", mesh=None, images_per_call: int = 1, **post):
+  def __init__(self, weights: str, preset: str = "", points_per_side: int = 32,
+               points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
+               stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
+               box_nms_thresh: float = 0.7, mask_threshold: float = 0.0, dtype: str = "float32",
+               mesh=None, images_per_call: int = 1, **post):
     super().__init__(**post)
     self.cfg, params = sam_to_flax.load_sam(str(weights), preset=preset, dtype=dtype, mesh=mesh)
     max_boxes = self.max_regions if self.max_regions is not None else 3 * int(points_per_side) ** 2
     self.opts = sam_masks.MaskOptions(
         points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
-        pred_iou_thresh=float(pred_iou_thresh), stability_score_thresh=float(stability_score_thresh),
+        pred_iou_thresh=float(pred_iou_thresh),
+        stability_score_thresh=float(stability_score_thresh),
         stability_score_offset=float(stability_score_offset), box_nms_thresh=float(box_nms_thresh),
         mask_threshold=float(mask_threshold), max_boxes=max(int(max_boxes), 1))
     self.generator = sam_masks.SamMaskGenerator(self.cfg, params, self.opts, mesh=mesh,

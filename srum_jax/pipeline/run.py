@@ -10,23 +10,27 @@ prompts and seeds before/after, reward-map overlays on the scored candidates, an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-import contextlib
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from srum_jax import config_validation, objective, paths
-from srum_jax.pipeline import common, evaluate, generate, multihost, propose, score
-from srum_jax.pipeline import train as train_stage
-from srum_jax.pipeline.prompts import load_prompts
+from srum_jax import distributed, files, paths, viz
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
+from srum_jax.engine import loaded_model
+from srum_jax.evaluation import report
+from srum_jax.pipeline import evaluate, generate, propose, score, train as train_stage
+from srum_jax.rewards import records as records_lib, texts as texts_lib
+from srum_jax.training import objective
+from srum_jax.workdir import layout, logs
 
 
-def train_model(config, model: common.Model, records: str, images_root: str, workdir: str, *,
+def train_model(config, model: loaded_model.Model, records: str, images_root: str, workdir: str, *,
                 objective_name: str = "srum") -> dict:
   """Train the model saved at `model.path` on reward records (its parameters restored straight onto the
   training mesh in `model.param_dtype`); the summary's `params` are the trained ones (`train.train`)."""
@@ -39,9 +43,7 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
   """PNG table: one row per model, one column per prompt (its first image, the same seed in every row; the
   categories in turn), the prompt above each column and the judge's verdict under each image; small images
   upscaled (nearest neighbour)."""
-  from srum_jax import viz
-  from srum_jax.evaluation import report
-  rows = {name: {r["id"]: r for r in generate.read_metadata(d)} for name, d in eval_dirs.items()}
+  rows = {name: {r["id"]: r for r in layout.read_metadata(d)} for name, d in eval_dirs.items()}
   common_ids = set.intersection(*[set(r) for r in rows.values()])
   first = rows[next(iter(rows))]
   ids = [r["id"] for r in report.spread([first[i] for i in sorted(common_ids)], n)]
@@ -49,21 +51,20 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     return []
   cells, captions = [], []
   for name, d in eval_dirs.items():
-    verdicts = {j["id"]: j for j in common.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
-    images = [common.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
+    verdicts = {j["id"]: j for j in logs.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
+    images = [files.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
     captions.append([f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}" if i in verdicts else ""
                      for i in ids])
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
                           cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
   path = report_dir / "grid_before_after.png"
-  viz.save_png(str(path), grid)
+  files.save_png(str(path), grid)
   return [str(path)]
 
 
 def record_reward_map(record, image_hw, levers: objective.RewardLevers) -> np.ndarray:
   """[H, W] reward map of one reward record (`rewards.records.RewardRecord`): the map the loss weighs."""
-  from srum_jax.rewards import records as records_lib
   arrays = records_lib.records_to_arrays([record], max_regions=max(1, len(record.regions)))
   return np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=tuple(image_hw),
                                           levers=levers))[0]
@@ -73,12 +74,10 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
                      levers: objective.RewardLevers) -> List[str]:
   """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes, enlarged so
   the region scores are legible, each under its prompt with its global score."""
-  from srum_jax import viz
-  from srum_jax.rewards import records as records_lib
   recs, _ = records_lib.read_records(os.path.join(score_dir, "rewards.jsonl"))
   tiles, titles, captions = [], [], []
   for r in recs[:n]:
-    im, _ = common.load_rgb(os.path.join(gen_dir, r.image_file))
+    im, _ = files.load_rgb(os.path.join(gen_dir, r.image_file))
     if im is None:
       continue
     m = record_reward_map(r, im.shape[:2], levers)
@@ -92,7 +91,7 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
     return []
   ramp = "-1" if levers.signed else "0"
   path = report_dir / "reward_overlays.png"
-  viz.save_png(str(path), viz.labeled_grid([tiles], titles, cell_captions=[captions], title=(
+  files.save_png(str(path), viz.labeled_grid([tiles], titles, cell_captions=[captions], title=(
       f"reward map: red {ramp} -> green 1; boxes: the judge's region scores in [-1, 1]")))
   return [str(path)]
 
@@ -137,33 +136,34 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   total = {k: v if k == "images" or k.startswith("skipped") else int(before.get(k, 0) or 0) + v
            for k, v in current.items()}
   total["invocations"] = int(before.get("invocations", 0) or 0) + 1
-  if multihost.is_main():
-    common.write_json(str(path), total)
+  if distributed.is_main():
+    files.write_json(str(path), total)
   return total
 
 
-def _srum_rounds(config, base: common.Model, train_items, work: pathlib.Path, clock: StageClock):
+def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path, clock: StageClock,
+                 texts: texts_lib.Texts):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
-  dt, attn, current, rounds = config.model.compute_dtype, common.attn_impl(config), base, []
+  dt, attn, current, rounds = config.model.compute_dtype, loaded_model.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
     with clock(f"round_{r}/generate"):
-      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, compute_dtype=dt,
-                        attn_impl=attn)
+      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, texts=texts,
+                        compute_dtype=dt, attn_impl=attn)
     with clock(f"round_{r}/propose"):
-      propose.propose(config.propose, gen_dir, prop_dir, mesh=common.inference_mesh(config))
+      propose.propose(config.propose, gen_dir, prop_dir, mesh=loaded_model.inference_mesh(config))
     with clock(f"round_{r}/score"):
-      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
+      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, texts=texts,
                          compute_dtype=dt, attn_impl=attn)
     # counted as soon as the stage is done (a later crash cannot lose them)
     score_counts = accumulate_counters(rd / "score_counters.json",
-                                       multihost.sum_over_processes(dataclasses.asdict(srep)))
-    score_counts["scored"] = len(common.read_rows(score_dir, "rewards"))  # the records on disk: exact
+                                       distributed.sum_over_processes(dataclasses.asdict(srep)))
+    score_counts["scored"] = len(logs.read_rows(score_dir, "rewards"))  # the records on disk: exact
     with clock(f"round_{r}/train"):
       summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                      str(rd / "train")))
-      current = common.save_model(str(rd / "model"), current, summary["params"])
+      current = loaded_model.save_model(str(rd / "model"), current, summary["params"])
     rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
                                                                 if k not in ("state", "params")}})
   return current, rounds
@@ -175,9 +175,11 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
   report_dir = work / "report"
   per = int(config.eval_generate.samples_per_prompt)
   on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
-  md = evaluate.markdown(tables, title=f"Oracle-judged accuracy (%) on {on}"
-                         if config.eval.judge == "oracle" else f"{config.eval.judge}-judged accuracy (%)")
-  if not multihost.is_main():
+  title = (f"Oracle-judged accuracy (%) on {on}" if config.eval.judge == "oracle"
+           else f"{config.eval.judge}-judged accuracy (%)")
+  md = report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True) for name, t in tables.items()],
+                       title=title)
+  if not distributed.is_main():
     return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
@@ -191,10 +193,10 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         paths.copy_file(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
-  report = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
+  summary = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
             "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
-  common.write_json(str(report_dir / "report.json"), report)
+  files.write_json(str(report_dir / "report.json"), summary)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- picture: `{p}`" for p in pictures]
@@ -204,7 +206,7 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
   print(f"report: {report_dir / 'report.md'}", flush=True)
-  return report
+  return summary
 
 
 def run(config) -> dict:
@@ -214,26 +216,27 @@ def run(config) -> dict:
   work = paths.path(config.workdir)  # local or remote (gs://): etils.epath
   (work / "report").mkdir(parents=True, exist_ok=True)
   with clock("load"):
-    model_dir = common.resolve_model_dir(config)
-    common.check_model_dir(model_dir)  # fail before any work
-    base = common.load_inference_model(config, model_dir)
+    model_dir = loaded_model.resolve_model_dir(config)
+    loaded_model.check_model_dir(model_dir)  # fail before any work
+    base = loaded_model.load_inference_model(config, model_dir)
   train_items = load_prompts(config.prompts.train)
   val_items = load_prompts(config.prompts.val)
-  config_validation.require_prompts(train_items, "prompts.train")
-  config_validation.require_prompts(val_items, "prompts.val")
+  require_prompts(train_items, "prompts.train")
+  require_prompts(val_items, "prompts.val")
+  texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
 
-  def do_eval(name: str, model: common.Model):
+  def do_eval(name: str, model: loaded_model.Model):
     d = str(work / "eval" / name)
     with clock(f"eval/{name}"):
       tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                       seed=config.eval.seed, compute_dtype=config.model.compute_dtype,
-                                       name=name, attn_impl=common.attn_impl(config))
+                                       seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
+                                       name=name, attn_impl=loaded_model.attn_impl(config))
     eval_dirs[name] = d
 
   do_eval("base", base)
-  current, rounds = _srum_rounds(config, base, train_items, work, clock)
+  current, rounds = _srum_rounds(config, base, train_items, work, clock, texts)
   name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
   do_eval(name, current)
   order = ["base", name]
@@ -242,7 +245,7 @@ def run(config) -> dict:
     with clock("sft/train"):
       summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
                                      str(work / "sft_train"), objective_name="sft"))
-      sft_model = common.save_model(str(work / "sft_model"), base, summary["params"])
+      sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"])
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
   return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),

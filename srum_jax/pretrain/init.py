@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
+from srum_jax.models import autoencoder
 from srum_jax.pretrain import vocab
 
 
@@ -41,9 +43,7 @@ def init_vit_positions(params_bagel, std: float, seed: int = 0):
 def fit_latent_scale(params_ae, cfg, images: np.ndarray):
   """cfg with shift_factor = mean and scale_factor = 1 / std of the posterior means of `images` (unit-variance
   latents for the flow)."""
-  import jax
 
-  from srum_jax.models import autoencoder
   mean = np.asarray(jax.jit(lambda p, x: autoencoder.encode_moments(p, x, cfg.ae)[0])(params_ae, images))
   mu, sd = float(mean.mean()), float(mean.std())
   return cfg.replace(ae=dataclasses.replace(cfg.ae, shift_factor=mu, scale_factor=1.0 / max(sd, 1e-6)))

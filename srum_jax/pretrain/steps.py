@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from srum_jax import train_step
 from srum_jax.models import autoencoder, bagel
-from srum_jax.training import update
+from srum_jax.training import train_step, update
 
 
 def ae_loss(params_ae, images, key, *, cfg_ae, kl_weight: float):

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from srum_jax.rewards import prompts as judge_prompts
+from tokenizers import normalizers
+
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.tokenizer import build_word_level
 from srum_jax.worlds.shapes import grammar
 
 SCORE_TOKENS = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
@@ -18,17 +21,18 @@ SPECIAL_NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end
 MARKERS = ("<judge_prompt>", "<judge_global>", "<judge_regions>", "<judge_regions_end>")
 DESCRIBE = "<describe>"  # the question of the auxiliary captioning task (never asked by the pipeline)
 LOCATE = "<locate>"  # the question of the auxiliary grounding task: "<locate> red circle" -> its box
-THINK_GEN = "<think_gen>"  # the generation think system prompt (`rewards.prompts.GEN_THINK_SYSTEM_PROMPT`)
+THINK_GEN = "<think_gen>"  # the generation think system prompt (the own texts' `gen_think_system`)
 _PLACEHOLDER = "QQPROMPTQQ"
+OWN_TEXTS = texts_lib.own_texts()  # the shapes world's model is trained on the project's own wording
 
 
 def template_pieces() -> Dict[str, str]:
-  """The constant text of the judge prompts (`rewards.prompts`), cut around the prompt and the boxes:
-  {marker: text}. Read from the prompt functions themselves, so the tokenizer follows their wording."""
-  pre, g_suf = judge_prompts.global_layout_prompt(_PLACEHOLDER).split(_PLACEHOLDER)
+  """The constant text of the own judge prompts (`rewards.texts.own_texts`), cut around the prompt and the
+  boxes: {marker: text}. Read from their renders, so the tokenizer follows their wording."""
+  pre, g_suf = texts_lib.render_global(OWN_TEXTS, _PLACEHOLDER).split(_PLACEHOLDER)
   boxes = [[1, 2, 3, 4], [5, 6, 7, 8]]
-  pre_r, rest = judge_prompts.region_prompt(_PLACEHOLDER, boxes).split(_PLACEHOLDER)
-  one = judge_prompts.region_prompt(_PLACEHOLDER, boxes[:1]).split(_PLACEHOLDER)[1]
+  pre_r, rest = texts_lib.render_regions(OWN_TEXTS, _PLACEHOLDER, boxes).split(_PLACEHOLDER)
+  one = texts_lib.render_regions(OWN_TEXTS, _PLACEHOLDER, boxes[:1]).split(_PLACEHOLDER)[1]
   first = "Region ID: 1\nBounding Box: [1, 2, 3, 4]"
   if pre_r != pre or first not in one or "Region ID: 2\nBounding Box: [5, 6, 7, 8]" not in rest:
     raise ValueError("the judge prompts changed shape; update srum_jax.pretrain.vocab.template_pieces")
@@ -51,15 +55,13 @@ def build_tokenizer(directory, cfg):
   spaces (boxes read "1 2 13 14", region ids and coordinates share the number words). Pre-tokenizer:
   whitespace. Words outside the vocabulary map to <unk>.
   """
-  from tokenizers import normalizers
 
-  from srum_jax.tokenizer import build_word_level
   t = cfg.tokens
   special = dict(zip(SPECIAL_NAMES, (t.bos, t.eos, t.start_of_image, t.end_of_image)))
   words = world_words()
   if len(words) + 1 > min(special.values()) or max(special.values()) >= cfg.llm.vocab_size:
     raise ValueError(f"{len(words) + 1} words and special ids {t} do not fit the vocabulary {cfg.llm.vocab_size}")
-  pieces = sorted(dict(template_pieces(), **{THINK_GEN: judge_prompts.GEN_THINK_SYSTEM_PROMPT}).items(),
+  pieces = sorted(dict(template_pieces(), **{THINK_GEN: OWN_TEXTS.gen_think_system}).items(),
                   key=lambda kv: -len(kv[1]))
   normalizer = normalizers.Sequence([normalizers.Replace(text, f" {m} ") for m, text in pieces]
                                     + [normalizers.Replace(c, " ") for c in "[],"])
@@ -69,12 +71,13 @@ def build_tokenizer(directory, cfg):
 
 
 def check_tokenizer(tokenizer) -> None:
-  """Raise unless the judge prompts of today's `rewards.prompts` tokenize to markers + prompt + boxes
-  (a model directory built for other prompt wording would see <unk> runs instead)."""
-  words = tokenizer.hf.convert_ids_to_tokens(tokenizer.encode(judge_prompts.global_layout_prompt("two red circles")))
+  """Raise unless the own judge prompts tokenize to markers + prompt + boxes (a model directory built for
+  other prompt wording would see <unk> runs instead)."""
+  words = tokenizer.hf.convert_ids_to_tokens(
+      tokenizer.encode(texts_lib.render_global(OWN_TEXTS, "two red circles")))
   want = ["<judge_prompt>", "two", "red", "circles", "<judge_global>"]
   words_r = tokenizer.hf.convert_ids_to_tokens(
-      tokenizer.encode(judge_prompts.region_prompt("a red circle", [[1, 2, 13, 14]])))
+      tokenizer.encode(texts_lib.render_regions(OWN_TEXTS, "a red circle", [[1, 2, 13, 14]])))
   want_r = ["<judge_prompt>", "a", "red", "circle", "<judge_regions>", "Region", "ID:", "1", "Bounding", "Box:",
             "1", "2", "13", "14", "<judge_regions_end>"]
   if words != want or words_r != want_r:

@@ -1,8 +1,8 @@
-"""SRUM rewards: judge prompts, answer parsers, reward records and dense reward maps (docs/bagel.md)."""
+"""SRUM rewards: the texts (system prompts, judge prompts, rubrics), answer parsers, reward records and
+dense reward maps (docs/bagel.md)."""
 from srum_jax.rewards.parsing import (ParseStats, RegionAnswer, parse_global_answer, parse_global_score,
                                       parse_region_answers, parse_region_scores, strip_think)
-from srum_jax.rewards.prompts import (GEN_THINK_SYSTEM_PROMPT, JUDGE_THINK_SYSTEM_PROMPT, global_layout_prompt,
-                                      region_prompt, sample_level_prompt)
+from srum_jax.rewards.texts import Texts, load_texts, own_texts, render_global, render_regions
 from srum_jax.rewards.records import (GLOBAL_OBJECT, SCHEMA_VERSION, ArrayStats, FilterReport, ReadReport,
                                       RegionReward, RewardRecord, append_record, formatting_filter, from_official,
                                       read_official_records, read_records, records_to_arrays, to_official,

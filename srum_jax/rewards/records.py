@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from srum_jax import paths
+
 __all__ = [
   "SCHEMA_VERSION", "GLOBAL_OBJECT", "RegionReward", "RewardRecord", "ReadReport", "FilterReport", "ArrayStats",
   "record_from_dict", "write_records", "append_record", "read_records", "from_official", "to_official",
@@ -190,7 +192,6 @@ def _dumps(d: dict) -> str:
 
 def _write_lines(path: str | os.PathLike, lines: list) -> int:
   """`lines` as a UTF-8 JSONL file (overwriting; a remote path, e.g. gs://, as one object); how many."""
-  from srum_jax import paths
   data = "".join(line + "\n" for line in lines)
   if paths.is_remote(path):
     paths.path(path).write_bytes(data.encode("utf-8"))
@@ -218,7 +219,6 @@ def _reject_constant(name: str):
 def _read(path, convert) -> tuple[list, ReadReport]:
   """Any bytes: lines are split on b"\\n" and decoded one by one, so a line that is not UTF-8 (e.g. torn inside
   a multi-byte character) is one skipped line (UnicodeDecodeError is a ValueError), never a failed read."""
-  from srum_jax import paths
   report, records = ReadReport(), []
   if paths.is_remote(path):  # gs://...: through etils.epath
     data = paths.path(path).read_bytes()

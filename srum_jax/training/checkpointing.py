@@ -15,10 +15,12 @@ import os
 import time
 from typing import Any, Optional, Tuple
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from srum_jax import paths
+from srum_jax import distributed, paths
 from srum_jax.training.update import TrainState
 
 __all__ = ["Checkpointer", "abstract_with_shardings", "finished_steps", "restore_params"]
@@ -61,7 +63,6 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2, save_interval_steps: int = 1,
                async_save: bool = True):
-    import orbax.checkpoint as ocp
     self.directory = paths.abspath(directory)  # orbax takes a gs:// directory as it is
     # Only the interval (orbax's default policy would also save the first step of a fresh run: a full
     # 7B state for nothing); off-interval saves (final, SIGTERM) use force=True.
@@ -86,8 +87,6 @@ class Checkpointer:
 
     A step that already has a checkpoint is never saved twice (e.g. SIGTERM right after a periodic save).
     """
-    import grain
-    import orbax.checkpoint as ocp
     step = int(step)
     if step in self._mngr.all_steps() or not (force or self._mngr.should_save(step)):
       return False
@@ -104,8 +103,6 @@ class Checkpointer:
     `abstract_state` / `key_data` give structure, dtypes and target shardings (ShapeDtypeStructs with
     `sharding`, e.g. from `abstract_with_shardings`); leaves are read straight onto those shardings.
     """
-    import grain
-    import orbax.checkpoint as ocp
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -128,7 +125,6 @@ class Checkpointer:
     process's data-iterator state when `require_data`, is moved aside to `<dir>_invalid/<step>` (so the run
     saves that step again) and the previous one is tried; each is printed. Several processes agree on each
     step (a step is given up when any process cannot restore it)."""
-    from srum_jax.pipeline import multihost
     given_up = []
     for step in sorted(self.all_steps(), reverse=True):
       why = None
@@ -140,7 +136,7 @@ class Checkpointer:
           got = self.restore(step, abstract_state, key_data)
         except Exception as e:  # orbax / tensorstore / json raise many types for damaged files
           why = f"{type(e).__name__}: {str(e)[:300]}"
-      if not multihost.any_process(why is not None):
+      if not distributed.any_process(why is not None):
         return step, got, given_up
       given_up.append((step, why or "another process could not restore it"))
       print(f"[checkpoint] step {step} in {self.directory} cannot be restored ({given_up[-1][1]}); moved aside, "
@@ -151,20 +147,18 @@ class Checkpointer:
   def _set_aside(self, step: int) -> None:
     """Move step `step` out of the manager's directory (process 0; every process then reloads the step list).
     On an object store the move is a copy, then a delete (`paths.move_tree`)."""
-    from srum_jax.pipeline import multihost
-    if multihost.is_main():
+    if distributed.is_main():
       aside = self.directory + "_invalid"
       paths.path(aside).mkdir(parents=True, exist_ok=True)
       dst = os.path.join(aside, str(step))
       if paths.path(dst).exists():
         dst = f"{dst}.{int(time.time())}"
       paths.move_tree(os.path.join(self.directory, str(step)), dst)
-    multihost.barrier(f"checkpoint_set_aside:{self.directory}:{step}")
+    distributed.barrier(f"checkpoint_set_aside:{self.directory}:{step}")
     self._mngr.reload()
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
     """The JSON meta saved with `step` (None: latest), without reading the state."""
-    import orbax.checkpoint as ocp
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -205,7 +199,6 @@ def restore_params(directory: str, step: Optional[int] = None, abstract_params=N
   `abstract_params`: ShapeDtypeStructs (with shardings) to restore onto; None restores as stored
   (NumPy on the host when the stored sharding cannot be rebuilt).
   """
-  import orbax.checkpoint as ocp
   directory = paths.abspath(directory)
   if step is None:
     steps = finished_steps(directory)

@@ -11,7 +11,7 @@ image, squashed by a sigmoid and shifted; the text condition is dropped with pro
 `text_cond_dropout` (CFG training).
 
 The posterior comes either from the batch (`SrumBatch.moments`: encoded once per round by the data
-pipeline, `pipeline.data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
+pipeline, `pipeline.train_data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
 encoder need not run every step) or from the frozen encoder run inside the step on `SrumBatch.images`.
 Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal moments and key the loss
 is the same.
@@ -27,13 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from srum_jax import losses, objective, sharding
-from srum_jax.models import autoencoder, bagel, embeddings
-from srum_jax.models import params as param_schema
+from srum_jax import losses, sharding
+from srum_jax.models import autoencoder, bagel, embeddings, params as param_schema
 from srum_jax.models.bagel import PackedInputs
 from srum_jax.models.config import BagelConfig
 from srum_jax.models.packing import CAUSAL
-from srum_jax.training import update
+from srum_jax.training import objective, update
 from srum_jax.training.update import TrainState
 
 
@@ -50,10 +49,14 @@ class StepOptions:
   compute_dtype: Any = jnp.bfloat16
   attn_impl: str = "dense"
   remat: bool = False
+  remat_policy: Optional[str] = None  # with remat: a `jax.checkpoint_policies` name (None: save nothing)
   ema_decay: float = 0.0
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
   microbatches: int = 1  # gradient accumulation over this many cuts of the batch's rows
   batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
+
+
+LORA_DROPOUT_STREAM = 5  # fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
 
 
 class SrumBatch(NamedTuple):
@@ -125,9 +128,11 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
   t = losses.timesteps_from_raw(jnp.repeat(jax.random.normal(k_t, (B, S)), n_tok, axis=1), opts.timestep_shift)
   noise = jax.random.normal(k_noise, x_bad.shape, jnp.float32)
   inputs = inputs._replace(meta=drop_text_condition(inputs.meta, k_drop, opts.text_cond_dropout))
+  lora = cfg.llm.lora
+  lora_key = jax.random.fold_in(key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
   v_pred = bagel.forward_gen(params["bagel"], inputs, losses.interpolate(x_bad, noise, t), t, cfg=cfg,
                              dtype=opts.compute_dtype, attn_impl=opts.attn_impl, remat=opts.remat,
-                             scan_unroll=opts.scan_unroll)
+                             remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll, lora_key=lora_key)
   latent_hw = (opts.image_hw[0] // cfg.latent_downsample, opts.image_hw[1] // cfg.latent_downsample)
   loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, jnp.ones(t.shape, bool),
                                        image_hw=opts.image_hw, latent_hw=latent_hw,
@@ -135,10 +140,11 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
   return loss, dict(aux, t_mean=jnp.mean(t))
 
 
-def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation):
-  """Pure step(state, batch, key) -> (state, metrics)."""
+def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation, labels=None):
+  """Pure step(state, batch, key) -> (state, metrics); `labels`: only the leaves labelled 'train' are
+  differentiated and updated (`training.update`; LoRA: the adapters)."""
   return update.make_step(functools.partial(srum_loss, cfg=cfg, opts=opts), tx, opts.ema_decay,
-                          microbatches=opts.microbatches, batch_ways=opts.batch_ways)
+                          microbatches=opts.microbatches, batch_ways=opts.batch_ways, labels=labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +174,9 @@ def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh, rules=sh
     return rep
 
   opt = jax.tree_util.tree_map_with_path(follow, abstract_state.opt_state)
-  ema = None if abstract_state.ema is None else ps
+  # the EMA follows the parameters; with labels it holds the trainable leaves only (None elsewhere)
+  ema = None if abstract_state.ema is None else jax.tree.map(lambda s, e: None if e is None else s, ps,
+                                                             abstract_state.ema)
   return TrainState(step=rep, params=ps, opt_state=opt, ema=ema, skipped=rep)
 
 

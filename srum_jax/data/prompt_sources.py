@@ -47,10 +47,15 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional
 
+import ml_collections
+import tensorflow_datasets as tfds
+
+from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds builder)
 from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
-           "PROMPT_SOURCE_DEFAULTS", "prompt_source"]
+           "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
+           "require_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ _PROMPT_KEYS = ("Question", "prompt")
 _CATEGORY_KEYS = ("Category", "category")
 _ID_KEYS = ("Question_id", "id")
 _FORMATS = {".txt": "txt", ".json": "json", ".jsonl": "jsonl"}
+PROMPT_SOURCES = ("file", "tfds", "python")  # `source`; "" picks one from the keys that are set
+PROMPT_FORMATS = ("",) + tuple(_FORMATS.values())  # `format`; "": from the file's extension
 
 # Every key a prompt source may set, with its default ("" / None: not set).
 PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", function="", kwargs={},
@@ -67,7 +74,6 @@ PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", functi
 
 def prompt_source(**values):
   """A prompt-source config block with every key declared (an ml_collections ConfigDict)."""
-  import ml_collections
   unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
     raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
@@ -262,9 +268,7 @@ def _decode(value: Any) -> Any:
 
 
 def _load_tfds(cfg: dict) -> _Collector:
-  import tensorflow_datasets as tfds
 
-  from srum_jax.data import t2i_compbench  # noqa: F401  (registers the builder)
 
   name, config, split = cfg["name"] or "t2i_compbench", cfg["config"], cfg["split"] or "train"
   full_name = f"{name}/{config}" if config else name
@@ -288,7 +292,7 @@ def load_prompts(source_cfg) -> PromptList:
   """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`."""
   cfg = _normalise(source_cfg)
   source = cfg["source"]
-  loaders = {"file": _load_file, "tfds": _load_tfds, "python": _load_python}
+  loaders = dict(zip(PROMPT_SOURCES, (_load_file, _load_tfds, _load_python)))
   if source not in loaders:
     raise UserValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
   col = loaders[source](cfg)
@@ -307,3 +311,10 @@ def load_prompts(source_cfg) -> PromptList:
   if report.empty or report.malformed or report.duplicate_ids:
     log.warning("%s", report.summary())
   return PromptList(items, report)
+
+
+def require_prompts(items, key: str) -> None:
+  """A stage with no prompt to work on is a user error, not a silent success."""
+  if not len(items):
+    summary = items.report.summary() if getattr(items, "report", None) is not None else "0 loaded"
+    raise UserValueError(f"config key {key}: no prompts to use ({summary})")

@@ -5,7 +5,7 @@ same scorers read them. `collect(images_dir, items)` -> rows {id, prompt_id, pro
 * GenEval's layout: `<prompt id>/samples/<k>.png` (a numbered folder per prompt);
 * a flat folder (images also under `samples/`), each file named after its prompt's id (`<id>.png`,
   `<id>#<k>.png`, `<id>_<k>.png`; an id's characters outside [A-Za-z0-9] may be any such character; or the
-  `generate` stage's own names, `common.image_file_name`, without their metadata) or, as
+  `generate` stage's own names, `layout.image_file_name`, without their metadata) or, as
   T2I-CompBench names samples, after its prompt text (`<prompt>_<k>.png`).
 
 Files that match no prompt and prompts without an image are counted in the report, not guessed.
@@ -16,6 +16,8 @@ import dataclasses
 import pathlib
 import re
 from typing import Dict, List, Sequence, Tuple
+
+from srum_jax.workdir import layout
 
 __all__ = ["CollectReport", "collect", "match_key"]
 
@@ -74,9 +76,8 @@ def _match_stem(stem: str, by_id: Dict[str, object], by_prompt: Dict[str, object
 
 def _match_own_name(name: str, by_key: Dict[str, list]):
   """(item, sample suffix or None) for a file named by this repository's generate stage
-  (`common.image_file_name`: a prefix of the image id, '-', a hash of the whole id), checked against the hash
+  (`layout.image_file_name`: a prefix of the image id, '-', a hash of the whole id), checked against the hash
   (ids that differ only in replaced characters share a prefix; the hash tells them apart)."""
-  from srum_jax.pipeline import common
   m = re.fullmatch(r"(.+)-[0-9a-f]{16}(\.[A-Za-z]+)", name)
   if m is None:
     return None, None
@@ -85,7 +86,7 @@ def _match_own_name(name: str, by_key: Dict[str, list]):
   tries = [(head, None)] + ([(base, tail)] if base and tail.isdigit() else [])
   for stem, sample in tries:
     for it in by_key.get(match_key(stem), []):
-      if common.image_file_name(it.id if sample is None else f"{it.id}#{sample}", suffix) == name:
+      if layout.image_file_name(it.id if sample is None else f"{it.id}#{sample}", suffix) == name:
         return it, sample
   return None, None
 
@@ -120,9 +121,8 @@ def collect(images_dir: str, items: Sequence) -> Tuple[List[dict], CollectReport
   if not root.is_dir():
     raise FileNotFoundError(f"eval.images_dir {images_dir!r} is not a directory")
   if list(root.glob("metadata*.jsonl")):
-    from srum_jax.pipeline import generate
     wanted = {it.id for it in items}
-    every = [dict(r, image_file=str(root / r["image_file"])) for r in generate.read_metadata(str(root))]
+    every = [dict(r, image_file=str(root / r["image_file"])) for r in layout.read_metadata(str(root))]
     rows = [r for r in every if r.get("prompt_id", r["id"]) in wanted]
     rep = CollectReport(layout="srum_jax", files=len(every),
                         unmatched_files=[r["image_file"] for r in every if r.get("prompt_id", r["id"]) not in wanted])

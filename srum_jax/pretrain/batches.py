@@ -3,12 +3,13 @@
 Labels come from the scene's ground truth (`worlds.shapes.truth.scene_truth`), never from the oracle. Judge
 examples are [ViT image] [question] [answer] exactly as `inference.decoding.judge_context` builds the
 decoding context; about half of the scenes are hard negatives (`grammar.hard_negative`), a few are scenes of
-another prompt or carry an extra object. Tasks and their answers:
+another prompt or carry an extra object. Questions are the project's own texts (`vocab.OWN_TEXTS`, through
+`rewards.texts.render_global` / `render_regions`). Tasks and their answers:
 
-    global    `global_layout_prompt(prompt)`        -> "Score: 1.0" / "Score: -1.0"
-    region1   `region_prompt(prompt, [box])`        -> "Score: s" (the logits judge) or the block
+    global    `render_global(prompt)`               -> "Score: 1.0" / "Score: -1.0"
+    region1   `render_regions(prompt, [box])`       -> "Score: s" (the logits judge) or the block
                                                        "Region ID: 1 Identified Object: red circle Score: s"
-    regions   `region_prompt(prompt, boxes)`        -> one block per region (all objects, sometimes a
+    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes a
                                                        background box, random order)
     describe  "<describe>" (auxiliary)              -> `grammar.describe(scene)`
     locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of that kind
@@ -35,9 +36,14 @@ import os
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
+from srum_jax.convert import checkpoint
+from srum_jax.models import bagel, image_transforms
 from srum_jax.pretrain import vocab
-from srum_jax.rewards import prompts as judge_prompts
+from srum_jax.rewards import texts as texts_lib
+from srum_jax.tokenizer import load_tokenizer
+from srum_jax.training import objective, train_step
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)
@@ -76,15 +82,12 @@ class UndBatch(NamedTuple):
 
 
 def vit_view(image_uint8: np.ndarray, size: int) -> np.ndarray:
-  """What the judge sees (`pipeline.score.square_view`, the scoring stage's view), in [-1, 1]."""
-  from srum_jax.models import image_transforms
-  from srum_jax.pipeline.score import square_view
-  return image_transforms.to_model_range(square_view(image_uint8, size))
+  """What the judge sees (`image_transforms.square_view`, the judge's view), in [-1, 1]."""
+  return image_transforms.to_model_range(image_transforms.square_view(image_uint8, size))
 
 
 def blur(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
   """A light Gaussian blur (sigma 0.4..0.9 px), rounded back to uint8."""
-  from scipy import ndimage
   sigma = float(rng.uniform(0.4, 0.9))
   x = ndimage.gaussian_filter(image.astype(np.float32), sigma=(sigma, sigma, 0))
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
@@ -157,7 +160,7 @@ class PretrainSampler:
     task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
     if task == "plan":  # drawn here, after the scene, so the other tasks' random streams stay as they were
       plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
-      return None, [judge_prompts.GEN_THINK_SYSTEM_PROMPT, prompt.text], plan, dict(task=task, label=True)
+      return None, [vocab.OWN_TEXTS.gen_think_system, prompt.text], plan, dict(task=task, label=True)
     kinds = [(o.color, o.shape) for o in scene.objects]
     if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(grammar.NUMBER_WORDS):
       return image, vocab.DESCRIBE, grammar.describe(scene, rng), dict(task=task, label=ok)
@@ -168,9 +171,9 @@ class PretrainSampler:
       return image, vocab.locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(task=task, label=ok)
     if task in ("global", "describe", "locate"):
       answer = f"Score: {vocab.score_text(1.0 if ok else -1.0)}"
-      return image, judge_prompts.global_layout_prompt(prompt.text), answer, dict(task=task, label=ok)
+      return image, texts_lib.render_global(vocab.OWN_TEXTS, prompt.text), answer, dict(task=task, label=ok)
     regions = self.regions(rng, scene, scores, many=task == "regions")
-    question = judge_prompts.region_prompt(prompt.text, [b for b, _, _ in regions])
+    question = texts_lib.render_regions(vocab.OWN_TEXTS, prompt.text, [b for b, _, _ in regions])
     if task == "region1" and rng.random() < self.mix["short_region_answer"]:
       answer = f"Score: {vocab.score_text(regions[0][2])}"
     else:
@@ -206,7 +209,6 @@ class PretrainSampler:
   def _pack_examples(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int):
     """Judge examples packed row by row while tokens, samples and scored answer tokens fit: per row a list
     of samples, each (items for `bagel.build_packed_inputs`, answer ids, text entries before the answer)."""
-    from srum_jax.models import bagel, image_transforms
     grid = (self.vit_size // self.cfg.vit.patch_size,) * 2
     n_vit = grid[0] * grid[1]
     packed = [[] for _ in range(rows)]
@@ -238,7 +240,6 @@ class PretrainSampler:
     """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the decoding
     context; a plan example: [think system prompt] [prompt] [plan]); examples fill a row while its tokens,
     samples and scored answer tokens fit, then the next."""
-    from srum_jax.models import bagel
     packed, n_vit = self._pack_examples(rng, rows, num_tokens, samples_per_row, logit_capacity)
     inputs, _ = bagel.build_packed_inputs(self.cfg, [[items for items, _, _ in row] for row in packed],
                                           num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
@@ -263,7 +264,6 @@ class PretrainSampler:
   def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
     """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal scene),
     some in think mode (module docstring)."""
-    from srum_jax import objective, train_step
     B, S = rows, samples_per_row
     ids, images = [], np.zeros((B, S) + IMAGE_HW + (3,), np.float32)
     for b in range(B):
@@ -274,7 +274,7 @@ class PretrainSampler:
         images[b, s] = rendered(scene)
         w = self.wrap(p.text)
         if self.mix["think"] and rng.random() < self.mix["think"]:  # one text run = the think-mode prefills
-          w = self.wrap(judge_prompts.GEN_THINK_SYSTEM_PROMPT)
+          w = self.wrap(vocab.OWN_TEXTS.gen_think_system)
           if rng.random() >= self.mix["think_uncond"]:
             w = w + self.wrap(p.text) + self.wrap(grammar.plan_text(scene))
         if len(w) > text_len:
@@ -340,8 +340,6 @@ _WORKER: Dict[str, Any] = {}
 
 def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, budgets: BatchBudgets, seed: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from srum_jax.convert import checkpoint
-  from srum_jax.tokenizer import load_tokenizer
   cfg = checkpoint.config_from_dict(model_config)
   tok = load_tokenizer(tokenizer_dir)
   _WORKER.update(curriculum=[(start, PretrainSampler(cfg, tok, mix, vit_size=budgets.vit_size))

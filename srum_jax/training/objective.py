@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from srum_jax import losses
-from srum_jax.rewards import reward_map, resize_reward_map
+from srum_jax.rewards import resize_reward_map, reward_map
 
 
 class RegionRewards(NamedTuple):

@@ -36,10 +36,15 @@ import math
 import os
 from typing import Any, List, NamedTuple, Optional, Tuple
 
+import grain
+import ml_dtypes
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
-from srum_jax import objective, paths
+from srum_jax import paths
 from srum_jax.rewards import records as records_lib
+from srum_jax.training import objective, train_step
 
 VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
@@ -122,7 +127,6 @@ def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[
   """PNG/JPEG -> (float32 [H, W, 3] in [-1, 1], original (width, height)). Bicubic (antialiased) resize to
   `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5), the
   official training transform. `path` may be remote (gs://)."""
-  from PIL import Image
   with Image.open(paths.readable(path)) as im:
     size = im.size
     im = im.convert("RGB")
@@ -136,7 +140,6 @@ def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[
 def _check_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
   """(width, height) of a fully decodable image, else (None, 'missing' | 'corrupt: why'). `path` may be remote
   (gs://: its bytes are read once)."""
-  from PIL import Image
   if paths.is_remote(path):
     try:
       data = paths.path(path).read_bytes()
@@ -276,7 +279,6 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
   temporary name and are renamed into place, so several hosts preparing the same file cannot clash. A remote
   `cache_dir` (gs://...) stands for a local one (`paths.local_cache_dir`: ArrayRecord and the memory-mapped
   moments need local files), which each host fills for itself; the records and images may be remote."""
-  from array_record.python.array_record_module import ArrayRecordWriter
   cache_dir = paths.local_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads)
@@ -322,7 +324,6 @@ def _ok_path(part: str) -> str:
 
 
 def _read_records(array_record_path: str) -> List[dict]:
-  import grain
   src = grain.sources.ArrayRecordDataSource(array_record_path)
   return [json.loads(src[i]) for i in range(len(src))]
 
@@ -360,7 +361,6 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
       loaded = list(pool.map(load, records[lo:lo + batch_size]))
       m = np.asarray(encode(np.stack([x for x, _ in loaded])))
       if dtype == "bfloat16":
-        import ml_dtypes
         m = m.astype(ml_dtypes.bfloat16).view(np.uint16)
       else:
         m = m.astype(np.float32)
@@ -400,7 +400,6 @@ class _MomentsReader:
       return None
     x = np.array(m[row])
     if self.files.dtype == "bfloat16":
-      import ml_dtypes
       x = x.view(ml_dtypes.bfloat16)
     return x
 
@@ -486,7 +485,6 @@ class _Collate:
     self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
 
   def __call__(self, samples):
-    from srum_jax import train_step
     R_, S = self.spec.rows, self.spec.samples_per_row
     grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
     inputs = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid],
@@ -522,7 +520,6 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
   batches carry the stored posterior moments instead of images.
   """
-  import grain
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
   per_batch, n = spec.rows * spec.samples_per_row, len(ds)
   ds = ds.shuffle(seed=int(seed)).repeat(num_epochs)

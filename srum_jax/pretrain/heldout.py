@@ -4,7 +4,7 @@
     res["judge"]["accuracy"], res["regions"]["sign_correct"], res["generation"]["oracle_accuracy"]
 
 judge: (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by the logits-mode
-global judge (`pipeline.score.Judge`): accuracy of score > 0, per kind, AUC.
+global judge (`engine.judge.Judge`): accuracy of score > 0, per kind, AUC.
 regions: one ground-truth box per pair (every 5th a background box), the one-box region prompt: object boxes
 sign-correct, background boxes |s| < 0.5, the rate of naming the boxed object; `regions` with the shapes
 world's scoring (name the object, then score it: `score.region_identify`), `regions_direct` with the one-step
@@ -23,11 +23,18 @@ import dataclasses
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from srum_jax import metrics
-from srum_jax.pretrain import data, vocab
-from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
+from srum_jax import files, metrics
+from srum_jax.engine import loaded_model
+from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.inference import sampling
+from srum_jax.models import autoencoder
+from srum_jax.pretrain import batches, vocab
+from srum_jax.workdir import layout
+from srum_jax.worlds.shapes import grammar, judge_text, oracle, scene as scene_lib, sources, truth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +60,11 @@ class EvalSettings:
     return cls(**values)
 
 
-def judge_config(vit_image_size: int, mode: str = "logits", region_identify: bool = False):
-  """The shapes world's judge settings: the base `score` block with the tiny world's values."""
-  from srum_jax import defaults
-  c = defaults.base_config().score
-  c.update(dict(mode=mode, think=False, logit_candidates=vocab.SCORE_TOKENS, vit_image_size=int(vit_image_size),
-                max_retries=1, max_new_tokens_global=8, max_new_tokens_regions=64, region_identify=region_identify))
-  return c
+def judge_options(vit_image_size: int, mode: str = "logits", region_identify: bool = False) -> JudgeOptions:
+  """The shapes world's judge: its score words, the square view at `vit_image_size`, short answers."""
+  return JudgeOptions(mode=mode, think=False, logit_candidates=tuple(vocab.SCORE_TOKENS),
+                      vit_image_size=int(vit_image_size), max_retries=1, max_new_tokens_global=8,
+                      max_new_tokens_regions=64, region_identify=region_identify)
 
 
 def _chunks(items: Sequence, size: int):
@@ -67,21 +72,17 @@ def _chunks(items: Sequence, size: int):
     yield items[i:i + size]
 
 
-def ae_reconstruction_accuracy(params_ae, cfg, sampler: data.PretrainSampler, *, seed: int,
+def ae_reconstruction_accuracy(params_ae, cfg, sampler: batches.PretrainSampler, *, seed: int,
                                n: int = 128) -> Optional[float]:
   """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp enough?
-  (Evaluation only: the oracle never labels training data.) None for n = 0."""
+  (Evaluation only: the oracle never labels training batches.) None for n = 0."""
   if n <= 0:
     return None
-  import jax
-  import jax.numpy as jnp
 
-  from srum_jax.models import autoencoder
-  from srum_jax.worlds.shapes import oracle
   rng = np.random.default_rng([seed, 5])
   vindex = grammar.prompt_index(sampler.val)
   prompts = [grammar.sample_prompt(rng, prompts=vindex) for _ in range(n)]
-  images = np.stack([data.rendered(grammar.sample_scene(rng, q)) for q in prompts])
+  images = np.stack([batches.rendered(grammar.sample_scene(rng, q)) for q in prompts])
 
   @jax.jit
   def roundtrip(p, x):
@@ -119,10 +120,10 @@ def held_out_pairs(rng, num_pairs: int) -> List[Pair]:
   return pairs
 
 
-def judge_metrics(judge, pairs: Sequence[Pair], batch: int, report) -> Dict[str, Any]:
+def judge_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any]:
   scores = []
   for chunk in _chunks(pairs, batch):
-    scores += judge.global_scores([x.image for x in chunk], [x.prompt.text for x in chunk], report)
+    scores += judge.global_scores([x.image for x in chunk], [x.prompt.text for x in chunk])
   labels = [x.label for x in pairs]
   by_kind: Dict[str, List[bool]] = {}
   for x, s in zip(pairs, scores):
@@ -147,10 +148,10 @@ def region_items(rng, pairs: Sequence[Pair]) -> List[tuple]:
   return items
 
 
-def region_metrics(judge, items: Sequence[tuple], batch: int, report) -> Dict[str, Any]:
+def region_metrics(judge, items: Sequence[tuple], batch: int) -> Dict[str, Any]:
   scores, names = [], []
   for chunk in _chunks(items, batch):
-    got = judge.region_scores([x[0] for x in chunk], [x[1] for x in chunk], [[x[2]] for x in chunk], report)
+    got = judge.region_scores([x[0] for x in chunk], [x[1] for x in chunk], [[x[2]] for x in chunk])
     scores += [d[1][0] for d in got]
     names += [d[1][1] for d in got]
   obj = [(s, x[3]) for s, x in zip(scores, items) if x[3] != 0]
@@ -169,14 +170,14 @@ def region_metrics(judge, items: Sequence[tuple], batch: int, report) -> Dict[st
   return out
 
 
-def generate_mode_metrics(judge, pairs: Sequence[Pair], batch: int, report) -> Dict[str, Any]:
+def generate_mode_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any]:
   """Multi-box region prompts (every object of the scene) answered by greedy decoding and parsed."""
   boxes = [[truth.official_box(b) for b in scene_lib.scene_boxes(x.scene)] for x in pairs]
   keep = [i for i, b in enumerate(boxes) if b]
   hits, parsed, named = [], 0, []
   for idx in _chunks(keep, batch):
     got = judge.region_scores([pairs[i].image for i in idx], [pairs[i].prompt.text for i in idx],
-                              [boxes[i] for i in idx], report)
+                              [boxes[i] for i in idx])
     for i, d in zip(idx, got):
       parsed += int(len(d) == len(boxes[i]))
       hits += [np.sign(d[k + 1][0]) == np.sign(y) for k, y in enumerate(pairs[i].region_scores)
@@ -215,20 +216,18 @@ def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any
 def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bool, plans=None):
   """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings); `plans`:
   think mode from these plans instead of the model's own."""
-  import jax.numpy as jnp
 
-  from srum_jax.inference import sampling
-  from srum_jax.pipeline import common
   images, written = [], []
   for k, chunk in enumerate(_chunks(rows, settings.batch_size)):
     given = None if plans is None else plans[k * settings.batch_size:(k + 1) * settings.batch_size]
     out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
                                  [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed,
-                                 image_ids=[common.stable_int(r["id"]) for r in chunk], height=data.IMAGE_HW[0],
-                                 width=data.IMAGE_HW[1], num_timesteps=settings.gen_steps,
+                                 image_ids=[layout.stable_int(r["id"]) for r in chunk], height=batches.IMAGE_HW[0],
+                                 width=batches.IMAGE_HW[1], num_timesteps=settings.gen_steps,
                                  timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
                                  cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype),
-                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given)
+                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given,
+                                 system_prompt=vocab.OWN_TEXTS.gen_think_system if think else None)
     images += list(out.images)
     written += out.think_texts or []
   return images, (written if think else None)
@@ -250,17 +249,16 @@ def plan_valid(plan: str, prompt_text: str, seed: int = 0) -> Tuple[bool, bool]:
   return True, scene is not None and truth.scene_truth(grammar.parse_prompt(prompt_text), scene)[0]
 
 
-def generation_metrics(model, judge, settings: EvalSettings, report, compute_dtype: str) -> Dict[str, Any]:
+def generation_metrics(model, judge, settings: EvalSettings, compute_dtype: str) -> Dict[str, Any]:
   """The model's own images for the val prompts: oracle accuracy per category, and the global judge on them
   against the oracle (AUC, accuracy)."""
-  from srum_jax.worlds.shapes import judge_text, sources
   rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
   images, _ = _generate(model, rows, settings, compute_dtype, think=False)
   oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
   scores = []
   for i in range(0, len(rows), settings.batch_size):
     scores += judge.global_scores(images[i:i + settings.batch_size],
-                                  [r["prompt"] for r in rows[i:i + settings.batch_size]], report)
+                                  [r["prompt"] for r in rows[i:i + settings.batch_size]])
   return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(rows, oracle_ok),
               judge_auc=metrics.roc_auc(scores, oracle_ok),
               judge_accuracy=float(np.mean([(s > 0) == ok for s, ok in zip(scores, oracle_ok)])),
@@ -274,7 +272,6 @@ def think_generation_metrics(model, settings: EvalSettings, compute_dtype: str, 
   """Think mode on a split's prompts: plan parse / validity rates and the oracle accuracy of the images drawn
   from the model's own plans, and (`oracle_accuracy_true_plans`) from plans of true scenes of the prompts (what
   a perfect planner would give: separates the planner from the plan-conditioned generator)."""
-  from srum_jax.worlds.shapes import judge_text, sources
   per_category = per_category or int(settings.num_gen_per_category) or None
   rows = list(sources.prompts(split, per_category=per_category))
   images, plans = _generate(model, rows, settings, compute_dtype, think=True)
@@ -296,32 +293,30 @@ def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, v
                    compute_dtype: str = "float32", out_path: Optional[str] = None,
                    extra: Optional[dict] = None) -> Dict[str, Any]:
   """Every metric of the module docstring for a model directory; written to `out_path` when given."""
-  from srum_jax.pipeline import common, score as score_stage
-  from srum_jax.pretrain.stages import dir_size
   t0, s = time.time(), settings
-  model = common.load_model(model_dir, dtype="float32")
-  make = lambda mode="logits", identify=False: score_stage.Judge(  # noqa: E731
-      judge_config(vit_image_size, mode, identify), model, seed=s.seed, compute_dtype=compute_dtype)
-  judge, report = make(), score_stage.ScoreReport()
+  model = loaded_model.load_model(model_dir, dtype="float32")
+  make = lambda mode="logits", identify=False: Judge(  # noqa: E731
+      judge_options(vit_image_size, mode, identify), model, texts=vocab.OWN_TEXTS, seed=s.seed,
+      compute_dtype=compute_dtype)
+  judge = make()
   rng = np.random.default_rng([s.seed, 1])
   pairs = held_out_pairs(rng, s.num_pairs)
-  res: Dict[str, Any] = dict(model_dir=model_dir, judge=judge_metrics(judge, pairs, s.batch_size, report))
+  res: Dict[str, Any] = dict(model_dir=model_dir, judge=judge_metrics(judge, pairs, s.batch_size))
   items = region_items(rng, pairs)
-  res["regions"] = region_metrics(make(identify=True), items, s.batch_size, report)
-  res["regions_direct"] = region_metrics(judge, items, s.batch_size, report)
+  res["regions"] = region_metrics(make(identify=True), items, s.batch_size)
+  res["regions_direct"] = region_metrics(judge, items, s.batch_size)
   res["regions_generate_mode"], res["parse_stats"] = dict(n=0, parsed=0, sign_correct=None), None
   if s.num_generate_mode:
     generate_judge = make("generate")
-    res["regions_generate_mode"] = generate_mode_metrics(generate_judge, pairs[:s.num_generate_mode], s.batch_size,
-                                                         report)
+    res["regions_generate_mode"] = generate_mode_metrics(generate_judge, pairs[:s.num_generate_mode], s.batch_size)
     res["parse_stats"] = dataclasses.asdict(generate_judge.stats)
   res["locate"] = grounding_metrics(judge, pairs[:s.num_locate], s.batch_size)
-  res["generation"] = generation_metrics(model, judge, s, report, compute_dtype)
+  res["generation"] = generation_metrics(model, judge, s, compute_dtype)
   if s.think:
     res["generation_think"] = think_generation_metrics(model, s, compute_dtype)
     res["generation_think_train"] = think_generation_metrics(model, s, compute_dtype, split="train",
                                                              per_category=int(s.num_gen_per_category) or 60)
-  res.update(seconds=time.time() - t0, model_dir_bytes=dir_size(model_dir), **(extra or {}))
+  res.update(seconds=time.time() - t0, model_dir_bytes=files.dir_size(model_dir), **(extra or {}))
   if out_path:
-    common.write_json(out_path, res)
+    files.write_json(out_path, res)
   return res
