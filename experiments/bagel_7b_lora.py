@@ -41,8 +41,8 @@ def get_config(arg=None):
   c.model.lora.dtype = "float32"  # the adapters' master weights
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.inference_mesh.data, c.inference_mesh.fsdp, c.inference_mesh.tensor = 1, -1, 1
-  c.prompts.train = prompt_source(source="file", path="srum_data/srum_train_comp.json")
-  c.prompts.val = prompt_source(source="file", path="srum_data/srum_val_comp.json")
+  c.prompts.train = prompt_source(source="file", path="SRUM/train_comp.json")
+  c.prompts.val = prompt_source(source="file", path="SRUM/val_comp.json")
   c.train.batch_size = 16  # rows of one 1024^2 image: the official 16 images per update
   c.train.samples_per_row = 1
   c.train.num_tokens = 4096 + 256  # 64x64 latent tokens + the text slots

@@ -156,6 +156,7 @@ def get_config(arg=None):
     g.cfg_interval = (0.0, 1.0)
     g.think = False
     g.max_think_tokens = 9  # a plan: 8 words + EOS
+    g.crop_to_content = False  # scenes fill the canvas (a black background is part of the picture)
   c.generate.think = True  # SRUM's candidates come from think mode (the paper's recipe); eval: the plain prompt
   # `sample`, `edit`, `ask` on the shipped model: 32x32 images, a 28x28 ViT view, the world's sampler
   c.sample.batch_size = 8
@@ -191,7 +192,9 @@ def get_config(arg=None):
   c.train.lr = 1e-4
   c.train.batch_size = 8
   c.train.samples_per_row = 4
+  c.train.image_resize = "fixed"  # the world's one image size
   c.train.image_hw = (32, 32)
+  c.train.max_regions = 5  # what the proposer gives
   c.train.text_capacity = 4 * 15  # per sample: BOS + <= 11 words + EOS + 2 image markers
   c.train.num_tokens = 4 * 31  # + 16 latent tokens
   c.train.timestep_shift = 4.0

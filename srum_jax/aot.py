@@ -117,7 +117,10 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
       images=None if cached else np.zeros((rows, S, H, W, 3), f32),
       moments=np.zeros((rows, S, h, w, 2 * cfg.ae.z_channels), jnp.dtype(t.moments_dtype)) if cached else None,
       rewards=objective.RegionRewards(np.zeros((rows, S, K, 4), f32), np.zeros((rows, S, K), f32),
-                                      np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)))
+                                      np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)),
+      # images of their own aspect on the canvas (`train.image_resize` official): slot -> canvas token
+      latent_src=(np.zeros((rows, S * (H // cfg.latent_downsample) * (W // cfg.latent_downsample)),
+                           np.int32) if t.image_resize == "official" else None))
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
   return _abstract(shapes, train_step.batch_shardings(host, mesh, rules))
 

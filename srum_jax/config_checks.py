@@ -59,8 +59,12 @@ def check_bool(config, key: str) -> bool:
 
 
 def check_enum(config, key: str, choices: Sequence[str]) -> str:
-  v = config_value(config, key)
-  if v not in choices:
+  return check_value_in(key, config_value(config, key), choices)
+
+
+def check_value_in(key: str, v: Any, choices: Sequence[str]) -> str:
+  """`v` (the value of `key`) is a string among `choices`."""
+  if not isinstance(v, str) or v not in choices:
     hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
     fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
           + (f" (did you mean {hint[0]!r}?)" if hint else ""))
@@ -92,13 +96,18 @@ def check_pair(config, key: str, kind=float) -> tuple:
 
 
 def existing_file(key: str, path: str, what: str):
+  if not isinstance(path, str):
+    fail(key, path, f"must be the path of the {what} (a string)")
   p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_file():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
+    why = "is a folder, not a file" if p.exists() else "does not exist"
+    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
   return p
 
 
 def existing_dir(key: str, path: str, what: str):
+  if not isinstance(path, str):
+    fail(key, path, f"must be the path of the {what} (a string)")
   p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
   if not p.is_dir():
     why = "is a file, not a directory" if p.exists() else "does not exist"

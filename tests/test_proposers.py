@@ -224,8 +224,9 @@ def test_sam_tiny_random_model(tiny_sam_dir):
   assert isinstance(sam, proposers.SamTorchProposer)
   _check_well_formed(sam(img), H, W, max_regions=5)
   # permissive filters: arbitrary masks survive, still well-formed, scores are the predicted IoUs
-  loose = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3, points_per_batch=4,
-                                 pred_iou_thresh=-np.inf, stability_score_thresh=0.0,
+  loose = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3,
+                                 points_per_batch=4, pred_iou_thresh=-np.inf,
+                                 stability_score_thresh=0.0,
                                  box_nms_thresh=1.0, max_regions=None)
   regions = loose(img)
   _check_well_formed(regions, H, W)

@@ -186,7 +186,7 @@ def test_propose_stage_with_sam(sam_dir, tmp_path):
                         mesh=sharding.make_mesh({"data": 2}, jax.devices()[:2]))
   assert rep.proposed == 5
   rows = {r["id"]: r["regions"] for r in layout.read_regions(str(tmp_path / "propose"))}
-  ref = proposers.get_proposer("sam_torch", weights=sam_dir, **OPTIONS)
+  ref = proposers.get_proposer("sam_torch", weights=sam_dir, max_regions=cfg.max_regions, **OPTIONS)
   for i, image in enumerate(images):
     assert rows[f"p{i}"] == [{"box": list(r.box), "area": r.area} for r in ref(image)]
   assert sum(len(v) for v in rows.values()) > 5

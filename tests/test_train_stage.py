@@ -69,6 +69,7 @@ c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 1
 t = c.train
 t.steps, t.batch_size, t.samples_per_row = args["steps"], 2, 1
 t.image_hw, t.num_tokens, t.text_capacity, t.max_regions = (32, 24), 12 + 12, 12, 3
+t.image_resize = "fixed"
 t.lr, t.warmup_steps = 1e-3, 1
 t.save_every, t.keep_checkpoints, t.log_every, t.sample_every = args["save_every"], 2, 1, 3
 t.data_threads = 2

@@ -29,7 +29,7 @@ import numpy as np
 from srum_jax import files
 from srum_jax.convert import adapters, checkpoint, keymap
 from srum_jax.convert.hf_to_flax import (AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON,
-                                         parse_dtype)
+                                         check_destination, parse_dtype)
 from srum_jax.models import embeddings, lora as lora_lib, params as params_lib
 from srum_jax.models.config import BagelConfig, with_lora
 
@@ -225,10 +225,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                        f"in PEFT's {adapters.ADAPTER_WEIGHTS} + {adapters.ADAPTER_CONFIG} (separate)")
   args = ap.parse_args(argv)
   try:
-    cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name, adapters_mode=args.adapters)
-  except (ValueError, FileNotFoundError) as e:
+    check_destination(args.src, args.dst, "export")
+    cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name,
+                 adapters_mode=args.adapters)
+  except (ValueError, FileNotFoundError) as e:  # the user's files or flags: exit code 2
     print(f"export: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(f"exported {args.src} -> {args.dst} ({args.weights_name}, {AE_FILE}, {LLM_JSON}"
         f"{', ' + VIT_JSON if cfg.vit else ''})")
   return 0

@@ -277,7 +277,7 @@ def ask(config, model: loaded_model.Model) -> List[dict]:
   check_settings(config, "ask", out)
   _, und_system = think_system_prompts(config)
   log = logs.process_log(out, "answers")
-  done = {r["id"] for r in logs.read_rows(out, "answers", require=("answer",))}
+  done = {r["id"] for r in logs.read_rows(out, "answers", schema={"answer": logs.Field(logs.is_str)})}
   todo = [r for r in distributed.process_shard(requests) if r.id not in done]
   size = int(acfg.batch_size)
   mesh = loaded_model.batch_rows_mesh(model, size)

@@ -81,14 +81,17 @@ def _to_device(tree, shardings, process_count: int):
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
 
 
-def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str) -> None:
-  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`)."""
+def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str,
+                   resize=None) -> None:
+  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`);
+  `resize`: the data's `DataSpec.resize` (images on their canvas)."""
   b = hb.batch
   H, W = opts.image_hw
   if b.images is not None:
     pixels = np.asarray(b.images).reshape(-1, H, W, 3)
   else:  # the batch carries stored moments: read the images back for the picture
-    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W)) for f in hb.image_files])
+    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W), resize)
+                       for f in hb.image_files])
   images = viz.to_uint8(pixels)
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
   maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
@@ -101,8 +104,10 @@ def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, im
   files.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
 
 
-def _load_or_blank(path: str, image_hw) -> np.ndarray:
+def _load_or_blank(path: str, image_hw, resize=None) -> np.ndarray:
   try:
+    if resize is not None:
+      return train_data.load_canvas(path, image_hw, resize)[0]
     return train_data.load_image(path, image_hw)[0]
   except Exception:  # a picture is not worth a crash; the tile stays grey
     return np.zeros(tuple(image_hw) + (3,), np.float32)
@@ -196,7 +201,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
                                          max_regions=spec.max_regions,
                                          drop_zero_global=bool(config.srum.drop_zero_global),
-                                         threads=int(t.data_threads))
+                                         threads=int(t.data_threads),
+                                         records_format=str(t.records_format))
   if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
     raise UserValueError(f"no usable training records in {records_path} (images under "
                          f"{images_root or 'the records folder'}; set train.records / train.images_root): "
@@ -211,7 +217,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          int(t.encode_batch), jnp.dtype(t.moments_dtype))
     moments = train_data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
                                    dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
-                                   process_count=mpcount, threads=int(t.data_threads))
+                                   process_count=mpcount, threads=int(t.data_threads),
+                                   resize=spec.resize)
     distributed.barrier("train_moments")
   ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
@@ -257,7 +264,7 @@ def _hooks(config, workdir: str, images_root: str, opts, last: dict, step_hook) 
   if jax.process_index() == 0 and every > 0:
     hooks.append(loop.Hook(lambda info: _write_samples(
         os.path.join(workdir, "samples", f"step_{info.step:06d}.png"), last["batch"], opts,
-        images_root), loop.Every(steps=every)))
+        images_root, train_data.resize_of(config)), loop.Every(steps=every)))
   if step_hook is not None:
     hooks.append(loop.Hook(lambda info: step_hook(info.step)))
   return hooks

@@ -39,6 +39,7 @@ from srum_jax.training import (checkpointing, loop, objective, optimizer, preemp
                                update)
 from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.training.preemption import PreemptionFlag
+from srum_jax.workdir import locking
 
 STATE_DIR = "state"
 
@@ -357,9 +358,23 @@ def pretrain_chain(config) -> List[Dict[str, Any]]:
   return summaries
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
+
+
 def main(config, flags) -> int:
-  """`python -m srum_jax pretrain --config=...`: the chain, then one line of figures per stage."""
-  for summary in pretrain_chain(config):
+  """`python -m srum_jax pretrain --config=...`: the chain under the lock of its folder
+  (`pretrain.out`), then one line of figures per stage; exit code 75 when a signal stopped it (its
+  state is saved: the same command resumes)."""
+  return locking.run_locked(str(config.pretrain.out), "pretrain", lambda: _main(config))
+
+
+def _main(config) -> int:
+  summaries = pretrain_chain(config)
+  if summaries and summaries[-1].get("preempted"):
+    print(f"[pretrain] preempted: stage {summaries[-1]['name']} stopped by a signal; its state is "
+          f"saved: run the same command again to resume (exit code {EXIT_PREEMPTED})", flush=True)
+    return EXIT_PREEMPTED
+  for summary in summaries:
     ev = summary.get("eval")
     if ev:
       print(f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), "

@@ -63,11 +63,16 @@ class SrumBatch(NamedTuple):
   """inputs: packed T2I layout (per sample a text split + one noise image of `image_hw`; latent slots in
   sample order, `t2i_layout`). Exactly one of images [B, S, H, W, 3] in [-1, 1] (encoded in the step) or
   moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then log-variance; fp32 or bf16)
-  is set, the other is None. rewards: RegionRewards, leading dims [B, S]."""
+  is set, the other is None. rewards: RegionRewards, leading dims [B, S].
+
+  latent_src [B, L] int32 (L = the latent capacity, S * canvas tokens): for images smaller than the canvas
+  `image_hw` (top-left, zero padding; `t2i_layout(grids=...)`), the canvas token of each packed latent slot,
+  -1 for unused slots (`latent_sources`); None when every image fills the canvas (slot = canvas order)."""
   inputs: PackedInputs
   images: Optional[jax.Array]
   rewards: objective.RegionRewards
   moments: Optional[jax.Array] = None
+  latent_src: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +131,10 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
   if inputs.latent_index.shape[1] != x_bad.shape[1]:
     raise ValueError(f"latent capacity {inputs.latent_index.shape[1]} != samples_per_row * tokens = {x_bad.shape[1]}")
   t = losses.timesteps_from_raw(jnp.repeat(jax.random.normal(k_t, (B, S)), n_tok, axis=1), opts.timestep_shift)
+  token_mask = jnp.ones(t.shape, bool)
+  if batch.latent_src is not None:  # images below the canvas: canvas tokens -> the packed slots
+    x_bad, x_gt, t = (objective.gather_tokens(a, batch.latent_src) for a in (x_bad, x_gt, t))
+    token_mask = batch.latent_src >= 0
   noise = jax.random.normal(k_noise, x_bad.shape, jnp.float32)
   inputs = inputs._replace(meta=drop_text_condition(inputs.meta, k_drop, opts.text_cond_dropout))
   lora = cfg.llm.lora
@@ -134,9 +143,10 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
                              dtype=opts.compute_dtype, attn_impl=opts.attn_impl, remat=opts.remat,
                              remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll, lora_key=lora_key)
   latent_hw = (opts.image_hw[0] // cfg.latent_downsample, opts.image_hw[1] // cfg.latent_downsample)
-  loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, jnp.ones(t.shape, bool),
+  loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, token_mask,
                                        image_hw=opts.image_hw, latent_hw=latent_hw,
-                                       lambda_constraint=opts.lambda_constraint, levers=opts.levers)
+                                       lambda_constraint=opts.lambda_constraint, levers=opts.levers,
+                                       token_index=batch.latent_src)
   return loss, dict(aux, t_mean=jnp.mean(t))
 
 
@@ -197,17 +207,42 @@ def shard_train_step(step_fn, state_sh, batch_sh, mesh):
 
 
 def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]], *, image_hw: Tuple[int, int],
-               num_tokens: int, text_capacity: int) -> PackedInputs:
+               num_tokens: int, text_capacity: int,
+               grids: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> PackedInputs:
   """Packed layout for rows of T2I samples: [BOS + ids + EOS] then one noise image of `image_hw` pixels.
 
   `prompts_ids[b]` lists the (already BOS/EOS-wrapped) prompt ids of row b's samples; every row must
   hold the same number of samples S, and latent_capacity = S * h * w exactly (the loss relies on it).
+  `grids[b][s]`: that sample's own latent grid (h_s, w_s) <= the canvas grid, for images smaller than
+  `image_hw`: only its h_s * w_s tokens are packed (positions as BAGEL numbers an image of that grid), the
+  rest of the capacity stays unused (`latent_sources` maps the slots to the canvas tokens).
   """
   h, w = image_hw[0] // cfg.latent_downsample, image_hw[1] // cfg.latent_downsample
   S = len(prompts_ids[0])
   if any(len(r) != S for r in prompts_ids):
     raise ValueError("every row needs the same number of samples")
-  rows = [[[list(ids), bagel.ImageTokens("vae_noise", (h, w))] for ids in row] for row in prompts_ids]
+  if grids is None:
+    grids = [[(h, w)] * S for _ in prompts_ids]
+  if any(not (0 < gh <= h and 0 < gw <= w) for row in grids for gh, gw in row):
+    raise ValueError(f"sample latent grids {grids} must fit the canvas grid {(h, w)}")
+  rows = [[[list(ids), bagel.ImageTokens("vae_noise", tuple(g))] for ids, g in zip(row, grow)]
+          for row, grow in zip(prompts_ids, grids)]
   inputs, _ = bagel.build_packed_inputs(cfg, rows, num_tokens=num_tokens, text_capacity=text_capacity,
                                         latent_capacity=S * h * w)
   return inputs
+
+
+def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tuple[int, int]
+                   ) -> np.ndarray:
+  """`SrumBatch.latent_src` [B, S * hc * wc] int32 for rows of samples with latent grids `grids[b][s]` on a
+  canvas grid (hc, wc): slot by slot (samples in order, each grid row-major, as `t2i_layout` packs them) the
+  canvas token s * hc * wc + r * wc + c of the sample's token (r, c); -1 after the row's last token."""
+  hc, wc = (int(v) for v in canvas_grid)
+  S = len(grids[0])
+  out = np.full((len(grids), S * hc * wc), -1, np.int32)
+  for b, row in enumerate(grids):
+    src = [s * hc * wc + r * wc + np.arange(int(gw))
+           for s, (gh, gw) in enumerate(row) for r in range(int(gh))]
+    flat = np.concatenate(src) if src else np.zeros((0,), np.int32)
+    out[b, :flat.size] = flat
+  return out

@@ -21,31 +21,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 
 from srum_jax import distributed, paths
+from srum_jax.errors import UserValueError
 
 
 @dataclasses.dataclass
 class LogReport:
-  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte character
-  by a crash mid-write), not a JSON object with a string `id`, missing a field the reader needs, or a second
-  row of an id already read."""
+  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte
+  character by a crash mid-write), not a JSON object with a string `id`, missing a field the reader
+  needs, holding a field of the wrong type (`"correct": "false"`, a NaN score), or a second row of
+  an id already read."""
   rows: int = 0
   undecodable: int = 0
   malformed: int = 0
   missing_field: int = 0
+  wrong_type: int = 0
   duplicate_id: int = 0
 
   @property
   def skipped(self) -> int:
-    return self.undecodable + self.malformed + self.missing_field + self.duplicate_id
+    return (self.undecodable + self.malformed + self.missing_field + self.wrong_type
+            + self.duplicate_id)
 
   def add(self, other: "LogReport") -> None:
     for f in dataclasses.fields(self):
@@ -107,9 +113,16 @@ class JsonlLog:
           lines.append(raw)
     return b"".join(line + b"\n" for line in lines), parts
 
+  def _check_not_folder(self) -> None:
+    """A folder where the log file belongs is a user error naming it (not an empty log)."""
+    if not self.remote and self.path.is_dir():
+      raise UserValueError(f"{self.path} is a folder where a log file is expected: move it "
+                           f"away, or use another workdir")
+
   def read(self) -> Tuple[List[Dict[str, Any]], LogReport]:
     """(well-formed rows in file order, what was skipped)."""
     rep = LogReport()
+    self._check_not_folder()
     if self.remote:
       data = self._remote_bytes()[0]
     elif self.path.is_file():
@@ -151,6 +164,7 @@ class JsonlLog:
     mid-write leaves at most a torn last line, which readers skip and a resume redoes."""
     if not rows:
       return
+    self._check_not_folder()
     data = b"".join((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
     if self.remote:
       self._append_part(data)
@@ -259,13 +273,57 @@ def log_paths(directory: str, stem: str) -> List[str]:
   return [paths.join(directory, n) for n in sorted(names)]
 
 
-def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report: Optional[LogReport] = None
-              ) -> List[Dict[str, Any]]:
-  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per id (the
-  first seen, files in name order), in the prompt set's order (`seq`, when every row has one) whatever the
-  number of processes that wrote them. Rows lacking a field of `require` are skipped; every skip is counted
-  in `report` (when given)."""
-  rows, seen, rep = [], set(), LogReport()
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One field of a row schema: the check its value must pass, and whether a row must have it."""
+  check: Callable[[Any], bool]
+  required: bool = True
+
+
+Schema = Mapping[str, Field]
+
+
+def is_str(v) -> bool:
+  return isinstance(v, str)
+
+
+def is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_bool(v) -> bool:
+  return isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+  """A finite number (a bool is not one)."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def or_none(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+  return lambda v: v is None or check(v)
+
+
+def row_problem(row: Dict[str, Any], schema: Optional[Schema]) -> Optional[str]:
+  """'missing_field' / 'wrong_type' for a row its schema refuses (None: the row is good)."""
+  for name, f in (schema or {}).items():
+    if name not in row:
+      if f.required:
+        return "missing_field"
+    elif not f.check(row[name]):
+      return "wrong_type"
+  return None
+
+
+def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
+              report: Optional[LogReport] = None, last: bool = False) -> List[Dict[str, Any]]:
+  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per
+  id (the first good row seen, files in name order; `last`: the last one, for logs that append a
+  newer result of an id), in the prompt set's order (`seq`, when every row has one) whatever the
+  number of processes that wrote them. Rows `schema` refuses (a required field missing, a field of
+  the wrong type) are skipped; every skip is counted in `report` (when given)."""
+  by_id: Dict[str, Dict[str, Any]] = {}
+  rep = LogReport()
   files = log_paths(directory, stem)
   per_process = any(os.path.basename(p) != f"{stem}.jsonl" for p in files)
   for p in files:
@@ -273,13 +331,15 @@ def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report:
     rep.add(file_rep)
     merged = per_process and os.path.basename(p) == f"{stem}.jsonl"  # process 0's copy of every process's rows
     for r in got:
-      if any(k not in r for k in require):
-        rep.missing_field += int(not merged)
-      elif r["id"] in seen:
+      problem = row_problem(r, schema)
+      if problem:
+        setattr(rep, problem, getattr(rep, problem) + int(not merged))
+      elif r["id"] in by_id and not last:
         rep.duplicate_id += int(not merged)
       else:
-        seen.add(r["id"])
-        rows.append(r)
+        by_id.pop(r["id"], None)
+        by_id[r["id"]] = r
+  rows = list(by_id.values())
   if rows and all(isinstance(r.get("seq"), int) and not isinstance(r.get("seq"), bool) for r in rows):
     rows.sort(key=lambda r: r["seq"])
   rep.rows = len(rows)
