@@ -285,7 +285,7 @@ def test_each_listed_traceback_is_one_line_and_exit_2(tmp_path, capsys):
   (model / "params" / "x").write_text("untouched")
   (tmp_path / "dst_file").write_text("a file")
   records = tmp_path / "rewards.jsonl"
-  records.write_text(json.dumps({"image_file": "0.png", "prompt": "p", "global_score": 0.5, "regions": []}) + "\n")
+  records.write_text(json.dumps({"schema_version": 1, "image_file": "0.png", "prompt": "p", "global_score": 0.5, "regions": []}) + "\n")
   small = ["--config.prompts.train.kwargs.per_category=1"]
   cases = [
       (["show-config", f"--config={cfgs / 'syntax.py'}"], ["syntax.py does not import: SyntaxError"]),
