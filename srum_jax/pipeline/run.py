@@ -187,7 +187,7 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
       generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, texts=texts,
                         compute_dtype=dt, attn_impl=attn)
     with clock(f"round_{r}/propose"):
-      propose.propose(config.propose, gen_dir, prop_dir)
+      propose.propose(config.propose, gen_dir, prop_dir, mesh=loaded_model.inference_mesh(config))
     with clock(f"round_{r}/score"):
       srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, texts=texts,
                          compute_dtype=dt, attn_impl=attn)
