@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from srum_jax import files, sharding
-from srum_jax.convert import checkpoint, hf_to_flax, keymap
+from srum_jax.convert import checkpoint, hf_to_flax, keymap, safetensors_files
 from srum_jax.models import lora as lora_lib, params as params_lib
 from srum_jax.models.config import LORA_EXPERTS, LORA_TARGETS, BagelConfig, LoraConfig, with_lora
 
@@ -86,7 +86,7 @@ def read_adapters(src_dir: str, cfg: BagelConfig) -> Tuple[LoraConfig, Any]:
   if meta.get("use_rslora") or meta.get("bias", "none") != "none":
     raise ValueError(f"{ADAPTER_CONFIG}: only plain LoRA (no rsLoRA, bias 'none') is supported")
   path = os.path.join(src_dir, ADAPTER_WEIGHTS)
-  header, problems = hf_to_flax.read_header(path)
+  header, problems = safetensors_files.read_header(path)
   if problems:
     raise ValueError("\n".join(problems))
   shapes = {k: s for k, (_, s) in header.items()}
@@ -108,7 +108,7 @@ def read_adapters(src_dir: str, cfg: BagelConfig) -> Tuple[LoraConfig, Any]:
     raise ValueError(f"{path} does not fit the base model:\n    " + "\n    ".join(bad))
   out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract["bagel"],
                      is_leaf=params_lib.is_spec)
-  with hf_to_flax.SafetensorsReader(path) as reader:
+  with safetensors_files.SafetensorsReader(path) as reader:
     for key, e in table.items():
       value = keymap.to_flax(reader.read_all(key), e.transform)
       leaf = keymap.get_path(out, e.path)

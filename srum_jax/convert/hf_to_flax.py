@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
-import struct
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy reader needs
 import numpy as np
-from safetensors import safe_open
 
 from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
+from srum_jax.convert.safetensors_files import (ST_DTYPES, CheckpointMismatchError,
+                                                NonFiniteWeightsError, SafetensorsReader,
+                                                parse_dtype, problem_listing, raise_damaged,
+                                                read_header)
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
@@ -62,114 +62,6 @@ AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.tx
              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
              "preprocessor_config.json", LLM_JSON, VIT_JSON)
 
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-ST_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1
-}
-DTYPE_NAMES = {
-    "bf16": jnp.bfloat16,
-    "bfloat16": jnp.bfloat16,
-    "fp32": jnp.float32,
-    "f32": jnp.float32,
-    "float32": jnp.float32,
-    "fp16": jnp.float16,
-    "f16": jnp.float16,
-    "float16": jnp.float16
-}
-
-
-class CheckpointMismatchError(UserValueError):
-  """The official files do not match the layout the configuration implies (its first line says what;
-  the lines after it list every problem)."""
-
-
-class DamagedFileError(CheckpointMismatchError):
-  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>:
-  <why>'."""
-
-
-class NonFiniteWeightsError(UserValueError):
-  """Official tensors holding NaN or inf: converting them would hand every later stage broken
-  weights."""
-
-
-def parse_dtype(dtype) -> np.dtype:
-  if isinstance(dtype, str):
-    if dtype.lower() not in DTYPE_NAMES:
-      raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
-    dtype = DTYPE_NAMES[dtype.lower()]
-  return np.dtype(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# safetensors: header check and block reads
-
-def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List[str]]:
-  """({key: (dtype, shape)}, problems) from a safetensors header, checking every tensor lies in the
-  file.
-
-  A truncated file keeps its header, so the tensors whose bytes run past the end are named one by
-  one.
-  """
-  size = os.path.getsize(path)
-  name = os.path.basename(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      return {}, [f"{name}: file too short ({size} bytes) to be safetensors"]
-    (n,) = struct.unpack("<Q", head)
-    if 8 + n > size:
-      return {}, [
-          f"{name}: header of {n} bytes runs past the end of the file ({size} bytes): truncated"
-      ]
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      return {}, [f"{name}: unreadable safetensors header ({e})"]
-  data_size = size - 8 - n
-  out, truncated, corrupt = {}, [], []
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    out[key] = (dtype, shape)
-    if end > data_size:
-      truncated.append(key)
-    elif end - begin != math.prod(shape) * ST_ITEMSIZE.get(dtype, 0):
-      corrupt.append(f"{key} ({dtype} {list(shape)} but {end - begin} bytes)")
-  problems = []
-  if truncated:
-    problems.append(_listing(f"{name}: {len(truncated)} truncated keys (data past the end of the "
-                             f"{size}-byte file)", sorted(truncated)))
-  if corrupt:
-    problems.append(
-        _listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",
-                 sorted(corrupt)))
-  return out, problems
-
-
-def _raise_damaged(path: str, problems: Sequence[str]) -> None:
-  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its
-  name)."""
-  if problems:
-    text = "\n".join(problems)
-    raise DamagedFileError(f"file damaged: {path}: {text[len(os.path.basename(path)) + 2:]}")
-
-
 def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
   """What a conversion needs, checked without reading a tensor: the weights and AE files with
   readable headers whose byte ranges fit the files (else `DamagedFileError`), a JSON
@@ -183,8 +75,8 @@ def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
   if not isinstance(llm, dict):
     raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {LLM_JSON} (a JSON object)")
   header, bad = read_header(os.path.join(src_dir, names["bagel"]))
-  _raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
-  _raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
+  raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
+  raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
   vit = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   if any(k.startswith(("vit_model.", "connector.")) for k in header) and not isinstance(vit, dict):
     raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* "
@@ -201,38 +93,6 @@ def check_destination(src: str, dst: str, command: str) -> None:
   if os.path.exists(dst) and not os.path.isdir(dst):
     raise UserValueError(f"--dst {dst} is a file: name a folder (it is made when absent)")
 
-
-def _listing(title: str, lines: Sequence[str]) -> str:
-  return "\n".join([title + ":"] + [f"    {x}" for x in lines])
-
-
-class SafetensorsReader:
-  """Reads blocks of named tensors from one safetensors file (memory-mapped; only the block is
-  copied)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._file = None
-
-  def __enter__(self):
-    self._ctx = safe_open(self.path, framework="np")
-    self._file = self._ctx.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    self._file = None
-    return self._ctx.__exit__(*exc)
-
-  def read(self, key: str, index: Tuple[slice, ...]) -> np.ndarray:
-    """The block `tensor[index]` of tensor `key` (official layout)."""
-    return self._file.get_slice(key)[tuple(index)]
-
-  def read_all(self, key: str) -> np.ndarray:
-    return self._file.get_tensor(key)
-
-
-# ----------------------------------------------------------------------------------------------
-# configuration from the json files + tensor shapes
 
 def _grid(shape, key: str, problems: List[str]) -> Optional[int]:
   """Side G of a [G*G, D] table (None and a problem when the row count is not a square)."""
@@ -405,11 +265,11 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
                           or math.isqrt(have[key][0]) ** 2 != have[key][0]):
         misshaped.append(f"{key}: file {list(have[key])}, expected [G*G, {cfg.llm.hidden_size}]")
     if missing:
-      problems.append(_listing(f"{name}: {len(missing)} missing keys", missing))
+      problems.append(problem_listing(f"{name}: {len(missing)} missing keys", missing))
     if unexpected:
-      problems.append(_listing(f"{name}: {len(unexpected)} unexpected keys", unexpected))
+      problems.append(problem_listing(f"{name}: {len(unexpected)} unexpected keys", unexpected))
     if misshaped:
-      problems.append(_listing(f"{name}: {len(misshaped)} mis-shaped keys", misshaped))
+      problems.append(problem_listing(f"{name}: {len(misshaped)} mis-shaped keys", misshaped))
   return problems
 
 
@@ -552,7 +412,7 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None,
   problems, shapes = [], {}
   for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
-    _raise_damaged(os.path.join(src_dir, n), bad)
+    raise_damaged(os.path.join(src_dir, n), bad)
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
                  if d not in ST_DTYPES]
     shapes[part] = {k: s for k, (_, s) in header.items()}
