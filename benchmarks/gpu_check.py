@@ -1,13 +1,15 @@
-"""One prepared GPU check: golden conformance in fp32 and bf16, then the mid-size SRUM train step timing.
+"""One prepared GPU check: golden conformance in fp32 and bf16, then the mid-size SRUM train step
+timing.
 
     JAX_PLATFORMS=cuda python benchmarks/gpu_check.py [--steps 20]
 
-Part 1 reruns the golden cases gen_t2i / srum (training forward) and llm on the accelerator with fp32
-compute (matmul precision 'highest') and with bf16 compute, and prints max abs errors vs the official
-fp32 references. Part 2 times the `mid` preset's full SRUM train step with `benchmarks/train_step.py`
-(posterior samples from stored moments, or `--vae step` for the encoder in the step; reward maps, packed MoT
-forward/backward, AdamW; fp32 master weights, bf16 compute, remat, chunked attention): median step time,
-tokens/s, MFU by BAGEL's formula and by XLA-counted FLOPs against the device's peak.
+Part 1 reruns the golden cases gen_t2i / srum (training forward) and llm on the accelerator with
+fp32 compute (matmul precision 'highest') and with bf16 compute, and prints max abs errors vs the
+official fp32 references. Part 2 times the `mid` preset's full SRUM train step with
+`benchmarks/train_step.py` (posterior samples from stored moments, or `--vae step` for the encoder
+in the step; reward maps, packed MoT forward/backward, AdamW; fp32 master weights, bf16 compute,
+remat, chunked attention): median step time, tokens/s, MFU by BAGEL's formula and by XLA-counted
+FLOPs against the device's peak.
 """
 from __future__ import annotations
 
@@ -38,29 +40,34 @@ def golden(dtype_name: str):
   c = dict(load_file(f"{d}/cases.safetensors"))
   c.update(load_file(f"{d}/srum_cases.safetensors"))
   cfg = config.tiny()
-  tree = conftest.tree_from_state_dict(load_file(f"{d}/weights.safetensors"), keymap.official_keys(cfg)["bagel"],
-                                       params_lib.bagel_schema(cfg))
+  tree = conftest.tree_from_state_dict(
+      load_file(f"{d}/weights.safetensors"),
+      keymap.official_keys(cfg)["bagel"], params_lib.bagel_schema(cfg))
   params = jax.tree.map(jnp.asarray, tree)
   dtype = jnp.float32 if dtype_name == "fp32" else jnp.bfloat16
   out = {}
-  for case, bad, gt in (("gen_t2i", "padded_latent", None), ("srum", "padded_latent_bad", "packed_latent_clean_gt")):
+  for case, bad, gt in (("gen_t2i", "padded_latent", None), ("srum", "padded_latent_bad",
+                                                             "packed_latent_clean_gt")):
     ids = c[f"{case}.packed_text_ids"]
     samples = _t2i_rows(c, case, [ids[0:7], ids[9:14]], bad, gt)
-    inputs, slots = bagel.build_packed_inputs(cfg, [samples], num_tokens=48, text_capacity=24, latent_capacity=28)
+    inputs, slots = bagel.build_packed_inputs(cfg, [samples], num_tokens=48, text_capacity=24,
+                                              latent_capacity=28)
     noise = _noise_rows(inputs, slots, c[f"{case}.noise"])
     t = losses.timesteps_from_raw(slots.raw_t, cfg.timestep_shift)
     x_t = losses.interpolate(slots.x_bad, noise, t)
-    v_pred = jax.jit(lambda p, i, x, t: bagel.forward_gen(p, i, x, t, cfg=cfg, dtype=dtype))(params, inputs, x_t, t)
+    v_pred = jax.jit(lambda p, i, x, t: bagel.forward_gen(p, i, x, t, cfg=cfg, dtype=dtype))(
+        params, inputs, x_t, t)
     v = np.asarray(v_pred[0])[np.asarray(slots.loss_mask[0])]
     ref = c["gen_t2i.v_pred" if case == "gen_t2i" else "srum.v_theta"]
     out[case] = float(np.abs(v - ref).max())
   # llm case: two causal samples packed in one row
   ids = c["llm.packed_text_ids"]
   lens = [int(x) for x in c["llm.sample_lens"]]
-  pk = packing.pack([[[packing.text(ids[:lens[0]])], [packing.text(ids[lens[0]:])]]], 16, text_capacity=16)
+  pk = packing.pack([[[packing.text(ids[:lens[0]])], [packing.text(ids[lens[0]:])]]], 16,
+                    text_capacity=16)
   x = qwen2_mot.embed_text(params["llm"], jnp.asarray(np.pad(ids, (0, 16 - len(ids))))[None], dtype)
-  h = qwen2_mot.decoder_forward(params["llm"], x, packing.to_device(pk.meta), cfg=cfg.llm, und_capacity=16,
-                                gen_capacity=0)
+  h = qwen2_mot.decoder_forward(params["llm"], x, packing.to_device(pk.meta), cfg=cfg.llm,
+                                und_capacity=16, gen_capacity=0)
   logits = np.asarray(qwen2_mot.lm_logits(params["llm"], h)[0, :len(ids)].astype(jnp.float32))
   out["llm.logits"] = float(np.abs(logits - c["llm.logits"]).max())
   return out
@@ -81,10 +88,11 @@ def main():
     for name in ("fp32", "bf16"):
       with jax.default_matmul_precision("highest" if name == "fp32" else "default"):
         errs = golden(name)
-      print(f"golden {name} max abs err: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
+      print(f"golden {name} max abs err: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()),
+            flush=True)
   import train_step as step_benchmark  # benchmarks/train_step.py
-  step_benchmark.measure(a.preset, image=a.image, tokens=a.tokens, text=a.text, steps=a.steps, attn_impl="chunked",
-                         vae=a.vae)
+  step_benchmark.measure(a.preset, image=a.image, tokens=a.tokens, text=a.text, steps=a.steps,
+                         attn_impl="chunked", vae=a.vae)
 
 
 if __name__ == "__main__":

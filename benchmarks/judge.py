@@ -1,17 +1,19 @@
 """The self-judge's speed, logits mode vs generate mode, and how well the two rank the same images.
 
-    python benchmarks/judge.py                                   # the shipped tiny-world model on world scenes
+    # the shipped tiny-world model on world scenes
+    python benchmarks/judge.py
     python benchmarks/judge.py --config experiments/bagel_7b_compbench.py --set model.dir=CKPT \
-        --images random:1024 --num 16 --max_new_tokens 64       # a real-size model (plumbing on random pixels)
+        # a real-size model (plumbing on random pixels)
+        --images random:1024 --num 16 --max_new_tokens 64
 
-Both modes are the score stage's `Judge` (`srum_jax.pipeline.score`) answering the global-layout question
-for the same `--num` (image, prompt) pairs in batches of `score.batch_size`: `logits` reads the expected
-score token after "Score:" (one forward), `generate` decodes an answer and parses it (retries off unless
-`--retries`). Images: `world` renders shapes-world scenes for the world's prompts, every other one a hard
-negative (so the scores have something to rank); `random:S` draws uniform S x S pixels (speed only). Each
-mode runs one batch first (compilation), then every batch timed: images/s. Rank agreement: Spearman's rho
-between the two modes' scores over the images both scored (generate answers that fail to parse are counted
-and left out).
+Both modes are the score stage's `Judge` (`srum_jax.pipeline.score`) answering the global-layout
+question for the same `--num` (image, prompt) pairs in batches of `score.batch_size`: `logits` reads
+the expected score token after "Score:" (one forward), `generate` decodes an answer and parses it
+(retries off unless `--retries`). Images: `world` renders shapes-world scenes for the world's
+prompts, every other one a hard negative (so the scores have something to rank); `random:S` draws
+uniform S x S pixels (speed only). Each mode runs one batch first (compilation), then every batch
+timed: images/s. Rank agreement: Spearman's rho between the two modes' scores over the images both
+scored (generate answers that fail to parse are counted and left out).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-  """Spearman's rho: Pearson correlation of average ranks (nan when either side is constant or n < 2)."""
+  """Spearman's rho: Pearson correlation of average ranks (nan when either side is constant or n
+  < 2)."""
   ra, rb = average_ranks(np.asarray(a)), average_ranks(np.asarray(b))
   if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
     return float("nan")
@@ -56,7 +59,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def world_items(n: int, seed: int = 0):
-  """n (uint8 image, prompt) pairs from the shapes world: scenes of val prompts, odd ones hard negatives."""
+  """n (uint8 image, prompt) pairs from the shapes world: scenes of val prompts, odd ones hard
+  negatives."""
   rng = np.random.default_rng(seed)
   _, val = grammar.split_prompts(0)
   items = []
@@ -72,7 +76,8 @@ def world_items(n: int, seed: int = 0):
 def random_items(n: int, size: int, seed: int = 0):
   rng = np.random.default_rng(seed)
   _, val = grammar.split_prompts(0)
-  return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), val[i % len(val)].text) for i in range(n)]
+  return [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), val[i % len(val)].text)
+          for i in range(n)]
 
 
 def _batches(items, size: int):
@@ -82,9 +87,10 @@ def _batches(items, size: int):
 def run_mode(config, model, items, mode: str, out=print) -> dict:
   scfg = config.score.copy_and_resolve_references()
   scfg.mode = mode
-  judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts_lib.from_setting(config.texts.file),
-                seed=int(config.seed), compute_dtype=config.model.compute_dtype,
-                      attn_impl=str(config.model.attn_impl))
+  judge = Judge(
+      JudgeOptions.from_config(scfg), model, texts=texts_lib.from_setting(config.texts.file),
+      seed=int(config.seed), compute_dtype=config.model.compute_dtype, attn_impl=str(
+          config.model.attn_impl))
   batches = _batches(items, max(1, int(scfg.batch_size)))
   t = time.perf_counter()
   judge.global_scores([im for im, _ in batches[0]], [p for _, p in batches[0]])
@@ -95,10 +101,13 @@ def run_mode(config, model, items, mode: str, out=print) -> dict:
     scores += judge.global_scores([im for im, _ in b], [p for _, p in b])
   seconds = time.perf_counter() - t
   failed = sum(s is None for s in scores)
-  r = dict(mode=mode, images_per_s=len(items) / seconds, seconds=seconds, first_batch_s=first, scores=scores,
-           parse_failures=failed)
-  out(f"{mode}: images_per_s {r['images_per_s']:.3f} ({len(items)} images in {seconds:.3f} s, batches of "
-      f"{int(scfg.batch_size)}; first batch with compilation {first:.1f} s); parse_failures {failed}")
+  r = dict(mode=mode, images_per_s=len(items) / seconds, seconds=seconds, first_batch_s=first,
+           scores=scores, parse_failures=failed)
+  out(f"{mode}: images_per_s {r['images_per_s']:.3f} ({len(items)} images in {seconds:.3f} s, "
+      f"batches of "
+      f"{int(scfg.batch_size)}; first batch with compilation {first:.1f} s); parse_failures "
+      f"{failed}"
+     )
   return r
 
 
@@ -106,28 +115,36 @@ def measure(config, items, out=print) -> dict:
   import jax
   model = loaded_model.load_inference_model(config, loaded_model.resolve_model_dir(config))
   dev = jax.devices()[0]
-  out(f"device: {getattr(dev, 'device_kind', dev.platform)} ({dev.platform}, jax {jax.__version__}); model "
+  out(f"device: {getattr(dev, 'device_kind', dev.platform)} ({dev.platform}, jax "
+      f"{jax.__version__}); model "
       f"{model.path}; {len(items)} images {items[0][0].shape[0]}x{items[0][0].shape[1]}; think "
-      f"{bool(config.score.think)}; max_new_tokens {int(config.score.max_new_tokens_global)}; retries "
+      f"{bool(config.score.think)}; max_new_tokens {int(config.score.max_new_tokens_global)}; "
+      f"retries "
       f"{int(config.score.max_retries)}")
   logits = run_mode(config, model, items, "logits", out)
   gen = run_mode(config, model, items, "generate", out)
-  both = [(a, b) for a, b in zip(logits["scores"], gen["scores"]) if a is not None and b is not None]
+  both = [(a, b) for a, b in zip(logits["scores"], gen["scores"]) if a is not None and b is not None
+         ]
   rho = spearman([a for a, _ in both], [b for _, b in both]) if both else float("nan")
   ratio = logits["images_per_s"] / gen["images_per_s"]
-  out(f"logits/generate speed {ratio:.2f}x; spearman_rho {rho:.3f} over {len(both)} images scored by both")
+  out(f"logits/generate speed {ratio:.2f}x; spearman_rho {rho:.3f} over {len(both)} images scored "
+      f"by both"
+     )
   return dict(logits=logits, generate=gen, speed_ratio=ratio, spearman=rho, compared=len(both))
 
 
 def main(argv: Optional[List[str]] = None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default=os.path.join(ROOT, "experiments/tiny_world.py"))
-  ap.add_argument("--set", action="append", default=[], help="key=value config overrides (repeatable)")
+  ap.add_argument("--set", action="append", default=[],
+                  help="key=value config overrides (repeatable)")
   ap.add_argument("--images", default="world", help="world | random:SIZE")
   ap.add_argument("--num", type=int, default=64)
-  ap.add_argument("--max_new_tokens", type=int, default=0, help="score.max_new_tokens_global (0: the config's)")
+  ap.add_argument("--max_new_tokens", type=int, default=0,
+                  help="score.max_new_tokens_global (0: the config's)")
   ap.add_argument("--retries", type=int, default=0, help="score.max_retries for generate mode")
-  ap.add_argument("--workdir", default="", help="where an official checkpoint is converted (default: a temp dir)")
+  ap.add_argument("--workdir", default="",
+                  help="where an official checkpoint is converted (default: a temp dir)")
   a = ap.parse_args(argv)
   config = config_utils.load_config(a.config)
   for kv in a.set:

@@ -3,12 +3,12 @@ create_perfetto_trace=True)` writes, e.g. via `benchmarks/train_step.py --profil
 
     python benchmarks/trace_summary.py DIR [--top 25]
 
-Device op events are read from the accelerator's processes (`/device:GPU:n` streams, or a TPU's "XLA Ops"
-line); on a CPU-only trace the XLA client's worker threads stand in (plumbing only). Each op is put in one
-category by its kernel name and, where the trace carries them, its HLO op name and category (`CATEGORIES`,
-first match wins). Printed: the device-busy time per category and its share, how much of the traced wall
-span (first to last device op) the ops cover (the rest is the device idle: launch gaps, host waits), and the
-longest ops.
+Device op events are read from the accelerator's processes (`/device:GPU:n` streams, or a TPU's "XLA
+Ops" line); on a CPU-only trace the XLA client's worker threads stand in (plumbing only). Each op is
+put in one category by its kernel name and, where the trace carries them, its HLO op name and
+category (`CATEGORIES`, first match wins). Printed: the device-busy time per category and its share,
+how much of the traced wall span (first to last device op) the ops cover (the rest is the device
+idle: launch gaps, host waits), and the longest ops.
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def find_trace(path: str) -> str:
   """The newest perfetto trace under `path` (a file is taken as is)."""
   if os.path.isfile(path):
     return path
-  found = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime)
+  found = sorted(
+      glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True),
+      key=os.path.getmtime)
   if not found:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {path}")
   return found[-1]
@@ -68,10 +70,13 @@ def device_ops(events: List[dict]) -> Tuple[List[dict], str]:
     tpu_ops = {k for k, n in threads.items() if k[0] in dev and n.strip().lower() == "xla ops"}
     if tpu_ops:  # TPU: the per-op line (other lines repeat the same time as modules / steps)
       return [e for e in complete if (e["pid"], e.get("tid")) in tpu_ops], "TPU XLA Ops line"
-    return [e for e in complete if e["pid"] in dev], "device streams: " + ", ".join(sorted(procs[p] for p in dev))
+    return [e for e in complete if e["pid"] in dev
+           ], "device streams: " + ", ".join(sorted(procs[p] for p in dev))
   workers = {k for k, n in threads.items() if n.startswith("tf_XLA")}
-  return ([e for e in complete if (e["pid"], e.get("tid")) in workers and not _HOST_NOISE.search(e["name"].lower())],
-          "no device process: CPU XLA worker threads (plumbing only)")
+  return ([
+      e for e in complete
+      if (e["pid"], e.get("tid")) in workers and not _HOST_NOISE.search(e["name"].lower())
+  ], "no device process: CPU XLA worker threads (plumbing only)")
 
 
 def categorize(e: dict) -> str:
@@ -85,7 +90,8 @@ def categorize(e: dict) -> str:
 
 
 def summarize(path: str, top: int = 25, out=print) -> Dict[str, float]:
-  """Print and return {category: seconds} plus '_busy', '_span' (seconds) and '_coverage' (busy / span)."""
+  """Print and return {category: seconds} plus '_busy', '_span' (seconds) and '_coverage' (busy /
+  span)."""
   trace = find_trace(path)
   ops, source = device_ops(load_events(trace))
   if not ops:
@@ -97,9 +103,11 @@ def summarize(path: str, top: int = 25, out=print) -> Dict[str, float]:
     by_cat[categorize(e)] += d
     by_op[(categorize(e), str((e.get("args") or {}).get("hlo_op") or e["name"])[:90])] += d
   busy = sum(by_cat.values())
-  span = (max(float(e["ts"]) + float(e["dur"]) for e in ops) - min(float(e["ts"]) for e in ops)) * 1e-6
+  span = (max(float(e["ts"]) + float(e["dur"]) for e in ops) - min(float(e["ts"])
+                                                                   for e in ops)) * 1e-6
   out(f"trace {trace}; {len(ops)} op events from {source}")
-  out(f"device busy {busy:.4f} s over a traced span of {span:.4f} s: ops cover {100 * busy / span:.1f}% of the span "
+  out(f"device busy {busy:.4f} s over a traced span of {span:.4f} s: ops cover "
+      f"{100 * busy / span:.1f}% of the span "
       f"(streams may overlap; the rest is idle)")
   for name, sec in by_cat.most_common():
     out(f"  {name:20s} {sec:10.4f} s  {100 * sec / busy:5.1f}%")

@@ -1,8 +1,9 @@
-"""The whole SRUM loop at toy size, for tests and smoke runs: a converted tiny BAGEL (`model.dir` is required;
-tests build one from the golden tiny weights), shapes-world prompts, 32x32 images, 3 flow steps, components
-proposer, oracle eval.
+"""The whole SRUM loop at toy size, for tests and smoke runs: a converted tiny BAGEL (`model.dir` is
+required; tests build one from the golden tiny weights), shapes-world prompts, 32x32 images, 3 flow
+steps, components proposer, oracle eval.
 
-    python -m srum_jax run --config=experiments/tiny_pipeline.py --config.model.dir=/path/to/tiny_model
+    python -m srum_jax run --config=experiments/tiny_pipeline.py \
+        --config.model.dir=/path/to/tiny_model
 """
 from srum_jax import defaults
 from srum_jax.data.prompt_sources import prompt_source
@@ -20,8 +21,14 @@ def get_config(arg=None):
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"
-  c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 1})
-  c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 1})
+  c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={
+      "split": "train",
+      "per_category": 1
+  })
+  c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={
+      "split": "val",
+      "per_category": 1
+  })
   for g in (c.generate, c.eval_generate):
     g.batch_size = 8  # divides over the 8 simulated test devices (data-parallel sampling)
     g.height = g.width = 32

@@ -17,7 +17,7 @@ machine's backend is the CPU), and every program is traced under its mesh (the a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,11 @@ class Program:
   info: Dict[str, Any]
 
 
-def model_config(config) -> BagelConfig:
-  """The preset `model.preset` with the adapters `model.lora` asks for (rank 0: none)."""
+def model_config(config, cfg: Optional[BagelConfig] = None) -> BagelConfig:
+  """The preset `model.preset` with the adapters `model.lora` asks for (rank 0: none), or `cfg` when
+  given (benchmarks compile cut-down variants, e.g. fewer layers)."""
+  if cfg is not None:
+    return cfg
   return with_lora(get_preset(config.model.preset), lora_lib.lora_config(config.model.lora))
 
 
@@ -125,9 +128,10 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
   return _abstract(shapes, train_step.batch_shardings(host, mesh, rules))
 
 
-def train_step_program(config, devices: Sequence) -> Program:
-  """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices."""
-  cfg, t = model_config(config), config.train
+def train_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
+  """The SRUM train step exactly as `pipeline.train` builds it for `config` on these devices (`cfg`:
+  another model config than the preset's, e.g. fewer layers)."""
+  cfg, t = model_config(config, cfg), config.train
   rows = int(t.batch_size)
   mesh = sharding.mesh_from_config(config.mesh, list(devices), batch_rows=rows)
   rules = sharding.rules_from_config(config.sharding_rules)
@@ -141,14 +145,15 @@ def train_step_program(config, devices: Sequence) -> Program:
   abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay, labels), params)
   state_sh = train_step.state_shardings(cfg, abstract_state, mesh, rules)
   batch = _abstract_batch(cfg, config, rows, mesh, rules)
+  options = train_step.compiler_options(list(devices)[0].platform, bool(t.tpu_collective_matmul))
   step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx, labels), state_sh,
-                                     jax.tree.map(lambda x: x.sharding, batch), mesh)
+                                     jax.tree.map(lambda x: x.sharding, batch), mesh, options)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   trainable = update.trainable_part(params, labels)
   info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
               attn_impl=opts.attn_impl, params=params_lib.count_params(params),
               trainable=params_lib.count_params(trainable), param_dtype=str(config.model.param_dtype),
-              remat=opts.remat, remat_policy=opts.remat_policy,
+              remat=opts.remat, remat_policy=opts.remat_policy, xla_options=options,
               lora=None if lora is None else dict(rank=lora.rank, alpha=lora.alpha, experts=list(lora.experts),
                                                   dtype=str(config.model.lora.dtype)))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
@@ -158,8 +163,8 @@ def train_step_program(config, devices: Sequence) -> Program:
 # Inference
 
 
-def _inference_setup(config, devices):
-  cfg = model_config(config)
+def _inference_setup(config, devices, cfg: Optional[BagelConfig] = None):
+  cfg = model_config(config, cfg)
   mesh = _local_mesh(config, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   dtype = config.model.inference_dtype or config.model.param_dtype
@@ -174,10 +179,13 @@ def _context_length(config, cfg: BagelConfig) -> int:
   return context.bucket(256 + (int(g.text_budget) or 128) + think)
 
 
-def sampler_step_program(config, devices: Sequence) -> Program:
+def sampler_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None,
+                         guided: bool = False) -> Program:
   """One Euler step of `sampling` at `generate.height` x `generate.width` with the configured CFG, over the
-  generation batch (`generate.batch_size` rows per host)."""
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  generation batch (`generate.batch_size` rows per host). `guided`: the step inside `cfg_interval`
+  only (the guided branch of `sampling.guided_velocity`'s cond, without the cond: one program per
+  step kind)."""
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   g = config.generate
   rows = int(g.batch_size)
   attn = attn_impl(config, devices)
@@ -189,11 +197,18 @@ def sampler_step_program(config, devices: Sequence) -> Program:
                            sharding=_fit(_rows(mesh, 3), (rows, 1, 1)))
   t = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
 
+  scales = dict(cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale))
+  renorm = dict(cfg_renorm_type=str(g.cfg_renorm_type), cfg_renorm_min=float(g.cfg_renorm_min))
+
   def step(params, contexts, x, t):
-    v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid,
-                                 cfg_text_scale=float(g.cfg_text_scale), cfg_img_scale=float(g.cfg_img_scale),
-                                 cfg_interval=tuple(g.cfg_interval), cfg_renorm_type=str(g.cfg_renorm_type),
-                                 cfg_renorm_min=float(g.cfg_renorm_min), attn_impl=attn)
+    if guided:
+      vs = sampling.branch_velocities(params["bagel"], contexts[:n], x, t, cfg=cfg, grid=grid,
+                                      attn_impl=attn)
+      v = sampling.cfg_combine(vs[0], vs[1] if n > 1 else None, vs[2] if n > 2 else None, **scales,
+                               **renorm)
+    else:
+      v = sampling.guided_velocity(params["bagel"], contexts, x, t, cfg=cfg, grid=grid, **scales,
+                                   cfg_interval=tuple(g.cfg_interval), **renorm, attn_impl=attn)
     return x - v * 0.02
 
   info = dict(mesh=dict(mesh.shape), rows=rows, branches=n, image=f"{g.height}x{g.width}",
@@ -201,9 +216,9 @@ def sampler_step_program(config, devices: Sequence) -> Program:
   return Program("sampler_step", jax.jit(sharding.under_mesh(step, mesh)), (params, contexts, x, t), mesh, info)
 
 
-def prefill_program(config, devices: Sequence) -> Program:
+def prefill_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None) -> Program:
   """The prompt's prefill (`context.prefill_text`) into an empty generation context."""
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   rows, length = int(config.generate.batch_size), _context_length(config, cfg)
   ids_len = int(config.generate.text_budget) or 128
   ctx = _context(cfg, rows, length, dtype, mesh)
@@ -216,10 +231,11 @@ def prefill_program(config, devices: Sequence) -> Program:
                  dict(mesh=dict(mesh.shape), rows=rows, prompt_tokens=ids_len, context_slots=length, attn_impl=attn))
 
 
-def judge_program(config, devices: Sequence, *, prompt_tokens: int = 512) -> Program:
+def judge_program(config, devices: Sequence, cfg: Optional[BagelConfig] = None, *,
+                  prompt_tokens: int = 512) -> Program:
   """The judge's forward: a ViT image at the official transform's largest size and a region prompt
   prefilled into a context, then the logits after the answer prefix ("Score:" etc.)."""
-  cfg, mesh, params, dtype = _inference_setup(config, devices)
+  cfg, mesh, params, dtype = _inference_setup(config, devices, cfg)
   rows = int(config.score.batch_size)
   side = cfg.vit_max_num_patch_per_side
   patches = side * side

@@ -1,8 +1,9 @@
 """One entry point: `python -m srum_jax <subcommand> --config=experiments/x.py[:arg] --config.a.b=v`.
 
 Config-driven subcommands parse absl flags with `ml_collections.config_flags` (big_vision style: a wrong
-override key is an error before any work starts). `convert` / `export` take plain `--src/--dst` flags.
-Subcommand implementations are imported lazily so `--help` and config checks stay fast.
+override key is an error before any work starts). `convert`, `convert-sam` and `export` take plain
+`--src/--dst` flags. Subcommand implementations are imported lazily so `--help` and config checks
+stay fast.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
     "export": ("srum_jax.convert.flax_to_hf:main", "orbax model dir -> official safetensors"),
+    "convert-sam": ("srum_jax.convert.sam_to_flax:main",
+                    "SAM weights (sam_vit_*.pth / SamModel dir) -> orbax dir"),
     "texts": ("srum_jax.cli:texts_main",
               "official texts from your BAGEL / SRUM checkouts (import), what a stage sends (show)"),
 }

@@ -78,7 +78,8 @@ def config_from_module(module, path: str, arg: Optional[str]) -> ml_collections.
 
 
 def load_config(spec: str, overrides: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
-  """Load a config file (with optional ':arg') and apply dotted-key overrides; unknown keys are errors."""
+  """Load a config file (with optional ':arg') and apply dotted-key overrides; unknown keys are
+  errors."""
   path, arg = split_config_spec(spec)
   cfg = config_from_module(load_config_module(path), path, arg)
   for key, value in (overrides or {}).items():
@@ -87,7 +88,8 @@ def load_config(spec: str, overrides: Optional[Dict[str, Any]] = None) -> ml_col
 
 
 def literal(text: str) -> Any:
-  """A command-line value: a Python literal when it parses as one ("1e-4", "True", "(0, 1)"), else the string."""
+  """A command-line value: a Python literal when it parses as one ("1e-4", "True", "(0, 1)"),
+  else the string."""
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -95,7 +97,8 @@ def literal(text: str) -> Any:
 
 
 def parse_overrides(pairs: Iterable[str]) -> Dict[str, Any]:
-  """["a.b=v", ...] (scripts' `--set` flags) -> {"a.b": literal(v)}; raises ValueError on a pair without '='."""
+  """["a.b=v", ...] (scripts' `--set` flags) -> {"a.b": literal(v)}; raises ValueError on a pair
+  without '='."""
   out = {}
   for kv in pairs:
     key, sep, value = kv.partition("=")
@@ -166,11 +169,12 @@ def point_name(index: int, point: Dict[str, Any]) -> str:
   return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9._=,+-]+", "_", pairs)[:100]
 
 
-def sweep_commands(spec: str, subcommand: str, extra: Iterable[str] = (), workdir: Optional[str] = None,
-                   overrides: Iterable[str] = ()) -> List[List[str]]:
-  """One argv per sweep point: python -m srum_jax <subcommand> --config=<spec> <overrides> --config.k=v ...
-  --config.workdir=<workdir>/<point name> <extra> (default workdir: the config's), so points never share
-  outputs; a point's values win over `overrides` (given first)."""
+def sweep_commands(spec: str, subcommand: str, extra: Iterable[str] = (),
+                   workdir: Optional[str] = None, overrides: Iterable[str] = ()) -> List[List[str]]:
+  """One argv per sweep point: python -m srum_jax <subcommand> --config=<spec> <overrides>
+  --config.k=v ...
+  --config.workdir=<workdir>/<point name> <extra> (default workdir: the config's), so points never
+  share outputs; a point's values win over `overrides` (given first)."""
   base = workdir or load_config(spec).workdir
   cmds = []
   for i, point in enumerate(get_sweep(spec)):

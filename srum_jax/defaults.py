@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.microbatch_rows = 0  # rows per batch shard per forward/backward; fewer than a shard's: accumulation
   c.train.ema_decay = 0.0  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
   c.train.freeze = ("vit", "connector", "ae")  # top-level parameter groups held fixed
+  # XLA TPU's windowed einsum for the step's FSDP matmuls (False: whole all-gathers and
+  # reduce-scatters; fewer bytes by XLA's cost model, benchmarks/results_tpu_cost.txt)
+  c.train.tpu_collective_matmul = True
   c.train.save_every = 100
   c.train.keep_checkpoints = 2
   c.train.log_every = 10
@@ -148,14 +151,23 @@ def base_config() -> ml_collections.ConfigDict:
   # (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
-  # Region proposals (SRUM's vlm.sh: SAM, the 10 largest masks: `vlm_multi_gpu.py`'s --max_regions
-  # default, which overrides the 5 of `vlm.py`'s own parser).
+  # Region proposals (SRUM's vlm.sh: SAM ViT-H's automatic masks, the 10 largest:
+  # `vlm_multi_gpu.py`'s --max_regions default, which overrides the 5 of `vlm.py`'s own parser).
   c.propose = ml_collections.ConfigDict()
-  c.propose.name = "sam"  # sam | felzenszwalb | components | grid
+  # sam (JAX, on inference_mesh) | sam_torch (PyTorch) | felzenszwalb | components | grid
+  c.propose.name = "sam"
   c.propose.max_regions = 10
   c.propose.min_area = 0.0  # < 1: fraction of the image; >= 1: pixels
   c.propose.box_mode = "official"
-  c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
+  # images per proposer call (sam: one program over inference_mesh's data x fsdp)
+  c.propose.batch_size = 8
+  # Proposer keyword arguments; keys left "" are not passed. sam: weights = a released
+  # sam_vit_*.pth, a transformers SamModel dir or a `convert-sam` dir; preset = vit_h | vit_l |
+  # vit_b (checked against the weights); dtype = float32 | bfloat16. sam_torch: weights = a
+  # transformers SamModel dir, device = cpu | cuda | ..., dtype. An experiment may add the
+  # generator's thresholds (points_per_side, pred_iou_thresh, ...).
+  c.propose.options = ml_collections.ConfigDict(
+      {"weights": "", "preset": "", "device": "", "dtype": ""})
 
   # Self-judging (srum_data_infer/vlm.py's procedure; its prompts: the texts, `texts.file`).
   # Self-judging (SRUM's srum_data_infer/vlm.py `main`, as vlm.sh runs it through vlm_multi_gpu.py).

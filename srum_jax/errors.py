@@ -1,9 +1,9 @@
 """User errors: a mistake in a config, a flag or an input file that the user fixes, not a bug.
 
-The CLI prints a `UserError` as one line on stderr and exits with code 2 (no traceback). The subclasses keep
-the built-in exception a caller may already catch (a missing file is still a `FileNotFoundError`).
-An `OSError` the user fixes too (a folder where a file belongs or the reverse, a full disk, a
-read-only folder) is stated the same way: `os_error_line` words it, naming the path.
+The CLI prints a `UserError` as one line on stderr and exits with code 2 (no traceback). The
+subclasses keep the built-in exception a caller may already catch (a missing file is still a
+`FileNotFoundError`). An `OSError` the user fixes too (a folder where a file belongs or the reverse,
+a full disk, a read-only folder) is stated the same way: `os_error_line` words it, naming the path.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""Whole files in the formats the project writes and reads: JSON, PNG, RGB images; local or remote (`paths`).
+"""Whole files in the formats the project writes and reads: JSON, PNG, RGB images; local or remote
+(`paths`).
 
-Every write goes through `paths.write_bytes` (the one atomic-write mechanism: a temporary name then a rename
-locally, one whole object remotely), so a crash never leaves a torn file under its final name. Every JSON
-read goes through `read_json`, whose failures name the file (a `UserValueError`, not a traceback).
+Every write goes through `paths.write_bytes` (the one atomic-write mechanism: a temporary name then
+a rename locally, one whole object remotely), so a crash never leaves a torn file under its final
+name. Every JSON read goes through `read_json`, whose failures name the file (a `UserValueError`,
+not a traceback).
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from srum_jax.errors import UserValueError
 
 
 def read_json(path, what: str = "JSON file") -> Any:
-  """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the file."""
+  """A JSON file's content; a file that is not UTF-8 JSON raises a `UserValueError` naming the
+  file."""
   try:
     return json.loads(paths.path(path).read_bytes().decode("utf-8"))  # local or remote (gs://)
   except UnicodeDecodeError as e:
     raise UserValueError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
   except json.JSONDecodeError as e:
-    raise UserValueError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    raise UserValueError(
+        f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def read_json_if_present(path, what: str = "JSON file") -> Optional[Any]:
@@ -39,7 +43,8 @@ def write_json(path, obj: Any) -> None:
 
 
 def save_png(path, image) -> str:
-  """A PIL image or a uint8 array as PNG, written atomically (`paths.write_bytes`); returns `path`."""
+  """A PIL image or a uint8 array as PNG, written atomically (`paths.write_bytes`); returns
+  `path`."""
   if not isinstance(image, Image.Image):
     image = Image.fromarray(np.asarray(image, np.uint8))
   buf = io.BytesIO()

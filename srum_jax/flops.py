@@ -12,12 +12,14 @@ from srum_jax.models.config import BagelConfig
 
 def bagel_active_params(cfg: BagelConfig) -> int:
   c = cfg.llm
-  d, q, kv, f = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+  d, f = c.hidden_size, c.intermediate_size
+  q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
   per_layer = d * q + 2 * d * kv + q * d + 3 * d * f  # one expert
-  return c.num_hidden_layers * per_layer + cfg.patch_latent_dim * d * 2 + cfg.timestep_embed_dim * d + d * d
+  return (c.num_hidden_layers * per_layer + cfg.patch_latent_dim * d * 2
+          + cfg.timestep_embed_dim * d + d * d)
 
 
 def bagel_flops(cfg: BagelConfig, tokens: int, seq_lens: Sequence[int]) -> float:
   c = cfg.llm
-  return (6.0 * bagel_active_params(cfg) * tokens
-          + 12.0 * c.head_dim * c.num_attention_heads * c.num_hidden_layers * sum(l * l for l in seq_lens))
+  return (6.0 * bagel_active_params(cfg) * tokens + 12.0 * c.head_dim * c.num_attention_heads *
+          c.num_hidden_layers * sum(l * l for l in seq_lens))

@@ -9,8 +9,8 @@ __all__ = ["roc_auc", "box_iou_inclusive", "box_cell"]
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
-  """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half; None when
-  one class is absent."""
+  """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half;
+  None when one class is absent."""
   s, y = np.asarray(scores, np.float64), np.asarray(labels, bool)
   pos, neg = s[y], s[~y]
   if len(pos) == 0 or len(neg) == 0:
@@ -20,7 +20,8 @@ def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> Optional[float]:
 
 
 def box_iou_inclusive(a: Sequence[int], b: Sequence[int]) -> float:
-  """IoU of two integer boxes [x0, y0, x1, y1] whose max corner is inside the box (the proposer's boxes)."""
+  """IoU of two integer boxes [x0, y0, x1, y1] whose max corner is inside the box (the proposer's
+  boxes)."""
   ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
   iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
   area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731

@@ -1,15 +1,17 @@
 """Workdir paths that may live on an object store (`gs://bucket/run`, any `etils.epath` scheme).
 
-A path with a scheme (`gs://`, `s3://`, ...) is *remote*: it goes through `etils.epath` (fsspec / gfile), and
-its writes are single whole-object writes (an object appears complete or not at all, so no temporary name and
-rename is needed). A local path keeps the plain os / pathlib calls it always used (tmp + `os.replace`,
-appends, `O_EXCL`). What an object store cannot do (append, exclusive create, memory-map) is handled where it
-is needed: resumable logs as part objects (`workdir.logs.JsonlLog`), a best-effort workdir lock
-(`workdir.locking.WorkdirLock`), and files that must be local (ArrayRecord, memory-mapped moments, the
-tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
+A path with a scheme (`gs://`, `s3://`, ...) is *remote*: it goes through `etils.epath` (fsspec /
+gfile), and its writes are single whole-object writes (an object appears complete or not at all, so
+no temporary name and rename is needed). A local path keeps the plain os / pathlib calls it always
+used (tmp + `os.replace`, appends, `O_EXCL`). What an object store cannot do (append, exclusive
+create, memory-map) is handled where it is needed: resumable logs as part objects
+(`workdir.logs.JsonlLog`), a best-effort workdir lock (`workdir.locking.WorkdirLock`), and files
+that must be local (ArrayRecord, memory-mapped moments, the tokenizer file) in a per-URL local cache
+(`local_cache_dir`, `local_copy`).
 
     paths.is_remote("gs://b/run")                  # True
-    paths.join("gs://b/run", "generate", "x.png")  # "gs://b/run/generate/x.png" (pathlib would eat a slash)
+    # "gs://b/run/generate/x.png" (pathlib would eat a slash)
+    paths.join("gs://b/run", "generate", "x.png")
     paths.write_bytes("gs://b/run/report.json", data)
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike]
 
-CACHE_ENV = "SRUM_JAX_LOCAL_CACHE"  # where remote files that must be local are copied (default: tmp dir)
+# where remote files that must be local are copied (default: tmp dir)
+CACHE_ENV = "SRUM_JAX_LOCAL_CACHE"
 
 
 def is_remote(path: PathLike) -> bool:
@@ -38,9 +41,10 @@ def is_remote(path: PathLike) -> bool:
 
 
 def path(p: PathLike):
-  """A path object for `p`: `etils.epath.Path` when remote (its `/` joins keep `gs://`), `pathlib.Path` when
-  local (the calls local paths always made). Both have exists / is_file / is_dir / iterdir / glob / mkdir /
-  read_bytes / write_bytes / unlink; use `rmtree` and `copy_file` here for the rest."""
+  """A path object for `p`: `etils.epath.Path` when remote (its `/` joins keep `gs://`),
+  `pathlib.Path` when local (the calls local paths always made). Both have exists / is_file / is_dir
+  / iterdir / glob / mkdir / read_bytes / write_bytes / unlink; use `rmtree` and `copy_file` here
+  for the rest."""
   if is_remote(p):
     return epath.Path(p)
   return pathlib.Path(p)
@@ -61,14 +65,15 @@ def join(base: PathLike, *parts: str) -> str:
 
 
 def abspath(p: PathLike) -> str:
-  """The absolute form of a local path; a remote path as it is (`os.path.abspath` would mangle `gs://`)."""
+  """The absolute form of a local path; a remote path as it is (`os.path.abspath` would mangle
+  `gs://`)."""
   p = os.fspath(p)
   return p if is_remote(p) else os.path.abspath(p)
 
 
 def readable(p: PathLike):
-  """Something `PIL.Image.open` / `numpy.load` read: the local path itself, or a remote object's bytes in
-  memory (a missing object raises FileNotFoundError, like a missing file)."""
+  """Something `PIL.Image.open` / `numpy.load` read: the local path itself, or a remote object's
+  bytes in memory (a missing object raises FileNotFoundError, like a missing file)."""
   return io.BytesIO(path(p).read_bytes()) if is_remote(p) else os.fspath(p)
 
 
@@ -97,9 +102,10 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 
 
 def local_cache_dir(p: PathLike) -> str:
-  """A local folder standing for the remote folder `p` (a local `p` is itself): `$SRUM_JAX_LOCAL_CACHE` (default
-  `<tmp>/srum_jax_cache`) / a readable tail of the URL + a hash of the whole URL. For data that must be a local
-  file (ArrayRecord, memory maps); its contents are caches keyed by their inputs, so a fresh host rebuilds them."""
+  """A local folder standing for the remote folder `p` (a local `p` is itself):
+  `$SRUM_JAX_LOCAL_CACHE` (default `<tmp>/srum_jax_cache`) / a readable tail of the URL + a hash of
+  the whole URL. For data that must be a local file (ArrayRecord, memory maps); its contents are
+  caches keyed by their inputs, so a fresh host rebuilds them."""
   p = os.fspath(p)
   if not is_remote(p):
     return p
@@ -112,8 +118,8 @@ def local_cache_dir(p: PathLike) -> str:
 
 def local_copy(p: PathLike) -> str:
   """A local file with `p`'s content (a local `p` is itself): a remote object is copied into
-  `local_cache_dir(its folder)` when absent or of another size. For readers that only take file names (e.g.
-  `tokenizer_file=`)."""
+  `local_cache_dir(its folder)` when absent or of another size. For readers that only take file
+  names (e.g. `tokenizer_file=`)."""
   p = os.fspath(p)
   if not is_remote(p):
     return p
@@ -126,7 +132,8 @@ def local_copy(p: PathLike) -> str:
 
 
 def local_copy_dir(p: PathLike) -> str:
-  """A local folder with the files (top level) of folder `p` (a local `p` is itself), via `local_copy`."""
+  """A local folder with the files (top level) of folder `p` (a local `p` is itself), via
+  `local_copy`."""
   p = os.fspath(p)
   if not is_remote(p):
     return p
@@ -137,7 +144,8 @@ def local_copy_dir(p: PathLike) -> str:
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:
-  """Copy one file; `shutil.copy2` between local paths (metadata kept, as before), epath otherwise."""
+  """Copy one file; `shutil.copy2` between local paths (metadata kept, as before), epath
+  otherwise."""
   if is_remote(src) or is_remote(dst):
     path(src).copy(path(dst), overwrite=True)
   else:
@@ -145,7 +153,8 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
 
 
 def upload_dir(local: str, remote: PathLike) -> None:
-  """Copy the files of the local folder `local` (top level) to the folder `remote`, each as one object."""
+  """Copy the files of the local folder `local` (top level) to the folder `remote`, each as one
+  object."""
   for name in sorted(os.listdir(local)):
     src = os.path.join(local, name)
     if os.path.isfile(src):
@@ -154,8 +163,8 @@ def upload_dir(local: str, remote: PathLike) -> None:
 
 
 def move_tree(src: PathLike, dst: PathLike) -> None:
-  """Move the folder `src` to `dst`: `os.replace` locally; on an object store (no folder rename) every object is
-  copied, then `src` deleted."""
+  """Move the folder `src` to `dst`: `os.replace` locally; on an object store (no folder rename)
+  every object is copied, then `src` deleted."""
   if not (is_remote(src) or is_remote(dst)):
     os.replace(src, dst)
     return

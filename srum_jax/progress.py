@@ -1,7 +1,7 @@
 """Progress bars and stage summary lines for every long loop (stages, trainers, evaluation).
 
-A live tqdm bar on a terminal; off a terminal (a log file, a pipe) one plain line per `QUIET_INTERVAL_S` at most,
-without the carriage-return redraws that fill logs.
+A live tqdm bar on a terminal; off a terminal (a log file, a pipe) one plain line per
+`QUIET_INTERVAL_S` at most, without the carriage-return redraws that fill logs.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ QUIET_INTERVAL_S = 30.0  # seconds between progress lines when the output is not
 
 
 def progress_options(stream=None) -> Dict[str, Any]:
-  """tqdm options: a live bar on a terminal; otherwise (a log file, a pipe) one line per `QUIET_INTERVAL_S`
-  at most, without the carriage-return redraws that fill logs."""
+  """tqdm options: a live bar on a terminal; otherwise (a log file, a pipe) one line per
+  `QUIET_INTERVAL_S` at most, without the carriage-return redraws that fill logs."""
   stream = sys.stderr if stream is None else stream
   try:
     tty = stream.isatty()
@@ -23,13 +23,14 @@ def progress_options(stream=None) -> Dict[str, Any]:
     tty = False
   if tty:
     return dict(file=stream, dynamic_ncols=True)
-  return dict(file=_LineStream(stream), mininterval=QUIET_INTERVAL_S, maxinterval=QUIET_INTERVAL_S, ncols=100,
-              ascii=True)
+  return dict(
+      file=_LineStream(stream), mininterval=QUIET_INTERVAL_S, maxinterval=QUIET_INTERVAL_S,
+      ncols=100, ascii=True)
 
 
 class _LineStream:
-  """A file for tqdm off a terminal: each redraw becomes one plain line (no carriage returns, no blank
-  clearing frames)."""
+  """A file for tqdm off a terminal: each redraw becomes one plain line (no carriage returns, no
+  blank clearing frames)."""
 
   def __init__(self, stream):
     self.stream = stream
@@ -55,4 +56,3 @@ def summary_line(stage: str, **counts) -> str:
   line = f"[{stage}] {parts}"
   print(line, flush=True)
   return line
-

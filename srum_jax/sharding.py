@@ -1,8 +1,8 @@
 """Device mesh and logical-axis sharding rules (MaxText style).
 
-Arrays are annotated with *logical* axis names (`batch`, `embed`, `mlp`, ...); a rule table maps each
-logical name to zero or more *mesh* axes (`data`, `fsdp`, `tensor`). Changing the parallelism of a run
-is a config change (mesh shape and rules), never a model-code change.
+Arrays are annotated with *logical* axis names (`batch`, `embed`, `mlp`, ...); a rule table maps
+each logical name to zero or more *mesh* axes (`data`, `fsdp`, `tensor`). Changing the parallelism
+of a run is a config change (mesh shape and rules), never a model-code change.
 
     mesh = make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     shardings = logical_to_sharding(logical_axes(schema), mesh, DEFAULT_RULES)
@@ -21,7 +21,8 @@ from srum_jax.models import attention, params as params_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical name -> mesh axes. Parameters are FSDP-sharded over their `embed` dim and tensor-parallel over
+# logical name -> mesh axes. Parameters are FSDP-sharded over their `embed` dim and tensor-parallel
+# over
 # heads/mlp/vocab; activations shard their batch over data+fsdp. Unlisted names are replicated.
 DEFAULT_RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("batch", ("data", "fsdp")),
@@ -34,7 +35,8 @@ DEFAULT_RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("vit_mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
-    ("lora_rank", None),  # LoRA adapters: A [in, r] / B [r, out] shard like their kernel's in / out dims
+    # LoRA adapters: A [in, r] / B [r, out] shard like their kernel's in / out dims
+    ("lora_rank", None),
     ("length", None),
     ("norm", None),
     ("channels", None),
@@ -66,7 +68,8 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
   return Mesh(grid, MESH_AXES)
 
 
-def logical_to_mesh_spec(logical: Union[PartitionSpec, Sequence[Optional[str]]], rules=DEFAULT_RULES) -> PartitionSpec:
+def logical_to_mesh_spec(logical: Union[PartitionSpec, Sequence[Optional[str]]],
+                         rules=DEFAULT_RULES) -> PartitionSpec:
   """PartitionSpec over mesh axes for a tuple of logical names; a mesh axis is used at most once."""
   table = dict(rules)
   used = set()
@@ -97,7 +100,8 @@ def _fit(spec: PartitionSpec, shape: Tuple[int, ...], mesh: Mesh) -> PartitionSp
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes=None):
-  """Map a tree of logical PartitionSpecs to NamedShardings; with `shapes`, non-dividing axes replicate."""
+  """Map a tree of logical PartitionSpecs to NamedShardings; with `shapes`, non-dividing axes
+  replicate."""
   is_leaf = lambda x: isinstance(x, PartitionSpec)
   if shapes is None:
     return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_mesh_spec(s, rules)), logical_tree,
@@ -108,9 +112,10 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=DEFAULT_RULES, shapes=No
 
 
 def schema_shardings(schema, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings of every parameter of a schema (`models.params`): its logical axes through `rules`,
-  dims a mesh axis does not divide replicated."""
-  return logical_to_sharding(params_lib.logical_axes(schema), mesh, rules, shapes=params_lib.abstract_params(schema))
+  """NamedShardings of every parameter of a schema (`models.params`): its logical axes through
+  `rules`, dims a mesh axis does not divide replicated."""
+  return logical_to_sharding(
+      params_lib.logical_axes(schema), mesh, rules, shapes=params_lib.abstract_params(schema))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
@@ -119,8 +124,9 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def under_mesh(fn, mesh: Optional[Mesh]):
-  """`fn` traced with `mesh` as the attention kernels' mesh (`models.attention.kernel_mesh`): the Pallas /
-  cuDNN kernels, which GSPMD cannot partition, then run per shard of it. For a function jitted on `mesh`."""
+  """`fn` traced with `mesh` as the attention kernels' mesh (`models.attention.kernel_mesh`): the
+  Pallas / cuDNN kernels, which GSPMD cannot partition, then run per shard of it. For a function
+  jitted on `mesh`."""
   if mesh is None:
     return fn
 
@@ -136,17 +142,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def derive_mesh_shape(shape: Mapping[str, int], num_devices: int, batch_rows: int) -> dict:
   """A mesh shape for `num_devices` from a config's: 'tensor': 0 means "derived": just enough tensor
-  parallelism that the remaining devices split `batch_rows` evenly (tensor = devices / gcd(devices, rows)),
-  so the global batch can stay the same on any number of devices. Other sizes (one may be -1) are kept."""
+  parallelism that the remaining devices split `batch_rows` evenly (tensor = devices / gcd(devices,
+  rows)), so the global batch can stay the same on any number of devices. Other sizes (one may be
+  -1) are kept."""
   sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
   if sizes["tensor"] == 0:
     sizes["tensor"] = num_devices // math.gcd(num_devices, int(batch_rows))
   return sizes
 
 
-def mesh_from_config(cfg, devices: Optional[Sequence[jax.Device]] = None, batch_rows: int = 1) -> Mesh:
-  """`cfg` is a ConfigDict/dict like {'data': -1, 'fsdp': 1, 'tensor': 1} (see `derive_mesh_shape` for
-  tensor 0); `batch_rows` is the global batch the derivation divides."""
+def mesh_from_config(cfg, devices: Optional[Sequence[jax.Device]] = None,
+                     batch_rows: int = 1) -> Mesh:
+  """`cfg` is a ConfigDict/dict like {'data': -1, 'fsdp': 1, 'tensor': 1} (see `derive_mesh_shape`
+  for tensor 0); `batch_rows` is the global batch the derivation divides."""
   devices = list(jax.devices() if devices is None else devices)
   return make_mesh(derive_mesh_shape(dict(cfg), len(devices), batch_rows), devices)
 

@@ -1,10 +1,11 @@
-"""The Qwen2 tokenizer with BAGEL's special tokens (docs/bagel.md, "Special tokens"), through `transformers`.
+"""The Qwen2 tokenizer with BAGEL's special tokens (docs/bagel.md, "Special tokens"), through
+`transformers`.
 
-`load_tokenizer(model_dir)` reads `tokenizer.json` (a `tokenizers` byte-level BPE file, as shipped with
-Qwen2.5 / BAGEL) into a `PreTrainedTokenizerFast`, adds `<|im_start|>`, `<|im_end|>`, `<|vision_start|>`,
-`<|vision_end|>` as special tokens when absent (with the Qwen2.5 vocabulary they already exist, so the ids
-do not change), and wraps it so that `encode` never inserts special tokens by itself: the context builders
-add `<|im_start|>` / `<|im_end|>` around each text split explicitly.
+`load_tokenizer(model_dir)` reads `tokenizer.json` (a `tokenizers` byte-level BPE file, as shipped
+with Qwen2.5 / BAGEL) into a `PreTrainedTokenizerFast`, adds `<|im_start|>`, `<|im_end|>`,
+`<|vision_start|>`, `<|vision_end|>` as special tokens when absent (with the Qwen2.5 vocabulary they
+already exist, so the ids do not change), and wraps it so that `encode` never inserts special tokens
+by itself: the context builders add `<|im_start|>` / `<|im_end|>` around each text split explicitly.
 
 (With transformers 5 the tokenizer must come from `tokenizer_file=`; building from `vocab_file=` /
 `merges_file=` silently gives a tokenizer that encodes everything to no ids.)
@@ -71,8 +72,9 @@ def from_hf(hf) -> Tokenizer:
 
 
 def load_tokenizer(model_dir) -> Tokenizer:
-  """Tokenizer of a model directory holding `tokenizer.json` (+ optional `tokenizer_config.json`). A remote
-  model dir (gs://) has its tokenizer.json copied to the local cache first (`tokenizer_file=` takes a file name)."""
+  """Tokenizer of a model directory holding `tokenizer.json` (+ optional `tokenizer_config.json`). A
+  remote model dir (gs://) has its tokenizer.json copied to the local cache first (`tokenizer_file=`
+  takes a file name)."""
   from transformers import PreTrainedTokenizerFast
 
   path = paths.path(paths.join(model_dir, "tokenizer.json"))
@@ -89,11 +91,12 @@ def load_tokenizer(model_dir) -> Tokenizer:
 
 def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>",
                      normalizer=None) -> Tokenizer:
-  """A whitespace word-level tokenizer (for small synthetic worlds), saved as `tokenizer.json` in `directory`.
+  """A whitespace word-level tokenizer (for small synthetic worlds), saved as `tokenizer.json` in
+  `directory`.
 
-  `words` get ids 0.. in order, then `<unk>`; `special_ids` maps BAGEL's special tokens to fixed ids (e.g.
-  the tiny model's 120..123). Splitting is on whitespace only, so "Score:" and "-0.5" stay single tokens.
-  `normalizer`: an optional `tokenizers.normalizers` object applied before splitting.
+  `words` get ids 0.. in order, then `<unk>`; `special_ids` maps BAGEL's special tokens to fixed ids
+  (e.g. the tiny model's 120..123). Splitting is on whitespace only, so "Score:" and "-0.5" stay
+  single tokens. `normalizer`: an optional `tokenizers.normalizers` object applied before splitting.
   """
   from transformers import PreTrainedTokenizerFast
 

@@ -1,9 +1,12 @@
-"""Pictures of a run with PIL only: image grids, reward-map overlays, loss curves, atomic PNG writes.
+"""Pictures of a run with PIL only: image grids, reward-map overlays, loss curves, atomic PNG
+writes.
 
     grid = image_grid(images_uint8, ncols=4, pad=2, captions=prompts)         # PIL.Image
     table = labeled_grid([[im, ...], ...], column_titles=prompts, row_titles=models,
-                         cell_captions=[["ok", ...], ...], min_tile=160)      # small images upscaled
-    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)  # uint8 [6H, 6W, 3]
+                         # small images upscaled
+                         cell_captions=[["ok", ...], ...], min_tile=160)
+    # uint8 [6H, 6W, 3]
+    over = overlay_reward_map(image_uint8, rmap, boxes=boxes, scores=scores, scale=6)
     loss_curve_png({"loss": [(step, value), ...]}, "workdir/loss.png")
     files.save_png("workdir/samples/step_100.png", grid)
 
@@ -19,16 +22,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from srum_jax import files
 
-__all__ = ["to_uint8", "reward_colors", "image_grid", "upscale_nearest", "labeled_grid", "overlay_reward_map",
-           "loss_curve_png"]
+__all__ = [
+    "to_uint8", "reward_colors", "image_grid", "upscale_nearest", "labeled_grid",
+    "overlay_reward_map", "loss_curve_png"
+]
 
 # legend / series colours (RGB), cycled
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127))
+PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127))
 
 
 def to_uint8(images) -> np.ndarray:
-  """Float images in [-1, 1] -> uint8 (clip(x*0.5+0.5) * 255, truncated, as the official inferencer); NaN -> 0."""
+  """Float images in [-1, 1] -> uint8 (clip(x*0.5+0.5) * 255, truncated, as the official
+  inferencer); NaN -> 0."""
   x = np.clip(np.nan_to_num(np.asarray(images, np.float32) * 0.5 + 0.5, nan=0.0), 0.0, 1.0)
   return (x * 255.0).astype(np.uint8)
 
@@ -63,8 +69,9 @@ def _fit_text(draw, text: str, font, width: int) -> str:
 
 def image_grid(images, ncols: int, pad: int = 2, captions: Optional[Sequence[str]] = None,
                background=(255, 255, 255)) -> Image.Image:
-  """uint8 [N, H, W, 3] -> one PIL image: `ncols` columns, `pad` pixels of `background` around and between
-  the tiles; with `captions`, a line of text (PIL's default font, cut to the tile width) under each tile."""
+  """uint8 [N, H, W, 3] -> one PIL image: `ncols` columns, `pad` pixels of `background` around and
+  between the tiles; with `captions`, a line of text (PIL's default font, cut to the tile width)
+  under each tile."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
     raise ValueError(f"image_grid needs uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
@@ -77,14 +84,16 @@ def image_grid(images, ncols: int, pad: int = 2, captions: Optional[Sequence[str
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     cap_h = _text_size(probe, "Ag", font)[1] + 4
   tile_h = H + cap_h
-  canvas = Image.new("RGB", (pad + ncols * (W + pad), pad + nrows * (tile_h + pad)), tuple(background))
+  canvas = Image.new("RGB", (pad + ncols * (W + pad), pad + nrows * (tile_h + pad)),
+                     tuple(background))
   draw = ImageDraw.Draw(canvas)
   for i in range(N):
     r, c = divmod(i, ncols)
     x, y = pad + c * (W + pad), pad + r * (tile_h + pad)
     canvas.paste(Image.fromarray(images[i]), (x, y))
     if captions is not None and i < len(captions):
-      draw.text((x, y + H + 1), _fit_text(draw, str(captions[i]), font, W), fill=(0, 0, 0), font=font)
+      draw.text((x, y + H + 1), _fit_text(draw, str(captions[i]), font, W), fill=(0, 0, 0),
+                font=font)
   return canvas
 
 
@@ -103,50 +112,61 @@ def _wrap(draw, text: str, font, width: int, max_lines: int = 4) -> list:
   for word in str(text).split():
     trial = f"{line} {word}".strip()
     if _text_size(draw, trial, font)[0] <= width or not line:
-      line = trial if _text_size(draw, trial, font)[0] <= width else _fit_text(draw, trial, font, width)
+      line = trial if _text_size(draw, trial, font)[0] <= width else _fit_text(
+          draw, trial, font, width)
     else:
       lines.append(line)
       line = _fit_text(draw, word, font, width)
   if line:
     lines.append(line)
   if len(lines) > max_lines:
-    lines = lines[:max_lines - 1] + [_fit_text(draw, lines[max_lines - 1] + " " + " ".join(lines[max_lines:]) + "...",
-                                               font, width)]
+    lines = lines[:max_lines - 1] + [
+        _fit_text(draw, lines[max_lines - 1] + " " + " ".join(lines[max_lines:]) + "...", font,
+                  width)
+    ]
   return lines
 
 
 def _tile(image, min_tile: int, max_tile: int) -> np.ndarray:
-  """Small images upscaled (nearest neighbour) to >= `min_tile`, large ones shrunk (Lanczos) to <= `max_tile`."""
+  """Small images upscaled (nearest neighbour) to >= `min_tile`, large ones shrunk (Lanczos) to
+  <= `max_tile`."""
   image = upscale_nearest(image, min_tile)
   h, w = image.shape[:2]
   if max(h, w) <= max_tile:
     return image
   s = max_tile / max(h, w)
-  return np.asarray(Image.fromarray(image).resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS))
+  return np.asarray(
+      Image.fromarray(image).resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS))
 
 
 def labeled_grid(cells: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str],
-                 row_titles: Optional[Sequence[str]] = None, cell_captions: Optional[Sequence[Sequence[str]]] = None,
-                 min_tile: int = 160, max_tile: int = 256, pad: int = 8, font_size: int = 13,
+                 row_titles: Optional[Sequence[str]] = None,
+                 cell_captions: Optional[Sequence[Sequence[str]]] = None, min_tile: int = 160,
+                 max_tile: int = 256, pad: int = 8, font_size: int = 13,
                  title: str = "") -> Image.Image:
-  """A table of images a person can read: rows x columns of uint8 images, small ones upscaled (nearest
-  neighbour) to at least `min_tile` pixels and large ones shrunk to at most `max_tile`, each column headed by
-  its (wrapped) title, each row named on the left, each image captioned underneath (a caption may hold several
-  lines separated by newlines). Every tile takes the size of the first."""
+  """A table of images a person can read: rows x columns of uint8 images, small ones upscaled
+  (nearest neighbour) to at least `min_tile` pixels and large ones shrunk to at most `max_tile`,
+  each column headed by its (wrapped) title, each row named on the left, each image captioned
+  underneath (a caption may hold several lines separated by newlines). Every tile takes the size of
+  the first."""
   font = _font(font_size)
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   line_h = _text_size(probe, "Ag", font)[1] + 4
   tiles = [[_tile(im, min_tile, max_tile) for im in row] for row in cells]
   th, tw = tiles[0][0].shape[:2]
-  left = pad + (max(_text_size(probe, str(t), font)[0] for t in row_titles) + pad if row_titles else 0)
+  left = pad + (
+      max(_text_size(probe, str(t), font)[0] for t in row_titles) + pad if row_titles else 0)
   heads = [_wrap(probe, t, font, tw) for t in column_titles]
   head_h = max((len(h) for h in heads), default=0) * line_h + pad
-  caps = [[str(c).split("\n") for c in row] for row in (cell_captions or [[""] * len(r) for r in tiles])]
+  caps = [
+      [str(c).split("\n") for c in row] for row in (cell_captions or [[""] * len(r) for r in tiles])
+  ]
   cap_h = max((len(c) for row in caps for c in row), default=0) * line_h
   top = pad + (line_h + pad if title else 0)
   ncols = max(len(r) for r in tiles)
-  canvas = Image.new("RGB", (left + ncols * (tw + pad), top + head_h + len(tiles) * (th + cap_h + pad) + pad),
-                     (255, 255, 255))
+  canvas = Image.new(
+      "RGB", (left + ncols * (tw + pad), top + head_h + len(tiles) * (th + cap_h + pad) + pad),
+      (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   if title:
     draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
@@ -161,19 +181,21 @@ def labeled_grid(cells: Sequence[Sequence[np.ndarray]], column_titles: Sequence[
       x = left + c * (tw + pad)
       canvas.paste(Image.fromarray(tile).resize((tw, th), Image.NEAREST), (x, y))
       for k, line in enumerate(caps[r][c] if c < len(caps[r]) else []):
-        draw.text((x, y + th + 2 + k * line_h), _fit_text(draw, line, font, tw), fill=(0, 0, 0), font=font)
+        draw.text((x, y + th + 2 + k * line_h), _fit_text(draw, line, font, tw), fill=(0, 0, 0),
+                  font=font)
   return canvas
 
 
 def overlay_reward_map(image, rmap, boxes=None, scores=None, alpha: float = 0.45,
                        signed: Optional[bool] = None, scale: int = 1) -> np.ndarray:
-  """Blend a reward map over an image: out = (1 - alpha) * image + alpha * ramp(rmap), uint8 [H, W, 3].
+  """Blend a reward map over an image: out = (1 - alpha) * image + alpha * ramp(rmap), uint8 [H, W,
+  3].
 
-  `rmap` [H, W] in [0, 1], or in [-1, 1] when `signed` (None: signed iff it has negative values), shown
-  as (r + 1) / 2. Boxes [K, 4] (x_min, y_min, x_max, y_max pixels) are outlined in their score's colour
-  (score in [-1, 1] -> (s + 1) / 2 on the ramp) with the score written at the top-left corner on a dark
-  label. `scale` > 1 enlarges image, map and boxes by that factor first (nearest neighbour), so the labels
-  are legible on small images (font and line width grow with it).
+  `rmap` [H, W] in [0, 1], or in [-1, 1] when `signed` (None: signed iff it has negative values),
+  shown as (r + 1) / 2. Boxes [K, 4] (x_min, y_min, x_max, y_max pixels) are outlined in their
+  score's colour (score in [-1, 1] -> (s + 1) / 2 on the ramp) with the score written at the
+  top-left corner on a dark label. `scale` > 1 enlarges image, map and boxes by that factor first
+  (nearest neighbour), so the labels are legible on small images (font and line width grow with it).
   """
   image = np.asarray(image)
   rmap = np.asarray(rmap, np.float32)
@@ -201,7 +223,8 @@ def overlay_reward_map(image, rmap, boxes=None, scores=None, alpha: float = 0.45
       continue
     s = None if scores is None else float(scores[k])
     color = (255, 255, 255) if s is None else tuple(int(c) for c in reward_colors((s + 1.0) / 2.0))
-    draw.rectangle([int(x0), int(y0), int(x1) - 1, int(y1) - 1], outline=color, width=max(1, scale // 3))
+    draw.rectangle([int(x0), int(y0), int(x1) - 1, int(y1) - 1], outline=color, width=max(
+        1, scale // 3))
     if s is not None:
       label, at = f"{s:+.2f}", (int(x0) + 2 + scale // 3, int(y0) + 1 + scale // 3)
       if scale > 1:  # a label in the score's colour with dark text
@@ -240,7 +263,9 @@ def loss_curve_png(series: Dict[str, Sequence[Tuple[float, float]]], path: str, 
   font = _font()
   left, right, top, bottom = 64, 16, 24 if title else 12, 36
   x0, y0, x1, y1 = left, top, width - right, height - bottom
-  pts = [(float(s), float(v)) for vals in series.values() for s, v in vals if math.isfinite(float(v))]
+  pts = [
+      (float(s), float(v)) for vals in series.values() for s, v in vals if math.isfinite(float(v))
+  ]
   if pts:
     xs, ys = zip(*pts)
     xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)

@@ -122,3 +122,15 @@ def test_trace_summary_on_a_cpu_trace(tmp_path, capsys):
   got = _bench("trace_summary").main([str(tmp_path)])
   assert "device busy" in capsys.readouterr().out or got["_busy"] == 0.0
   assert got["_busy"] <= got["_span"] + 1e-9 or got["_span"] == 0.0
+
+
+def test_propose_benchmark(capsys):
+  pytest.importorskip("torch")
+  r = _bench("propose").main(["--preset", "tiny", "--images", "2", "--images_per_call", "2",
+                              "--points_per_side", "4", "--points_per_batch", "8"])
+  out = capsys.readouterr().out
+  for field in ("preset tiny", "jax ", "torch ", "images/s", "boxes identical on",
+                "jax / torch speed"):
+    assert field in out, field
+  assert r["jax"]["images_per_s"] > 0 and r["torch"]["images_per_s"] > 0
+  assert r["identical_images"] == 2

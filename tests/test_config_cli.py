@@ -32,6 +32,20 @@ def test_overrides_and_unknown_keys():
     config_utils.load_config(spec, {"srum.nope": 1})
 
 
+def test_paper_recipe_v5p_variant():
+  """`:v5p` changes only how the step and inference run (no remat, data-parallel inference), never
+  the recipe; another arg is refused."""
+  spec = str(ROOT / "experiments/bagel_7b_compbench.py")
+  base, v5p = config_utils.load_config(spec), config_utils.load_config(spec + ":v5p")
+  assert base.model.remat and not v5p.model.remat
+  assert (base.inference_mesh.tensor, v5p.inference_mesh.tensor) == (4, 1)
+  assert not base.train.tpu_collective_matmul and not v5p.train.tpu_collective_matmul
+  v5p.model.remat, v5p.inference_mesh.tensor = True, 4
+  assert v5p.to_dict() == base.to_dict()
+  with pytest.raises(ValueError, match="v6e"):
+    config_utils.load_config(spec + ":v6e")
+
+
 def test_sweep_dry_run_prints_one_line_per_point(capsys, tmp_path, monkeypatch):
   """One command per point: the sweep command's own overrides, then the point's values, in its own workdir."""
   spec = str(ROOT / "experiments/bagel_7b_compbench.py")

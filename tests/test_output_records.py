@@ -120,7 +120,7 @@ def test_stopped_train_and_pretrain_exit_75_and_pretrain_takes_the_lock(tiny_mod
   """A training stopped by a signal saves its state and exits 75 (EX_TEMPFAIL, as `run`), saying how to
   resume; `pretrain` holds the lock of its folder. (A real SIGTERM: tests/test_user_errors.py.)"""
   records = tmp_path / "rewards.jsonl"
-  records.write_text(json.dumps({"image_file": "0.png", "prompt": "p", "global_score": 0.5, "regions": []}) + "\n")
+  records.write_text(json.dumps({"schema_version": 1, "image_file": "0.png", "prompt": "p", "global_score": 0.5, "regions": []}) + "\n")
   monkeypatch.setattr(commands.train, "main", lambda config, **kw: {"preempted": True, "steps": 3})
   rc, err, out = _main(capsys, "train", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}",
                        f"--config.workdir={tmp_path / 'w'}", f"--config.train.records={records}")

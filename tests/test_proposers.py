@@ -171,7 +171,8 @@ def test_postprocess_sort_stable_clip_and_options():
 
 
 def test_registry_and_input_checks():
-  assert set(proposers.available_proposers()) >= {"sam", "felzenszwalb", "components", "grid"}
+  assert set(proposers.available_proposers()) >= {"sam", "sam_torch", "felzenszwalb", "components",
+                                                  "grid"}
   with pytest.raises(ValueError, match="available"):
     proposers.get_proposer("nope")
   grid = proposers.get_proposer("grid")
@@ -218,22 +219,24 @@ def tiny_sam_dir(tmp_path_factory):
 
 def test_sam_tiny_random_model(tiny_sam_dir):
   img, _ = _scene()
-  sam = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4)
-  assert isinstance(sam, proposers.SamProposer)
+  weights = str(tiny_sam_dir)
+  sam = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3, points_per_batch=4)
+  assert isinstance(sam, proposers.SamTorchProposer)
   _check_well_formed(sam(img), H, W, max_regions=5)
   # permissive filters: arbitrary masks survive, still well-formed, scores are the predicted IoUs
-  loose = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
-                         pred_iou_thresh=-np.inf, stability_score_thresh=0.0, box_nms_thresh=1.0,
-                         max_regions=None)
+  loose = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3,
+                                 points_per_batch=4, pred_iou_thresh=-np.inf,
+                                 stability_score_thresh=0.0,
+                                 box_nms_thresh=1.0, max_regions=None)
   regions = loose(img)
   _check_well_formed(regions, H, W)
   assert all(isinstance(r.score, float) for r in regions)
   # mask threshold far below every logit: all 27 masks cover the whole image; NMS keeps exactly one
-  full = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
-                        pred_iou_thresh=-np.inf, mask_threshold=-1e9)(img)
+  full = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3, points_per_batch=4,
+                                pred_iou_thresh=-np.inf, mask_threshold=-1e9)(img)
   assert [(r.box, r.area) for r in full] == [((0, 0, W - 1, H - 1), H * W)]
-  none = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, pred_iou_thresh=np.inf,
-                        mask_threshold=-1e9)(img)
+  none = proposers.get_proposer("sam_torch", weights=weights, points_per_side=3,
+                                pred_iou_thresh=np.inf, mask_threshold=-1e9)(img)
   assert none == []
 
 
@@ -255,8 +258,9 @@ class _Recorder:
 
 def test_sam_prompts_and_iou_filter(tiny_sam_dir):
   img, _ = _scene()  # 64 x 96 -> model input 43 x 64 (longest side 64)
-  sam = proposers.get_proposer("sam", weights_dir=str(tiny_sam_dir), points_per_side=3, points_per_batch=4,
-                       pred_iou_thresh=0.0, mask_threshold=-1e9, box_nms_thresh=1.0, max_regions=None)
+  sam = proposers.get_proposer("sam_torch", weights=str(tiny_sam_dir), points_per_side=3,
+                               points_per_batch=4, pred_iou_thresh=0.0, mask_threshold=-1e9,
+                               box_nms_thresh=1.0, max_regions=None)
   sam.model = rec = _Recorder(sam.model)
   regions = sam(img)
   assert [p.shape for p in rec.points] == [(1, 4, 1, 2), (1, 4, 1, 2), (1, 1, 1, 2)]
@@ -272,6 +276,6 @@ def test_sam_prompts_and_iou_filter(tiny_sam_dir):
 def test_sam_missing_directory(tmp_path):
   missing = tmp_path / "no_such_sam"
   with pytest.raises(FileNotFoundError, match="no_such_sam"):
-    proposers.get_proposer("sam", weights_dir=str(missing))
+    proposers.get_proposer("sam_torch", weights=str(missing))
   with pytest.raises(FileNotFoundError, match="config.json"):
-    proposers.get_proposer("sam", weights_dir=str(tmp_path))
+    proposers.get_proposer("sam_torch", weights=str(tmp_path))

@@ -108,19 +108,21 @@ def _generated(n: int) -> str:
 def test_propose_killed_and_resumed_on_object_store_does_every_item_once(gcs, monkeypatch):
   gen, out = _generated(6), f"{RUN}/round_0/propose"
   pcfg = defaults.base_config().propose
-  pcfg.name = "grid"
+  pcfg.name, pcfg.batch_size = "grid", 3
   real = propose.get_proposer
   calls = []
 
   def crashing(*args, **kwargs):
     proposer = real(*args, **kwargs)
+    candidates = proposer.candidates
 
     def run(image):
       calls.append(1)
       if len(calls) == 4:
-        raise KeyboardInterrupt  # killed mid-stage, after 3 items were logged
-      return proposer(image)
-    return run
+        raise KeyboardInterrupt  # killed mid-stage, in the second batch: the first 3 are logged
+      return candidates(image)
+    proposer.candidates = run
+    return proposer
 
   monkeypatch.setattr(propose, "get_proposer", crashing)
   with pytest.raises(KeyboardInterrupt):

@@ -13,8 +13,8 @@ from srum_jax.training import optimizer
 
 
 def check_pretrain_stage(config, key: str, check_files: bool = True) -> None:
-  """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
-  model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
+  """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and
+  the model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
   for k in ("compute_dtype", "eval_dtype", "save_dtype"):
     _enum(config, f"{key}.{k}", DTYPES)
@@ -31,8 +31,8 @@ def check_pretrain_stage(config, key: str, check_files: bool = True) -> None:
   _int(config, f"{key}.ae.steps", lo=0)
   _int(config, f"{key}.ae.batch", lo=1)
   _int(config, f"{key}.umm.steps", lo=1)
-  for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows", "gen_samples_per_row",
-            "gen_text_len"):
+  for k in ("und_rows", "und_tokens", "und_samples_per_row", "logit_capacity", "gen_rows",
+            "gen_samples_per_row", "gen_text_len"):
     _int(config, f"{key}.umm.{k}", lo=1)
   tasks = _get(config, f"{key}.data.tasks")
   for k in tasks.keys():
@@ -41,8 +41,8 @@ def check_pretrain_stage(config, key: str, check_files: bool = True) -> None:
     _float(config, f"{key}.data.tasks.{k}", lo=0.0)
   if not sum(float(tasks[k]) for k in tasks.keys()) > 0:
     _fail(f"{key}.data.tasks", tasks.to_dict(), "needs a positive weight")
-  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur", "short_region_answer", "think",
-            "think_uncond"):
+  for k in ("negatives", "easy_negatives", "distractors", "background_box", "blur",
+            "short_region_answer", "think", "think_uncond"):
     _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
   block = _get(config, key)
   if not isinstance(block.out, str) or not block.out and key == "pretrain":
@@ -51,7 +51,8 @@ def check_pretrain_stage(config, key: str, check_files: bool = True) -> None:
   if block.init_from and not resumes:
     _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")
   if block.ae.from_dir and not resumes:
-    _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir, "model directory whose autoencoder is reused")
+    _existing_dir(f"{key}.ae.from_dir", block.ae.from_dir,
+                  "model directory whose autoencoder is reused")
 
 
 # ----------------------------------------------------------------------------------------------

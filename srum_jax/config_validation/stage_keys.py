@@ -48,10 +48,11 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
 
 
 def check_propose(config) -> None:
-  _enum(config, "propose.name", proposers.available_proposers())
+  name = _enum(config, "propose.name", proposers.available_proposers())
   _int(config, "propose.max_regions", lo=1)
   _float(config, "propose.min_area", lo=0.0)
   _enum(config, "propose.box_mode", tuple(proposers.BOX_MODES))
+  proposers.check_propose_options(config, name)
 
 
 def check_score(config) -> None:

@@ -102,7 +102,7 @@ def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(path, PARAMS_DIR), params, force=True)
     ckpt.wait_until_finished()
-  paths.path(os.path.join(path, CONFIG_FILE)).write_text(json.dumps(config_to_dict(cfg), indent=1))
+  files.write_json(os.path.join(path, CONFIG_FILE), config_to_dict(cfg))
 
 
 # Files of a model dir besides the parameters that a trained copy carries over (tokenizer, official json).

@@ -1,42 +1,44 @@
-"""Official BAGEL checkpoint directory -> converted model directory (orbax params + model_config.json).
+"""Official BAGEL checkpoint directory -> converted model directory (orbax params +
+model_config.json).
 
-Checkpoint layout: docs/bagel.md, "Checkpoint layout" (patch embedding already in Linear form, fixed tables).
-The source directory holds `llm_config.json`, `vit_config.json` (HF json; the ViT really uses
-`num_hidden_layers - 1` layers), `ema.safetensors` (or `model.safetensors` from SRUM training, which has
-no ViT), `ae.safetensors` and tokenizer files.
+Checkpoint layout: docs/bagel.md, "Checkpoint layout" (patch embedding already in Linear form, fixed
+tables). The source directory holds `llm_config.json`, `vit_config.json` (HF json; the ViT really
+uses `num_hidden_layers - 1` layers), `ema.safetensors` (or `model.safetensors` from SRUM training,
+which has no ViT), `ae.safetensors` and tokenizer files.
 
-Conversion streams: every parameter is built with `jax.make_array_from_callback` directly on its target
-sharding, and each callback reads only its shard's block of each needed official tensor
+Conversion streams: every parameter is built with `jax.make_array_from_callback` directly on its
+target sharding, and each callback reads only its shard's block of each needed official tensor
 (`safe_open(...).get_slice(key)[...]`, one layer at a time for stacked leaves), so host memory peaks
-near one tensor, not one model. Every layout problem (missing / unexpected / mis-shaped / truncated keys)
-is collected first and raised as one `CheckpointMismatchError` before anything is read.
+near one tensor, not one model. Every layout problem (missing / unexpected / mis-shaped / truncated
+keys) is collected first and raised as one `CheckpointMismatchError` before anything is read.
 
-Values the official loaders hard-code are inferred from tensor shapes where possible (max_latent_size,
-vit_max_num_patch_per_side, ViT image size, latent_patch_size, timestep_embed_dim and the AE's
-ch / ch_mult / num_res_blocks / z_channels / channels); the rest are flags with the official defaults.
+Values the official loaders hard-code are inferred from tensor shapes where possible
+(max_latent_size, vit_max_num_patch_per_side, ViT image size, latent_patch_size, timestep_embed_dim
+and the AE's ch / ch_mult / num_res_blocks / z_channels / channels); the rest are flags with the
+official defaults.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
-import struct
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes  # registers bfloat16 with numpy, which safetensors' numpy reader needs
 import numpy as np
-from safetensors import safe_open
 
 from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
+from srum_jax.convert.safetensors_files import (ST_DTYPES, CheckpointMismatchError,
+                                                NonFiniteWeightsError, SafetensorsReader,
+                                                parse_dtype, problem_listing, raise_damaged,
+                                                read_header)
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
@@ -47,94 +49,18 @@ WEIGHT_FILES = ("ema.safetensors", "model.safetensors")
 AE_FILE = "ae.safetensors"
 LLM_JSON = "llm_config.json"
 VIT_JSON = "vit_config.json"
-# Values the official code hard-codes rather than stores (AE resolution and latent scale, timestep shift,
-# special ids, ...). The exporter writes them here for checkpoints that differ from BAGEL-7B-MoT (the tiny
+# Values the official code hard-codes rather than stores (AE resolution and latent scale, timestep
+# shift,
+# special ids, ...). The exporter writes them here for checkpoints that differ from BAGEL-7B-MoT
+# (the tiny
 # shapes-world model); `load_official` takes them as defaults, explicit arguments win.
 EXTRAS_JSON = "srum_jax_extras.json"
-EXTRA_KEYS = ("max_latent_size", "vit_max_num_patch_per_side", "connector_act", "timestep_shift", "ae_resolution",
-              "scale_factor", "shift_factor", "tokens")
+EXTRA_KEYS = ("max_latent_size", "vit_max_num_patch_per_side", "connector_act", "timestep_shift",
+              "ae_resolution", "scale_factor", "shift_factor", "tokens")
 # Copied verbatim into the model directory (the exporter copies them back).
-AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-             "added_tokens.json", "generation_config.json", "preprocessor_config.json", LLM_JSON, VIT_JSON)
-
-ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "f32": jnp.float32,
-               "float32": jnp.float32, "fp16": jnp.float16, "f16": jnp.float16, "float16": jnp.float16}
-
-
-class CheckpointMismatchError(UserValueError):
-  """The official files do not match the layout the configuration implies (its first line says what;
-  the lines after it list every problem)."""
-
-
-class DamagedFileError(CheckpointMismatchError):
-  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>:
-  <why>'."""
-
-
-class NonFiniteWeightsError(UserValueError):
-  """Official tensors holding NaN or inf: converting them would hand every later stage broken weights."""
-
-
-def parse_dtype(dtype) -> np.dtype:
-  if isinstance(dtype, str):
-    if dtype.lower() not in DTYPE_NAMES:
-      raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_NAMES)}")
-    dtype = DTYPE_NAMES[dtype.lower()]
-  return np.dtype(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# safetensors: header check and block reads
-
-def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List[str]]:
-  """({key: (dtype, shape)}, problems) from a safetensors header, checking every tensor lies in the file.
-
-  A truncated file keeps its header, so the tensors whose bytes run past the end are named one by one.
-  """
-  size = os.path.getsize(path)
-  name = os.path.basename(path)
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      return {}, [f"{name}: file too short ({size} bytes) to be safetensors"]
-    (n,) = struct.unpack("<Q", head)
-    if 8 + n > size:
-      return {}, [f"{name}: header of {n} bytes runs past the end of the file ({size} bytes): truncated"]
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      return {}, [f"{name}: unreadable safetensors header ({e})"]
-  data_size = size - 8 - n
-  out, truncated, corrupt = {}, [], []
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    out[key] = (dtype, shape)
-    if end > data_size:
-      truncated.append(key)
-    elif end - begin != math.prod(shape) * ST_ITEMSIZE.get(dtype, 0):
-      corrupt.append(f"{key} ({dtype} {list(shape)} but {end - begin} bytes)")
-  problems = []
-  if truncated:
-    problems.append(_listing(f"{name}: {len(truncated)} truncated keys (data past the end of the "
-                             f"{size}-byte file)", sorted(truncated)))
-  if corrupt:
-    problems.append(_listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",
-                             sorted(corrupt)))
-  return out, problems
-
-
-def _raise_damaged(path: str, problems: Sequence[str]) -> None:
-  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its
-  name)."""
-  if problems:
-    text = "\n".join(problems)
-    raise DamagedFileError(f"file damaged: {path}: {text[len(os.path.basename(path)) + 2:]}")
-
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+             "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+             "preprocessor_config.json", LLM_JSON, VIT_JSON)
 
 def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
   """What a conversion needs, checked without reading a tensor: the weights and AE files with
@@ -149,8 +75,8 @@ def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
   if not isinstance(llm, dict):
     raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {LLM_JSON} (a JSON object)")
   header, bad = read_header(os.path.join(src_dir, names["bagel"]))
-  _raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
-  _raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
+  raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
+  raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
   vit = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
   if any(k.startswith(("vit_model.", "connector.")) for k in header) and not isinstance(vit, dict):
     raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* "
@@ -168,37 +94,6 @@ def check_destination(src: str, dst: str, command: str) -> None:
     raise UserValueError(f"--dst {dst} is a file: name a folder (it is made when absent)")
 
 
-def _listing(title: str, lines: Sequence[str]) -> str:
-  return "\n".join([title + ":"] + [f"    {x}" for x in lines])
-
-
-class SafetensorsReader:
-  """Reads blocks of named tensors from one safetensors file (memory-mapped; only the block is copied)."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._file = None
-
-  def __enter__(self):
-    self._ctx = safe_open(self.path, framework="np")
-    self._file = self._ctx.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    self._file = None
-    return self._ctx.__exit__(*exc)
-
-  def read(self, key: str, index: Tuple[slice, ...]) -> np.ndarray:
-    """The block `tensor[index]` of tensor `key` (official layout)."""
-    return self._file.get_slice(key)[tuple(index)]
-
-  def read_all(self, key: str) -> np.ndarray:
-    return self._file.get_tensor(key)
-
-
-# ----------------------------------------------------------------------------------------------
-# configuration from the json files + tensor shapes
-
 def _grid(shape, key: str, problems: List[str]) -> Optional[int]:
   """Side G of a [G*G, D] table (None and a problem when the row count is not a square)."""
   if shape is None or len(shape) != 2:
@@ -211,7 +106,8 @@ def _grid(shape, key: str, problems: List[str]) -> Optional[int]:
 
 
 def _pick(name: str, flag, inferred, default):
-  """Flag beats inferred beats default; a flag that contradicts the checkpoint is allowed but noted."""
+  """Flag beats inferred beats default; a flag that contradicts the checkpoint is allowed but
+  noted."""
   if flag is not None:
     if inferred is not None and flag != inferred:
       warnings.warn(f"{name}={flag} given, checkpoint implies {inferred}; using {flag}")
@@ -221,33 +117,37 @@ def _pick(name: str, flag, inferred, default):
 
 def _llm_config(llm_json: Dict[str, Any], problems: List[str]) -> LLMConfig:
   """The LLM from `llm_config.json` (qk_norm is always on, as every official loader sets it)."""
-  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads")
+  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads")
   missing = [k for k in required if k not in llm_json]
   if missing:
     raise CheckpointMismatchError(f"{LLM_JSON} lacks {missing}")
   dl = LLMConfig()
   llm = LLMConfig(
       **{k: int(llm_json[k]) for k in required},
-      rope_theta=float(llm_json.get("rope_theta", dl.rope_theta)),
-      rms_norm_eps=float(llm_json.get("rms_norm_eps", dl.rms_norm_eps)),
-      max_position_embeddings=int(llm_json.get("max_position_embeddings", dl.max_position_embeddings)),
-      qk_norm=True)
+      rope_theta=float(llm_json.get("rope_theta", dl.rope_theta)), rms_norm_eps=float(
+          llm_json.get("rms_norm_eps", dl.rms_norm_eps)), max_position_embeddings=int(
+              llm_json.get("max_position_embeddings", dl.max_position_embeddings)), qk_norm=True)
   if llm.hidden_size % llm.num_attention_heads:
-    problems.append(f"{LLM_JSON}: hidden_size {llm.hidden_size} not divisible by {llm.num_attention_heads} heads")
+    problems.append(
+        f"{LLM_JSON}: hidden_size {llm.hidden_size} not divisible by {llm.num_attention_heads} "
+        f"heads"
+    )
   return llm
 
 
 def _vit_config(vit_json: Optional[Dict[str, Any]], shapes: Dict[str, Tuple[int, ...]],
                 problems: List[str]) -> Optional[ViTConfig]:
-  """The ViT from `vit_config.json` with one layer fewer than the json says (the official loader drops the
-  last one); None when the weights hold no `vit_model.*` keys."""
+  """The ViT from `vit_config.json` with one layer fewer than the json says (the official loader
+  drops the last one); None when the weights hold no `vit_model.*` keys."""
   if not any(k.startswith(("vit_model.", "connector.", keymap.VIT_POS_KEY)) for k in shapes):
     return None
   if vit_json is None:
     raise CheckpointMismatchError(f"the weights hold vit_model.* keys but there is no {VIT_JSON}")
-  missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-             if k not in vit_json]
+  missing = [
+      k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+      if k not in vit_json
+  ]
   if missing:
     raise CheckpointMismatchError(f"{VIT_JSON} lacks {missing}")
   dv = ViTConfig()
@@ -256,18 +156,20 @@ def _vit_config(vit_json: Optional[Dict[str, Any]], shapes: Dict[str, Tuple[int,
   pos_key = "vit_model.vision_model.embeddings.position_embedding.weight"
   side = _grid(shapes.get(pos_key), pos_key, problems)
   if side is not None and side * patch != image_size:
-    warnings.warn(f"{VIT_JSON} image_size {image_size} disagrees with {pos_key} ({side}x{side} patches "
-                  f"of {patch}); using image_size {side * patch}")
+    warnings.warn(
+        f"{VIT_JSON} image_size {image_size} disagrees with {pos_key} ({side}x{side} patches "
+        f"of {patch}); using image_size {side * patch}")
     image_size = side * patch
   return ViTConfig(
-      hidden_size=int(vit_json["hidden_size"]), intermediate_size=int(vit_json["intermediate_size"]),
-      num_hidden_layers=int(vit_json["num_hidden_layers"]) - 1,
-      num_attention_heads=int(vit_json["num_attention_heads"]), patch_size=patch, image_size=image_size,
-      layer_norm_eps=float(vit_json.get("layer_norm_eps", dv.layer_norm_eps)))
+      hidden_size=int(vit_json["hidden_size"]), intermediate_size=int(
+          vit_json["intermediate_size"]), num_hidden_layers=int(vit_json["num_hidden_layers"]) - 1,
+      num_attention_heads=int(vit_json["num_attention_heads"]), patch_size=patch,
+      image_size=image_size, layer_norm_eps=float(
+          vit_json.get("layer_norm_eps", dv.layer_norm_eps)))
 
 
-def _ae_config(ae_shapes: Dict[str, Tuple[int, ...]], *, resolution: Optional[int], scale_factor: Optional[float],
-               shift_factor: Optional[float]) -> AEConfig:
+def _ae_config(ae_shapes: Dict[str, Tuple[int, ...]], *, resolution: Optional[int],
+               scale_factor: Optional[float], shift_factor: Optional[float]) -> AEConfig:
   """The AE's structure from its tensor shapes (the official loader hard-codes it)."""
   da = AEConfig()
   conv_in = ae_shapes.get("encoder.conv_in.weight")
@@ -275,7 +177,8 @@ def _ae_config(ae_shapes: Dict[str, Tuple[int, ...]], *, resolution: Optional[in
   levels = 0
   while f"encoder.down.{levels}.block.0.conv1.weight" in ae_shapes:
     levels += 1
-  ch_mult = tuple(ae_shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
+  ch_mult = tuple(
+      ae_shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
   blocks = 0
   while f"encoder.down.0.block.{blocks}.conv1.weight" in ae_shapes:
     blocks += 1
@@ -291,23 +194,32 @@ def _ae_config(ae_shapes: Dict[str, Tuple[int, ...]], *, resolution: Optional[in
       shift_factor=shift_factor if shift_factor is not None else da.shift_factor)
 
 
-def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
-                 shapes: Dict[str, Tuple[int, ...]], ae_shapes: Dict[str, Tuple[int, ...]], *,
-                 max_latent_size: Optional[int] = None, vit_max_num_patch_per_side: Optional[int] = None,
-                 connector_act: Optional[str] = None, timestep_shift: Optional[float] = None,
-                 ae_resolution: Optional[int] = None, scale_factor: Optional[float] = None,
-                 shift_factor: Optional[float] = None, tokens: Optional[SpecialTokens] = None,
-                 ) -> Tuple[BagelConfig, List[str]]:
+def infer_config(
+    llm_json: Dict[str, Any],
+    vit_json: Optional[Dict[str, Any]],
+    shapes: Dict[str, Tuple[int, ...]],
+    ae_shapes: Dict[str, Tuple[int, ...]],
+    *,
+    max_latent_size: Optional[int] = None,
+    vit_max_num_patch_per_side: Optional[int] = None,
+    connector_act: Optional[str] = None,
+    timestep_shift: Optional[float] = None,
+    ae_resolution: Optional[int] = None,
+    scale_factor: Optional[float] = None,
+    shift_factor: Optional[float] = None,
+    tokens: Optional[SpecialTokens] = None,
+) -> Tuple[BagelConfig, List[str]]:
   """(BagelConfig, problems) from the HF json files and the official tensor shapes.
 
-  The LLM and the ViT come from their json files, the AE and the values the official code hard-codes from
-  the tensor shapes or from flags (flags win, with a warning).
+  The LLM and the ViT come from their json files, the AE and the values the official code hard-codes
+  from the tensor shapes or from flags (flags win, with a warning).
   """
   problems: List[str] = []
   base = BagelConfig()
   llm = _llm_config(llm_json, problems)
   vit = _vit_config(vit_json, shapes, problems)
-  ae = _ae_config(ae_shapes, resolution=ae_resolution, scale_factor=scale_factor, shift_factor=shift_factor)
+  ae = _ae_config(ae_shapes, resolution=ae_resolution, scale_factor=scale_factor,
+                  shift_factor=shift_factor)
   p = base.latent_patch_size
   if "vae2llm.weight" in shapes:
     in_dim = shapes["vae2llm.weight"][1]
@@ -318,13 +230,13 @@ def infer_config(llm_json: Dict[str, Any], vit_json: Optional[Dict[str, Any]],
   t_in = shapes.get("time_embedder.mlp.0.weight")
   cfg = BagelConfig(
       llm=llm, vit=vit, ae=ae, tokens=tokens or SpecialTokens(), latent_patch_size=p,
-      max_latent_size=_pick("max_latent_size", max_latent_size,
-                            _grid(shapes.get(keymap.LATENT_POS_KEY), keymap.LATENT_POS_KEY, problems),
-                            base.max_latent_size),
-      vit_max_num_patch_per_side=_pick("vit_max_num_patch_per_side", vit_max_num_patch_per_side,
-                                       _grid(shapes.get(keymap.VIT_POS_KEY), keymap.VIT_POS_KEY, problems),
-                                       base.vit_max_num_patch_per_side),
-      connector_act=connector_act or base.connector_act,
+      max_latent_size=_pick(
+          "max_latent_size", max_latent_size,
+          _grid(shapes.get(keymap.LATENT_POS_KEY), keymap.LATENT_POS_KEY, problems),
+          base.max_latent_size), vit_max_num_patch_per_side=_pick(
+              "vit_max_num_patch_per_side", vit_max_num_patch_per_side,
+              _grid(shapes.get(keymap.VIT_POS_KEY), keymap.VIT_POS_KEY, problems),
+              base.vit_max_num_patch_per_side), connector_act=connector_act or base.connector_act,
       timestep_shift=timestep_shift if timestep_shift is not None else base.timestep_shift,
       timestep_embed_dim=t_in[1] if t_in else base.timestep_embed_dim)
   return cfg, problems
@@ -334,8 +246,8 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
                  weight_files: Dict[str, str]) -> List[str]:
   """Problems (missing / unexpected / mis-shaped keys) of the official files against `cfg`.
 
-  `shapes` / `weight_files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they are
-  recomputed); when present they must be [G*G, D].
+  `shapes` / `weight_files` are keyed 'bagel' and 'ae'. The fixed sin-cos tables are optional (they
+  are recomputed); when present they must be [G*G, D].
   """
   expected = keymap.expected_official_shapes(cfg)
   tables = keymap.fixed_tables(cfg)
@@ -353,11 +265,11 @@ def check_layout(cfg: BagelConfig, shapes: Dict[str, Dict[str, Tuple[int, ...]]]
                           or math.isqrt(have[key][0]) ** 2 != have[key][0]):
         misshaped.append(f"{key}: file {list(have[key])}, expected [G*G, {cfg.llm.hidden_size}]")
     if missing:
-      problems.append(_listing(f"{name}: {len(missing)} missing keys", missing))
+      problems.append(problem_listing(f"{name}: {len(missing)} missing keys", missing))
     if unexpected:
-      problems.append(_listing(f"{name}: {len(unexpected)} unexpected keys", unexpected))
+      problems.append(problem_listing(f"{name}: {len(unexpected)} unexpected keys", unexpected))
     if misshaped:
-      problems.append(_listing(f"{name}: {len(misshaped)} mis-shaped keys", misshaped))
+      problems.append(problem_listing(f"{name}: {len(misshaped)} mis-shaped keys", misshaped))
   return problems
 
 
@@ -371,8 +283,8 @@ def _block(reader: SafetensorsReader, key: str, index, transform: str, dtype) ->
 
 
 def _finite_block(reader, key: str, index, transform: str, dtype, nonfinite: set) -> np.ndarray:
-  """`_block`, with `key` added to `nonfinite` when the block holds NaN or inf (checked in float32: a bf16
-  or fp16 block's own values, whatever the target dtype)."""
+  """`_block`, with `key` added to `nonfinite` when the block holds NaN or inf (checked in float32:
+  a bf16 or fp16 block's own values, whatever the target dtype)."""
   block = _block(reader, key, index, transform, dtype)
   if not np.isfinite(block.astype(np.float32)).all():
     nonfinite.add(key)
@@ -381,8 +293,8 @@ def _finite_block(reader, key: str, index, transform: str, dtype, nonfinite: set
 
 def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, sharding, dtype,
                 nonfinite: set) -> jax.Array:
-  """One parameter built shard by shard; a stacked leaf reads each needed layer's block separately. Official
-  tensors with non-finite values are added to `nonfinite`."""
+  """One parameter built shard by shard; a stacked leaf reads each needed layer's block separately.
+  Official tensors with non-finite values are added to `nonfinite`."""
   cache: Dict[Any, np.ndarray] = {}  # replicated shards share one read
 
   def callback(index):
@@ -391,8 +303,9 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
     if sig not in cache:
       if stacked:
         layers = range(*index[0].indices(shape[0]))
-        cache[sig] = np.stack([_finite_block(reader, keys[l], index[1:], transform, dtype, nonfinite)
-                               for l in layers])
+        cache[sig] = np.stack([
+            _finite_block(reader, keys[l], index[1:], transform, dtype, nonfinite) for l in layers
+        ])
       else:
         cache[sig] = _finite_block(reader, keys[0], index, transform, dtype, nonfinite)
     return cache[sig]
@@ -401,9 +314,11 @@ def _leaf_array(reader, keys: List[str], transform: str, stacked: bool, shape, s
   return jax.make_array_from_callback(tuple(shape), sharding, callback).block_until_ready()
 
 
-def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype, shardings) -> Dict[str, Any]:
-  """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`; official
-  tensors holding NaN or inf raise `NonFiniteWeightsError` naming them (after every tensor was read)."""
+def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype,
+                  shardings) -> Dict[str, Any]:
+  """{'bagel', 'ae'} parameter tree read block-wise from the official files onto `shardings`;
+  official tensors holding NaN or inf raise `NonFiniteWeightsError` naming them (after every tensor
+  was read)."""
   abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
   out, nonfinite = {}, set()
   for part, table in keymap.official_keys(cfg).items():
@@ -423,12 +338,14 @@ def stream_params(readers: Dict[str, SafetensorsReader], cfg: BagelConfig, dtype
         lambda kp, _: leaves[tuple(k.key for k in kp)], abstract[part])
   if nonfinite:
     names = sorted(nonfinite)
-    raise NonFiniteWeightsError(f"{len(names)} tensors hold NaN or inf values: {', '.join(names[:8])}"
-                                + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    raise NonFiniteWeightsError(
+        f"{len(names)} tensors hold NaN or inf values: {', '.join(names[:8])}" +
+        (f" and {len(names) - 8} more" if len(names) > 8 else ""))
   return out
 
 
-def check_fixed_tables(reader: SafetensorsReader, shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, float]:
+def check_fixed_tables(reader: SafetensorsReader,
+                       shapes: Dict[str, Tuple[int, ...]]) -> Dict[str, float]:
   """Max |stored - sincos_2d_table| per fixed table present; warns (never fails) beyond one ulp at 1."""
   out = {}
   for key in (keymap.LATENT_POS_KEY, keymap.VIT_POS_KEY):
@@ -437,9 +354,11 @@ def check_fixed_tables(reader: SafetensorsReader, shapes: Dict[str, Tuple[int, .
     rows, dim = shapes[key]
     stored = reader.read_all(key)
     table = embeddings.sincos_2d_table(math.isqrt(rows), dim)
-    diff = float(np.max(np.abs(stored.astype(np.float64) - table.astype(np.float64)))) if stored.size else 0.0
+    diff = float(np.max(np.abs(stored.astype(np.float64) -
+                               table.astype(np.float64)))) if stored.size else 0.0
     out[key] = diff
-    if diff > float(ml_dtypes.finfo(stored.dtype).eps):  # one ulp at 1.0 of the stored dtype (bf16 too)
+    # one ulp at 1.0 of the stored dtype (bf16 too)
+    if diff > float(ml_dtypes.finfo(stored.dtype).eps):
       warnings.warn(f"{key} differs from the fixed 2-D sin-cos table by up to {diff:.3g}; "
                     "the recomputed table is used")
     else:
@@ -462,7 +381,8 @@ def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
   extras = files.read_json_if_present(os.path.join(src_dir, EXTRAS_JSON), "checkpoint config") or {}
   unknown = sorted(set(extras) - set(EXTRA_KEYS))
   if unknown:
-    raise CheckpointMismatchError(f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
+    raise CheckpointMismatchError(
+        f"{EXTRAS_JSON} has unknown keys {unknown}; known: {list(EXTRA_KEYS)}")
   out = dict(overrides)
   for k, v in extras.items():
     if out.get(k) is None:
@@ -470,8 +390,8 @@ def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
   return out
 
 
-def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights: Optional[str] = None,
-                  **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
+def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None,
+                  weights: Optional[str] = None, **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
   """(cfg, {'bagel', 'ae'} params) from an official checkpoint directory, streamed onto shardings.
 
   `overrides` go to `infer_config` (max_latent_size, vit_max_num_patch_per_side, connector_act,
@@ -492,7 +412,7 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   problems, shapes = [], {}
   for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
-    _raise_damaged(os.path.join(src_dir, n), bad)
+    raise_damaged(os.path.join(src_dir, n), bad)
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
                  if d not in ST_DTYPES]
     shapes[part] = {k: s for k, (_, s) in header.items()}
@@ -506,16 +426,21 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
 
   shardings = checkpoint.target_shardings(cfg, mesh, rules)
   with contextlib.ExitStack() as stack:
-    readers = {part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n))) for part, n in weight_files.items()}
+    readers = {
+        part: stack.enter_context(SafetensorsReader(os.path.join(src_dir, n)))
+        for part, n in weight_files.items()
+    }
     check_fixed_tables(readers["bagel"], shapes["bagel"])
     params = stream_params(readers, cfg, dtype, shardings)
   return cfg, params
 
 
-def convert(src_dir: str, dst_dir: str, *, dtype="bf16", mesh=None, rules=None, weights: Optional[str] = None,
-            **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
-  """Official checkpoint dir -> model dir (orbax params, model_config.json, tokenizer/json files copied)."""
-  cfg, params = load_official(src_dir, dtype=dtype, mesh=mesh, rules=rules, weights=weights, **overrides)
+def convert(src_dir: str, dst_dir: str, *, dtype="bf16", mesh=None, rules=None,
+            weights: Optional[str] = None, **overrides) -> Tuple[BagelConfig, Dict[str, Any]]:
+  """Official checkpoint dir -> model dir (orbax params, model_config.json, tokenizer/json files
+  copied)."""
+  cfg, params = load_official(src_dir, dtype=dtype, mesh=mesh, rules=rules, weights=weights,
+                              **overrides)
   checkpoint.save_model_dir(dst_dir, cfg, params)
   for n in AUX_FILES:
     if os.path.exists(os.path.join(src_dir, n)):
@@ -538,26 +463,33 @@ def parse_mesh(text: Optional[str]):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-  """`python -m srum_jax convert --src DIR --dst DIR [--dtype bf16] ...`; argv excludes the subcommand."""
+  """`python -m srum_jax convert --src DIR --dst DIR [--dtype bf16] ...`; argv excludes the
+  subcommand."""
   ap = argparse.ArgumentParser(prog="srum_jax convert", description=__doc__.split("\n")[0])
   ap.add_argument("--src", required=True, help="official checkpoint directory")
   ap.add_argument("--dst", required=True, help="output model directory")
   ap.add_argument("--dtype", default="bf16", help="parameter dtype: bf16 | fp32 | fp16")
   ap.add_argument("--weights", default=None,
                   help="weights file name (default: ema.safetensors, else model.safetensors)")
-  ap.add_argument("--mesh", default=None, help="e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: one device)")
-  ap.add_argument("--max_latent_size", type=int, default=None, help="default: from latent_pos_embed rows, else 64")
+  ap.add_argument("--mesh", default=None,
+                  help="e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: one device)")
+  ap.add_argument("--max_latent_size", type=int, default=None,
+                  help="default: from latent_pos_embed rows, else 64")
   ap.add_argument("--vit_max_num_patch_per_side", type=int, default=None,
                   help="default: from vit_pos_embed rows, else 70")
   ap.add_argument("--connector_act", default=None, help="default gelu_pytorch_tanh")
   ap.add_argument("--timestep_shift", type=float, default=None, help="default 1.0")
   ap.add_argument("--ae_resolution", type=int, default=None, help="default 256")
-  ap.add_argument("--scale_factor", type=float, default=None, help="AE latent scale (default 0.3611)")
-  ap.add_argument("--shift_factor", type=float, default=None, help="AE latent shift (default 0.1159)")
+  ap.add_argument("--scale_factor", type=float, default=None,
+                  help="AE latent scale (default 0.3611)")
+  ap.add_argument("--shift_factor", type=float, default=None,
+                  help="AE latent shift (default 0.1159)")
   d = SpecialTokens()
-  for flag, name in (("--bos_token_id", "bos"), ("--eos_token_id", "eos"), ("--start_of_image_id", "start_of_image"),
-                     ("--end_of_image_id", "end_of_image")):
-    ap.add_argument(flag, type=int, default=None, help=f"default: {EXTRAS_JSON} if present, else {getattr(d, name)}")
+  for flag, name in (("--bos_token_id", "bos"), ("--eos_token_id", "eos"),
+                     ("--start_of_image_id", "start_of_image"), ("--end_of_image_id",
+                                                                 "end_of_image")):
+    ap.add_argument(flag, type=int, default=None,
+                    help=f"default: {EXTRAS_JSON} if present, else {getattr(d, name)}")
   args = ap.parse_args(argv)
   ids = dict(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
              end_of_image=args.end_of_image_id)
@@ -568,20 +500,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"convert: error: {e}", file=sys.stderr)
     return 2
   if any(v is not None for v in ids.values()):
-    extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or {}).get("tokens") or {}
-    tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
+    extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or
+             {}).get("tokens") or {}
+    tokens = SpecialTokens(**{
+        k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()
+    })
   try:
-    cfg, params = convert(
-        args.src, args.dst, dtype=args.dtype, mesh=parse_mesh(args.mesh), weights=args.weights,
-        max_latent_size=args.max_latent_size, vit_max_num_patch_per_side=args.vit_max_num_patch_per_side,
-        connector_act=args.connector_act, timestep_shift=args.timestep_shift, ae_resolution=args.ae_resolution,
-        scale_factor=args.scale_factor, shift_factor=args.shift_factor, tokens=tokens)
+    cfg, params = convert(args.src, args.dst, dtype=args.dtype, mesh=parse_mesh(
+        args.mesh), weights=args.weights, max_latent_size=args.max_latent_size,
+                          vit_max_num_patch_per_side=args.vit_max_num_patch_per_side,
+                          connector_act=args.connector_act, timestep_shift=args.timestep_shift,
+                          ae_resolution=args.ae_resolution, scale_factor=args.scale_factor,
+                          shift_factor=args.shift_factor, tokens=tokens)
   except (ValueError, FileNotFoundError) as e:  # the user's files: one message, exit code 2
     print(f"convert: error: {e}", file=sys.stderr)
     return 2
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"converted {args.src} -> {args.dst}: {n / 1e9:.3f}e9 parameters, dtype {parse_dtype(args.dtype).name}, "
-        f"vit={'yes' if cfg.vit else 'no'}, max_latent_size={cfg.max_latent_size}")
+  print(
+      f"converted {args.src} -> {args.dst}: {n / 1e9:.3f}e9 parameters, dtype "
+      f"{parse_dtype(args.dtype).name}, "
+      f"vit={'yes' if cfg.vit else 'no'}, max_latent_size={cfg.max_latent_size}")
   return 0
 
 

@@ -1,18 +1,19 @@
 """Official checkpoint key <-> parameter-tree path table, derived by walking the parameter schema.
 
-Key patterns of `ema.safetensors` / `ae.safetensors` (docs/bagel.md, "Checkpoint layout"): module attribute
-paths as prefixes, the ViT patch embedding stored in Linear form, and the two fixed sin-cos tables, which are
-checkpoint entries but not parameters. Walking `params.bagel_schema` /
-`params.ae_schema` (rather than listing keys by hand) keeps the table in sync with every preset and config;
-a schema entry without an official name is an error, never silently skipped.
+Key patterns of `ema.safetensors` / `ae.safetensors` (docs/bagel.md, "Checkpoint layout"): module
+attribute paths as prefixes, the ViT patch embedding stored in Linear form, and the two fixed
+sin-cos tables, which are checkpoint entries but not parameters. Walking `params.bagel_schema` /
+`params.ae_schema` (rather than listing keys by hand) keeps the table in sync with every preset and
+config; a schema entry without an official name is an error, never silently skipped.
 
 Tensor layout transforms (PyTorch -> Flax):
   linear    weight [out, in]          -> kernel [in, out]
   conv      weight [out, in, kh, kw]  -> kernel [kh, kw, in, out]
   identity  norm weight -> scale, embedding weight -> embedding, bias -> bias
 Stacked layers (`layers` leading axis) have one official key per layer index.
-LoRA adapters have no key in the official files; `adapter_keys` names them as PEFT does for the official
-PyTorch model (`base_model.model.<module>.lora_A.weight` [rank, in], `lora_B.weight` [out, rank]).
+LoRA adapters have no key in the official files; `adapter_keys` names them as PEFT does for the
+official PyTorch model (`base_model.model.<module>.lora_A.weight` [rank, in], `lora_B.weight` [out,
+rank]).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ Path = Tuple[str, ...]
 
 # Flax leaf name -> official leaf name.
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# LoRA adapter leaf -> PEFT's leaf name (nn.Linear weights: [out, in]); PEFT's key prefix on a wrapped model.
+# LoRA adapter leaf -> PEFT's leaf name (nn.Linear weights: [out, in]); PEFT's key prefix on a
+# wrapped model.
 _PEFT_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
 PEFT_PREFIX = "base_model.model."
 
@@ -102,7 +104,8 @@ def _transform(path: Path, rank: int) -> str:
       return "linear"
     if rank == 4:
       return "conv"
-    raise ValueError(f"kernel {'.'.join(path)} has rank {rank}; only dense (2) and conv (4) are known")
+    raise ValueError(
+        f"kernel {'.'.join(path)} has rank {rank}; only dense (2) and conv (4) are known")
   return "identity"
 
 
@@ -142,17 +145,20 @@ def _table(schema, module_name, adapters: bool = False) -> Dict[str, KeyEntry]:
 
 
 def bagel_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
-  """Official `ema.safetensors` parameter keys (without the fixed sin-cos tables) -> tree entries."""
+  """Official `ema.safetensors` parameter keys (without the fixed sin-cos tables) -> tree
+  entries."""
   return _table(params.bagel_schema(cfg), _bagel_module)
 
 
 def adapter_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
-  """PEFT-named keys of `cfg.llm.lora`'s adapters -> entries of the bagel tree (empty without LoRA)."""
+  """PEFT-named keys of `cfg.llm.lora`'s adapters -> entries of the bagel tree (empty without
+  LoRA)."""
   return _table(params.bagel_schema(cfg), _bagel_module, adapters=True)
 
 
 def peft_target_modules(cfg: BagelConfig) -> str:
-  """PEFT's `target_modules` for the adapted official modules: one regular expression over module names."""
+  """PEFT's `target_modules` for the adapted official modules: one regular expression over module
+  names."""
   lora = cfg.llm.lora
   if lora is None:
     return ""
@@ -162,7 +168,8 @@ def peft_target_modules(cfg: BagelConfig) -> str:
 
 
 def ae_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
-  """Official `ae.safetensors` keys -> tree entries; the AE tree mirrors the official module names."""
+  """Official `ae.safetensors` keys -> tree entries; the AE tree mirrors the official module
+  names."""
   return _table(params.ae_schema(cfg.ae), lambda path, layer: ".".join(path))
 
 
@@ -172,7 +179,8 @@ def official_keys(cfg: BagelConfig) -> Dict[str, Dict[str, KeyEntry]]:
 
 
 def fixed_tables(cfg: BagelConfig) -> Dict[str, Tuple[int, int]]:
-  """The fixed sin-cos tables the official file stores: key -> (grid side G, dim D); shape [G*G, D]."""
+  """The fixed sin-cos tables the official file stores: key -> (grid side G, dim D); shape [G*G,
+  D]."""
   d = cfg.llm.hidden_size
   out = {LATENT_POS_KEY: (cfg.max_latent_size, d)}
   if cfg.vit is not None:
@@ -187,7 +195,8 @@ def get_path(tree, path: Path):
 
 
 def official_shape(leaf_shape: Tuple[int, ...], entry: KeyEntry) -> Tuple[int, ...]:
-  """Shape of the official tensor for a tree leaf of `leaf_shape` (drop the layer axis, undo the perm)."""
+  """Shape of the official tensor for a tree leaf of `leaf_shape` (drop the layer axis, undo the
+  perm)."""
   shape = tuple(leaf_shape[1:] if entry.layer is not None else leaf_shape)
   perm = PERMS[entry.transform]
   if perm is None:
@@ -222,15 +231,19 @@ def official_index(index: Tuple[slice, ...], transform: str) -> Tuple[slice, ...
 
 
 def expected_official_shapes(cfg: BagelConfig) -> Dict[str, Dict[str, Tuple[int, ...]]]:
-  """{'bagel': {key: shape}, 'ae': {key: shape}} of the official files, from the schema alone (no weights).
+  """{'bagel': {key: shape}, 'ae': {key: shape}} of the official files, from the schema alone (no
+  weights).
 
   Includes the fixed sin-cos tables; with `cfg.vit=None` there are no vit_model / connector /
   vit_pos_embed keys (SRUM-trained `model.safetensors`).
   """
-  abstract = params.abstract_params(params.model_schema(cfg))  # ShapeDtypeStructs: nothing is allocated
+  # ShapeDtypeStructs: nothing is allocated
+  abstract = params.abstract_params(params.model_schema(cfg))
   out = {}
   for part, table in official_keys(cfg).items():
-    out[part] = {k: official_shape(get_path(abstract[part], e.path).shape, e) for k, e in table.items()}
+    out[part] = {
+        k: official_shape(get_path(abstract[part], e.path).shape, e) for k, e in table.items()
+    }
   for key, (g, d) in fixed_tables(cfg).items():
     out["bagel"][key] = (g * g, d)
   return out

@@ -1,23 +1,27 @@
 """Prompt sources for data generation: one config -> a list of `PromptItem`s plus a load report.
 
   items = load_prompts({"source": "file", "path": "SRUM/train_comp.json"})
-  items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds", "local_dir": ".../dataset"})
+  items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds",
+                        "local_dir": ".../dataset"})
   items = load_prompts({"source": "python", "function": "my_pkg.prompts:make", "kwargs": {"n": 10}})
   items.report.summary()   # 'SRUM/train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
 
-The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as `.report`.
+The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as
+`.report`.
 
-Config keys (`prompt_source` declares them all with their defaults; a dict or ConfigDict may give any subset,
-an unknown key is an error; a bare path string means {"source": "file", "path": it}):
+Config keys (`prompt_source` declares them all with their defaults; a dict or ConfigDict may give
+any subset, an unknown key is an error; a bare path string means {"source": "file", "path": it}):
   source      "file" | "tfds" | "python" ("": inferred: `path` -> file, `function` -> python, else tfds)
   file:       path; format "txt" | "json" | "jsonl" (default: from the extension); category (see below)
-  tfds:       name (default "t2i_compbench"), config (builder config, e.g. "original" / "plus"), split
-              ("train" | "val"), data_dir (tfds default when absent), prepare (default True: build the
-              dataset if it is not there yet), local_dir / manual_dir (build from local prompt files instead
-              of downloading; see `srum_jax.data.t2i_compbench`). Read back with `tfds.data_source` (array_record
-              random access; no tensorflow).
-  python:     function "module.path:function" returning an iterable of PromptItem, dicts or strings; kwargs
-  categories  optional list: keep only these categories;  limit: optional int, keep the first `limit` items
+  tfds:       name (default "t2i_compbench"), config (builder config, e.g. "original" / "plus"),
+              split ("train" | "val"), data_dir (tfds default when absent), prepare (default True:
+              build the dataset if it is not there yet), local_dir / manual_dir (build from local
+              prompt files instead of downloading; see `srum_jax.data.t2i_compbench`). Read back
+              with `tfds.data_source` (array_record random access; no tensorflow).
+  python:     function "module.path:function" returning an iterable of PromptItem, dicts or strings;
+              kwargs
+  categories  optional list: keep only these categories;  limit: optional int, keep the first
+              `limit` items
 
 Formats. TXT: one prompt per line. JSON: a list of objects {Question|prompt, Category|category,
 Question_id|id} (the SRUM files' format) or a list of strings. JSONL: one such object (or JSON string) per line.
@@ -25,16 +29,18 @@ Category: a TXT file's is the `category` key, else its file name without extensi
 _train/_val/_test; for objects without a category field the same default applies (python sources:
 `category` or "uncategorized").
 
-Rules, all counted in the report with their positions (1-based line for TXT/JSONL, 1-based entry index for
-JSON lists, python iterables and tfds rows):
+Rules, all counted in the report with their positions (1-based line for TXT/JSONL, 1-based entry
+index for JSON lists, python iterables and tfds rows):
   * empty / whitespace-only prompts (blank lines included) are skipped (`empty`);
-  * unparsable JSONL lines, entries that are neither objects nor strings, objects without a string prompt,
+  * unparsable JSONL lines, entries that are neither objects nor strings, objects without a string
+    prompt,
     and ids that are not strings or integers are skipped (`malformed`, with the reason);
-  * ids come from the id field (as a string) or are a stable hash of (source name, position, prompt); a
+  * ids come from the id field (as a string) or are a stable hash of (source name, position,
+    prompt); a
     repeated id keeps its first item, later ones are skipped (`duplicate_ids`);
   * repeated prompt texts with distinct ids are kept but listed (`duplicate_prompts`).
-Prompts are whitespace-stripped. Whole-file problems (missing file, not UTF-8, invalid JSON document, JSON
-that is not a list) raise a `UserError` naming the file.
+Prompts are whitespace-stripped. Whole-file problems (missing file, not UTF-8, invalid JSON
+document, JSON that is not a list) raise a `UserError` naming the file.
 """
 from __future__ import annotations
 
@@ -53,9 +59,11 @@ import tensorflow_datasets as tfds
 from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds builder)
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 
-__all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
-           "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
-           "require_prompts", "normalise"]
+__all__ = [
+    "PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
+    "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
+    "require_prompts", "normalise"
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +76,16 @@ PROMPT_FORMATS = ("",) + tuple(_FORMATS.values())  # `format`; "": from the file
 
 # Every key a prompt source may set, with its default ("" / None: not set).
 PROMPT_SOURCE_DEFAULTS = dict(source="", path="", format="", category="", function="", kwargs={},
-                              name="t2i_compbench", config="", split="train", data_dir="", prepare=True,
-                              local_dir="", manual_dir="", categories=(), limit=None)
+                              name="t2i_compbench", config="", split="train", data_dir="",
+                              prepare=True, local_dir="", manual_dir="", categories=(), limit=None)
 
 
 def prompt_source(**values):
   """A prompt-source config block with every key declared (an ml_collections ConfigDict)."""
   unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
-    raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
+    raise KeyError(
+        f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
   block = ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
   if block.limit is None:  # a typed empty value: `--config.<block>.limit=10` can set it
     block.limit = ml_collections.config_dict.placeholder(int)
@@ -140,7 +149,8 @@ class PromptItem:
 
 @dataclasses.dataclass
 class LoadReport:
-  """What loading did: positions of skipped entries, duplicates, counts. `seen` counts every line / entry."""
+  """What loading did: positions of skipped entries, duplicates, counts. `seen` counts every line
+  / entry."""
   source: str
   seen: int = 0
   loaded: int = 0
@@ -171,7 +181,8 @@ def prompt_id(source_name: str, position: int, prompt: str) -> str:
 
 
 def category_from_path(path: str) -> str:
-  """'dir/color_train.txt' -> 'color': the file name without extension and a trailing _train/_val/_test."""
+  """'dir/color_train.txt' -> 'color': the file name without extension and a trailing
+  _train/_val/_test."""
   stem = os.path.splitext(os.path.basename(path))[0]
   return re.sub(r"_(train|val|test)$", "", stem)
 
@@ -200,10 +211,12 @@ class _Collector:
       self.report.empty.append(position)
       return
     if isinstance(item_id, bool) or not (item_id is None or isinstance(item_id, (str, int))):
-      self.report.malformed.append((position, f"id is {type(item_id).__name__}, not a string or integer"))
+      self.report.malformed.append(
+          (position, f"id is {type(item_id).__name__}, not a string or integer"))
       return
     if category is not None and not isinstance(category, str):
-      self.report.malformed.append((position, f"category is {type(category).__name__}, not a string"))
+      self.report.malformed.append(
+          (position, f"category is {type(category).__name__}, not a string"))
       return
     item_id = None if item_id is None else str(item_id).strip()
     if not item_id:
@@ -219,7 +232,8 @@ class _Collector:
     self.items.append(PromptItem(id=item_id, prompt=prompt, category=category))
 
   def add_entry(self, position: int, entry: Any):
-    """A JSON-like entry: a mapping with prompt / category / id fields, a string, or a PromptItem."""
+    """A JSON-like entry: a mapping with prompt / category / id fields, a string, or a
+    PromptItem."""
     if isinstance(entry, PromptItem):
       self.add(position, entry.prompt, entry.category, entry.id)
     elif isinstance(entry, str):
@@ -245,7 +259,8 @@ def _load_file(cfg: dict) -> _Collector:
   path = os.path.expanduser(os.fspath(cfg["path"]))
   fmt = cfg["format"] or _FORMATS.get(os.path.splitext(path)[1].lower())
   if fmt not in ("txt", "json", "jsonl"):
-    raise UserValueError(f"{path}: unknown prompt file format {fmt!r}; set format to txt, json or jsonl")
+    raise UserValueError(
+        f"{path}: unknown prompt file format {fmt!r}; set format to txt, json or jsonl")
   if not os.path.isfile(path):
     raise UserFileNotFoundError(f"prompt file not found: {path}")
   col = _Collector(os.path.basename(path), cfg["category"] or category_from_path(path))
@@ -253,8 +268,9 @@ def _load_file(cfg: dict) -> _Collector:
     with open(path, encoding="utf-8-sig") as f:
       text = f.read()
   except UnicodeDecodeError as e:
-    raise UserValueError(f"prompt file {path}: not UTF-8 text (invalid byte at offset {e.start}); save it as "
-                         f"UTF-8") from None
+    raise UserValueError(
+        f"prompt file {path}: not UTF-8 text (invalid byte at offset {e.start}); save it as "
+        f"UTF-8") from None
   if fmt == "txt":
     for lineno, line in enumerate(text.splitlines(), start=1):
       col.add(lineno, line, col.default_category)
@@ -268,7 +284,8 @@ def _load_file(cfg: dict) -> _Collector:
       except json.JSONDecodeError as e:
         col.malformed(lineno, f"invalid JSON: {e.msg}")
         continue
-      except (ValueError, RecursionError) as e:  # an integer beyond Python's digit limit; nesting too deep
+      # an integer beyond Python's digit limit; nesting too deep
+      except (ValueError, RecursionError) as e:
         col.malformed(lineno, f"invalid JSON: {type(e).__name__}")
         continue
       col.add_entry(lineno, entry)
@@ -276,7 +293,8 @@ def _load_file(cfg: dict) -> _Collector:
     try:
       entries = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, digit limit, nesting too deep
-      raise UserValueError(f"prompt file {path}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+      raise UserValueError(
+          f"prompt file {path}: invalid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(entries, list):
       raise UserValueError(f"{path}: expected a JSON list of prompts, got {type(entries).__name__}")
     for index, entry in enumerate(entries, start=1):
@@ -321,8 +339,9 @@ def _load_tfds(cfg: dict) -> _Collector:
   if cfg["manual_dir"]:
     prepare_kwargs["download_config"] = tfds.download.DownloadConfig(manual_dir=cfg["manual_dir"])
   data_dir = os.path.expanduser(cfg["data_dir"]) if cfg["data_dir"] else None
-  source = tfds.data_source(full_name, split=split, data_dir=data_dir, download=bool(cfg["prepare"]),
-                            builder_kwargs=builder_kwargs or None, download_and_prepare_kwargs=prepare_kwargs or None)
+  source = tfds.data_source(full_name, split=split, data_dir=data_dir,
+                            download=bool(cfg["prepare"]), builder_kwargs=builder_kwargs or None,
+                            download_and_prepare_kwargs=prepare_kwargs or None)
   col = _Collector(f"tfds:{full_name}[{split}]", cfg["category"] or "uncategorized")
   for index in range(len(source)):
     row = {k: _decode(v) for k, v in source[index].items()}

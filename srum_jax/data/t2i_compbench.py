@@ -1,23 +1,26 @@
-"""T2I-CompBench prompts as a tensorflow-datasets builder (array_record files: no tensorflow needed).
+"""T2I-CompBench prompts as a tensorflow-datasets builder (array_record files: no tensorflow
+needed).
 
-Source: the official T2I-CompBench repository's `examples/dataset/{category}_{split}.txt` (one prompt per
-line), downloaded from GitHub with `dl_manager.download` -- or read from a local directory holding those
-files, given either as the builder kwarg `local_dir` or as tfds' manual dir
-(`DownloadConfig(manual_dir=...)`, default `<data_dir>/downloads/manual`). Order of precedence: `local_dir`,
-a non-empty manual dir, download.
+Source: the official T2I-CompBench repository's `examples/dataset/{category}_{split}.txt` (one
+prompt per line), downloaded from GitHub with `dl_manager.download` -- or read from a local
+directory holding those files, given either as the builder kwarg `local_dir` or as tfds' manual dir
+(`DownloadConfig(manual_dir=...)`, default `<data_dir>/downloads/manual`). Order of precedence:
+`local_dir`, a non-empty manual dir, download.
 
   from srum_jax.data.t2i_compbench import T2iCompbench   # importing registers "t2i_compbench"
   builder = T2iCompbench(data_dir="~/tfds", local_dir="T2I-CompBench/examples/dataset")
   builder.download_and_prepare()
   source = builder.as_data_source(split="val")           # random access, no tensorflow
-  source[0]  # {"prompt": b"a green bench and a red car", "category": b"color", "id": b"color_val:00001"}
+  # {"prompt": b"a green bench and a red car", "category": b"color", "id": b"color_val:00001"}
+  source[0]
 
-  # or: tfds.data_source("t2i_compbench", split="val", data_dir="~/tfds", builder_kwargs={"local_dir": ...})
+  # or: tfds.data_source("t2i_compbench", split="val", data_dir="~/tfds",
+  builder_kwargs={"local_dir": ...})
 
 Features: `prompt`, `category` (the file's category name, e.g. "non_spatial") and `id`
-(`{category}_{split}:{line:05d}`, the 1-based line number: stable and unique). Blank lines are skipped (and
-counted in the log). Examples keep file order (category order of the config, then line order): shuffling is
-disabled. Splits: `train`, `val`.
+(`{category}_{split}:{line:05d}`, the 1-based line number: stable and unique). Blank lines are
+skipped (and counted in the log). Examples keep file order (category order of the config, then line
+order): shuffling is disabled. Splits: `train`, `val`.
 
 Configs: `original` (default) = the six categories of T2I-CompBench (color, shape, texture, spatial,
 non_spatial, complex); `plus` adds T2I-CompBench++'s 3d_spatial and numeracy.
@@ -32,18 +35,19 @@ from typing import Optional
 import tensorflow_datasets as tfds
 from etils import epath
 
-__all__ = ["T2iCompbench", "T2iCompbenchConfig", "CATEGORIES", "PLUS_CATEGORIES", "SPLITS", "file_name",
-           "source_url"]
+__all__ = [
+    "T2iCompbench", "T2iCompbenchConfig", "CATEGORIES", "PLUS_CATEGORIES", "SPLITS", "file_name",
+    "source_url"
+]
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 PLUS_CATEGORIES = CATEGORIES + ("3d_spatial", "numeracy")
 SPLITS = ("train", "val")
 _BASE_URL = "https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/main/examples/dataset/"
 _CITATION = """@inproceedings{huang2023t2icompbench,
-  title={T2I-CompBench: A Comprehensive Benchmark for Open-world Compositional Text-to-image Generation},
-  author={Huang, Kaiyi and Sun, Kaiyue and Xie, Enze and Li, Zhenguo and Liu, Xihui},
-  booktitle={Advances in Neural Information Processing Systems},
-  year={2023}
+  title={T2I-CompBench: A Comprehensive Benchmark for Open-world Compositional Text-to-image
+  Generation}, author={Huang, Kaiyi and Sun, Kaiyue and Xie, Enze and Li, Zhenguo and Liu, Xihui},
+  booktitle={Advances in Neural Information Processing Systems}, year={2023}
 }"""
 
 log = logging.getLogger(__name__)
@@ -69,42 +73,47 @@ class T2iCompbench(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Prompts, categories and line-based ids of the official prompt files."}
   BUILDER_CONFIGS = [
-    T2iCompbenchConfig(name="original", categories=CATEGORIES,
-                       description="The six T2I-CompBench categories."),
-    T2iCompbenchConfig(name="plus", categories=PLUS_CATEGORIES,
-                       description="T2I-CompBench++: the six categories plus 3d_spatial and numeracy."),
+      T2iCompbenchConfig(name="original", categories=CATEGORIES,
+                         description="The six T2I-CompBench categories."),
+      T2iCompbenchConfig(
+          name="plus", categories=PLUS_CATEGORIES,
+          description="T2I-CompBench++: the six categories plus 3d_spatial and numeracy."),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Optional. Put the official `examples/dataset/{category}_{train,val}.txt` files of "
     "https://github.com/Karine-Huang/T2I-CompBench in the manual dir to build without network access.")
 
-  def __init__(self, *, local_dir: Optional[str] = None, file_format: str = "array_record", **kwargs):
+  def __init__(self, *, local_dir: Optional[str] = None, file_format: str = "array_record",
+               **kwargs):
     self._local_dir = None if local_dir is None else os.path.expanduser(os.fspath(local_dir))
     super().__init__(file_format=file_format, **kwargs)
 
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls):
-    """This file. (tfds' own lookup touches the `importlib_resources` backport, absent on Python >= 3.9.)"""
+    """This file. (tfds' own lookup touches the `importlib_resources` backport, absent on Python
+    >= 3.9.)"""
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-      builder=self,
-      description="Text prompts of T2I-CompBench (compositional text-to-image generation), by category.",
-      features=tfds.features.FeaturesDict({
-        "prompt": tfds.features.Text(),
-        "category": tfds.features.Text(),
-        "id": tfds.features.Text(),
-      }),
-      supervised_keys=None,
-      disable_shuffling=True,
-      homepage="https://github.com/Karine-Huang/T2I-CompBench",
-      citation=_CITATION,
+        builder=self,
+        description="Text prompts of T2I-CompBench (compositional text-to-image generation), by "
+                    "category.",
+        features=tfds.features.FeaturesDict({
+            "prompt": tfds.features.Text(),
+            "category": tfds.features.Text(),
+            "id": tfds.features.Text(),
+        }),
+        supervised_keys=None,
+        disable_shuffling=True,
+        homepage="https://github.com/Karine-Huang/T2I-CompBench",
+        citation=_CITATION,
     )
 
   def _source_dir(self, dl_manager) -> Optional[str]:
-    """The local directory to read from (kwarg, then a non-empty manual dir), or None to download."""
+    """The local directory to read from (kwarg, then a non-empty manual dir), or None to
+    download."""
     if self._local_dir is not None:
       if not os.path.isdir(self._local_dir):
         raise FileNotFoundError(f"T2I-CompBench local_dir not found: {self._local_dir}")
@@ -121,7 +130,8 @@ class T2iCompbench(tfds.core.GeneratorBasedBuilder):
       paths = {(c, s): os.path.join(local, file_name(c, s)) for c in cats for s in SPLITS}
       missing = sorted(p for p in paths.values() if not os.path.isfile(p))
       if missing:
-        raise FileNotFoundError(f"T2I-CompBench prompt files missing in {local}: {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"T2I-CompBench prompt files missing in {local}: {', '.join(missing)}")
     else:
       urls = {f"{c}_{s}": source_url(c, s) for c in cats for s in SPLITS}
       got = dl_manager.download(urls)

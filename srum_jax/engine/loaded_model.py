@@ -11,7 +11,6 @@ files' identity is stamped beside the result, so a changed checkpoint converts a
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Any, List, Optional, Sequence
 
@@ -138,7 +137,7 @@ def resolve_model_dir(config) -> str:
       paths.rmtree(dst)
     hf_to_flax.convert(paths.local_copy_dir(official), str(dst), dtype=config.model.param_dtype)
     write_identity(str(dst), official_identity(official, config.model.param_dtype))
-    stamp.write_text(json.dumps(want, indent=2))
+    files.write_json(stamp, want)
     print(f"[model] converted {src} -> {dst}", flush=True)
   distributed.barrier(f"resolve_model_dir:{dst}")  # the other processes wait for process 0's conversion
   return str(dst)

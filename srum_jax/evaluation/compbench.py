@@ -9,10 +9,10 @@
 | complex (3-in-1) | all three | mean of BLIP-VQA, spatial, CLIPScore (see `three_in_one`) |
 | 3d_spatial | - | needs a depth expert: counted as skipped |
 
-`position` is `determine_position` of the benchmark (centres, IoU 0.1, distance 150 px), computed on boxes scaled
-to the detector's frame in the benchmark (long side 480 px, `frame_size`). Objects and counts come from the
-prompt (`text`), the detector is an open-vocabulary one from transformers (`detectors`). Rules are pure
-functions below; `CompBenchScorer` runs the models over images.
+`position` is `determine_position` of the benchmark (centres, IoU 0.1, distance 150 px), computed on
+boxes scaled to the detector's frame in the benchmark (long side 480 px, `frame_size`). Objects and
+counts come from the prompt (`text`), the detector is an open-vocabulary one from transformers
+(`detectors`). Rules are pure functions below; `CompBenchScorer` runs the models over images.
 """
 from __future__ import annotations
 
@@ -23,14 +23,31 @@ import numpy as np
 
 from srum_jax.evaluation import detectors, text, torch_models
 
-__all__ = ["CATEGORY_METRICS", "category_key", "blip_vqa_score", "determine_position", "spatial_score",
-           "same_object", "distinct_boxes", "numeracy_score", "three_in_one", "to_frame", "CompBenchScorer"]
+__all__ = [
+    "CATEGORY_METRICS", "category_key", "blip_vqa_score", "determine_position", "spatial_score",
+    "same_object", "distinct_boxes", "numeracy_score", "three_in_one", "to_frame", "CompBenchScorer"
+]
 
-CATEGORY_METRICS = {"color": "blip_vqa", "shape": "blip_vqa", "texture": "blip_vqa", "spatial": "spatial",
-                    "numeracy": "numeracy", "non-spatial": "clip", "complex": "three_in_one",
-                    "complex_spatial": "three_in_one", "complex_action": "three_in_one", "3d_spatial": None}
-_ALIASES = {"colour": "color", "non_spatial": "non-spatial", "nonspatial": "non-spatial", "3d-spatial": "3d_spatial",
-            "complex-spatial": "complex_spatial", "complex-action": "complex_action"}
+CATEGORY_METRICS = {
+    "color": "blip_vqa",
+    "shape": "blip_vqa",
+    "texture": "blip_vqa",
+    "spatial": "spatial",
+    "numeracy": "numeracy",
+    "non-spatial": "clip",
+    "complex": "three_in_one",
+    "complex_spatial": "three_in_one",
+    "complex_action": "three_in_one",
+    "3d_spatial": None
+}
+_ALIASES = {
+    "colour": "color",
+    "non_spatial": "non-spatial",
+    "nonspatial": "non-spatial",
+    "3d-spatial": "3d_spatial",
+    "complex-spatial": "complex_spatial",
+    "complex-action": "complex_action"
+}
 Box = Tuple[float, float, float, float]
 
 
@@ -47,25 +64,31 @@ def blip_vqa_score(yes_probabilities: Sequence[float]) -> float:
 
 def determine_position(relation: Optional[str], box1: Box, box2: Box, iou_threshold: float = 0.1,
                        distance_threshold: float = 150.0) -> float:
-  """The benchmark's soft position score of object 1 relative to object 2 (boxes x_min, y_min, x_max, y_max).
+  """The benchmark's soft position score of object 1 relative to object 2 (boxes x_min, y_min,
+  x_max, y_max).
 
-  "next to" / "on side of" / "near": 1 when the centres are within `distance_threshold` along x or y, else
-  threshold / the larger offset. Left / right / top / bottom: 1 when the centre offset points that way along
-  its dominant axis and IoU < `iou_threshold`, `iou_threshold / IoU` when they overlap more, else 0. Any other
-  relation ("on top of" included, as in the benchmark) scores 0.
+  "next to" / "on side of" / "near": 1 when the centres are within `distance_threshold` along x or
+  y, else threshold / the larger offset. Left / right / top / bottom: 1 when the centre offset
+  points that way along its dominant axis and IoU < `iou_threshold`, `iou_threshold / IoU` when they
+  overlap more, else 0. Any other relation ("on top of" included, as in the benchmark) scores 0.
   """
   dx = (box2[0] + box2[2]) / 2 - (box1[0] + box1[2]) / 2
   dy = (box2[1] + box2[3]) / 2 - (box1[1] + box1[3]) / 2
   inter = (max(0.0, min(box1[2], box2[2]) - max(box1[0], box2[0]))
            * max(0.0, min(box1[3], box2[3]) - max(box1[1], box2[1])))
-  union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - inter
+  union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] -
+                                                                             box2[1]) - inter
   iou = inter / union if union > 0 else 0.0
   if relation in ("next to", "on side of", "near"):
     if abs(dx) < distance_threshold or abs(dy) < distance_threshold:
       return 1.0
     return distance_threshold / max(abs(dx), abs(dy))
-  toward = {"on the right of": (dx < 0, abs(dx) > abs(dy)), "on the left of": (dx > 0, abs(dx) > abs(dy)),
-            "on the bottom of": (dy < 0, abs(dy) > abs(dx)), "on the top of": (dy > 0, abs(dy) > abs(dx))}
+  toward = {
+      "on the right of": (dx < 0, abs(dx) > abs(dy)),
+      "on the left of": (dx > 0, abs(dx) > abs(dy)),
+      "on the bottom of": (dy < 0, abs(dy) > abs(dx)),
+      "on the top of": (dy > 0, abs(dy) > abs(dx))
+  }
   if relation not in toward or not all(toward[relation]):
     return 0.0
   return 1.0 if iou < iou_threshold else iou_threshold / iou
@@ -73,9 +96,11 @@ def determine_position(relation: Optional[str], box1: Box, box2: Box, iou_thresh
 
 def spatial_score(relation: Optional[str], first: Optional[Tuple[float, Box]],
                   second: Optional[Tuple[float, Box]]) -> float:
-  """The spatial image score from the best detection (confidence, box) of each object (None: not found)."""
+  """The spatial image score from the best detection (confidence, box) of each object (None: not
+  found)."""
   if first is not None and second is not None:
-    score = 0.25 * first[0] + 0.25 * second[0] + determine_position(relation, first[1], second[1]) / 2
+    score = 0.25 * first[0] + 0.25 * second[0] + determine_position(relation, first[1],
+                                                                    second[1]) / 2
   elif first is not None or second is not None:
     score = 0.25 * (first or second)[0]
   else:
@@ -84,7 +109,8 @@ def spatial_score(relation: Optional[str], first: Optional[Tuple[float, Box]],
 
 
 def same_object(box1: Box, box2: Box) -> bool:
-  """The numeracy script's duplicate test: IoU > 0.9 or either box > 90% inside the other (+1-pixel areas)."""
+  """The numeracy script's duplicate test: IoU > 0.9 or either box > 90% inside the other
+  (+1-pixel areas)."""
   iw = max(0.0, min(box1[2], box2[2]) - max(box1[0], box2[0]) + 1)
   ih = max(0.0, min(box1[3], box2[3]) - max(box1[1], box2[1]) + 1)
   inter = iw * ih
@@ -103,7 +129,8 @@ def distinct_boxes(boxes: Sequence[Box]) -> List[Box]:
 
 
 def numeracy_score(targets: Sequence[Tuple[str, int]], found: Dict[str, Sequence[Box]]) -> float:
-  """sum over targets of (0.5 if found else 0) + (0.5 if exactly `count` distinct boxes), divided by their number."""
+  """sum over targets of (0.5 if found else 0) + (0.5 if exactly `count` distinct boxes), divided
+  by their number."""
   if not targets:
     raise ValueError("no counted objects")
   score = 0.0
@@ -115,9 +142,10 @@ def numeracy_score(targets: Sequence[Tuple[str, int]], found: Dict[str, Sequence
 
 
 def three_in_one(kind: str, attribute: float, spatial: float, action: float) -> float:
-  """The complex category's score from BLIP-VQA (attribute), the spatial score of the objects around the
-  relation and CLIPScore of the prompt without adjectives (action): (attribute + spatial) / 2 for prompts of
-  the spatial subset, (attribute + action) / 2 for the action subset, else the mean of all three."""
+  """The complex category's score from BLIP-VQA (attribute), the spatial score of the objects around
+  the relation and CLIPScore of the prompt without adjectives (action): (attribute + spatial) / 2
+  for prompts of the spatial subset, (attribute + action) / 2 for the action subset, else the mean
+  of all three."""
   if kind == "spatial":
     return (attribute + spatial) / 2
   if kind == "action":
@@ -126,7 +154,8 @@ def three_in_one(kind: str, attribute: float, spatial: float, action: float) -> 
 
 
 def complex_subset_key(prompt: str) -> str:
-  """How the 3-in-1 script matches a prompt to the spatial / action lists: lowercase, up to the first '.'."""
+  """How the 3-in-1 script matches a prompt to the spatial / action lists: lowercase, up to the
+  first '.'."""
   return prompt.split(".")[0].lower()
 
 
@@ -173,14 +202,19 @@ class CompBenchScorer:
     needed = models_needed(it.category for it in items)
     self.blip = (torch_models.BlipVqa(ccfg.blip_dir, device, dtype, "eval.compbench.blip_dir")
                  if "blip" in needed else None)
-    self.clip = torch_models.Clip(ccfg.clip_dir, device, dtype, "eval.compbench.clip_dir") if "clip" in needed else None
-    self.detector = (detectors.load_detector(ccfg.detector, ccfg.detector_dir, device, dtype,
-                                             "eval.compbench.detector_dir") if "detector" in needed else None)
+    self.clip = torch_models.Clip(ccfg.clip_dir, device, dtype,
+                                  "eval.compbench.clip_dir") if "clip" in needed else None
+    self.detector = (
+        detectors.load_detector(ccfg.detector, ccfg.detector_dir, device, dtype,
+                                "eval.compbench.detector_dir") if "detector" in needed else None)
 
   @staticmethod
   def required_dirs(ccfg, categories) -> Dict[str, str]:
     """{config key: directory} of the models the categories need (checked before any work)."""
-    return {f"eval.compbench.{m}_dir": getattr(ccfg, f"{m}_dir") for m in sorted(models_needed(categories))}
+    return {
+        f"eval.compbench.{m}_dir": getattr(ccfg, f"{m}_dir")
+        for m in sorted(models_needed(categories))
+    }
 
   def _needs(self, metric: str, row: dict) -> _Needs:
     p, prompt = self.parser, row["prompt"]
@@ -195,8 +229,10 @@ class CompBenchScorer:
       n.clip_text = text.without_adjectives(p, prompt)
       n.objects, n.relation = text.complex_spatial_objects(p, prompt), text.relation(prompt)
       key, cat = complex_subset_key(prompt), category_key(row["category"])
-      n.kind = ("spatial" if cat == "complex_spatial" or (cat == "complex" and key in self.spatial_subset) else
-                "action" if cat == "complex_action" or (cat == "complex" and key in self.action_subset) else "all")
+      n.kind = ("spatial" if cat == "complex_spatial" or
+                (cat == "complex" and key in self.spatial_subset) else
+                "action" if cat == "complex_action" or
+                (cat == "complex" and key in self.action_subset) else "all")
     if metric == "numeracy":
       n.targets = text.numeracy_targets(p, prompt)
       n.queries = [name for name, _ in n.targets]
@@ -206,7 +242,10 @@ class CompBenchScorer:
 
   def __call__(self, images: Sequence[np.ndarray], rows: Sequence[dict]) -> List[dict]:
     metrics = [CATEGORY_METRICS.get(category_key(r["category"]), "unknown") for r in rows]
-    needs = [self._needs(m, r) if m not in (None, "unknown") else _Needs() for m, r in zip(metrics, rows)]
+    needs = [
+        self._needs(m, r) if m not in (None, "unknown") else _Needs()
+        for m, r in zip(metrics, rows)
+    ]
     answers = self._vqa(images, needs)
     cosines = self._clip(images, needs)
     found = self._detect(images, needs)
@@ -219,7 +258,8 @@ class CompBenchScorer:
     bs = int(self.cfg.batch_size)
     for k in range(0, len(pairs), bs):
       chunk = pairs[k:k + bs]
-      probs += self.blip.yes_probability([images[i] for i, _ in chunk], [q for _, q in chunk]).tolist()
+      probs += self.blip.yes_probability([images[i] for i, _ in chunk],
+                                         [q for _, q in chunk]).tolist()
     out: List[List[float]] = [[] for _ in needs]
     for (i, _), prob in zip(pairs, probs):
       out[i].append(float(prob))
@@ -252,7 +292,10 @@ class CompBenchScorer:
     if metric is None:
       return {**base, "score": None, "skipped": "3d_spatial needs a depth expert (not implemented)"}
     if metric == "unknown":
-      return {**base, "score": None, "skipped": f"no T2I-CompBench metric for category {row['category']!r}"}
+      return {
+          **base, "score": None,
+          "skipped": f"no T2I-CompBench metric for category {row['category']!r}"
+      }
     parts: Dict[str, float] = {}
     if metric in ("blip_vqa", "three_in_one"):
       parts["blip_vqa"] = blip_vqa_score(answers)
@@ -264,10 +307,20 @@ class CompBenchScorer:
     if metric == "numeracy":
       if not n.targets:
         return {**base, "score": None, "skipped": "no counted object in the prompt"}
-      parts["numeracy"] = numeracy_score(n.targets, {k: [b for _, b in v] for k, v in found.items()})
-    score = (three_in_one(n.kind, parts["blip_vqa"], parts["spatial"], parts["clip"]) if metric == "three_in_one"
-             else parts[metric])
-    detail = {"questions": n.questions, "answers": answers, "objects": list(n.objects), "relation": n.relation,
-              "targets": n.targets, "kind": n.kind if metric == "three_in_one" else None,
-              "detections": {k: [[round(s, 4)] + [round(x, 1) for x in b] for s, b in v] for k, v in found.items()}}
+      boxes = {k: [b for _, b in v] for k, v in found.items()}
+      parts["numeracy"] = numeracy_score(n.targets, boxes)
+    score = (
+        three_in_one(n.kind, parts["blip_vqa"], parts["spatial"], parts["clip"])
+        if metric == "three_in_one" else parts[metric])
+    detail = {
+        "questions": n.questions,
+        "answers": answers,
+        "objects": list(n.objects),
+        "relation": n.relation,
+        "targets": n.targets,
+        "kind": n.kind if metric == "three_in_one" else None,
+        "detections": {
+            k: [[round(s, 4)] + [round(x, 1) for x in b] for s, b in v] for k, v in found.items()
+        }
+    }
     return {**base, "score": float(score), "parts": parts, "detail": detail}

@@ -1,11 +1,12 @@
-"""Images made elsewhere (the official PyTorch model, another repository) matched to a prompt set, so the
-same scorers read them. `collect(images_dir, items)` -> rows {id, prompt_id, prompt, category, image_file}:
+"""Images made elsewhere (the official PyTorch model, another repository) matched to a prompt set,
+so the same scorers read them. `collect(images_dir, items)` -> rows {id, prompt_id, prompt,
+category, image_file}:
 
 * a folder written by this repository's `generate` stage (metadata*.jsonl): its rows, as they are;
 * GenEval's layout: `<prompt id>/samples/<k>.png` (a numbered folder per prompt);
 * a flat folder (images also under `samples/`), each file named after its prompt's id (`<id>.png`,
-  `<id>#<k>.png`, `<id>_<k>.png`; an id's characters outside [A-Za-z0-9] may be any such character; or the
-  `generate` stage's own names, `layout.image_file_name`, without their metadata) or, as
+  `<id>#<k>.png`, `<id>_<k>.png`; an id's characters outside [A-Za-z0-9] may be any such character;
+  or the `generate` stage's own names, `layout.image_file_name`, without their metadata) or, as
   T2I-CompBench names samples, after its prompt text (`<prompt>_<k>.png`).
 
 Files that match no prompt and prompts without an image are counted in the report, not guessed.
@@ -34,7 +35,8 @@ class CollectReport:
 
 
 def match_key(text: str) -> str:
-  """The comparison form of an id or file stem: runs of characters outside [A-Za-z0-9] become one '_'."""
+  """The comparison form of an id or file stem: runs of characters outside [A-Za-z0-9] become one
+  '_'."""
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
@@ -76,8 +78,9 @@ def _match_stem(stem: str, by_id: Dict[str, object], by_prompt: Dict[str, object
 
 def _match_own_name(name: str, by_key: Dict[str, list]):
   """(item, sample suffix or None) for a file named by this repository's generate stage
-  (`layout.image_file_name`: a prefix of the image id, '-', a hash of the whole id), checked against the hash
-  (ids that differ only in replaced characters share a prefix; the hash tells them apart)."""
+  (`layout.image_file_name`: a prefix of the image id, '-', a hash of the whole id), checked against
+  the hash (ids that differ only in replaced characters share a prefix; the hash tells them apart).
+  """
   m = re.fullmatch(r"(.+)-[0-9a-f]{16}(\.[A-Za-z]+)", name)
   if m is None:
     return None, None
@@ -116,16 +119,21 @@ def _flat_layout(root: pathlib.Path, items) -> Tuple[List[dict], CollectReport]:
 
 
 def collect(images_dir: str, items: Sequence) -> Tuple[List[dict], CollectReport]:
-  """Rows of the images in `images_dir` that belong to `items` (module docstring), and what did not match."""
+  """Rows of the images in `images_dir` that belong to `items` (module docstring), and what did
+  not match."""
   root = pathlib.Path(images_dir)
   if not root.is_dir():
     raise FileNotFoundError(f"eval.images_dir {images_dir!r} is not a directory")
   if list(root.glob("metadata*.jsonl")):
     wanted = {it.id for it in items}
-    every = [dict(r, image_file=str(root / r["image_file"])) for r in layout.read_metadata(str(root))]
+    every = [
+        dict(r, image_file=str(root / r["image_file"])) for r in layout.read_metadata(str(root))
+    ]
     rows = [r for r in every if r.get("prompt_id", r["id"]) in wanted]
-    rep = CollectReport(layout="srum_jax", files=len(every),
-                        unmatched_files=[r["image_file"] for r in every if r.get("prompt_id", r["id"]) not in wanted])
+    rep = CollectReport(
+        layout="srum_jax", files=len(every), unmatched_files=[
+            r["image_file"] for r in every if r.get("prompt_id", r["id"]) not in wanted
+        ])
   elif any(p.is_dir() and p.name.isdigit() and (p / "samples").is_dir() for p in root.iterdir()):
     rows, rep = _geneval_layout(root, items)
   else:

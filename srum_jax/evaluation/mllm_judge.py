@@ -1,18 +1,21 @@
-"""An external MLLM judge as in SRUM's evaluation: a Qwen2.5-VL-class model from transformers scores each
-image 0-100 against its prompt with a rubric (the paper: Qwen2.5-VL-72B-Instruct on T2I-CompBench).
+"""An external MLLM judge as in SRUM's evaluation: a Qwen2.5-VL-class model from transformers scores
+each image 0-100 against its prompt with a rubric (the paper: Qwen2.5-VL-72B-Instruct on
+T2I-CompBench).
 
-The question is the texts' `compbench_question` with the prompt in it (`rewards.texts.render_compbench`):
-SRUM's `CompBench_eval/qwen_eval.py` question, read from the user's SRUM checkout by `texts import`, or the
-project's stand-in in its own words (the own texts: tests and plumbing). The image comes first in the user
-turn, then the text, answered greedily in up to 512 new tokens (qwen_eval.py's). The answer's score is the
-number of its JSON "score" key (SRUM's `extract_score`: the JSON object, else the `"score": N` pattern), kept
-only inside 0-100. Answers without one are asked again (`max_retries` times, sampling at
-`retry_temperature`); what still fails is counted as a parse failure and left out of the means, never a crash.
+The question is the texts' `compbench_question` with the prompt in it
+(`rewards.texts.render_compbench`): SRUM's `CompBench_eval/qwen_eval.py` question, read from the
+user's SRUM checkout by `texts import`, or the project's stand-in in its own words (the own texts:
+tests and plumbing). The image comes first in the user turn, then the text, answered greedily in up
+to 512 new tokens (qwen_eval.py's). The answer's score is the number of its JSON "score" key (SRUM's
+`extract_score`: the JSON object, else the `"score": N` pattern), kept only inside 0-100. Answers
+without one are asked again (`max_retries` times, sampling at `retry_temperature`); what still fails
+is counted as a parse failure and left out of the means, never a crash.
 
-The model is any transformers image-text-to-text model whose tokenizer has a chat template and whose image
-processor returns `image_grid_thw` (the Qwen2-VL family): the image placeholder token is expanded to the
-image's patch count here, so no torchvision-backed processor is needed. bf16 by default (`torch_dtype`); one
-device (`eval.device`) or, with `device_map = "auto"`, layers spread over all visible GPUs (accelerate).
+The model is any transformers image-text-to-text model whose tokenizer has a chat template and whose
+image processor returns `image_grid_thw` (the Qwen2-VL family): the image placeholder token is
+expanded to the image's patch count here, so no torchvision-backed processor is needed. bf16 by
+default (`torch_dtype`); one device (`eval.device`) or, with `device_map = "auto"`, layers spread
+over all visible GPUs (accelerate).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from srum_jax.rewards import texts as texts_lib
 __all__ = ["SCORE_RANGE", "MAX_NEW_TOKENS", "parse_score", "MLLMJudge", "MLLMScorer"]
 
 SCORE_RANGE = (0.0, 100.0)  # the question's scale
-MAX_NEW_TOKENS = 512  # SRUM's CompBench_eval/qwen_eval.py: model.generate(max_new_tokens=512, do_sample=False)
+# SRUM's CompBench_eval/qwen_eval.py: model.generate(max_new_tokens=512, do_sample=False)
+MAX_NEW_TOKENS = 512
 
 
 _SCORE = re.compile(r'"?score"?\s*:\s*"?(-?\d+(?:\.\d+)?)"?')
@@ -51,8 +55,8 @@ def json_objects(text: str):
 
 
 def parse_score(text: str, score_range: Sequence[float] = (0, 100)) -> Optional[float]:
-  """The answer's score: a JSON object's "score" (number or numeric string), else `"score": N`; None when
-  absent or outside `score_range`."""
+  """The answer's score: a JSON object's "score" (number or numeric string), else `"score": N`; None
+  when absent or outside `score_range`."""
   cleaned = str(text).replace("```json", "").replace("```", "")
   value = None
   for obj in json_objects(cleaned):
@@ -71,17 +75,21 @@ def parse_score(text: str, score_range: Sequence[float] = (0, 100)) -> Optional[
 
 
 class MLLMJudge:
-  """A chat MLLM over (image, conversation) pairs; `chat` returns the assistant's next message per pair."""
+  """A chat MLLM over (image, conversation) pairs; `chat` returns the assistant's next message
+  per pair."""
 
-  def __init__(self, model_dir: str, key: str, *, device: str, dtype, device_map: str = "", batch_size: int = 4):
+  def __init__(self, model_dir: str, key: str, *, device: str, dtype, device_map: str = "",
+               batch_size: int = 4):
     import torch
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     torch_models.require_dir(model_dir, key, "a Qwen2.5-VL-class image-text-to-text model")
     self.torch, self.batch_size = torch, max(1, int(batch_size))
     if device_map:
       if importlib.util.find_spec("accelerate") is None:  # transformers places the layers with it
-        raise ImportError("eval.mllm.device_map needs the `accelerate` package; install it or set it to ''")
-      self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
+        raise ImportError(
+            "eval.mllm.device_map needs the `accelerate` package; install it or set it to ''")
+      self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype,
+                                                               device_map=device_map)
       self.device = self.model.device
     else:
       self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -94,7 +102,8 @@ class MLLMJudge:
         f = pathlib.Path(model_dir) / name
         if f.is_file():
           raw = f.read_text(encoding="utf-8")
-          self.tokenizer.chat_template = json.loads(raw)["chat_template"] if name.endswith(".json") else raw
+          self.tokenizer.chat_template = json.loads(raw)["chat_template"] if name.endswith(
+              ".json") else raw
           break
       else:
         raise ValueError(f"{key} {model_dir}: the tokenizer has no chat template")
@@ -111,22 +120,26 @@ class MLLMJudge:
                               max_new_tokens, temperature)
     return out
 
-  def _chat_batch(self, images, conversations, max_new_tokens: int, temperature: float) -> List[str]:
+  def _chat_batch(self, images, conversations, max_new_tokens: int,
+                  temperature: float) -> List[str]:
     torch = self.torch
     vision = self.image_processor(images=torch_models.pil_images(images), return_tensors="pt")
     grid = vision["image_grid_thw"]
     texts = []
     for k, conv in enumerate(conversations):
       t = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-      texts.append(t.replace(self.image_token, self.image_token * int(grid[k].prod() // self.merge), 1))
+      texts.append(
+          t.replace(self.image_token, self.image_token * int(grid[k].prod() // self.merge), 1))
     enc = self.tokenizer(texts, return_tensors="pt", padding=True)
     sample = temperature > 0
     with torch.no_grad():
-      ids = self.model.generate(input_ids=enc["input_ids"].to(self.device),
-                                attention_mask=enc["attention_mask"].to(self.device),
-                                pixel_values=vision["pixel_values"].to(self.device, self.model.dtype),
-                                image_grid_thw=grid.to(self.device), max_new_tokens=int(max_new_tokens),
-                                do_sample=sample, **({"temperature": float(temperature)} if sample else {}))
+      ids = self.model.generate(
+          input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(
+              self.device), pixel_values=vision["pixel_values"].to(self.device, self.model.dtype),
+          image_grid_thw=grid.to(self.device), max_new_tokens=int(max_new_tokens), do_sample=sample,
+          **({
+              "temperature": float(temperature)
+          } if sample else {}))
     return self.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -134,8 +147,8 @@ def user_turn(question: str) -> dict:
   return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
 
 
-def ask_until_parsed(judge: MLLMJudge, images, conversations, parse, *, max_new_tokens: int, max_retries: int,
-                     retry_temperature: float):
+def ask_until_parsed(judge: MLLMJudge, images, conversations, parse, *, max_new_tokens: int,
+                     max_retries: int, retry_temperature: float):
   """Ask every conversation; ask the ones whose answer `parse` rejects (None) again, sampling, up to
   `max_retries` times. Returns (parsed values or None, last raw answers, tries per item)."""
   answers = judge.chat(images, conversations, max_new_tokens=max_new_tokens)
@@ -145,8 +158,8 @@ def ask_until_parsed(judge: MLLMJudge, images, conversations, parse, *, max_new_
     todo = [i for i, v in enumerate(values) if v is None]
     if not todo:
       break
-    again = judge.chat([images[i] for i in todo], [conversations[i] for i in todo], max_new_tokens=max_new_tokens,
-                       temperature=retry_temperature)
+    again = judge.chat([images[i] for i in todo], [conversations[i] for i in todo],
+                       max_new_tokens=max_new_tokens, temperature=retry_temperature)
     for i, a in zip(todo, again):
       answers[i], values[i], tries[i] = a, parse(a), tries[i] + 1
   return values, answers, tries
@@ -160,8 +173,8 @@ class MLLMScorer:
     self.cfg = mcfg
     self.texts = texts
     self.judge = MLLMJudge(mcfg.model_dir, "eval.mllm.model_dir", device=device,
-                           dtype=torch_models.resolve_dtype(mcfg.torch_dtype), device_map=mcfg.device_map,
-                           batch_size=int(mcfg.batch_size))
+                           dtype=torch_models.resolve_dtype(mcfg.torch_dtype),
+                           device_map=mcfg.device_map, batch_size=int(mcfg.batch_size))
 
   def __call__(self, images, rows: Sequence[dict]) -> List[dict]:
     convs = [[user_turn(texts_lib.render_compbench(self.texts, r["prompt"]))] for r in rows]
@@ -169,6 +182,14 @@ class MLLMScorer:
         self.judge, images, convs, lambda a: parse_score(a, SCORE_RANGE),
         max_new_tokens=int(self.cfg.max_new_tokens) or MAX_NEW_TOKENS,
         max_retries=int(self.cfg.max_retries), retry_temperature=float(self.cfg.retry_temperature))
-    return [{"id": r["id"], "prompt": r["prompt"], "category": r["category"], "score": v, "answer": a,
-             "tries": t, **({"failed": "no score in the answer"} if v is None else {})}
-            for r, v, a, t in zip(rows, values, answers, tries)]
+    return [{
+        "id": r["id"],
+        "prompt": r["prompt"],
+        "category": r["category"],
+        "score": v,
+        "answer": a,
+        "tries": t,
+        **({
+            "failed": "no score in the answer"
+        } if v is None else {})
+    } for r, v, a, t in zip(rows, values, answers, tries)]

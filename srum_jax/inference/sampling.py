@@ -1,11 +1,11 @@
 """Image generation: Euler flow sampling with classifier-free guidance over KV-cache contexts
 (docs/bagel.md, "Flow sampler and CFG", "Think mode").
 
-Each row's query block `[start_of_image] + h*w latent tokens + [end_of_image]` sits at its context's own
-`rope` position as a new full split (markers und, latents gen) and attends to the cached context and to
-itself; the cache is never updated. The three CFG branches (gen, cfg_text, cfg_img contexts) are folded
-into the batch dimension and run as one forward; branches whose scale makes them unused are skipped
-statically, and outside the CFG interval only the conditional branch runs (`lax.cond`).
+Each row's query block `[start_of_image] + h*w latent tokens + [end_of_image]` sits at its context's
+own `rope` position as a new full split (markers und, latents gen) and attends to the cached context
+and to itself; the cache is never updated. The three CFG branches (gen, cfg_text, cfg_img contexts)
+are folded into the batch dimension and run as one forward; branches whose scale makes them unused
+are skipped statically, and outside the CFG interval only the conditional branch runs (`lax.cond`).
 
     x0 = initial_noise(keys, cfg, height, width)
     tokens = sample_latents(params, (gen, cfg_text, cfg_img), x0, cfg=cfg, grid=(h, w), ...)
@@ -31,7 +31,8 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 def shifted_timesteps(num_timesteps: int, shift: float) -> jax.Array:
-  """The sampler's times: `losses.shift_timesteps` of u = linspace(1, 0, T) (fp32), noise to data."""
+  """The sampler's times: `losses.shift_timesteps` of u = linspace(1, 0, T) (fp32), noise to
+  data."""
   return losses.shift_timesteps(jnp.linspace(1.0, 0.0, num_timesteps, dtype=jnp.float32), shift)
 
 
@@ -54,7 +55,8 @@ def prompt_keys(seeds: Union[int, Sequence[int]], ids: Sequence[int]) -> jax.Arr
   seeds = [int(seeds)] * len(ids) if np.ndim(seeds) == 0 else [int(s) for s in seeds]
   if len(seeds) != len(ids):
     raise ValueError(f"{len(seeds)} seeds for {len(ids)} images")
-  if all(0 <= v < 2 ** 31 for v in (*seeds, *(int(i) for i in ids))):  # one jitted call, not 2 dispatches a key
+  # one jitted call, not 2 dispatches a key
+  if all(0 <= v < 2 ** 31 for v in (*seeds, *(int(i) for i in ids))):
     return _fold_keys(np.asarray(seeds, np.int32), np.asarray([int(i) for i in ids], np.int32))
   return jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), int(i)) for s, i in zip(seeds, ids)])
 
@@ -68,10 +70,10 @@ def _fold_keys(seeds: jax.Array, ids: jax.Array) -> jax.Array:
 # Velocity of the query block
 
 
-def velocity(params, ctx: Context, x: jax.Array, t: jax.Array, *, cfg: BagelConfig, grid: Tuple[int, int],
-             attn_impl: str = "dense") -> jax.Array:
-  """Predicted velocity [B, N, p*p*z] (fp32) of latent tokens x [B, N, p*p*z] at flow time t (scalar or [B])
-  for the query block placed after each row's context. Compute dtype: the cache dtype."""
+def velocity(params, ctx: Context, x: jax.Array, t: jax.Array, *, cfg: BagelConfig,
+             grid: Tuple[int, int], attn_impl: str = "dense") -> jax.Array:
+  """Predicted velocity [B, N, p*p*z] (fp32) of latent tokens x [B, N, p*p*z] at flow time t (scalar
+  or [B]) for the query block placed after each row's context. Compute dtype: the cache dtype."""
   B, N, _ = x.shape
   dtype = ctx.cache.k.dtype
   k = jnp.arange(N, dtype=jnp.int32)
@@ -80,10 +82,11 @@ def velocity(params, ctx: Context, x: jax.Array, t: jax.Array, *, cfg: BagelConf
   lat = bagel.embed_latents(params, x.astype(jnp.float32), tt, pos, cfg, dtype)
   xq = context.frame_image(params, lat, cfg, dtype)
   is_gen = jnp.zeros((B, N + 2), bool).at[:, 1:-1].set(True)
-  meta = context.split_meta(ctx, jnp.ones((B, N + 2), bool), FULL, jnp.broadcast_to(ctx.rope[:, None], (B, N + 2)),
-                       is_gen)
-  h, _ = qwen2_mot.decoder_forward_cached(params["llm"], xq, meta, ctx.cache, cfg=cfg.llm, update_cache=False,
-                                          und_capacity=2, gen_capacity=N, attn_impl=attn_impl)
+  meta = context.split_meta(ctx, jnp.ones((B, N + 2), bool), FULL,
+                            jnp.broadcast_to(ctx.rope[:, None], (B, N + 2)), is_gen)
+  h, _ = qwen2_mot.decoder_forward_cached(params["llm"], xq, meta, ctx.cache, cfg=cfg.llm,
+                                          update_cache=False, und_capacity=2, gen_capacity=N,
+                                          attn_impl=attn_impl)
   return bagel.velocity_head(params, h[:, 1:-1])
 
 
@@ -97,7 +100,8 @@ def _norm(v: jax.Array, per_token: bool) -> jax.Array:
 def cfg_combine(v_cond: jax.Array, v_text: Optional[jax.Array], v_img: Optional[jax.Array], *,
                 cfg_text_scale: float, cfg_img_scale: float, cfg_renorm_type: str = "global",
                 cfg_renorm_min: float = 0.0) -> jax.Array:
-  """Guided velocity from the branch velocities [B, N, C]; norms are per image (global) or per token.
+  """Guided velocity from the branch velocities [B, N, C]; norms are per image (global) or per
+  token.
 
   No guidance at all when cfg_text_scale <= 1; the image branch only when cfg_img_scale > 1.
   """
@@ -133,9 +137,10 @@ def branch_velocities(params, contexts: Sequence[Context], x: jax.Array, t, *, c
   return tuple(v[i * B:(i + 1) * B] for i in range(n))
 
 
-def guided_velocity(params, contexts: Sequence[Context], x: jax.Array, t: jax.Array, *, cfg: BagelConfig,
-                    grid: Tuple[int, int], cfg_text_scale: float, cfg_img_scale: float, cfg_interval,
-                    cfg_renorm_type: str, cfg_renorm_min: float, attn_impl: str = "dense") -> jax.Array:
+def guided_velocity(params, contexts: Sequence[Context], x: jax.Array, t: jax.Array, *,
+                    cfg: BagelConfig, grid: Tuple[int, int], cfg_text_scale: float,
+                    cfg_img_scale: float, cfg_interval, cfg_renorm_type: str, cfg_renorm_min: float,
+                    attn_impl: str = "dense") -> jax.Array:
   """v(x, t) with CFG inside cfg_interval (lo < t <= hi) and the conditional velocity elsewhere."""
   n = _branches(cfg_text_scale, cfg_img_scale)
   cond_only = lambda: velocity(params, contexts[0], x, t, cfg=cfg, grid=grid, attn_impl=attn_impl)
@@ -145,38 +150,43 @@ def guided_velocity(params, contexts: Sequence[Context], x: jax.Array, t: jax.Ar
   def guided():
     vs = branch_velocities(params, contexts[:n], x, t, cfg=cfg, grid=grid, attn_impl=attn_impl)
     return cfg_combine(vs[0], vs[1], vs[2] if n == 3 else None, cfg_text_scale=cfg_text_scale,
-                       cfg_img_scale=cfg_img_scale, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min)
+                       cfg_img_scale=cfg_img_scale, cfg_renorm_type=cfg_renorm_type,
+                       cfg_renorm_min=cfg_renorm_min)
 
   inside = (t > cfg_interval[0]) & (t <= cfg_interval[1])
   return jax.lax.cond(inside, guided, cond_only)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "grid", "num_timesteps", "cfg_text_scale", "cfg_img_scale",
-                                             "cfg_renorm_type", "attn_impl"))
-def _sample_latents(params, contexts, x0, timestep_shift, cfg_interval, cfg_renorm_min, *, cfg, grid,
-                    num_timesteps, cfg_text_scale, cfg_img_scale, cfg_renorm_type, attn_impl):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "grid", "num_timesteps", "cfg_text_scale", "cfg_img_scale",
+                              "cfg_renorm_type", "attn_impl"))
+def _sample_latents(params, contexts, x0, timestep_shift, cfg_interval, cfg_renorm_min, *, cfg,
+                    grid, num_timesteps, cfg_text_scale, cfg_img_scale, cfg_renorm_type, attn_impl):
   context.TRACES["sample_latents"] += 1
   ts = shifted_timesteps(num_timesteps, timestep_shift)
 
   def step(i, x):
-    v = guided_velocity(params, contexts, x, ts[i], cfg=cfg, grid=grid, cfg_text_scale=cfg_text_scale,
-                        cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
+    v = guided_velocity(params, contexts, x, ts[i], cfg=cfg, grid=grid,
+                        cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+                        cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
                         cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl)
     return x - v * (ts[i] - ts[i + 1])
 
   return jax.lax.fori_loop(0, num_timesteps - 1, step, x0.astype(jnp.float32))
 
 
-def sample_latents(params, contexts: Sequence[Optional[Context]], x0: jax.Array, *, cfg: BagelConfig,
-                   grid: Tuple[int, int], num_timesteps: int = 50, timestep_shift: float = 3.0,
-                   cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0,
-                   cfg_interval: Tuple[float, float] = (0.4, 1.0), cfg_renorm_type: str = "global",
-                   cfg_renorm_min: float = 0.0, attn_impl: str = "dense") -> jax.Array:
-  """Euler integration x <- x - v(x, t_i) * (t_i - t_{i+1}) for i < T-1 from x0 [B, h*w, p*p*z] at t = 1.
+def sample_latents(params, contexts: Sequence[Optional[Context]], x0: jax.Array, *,
+                   cfg: BagelConfig, grid: Tuple[int, int], num_timesteps: int = 50,
+                   timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+                   cfg_img_scale: float = 1.0, cfg_interval: Tuple[float, float] = (0.4, 1.0),
+                   cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
+                   attn_impl: str = "dense") -> jax.Array:
+  """Euler integration x <- x - v(x, t_i) * (t_i - t_{i+1}) for i < T-1 from x0 [B, h*w, p*p*z] at t
+  = 1.
 
-  contexts: (gen, cfg_text, cfg_img), each B rows; those the scales leave unused may be None. Jitted; the
-  shift, interval and renorm minimum are traced (new values do not recompile), the scales are static
-  (they decide which branches run).
+  contexts: (gen, cfg_text, cfg_img), each B rows; those the scales leave unused may be None.
+  Jitted; the shift, interval and renorm minimum are traced (new values do not recompile), the
+  scales are static (they decide which branches run).
   """
   if cfg_renorm_type not in RENORM_TYPES:
     raise ValueError(f"unknown cfg_renorm_type {cfg_renorm_type!r}; choose one of {RENORM_TYPES}")
@@ -184,26 +194,29 @@ def sample_latents(params, contexts: Sequence[Optional[Context]], x0: jax.Array,
   ctxs = tuple(contexts[:n])
   if len(ctxs) < n or any(c is None for c in ctxs):
     raise ValueError(f"these CFG scales need {n} contexts (gen, cfg_text, cfg_img)")
-  return _sample_latents(params, ctxs, x0, np.float32(timestep_shift), np.asarray(cfg_interval, np.float32),
-                         np.float32(cfg_renorm_min), cfg=cfg, grid=tuple(grid), num_timesteps=int(num_timesteps),
+  return _sample_latents(params, ctxs, x0, np.float32(timestep_shift),
+                         np.asarray(cfg_interval, np.float32), np.float32(cfg_renorm_min), cfg=cfg,
+                         grid=tuple(grid), num_timesteps=int(num_timesteps),
                          cfg_text_scale=float(cfg_text_scale), cfg_img_scale=float(cfg_img_scale),
                          cfg_renorm_type=cfg_renorm_type, attn_impl=attn_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "grid"))
-def decode_latents(params_ae, tokens: jax.Array, *, cfg: BagelConfig, grid: Tuple[int, int]) -> jax.Array:
+def decode_latents(params_ae, tokens: jax.Array, *, cfg: BagelConfig,
+                   grid: Tuple[int, int]) -> jax.Array:
   """Latent tokens [B, h*w, p*p*z] -> VAE-decoded NHWC images [B, H, W, 3] (nominally [-1, 1])."""
   z = embeddings.unpatchify_latent(tokens, grid[0], grid[1], cfg.latent_patch_size)
   return autoencoder.decode(params_ae, z, cfg.ae)
 
 
-def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Optional[Context]], *, height: int,
-                  width: int, keys: Optional[jax.Array] = None, x0: Optional[jax.Array] = None,
-                  num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
-                  cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global",
-                  cfg_renorm_min: float = 0.0, attn_impl: str = "dense", return_latents: bool = False):
-  """uint8 NHWC images [B, height, width, 3] sampled from the (gen, cfg_text, cfg_img) contexts (and the
-  sampled latent tokens, with `return_latents`).
+def sample_images(
+    params, params_ae, cfg: BagelConfig, contexts: Sequence[Optional[Context]], *, height: int,
+    width: int, keys: Optional[jax.Array] = None, x0: Optional[jax.Array] = None,
+    num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+    cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global",
+    cfg_renorm_min: float = 0.0, attn_impl: str = "dense", return_latents: bool = False):
+  """uint8 NHWC images [B, height, width, 3] sampled from the (gen, cfg_text, cfg_img) contexts (and
+  the sampled latent tokens, with `return_latents`).
 
   The initial noise is x0 if given, else drawn per row from keys [B] (`initial_noise`).
   """
@@ -213,8 +226,9 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
       raise ValueError("give keys (one per image) or x0")
     x0 = initial_noise(keys, cfg, grid)
   tokens = sample_latents(params, contexts, x0, cfg=cfg, grid=grid, num_timesteps=num_timesteps,
-                          timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
-                          cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+                          timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
+                          cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
+                          cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
                           attn_impl=attn_impl)
   images = autoencoder.to_uint8(decode_latents(params_ae, tokens, cfg=cfg, grid=grid))
   return (images, tokens) if return_latents else images
@@ -247,32 +261,39 @@ class T2IResult(NamedTuple):
   latents: jax.Array  # the sampled latent tokens [B, h*w, p*p*z] (fp32), before the VAE decode
 
 
-def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: BagelConfig, think: bool = False,
-                  seeds: Union[int, Sequence[int]] = 42, image_ids: Optional[Sequence[int]] = None,
-                  height: int = 1024, width: int = 1024, num_timesteps: int = 50, timestep_shift: float = 3.0,
-                  cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
-                  cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, max_think_tokens: int = 1000,
-                  system_prompt: Optional[str] = None, dtype=jnp.float32, text_budget: Optional[int] = None,
-                  attn_impl: str = "dense", mesh=None, plans: Optional[Sequence[str]] = None) -> T2IResult:
+def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: BagelConfig,
+                  think: bool = False, seeds: Union[int, Sequence[int]] = 42,
+                  image_ids: Optional[Sequence[int]] = None, height: int = 1024, width: int = 1024,
+                  num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+                  cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
+                  cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0,
+                  max_think_tokens: int = 1000, system_prompt: Optional[str] = None,
+                  dtype=jnp.float32, text_budget: Optional[int] = None, attn_impl: str = "dense",
+                  mesh=None, plans: Optional[Sequence[str]] = None) -> T2IResult:
   """Generate one image per prompt with the official contexts.
 
-  mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (the parameters keep their own shardings,
-  e.g. fsdp / tensor over the same mesh); the batch size must divide by that many devices.
+  mesh: split the batch rows over the mesh's ('data', 'fsdp') axes (the parameters keep their own
+  shardings, e.g. fsdp / tensor over the same mesh); the batch size must divide by that many
+  devices.
 
-  gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt only in
-  think mode); cfg_img: [system prompt] + prompt. think=True needs `system_prompt` (the generation think
-  system prompt, `texts.gen_think_system`) and greedily decodes the plan first; `plans` (think mode) gives the plans instead of
-  decoding them (a diagnostic: drawing from known-good plans). Image i starts from noise keyed by
-  fold_in(PRNGKey(seed_i), image_ids[i]) (default ids 0..B-1): the same (seed, id) gives the same image
-  in any batch.
+  gen: [system prompt] + prompt (+ the decoded plan in think mode); cfg_text: empty (system prompt
+  only in think mode); cfg_img: [system prompt] + prompt. think=True needs `system_prompt` (the
+  generation think system prompt, `texts.gen_think_system`) and greedily decodes the plan first;
+  `plans` (think mode) gives the plans instead of decoding them (a diagnostic: drawing from
+  known-good plans). Image i starts from noise keyed by fold_in(PRNGKey(seed_i), image_ids[i])
+  (default ids 0..B-1): the same (seed, id) gives the same image in any batch.
   """
   B = len(prompts)
   if think and system_prompt is None:
-    raise ValueError("think mode needs the generation think system prompt (system_prompt=texts.gen_think_system)")
+    raise ValueError(
+        "think mode needs the generation think system prompt (system_prompt=texts.gen_think_system)"
+    )
   ids = list(range(B)) if image_ids is None else list(image_ids)
   keys = prompt_keys(seeds, ids)
-  sys_ids = None if system_prompt is None else context.wrap_text(tokenizer.encode(system_prompt), cfg)
-  prompt_ids, prompt_lens = context.pad_ids([context.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
+  sys_ids = None if system_prompt is None else context.wrap_text(
+      tokenizer.encode(system_prompt), cfg)
+  prompt_ids, prompt_lens = context.pad_ids(
+      [context.wrap_text(tokenizer.encode(p), cfg) for p in prompts], text_budget)
   sys_len = 0 if sys_ids is None else context.bucket(len(sys_ids))
   think_budget = context.bucket(max_think_tokens + 2) if think else 0
   T = context.bucket(sys_len + prompt_ids.shape[1] + think_budget)
@@ -293,9 +314,9 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   if think:
     gen, think_texts = add_plans(params, tokenizer, gen, cfg=cfg, max_think_tokens=max_think_tokens,
                                  plans=plans, attn_impl=attn_impl)
-  images, tokens = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width,
-                                 keys=keys, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
-                                 cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
-                                 cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl,
-                                 return_latents=True)
+  images, tokens = sample_images(
+      params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width, keys=keys,
+      num_timesteps=num_timesteps, timestep_shift=timestep_shift, cfg_text_scale=cfg_text_scale,
+      cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval, cfg_renorm_type=cfg_renorm_type,
+      cfg_renorm_min=cfg_renorm_min, attn_impl=attn_impl, return_latents=True)
   return T2IResult(images=np.asarray(images), think_texts=think_texts, latents=tokens)

@@ -1,4 +1,5 @@
-"""FLUX autoencoder in NHWC (docs/bagel.md, "FLUX autoencoder"): pixels in [-1, 1] <-> scaled latents [B, H/8, W/8, z].
+"""FLUX autoencoder in NHWC (docs/bagel.md, "FLUX autoencoder"): pixels in [-1, 1] <-> scaled
+latents [B, H/8, W/8, z].
 
 Pure functions over the `params.ae_schema` tree. Convolutions use HWIO kernels; compute dtype is the
 dtype of the activations passed in; GroupNorm statistics and attention softmax run in fp32.
@@ -42,7 +43,8 @@ def swish(x: jax.Array) -> jax.Array:
 
 
 def resnet_block(p, x: jax.Array) -> jax.Array:
-  """shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x)))))); 1x1 `nin_shortcut` when channels change."""
+  """shortcut(x) + conv2(swish(norm2(conv1(swish(norm1(x)))))); 1x1 `nin_shortcut` when channels
+  change."""
   h = conv(p["conv1"], swish(group_norm(p["norm1"], x)))
   h = conv(p["conv2"], swish(group_norm(p["norm2"], h)))
   if "nin_shortcut" in p:
@@ -51,7 +53,8 @@ def resnet_block(p, x: jax.Array) -> jax.Array:
 
 
 def attn_block(p, x: jax.Array) -> jax.Array:
-  """Single-head self-attention over the h*w positions (scale 1/sqrt(C)), 1x1 projections, residual."""
+  """Single-head self-attention over the h*w positions (scale 1/sqrt(C)), 1x1 projections,
+  residual."""
   b, hh, ww, c = x.shape
   h = group_norm(p["norm"], x)
   q, k, v = (conv(p[name], h).reshape(b, hh * ww, c) for name in ("q", "k", "v"))
@@ -91,7 +94,8 @@ def encoder(p, x: jax.Array, cfg: AEConfig) -> jax.Array:
 
 
 def decoder(p, z: jax.Array, cfg: AEConfig) -> jax.Array:
-  """Unscaled latents [B, h, w, z] -> images [B, h*f, w*f, 3]; `up.i` is resolution level i (0 = full)."""
+  """Unscaled latents [B, h, w, z] -> images [B, h*f, w*f, 3]; `up.i` is resolution level i (0 =
+  full)."""
   h = _mid(p["mid"], conv(p["conv_in"], z))
   for i in reversed(range(len(cfg.ch_mult))):
     level = p["up"][str(i)]
@@ -108,7 +112,8 @@ def encode_moments(params_ae, images: jax.Array, cfg: AEConfig) -> Tuple[jax.Arr
   return moments[..., :cfg.z_channels], moments[..., cfg.z_channels:]
 
 
-def encode(params_ae, images: jax.Array, cfg: AEConfig, key: Optional[jax.Array] = None) -> jax.Array:
+def encode(params_ae, images: jax.Array, cfg: AEConfig,
+           key: Optional[jax.Array] = None) -> jax.Array:
   """Scaled latents `scale * (sample - shift)`.
 
   With `key`, sample = mean + exp(logvar / 2) * N(0, 1) (what the official encode does by default);
@@ -117,21 +122,26 @@ def encode(params_ae, images: jax.Array, cfg: AEConfig, key: Optional[jax.Array]
   return latents_from_moments(*encode_moments(params_ae, images, cfg), cfg, key)
 
 
-def latents_from_moments(mean: jax.Array, logvar: jax.Array, cfg: AEConfig, key: Optional[jax.Array] = None):
-  """Scaled latents from posterior moments: one encoder pass serves any number of posterior samples."""
+def latents_from_moments(mean: jax.Array, logvar: jax.Array, cfg: AEConfig,
+                         key: Optional[jax.Array] = None):
+  """Scaled latents from posterior moments: one encoder pass serves any number of posterior
+  samples."""
   sample = mean
   if key is not None:
     eps = jax.random.normal(key, mean.shape, jnp.float32)
-    sample = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps).astype(mean.dtype)
+    sample = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps).astype(
+        mean.dtype)
   return cfg.scale_factor * (sample - cfg.shift_factor)
 
 
 def decode(params_ae, z: jax.Array, cfg: AEConfig) -> jax.Array:
-  """Scaled latents [B, h, w, z] -> NHWC images (nominally in [-1, 1]): decoder(z / scale + shift)."""
+  """Scaled latents [B, h, w, z] -> NHWC images (nominally in [-1, 1]): decoder(z / scale +
+  shift)."""
   return decoder(params_ae["decoder"], z / cfg.scale_factor + cfg.shift_factor, cfg)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
-  """[-1, 1] images -> uint8 by truncating clamp(x * 0.5 + 0.5, 0, 1) * 255 (the inferencer's mapping)."""
+  """[-1, 1] images -> uint8 by truncating clamp(x * 0.5 + 0.5, 0, 1) * 255 (the inferencer's
+  mapping)."""
   x = jnp.clip(images.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0
   return jnp.floor(x).astype(jnp.uint8)

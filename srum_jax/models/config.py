@@ -1,8 +1,9 @@
 """BAGEL model configuration: frozen dataclasses and the size presets.
 
 Values follow BAGEL-7B-MoT (docs/bagel.md, "Configuration"). `tiny` rebuilds the golden test model,
-`bagel_7b_mot` is the paper's model, `mid` is a ~2.0B-parameter MoT model (Qwen2.5-1.5B widths, 16 layers) that trains on one 80 GB GPU.
-`LoraConfig` adds low-rank adapters to the MoT experts' projections (`with_lora`); none by default.
+`bagel_7b_mot` is the paper's model, `mid` is a ~2.0B-parameter MoT model (Qwen2.5-1.5B widths, 16
+layers) that trains on one 80 GB GPU. `LoraConfig` adds low-rank adapters to the MoT experts'
+projections (`with_lora`); none by default.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ LORA_EXPERTS = ("gen", "und")
 class LoraConfig:
   """Low-rank adapters (LoRA, as PEFT implements it) on projections of the MoT experts.
 
-  A targeted projection y = x W + b becomes y = x W + b + (dropout(x) A) B * alpha / rank, with A [in, rank]
-  and B [rank, out] trainable and W, b frozen. `targets`: projection names (attention q/k/v/o, MLP
-  gate/up/down); `experts`: which experts carry them (the generation expert by default; add "und" for the
-  understanding expert). `dropout` acts on the adapters' input in training only.
+  A targeted projection y = x W + b becomes y = x W + b + (dropout(x) A) B * alpha / rank, with A
+  [in, rank] and B [rank, out] trainable and W, b frozen. `targets`: projection names (attention
+  q/k/v/o, MLP gate/up/down); `experts`: which experts carry them (the generation expert by default;
+  add "und" for the understanding expert). `dropout` acts on the adapters' input in training only.
   """
   rank: int = 16
   alpha: float = 16.0
@@ -38,9 +39,12 @@ class LoraConfig:
       raise ValueError(f"LoRA alpha must be > 0, not {self.alpha!r}")
     if not 0.0 <= float(self.dropout) < 1.0:
       raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
-    for name, value, known in (("targets", self.targets, LORA_TARGETS), ("experts", self.experts, LORA_EXPERTS)):
-      if not isinstance(value, tuple) or not value or set(value) - set(known) or len(set(value)) != len(value):
-        raise ValueError(f"LoRA {name} must be a non-empty tuple of distinct names from {known}, not {value!r}")
+    for name, value, known in (("targets", self.targets, LORA_TARGETS), ("experts", self.experts,
+                                                                         LORA_EXPERTS)):
+      if not isinstance(value, tuple) or not value or set(value) - set(known) or len(
+          set(value)) != len(value):
+        raise ValueError(
+            f"LoRA {name} must be a non-empty tuple of distinct names from {known}, not {value!r}")
 
   @property
   def scale(self) -> float:
@@ -157,43 +161,46 @@ def tiny() -> BagelConfig:
   """The golden fixture model (`tests/fixtures/bagel_tiny/config.json`)."""
   return BagelConfig(
       llm=LLMConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                    max_position_embeddings=512),
-      vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    patch_size=14, image_size=112),
-      ae=AEConfig(resolution=32, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=4),
-      tokens=SpecialTokens(bos=120, eos=121, start_of_image=122, end_of_image=123),
+                    num_attention_heads=4, num_key_value_heads=2,
+                    rope_theta=10000.0, max_position_embeddings=512), vit=ViTConfig(
+                        hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, patch_size=14, image_size=112), ae=AEConfig(
+                            resolution=32, ch=32, ch_mult=(1, 1, 2),
+                            num_res_blocks=1, z_channels=4), tokens=SpecialTokens(
+                                bos=120, eos=121, start_of_image=122, end_of_image=123),
       latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=8, timestep_shift=2.0)
 
 
 def mid() -> BagelConfig:
-  """~2.0B-parameter MoT model with the 7B's structure (no ViT), for single-GPU training benchmarks."""
+  """~2.0B-parameter MoT model with the 7B's structure (no ViT), for single-GPU training
+  benchmarks."""
   return BagelConfig(
-      llm=LLMConfig(vocab_size=152064, hidden_size=1536, intermediate_size=8960, num_hidden_layers=16,
-                    num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6),
-      vit=None, max_latent_size=64)
+      llm=LLMConfig(vocab_size=152064, hidden_size=1536, intermediate_size=8960,
+                    num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=2,
+                    rope_theta=1e6), vit=None, max_latent_size=64)
 
 
 def tiny_world() -> BagelConfig:
-  """The shapes-world model pretrained from scratch by `srum_jax.pretrain` (32x32 images, ~2M parameters).
+  """The shapes-world model pretrained from scratch by `srum_jax.pretrain` (32x32 images, ~2M
+  parameters).
 
-  FLUX AE ch 32, ch_mult (1, 1, 1): /4, z 4, so a 32x32 image is 8x8x4 latents and, with latent patch 2,
-  4x4 = 16 latent tokens of 16 dims (one 2x2 token block per 16-px cell of the world's 2x2 layout). The
-  judge sees the image bicubically resized to 28x28: 2x2 ViT patches of 14 px, again one per cell (objects
-  sit centred in cells, so each patch sees one whole object). The word-level vocabulary
-  (`pretrain.world_words` + <unk>, 72 ids) fits in 128; the four special ids sit at the top.
-  `scale_factor` / `shift_factor` here are placeholders: pretraining measures the latent statistics and
-  writes the fitted values into the model directory's `model_config.json`.
+  FLUX AE ch 32, ch_mult (1, 1, 1): /4, z 4, so a 32x32 image is 8x8x4 latents and, with latent
+  patch 2, 4x4 = 16 latent tokens of 16 dims (one 2x2 token block per 16-px cell of the world's 2x2
+  layout). The judge sees the image bicubically resized to 28x28: 2x2 ViT patches of 14 px, again
+  one per cell (objects sit centred in cells, so each patch sees one whole object). The word-level
+  vocabulary (`pretrain.world_words` + <unk>, 72 ids) fits in 128; the four special ids sit at the
+  top. `scale_factor` / `shift_factor` here are placeholders: pretraining measures the latent
+  statistics and writes the fitted values into the model directory's `model_config.json`.
   """
   return BagelConfig(
       llm=LLMConfig(vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                    max_position_embeddings=512),
-      vit=ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
-                    patch_size=14, image_size=28),
-      ae=AEConfig(resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4, scale_factor=1.0,
-                  shift_factor=0.0),
-      tokens=SpecialTokens(bos=124, eos=125, start_of_image=126, end_of_image=127),
+                    num_attention_heads=4, num_key_value_heads=2,
+                    rope_theta=10000.0, max_position_embeddings=512), vit=ViTConfig(
+                        hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=2, patch_size=14, image_size=28), ae=AEConfig(
+                            resolution=32, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=4,
+                            scale_factor=1.0, shift_factor=0.0), tokens=SpecialTokens(
+                                bos=124, eos=125, start_of_image=126, end_of_image=127),
       latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=2, timestep_shift=1.0)
 
 

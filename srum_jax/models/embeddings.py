@@ -1,4 +1,5 @@
-"""Fixed and learned embeddings around the LLM: 2-D sin-cos tables, timestep embedder, latent patches.
+"""Fixed and learned embeddings around the LLM: 2-D sin-cos tables, timestep embedder, latent
+patches.
 
 See docs/bagel.md, "Position tables and 2-D ids" and "Latent tokens and timestep embedder".
 """
@@ -15,7 +16,8 @@ from srum_jax.models import layers
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-  """[len(pos), dim]: sin of pos * w_k for the first half, cos for the second (w_k = 10000^(-k/(dim/2)))."""
+  """[len(pos), dim]: sin of pos * w_k for the first half, cos for the second (w_k =
+  10000^(-k/(dim/2)))."""
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
   angles = np.outer(pos.astype(np.float64), omega)
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
@@ -25,7 +27,9 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 def sincos_2d_table(grid: int, dim: int) -> np.ndarray:
   """Fixed [grid*grid, dim] table; row `r*grid + c` is [E(c), E(r)] (column half first)."""
   rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
-  emb = np.concatenate([_sincos_1d(dim // 2, cols.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
+  emb = np.concatenate(
+      [_sincos_1d(dim // 2, cols.reshape(-1)),
+       _sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
   emb = emb.astype(np.float32)
   emb.setflags(write=False)
   return emb
@@ -46,7 +50,8 @@ def timestep_embed(p, t: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def patchify_latent(latent: jax.Array, p: int) -> jax.Array:
-  """NHWC latent [..., p*h, p*w, z] -> tokens [..., h*w, p*p*z], features (row, col, channel), channel fastest."""
+  """NHWC latent [..., p*h, p*w, z] -> tokens [..., h*w, p*p*z], features (row, col, channel),
+  channel fastest."""
   *lead, H, W, z = latent.shape
   h, w = H // p, W // p
   x = latent.reshape(*lead, h, p, w, p, z)

@@ -1,7 +1,8 @@
-"""Image preprocessing (docs/bagel.md, "Image transforms"): stride-aligned resize, [-1, 1] range, ViT patchify,
-and the save-time crop of SRUM's generated images.
+"""Image preprocessing (docs/bagel.md, "Image transforms"): stride-aligned resize, [-1, 1] range,
+ViT patchify, and the save-time crop of SRUM's generated images.
 
-Host-side helpers (NumPy / PIL) that run in the data pipeline; `vit_patchify` also works on jax arrays.
+Host-side helpers (NumPy / PIL) that run in the data pipeline; `vit_patchify` also works on jax
+arrays.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ def resize_dims(w: int, h: int, max_size: int, min_size: int, stride: int,
                 max_pixels: int = VIT_MAX_PIXELS) -> Tuple[int, int]:
   """(new_w, new_h) of ImageTransform's resize, exactly the official rule.
 
-  Long edge capped at max_size (never upscaled for that), short edge raised to min_size, both rounded to a
-  multiple of `stride`; then a pixel-budget pass whose factor is the area ratio used as a linear scale (as
-  the official code does), then a final long-edge cap. Python `round` (half to even) throughout.
+  Long edge capped at max_size (never upscaled for that), short edge raised to min_size, both
+  rounded to a multiple of `stride`; then a pixel-budget pass whose factor is the area ratio used as
+  a linear scale (as the official code does), then a final long-edge cap. Python `round` (half to
+  even) throughout.
   """
   scale = min(max_size / max(w, h), 1.0)
   scale = max(scale, min_size / min(w, h))
@@ -48,9 +50,9 @@ def resize_dims(w: int, h: int, max_size: int, min_size: int, stride: int,
 def resize_image(img, max_size: int, min_size: int, stride: int, max_pixels: int = VIT_MAX_PIXELS):
   """RGB PIL image resized to `resize_dims` with PIL bicubic.
 
-  PIL's `Image.resize(..., BICUBIC)` filters with a support widened by the downscale factor (antialiased);
-  that is exactly what torchvision's `F.resize(pil_image, size, BICUBIC, antialias=True)` calls for PIL
-  inputs, so the pixels match the official pipeline.
+  PIL's `Image.resize(..., BICUBIC)` filters with a support widened by the downscale factor
+  (antialiased); that is exactly what torchvision's `F.resize(pil_image, size, BICUBIC,
+  antialias=True)` calls for PIL inputs, so the pixels match the official pipeline.
   """
   img = img.convert("RGB")
   new_w, new_h = resize_dims(img.width, img.height, max_size, min_size, stride, max_pixels)
@@ -72,8 +74,8 @@ def transform_image(img, max_size: int, min_size: int, stride: int,
 
 
 def content_box(image_uint8):
-  """(left, top, right, bottom) of the pixels with any non-zero channel (PIL `Image.getbbox` of an RGB
-  image: right / bottom exclusive), or None for an all-black image."""
+  """(left, top, right, bottom) of the pixels with any non-zero channel (PIL `Image.getbbox` of an
+  RGB image: right / bottom exclusive), or None for an all-black image."""
   x = np.asarray(image_uint8)
   mask = x.any(axis=-1) if x.ndim == 3 else x != 0
   rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -93,7 +95,8 @@ def crop_to_content(image_uint8) -> np.ndarray:
 
 
 def vit_patchify(image_hwc, patch_size: int = 14):
-  """[H, W, 3] -> [(H/p) * (W/p), p*p*3]: patches row-major, features (row-in-patch, col-in-patch, channel)."""
+  """[H, W, 3] -> [(H/p) * (W/p), p*p*3]: patches row-major, features (row-in-patch,
+  col-in-patch, channel)."""
   H, W, c = image_hwc.shape
   hp, wp = H // patch_size, W // patch_size
   x = image_hwc.reshape(hp, patch_size, wp, patch_size, c)
@@ -102,9 +105,10 @@ def vit_patchify(image_hwc, patch_size: int = 14):
 
 
 def square_view(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 image -> PIL bicubic resize to size x size (a multiple of the ViT patch, 14): the judge's view of
-  small synthetic images (the judge's `vit_image_size`), and what pretraining shows the judge."""
+  """uint8 image -> PIL bicubic resize to size x size (a multiple of the ViT patch, 14): the judge's
+  view of small synthetic images (the judge's `vit_image_size`), and what pretraining shows the
+  judge."""
   if size % 14:
     raise ValueError(f"score.vit_image_size must be a multiple of 14, got {size}")
-  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.BICUBIC))
-
+  return np.asarray(
+      Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.BICUBIC))

@@ -21,9 +21,14 @@ class LoraRun(NamedTuple):
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w in x's dtype (w cast to it; fp32 accumulation where the backend does it)."""
-  return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
-                    preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  """x @ w in x's dtype (w cast to it; fp32 accumulation where the backend does it).
+
+  The leading dims are flattened into one for the matmul: its weight gradient is then one plain
+  2-D contraction (with several batch dims XLA's CPU backend transposes the activations first; on
+  TPU the reshape is free)."""
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype),
+              preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def lora_delta(p, x: jax.Array, lora: LoraRun) -> jax.Array:

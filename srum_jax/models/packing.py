@@ -1,21 +1,22 @@
 """Static-shape packing of variable-length samples and BAGEL's attention-mask rule
 (docs/bagel.md, "Packed sequence layout and attention mask").
 
-A batch is `B` rows of `N` token slots. Each row holds one or more samples back to back, followed by padding.
-Every slot carries metadata (`TokenMeta`); the mask between any query and key set is a pure function of
-the two metadata sets, so the same rule serves training (queries = keys = the packed row), the KV-cache
-prefill/decoding path (keys = cache ++ new tokens) and the image-generation query block.
+A batch is `B` rows of `N` token slots. Each row holds one or more samples back to back, followed by
+padding. Every slot carries metadata (`TokenMeta`); the mask between any query and key set is a pure
+function of the two metadata sets, so the same rule serves training (queries = keys = the packed
+row), the KV-cache prefill/decoding path (keys = cache ++ new tokens) and the image-generation query
+block.
 
 Sample layout: a sample is a list of splits.
 * `text`: the caller's tokens (including BOS/EOS), mode causal, consecutive positions.
 * `vit`, `vae_clean`: `<|vision_start|>` + tokens + `<|vision_end|>`, mode full, one shared position,
   the position counter advances by 1 afterwards.
 * `vae_noise`: same shape, mode noise, one shared position, the counter does not advance.
-Positions restart at 0 for every sample. Latent tokens go to the gen expert; text tokens, the two markers
-and ViT tokens go to the und expert.
+Positions restart at 0 for every sample. Latent tokens go to the gen expert; text tokens, the two
+markers and ViT tokens go to the und expert.
 
-Rows are packed on the host with NumPy (`pack`); identical budgets give identical shapes, so changing
-the content never recompiles a jitted step.
+Rows are packed on the host with NumPy (`pack`); identical budgets give identical shapes, so
+changing the content never recompiles a jitted step.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ class TokenMeta(NamedTuple):
 def attention_mask(q: TokenMeta, k: TokenMeta) -> jax.Array:
   """bool [B, Nq, Nk]: may query i attend key j?
 
-  Same (non-padding) sample, and either the key's split is earlier and not a noise split, or both are in
-  the same split and the query split is not causal or the key does not come after the query.
+  Same (non-padding) sample, and either the key's split is earlier and not a noise split, or both
+  are in the same split and the query split is not causal or the key does not come after the query.
   """
   qs, ks = q.sample_id[:, :, None], k.sample_id[:, None, :]
   same_sample = (qs == ks) & (qs >= 0) & (ks >= 0)
@@ -81,10 +82,11 @@ def padding_meta(batch: int, num_tokens: int) -> TokenMeta:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split of a sample. `length`: text tokens (BOS/EOS included) or image tokens (markers excluded).
+  """One split of a sample. `length`: text tokens (BOS/EOS included) or image tokens (markers
+  excluded).
 
-  `ids` (text only, optional) are the token ids; when every text split has ids and the marker ids are given
-  to `pack`, the packed text ids are returned too.
+  `ids` (text only, optional) are the token ids; when every text split has ids and the marker ids
+  are given to `pack`, the packed text ids are returned too.
   """
   kind: str
   length: int
@@ -122,11 +124,15 @@ class Packed:
   """Result of `pack` (NumPy arrays).
 
   meta: TokenMeta of [B, N] arrays.
-  {text,vit,latent}_index [B, C]: slots (in row order) of text-embedded tokens (text splits and image
-    markers), ViT tokens and latent tokens; unused entries hold the fill index N (out of range: gathers
-    with mode="fill" give 0 and scatters with mode="drop" skip them). {..}_valid [B, C] says which are real.
-  {vit,latent}_image [B, C]: which image (counted over the batch in input order, per kind: vit images,
-    latent images) each token belongs to, -1 unused; {vit,latent}_offset [B, C]: token number inside it.
+  {text,vit,latent}_index [B, C]: slots (in row order) of text-embedded tokens (text splits and
+  image
+    markers), ViT tokens and latent tokens; unused entries hold the fill index N (out of range:
+    gathers with mode="fill" give 0 and scatters with mode="drop" skip them). {..}_valid [B, C] says
+    which are real.
+  {vit,latent}_image [B, C]: which image (counted over the batch in input order, per kind: vit
+  images,
+    latent images) each token belongs to, -1 unused; {vit,latent}_offset [B, C]: token number inside
+    it.
   text_ids [B, Ct] int32 or None (see `Split.ids`), 0 where unused.
   num_und / num_gen [B]: routed token counts per row (for choosing MoT capacities).
   """
@@ -158,13 +164,15 @@ def first_fit(samples: Sequence[Sample], num_rows: int, num_tokens: int) -> List
         used[r] += n
         break
     else:
-      raise ValueError(f"sample {i} ({n} tokens) fits in none of {num_rows} rows of {num_tokens} tokens "
-                       f"(used {used})")
+      raise ValueError(
+          f"sample {i} ({n} tokens) fits in none of {num_rows} rows of {num_tokens} tokens "
+          f"(used {used})")
   return rows
 
 
 def _check_row(b: int, row: Sequence[Sample], num_tokens: int, caps: dict) -> None:
-  """Raise unless row b fits the token budget and every kind's capacity (an image brings its two markers)."""
+  """Raise unless row b fits the token budget and every kind's capacity (an image brings its two
+  markers)."""
   need = sum(sample_length(s) for s in row)
   if need > num_tokens:
     raise ValueError(f"row {b} needs {need} tokens but the budget is N={num_tokens}")
@@ -181,8 +189,8 @@ def _check_row(b: int, row: Sequence[Sample], num_tokens: int, caps: dict) -> No
       raise ValueError(f"row {b} has {c} {k} tokens but {k}_capacity is {caps[k]}")
 
 
-def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: int, vit_capacity: int = 0,
-         latent_capacity: int = 0, start_of_image: Optional[int] = None,
+def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: int,
+         vit_capacity: int = 0, latent_capacity: int = 0, start_of_image: Optional[int] = None,
          end_of_image: Optional[int] = None) -> Packed:
   """Pack rows of samples into [B, N] metadata and index arrays (B = len(rows), N = num_tokens).
 
@@ -196,8 +204,9 @@ def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: in
   image = {k: np.full((B, caps[k]), -1, np.int32) for k in ("vit", "latent")}
   offset = {k: np.zeros((B, caps[k]), np.int32) for k in ("vit", "latent")}
   fill = {k: np.zeros(B, np.int64) for k in caps}
-  all_text = (start_of_image is not None and end_of_image is not None
-              and all(s.ids is not None for row in rows for smp in row for s in smp if s.kind == "text"))
+  all_text = (
+      start_of_image is not None and end_of_image is not None and
+      all(s.ids is not None for row in rows for smp in row for s in smp if s.kind == "text"))
   text_ids = np.zeros((B, text_capacity), np.int32) if all_text else None
   n_images = {"vit": 0, "latent": 0}
   sample_id = 0
@@ -247,8 +256,9 @@ def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: in
   num_gen = meta.is_gen.sum(1).astype(np.int32)
   num_und = ((meta.sample_id >= 0).sum(1) - num_gen).astype(np.int32)
   return Packed(meta=meta, text_index=idx["text"], text_valid=valid_of["text"],
-                vit_index=idx["vit"], vit_valid=valid_of["vit"], vit_image=image["vit"], vit_offset=offset["vit"],
-                latent_index=idx["latent"], latent_valid=valid_of["latent"], latent_image=image["latent"],
+                vit_index=idx["vit"], vit_valid=valid_of["vit"], vit_image=image["vit"],
+                vit_offset=offset["vit"], latent_index=idx["latent"],
+                latent_valid=valid_of["latent"], latent_image=image["latent"],
                 latent_offset=offset["latent"], text_ids=text_ids, num_und=num_und, num_gen=num_gen)
 
 

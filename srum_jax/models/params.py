@@ -42,7 +42,7 @@ def is_spec(x) -> bool:
   return isinstance(x, ParamSpec)
 
 
-def _stack(tree: Tree, n: int) -> Tree:
+def stack_layers(tree: Tree, n: int) -> Tree:
   """Prefix every spec in `tree` with a stacked `layers` axis of size n."""
   return jax.tree.map(lambda s: dataclasses.replace(s, shape=(n,) + s.shape, axes=("layers",) + s.axes),
                       tree, is_leaf=is_spec)
@@ -105,7 +105,8 @@ def llm_schema(cfg: BagelConfig) -> Tree:
   c = cfg.llm
   return {
       "embed_tokens": {"embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"), "embed")},
-      "layers": _stack({e: expert_schema(cfg, e) for e in ("und", "gen")}, c.num_hidden_layers),
+      "layers": stack_layers({e: expert_schema(cfg, e) for e in ("und", "gen")},
+                             c.num_hidden_layers),
       "norm": norm(c.hidden_size),
       "norm_gen": norm(c.hidden_size),
       "lm_head": dense(c.hidden_size, c.vocab_size, "embed", "vocab", bias=False),
@@ -128,7 +129,7 @@ def vit_schema(cfg: BagelConfig) -> Tree:
   return {
       "patch_embedding": dense(v.patch_dim, c, None, "vit_embed"),
       "position_embedding": {"embedding": ParamSpec((v.num_positions, c), (None, "vit_embed"), "embed")},
-      "layers": _stack(layer, v.num_hidden_layers),
+      "layers": stack_layers(layer, v.num_hidden_layers),
       "post_layernorm": norm(c, "norm", bias=True),
   }
 

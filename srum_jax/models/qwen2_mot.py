@@ -1,17 +1,17 @@
-"""Qwen2 decoder with Mixture-of-Transformers layers over packed rows (docs/bagel.md, "Qwen2 MoT decoder",
-"Packed sequence layout and attention mask", "KV cache and prefill").
+"""Qwen2 decoder with Mixture-of-Transformers layers over packed rows (docs/bagel.md, "Qwen2 MoT
+decoder", "Packed sequence layout and attention mask", "KV cache and prefill").
 
-Each token is handled by the expert of its type (`is_gen`: latent tokens -> gen, everything else -> und)
-for every per-token weight (norms, q/k/v/o projections, qk-norm, MLP); the attention itself is shared by
-all tokens of a sample. Routing keeps the FLOPs of a single expert: per row, the und and the gen tokens
-are gathered into dense groups of static capacities, projected by their own expert, and scattered back
-to the row for the attention (and again for o_proj + MLP). `routing="naive"` runs both experts on every
-token and selects per token; it is the reference for the routed path.
+Each token is handled by the expert of its type (`is_gen`: latent tokens -> gen, everything else ->
+und) for every per-token weight (norms, q/k/v/o projections, qk-norm, MLP); the attention itself is
+shared by all tokens of a sample. Routing keeps the FLOPs of a single expert: per row, the und and
+the gen tokens are gathered into dense groups of static capacities, projected by their own expert,
+and scattered back to the row for the attention (and again for o_proj + MLP). `routing="naive"` runs
+both experts on every token and selects per token; it is the reference for the routed path.
 
 Parameters follow `params.llm_schema`; the layers are stacked and run with `lax.scan`. LoRA adapters
-(`cfg.lora`) are applied where the parameters hold them; `lora_key` (training) draws their input dropout,
-independently per layer, expert and projection.
-Dtype policy (layers.py): matmuls in the dtype of the activations, norms / RoPE / softmax in fp32.
+(`cfg.lora`) are applied where the parameters hold them; `lora_key` (training) draws their input
+dropout, independently per layer, expert and projection. Dtype policy (layers.py): matmuls in the
+dtype of the activations, norms / RoPE / softmax in fp32.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class Routing(NamedTuple):
 
 
 def _select_slots(sel: jax.Array, capacity: int) -> jax.Array:
-  """[B, capacity] slots where `sel` [B, N] is True, in order; unused entries N; extra tokens dropped."""
+  """[B, capacity] slots where `sel` [B, N] is True, in order; unused entries N; extra tokens
+  dropped."""
   B, N = sel.shape
   dest = jnp.where(sel, jnp.cumsum(sel, axis=1) - 1, capacity)
   slots = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
@@ -62,8 +63,8 @@ def _select_slots(sel: jax.Array, capacity: int) -> jax.Array:
 def route(meta: TokenMeta, und_capacity: int, gen_capacity: int) -> Routing:
   """Group the real (non-padding) tokens of each row by expert.
 
-  Capacities are static; they must be >= the per-row counts (`Packed.num_und` / `num_gen`), tokens past
-  a capacity would be skipped. Padding tokens go to no expert.
+  Capacities are static; they must be >= the per-row counts (`Packed.num_und` / `num_gen`), tokens
+  past a capacity would be skipped. Padding tokens go to no expert.
   """
   real = meta.sample_id >= 0
   return Routing(und_index=_select_slots(real & ~meta.is_gen, und_capacity),
@@ -75,10 +76,12 @@ def route(meta: TokenMeta, und_capacity: int, gen_capacity: int) -> Routing:
 
 
 def _lora_run(cfg: LLMConfig, key: Optional[jax.Array], name: str) -> Optional[layers.LoraRun]:
-  """The LoraRun of projection `name` (None without LoRA); its dropout key folds in the projection."""
+  """The LoraRun of projection `name` (None without LoRA); its dropout key folds in the
+  projection."""
   if cfg.lora is None:
     return None
-  drop = None if key is None or cfg.lora.dropout == 0 else jax.random.fold_in(key, LORA_TARGETS.index(name))
+  drop = None if key is None or cfg.lora.dropout == 0 else jax.random.fold_in(
+      key, LORA_TARGETS.index(name))
   return layers.LoraRun(cfg.lora.scale, float(cfg.lora.dropout), drop)
 
 
@@ -99,7 +102,8 @@ def _qkv(p, x: jax.Array, cfg: LLMConfig, key: Optional[jax.Array] = None):
   return q, k, v
 
 
-def _out_mlp(p, x: jax.Array, attn: jax.Array, cfg: LLMConfig, key: Optional[jax.Array] = None) -> jax.Array:
+def _out_mlp(p, x: jax.Array, attn: jax.Array, cfg: LLMConfig,
+             key: Optional[jax.Array] = None) -> jax.Array:
   """Expert e: X + Wo_e(attn), then X + down(silu(gate(H)) * up(H)) with H = RMSNorm_post_e(X)."""
   x = x + _proj(p, "o_proj", attn, cfg, key)
   h = layers.rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
@@ -108,20 +112,23 @@ def _out_mlp(p, x: jax.Array, attn: jax.Array, cfg: LLMConfig, key: Optional[jax
   return x + _proj(m, "down_proj", gate * _proj(m, "up_proj", h, cfg, key), cfg, key)
 
 
-def mot_layer(p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, routing: Optional[Routing],
-              cfg: LLMConfig, attend: Callable, lora_key: Optional[jax.Array] = None
-              ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+def mot_layer(
+    p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, routing: Optional[Routing],
+    cfg: LLMConfig, attend: Callable,
+    lora_key: Optional[jax.Array] = None) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
   """One decoder layer on x [B, N, D]; returns (new x, (k, v) after qk-norm and RoPE).
 
-  `routing=None` is the naive reference (both experts on all tokens). `attend(q, k, v)` runs the shared
-  attention (plain, or over a KV cache). Padding tokens pass through unchanged. `lora_key`: this layer's
-  key for the adapters' dropout (None: no dropout).
+  `routing=None` is the naive reference (both experts on all tokens). `attend(q, k, v)` runs the
+  shared attention (plain, or over a KV cache). Padding tokens pass through unchanged. `lora_key`:
+  this layer's key for the adapters' dropout (None: no dropout).
   """
   key = {e: None if lora_key is None else jax.random.fold_in(lora_key, LORA_EXPERTS.index(e))
          for e in ("und", "gen")}
   experts = []
   if routing is not None:
-    experts = [(e, idx) for e, idx in (("und", routing.und_index), ("gen", routing.gen_index)) if idx.shape[1] > 0]
+    experts = [(e, idx)
+               for e, idx in (("und", routing.und_index), ("gen", routing.gen_index))
+               if idx.shape[1] > 0]
   B, N, _ = x.shape
   is_gen = meta.is_gen[..., None, None]
 
@@ -136,7 +143,9 @@ def mot_layer(p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, 
     v = jnp.zeros_like(k)
     for e, idx in experts:
       qe, ke, ve = _qkv(p[e], layers.gather_rows(x, idx), cfg, key[e])
-      q, k, v = layers.scatter_rows(q, idx, qe), layers.scatter_rows(k, idx, ke), layers.scatter_rows(v, idx, ve)
+      q, k, v = layers.scatter_rows(q, idx, qe), layers.scatter_rows(k, idx,
+                                                                     ke), layers.scatter_rows(
+                                                                         v, idx, ve)
 
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   attn = attend(q, k, v).reshape(B, N, -1)
@@ -170,14 +179,14 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
                     gen_capacity: int, attn_impl: str = "dense", remat: bool = False,
                     remat_policy: Policy = None, routing: str = "routed", block_q: int = 512,
                     scan_unroll: int | bool = 1, lora_key: Optional[jax.Array] = None) -> jax.Array:
-  """Packed rows x [B, N, D] -> final hidden [B, N, D] (after the per-expert final norm; 0 at padding).
+  """Packed rows x [B, N, D] -> final hidden [B, N, D] (after the per-expert final norm; 0 at
+  padding).
 
   und/gen_capacity: static per-row group sizes for routing (ignored by `routing="naive"`).
-  scan_unroll: `lax.scan` unroll factor (True = no loop; used to count FLOPs exactly, since XLA's cost
-  analysis counts a loop body once).
-  remat: wrap the layer body in `jax.checkpoint` (policy: None = save nothing, a name from
-  `jax.checkpoint_policies`, or a policy callable).
-  lora_key: key of the LoRA dropout (training; None: none), folded with the layer index.
+  scan_unroll: `lax.scan` unroll factor (True = no loop; used to count FLOPs exactly, since XLA's
+  cost analysis counts a loop body once). remat: wrap the layer body in `jax.checkpoint` (policy:
+  None = save nothing, a name from `jax.checkpoint_policies`, or a policy callable). lora_key: key
+  of the LoRA dropout (training; None: none), folded with the layer index.
   """
   cos, sin = rope_cos_sin(meta.position, cfg.head_dim, cfg.rope_theta)
   rt = _routing(meta, routing, und_capacity, gen_capacity)
@@ -199,7 +208,8 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
   return final_norm(params_llm, h, meta, cfg.rms_norm_eps)
 
 
-def _routing(meta: TokenMeta, routing: str, und_capacity: int, gen_capacity: int) -> Optional[Routing]:
+def _routing(meta: TokenMeta, routing: str, und_capacity: int,
+             gen_capacity: int) -> Optional[Routing]:
   if routing == "naive":
     return None
   if routing == "routed":
@@ -228,24 +238,28 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> 
                  length=jnp.zeros((batch,), jnp.int32))
 
 
-def decoder_forward_cached(params_llm, x: jax.Array, q_meta: TokenMeta, cache: KVCache, *, cfg: LLMConfig,
-                           update_cache: bool, und_capacity: int, gen_capacity: int,
-                           attn_impl: str = "dense", block_q: int = 512) -> Tuple[jax.Array, KVCache]:
-  """New tokens x [B, Nq, D] attend to the cache ++ themselves under the packed mask rule; returns (h, cache).
+def decoder_forward_cached(params_llm, x: jax.Array, q_meta: TokenMeta, cache: KVCache, *,
+                           cfg: LLMConfig, update_cache: bool, und_capacity: int, gen_capacity: int,
+                           attn_impl: str = "dense",
+                           block_q: int = 512) -> Tuple[jax.Array, KVCache]:
+  """New tokens x [B, Nq, D] attend to the cache ++ themselves under the packed mask rule; returns
+  (h, cache).
 
-  The new tokens' `index` is set to their cache slot (`length[b]` + rank among the row's real tokens),
-  so a causal split may continue across calls (chunked prefill, decoding). The caller sets sample_id,
-  split_id (later than the cached splits for a new split), mode and position (its `rope` counter).
-  With `update_cache`, real tokens' k/v/meta are written at their slots and `length` advances by their
-  count; padding (sample_id -1) is neither written nor counted. Slots past T are dropped (size T for the
-  whole context). Without it (the image-generation query block) the cache is returned unchanged.
+  The new tokens' `index` is set to their cache slot (`length[b]` + rank among the row's real
+  tokens), so a causal split may continue across calls (chunked prefill, decoding). The caller sets
+  sample_id, split_id (later than the cached splits for a new split), mode and position (its `rope`
+  counter). With `update_cache`, real tokens' k/v/meta are written at their slots and `length`
+  advances by their count; padding (sample_id -1) is neither written nor counted. Slots past T are
+  dropped (size T for the whole context). Without it (the image-generation query block) the cache is
+  returned unchanged.
   """
   real = q_meta.sample_id >= 0
   T = cache.k.shape[2]
   slot = cache.length[:, None] + jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1
   q_meta = q_meta._replace(index=slot.astype(jnp.int32))
   dest = jnp.where(real, slot, T)
-  k_meta = TokenMeta(*(jnp.concatenate([c, n.astype(c.dtype)], axis=1) for c, n in zip(cache.meta, q_meta)))
+  k_meta = TokenMeta(
+      *(jnp.concatenate([c, n.astype(c.dtype)], axis=1) for c, n in zip(cache.meta, q_meta)))
   cos, sin = rope_cos_sin(q_meta.position, cfg.head_dim, cfg.rope_theta)
   rt = route(q_meta, und_capacity, gen_capacity)
 

@@ -1,8 +1,8 @@
 """Qwen2 "default" rotary position embedding at arbitrary per-token positions.
 
 `inv_freq[i] = theta^(-2i/d)`; angles `pos * inv_freq` repeated for both halves of the head dim
-(half-split layout, not interleaved); `rot(x) = x*cos + rotate_half(x)*sin`, `rotate_half([a, b]) = [-b, a]`.
-Everything is computed in float32 and cast back to the input dtype.
+(half-split layout, not interleaved); `rot(x) = x*cos + rotate_half(x)*sin`, `rotate_half([a, b]) =
+[-b, a]`. Everything is computed in float32 and cast back to the input dtype.
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""SigLIP NaViT vision encoder and the MLP connector into the LLM (docs/bagel.md, "SigLIP encoder and connector").
+"""SigLIP NaViT vision encoder and the MLP connector into the LLM (docs/bagel.md, "SigLIP encoder
+and connector").
 
-Images arrive as rows of flattened 14x14 patches (`image_transforms.vit_patchify`). Several images may be
-packed into one row: `segment_ids` says which image a patch belongs to, attention is full inside a segment
-and absent across segments (the official code's `cu_seqlens` variable-length attention). Segment -1 marks
-padding; padding attends nowhere and produces finite values that the caller ignores.
+Images arrive as rows of flattened 14x14 patches (`image_transforms.vit_patchify`). Several images
+may be packed into one row: `segment_ids` says which image a patch belongs to, attention is full
+inside a segment and absent across segments (the official code's `cu_seqlens` variable-length
+attention). Segment -1 marks padding; padding attends nowhere and produces finite values that the
+caller ignores.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from srum_jax.models.config import BagelConfig, ViTConfig
 
 
 def vit_position_ids(h_patches: int, w_patches: int, max_per_side: int) -> np.ndarray:
-  """Flattened ids `row * max_per_side + col` of an h x w patch grid, row-major (NaViT "extrapolate": a
-  small image uses the table's top-left corner, no interpolation)."""
+  """Flattened ids `row * max_per_side + col` of an h x w patch grid, row-major (NaViT
+  "extrapolate": a small image uses the table's top-left corner, no interpolation)."""
   rows, cols = np.meshgrid(np.arange(h_patches), np.arange(w_patches), indexing="ij")
   return (rows * max_per_side + cols).reshape(-1).astype(np.int32)
 
@@ -53,7 +55,8 @@ def _encoder_layer(p, x: jax.Array, mask: jax.Array, cfg: ViTConfig) -> jax.Arra
 
 def vit_forward(params_vit, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array, *,
                 cfg: ViTConfig) -> jax.Array:
-  """[B, Np, 3*14*14] patches -> [B, Np, C] features (post_layernorm applied; compute dtype = patches')."""
+  """[B, Np, 3*14*14] patches -> [B, Np, C] features (post_layernorm applied; compute dtype =
+  patches')."""
   x = layers.dense(params_vit["patch_embedding"], patches)
   table = params_vit["position_embedding"]["embedding"]
   x = x + jnp.take(table, position_ids, axis=0, mode="clip").astype(x.dtype)
@@ -68,13 +71,16 @@ def vit_forward(params_vit, patches: jax.Array, position_ids: jax.Array, segment
 
 def connector_forward(params_connector, x: jax.Array) -> jax.Array:
   """MLPconnector: fc1 (ViT width -> D), gelu_tanh, fc2 (D -> D)."""
-  return layers.dense(params_connector["fc2"], layers.gelu_tanh(layers.dense(params_connector["fc1"], x)))
+  return layers.dense(params_connector["fc2"],
+                      layers.gelu_tanh(layers.dense(params_connector["fc1"], x)))
 
 
 def embed_vit_tokens(params, patches: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
                      cfg: BagelConfig) -> jax.Array:
-  """What the LLM receives at ViT slots: connector(vit(patches)) + fixed sin-cos `vit_pos_embed`[ids]."""
+  """What the LLM receives at ViT slots: connector(vit(patches)) + fixed sin-cos
+  `vit_pos_embed`[ids]."""
   feats = vit_forward(params["vit"], patches, position_ids, segment_ids, cfg=cfg.vit)
   h = connector_forward(params["connector"], feats)
-  table = jnp.asarray(embeddings.sincos_2d_table(cfg.vit_max_num_patch_per_side, cfg.llm.hidden_size))
+  table = jnp.asarray(
+      embeddings.sincos_2d_table(cfg.vit_max_num_patch_per_side, cfg.llm.hidden_size))
   return h + jnp.take(table, position_ids, axis=0, mode="clip").astype(h.dtype)

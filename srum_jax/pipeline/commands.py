@@ -71,7 +71,8 @@ def propose_main(config, flags) -> int:
   d = _dirs(config)
   generated = fingerprints.fingerprint_of(d["generate"], "metadata")
   provenance.claim(config, [provenance.propose_unit(config, d["propose"], generated)])
-  propose.propose(config.propose, d["generate"], d["propose"])
+  propose.propose(config.propose, d["generate"], d["propose"],
+                  mesh=loaded_model.inference_mesh(config))
   return 0
 
 

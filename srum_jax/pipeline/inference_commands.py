@@ -54,8 +54,8 @@ MODEL_KEYS = ("dir", "official_dir", "inference_dtype", "compute_dtype", "param_
 
 
 def think_system_prompts(config) -> Tuple[str, str]:
-  """(generation, understanding) think system prompts for edit and ask, from the texts the config names
-  (`texts.file`: the official ones imported from the user's checkouts, or the own set)."""
+  """(generation, understanding) think system prompts for edit and ask, from the texts the config
+  names (`texts.file`: the official ones imported from the user's checkouts, or the own set)."""
   texts = commands.config_texts(config)
   return texts.gen_think_system, texts.judge_think_system
 
@@ -277,7 +277,9 @@ def ask(config, model: loaded_model.Model) -> List[dict]:
   check_settings(config, "ask", out)
   _, und_system = think_system_prompts(config)
   log = logs.process_log(out, "answers")
-  done = {r["id"] for r in logs.read_rows(out, "answers", schema={"answer": logs.Field(logs.is_str)})}
+  done = {
+      r["id"] for r in logs.read_rows(out, "answers", schema={"answer": logs.Field(logs.is_str)})
+  }
   todo = [r for r in distributed.process_shard(requests) if r.id not in done]
   size = int(acfg.batch_size)
   mesh = loaded_model.batch_rows_mesh(model, size)

@@ -7,9 +7,12 @@ Usage:
   regions[0].box, regions[0].area    # (x0, y0, x1, y1) ints, mask pixel count
 
 Proposers (`available_proposers()`):
-  sam           SAM (transformers `SamModel`, weights from a LOCAL directory) with automatic mask generation
-                from a grid of point prompts, as SAM's `SamAutomaticMaskGenerator` with its defaults and no
-                crops (see `SamProposer`). This is what SRUM uses (ViT-H).
+  sam           SAM in JAX (`inference.sam_masks`: automatic mask generation as one jitted program,
+                several images per call sharded over a mesh), weights from a released
+                `sam_vit_*.pth`, a transformers `SamModel` directory or a `convert-sam` directory
+                (see `SamProposer`). What SRUM uses (ViT-H).
+  sam_torch     the same generator with transformers' PyTorch `SamModel` on a torch device
+                (`SamTorchProposer`): the reference the JAX path is tested against.
   felzenszwalb  scikit-image's graph-based segmentation; no weights. Every pixel belongs to some segment, so
                 the largest one is usually the background.
   components    connected components of equal quantised colour among non-background pixels: exact objects
@@ -35,18 +38,25 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 import pathlib
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 from skimage import measure, segmentation
 
+from srum_jax import paths
+from srum_jax.config_checks import check_enum, check_int, existing_dir, fail
+from srum_jax.convert import sam_to_flax
+from srum_jax.errors import UserFileNotFoundError
+from srum_jax.inference import sam_masks
+
 __all__ = [
   "Region", "Candidates", "Proposer", "register_proposer", "get_proposer", "available_proposers",
   "as_image", "mask_bounds", "label_bounds", "min_area_pixels", "postprocess", "masks_to_regions",
   "point_grid", "stability_score", "box_nms", "GridProposer", "ComponentsProposer",
-  "FelzenszwalbProposer", "SamProposer", "BOX_MODES",
+  "FelzenszwalbProposer", "SamProposer", "SamTorchProposer", "BOX_MODES", "check_propose_options",
 ]
 
 BOX_MODES = ("official", "half_open")
@@ -174,7 +184,9 @@ class Proposer(abc.ABC):
   """A region proposer: `propose(image)` (or calling it) -> list[Region], largest first.
 
   Subclasses implement `candidates(image) -> Candidates`; the shared post-processing is applied here.
+  A `batched` proposer takes a `mesh` and `images_per_call` and overrides `candidates_batch`.
   """
+  batched = False
 
   def __init__(self, *, max_regions: Optional[int] = 5, min_area: float = 0.0, box_mode: str = "official"):
     if box_mode not in BOX_MODES:
@@ -198,6 +210,16 @@ class Proposer(abc.ABC):
   def __call__(self, image) -> list[Region]:
     return self.propose(image)
 
+  def candidates_batch(self, images: Sequence[np.ndarray]) -> List[Candidates]:
+    return [self.candidates(image) for image in images]
+
+  def propose_batch(self, images) -> List[list[Region]]:
+    """`propose` for several images (one call of a batched proposer)."""
+    images = [as_image(image) for image in images]
+    return [postprocess(c, image.shape[:2], max_regions=self.max_regions, min_area=self.min_area,
+                        box_mode=self.box_mode)
+            for c, image in zip(self.candidates_batch(images), images)]
+
 
 _REGISTRY: dict[str, Callable[..., Proposer]] = {}
 
@@ -217,12 +239,48 @@ def available_proposers() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def get_proposer(name: str, **cfg: Any) -> Proposer:
+SAM_PRESETS = ("", "vit_h", "vit_l", "vit_b")
+SAM_DTYPES = ("", "float32", "bfloat16")
+SAM_OPTIONS = {"sam": ("weights", "preset", "dtype"), "sam_torch": ("weights", "device", "dtype")}
+
+
+def check_propose_options(config, name: str) -> None:
+  """`propose.batch_size` and `propose.options` of proposer `name` before any work (for
+  `config_validation`): SAM weights that exist (a .pth file or a directory), a known preset and
+  dtype; `preset` only for sam, `device` only for sam_torch, none for the weight-free proposers."""
+  check_int(config, "propose.batch_size", lo=1)
+  options = dict(config.propose.options)
+  allowed = SAM_OPTIONS.get(name, ())
+  for key in ("weights", "preset", "device", "dtype"):
+    if options.get(key, "") != "" and key not in allowed:
+      fail(f"propose.options.{key}", options[key], f"is not an option of proposer {name!r}")
+  if not allowed:
+    return
+  weights = options.get("weights", "")
+  if not isinstance(weights, str) or not weights:
+    fail("propose.options.weights", weights, f"proposer {name!r} needs SAM weights: a released "
+         "sam_vit_h_4b8939.pth, a transformers SamModel directory or a `convert-sam` directory "
+         "(README, \"Region proposals\")")
+  if name == "sam_torch":
+    existing_dir("propose.options.weights", weights, "transformers SamModel directory")
+  elif not paths.path(os.path.expanduser(weights)).exists():
+    raise UserFileNotFoundError(
+        f"config key propose.options.weights: SAM weights {weights!r} do not exist")
+  if "preset" in options:
+    check_enum(config, "propose.options.preset", SAM_PRESETS)
+  if "dtype" in options:
+    check_enum(config, "propose.options.dtype", SAM_DTYPES)
+
+
+def get_proposer(name: str, *, mesh=None, images_per_call: int = 1, **cfg: Any) -> Proposer:
   """The proposer registered as `name`, built with `cfg` (its own options plus max_regions, min_area,
-  box_mode)."""
+  box_mode); a batched one also gets `mesh` and `images_per_call`."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown proposer {name!r}; available: {', '.join(available_proposers())}")
-  return _REGISTRY[name](**cfg)
+  cls = _REGISTRY[name]
+  if cls.batched:
+    cfg.update(mesh=mesh, images_per_call=images_per_call)
+  return cls(**cfg)
 
 
 @register_proposer("grid")
@@ -300,13 +358,7 @@ class FelzenszwalbProposer(Proposer):
     return Candidates(bounds, areas)
 
 
-def point_grid(n_per_side: int) -> np.ndarray:
-  """SAM's prompt grid: [n*n, 2] (x, y) in [0, 1], cell centres (offset 1/(2n)), rows of constant y."""
-  offset = 1.0 / (2 * n_per_side)
-  side = np.linspace(offset, 1.0 - offset, n_per_side)
-  xs = np.tile(side[None, :], (n_per_side, 1))
-  ys = np.tile(side[:, None], (1, n_per_side))
-  return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+point_grid = sam_masks.point_grid
 
 
 def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) -> np.ndarray:
@@ -343,9 +395,47 @@ def box_nms(bounds: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.
 
 @register_proposer("sam")
 class SamProposer(Proposer):
-  """SAM automatic mask generation with transformers' `SamModel`, weights from a local directory.
+  """SAM automatic mask generation in JAX (`inference.sam_masks`), `images_per_call` images per call
+  sharded over `mesh` (default: every local device on the data axis).
 
-  `weights_dir` holds a transformers SAM checkpoint (config.json + weights, e.g. a copy of
+  `weights`: a released `sam_vit_{h,l,b}_*.pth`, a transformers `SamModel` directory or a
+  `convert-sam` directory (`convert.sam_to_flax.load_sam`); `preset` (vit_h, vit_l, vit_b), when
+  given, must match the weights. The generator's settings are SAM's defaults (module docstring of
+  `inference.sam_masks`); the program returns the `max_regions` largest boxes after NMS (all of
+  them, up to every mask, with `max_regions=None`), which `postprocess` turns into regions as for
+  every proposer. Scores are the predicted IoUs.
+  """
+  batched = True
+
+  def __init__(self, weights: str, preset: str = "", points_per_side: int = 32,
+               points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
+               stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
+               box_nms_thresh: float = 0.7, mask_threshold: float = 0.0, dtype: str = "float32",
+               mesh=None, images_per_call: int = 1, **post):
+    super().__init__(**post)
+    self.cfg, params = sam_to_flax.load_sam(str(weights), preset=preset, dtype=dtype, mesh=mesh)
+    max_boxes = self.max_regions if self.max_regions is not None else 3 * int(points_per_side) ** 2
+    self.opts = sam_masks.MaskOptions(
+        points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
+        pred_iou_thresh=float(pred_iou_thresh),
+        stability_score_thresh=float(stability_score_thresh),
+        stability_score_offset=float(stability_score_offset), box_nms_thresh=float(box_nms_thresh),
+        mask_threshold=float(mask_threshold), max_boxes=max(int(max_boxes), 1))
+    self.generator = sam_masks.SamMaskGenerator(self.cfg, params, self.opts, mesh=mesh,
+                                                images_per_call=images_per_call, dtype=dtype)
+
+  def candidates_batch(self, images):
+    return [Candidates(r.bounds, r.areas, r.scores) for r in self.generator(images)]
+
+  def candidates(self, image):
+    return self.candidates_batch([image])[0]
+
+
+@register_proposer("sam_torch")
+class SamTorchProposer(Proposer):
+  """SAM automatic mask generation with transformers' `SamModel` on a torch `device`.
+
+  `weights` holds a transformers SAM checkpoint (config.json + weights, e.g. a copy of
   facebook/sam-vit-huge = SAM ViT-H as used by SRUM) and optionally its (pre)processor config; without one,
   SAM's standard preprocessing (longest side -> the model's image size, ImageNet normalisation, pad) is used.
   Nothing is downloaded.
@@ -362,12 +452,12 @@ class SamProposer(Proposer):
   the predicted IoUs. torch/transformers are imported only here (the pipeline shell, not the JAX model).
   """
 
-  def __init__(self, weights_dir: str, points_per_side: int = 32, points_per_batch: int = 64,
+  def __init__(self, weights: str, points_per_side: int = 32, points_per_batch: int = 64,
                pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
                stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, mask_threshold: float = 0.0,
                device: str = "cpu", dtype: str = "float32", **post):
     super().__init__(**post)
-    path = pathlib.Path(weights_dir).expanduser()
+    path = pathlib.Path(weights).expanduser()
     if not path.is_dir():
       raise FileNotFoundError(f"SAM weights directory not found: {path} (expected a local transformers "
                               "SamModel directory with config.json and model weights, e.g. facebook/sam-vit-huge)")

@@ -27,6 +27,7 @@ from srum_jax.workdir.fingerprints import Unit
 # Keys of a block that change how fast its outputs are made (or where they go), not what they are.
 EXECUTION_KEYS = {
     "generate": ("batch_size",),
+    "propose": ("batch_size",),
     "score": ("batch_size",),
     "train": ("save_every", "keep_checkpoints", "log_every", "sample_every", "data_threads",
               "data_workers", "encode_batch", "microbatch_rows", "records", "images_root"),
@@ -74,7 +75,8 @@ def generate_unit(config, directory: str, *, block: str, model: str, seed: int, 
 
 
 def propose_unit(config, directory: str, generate_fp: Optional[str], what: str = "propose") -> Unit:
-  made_by = {"stage": "propose", "settings": _block(config, "propose"),
+  made_by = {"stage": "propose",
+             "settings": _block(config, "propose", EXECUTION_KEYS["propose"]),
              "inputs": {"generate": generate_fp}}
   return Unit(directory, "regions", made_by, what)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -29,6 +28,7 @@ import numpy as np
 from srum_jax import distributed, files, paths, viz
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
+from srum_jax.errors import UserValueError
 from srum_jax.evaluation import report
 from srum_jax.pipeline import evaluate, generate, propose, provenance, score, train as train_stage
 from srum_jax.rewards import records as records_lib, texts as texts_lib
@@ -137,8 +137,8 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   before = {}
   if path.is_file():
     try:
-      before = json.loads(path.read_text())
-    except ValueError:
+      before = files.read_json(path, "counters")
+    except UserValueError:
       before = {}
   if not isinstance(before, dict):  # a damaged file counts from zero again
     before = {}
@@ -192,7 +192,7 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
       generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, texts=texts,
                         compute_dtype=dt, attn_impl=attn)
     with clock(f"round_{r}/propose"):
-      propose.propose(config.propose, gen_dir, prop_dir)
+      propose.propose(config.propose, gen_dir, prop_dir, mesh=loaded_model.inference_mesh(config))
     with clock(f"round_{r}/score"):
       srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, texts=texts,
                          compute_dtype=dt, attn_impl=attn)

@@ -1,13 +1,15 @@
-"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the judge prompts of
-the texts, `rewards.texts`: SRUM's `srum_data_infer/vlm.py` ones read from the user's checkout, or the own
-wording; `rewards.parsing`; records in the official format, see `rewards.records`).
+"""Stage `score`: the UMM judges its own images — global layout and per-region scores (the judge
+prompts of the texts, `rewards.texts`: SRUM's `srum_data_infer/vlm.py` ones read from the user's
+checkout, or the own wording; `rewards.parsing`; records in the official format, see
+`rewards.records`).
 
-The judge itself (`engine.judge`: `generate` or `logits` mode) takes the `score` block's judge keys; this
-stage adds which scores to ask for (`use_global`, `use_regions`) and the official fallback when every try
-fails (global `global_default`, no regions).
+The judge itself (`engine.judge`: `generate` or `logits` mode) takes the `score` block's judge keys;
+this stage adds which scores to ask for (`use_global`, `use_regions`) and the official fallback when
+every try fails (global `global_default`, no regions).
 
 Writes `rewards.jsonl` (versioned `RewardRecord`s, image paths relative to the generate dir) and
-`stats.json` (parse failures, retries, clamps, score histograms). Finished ids are skipped on restart.
+`stats.json` (parse failures, retries, clamps, score histograms). Finished ids are skipped on
+restart.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ class ScoreReport:
   skipped_done: int = 0
   skipped_bad_image: int = 0
   skipped_no_proposals: int = 0
-  skipped_log_lines: int = 0  # unreadable or incomplete lines of the metadata / regions / rewards logs
+  # unreadable or incomplete lines of the metadata / regions / rewards logs
+  skipped_log_lines: int = 0
   scored: int = 0
   global_failures: int = 0
   region_failures: int = 0
   retries: int = 0
   regions_scored: int = 0
-  nonfinite_answers: int = 0  # judge scores that were NaN / inf / outside [-1, 1]: counted as failures
+  # judge scores that were NaN / inf / outside [-1, 1]: counted as failures
+  nonfinite_answers: int = 0
 
 
 def _histogram(values: Sequence[float]) -> Dict[str, int]:
@@ -46,7 +50,8 @@ def _histogram(values: Sequence[float]) -> Dict[str, int]:
 
 
 def _checked(value: Optional[float], rep: ScoreReport) -> Optional[float]:
-  """A judge's score as a record may hold it (finite, in [-1, 1]); anything else is a counted failure (None)."""
+  """A judge's score as a record may hold it (finite, in [-1, 1]); anything else is a counted
+  failure (None)."""
   if value is None:
     return None
   ok = records.valid_score(value)
@@ -55,11 +60,13 @@ def _checked(value: Optional[float], rep: ScoreReport) -> Optional[float]:
   return ok
 
 
-def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_dir: str, *, seed: int,
-          texts: texts_lib.Texts, compute_dtype="float32", attn_impl: str = "dense") -> ScoreReport:
+def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_dir: str, *,
+          seed: int, texts: texts_lib.Texts, compute_dtype="float32",
+          attn_impl: str = "dense") -> ScoreReport:
   rep = ScoreReport()
-  judge = Judge(JudgeOptions.from_config(scfg), model, texts=texts, seed=seed, compute_dtype=compute_dtype,
-                attn_impl=attn_impl)
+  judge = Judge(
+      JudgeOptions.from_config(scfg), model, texts=texts, seed=seed, compute_dtype=compute_dtype,
+      attn_impl=attn_impl)
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   log = logs.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
   log_rep = logs.LogReport()
@@ -97,7 +104,8 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
     with_boxes = [i for i, b in enumerate(boxes) if b]
     rs: List[Dict[int, tuple]] = [dict() for _ in keep]
     if scfg.use_regions and with_boxes:
-      got = judge.region_scores([imgs[i] for i in with_boxes], [prompts_text[i] for i in with_boxes],
+      got = judge.region_scores([imgs[i] for i in with_boxes],
+                                [prompts_text[i] for i in with_boxes],
                                 [boxes[i] for i in with_boxes])
       for i, r in zip(with_boxes, got):
         rs[i] = {k: (s, o) for k, (s, o) in r.items() if _checked(s, rep) is not None}
@@ -109,12 +117,19 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
         gs = float(scfg.global_default)
       if scfg.use_regions and boxes[i] and not rs[i]:
         rep.region_failures += 1
-      regs = tuple(records.RegionReward(box=tuple(float(v) for v in boxes[i][k - 1]), score=float(s), object=o)
-                   for k, (s, o) in sorted(rs[i].items()))
-      rec = records.RewardRecord(image_file=row["image_file"], prompt=row["prompt"],
-                                 global_score=None if gs is None else float(gs), regions=regs,
-                                 image_size=(int(imgs[i].shape[1]), int(imgs[i].shape[0])),
-                                 metadata={"id": row["id"], "category": row.get("category"), "mode": scfg.mode})
+      regs = tuple(
+          records.RegionReward(
+              box=tuple(float(v)
+                        for v in boxes[i][k - 1]), score=float(s), object=o)
+          for k, (s, o) in sorted(rs[i].items()))
+      rec = records.RewardRecord(
+          image_file=row["image_file"], prompt=row["prompt"],
+          global_score=None if gs is None else float(gs), regions=regs, image_size=(int(
+              imgs[i].shape[1]), int(imgs[i].shape[0])), metadata={
+                  "id": row["id"],
+                  "category": row.get("category"),
+                  "mode": scfg.mode
+              })
       done_rows.append(dict(rec.to_dict(), id=row["id"], seq=row.get("seq")))
       rep.scored += 1
       rep.regions_scored += len(regs)
@@ -128,8 +143,11 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
            "global_histogram": _histogram(g_values), "region_histogram": _histogram(r_values),
            "global_mean": float(np.mean(g_values)) if g_values else None,
            "region_mean": float(np.mean(r_values)) if r_values else None}
-  files.write_json(paths.join(out_dir, "stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json"),
-                    stats)
-  logs.merge_process_logs(out_dir, "rewards")  # training reads <out>/rewards.jsonl: every process's records
+  files.write_json(
+      paths.join(out_dir,
+                 "stats.json" if jax.process_count() == 1 else f"stats.{jax.process_index()}.json"),
+      stats)
+  # training reads <out>/rewards.jsonl: every process's records
+  logs.merge_process_logs(out_dir, "rewards")
   progress.summary_line("score", **dataclasses.asdict(rep), out=out_dir)
   return rep

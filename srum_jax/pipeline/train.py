@@ -327,8 +327,10 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     report.truncated_prompts += hb.truncated
     if not compiled:
       batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
+      options = ts.compiler_options(mesh.devices.flat[0].platform, bool(t.tpu_collective_matmul))
       compiled.update(batch_sh=batch_sh, step=ts.shard_train_step(
-          lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh, batch_sh, mesh))
+          lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh, batch_sh, mesh,
+          options))
     return compiled["step"](state, _to_device(hb.batch, compiled["batch_sh"], pcount), base_key)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),

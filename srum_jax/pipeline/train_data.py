@@ -45,7 +45,7 @@ import ml_dtypes
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from srum_jax import paths
+from srum_jax import files, paths
 from srum_jax.pipeline import train_images
 from srum_jax.pipeline.train_images import load_canvas, load_image, training_size  # noqa: F401
 from srum_jax.rewards import record_sources, records as records_lib
@@ -292,8 +292,7 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
     path = os.path.join(cache_dir, existing[0])
     report_path = path[:-len(".array_record")] + ".report.json"
     if os.path.isfile(report_path):
-      with open(report_path) as f:
-        return path, _report_from_dict(json.load(f))
+      return path, _report_from_dict(files.read_json(report_path, "records report"))
   good, report = validate_records(records_path, images_root, max_regions=max_regions,
                                   drop_zero_global=drop_zero_global, threads=threads,
                                   records_format=records_format)
@@ -305,9 +304,7 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
     writer.write(json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8"))
   writer.close()
   os.replace(tmp, path)
-  with open(f"{report_path}.tmp{os.getpid()}", "w") as f:
-    json.dump(report.to_dict(), f)
-  os.replace(f"{report_path}.tmp{os.getpid()}", report_path)
+  files.write_json(report_path, report.to_dict())
   return path, report
 
 

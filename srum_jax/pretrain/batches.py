@@ -1,30 +1,36 @@
-"""Pretraining data (host, NumPy): judge examples and T2I pairs from the shapes world's train prompts.
+"""Pretraining data (host, NumPy): judge examples and T2I pairs from the shapes world's train
+prompts.
 
-Labels come from the scene's ground truth (`worlds.shapes.truth.scene_truth`), never from the oracle. Judge
-examples are [ViT image] [question] [answer] exactly as `inference.decoding.judge_context` builds the
-decoding context; about half of the scenes are hard negatives (`grammar.hard_negative`), a few are scenes of
-another prompt or carry an extra object. Questions are the project's own texts (`vocab.OWN_TEXTS`, through
-`rewards.texts.render_global` / `render_regions`). Tasks and their answers:
+Labels come from the scene's ground truth (`worlds.shapes.truth.scene_truth`), never from the
+oracle. Judge examples are [ViT image] [question] [answer] exactly as
+`inference.decoding.judge_context` builds the decoding context; about half of the scenes are hard
+negatives (`grammar.hard_negative`), a few are scenes of another prompt or carry an extra object.
+Questions are the project's own texts (`vocab.OWN_TEXTS`, through `rewards.texts.render_global` /
+`render_regions`). Tasks and their answers:
 
     global    `render_global(prompt)`               -> "Score: 1.0" / "Score: -1.0"
     region1   `render_regions(prompt, [box])`       -> "Score: s" (the logits judge) or the block
-                                                       "Region ID: 1 Identified Object: red circle Score: s"
-    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes a
+                            "Region ID: 1 Identified Object: red circle Score: s"
+    regions   `render_regions(prompt, boxes)`       -> one block per region (all objects, sometimes
+              a
                                                        background box, random order)
     describe  "<describe>" (auxiliary)              -> `grammar.describe(scene)`
-    locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of that kind
-    plan      [think system prompt] [prompt] (no image) -> `grammar.plan_text(scene)` of a scene of the prompt
-              (think mode: the layout plan the model writes before it draws)
+    locate    "<locate> red circle" (auxiliary)     -> "x0 y0 x1 y1", the box of the one object of
+              that kind
+    plan      [think system prompt] [prompt] (no image) -> `grammar.plan_text(scene)` of a scene of
+              the prompt (think mode: the layout plan the model writes before it draws)
 
-s = 1.0 for an object the prompt asks for, -0.5 for the right kind in a wrong count, -1.0 for an object that
-contradicts the prompt and 0.0 for a background box. Boxes follow the proposer's "official" convention,
-jittered by a pixel half the time; images are blurred a little sometimes (generated images are soft).
+s = 1.0 for an object the prompt asks for, -0.5 for the right kind in a wrong count, -1.0 for an
+object that contradicts the prompt and 0.0 for a background box. Boxes follow the proposer's
+"official" convention, jittered by a pixel half the time; images are blurred a little sometimes
+(generated images are soft).
 
-Generation batches: (prompt, rendered scene) pairs; a fraction `think` of them in think mode: the text is
-[think system prompt] [prompt] [plan of that scene], or (a fraction `think_uncond` of those) the system prompt
-alone, the context think mode's classifier-free guidance compares against.
+Generation batches: (prompt, rendered scene) pairs; a fraction `think` of them in think mode: the
+text is [think system prompt] [prompt] [plan of that scene], or (a fraction `think_uncond` of those)
+the system prompt alone, the context think mode's classifier-free guidance compares against.
 
-Every batch is a pure function of (seed, step), so a resumed run draws the data of an uninterrupted one.
+Every batch is a pure function of (seed, step), so a resumed run draws the data of an uninterrupted
+one.
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
 IMAGE_HW = (32, 32)
 MAX_REGIONS = 5  # the proposer's default max_regions
-TASKS = ("global", "region1", "regions", "describe", "locate", "plan")  # understanding tasks (`pretrain.data.tasks`)
+# understanding tasks (`pretrain.data.tasks`)
+TASKS = ("global", "region1", "regions", "describe", "locate", "plan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +72,17 @@ class BatchBudgets:
 
   @classmethod
   def from_config(cls, umm, vit_size: int) -> "BatchBudgets":
-    return cls(gen_rows=int(umm.gen_rows), gen_samples_per_row=int(umm.gen_samples_per_row),
-               gen_text_len=int(umm.gen_text_len), und_rows=int(umm.und_rows), und_tokens=int(umm.und_tokens),
-               und_samples_per_row=int(umm.und_samples_per_row), logit_capacity=int(umm.logit_capacity),
-               vit_size=int(vit_size))
+    return cls(
+        gen_rows=int(umm.gen_rows), gen_samples_per_row=int(umm.gen_samples_per_row),
+        gen_text_len=int(umm.gen_text_len), und_rows=int(umm.und_rows), und_tokens=int(
+            umm.und_tokens), und_samples_per_row=int(umm.und_samples_per_row), logit_capacity=int(
+                umm.logit_capacity), vit_size=int(vit_size))
 
 
 class UndBatch(NamedTuple):
-  """Understanding batch: packed rows (`bagel.PackedInputs`, no latents), the slots whose logits are scored
-  [B, A], their target ids [B, A], a mask [B, A] and which targets are score values [B, A]."""
+  """Understanding batch: packed rows (`bagel.PackedInputs`, no latents), the slots whose logits are
+  scored [B, A], their target ids [B, A], a mask [B, A] and which targets are score values [B, A].
+  """
   inputs: Any
   logit_index: np.ndarray
   targets: np.ndarray
@@ -99,7 +108,8 @@ def rendered(scene) -> np.ndarray:
 
 
 class PretrainSampler:
-  """Draws pretraining examples and batches from the train prompt split (deterministic given the generator).
+  """Draws pretraining examples and batches from the train prompt split (deterministic given the
+  generator).
 
   mix: the data-mix keys of `pretrain.data` (tasks, negatives, easy_negatives, distractors, ...)."""
 
@@ -108,7 +118,8 @@ class PretrainSampler:
     self.mix = mix.to_dict() if hasattr(mix, "to_dict") else dict(mix)
     self.train, self.val = grammar.split_prompts(split_seed)
     self.index = grammar.prompt_index(self.train)  # generation batches: every train prompt
-    # judge questions: every train prompt, or only those with a relation (a curriculum phase on "where")
+    # judge questions: every train prompt, or only those with a relation (a curriculum phase on
+    # "where")
     self.und_index = (grammar.prompt_index([q for q in self.train if q.spec.relations])
                       if self.mix["relations_only"] else self.index)
     self.vit_size = int(vit_size)
@@ -118,16 +129,18 @@ class PretrainSampler:
     weights = np.array([float(tasks[k]) for k in self.task_names])
     self.task_p = weights / weights.sum()
 
-  # -- scenes -----------------------------------------------------------------------------------------
+  # -- scenes
+  # -----------------------------------------------------------------------------------------
   def scene_for(self, rng, prompt: grammar.Prompt) -> scene_lib.Scene:
-    """A scene for a judge question: the prompt's scene, a hard negative, another prompt's scene or the
-    scene with an extra object of a kind the prompt does not name."""
+    """A scene for a judge question: the prompt's scene, a hard negative, another prompt's scene or
+    the scene with an extra object of a kind the prompt does not name."""
     scene = grammar.sample_scene(rng, prompt)
     r, m = rng.random(), self.mix
     if r < m["negatives"]:
       kinds = grammar.negative_kinds(prompt, scene)
       w = np.array([float(m["negative_kind_weights"][k]) for k in kinds])
-      scene, _ = grammar.hard_negative(rng, prompt, scene, kind=kinds[rng.choice(len(kinds), p=w / w.sum())])
+      scene, _ = grammar.hard_negative(rng, prompt, scene, kind=kinds[rng.choice(
+          len(kinds), p=w / w.sum())])
     elif r < m["negatives"] + m["easy_negatives"]:
       scene = grammar.sample_scene(rng, grammar.sample_prompt(rng, prompts=self.index))
     elif r < m["negatives"] + m["easy_negatives"] + m["distractors"]:
@@ -135,7 +148,8 @@ class PretrainSampler:
     return scene
 
   def with_distractor(self, rng, prompt: grammar.Prompt, scene: scene_lib.Scene) -> scene_lib.Scene:
-    """The scene plus an object of a kind the prompt does not name, in a free cell (unchanged if none fits)."""
+    """The scene plus an object of a kind the prompt does not name, in a free cell (unchanged if
+    none fits)."""
     named = {(g.color, g.shape) for g in prompt.spec.objects}
     kinds = [(c, s) for c in scene_lib.COLORS for s in scene_lib.SHAPES if (c, s) not in named]
     color, shape = kinds[rng.integers(len(kinds))]
@@ -147,42 +161,51 @@ class PretrainSampler:
         return scene_lib.Scene(scene.objects + (obj,), scene.height, scene.width)
     return scene
 
-  # -- one judge example --------------------------------------------------------------------------------
+  # -- one judge example
+  # --------------------------------------------------------------------------------
   def und_example(self, rng, prompt: Optional[grammar.Prompt] = None, task: Optional[str] = None):
-    """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train prompt; for
-    the plan task (image None, [think system prompt, prompt], plan, info)."""
+    """(image uint8 [32, 32, 3], question, answer, info) for one judge question about a train
+    prompt; for the plan task (image None, [think system prompt, prompt], plan, info)."""
     prompt = grammar.sample_prompt(rng, prompts=self.und_index) if prompt is None else prompt
     scene = self.scene_for(rng, prompt)
     ok, scores = truth.scene_truth(prompt.spec, scene)
     image = scene_lib.render(scene)
     if rng.random() < self.mix["blur"]:
       image = blur(rng, image)
-    task = self.task_names[rng.choice(len(self.task_names), p=self.task_p)] if task is None else task
-    if task == "plan":  # drawn here, after the scene, so the other tasks' random streams stay as they were
+    task = self.task_names[rng.choice(len(self.task_names),
+                                      p=self.task_p)] if task is None else task
+    # drawn here, after the scene, so the other tasks' random streams stay as they were
+    if task == "plan":
       plan = grammar.plan_text(grammar.sample_scene(rng, prompt))
-      return None, [vocab.OWN_TEXTS.gen_think_system, prompt.text], plan, dict(task=task, label=True)
+      return None, [vocab.OWN_TEXTS.gen_think_system, prompt.text], plan, dict(
+          task=task, label=True)
     kinds = [(o.color, o.shape) for o in scene.objects]
-    if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(grammar.NUMBER_WORDS):
+    if task == "describe" and kinds and max(kinds.count(k) for k in kinds) <= max(
+        grammar.NUMBER_WORDS):
       return image, vocab.DESCRIBE, grammar.describe(scene, rng), dict(task=task, label=ok)
     unique = truth.unique_objects(scene) if task == "locate" else []
     if unique:
       k = unique[rng.integers(len(unique))]
       box = truth.official_box(scene_lib.scene_boxes(scene)[k])
-      return image, vocab.locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(task=task, label=ok)
+      return image, vocab.locate_question(*kinds[k]), " ".join(str(v) for v in box), dict(
+          task=task, label=ok)
     if task in ("global", "describe", "locate"):
       answer = f"Score: {vocab.score_text(1.0 if ok else -1.0)}"
-      return image, texts_lib.render_global(vocab.OWN_TEXTS, prompt.text), answer, dict(task=task, label=ok)
+      return image, texts_lib.render_global(vocab.OWN_TEXTS, prompt.text), answer, dict(
+          task=task, label=ok)
     regions = self.regions(rng, scene, scores, many=task == "regions")
     question = texts_lib.render_regions(vocab.OWN_TEXTS, prompt.text, [b for b, _, _ in regions])
     if task == "region1" and rng.random() < self.mix["short_region_answer"]:
       answer = f"Score: {vocab.score_text(regions[0][2])}"
     else:
-      answer = "\n\n".join(vocab.region_block(k, what, s) for k, (_, what, s) in enumerate(regions, start=1))
+      answer = "\n\n".join(
+          vocab.region_block(k, what, s) for k, (_, what, s) in enumerate(regions, start=1))
     return image, question, answer, dict(task=task, label=ok, scores=[s for _, _, s in regions])
 
   def regions(self, rng, scene: scene_lib.Scene, scores: Sequence[float], many: bool):
     """[(box, identified object, score)]: every object (+ a background box with probability
-    `background_box`, random order), or one region: a background box with that probability, else an object."""
+    `background_box`, random order), or one region: a background box with that probability, else an
+    object."""
     objs = []
     for o, box, s in zip(scene.objects, scene_lib.scene_boxes(scene), scores):
       b = truth.official_box(box)
@@ -202,13 +225,16 @@ class PretrainSampler:
       raise ValueError("a scene without objects and without room for a background box")
     return [objs[rng.integers(len(objs))]]
 
-  # -- batches ------------------------------------------------------------------------------------------
+  # -- batches
+  # ------------------------------------------------------------------------------------------
   def wrap(self, text: str) -> List[int]:
     return [self.cfg.tokens.bos, *self.encode(text), self.cfg.tokens.eos]
 
-  def _pack_examples(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int):
-    """Judge examples packed row by row while tokens, samples and scored answer tokens fit: per row a list
-    of samples, each (items for `bagel.build_packed_inputs`, answer ids, text entries before the answer)."""
+  def _pack_examples(self, rng, rows: int, num_tokens: int, samples_per_row: int,
+                     logit_capacity: int):
+    """Judge examples packed row by row while tokens, samples and scored answer tokens fit: per row
+    a list of samples, each (items for `bagel.build_packed_inputs`, answer ids, text entries before
+    the answer)."""
     grid = (self.vit_size // self.cfg.vit.patch_size,) * 2
     n_vit = grid[0] * grid[1]
     packed = [[] for _ in range(rows)]
@@ -221,8 +247,9 @@ class PretrainSampler:
       before = (0 if image is None else 2) + sum(len(x) for x in qs)
       need, preds = (0 if image is None else n_vit) + before + len(ai), len(ai) - 1
       if need > num_tokens or preds > logit_capacity:
-        raise ValueError(f"a judge example needs {need} tokens / {preds} answer logits; budgets are "
-                         f"{num_tokens} / {logit_capacity}")
+        raise ValueError(
+            f"a judge example needs {need} tokens / {preds} answer logits; budgets are "
+            f"{num_tokens} / {logit_capacity}")
       if packed[r] and (used + need > num_tokens or used_logits + preds > logit_capacity
                         or len(packed[r]) == samples_per_row):
         r, used, used_logits = r + 1, 0, 0
@@ -230,20 +257,22 @@ class PretrainSampler:
           break
       items = list(qs)
       if image is not None:
-        patches = image_transforms.vit_patchify(vit_view(image, self.vit_size), self.cfg.vit.patch_size)
+        patches = image_transforms.vit_patchify(
+            vit_view(image, self.vit_size), self.cfg.vit.patch_size)
         items = [bagel.ImageTokens("vit", grid, patches=patches)] + items
       packed[r].append((items + [ai], ai, before))
       used, used_logits = used + need, used_logits + preds
     return packed, n_vit
 
-  def und_batch(self, rng, rows: int, num_tokens: int, samples_per_row: int, logit_capacity: int) -> UndBatch:
-    """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the decoding
-    context; a plan example: [think system prompt] [prompt] [plan]); examples fill a row while its tokens,
-    samples and scored answer tokens fit, then the next."""
+  def und_batch(self, rng, rows: int, num_tokens: int, samples_per_row: int,
+                logit_capacity: int) -> UndBatch:
+    """`rows` packed rows of judge examples, each sample [ViT image] [question] [answer] (the
+    decoding context; a plan example: [think system prompt] [prompt] [plan]); examples fill a row
+    while its tokens, samples and scored answer tokens fit, then the next."""
     packed, n_vit = self._pack_examples(rng, rows, num_tokens, samples_per_row, logit_capacity)
-    inputs, _ = bagel.build_packed_inputs(self.cfg, [[items for items, _, _ in row] for row in packed],
-                                          num_tokens=num_tokens, text_capacity=num_tokens - n_vit,
-                                          vit_capacity=n_vit * samples_per_row, latent_capacity=0)
+    inputs, _ = bagel.build_packed_inputs(
+        self.cfg, [[items for items, _, _ in row] for row in packed], num_tokens=num_tokens,
+        text_capacity=num_tokens - n_vit, vit_capacity=n_vit * samples_per_row, latent_capacity=0)
     A = logit_capacity
     index = np.full((rows, A), num_tokens, np.int32)
     targets = np.zeros((rows, A), np.int32)
@@ -262,8 +291,8 @@ class PretrainSampler:
     return UndBatch(inputs, index, targets, mask, score_mask)
 
   def gen_batch(self, rng, rows: int, samples_per_row: int, text_len: int):
-    """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal scene),
-    some in think mode (module docstring)."""
+    """T2I flow-matching batch (`train_step.SrumBatch`, uniform rewards): (prompt, rendered minimal
+    scene), some in think mode (module docstring)."""
     B, S = rows, samples_per_row
     ids, images = [], np.zeros((B, S) + IMAGE_HW + (3,), np.float32)
     for b in range(B):
@@ -273,19 +302,24 @@ class PretrainSampler:
         scene = grammar.sample_scene(rng, p)
         images[b, s] = rendered(scene)
         w = self.wrap(p.text)
-        if self.mix["think"] and rng.random() < self.mix["think"]:  # one text run = the think-mode prefills
+        # one text run = the think-mode prefills
+        if self.mix["think"] and rng.random() < self.mix["think"]:
           w = self.wrap(vocab.OWN_TEXTS.gen_think_system)
           if rng.random() >= self.mix["think_uncond"]:
             w = w + self.wrap(p.text) + self.wrap(grammar.plan_text(scene))
         if len(w) > text_len:
-          raise ValueError(f"generation text of {p.text!r} has {len(w)} tokens > gen text_len {text_len}")
+          raise ValueError(
+              f"generation text of {p.text!r} has {len(w)} tokens > gen text_len {text_len}")
         row.append(w)
       ids.append(row)
-    n_lat = (IMAGE_HW[0] // self.cfg.latent_downsample) * (IMAGE_HW[1] // self.cfg.latent_downsample)
-    inputs = train_step.t2i_layout(self.cfg, ids, image_hw=IMAGE_HW, num_tokens=S * (text_len + n_lat + 2),
+    n_lat = (IMAGE_HW[0] // self.cfg.latent_downsample) * (
+        IMAGE_HW[1] // self.cfg.latent_downsample)
+    inputs = train_step.t2i_layout(self.cfg, ids, image_hw=IMAGE_HW,
+                                   num_tokens=S * (text_len + n_lat + 2),
                                    text_capacity=S * (text_len + 2))
-    rewards = objective.RegionRewards(boxes=np.zeros((B, S, 1, 4), np.float32), scores=np.zeros((B, S, 1), np.float32),
-                                      valid=np.zeros((B, S, 1), bool), global_scores=np.ones((B, S), np.float32))
+    rewards = objective.RegionRewards(
+        boxes=np.zeros((B, S, 1, 4), np.float32), scores=np.zeros((B, S, 1), np.float32),
+        valid=np.zeros((B, S, 1), bool), global_scores=np.ones((B, S), np.float32))
     return train_step.SrumBatch(inputs=inputs, images=images, rewards=rewards)
 
   def ae_images(self, rng, batch: int) -> np.ndarray:
@@ -300,13 +334,14 @@ class PretrainSampler:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The curriculum and the per-step batches
 
 
 def curriculum_data(p) -> List[Tuple[int, dict]]:
-  """[(first step, data mix)] of the UMM stage's judge data: one per `pretrain.phases` entry (`p.data` with
-  the phase's keys replaced; its `steps` is the phase's length), then `p.data` for the rest."""
+  """[(first step, data mix)] of the UMM stage's judge data: one per `pretrain.phases` entry
+  (`p.data` with the phase's keys replaced; its `steps` is the phase's length), then `p.data` for
+  the rest."""
   base = p.data.to_dict()
   out, start = [], 0
   for phase in p.phases:
@@ -314,7 +349,8 @@ def curriculum_data(p) -> List[Tuple[int, dict]]:
     steps = int(phase.pop("steps"))
     unknown = set(phase) - set(base)
     if unknown:
-      raise ValueError(f"curriculum phase sets unknown data keys {sorted(unknown)}; known: {sorted(base)}")
+      raise ValueError(
+          f"curriculum phase sets unknown data keys {sorted(unknown)}; known: {sorted(base)}")
     out.append((start, {**base, **phase}))
     start += steps
   return out + [(start, base)]
@@ -324,8 +360,8 @@ Curriculum = Sequence[Tuple[int, PretrainSampler]]
 
 
 def make_batches(curriculum: Curriculum, budgets: BatchBudgets, seed: int, step: int):
-  """Step `step`'s (generation, understanding) batches: generation from the last (main) sampler, judge
-  questions from the sampler of the curriculum phase the step is in."""
+  """Step `step`'s (generation, understanding) batches: generation from the last (main) sampler,
+  judge questions from the sampler of the curriculum phase the step is in."""
   rng = np.random.default_rng([seed, step])
   b = budgets
   gen = curriculum[-1][1].gen_batch(rng, b.gen_rows, b.gen_samples_per_row, b.gen_text_len)
@@ -338,7 +374,8 @@ def make_batches(curriculum: Curriculum, budgets: BatchBudgets, seed: int, step:
 _WORKER: Dict[str, Any] = {}
 
 
-def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, budgets: BatchBudgets, seed: int) -> None:
+def _worker_init(model_config: dict, tokenizer_dir: str, phases: list, budgets: BatchBudgets,
+                 seed: int) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   cfg = checkpoint.config_from_dict(model_config)
   tok = load_tokenizer(tokenizer_dir)
@@ -351,7 +388,8 @@ def _worker_batches(step: int):
 
 
 class BatchStream:
-  """Batches for steps start, start+1, ...: in this process (workers=0) or prefetched by spawned workers."""
+  """Batches for steps start, start+1, ...: in this process (workers=0) or prefetched by spawned
+  workers."""
 
   def __init__(self, curriculum: Curriculum, budgets: BatchBudgets, seed: int, *, workers: int,
                model_config: dict, tokenizer_dir: str, start: int = 0):
@@ -361,7 +399,8 @@ class BatchStream:
       ctx = multiprocessing.get_context("spawn")
       self.pool = concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=ctx, initializer=_worker_init,
-          initargs=(model_config, tokenizer_dir, [(s, w.mix) for s, w in self.curriculum], budgets, seed))
+          initargs=(model_config, tokenizer_dir, [(s, w.mix) for s, w in self.curriculum], budgets,
+                    seed))
       self.depth = 2 * workers
       self.pending = [self.pool.submit(_worker_batches, start + k) for k in range(self.depth)]
 

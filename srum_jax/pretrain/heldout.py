@@ -3,19 +3,19 @@
     res = evaluate_model(model_dir, EvalSettings(num_pairs=400), vit_image_size=28)
     res["judge"]["accuracy"], res["regions"]["sign_correct"], res["generation"]["oracle_accuracy"]
 
-judge: (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by the logits-mode
-global judge (`engine.judge.Judge`): accuracy of score > 0, per kind, AUC.
-regions: one ground-truth box per pair (every 5th a background box), the one-box region prompt: object boxes
-sign-correct, background boxes |s| < 0.5, the rate of naming the boxed object; `regions` with the shapes
-world's scoring (name the object, then score it: `score.region_identify`), `regions_direct` with the one-step
-"Score:" answer; `regions_generate_mode`: multi-box prompts answered by greedy decoding and parsed.
-locate: the grounding question for an object of a unique kind, decoded greedily: parse rate, IoU >= 0.5,
-predicted centre in the right layout cell.
-generation: `text_to_image` for the val prompts, oracle accuracy per category; the global judge on those
-images vs the oracle: ROC AUC and accuracy.
-generation_think (`think`): the same prompts in think mode: the greedy plans (parsed, and valid: a scene laid
-out by the plan satisfies the prompt), the oracle accuracy of the images drawn from them and of images drawn
-from true plans; generation_think_train: the same on the train prompts (where SRUM's candidates come from).
+judge: (val prompt, ground-truth render) pairs, half hard negatives (kinds cycled), scored by the
+logits-mode global judge (`engine.judge.Judge`): accuracy of score > 0, per kind, AUC. regions: one
+ground-truth box per pair (every 5th a background box), the one-box region prompt: object boxes
+sign-correct, background boxes |s| < 0.5, the rate of naming the boxed object; `regions` with the
+shapes world's scoring (name the object, then score it: `score.region_identify`), `regions_direct`
+with the one-step "Score:" answer; `regions_generate_mode`: multi-box prompts answered by greedy
+decoding and parsed. locate: the grounding question for an object of a unique kind, decoded
+greedily: parse rate, IoU >= 0.5, predicted centre in the right layout cell. generation:
+`text_to_image` for the val prompts, oracle accuracy per category; the global judge on those images
+vs the oracle: ROC AUC and accuracy. generation_think (`think`): the same prompts in think mode: the
+greedy plans (parsed, and valid: a scene laid out by the plan satisfies the prompt), the oracle
+accuracy of the images drawn from them and of images drawn from true plans; generation_think_train:
+the same on the train prompts (where SRUM's candidates come from).
 """
 from __future__ import annotations
 
@@ -60,8 +60,10 @@ class EvalSettings:
     return cls(**values)
 
 
-def judge_options(vit_image_size: int, mode: str = "logits", region_identify: bool = False) -> JudgeOptions:
-  """The shapes world's judge: its score words, the square view at `vit_image_size`, short answers."""
+def judge_options(vit_image_size: int, mode: str = "logits",
+                  region_identify: bool = False) -> JudgeOptions:
+  """The shapes world's judge: its score words, the square view at `vit_image_size`, short
+  answers."""
   return JudgeOptions(mode=mode, think=False, logit_candidates=tuple(vocab.SCORE_TOKENS),
                       vit_image_size=int(vit_image_size), max_retries=1, max_new_tokens_global=8,
                       max_new_tokens_regions=64, region_identify=region_identify)
@@ -74,8 +76,8 @@ def _chunks(items: Sequence, size: int):
 
 def ae_reconstruction_accuracy(params_ae, cfg, sampler: batches.PretrainSampler, *, seed: int,
                                n: int = 128) -> Optional[float]:
-  """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp enough?
-  (Evaluation only: the oracle never labels training batches.) None for n = 0."""
+  """Oracle accuracy of AE reconstructions (posterior mean) of val-prompt scenes: is the AE crisp
+  enough? (Evaluation only: the oracle never labels training batches.) None for n = 0."""
   if n <= 0:
     return None
 
@@ -89,7 +91,8 @@ def ae_reconstruction_accuracy(params_ae, cfg, sampler: batches.PretrainSampler,
     return autoencoder.to_uint8(autoencoder.decode(p, autoencoder.encode(p, x, cfg.ae), cfg.ae))
 
   rec = np.asarray(roundtrip(params_ae, jnp.asarray(images)))
-  return float(np.mean([oracle.judge(r, q.spec, value_range=(0, 255)) for r, q in zip(rec, prompts)]))
+  return float(
+      np.mean([oracle.judge(r, q.spec, value_range=(0, 255)) for r, q in zip(rec, prompts)]))
 
 
 @dataclasses.dataclass
@@ -134,7 +137,8 @@ def judge_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any]:
 
 
 def region_items(rng, pairs: Sequence[Pair]) -> List[tuple]:
-  """One box per pair: (image, prompt, box, true score, pair kind, object name); every 5th a background box."""
+  """One box per pair: (image, prompt, box, true score, pair kind, object name); every 5th a
+  background box."""
   items = []
   for i, x in enumerate(pairs):
     bg = truth.background_box(rng, x.scene) if i % 5 == 4 else None
@@ -143,8 +147,8 @@ def region_items(rng, pairs: Sequence[Pair]) -> List[tuple]:
     elif x.scene.objects:
       k = int(rng.integers(len(x.scene.objects)))
       o = x.scene.objects[k]
-      items.append((x.image, x.prompt.text, truth.official_box(scene_lib.scene_boxes(x.scene)[k]), x.region_scores[k],
-                    x.kind, f"{o.color} {o.shape}"))
+      items.append((x.image, x.prompt.text, truth.official_box(scene_lib.scene_boxes(
+          x.scene)[k]), x.region_scores[k], x.kind, f"{o.color} {o.shape}"))
   return items
 
 
@@ -160,11 +164,13 @@ def region_metrics(judge, items: Sequence[tuple], batch: int) -> Dict[str, Any]:
   for s, x in zip(scores, items):
     if x[3] != 0:
       by_kind.setdefault(x[4], []).append(bool(np.sign(s) == np.sign(x[3])))
-  out = dict(sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
-             by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())},
-             auc=metrics.roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
-             background_near_zero=float(np.mean([abs(s) < 0.5 for s in background])) if background else None,
-             n_background=len(background))
+  out = dict(
+      sign_correct=float(np.mean([np.sign(s) == np.sign(y) for s, y in obj])) if obj else None,
+      by_kind={
+          k: float(np.mean(v)) for k, v in sorted(by_kind.items())
+      }, auc=metrics.roc_auc([s for s, _ in obj], [y > 0 for _, y in obj]), n_objects=len(obj),
+      background_near_zero=float(np.mean([abs(s) < 0.5 for s in background]))
+      if background else None, n_background=len(background))
   if any(n is not None for n in names):
     out["identified"] = float(np.mean([n == x[5] for n, x in zip(names, items)]))
   return out
@@ -182,7 +188,8 @@ def generate_mode_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str,
       parsed += int(len(d) == len(boxes[i]))
       hits += [np.sign(d[k + 1][0]) == np.sign(y) for k, y in enumerate(pairs[i].region_scores)
                if k + 1 in d and y != 0]
-      named += [(d[k + 1][1] or "").split()[:2] == [o.color, o.shape] for k, o in enumerate(pairs[i].scene.objects)
+      named += [(d[k + 1][1] or "").split()[:2] == [o.color, o.shape]
+                for k, o in enumerate(pairs[i].scene.objects)
                 if k + 1 in d]
   return dict(n=len(keep), parsed=parsed, sign_correct=float(np.mean(hits)) if hits else None,
               identified=float(np.mean(named)) if named else None)
@@ -190,12 +197,15 @@ def generate_mode_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str,
 
 def locate_metrics(got: Sequence[Optional[Tuple[int, ...]]], want: Sequence[Tuple[int, ...]],
                    layout: grammar.Layout = grammar.DEFAULT_LAYOUT) -> Dict[str, Any]:
-  """Parse rate, IoU >= 0.5 rate and the rate of predicted centres in the right layout cell (inclusive boxes)."""
+  """Parse rate, IoU >= 0.5 rate and the rate of predicted centres in the right layout cell
+  (inclusive boxes)."""
   ok = [(g, w) for g, w in zip(got, want) if g is not None and g[2] >= g[0] and g[3] >= g[1]]
   n = max(len(want), 1)
   cell = lambda b: metrics.box_cell(b, layout.grid, layout.width, layout.height)  # noqa: E731
-  return dict(n=len(want), parsed=len(ok) / n, iou50=sum(metrics.box_iou_inclusive(g, w) >= 0.5 for g, w in ok) / n,
-              cell=sum(cell(g) == cell(w) for g, w in ok) / n)
+  return dict(
+      n=len(want), parsed=len(ok) / n,
+      iou50=sum(metrics.box_iou_inclusive(g, w) >= 0.5 for g, w in ok) / n,
+      cell=sum(cell(g) == cell(w) for g, w in ok) / n)
 
 
 def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any]:
@@ -209,25 +219,28 @@ def grounding_metrics(judge, pairs: Sequence[Pair], batch: int) -> Dict[str, Any
                         truth.official_box(scene_lib.scene_boxes(x.scene)[unique[0]])))
   got = []
   for chunk in _chunks(questions, batch):
-    got += [vocab.parse_box(t) for t in judge.answers([x[0] for x in chunk], [x[1] for x in chunk], 4)]
+    got += [
+        vocab.parse_box(t) for t in judge.answers([x[0] for x in chunk], [x[1] for x in chunk], 4)
+    ]
   return locate_metrics(got, [x[2] for x in questions])
 
 
 def _generate(model, rows, settings: EvalSettings, compute_dtype: str, think: bool, plans=None):
-  """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings); `plans`:
-  think mode from these plans instead of the model's own."""
+  """(uint8 images, plans or None) for the prompt rows, in batches (the eval's sampler settings);
+  `plans`: think mode from these plans instead of the model's own."""
 
   images, written = [], []
   for k, chunk in enumerate(_chunks(rows, settings.batch_size)):
     given = None if plans is None else plans[k * settings.batch_size:(k + 1) * settings.batch_size]
-    out = sampling.text_to_image(model.params["bagel"], model.params["ae"], model.tokenizer,
-                                 [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed,
-                                 image_ids=[layout.stable_int(r["id"]) for r in chunk], height=batches.IMAGE_HW[0],
-                                 width=batches.IMAGE_HW[1], num_timesteps=settings.gen_steps,
-                                 timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
-                                 cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype),
-                                 think=think, max_think_tokens=settings.max_think_tokens, plans=given,
-                                 system_prompt=vocab.OWN_TEXTS.gen_think_system if think else None)
+    out = sampling.text_to_image(
+        model.params["bagel"], model.params["ae"], model.tokenizer,
+        [r["prompt"] for r in chunk], cfg=model.cfg, seeds=settings.seed, image_ids=[
+            layout.stable_int(r["id"]) for r in chunk
+        ], height=batches.IMAGE_HW[0], width=batches.IMAGE_HW[1], num_timesteps=settings.gen_steps,
+        timestep_shift=settings.gen_timestep_shift, cfg_text_scale=settings.gen_cfg_scale,
+        cfg_interval=tuple(settings.gen_cfg_interval), dtype=jnp.dtype(compute_dtype), think=think,
+        max_think_tokens=settings.max_think_tokens, plans=given,
+        system_prompt=vocab.OWN_TEXTS.gen_think_system if think else None)
     images += list(out.images)
     written += out.think_texts or []
   return images, (written if think else None)
@@ -241,7 +254,8 @@ def _by_category(rows, oks) -> Dict[str, float]:
 
 
 def plan_valid(plan: str, prompt_text: str, seed: int = 0) -> Tuple[bool, bool]:
-  """(parsed, valid) of a written plan: a scene laid out by it satisfies the prompt (`truth.scene_truth`)."""
+  """(parsed, valid) of a written plan: a scene laid out by it satisfies the prompt
+  (`truth.scene_truth`)."""
   cells = grammar.parse_plan(plan)
   if cells is None:
     return False, False
@@ -250,8 +264,8 @@ def plan_valid(plan: str, prompt_text: str, seed: int = 0) -> Tuple[bool, bool]:
 
 
 def generation_metrics(model, judge, settings: EvalSettings, compute_dtype: str) -> Dict[str, Any]:
-  """The model's own images for the val prompts: oracle accuracy per category, and the global judge on them
-  against the oracle (AUC, accuracy)."""
+  """The model's own images for the val prompts: oracle accuracy per category, and the global judge
+  on them against the oracle (AUC, accuracy)."""
   rows = list(sources.prompts("val", per_category=int(settings.num_gen_per_category) or None))
   images, _ = _generate(model, rows, settings, compute_dtype, think=False)
   oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
@@ -259,40 +273,49 @@ def generation_metrics(model, judge, settings: EvalSettings, compute_dtype: str)
   for i in range(0, len(rows), settings.batch_size):
     scores += judge.global_scores(images[i:i + settings.batch_size],
                                   [r["prompt"] for r in rows[i:i + settings.batch_size]])
-  return dict(oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(rows, oracle_ok),
-              judge_auc=metrics.roc_auc(scores, oracle_ok),
-              judge_accuracy=float(np.mean([(s > 0) == ok for s, ok in zip(scores, oracle_ok)])),
-              judge_mean_score=float(np.mean(scores)),
-              settings=dict(steps=settings.gen_steps, cfg_text_scale=settings.gen_cfg_scale,
-                            timestep_shift=settings.gen_timestep_shift, cfg_interval=list(settings.gen_cfg_interval)))
+  return dict(
+      oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(
+          rows, oracle_ok), judge_auc=metrics.roc_auc(scores, oracle_ok), judge_accuracy=float(
+              np.mean([(s > 0) == ok for s, ok in zip(scores, oracle_ok)])),
+      judge_mean_score=float(np.mean(scores)), settings=dict(
+          steps=settings.gen_steps, cfg_text_scale=settings.gen_cfg_scale,
+          timestep_shift=settings.gen_timestep_shift, cfg_interval=list(settings.gen_cfg_interval)))
 
 
 def think_generation_metrics(model, settings: EvalSettings, compute_dtype: str, split: str = "val",
                              per_category: Optional[int] = None) -> Dict[str, Any]:
-  """Think mode on a split's prompts: plan parse / validity rates and the oracle accuracy of the images drawn
-  from the model's own plans, and (`oracle_accuracy_true_plans`) from plans of true scenes of the prompts (what
-  a perfect planner would give: separates the planner from the plan-conditioned generator)."""
+  """Think mode on a split's prompts: plan parse / validity rates and the oracle accuracy of the
+  images drawn from the model's own plans, and (`oracle_accuracy_true_plans`) from plans of true
+  scenes of the prompts (what a perfect planner would give: separates the planner from the
+  plan-conditioned generator)."""
   per_category = per_category or int(settings.num_gen_per_category) or None
   rows = list(sources.prompts(split, per_category=per_category))
   images, plans = _generate(model, rows, settings, compute_dtype, think=True)
   oracle_ok = [judge_text(im, r["prompt"]) for im, r in zip(images, rows)]
   checks = [plan_valid(p, r["prompt"]) for p, r in zip(plans, rows)]
   rng = np.random.default_rng([settings.seed, 5])
-  true_plans = [grammar.plan_text(grammar.sample_scene(rng, grammar.parse_prompt(r["prompt"]))) for r in rows]
+  true_plans = [
+      grammar.plan_text(grammar.sample_scene(rng, grammar.parse_prompt(r["prompt"]))) for r in rows
+  ]
   images_true, _ = _generate(model, rows, settings, compute_dtype, think=True, plans=true_plans)
   ok_true = [judge_text(im, r["prompt"]) for im, r in zip(images_true, rows)]
-  return dict(split=split, oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows),
-              by_category=_by_category(rows, oracle_ok),
-              plan_parsed=float(np.mean([c[0] for c in checks])), plan_valid=float(np.mean([c[1] for c in checks])),
-              plan_valid_by_category=_by_category(rows, [c[1] for c in checks]),
-              oracle_accuracy_true_plans=float(np.mean(ok_true)), by_category_true_plans=_by_category(rows, ok_true),
-              examples=[dict(prompt=r["prompt"], plan=p) for r, p in list(zip(rows, plans))[:: max(1, len(rows) // 8)]])
+  return dict(
+      split=split, oracle_accuracy=float(np.mean(oracle_ok)), n=len(rows), by_category=_by_category(
+          rows, oracle_ok), plan_parsed=float(np.mean([c[0] for c in checks])), plan_valid=float(
+              np.mean([c[1] for c in checks])), plan_valid_by_category=_by_category(
+                  rows, [c[1] for c in checks]), oracle_accuracy_true_plans=float(np.mean(ok_true)),
+      by_category_true_plans=_by_category(rows, ok_true), examples=[
+          dict(prompt=r["prompt"], plan=p)
+          for r, p in list(zip(rows, plans))[::max(1,
+                                                   len(rows) // 8)]
+      ])
 
 
-def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, vit_image_size: int = 28,
-                   compute_dtype: str = "float32", out_path: Optional[str] = None,
-                   extra: Optional[dict] = None) -> Dict[str, Any]:
-  """Every metric of the module docstring for a model directory; written to `out_path` when given."""
+def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *,
+                   vit_image_size: int = 28, compute_dtype: str = "float32",
+                   out_path: Optional[str] = None, extra: Optional[dict] = None) -> Dict[str, Any]:
+  """Every metric of the module docstring for a model directory; written to `out_path` when
+  given."""
   t0, s = time.time(), settings
   model = loaded_model.load_model(model_dir, dtype="float32")
   make = lambda mode="logits", identify=False: Judge(  # noqa: E731
@@ -308,14 +331,15 @@ def evaluate_model(model_dir: str, settings: EvalSettings = EvalSettings(), *, v
   res["regions_generate_mode"], res["parse_stats"] = dict(n=0, parsed=0, sign_correct=None), None
   if s.num_generate_mode:
     generate_judge = make("generate")
-    res["regions_generate_mode"] = generate_mode_metrics(generate_judge, pairs[:s.num_generate_mode], s.batch_size)
+    res["regions_generate_mode"] = generate_mode_metrics(generate_judge,
+                                                         pairs[:s.num_generate_mode], s.batch_size)
     res["parse_stats"] = dataclasses.asdict(generate_judge.stats)
   res["locate"] = grounding_metrics(judge, pairs[:s.num_locate], s.batch_size)
   res["generation"] = generation_metrics(model, judge, s, compute_dtype)
   if s.think:
     res["generation_think"] = think_generation_metrics(model, s, compute_dtype)
-    res["generation_think_train"] = think_generation_metrics(model, s, compute_dtype, split="train",
-                                                             per_category=int(s.num_gen_per_category) or 60)
+    res["generation_think_train"] = think_generation_metrics(
+        model, s, compute_dtype, split="train", per_category=int(s.num_gen_per_category) or 60)
   res.update(seconds=time.time() - t0, model_dir_bytes=files.dir_size(model_dir), **(extra or {}))
   if out_path:
     files.write_json(out_path, res)

@@ -1,13 +1,15 @@
-"""The pretraining driver: one stage (A: the autoencoder, B: the UMM) and the chain of stages of one command.
+"""The pretraining driver: one stage (A: the autoencoder, B: the UMM) and the chain of stages of one
+command.
 
 How a stage starts is decided once (`start_mode`):
-  resume      <out>/state holds a checkpoint of this stage (and `resume`): continue stage B where it stopped
+  resume      <out>/state holds a checkpoint of this stage (and `resume`): continue stage B where it
+              stopped
   warm_start  `init_from` names a model dir: its AE and UMM weights, a fresh optimizer and warm-up
   reuse_ae    `ae.from_dir` names a model dir: its AE (and latent scale), a fresh UMM
   fresh       train the AE (stage A), then a fresh UMM
-The schedules are functions of the step; `max_seconds` caps the stage's wall clock (over restarts) and a
-stage that reaches it stops cleanly and is saved like a finished one. SIGTERM / SIGINT save the state and
-return (`preempted`); the same command resumes.
+The schedules are functions of the step; `max_seconds` caps the stage's wall clock (over restarts)
+and a stage that reaches it stops cleanly and is saved like a finished one. SIGTERM / SIGINT save
+the state and return (`preempted`); the same command resumes.
 
 Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
 `engine.loaded_model.load_model`), official/ (the official safetensors layout), log.jsonl + tb/ (the
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 import pathlib
 import shutil
@@ -64,8 +65,9 @@ def start_mode(p) -> StartMode:
 
 @dataclasses.dataclass
 class Start:
-  """What stage B starts from: the model config (with the AE's latent scale), parameters {'bagel', 'ae'}
-  (on resume: the structure the checkpoint restores into), stage A's summary and seconds already spent."""
+  """What stage B starts from: the model config (with the AE's latent scale), parameters {'bagel',
+  'ae'} (on resume: the structure the checkpoint restores into), stage A's summary and seconds
+  already spent."""
   mode: StartMode
   cfg: Any
   params: Dict[str, Any]
@@ -134,7 +136,8 @@ def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tok
     ae_deadline = min(deadline, time.time() + float(p.ae.max_seconds))
     params_ae, ae_summary = train_autoencoder(p, cfg, sampler, params_ae, seed=seed,
                                               deadline=ae_deadline, sink=sink)
-    cfg = init.fit_latent_scale(params_ae, cfg, sampler.ae_images(np.random.default_rng([seed, 99]), 256))
+    cfg = init.fit_latent_scale(params_ae, cfg,
+                                sampler.ae_images(np.random.default_rng([seed, 99]), 256))
     bagel = None
   else:
     source = p.init_from if mode == StartMode.WARM_START else p.ae.from_dir
@@ -153,7 +156,8 @@ def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tok
 
 
 def _abstract_state(state, sharding):
-  """The state's structure, shapes and dtypes, every leaf on `sharding` (what a restore reads onto)."""
+  """The state's structure, shapes and dtypes, every leaf on `sharding` (what a restore reads
+  onto)."""
 
   abstract = jax.eval_shape(lambda s: s, state)
   return checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding, abstract))
@@ -220,9 +224,10 @@ def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: floa
 
 
 def save_model(out_dir: str, cfg, params, *, param_dtype: str = "float32") -> str:
-  """Model directory (`checkpoint.write_model_dir`: orbax params {'bagel', 'ae'} cast to param_dtype +
-  model_config.json) with the world's tokenizer.json; returns its path."""
-  path = checkpoint.write_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params), dtype=param_dtype)
+  """Model directory (`checkpoint.write_model_dir`: orbax params {'bagel', 'ae'} cast to param_dtype
+  + model_config.json) with the world's tokenizer.json; returns its path."""
+  path = checkpoint.write_model_dir(out_dir, cfg, jax.tree.map(np.asarray, params),
+                                    dtype=param_dtype)
   vocab.build_tokenizer(path, cfg)
   return path
 
@@ -239,26 +244,32 @@ def _snapshot(out: pathlib.Path, cfg, params, param_dtype: str) -> None:
 
 
 def _finish(p, config, cfg, params, summary: dict, out: pathlib.Path) -> Dict[str, Any]:
-  """Save the model dir and its official export, drop the resumable state, evaluate; returns the summary."""
+  """Save the model dir and its official export, drop the resumable state, evaluate; returns the
+  summary."""
   model_dir = save_model(str(out / "model"), cfg, params, param_dtype=p.save_dtype)
   summary.update(model_dir=model_dir, model_dir_bytes=files.dir_size(model_dir))
-  flax_to_hf.export(model_dir, str(out / "official"))  # the official layout too: what the repo ships
-  summary.update(official_dir=str(out / "official"), official_dir_bytes=files.dir_size(str(out / "official")))
+  # the official layout too: what the repo ships
+  flax_to_hf.export(model_dir, str(out / "official"))
+  summary.update(
+      official_dir=str(out / "official"), official_dir_bytes=files.dir_size(str(out / "official")))
   shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # finished: a rerun is a new run
   print(f"[pretrain] saved {model_dir} ({summary['model_dir_bytes'] / 1e6:.2f} MB) after "
         f"{summary['umm']['steps']} UMM steps, {summary['train_seconds']:.0f} s", flush=True)
   if p.eval.enabled:
     summary["eval"] = heldout.evaluate_model(
-        model_dir, heldout.EvalSettings.from_config(p.eval), vit_image_size=int(config.score.vit_image_size),
-        compute_dtype=p.eval_dtype, out_path=str(out / "pretrain_eval.json"),
-        extra=dict(pretrain={k: v for k, v in summary.items() if k != "eval"}))
+        model_dir, heldout.EvalSettings.from_config(p.eval),
+        vit_image_size=int(config.score.vit_image_size), compute_dtype=p.eval_dtype, out_path=str(
+            out / "pretrain_eval.json"), extra=dict(pretrain={
+                k: v for k, v in summary.items() if k != "eval"
+            }))
   files.write_json(str(out / "pretrain_summary.json"), summary)
   return summary
 
 
 def run_stage(config, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
-  """One stage (`config.pretrain`): start (`start_mode`), stage A when fresh, stage B, save, heldout.
-  Returns the summary (`preempted` when a signal stopped it: the state is saved, no model is written)."""
+  """One stage (`config.pretrain`): start (`start_mode`), stage A when fresh, stage B, save,
+  heldout. Returns the summary (`preempted` when a signal stopped it: the state is saved, no model
+  is written)."""
   with preemption.flag_or_installed(stop) as flag:
     return _run_stage(config, flag)
 
@@ -298,7 +309,9 @@ def _run_stage(config, stop: PreemptionFlag) -> Dict[str, Any]:
   summary["umm"] = dict(info, rows_und=info["steps"] * budgets.und_rows,
                         samples_gen=info["steps"] * budgets.gen_rows * budgets.gen_samples_per_row)
   if info["preempted"]:  # keep the state, no final model; rerunning the same command resumes
-    print(f"[pretrain] stopped by a signal at step {info['steps']}; state saved to {out / STATE_DIR}", flush=True)
+    print(
+        f"[pretrain] stopped by a signal at step {info['steps']}; state saved to {out / STATE_DIR}",
+        flush=True)
     return dict(summary, preempted=True)
   summary["train_seconds"] = time.time() - t_start
   return _finish(p, config, start.cfg, state.params, summary, out)
@@ -307,9 +320,9 @@ def _run_stage(config, stop: PreemptionFlag) -> Dict[str, Any]:
 def next_stage(config):
   """The config whose `pretrain` is the stage that follows `config.pretrain` (its `then`), or None.
 
-  A follow-up stage is a warm start (`init_from`, fresh optimizer) from this stage's model; empty `out` /
-  `init_from` are derived: `<pretrain.out>/<then.name>` and `<pretrain.out>/model`. The follow-up's own
-  `then` (if it has one) comes next.
+  A follow-up stage is a warm start (`init_from`, fresh optimizer) from this stage's model; empty
+  `out` / `init_from` are derived: `<pretrain.out>/<then.name>` and `<pretrain.out>/model`. The
+  follow-up's own `then` (if it has one) comes next.
   """
   p = config.pretrain
   if not p.then.name:
@@ -326,24 +339,29 @@ def next_stage(config):
 
 
 def finished_summary(p) -> Optional[Dict[str, Any]]:
-  """The summary of a stage that already ran to the end in `p.out` (a rerun of a chain keeps it), else None."""
+  """The summary of a stage that already ran to the end in `p.out` (a rerun of a chain keeps it),
+  else None."""
   out = pathlib.Path(p.out)
-  done = (out / "pretrain_summary.json").is_file() and (out / "model").is_dir() and not (out / STATE_DIR).exists()
+  done = (out / "pretrain_summary.json").is_file() and (
+      out / "model").is_dir() and not (out / STATE_DIR).exists()
   if not (p.resume and done):
     return None
-  return json.loads((out / "pretrain_summary.json").read_text())
+  return files.read_json(out / "pretrain_summary.json", "pretrain summary")
 
 
 def pretrain_chain(config) -> List[Dict[str, Any]]:
-  """`pretrain` and its `then` stage in one command; a stage that finished before (and is followed by another)
-  is kept, so an interrupted chain resumes where it stopped. Writes `<first out>/chain_summary.json`."""
+  """`pretrain` and its `then` stage in one command; a stage that finished before (and is followed
+  by another) is kept, so an interrupted chain resumes where it stopped. Writes `<first
+  out>/chain_summary.json`."""
   t0, summaries, c = time.time(), [], config
   while c is not None:
     nxt, name = next_stage(c), c.pretrain.name
     s = finished_summary(c.pretrain) if nxt is not None else None
     if s is not None:
-      print(f"[pretrain] stage {name} already finished in {c.pretrain.out}; kept (pretrain.resume=False redoes it)",
-            flush=True)
+      print(
+          f"[pretrain] stage {name} already finished in {c.pretrain.out}; kept "
+          f"(pretrain.resume=False redoes it)",
+          flush=True)
     else:
       s = run_stage(c)
     summaries.append(dict(s, name=name, out=c.pretrain.out))
@@ -351,10 +369,13 @@ def pretrain_chain(config) -> List[Dict[str, Any]]:
       break
     c = nxt
   if len(summaries) > 1:
-    files.write_json(str(pathlib.Path(config.pretrain.out) / "chain_summary.json"), dict(
-        seconds_this_command=time.time() - t0,
-        stages=[dict(name=s["name"], out=s["out"], train_seconds=s.get("train_seconds"), umm_steps=s["umm"]["steps"],
-                     eval=s.get("eval")) for s in summaries]))
+    files.write_json(
+        str(pathlib.Path(config.pretrain.out) / "chain_summary.json"),
+        dict(
+            seconds_this_command=time.time() - t0, stages=[
+                dict(name=s["name"], out=s["out"], train_seconds=s.get("train_seconds"),
+                     umm_steps=s["umm"]["steps"], eval=s.get("eval")) for s in summaries
+            ]))
   return summaries
 
 
@@ -377,13 +398,17 @@ def _main(config) -> int:
   for summary in summaries:
     ev = summary.get("eval")
     if ev:
-      print(f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), "
-            f"regions sign-correct {ev['regions']['sign_correct']:.3f} (one-step answer "
-            f"{ev['regions_direct']['sign_correct']:.3f}), generation oracle "
-            f"{ev['generation']['oracle_accuracy']:.3f}, judge AUC on own generations "
-            f"{ev['generation']['judge_auc']}", flush=True)
+      print(
+          f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc "
+          f"{ev['judge']['auc']:.3f}), "
+          f"regions sign-correct {ev['regions']['sign_correct']:.3f} (one-step answer "
+          f"{ev['regions_direct']['sign_correct']:.3f}), generation oracle "
+          f"{ev['generation']['oracle_accuracy']:.3f}, judge AUC on own generations "
+          f"{ev['generation']['judge_auc']}", flush=True)
       think = ev.get("generation_think")
       if think:
-        print(f"[pretrain] {summary['name']}: think mode: plans valid {think['plan_valid']:.3f}, generation oracle "
-              f"{think['oracle_accuracy']:.3f}", flush=True)
+        print(
+            f"[pretrain] {summary['name']}: think mode: plans valid {think['plan_valid']:.3f}, "
+            f"generation oracle "
+            f"{think['oracle_accuracy']:.3f}", flush=True)
   return 0

@@ -23,17 +23,19 @@ def ae_loss(params_ae, images, key, *, cfg_ae, kl_weight: float):
   err = rec - images
   l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(err * err)
   kl = 0.5 * jnp.mean(mean * mean + jnp.exp(logvar) - 1.0 - logvar)
-  return l1 + l2 + kl_weight * kl, dict(l1=l1, l2=l2, kl=kl, post_std=jnp.mean(jnp.exp(0.5 * logvar)))
+  return l1 + l2 + kl_weight * kl, dict(l1=l1, l2=l2, kl=kl, post_std=jnp.mean(
+      jnp.exp(0.5 * logvar)))
 
 
 def make_ae_step(cfg_ae, tx: optax.GradientTransformation, kl_weight: float):
   """Pure step(state, images, key) of stage A (state.params: the AE)."""
-  return update.make_step(lambda p, images, key: ae_loss(p, images, key, cfg_ae=cfg_ae, kl_weight=kl_weight), tx)
+  return update.make_step(
+      lambda p, images, key: ae_loss(p, images, key, cfg_ae=cfg_ae, kl_weight=kl_weight), tx)
 
 
 def und_loss(logits, targets, mask, score_mask, score_weight: float = 1.0):
-  """Masked next-token cross-entropy (score-value tokens weighted `score_weight`, mean over the weights),
-  token accuracy and score-token accuracy."""
+  """Masked next-token cross-entropy (score-value tokens weighted `score_weight`, mean over the
+  weights), token accuracy and score-token accuracy."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   m = mask.astype(jnp.float32)
@@ -45,19 +47,21 @@ def und_loss(logits, targets, mask, score_mask, score_weight: float = 1.0):
                   score_acc=jnp.sum(hit * sm) / jnp.maximum(jnp.sum(sm), 1.0))
 
 
-def umm_loss(params, batches, key, *, cfg, opts: train_step.StepOptions, und_weight: float, score_weight: float):
-  """Stage B: the SRUM step's flow loss on (prompt, scene) pairs (opts: uniform rewards, lambda 0) plus
-  und_weight * the judge answers' cross-entropy."""
+def umm_loss(params, batches, key, *, cfg, opts: train_step.StepOptions, und_weight: float,
+             score_weight: float):
+  """Stage B: the SRUM step's flow loss on (prompt, scene) pairs (opts: uniform rewards, lambda 0)
+  plus und_weight * the judge answers' cross-entropy."""
   gen, und = batches
   flow, faux = train_step.srum_loss(params, gen, key, cfg=cfg, opts=opts)
-  logits = bagel.forward_und(params["bagel"], und.inputs, und.logit_index, cfg=cfg, dtype=opts.compute_dtype,
-                             attn_impl=opts.attn_impl)
+  logits = bagel.forward_und(params["bagel"], und.inputs, und.logit_index, cfg=cfg,
+                             dtype=opts.compute_dtype, attn_impl=opts.attn_impl)
   ce, uaux = und_loss(logits, und.targets, und.mask, und.score_mask, score_weight)
   return flow + und_weight * ce, dict(uaux, flow=flow, ce=ce, t_mean=faux["t_mean"])
 
 
-def make_umm_step(cfg, opts: train_step.StepOptions, tx: optax.GradientTransformation, *, und_weight: float,
-                  score_weight: float):
+def make_umm_step(cfg, opts: train_step.StepOptions, tx: optax.GradientTransformation, *,
+                  und_weight: float, score_weight: float):
   """Pure step(state, (gen: SrumBatch, und: UndBatch), key) of stage B."""
-  return update.make_step(lambda p, batches, key: umm_loss(p, batches, key, cfg=cfg, opts=opts, und_weight=und_weight,
-                                                           score_weight=score_weight), tx)
+  return update.make_step(
+      lambda p, batches, key: umm_loss(p, batches, key, cfg=cfg, opts=opts, und_weight=und_weight,
+                                       score_weight=score_weight), tx)

@@ -1,24 +1,27 @@
-"""Parsers for the judge's answers (the official `srum_data_infer/vlm.py` rules, with fixes). Pure Python;
-they never raise, whatever they are given.
+"""Parsers for the judge's answers (the official `srum_data_infer/vlm.py` rules, with fixes). Pure
+Python; they never raise, whatever they are given.
 
 Rules shared by all parsers:
 
 * Only the text after the LAST ``</think>`` counts (case-insensitive); without one, the whole text.
-* A score is a ``Score`` label, optional markdown (``**Score:** 0.8``, ``**Score**: 0.8``), a colon or
-  ``=``, then a number: optional ``+``/``-`` sign, decimals, optional exponent. Labels not followed by a
-  number (``Score: N/A``) are skipped, as the official regex does.
-* ``a/b`` answers: the value is ``a / b`` (``0.8/1`` -> 0.8, ``-1/1`` -> -1.0, ``8/10`` -> 0.8). Our choice:
-  a judge writing a denominator states its scale's maximum, so dividing maps it into our range. (The official
-  regex reads ``8/10`` as 8.) ``b == 0`` is garbage.
-* The value is clamped to [-1, 1]; every clamp is counted. NaN, infinities (written or from overflow such
+* A score is a ``Score`` label, optional markdown (``**Score:** 0.8``, ``**Score**: 0.8``), a colon
+  or
+  ``=``, then a number: optional ``+``/``-`` sign, decimals, optional exponent. Labels not followed
+  by a number (``Score: N/A``) are skipped, as the official regex does.
+* ``a/b`` answers: the value is ``a / b`` (``0.8/1`` -> 0.8, ``-1/1`` -> -1.0, ``8/10`` -> 0.8). Our
+  choice:
+  a judge writing a denominator states its scale's maximum, so dividing maps it into our range. (The
+  official regex reads ``8/10`` as 8.) ``b == 0`` is garbage.
+* The value is clamped to [-1, 1]; every clamp is counted. NaN, infinities (written or from overflow
+  such
   as ``1e999``) and ``x/0`` are garbage: the score is None (a region with such a score is dropped).
 
-Regions: the official parser splits the answer on blank lines and reads one region id and the first score
-per block, so regions written without blank lines between them collapse into a single block and all but the
-first are lost. We fix this: a block starts at every ``Region ID:`` occurrence and runs to the next one.
-Within a block the first score wins, and for a region id the first block with a score wins (a garbage
-score drops the region; later blocks of that id are ignored); ids outside 1..num_regions are ignored (and
-counted).
+Regions: the official parser splits the answer on blank lines and reads one region id and the first
+score per block, so regions written without blank lines between them collapse into a single block
+and all but the first are lost. We fix this: a block starts at every ``Region ID:`` occurrence and
+runs to the next one. Within a block the first score wins, and for a region id the first block with
+a score wins (a garbage score drops the region; later blocks of that id are ignored); ids outside
+1..num_regions are ignored (and counted).
 """
 from __future__ import annotations
 
@@ -49,9 +52,10 @@ _REASON = re.compile(rf"\breason{_DECO}:{_DECO}", re.IGNORECASE)
 class ParseStats:
   """Counters a caller may pass to the parsers; every call adds to them.
 
-  texts: answers seen; scores: scores accepted; clamped: scores outside [-1, 1] clamped; fractions: `a/b`
-  answers divided; garbage: scores that were NaN/inf/x/0 (dropped); missing: global answers without any
-  score plus expected regions without an accepted score; ignored_ids: region blocks with an id outside
+  texts: answers seen; scores: scores accepted; clamped: scores outside [-1, 1] clamped; fractions:
+  `a/b` answers divided; garbage: scores that were NaN/inf/x/0 (dropped); missing: global answers
+  without any score plus expected regions without an accepted score; ignored_ids: region blocks with
+  an id outside
   1..num_regions; duplicates: later blocks repeating an id (ignored).
   """
   texts: int = 0
@@ -114,11 +118,13 @@ def _line_text(s: str) -> Optional[str]:
   return s or None
 
 
-def parse_global_answer(text, stats: Optional[ParseStats] = None) -> Optional[tuple[float, Optional[str]]]:
-  """(score, reason) from a global-layout or sample-level answer; None when there is no usable score.
+def parse_global_answer(
+    text, stats: Optional[ParseStats] = None) -> Optional[tuple[float, Optional[str]]]:
+  """(score, reason) from a global-layout or sample-level answer; None when there is no usable
+  score.
 
-  The first ``Score:`` with a number decides. The reason is the text after a ``Reason:`` label (up to a
-  following ``Score:`` label), else the text after the score; None when empty.
+  The first ``Score:`` with a number decides. The reason is the text after a ``Reason:`` label (up
+  to a following ``Score:`` label), else the text after the score; None when empty.
   """
   stats = ParseStats() if stats is None else stats
   if not isinstance(text, str):
@@ -148,8 +154,10 @@ def parse_global_score(text, stats: Optional[ParseStats] = None) -> Optional[flo
   return None if ans is None else ans[0]
 
 
-def parse_region_answers(text, num_regions, stats: Optional[ParseStats] = None) -> dict[int, RegionAnswer]:
-  """{region id: RegionAnswer} for ids 1..num_regions that have a usable score (see module docstring)."""
+def parse_region_answers(text, num_regions,
+                         stats: Optional[ParseStats] = None) -> dict[int, RegionAnswer]:
+  """{region id: RegionAnswer} for ids 1..num_regions that have a usable score (see module
+  docstring)."""
   stats = ParseStats() if stats is None else stats
   try:
     num_regions = operator.index(num_regions)

@@ -88,8 +88,9 @@ def _raw_error(path: str) -> UserValueError:
 
 
 def detect_format(path: str, default: Optional[str] = None) -> str:
-  """"srum_jax" or "official" from the file's first JSON object; otherwise `default` when given (a file of
-  bad lines is then read, and its lines counted, as that format), else a `UserValueError`."""
+  """"srum_jax" or "official" from the file's first JSON object; otherwise `default` when given (a
+  file of bad lines is then read, and its lines counted, as that format), else a `UserValueError`.
+  """
   kind = _kind(_first_object(path))
   if kind in ("srum_jax", "official"):
     return kind

@@ -7,12 +7,13 @@ One record = one generated image scored by the judge:
    "global_reason": "...", "image_size": [1024, 1024],
    "regions": [{"box": [x0, y0, x1, y1], "score": 0.8, "object": "a dog"}, ...], "metadata": {...}}
 
-Scores are finite and in [-1, 1] (the parsers clamp); `global_score` is null when global scoring failed.
-Readers never crash on a bad line: it is skipped and reported with its 1-based line number.
+Scores are finite and in [-1, 1] (the parsers clamp); `global_score` is null when global scoring
+failed. Readers never crash on a bad line: it is skipped and reported with its 1-based line number.
 
 The official format (what `srum_data_infer/vlm_format_output.py` writes) is
   {"bad_image_file", "good_image_file", "prompt",
-   "vlm_rewards": [{"object": "global_layout_reward", "bbox", "score", "reason"}, {"object", "bbox", "score"}, ...]}
+   "vlm_rewards": [{"object": "global_layout_reward", "bbox", "score", "reason"}, {"object", "bbox",
+   "score"}, ...]}
 `from_official` / `to_official` convert one record each way.
 """
 from __future__ import annotations
@@ -29,9 +30,23 @@ import numpy as np
 from srum_jax import paths
 
 __all__ = [
-  "SCHEMA_VERSION", "GLOBAL_OBJECT", "RegionReward", "RewardRecord", "ReadReport", "FilterReport", "ArrayStats",
-  "record_from_dict", "write_records", "append_record", "read_records", "from_official", "to_official",
-  "read_official_records", "write_official_records", "formatting_filter", "records_to_arrays",
+    "SCHEMA_VERSION",
+    "GLOBAL_OBJECT",
+    "RegionReward",
+    "RewardRecord",
+    "ReadReport",
+    "FilterReport",
+    "ArrayStats",
+    "record_from_dict",
+    "write_records",
+    "append_record",
+    "read_records",
+    "from_official",
+    "to_official",
+    "read_official_records",
+    "write_official_records",
+    "formatting_filter",
+    "records_to_arrays",
 ]
 
 SCHEMA_VERSION = 1
@@ -69,7 +84,8 @@ class RewardRecord:
 
 @dataclasses.dataclass
 class ReadReport:
-  """What a reader saw: non-blank lines, records accepted, and (line number, why) for each skipped line."""
+  """What a reader saw: non-blank lines, records accepted, and (line number, why) for each
+  skipped line."""
   lines: int = 0
   records: int = 0
   skipped: list = dataclasses.field(default_factory=list)
@@ -86,12 +102,14 @@ class FilterReport:
 
 @dataclasses.dataclass
 class ArrayStats:
-  """Counters for `records_to_arrays`: globals replaced by 0.0, regions beyond `max_regions` dropped."""
+  """Counters for `records_to_arrays`: globals replaced by 0.0, regions beyond `max_regions`
+  dropped."""
   missing_global: int = 0
   dropped_regions: int = 0
 
 
-# --- validation -------------------------------------------------------------------------------------------
+# --- validation
+# -------------------------------------------------------------------------------------------
 
 def _number(x, what: str) -> float:
   if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -170,8 +188,10 @@ def record_from_dict(d: Any) -> RewardRecord:
       raise ValueError(f"regions[{i}] is not an object")
     if "box" not in r or "score" not in r:
       raise ValueError(f"regions[{i}] lacks 'box' or 'score'")
-    out.append(RegionReward(_box(r["box"], f"regions[{i}].box"), _score(r["score"], f"regions[{i}].score"),
-                            _opt_str(r.get("object"), f"regions[{i}].object")))
+    out.append(
+        RegionReward(
+            _box(r["box"], f"regions[{i}].box"), _score(r["score"], f"regions[{i}].score"),
+            _opt_str(r.get("object"), f"regions[{i}].object")))
   meta = d.get("metadata", {})
   if meta is None:
     meta = {}
@@ -184,14 +204,16 @@ def record_from_dict(d: Any) -> RewardRecord:
     image_size=_image_size(d.get("image_size")), metadata=meta)
 
 
-# --- JSONL I/O --------------------------------------------------------------------------------------------
+# --- JSONL I/O
+# --------------------------------------------------------------------------------------------
 
 def _dumps(d: dict) -> str:
   return json.dumps(d, ensure_ascii=False, allow_nan=False)
 
 
 def _write_lines(path: str | os.PathLike, lines: list) -> int:
-  """`lines` as a UTF-8 JSONL file (overwriting; a remote path, e.g. gs://, as one object); how many."""
+  """`lines` as a UTF-8 JSONL file (overwriting; a remote path, e.g. gs://, as one object); how
+  many."""
   data = "".join(line + "\n" for line in lines)
   if paths.is_remote(path):
     paths.path(path).write_bytes(data.encode("utf-8"))
@@ -207,7 +229,8 @@ def write_records(path: str | os.PathLike, records: Iterable[RewardRecord]) -> i
 
 
 def append_record(path: str | os.PathLike, record: RewardRecord) -> None:
-  """One record appended to a local JSONL file (object stores cannot append: use `write_records`)."""
+  """One record appended to a local JSONL file (object stores cannot append: use
+  `write_records`)."""
   with open(path, "a", encoding="utf-8") as f:
     f.write(_dumps(record.to_dict()) + "\n")
 
@@ -217,8 +240,9 @@ def _reject_constant(name: str):
 
 
 def _read(path, convert) -> tuple[list, ReadReport]:
-  """Any bytes: lines are split on b"\\n" and decoded one by one, so a line that is not UTF-8 (e.g. torn inside
-  a multi-byte character) is one skipped line (UnicodeDecodeError is a ValueError), never a failed read."""
+  """Any bytes: lines are split on b"\\n" and decoded one by one, so a line that is not UTF-8 (e.g.
+  torn inside a multi-byte character) is one skipped line (UnicodeDecodeError is a ValueError),
+  never a failed read."""
   report, records = ReadReport(), []
   if paths.is_remote(path):  # gs://...: through etils.epath
     data = paths.path(path).read_bytes()
@@ -231,7 +255,8 @@ def _read(path, convert) -> tuple[list, ReadReport]:
     report.lines += 1
     try:
       rec = convert(json.loads(raw.decode("utf-8"), parse_constant=_reject_constant))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:
       report.skipped.append((line_no, f"{type(e).__name__}: {e}"[:300]))
       continue
     records.append(rec)
@@ -240,19 +265,22 @@ def _read(path, convert) -> tuple[list, ReadReport]:
 
 
 def read_records(path: str | os.PathLike) -> tuple[list[RewardRecord], ReadReport]:
-  """Reads our JSONL; malformed lines are skipped and listed in the report with their line numbers."""
+  """Reads our JSONL; malformed lines are skipped and listed in the report with their line
+  numbers."""
   return _read(path, record_from_dict)
 
 
-# --- official format ---------------------------------------------------------------------------------------
+# --- official format
+# ---------------------------------------------------------------------------------------
 
 def from_official(d: Any) -> RewardRecord:
   """One official record -> RewardRecord.
 
-  The first `global_layout_reward` entry gives the global score (None when absent or without a score) and
-  `image_size` when its bbox is [0, 0, W, H]. Regional entries without a 4-element numeric bbox or without a
-  score are dropped: the official reward map ignores both (a missing score means weight 0.5 = the base).
-  A non-numeric or non-finite score, or a missing file/prompt, raises ValueError.
+  The first `global_layout_reward` entry gives the global score (None when absent or without a
+  score) and `image_size` when its bbox is [0, 0, W, H]. Regional entries without a 4-element
+  numeric bbox or without a score are dropped: the official reward map ignores both (a missing score
+  means weight 0.5 = the base). A non-numeric or non-finite score, or a missing file/prompt, raises
+  ValueError.
   """
   if not isinstance(d, dict):
     raise ValueError("record is not a JSON object")
@@ -290,8 +318,8 @@ def from_official(d: Any) -> RewardRecord:
   good = d.get("good_image_file")
   if isinstance(good, str) and good != image_file:
     meta["good_image_file"] = good
-  return RewardRecord(image_file=image_file, prompt=_str(d, "prompt"), global_score=g, regions=tuple(regions),
-                      global_reason=reason, image_size=size, metadata=meta)
+  return RewardRecord(image_file=image_file, prompt=_str(d, "prompt"), global_score=g,
+                      regions=tuple(regions), global_reason=reason, image_size=size, metadata=meta)
 
 
 def _num_out(x: float):
@@ -299,17 +327,30 @@ def _num_out(x: float):
 
 
 def to_official(r: RewardRecord) -> dict:
-  """RewardRecord -> official dict (global entry first, bbox [0, 0, W, H] when the size is known; kept with
-  a null score when there is no global score but a reason or size to carry)."""
+  """RewardRecord -> official dict (global entry first, bbox [0, 0, W, H] when the size is known;
+  kept with a null score when there is no global score but a reason or size to carry)."""
   rewards = []
   if r.global_score is not None or r.global_reason is not None or r.image_size is not None:
     # a null score reads as missing (0.0) in the official dataset, exactly like an absent entry
     bbox = None if r.image_size is None else [0, 0, r.image_size[0], r.image_size[1]]
-    rewards.append({"object": GLOBAL_OBJECT, "bbox": bbox, "score": r.global_score, "reason": r.global_reason})
+    rewards.append({
+        "object": GLOBAL_OBJECT,
+        "bbox": bbox,
+        "score": r.global_score,
+        "reason": r.global_reason
+    })
   for reg in r.regions:
-    rewards.append({"object": reg.object, "bbox": [_num_out(v) for v in reg.box], "score": reg.score})
-  return {"bad_image_file": r.image_file, "good_image_file": r.metadata.get("good_image_file", r.image_file),
-          "prompt": r.prompt, "vlm_rewards": rewards}
+    rewards.append({
+        "object": reg.object,
+        "bbox": [_num_out(v) for v in reg.box],
+        "score": reg.score
+    })
+  return {
+      "bad_image_file": r.image_file,
+      "good_image_file": r.metadata.get("good_image_file", r.image_file),
+      "prompt": r.prompt,
+      "vlm_rewards": rewards
+  }
 
 
 def read_official_records(path: str | os.PathLike) -> tuple[list[RewardRecord], ReadReport]:
@@ -320,15 +361,16 @@ def write_official_records(path: str | os.PathLike, records: Iterable[RewardReco
   return _write_lines(path, [_dumps(to_official(r)) for r in records])
 
 
-# --- filter and arrays -------------------------------------------------------------------------------------
+# --- filter and arrays
+# -------------------------------------------------------------------------------------
 
 def formatting_filter(records: Iterable[RewardRecord], drop_zero_global: bool = True
                       ) -> tuple[list[RewardRecord], FilterReport]:
   """The official formatting filter (`srum_data_infer/vlm_format_output.py`).
 
   With `drop_zero_global`, records whose global score is exactly 0.0 are dropped, and so are records
-  without one (official scoring writes 0.0 on failure, which this rule then drops). Records with neither a
-  global score nor regions are always dropped.
+  without one (official scoring writes 0.0 on failure, which this rule then drops). Records with
+  neither a global score nor regions are always dropped.
   """
   rep, kept = FilterReport(), []
   for r in records:
@@ -346,10 +388,11 @@ def formatting_filter(records: Iterable[RewardRecord], drop_zero_global: bool = 
 
 
 def pad_regions(boxes: Sequence[Sequence[float]], scores: Sequence[float], max_regions: int):
-  """One image's regions as the fixed-size inputs of `reward_map`: (boxes [K, 4] f32, scores [K] f32,
-  valid [K] bool, regions dropped beyond K = max_regions). Regions keep their order. Box coordinates are
-  truncated toward zero here in float64 (so 13.99999999 stays 13 as with the official int(), instead of
-  rounding to 14.0 in float32) and limited to +-2^30; `reward_map` validates them."""
+  """One image's regions as the fixed-size inputs of `reward_map`: (boxes [K, 4] f32, scores [K]
+  f32, valid [K] bool, regions dropped beyond K = max_regions). Regions keep their order. Box
+  coordinates are truncated toward zero here in float64 (so 13.99999999 stays 13 as with the
+  official int(), instead of rounding to 14.0 in float32) and limited to +-2^30; `reward_map`
+  validates them."""
   k = int(max_regions)
   out_boxes = np.zeros((k, 4), np.float32)
   out_scores = np.zeros((k,), np.float32)
@@ -362,18 +405,25 @@ def pad_regions(boxes: Sequence[Sequence[float]], scores: Sequence[float], max_r
   return out_boxes, out_scores, valid, len(boxes) - n
 
 
-def records_to_arrays(records: Sequence[RewardRecord], max_regions: int, stats: Optional[ArrayStats] = None):
-  """Padded inputs of `reward_map` for a list of records: (boxes [B,K,4] f32, scores [B,K] f32, valid [B,K]
-  bool, global [B] f32), each record's regions by `pad_regions`. A missing global score becomes 0.0 as in
-  the official dataset; it and the dropped regions are counted in `stats`."""
+def records_to_arrays(records: Sequence[RewardRecord], max_regions: int,
+                      stats: Optional[ArrayStats] = None):
+  """Padded inputs of `reward_map` for a list of records: (boxes [B,K,4] f32, scores [B,K] f32,
+  valid [B,K] bool, global [B] f32), each record's regions by `pad_regions`. A missing global score
+  becomes 0.0 as in the official dataset; it and the dropped regions are counted in `stats`."""
   stats = ArrayStats() if stats is None else stats
-  padded = [pad_regions([reg.box for reg in r.regions], [reg.score for reg in r.regions], max_regions)
-            for r in records]
+  padded = [
+      pad_regions([reg.box
+                   for reg in r.regions], [reg.score
+                                           for reg in r.regions], max_regions)
+      for r in records
+  ]
   stats.dropped_regions += sum(p[3] for p in padded)
   stats.missing_global += sum(r.global_score is None for r in records)
-  glob = np.asarray([0.0 if r.global_score is None else r.global_score for r in records], np.float32)
+  glob = np.asarray([0.0 if r.global_score is None else r.global_score for r in records],
+                    np.float32)
   k = int(max_regions)
   if not padded:
-    return np.zeros((0, k, 4), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k), bool), glob
-  return (np.stack([p[0] for p in padded]), np.stack([p[1] for p in padded]), np.stack([p[2] for p in padded]),
-          glob)
+    return np.zeros((0, k, 4), np.float32), np.zeros((0, k), np.float32), np.zeros((0, k),
+                                                                                   bool), glob
+  return (np.stack([p[0] for p in padded]), np.stack(
+      [p[1] for p in padded]), np.stack([p[2] for p in padded]), glob)

@@ -1,12 +1,16 @@
-"""Optimizer and learning-rate schedule shared by every trainer (SRUM post-training, tiny-world pretraining).
+"""Optimizer and learning-rate schedule shared by every trainer (SRUM post-training, tiny-world
+pretraining).
 
-    labels = param_labels(params, freeze=("vit", "connector", "ae"))   # adapters_only=True: LoRA training
+    # adapters_only=True: LoRA training
+    labels = param_labels(params, freeze=("vit", "connector", "ae"))
     tx = make_optimizer(config.train, labels, total_steps=config.train.steps)
-    state = update.init_state(params, tx, labels=labels)   # gradients and EMA for the trainable leaves only
-    lr = lr_schedule(config.train, total_steps)(step)        # what the optimizer applies at update `step`
+    # gradients and EMA for the trainable leaves only
+    state = update.init_state(params, tx, labels=labels)
+    # what the optimizer applies at update `step`
+    lr = lr_schedule(config.train, total_steps)(step)
 
-The schedule is a function of the update count only (never of wall-clock time), so a run's numbers do
-not depend on the machine's speed. An optimizer config block declares: lr, lr_decay ("constant" |
+The schedule is a function of the update count only (never of wall-clock time), so a run's numbers
+do not depend on the machine's speed. An optimizer config block declares: lr, lr_decay ("constant" |
 "cosine"), min_lr_ratio, warmup_steps, b1, b2, eps, weight_decay, grad_clip.
 """
 from __future__ import annotations
@@ -26,15 +30,16 @@ FREEZE_GROUPS = ("vit", "connector", "llm", "vae2llm", "llm2vae", "time_embedder
 
 
 def lr_schedule(ocfg, total_steps: Optional[int] = None) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr` over `warmup_steps` updates, then constant, or a cosine decay that
-  reaches `min_lr_ratio * lr` at `total_steps` (and stays there)."""
+  """Linear warm-up from 0 to `lr` over `warmup_steps` updates, then constant, or a cosine decay
+  that reaches `min_lr_ratio * lr` at `total_steps` (and stays there)."""
   peak, warm = float(ocfg.lr), max(int(ocfg.warmup_steps), 1)
   if ocfg.lr_decay == "constant":
     after = optax.constant_schedule(peak)
   elif ocfg.lr_decay == "cosine":
     if total_steps is None:
       raise ValueError("a cosine learning-rate decay needs total_steps")
-    after = optax.cosine_decay_schedule(peak, max(int(total_steps) - warm, 1), alpha=float(ocfg.min_lr_ratio))
+    after = optax.cosine_decay_schedule(peak, max(int(total_steps) - warm, 1),
+                                        alpha=float(ocfg.min_lr_ratio))
   else:
     raise ValueError(f"lr_decay={ocfg.lr_decay!r}; choose one of {LR_DECAYS}")
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
@@ -43,9 +48,10 @@ def lr_schedule(ocfg, total_steps: Optional[int] = None) -> optax.Schedule:
 def param_labels(params, freeze: Sequence[str], *, adapters_only: bool = False) -> Any:
   """'train' / 'frozen' per leaf of a {'bagel': ..., 'ae': ...} tree.
 
-  `freeze` names top-level BAGEL groups ('vit', 'connector', 'llm', ...), 'ae', or 'und' (the understanding
-  expert: llm.layers.und and llm.norm; the shared embeddings stay trainable). `adapters_only` (LoRA
-  training): every leaf but the LoRA adapters is frozen, whatever `freeze` says.
+  `freeze` names top-level BAGEL groups ('vit', 'connector', 'llm', ...), 'ae', or 'und' (the
+  understanding expert: llm.layers.und and llm.norm; the shared embeddings stay trainable).
+  `adapters_only` (LoRA training): every leaf but the LoRA adapters is frozen, whatever `freeze`
+  says.
   """
   freeze = set(freeze)
 
@@ -65,12 +71,15 @@ def param_labels(params, freeze: Sequence[str], *, adapters_only: bool = False) 
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(ocfg, labels=None, *, total_steps: Optional[int] = None) -> optax.GradientTransformation:
-  """Global-norm clip over the trainable leaves, then AdamW on `lr_schedule`; leaves labelled 'frozen' are
-  zeroed and keep no optimizer state (`labels`: None = everything trains)."""
-  train = optax.chain(optax.clip_by_global_norm(float(ocfg.grad_clip)),
-                      optax.adamw(lr_schedule(ocfg, total_steps), b1=float(ocfg.b1), b2=float(ocfg.b2),
-                                  eps=float(ocfg.eps), weight_decay=float(ocfg.weight_decay)))
+def make_optimizer(ocfg, labels=None, *,
+                   total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """Global-norm clip over the trainable leaves, then AdamW on `lr_schedule`; leaves labelled
+  'frozen' are zeroed and keep no optimizer state (`labels`: None = everything trains)."""
+  train = optax.chain(
+      optax.clip_by_global_norm(float(ocfg.grad_clip)),
+      optax.adamw(
+          lr_schedule(ocfg, total_steps), b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
+          weight_decay=float(ocfg.weight_decay)))
   if labels is None:
     return train
   return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)

@@ -1,12 +1,12 @@
-"""One preemption flag for every long loop: SIGTERM (TPU/GPU schedulers) and SIGINT (Ctrl-C) set it; the
-loop polls it between steps, saves and returns instead of dying mid-write.
+"""One preemption flag for every long loop: SIGTERM (TPU/GPU schedulers) and SIGINT (Ctrl-C) set it;
+the loop polls it between steps, saves and returns instead of dying mid-write.
 
     with PreemptionFlag() as stop:
       for step in ...:
         if stop.is_set(): save(); break
 
-Trainers take the flag to poll from their caller (`flag_or_installed`: a caller's flag as it is, else one
-installed for the call); `training.loop.TrainLoop` polls it.
+Trainers take the flag to poll from their caller (`flag_or_installed`: a caller's flag as it is,
+else one installed for the call); `training.loop.TrainLoop` polls it.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class PreemptionFlag:
   """Installs its handlers on entry (main thread only; elsewhere it is a flag that is never set by a
-  signal) and restores the previous ones on exit. `set()` raises it by hand (tests, custom monitors)."""
+  signal) and restores the previous ones on exit. `set()` raises it by hand (tests, custom
+  monitors)."""
 
   def __init__(self, signals=SIGNALS):
     self._event = threading.Event()
@@ -50,7 +51,8 @@ class PreemptionFlag:
 
 @contextlib.contextmanager
 def flag_or_installed(stop: Optional[PreemptionFlag]) -> Iterator[PreemptionFlag]:
-  """`stop` as it is (the caller installed or raises it), or a `PreemptionFlag` installed for the block."""
+  """`stop` as it is (the caller installed or raises it), or a `PreemptionFlag` installed for the
+  block."""
   if stop is not None:
     yield stop
     return

@@ -194,12 +194,25 @@ def batch_shardings(batch, mesh, rules=sharding.DEFAULT_RULES):
   return jax.tree.map(lambda x: sharding.batch_sharding(mesh, np.ndim(x), rules), batch)
 
 
-def shard_train_step(step_fn, state_sh, batch_sh, mesh):
+# XLA TPU options of the step without collective matmuls (windowed einsum): FSDP weights are
+# all-gathered whole before their matmuls and gradients reduce-scattered after them, instead of in
+# per-shard pieces inside a loop whose every iteration re-reads and re-writes the whole output.
+TPU_NO_COLLECTIVE_MATMUL = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                            "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def compiler_options(platform: str, collective_matmul: bool = True) -> dict:
+  """XLA options of the train step's compile on `platform` (`train.tpu_collective_matmul`); {} =
+  XLA's defaults (collective matmuls are a TPU pass: other platforms take no option)."""
+  return {} if platform != "tpu" or collective_matmul else dict(TPU_NO_COLLECTIVE_MATMUL)
+
+
+def shard_train_step(step_fn, state_sh, batch_sh, mesh, options: Optional[dict] = None):
   """jit with explicit in/out shardings (today's pjit); the state buffers are donated; traced under the mesh
-  (attention kernels run per shard)."""
+  (attention kernels run per shard); `options`: XLA compiler options (`compiler_options`)."""
   rep = sharding.replicated(mesh)
   return jax.jit(sharding.under_mesh(step_fn, mesh), in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=options or None)
 
 
 # ----------------------------------------------------------------------------------------------

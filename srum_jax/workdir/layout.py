@@ -27,12 +27,13 @@ def stable_int(text: str, bits: int = 31) -> int:
 
 
 def image_file_name(item_id: str, suffix: str = ".png") -> str:
-  """The file name of an item's image: a readable prefix of the id (characters outside [A-Za-z0-9._-] become
-  '_', at most 80 of them) and the first 16 hex digits of the SHA-256 of the whole id, so ids that differ
-  only in replaced characters or after the prefix get distinct files. A pure function of the id: a restarted
-  stage finds its files again."""
+  """The file name of an item's image: a readable prefix of the id (characters outside
+  [A-Za-z0-9._-] become '_', at most 80 of them) and the first 16 hex digits of the SHA-256 of the
+  whole id, so ids that differ only in replaced characters or after the prefix get distinct files. A
+  pure function of the id: a restarted stage finds its files again."""
   prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", item_id)[:80].lstrip(".") or "item"
-  return f"{prefix}-{hashlib.sha256(item_id.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}{suffix}"
+  digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+  return f"{prefix}-{digest}{suffix}"
 
 
 def _boxes(value) -> bool:
@@ -83,8 +84,9 @@ def read_metadata(out_dir: str, report: Optional[LogReport] = None) -> List[dict
 
 
 def read_regions(out_dir: str, report: Optional[LogReport] = None) -> List[dict]:
-  """Every process's region rows, one per image id; a row whose `regions` is not a list of boxes of 4 finite
-  numbers is skipped and counted in `report` (its image is then proposed again, or scored without regions)."""
+  """Every process's region rows, one per image id; a row whose `regions` is not a list of boxes of
+  4 finite numbers is skipped and counted in `report` (its image is then proposed again, or scored
+  without regions)."""
   return read_rows(out_dir, "regions", schema=REGIONS, report=report)
 
 

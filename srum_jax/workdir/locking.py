@@ -21,8 +21,8 @@ class WorkdirBusy(RuntimeError):
 
 
 def _process_start(pid: int) -> Optional[str]:
-  """The kernel's start time of process `pid` (Linux /proc; None where unknown): a pid reused by another
-  process after the holder died has a different one."""
+  """The kernel's start time of process `pid` (Linux /proc; None where unknown): a pid reused by
+  another process after the holder died has a different one."""
   try:
     with open(f"/proc/{pid}/stat", "rb") as f:
       return f.read().rsplit(b")", 1)[1].split()[19].decode()
@@ -80,8 +80,8 @@ def _age(path) -> float:
 
 
 def _create_exclusive(path, data: bytes) -> bool:
-  """Create `path` holding `data` unless it exists (O_EXCL: atomic among processes); whether it was created.
-  A remote `path` takes `_create_if_absent_remote` (best effort)."""
+  """Create `path` holding `data` unless it exists (O_EXCL: atomic among processes); whether it was
+  created. A remote `path` takes `_create_if_absent_remote` (best effort)."""
   if paths.is_remote(path):
     return _create_if_absent_remote(path, data)
   try:
@@ -98,9 +98,10 @@ def _create_exclusive(path, data: bytes) -> bool:
 
 def _create_if_absent_remote(path, data: bytes) -> bool:
   """`_create_exclusive` on an object store, best effort: epath offers no exclusive create (GCS's
-  if-generation-match precondition is not reachable through it), so: absent? write, wait `REMOTE_SETTLE_S`,
-  read back. Of two commands racing within that window the later write wins and the other backs off; both
-  run only when one's write lands more than `REMOTE_SETTLE_S` after the other's first read (a slow write)."""
+  if-generation-match precondition is not reachable through it), so: absent? write, wait
+  `REMOTE_SETTLE_S`, read back. Of two commands racing within that window the later write wins and
+  the other backs off; both run only when one's write lands more than `REMOTE_SETTLE_S` after the
+  other's first read (a slow write)."""
   if path.exists():
     return False
   path.write_bytes(data)
@@ -112,23 +113,29 @@ def _create_if_absent_remote(path, data: bytes) -> bool:
 
 
 class WorkdirLock:
-  """One command at a time on a workdir: `<workdir>/.srum_lock.json` names the holder (host, pid, start time,
-  command). Taken by creating the file exclusively; a lock left by a dead process on this host (its pid gone,
-  or reused by a newer process) is taken over under a second exclusive file, so two commands taking over the
-  same stale lock cannot both win. A live holder, or one on another host (which cannot be checked from here),
-  makes `acquire` raise `WorkdirBusy` naming it. Several processes of one multi-host run share the workdir:
-  only process 0 takes the lock (`workdir_lock`).
+  """One command at a time on a workdir: `<workdir>/.srum_lock.json` names the holder (host, pid,
+  start time, command). Taken by creating the file exclusively; a lock left by a dead process on
+  this host (its pid gone, or reused by a newer process) is taken over under a second exclusive
+  file, so two commands taking over the same stale lock cannot both win. A live holder, or one on
+  another host (which cannot be checked from here), makes `acquire` raise `WorkdirBusy` naming it.
+  Several processes of one multi-host run share the workdir: only process 0 takes the lock
+  (`workdir_lock`).
 
-  On a remote workdir (`gs://`) the same protocol runs on objects, but the create is only best effort
-  (`_create_if_absent_remote`: read, write, read back; a warning says so): it stops a second command started
-  later, not two started within seconds of each other."""
+  On a remote workdir (`gs://`) the same protocol runs on objects, but the create is only best
+  effort (`_create_if_absent_remote`: read, write, read back; a warning says so): it stops a second
+  command started later, not two started within seconds of each other."""
 
   def __init__(self, workdir: str, command: str = ""):
     self.dir = paths.path(workdir)
     self.path = self.dir / LOCK_NAME
     self.takeover = self.dir / (LOCK_NAME + ".takeover")
-    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _process_start(os.getpid()),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command}
+    self.me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "proc_start": _process_start(os.getpid()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command
+    }
     self.held = False
     self.took_over: Optional[Dict[str, Any]] = None
 
@@ -138,9 +145,11 @@ class WorkdirLock:
       return (f"workdir {self.dir} is locked by an unreadable lock file {self.path} (being written "
               f"right now, or left by a crash: it counts as stale {stale} after it was made); if "
               f"no command runs on this workdir, delete {self.path}")
-    return (f"workdir {self.dir} is in use by {holder.get('command') or 'a command'} on host "
-            f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}); wait for it to "
-            f"finish, or, if that process is gone, delete {self.path}")
+    return (
+        f"workdir {self.dir} is in use by {holder.get('command') or 'a command'} on host "
+        f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}); wait "
+        f"for it to "
+        f"finish, or, if that process is gone, delete {self.path}")
 
   def _stale(self, holder: Dict[str, Any], path=None) -> bool:
     if not holder:  # unreadable: a creator that died before writing it, once it is old enough
@@ -150,8 +159,10 @@ class WorkdirLock:
   def acquire(self) -> "WorkdirLock":
     self.dir.mkdir(parents=True, exist_ok=True)
     if paths.is_remote(self.dir):
-      print(f"[lock] {self.dir} is on an object store: the workdir lock is best effort (no exclusive create); "
-            f"do not start two commands on it at once", flush=True)
+      print(
+          f"[lock] {self.dir} is on an object store: the workdir lock is best effort (no "
+          f"exclusive create); "
+          f"do not start two commands on it at once", flush=True)
     data = json.dumps(self.me).encode()
     for _ in range(3):
       if _create_exclusive(self.path, data):
@@ -168,7 +179,8 @@ class WorkdirLock:
     raise WorkdirBusy(self._describe(_read_holder(self.path) or {}))
 
   def _take_over(self, stale: Dict[str, Any], data: bytes) -> None:
-    """Replace the stale lock `stale`, holding the takeover file (itself taken over when its maker died)."""
+    """Replace the stale lock `stale`, holding the takeover file (itself taken over when its
+    maker died)."""
     if not _create_exclusive(self.takeover, data):
       other = _read_holder(self.takeover)
       if (other is None or not self._stale(other, self.takeover)
@@ -222,8 +234,8 @@ class _NoLock:
 
 
 def workdir_lock(workdir: str, command: str = ""):
-  """The workdir's lock for this run: a `WorkdirLock` on process 0, nothing on the other processes of a
-  multi-process run (they share process 0's workdir and its lock)."""
+  """The workdir's lock for this run: a `WorkdirLock` on process 0, nothing on the other processes
+  of a multi-process run (they share process 0's workdir and its lock)."""
   return WorkdirLock(workdir, command) if jax.process_index() == 0 else _NoLock()
 
 

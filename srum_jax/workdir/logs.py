@@ -61,16 +61,18 @@ class LogReport:
 class JsonlLog:
   """Append-only JSONL keyed by `id`: `done()` gives finished ids; `append` is flushed and fsynced.
 
-  Reading never fails on the content: any bytes are read, and a line that is not UTF-8, not JSON, or not an
-  object with a string `id` is skipped and counted (`read`), so a torn or garbled line never blocks a resume.
+  Reading never fails on the content: any bytes are read, and a line that is not UTF-8, not JSON, or
+  not an object with a string `id` is skipped and counted (`read`), so a torn or garbled line never
+  blocks a resume.
 
-  On an object store (a remote `path`, e.g. `gs://`), where objects cannot be appended to, each `append` writes
-  one part object `<path>.parts/<n>-<random>.jsonl` (all-or-nothing: never a torn line) and readers read the
-  parts after `<path>` itself. The log's one writer (`process_log`: one log per process, one command per
-  workdir) folds the parts into `<path>` when it opens the log and every `COMPACT_EVERY` appends (rewrite
-  `<path>`, then delete the parts it folded in), so a read costs at most `COMPACT_EVERY` + 1 object reads and
-  a resume sees every row exactly once. Readers list the parts before reading `<path>` and drop a line equal to
-  one read before, so a read during a fold, or after a fold stopped between its two steps, sees each row once."""
+  On an object store (a remote `path`, e.g. `gs://`), where objects cannot be appended to, each
+  `append` writes one part object `<path>.parts/<n>-<random>.jsonl` (all-or-nothing: never a torn
+  line) and readers read the parts after `<path>` itself. The log's one writer (`process_log`: one
+  log per process, one command per workdir) folds the parts into `<path>` when it opens the log and
+  every `COMPACT_EVERY` appends (rewrite `<path>`, then delete the parts it folded in), so a read
+  costs at most `COMPACT_EVERY` + 1 object reads and a resume sees every row exactly once. Readers
+  list the parts before reading `<path>` and drop a line equal to one read before, so a read during
+  a fold, or after a fold stopped between its two steps, sees each row once."""
 
   COMPACT_EVERY = 256  # part objects a remote log holds at most before its writer folds them in
 
@@ -78,7 +80,8 @@ class JsonlLog:
     self.remote = paths.is_remote(path)
     self.path = paths.path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._next_part: Optional[int] = None  # remote: the number of the next part object this writer writes
+    # remote: the number of the next part object this writer writes
+    self._next_part: Optional[int] = None
 
   @property
   def parts_dir(self):
@@ -93,8 +96,9 @@ class JsonlLog:
                   key=lambda p: (_part_number(p.name), p.name))
 
   def _remote_bytes(self) -> Tuple[bytes, list]:
-    """(the log's lines: `<path>`, then its parts, each line once; the parts read). Parts are listed first:
-    a fold between the listing and the read leaves a part missing, whose rows `<path>` then holds."""
+    """(the log's lines: `<path>`, then its parts, each line once; the parts read). Parts are listed
+    first: a fold between the listing and the read leaves a part missing, whose rows `<path>` then
+    holds."""
     parts, chunks = self._parts(), []
     for p in parts:
       try:
@@ -159,9 +163,10 @@ class JsonlLog:
     self.extend([row])
 
   def extend(self, rows: Sequence[Dict[str, Any]]) -> None:
-    """`append` of several rows in one write (one fsync; remotely one part object): a stage logs a batch's
-    results at the cost of one row's (fsync per row: ~3 ms each, seconds per 1000-image eval). A crash
-    mid-write leaves at most a torn last line, which readers skip and a resume redoes."""
+    """`append` of several rows in one write (one fsync; remotely one part object): a stage logs a
+    batch's results at the cost of one row's (fsync per row: ~3 ms each, seconds per 1000-image
+    eval). A crash mid-write leaves at most a torn last line, which readers skip and a resume
+    redoes."""
     if not rows:
       return
     self._check_not_folder()
@@ -170,7 +175,8 @@ class JsonlLog:
       self._append_part(data)
       return
     if self.path.is_file() and self.path.stat().st_size:
-      with open(self.path, "rb") as f:  # end a torn last line first, so the new row stays a line of its own
+      # end a torn last line first, so the new row stays a line of its own
+      with open(self.path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) != b"\n":
           data = b"\n" + data
@@ -180,8 +186,8 @@ class JsonlLog:
       os.fsync(f.fileno())
 
   def _append_part(self, data: bytes) -> None:
-    """One remote row: a new part object (numbered after the last one; a random tail so that two writers can
-    never overwrite each other's part), folded in every `COMPACT_EVERY` parts."""
+    """One remote row: a new part object (numbered after the last one; a random tail so that two
+    writers can never overwrite each other's part), folded in every `COMPACT_EVERY` parts."""
     if self._next_part is None:
       self._next_part = max((_part_number(p.name) for p in self._parts()), default=-1) + 1
     self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +197,9 @@ class JsonlLog:
       self.compact()
 
   def compact(self) -> None:
-    """Fold a remote log's parts into `<path>` (one rewrite, then the folded parts deleted); only the log's
-    writer calls it (two concurrent folds could drop each other's newest rows). A no-op for a local log."""
+    """Fold a remote log's parts into `<path>` (one rewrite, then the folded parts deleted); only
+    the log's writer calls it (two concurrent folds could drop each other's newest rows). A no-op
+    for a local log."""
     if not self.remote:
       return
     data, parts = self._remote_bytes()
@@ -249,9 +256,9 @@ def _part_number(name: str) -> int:
 
 
 def process_log(directory: str, stem: str) -> JsonlLog:
-  """This process's resumable log `<stem>.jsonl` in `directory` (`<stem>.<process>.jsonl` when several
-  processes share the directory: no two processes ever append to one file). The caller is the log's writer:
-  a remote log's parts are folded in now (`JsonlLog.compact`)."""
+  """This process's resumable log `<stem>.jsonl` in `directory` (`<stem>.<process>.jsonl` when
+  several processes share the directory: no two processes ever append to one file). The caller is
+  the log's writer: a remote log's parts are folded in now (`JsonlLog.compact`)."""
   suffix = "" if jax.process_count() == 1 else f".{jax.process_index()}"
   log = JsonlLog(paths.join(directory, f"{stem}{suffix}.jsonl"))
   log.compact()
@@ -259,8 +266,9 @@ def process_log(directory: str, stem: str) -> JsonlLog:
 
 
 def log_paths(directory: str, stem: str) -> List[str]:
-  """Every process's log of `stem` in `directory`, in name order: `<stem>.jsonl` and `<stem>.<process>.jsonl`
-  (a remote log that so far has only part objects, `<name>.parts/`, counts too)."""
+  """Every process's log of `stem` in `directory`, in name order: `<stem>.jsonl` and
+  `<stem>.<process>.jsonl` (a remote log that so far has only part objects, `<name>.parts/`, counts
+  too)."""
   d = paths.path(directory)
   if not d.is_dir():
     return []
@@ -329,7 +337,8 @@ def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
   for p in files:
     got, file_rep = JsonlLog(p).read()
     rep.add(file_rep)
-    merged = per_process and os.path.basename(p) == f"{stem}.jsonl"  # process 0's copy of every process's rows
+    # process 0's copy of every process's rows
+    merged = per_process and os.path.basename(p) == f"{stem}.jsonl"
     for r in got:
       problem = row_problem(r, schema)
       if problem:
@@ -340,7 +349,8 @@ def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
         by_id.pop(r["id"], None)
         by_id[r["id"]] = r
   rows = list(by_id.values())
-  if rows and all(isinstance(r.get("seq"), int) and not isinstance(r.get("seq"), bool) for r in rows):
+  if rows and all(
+      isinstance(r.get("seq"), int) and not isinstance(r.get("seq"), bool) for r in rows):
     rows.sort(key=lambda r: r["seq"])
   rep.rows = len(rows)
   if report is not None:
@@ -349,9 +359,9 @@ def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
 
 
 def merge_process_logs(directory: str, stem: str) -> None:
-  """After every process finished its share: process 0 writes `<stem>.jsonl` holding every process's rows
-  (one per id); with one process its log is that file already (a remote one gets its parts folded in, so plain
-  file readers such as `records.read_records` see every row)."""
+  """After every process finished its share: process 0 writes `<stem>.jsonl` holding every process's
+  rows (one per id); with one process its log is that file already (a remote one gets its parts
+  folded in, so plain file readers such as `records.read_records` see every row)."""
   distributed.barrier(f"merge:{directory}:{stem}:ready")
   if jax.process_count() == 1:
     JsonlLog(paths.join(directory, f"{stem}.jsonl")).compact()  # a no-op for a local log
@@ -360,4 +370,3 @@ def merge_process_logs(directory: str, stem: str) -> None:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
     paths.write_bytes(paths.join(directory, f"{stem}.jsonl"), data)
   distributed.barrier(f"merge:{directory}:{stem}:done")
-

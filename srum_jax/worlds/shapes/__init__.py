@@ -1,5 +1,5 @@
-"""The shapes world: scenes and renderer (`scene`), prompt grammar, splits, scenes for prompts and hard
-negatives (`grammar`), and the pixel-reading judge (`oracle`, independent of the other two)."""
+"""The shapes world: scenes and renderer (`scene`), prompt grammar, splits, scenes for prompts and
+hard negatives (`grammar`), and the pixel-reading judge (`oracle`, independent of the other two)."""
 from srum_jax.worlds.shapes import grammar, oracle, scene
 from srum_jax.worlds.shapes.grammar import (
     CATEGORIES, DEFAULT_LAYOUT, LAYOUT_3X3, NEGATIVE_KINDS, VOCAB, Group, Layout, Prompt, Spec,
@@ -11,5 +11,6 @@ from srum_jax.worlds.shapes.scene import (
 
 
 def judge_text(image, text: str) -> bool:
-  """The oracle on a prompt given as text (parsed back to its spec with the grammar): the `eval` judge."""
+  """The oracle on a prompt given as text (parsed back to its spec with the grammar): the `eval`
+  judge."""
   return bool(judge(image, parse_prompt(text), value_range=(0, 255)))

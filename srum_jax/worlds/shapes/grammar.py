@@ -1,18 +1,21 @@
-"""The prompt grammar of the shapes world: categories, held-out splits, scenes for prompts, hard negatives.
+"""The prompt grammar of the shapes world: categories, held-out splits, scenes for prompts, hard
+negatives.
 
-A prompt names 1-3 groups of objects, each `<det> <colour> <shape>` ("a red circle", "two blue squares"),
-joined by "and" or by one spatial relation ("left of", "right of", "above", "below"). The determiner sets the
-count semantics: "a" means at least one such object, a number word ("one", "two", "three") means exactly
-that many (T2I-CompBench numeracy). Five categories mirror T2I-CompBench:
+A prompt names 1-3 groups of objects, each `<det> <colour> <shape>` ("a red circle", "two blue
+squares"), joined by "and" or by one spatial relation ("left of", "right of", "above", "below"). The
+determiner sets the count semantics: "a" means at least one such object, a number word ("one",
+"two", "three") means exactly that many (T2I-CompBench numeracy). Five categories mirror
+T2I-CompBench:
 
   color     2-3 single objects with pairwise different colours: colour must bind to the right shape
             ("a red circle and a blue square").
-  shape     one object, or 2-3 objects with pairwise different shapes where some colour repeats, so that
-            only the shape tells the objects apart ("a red circle and a red triangle").
-  spatial   two objects (different colours and shapes) in a 2-D relation ("a green triangle left of a
-            yellow circle"), decided by centroids with a margin.
+  shape     one object, or 2-3 objects with pairwise different shapes where some colour repeats, so
+            that only the shape tells the objects apart ("a red circle and a red triangle").
+  spatial   two objects (different colours and shapes) in a 2-D relation ("a green triangle left of
+            a yellow circle"), decided by centroids with a margin.
   numeracy  exact counts: "three blue squares", "two red circles and one blue square".
-  complex   count + colour + relation: "two red circles above a blue square" (every circle above it).
+  complex   count + colour + relation: "two red circles above a blue square" (every circle above
+            it).
 
 Surface forms (group orders, mirrored relations) of one combination share a canonical key, and the
 train/val split is made over keys, so a validation prompt is a combination never seen in training.
@@ -50,7 +53,8 @@ def tokenize(text: str) -> List[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """`count` objects of one colour and shape; `exact` (a number word) vs at least (the article "a")."""
+  """`count` objects of one colour and shape; `exact` (a number word) vs at least (the article
+  "a")."""
   color: str
   shape: str
   count: int = 1
@@ -59,7 +63,8 @@ class Group:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """Required object groups, and relations (i, rel, j): every object of group i is `rel` of every one of j."""
+  """Required object groups, and relations (i, rel, j): every object of group i is `rel` of every
+  one of j."""
   objects: Tuple[Group, ...]
   relations: Tuple[Tuple[int, str, int], ...] = ()
 
@@ -73,7 +78,8 @@ class Prompt:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Where objects go: centred on a `grid` x `grid` lattice of cells, side in `sizes`, centre jitter."""
+  """Where objects go: centred on a `grid` x `grid` lattice of cells, side in `sizes`, centre
+  jitter."""
   grid: int = 2
   sizes: Tuple[int, ...] = (10, 12)  # even sides keep boxes pixel aligned at integer centres
   jitter: int = 1
@@ -91,7 +97,7 @@ DEFAULT_LAYOUT = Layout()
 LAYOUT_3X3 = Layout(grid=3, sizes=(8,), jitter=1)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Text <-> spec.
 
 def _group_text(g: Group) -> str:
@@ -165,7 +171,7 @@ def _surface_forms(spec: Spec) -> List[Spec]:
   return [Spec(p) for p in itertools.permutations(spec.objects)]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The prompt space.
 
 KINDS = tuple((c, s) for c in COLORS for s in SHAPES)
@@ -232,8 +238,9 @@ def _rank(seed: int, key: Spec) -> str:
 
 
 def split_prompts(seed: int = 0, val_per_category: int = 24) -> Tuple[List[Prompt], List[Prompt]]:
-  """(train, val): per category, the `val_per_category` combinations of lowest hash(seed, key) are held out
-  with all their surface forms; the rest train. Disjoint by text and by combination, deterministic."""
+  """(train, val): per category, the `val_per_category` combinations of lowest hash(seed, key) are
+  held out with all their surface forms; the rest train. Disjoint by text and by combination,
+  deterministic."""
   train, val = [], []
   for c in CATEGORIES:
     groups = sorted(_prompts_by_key(c), key=lambda kv: _rank(seed, kv[0]))
@@ -265,8 +272,8 @@ def _full_index() -> PromptIndex:
 def sample_prompt(rng: np.random.Generator, category: Optional[str] = None, prompts=None) -> Prompt:
   """A random prompt: category uniform (unless given), then combination uniform, then surface form.
 
-  `prompts` restricts the choice (e.g. the train split): a sequence of prompts, or its `prompt_index`
-  (faster when sampling many times)."""
+  `prompts` restricts the choice (e.g. the train split): a sequence of prompts, or its
+  `prompt_index` (faster when sampling many times)."""
   index = _full_index() if prompts is None else prompts if isinstance(prompts, dict) \
       else prompt_index(prompts)
   if category is None:
@@ -278,7 +285,7 @@ def sample_prompt(rng: np.random.Generator, category: Optional[str] = None, prom
   return forms[rng.integers(len(forms))]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Scenes.
 
 def _spec_of(prompt) -> Spec:
@@ -292,7 +299,8 @@ def _cell_ok(layout: Layout, rel: str, a: int, b: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _assignments(layout: Layout, counts: Tuple[int, ...], relations) -> Tuple[Tuple[int, ...], ...]:
-  """Every injective map of the objects (grouped by `counts`) to cells that puts relations on the lattice."""
+  """Every injective map of the objects (grouped by `counts`) to cells that puts relations on the
+  lattice."""
   owners = [g for g, n in enumerate(counts) for _ in range(n)]
   out = []
   for cells in itertools.permutations(range(layout.grid ** 2), len(owners)):
@@ -311,15 +319,17 @@ def _gap(a: Obj, b: Obj) -> float:
 
 def place_object(rng, layout: Layout, cell: int, shape: str, color: str, others: Sequence[Obj],
            tries: int = 32) -> Optional[Obj]:
-  """An object in `cell` with random size and jitter, inside the canvas and `min_gap` from `others`."""
+  """An object in `cell` with random size and jitter, inside the canvas and `min_gap` from
+  `others`."""
   cx0, cy0 = layout.cell_centre(cell)
   for t in range(tries + 1):
     last = t == tries  # last try: smallest size, no jitter
     size = min(layout.sizes) if last else int(rng.choice(layout.sizes))
     dx, dy = (0, 0) if last else rng.integers(-layout.jitter, layout.jitter + 1, size=2)
     obj = Obj(shape, color, float(cx0 + dx), float(cy0 + dy), float(size))
-    inside = (obj.cx - size / 2 >= 0 and obj.cy - size / 2 >= 0 and obj.cx + size / 2 <= layout.width
-              and obj.cy + size / 2 <= layout.height)
+    inside = (
+        obj.cx - size / 2 >= 0 and obj.cy - size / 2 >= 0 and obj.cx + size / 2 <= layout.width and
+        obj.cy + size / 2 <= layout.height)
     if inside and all(_gap(obj, o) >= layout.min_gap for o in others):
       return obj
   return None
@@ -333,8 +343,8 @@ def cell_of(layout: Layout, obj: Obj) -> int:
 
 
 def sample_scene(rng: np.random.Generator, prompt, layout: Layout = DEFAULT_LAYOUT) -> Scene:
-  """A minimal scene satisfying `prompt` (a Prompt or Spec): exactly `count` objects per group, nothing
-  else, on random lattice cells consistent with the relations, random sizes and jitter."""
+  """A minimal scene satisfying `prompt` (a Prompt or Spec): exactly `count` objects per group,
+  nothing else, on random lattice cells consistent with the relations, random sizes and jitter."""
   spec = _spec_of(prompt)
   counts = tuple(g.count for g in spec.objects)
   options = _assignments(layout, counts, tuple(spec.relations))
@@ -374,13 +384,13 @@ def _owners(spec: Spec, scene: Scene) -> List[int]:
 
 def hard_negative(rng: np.random.Generator, prompt, scene: Scene, kind: Optional[str] = None,
                   layout: Layout = DEFAULT_LAYOUT) -> Tuple[Scene, str]:
-  """(scene', kind): `scene` (a minimal scene of `prompt`, as from `sample_scene`) with one change that
-  makes the prompt false:
+  """(scene', kind): `scene` (a minimal scene of `prompt`, as from `sample_scene`) with one change
+  that makes the prompt false:
 
     color     one object recoloured            shape     one object given another shape
     count     exact groups +-1 object, "a" groups one object fewer
-    relation  two related objects swap places  roles     two objects of different groups swap colours
-              (with their sizes)                         (colour-shape binding swapped)
+    relation  two related objects swap places  roles     two objects of different groups swap
+              colours (with their sizes)                         (colour-shape binding swapped)
   """
   spec = _spec_of(prompt)
   applicable = negative_kinds(spec, scene)
@@ -407,7 +417,8 @@ def hard_negative(rng: np.random.Generator, prompt, scene: Scene, kind: Optional
       used = {cell_of(layout, o) for o in objs}
       free = [c for c in range(layout.grid ** 2) if c not in used]
       for c in rng.permutation(free):
-        added = place_object(rng, layout, int(c), spec.objects[g].shape, spec.objects[g].color, objs)
+        added = place_object(rng, layout, int(c), spec.objects[g].shape, spec.objects[g].color,
+                             objs)
         if added is not None:
           break
     if added is not None:
@@ -434,16 +445,16 @@ def hard_negative(rng: np.random.Generator, prompt, scene: Scene, kind: Optional
   return Scene(tuple(objs), scene.height, scene.width), kind
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Captions.
 
 def describe(scene: Scene, rng: Optional[np.random.Generator] = None, margin: float = 8.0) -> str:
   """A grammar text true of `scene` (for caption / understanding data).
 
   Objects are grouped by kind ("a" for one, a number word for several, in reading order of the first
-  member, or a random order with `rng`). Two objects of different kinds whose centres differ by more than
-  `margin` px along x (else y) are stated as a relation ("a red circle left of a blue square"); with `rng`
-  the relation is sometimes mirrored or replaced by the plain list."""
+  member, or a random order with `rng`). Two objects of different kinds whose centres differ by more
+  than `margin` px along x (else y) are stated as a relation ("a red circle left of a blue square");
+  with `rng` the relation is sometimes mirrored or replaced by the plain list."""
   if not scene.objects:
     raise ValueError("an empty scene has no description")
   objs = sorted(scene.objects, key=lambda o: (o.cy, o.cx))
@@ -470,12 +481,15 @@ def describe(scene: Scene, rng: Optional[np.random.Generator] = None, margin: fl
   return realize(Spec(tuple(spec_groups)))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layout plans (think mode).
 #
-# A plan is the text a model writes before drawing in think mode: what goes in each cell of the 2x2 lattice,
-# in reading order, two words per cell ("red square" or "empty cell"), e.g. for "two red circles above a
-# blue square": "red circle red circle empty cell blue square". Fixed width keeps each cell's words at a
+# A plan is the text a model writes before drawing in think mode: what goes in each cell of the 2x2
+# lattice,
+# in reading order, two words per cell ("red square" or "empty cell"), e.g. for "two red circles
+# above a
+# blue square": "red circle red circle empty cell blue square". Fixed width keeps each cell's words
+# at a
 # fixed distance from the image that follows, so the generator can read cell k from its slot.
 
 PLAN_EMPTY = ("empty", "cell")
@@ -483,12 +497,14 @@ PLAN_WORDS = PLAN_EMPTY  # the words a plan adds to the grammar's vocabulary
 
 
 def plan_text(scene: Scene, layout: Layout = DEFAULT_LAYOUT) -> str:
-  """The plan of `scene`: each lattice cell's object ("colour shape") or "empty cell", in reading order."""
+  """The plan of `scene`: each lattice cell's object ("colour shape") or "empty cell", in reading
+  order."""
   cells: Dict[int, Obj] = {}
   for o in scene.objects:
     c = cell_of(layout, o)
     if c in cells:
-      raise ValueError(f"two objects in cell {c} of {layout.grid}x{layout.grid}: a plan holds one per cell")
+      raise ValueError(
+          f"two objects in cell {c} of {layout.grid}x{layout.grid}: a plan holds one per cell")
     cells[c] = o
   words = []
   for c in range(layout.grid ** 2):
@@ -497,9 +513,10 @@ def plan_text(scene: Scene, layout: Layout = DEFAULT_LAYOUT) -> str:
   return " ".join(words)
 
 
-def parse_plan(text: str, layout: Layout = DEFAULT_LAYOUT) -> Optional[Tuple[Optional[Tuple[str, str]], ...]]:
-  """Inverse of `plan_text`: per cell (colour, shape) or None for an empty cell; None when `text` is not a
-  plan of this layout (wrong length, unknown words)."""
+def parse_plan(text: str,
+               layout: Layout = DEFAULT_LAYOUT) -> Optional[Tuple[Optional[Tuple[str, str]], ...]]:
+  """Inverse of `plan_text`: per cell (colour, shape) or None for an empty cell; None when `text` is
+  not a plan of this layout (wrong length, unknown words)."""
   words = text.split()
   if len(words) != 2 * layout.grid ** 2:
     return None
@@ -516,8 +533,8 @@ def parse_plan(text: str, layout: Layout = DEFAULT_LAYOUT) -> Optional[Tuple[Opt
 
 
 def plan_scene(rng: np.random.Generator, plan, layout: Layout = DEFAULT_LAYOUT) -> Optional[Scene]:
-  """A scene drawn from a parsed plan (each object in its cell, random size and jitter); None if the objects
-  cannot be placed apart."""
+  """A scene drawn from a parsed plan (each object in its cell, random size and jitter); None if the
+  objects cannot be placed apart."""
   objs: List[Obj] = []
   for cell, kind in enumerate(plan):
     if kind is None:

@@ -1,10 +1,11 @@
 """Scenes of coloured shapes on a black canvas, and their exact (aliased) renderer.
 
 A scene is a handful of `Obj`s, each a filled circle, square or triangle of one pure palette colour.
-Coordinates are continuous pixels: pixel (row i, column j) covers [j, j+1) x [i, i+1) and is painted when
-its centre (j + 0.5, i + 0.5) lies inside the shape. No anti-aliasing, so every painted pixel carries an
-exact palette colour and the background is exactly black (what a tiny generative model can learn and what
-the oracle can threshold). Every shape fills the `size` x `size` box centred on (cx, cy):
+Coordinates are continuous pixels: pixel (row i, column j) covers [j, j+1) x [i, i+1) and is painted
+when its centre (j + 0.5, i + 0.5) lies inside the shape. No anti-aliasing, so every painted pixel
+carries an exact palette colour and the background is exactly black (what a tiny generative model
+can learn and what the oracle can threshold). Every shape fills the `size` x `size` box centred on
+(cx, cy):
 
   square    the whole box (fill ratio 1)
   circle    the inscribed disc (fill ratio ~ pi/4)
@@ -94,7 +95,8 @@ def scene_boxes(scene: Scene) -> np.ndarray:
 
 
 def render(scene: Scene) -> np.ndarray:
-  """uint8 [H, W, 3]: black canvas, each object painted in its exact palette colour (later on top)."""
+  """uint8 [H, W, 3]: black canvas, each object painted in its exact palette colour (later on
+  top)."""
   image = np.zeros((scene.height, scene.width, 3), np.uint8)
   for obj in scene.objects:
     image[object_mask(obj, scene.height, scene.width)] = PALETTE[obj.color]
@@ -104,8 +106,8 @@ def render(scene: Scene) -> np.ndarray:
 def min_gap(scene: Scene) -> float:
   """Smallest Chebyshev gap in pixels between the painted boxes of two objects (inf if < 2 objects).
 
-  A gap of g >= 1 means at least g background pixels separate the two boxes along x or along y, so the
-  objects are distinct connected components (also under 8-connectivity)."""
+  A gap of g >= 1 means at least g background pixels separate the two boxes along x or along y, so
+  the objects are distinct connected components (also under 8-connectivity)."""
   boxes = scene_boxes(scene)
   best = float("inf")
   for a in range(len(boxes)):

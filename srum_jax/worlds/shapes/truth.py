@@ -1,5 +1,5 @@
-"""Ground truth of a scene against a prompt, from the scene's objects (never from pixels): what pretraining's
-judge data is labelled with. Pure NumPy, no JAX.
+"""Ground truth of a scene against a prompt, from the scene's objects (never from pixels): what
+pretraining's judge data is labelled with. Pure NumPy, no JAX.
 
     ok, region_scores = scene_truth(prompt.spec, scene)
     boxes = [official_box(b) for b in scene_boxes(scene)]     # the region proposer's box convention
@@ -14,13 +14,18 @@ import numpy as np
 from srum_jax.worlds.shapes import grammar
 from srum_jax.worlds.shapes.scene import Obj, Scene, scene_boxes
 
-__all__ = ["REL_MARGIN", "related", "scene_truth", "official_box", "jitter_box", "background_box", "unique_objects"]
+__all__ = [
+    "REL_MARGIN", "related", "scene_truth", "official_box", "jitter_box", "background_box",
+    "unique_objects"
+]
 
-REL_MARGIN = 4.0  # px: relations hold between object centres this far apart (the oracle's margin at 32 px)
+# px: relations hold between object centres this far apart (the oracle's margin at 32 px)
+REL_MARGIN = 4.0
 
 
 def related(a: Obj, b: Obj, rel: str, margin: float = REL_MARGIN) -> bool:
-  """Does `a rel b` hold for the objects' centres (left / right / above / below, `margin` px apart)?"""
+  """Does `a rel b` hold for the objects' centres (left / right / above / below, `margin` px
+  apart)?"""
   return {"left": b.cx - a.cx > margin, "right": a.cx - b.cx > margin,
           "above": b.cy - a.cy > margin, "below": a.cy - b.cy > margin}[rel]
 
@@ -28,11 +33,11 @@ def related(a: Obj, b: Obj, rel: str, margin: float = REL_MARGIN) -> bool:
 def scene_truth(spec: grammar.Spec, scene: Scene) -> Tuple[bool, List[float]]:
   """(does the scene satisfy the spec, one region score per object) from the ground-truth objects.
 
-  Semantics of the grammar: each group needs `count` objects of its colour and shape (exactly, for number
-  words); objects of other kinds do not falsify the prompt; a relation holds if some `count_i` objects of
-  group i and `count_j` of group j are pairwise related (centres `REL_MARGIN` px apart).
-  Region scores: 1.0 asked-for object; -0.5 right kind but its group has the wrong count; -1.0 kind not
-  asked for (wrong colour / shape / extra object) or an object of a violated relation.
+  Semantics of the grammar: each group needs `count` objects of its colour and shape (exactly, for
+  number words); objects of other kinds do not falsify the prompt; a relation holds if some
+  `count_i` objects of group i and `count_j` of group j are pairwise related (centres `REL_MARGIN`
+  px apart). Region scores: 1.0 asked-for object; -0.5 right kind but its group has the wrong count;
+  -1.0 kind not asked for (wrong colour / shape / extra object) or an object of a violated relation.
   """
   kinds = {(g.color, g.shape): i for i, g in enumerate(spec.objects)}
   owner = [kinds.get((o.color, o.shape), -1) for o in scene.objects]
@@ -60,22 +65,25 @@ def scene_truth(spec: grammar.Spec, scene: Scene) -> Tuple[bool, List[float]]:
 
 
 def official_box(box_half_open) -> Tuple[int, int, int, int]:
-  """Half-open [x0, y0, x1, y1] -> the region proposer's "official" box (inclusive max, never empty)."""
+  """Half-open [x0, y0, x1, y1] -> the region proposer's "official" box (inclusive max, never
+  empty)."""
   x0, y0, x1, y1 = (int(v) for v in box_half_open)
   return x0, y0, max(x1 - 1, x0 + 1), max(y1 - 1, y0 + 1)
 
 
-def jitter_box(rng: np.random.Generator, box, height: int = 32, width: int = 32) -> Tuple[int, int, int, int]:
+def jitter_box(rng: np.random.Generator, box, height: int = 32,
+               width: int = 32) -> Tuple[int, int, int, int]:
   """Each coordinate moved by -1, 0 or +1 px, kept inside the image and non-empty."""
   x0, y0, x1, y1 = (int(v) + int(rng.integers(-1, 2)) for v in box)
   x0, y0 = min(max(x0, 0), width - 2), min(max(y0, 0), height - 2)
   return x0, y0, min(max(x1, x0 + 1), width - 1), min(max(y1, y0 + 1), height - 1)
 
 
-def background_box(rng: np.random.Generator, scene: Scene,
-                   layout: grammar.Layout = grammar.DEFAULT_LAYOUT) -> Optional[Tuple[int, int, int, int]]:
-  """An official box on empty canvas (in a lattice cell holding no object, clear of every object box), or
-  None when no such box is found."""
+def background_box(
+    rng: np.random.Generator, scene: Scene,
+    layout: grammar.Layout = grammar.DEFAULT_LAYOUT) -> Optional[Tuple[int, int, int, int]]:
+  """An official box on empty canvas (in a lattice cell holding no object, clear of every object
+  box), or None when no such box is found."""
   used = {grammar.cell_of(layout, o) for o in scene.objects}
   free = [c for c in range(layout.grid ** 2) if c not in used]
   boxes = scene_boxes(scene)
@@ -92,7 +100,7 @@ def background_box(rng: np.random.Generator, scene: Scene,
 
 
 def unique_objects(scene: Scene) -> List[int]:
-  """Indices of the objects whose (colour, shape) occurs once in the scene: the ones a phrase can name."""
+  """Indices of the objects whose (colour, shape) occurs once in the scene: the ones a phrase can
+  name."""
   kinds = [(o.color, o.shape) for o in scene.objects]
   return [k for k, kind in enumerate(kinds) if kinds.count(kind) == 1]
-
