@@ -29,8 +29,20 @@ import tempfile
 import time
 from typing import List, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from PIL import Image
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from srum_jax import sharding  # noqa: E402
+from srum_jax.convert import sam_to_flax  # noqa: E402
+from srum_jax.inference import sam_masks  # noqa: E402
+from srum_jax.models import params as params_lib, sam_config, sam_schema  # noqa: E402
+from srum_jax.pipeline import proposers  # noqa: E402
+from srum_jax.worlds import shapes  # noqa: E402
 
 HBM_BYTES = {"TPU v5": 95e9, "TPU v5p": 95e9, "TPU v6 lite": 32e9, "TPU v5 lite": 16e9}
 
@@ -60,10 +72,7 @@ def _setup_cpu_threads(threads: int) -> None:
 
 def scenes(n: int, side: int):
   """n shapes-world renders scaled (nearest) to side x side."""
-  import numpy as np
-  from PIL import Image
 
-  from srum_jax.worlds import shapes
   rng = np.random.default_rng(0)
   out = []
   for _ in range(n):
@@ -74,14 +83,10 @@ def scenes(n: int, side: int):
 
 def random_weights(preset: str, directory: str):
   """(cfg, params) of a random SAM, also written as a transformers SamModel directory."""
-  import jax
-  import numpy as np
   import torch
   from safetensors.torch import save_file
   from transformers import SamConfig, SamModel
 
-  from srum_jax.convert import sam_to_flax
-  from srum_jax.models import params as params_lib, sam_config, sam_schema
   cfg = sam_config.get_preset(preset)
   params = params_lib.init_params(sam_schema.sam_schema(cfg), jax.random.key(0))
   params = jax.tree.map(np.asarray, params)
@@ -98,7 +103,6 @@ def random_weights(preset: str, directory: str):
 def speed(args) -> dict:
   import torch
 
-  from srum_jax.pipeline import proposers
   torch.set_num_threads(args.threads)
   work = tempfile.mkdtemp(prefix="sam_bench_")
   cfg, _ = random_weights(args.preset, work)
@@ -144,18 +148,13 @@ def speed(args) -> dict:
 
 
 def tpu_devices(target: str):
-  from jax.experimental import topologies
   _, chip, topology = target.split(":")
   desc = topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu")
   return list(desc.devices)
 
 
 def compile_tpu(args) -> dict:
-  import jax.numpy as jnp
 
-  from srum_jax import sharding
-  from srum_jax.inference import sam_masks
-  from srum_jax.models import sam_config
   devices = tpu_devices(args.target)
   cfg = sam_config.get_preset(args.preset)
   mesh = sharding.make_mesh({"data": len(devices)}, devices)

@@ -1,9 +1,12 @@
 """The SRUM train step's speed: tokens/s, TFLOP/s and MFU, by BAGEL's formula and by XLA's counted
 FLOPs.
 
-    python benchmarks/train_step.py --preset mid                      # ~2B MoT, 2 x 1024x960 images, 8192 tokens
-    python benchmarks/train_step.py --preset bagel_7b_mot --layers 8  # 7B width, layers cut to fit one chip
-    python benchmarks/train_step.py --preset tiny --image 32x32 --tokens 64 --text 8 --steps 3   # CPU plumbing
+    # ~2B MoT, 2 x 1024x960 images, 8192 tokens
+    python benchmarks/train_step.py --preset mid
+    # 7B width, layers cut to fit one chip
+    python benchmarks/train_step.py --preset bagel_7b_mot --layers 8
+    # CPU plumbing
+    python benchmarks/train_step.py --preset tiny --image 32x32 --tokens 64 --text 8 --steps 3
     python benchmarks/train_step.py --config experiments/tiny_world.py --steps 50 --losses 40
 
 One packed row of two T2I samples (random weights, fp32 masters, bf16 compute by default), the full

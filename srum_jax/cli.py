@@ -1,9 +1,10 @@
-"""One entry point: `python -m srum_jax <subcommand> --config=experiments/x.py[:arg] --config.a.b=v`.
+"""One entry point: `python -m srum_jax <subcommand> --config=experiments/x.py[:arg]
+--config.a.b=v`.
 
-Config-driven subcommands parse absl flags with `ml_collections.config_flags` (big_vision style: a wrong
-override key is an error before any work starts). `convert`, `convert-sam` and `export` take plain
-`--src/--dst` flags. Subcommand implementations are imported lazily so `--help` and config checks
-stay fast.
+Config-driven subcommands parse absl flags with `ml_collections.config_flags` (big_vision style: a
+wrong override key is an error before any work starts). `convert`, `convert-sam` and `export` take
+plain `--src/--dst` flags. Subcommand implementations are imported lazily so `--help` and config
+checks stay fast.
 """
 from __future__ import annotations
 
@@ -23,18 +24,25 @@ from srum_jax import config_utils, config_validation, errors
 from srum_jax.errors import UserValueError
 from srum_jax.rewards import official_texts, texts as texts_lib
 
-# name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw commands
+# name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw
+# commands
 # get argv.
 CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "show-config": ("srum_jax.cli:show_config", "print the resolved config"),
-    "sweep": ("srum_jax.cli:sweep", "expand get_sweep(): run points sequentially, or print them (--dry_run)"),
-    "generate": ("srum_jax.pipeline.commands:generate_main", "the UMM draws candidate images for the train prompts"),
-    "propose": ("srum_jax.pipeline.commands:propose_main", "region proposals for the generated images"),
+    "sweep": ("srum_jax.cli:sweep",
+              "expand get_sweep(): run points sequentially, or print them (--dry_run)"),
+    "generate": ("srum_jax.pipeline.commands:generate_main",
+                 "the UMM draws candidate images for the train prompts"),
+    "propose": (
+        "srum_jax.pipeline.commands:propose_main", "region proposals for the generated images"),
     "score": ("srum_jax.pipeline.commands:score_main", "self-judging: global + region rewards"),
     "train": ("srum_jax.pipeline.commands:train_main", "SRUM post-training on the reward records"),
-    "eval": ("srum_jax.pipeline.commands:eval_main", "generate (or read eval.images_dir) and score eval.metrics"),
-    "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
-    "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
+    "eval": ("srum_jax.pipeline.commands:eval_main",
+             "generate (or read eval.images_dir) and score eval.metrics"),
+    "run": ("srum_jax.pipeline.commands:run_main",
+            "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
+    "pretrain": ("srum_jax.pretrain.stages:main",
+                 "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
     "sample": ("srum_jax.pipeline.inference_commands:sample_main",
                "text to image (sample.prompts, sample.prompts_file)"),
     "edit": ("srum_jax.pipeline.inference_commands:edit_main",
@@ -43,12 +51,14 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
             "answer a question about an image (ask.image, ask.question)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
-    "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
+    "convert": (
+        "srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
     "export": ("srum_jax.convert.flax_to_hf:main", "orbax model dir -> official safetensors"),
     "convert-sam": ("srum_jax.convert.sam_to_flax:main",
                     "SAM weights (sam_vit_*.pth / SamModel dir) -> orbax dir"),
-    "texts": ("srum_jax.cli:texts_main",
-              "official texts from your BAGEL / SRUM checkouts (import), what a stage sends (show)"),
+    "texts": (
+        "srum_jax.cli:texts_main",
+        "official texts from your BAGEL / SRUM checkouts (import), what a stage sends (show)"),
 }
 
 
@@ -63,7 +73,11 @@ def _resolve(target: str) -> Callable:
 
 
 def usage() -> str:
-  lines = ["usage: python -m srum_jax <subcommand> [--config=experiments/x.py[:arg]] [--config.key=value ...]", ""]
+  lines = [
+      "usage: python -m srum_jax <subcommand> [--config=experiments/x.py[:arg]] "
+      "[--config.key=value ...]",
+      ""
+  ]
   for name, (_, h) in sorted({**CONFIG_COMMANDS, **RAW_COMMANDS}.items()):
     lines.append(f"  {name:<12} {h}")
   return "\n".join(lines)
@@ -84,7 +98,9 @@ def sweep(config, flags) -> int:
     raise errors.UserValueError(f"--sweep_command={flags.sweep_command!r} is not a stage; "
                                 f"choose one of {stages}")
   spec = flags.config_spec
-  overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
+  overrides = [
+      a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")
+  ]
   try:
     cmds = config_utils.sweep_commands(spec, flags.sweep_command,
                                        extra=list(flags.sweep_extra or []), workdir=config.workdir,
@@ -125,8 +141,8 @@ def _config_spec(argv: List[str]) -> str:
 
 
 def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
-  """One line for a failed flag parse: the unknown override key with the closest real one, else the parser's
-  own message flattened."""
+  """One line for a failed flag parse: the unknown override key with the closest real one, else the
+  parser's own message flattened."""
   config = config_utils.load_config(spec)  # loaded once already (`_parse`): it loads
   return config_validation.first_unknown_override(config, argv) or errors.one_line(e)
 
@@ -156,7 +172,8 @@ def _parse(name: str, argv: List[str]):
                                   lock_config=True, sys_argv=list(argv))
   flags.DEFINE_boolean("dry_run", False, "print what would run, run nothing", flag_values=fv)
   flags.DEFINE_string("sweep_command", "run", "subcommand each sweep point runs", flag_values=fv)
-  flags.DEFINE_multi_string("sweep_extra", [], "extra flags appended to every sweep point", flag_values=fv)
+  flags.DEFINE_multi_string("sweep_extra", [], "extra flags appended to every sweep point",
+                            flag_values=fv)
   flags.DEFINE_string("workdir", None, "overrides config.workdir when given", flag_values=fv)
   try:
     fv(argv)
@@ -217,7 +234,8 @@ def texts_main(argv: List[str]) -> int:
                                description="the texts the stages send to the model")
   sub = ap.add_subparsers(dest="action", required=True)
   imp = sub.add_parser("import", help="read the official texts from your checkouts into a file")
-  imp.add_argument("--bagel_code", required=True, help="checkout of github.com/ByteDance-Seed/Bagel")
+  imp.add_argument("--bagel_code", required=True,
+                   help="checkout of github.com/ByteDance-Seed/Bagel")
   imp.add_argument("--srum_code", required=True, help="checkout of github.com/WayneJin0918/SRUM")
   imp.add_argument("--reasonbench_code", default="",
                    help="checkout of github.com/KaiyueSun98/T2I-ReasonBench (optional)")
@@ -253,8 +271,8 @@ def _boxes_flag(text: str) -> list:
   except ValueError as e:
     raise UserValueError(f"--boxes is not JSON ({errors.one_line(e)})") from None
   number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-  if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and all(map(number, b))
-                                          for b in boxes)):
+  if not (isinstance(boxes, list) and
+          all(isinstance(b, list) and len(b) == 4 and all(map(number, b)) for b in boxes)):
     raise UserValueError(f"--boxes {text!r}: expected a JSON list of [x0, y0, x1, y1] number lists")
   return boxes
 

@@ -96,20 +96,21 @@ def check_pair(config, key: str, kind=float) -> tuple:
 
 
 def existing_file(key: str, path: str, what: str):
-  if not isinstance(path, str):
-    fail(key, path, f"must be the path of the {what} (a string)")
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_file():
-    why = "is a folder, not a file" if p.exists() else "does not exist"
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
-  return p
+  """The file `path` names (local or gs://); one line naming the key when it is not a file."""
+  return _existing(key, path, what, folder=False)
 
 
 def existing_dir(key: str, path: str, what: str):
+  """The folder `path` names (local or gs://); one line naming the key when it is not a folder."""
+  return _existing(key, path, what, folder=True)
+
+
+def _existing(key: str, path: str, what: str, folder: bool):
   if not isinstance(path, str):
     fail(key, path, f"must be the path of the {what} (a string)")
   p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_dir():
-    why = "is a file, not a directory" if p.exists() else "does not exist"
+  if not (p.is_dir() if folder else p.is_file()):
+    why = ("is a file, not a directory" if folder else "is a folder, not a file") if p.exists() \
+        else "does not exist"
     raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
   return p

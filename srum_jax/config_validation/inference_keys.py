@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, check_float as _float,
-                                    check_int as _int, check_pair as _pair, config_value as _get,
-                                    existing_file as _existing_file, fail as _fail)
+from srum_jax.config_checks import (check_bool as _bool, check_float as _float, check_int as _int,
+                                    config_value as _get, existing_file as _existing_file,
+                                    fail as _fail)
 from srum_jax.config_validation.model_keys import Geometry, image_side
-from srum_jax.config_validation.stage_keys import check_generate
+from srum_jax.config_validation.stage_keys import check_generate, check_guidance
 
 
 def _seeds(config, key: str) -> None:
@@ -67,14 +67,7 @@ def check_edit(config, geo: Optional[Geometry]) -> None:
   _bool(config, f"{e}.sample_posterior")
   _int(config, f"{e}.max_think_tokens", lo=1)
   _int(config, f"{e}.num_timesteps", lo=2)
-  _float(config, f"{e}.timestep_shift", lo=0.0, lo_open=True)
-  _float(config, f"{e}.cfg_text_scale", lo=0.0)
-  _float(config, f"{e}.cfg_img_scale", lo=0.0)
-  lo, hi = _pair(config, f"{e}.cfg_interval")
-  if not 0.0 <= lo <= hi <= 1.0:
-    _fail(f"{e}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
-  _enum(config, f"{e}.cfg_renorm_type", ("global", "channel", "text_channel"))
-  _float(config, f"{e}.cfg_renorm_min", lo=0.0, hi=1.0)
+  check_guidance(config, e)
   _resize(config, f"{e}.vae_transform", geo.latent_stride if geo else 1, geo, latent=True)
   _resize(config, f"{e}.vit_transform", 14, geo, latent=False)
   _int(config, f"{e}.text_budget", lo=0)

@@ -23,12 +23,8 @@ from srum_jax.rewards import record_sources, texts as texts_lib
 from srum_jax.training import optimizer
 
 
-def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
-  _int(config, f"{key}.batch_size", lo=1)
-  _int(config, f"{key}.samples_per_prompt", lo=1)
-  image_side(f"{key}.height", _int(config, f"{key}.height", lo=1), geo)
-  image_side(f"{key}.width", _int(config, f"{key}.width", lo=1), geo)
-  _int(config, f"{key}.num_timesteps", lo=1)
+def check_guidance(config, key: str) -> None:
+  """The flow sampler's schedule and classifier-free guidance keys of the block `key`."""
   _float(config, f"{key}.timestep_shift", lo=0.0, lo_open=True)
   _float(config, f"{key}.cfg_text_scale", lo=0.0)
   _float(config, f"{key}.cfg_img_scale", lo=0.0)
@@ -36,8 +32,17 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
   if not 0.0 <= lo <= hi <= 1.0:
     _fail(f"{key}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
   _enum(config, f"{key}.cfg_renorm_type", ("global", "channel", "text_channel"))
-  _bool(config, f"{key}.crop_to_content")
   _float(config, f"{key}.cfg_renorm_min", lo=0.0, hi=1.0)
+
+
+def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
+  _int(config, f"{key}.batch_size", lo=1)
+  _int(config, f"{key}.samples_per_prompt", lo=1)
+  image_side(f"{key}.height", _int(config, f"{key}.height", lo=1), geo)
+  image_side(f"{key}.width", _int(config, f"{key}.width", lo=1), geo)
+  _int(config, f"{key}.num_timesteps", lo=1)
+  check_guidance(config, key)
+  _bool(config, f"{key}.crop_to_content")
   _bool(config, f"{key}.think")
   _int(config, f"{key}.max_think_tokens", lo=0)
   _int(config, f"{key}.text_budget", lo=0)

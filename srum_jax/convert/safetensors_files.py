@@ -19,10 +19,33 @@ from safetensors import safe_open
 from srum_jax.errors import UserValueError
 
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "f32": jnp.float32,
-               "float32": jnp.float32, "fp16": jnp.float16, "f16": jnp.float16, "float16": jnp.float16}
+ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1
+}
+DTYPE_NAMES = {
+    "bf16": jnp.bfloat16,
+    "bfloat16": jnp.bfloat16,
+    "fp32": jnp.float32,
+    "f32": jnp.float32,
+    "float32": jnp.float32,
+    "fp16": jnp.float16,
+    "f16": jnp.float16,
+    "float16": jnp.float16
+}
 
 
 class CheckpointMismatchError(UserValueError):
@@ -88,8 +111,10 @@ def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List
       corrupt.append(f"{key} ({dtype} {list(shape)} but {end - begin} bytes)")
   problems = []
   if truncated:
-    problems.append(problem_listing(f"{name}: {len(truncated)} truncated keys (data past the end of the "
-                             f"{size}-byte file)", sorted(truncated)))
+    problems.append(
+        problem_listing(
+            f"{name}: {len(truncated)} truncated keys (data past the end of the "
+            f"{size}-byte file)", sorted(truncated)))
   if corrupt:
     problems.append(
         problem_listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from srum_jax.convert.keymap import get_path
 from srum_jax.models import params as params_lib, sam_schema
 from srum_jax.models.sam_config import SamConfig
 
@@ -158,12 +159,6 @@ def checkpoint_keys(cfg: SamConfig, source: str) -> Dict[str, SamKey]:
         raise ValueError(f"SAM key {key} produced twice by the schema")
       out[key] = SamKey(path, tuple(int(i) for i in index), transform)
   return out
-
-
-def get_path(tree, path: Path):
-  for name in path:
-    tree = tree[name]
-  return tree
 
 
 def checkpoint_shape(leaf_shape: Tuple[int, ...], key: SamKey) -> Tuple[int, ...]:

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from safetensors import safe_open
 
 from srum_jax import paths, sharding as sharding_lib
-from srum_jax.convert import sam_keymap
+from srum_jax.convert import keymap, sam_keymap
 from srum_jax.convert.hf_to_flax import (CheckpointMismatchError, NonFiniteWeightsError,
                                          parse_dtype, parse_mesh)
 from srum_jax.errors import UserFileNotFoundError, UserValueError
@@ -190,7 +190,7 @@ def checkpoint_state_dict(cfg: SamConfig, params, source: str) -> Dict[str, np.n
   """The parameter tree as a state dict in layout `source` (numpy, checkpoint layouts)."""
   out = {}
   for key, e in sam_keymap.checkpoint_keys(cfg, source).items():
-    leaf = np.asarray(sam_keymap.get_path(params, e.path))[e.index]
+    leaf = np.asarray(keymap.get_path(params, e.path))[e.index]
     out[key] = np.ascontiguousarray(sam_keymap.to_checkpoint(leaf, e.transform))
   return out
 
@@ -308,8 +308,8 @@ def stream_params(reader, cfg: SamConfig, source: str, *, dtype=jnp.float32, sha
   leaves = {}
   for path, keys in by_path.items():
     stacked = len(next(iter(keys)))
-    leaves[path] = _leaf(reader, keys, sam_keymap.get_path(abstract, path).shape, stacked,
-                         sam_keymap.get_path(shardings, path), dtype, nonfinite)
+    leaves[path] = _leaf(reader, keys, keymap.get_path(abstract, path).shape, stacked,
+                         keymap.get_path(shardings, path), dtype, nonfinite)
   if nonfinite:
     names = sorted(nonfinite)
     raise NonFiniteWeightsError(f"{len(names)} SAM tensors hold NaN or inf: {', '.join(names[:8])}")

@@ -13,7 +13,7 @@ What runs (SAM's `SamAutomaticMaskGenerator` with its defaults and one crop, the
           centres, scaled to the model input), `points_per_batch` points of all images per step
           (`lax.map`), three masks per point; every mask's logits upscaled to the image size as the
           released post-processing (bilinear, align_corners=False, to S x S, crop to the resized
-          image, bilinear to the original size: one precomputed sparse matrix per axis, fp32);
+          image, bilinear to the original size: one precomputed matrix per axis, fp32 matmuls);
           per mask only its pixel area, stability (|logits > t + offset| / |logits > t - offset|,
           0 for an empty union) and inclusive bounds (x_min, y_min, x_max, y_max of logits > t;
           0s when empty) are kept, computed 64 upscaled rows at a time (no full-size mask ever
@@ -155,29 +155,40 @@ def _apply_taps(x: jax.Array, taps, axis: int) -> jax.Array:
   return out
 
 
+def tap_matrix(taps, size_in: int) -> np.ndarray:
+  """The dense [out, size_in] float32 matrix of (index [out, K], weight [out, K]) taps."""
+  index, weight = (np.asarray(t) for t in taps)
+  m = np.zeros((index.shape[0], size_in), np.float32)
+  rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
+  np.add.at(m, (rows, index.ravel()), weight.ravel())
+  return m
+
+
 def mask_stats(logits: jax.Array, taps_h, taps_w, threshold: float, offset: float,
                rows_per_block: int = 64):
   """Low-resolution logits [..., L, L] -> (areas, stability, bounds [..., 4]) at the image size.
 
   Upscaled logits are thresholded at `threshold` (area, bounds) and at threshold +- offset
-  (stability). The image is upscaled `rows_per_block` output rows at a time (`lax.scan`), so only
-  one block of rows of every mask exists at once; nothing image-sized is returned.
+  (stability). The taps run as dense fp32 matmuls (HIGHEST precision: fp32 on TPUs too), the
+  image `rows_per_block` output rows at a time (`lax.scan`), so only one block of rows of every
+  mask exists at once; nothing image-sized is returned.
   """
-  index_h, weight_h = taps_h
-  h, w = index_h.shape[0], taps_w[0].shape[0]
+  low = logits.shape[-1]
+  m_h, m_w = tap_matrix(taps_h, logits.shape[-2]), tap_matrix(taps_w, low)
+  h, w = m_h.shape[0], m_w.shape[0]
   block = min(rows_per_block, h)
   n = -(-h // block)
-  pad = n * block - h
-  index_h = np.pad(index_h, ((0, pad), (0, 0))).reshape(n, block, -1)
-  weight_h = np.pad(weight_h, ((0, pad), (0, 0))).reshape(n, block, -1)
+  m_h = np.pad(m_h, ((0, n * block - h), (0, 0))).reshape(n, block, -1)
   real = (np.arange(n * block) < h).reshape(n, block)
   x32 = logits.astype(jnp.float32)
   lead = logits.shape[:-2]
+  hi = jax.lax.Precision.HIGHEST
 
   def rows(carry, xs):
     area, inter, union, cols = carry
-    ih, wh, valid = xs
-    x = _apply_taps(_apply_taps(x32, (ih, wh), -2), taps_w, -1)  # [..., block, W]
+    mh, valid = xs
+    x = jnp.einsum("...hl,bh->...bl", x32, mh, precision=hi)
+    x = jnp.einsum("...bl,wl->...bw", x, jnp.asarray(m_w), precision=hi)  # [..., block, W]
     valid = valid[:, None]
     inside = (x > threshold) & valid
     count = lambda m: m.sum(axis=(-2, -1), dtype=jnp.int32)
@@ -188,7 +199,7 @@ def mask_stats(logits: jax.Array, taps_h, taps_w, threshold: float, offset: floa
   zeros = jnp.zeros(lead, jnp.int32)
   init = (zeros, zeros, zeros, jnp.zeros(lead + (w,), bool))
   (area, inter, union, cols), row_any = jax.lax.scan(
-      rows, init, (jnp.asarray(index_h), jnp.asarray(weight_h), jnp.asarray(real)))
+      rows, init, (jnp.asarray(m_h), jnp.asarray(real)))
   row_any = jnp.moveaxis(row_any, 0, -2).reshape(lead + (n * block,))[..., :h]
   stability = jnp.where(union > 0, inter.astype(jnp.float32) / jnp.maximum(union, 1), 0.0)
   y0, y1 = jnp.argmax(row_any, axis=-1), h - 1 - jnp.argmax(row_any[..., ::-1], axis=-1)

@@ -1,26 +1,33 @@
-"""Grouped-query attention over packed sequences, masked from token metadata (BAGEL's packed-sequence mask rule,
-docs/bagel.md "Packed sequence layout and attention mask").
+"""Grouped-query attention over packed sequences, masked from token metadata (BAGEL's
+packed-sequence mask rule, docs/bagel.md "Packed sequence layout and attention mask").
 
-Query head h uses kv head h // (Hq / Hkv) (consecutive query heads share a kv head); scale 1/sqrt(d);
-scores and softmax in fp32; no dropout. A query with no visible key (padding) returns 0, never NaN.
+Query head h uses kv head h // (Hq / Hkv) (consecutive query heads share a kv head); scale
+1/sqrt(d); scores and softmax in fp32; no dropout. A query with no visible key (padding) returns 0,
+never NaN.
 
-Implementations of the same function (`attention(..., impl=)`; `resolve_impl` turns a config's choice,
-`auto` included, into one of them for a platform):
-* `dense`: one [B, H, Nq, Nk] score tensor; simplest, for short sequences and the reference of the others.
+Implementations of the same function (`attention(..., impl=)`; `resolve_impl` turns a config's
+choice, `auto` included, into one of them for a platform):
+* `dense`: one [B, H, Nq, Nk] score tensor; simplest, for short sequences and the reference of the
+  others.
 * `chunked`: query blocks through `lax.map`, each block's mask built from metadata, so memory is
-  O(block * Nk) instead of O(Nq * Nk); each block is rematerialised in the backward pass so gradients do
-  not store the scores of all blocks either.
-* `xla`: `chunked` with the softmax's row maximum under `stop_gradient` (the softmax does not depend on the
+  O(block * Nk) instead of O(Nq * Nk); each block is rematerialised in the backward pass so
+  gradients do not store the scores of all blocks either.
+* `xla`: `chunked` with the softmax's row maximum under `stop_gradient` (the softmax does not depend
+  on the
   shift, so gradients are the same; the backward pass no longer routes a gradient through the max).
-* `splash`: Pallas TPU splash attention with a dynamic mask built from the metadata: blocks with no visible
+* `splash`: Pallas TPU splash attention with a dynamic mask built from the metadata: blocks with no
+  visible
   key are skipped, so BAGEL's block-sparse mask costs about its density. Pallas kernels cannot be
-  partitioned by GSPMD: under a mesh (`jax.set_mesh`) the kernel runs per shard through `jax.shard_map`, rows
-  over the mesh's batch axes and heads over `tensor` where they divide. (Splash's static mask + segment ids
-  mode does not fit: within a sample the split boundaries move with each prompt's length, so no single
-  static mask serves every row; it would take fixed per-sample text budgets in the packing.)
-* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as a dense bias (no block
+  partitioned by GSPMD: under a mesh (`jax.set_mesh`) the kernel runs per shard through
+  `jax.shard_map`, rows over the mesh's batch axes and heads over `tensor` where they divide.
+  (Splash's static mask + segment ids mode does not fit: within a sample the split boundaries move
+  with each prompt's length, so no single static mask serves every row; it would take fixed
+  per-sample text budgets in the packing.)
+* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` with the mask as a dense bias (no
+  block
   skipping); bf16/fp16 only, other dtypes take XLA's path of the same call. Per shard like `splash`.
-* `tokamax`: `tokamax.dot_product_attention` (GPU Pallas kernels; needs Python >= 3.12 and jax >= 0.11.1),
+* `tokamax`: `tokamax.dot_product_attention` (GPU Pallas kernels; needs Python >= 3.12 and jax >=
+  0.11.1),
   imported only when chosen. Per shard like `splash`.
 """
 from __future__ import annotations
@@ -44,7 +51,8 @@ CONFIG_CHOICES = ("auto",) + IMPLS  # model.attn_impl
 SPLASH_INTERPRET = "splash_interpret"
 KERNELS = ("splash", SPLASH_INTERPRET, "cudnn", "tokamax")
 GPU_PLATFORMS = ("gpu", "cuda")
-# Mesh axes the kernels' rows and heads are split over (sharding.DEFAULT_RULES: batch -> data, fsdp; heads -> tensor).
+# Mesh axes the kernels' rows and heads are split over (sharding.DEFAULT_RULES: batch -> data, fsdp;
+# heads -> tensor).
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 LANES = 128  # splash blocks are multiples of the TPU lane width
@@ -57,7 +65,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
                      stop_max_grad: bool = False) -> jax.Array:
   """q [B, Nq, Hq, d], k/v [B, Nk, Hkv, d], mask bool [B, Nq, Nk] -> [B, Nq, Hq, d] in q's dtype.
 
-  stop_max_grad: no gradient through the row maximum subtracted before `exp` (same gradients, less work).
+  stop_max_grad: no gradient through the row maximum subtracted before `exp` (same gradients, less
+  work).
   """
   B, Nq, Hq, d = q.shape
   Hkv = k.shape[2]
@@ -82,8 +91,10 @@ def _pad_meta(meta: TokenMeta, n: int) -> TokenMeta:
   """Append n padding slots (sample_id -1) along the token axis."""
   def pad(x, value):
     return jnp.pad(x, ((0, 0), (0, n)), constant_values=value)
-  return TokenMeta(sample_id=pad(meta.sample_id, -1), split_id=pad(meta.split_id, 0), mode=pad(meta.mode, 0),
-                   index=pad(meta.index, 0), position=pad(meta.position, 0), is_gen=pad(meta.is_gen, False))
+
+  return TokenMeta(
+      sample_id=pad(meta.sample_id, -1), split_id=pad(meta.split_id, 0), mode=pad(meta.mode, 0),
+      index=pad(meta.index, 0), position=pad(meta.position, 0), is_gen=pad(meta.is_gen, False))
 
 
 def _pad_tokens(x: jax.Array, n: int) -> jax.Array:
@@ -92,11 +103,13 @@ def _pad_tokens(x: jax.Array, n: int) -> jax.Array:
 
 
 def _zero_empty_rows(out: jax.Array, mask: jax.Array) -> jax.Array:
-  """0 where a query sees no key (kernels fill such rows with a uniform average or leave them undefined)."""
+  """0 where a query sees no key (kernels fill such rows with a uniform average or leave them
+  undefined)."""
   return jnp.where(jnp.any(mask, axis=-1)[..., None, None], out, 0).astype(out.dtype)
 
 
-def _chunked(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, block_q: int, stop_max_grad: bool) -> jax.Array:
+def _chunked(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, block_q: int,
+             stop_max_grad: bool) -> jax.Array:
   B, Nq, Hq, d = q.shape
   if Nq <= block_q:
     return masked_attention(q, k, v, attention_mask(q_meta, k_meta), stop_max_grad=stop_max_grad)
@@ -125,23 +138,27 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _splash_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int, interpret: bool) -> jax.Array:
-  """Splash attention on one shard: both token axes padded to whole blocks, one dynamic mask per row."""
+def _splash_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int,
+                  interpret: bool) -> jax.Array:
+  """Splash attention on one shard: both token axes padded to whole blocks, one dynamic mask per
+  row."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   Nq, d, Nk = q.shape[1], q.shape[3], k.shape[1]
   bq, bkv = min(block, _round_up(Nq, LANES)), min(block, _round_up(Nk, LANES))
   pq, pk = _round_up(Nq, bq) - Nq, _round_up(Nk, bkv) - Nk
   q, k, v = _pad_tokens(q, pq), _pad_tokens(k, pk), _pad_tokens(v, pk)
-  mask = attention_mask(_pad_meta(q_meta, pq), _pad_meta(k_meta, pk))  # padding slots see and are seen by nothing
+  # padding slots see and are seen by nothing
+  mask = attention_mask(_pad_meta(q_meta, pq), _pad_meta(k_meta, pk))
   # One fused backward kernel (dq, dk and dv from one recomputation of the scores: 5 block matmuls
   # instead of 3 + 4 in separate dq and dkv kernels); dq is summed over the kv blocks outside it.
-  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                            block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                            block_kv_dkv=bkv, block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
 
   def one_row(q, k, v, row_mask):  # q [Hq, Nq, d], k/v [Hkv, Nk, d], row_mask [Nq, Nk]
-    kernel = splash.make_splash_mha(row_mask[None], block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
-    # make_splash_mha turns the mask infos' `is_dynamic_mask` flag into an array (a tracer under jit), which
+    kernel = splash.make_splash_mha(row_mask[None], block_sizes=sizes, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    # make_splash_mha turns the mask infos' `is_dynamic_mask` flag into an array (a tracer under
+    # jit), which
     # the kernel then tests with `if`: put the Python bool back.
     for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
       info = getattr(kernel, name)
@@ -156,7 +173,8 @@ def _splash_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int, 
   return _zero_empty_rows(heads_first(out), mask)[:, :Nq]
 
 
-def _sdpa_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, implementation: Optional[str]) -> jax.Array:
+def _sdpa_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *,
+                implementation: Optional[str]) -> jax.Array:
   """`jax.nn.dot_product_attention` with the packed mask (cuDNN takes it as a dense bias)."""
   mask = attention_mask(q_meta, k_meta)
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -174,8 +192,9 @@ def _tokamax_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
 
 
 def kernel_axes(mesh, batch: int, kv_heads: int):
-  """Mesh axes a kernel's rows and heads are split over: the batch axes (in order) whose product divides
-  `batch`, and `tensor` when it divides the kv heads (else heads stay whole: replicated over it)."""
+  """Mesh axes a kernel's rows and heads are split over: the batch axes (in order) whose product
+  divides `batch`, and `tensor` when it divides the kv heads (else heads stay whole: replicated over
+  it)."""
   rows, n = [], 1
   for a in BATCH_AXES:
     size = dict(mesh.shape).get(a, 1)
@@ -189,9 +208,9 @@ def kernel_axes(mesh, batch: int, kv_heads: int):
 
 @contextlib.contextmanager
 def kernel_mesh(mesh):
-  """While tracing: the (concrete) mesh the kernels run per shard of (`sharding.under_mesh` sets it around a
-  function jitted with shardings on that mesh; a concrete mesh, unlike an abstract one inside jit, also lowers
-  when the kernel sits in a scanned or rematerialised layer)."""
+  """While tracing: the (concrete) mesh the kernels run per shard of (`sharding.under_mesh` sets it
+  around a function jitted with shardings on that mesh; a concrete mesh, unlike an abstract one
+  inside jit, also lowers when the kernel sits in a scanned or rematerialised layer)."""
   token = _KERNEL_MESH.set(mesh)
   try:
     yield
@@ -200,8 +219,8 @@ def kernel_mesh(mesh):
 
 
 def _per_shard(local: Callable, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> jax.Array:
-  """Run `local` on each shard of the kernel mesh (`kernel_mesh`) or of the ambient one (`jax.set_mesh`), or
-  directly without either."""
+  """Run `local` on each shard of the kernel mesh (`kernel_mesh`) or of the ambient one
+  (`jax.set_mesh`), or directly without either."""
   mesh = _KERNEL_MESH.get()
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
@@ -215,16 +234,18 @@ def _per_shard(local: Callable, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -
 
 def splash_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int = 512,
                      interpret: bool = False) -> jax.Array:
-  """`attention` through the splash kernel (per shard under a mesh); `interpret`: the Pallas interpreter."""
+  """`attention` through the splash kernel (per shard under a mesh); `interpret`: the Pallas
+  interpreter."""
   if block % LANES:
     raise ValueError(f"splash attention needs a block that is a multiple of {LANES}, got {block}")
   local = functools.partial(_splash_local, block=block, interpret=interpret)
   return _per_shard(local, q, k, v, q_meta, k_meta)
 
 
-def sdpa_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, implementation: Optional[str]) -> jax.Array:
-  """`attention` through `jax.nn.dot_product_attention(implementation=...)` ("cudnn"; "xla" / None run the
-  same call on any backend), per shard under a mesh."""
+def sdpa_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *,
+                   implementation: Optional[str]) -> jax.Array:
+  """`attention` through `jax.nn.dot_product_attention(implementation=...)` ("cudnn"; "xla" / None
+  run the same call on any backend), per shard under a mesh."""
   local = functools.partial(_sdpa_local, implementation=implementation)
   return _per_shard(local, q, k, v, q_meta, k_meta)
 
@@ -238,8 +259,9 @@ def import_tokamax():
   try:
     return importlib.import_module("tokamax")
   except ImportError as e:
-    raise ImportError(f"attn_impl 'tokamax' needs the tokamax package (pip install tokamax; Python >= 3.12, "
-                      f"jax >= 0.11.1): {e}") from None
+    raise ImportError(
+        f"attn_impl 'tokamax' needs the tokamax package (pip install tokamax; Python >= 3.12, "
+        f"jax >= 0.11.1): {e}") from None
 
 
 def tokamax_available() -> bool:
@@ -251,10 +273,12 @@ def tokamax_available() -> bool:
 
 
 def resolve_impl(name: str, platform: Optional[str] = None) -> str:
-  """A config's `model.attn_impl` -> the implementation to run on `platform` (default: JAX's backend).
+  """A config's `model.attn_impl` -> the implementation to run on `platform` (default: JAX's
+  backend).
 
-  auto: tpu -> splash; gpu -> tokamax when importable, else cudnn; other platforms -> xla. An explicit
-  choice is checked against the platform (one clear error line instead of a compiler failure later).
+  auto: tpu -> splash; gpu -> tokamax when importable, else cudnn; other platforms -> xla. An
+  explicit choice is checked against the platform (one clear error line instead of a compiler
+  failure later).
   """
   platform = platform or jax.default_backend()
   if name == "auto":
@@ -266,9 +290,13 @@ def resolve_impl(name: str, platform: Optional[str] = None) -> str:
   if name not in IMPLS and name != SPLASH_INTERPRET:
     raise ValueError(f"unknown attention impl {name!r}; choose one of {CONFIG_CHOICES}")
   if name == "splash" and platform != "tpu":
-    raise ValueError(f"attn_impl 'splash' is a TPU kernel but the platform is {platform!r}; choose auto or xla")
+    raise ValueError(
+        f"attn_impl 'splash' is a TPU kernel but the platform is {platform!r}; choose auto or xla")
   if name == "cudnn" and platform not in GPU_PLATFORMS:
-    raise ValueError(f"attn_impl 'cudnn' needs an NVIDIA GPU but the platform is {platform!r}; choose auto or xla")
+    raise ValueError(
+        f"attn_impl 'cudnn' needs an NVIDIA GPU but the platform is {platform!r}; choose auto or "
+        f"xla"
+    )
   if name == "tokamax":
     import_tokamax()
   return name
@@ -276,12 +304,13 @@ def resolve_impl(name: str, platform: Optional[str] = None) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_meta: TokenMeta, *,
               impl: str = "dense", block_q: int = 512) -> jax.Array:
-  """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the packed-sequence mask from metadata.
+  """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the packed-sequence mask from
+  metadata.
 
-  impl: one of `IMPLS` or "auto" (see the module docstring; all give the same result). block_q: the query
-  block of `chunked` / `xla` and the block of both token axes of `splash` (a multiple of 128). Under the
-  kernels (splash, cudnn, tokamax), fewer than 128 queries (a decoding step) take the `xla` path: a kernel
-  tile would be mostly padding.
+  impl: one of `IMPLS` or "auto" (see the module docstring; all give the same result). block_q: the
+  query block of `chunked` / `xla` and the block of both token axes of `splash` (a multiple of 128).
+  Under the kernels (splash, cudnn, tokamax), fewer than 128 queries (a decoding step) take the
+  `xla` path: a kernel tile would be mostly padding.
   """
   if impl == "auto":
     impl = resolve_impl(impl)
@@ -290,7 +319,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_met
   if impl in ("chunked", "xla") or (impl in KERNELS and q.shape[1] < LANES):
     return _chunked(q, k, v, q_meta, k_meta, block_q, stop_max_grad=impl != "chunked")
   if impl in ("splash", SPLASH_INTERPRET):
-    return splash_attention(q, k, v, q_meta, k_meta, block=block_q, interpret=impl == SPLASH_INTERPRET)
+    return splash_attention(q, k, v, q_meta, k_meta, block=block_q,
+                            interpret=impl == SPLASH_INTERPRET)
   if impl == "cudnn":
     return sdpa_attention(q, k, v, q_meta, k_meta, implementation="cudnn")
   if impl == "tokamax":

@@ -1,8 +1,9 @@
 """Primitive layers as pure functions over parameter dicts, with the dtype policy in one place.
 
-Policy: parameters are stored in `param_dtype` (fp32 or bf16); matmuls run in the compute dtype of their
-input (bf16 for real runs, fp32 in conformance tests); norms, softmax and RoPE run in fp32. LoRA adapters
-(`lora_a`, `lora_b` next to a kernel) run in the same compute dtype, whatever dtype they are stored in.
+Policy: parameters are stored in `param_dtype` (fp32 or bf16); matmuls run in the compute dtype of
+their input (bf16 for real runs, fp32 in conformance tests); norms, softmax and RoPE run in fp32.
+LoRA adapters (`lora_a`, `lora_b` next to a kernel) run in the same compute dtype, whatever dtype
+they are stored in.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 
 
 class LoraRun(NamedTuple):
-  """How `dense` applies the adapters it finds in its parameters: `scale` = alpha / rank; `rate` = dropout on
-  the adapters' input, applied only when `key` is set (training)."""
+  """How `dense` applies the adapters it finds in its parameters: `scale` = alpha / rank; `rate` =
+  dropout on the adapters' input, applied only when `key` is set (training)."""
   scale: float
   rate: float = 0.0
   key: Optional[jax.Array] = None
@@ -47,13 +48,15 @@ def dense(p, x: jax.Array, lora: Optional[LoraRun] = None) -> jax.Array:
     y = y + p["bias"].astype(y.dtype)
   if "lora_a" in p:
     if lora is None:
-      raise ValueError("these parameters hold LoRA adapters: pass `lora` (a LoraRun with the scale)")
+      raise ValueError(
+          "these parameters hold LoRA adapters: pass `lora` (a LoraRun with the scale)")
     y = y + lora_delta(p, x, lora).astype(y.dtype)
   return y.astype(x.dtype)
 
 
 def rms_norm(p, x: jax.Array, eps: float) -> jax.Array:
-  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (eps 1e-6 in BAGEL)."""
+  """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then scale (eps 1e-6 in
+  BAGEL)."""
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return y.astype(x.dtype) * p["scale"].astype(x.dtype)
@@ -79,11 +82,13 @@ def silu(x: jax.Array) -> jax.Array:
 
 
 def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
-  """Per row b: x[b, index[b]] for x [B, N, ...] and index [B, C] -> [B, C, ...]; out-of-range entries
-  (index >= N, the packing's "unused" marker) give 0."""
+  """Per row b: x[b, index[b]] for x [B, N, ...] and index [B, C] -> [B, C, ...]; out-of-range
+  entries (index >= N, the packing's "unused" marker) give 0."""
   return jax.vmap(lambda xr, ir: xr.at[ir].get(mode="fill", fill_value=0))(x, index)
 
 
 def scatter_rows(base: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
-  """Per row b: base[b, index[b]] = values[b] (cast to base's dtype); out-of-range entries are skipped."""
-  return jax.vmap(lambda br, ir, vr: br.at[ir].set(vr.astype(br.dtype), mode="drop"))(base, index, values)
+  """Per row b: base[b, index[b]] = values[b] (cast to base's dtype); out-of-range entries are
+  skipped."""
+  return jax.vmap(lambda br, ir, vr: br.at[ir].set(vr.astype(br.dtype), mode="drop"))(base, index,
+                                                                                      values)

@@ -1,14 +1,14 @@
 """CLI entry points of the pipeline stages (`python -m srum_jax <stage> --config=...`).
 
 Standalone stages read and write under `config.workdir`: generate/ (images + metadata), propose/
-(regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples), eval/<name>/.
-A wrong config key fails in the flag parser; bad values, missing files and folders fail in
-`config_validation.validate` (called by the CLI), before any work; a stage left with no prompts is an error.
-Every stage holds the workdir's lock (`locking.WorkdirLock`) while it runs: a second command on the same
-workdir exits with code 2 and one line naming the holder. Before any work each stage claims its
-outputs (`provenance`): outputs another configuration made stop it with exit code 2, unless
-`discard_stale`. A training stopped by a signal exits with code 75 (its state is saved: the same
-command resumes).
+(regions.jsonl), score/ (rewards.jsonl, stats.json), train/ (checkpoints, tb, samples),
+eval/<name>/. A wrong config key fails in the flag parser; bad values, missing files and folders
+fail in `config_validation.validate` (called by the CLI), before any work; a stage left with no
+prompts is an error. Every stage holds the workdir's lock (`locking.WorkdirLock`) while it runs: a
+second command on the same workdir exits with code 2 and one line naming the holder. Before any work
+each stage claims its outputs (`provenance`): outputs another configuration made stop it with exit
+code 2, unless `discard_stale`. A training stopped by a signal exits with code 75 (its state is
+saved: the same command resumes).
 """
 from __future__ import annotations
 
@@ -145,13 +145,14 @@ def train_main(config, flags) -> int:
 
 
 def _eval_model(config, out_dir: str) -> loaded_model.Model:
-  """`eval.model_dir` (a converted model dir, or an official checkpoint converted into `<out_dir>/converted_model`),
-  else the config's `model.*`."""
+  """`eval.model_dir` (a converted model dir, or an official checkpoint converted into
+  `<out_dir>/converted_model`), else the config's `model.*`."""
   path = config.eval.model_dir
   if not path:
     return _model(config)
   if loaded_model.is_official_dir(path):
-    view = config.copy_and_resolve_references()  # the converter's view of this model; the config is unchanged
+    # the converter's view of this model; the config is unchanged
+    view = config.copy_and_resolve_references()
     view.model.official_dir, view.workdir = path, out_dir
     path = loaded_model.resolve_model_dir(view)
   loaded_model.check_model_dir(path)
@@ -174,14 +175,15 @@ def eval_main(config, flags) -> int:
   provenance.claim(config, provenance.eval_units(config, out, model=identity, items=items,
                                                  name=ecfg.name))
   if ecfg.images_dir:
-    evaluate.evaluate_folder(ecfg, config.score, _eval_model(config, out) if needs_umm else None, items,
+    evaluate.evaluate_folder(ecfg, config.score,
+                             _eval_model(config, out) if needs_umm else None, items,
                              ecfg.images_dir, out, seed=ecfg.seed, texts=texts,
                              compute_dtype=config.model.compute_dtype, name=ecfg.name,
                              attn_impl=loaded_model.attn_impl(config))
   else:
-    evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items, out,
-                      seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype, name=ecfg.name,
-                      attn_impl=loaded_model.attn_impl(config))
+    evaluate.evaluate(ecfg, config.eval_generate, config.score, _eval_model(config, out), items,
+                      out, seed=ecfg.seed, texts=texts, compute_dtype=config.model.compute_dtype,
+                      name=ecfg.name, attn_impl=loaded_model.attn_impl(config))
   return 0
 
 

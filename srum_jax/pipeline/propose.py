@@ -33,8 +33,9 @@ def propose(pcfg, gen_dir: str, out_dir: str, mesh=None) -> ProposeReport:
   (default: the local devices). Options left "" in the config are not passed to the proposer."""
   name = pcfg.name
   options = {k: v for k, v in dict(pcfg.options).items() if v != ""}
-  proposer = get_proposer(name, max_regions=pcfg.max_regions, min_area=pcfg.min_area, box_mode=pcfg.box_mode,
-                          mesh=mesh, images_per_call=pcfg.batch_size, **options)
+  proposer = get_proposer(name, max_regions=pcfg.max_regions, min_area=pcfg.min_area,
+                          box_mode=pcfg.box_mode, mesh=mesh, images_per_call=pcfg.batch_size,
+                          **options)
   rep = ProposeReport()
   log = logs.process_log(out_dir, "regions")
   log_rep = logs.LogReport()

@@ -13,25 +13,28 @@ Proposers (`available_proposers()`):
                 (see `SamProposer`). What SRUM uses (ViT-H).
   sam_torch     the same generator with transformers' PyTorch `SamModel` on a torch device
                 (`SamTorchProposer`): the reference the JAX path is tested against.
-  felzenszwalb  scikit-image's graph-based segmentation; no weights. Every pixel belongs to some segment, so
+  felzenszwalb  scikit-image's graph-based segmentation; no weights. Every pixel belongs to some
+  segment, so
                 the largest one is usually the background.
-  components    connected components of equal quantised colour among non-background pixels: exact objects
-                for synthetic scenes drawn on a black background.
+  components    connected components of equal quantised colour among non-background pixels: exact
+                objects for synthetic scenes drawn on a black background.
   grid          fixed k x k cells, independent of the image content (a content-free baseline).
 
-Official post-processing, shared by all (`postprocess`): each mask's bounding box becomes an integer box
-[x, y, x + w, y + h] with the mask's pixel area; regions are sorted by area, largest first (stable: equal
-areas keep the proposer's order), masks below `min_area` are dropped, and the first `max_regions` are kept
-(None = all; the functions' default 5 is `vlm.py`'s own parser default, while SRUM's shipped `vlm.sh` ->
-`vlm_multi_gpu.py` scores 10: `propose.max_regions`). `min_area` in [0, 1) is a fraction of the image area, >= 1 a pixel count.
+Official post-processing, shared by all (`postprocess`): each mask's bounding box becomes an integer
+box [x, y, x + w, y + h] with the mask's pixel area; regions are sorted by area, largest first
+(stable: equal areas keep the proposer's order), masks below `min_area` are dropped, and the first
+`max_regions` are kept (None = all; the functions' default 5 is `vlm.py`'s own parser default, while
+SRUM's shipped `vlm.sh` -> `vlm_multi_gpu.py` scores 10: `propose.max_regions`). `min_area` in [0,
+1) is a fraction of the image area, >= 1 a pixel count.
 
 Box convention (`box_mode`):
-  "official"   SAM's XYWH box has w = x_max - x_min with x_max the mask's LAST column (inclusive), so
-               [x, y, x + w, y + h] = [x_min, y_min, x_max, y_max] in inclusive pixel indices. Under the
-               reward map's half-open rule (x0 <= x < x1) it misses the mask's last column and row.
-               A one-pixel-thick mask would give x0 == x1 (a box the reward map ignores); we widen such a box by one
-               pixel instead, so boxes are never empty.
-  "half_open"  [x_min, y_min, x_max + 1, y_max + 1]: exactly the mask's bounding rectangle under x0 <= x < x1.
+  "official"   SAM's XYWH box has w = x_max - x_min with x_max the mask's LAST column (inclusive),
+               so [x, y, x + w, y + h] = [x_min, y_min, x_max, y_max] in inclusive pixel indices.
+               Under the reward map's half-open rule (x0 <= x < x1) it misses the mask's last column
+               and row. A one-pixel-thick mask would give x0 == x1 (a box the reward map ignores);
+               we widen such a box by one pixel instead, so boxes are never empty.
+  "half_open"  [x_min, y_min, x_max + 1, y_max + 1]: exactly the mask's bounding rectangle under x0
+  <= x < x1.
 Either way 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H.
 """
 from __future__ import annotations
@@ -64,8 +67,9 @@ BOX_MODES = ("official", "half_open")
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-  """One proposal: `box` (x0, y0, x1, y1) in image pixels (see the module's box convention), `area` the
-  mask's pixel count, `score` the proposer's confidence where it has one (SAM: predicted IoU)."""
+  """One proposal: `box` (x0, y0, x1, y1) in image pixels (see the module's box convention), `area`
+  the mask's pixel count, `score` the proposer's confidence where it has one (SAM: predicted IoU).
+  """
   box: tuple[int, int, int, int]
   area: int
   score: Optional[float] = None
@@ -75,8 +79,8 @@ class Region:
 
 
 class Candidates(NamedTuple):
-  """Raw proposals before post-processing: inclusive bounds [N, 4] (x_min, y_min, x_max, y_max), areas [N]
-  (0 = empty mask, dropped), optional scores [N]."""
+  """Raw proposals before post-processing: inclusive bounds [N, 4] (x_min, y_min, x_max, y_max),
+  areas [N] (0 = empty mask, dropped), optional scores [N]."""
   bounds: np.ndarray
   areas: np.ndarray
   scores: Optional[np.ndarray] = None
@@ -93,8 +97,8 @@ def as_image(image) -> np.ndarray:
 def mask_bounds(masks) -> tuple[np.ndarray, np.ndarray]:
   """Boolean masks [N, H, W] (or one [H, W]) -> (inclusive bounds [N, 4] int64, areas [N] int64).
 
-  Bounds are (x_min, y_min, x_max, y_max) of the True pixels; an empty mask gets (0, 0, 0, 0) and area 0,
-  as SAM's `batched_mask_to_box` does.
+  Bounds are (x_min, y_min, x_max, y_max) of the True pixels; an empty mask gets (0, 0, 0, 0) and
+  area 0, as SAM's `batched_mask_to_box` does.
   """
   masks = np.asarray(masks, bool)
   if masks.ndim == 2:
@@ -112,11 +116,13 @@ def mask_bounds(masks) -> tuple[np.ndarray, np.ndarray]:
   return bounds.reshape(n, 4), areas
 
 
-def label_bounds(labels, *, background: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Integer label image [H, W] -> (label ids [N], inclusive bounds [N, 4], areas [N]), ids ascending.
+def label_bounds(labels, *,
+                 background: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Integer label image [H, W] -> (label ids [N], inclusive bounds [N, 4], areas [N]), ids
+  ascending.
 
-  Each distinct label is one mask (`background`, if given, is skipped); computed without materialising
-  N full-size masks, so a segmentation with hundreds of segments stays cheap.
+  Each distinct label is one mask (`background`, if given, is skipped); computed without
+  materialising N full-size masks, so a segmentation with hundreds of segments stays cheap.
   """
 
   labels = np.asarray(labels)
@@ -140,16 +146,19 @@ def min_area_pixels(min_area: float, image_area: int) -> float:
   return min_area * image_area if min_area < 1.0 else min_area
 
 
-def postprocess(candidates: Candidates, image_shape: Sequence[int], *, max_regions: Optional[int] = 5,
-                min_area: float = 0.0, box_mode: str = "official") -> list[Region]:
-  """The official post-processing (module docstring): sort by area, drop empty / below `min_area`, keep the
-  first `max_regions`, convert bounds to boxes in `box_mode`, clipped to the image and never empty."""
+def postprocess(candidates: Candidates, image_shape: Sequence[int], *,
+                max_regions: Optional[int] = 5, min_area: float = 0.0,
+                box_mode: str = "official") -> list[Region]:
+  """The official post-processing (module docstring): sort by area, drop empty / below `min_area`,
+  keep the first `max_regions`, convert bounds to boxes in `box_mode`, clipped to the image and
+  never empty."""
   if box_mode not in BOX_MODES:
     raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}")
   h, w = int(image_shape[0]), int(image_shape[1])
   bounds = np.asarray(candidates.bounds, np.int64).reshape(-1, 4)
   areas = np.asarray(candidates.areas, np.int64).reshape(-1)
-  scores = None if candidates.scores is None else np.asarray(candidates.scores, np.float64).reshape(-1)
+  scores = None if candidates.scores is None else np.asarray(candidates.scores,
+                                                             np.float64).reshape(-1)
   order = np.argsort(-areas, kind="stable")
   threshold = max(min_area_pixels(min_area, h * w), 1.0)
   order = order[areas[order] >= threshold]
@@ -171,7 +180,8 @@ def postprocess(candidates: Candidates, image_shape: Sequence[int], *, max_regio
 
 def masks_to_regions(masks, scores=None, *, max_regions: Optional[int] = 5, min_area: float = 0.0,
                      box_mode: str = "official") -> list[Region]:
-  """Boolean masks [N, H, W] (+ optional scores [N]) -> regions, with the official post-processing."""
+  """Boolean masks [N, H, W] (+ optional scores [N]) -> regions, with the official
+  post-processing."""
   masks = np.asarray(masks, bool)
   if masks.ndim == 2:
     masks = masks[None]
@@ -183,12 +193,13 @@ def masks_to_regions(masks, scores=None, *, max_regions: Optional[int] = 5, min_
 class Proposer(abc.ABC):
   """A region proposer: `propose(image)` (or calling it) -> list[Region], largest first.
 
-  Subclasses implement `candidates(image) -> Candidates`; the shared post-processing is applied here.
-  A `batched` proposer takes a `mesh` and `images_per_call` and overrides `candidates_batch`.
+  Subclasses implement `candidates(image) -> Candidates`; the shared post-processing is applied
+  here. A `batched` proposer takes a `mesh` and `images_per_call` and overrides `candidates_batch`.
   """
   batched = False
 
-  def __init__(self, *, max_regions: Optional[int] = 5, min_area: float = 0.0, box_mode: str = "official"):
+  def __init__(self, *, max_regions: Optional[int] = 5, min_area: float = 0.0,
+               box_mode: str = "official"):
     if box_mode not in BOX_MODES:
       raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}")
     if max_regions is not None and int(max_regions) < 0:
@@ -273,8 +284,8 @@ def check_propose_options(config, name: str) -> None:
 
 
 def get_proposer(name: str, *, mesh=None, images_per_call: int = 1, **cfg: Any) -> Proposer:
-  """The proposer registered as `name`, built with `cfg` (its own options plus max_regions, min_area,
-  box_mode); a batched one also gets `mesh` and `images_per_call`."""
+  """The proposer registered as `name`, built with `cfg` (its own options plus max_regions,
+  min_area, box_mode); a batched one also gets `mesh` and `images_per_call`."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown proposer {name!r}; available: {', '.join(available_proposers())}")
   cls = _REGISTRY[name]
@@ -285,10 +296,11 @@ def get_proposer(name: str, *, mesh=None, images_per_call: int = 1, **cfg: Any) 
 
 @register_proposer("grid")
 class GridProposer(Proposer):
-  """k x k cells with edges round(linspace(0, size, k + 1)); cells of an image smaller than k are dropped.
+  """k x k cells with edges round(linspace(0, size, k + 1)); cells of an image smaller than k are
+  dropped.
 
-  With the default `max_regions=5` only 5 cells survive (all cells have about the same area; ties keep
-  row-major order); pass `max_regions=None` for the full tiling.
+  With the default `max_regions=5` only 5 cells survive (all cells have about the same area; ties
+  keep row-major order); pass `max_regions=None` for the full tiling.
   """
 
   def __init__(self, k: int = 3, **post):
@@ -314,12 +326,14 @@ class ComponentsProposer(Proposer):
   """Connected components of non-background pixels with equal quantised colour.
 
   Background: pixels whose brightest channel is <= `background_threshold`. Colours are quantised to
-  `levels` bins per channel (bin = value * levels // 256), so two touching objects of different colours
-  stay separate while small shading noise inside one object does not split it. `connectivity` 1 = 4-neighbour,
-  2 = 8-neighbour. Anti-aliased edges can form tiny extra components: filter them with `min_area`.
+  `levels` bins per channel (bin = value * levels // 256), so two touching objects of different
+  colours stay separate while small shading noise inside one object does not split it.
+  `connectivity` 1 = 4-neighbour, 2 = 8-neighbour. Anti-aliased edges can form tiny extra
+  components: filter them with `min_area`.
   """
 
-  def __init__(self, background_threshold: int = 16, levels: int = 8, connectivity: int = 2, **post):
+  def __init__(self, background_threshold: int = 16, levels: int = 8, connectivity: int = 2,
+               **post):
     super().__init__(**post)
     if not 1 <= int(levels) <= 256:
       raise ValueError(f"levels must be in [1, 256], got {levels}")
@@ -352,8 +366,8 @@ class FelzenszwalbProposer(Proposer):
 
   def candidates(self, image):
 
-    labels = segmentation.felzenszwalb(image, scale=self.scale, sigma=self.sigma, min_size=self.min_size,
-                                       channel_axis=-1)
+    labels = segmentation.felzenszwalb(image, scale=self.scale, sigma=self.sigma,
+                                       min_size=self.min_size, channel_axis=-1)
     _, bounds, areas = label_bounds(labels)
     return Candidates(bounds, areas)
 
@@ -371,10 +385,11 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
 
 
 def box_nms(bounds: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-  """Greedy non-maximum suppression (torchvision's `nms` semantics): indices kept, by descending score.
+  """Greedy non-maximum suppression (torchvision's `nms` semantics): indices kept, by descending
+  score.
 
-  Box area is (x1 - x0) * (y1 - y0) on the given coordinates; a box is dropped when its IoU with a kept,
-  higher-scored box exceeds `iou_threshold`. Degenerate pairs (zero union) never suppress.
+  Box area is (x1 - x0) * (y1 - y0) on the given coordinates; a box is dropped when its IoU with a
+  kept, higher-scored box exceeds `iou_threshold`. Degenerate pairs (zero union) never suppress.
   """
   b = np.asarray(bounds, np.float64).reshape(-1, 4)
   order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
@@ -436,34 +451,40 @@ class SamTorchProposer(Proposer):
   """SAM automatic mask generation with transformers' `SamModel` on a torch `device`.
 
   `weights` holds a transformers SAM checkpoint (config.json + weights, e.g. a copy of
-  facebook/sam-vit-huge = SAM ViT-H as used by SRUM) and optionally its (pre)processor config; without one,
-  SAM's standard preprocessing (longest side -> the model's image size, ImageNet normalisation, pad) is used.
-  Nothing is downloaded.
+  facebook/sam-vit-huge = SAM ViT-H as used by SRUM) and optionally its (pre)processor config;
+  without one, SAM's standard preprocessing (longest side -> the model's image size, ImageNet
+  normalisation, pad) is used. Nothing is downloaded.
 
   Simplified `SamAutomaticMaskGenerator` (one crop = the whole image, SAM's defaults otherwise):
     1. embed the image once;
     2. prompt with a `points_per_side` x `points_per_side` grid of single foreground points
-       (`point_grid`, scaled to the image), `points_per_batch` at a time, 3 masks per point (multimask);
+       (`point_grid`, scaled to the image), `points_per_batch` at a time, 3 masks per point
+       (multimask);
     3. upscale mask logits to the image size (bilinear: pad size, crop, original size);
-    4. keep masks with predicted IoU > `pred_iou_thresh` and `stability_score` >= `stability_score_thresh`;
-    5. binarise at `mask_threshold`; greedy NMS on their boxes (IoU > `box_nms_thresh` suppressed, by
+    4. keep masks with predicted IoU > `pred_iou_thresh` and `stability_score` >=
+       `stability_score_thresh`;
+    5. binarise at `mask_threshold`; greedy NMS on their boxes (IoU > `box_nms_thresh` suppressed,
+       by
        predicted IoU).
-  Not done (off in SAM's defaults too): multi-crop layers, small-region hole filling. Region scores are
-  the predicted IoUs. torch/transformers are imported only here (the pipeline shell, not the JAX model).
+  Not done (off in SAM's defaults too): multi-crop layers, small-region hole filling. Region scores
+  are the predicted IoUs. torch/transformers are imported only here (the pipeline shell, not the JAX
+  model).
   """
 
   def __init__(self, weights: str, points_per_side: int = 32, points_per_batch: int = 64,
                pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
-               stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7, mask_threshold: float = 0.0,
-               device: str = "cpu", dtype: str = "float32", **post):
+               stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7,
+               mask_threshold: float = 0.0, device: str = "cpu", dtype: str = "float32", **post):
     super().__init__(**post)
     path = pathlib.Path(weights).expanduser()
     if not path.is_dir():
-      raise FileNotFoundError(f"SAM weights directory not found: {path} (expected a local transformers "
-                              "SamModel directory with config.json and model weights, e.g. facebook/sam-vit-huge)")
+      raise FileNotFoundError(
+          f"SAM weights directory not found: {path} (expected a local transformers "
+          "SamModel directory with config.json and model weights, e.g. facebook/sam-vit-huge)")
     if not (path / "config.json").is_file():
-      raise FileNotFoundError(f"SAM weights directory {path} has no config.json (expected a transformers "
-                              "SamModel directory saved with save_pretrained)")
+      raise FileNotFoundError(
+          f"SAM weights directory {path} has no config.json (expected a transformers "
+          "SamModel directory saved with save_pretrained)")
     import torch
     from transformers import SamImageProcessorPil, SamModel
 
@@ -475,7 +496,8 @@ class SamTorchProposer(Proposer):
     self.box_nms_thresh, self.mask_threshold = float(box_nms_thresh), float(mask_threshold)
     self.device = torch.device(device)
     self.dtype = getattr(torch, dtype)
-    self.model = SamModel.from_pretrained(path, local_files_only=True).to(self.device, self.dtype).eval()
+    self.model = SamModel.from_pretrained(path, local_files_only=True).to(self.device,
+                                                                          self.dtype).eval()
     size = int(self.model.config.vision_config.image_size)
     fixed = {"size": {"longest_edge": size}, "pad_size": {"height": size, "width": size}}
     if (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file():
@@ -493,14 +515,16 @@ class SamTorchProposer(Proposer):
     points = points * np.array([rw / w, rh / h])  # model input pixels, as SAM's ResizeLongestSide
     all_bounds, all_areas, all_scores = [], [], []
     with torch.no_grad():
-      embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
+      embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(
+          self.device, self.dtype))
       for start in range(0, len(points), self.points_per_batch):
         batch = points[start:start + self.points_per_batch]
         pts = torch.as_tensor(batch, dtype=self.dtype, device=self.device).reshape(1, -1, 1, 2)
         lbl = torch.ones(pts.shape[:3], dtype=torch.long, device=self.device)
-        out = self.model(image_embeddings=embeddings, input_points=pts, input_labels=lbl, multimask_output=True)
-        logits = self.processor.post_process_masks(out.pred_masks.float().cpu(), [(h, w)], [(rh, rw)],
-                                                   binarize=False)[0]  # [P, 3, H, W]
+        out = self.model(image_embeddings=embeddings, input_points=pts, input_labels=lbl,
+                         multimask_output=True)
+        logits = self.processor.post_process_masks(out.pred_masks.float().cpu(), [(h, w)],
+                                                   [(rh, rw)], binarize=False)[0]  # [P, 3, H, W]
         logits = logits.reshape(-1, h, w).numpy()
         iou = out.iou_scores.float().cpu().numpy().reshape(-1)
         keep = iou > self.pred_iou_thresh
