@@ -8,9 +8,9 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 `model_config.json` or, for an official checkpoint, the config's `model.preset`.
 
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
-(propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
+(propose), score (model, score), train (model, train, srum, prompts.anchor with the anchor, and its records file), eval (eval, eval_generate,
 score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
+run.*, prompts.eval_extra), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import os
 import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
+
+import ml_collections
 
 from srum_jax import files, paths
 from srum_jax.convert import hf_to_flax
@@ -366,8 +368,10 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     if per_sample < 1:
       _fail(f"{t}.num_tokens", tokens, f"leaves no room for prompt text: {S} samples of {H}x{W} pixels take "
             f"{latents} latent tokens, each sample needs 4 marker slots and >= 1 prompt id (text_capacity {text})")
-  for k in ("lambda_constraint",):
+  for k in ("lambda_constraint", "anchor_weight"):
     _float(config, f"srum.{k}", lo=0.0)
+  if float(config.srum.anchor_weight) > 0:
+    check_prompts(config, "prompts.anchor")
   for k in ("signed_rewards", "use_local", "use_global", "drop_zero_global"):
     _bool(config, f"srum.{k}")
 
@@ -460,6 +464,12 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
 
 
 def check_run(config) -> None:
+  for name in config.prompts.eval_extra.keys():
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+      _fail(f"prompts.eval_extra.{name}", name, "must be a folder name (letters, digits, . _ + = -)")
+    if not isinstance(config.prompts.eval_extra[name], ml_collections.ConfigDict):
+      _fail(f"prompts.eval_extra.{name}", config.prompts.eval_extra[name], "must be a prompt source block")
+    check_prompts(config, f"prompts.eval_extra.{name}")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.srum.use_local = True  # region rewards
   c.srum.use_global = True  # global layout reward
   c.srum.drop_zero_global = True  # official formatting filter: records whose global score is 0.0 are dropped
+  # Not in the official recipe: + anchor_weight * mean((v - v_ref)^2) at the batch's noised latents under prompts
+  # from `prompts.anchor` (outside the candidate set), v_ref the frozen starting model's velocity (0: off).
+  c.srum.anchor_weight = 0.0
 
   # Post-training (SRUM's scripts/train_reg_comp.sh).
   c.train = optimizer_block()
@@ -100,6 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts = ml_collections.ConfigDict()
   c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
   c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
+  # The anchor's prompts (`srum.anchor_weight` > 0): conditions on which training keeps the starting model's
+  # velocity; read only when the anchor is on.
+  c.prompts.anchor = prompt_source(source="tfds", name="t2i_compbench", split="train")
+  # Further eval-only prompt sets, {name: prompt source}: `run` evaluates every model on each beside val
+  # (<workdir>/eval_<name>/; e.g. the shapes world's generalisation split). None by default.
+  c.prompts.eval_extra = ml_collections.ConfigDict()
 
   # Candidate generation (official t2i inference: think mode, 50 steps, cfg 4.0 in [0.4, 1], shift 3.0).
   c.generate = ml_collections.ConfigDict()

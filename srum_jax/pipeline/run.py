@@ -4,6 +4,10 @@
     -> eval of the post-trained model; optionally the SFT control: the same self-generated images trained
     with R == 1 and lambda = 0 from the same starting model, then evaluated.
 
+Every eval runs on `prompts.val` and on each further prompt set named in `prompts.eval_extra` (e.g. the shapes
+world's generalisation split: prompt forms that neither train nor val holds), each with the same eval seed;
+extra sets are evaluated, never trained on. Their images go to <workdir>/eval_<set>/<model>.
+
 Every stage is resumable, so a restarted `run` continues where it stopped. The report folder holds
 report.json / report.md (per-category before/after, SFT, where the outputs are), grids of the same
 prompts and seeds before/after, reward-map overlays on the scored candidates, and the loss curves.
@@ -169,19 +173,29 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
   return current, rounds
 
 
-def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
-                  num_val: int, seconds: float, stage_seconds: Dict[str, float]) -> dict:
-  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it)."""
-  report_dir = work / "report"
+def _table_markdown(config, tables: Dict[str, dict], num: int, what: str) -> str:
+  """One markdown table: every model's judge accuracy per category on one prompt set."""
   per = int(config.eval_generate.samples_per_prompt)
-  on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
+  on = f"{num} {what}" + (f" x {per} images" if per > 1 else "")
   title = (f"Oracle-judged accuracy (%) on {on}" if config.eval.judge == "oracle"
-           else f"{config.eval.judge}-judged accuracy (%)")
-  md = report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True) for name, t in tables.items()],
-                       title=title)
+           else f"{config.eval.judge}-judged accuracy (%) on {on}")
+  return report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True)
+                          for name, t in tables.items()], title=title)
+
+
+def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
+                  num_val: int, seconds: float, stage_seconds: Dict[str, float],
+                  extra: Dict[str, dict]) -> dict:
+  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it).
+  `extra`: {set name: {"tables": {model: table}, "num": prompts, "eval_dirs": {model: dir}}}."""
+  report_dir = work / "report"
+  md = _table_markdown(config, tables, num_val, "validation prompts")
+  for set_name, e in extra.items():
+    md += "\n\n" + _table_markdown(config, e["tables"], e["num"], f"'{set_name}' prompts (prompts.eval_extra)")
+  extra_tables = {k: e["tables"] for k, e in extra.items()}
   if not distributed.is_main():
-    return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
-            "stage_seconds": stage_seconds, "judge": config.eval.judge}
+    return {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
+            "eval_dirs": eval_dirs, "seconds": seconds, "stage_seconds": stage_seconds, "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers
@@ -193,12 +207,14 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         paths.copy_file(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
-  summary = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
+  summary = {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
+             "eval_dirs": eval_dirs, "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()}, "pictures": pictures,
             "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
   files.write_json(str(report_dir / "report.json"), summary)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
+  lines += [f"- {k} on {s}: `{v}`" for s, e in extra.items() for k, v in e["eval_dirs"].items()]
   lines += [f"- picture: `{p}`" for p in pictures]
   lines += ["", f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one {seconds:.0f} s)",
             "", "| stage (this invocation) | s |", "|---|---|"]
@@ -223,17 +239,22 @@ def run(config) -> dict:
   val_items = load_prompts(config.prompts.val)
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
+  extra_items = extra_eval_sets(config)
   texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
+  extra = {k: {"tables": {}, "num": len(v), "eval_dirs": {}} for k, v in extra_items.items()}
 
   def do_eval(name: str, model: loaded_model.Model):
-    d = str(work / "eval" / name)
-    with clock(f"eval/{name}"):
-      tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                       seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
-                                       name=name, attn_impl=loaded_model.attn_impl(config))
-    eval_dirs[name] = d
+    sets = [(val_items, "eval", tables, eval_dirs)] + [
+        (v, f"eval_{k}", extra[k]["tables"], extra[k]["eval_dirs"]) for k, v in extra_items.items()]
+    for items, folder, out, dirs in sets:
+      d = str(work / folder / name)
+      with clock(f"{folder}/{name}"):
+        out[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items, d,
+                                      seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
+                                      name=name, attn_impl=loaded_model.attn_impl(config))
+      dirs[name] = d
 
   do_eval("base", base)
   current, rounds = _srum_rounds(config, base, train_items, work, clock, texts)
@@ -248,5 +269,17 @@ def run(config) -> dict:
       sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"])
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
+  for e in extra.values():
+    e["tables"] = {k: e["tables"][k] for k in order}
   return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),
-                       time.time() - t0, clock.seconds)
+                       time.time() - t0, clock.seconds, extra)
+
+
+def extra_eval_sets(config) -> Dict[str, list]:
+  """{name: prompt items} of `prompts.eval_extra` (each a prompt source; none by default), in config order."""
+  out = {}
+  for name, src in config.prompts.eval_extra.items():
+    items = load_prompts(src)
+    require_prompts(items, f"prompts.eval_extra.{name}")
+    out[name] = items
+  return out

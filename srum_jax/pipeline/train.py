@@ -36,6 +36,7 @@ from tensorboardX import SummaryWriter
 
 from srum_jax import distributed, files, paths, progress, sharding, tokenizer as tok, viz
 from srum_jax.convert import checkpoint
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.models import autoencoder
@@ -47,12 +48,13 @@ __all__ = ["OBJECTIVES", "step_options", "train", "final_params", "default_load_
 
 OBJECTIVES = ("srum", "sft")  # `train.objective`: SRUM, or the SFT control on the same data
 
-LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
+LOGGED = ("loss", "loss_reward", "loss_constraint", "loss_anchor", "reward_mean", "grad_norm", "lr", "skipped")
 
 
 def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
   """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
-  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data); `platform`: the one the
+  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data; the anchor to the starting
+  model, `srum.anchor_weight`, is part of the fine-tuning recipe and stays); `platform`: the one the
   attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
@@ -64,7 +66,8 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay))
+      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay),
+      anchor_weight=float(s.anchor_weight))
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -185,9 +188,19 @@ def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
   return encode, h.hexdigest()[:12]
 
 
+def _anchor_ids(config, cfg, tokenizer, spec):
+  """The anchor prompts' wrapped ids (`prompts.anchor`), or None when the anchor is off."""
+  if not float(config.srum.anchor_weight) > 0:
+    return None
+  items = load_prompts(config.prompts.anchor)
+  require_prompts(items, "prompts.anchor")
+  return train_data.anchor_prompt_ids([it.prompt for it in items], cfg, spec, tokenizer)
+
+
 def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str, params_ae=None):
   """Validate the records once per input, encode their images' posterior moments once (`train.vae_moments` =
-  cached; needs `params_ae`), then this host's grain iterator; returns (iterator, DataReport)."""
+  cached; needs `params_ae`), then this host's grain iterator (with the anchor prompts when
+  `srum.anchor_weight` > 0); returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = train_data.spec_from_config(config, pcount)
   ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
@@ -212,7 +225,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
     distributed.barrier("train_moments")
   ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
-                         workers=int(t.data_workers), report=report, moments=moments)
+                         workers=int(t.data_workers), report=report, moments=moments,
+                         anchor_ids=_anchor_ids(config, cfg, tokenizer, spec))
   return iter(ds), report
 
 
@@ -301,6 +315,8 @@ class _MetricsLog:
     vals.update(lr=float(self.schedule(step - 1)), skipped=int(jax.device_get(state.skipped)))
     self.acc, self.n = None, 0
     for k in LOGGED:
+      if k == "loss_anchor" and k not in vals:
+        continue  # the anchor is off
       self.history[k].append((step, vals.get(k, float("nan"))))
       if self.writer is not None:
         self.writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
@@ -343,6 +359,9 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
     state, key_data, resumed_from, given_up, meta = _restore_or_init(ckpt, params, init, abstract, state_sh,
                                                                      key_data, it)
     before = {"final_loss": meta.get("final_loss"), "seconds": float(meta.get("seconds") or 0.0)}
+    # the anchor's reference: the model training started from (a resumed run is given the same model again)
+    consts, const_sh = ((jax.device_put(params, state_sh.params),), (state_sh.params,)) if opts.anchor_weight > 0 \
+        else ((), ())
     del params
     step = int(jax.device_get(state.step))
     bar = progress.bar(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
@@ -364,9 +383,9 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
         report.truncated_prompts += hb.truncated
         if jstep is None:
           batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
-          jstep = ts.shard_train_step(lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh,
-                                      batch_sh, mesh)
-        state, metrics = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key)
+          jstep = ts.shard_train_step(lambda s, b, k, *c: step_fn(s, b, jax.random.fold_in(k, s.step), *c),
+                                      state_sh, batch_sh, mesh, const_sh)
+        state, metrics = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key, *consts)
         step += 1
         bar.update(1)
         log.add(step, metrics, state, total)
@@ -395,7 +414,8 @@ def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, 
   resumed from (a resume with nothing left to do keeps them); `seconds_this_invocation` is this call's."""
   is_main = jax.process_index() == 0
   if is_main and log.history["loss"]:
-    viz.loss_curve_png({k: log.history[k] for k in ("loss", "loss_reward", "loss_constraint")},
+    shown = ("loss", "loss_reward", "loss_constraint", "loss_anchor")
+    viz.loss_curve_png({k: log.history[k] for k in shown if log.history[k]},
                        os.path.join(workdir, "loss_curve.png"), title="SRUM training loss")
   skipped = int(jax.device_get(state.skipped))
   final_loss = log.final_loss(before)

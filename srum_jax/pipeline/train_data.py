@@ -49,7 +49,8 @@ from srum_jax.training import objective, train_step
 VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
 __all__ = ["DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "validate_records",
-           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget"]
+           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget",
+           "anchor_prompt_ids"]
 
 MOMENTS_DTYPES = ("float32", "bfloat16")
 
@@ -479,27 +480,45 @@ class _Decode:
 class _Collate:
   """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing. `sample_offset`: the
   global number of this process's first sample, so sample ids (and the per-sample randomness keyed by them,
-  e.g. text-condition dropout) are those of the global batch, whatever the number of processes."""
+  e.g. text-condition dropout) are those of the global batch, whatever the number of processes.
 
-  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0):
+  `anchor_ids` (wrapped prompt ids; the anchor of `train_step`): each sample also gets an anchor prompt, drawn
+  from a generator seeded by (`anchor_seed`, the record indices of its row, its place in the row), so the
+  draw follows the global batch (not the process count) and changes with every epoch's reshuffle; the batch
+  carries the same layout with those prompts (`SrumBatch.anchor_inputs`)."""
+
+  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0, anchor_ids=None, anchor_seed: int = 0):
     self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
+    self.anchor_ids, self.anchor_seed = anchor_ids, int(anchor_seed)
 
-  def __call__(self, samples):
-    R_, S = self.spec.rows, self.spec.samples_per_row
-    grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
-    inputs = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid],
-                                   image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
+  def _layout(self, grid_ids):
+    inputs = train_step.t2i_layout(self.cfg, grid_ids, image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
                                    text_capacity=self.spec.text_capacity)
     if self.sample_offset:
       sid = inputs.meta.sample_id
       inputs = inputs._replace(meta=inputs.meta._replace(sample_id=np.where(sid >= 0, sid + self.sample_offset,
                                                                             sid).astype(sid.dtype)))
+    return inputs
+
+  def _anchors(self, grid):
+    """One anchor prompt's ids per sample of each row (see the class docstring)."""
+    out = []
+    for row in grid:
+      rng = np.random.default_rng([self.anchor_seed] + [int(s["index"]) for s in row])
+      out.append([self.anchor_ids[int(k)] for k in rng.integers(len(self.anchor_ids), size=len(row))])
+    return out
+
+  def __call__(self, samples):
+    R_, S = self.spec.rows, self.spec.samples_per_row
+    grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
+    inputs = self._layout([[s["ids"] for s in row] for row in grid])
+    anchor_inputs = None if not self.anchor_ids else self._layout(self._anchors(grid))
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
     stored = "moments" in samples[0]
     batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
-                                 moments=stack("moments") if stored else None)
+                                 moments=stack("moments") if stored else None, anchor_inputs=anchor_inputs)
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
                      truncated=int(sum(s["truncated"] for s in samples)),
                      image_files=[s["image_file"] for s in samples])
@@ -508,7 +527,7 @@ class _Collate:
 def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
                  num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1,
                  read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None,
-                 moments: Optional[MomentsFiles] = None):
+                 moments: Optional[MomentsFiles] = None, anchor_ids=None):
   """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's `HostBatch`es.
 
   Every process walks the same global record order: a deterministic permutation per epoch (seed + epoch;
@@ -518,7 +537,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
   skipped (the next record of the process's slice stream takes their place) and counted in
   `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
-  batches carry the stored posterior moments instead of images.
+  batches carry the stored posterior moments instead of images. `anchor_ids` (wrapped prompt ids, see
+  `anchor_prompt_ids`): every batch also carries the anchor layout (`_Collate`).
   """
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
   per_batch, n = spec.rows * spec.samples_per_row, len(ds)
@@ -535,7 +555,15 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
-  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec, process_index * per_batch))
+  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec, process_index * per_batch,
+                                                                     anchor_ids, anchor_seed=seed))
+
+
+def anchor_prompt_ids(prompts, cfg, spec: DataSpec, tokenizer) -> List[List[int]]:
+  """[BOS] + ids + [EOS] of each anchor prompt, cut to the per-sample text budget (as the records' prompts)."""
+  n = text_budget(cfg, spec)
+  bos, eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
+  return [[bos] + [int(i) for i in tokenizer.encode(p)][:n] + [eos] for p in prompts]
 
 
 def spec_from_config(config, process_count: int = 1) -> DataSpec:

@@ -1,8 +1,9 @@
 """The guarded update every trainer uses: gradients -> (NaN/inf skip) -> optimizer -> EMA.
 
     state = init_state(params, tx, ema_decay=0.0)
-    step = make_step(loss_fn, tx, ema_decay=0.0)   # loss_fn(params, batch, key) -> (loss, aux)
+    step = make_step(loss_fn, tx, ema_decay=0.0)   # loss_fn(params, batch, key, *consts) -> (loss, aux)
     state, metrics = step(state, batch, key)        # pure: jit / shard it from the outside
+    state, metrics = step(state, batch, key, ref)   # consts the loss reads, never trains (a frozen model)
 
 With `microbatches` k > 1 the batch's rows are cut into k microbatches, the gradients of their losses are
 averaged (a `lax.scan`, one microbatch in memory at a time; microbatch j draws its randomness from
@@ -71,9 +72,12 @@ def split_microbatches(batch, microbatches: int, batch_ways: int = 1):
   return jax.tree.map(cut, batch)
 
 
-def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, batch_ways: int = 1):
-  """((mean loss, mean aux), mean gradients) over the microbatches of `batch` (see the module docstring)."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, batch_ways: int = 1,
+                      consts: tuple = ()):
+  """((mean loss, mean aux), mean gradients) over the microbatches of `batch` (see the module docstring);
+  `consts` are passed to every call of the loss after the key, without gradients."""
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = lambda p, b, k: value_and_grad(p, b, k, *consts)  # noqa: E731
   if microbatches == 1:
     return grad_fn(params, batch, key)
   micro = split_microbatches(batch, microbatches, batch_ways)
@@ -95,11 +99,12 @@ def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, 
 
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
               microbatches: int = 1, batch_ways: int = 1) -> Callable:
-  """Pure step(state, batch, key) -> (state, metrics) for `loss_fn(params, batch, key) -> (loss, aux)`;
-  metrics = aux + loss, grad_norm, skipped."""
+  """Pure step(state, batch, key, *consts) -> (state, metrics) for `loss_fn(params, batch, key, *consts) ->
+  (loss, aux)`; metrics = aux + loss, grad_norm, skipped. `consts` (e.g. a frozen reference model's
+  parameters) reach the loss as arguments, so a jitted step takes them as inputs, not as baked-in constants."""
 
-  def step(state: TrainState, batch, key):
-    (loss, aux), grads = accumulated_grads(loss_fn, state.params, batch, key, microbatches, batch_ways)
+  def step(state: TrainState, batch, key, *consts):
+    (loss, aux), grads = accumulated_grads(loss_fn, state.params, batch, key, microbatches, batch_ways, consts)
     state, info = guarded_update(state, grads, loss, tx, ema_decay)
     return state, dict(aux, loss=loss, **info)
 

@@ -1,0 +1,108 @@
+"""The generalisation split (`worlds/shapes/generalisation.py`): forms outside every grammar category,
+deterministic, parseable, placeable, and judged right by the oracle on true scenes and hard negatives."""
+import collections
+
+import numpy as np
+import pytest
+
+from srum_jax.data.prompt_sources import load_prompts, prompt_source
+from srum_jax.worlds.shapes import generalisation as gen, grammar, judge_text, oracle, scene as scene_lib
+from test_oracle import degrade
+
+
+def _kind(g):
+  return (g.color, g.shape)
+
+
+def test_split_is_deterministic_sized_and_outside_every_grammar_category():
+  ps = gen.gen_prompts()
+  assert [p.text for p in ps] == [p.text for p in gen.gen_prompts()]
+  assert collections.Counter(p.category for p in ps) == {c: 100 for c in gen.GEN_CATEGORIES}
+  assert len({p.text for p in ps}) == 400
+  grammar_texts = {p.text for p in grammar.all_prompts()}
+  grammar_keys = {grammar.canonical(p.spec) for p in grammar.all_prompts()}
+  assert not {p.text for p in ps} & grammar_texts
+  assert not {grammar.canonical(p.spec) for p in ps} & grammar_keys
+  train, val = grammar.split_prompts(0)
+  assert not {p.text for p in ps} & {p.text for p in train + val}
+  assert {p.text for p in gen.gen_prompts(seed=1)} != {p.text for p in ps}
+  assert gen.gen_sizes() == {"three_and": 156, "count_and": 720, "rel_shared": 120, "count_rel": 1824}
+  with pytest.raises(ValueError):
+    gen.gen_prompts(per_category=121)  # rel_shared has 120 combinations
+
+
+def test_prompts_parse_fit_the_vocabulary_and_have_their_category_traits():
+  orders = collections.Counter()
+  for p in gen.gen_prompts():
+    assert grammar.parse_prompt(p.text) == p.spec and grammar.realize(p.spec) == p.text
+    words = grammar.tokenize(p.text)
+    assert set(words) <= set(grammar.VOCAB) and len(words) <= 11
+    kinds = [_kind(g) for g in p.spec.objects]
+    assert len(set(kinds)) == len(kinds) and sum(g.count for g in p.spec.objects) <= 4
+    if p.category == "three_and":
+      assert len(kinds) == 3 and not p.spec.relations and not any(g.exact for g in p.spec.objects)
+      assert len({k[1] for k in kinds}) < 3  # a repeated shape
+      orders[grammar.canonical(p.spec) == p.spec] += 1
+    elif p.category == "count_and":
+      assert len(kinds) == 2 and not p.spec.relations and any(g.exact for g in p.spec.objects)
+      dets = sorted((g.count, g.exact) for g in p.spec.objects)
+      a, b = kinds
+      assert not (dets == [(1, True), (2, True)] and a[0] != b[0] and a[1] != b[1])  # not numeracy's pair
+    elif p.category == "rel_shared":
+      (a, b), ((_, rel, _),) = kinds, p.spec.relations
+      assert (a[0] == b[0]) != (a[1] == b[1]) and not any(g.exact for g in p.spec.objects)
+    else:
+      assert p.category == "count_rel" and p.spec.relations and any(g.exact for g in p.spec.objects)
+      dets = {(g.count, g.exact) for g in p.spec.objects}
+      a, b = kinds
+      assert not (dets == {(2, True), (1, False)} and a[0] != b[0] and a[1] != b[1])  # not complex's form
+  assert orders[True] and orders[False]  # word orders vary, not only the canonical one
+
+
+def test_prompt_source_serves_the_gen_split():
+  items = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                                     kwargs={"split": "gen"}))
+  assert len(items) == 400 and items[0].id == "gen/three_and/0" and items[1].category == "count_and"
+  assert {i.prompt for i in items} == {p.text for p in gen.gen_prompts()}
+  few = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                                   kwargs={"split": "gen", "per_category": 3}))
+  assert [i.category for i in few] == list(gen.GEN_CATEGORIES) * 3
+
+
+def _judged(prompts, seed, damage=None):
+  """(accuracy on true scenes per category, rejection rate per hard-negative kind) as {name: [k, n]}."""
+  rng = np.random.default_rng(seed)
+  look = (lambda im: im) if damage is None else (lambda im: damage(im, rng))
+  pos, neg = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
+  for p in prompts:
+    scene = grammar.sample_scene(rng, p)
+    t = pos[p.category]
+    t[0] += bool(oracle.judge(look(scene_lib.render(scene)), p.spec, value_range=(0, 255)))
+    t[1] += 1
+    for kind in grammar.negative_kinds(p, scene):
+      bad, _ = grammar.hard_negative(rng, p, scene, kind)
+      t = neg[kind]
+      t[0] += not oracle.judge(look(scene_lib.render(bad)), p.spec, value_range=(0, 255))
+      t[1] += 1
+  return pos, neg
+
+
+def test_oracle_accepts_true_scenes_of_gen_prompts_and_rejects_hard_negatives():
+  ps = gen.gen_prompts()
+  pos, neg = _judged(ps, seed=0)
+  assert set(pos) == set(gen.GEN_CATEGORIES)
+  for c, (k, n) in pos.items():
+    assert n == 100 and k / n >= 0.99, (c, k, n)
+  assert set(neg) == set(grammar.NEGATIVE_KINDS)
+  for kind, (k, n) in neg.items():
+    assert n >= 100 and k / n >= 0.99, (kind, k, n)
+  assert all(judge_text(scene_lib.render(grammar.sample_scene(np.random.default_rng(1), p)), p.text)
+             for p in ps[:20])  # the eval's text entry point
+
+
+def test_oracle_on_gen_prompts_survives_blur_noise_and_colour_shift():
+  pos, neg = _judged(gen.gen_prompts()[::2], seed=1, damage=degrade)
+  for c, (k, n) in pos.items():
+    assert k / n >= 0.95, (c, k, n)
+  for kind, (k, n) in neg.items():
+    assert k / n >= 0.95, (kind, k, n)
