@@ -1,7 +1,8 @@
 """The SRUM effect on the embedded default, over seeds: base vs SFT (R == 1, lambda = 0) vs SRUM.
 
     python benchmarks/tiny_world_effect.py --seeds 0,1,2 [--config experiments/tiny_world.py] [--set k=v ...] \\
-        [--lever srum.lambda_constraint=0.0,0.1] [--oracle_ceiling] [--on_train_prompts]
+        [--lever srum.lambda_constraint=0.0,0.1] [--column "k1=v1 k2=v2" ...] [--oracle_ceiling] \\
+        [--on_train_prompts]
 
 Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
 pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
@@ -157,6 +158,9 @@ def main():
   ap.add_argument("--lever", default="",
                   help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
                        "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
+  ap.add_argument("--column", action="append", default=[],
+                  help="'k1=v1 k2=v2 ...' (repeatable): one extra SRUM column per flag with these overrides, "
+                       "trained on the same candidates and rewards (a lever of several keys, or a tuple value)")
   ap.add_argument("--oracle_ceiling", action="store_true",
                   help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
                        "binary judge would give")
@@ -164,10 +168,13 @@ def main():
                   help="also evaluate every model on the train prompts (section 'on train prompts')")
   a = ap.parse_args()
   overrides = config_utils.parse_overrides(a.set)
-  lever_key, lever_values = "", []
+  columns = {}  # column name -> its overrides
   if a.lever:
     lever_key, _, vals = a.lever.partition("=")
-    lever_values = [config_utils.literal(v) for v in vals.split(",")]
+    for v in vals.split(","):
+      columns[f"srum[{lever_key.split('.')[-1]}={v}]"] = {lever_key: config_utils.literal(v)}
+  for text in a.column:
+    columns[f"srum[{text}]"] = config_utils.parse_overrides(text.split())
   tables, diags = {}, {}  # tables: {set: {seed: {model: table}}}; sets: val, the extra sets, train
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:
@@ -188,15 +195,16 @@ def main():
       tables.setdefault(name, {})[seed] = dict(t)
     diags[seed] = candidate_diagnostics(cfg.workdir, train_stage.step_options(cfg).levers)
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
-    for v in lever_values:  # same candidates and rewards, another SRUM setting
-      lc = config_utils.load_config(a.config, {**overrides, lever_key: v})
+    for column, extra in columns.items():  # same candidates and rewards, another SRUM setting
+      lc = config_utils.load_config(a.config, {**overrides, **extra})
       with lc.unlocked():
         lc.seed, lc.run.sft_control = cfg.seed, False
-        lc.workdir = os.path.join(a.workdir, f"seed_{seed}", f"lever_{lever_key}={v}")
+        lc.workdir = os.path.join(a.workdir, f"seed_{seed}", "lever_" + "_".join(
+            f"{k}={v}" for k, v in extra.items()).replace("/", "|").replace(" ", ""))
       _copy_stage_dirs(cfg.workdir, lc.workdir)
       lo = run.run(lc)
       for name, t in {"val": lo["tables"], **lo["extra_tables"]}.items():
-        tables[name][seed][f"srum[{lever_key.split('.')[-1]}={v}]"] = t["srum"]
+        tables[name][seed][column] = t[next(k for k in t if k.startswith("srum"))]
     if a.oracle_ceiling:
       for name, t in oracle_filtered_sft(cfg).items():
         tables[name][seed]["oracle_sft"] = t
@@ -215,6 +223,7 @@ def main():
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
     json.dump({"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
+               "columns": a.column,
                "summary": {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
                                for m, per in acc_s.items()} for s, acc_s in summary.items()}}, f, indent=1)
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from srum_jax.data.prompt_sources import load_prompts, prompt_source
-from srum_jax.worlds.shapes import generalisation as gen, grammar, judge_text, oracle, scene as scene_lib
+from srum_jax.worlds.shapes import anchors, generalisation as gen, grammar, judge_text, oracle, scene as scene_lib
 from test_oracle import degrade
 
 
@@ -106,3 +106,21 @@ def test_oracle_on_gen_prompts_survives_blur_noise_and_colour_shift():
     assert k / n >= 0.95, (c, k, n)
   for kind, (k, n) in neg.items():
     assert k / n >= 0.95, (kind, k, n)
+
+
+def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
+  """The anchor's conditions: grammar texts of the train prompts' groups and connectors, none of them a train,
+  val or gen text, deterministic, each placeable (a true scene exists)."""
+  got = anchors.recombined_prompts(n=500)
+  assert [p.text for p in got] == [p.text for p in anchors.recombined_prompts(n=500)]
+  assert len({p.text for p in got}) == 500
+  train, val = grammar.split_prompts(0)
+  train_groups = {g for p in train for g in p.spec.objects}
+  assert not {p.text for p in got} & {p.text for p in train + val + gen.gen_prompts()}
+  rng = np.random.default_rng(0)
+  for p in got:
+    assert grammar.parse_prompt(p.text) == p.spec and set(p.spec.objects) <= train_groups
+    assert judge_text(scene_lib.render(grammar.sample_scene(rng, p)), p.text)
+  items = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                                     kwargs={"split": "anchor"}))
+  assert len(items) == 2000 and items[0].prompt == got[0].text and items[0].category == "anchor"

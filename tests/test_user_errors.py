@@ -137,6 +137,13 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
                                      key: value})
     with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
       config_validation.validate(cfg, "run")
+  # the anchor's prompts are checked only when the anchor is on; eval-only prompt sets are prompt sources
+  for key, overrides in {"srum.anchor_weight": {"srum.anchor_weight": -1.0},
+                         "prompts.anchor.function": {"prompts.anchor.function": "x", "srum.anchor_weight": 1.0},
+                         "prompts.eval_extra.gen.function": {"prompts.eval_extra.gen.function": "x"}}.items():
+    with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
+      config_validation.validate(config_utils.load_config(WORLD, overrides), "run")
+  config_validation.validate(config_utils.load_config(WORLD, {"prompts.anchor.function": "x"}), "run")
 
 
 def test_mesh_shapes_the_devices_cannot_take_name_the_key():
