@@ -8,9 +8,10 @@ geometry (latent stride, largest latent grid, position limit) comes from the con
 `model_config.json` or, for an official checkpoint, the config's `model.preset`.
 
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
-(propose), score (model, score), train (model, train, srum, prompts.anchor with the anchor, and its records file), eval (eval, eval_generate,
-score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*, prompts.eval_extra), pretrain (its stage blocks). generate, score, eval and run also check `texts.file` (`check_texts`).
+(propose), score (model, score), train (model, train, srum, prompts.anchor when the anchor is on, and its
+records file), eval (eval, eval_generate, score, prompts.val, the model unless a folder of images is judged
+without the UMM), run (all of these, run.* and prompts.eval_extra), pretrain (its stage blocks). generate,
+score, eval and run also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 

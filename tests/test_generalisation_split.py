@@ -1,11 +1,15 @@
-"""The generalisation split (`worlds/shapes/generalisation.py`): forms outside every grammar category,
-deterministic, parseable, placeable, and judged right by the oracle on true scenes and hard negatives."""
+"""The generalisation split (`worlds/shapes/generalisation.py`): forms outside every grammar
+category, deterministic, parseable, placeable, and judged right by the oracle on true scenes and hard
+negatives; the anchor's prompts (`worlds/shapes/anchors.py`)."""
 import collections
 
 import numpy as np
 import pytest
 
-from srum_jax.data.prompt_sources import load_prompts, prompt_source
+from srum_jax import config_utils
+from srum_jax.data.prompt_sources import PromptItem, load_prompts, prompt_source
+from srum_jax.errors import UserValueError
+from srum_jax.pipeline import run
 from srum_jax.worlds.shapes import anchors, generalisation as gen, grammar, judge_text, oracle, scene as scene_lib
 from test_oracle import degrade
 
@@ -117,6 +121,8 @@ def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
   train, val = grammar.split_prompts(0)
   train_groups = {g for p in train for g in p.spec.objects}
   assert not {p.text for p in got} & {p.text for p in train + val + gen.gen_prompts()}
+  gen_keys = {grammar.canonical(p.spec) for p in gen.gen_prompts()}
+  assert not {grammar.canonical(p.spec) for p in got} & gen_keys  # no gen combination, any word order
   rng = np.random.default_rng(0)
   for p in got:
     assert grammar.parse_prompt(p.text) == p.spec and set(p.spec.objects) <= train_groups
@@ -124,3 +130,27 @@ def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
   items = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
                                      kwargs={"split": "anchor"}))
   assert len(items) == 2000 and items[0].prompt == got[0].text and items[0].category == "anchor"
+
+
+@pytest.mark.parametrize("arg", ["cpu", "cpu,full"])
+def test_nothing_of_the_gen_split_enters_training_or_candidate_generation(arg):
+  """The world's configs: the candidates' prompts (`prompts.train`: the generate stage's only prompt
+  source) and the anchor's prompts share no text and no combination (any word order) with the gen
+  split, which is an eval-only set; the run refuses a config where they would."""
+  config = config_utils.load_config(f"experiments/tiny_world.py:{arg}", {"srum.anchor_weight": 0.1})
+  held = load_prompts(config.prompts.eval_extra.gen)
+  assert {i.prompt for i in held} == {p.text for p in gen.gen_prompts()}
+  held_keys = {grammar.canonical(grammar.parse_prompt(i.prompt)) for i in held}
+  trained = load_prompts(config.prompts.train) + load_prompts(config.prompts.anchor)
+  assert len(trained) > 3000
+  assert not {i.prompt for i in trained} & {i.prompt for i in held}
+  assert not {grammar.canonical(grammar.parse_prompt(i.prompt)) for i in trained} & held_keys
+  run.check_eval_sets_unseen(config, load_prompts(config.prompts.train), {"gen": held})
+  leak = [PromptItem(id="x", prompt=held[5].prompt, category="c")]
+  with pytest.raises(UserValueError, match="prompts.eval_extra.gen shares 1 prompt.* prompts.train"):
+    run.check_eval_sets_unseen(config, leak, {"gen": held})
+  config.prompts.anchor = prompt_source(source="python",
+                                        function="srum_jax.worlds.shapes.sources:prompts",
+                                        kwargs={"split": "gen"})
+  with pytest.raises(UserValueError, match="shares 400 prompt.* prompts.anchor"):
+    run.check_eval_sets_unseen(config, load_prompts(config.prompts.train), {"gen": held})

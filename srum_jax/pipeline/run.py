@@ -27,6 +27,7 @@ import numpy as np
 from srum_jax import distributed, files, paths, viz
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
+from srum_jax.errors import UserValueError
 from srum_jax.evaluation import report
 from srum_jax.pipeline import evaluate, generate, propose, score, train as train_stage
 from srum_jax.rewards import records as records_lib, texts as texts_lib
@@ -208,7 +209,8 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
   summary = {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
-             "eval_dirs": eval_dirs, "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()}, "pictures": pictures,
+             "eval_dirs": eval_dirs, "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()},
+             "pictures": pictures,
             "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
             "stage_seconds": stage_seconds, "judge": config.eval.judge}
   files.write_json(str(report_dir / "report.json"), summary)
@@ -240,6 +242,7 @@ def run(config) -> dict:
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
   extra_items = extra_eval_sets(config)
+  check_eval_sets_unseen(config, train_items, extra_items)
   texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
@@ -283,3 +286,18 @@ def extra_eval_sets(config) -> Dict[str, list]:
     require_prompts(items, f"prompts.eval_extra.{name}")
     out[name] = items
   return out
+
+
+def check_eval_sets_unseen(config, train_items: list, extra_items: Dict[str, list]) -> None:
+  """Refuse (one line) a run whose eval-only sets (`prompts.eval_extra`) share a prompt text with the
+  train prompts (the candidates are generated from those) or, with the anchor on
+  (`srum.anchor_weight` > 0), with the anchor's prompts: those sets measure what training never saw."""
+  trained = {"prompts.train": {it.prompt for it in train_items}}
+  if float(config.srum.anchor_weight) > 0:
+    trained["prompts.anchor"] = {it.prompt for it in load_prompts(config.prompts.anchor)}
+  for name, items in extra_items.items():
+    for source, texts in trained.items():
+      shared = sorted({it.prompt for it in items} & texts)
+      if shared:
+        raise UserValueError(f"prompts.eval_extra.{name} shares {len(shared)} prompt(s) with {source} "
+                             f"(e.g. {shared[0]!r}); an eval-only set must stay out of training")

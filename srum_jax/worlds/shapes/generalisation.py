@@ -1,31 +1,36 @@
 """The generalisation split of the shapes world: prompt forms that neither train nor val holds.
 
-The grammar's five categories (`grammar.CATEGORIES`) use a fixed set of forms; the train/val split holds out
-combinations, never forms. This split holds what the categories never say, in the same words, parseable by
-`grammar.parse_prompt`, judged by the oracle as every other prompt. Four categories of its own:
+The grammar's five categories (`grammar.CATEGORIES`) use a fixed set of forms; the train/val split
+holds out combinations, never forms. This split holds what the categories never say, in the same
+words, parseable by `grammar.parse_prompt`, judged by the oracle as every other prompt. Four
+categories of its own:
 
-  three_and   three single objects joined by "and" where a shape repeats ("a red circle and a blue circle
-              and a green square"). The colour category's triples have pairwise different shapes and
-              colours, the shape category's pairwise different shapes: a repeated shape is in neither.
-  count_and   exact counts in "and" pairings the numeracy category never uses: (one, one), (two, two),
-              (three, one), (two, one) when the two kinds share a colour or a shape, and an exact group
-              beside an "a" group ("two red circles and a blue square"); at most 4 objects in all.
-              Numeracy pairs only "two X and one Y" with X, Y of different colour and shape.
-  rel_shared  one relation between two single objects that share a colour or a shape ("a red circle left
-              of a red square", "a blue triangle above a green triangle"). Spatial relates objects that
-              differ in both.
-  count_rel   counts in relations, in positions the complex category never uses: an exact "one" on either
-              side, two against two ("two red circles left of two blue squares"), and "two X rel a Y" with
-              X, Y sharing a colour or a shape. Complex is only "two X rel a Y" with X, Y differing in both.
+  three_and   three single objects joined by "and" where a shape repeats ("a red circle and a blue
+              circle and a green square"). The colour category's triples have pairwise different
+              shapes and colours, the shape category's pairwise different shapes: a repeated shape
+              is in neither.
+  count_and   exact counts in "and" pairings the numeracy category never uses: (one, one), (two,
+              two), (three, one), (two, one) when the two kinds share a colour or a shape, and an
+              exact group beside an "a" group ("two red circles and a blue square"); at most 4
+              objects in all. Numeracy pairs only "two X and one Y" with X, Y of different colour
+              and shape.
+  rel_shared  one relation between two single objects that share a colour or a shape ("a red circle
+              left of a red square", "a blue triangle above a green triangle"). Spatial relates
+              objects that differ in both.
+  count_rel   counts in relations, in positions the complex category never uses: an exact "one" on
+              either side, two against two ("two red circles left of two blue squares"), and "two X
+              rel a Y" with X, Y sharing a colour or a shape. Complex is only "two X rel a Y" with
+              X, Y differing in both.
 
-How it is built (deterministic, no randomness beyond a hash): each category's combinations are enumerated as
-canonical specs (`grammar.canonical`), kept only when no surface form of them is a text of any grammar
-category (so no val or train prompt of any split seed), the groups differ in kind (colour, shape), and the
-default 2x2 layout can place them (`grammar.sample_scene` must be able to draw a true scene: at most 4
-objects, relations on the lattice). The `per_category` combinations of lowest sha256(seed | key text) are
-taken, each with one surface form (word order / mirrored relation) picked by the same hash, so the split
-covers many combinations in varied word orders. Nothing here enters training or candidate generation: the
-pipeline's train prompts come from `grammar.split_prompts`, whose texts this split excludes by construction.
+How it is built (deterministic, no randomness beyond a hash): each category's combinations are
+enumerated as canonical specs (`grammar.canonical`), kept only when no surface form of them is a
+text of any grammar category (so no val or train prompt of any split seed), the groups differ in
+kind (colour, shape), and the default 2x2 layout can place them (`grammar.sample_scene` must be able
+to draw a true scene: at most 4 objects, relations on the lattice). The `per_category` combinations
+of lowest sha256(seed | key text) are taken, each with one surface form (word order / mirrored
+relation) picked by the same hash, so the split covers many combinations in varied word orders.
+Nothing here enters training or candidate generation: the pipeline's train prompts come from
+`grammar.split_prompts`, whose texts this split excludes by construction.
 """
 from __future__ import annotations
 
@@ -93,12 +98,14 @@ def _candidates(category: str) -> List[Spec]:
           continue  # the complex category's own form (either side: mirrors are surface forms)
         out += [Spec((_group(a, *da), _group(b, *db)), ((0, rel, 1),)) for rel in grammar.RELATIONS]
   else:
-    raise ValueError(f"unknown generalisation category {category!r}; expected one of {GEN_CATEGORIES}")
+    raise ValueError(f"unknown generalisation category {category!r}; "
+                     f"expected one of {GEN_CATEGORIES}")
   return sorted({grammar.canonical(s) for s in out}, key=grammar.realize)
 
 
 def _forms(key: Spec) -> List[Spec]:
-  """Surface forms of a combination: the group orders of an "and" prompt, both sides of a relation."""
+  """Surface forms of a combination: the group orders of an "and" prompt, both sides of a
+  relation."""
   return grammar._surface_forms(key)
 
 
@@ -114,7 +121,8 @@ def _grammar_texts() -> frozenset:
 
 @functools.lru_cache(maxsize=None)
 def gen_keys(category: str) -> Tuple[Spec, ...]:
-  """The category's combinations outside every grammar category, placeable on the default 2x2 layout."""
+  """The category's combinations outside every grammar category, placeable on the default 2x2
+  layout."""
   known = _grammar_texts()
   keep = []
   for key in _candidates(category):
@@ -132,8 +140,8 @@ def _hash(seed: int, text: str) -> str:
 
 
 def gen_prompts(seed: int = 0, per_category: int = GEN_PER_CATEGORY) -> List[Prompt]:
-  """The split: per category the `per_category` combinations of lowest hash, one surface form each (picked
-  by the hash), in hash order; categories in `GEN_CATEGORIES` order. Deterministic."""
+  """The split: per category the `per_category` combinations of lowest hash, one surface form each
+  (picked by the hash), in hash order; categories in `GEN_CATEGORIES` order. Deterministic."""
   out = []
   for c in GEN_CATEGORIES:
     keys = gen_keys(c)

@@ -3,10 +3,10 @@
     c.prompts.train = {"source": "python", "function": "srum_jax.worlds.shapes.sources:prompts",
                        "kwargs": {"split": "train", "per_category": 40}}
 
-Splits: "train" and "val" (`grammar.split_prompts`: held-out combinations of the grammar's categories),
-"gen" (`generalisation.gen_prompts`: forms no grammar category holds; an eval set, never a train set) and
-"anchor" (`anchors.recombined_prompts`: the train prompts' parts recombined, every train, val and gen text
-excluded; the conditions of the anchor term, `srum.anchor_weight`).
+Splits: "train" and "val" (`grammar.split_prompts`: held-out combinations of the grammar's
+categories), "gen" (`generalisation.gen_prompts`: forms no grammar category holds; an eval set,
+never a train set) and "anchor" (`anchors.recombined_prompts`: the train prompts' parts recombined,
+every train, val and gen text excluded; the conditions of the anchor term, `srum.anchor_weight`).
 """
 from __future__ import annotations
 
