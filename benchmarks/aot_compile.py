@@ -13,6 +13,10 @@ resolved for the target's platform: `auto` is splash on TPU targets, xla on CPU 
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v6e:4x4 --programs sampler,judge
     python benchmarks/aot_compile.py --target cpu:8 --programs train --set model.remat=False
     TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:2x2x4 --programs train --attn_impl splash
+    TPU_SKIP_MDS_QUERY=1 python benchmarks/aot_compile.py --target tpu:v5p:1x1x1 --single_host --programs train \
+        --config experiments/bagel_7b_lora.py                 # one chip: the LoRA memory plan
+`--single_host` describes the topology as one host's chips (needed below a host's usual 4 chips, e.g. one
+chip, and for v6e-8's single host of 8 chips: `--target tpu:v6e:2x4 --single_host`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ def _parse():
                   help="model.attn_impl for every program: auto | xla | dense | chunked | splash | cudnn | tokamax "
                        "(default: the config's); splash_interpret: the splash kernel in the Pallas interpreter "
                        "(a CPU check of its lowering)")
+  ap.add_argument("--single_host", action="store_true",
+                  help="the TPU topology is one host's chips (chips_per_host_bounds = the topology): one chip "
+                       "(1x1x1), or v6e-8's 2x4")
   ap.add_argument("--host_topology", default="",
                   help="TPU topology of one host, where the inference programs compile (default: 4 chips, "
                        f"{HOST_TOPOLOGY})")
@@ -68,9 +75,13 @@ def devices(host: bool = False):
     return jax.devices()
   from jax.experimental import topologies
   chip, _, topology = _spec.partition(":")
-  if host:
+  kwargs = {}
+  if ARGS.single_host:
+    dims = [int(v) for v in topology.split("x")]
+    kwargs["chips_per_host_bounds"] = dims + [1] * (3 - len(dims))
+  elif host:
     topology = ARGS.host_topology or HOST_TOPOLOGY[chip]
-  return list(topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu").devices)
+  return list(topologies.get_topology_desc(topology_name=f"{chip}:{topology}", platform="tpu", **kwargs).devices)
 
 
 def _value(text: str):

@@ -11,6 +11,9 @@ SHAPES = "srum_jax.worlds.shapes.sources:prompts"
 
 
 def get_config(arg=None):
+  """arg: none (this config takes no argument)."""
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r}; tiny_pipeline.py takes none")
   c = defaults.base_config()
   c.workdir = "outputs/tiny_pipeline"
   c.texts.file = "own"  # the shapes world's texts
@@ -26,7 +29,9 @@ def get_config(arg=None):
     g.cfg_text_scale = 2.0
     g.think = False
     g.max_think_tokens = 8
+    g.crop_to_content = False
   c.propose.name = "components"
+  c.propose.max_regions = 5
   c.propose.options = {}
   c.score.think = False
   c.score.mode = "logits"  # always yields a score, also from an untrained judge
@@ -42,7 +47,9 @@ def get_config(arg=None):
   c.train.lr = 1e-4
   c.train.batch_size = 8  # rows; must divide over data x fsdp (8 simulated devices in tests)
   c.train.samples_per_row = 1
+  c.train.image_resize = "fixed"
   c.train.image_hw = (32, 32)
+  c.train.max_regions = 5
   c.train.text_capacity = 40
   c.train.num_tokens = 56
   c.train.save_every = 1000

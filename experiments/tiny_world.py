@@ -147,14 +147,15 @@ def get_config(arg=None):
   # (benchmarks/results_tiny_world_think_cpu.txt).
   c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 0})
   c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 0})  # all
-  # The generalisation split (worlds/shapes/generalisation.py): 400 prompts in forms neither train nor
-  # val holds, evaluated beside val, never trained on.
+  # The generalisation split (worlds/shapes/generalisation.py): 400 prompts in forms neither train
+  # nor val holds, evaluated beside val, never trained on.
   c.prompts.eval_extra.gen = prompt_source(source="python", function=SHAPES,
                                            kwargs={"split": "gen", "per_category": 0})
-  # The anchor's prompts (read when srum.anchor_weight > 0): the train prompts' parts recombined, every
-  # train and val text and every gen combination excluded (worlds/shapes/anchors.py).
-  c.prompts.anchor = prompt_source(source="python", function=SHAPES, kwargs={"split": "anchor", "per_category": 0})
-  for g in (c.generate, c.eval_generate):
+  # The anchor's prompts (read when srum.anchor_weight > 0): the train prompts' parts recombined,
+  # every train and val text and every gen combination excluded (worlds/shapes/anchors.py).
+  c.prompts.anchor = prompt_source(source="python", function=SHAPES,
+                                   kwargs={"split": "anchor", "per_category": 0})
+  for g in (c.generate, c.eval_generate, c.sample):
     g.batch_size = 32
     g.height = g.width = 32
     g.num_timesteps = 16
@@ -163,7 +164,13 @@ def get_config(arg=None):
     g.cfg_interval = (0.0, 1.0)
     g.think = False
     g.max_think_tokens = 9  # a plan: 8 words + EOS
+    g.crop_to_content = False  # scenes fill the canvas (a black background is part of the picture)
   c.generate.think = True  # SRUM's candidates come from think mode (the paper's recipe); eval: the plain prompt
+  # `sample`, `edit`, `ask` on the shipped model: 32x32 images, a 28x28 ViT view, the world's sampler
+  c.sample.batch_size = 8
+  c.edit.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), num_timesteps=16,
+                     timestep_shift=1.0, cfg_text_scale=3.0, cfg_img_scale=1.5, max_think_tokens=9))
+  c.ask.update(dict(vae_transform=(32, 32, 16), vit_transform=(28, 28, 14), max_new_tokens=48))
   c.generate.samples_per_prompt = 2 if "full" in parts else 1
   c.eval_generate.samples_per_prompt = 4  # 4 x 295 val images per model: halves the eval noise (one image: ~3 pts)
   c.propose.name = "components"
@@ -193,7 +200,9 @@ def get_config(arg=None):
   c.train.lr = 1e-4
   c.train.batch_size = 8
   c.train.samples_per_row = 4
+  c.train.image_resize = "fixed"  # the world's one image size
   c.train.image_hw = (32, 32)
+  c.train.max_regions = 5  # what the proposer gives
   c.train.text_capacity = 4 * 15  # per sample: BOS + <= 11 words + EOS + 2 image markers
   c.train.num_tokens = 4 * 31  # + 16 latent tokens
   c.train.timestep_shift = 4.0

@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from srum_jax import sharding
 from srum_jax.inference import context, decoding, sampling
-from srum_jax.models import attention, params as params_lib
-from srum_jax.models.config import BagelConfig, get_preset
+from srum_jax.models import attention, lora as lora_lib, params as params_lib
+from srum_jax.models.config import BagelConfig, get_preset, with_lora
 from srum_jax.pipeline import train as train_stage
 from srum_jax.training import objective, optimizer, train_step, update
 
@@ -46,7 +46,8 @@ class Program:
 
 
 def model_config(config) -> BagelConfig:
-  return get_preset(config.model.preset)
+  """The preset `model.preset` with the adapters `model.lora` asks for (rank 0: none)."""
+  return with_lora(get_preset(config.model.preset), lora_lib.lora_config(config.model.lora))
 
 
 def attn_impl(config, devices: Sequence) -> str:
@@ -116,7 +117,10 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
       images=None if cached else np.zeros((rows, S, H, W, 3), f32),
       moments=np.zeros((rows, S, h, w, 2 * cfg.ae.z_channels), jnp.dtype(t.moments_dtype)) if cached else None,
       rewards=objective.RegionRewards(np.zeros((rows, S, K, 4), f32), np.zeros((rows, S, K), f32),
-                                      np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)))
+                                      np.zeros((rows, S, K), bool), np.zeros((rows, S), f32)),
+      # images of their own aspect on the canvas (`train.image_resize` official): slot -> canvas token
+      latent_src=(np.zeros((rows, S * (H // cfg.latent_downsample) * (W // cfg.latent_downsample)),
+                           np.int32) if t.image_resize == "official" else None))
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
   return _abstract(shapes, train_step.batch_shardings(host, mesh, rules))
 
@@ -129,17 +133,24 @@ def train_step_program(config, devices: Sequence) -> Program:
   rules = sharding.rules_from_config(config.sharding_rules)
   layout = train_stage.batch_layout(config, mesh)
   opts = dataclasses.replace(train_stage.step_options(config, platform=list(devices)[0].platform), **layout)
-  params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype))
-  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=int(t.steps))
-  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay), params)
+  lora = cfg.llm.lora
+  params = params_lib.abstract_params(params_lib.model_schema(cfg), jnp.dtype(config.model.param_dtype),
+                                      jnp.dtype(config.model.lora.dtype))
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=lora is not None)
+  tx = optimizer.make_optimizer(t, labels, total_steps=int(t.steps))
+  abstract_state = jax.eval_shape(lambda p: update.init_state(p, tx, opts.ema_decay, labels), params)
   state_sh = train_step.state_shardings(cfg, abstract_state, mesh, rules)
   batch = _abstract_batch(cfg, config, rows, mesh, rules)
-  step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx), state_sh,
+  step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx, labels), state_sh,
                                      jax.tree.map(lambda x: x.sharding, batch), mesh)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  trainable = update.trainable_part(params, labels)
   info = dict(mesh=dict(mesh.shape), rows=rows, samples_per_row=int(t.samples_per_row), **layout,
               attn_impl=opts.attn_impl, params=params_lib.count_params(params),
-              param_dtype=str(config.model.param_dtype))
+              trainable=params_lib.count_params(trainable), param_dtype=str(config.model.param_dtype),
+              remat=opts.remat, remat_policy=opts.remat_policy,
+              lora=None if lora is None else dict(rank=lora.rank, alpha=lora.alpha, experts=list(lora.experts),
+                                                  dtype=str(config.model.lora.dtype)))
   return Program("train_step", step, (_abstract(abstract_state, state_sh), batch, key), mesh, info)
 
 

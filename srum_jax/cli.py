@@ -34,6 +34,12 @@ CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("srum_jax.pipeline.commands:eval_main", "generate (or read eval.images_dir) and score eval.metrics"),
     "run": ("srum_jax.pipeline.commands:run_main", "the whole loop: eval -> generate -> propose -> score -> train -> eval"),
     "pretrain": ("srum_jax.pretrain.stages:main", "pretrain a tiny BAGEL from scratch on a synthetic world (AE, then T2I + judge)"),
+    "sample": ("srum_jax.pipeline.inference_commands:sample_main",
+               "text to image (sample.prompts, sample.prompts_file)"),
+    "edit": ("srum_jax.pipeline.inference_commands:edit_main",
+             "edit an image by an instruction (edit.image, edit.prompt)"),
+    "ask": ("srum_jax.pipeline.inference_commands:ask_main",
+            "answer a question about an image (ask.image, ask.question)"),
 }
 RAW_COMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("srum_jax.convert.hf_to_flax:main", "official BAGEL checkpoint dir -> orbax model dir"),
@@ -61,17 +67,35 @@ def usage() -> str:
 
 
 def show_config(config, flags) -> int:
-  print(config)
+  print(config, flush=True)  # a closed pipe (`| head`) fails here, inside the command, not at exit
   return 0
 
 
 def sweep(config, flags) -> int:
-  """Each point runs `sweep_command` with this command's own --config.* overrides, the point's values and
-  its own workdir under `config.workdir`."""
+  """Each point runs `sweep_command` with this command's own --config.* overrides, the point's
+  values and its own workdir under `config.workdir`. Every point is parsed and validated before the
+  first one runs (a dry run checks the values only: the files a point names may live on the machine
+  that runs it)."""
+  if flags.sweep_command not in CONFIG_COMMANDS or flags.sweep_command in ("sweep", "show-config"):
+    stages = ", ".join(sorted(set(CONFIG_COMMANDS) - {"sweep", "show-config"}))
+    raise errors.UserValueError(f"--sweep_command={flags.sweep_command!r} is not a stage; "
+                                f"choose one of {stages}")
   spec = flags.config_spec
   overrides = [a for a in flags.argv if a.startswith("--config.") and not a.startswith("--config.workdir=")]
-  cmds = config_utils.sweep_commands(spec, flags.sweep_command, extra=list(flags.sweep_extra or []),
-                                     workdir=config.workdir, overrides=overrides)
+  try:
+    cmds = config_utils.sweep_commands(spec, flags.sweep_command,
+                                       extra=list(flags.sweep_extra or []), workdir=config.workdir,
+                                       overrides=overrides)
+  except config_utils.ConfigFileError as e:
+    raise errors.UserValueError(str(e)) from None
+  for i, argv in enumerate(cmds):
+    try:
+      point, _ = _parse(flags.sweep_command, ["srum_jax"] + argv[4:])
+      config_validation.validate(point, flags.sweep_command, check_files=not flags.dry_run)
+    except (CommandLineError, errors.UserError) as e:
+      shown = config_utils.shell_line(argv[4:])
+      raise errors.UserValueError(f"sweep point {i + 1}/{len(cmds)} ({shown}): "
+                                  f"{errors.one_line(e)}") from None
   for i, argv in enumerate(cmds):
     line = config_utils.shell_line(argv)
     print(f"[{i + 1}/{len(cmds)}] {line}", flush=True)
@@ -83,38 +107,50 @@ def sweep(config, flags) -> int:
   return 0
 
 
+class CommandLineError(Exception):
+  """A command line that cannot be parsed (one line; `usage`: the usage text helps)."""
+
+  def __init__(self, message: str, usage: bool = False):
+    super().__init__(message)
+    self.usage = usage
+
+
 def _config_spec(argv: List[str]) -> str:
   """The value of the last --config=... flag ('' when absent)."""
   specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
   return specs[-1] if specs else ""
 
 
-def _first_line(e: BaseException) -> str:
-  return " ".join(str(e).split()) or type(e).__name__
-
-
 def _override_error(spec: str, argv: List[str], e: BaseException) -> str:
   """One line for a failed flag parse: the unknown override key with the closest real one, else the parser's
   own message flattened."""
-  try:
-    config = config_utils.load_config(spec)
-  except Exception as load_error:  # the config file itself fails: its own error, without the parser's traceback
-    return f"config {spec!r}: {type(load_error).__name__}: {_first_line(load_error)}"
-  return config_validation.first_unknown_override(config, argv) or _first_line(e)
+  config = config_utils.load_config(spec)  # loaded once already (`_parse`): it loads
+  return config_validation.first_unknown_override(config, argv) or errors.one_line(e)
 
 
-def _run_config_command(name: str, argv: List[str]) -> int:
-
-
+def _parse(name: str, argv: List[str]):
+  """(config, parsed flags) of a config command's argv (argv[0]: the program); the config file is
+  checked first (it imports, `get_config` returns a ConfigDict), then the overrides apply. Raises
+  `CommandLineError`."""
+  for a in argv[1:]:
+    key, eq, _ = a.partition("=")
+    bare = key in ("--config", "-config") and not eq
+    if bare or key.startswith("--config.") and (not eq or key.endswith(".")):
+      raise CommandLineError(f"flag {a!r}: expected --config=<file>[:arg] or "
+                             f"--config.<key>=<value>")
   spec = _config_spec(argv)
   if spec:
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
-      print(f"error: config file {path!r} does not exist (--config={spec})", file=sys.stderr)
-      return 2
+      why = "is a folder, not a config file" if os.path.isdir(path) else "does not exist"
+      raise CommandLineError(f"config file {path!r} {why} (--config={spec})")
+    try:
+      config_utils.load_config(spec)
+    except config_utils.ConfigFileError as e:
+      raise CommandLineError(str(e)) from None
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=list(argv))
   flags.DEFINE_boolean("dry_run", False, "print what would run, run nothing", flag_values=fv)
   flags.DEFINE_string("sweep_command", "run", "subcommand each sweep point runs", flag_values=fv)
   flags.DEFINE_multi_string("sweep_extra", [], "extra flags appended to every sweep point", flag_values=fv)
@@ -124,29 +160,45 @@ def _run_config_command(name: str, argv: List[str]) -> int:
     config = fv.config
   except flags.Error as e:
     if spec and isinstance(e, flags.IllegalFlagValueError):
-      print(f"error: {_override_error(spec, argv, e)}", file=sys.stderr)
-    else:
-      print(f"error: {_first_line(e)}\n\n{usage()}", file=sys.stderr)
-    return 2
-  except (KeyError, AttributeError, TypeError, ValueError) as e:  # an override or the config file's get_config
-    print(f"error: {_override_error(spec, argv, e)}", file=sys.stderr)
-    return 2
+      raise CommandLineError(_override_error(spec, argv, e)) from None
+    raise CommandLineError(errors.one_line(e), usage=True) from None
+  except Exception as e:  # an override the config's field cannot take (KeyError, TypeError, ...)
+    raise CommandLineError(_override_error(spec, argv, e) if spec else errors.one_line(e)) from None
   if config is None:
-    print(f"error: {name} needs --config=experiments/<name>.py\n\n{usage()}", file=sys.stderr)
-    return 2
+    raise CommandLineError(f"{name} needs --config=experiments/<name>.py", usage=True)
   if fv.workdir is not None:
     with config.unlocked():
       config.workdir = fv.workdir
-  cli_flags = types.SimpleNamespace(
-      config_spec=spec, dry_run=fv.dry_run, sweep_command=fv.sweep_command, sweep_extra=list(fv.sweep_extra),
-      argv=list(argv[1:]))
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  return config, fv
+
+
+def _run_config_command(name: str, argv: List[str]) -> int:
   try:
-    config_validation.validate(config, name)  # every key the command reads, before any work
-    return int(_resolve(CONFIG_COMMANDS[name][0])(config, cli_flags) or 0)
-  except errors.UserError as e:
-    print(f"error: {_first_line(e)}", file=sys.stderr)
+    config, fv = _parse(name, argv)
+  except CommandLineError as e:
+    print(f"error: {e}" + (f"\n\n{usage()}" if e.usage else ""), file=sys.stderr)
     return 2
+  cli_flags = types.SimpleNamespace(
+      config_spec=_config_spec(argv), dry_run=fv.dry_run, sweep_command=fv.sweep_command,
+      sweep_extra=list(fv.sweep_extra), argv=list(argv[1:]))
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config_validation.validate(config, name)  # every key the command reads, before any work
+  return int(_resolve(CONFIG_COMMANDS[name][0])(config, cli_flags) or 0)
+
+
+def _user_errors(fn, *args) -> int:
+  """`fn(*args)`; a user's error (`UserError`, an `OSError` the user fixes) is printed as one line:
+  exit code 2."""
+  try:
+    return fn(*args)
+  except errors.UserError as e:
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
+  except OSError as e:
+    line = errors.os_error_line(e)
+    if line is None or isinstance(e, BrokenPipeError):
+      raise
+    print(f"error: {line}", file=sys.stderr)
+  return 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +238,7 @@ def texts_main(argv: List[str]) -> int:
     print(json.dumps(shown))  # ASCII with \u escapes: the same strings whatever the locale
     return 0
   except errors.UserError as e:
-    print(f"error: {_first_line(e)}", file=sys.stderr)
+    print(f"error: {errors.one_line(e)}", file=sys.stderr)
     return 2
 
 
@@ -196,7 +248,7 @@ def _boxes_flag(text: str) -> list:
   try:
     boxes = json.loads(text)
   except ValueError as e:
-    raise UserValueError(f"--boxes is not JSON ({_first_line(e)})") from None
+    raise UserValueError(f"--boxes is not JSON ({errors.one_line(e)})") from None
   number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
   if not (isinstance(boxes, list) and all(isinstance(b, list) and len(b) == 4 and all(map(number, b))
                                           for b in boxes)):
@@ -207,14 +259,24 @@ def _boxes_flag(text: str) -> list:
 
 
 def main(argv: List[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
+  """The CLI. A closed standard output (`show-config | head`) ends the command quietly, exit code
+  2."""
+  try:
+    return _main(list(sys.argv if argv is None else argv))
+  except BrokenPipeError:
+    # nothing more goes to the closed pipe, not even at exit
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 2
+
+
+def _main(argv: List[str]) -> int:
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(usage())
     return 0 if len(argv) >= 2 else 2
   name = argv[1]
   if name in RAW_COMMANDS:
-    return int(_resolve(RAW_COMMANDS[name][0])(argv[2:]) or 0)
+    return _user_errors(lambda: int(_resolve(RAW_COMMANDS[name][0])(argv[2:]) or 0))
   if name in CONFIG_COMMANDS:
-    return _run_config_command(name, [argv[0]] + argv[2:])
+    return _user_errors(_run_config_command, name, [argv[0]] + argv[2:])
   print(f"error: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
   return 2

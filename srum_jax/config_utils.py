@@ -23,16 +23,35 @@ def split_config_spec(spec: str) -> Tuple[str, Optional[str]]:
   return path, (arg if sep else None)
 
 
+class ConfigFileError(ValueError):
+  """A config file that cannot be used: it does not import, or its `get_config` / `get_sweep` is
+  missing, raises or returns the wrong type. The message is one line naming the file and the error.
+  """
+
+
+def _describe(e: BaseException) -> str:
+  """'SyntaxError: expected ':' (line 3)' / 'KeyError: 'x'': an exception in one line."""
+  if isinstance(e, SyntaxError):
+    return f"{type(e).__name__}: {e.msg} (line {e.lineno})"
+  text = " ".join(str(e).split("\n", 1)[0].split())
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def load_config_module(path: str):
+  """The config file as a module; a file that is missing, does not import, or defines no
+  `get_config` raises (`FileNotFoundError`, `ConfigFileError`)."""
   p = pathlib.Path(path)
   if not p.is_file():
     raise FileNotFoundError(f"config file not found: {path}")
   name = f"srum_config_{p.stem}_{abs(hash(str(p.resolve())))}"
   spec = importlib.util.spec_from_file_location(name, p)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise AttributeError(f"{path} defines no get_config(arg=None)")
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # any error of the user's file: SyntaxError, ImportError, NameError, ...
+    raise ConfigFileError(f"config file {path} does not import: {_describe(e)}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigFileError(f"config file {path} defines no get_config(arg=None)")
   return module
 
 
@@ -40,10 +59,28 @@ def _call_with_arg(fn, arg):
   return fn(arg) if arg is not None else fn()
 
 
+def _call(module, fn_name: str, path: str, arg: Optional[str]):
+  """`module.<fn_name>(arg)`; whatever it raises becomes a `ConfigFileError` naming the file."""
+  try:
+    return _call_with_arg(getattr(module, fn_name), arg)
+  except Exception as e:
+    shown = "" if arg is None else repr(arg)
+    raise ConfigFileError(f"config file {path}: {fn_name}({shown}) raised {_describe(e)}") from e
+
+
+def config_from_module(module, path: str, arg: Optional[str]) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a loaded config file, checked to be a ConfigDict."""
+  cfg = _call(module, "get_config", path, arg)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigFileError(f"config file {path}: get_config returned {type(cfg).__name__}, not an "
+                          f"ml_collections.ConfigDict (start from srum_jax.defaults.base_config())")
+  return cfg
+
+
 def load_config(spec: str, overrides: Optional[Dict[str, Any]] = None) -> ml_collections.ConfigDict:
   """Load a config file (with optional ':arg') and apply dotted-key overrides; unknown keys are errors."""
   path, arg = split_config_spec(spec)
-  cfg = _call_with_arg(load_config_module(path).get_config, arg)
+  cfg = config_from_module(load_config_module(path), path, arg)
   for key, value in (overrides or {}).items():
     set_dotted(cfg, key, value)
   return cfg
@@ -91,15 +128,29 @@ class _nullcontext:
 
 
 def get_sweep(spec: str) -> List[Dict[str, Any]]:
+  """The points of the config file's `get_sweep(arg)`: a non-empty list of {dotted key: value},
+  every key one the config has and every value one its field takes (else a `ConfigFileError` naming
+  the point)."""
   path, arg = split_config_spec(spec)
   module = load_config_module(path)
-  if not hasattr(module, "get_sweep"):
-    raise AttributeError(f"{path} defines no get_sweep()")
-  points = list(_call_with_arg(module.get_sweep, arg))
-  base = _call_with_arg(module.get_config, arg)
-  for point in points:  # validate every point before anything runs
+  if not callable(getattr(module, "get_sweep", None)):
+    raise ConfigFileError(f"config file {path} defines no get_sweep(arg=None): there is nothing to "
+                          f"sweep (run the command itself instead)")
+  points = _call(module, "get_sweep", path, arg)
+  if (not isinstance(points, (list, tuple)) or not points
+          or not all(isinstance(p, dict) for p in points)):
+    raise ConfigFileError(f"config file {path}: get_sweep must return a non-empty list of dicts "
+                          f"{{dotted key: value}}, not {type(points).__name__} {str(points)[:80]}")
+  base = config_from_module(module, path, arg)
+  for i, point in enumerate(points):  # every point before anything runs
     for key, value in point.items():
-      set_dotted(base.copy_and_resolve_references(), key, value)
+      try:
+        if not isinstance(key, str):
+          raise KeyError(f"key {key!r} is not a dotted string")
+        set_dotted(base.copy_and_resolve_references(), key, value)
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigFileError(f"config file {path}: sweep point {i + 1} {point}: "
+                              f"{_describe(e)}") from None
   return points
 
 
@@ -120,8 +171,7 @@ def sweep_commands(spec: str, subcommand: str, extra: Iterable[str] = (), workdi
   """One argv per sweep point: python -m srum_jax <subcommand> --config=<spec> <overrides> --config.k=v ...
   --config.workdir=<workdir>/<point name> <extra> (default workdir: the config's), so points never share
   outputs; a point's values win over `overrides` (given first)."""
-  path, arg = split_config_spec(spec)
-  base = workdir or _call_with_arg(load_config_module(path).get_config, arg).workdir
+  base = workdir or load_config(spec).workdir
   cmds = []
   for i, point in enumerate(get_sweep(spec)):
     argv = [sys.executable, "-m", "srum_jax", subcommand, f"--config={spec}", *overrides]

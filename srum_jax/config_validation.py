@@ -7,34 +7,42 @@ only by the last check of eval / run (`eval.metrics`, by the evaluation stage's 
 geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
 `model_config.json` or, for an official checkpoint, the config's `model.preset`.
 
-Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
-(propose), score (model, score), train (model, train, srum, prompts.anchor when the anchor is on, and its
-records file), eval (eval, eval_generate, score, prompts.val, the model unless a folder of images is judged
-without the UMM), run (all of these, run.* and prompts.eval_extra), pretrain (its stage blocks). generate,
-score, eval and run also check `texts.file` (`check_texts`).
+Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train),
+propose (propose), score (model, score), train (model, train, srum, prompts.anchor with the anchor
+on, its records), eval (eval, eval_generate, score, prompts.val, the model unless a folder of images
+is judged without the UMM), run (all of these, run.*, prompts.eval_extra), pretrain (its stage
+blocks), and the inference commands sample, edit, ask (model, their block). generate, score, eval,
+run and the inference commands also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import pathlib
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-import ml_collections
+import jax
 
-from srum_jax import files, paths
+from srum_jax import errors, files, paths
+from srum_jax.config_checks import (check_bool as _bool, check_enum as _enum, check_float as _float,
+                                    check_int as _int, check_pair as _pair, check_subset as _subset,
+                                    check_value_in as _check_enum, config_value as _get,
+                                    existing_dir as _existing_dir, existing_file as _existing_file,
+                                    fail as _fail)
 from srum_jax.convert import hf_to_flax
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models.attention import CONFIG_CHOICES as ATTN_IMPLS
 from srum_jax.models.config import DTYPES, PRESETS
-from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
+from srum_jax.models.lora import lora_config
+from srum_jax.pipeline import (evaluate, proposers, run as run_stage, train as train_stage,
+                               train_data)
 from srum_jax.pretrain.batches import TASKS
-from srum_jax.rewards import texts as texts_lib
+from srum_jax.rewards import record_sources, texts as texts_lib
+from srum_jax.tokenizer import load_tokenizer
 from srum_jax.training import optimizer
 
 SECTIONS = {
@@ -44,103 +52,14 @@ SECTIONS = {
     "train": ("model", "train"),
     "eval": ("eval",),
     "run": ("model", "generate", "prompts.train", "propose", "score", "train", "eval", "run"),
+    "sample": ("model", "sample"),  # the inference commands (pipeline/inference_commands.py)
+    "edit": ("model", "edit"),
+    "ask": ("model", "ask"),
 }
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Small checks; each raises one line naming the key.
-
-def _fail(key: str, value: Any, why: str) -> None:
-  raise UserValueError(f"config key {key}={value!r}: {why}")
-
-
-def _get(config, key: str) -> Any:
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def _int(config, key: str, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, int):
-    _fail(key, v, f"must be an integer, not {type(v).__name__}")
-  if lo is not None and v < lo:
-    _fail(key, v, f"must be >= {lo}")
-  if hi is not None and v > hi:
-    _fail(key, v, f"must be <= {hi}")
-  return v
-
-
-def _float(config, key: str, lo: Optional[float] = None, hi: Optional[float] = None, *,
-           lo_open: bool = False, hi_open: bool = False) -> float:
-  v = _get(config, key)
-  if isinstance(v, bool) or not isinstance(v, (int, float)):
-    _fail(key, v, f"must be a number, not {type(v).__name__}")
-  v = float(v)
-  if not math.isfinite(v):
-    _fail(key, v, "must be finite")
-  if lo is not None and (v <= lo if lo_open else v < lo):
-    _fail(key, v, f"must be {'>' if lo_open else '>='} {lo}")
-  if hi is not None and (v >= hi if hi_open else v > hi):
-    _fail(key, v, f"must be {'<' if hi_open else '<='} {hi}")
-  return v
-
-
-def _bool(config, key: str) -> bool:
-  v = _get(config, key)
-  if not isinstance(v, bool):
-    _fail(key, v, "must be True or False")
-  return v
-
-
-def _enum(config, key: str, choices: Sequence[str]) -> str:
-  v = _get(config, key)
-  if v not in choices:
-    hint = difflib.get_close_matches(str(v), [c for c in choices if c], n=1)
-    _fail(key, v, f"must be one of {', '.join(repr(c) for c in choices)}"
-          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-  return v
-
-
-def _subset(config, key: str, choices: Sequence[str]) -> tuple:
-  """A tuple of names, each one of `choices`."""
-  v = _get(config, key)
-  if isinstance(v, str) or not isinstance(v, Sequence):
-    _fail(key, v, f"must be a tuple of names from {', '.join(choices)}, e.g. ('vit','ae')")
-  for name in v:
-    if name not in choices:
-      hint = difflib.get_close_matches(str(name), choices, n=1)
-      _fail(key, tuple(v), f"{name!r} is not one of {', '.join(choices)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-  return tuple(v)
-
-
-def _pair(config, key: str, kind=float) -> tuple:
-  v = _get(config, key)
-  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
-    _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}, e.g. "
-          + ("--config." + key + "=(32,32)" if kind is int else "(0.4,1.0)"))
-  for x in v:
-    if isinstance(x, bool) or not isinstance(x, (int,) if kind is int else (int, float)):
-      _fail(key, v, f"must be a pair of {'integers' if kind is int else 'numbers'}")
-  return tuple(kind(x) for x in v)
-
-
-def _existing_file(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_file():
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} does not exist")
-  return p
-
-
-def _existing_dir(key: str, path: str, what: str):
-  p = paths.path(os.path.expanduser(path))  # pathlib.Path, or etils.epath.Path for gs://
-  if not p.is_dir():
-    why = "is a file, not a directory" if p.exists() else "does not exist"
-    raise UserFileNotFoundError(f"config key {key}: {what} {path!r} {why}")
-  return p
-
+# Small checks (`config_utils`); each raises one line naming the key.
 
 def suggest_key(config, dotted: str) -> str:
   """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
@@ -203,40 +122,64 @@ def check_converted_dir(path: str, key: str) -> Geometry:
   d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
+  try:
+    load_tokenizer(str(p))
+  except UserError as e:
+    raise UserValueError(f"config key {key}: {errors.one_line(e)}") from None
   return _geometry_from(d, str(p / "model_config.json"))
 
 
 def check_official_dir(config, path: str, key: str) -> Geometry:
-  """An official checkpoint dir: a weights file, ae.safetensors and a readable llm_config.json."""
+  """An official checkpoint dir: its files readable and whole (`hf_to_flax.check_official_files`:
+  headers, the json files; a damaged file is named), and a tokenizer this code reads."""
   p = _existing_dir(key, path, "official checkpoint")
-  if not any((p / n).is_file() for n in hf_to_flax.WEIGHT_FILES):
-    raise UserFileNotFoundError(f"config key {key}: {path} holds none of {', '.join(hf_to_flax.WEIGHT_FILES)}")
-  if not (p / "ae.safetensors").is_file():
-    raise UserFileNotFoundError(f"config key {key}: {path} lacks ae.safetensors")
-  if not (p / "llm_config.json").is_file():
-    raise UserFileNotFoundError(f"config key {key}: {path} lacks llm_config.json")
+  try:
+    hf_to_flax.check_official_files(str(p))
+    if (p / "tokenizer.json").is_file():
+      load_tokenizer(str(p))
+  except UserError as e:
+    raise UserValueError(f"config key {key}: {errors.one_line(e)}") from None
   llm = files.read_json(p / "llm_config.json", "LLM config")
-  if not isinstance(llm, dict):
-    raise UserValueError(f"LLM config {p / 'llm_config.json'}: expected a JSON object")
-  for name in ("vit_config.json",):
-    if (p / name).is_file():
-      files.read_json(p / name, "ViT config")
   return _preset_geometry(config, f"model.preset={config.model.preset}",
                           int(llm.get("max_position_embeddings", 0)) or None)
 
 
-def check_model(config) -> Geometry:
+def check_model(config, check_files: bool = True) -> Optional[Geometry]:
+  """The model keys; with `check_files`, the model dir too (and its geometry, else None)."""
   m = "model"
   _enum(config, f"{m}.param_dtype", DTYPES)
   _enum(config, f"{m}.inference_dtype", ("",) + DTYPES)
   _enum(config, f"{m}.compute_dtype", DTYPES)
   _enum(config, f"{m}.attn_impl", ATTN_IMPLS)
   _bool(config, f"{m}.remat")
+  _check_remat_lora(config)
+  _lora_stages_pending(config)
   _check_mesh(config, "mesh", allow_zero_tensor=True)
   _check_mesh(config, "inference_mesh", allow_zero_tensor=False)
+  if not check_files:
+    return None
   if config.model.official_dir:
     return check_official_dir(config, config.model.official_dir, "model.official_dir")
   return check_converted_dir(config.model.dir, "model.dir")
+
+
+# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
+def _check_remat_lora(config) -> None:
+  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank 0: none)."""
+  policy = config.model.remat_policy
+  if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
+    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name")
+  _enum(config, "model.lora.dtype", DTYPES)
+  try:
+    lora_config(config.model.lora)
+  except (ValueError, TypeError) as e:
+    _fail("model.lora", config.model.lora.to_dict(), str(e))
+
+
+def _lora_stages_pending(config) -> None:
+  """The stages do not load or save adapters yet (issue 33's stage part): refuse LoRA. Delete when they do."""
+  if config.model.lora.rank:
+    _fail("model.lora.rank", config.model.lora.rank, "the pipeline stages do not run LoRA yet; set 0")
 
 
 def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:
@@ -283,6 +226,7 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
   if not 0.0 <= lo <= hi <= 1.0:
     _fail(f"{key}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
   _enum(config, f"{key}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _bool(config, f"{key}.crop_to_content")
   _float(config, f"{key}.cfg_renorm_min", lo=0.0, hi=1.0)
   _bool(config, f"{key}.think")
   _int(config, f"{key}.max_think_tokens", lo=0)
@@ -360,6 +304,11 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   H, W = _pair(config, f"{t}.image_hw", int)
   _image_side(f"{t}.image_hw", H, geo, (H, W))
   _image_side(f"{t}.image_hw", W, geo, (H, W))
+  fmt = _enum(config, f"{t}.records_format", record_sources.RECORD_FORMATS)
+  if fmt == "official" and not config.train.records:
+    _fail(f"{t}.records_format", "official", "needs train.records (stages write this project's)")
+  if _enum(config, f"{t}.image_resize", train_data.IMAGE_RESIZES) == "official":
+    check_official_resize(config, (H, W), geo)
   S = int(config.train.samples_per_row)
   text = _int(config, f"{t}.text_capacity", lo=1)
   tokens = _int(config, f"{t}.num_tokens", lo=1)
@@ -377,38 +326,64 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     _bool(config, f"srum.{k}")
 
 
+def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
+  """`train.official_resize` (max, min, stride) of SRUM's training transform: the sizes it makes are
+  multiples of the model's latent stride and fit the canvas `train.image_hw`."""
+  key, v = "train.official_resize", _get(config, "train.official_resize")
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be (max_image_size, min_image_size, image_stride), e.g. (1024,512,256)")
+  (mx, mn, stride), stride_px = v, (geo.latent_stride if geo is not None else 1)
+  if mn > mx or mx % stride or stride % stride_px:
+    _fail(key, tuple(v), f"needs min <= max, max a multiple of the stride, the stride a multiple "
+          f"of {stride_px} (the model's pixels per latent token side)")
+  if min(canvas) < mx:
+    _fail("train.image_hw", tuple(canvas), f"the canvas must hold the largest image of "
+          f"train.official_resize ({mx}x{mx}), or set train.image_resize='fixed'")
+
+
 def check_train_inputs(config) -> None:
-  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`)
-  and, when set, `train.images_root`."""
+  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`;
+  a file or a folder: `rewards.record_sources.resolve` finds the file, its format and its images) and, when
+  set, `train.images_root`."""
+  if config.train.images_root:
+    _existing_dir("train.images_root", config.train.images_root, "images folder")
   if config.train.records:
-    _existing_file("train.records", config.train.records, "reward records file")
+    t = config.train
+    record_sources.resolve(t.records, t.images_root, t.records_format)
   else:
     records = os.path.join(str(config.workdir), "score", "rewards.jsonl")
     if not paths.path(records).is_file():
-      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's {records} does not "
-                                  f"exist: run generate, propose and score first, or set train.records")
+      why = "is a folder, not a file" if paths.path(records).exists() else "does not exist"
+      raise UserFileNotFoundError(f"config key train.records is empty and the score stage's "
+                                  f"{records} {why}: run generate, propose and score first, or set "
+                                  f"train.records")
   if config.train.images_root:
     _existing_dir("train.images_root", config.train.images_root, "images folder")
 
 
-def check_prompts(config, key: str) -> None:
-  """A prompt source's keys; a file source is read now (existence, UTF-8, JSON, at least one prompt). A path
-  under another source is an error (an override would be ignored); a leftover `function` under
-  source=file is not (switching a python source to a file keeps the config file's function)."""
-  src = _get(config, key)
-  source = src.source or ("file" if src.path else "python" if src.function else "tfds")
-  if src.source:
-    _enum(config, f"{key}.source", prompts_lib.PROMPT_SOURCES)
-  if src.path and source != "file":
-    _fail(f"{key}.path", src.path, f"is ignored by {key}.source={source!r}: also set "
+def check_prompts(config, key: str, check_files: bool = True) -> None:
+  """A prompt source's keys (a partial block takes the defaults of the keys it lacks); a file source
+  is read now (existence, UTF-8, JSON, at least one prompt) unless `check_files` is False. A path under
+  another source is an error (an override would be ignored); a leftover `function` under source=file
+  is not (switching a python source to a file keeps the config file's function)."""
+  src = prompts_lib.normalise(_get(config, key), key)
+  given = _get(config, key)
+  source = src["source"]
+  if isinstance(given, str) or given.get("source"):
+    _check_enum(f"{key}.source", source, prompts_lib.PROMPT_SOURCES)
+  if src["path"] and source != "file":
+    _fail(f"{key}.path", src["path"], f"is ignored by {key}.source={source!r}: also set "
           f"--config.{key}.source=file (or clear the path)")
-  if src.limit is not None:
-    _int(config, f"{key}.limit", lo=1)
+  if src["limit"] is not None and src["limit"] < 1:
+    _fail(f"{key}.limit", src["limit"], "must be >= 1 (or None: every prompt)")
   if source == "file":
-    _enum(config, f"{key}.format", prompts_lib.PROMPT_FORMATS)
-    if not src.path:
-      _fail(f"{key}.path", src.path, "is empty: set the prompt file (txt, json or jsonl)")
-    _existing_file(f"{key}.path", src.path, "prompt file")
+    _check_enum(f"{key}.format", src["format"], prompts_lib.PROMPT_FORMATS)
+    if not src["path"]:
+      _fail(f"{key}.path", src["path"], "is empty: set the prompt file (txt, json or jsonl)")
+    if not check_files:
+      return
+    _existing_file(f"{key}.path", src["path"], "prompt file")
     quiet = prompts_lib.log.disabled
     prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
     try:
@@ -419,12 +394,12 @@ def check_prompts(config, key: str) -> None:
       prompts_lib.log.disabled = quiet
     prompts_lib.require_prompts(items, key)
   elif source == "python":
-    module, sep, fn = str(src.function).partition(":")
+    module, sep, fn = str(src["function"]).partition(":")
     if not (module and sep and fn):
-      _fail(f"{key}.function", src.function, "must be 'module.path:function'")
+      _fail(f"{key}.function", src["function"], "must be 'module.path:function'")
 
 
-def check_eval(config, own_model: bool) -> Optional[Geometry]:
+def check_eval(config, own_model: bool, check_files: bool = True) -> Optional[Geometry]:
   """The eval keys; with `own_model` (the eval command) also the model it evaluates: `eval.model_dir` (a
   converted or an official dir), else `model.*`, unless a folder of images is judged without the UMM."""
   e = "eval"
@@ -442,10 +417,13 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
     module, sep, fn = str(config.eval.oracle_fn).partition(":")
     if not (module and sep and fn):
       _fail(f"{e}.oracle_fn", config.eval.oracle_fn, "eval.judge='oracle' needs 'module.path:function'")
+  if not check_files:
+    return None
   if judge == "hf_vlm":
     _existing_dir(f"{e}.hf_vlm_dir", config.eval.hf_vlm_dir, "judge model folder")
   if config.eval.images_dir:
-    _existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder")
+    if not any(_existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder").iterdir()):
+      _fail(f"{e}.images_dir", config.eval.images_dir, "is an empty folder: no image to score")
   for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
                   ("reasonbench.questions", "T2I-ReasonBench questions")):
     if _get(config, f"{e}.{k}"):
@@ -455,8 +433,8 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   geo = None
   if own_model and needs_model:
     if config.eval.model_dir:
-      p = paths.path(config.eval.model_dir)
-      official = p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
+      p = _existing_dir(f"{e}.model_dir", config.eval.model_dir, "model directory")
+      official = not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
       geo = (check_official_dir(config, config.eval.model_dir, "eval.model_dir") if official
              else check_converted_dir(config.eval.model_dir, "eval.model_dir"))
     else:
@@ -464,19 +442,105 @@ def check_eval(config, own_model: bool) -> Optional[Geometry]:
   return geo
 
 
+# ---- The inference commands: sample, edit, ask (pipeline/inference_commands.py).
+
+def _seeds(config, key: str) -> None:
+  v = _get(config, key)
+  if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not all(
+      isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in v):
+    _fail(key, v, "must be a tuple of seeds in [0, 2**31), e.g. (0,1,2); () uses the config's seed")
+
+
+def _resize(config, key: str, stride_of: int, geo: Optional[Geometry], latent: bool) -> None:
+  """An official ImageTransform triple (max side, min side, stride): stride a multiple of
+  `stride_of`, max side a multiple of the stride, min <= max; a VAE resize's max side within the
+  model's latent grid."""
+  v = _get(config, key)
+  if (isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 3
+      or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)):
+    _fail(key, v, "must be (max_side, min_side, stride), positive integers, e.g. (1024,512,16)")
+  hi, lo, stride = v
+  if stride % stride_of or hi % stride or lo > hi:
+    _fail(key, tuple(v), f"needs a stride that is a multiple of {stride_of}, a max side that is a "
+          f"multiple of the stride, and min side <= max side")
+  if latent:
+    _image_side(key, hi, geo, tuple(v))
+
+
+def _request_inputs(config, key: str, text_key: str) -> None:
+  """An image (+ its text) and/or a requests JSONL file; the files must exist."""
+  block = _get(config, key)
+  if not block.image and not block.requests:
+    _fail(f"{key}.image", block.image,
+          f"is empty: give an image and {key}.{text_key}, or {key}.requests")
+  if block.image:
+    _existing_file(f"{key}.image", block.image, "image")
+    if not str(block[text_key]).strip():
+      _fail(f"{key}.{text_key}", block[text_key], f"is empty: {key}.image needs its {text_key}")
+  if block.requests:
+    _existing_file(f"{key}.requests", block.requests, "requests file")
+
+
+def check_sample(config, geo: Optional[Geometry]) -> None:
+  check_generate(config, "sample", geo)
+  _seeds(config, "sample.seeds")
+  given = _get(config, "sample.prompts")
+  if isinstance(given, (str, bytes)) or not all(isinstance(p, str) and p.strip() for p in given):
+    _fail("sample.prompts", given, "must be a tuple of non-empty prompts, e.g. ('a red fox',)")
+  if config.sample.prompts_file:
+    _existing_file("sample.prompts_file", config.sample.prompts_file, "prompt file")
+  elif not given:
+    _fail("sample.prompts", given, "is empty and so is sample.prompts_file: give prompts")
+
+
+def check_edit(config, geo: Optional[Geometry]) -> None:
+  e = "edit"
+  _request_inputs(config, e, "prompt")
+  _bool(config, f"{e}.think")
+  _bool(config, f"{e}.sample_posterior")
+  _int(config, f"{e}.max_think_tokens", lo=1)
+  _int(config, f"{e}.num_timesteps", lo=2)
+  _float(config, f"{e}.timestep_shift", lo=0.0, lo_open=True)
+  _float(config, f"{e}.cfg_text_scale", lo=0.0)
+  _float(config, f"{e}.cfg_img_scale", lo=0.0)
+  lo, hi = _pair(config, f"{e}.cfg_interval")
+  if not 0.0 <= lo <= hi <= 1.0:
+    _fail(f"{e}.cfg_interval", (lo, hi), "must satisfy 0 <= start <= end <= 1")
+  _enum(config, f"{e}.cfg_renorm_type", ("global", "channel", "text_channel"))
+  _float(config, f"{e}.cfg_renorm_min", lo=0.0, hi=1.0)
+  _resize(config, f"{e}.vae_transform", geo.latent_stride if geo else 1, geo, latent=True)
+  _resize(config, f"{e}.vit_transform", 14, geo, latent=False)
+  _int(config, f"{e}.text_budget", lo=0)
+  _int(config, f"{e}.batch_size", lo=1)
+  _seeds(config, f"{e}.seeds")
+
+
+def check_ask(config) -> None:
+  a = "ask"
+  _request_inputs(config, a, "question")
+  _bool(config, f"{a}.think")
+  _bool(config, f"{a}.do_sample")
+  _int(config, f"{a}.max_new_tokens", lo=1)
+  _float(config, f"{a}.temperature", lo=0.0, lo_open=True)
+  _resize(config, f"{a}.vae_transform", 1, None, latent=False)
+  _resize(config, f"{a}.vit_transform", 14, None, latent=False)
+  _int(config, f"{a}.text_budget", lo=0)
+  _int(config, f"{a}.batch_size", lo=1)
+
+# ---- end of the inference commands
+
+
 def check_run(config) -> None:
-  for name in config.prompts.eval_extra.keys():
-    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
-      _fail(f"prompts.eval_extra.{name}", name, "must be a folder name (letters, digits, . _ + = -)")
-    if not isinstance(config.prompts.eval_extra[name], ml_collections.ConfigDict):
-      _fail(f"prompts.eval_extra.{name}", config.prompts.eval_extra[name], "must be a prompt source block")
+  if config.train.records_format == "official":  # the loop trains on its own score stage's records
+    _fail("train.records_format", "official", "is for the train command; run makes its own records")
+  for name in run_stage.eval_set_names(config):  # the eval-only sets: folder names, prompt sources
     check_prompts(config, f"prompts.eval_extra.{name}")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)
 
 
-def check_pretrain_stage(config, key: str) -> None:
+def check_pretrain_stage(config, key: str, check_files: bool = True) -> None:
   """One pretraining stage block (`pretrain` or `pretrain.then`): numbers, dtypes, the data mix, and the
   model dirs it starts from (`init_from`, `ae.from_dir`) unless a saved state resumes it."""
   _enum(config, f"{key}.preset", tuple(sorted(PRESETS)))
@@ -509,7 +573,9 @@ def check_pretrain_stage(config, key: str) -> None:
             "think_uncond"):
     _float(config, f"{key}.data.{k}", lo=0.0, hi=1.0)
   block = _get(config, key)
-  resumes = block.resume and (pathlib.Path(block.out) / "state").is_dir()
+  if not isinstance(block.out, str) or not block.out and key == "pretrain":
+    _fail(f"{key}.out", block.out, "must be a folder path")
+  resumes = not check_files or block.resume and (pathlib.Path(block.out) / "state").is_dir()
   if block.init_from and not resumes:
     _existing_dir(f"{key}.init_from", block.init_from, "model directory to start from")
   if block.ae.from_dir and not resumes:
@@ -519,7 +585,7 @@ def check_pretrain_stage(config, key: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # The texts (issue 28: official texts from the user's checkouts; srum_jax/rewards/texts.py).
 
-TEXTS_COMMANDS = ("generate", "score", "eval", "run")  # the commands that send texts to a model
+TEXTS_COMMANDS = ("generate", "score", "eval", "run", "sample", "edit", "ask")  # commands that send texts
 
 
 def check_texts(config, command: str) -> None:
@@ -549,13 +615,16 @@ def _eval_metrics(config) -> None:
     raise UserValueError(f"config key {e}") from None
 
 
-def validate(config, command: str) -> None:
-  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain` checks its
-  stage blocks; show-config and sweep are not checked (each sweep point's command checks itself)."""
+def validate(config, command: str, check_files: bool = True) -> None:
+  """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain`
+  checks its stage blocks; show-config and sweep are not checked (`sweep` checks each of its
+  points). `check_files` False: the values only, not the files and folders they name (a sweep's dry run).
+  """
+  _bool(config, "discard_stale")
   if command == "pretrain":
     key = "pretrain"
     while True:  # the stage and the stages chained after it (`then`)
-      check_pretrain_stage(config, key)
+      check_pretrain_stage(config, key, check_files)
       block = _get(config, key)
       if "then" not in block or not block.then.name:
         return
@@ -568,9 +637,9 @@ def validate(config, command: str) -> None:
     _fail("workdir", config.workdir, "must be a folder path")
   if command in TEXTS_COMMANDS:
     check_texts(config, command)
-  geo = check_model(config) if "model" in sections else None
+  geo = check_model(config, check_files) if "model" in sections else None
   if "prompts.train" in sections:
-    check_prompts(config, "prompts.train")
+    check_prompts(config, "prompts.train", check_files)
   if "generate" in sections:
     check_generate(config, "generate", geo)
   if "propose" in sections:
@@ -579,15 +648,21 @@ def validate(config, command: str) -> None:
     check_score(config)
   if "train" in sections:
     check_train(config, geo)
-  if command == "train":
+  if command == "train" and check_files:
     check_train_inputs(config)
   if "run" in sections:
     check_run(config)
+  if "sample" in sections:  # the inference commands
+    check_sample(config, geo)
+  if "edit" in sections:
+    check_edit(config, geo)
+  if "ask" in sections:
+    check_ask(config)
   if "eval" in sections:
-    eval_geo = check_eval(config, own_model=command == "eval")
+    eval_geo = check_eval(config, own_model=command == "eval", check_files=check_files)
     metrics = [m.strip() for m in str(config.eval.metrics).split(",") if m.strip()]
     if not ({"geneval", "reasonbench"} & set(metrics)):
-      check_prompts(config, "prompts.val")
+      check_prompts(config, "prompts.val", check_files)
     if not config.eval.images_dir or command == "run":
       check_generate(config, "eval_generate", eval_geo or geo)
     if "judge" in metrics and config.eval.judge == "self" or command == "run":

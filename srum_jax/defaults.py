@@ -3,7 +3,10 @@
 Every key any stage reads is declared here, so an override of a key that does not exist fails before any
 work starts, and code reads keys directly (no fallback values in code). Keys are grouped by pipeline stage;
 values are the official SRUM / BAGEL recipe unless a comment says otherwise, so the paper's recipe is stated
-here once and an experiment changes only what differs (model size, sharding, resolution).
+here once and an experiment changes only what differs (model size, sharding, resolution). Where SRUM's
+scripts and the functions they call disagree, the value is the one the shipped path runs with: its shell
+scripts' arguments, then the launcher's defaults (e.g. `srum_data_infer/vlm.sh` runs `vlm_multi_gpu.py`,
+whose argument defaults override `vlm.py`'s own).
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 42
   c.workdir = "outputs/run"
+  # A workdir's outputs record what made them (model identity, seed, the stage's settings, its
+  # inputs): a command whose configuration would make different outputs stops (exit 2) naming what
+  # differs. True: those stale outputs (and what was made from them) are deleted and made again.
+  c.discard_stale = False
 
   # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official checkpoint
   # directory (safetensors + json) that is converted into <workdir>/converted_model on first use.
@@ -39,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
   # | splash | cudnn | tokamax (srum_jax/models/attention.py); every stage resolves it the same way.
   c.model.attn_impl = "auto"
   c.model.remat = False
+  c.model.remat_policy = ""  # with remat: "" saves nothing, else a jax.checkpoint_policies name
+  # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is frozen (held in
+  # model.param_dtype) and the adapters' master weights are in model.lora.dtype (srum_jax/models/lora.py).
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, dtype="float32",
+      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), experts=("gen",)))
 
   # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
   # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own
@@ -64,9 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.srum.signed_rewards = False
   c.srum.use_local = True  # region rewards
   c.srum.use_global = True  # global layout reward
-  c.srum.drop_zero_global = True  # official formatting filter: records whose global score is 0.0 are dropped
-  # Not in the official recipe: + anchor_weight * mean((v - v_ref)^2) at the batch's noised latents under prompts
-  # from `prompts.anchor` (outside the candidate set), v_ref the frozen starting model's velocity (0: off).
+  # SRUM's vlm_format_output.py `parse_and_convert_record`: records whose global score is 0.0 are dropped
+  c.srum.drop_zero_global = True
+  # Not in the official recipe: + anchor_weight * mean((v - v_ref)^2) at the batch's noised latents
+  # under prompts from `prompts.anchor` (outside the candidate set), v_ref the frozen starting model's
+  # velocity (0: off).
   c.srum.anchor_weight = 0.0
 
   # Post-training (SRUM's scripts/train_reg_comp.sh).
@@ -89,13 +104,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.moments_dtype = "float32"  # stored moments: float32 (the step's loss unchanged) | bfloat16 (half size)
   c.train.encode_batch = 8  # images per jitted encoder call of the moments pass (rounded up to the device count)
   # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
+  # `train.records`: a JSONL of this project's schema or SRUM's formatted one (`vlm_format_output.py`),
+  # or a folder holding one (SRUM's released CompBench training set as downloaded): `record_sources.py`.
   c.train.records = ""  # "" -> <workdir>/score/rewards.jsonl (the score stage's output)
-  c.train.images_root = ""
-  c.train.image_hw = (1024, 1024)  # training resolution (H, W); boxes are scaled from each image's size
+  c.train.records_format = "auto"  # auto (from the file's first record) | srum_jax | official
+  c.train.images_root = ""  # "": the score stage's images, or found beside the records (SRUM's layout)
+  # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args -> `data/transforms.py`
+  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short side
+  # >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded latent
+  # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`. Boxes
+  # follow each image's scaling.
+  c.train.image_resize = "official"  # official | fixed
+  c.train.official_resize = (1024, 512, 256)  # (max_image_size, min_image_size, image_stride)
+  c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest `official` image
   c.train.samples_per_row = 2  # T2I samples packed per row (official: ~2 per GPU at 8192 tokens)
   c.train.num_tokens = 8448  # static row budget: samples_per_row * (h*w latents) + text_capacity
   c.train.text_capacity = 256  # static text slots per row (BOS/EOS, prompt ids and the image markers)
-  c.train.max_regions = 5  # regions per image (official SAM proposals: 5)
+  c.train.max_regions = 10  # regions per image: what scoring writes (propose.max_regions)
   c.train.data_threads = 4
   c.train.data_workers = 0  # >0: grain decodes in that many processes
 
@@ -110,7 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (<workdir>/eval_<name>/; e.g. the shapes world's generalisation split). None by default.
   c.prompts.eval_extra = ml_collections.ConfigDict()
 
-  # Candidate generation (official t2i inference: think mode, 50 steps, cfg 4.0 in [0.4, 1], shift 3.0).
+  # Candidate generation: SRUM's srum_data_infer/t2i.py `main` as compt2i.sh runs it (think mode, 50 steps,
+  # text cfg 4.0 in (0.4, 1], image cfg 1.0, shift 3.0, global renorm; 1024^2: the inferencer's image_shapes).
   c.generate = ml_collections.ConfigDict()
   c.generate.batch_size = 4
   c.generate.samples_per_prompt = 1
@@ -125,30 +151,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.cfg_renorm_min = 0.0
   c.generate.think = True
   c.generate.max_think_tokens = 1000
+  c.generate.crop_to_content = True  # save images cropped to their non-black box (SRUM's t2i.py)
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
   # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest prompt, and
   # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers, the plan
   # (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
-  # Region proposals (official: SAM, up to 5 boxes).
+  # Region proposals (SRUM's vlm.sh: SAM, the 10 largest masks: `vlm_multi_gpu.py`'s --max_regions
+  # default, which overrides the 5 of `vlm.py`'s own parser).
   c.propose = ml_collections.ConfigDict()
   c.propose.name = "sam"  # sam | felzenszwalb | components | grid
-  c.propose.max_regions = 5
+  c.propose.max_regions = 10
   c.propose.min_area = 0.0  # < 1: fraction of the image; >= 1: pixels
   c.propose.box_mode = "official"
   c.propose.options = ml_collections.ConfigDict({"weights_dir": ""})  # proposer-specific keyword arguments
 
   # Self-judging (srum_data_infer/vlm.py's procedure; its prompts: the texts, `texts.file`).
+  # Self-judging (SRUM's srum_data_infer/vlm.py `main`, as vlm.sh runs it through vlm_multi_gpu.py).
   c.score = ml_collections.ConfigDict()
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
   c.score.batch_size = 4
-  c.score.max_retries = 3
-  c.score.retry_temperature = 0.7
+  # Unparsable answers are asked again: 5 attempts in all (`vlm_multi_gpu.py`'s --max_retries default 5
+  # counts attempts; `vlm.py`'s own parser says 3), every one greedy (`vlm.py` passes text_temperature
+  # 0.0 and the inferencer does not sample). Greedy re-asks repeat a deterministic model's answer; > 0
+  # samples them.
+  c.score.max_retries = 4  # re-asks after the first answer
+  c.score.retry_temperature = 0.0
   c.score.max_new_tokens_global = 1024
   c.score.max_new_tokens_regions = 4096
-  c.score.global_default = 0.0  # official value when every try fails (then removed by the filter)
+  c.score.global_default = 0.0  # vlm.py's value when every try fails (then removed by the filter)
   c.score.use_global = True
   c.score.use_regions = True
   c.score.logit_candidates = ("-1.0", "-0.5", "0.0", "0.5", "1.0")
@@ -214,8 +247,52 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.reasonbench.prompts = ""  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
   c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
   c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
+  # Held-out images as SRUM's CompBench_eval/comp_eval_infer.sh makes them: t2i_multi_gpu.py with
+  # --think (the paper's 88.37 row), saved cropped as t2i.py does; think False is its "no think" row.
   c.eval_generate = c.generate.copy_and_resolve_references()
-  c.eval_generate.think = False
+
+  # ---- Inference commands `sample`, `edit`, `ask` (pipeline/inference_commands.py); BAGEL's
+  # inferencer and app defaults. Outputs under `out` ("" -> <workdir>/<command>); `seeds` () -> (seed,).
+  c.sample = c.generate.copy_and_resolve_references()  # generate's keys (size, steps, CFG, think)
+  c.sample.think = False  # BAGEL's default; True: the model writes a plan first (kept beside the image)
+  c.sample.prompts = ()  # e.g. --config.sample.prompts="('a red fox in the snow',)"
+  c.sample.prompts_file = ""  # and/or a prompt file: txt, json or jsonl (`prompt_sources` formats)
+  c.sample.seeds = ()
+  c.sample.out = ""
+  c.edit = ml_collections.ConfigDict()
+  c.edit.image = ""  # the image to edit (its size after `vae_transform` is the output's)
+  c.edit.prompt = ""  # the instruction
+  c.edit.requests = ""  # and/or JSONL lines {"image", "prompt", "id" (optional)}; paths relative to it
+  c.edit.think = False
+  c.edit.max_think_tokens = 1000
+  c.edit.num_timesteps = 50
+  c.edit.timestep_shift = 3.0
+  c.edit.cfg_text_scale = 4.0  # BAGEL's editing recipe: text 4, image 2, whole flow, text_channel
+  c.edit.cfg_img_scale = 2.0
+  c.edit.cfg_interval = (0.0, 1.0)
+  c.edit.cfg_renorm_type = "text_channel"
+  c.edit.cfg_renorm_min = 0.0
+  c.edit.vae_transform = (1024, 512, 16)  # (max side, min side, stride) of the input's resize
+  c.edit.vit_transform = (980, 224, 14)  # the ViT's view of the resized input
+  c.edit.sample_posterior = True  # the official encoder samples the VAE posterior; False: its mean
+  c.edit.text_budget = 0  # 0: bucket to the longest instruction
+  c.edit.batch_size = 1
+  c.edit.seeds = ()
+  c.edit.out = ""
+  c.ask = ml_collections.ConfigDict()
+  c.ask.image = ""
+  c.ask.question = ""
+  c.ask.requests = ""  # and/or JSONL lines {"image", "question", "id" (optional)}
+  c.ask.think = False  # True: the understanding think system prompt; `answer`: what follows </think>
+  c.ask.max_new_tokens = 1000
+  c.ask.do_sample = False  # BAGEL's default: greedy
+  c.ask.temperature = 0.3  # with do_sample
+  c.ask.vae_transform = (1024, 512, 16)  # the image is resized as for the VAE, then
+  c.ask.vit_transform = (980, 224, 14)  # put through the ViT transform
+  c.ask.text_budget = 0
+  c.ask.batch_size = 1
+  c.ask.out = ""
+  # ---- end of the inference commands
 
   # The closed loop.
   c.run = ml_collections.ConfigDict()

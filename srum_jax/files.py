@@ -59,6 +59,19 @@ def load_rgb(path) -> Tuple[Optional[np.ndarray], Optional[str]]:
     return None, f"corrupt ({type(e).__name__})"
 
 
+def image_problem(path) -> Optional[str]:
+  """None when `path` is an image file that reads whole, else why not ('missing', 'corrupt (...)'):
+  PIL's `verify` (PNG: every chunk's checksum, no decoding: about a millisecond for a 2 MB file)."""
+  try:
+    with Image.open(paths.readable(path)) as im:
+      im.verify()
+    return None
+  except FileNotFoundError:
+    return "missing"
+  except Exception as e:  # corrupt / truncated / not an image / a folder
+    return f"corrupt ({type(e).__name__})"
+
+
 def dir_size(path) -> int:
   """Bytes of every file under a local folder."""
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())

@@ -14,6 +14,7 @@ tokenizer file) in a per-URL local cache (`local_cache_dir`, `local_copy`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -72,19 +73,27 @@ def readable(p: PathLike):
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
-  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file under the
-  final name); remotely one object write (objects are all-or-nothing). Parent folders are made."""
+  """Write `p` whole: locally under a temporary name then renamed (a crash never leaves a torn file
+  under the final name); remotely one object write (objects are all-or-nothing). Parent folders are
+  made; a folder at `p`, or a file where a parent folder belongs, raises the `OSError` naming it."""
   if is_remote(p):
     q = path(p)
     q.parent.mkdir(parents=True, exist_ok=True)
     q.write_bytes(data)
     return
   p = os.fspath(p)
-  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)  # a file in the way: raises
+  if os.path.isdir(p):  # never a rename onto a folder (its error would name the temporary file)
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), p)
   tmp = f"{p}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, p)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, p)
+  except BaseException:  # a full disk, a signal: no torn temporary file left behind either
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def local_cache_dir(p: PathLike) -> str:

@@ -34,6 +34,7 @@ DEFAULT_RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("vit_mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: A [in, r] / B [r, out] shard like their kernel's in / out dims
     ("length", None),
     ("norm", None),
     ("channels", None),

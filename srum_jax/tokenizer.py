@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from srum_jax import paths
+from srum_jax.errors import UserFileNotFoundError, UserValueError
 
 BOS, EOS, START_OF_IMAGE, END_OF_IMAGE = "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"
 SPECIAL_TOKENS = (BOS, EOS, START_OF_IMAGE, END_OF_IMAGE)
@@ -48,7 +49,7 @@ class Tokenizer:
                 end_of_image=tokens.end_of_image)
     got = {k: getattr(self, k) for k in want}
     if got != want:
-      raise ValueError(f"tokenizer special ids {got} differ from the model's {want}")
+      raise UserValueError(f"tokenizer special ids {got} differ from the model's {want}")
 
 
 def _token_id(hf, token: str) -> Optional[int]:
@@ -76,8 +77,14 @@ def load_tokenizer(model_dir) -> Tokenizer:
 
   path = paths.path(paths.join(model_dir, "tokenizer.json"))
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
-  return from_hf(PreTrainedTokenizerFast(tokenizer_file=paths.local_copy(str(path))))
+    raise UserFileNotFoundError(f"{path} not found (a Qwen2-style tokenizer.json is required)")
+  try:
+    hf = PreTrainedTokenizerFast(tokenizer_file=paths.local_copy(str(path)))
+  except Exception as e:  # the tokenizers library's own errors: a JSON file that is not a tokenizer
+    text = " ".join(str(e).split())
+    raise UserValueError(f"tokenizer file {path} is not a tokenizer this code reads "
+                         f"({type(e).__name__}: {text})") from None
+  return from_hf(hf)
 
 
 def build_word_level(words: Sequence[str], directory, *, special_ids: dict, unk: str = "<unk>",

@@ -281,7 +281,7 @@ def test_layout_errors_listed_together(tmp_path, capsys, golden_weights, golden_
                  "ema.safetensors: 1 mis-shaped keys", "connector.fc2.weight: file [64, 32], expected [64, 64]",
                  "ae.safetensors: 1 missing keys", "decoder.mid.attn_1.q.bias"):
     assert needle in msg, needle
-  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 1
+  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 2  # a user error
   err_text = capsys.readouterr().err
   assert "connector.fc2.weight" in err_text and "decoder.mid.attn_1.q.bias" in err_text
   assert not (tmp_path / "m").exists()
@@ -304,7 +304,7 @@ def test_nan_and_inf_weights_refused_naming_the_tensors(tmp_path, capsys, golden
               "decoder.mid.attn_1.q.bias"):
     assert key in msg, key
   assert "layers.0.mlp_moe_gen.up_proj" not in msg  # the other layers of the stacked leaf are fine
-  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 1
+  assert hf_to_flax.main(["--src", str(src), "--dst", str(tmp_path / "m"), "--timestep_shift", "2.0"]) == 2  # a user error
   assert "connector.fc2.weight" in capsys.readouterr().err
   assert not (tmp_path / "m").exists()
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in golden_weights.items()}

@@ -215,6 +215,55 @@ def test_metric_table_means_and_markdown():
   assert "| overall | 50.0 (n=2) | 0.375 (n=3, 1 unscored) |" in md
 
 
+def test_mllm_overall_is_srum_rule_with_the_plain_mean_beside_it():
+  """SRUM's CompBench_eval/qwen_eval.sh: the three complex categories average into one composite that counts as
+  one category beside the base ones; the mean of all category means is kept, named, under it."""
+  means = {"color": 80.0, "shape": 70.0, "3d_spatial": 60.0, "complex": 90.0, "complex_action": 60.0,
+           "complex_spatial": 30.0}
+  rows = [{"category": c, "score": m} for c, m in means.items()] + [{"category": "color", "score": None}]
+  t = report.metric_table(rows, "mllm", *report.COLUMNS["mllm"][0])
+  composite = (90.0 + 60.0 + 30.0) / 3  # 60
+  assert t["summary_rows"]["complex composite"]["mean"] == pytest.approx(composite)
+  assert t["overall"]["mean"] == pytest.approx((80.0 + 70.0 + 60.0 + composite) / 4)  # 67.5
+  assert t["summary_rows"]["mean of categories"]["mean"] == pytest.approx(sum(means.values()) / 6)  # 65
+  assert (t["overall"]["n"], t["overall"]["unscored"]) == (6, 1)
+  md = report.markdown([t])
+  assert "| overall | 67.5 (n=6, 1 unscored) |" in md
+  assert "| complex composite | 60.0 (n=3) |" in md and "| mean of categories | 65.0 (n=6, 1 unscored) |" in md
+  assert "overall (MLLM judge (0-100)): SRUM's qwen_eval.sh" in md
+  # the script's spelling ("complex action") and the prompt file's (complex_action) are the same category
+  spaced = report.srum_overall({"complex action": {"mean": 10.0, "n": 1, "unscored": 0},
+                                "color": {"mean": 50.0, "n": 1, "unscored": 0}})
+  assert spaced["overall"]["mean"] == pytest.approx(30.0)
+  # no complex category: no composite, the base categories alone
+  assert report.srum_overall({"color": {"mean": 50.0, "n": 2, "unscored": 0},
+                              "shape": {"mean": None, "n": 0, "unscored": 2}})["overall"] == {
+                                  "mean": 50.0, "n": 2, "unscored": 2}
+  other = report.metric_table(rows, "compbench", *report.COLUMNS["compbench"][0])
+  assert "summary_rows" not in other and other["overall"]["mean"] == pytest.approx(65.0)
+  both = report.markdown([other, t])
+  assert "| complex composite | - | 60.0 (n=3) |" in both
+
+
+def test_srum_overall_on_the_categories_of_srums_val_prompts():
+  """SRUM's val_comp.json categories (an excerpt of the file, as shipped): seven base categories and the
+  three complex ones averaged into one composite: the overall averages eight numbers."""
+  import pathlib
+  from srum_jax.data.prompt_sources import load_prompts
+
+  excerpt = pathlib.Path(__file__).parent / "fixtures" / "prompts" / "srum_val_comp_excerpt.json"
+  cats = sorted({it.category for it in load_prompts({"source": "file", "path": str(excerpt)})})
+  assert len(cats) == 10
+  values = {c: float(10 * k) for k, c in enumerate(cats)}
+  rows = [{"category": c, "score": v} for c, v in values.items()]
+  t = report.metric_table(rows, "mllm", *report.COLUMNS["mllm"][0])
+  complex_ = [values[c] for c in ("complex", "complex_action", "complex_spatial")]
+  base = [v for c, v in values.items() if not c.startswith("complex")]
+  assert len(base) == 7
+  assert t["overall"]["mean"] == pytest.approx((sum(base) + np.mean(complex_)) / 8)
+  assert t["summary_rows"]["mean of categories"]["mean"] == pytest.approx(np.mean(list(values.values())))
+
+
 def test_grid_spreads_over_categories():
   rows = [{"id": f"{c}{k}#{s}", "prompt_id": f"{c}{k}", "category": c}
           for c in "abc" for k in range(3) for s in range(2)]
@@ -256,8 +305,9 @@ def test_run_metric_resumes_and_retries_skipped_rows(tmp_path):
 
     def __call__(self, images, chunk):
       calls.append([r["id"] for r in chunk])
-      return [{"id": r["id"], "category": "c", "score": 1.0} if r["id"] == "a" or self.metadata_ready else
-              {"id": r["id"], "category": "c", "score": None, "skipped": "no metadata"} for r in chunk]
+      base = lambda r: {"id": r["id"], "prompt": r["prompt"], "category": "c"}  # noqa: E731
+      return [dict(base(r), score=1.0) if r["id"] == "a" or self.metadata_ready else
+              dict(base(r), score=None, skipped="no metadata") for r in chunk]
 
   first = {r["id"]: r for r in evaluate.run_metric(Scorer(), rows, str(tmp_path), "fake", 2)}
   assert first["a"]["score"] == 1.0 and "skipped" in first["b"] and first["c"]["skipped"] == "image missing"

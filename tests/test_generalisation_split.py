@@ -10,7 +10,8 @@ from srum_jax import config_utils
 from srum_jax.data.prompt_sources import PromptItem, load_prompts, prompt_source
 from srum_jax.errors import UserValueError
 from srum_jax.pipeline import run
-from srum_jax.worlds.shapes import anchors, generalisation as gen, grammar, judge_text, oracle, scene as scene_lib
+from srum_jax.worlds.shapes import (anchors, generalisation as gen, grammar, judge_text, oracle,
+                                    scene as scene_lib)
 from test_oracle import degrade
 
 
@@ -53,7 +54,7 @@ def test_prompts_parse_fit_the_vocabulary_and_have_their_category_traits():
       a, b = kinds
       assert not (dets == [(1, True), (2, True)] and a[0] != b[0] and a[1] != b[1])  # not numeracy's pair
     elif p.category == "rel_shared":
-      (a, b), ((_, rel, _),) = kinds, p.spec.relations
+      (a, b), (_,) = kinds, p.spec.relations  # one relation
       assert (a[0] == b[0]) != (a[1] == b[1]) and not any(g.exact for g in p.spec.objects)
     else:
       assert p.category == "count_rel" and p.spec.relations and any(g.exact for g in p.spec.objects)

@@ -84,3 +84,24 @@ def test_vit_patchify_feature_order():
   assert toks.shape == (6, 588)
   pr, pc, row, col, ch = 1, 2, 5, 11, 2
   assert toks[pr * 3 + pc, (row * 14 + col) * 3 + ch] == img[14 * pr + row, 14 * pc + col, ch]
+
+
+@pytest.mark.parametrize("case", ["border", "black", "full", "one_pixel", "red_only"])
+def test_crop_to_content_is_pil_getbbox(case):
+  """SRUM's t2i.py saves `image.crop(image.getbbox())` when the box exists: the same crop, from NumPy."""
+  rng = np.random.default_rng(3)
+  x = np.zeros((20, 30, 3), np.uint8)
+  if case == "border":
+    x[3:15, 5:27] = rng.integers(0, 255, (12, 22, 3), dtype=np.uint8)
+  elif case == "full":
+    x[:] = rng.integers(1, 255, x.shape, dtype=np.uint8)
+  elif case == "one_pixel":
+    x[7, 11, 2] = 1
+  elif case == "red_only":
+    x[2:4, 20:29, 0] = 200
+  img = Image.fromarray(x)
+  box = img.getbbox()
+  want = np.asarray(img.crop(box)) if box else x
+  got = image_transforms.crop_to_content(x)
+  assert image_transforms.content_box(x) == box
+  np.testing.assert_array_equal(got, want)

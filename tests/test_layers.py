@@ -15,7 +15,7 @@ FLOORS = (
     ("ground", ("errors", "paths", "distributed", "progress", "config_utils", "losses", "metrics", "worlds")),
     ("file formats", ("files",)),
     ("models", ("models",)),
-    ("base", ("sharding", "tokenizer", "rewards", "viz", "flops", "workdir", "data")),
+    ("base", ("sharding", "tokenizer", "rewards", "viz", "flops", "workdir", "data", "config_checks")),
     ("core", ("training", "inference", "convert")),
     ("engine", ("engine", "evaluation")),
     ("stages", ("pipeline", "pretrain")),

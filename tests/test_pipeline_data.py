@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax.pipeline import train_data
+from srum_jax.pipeline import train as train_stage, train_data
 
 H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
 ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
@@ -321,7 +321,7 @@ def test_anchor_prompts_ride_along_deterministic_per_row(dataset_dir, tiny_cfg):
   processes, reshuffled with the epochs; the anchor layout keeps the candidates' latent slots."""
   path, _ = _prepare(dataset_dir)
   prompts = [f"anchor prompt {k}" for k in range(50)]
-  ids = train_data.anchor_prompt_ids(prompts, tiny_cfg, _spec(rows=2, S=1), WordTokenizer())
+  ids = train_stage.anchor_prompt_ids(prompts, tiny_cfg, _spec(rows=2, S=1), WordTokenizer())
   assert ids[0][0] == tiny_cfg.tokens.bos and ids[0][-1] == tiny_cfg.tokens.eos and len(ids[0]) == 5
 
   def make(rows, process):

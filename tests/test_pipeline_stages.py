@@ -76,7 +76,7 @@ def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
     assert abs(r["global_score"] - two_rewards[k]["global_score"]) < 1e-5
   # training: the same global batches (process p packs rows [p*4, p*4+4) of each), the same parameters
   one_log = [json.loads(line)["indices"] for line in open(tmp_path / "one/round_0/train/data_log.jsonl")]
-  two_logs = [[json.loads(line)["indices"] for line in open(tmp_path / f"two/round_0/train/data_log.p{k}.jsonl")]
+  two_logs = [[json.loads(line)["indices"] for line in open(tmp_path / f"two/round_0/train/data_log.{k}.jsonl")]
               for k in range(2)]
   assert one_log == [a + b for a, b in zip(*two_logs)]
   import jax

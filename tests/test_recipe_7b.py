@@ -62,7 +62,7 @@ def test_recipe_lowers_on_8_to_64_devices():
   assert inf["sampler_step"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}  # 8 devices: one host's worth
   assert inf["sampler_step"]["latent_tokens"] == 4096 and inf["sampler_step"]["branches"] == 2
   assert inf["judge"]["vit_patches"] == 70 * 70
-  assert out["prompts"]["source"] == "file" and out["prompts"]["path"].endswith("srum_train_comp.json")
+  assert out["prompts"]["source"] == "file" and out["prompts"]["path"] == "SRUM/train_comp.json"
 
 
 def test_srum_train_prompts_load_with_ten_categories(tmp_path):
@@ -70,7 +70,7 @@ def test_srum_train_prompts_load_with_ten_categories(tmp_path):
   rows = [{"Question": f"a prompt {i}", "Category": c, "Question_id": i}
           for i, c in enumerate(["3d_spatial", "color", "complex", "non-spatial", "numeracy", "shape", "spatial",
                                  "texture", "complex_action", "complex_spatial"])]
-  path = tmp_path / "srum_train_comp.json"
+  path = tmp_path / "train_comp.json"
   path.write_text(json.dumps(rows))
   items = load_prompts({"source": "file", "path": str(path)})
   assert len({it.category for it in items}) == 10 and [it.id for it in items] == [str(i) for i in range(10)]

@@ -10,9 +10,10 @@ import pytest
 
 from srum_jax import defaults, files, paths
 from srum_jax.engine import loaded_model
-from srum_jax.pipeline import propose, train, train_data
+from srum_jax.pipeline import propose, train_data
 from srum_jax.rewards import records as records_lib
 from srum_jax.training import checkpointing
+from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.workdir import layout, locking, logs
 
 from fake_gcs import fake_gcs
@@ -191,13 +192,22 @@ def test_tpu_launch_passes_a_gs_workdir():
   assert "gcsfs" in setup.stdout
 
 
-def test_train_side_logs_on_object_store(gcs):
-  with train._open_data_log(f"{RUN}/train", 0, 1, 5) as log:
-    log.write('{"step": 5}\n')
-    log.flush()  # the first flush writes; later ones at most every FLUSH_S seconds
-    log.write('{"step": 6}\n')
-  assert paths.path(f"{RUN}/train/data_log.from00000005.jsonl").read_text() == '{"step": 5}\n{"step": 6}\n'
-  metrics = train._MetricsLog(f"{RUN}/train", lambda step: 0.0, 1, True, bar=None)
-  metrics.writer.add_scalar("train/loss", 1.0, 1)
-  metrics.close()  # TensorBoard events written locally, copied to <workdir>/tb
-  assert [p.name for p in paths.path(f"{RUN}/train/tb").iterdir()][0].startswith("events.out.tfevents")
+def test_train_side_logs_on_object_store(gcs, monkeypatch):
+  """The one remote-log policy for training's logs: the data log's rows are kept and written as one part
+  object at most every FLUSH_S seconds and on close (read back as a JsonlLog); the metrics sink's rows
+  too, and its TensorBoard events are written locally and copied to <workdir>/tb at those moments."""
+  with logs.BufferedLog(logs.process_log(f"{RUN}/train", "data_log")) as log:
+    log.append({"step": 5})  # the first flush writes at once; later ones at most every FLUSH_S seconds
+    log.append({"step": 6})
+    assert len(log.log._parts()) == 1 and log.rows == [{"step": 6}]
+  assert [json.loads(line) for line in log.log._remote_bytes()[0].splitlines()] == [{"step": 5},
+                                                                                   {"step": 6}]
+  again = logs.process_log(f"{RUN}/train", "data_log")  # the next invocation's writer folds the parts in
+  assert again._parts() == [] and paths.path(f"{RUN}/train/data_log.jsonl").read_text().count("step") == 2
+  with MetricsSink(f"{RUN}/train") as sink:
+    sink.write("train", 1, {"loss": 1.0})
+    sink.write("train", 2, {"loss": 0.5})
+  events = [p.name for p in paths.path(f"{RUN}/train/tb").iterdir()]
+  assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+  rows = logs.JsonlLog(f"{RUN}/train/metrics.jsonl")._remote_bytes()[0].splitlines()
+  assert [json.loads(r)["loss"] for r in rows] == [1.0, 0.5]

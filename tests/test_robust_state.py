@@ -8,13 +8,14 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from srum_jax import progress
+from srum_jax import errors, progress
 from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.evaluation import image_folders
-from srum_jax.pipeline import run
+from srum_jax.pipeline import evaluate, run
 from srum_jax.workdir import layout, locking, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -146,11 +147,65 @@ def test_read_rows_keeps_one_row_per_id_and_counts_the_rest(tmp_path):
   logs.JsonlLog(str(tmp_path / "regions.1.jsonl")).append({"id": "d", "regions": "garbage"})
   rep = logs.LogReport()
   rows = layout.read_regions(str(tmp_path), rep)
-  assert sorted(r["id"] for r in rows) == ["a", "b", "c"] and rep.duplicate_id == 1 and rep.malformed == 1
+  assert sorted(r["id"] for r in rows) == ["a", "b", "c"] and rep.duplicate_id == 1 and rep.wrong_type == 1
   # the merged copy process 0 writes next to the per-process logs holds the same rows: not duplicates
   logs.JsonlLog(str(tmp_path / "regions.jsonl")).append({"id": "a", "regions": []})
   rep = logs.LogReport()
   assert len(layout.read_regions(str(tmp_path), rep)) == 3 and rep.duplicate_id == 1
+
+
+def test_rows_of_the_wrong_type_are_skipped_and_counted(tmp_path):
+  """Every reader checks its rows' field types: `"correct": "false"` (or "yes", null, 1) is not a verdict, a
+  NaN or out-of-range score is not a score, a prompt must be a string; each such row is skipped and counted
+  like a garbled line (and its item is judged or scored again)."""
+  good = {"prompt": "a red circle", "category": "color", "judge": "oracle"}
+  rows = [dict(good, id="ok", correct=False), dict(good, id="s", correct="false"), dict(good, id="y", correct="yes"),
+          dict(good, id="n", correct=None), dict(good, id="one", correct=1), dict(good, id="p", prompt=3, correct=True)]
+  logs.JsonlLog(str(tmp_path / "judgments.jsonl")).extend(rows)
+  rep = logs.LogReport()
+  judged = layout.read_judgments(str(tmp_path), rep)
+  assert [r["id"] for r in judged] == ["ok"] and rep.wrong_type == 5 and rep.skipped == 5
+  assert evaluate.table(judged)["overall"] == {"correct": 0, "total": 1, "accuracy": 0.0}
+  rec = {"image_file": "images/a.png", "prompt": "p", "global_score": 0.5, "seq": 0,
+         "regions": [{"box": [0, 0, 4, 4], "score": 0.5, "object": None}]}
+  bad = [dict(rec, id="nan", global_score=float("nan")), dict(rec, id="big", global_score=2.0),
+         dict(rec, id="str", global_score="0.5"), dict(rec, id="box", regions=[{"box": [0, 0, 4], "score": 0.5}]),
+         dict(rec, id="rs", regions=[{"box": [0, 0, 4, 4], "score": True}]), dict(rec, id="seq", seq=True)]
+  logs.JsonlLog(str(tmp_path / "rewards.jsonl")).extend([dict(rec, id="good")] + bad)
+  rep = logs.LogReport()
+  assert [r["id"] for r in layout.read_rewards(str(tmp_path), rep)] == ["good"] and rep.wrong_type == 6
+  meta = {"prompt": "p", "image_file": "images/x.png", "seq": 0}
+  logs.JsonlLog(str(tmp_path / "metadata.jsonl")).extend(
+      [dict(meta, id="m"), dict(meta, id="f", image_file=None), dict(meta, id="q", prompt=["p"]),
+       dict(meta, id="b", seq=False), {"id": "miss", "prompt": "p"}, {"id": 7, "prompt": "p", "image_file": "x"}])
+  rep = logs.LogReport()
+  assert [r["id"] for r in layout.read_metadata(str(tmp_path), rep)] == ["m"]
+  assert (rep.wrong_type, rep.missing_field, rep.malformed) == (3, 1, 1)
+  logs.JsonlLog(str(tmp_path / "metrics" / "mllm.jsonl")).extend(
+      [{"id": "a", "prompt": "p", "score": 50.0}, {"id": "b", "prompt": "p", "score": "50"},
+       {"id": "c", "prompt": "p", "score": None, "skipped": "image missing"}, {"id": "c", "prompt": "p", "score": 7}])
+  rep = logs.LogReport()
+  latest = layout.read_metric(str(tmp_path / "metrics"), "mllm", rep)
+  assert {r["id"]: r["score"] for r in latest} == {"a": 50.0, "c": 7} and rep.wrong_type == 1
+
+
+def test_a_folder_where_a_log_or_lock_file_belongs_is_named(tmp_path):
+  (tmp_path / "metadata.jsonl").mkdir()
+  with pytest.raises(errors.UserError, match="metadata.jsonl is a folder where a log file is expected"):
+    layout.read_metadata(str(tmp_path))
+  with pytest.raises(errors.UserError, match="is a folder"):
+    logs.JsonlLog(str(tmp_path / "metadata.jsonl")).append({"id": "a"})
+  (tmp_path / "w" / locking.LOCK_NAME).mkdir(parents=True)
+  with pytest.raises(locking.WorkdirBusy, match="is a folder, not a lock file"):
+    locking.WorkdirLock(str(tmp_path / "w")).acquire()
+  (tmp_path / "v").mkdir()
+  (tmp_path / "v" / locking.LOCK_NAME).write_bytes(b"")  # a creator that died before writing it
+  with pytest.raises(locking.WorkdirBusy, match="if no command runs on this workdir, delete"):
+    locking.WorkdirLock(str(tmp_path / "v")).acquire()
+  old = time.time() - 2 * locking.UNREADABLE_STALE_S
+  os.utime(tmp_path / "v" / locking.LOCK_NAME, (old, old))
+  with locking.WorkdirLock(str(tmp_path / "v")) as lock:  # an old empty lock file is stale: taken over
+    assert lock.held and lock.took_over == {}
 
 
 # --- progress bars --------------------------------------------------------------------------------------------

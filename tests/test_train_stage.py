@@ -69,6 +69,7 @@ c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 1
 t = c.train
 t.steps, t.batch_size, t.samples_per_row = args["steps"], 2, 1
 t.image_hw, t.num_tokens, t.text_capacity, t.max_regions = (32, 24), 12 + 12, 12, 3
+t.image_resize = "fixed"
 t.lr, t.warmup_steps = 1e-3, 1
 t.save_every, t.keep_checkpoints, t.log_every, t.sample_every = args["save_every"], 2, 1, 3
 t.data_threads = 2
@@ -239,6 +240,9 @@ def test_uninterrupted_run_outputs(runs):
   # outputs: checkpoints (keep 2), TensorBoard events, sample grids, loss curve
   assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [4, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]  # the same scalars
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and rows[-1]["skipped"] == 2
+  assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
   assert sorted(os.listdir(os.path.join(wd, "samples"))) == ["step_000003.png", "step_000006.png"]
   assert Image.open(os.path.join(wd, "samples", "step_000003.png")).size[0] > 24
   assert os.path.isfile(os.path.join(wd, "loss_curve.png"))

@@ -205,3 +205,100 @@ def test_anchor_term_is_the_reference_velocity_distance(tiny_cfg, tiny_params, s
   assert np.isfinite(float(metrics["loss_anchor"])) and int(state.step) == 1
   with pytest.raises(ValueError, match="anchor_inputs"):
     ts.srum_loss(params, batch._replace(anchor_inputs=None), key, ref, cfg=tiny_cfg, opts=anchored)
+
+
+# --- images below the canvas (SRUM's aspect-preserving training transform, padded) ------------------------------
+
+def test_latent_sources_and_the_layout_of_smaller_images(tiny_cfg):
+  """Slots hold each sample's own grid row-major (positions numbered as BAGEL numbers that grid); latent_src
+  maps them to the canvas tokens (by hand: canvas grid 4 x 3, samples of 2 x 3 and 4 x 2 tokens)."""
+  grids = [[(2, 3), (4, 2)]]
+  src = ts.latent_sources(grids, (4, 3))
+  want = [0, 1, 2, 3, 4, 5] + [12, 13, 15, 16, 18, 19, 21, 22] + [-1] * 10
+  np.testing.assert_array_equal(src[0], want)
+  ids = [[[tiny_cfg.tokens.bos, 5, tiny_cfg.tokens.eos]] * 2]
+  inputs = ts.t2i_layout(tiny_cfg, ids, image_hw=(H, W), num_tokens=2 * (3 + 2 + 12), text_capacity=10,
+                         grids=grids)
+  assert inputs.latent_index.shape == (1, 24)
+  assert int((inputs.latent_index[0] < inputs.meta.sample_id.shape[1]).sum()) == 6 + 8  # 10 unused slots
+  G = tiny_cfg.max_latent_size
+  pos = [(k // 3) * G + k % 3 for k in range(6)] + [(k // 2) * G + k % 2 for k in range(8)]
+  np.testing.assert_array_equal(inputs.latent_pos[0, :14], pos)
+  assert int((inputs.meta.sample_id[0] >= 0).sum()) == 2 * (3 + 2) + 14  # padding attends to nothing
+  with pytest.raises(ValueError, match="fit the canvas"):
+    ts.t2i_layout(tiny_cfg, ids, image_hw=(H, W), num_tokens=60, text_capacity=10, grids=[[(5, 3), (1, 1)]])
+
+
+def _canvas_batch(cfg, grids, seed=0):
+  """A moments batch (B = 1 row, S = 2) of images with latent grids `grids` on the (H, W) canvas."""
+  rng = np.random.default_rng(seed)
+  ids = [[[cfg.tokens.bos] + list(rng.integers(0, 100, 4)) + [cfg.tokens.eos] for _ in range(2)]]
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=2 * (6 + 2 + 12), text_capacity=16,
+                         grids=[grids])
+  f = cfg.ae.downsample
+  moments = rng.normal(0, 1, (1, 2, H // f, W // f, 2 * cfg.ae.z_channels)).astype(np.float32)
+  moments[..., cfg.ae.z_channels:] = -4.0  # small posterior variance
+  boxes = np.array([[[0, 0, 16, 16], [4, 8, 20, 30]], [[2, 2, 9, 30], [0, 20, 24, 32]]], np.float32)[None]
+  rewards = objective.RegionRewards(boxes, np.array([[[0.8, -0.6], [0.3, 0.9]]], np.float32),
+                                    np.ones((1, 2, 2), bool), np.array([[0.4, -0.2]], np.float32))
+  canvas = (H // cfg.latent_downsample, W // cfg.latent_downsample)
+  return ts.SrumBatch(inputs=inputs, images=None, rewards=rewards, moments=moments,
+                      latent_src=ts.latent_sources([grids], canvas))
+
+
+def test_canvas_path_equals_the_fixed_path_for_images_filling_the_canvas(tiny_cfg, tiny_params, setup):
+  _, _, opts = setup
+  params = jax.tree.map(jnp.asarray, tiny_params)
+  full = (H // tiny_cfg.latent_downsample, W // tiny_cfg.latent_downsample)
+  batch = _canvas_batch(tiny_cfg, [full, full])
+  fwd = jax.jit(lambda b, k: ts.srum_loss(params, b, k, cfg=tiny_cfg, opts=opts))
+  key = jax.random.key(11)
+  (a, aux_a), (b, aux_b) = fwd(batch, key), fwd(batch._replace(latent_src=None), key)
+  np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+  np.testing.assert_allclose(float(aux_a["reward_mean"]), float(aux_b["reward_mean"]), rtol=1e-6)
+
+
+def test_canvas_loss_ignores_the_padding(tiny_cfg, tiny_params, setup):
+  """Moments and reward boxes in the padded area change nothing; the real area does."""
+  _, _, opts = setup
+  params = jax.tree.map(jnp.asarray, tiny_params)
+  grids = [(2, 3), (4, 2)]
+  batch = _canvas_batch(tiny_cfg, grids)
+  fwd = jax.jit(lambda b, k: ts.srum_loss(params, b, k, cfg=tiny_cfg, opts=opts)[0])
+  key = jax.random.key(5)
+  ref = float(fwd(batch, key))
+  p = tiny_cfg.latent_patch_size
+  noisy = batch.moments.copy()
+  rng = np.random.default_rng(9)
+  for s, (gh, gw) in enumerate(grids):
+    pad = np.ones(noisy.shape[2:4], bool)
+    pad[:gh * p, :gw * p] = False
+    noisy[0, s][pad] = rng.normal(0, 5, (int(pad.sum()), noisy.shape[-1]))
+  boxes = batch.rewards.boxes.copy()
+  boxes[0, 0, 1] = [4, 17, 24, 32]  # sample 0 is 16 px tall: this box lies in its padding
+  moved = batch._replace(moments=noisy, rewards=batch.rewards._replace(boxes=boxes))
+  np.testing.assert_allclose(float(fwd(moved, key)), ref, rtol=1e-6)
+  inside = batch.moments.copy()
+  inside[0, 1, 0, 0] += 3.0
+  assert abs(float(fwd(batch._replace(moments=inside), key)) - ref) > 1e-5
+
+
+def test_canvas_rewards_are_each_images_own_map(tiny_cfg):
+  """Per slot, the reward is the sample's map built at its own size (boxes clamped to it, as SRUM's dataset
+  builds it) resized to its own latent grid: what SRUM's loss interpolates per image."""
+  from srum_jax.rewards import resize_reward_map, reward_map
+
+  grids = [(2, 3), (4, 2)]
+  batch = _canvas_batch(tiny_cfg, grids)
+  d = tiny_cfg.latent_downsample
+  canvas = (H // d, W // d)
+  got = objective.gather_tokens(objective.per_token_rewards(batch.rewards, image_hw=(H, W), latent_hw=canvas),
+                                batch.latent_src)
+  r = batch.rewards
+  want = []
+  for s, (gh, gw) in enumerate(grids):
+    m = reward_map(r.boxes[:, s], r.scores[:, s], r.valid[:, s], r.global_scores[:, s], height=gh * d, width=gw * d)
+    want.append(np.asarray(resize_reward_map(m, gh, gw)).reshape(-1))
+  want = np.concatenate(want)
+  np.testing.assert_allclose(np.asarray(got)[0, :want.size], want, rtol=0, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(got)[0, want.size:], 0.0)

@@ -4,19 +4,21 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from srum_jax import config_utils, config_validation, errors
+from srum_jax import cli, config_utils, config_validation, errors
 from srum_jax.data.prompt_sources import PromptItem, load_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.pipeline import generate, propose, score, train
 from srum_jax.rewards.texts import own_texts
-from srum_jax.workdir import layout, logs
+from srum_jax.workdir import layout, locking, logs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/tiny_pipeline.py"
@@ -131,7 +133,9 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
     config_validation.validate(paper, command)
   bad = {"generate.cfg_interval": (0.5, 0.2), "generate.height": 1000, "propose.name": "samm",
          "score.vit_image_size": 30, "train.lr": 0.0, "train.num_tokens": 4096, "eval.judge": "oracel",
-         "train.microbatch_rows": 32, "generate.max_prompt_tokens": 40000, "mesh.fsdp": 0}
+         "train.microbatch_rows": 32, "generate.max_prompt_tokens": 40000, "mesh.fsdp": 0,
+         "train.image_resize": "fix", "train.official_resize": (1024, 512, 100), "train.image_hw": (512, 512),
+         "train.records_format": "parquet"}
   for key, value in bad.items():
     cfg = _paper_config(tmp_path, **{"prompts.train.path": str(prompts), "prompts.val.path": str(prompts),
                                      key: value})
@@ -218,3 +222,176 @@ def test_train_on_records_without_their_images_is_one_error_line(tmp_path):
   assert len(errors_said) == 1, text
   assert "no usable training records" in errors_said[0] and "missing image 1" in errors_said[0], text
   assert "train.images_root" in errors_said[0], text
+
+
+def _in_process(capsys, *args):
+  """(exit code, stderr lines) of `python -m srum_jax <args>` run in this process (no traceback may escape)."""
+  rc = cli.main(["srum_jax", *args])
+  return rc, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def _official_copy(src, dst, edit=None):
+  dst.mkdir()
+  for f in src.iterdir():
+    (dst / f.name).write_bytes(f.read_bytes())
+  if edit:
+    edit(dst)
+  return dst
+
+
+def _damage(name, how):
+  def edit(d):
+    blob = (d / name).read_bytes()
+    (d / name).write_bytes({"truncated": blob[:len(blob) // 2], "empty": b"",
+                            "garbled": blob[:8] + b"\xff" * 40 + blob[48:]}[how])
+  return edit
+
+
+def test_each_listed_traceback_is_one_line_and_exit_2(tmp_path, capsys):
+  """The issue's list, through the CLI's entry in this process: broken config files and sweeps, unknown
+  config args, a bad prompt-source argument, an empty images folder, official checkpoints without
+  vit_config.json / with a wrong tokenizer.json / with a damaged ema.safetensors, folders where files belong
+  and the reverse, an empty lock file, converter destinations, a batch the devices cannot split."""
+  cfgs = tmp_path / "cfgs"
+  cfgs.mkdir()
+  sweep_base = f"import sys; sys.path.insert(0, {str(ROOT / 'experiments')!r})\nimport tiny_world\n" \
+               "def get_config(arg=None):\n  return tiny_world.get_config()\n"
+  for name, text in {"syntax.py": "def get_config(arg=None)\n  return 1\n",
+                     "raises.py": "def get_config(arg=None):\n  raise RuntimeError('boom')\n",
+                     "dict.py": "def get_config(arg=None):\n  return {'a': 1}\n",
+                     "sweep_unknown.py": sweep_base + "def get_sweep(arg=None):\n  return [{'train.lrr': 1}]\n",
+                     "sweep_dict.py": sweep_base + "def get_sweep(arg=None):\n  return {'train.lr': 1e-4}\n",
+                     "sweep_raises.py": sweep_base + "def get_sweep(arg=None):\n  raise KeyError('x')\n",
+                     "sweep_invalid.py": sweep_base + "def get_sweep(arg=None):\n"
+                                                      "  return [{'train.lr': 1e-4}, {'train.lr': -1.0}]\n"}.items():
+    (cfgs / name).write_text(text)
+  (tmp_path / "empty_images").mkdir()
+  no_vit = _official_copy(SHIPPED, tmp_path / "no_vit", lambda d: (d / "vit_config.json").unlink())
+  bad_tok = _official_copy(SHIPPED, tmp_path / "bad_tok", lambda d: (d / "tokenizer.json").write_text(
+      '{"model": {"type": "WordLevel"}, "hello": 1}'))
+  damaged = {how: _official_copy(SHIPPED, tmp_path / f"ema_{how}", _damage("ema.safetensors", how))
+             for how in ("truncated", "garbled", "empty")}
+  w = lambda name: f"--config.workdir={tmp_path / name}"  # noqa: E731
+  (tmp_path / "w_meta" / "generate" / "metadata.jsonl").mkdir(parents=True)
+  (tmp_path / "w_lock" / locking.LOCK_NAME).mkdir(parents=True)
+  (tmp_path / "w_images" / "generate").mkdir(parents=True)
+  (tmp_path / "w_images" / "generate" / "images").write_text("not a folder")
+  (tmp_path / "w_empty_lock").mkdir()
+  (tmp_path / "w_empty_lock" / locking.LOCK_NAME).write_text("")
+  (tmp_path / "w_rewards" / "score" / "rewards.jsonl").mkdir(parents=True)
+  model = tmp_path / "model"
+  model.mkdir()
+  (model / "params").mkdir()
+  (model / "params" / "x").write_text("untouched")
+  (tmp_path / "dst_file").write_text("a file")
+  records = tmp_path / "rewards.jsonl"
+  records.write_text(json.dumps({"image_file": "0.png", "prompt": "p", "global_score": 0.5, "regions": []}) + "\n")
+  small = ["--config.prompts.train.kwargs.per_category=1"]
+  cases = [
+      (["show-config", f"--config={cfgs / 'syntax.py'}"], ["syntax.py does not import: SyntaxError"]),
+      (["show-config", f"--config={cfgs / 'raises.py'}"], ["raises.py: get_config() raised RuntimeError: boom"]),
+      (["show-config", f"--config={cfgs / 'dict.py'}"], ["get_config returned dict, not an ml_collections"]),
+      (["show-config", f"--config={TINY}:bogus"], ["unknown config arg 'bogus'"]),
+      (["show-config", f"--config={PAPER}:x"], ["unknown config arg 'x'"]),
+      (["sweep", f"--config={cfgs / 'sweep_unknown.py'}", "--dry_run"], ["sweep point 1", "train.lrr"]),
+      (["sweep", f"--config={cfgs / 'sweep_dict.py'}", "--dry_run"], ["must return a non-empty list", "not dict"]),
+      (["sweep", f"--config={cfgs / 'sweep_raises.py'}", "--dry_run"], ["get_sweep() raised KeyError"]),
+      (["sweep", f"--config={TINY}", "--dry_run"], ["tiny_pipeline.py defines no get_sweep"]),
+      (["sweep", f"--config={cfgs / 'sweep_invalid.py'}", "--dry_run", "--sweep_command=train"],
+       ["sweep point 2/2", "train.lr=-1.0", "must be > 0"]),
+      (["generate", f"--config={WORLD}", "--config.prompts.train.kwargs.split=bogus", w("w_split")],
+       ["prompts.train", "KeyError: 'bogus'"]),
+      (["eval", f"--config={WORLD}", f"--config.eval.images_dir={tmp_path / 'empty_images'}", w("w_ev")],
+       ["eval.images_dir", "empty folder"]),
+      (["generate", f"--config={WORLD}", f"--config.model.official_dir={no_vit}", w("w_vit")],
+       ["model.official_dir", "no vit_config.json"]),
+      (["generate", f"--config={WORLD}", f"--config.model.official_dir={bad_tok}", w("w_tok")],
+       ["tokenizer.json is not a tokenizer"]),
+      *[(["generate", f"--config={WORLD}", f"--config.model.official_dir={d}", w(f"w_{how}")],
+         [f"file damaged: {d / 'ema.safetensors'}"]) for how, d in damaged.items()],
+      (["propose", f"--config={WORLD}", w("w_meta")], ["metadata.jsonl is a folder"]),
+      (["propose", f"--config={WORLD}", w("w_lock")], [".srum_lock.json is a folder, not a lock file"]),
+      (["generate", f"--config={WORLD}", *small, w("w_images")], ["images: a file is in the way"]),
+      (["propose", f"--config={WORLD}", w("w_empty_lock")], ["unreadable lock file", "delete"]),
+      (["train", f"--config={WORLD}", w("w_rewards")], ["rewards.jsonl is a folder, not a file"]),
+      (["export", "--src", str(model), "--dst", str(model)], ["--dst", "is --src"]),
+      (["export", "--src", str(model), "--dst", str(model / "params")], ["lies in it"]),
+      (["convert", "--src", str(SHIPPED), "--dst", str(tmp_path / "dst_file")], ["dst_file is a file"]),
+      (["train", f"--config={WORLD}", "--config.train.batch_size=3", f"--config.train.records={records}",
+        w("w_batch")], ["train.batch_size=3", "8 devices"]),
+  ]
+  for args, needles in cases:
+    rc, lines = _in_process(capsys, *args)
+    text = "\n".join(lines)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(("error: ", f"{args[0]}: error: ")), (args, text)
+    for needle in needles:
+      assert needle in lines[0], (args, needle, text)
+  assert sorted(p.name for p in model.rglob("*")) == ["params", "x"]  # export refused before writing
+  assert not (tmp_path / "w_batch" / "converted_model").exists()  # refused before any model is converted
+  assert not (tmp_path / "w_split" / "generate").exists() and not (tmp_path / "w_vit").exists()
+
+
+def test_partial_prompt_blocks_take_defaults_or_fail_in_one_line(tmp_path):
+  """A config file may assign any part of a prompt source (the other keys take their defaults); a block with
+  an unknown key or a value of the wrong type is one line naming the key."""
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps({"prompt": "a red circle", "category": "color"}) + "\n")
+  cfg = config_utils.load_config(WORLD)
+  cfg.prompts.val = {"source": "file", "path": str(prompts), "format": "jsonl"}
+  cfg.prompts.train = {"function": "srum_jax.worlds.shapes.sources:prompts", "kwargs": {"split": "train"}}
+  config_validation.validate(cfg, "eval")
+  config_validation.validate(cfg, "generate")
+  assert [it.prompt for it in load_prompts(cfg.prompts.val)] == ["a red circle"]
+  for block, needle in (({"path": str(prompts), "bogus": 1}, r"prompts\.val: unknown prompt source keys \['bogus'\]"),
+                        ({"path": 5}, r"prompts\.val\.path=5: must be a string"),
+                        ({"source": "file", "path": str(prompts), "limit": "3"}, r"prompts\.val\.limit='3'"),
+                        ({"source": "fil", "path": str(prompts)}, r"did you mean 'file'")):
+    bad = config_utils.load_config(WORLD)
+    bad.prompts.val = block
+    with pytest.raises(errors.UserError, match=needle):
+      config_validation.validate(bad, "eval")
+  override = config_utils.load_config(WORLD)
+  assert cli._parse("eval", ["srum_jax", f"--config={WORLD}", "--config.prompts.val.limit=3"])[0].prompts.val.limit == 3
+  assert override.prompts.val.limit is None
+
+
+@pytest.mark.slow
+def test_pipes_full_disks_and_signals_end_in_one_line_or_75(tiny_model_dir, tmp_path):
+  """Real processes: `show-config | head` ends quietly; a disk that fills during `generate` is one line and
+  exit 2, nothing torn, and the same command then finishes every item once; `train` stopped by SIGTERM saves
+  and exits 75, and the same command resumes to the end."""
+  p = subprocess.Popen([sys.executable, "-m", "srum_jax", "show-config", f"--config={WORLD}"], cwd=ROOT,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  p.stdout.readline()
+  p.stdout.close()  # `| head -1`
+  assert p.wait(timeout=120) == 2 and p.stderr.read() == b""
+  w = tmp_path / "w"
+  gen = ["generate", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={w}"]
+
+  full = subprocess.run(["bash", "-c", 'ulimit -f 1 && exec "$0" "$@"', sys.executable, "-m", "srum_jax", *gen],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # writes past 1 KiB fail: EFBIG
+  lines = [ln for ln in full.stderr.splitlines() if ln.startswith("error: ")]
+  assert full.returncode == 2 and "Traceback" not in full.stderr and len(lines) == 1, full.stderr[-3000:]
+  assert "File too large" in lines[0] and "run the same command again" in lines[0]
+  assert not list(w.rglob("*.tmp*"))  # nothing torn
+  rc, text = _cli(gen)
+  assert rc == 0, text
+  ids = [r["id"] for r in logs.JsonlLog(str(w / "generate" / "metadata.jsonl")).rows()]
+  assert len(ids) == len(set(ids)) == 5 and all(r for r in layout.read_metadata(str(w / "generate")))
+  records = tmp_path / "rewards.jsonl"
+  records.write_text("".join(json.dumps({"schema_version": 1, "image_file": f"w/generate/{r['image_file']}",
+                                         "prompt": r["prompt"], "global_score": 0.5, "regions": []}) + "\n"
+                             for r in layout.read_metadata(str(w / "generate"))))
+  train = ["train", f"--config={TINY}", f"--config.model.dir={tiny_model_dir}", f"--config.workdir={w}",
+           f"--config.train.records={records}", "--config.train.steps=12", "--config.train.sample_every=0",
+           "--config.train.save_every=1"]
+  t = subprocess.Popen([sys.executable, "-m", "srum_jax", *train], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  while time.time() < deadline and t.poll() is None and not (w / "train" / "checkpoints" / "1").is_dir():
+    time.sleep(0.2)
+  t.send_signal(signal.SIGTERM)
+  out, _ = t.communicate(timeout=300)
+  assert t.returncode == 75 and "run the same command again to resume" in out, out[-3000:]
+  rc, text = _cli(train)
+  assert rc == 0 and "done, step 12/12" in text, text[-3000:]

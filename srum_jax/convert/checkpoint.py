@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 from srum_jax import distributed, files, paths, sharding
 from srum_jax.errors import UserFileNotFoundError
 from srum_jax.models import params as params_lib
-from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
+from srum_jax.models.config import (AEConfig, BagelConfig, LLMConfig, LoraConfig, SpecialTokens,
+                                    ViTConfig)
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -40,11 +41,24 @@ def _build(cls, d: Dict[str, Any]):
   return cls(**d)
 
 
+def _llm_config(d: Dict[str, Any]) -> LLMConfig:
+  """LLMConfig from its dict; `lora` (absent or None: no adapters) holds lists for its tuples."""
+  d = dict(d)
+  lora = d.pop("lora", None)
+  if lora is not None:
+    lora = dict(lora)
+    for name in ("targets", "experts"):
+      if name in lora:
+        lora[name] = tuple(lora[name])
+    d["lora"] = _build(LoraConfig, lora)
+  return _build(LLMConfig, d)
+
+
 def config_from_dict(d: Dict[str, Any]) -> BagelConfig:
   """Inverse of `config_to_dict`; missing fields take the dataclass defaults, unknown ones are errors."""
   d = dict(d)
   sub = {
-      "llm": lambda v: _build(LLMConfig, v),
+      "llm": _llm_config,
       "vit": lambda v: None if v is None else _build(ViTConfig, v),
       "ae": lambda v: _build(AEConfig, dict(v, ch_mult=tuple(v.get("ch_mult", AEConfig.ch_mult)))),
       "tokens": lambda v: _build(SpecialTokens, v),
@@ -108,8 +122,9 @@ def load_config(path: str) -> BagelConfig:
 
 
 def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype=None,
-                   rules=None) -> Tuple[BagelConfig, Any]:
-  """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored)."""
+                   rules=None, adapter_dtype=None) -> Tuple[BagelConfig, Any]:
+  """(cfg, params) restored straight onto the target shardings; `dtype` casts (None: as stored), LoRA adapters
+  (a config with `llm.lora`) to `adapter_dtype` when given (e.g. fp32 adapters beside a bf16 base)."""
   path = paths.abspath(path)
   cfg = load_config(path)
   shardings = target_shardings(cfg, mesh, rules)
@@ -119,9 +134,11 @@ def load_model_dir(path: str, *, mesh: Optional[jax.sharding.Mesh] = None, dtype
   with ocp.StandardCheckpointer() as ckpt:
     stored = ckpt.metadata(os.path.join(path, PARAMS_DIR)).item_metadata.tree
     abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
-    target = jax.tree.map(
-        lambda a, m, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype) if dtype is not None else m.dtype,
-                                             sharding=s),
-        abstract, stored, shardings)
+
+    def leaf(path, a, m, s):
+      want = adapter_dtype if adapter_dtype is not None and params_lib.is_adapter_path(path) else dtype
+      return jax.ShapeDtypeStruct(a.shape, jnp.dtype(want) if want is not None else m.dtype, sharding=s)
+
+    target = jax.tree_util.tree_map_with_path(leaf, abstract, stored, shardings)
     params = ckpt.restore(os.path.join(path, PARAMS_DIR), target)
   return cfg, params

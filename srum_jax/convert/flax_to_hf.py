@@ -5,6 +5,11 @@ Writes `ema.safetensors` (official key names, including the two fixed sin-cos ta
 = used + 1: BAGEL drops SigLIP's last layer). Files are written tensor by tensor (header first, then each
 tensor's bytes, one layer of a stacked leaf at a time), so host memory peaks near one tensor. In fp32 the
 round trip official -> flax -> official is bit-exact.
+
+LoRA adapters (a model whose config has `llm.lora`) are either folded into their kernels as each layer is
+written (`adapters="merge"`: W + A @ B * alpha / rank, official files any BAGEL loader reads) or written
+apart (`adapters="separate"`: the base weights, plus `adapter_model.safetensors` and `adapter_config.json`
+in PEFT's layout, `convert.adapters`).
 """
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ import ml_dtypes
 import numpy as np
 
 from srum_jax import files
-from srum_jax.convert import checkpoint, keymap
+from srum_jax.convert import adapters, checkpoint, keymap
 from srum_jax.convert.hf_to_flax import (AE_FILE, AUX_FILES, EXTRAS_JSON, LLM_JSON, VIT_JSON,
-                                         parse_dtype)
-from srum_jax.models import embeddings, params as params_lib
-from srum_jax.models.config import BagelConfig
+                                         check_destination, parse_dtype)
+from srum_jax.models import embeddings, lora as lora_lib, params as params_lib
+from srum_jax.models.config import BagelConfig, with_lora
+
+ADAPTER_MODES = ("merge", "separate")
 
 ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
             np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -65,7 +72,8 @@ def write_safetensors(path: str, entries: List[Entry], metadata: Optional[Dict[s
 def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Entry]]:
   """{'bagel': [...], 'ae': [...]} write entries; `dtype` None keeps each leaf's dtype.
 
-  The fixed tables take `dtype`, else the dtype of the token embedding.
+  The fixed tables take `dtype`, else the dtype of the token embedding. Kernels with LoRA adapters are
+  written folded (`lora.fold`, one layer at a time).
   """
   abstract = params_lib.abstract_params(params_lib.model_schema(cfg))
   bad = []
@@ -87,8 +95,15 @@ def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Ent
       dt = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
       shape = keymap.official_shape(leaf.shape, e)
 
-      def fetch(leaf=leaf, e=e, dt=dt):
-        x = np.asarray(leaf[e.layer] if e.layer is not None else leaf)
+      module = keymap.get_path(params[part], e.path[:-1])
+      adapted = e.path[-1] == "kernel" and "lora_a" in module
+
+      def fetch(leaf=leaf, e=e, dt=dt, module=module, adapted=adapted):
+        pick = lambda a: a[e.layer] if e.layer is not None else a  # noqa: E731
+        x = np.asarray(pick(leaf))
+        if adapted:
+          x = np.asarray(lora_lib.fold(x, np.asarray(pick(module["lora_a"])), np.asarray(pick(module["lora_b"])),
+                                       cfg.llm.lora.scale))
         return keymap.to_official(x, e.transform).astype(dt)
 
       entries.append((key, dt, shape, fetch))
@@ -99,6 +114,29 @@ def official_entries(cfg: BagelConfig, params, dtype=None) -> Dict[str, List[Ent
     out["bagel"].append((key, table_dtype, (g * g, d),
                          lambda g=g, d=d: embeddings.sincos_2d_table(g, d).astype(table_dtype)))
   return out
+
+
+def save_adapters(dst_dir: str, cfg: BagelConfig, params, dtype=None) -> None:
+  """Write the adapters of `params` ({'bagel', ...} or the bagel tree) under `dst_dir`; `dtype` casts them
+  (None: as stored)."""
+  if cfg.llm.lora is None:
+    raise ValueError("the configuration has no LoRA adapters to save")
+  bagel = params["bagel"] if "bagel" in params else params
+  dt = parse_dtype(dtype) if dtype is not None else None
+  entries = []
+  for key, e in keymap.adapter_keys(cfg).items():
+    leaf = keymap.get_path(bagel, e.path)
+    d = dt if dt is not None else np.dtype(leaf.dtype)
+
+    def fetch(leaf=leaf, e=e, d=d):
+      return keymap.to_official(np.asarray(leaf[e.layer]), e.transform).astype(d)
+
+    entries.append((key, d, keymap.official_shape(leaf.shape, e), fetch))
+  os.makedirs(dst_dir, exist_ok=True)
+  write_safetensors(os.path.join(dst_dir, adapters.ADAPTER_WEIGHTS), entries, PT_METADATA)
+  with open(os.path.join(dst_dir, adapters.ADAPTER_CONFIG), "w") as f:
+    json.dump(adapters.adapter_config_json(cfg), f, indent=2)
+
 
 
 def hf_json_configs(cfg: BagelConfig, base_llm: Optional[Dict[str, Any]] = None,
@@ -133,13 +171,18 @@ def extras_json(cfg: BagelConfig) -> Dict[str, Any]:
 
 
 def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None,
-           weights_name: str = "ema.safetensors", metadata: Optional[Dict[str, str]] = PT_METADATA) -> BagelConfig:
+           weights_name: str = "ema.safetensors", metadata: Optional[Dict[str, str]] = PT_METADATA,
+           adapters_mode: str = "merge") -> BagelConfig:
   """Write the official files for a model directory or a `(cfg, {'bagel', 'ae'} params)` pair.
 
   `dtype` (e.g. 'bf16') casts every tensor; None keeps the stored dtypes. From a directory the
   tokenizer files (and the original HF json fields this code does not own) are carried over.
   `metadata` is the safetensors header metadata (None: none, as in files written without it).
+  `adapters_mode` (a model with LoRA adapters): "merge" folds them into the official weights, "separate"
+  writes the base weights and the adapters in PEFT's files next to them.
   """
+  if adapters_mode not in ADAPTER_MODES:
+    raise ValueError(f"adapters_mode={adapters_mode!r}; choose one of {ADAPTER_MODES}")
   src_dir = None
   if isinstance(src, (str, os.PathLike)):
     src_dir = os.fspath(src)
@@ -148,6 +191,9 @@ def export(src: Union[str, Tuple[BagelConfig, Any]], dst_dir: str, *, dtype=None
     cfg, params = src
   dt = parse_dtype(dtype) if dtype is not None else None
   os.makedirs(dst_dir, exist_ok=True)
+  if cfg.llm.lora is not None and adapters_mode == "separate":
+    save_adapters(dst_dir, cfg, params, dtype)
+    cfg, params = with_lora(cfg, None), lora_lib.split_adapters(params)[0]
   entries = official_entries(cfg, params, dt)
   write_safetensors(os.path.join(dst_dir, weights_name), entries["bagel"], metadata)
   write_safetensors(os.path.join(dst_dir, AE_FILE), entries["ae"], metadata)
@@ -174,12 +220,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   ap.add_argument("--dst", required=True, help="output directory for the official files")
   ap.add_argument("--dtype", default=None, help="bf16 | fp32 | fp16 (default: as stored)")
   ap.add_argument("--weights_name", default="ema.safetensors", help="name of the BAGEL weights file")
+  ap.add_argument("--adapters", default="merge", choices=ADAPTER_MODES,
+                  help="a model with LoRA adapters: fold them into the weights (merge) or write them apart, "
+                       f"in PEFT's {adapters.ADAPTER_WEIGHTS} + {adapters.ADAPTER_CONFIG} (separate)")
   args = ap.parse_args(argv)
   try:
-    cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name)
-  except (ValueError, FileNotFoundError) as e:
+    check_destination(args.src, args.dst, "export")
+    cfg = export(args.src, args.dst, dtype=args.dtype, weights_name=args.weights_name,
+                 adapters_mode=args.adapters)
+  except (ValueError, FileNotFoundError) as e:  # the user's files or flags: exit code 2
     print(f"export: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(f"exported {args.src} -> {args.dst} ({args.weights_name}, {AE_FILE}, {LLM_JSON}"
         f"{', ' + VIT_JSON if cfg.vit else ''})")
   return 0

@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from srum_jax import files, paths, sharding as sharding_lib
 from srum_jax.convert import checkpoint, keymap
-from srum_jax.errors import UserValueError
+from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 from srum_jax.models import embeddings, params as params_lib
 from srum_jax.models.config import AEConfig, BagelConfig, LLMConfig, SpecialTokens, ViTConfig
 
@@ -64,8 +64,14 @@ DTYPE_NAMES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float
                "float32": jnp.float32, "fp16": jnp.float16, "f16": jnp.float16, "float16": jnp.float16}
 
 
-class CheckpointMismatchError(ValueError):
-  """The official files do not match the layout the configuration implies (lists every problem)."""
+class CheckpointMismatchError(UserValueError):
+  """The official files do not match the layout the configuration implies (its first line says what;
+  the lines after it list every problem)."""
+
+
+class DamagedFileError(CheckpointMismatchError):
+  """A safetensors file whose header or byte ranges do not hold together: 'file damaged: <path>:
+  <why>'."""
 
 
 class NonFiniteWeightsError(UserValueError):
@@ -120,6 +126,46 @@ def read_header(path: str) -> Tuple[Dict[str, Tuple[str, Tuple[int, ...]]], List
     problems.append(_listing(f"{name}: {len(corrupt)} keys whose byte range does not match their shape",
                              sorted(corrupt)))
   return out, problems
+
+
+def _raise_damaged(path: str, problems: Sequence[str]) -> None:
+  """`DamagedFileError` for `read_header`'s problems of the file at `path` (each starts with its
+  name)."""
+  if problems:
+    text = "\n".join(problems)
+    raise DamagedFileError(f"file damaged: {path}: {text[len(os.path.basename(path)) + 2:]}")
+
+
+def check_official_files(src_dir: str, weights: Optional[str] = None) -> None:
+  """What a conversion needs, checked without reading a tensor: the weights and AE files with
+  readable headers whose byte ranges fit the files (else `DamagedFileError`), a JSON
+  `llm_config.json`, and a `vit_config.json` when the weights hold a ViT (`CheckpointMismatchError`
+  / `UserFileNotFoundError`)."""
+  names = {"bagel": _weights_file(src_dir, weights), "ae": AE_FILE}
+  for n in names.values():
+    if not os.path.isfile(os.path.join(src_dir, n)):
+      raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {n}")
+  llm = files.read_json_if_present(os.path.join(src_dir, LLM_JSON), "checkpoint config")
+  if not isinstance(llm, dict):
+    raise UserFileNotFoundError(f"official checkpoint {src_dir} lacks {LLM_JSON} (a JSON object)")
+  header, bad = read_header(os.path.join(src_dir, names["bagel"]))
+  _raise_damaged(os.path.join(src_dir, names["bagel"]), bad)
+  _raise_damaged(os.path.join(src_dir, AE_FILE), read_header(os.path.join(src_dir, AE_FILE))[1])
+  vit = files.read_json_if_present(os.path.join(src_dir, VIT_JSON), "checkpoint config")
+  if any(k.startswith(("vit_model.", "connector.")) for k in header) and not isinstance(vit, dict):
+    raise CheckpointMismatchError(f"official checkpoint {src_dir}: the weights hold vit_model.* "
+                                  f"keys but there is no {VIT_JSON} (a JSON object)")
+
+
+def check_destination(src: str, dst: str, command: str) -> None:
+  """`--dst` is neither `--src` (nor a folder holding it, nor inside it) nor an existing file:
+  refused before anything is written."""
+  a, b = os.path.realpath(src), os.path.realpath(dst)
+  if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+    raise UserValueError(f"--dst {dst} is --src {src}, holds it or lies in it: write the {command} "
+                         f"result to a folder of its own")
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise UserValueError(f"--dst {dst} is a file: name a folder (it is made when absent)")
 
 
 def _listing(title: str, lines: Sequence[str]) -> str:
@@ -408,7 +454,7 @@ def _weights_file(src_dir: str, weights: Optional[str]) -> str:
   for n in names:
     if os.path.exists(os.path.join(src_dir, n)):
       return n
-  raise FileNotFoundError(f"none of {list(names)} in {src_dir}")
+  raise UserFileNotFoundError(f"official checkpoint {src_dir} holds none of {list(names)}")
 
 
 def _with_extras(src_dir: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -446,7 +492,7 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   problems, shapes = [], {}
   for part, n in weight_files.items():
     header, bad = read_header(os.path.join(src_dir, n))
-    problems += bad
+    _raise_damaged(os.path.join(src_dir, n), bad)
     problems += [f"{n}: {k} has non-float dtype {d}" for k, (d, _) in sorted(header.items())
                  if d not in ST_DTYPES]
     shapes[part] = {k: s for k, (_, s) in header.items()}
@@ -454,7 +500,9 @@ def load_official(src_dir: str, *, dtype="bf16", mesh=None, rules=None, weights:
   problems += bad
   problems += check_layout(cfg, shapes, weight_files)
   if problems:
-    raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout:\n" + "\n".join(problems))
+    titles = "; ".join(p.split("\n", 1)[0].rstrip(":") for p in problems)
+    raise CheckpointMismatchError(f"{src_dir} does not match the expected BAGEL layout: {titles}\n"
+                                  + "\n".join(problems))
 
   shardings = checkpoint.target_shardings(cfg, mesh, rules)
   with contextlib.ExitStack() as stack:
@@ -514,6 +562,11 @@ def main(argv: Optional[List[str]] = None) -> int:
   ids = dict(bos=args.bos_token_id, eos=args.eos_token_id, start_of_image=args.start_of_image_id,
              end_of_image=args.end_of_image_id)
   tokens = None
+  try:
+    check_destination(args.src, args.dst, "convert")
+  except UserError as e:
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 2
   if any(v is not None for v in ids.values()):
     extra = (files.read_json_if_present(os.path.join(args.src, EXTRAS_JSON), "checkpoint config") or {}).get("tokens") or {}
     tokens = SpecialTokens(**{k: v if v is not None else extra.get(k, getattr(d, k)) for k, v in ids.items()})
@@ -523,9 +576,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_latent_size=args.max_latent_size, vit_max_num_patch_per_side=args.vit_max_num_patch_per_side,
         connector_act=args.connector_act, timestep_shift=args.timestep_shift, ae_resolution=args.ae_resolution,
         scale_factor=args.scale_factor, shift_factor=args.shift_factor, tokens=tokens)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # the user's files: one message, exit code 2
     print(f"convert: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   print(f"converted {args.src} -> {args.dst}: {n / 1e9:.3f}e9 parameters, dtype {parse_dtype(args.dtype).name}, "
         f"vit={'yes' if cfg.vit else 'no'}, max_latent_size={cfg.max_latent_size}")

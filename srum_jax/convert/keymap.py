@@ -11,6 +11,8 @@ Tensor layout transforms (PyTorch -> Flax):
   conv      weight [out, in, kh, kw]  -> kernel [kh, kw, in, out]
   identity  norm weight -> scale, embedding weight -> embedding, bias -> bias
 Stacked layers (`layers` leading axis) have one official key per layer index.
+LoRA adapters have no key in the official files; `adapter_keys` names them as PEFT does for the official
+PyTorch model (`base_model.model.<module>.lora_A.weight` [rank, in], `lora_B.weight` [out, rank]).
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ Path = Tuple[str, ...]
 
 # Flax leaf name -> official leaf name.
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# LoRA adapter leaf -> PEFT's leaf name (nn.Linear weights: [out, in]); PEFT's key prefix on a wrapped model.
+_PEFT_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}
+PEFT_PREFIX = "base_model.model."
 
 # Flax layout = official layout transposed by this permutation.
 PERMS = {"identity": None, "linear": (1, 0), "conv": (2, 3, 1, 0)}
@@ -92,7 +97,7 @@ def _walk(schema, prefix: Path = ()):
 
 
 def _transform(path: Path, rank: int) -> str:
-  if path[-1] == "kernel":
+  if path[-1] == "kernel" or path[-1] in _PEFT_LEAF:
     if rank == 2:
       return "linear"
     if rank == 4:
@@ -118,15 +123,18 @@ def _bagel_module(path: Path, layer: Optional[int]) -> str:
   return _MODULES[path]
 
 
-def _table(schema, module_name) -> Dict[str, KeyEntry]:
+def _table(schema, module_name, adapters: bool = False) -> Dict[str, KeyEntry]:
+  """Official keys of the schema's base leaves, or (`adapters`) PEFT keys of its LoRA leaves."""
   out: Dict[str, KeyEntry] = {}
   for path, spec in _walk(schema):
+    if params.is_adapter_path(path) != adapters:
+      continue
     stacked = bool(spec.axes) and spec.axes[0] == "layers"
     rank = len(spec.shape) - int(stacked)
     transform = _transform(path, rank)
-    leaf = _LEAF[path[-1]]
+    leaf, prefix = (_PEFT_LEAF[path[-1]], PEFT_PREFIX) if adapters else (_LEAF[path[-1]], "")
     for layer in (range(spec.shape[0]) if stacked else (None,)):
-      key = f"{module_name(path[:-1], layer)}.{leaf}"
+      key = f"{prefix}{module_name(path[:-1], layer)}.{leaf}"
       if key in out:
         raise ValueError(f"official key {key} produced twice by the schema")
       out[key] = KeyEntry(path, layer, transform)
@@ -136,6 +144,21 @@ def _table(schema, module_name) -> Dict[str, KeyEntry]:
 def bagel_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
   """Official `ema.safetensors` parameter keys (without the fixed sin-cos tables) -> tree entries."""
   return _table(params.bagel_schema(cfg), _bagel_module)
+
+
+def adapter_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:
+  """PEFT-named keys of `cfg.llm.lora`'s adapters -> entries of the bagel tree (empty without LoRA)."""
+  return _table(params.bagel_schema(cfg), _bagel_module, adapters=True)
+
+
+def peft_target_modules(cfg: BagelConfig) -> str:
+  """PEFT's `target_modules` for the adapted official modules: one regular expression over module names."""
+  lora = cfg.llm.lora
+  if lora is None:
+    return ""
+  names = sorted({_bagel_module(("llm", "layers", e) + ((t,) if t in _EXPERT else ("mlp", t)), 0)
+                  .split(".", 4)[-1] for e in lora.experts for t in lora.targets})
+  return r"language_model\.model\.layers\.\d+\.(" + "|".join(n.replace(".", r"\.") for n in names) + ")"
 
 
 def ae_keys(cfg: BagelConfig) -> Dict[str, KeyEntry]:

@@ -1,9 +1,9 @@
 """Prompt sources for data generation: one config -> a list of `PromptItem`s plus a load report.
 
-  items = load_prompts({"source": "file", "path": "srum_train_comp.json"})
+  items = load_prompts({"source": "file", "path": "SRUM/train_comp.json"})
   items = load_prompts({"source": "tfds", "split": "val", "data_dir": "~/tfds", "local_dir": ".../dataset"})
   items = load_prompts({"source": "python", "function": "my_pkg.prompts:make", "kwargs": {"n": 10}})
-  items.report.summary()   # 'srum_train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
+  items.report.summary()   # 'SRUM/train_comp.json: 6234 loaded of 6234; 0 empty, 0 malformed, ...'
 
 The result is a `PromptList` (a plain list of `PromptItem`) with the `LoadReport` attached as `.report`.
 
@@ -51,11 +51,11 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from srum_jax.data import t2i_compbench  # noqa: F401  (registers the tfds builder)
-from srum_jax.errors import UserFileNotFoundError, UserValueError
+from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
 
 __all__ = ["PromptItem", "LoadReport", "PromptList", "load_prompts", "prompt_id", "category_from_path",
            "PROMPT_SOURCE_DEFAULTS", "PROMPT_SOURCES", "PROMPT_FORMATS", "prompt_source",
-           "require_prompts"]
+           "require_prompts", "normalise"]
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +77,52 @@ def prompt_source(**values):
   unknown = set(values) - set(PROMPT_SOURCE_DEFAULTS)
   if unknown:
     raise KeyError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
-  return ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
+  block = ml_collections.ConfigDict({**PROMPT_SOURCE_DEFAULTS, **values})
+  if block.limit is None:  # a typed empty value: `--config.<block>.limit=10` can set it
+    block.limit = ml_collections.config_dict.placeholder(int)
+  return block
 
 
-def _normalise(source_cfg) -> dict:
-  """Any accepted form of a source config -> a dict with every key of PROMPT_SOURCE_DEFAULTS."""
+def _type_problem(name: str, value: Any) -> Optional[str]:
+  """Why a prompt source key's value cannot work ('' / None: it can), by the type of its default."""
+  default = PROMPT_SOURCE_DEFAULTS[name]
+  if name == "limit":
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return None if ok else "must be an integer (or None)"
+  if name == "kwargs":
+    ok = isinstance(value, Mapping) or hasattr(value, "to_dict")
+    return None if ok else "must be a dict of arguments"
+  if name == "categories":
+    ok = isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
+    return None if ok else "must be a list of category names"
+  if isinstance(default, bool):
+    return None if isinstance(value, bool) else "must be True or False"
+  return None if isinstance(value, (str, os.PathLike)) else "must be a string"
+
+
+def normalise(source_cfg, key: str = "prompt source") -> dict:
+  """Any accepted form of a source config -> a dict with every key of PROMPT_SOURCE_DEFAULTS: a dict
+  or ConfigDict giving any subset of the keys (the others take their defaults), or a bare path
+  string (a file source). An unknown key, a value of the wrong type or anything else is a
+  `UserValueError` naming `key`."""
   if isinstance(source_cfg, (str, os.PathLike)):
     given = {"source": "file", "path": os.fspath(source_cfg)}
-  else:
+  elif isinstance(source_cfg, Mapping) or hasattr(source_cfg, "to_dict"):
     given = dict(source_cfg.to_dict() if hasattr(source_cfg, "to_dict") else source_cfg)
-  unknown = set(given) - set(PROMPT_SOURCE_DEFAULTS)
+  else:
+    raise UserValueError(f"config key {key}: a prompt source is a block of keys "
+                         f"({', '.join(PROMPT_SOURCE_DEFAULTS)}) or a file path, not "
+                         f"{type(source_cfg).__name__} {source_cfg!r}")
+  unknown = sorted(str(k) for k in set(given) - set(PROMPT_SOURCE_DEFAULTS))
   if unknown:
-    raise UserValueError(f"unknown prompt source keys {sorted(unknown)}; known: {sorted(PROMPT_SOURCE_DEFAULTS)}")
+    raise UserValueError(f"config key {key}: unknown prompt source keys {unknown}; known: "
+                         f"{sorted(PROMPT_SOURCE_DEFAULTS)}")
+  for name, value in given.items():
+    why = _type_problem(name, value)
+    if why:
+      raise UserValueError(f"config key {key}.{name}={value!r}: {why}")
   cfg = {**PROMPT_SOURCE_DEFAULTS, **given}
+  cfg.update({k: os.fspath(v) for k, v in cfg.items() if isinstance(v, os.PathLike)})
   if not cfg["source"]:
     cfg["source"] = "file" if cfg["path"] else "python" if cfg["function"] else "tfds"
   return cfg
@@ -252,14 +285,23 @@ def _load_file(cfg: dict) -> _Collector:
 
 
 def _load_python(cfg: dict) -> _Collector:
+  """The entries of `function(**kwargs)`; a function that cannot be found or that raises (a bad
+  argument) is a `UserValueError` naming it and its arguments (user code: any exception)."""
   spec = cfg["function"]
   module_name, sep, fn_name = spec.partition(":")
   if not sep or not module_name or not fn_name:
     raise UserValueError(f"python prompt source must be 'module.path:function', got {spec!r}")
-  fn = getattr(importlib.import_module(module_name), fn_name)
+  given = cfg["kwargs"]
+  kwargs = dict(given.to_dict() if hasattr(given, "to_dict") else given or {})
   col = _Collector(spec, cfg["category"] or "uncategorized")
-  for index, entry in enumerate(fn(**dict(cfg["kwargs"] or {})), start=1):
-    col.add_entry(index, entry)
+  try:
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    for index, entry in enumerate(fn(**kwargs), start=1):
+      col.add_entry(index, entry)
+  except Exception as e:
+    text = " ".join(str(e).split())
+    raise UserValueError(f"python prompt source {spec}(**{kwargs}) failed: {type(e).__name__}: "
+                         f"{text}") from None
   return col
 
 
@@ -288,14 +330,20 @@ def _load_tfds(cfg: dict) -> _Collector:
   return col
 
 
-def load_prompts(source_cfg) -> PromptList:
-  """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`."""
-  cfg = _normalise(source_cfg)
+def load_prompts(source_cfg, key: str = "prompt source") -> PromptList:
+  """Prompts from a file, the tfds builder or a Python function (module docstring), with `.report`;
+  `key`: the config key named by errors."""
+  cfg = normalise(source_cfg, key)
   source = cfg["source"]
   loaders = dict(zip(PROMPT_SOURCES, (_load_file, _load_tfds, _load_python)))
   if source not in loaders:
     raise UserValueError(f"unknown prompt source {source!r}; expected one of {sorted(loaders)}")
-  col = loaders[source](cfg)
+  try:
+    col = loaders[source](cfg)
+  except UserError as e:
+    if key == "prompt source":
+      raise
+    raise type(e)(f"config key {key}: {e}") from None
   items, report = col.items, col.report
   categories = cfg["categories"]
   if categories:

@@ -2,9 +2,10 @@
 
 Two modes (`JudgeOptions.mode`, the vocabulary `JUDGE_MODES`):
 * `generate` (paper-faithful): decode an answer to the global-layout prompt and to the region prompt
-  (optionally in think mode), parse it with `rewards.parsing`, retry unparsable answers up to
-  `max_retries` times (retries sample at `retry_temperature`, since greedy decoding would repeat itself);
-  an answer that never parses is None (the caller decides the fallback).
+  (optionally in think mode), parse it with `rewards.parsing`, ask unparsable ones again up to
+  `max_retries` times at `retry_temperature` (0: greedy, as SRUM's `vlm.py` asks every attempt, where a
+  deterministic model repeats itself; > 0 samples); an answer that never parses is None (the caller
+  decides the fallback).
 * `logits`: one forward pass per query, no decoding. The answer is prefixed with "Score:" and the
   expected value of the next-token distribution restricted to the score tokens (`logit_candidates`,
   each a single token) is the score. Regions are asked one at a time with a one-box region prompt; with

@@ -5,11 +5,12 @@
 
 `resolve_model_dir` turns an official checkpoint (`model.official_dir`) into a converted model dir once (its
 files' identity is stamped beside the result, so a changed checkpoint converts again).
+`identity_of` names a model without loading it (the stages' outputs record it:
+`workdir.fingerprints`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 from typing import Any, List, Optional, Sequence
@@ -18,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srum_jax import distributed, paths, sharding
+from srum_jax import distributed, files, paths, sharding
 from srum_jax.convert import checkpoint, hf_to_flax
 from srum_jax.errors import UserFileNotFoundError, UserValueError
 from srum_jax.models import attention
 from srum_jax.tokenizer import load_tokenizer
+from srum_jax.workdir import fingerprints
+from srum_jax.workdir.fingerprints import dir_identity
 
 
 def attn_impl(config, platform: Optional[str] = None) -> str:
@@ -68,25 +71,45 @@ def check_model_dir(path: str) -> None:
       raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
 
 
-def dir_identity(directory, small: int = 1 << 20) -> str:
-  """A SHA-256 identifying a checkpoint directory's files without reading the weights: every file's name, size
-  and modification time, the whole of small files (json, tokenizer) and each safetensors file's header (its
-  tensor names, dtypes, shapes and offsets). A 29 GB checkpoint costs a few kilobytes of reads. `directory`:
-  local (pathlib, nanosecond mtimes) or remote (epath: the object store's size and mtime)."""
-  digest = hashlib.sha256()
-  remote = paths.is_remote(directory)
-  directory = paths.path(directory)
-  for f in sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: p.name):
-    st = f.stat()
-    size, mtime = (st.length, st.mtime) if remote else (st.st_size, st.st_mtime_ns)
-    digest.update(f"{f.name}\0{size}\0{mtime}\n".encode())
-    with f.open("rb") as fh:
-      if size <= small:
-        digest.update(fh.read())
-      elif f.suffix == ".safetensors":
-        n = int.from_bytes(fh.read(8), "little")
-        digest.update(fh.read(min(n, 1 << 26)))
-  return digest.hexdigest()
+IDENTITY_FILE = "identity.json"  # a model dir made here (conversion, training): what made it
+
+
+def official_identity(official_dir: str, param_dtype: str) -> str:
+  """The identity of the model an official checkpoint converts into: its files' `dir_identity` and
+  the parameter dtype of the conversion (known before converting)."""
+  return fingerprints.digest({"official": dir_identity(official_dir),
+                              "param_dtype": str(param_dtype)})
+
+
+def model_identity(model_dir: str) -> str:
+  """The identity of a converted model dir: the one recorded in it by what made it (`IDENTITY_FILE`:
+  a conversion's `official_identity`, a training's fingerprint, stable when the same training
+  rewrites it), else its files' recursive `dir_identity` (names, sizes, modification times: a model
+  written again is another model)."""
+  rec = files.read_json_if_present(paths.join(model_dir, IDENTITY_FILE), "model identity")
+  if isinstance(rec, dict) and isinstance(rec.get("identity"), str):
+    return rec["identity"]
+  return dir_identity(model_dir, recursive=True)
+
+
+def is_official_dir(path: str) -> bool:
+  """Whether `path` is an official checkpoint (safetensors + json), not a converted model dir."""
+  p = paths.path(path)
+  return p.is_dir() and not (p / "model_config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def identity_of(config, path: str = "") -> str:
+  """The identity of the model `path` names (default: the config's own, `model.official_dir` else
+  `model.dir`) without loading or converting it."""
+  official = not path and bool(config.model.official_dir) or bool(path) and is_official_dir(path)
+  path = path or config.model.official_dir or config.model.dir
+  return official_identity(path, config.model.param_dtype) if official else model_identity(path)
+
+
+def write_identity(model_dir: str, identity: str) -> None:
+  """Record `identity` in a model dir this code made (process 0)."""
+  if jax.process_index() == 0:
+    files.write_json(paths.join(model_dir, IDENTITY_FILE), {"identity": identity})
 
 
 def resolve_model_dir(config) -> str:
@@ -105,11 +128,16 @@ def resolve_model_dir(config) -> str:
   dst = paths.path(paths.join(config.workdir, "converted_model"))
   stamp = dst / "converted_from.json"
   want = {"official_dir": official if paths.is_remote(official) else str(pathlib.Path(official).resolve()),
-          "identity": dir_identity(official)}
-  if jax.process_index() == 0 and not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+          "identity": dir_identity(official), "param_dtype": str(config.model.param_dtype)}
+  try:
+    stamped = files.read_json_if_present(str(stamp), "conversion stamp")
+  except UserValueError:  # a damaged stamp: convert again
+    stamped = None
+  if jax.process_index() == 0 and stamped != want:
     if dst.exists():
       paths.rmtree(dst)
     hf_to_flax.convert(paths.local_copy_dir(official), str(dst), dtype=config.model.param_dtype)
+    write_identity(str(dst), official_identity(official, config.model.param_dtype))
     stamp.write_text(json.dumps(want, indent=2))
     print(f"[model] converted {src} -> {dst}", flush=True)
   distributed.barrier(f"resolve_model_dir:{dst}")  # the other processes wait for process 0's conversion
@@ -165,9 +193,13 @@ def pad_rows(items: Sequence, multiple: int) -> List:
   return items + items[-1:] * (-len(items) % multiple) if items else items
 
 
-def save_model(path: str, model: Model, params) -> Model:
-  """`write_model_dir`, then the written model loaded like `model` (same mesh, rules and dtype): trained
-  parameters live on the training mesh, which spans every host, while inference runs on each host's own."""
+def save_model(path: str, model: Model, params, identity: Optional[str] = None) -> Model:
+  """`write_model_dir` (with `identity` recorded: what made it, e.g. the training's fingerprint),
+  then the written model loaded like `model` (same mesh, rules and dtype): trained parameters live
+  on the training mesh, which spans every host, while inference runs on each host's own."""
   checkpoint.write_model_dir(path, model.cfg, params, model.path)
+  if identity is not None:
+    write_identity(path, identity)
+    distributed.barrier(f"save_model:{path}")
   return load_model(path, dtype=model.dtype, mesh=model.mesh, rules=model.rules)
 

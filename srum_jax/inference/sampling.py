@@ -221,7 +221,24 @@ def sample_images(params, params_ae, cfg: BagelConfig, contexts: Sequence[Option
 
 
 # ----------------------------------------------------------------------------------------------
-# Text to image (the official contexts)
+# Think mode and text to image (the official contexts)
+
+
+def add_plans(params, tokenizer, gen: Context, *, cfg: BagelConfig, max_think_tokens: int,
+              plans: Optional[Sequence[str]] = None,
+              attn_impl: str = "dense") -> Tuple[Context, list]:
+  """Think mode's plan step: greedily decode each row's plan from `gen` (up to `max_think_tokens`),
+  or take `plans`, then append it to `gen` as a text split `[bos] + plan + [eos]` (the official
+  inferencer's `gen_text` then `update_context_text`). `gen` needs `bucket(max_think_tokens + 2)`
+  free cache slots. Returns (the context with the plans, the plan texts)."""
+  think_budget = context.bucket(max_think_tokens + 2)
+  if plans is None:
+    out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens,
+                                 attn_impl=attn_impl)
+    plans = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
+  seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in plans]
+  ids, lens = context.pad_ids(seqs, think_budget)
+  return context.prefill_text(params, gen, ids, lens, cfg=cfg, attn_impl=attn_impl), list(plans)
 
 
 class T2IResult(NamedTuple):
@@ -274,14 +291,8 @@ def text_to_image(params, params_ae, tokenizer, prompts: Sequence[str], *, cfg: 
   if plans is not None and (not think or len(plans) != B):
     raise ValueError(f"plans need think=True and one plan per prompt ({B}), got {len(plans)}")
   if think:
-    if plans is None:
-      out = decoding.generate_text(params, gen, cfg, max_new_tokens=max_think_tokens, attn_impl=attn_impl)
-      think_texts = [tokenizer.decode(t) for t in decoding.generated_ids(out)]
-    else:
-      think_texts = list(plans)
-    seqs = [context.wrap_text(tokenizer.encode(t)[:think_budget - 2], cfg) for t in think_texts]
-    t_ids, t_lens = context.pad_ids(seqs, think_budget)
-    gen = context.prefill_text(params, gen, t_ids, t_lens, cfg=cfg, attn_impl=attn_impl)
+    gen, think_texts = add_plans(params, tokenizer, gen, cfg=cfg, max_think_tokens=max_think_tokens,
+                                 plans=plans, attn_impl=attn_impl)
   images, tokens = sample_images(params, params_ae, cfg, (gen, cfg_text, cfg_img), height=height, width=width,
                                  keys=keys, num_timesteps=num_timesteps, timestep_shift=timestep_shift,
                                  cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,

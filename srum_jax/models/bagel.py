@@ -90,14 +90,16 @@ def embed_packed(params, inputs: PackedInputs, x_t: jax.Array, t: jax.Array, cfg
 
 def forward_gen(params, inputs: PackedInputs, x_t: jax.Array, t: jax.Array, *, cfg: BagelConfig,
                 dtype=jnp.float32, attn_impl: str = "dense", remat: bool = False, remat_policy=None,
-                routing: str = "routed", scan_unroll: int | bool = 1) -> jax.Array:
+                routing: str = "routed", scan_unroll: int | bool = 1, lora_key=None) -> jax.Array:
   """Generation-path forward: latents x_t [B, Cl, p*p*z] at flow times t [B, Cl] (0 for clean conditioning
-  images) -> predicted velocities [B, Cl, p*p*z] (fp32) at the latent slots."""
+  images) -> predicted velocities [B, Cl, p*p*z] (fp32) at the latent slots. `lora_key`: the LoRA dropout's
+  key in training (None: no dropout)."""
   x = embed_packed(params, inputs, x_t, t, cfg, dtype)
   und_cap, gen_cap = capacities(inputs)
   h = qwen2_mot.decoder_forward(params["llm"], x, inputs.meta, cfg=cfg.llm, und_capacity=und_cap,
                                 gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat,
-                                remat_policy=remat_policy, routing=routing, scan_unroll=scan_unroll)
+                                remat_policy=remat_policy, routing=routing, scan_unroll=scan_unroll,
+                                lora_key=lora_key)
   return velocity_head(params, layers.gather_rows(h, inputs.latent_index))
 
 
@@ -186,9 +188,10 @@ def build_packed_inputs(cfg: BagelConfig, rows: Sequence[Sequence[Sequence]], *,
 
 
 def forward_und(params, inputs: PackedInputs, logit_index: jax.Array, *, cfg: BagelConfig, dtype=jnp.float32,
-                attn_impl: str = "dense", remat: bool = False, routing: str = "routed") -> jax.Array:
+                attn_impl: str = "dense", remat: bool = False, routing: str = "routed", lora_key=None) -> jax.Array:
   """Training forward of the understanding path: text logits [B, A, V] (fp32) at the slots `logit_index`
-  [B, A] (out-of-range entries give the logits of a zero hidden state; mask them in the loss).
+  [B, A] (out-of-range entries give the logits of a zero hidden state; mask them in the loss). `lora_key`:
+  as in `forward_gen`.
 
   The packed rows hold ViT images and text splits (no latents); the slot of token k of a causal answer
   split predicts token k+1, as in decoding: lm_head(norm(h)) over the und expert.
@@ -198,5 +201,6 @@ def forward_und(params, inputs: PackedInputs, logit_index: jax.Array, *, cfg: Ba
   x = embed_packed(params, inputs, empty, jnp.zeros((B, 0), jnp.float32), cfg, dtype)
   und_cap, gen_cap = capacities(inputs)
   h = qwen2_mot.decoder_forward(params["llm"], x, inputs.meta, cfg=cfg.llm, und_capacity=und_cap,
-                                gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat, routing=routing)
+                                gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat, routing=routing,
+                                lora_key=lora_key)
   return qwen2_mot.lm_logits(params["llm"], layers.gather_rows(h, logit_index)).astype(jnp.float32)

@@ -2,6 +2,7 @@
 
 Values follow BAGEL-7B-MoT (docs/bagel.md, "Configuration"). `tiny` rebuilds the golden test model,
 `bagel_7b_mot` is the paper's model, `mid` is a ~2.0B-parameter MoT model (Qwen2.5-1.5B widths, 16 layers) that trains on one 80 GB GPU.
+`LoraConfig` adds low-rank adapters to the MoT experts' projections (`with_lora`); none by default.
 """
 from __future__ import annotations
 
@@ -9,6 +10,42 @@ import dataclasses
 from typing import Optional, Tuple
 
 DTYPES = ("float32", "bfloat16")  # parameter and compute dtypes a model runs in
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_EXPERTS = ("gen", "und")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters (LoRA, as PEFT implements it) on projections of the MoT experts.
+
+  A targeted projection y = x W + b becomes y = x W + b + (dropout(x) A) B * alpha / rank, with A [in, rank]
+  and B [rank, out] trainable and W, b frozen. `targets`: projection names (attention q/k/v/o, MLP
+  gate/up/down); `experts`: which experts carry them (the generation expert by default; add "und" for the
+  understanding expert). `dropout` acts on the adapters' input in training only.
+  """
+  rank: int = 16
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: Tuple[str, ...] = LORA_TARGETS
+  experts: Tuple[str, ...] = ("gen",)
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"LoRA rank must be an integer >= 1, not {self.rank!r}")
+    if not float(self.alpha) > 0:
+      raise ValueError(f"LoRA alpha must be > 0, not {self.alpha!r}")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+    for name, value, known in (("targets", self.targets, LORA_TARGETS), ("experts", self.experts, LORA_EXPERTS)):
+      if not isinstance(value, tuple) or not value or set(value) - set(known) or len(set(value)) != len(value):
+        raise ValueError(f"LoRA {name} must be a non-empty tuple of distinct names from {known}, not {value!r}")
+
+  @property
+  def scale(self) -> float:
+    """The factor on the low-rank update: alpha / rank."""
+    return float(self.alpha) / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +61,7 @@ class LLMConfig:
   rms_norm_eps: float = 1e-6
   max_position_embeddings: int = 32768
   qk_norm: bool = True
+  lora: Optional[LoraConfig] = None  # adapters on the experts' projections (None: none)
 
   @property
   def head_dim(self) -> int:
@@ -157,6 +195,11 @@ def tiny_world() -> BagelConfig:
                   shift_factor=0.0),
       tokens=SpecialTokens(bos=124, eos=125, start_of_image=126, end_of_image=127),
       latent_patch_size=2, max_latent_size=8, vit_max_num_patch_per_side=2, timestep_shift=1.0)
+
+
+def with_lora(cfg: BagelConfig, lora: Optional[LoraConfig]) -> BagelConfig:
+  """`cfg` with adapters `lora` on its LLM (None: without adapters)."""
+  return cfg.replace(llm=dataclasses.replace(cfg.llm, lora=lora))
 
 
 PRESETS = {"tiny": tiny, "mid": mid, "bagel_7b_mot": bagel_7b_mot, "tiny_world": tiny_world}

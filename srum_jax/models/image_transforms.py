@@ -1,4 +1,5 @@
-"""Image preprocessing (docs/bagel.md, "Image transforms"): stride-aligned resize, [-1, 1] range, ViT patchify.
+"""Image preprocessing (docs/bagel.md, "Image transforms"): stride-aligned resize, [-1, 1] range, ViT patchify,
+and the save-time crop of SRUM's generated images.
 
 Host-side helpers (NumPy / PIL) that run in the data pipeline; `vit_patchify` also works on jax arrays.
 """
@@ -68,6 +69,27 @@ def transform_image(img, max_size: int, min_size: int, stride: int,
                     max_pixels: int = VIT_MAX_PIXELS) -> np.ndarray:
   """PIL image -> resized float32 HWC array in [-1, 1] (the whole ImageTransform)."""
   return to_model_range(resize_image(img, max_size, min_size, stride, max_pixels))
+
+
+def content_box(image_uint8):
+  """(left, top, right, bottom) of the pixels with any non-zero channel (PIL `Image.getbbox` of an RGB
+  image: right / bottom exclusive), or None for an all-black image."""
+  x = np.asarray(image_uint8)
+  mask = x.any(axis=-1) if x.ndim == 3 else x != 0
+  rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+  if rows.size == 0:
+    return None
+  return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def crop_to_content(image_uint8) -> np.ndarray:
+  """The image cropped to its `content_box` (an all-black image unchanged): how SRUM's
+  `srum_data_infer/t2i.py` `main` saves every generated image (`generate.crop_to_content`)."""
+  box = content_box(image_uint8)
+  if box is None:
+    return np.asarray(image_uint8)
+  left, top, right, bottom = box
+  return np.asarray(image_uint8)[top:bottom, left:right]
 
 
 def vit_patchify(image_hwc, patch_size: int = 14):

@@ -1,20 +1,49 @@
 """Primitive layers as pure functions over parameter dicts, with the dtype policy in one place.
 
 Policy: parameters are stored in `param_dtype` (fp32 or bf16); matmuls run in the compute dtype of their
-input (bf16 for real runs, fp32 in conformance tests); norms, softmax and RoPE run in fp32.
+input (bf16 for real runs, fp32 in conformance tests); norms, softmax and RoPE run in fp32. LoRA adapters
+(`lora_a`, `lora_b` next to a kernel) run in the same compute dtype, whatever dtype they are stored in.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 
-def dense(p, x: jax.Array) -> jax.Array:
-  """y = x @ kernel + bias, computed in x's dtype (fp32 accumulation where the backend does it)."""
-  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype),
-                 preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+class LoraRun(NamedTuple):
+  """How `dense` applies the adapters it finds in its parameters: `scale` = alpha / rank; `rate` = dropout on
+  the adapters' input, applied only when `key` is set (training)."""
+  scale: float
+  rate: float = 0.0
+  key: Optional[jax.Array] = None
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w in x's dtype (w cast to it; fp32 accumulation where the backend does it)."""
+  return jnp.einsum("...i,io->...o", x, w.astype(x.dtype),
+                    preferred_element_type=jnp.float32 if x.dtype == jnp.float32 else None)
+
+
+def lora_delta(p, x: jax.Array, lora: LoraRun) -> jax.Array:
+  """The low-rank update (dropout(x) @ lora_a) @ lora_b * scale, in PEFT's order, in x's dtype."""
+  if lora.key is not None and lora.rate > 0:
+    keep = jax.random.bernoulli(lora.key, 1.0 - lora.rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - lora.rate), 0).astype(x.dtype)
+  h = _matmul(x, p["lora_a"]).astype(x.dtype)
+  return (_matmul(h, p["lora_b"]) * lora.scale).astype(x.dtype)
+
+
+def dense(p, x: jax.Array, lora: Optional[LoraRun] = None) -> jax.Array:
+  """y = x @ kernel + bias (+ the LoRA update when `p` holds adapters), computed in x's dtype."""
+  y = _matmul(x, p["kernel"])
   if "bias" in p:
     y = y + p["bias"].astype(y.dtype)
+  if "lora_a" in p:
+    if lora is None:
+      raise ValueError("these parameters hold LoRA adapters: pass `lora` (a LoraRun with the scale)")
+    y = y + lora_delta(p, x, lora).astype(y.dtype)
   return y.astype(x.dtype)
 
 

@@ -5,6 +5,8 @@ abstract (shape-only) parameters for ahead-of-time compilation, logical -> mesh 
 (`srum_jax.sharding`), and the checkpoint converter (`srum_jax.convert`). Trees are nested dicts with
 Flax naming: `kernel` ([in, out] for dense, [kh, kw, in, out] for conv), `bias`, `scale` (norms),
 `embedding`. Layers of the LLM and ViT are stacked on a leading `layers` axis and run with `lax.scan`.
+LoRA adapters (`cfg.llm.lora`) are leaves `lora_a` [in, rank] and `lora_b` [rank, out] next to the `kernel`
+they adapt (`models.lora` splits them off, folds them in, and names them).
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ from srum_jax.models.config import AEConfig, BagelConfig
 
 Tree = Dict[str, Any]
 
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
   shape: Tuple[int, ...]
   axes: Tuple[Optional[str], ...]  # logical axis name per dim (None: replicated)
   init: str = "normal"  # normal (std 1/sqrt(fan_in)) | zeros | ones | embed (std 0.02)
+  #                      | kaiming_uniform (U(-b, b), b = 1/sqrt(fan_in): PEFT's LoRA A)
   fan_in_dims: int = 1  # how many trailing-but-one dims make the fan-in (conv: 3)
 
   def __post_init__(self):
@@ -58,14 +63,23 @@ def norm(d: int, axis: Optional[str] = "norm", bias: bool = False) -> Tree:
   return p
 
 
+def lora_adapter(kernel: ParamSpec, rank: int) -> Tree:
+  """LoRA leaves for a dense `kernel` [in, out]: A [in, rank] (PEFT's kaiming-uniform init), B [rank, out]
+  (zeros: a fresh adapter leaves the model unchanged). The rank axis is replicated."""
+  (d_in, d_out), (in_axis, out_axis) = kernel.shape, kernel.axes
+  return {"lora_a": ParamSpec((d_in, rank), (in_axis, "lora_rank"), "kaiming_uniform"),
+          "lora_b": ParamSpec((rank, d_out), ("lora_rank", out_axis), "zeros")}
+
+
 # ----------------------------------------------------------------------------------------------
 # BAGEL (everything in ema.safetensors)
 
-def expert_schema(cfg: BagelConfig) -> Tree:
-  """One expert's per-token weights in one MoT layer (the und copy; gen has the same shapes)."""
+def expert_schema(cfg: BagelConfig, expert: str = "und") -> Tree:
+  """One expert's per-token weights in one MoT layer (und and gen have the same shapes), with the LoRA
+  adapters `cfg.llm.lora` puts on this expert's projections."""
   c = cfg.llm
   d, q_dim, kv_dim = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-  return {
+  tree = {
       "input_norm": norm(d),
       "q_proj": dense(d, q_dim, "embed", "heads"),
       "k_proj": dense(d, kv_dim, "embed", "kv_heads"),
@@ -80,13 +94,18 @@ def expert_schema(cfg: BagelConfig) -> Tree:
           "down_proj": dense(c.intermediate_size, d, "mlp", "embed", bias=False),
       },
   }
+  if c.lora is not None and expert in c.lora.experts:
+    for name in c.lora.targets:
+      proj = tree["mlp"][name] if name in tree["mlp"] else tree[name]
+      proj.update(lora_adapter(proj["kernel"], c.lora.rank))
+  return tree
 
 
 def llm_schema(cfg: BagelConfig) -> Tree:
   c = cfg.llm
   return {
       "embed_tokens": {"embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"), "embed")},
-      "layers": _stack({"und": expert_schema(cfg), "gen": expert_schema(cfg)}, c.num_hidden_layers),
+      "layers": _stack({e: expert_schema(cfg, e) for e in ("und", "gen")}, c.num_hidden_layers),
       "norm": norm(c.hidden_size),
       "norm_gen": norm(c.hidden_size),
       "lm_head": dense(c.hidden_size, c.vocab_size, "embed", "vocab", bias=False),
@@ -209,14 +228,34 @@ def _init_leaf(spec: ParamSpec, key, dtype):
   if spec.init == "embed":
     return (0.02 * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
   fan_in = int(np.prod(spec.shape[-1 - spec.fan_in_dims:-1]))
+  if spec.init == "kaiming_uniform":
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, spec.shape, jnp.float32, -bound, bound).astype(dtype)
   return (jax.random.normal(key, spec.shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
 
 
-def init_params(schema: Tree, key: jax.Array, dtype=jnp.float32) -> Tree:
-  """Random parameters for `schema` (pure; jit / eval_shape friendly)."""
+def is_adapter_path(path) -> bool:
+  """Whether a tree path (key entries or names) ends at a LoRA adapter leaf."""
+  if not path:
+    return False
+  last = path[-1]
+  return getattr(last, "key", getattr(last, "name", last)) in ADAPTER_LEAVES
+
+
+def leaf_dtypes(schema: Tree, dtype, adapter_dtype=None) -> Tree:
+  """The dtype of every leaf: `dtype`, and `adapter_dtype` (default `dtype`) for LoRA adapters (e.g. a bf16
+  frozen base with fp32 adapter master weights)."""
+  adapter_dtype = dtype if adapter_dtype is None else adapter_dtype
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: jnp.dtype(adapter_dtype if is_adapter_path(path) else dtype), schema, is_leaf=is_spec)
+
+
+def init_params(schema: Tree, key: jax.Array, dtype=jnp.float32, adapter_dtype=None) -> Tree:
+  """Random parameters for `schema` (pure; jit / eval_shape friendly); adapters in `adapter_dtype`."""
   leaves, treedef = jax.tree.flatten(schema, is_leaf=is_spec)
+  dtypes = jax.tree.leaves(leaf_dtypes(schema, dtype, adapter_dtype))
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [_init_leaf(s, k, dtype) for s, k in zip(leaves, keys)])
+  return jax.tree.unflatten(treedef, [_init_leaf(s, k, dt) for s, k, dt in zip(leaves, keys, dtypes)])
 
 
 def model_schema(cfg: BagelConfig) -> Tree:
@@ -224,8 +263,10 @@ def model_schema(cfg: BagelConfig) -> Tree:
   return {"bagel": bagel_schema(cfg), "ae": ae_schema(cfg.ae)}
 
 
-def abstract_params(schema: Tree, dtype=jnp.float32) -> Tree:
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), schema, is_leaf=is_spec)
+def abstract_params(schema: Tree, dtype=jnp.float32, adapter_dtype=None) -> Tree:
+  """ShapeDtypeStructs of `schema`'s leaves (adapters in `adapter_dtype`, default `dtype`)."""
+  return jax.tree.map(lambda s, dt: jax.ShapeDtypeStruct(s.shape, dt), schema,
+                      leaf_dtypes(schema, dtype, adapter_dtype), is_leaf=is_spec)
 
 
 def logical_axes(schema: Tree) -> Tree:

@@ -8,7 +8,9 @@ are gathered into dense groups of static capacities, projected by their own expe
 to the row for the attention (and again for o_proj + MLP). `routing="naive"` runs both experts on every
 token and selects per token; it is the reference for the routed path.
 
-Parameters follow `params.llm_schema`; the layers are stacked and run with `lax.scan`.
+Parameters follow `params.llm_schema`; the layers are stacked and run with `lax.scan`. LoRA adapters
+(`cfg.lora`) are applied where the parameters hold them; `lora_key` (training) draws their input dropout,
+independently per layer, expert and projection.
 Dtype policy (layers.py): matmuls in the dtype of the activations, norms / RoPE / softmax in fp32.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 
 from srum_jax.models import layers
 from srum_jax.models.attention import attention
-from srum_jax.models.config import LLMConfig
+from srum_jax.models.config import LORA_EXPERTS, LORA_TARGETS, LLMConfig
 from srum_jax.models.packing import TokenMeta, padding_meta
 from srum_jax.models.rope import apply_rope, rope_cos_sin
 
@@ -72,64 +74,82 @@ def route(meta: TokenMeta, und_capacity: int, gen_capacity: int) -> Routing:
 # One MoT layer
 
 
-def _qkv(p, x: jax.Array, cfg: LLMConfig):
+def _lora_run(cfg: LLMConfig, key: Optional[jax.Array], name: str) -> Optional[layers.LoraRun]:
+  """The LoraRun of projection `name` (None without LoRA); its dropout key folds in the projection."""
+  if cfg.lora is None:
+    return None
+  drop = None if key is None or cfg.lora.dropout == 0 else jax.random.fold_in(key, LORA_TARGETS.index(name))
+  return layers.LoraRun(cfg.lora.scale, float(cfg.lora.dropout), drop)
+
+
+def _proj(p, name: str, x: jax.Array, cfg: LLMConfig, key: Optional[jax.Array]) -> jax.Array:
+  return layers.dense(p[name], x, _lora_run(cfg, key, name))
+
+
+def _qkv(p, x: jax.Array, cfg: LLMConfig, key: Optional[jax.Array] = None):
   """Expert e: RMSNorm_e, q/k/v projections, per-head qk-norm (before RoPE)."""
   d = cfg.head_dim
   h = layers.rms_norm(p["input_norm"], x, cfg.rms_norm_eps)
-  q = layers.dense(p["q_proj"], h).reshape(*x.shape[:-1], cfg.num_attention_heads, d)
-  k = layers.dense(p["k_proj"], h).reshape(*x.shape[:-1], cfg.num_key_value_heads, d)
-  v = layers.dense(p["v_proj"], h).reshape(*x.shape[:-1], cfg.num_key_value_heads, d)
+  q = _proj(p, "q_proj", h, cfg, key).reshape(*x.shape[:-1], cfg.num_attention_heads, d)
+  k = _proj(p, "k_proj", h, cfg, key).reshape(*x.shape[:-1], cfg.num_key_value_heads, d)
+  v = _proj(p, "v_proj", h, cfg, key).reshape(*x.shape[:-1], cfg.num_key_value_heads, d)
   if cfg.qk_norm:
     q = layers.rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
     k = layers.rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
   return q, k, v
 
 
-def _out_mlp(p, x: jax.Array, attn: jax.Array, cfg: LLMConfig) -> jax.Array:
+def _out_mlp(p, x: jax.Array, attn: jax.Array, cfg: LLMConfig, key: Optional[jax.Array] = None) -> jax.Array:
   """Expert e: X + Wo_e(attn), then X + down(silu(gate(H)) * up(H)) with H = RMSNorm_post_e(X)."""
-  x = x + layers.dense(p["o_proj"], attn)
+  x = x + _proj(p, "o_proj", attn, cfg, key)
   h = layers.rms_norm(p["post_norm"], x, cfg.rms_norm_eps)
   m = p["mlp"]
-  return x + layers.dense(m["down_proj"], layers.silu(layers.dense(m["gate_proj"], h)) * layers.dense(m["up_proj"], h))
+  gate = layers.silu(_proj(m, "gate_proj", h, cfg, key))
+  return x + _proj(m, "down_proj", gate * _proj(m, "up_proj", h, cfg, key), cfg, key)
 
 
 def mot_layer(p, x: jax.Array, meta: TokenMeta, cos: jax.Array, sin: jax.Array, routing: Optional[Routing],
-              cfg: LLMConfig, attend: Callable) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
+              cfg: LLMConfig, attend: Callable, lora_key: Optional[jax.Array] = None
+              ) -> Tuple[jax.Array, Tuple[jax.Array, jax.Array]]:
   """One decoder layer on x [B, N, D]; returns (new x, (k, v) after qk-norm and RoPE).
 
   `routing=None` is the naive reference (both experts on all tokens). `attend(q, k, v)` runs the shared
-  attention (plain, or over a KV cache). Padding tokens pass through unchanged.
+  attention (plain, or over a KV cache). Padding tokens pass through unchanged. `lora_key`: this layer's
+  key for the adapters' dropout (None: no dropout).
   """
+  key = {e: None if lora_key is None else jax.random.fold_in(lora_key, LORA_EXPERTS.index(e))
+         for e in ("und", "gen")}
   experts = []
   if routing is not None:
-    experts = [(p[e], idx) for e, idx in (("und", routing.und_index), ("gen", routing.gen_index))
-               if idx.shape[1] > 0]
+    experts = [(e, idx) for e, idx in (("und", routing.und_index), ("gen", routing.gen_index)) if idx.shape[1] > 0]
   B, N, _ = x.shape
   is_gen = meta.is_gen[..., None, None]
 
   if routing is None:
-    qu, ku, vu = _qkv(p["und"], x, cfg)
-    qg, kg, vg = _qkv(p["gen"], x, cfg)
+    qu, ku, vu = _qkv(p["und"], x, cfg, key["und"])
+    qg, kg, vg = _qkv(p["gen"], x, cfg, key["gen"])
     q, k, v = jnp.where(is_gen, qg, qu), jnp.where(is_gen, kg, ku), jnp.where(is_gen, vg, vu)
   else:
     d = cfg.head_dim
     q = jnp.zeros((B, N, cfg.num_attention_heads, d), x.dtype)
     k = jnp.zeros((B, N, cfg.num_key_value_heads, d), x.dtype)
     v = jnp.zeros_like(k)
-    for pe, idx in experts:
-      qe, ke, ve = _qkv(pe, layers.gather_rows(x, idx), cfg)
+    for e, idx in experts:
+      qe, ke, ve = _qkv(p[e], layers.gather_rows(x, idx), cfg, key[e])
       q, k, v = layers.scatter_rows(q, idx, qe), layers.scatter_rows(k, idx, ke), layers.scatter_rows(v, idx, ve)
 
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   attn = attend(q, k, v).reshape(B, N, -1)
 
   if routing is None:
-    y = jnp.where(meta.is_gen[..., None], _out_mlp(p["gen"], x, attn, cfg), _out_mlp(p["und"], x, attn, cfg))
+    y = jnp.where(meta.is_gen[..., None], _out_mlp(p["gen"], x, attn, cfg, key["gen"]),
+                  _out_mlp(p["und"], x, attn, cfg, key["und"]))
     y = jnp.where((meta.sample_id >= 0)[..., None], y, x)
   else:
     y = x
-    for pe, idx in experts:
-      y = layers.scatter_rows(y, idx, _out_mlp(pe, layers.gather_rows(x, idx), layers.gather_rows(attn, idx), cfg))
+    for e, idx in experts:
+      out = _out_mlp(p[e], layers.gather_rows(x, idx), layers.gather_rows(attn, idx), cfg, key[e])
+      y = layers.scatter_rows(y, idx, out)
   return y, (k, v)
 
 
@@ -149,7 +169,7 @@ def _remat_policy(policy: Policy):
 def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig, und_capacity: int,
                     gen_capacity: int, attn_impl: str = "dense", remat: bool = False,
                     remat_policy: Policy = None, routing: str = "routed", block_q: int = 512,
-                    scan_unroll: int | bool = 1) -> jax.Array:
+                    scan_unroll: int | bool = 1, lora_key: Optional[jax.Array] = None) -> jax.Array:
   """Packed rows x [B, N, D] -> final hidden [B, N, D] (after the per-expert final norm; 0 at padding).
 
   und/gen_capacity: static per-row group sizes for routing (ignored by `routing="naive"`).
@@ -157,6 +177,7 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
   analysis counts a loop body once).
   remat: wrap the layer body in `jax.checkpoint` (policy: None = save nothing, a name from
   `jax.checkpoint_policies`, or a policy callable).
+  lora_key: key of the LoRA dropout (training; None: none), folded with the layer index.
   """
   cos, sin = rope_cos_sin(meta.position, cfg.head_dim, cfg.rope_theta)
   rt = _routing(meta, routing, und_capacity, gen_capacity)
@@ -164,13 +185,17 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
   def attend(q, k, v):
     return attention(q, k, v, meta, meta, impl=attn_impl, block_q=block_q)
 
-  def body(h, p):
-    h, _ = mot_layer(p, h, meta, cos, sin, rt, cfg, attend)
+  def body(h, xs):
+    p, i = xs
+    key = None if lora_key is None else jax.random.fold_in(lora_key, i)
+    h, _ = mot_layer(p, h, meta, cos, sin, rt, cfg, attend, key)
     return h, None
 
   if remat:
     body = jax.checkpoint(body, policy=_remat_policy(remat_policy))
-  h, _ = jax.lax.scan(body, x, params_llm["layers"], unroll=scan_unroll)
+  n_layers = jax.tree.leaves(params_llm["layers"])[0].shape[0]
+  xs = (params_llm["layers"], jnp.arange(n_layers, dtype=jnp.int32))
+  h, _ = jax.lax.scan(body, x, xs, unroll=scan_unroll)
   return final_norm(params_llm, h, meta, cfg.rms_norm_eps)
 
 

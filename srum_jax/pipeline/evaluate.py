@@ -30,6 +30,7 @@ from srum_jax import distributed, files, paths, progress
 from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.engine.judge import Judge, JudgeOptions
+from srum_jax.errors import UserValueError
 from srum_jax.evaluation import (compbench, geneval, image_folders, mllm_judge, reasonbench, report,
                                  torch_models)
 from srum_jax.pipeline import generate
@@ -98,7 +99,7 @@ def table(rows: Sequence[dict]) -> Dict[str, Dict[str, float]]:
   for r in sorted(rows, key=lambda r: str(r.get("category"))):
     for k in (str(r.get("category")), "overall"):
       t = tally.setdefault(k, [0, 0])
-      t[0] += int(bool(r["correct"]))
+      t[0] += int(r["correct"] is True)
       t[1] += 1
   if "overall" in tally:
     tally.move_to_end("overall")
@@ -130,7 +131,7 @@ def eval_items(config, texts):
     r = ecfg.reasonbench
     return reasonbench.load_items(_required(r.prompts, "eval.reasonbench.prompts"),
                                   _required(r.questions, "eval.reasonbench.questions"), r.dimension, texts)[0]
-  return load_prompts(config.prompts.val)
+  return load_prompts(config.prompts.val, "prompts.val")
 
 
 def _required(value: str, key: str) -> str:
@@ -183,11 +184,14 @@ def _load_images(chunk: Sequence[dict]):
 
 
 def _latest(directory: str, stem: str, wanted) -> Dict[str, dict]:
-  """{id: its last row} of the ids in `wanted`, over every process's `<stem>` log in `directory` (an id is
-  only ever scored by one process)."""
-  out: Dict[str, dict] = {}
-  for path in logs.log_paths(directory, stem):
-    out.update({r["id"]: r for r in logs.JsonlLog(path).rows() if r["id"] in wanted})
+  """{id: its last good row} of the ids in `wanted`, over every process's `<stem>` log in
+  `directory` (an id is only ever scored by one process; rows of the wrong types are skipped and
+  counted)."""
+  rep = logs.LogReport()
+  out = {r["id"]: r for r in layout.read_metric(directory, stem, rep) if r["id"] in wanted}
+  if rep.skipped:
+    print(f"[eval] {stem} logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})",
+          flush=True)
   return out
 
 
@@ -226,7 +230,7 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> Lis
   """The judge's verdict on every image not yet judged (this process's share, `<out>/judgments[.<process>].jsonl`);
   every process's rows of `rows`' ids once all are done."""
   log = logs.process_log(str(out), "judgments")
-  done = {r["id"] for r in logs.read_rows(str(out), "judgments", require=("correct",))}
+  done = {r["id"] for r in layout.read_judgments(str(out))}
   todo = [r for r in distributed.process_shard(rows) if r["id"] not in done]
   for chunk in distributed.batched(todo, max(1, int(batch_size))):
     images, keep, bad = _load_images(chunk)
@@ -237,7 +241,7 @@ def judge_images(ecfg, judge, rows: Sequence[dict], out, batch_size: int) -> Lis
   distributed.barrier(f"judge:{out}")
   wanted = {r["id"] for r in rows}
   rep = logs.LogReport()
-  judged = [r for r in logs.read_rows(str(out), "judgments", require=("correct",), report=rep) if r["id"] in wanted]
+  judged = [r for r in layout.read_judgments(str(out), rep) if r["id"] in wanted]
   if rep.skipped:
     print(f"[eval] judgments logs: skipped {rep.skipped} unreadable or incomplete lines ({rep})", flush=True)
   return judged
@@ -305,14 +309,16 @@ def evaluate_folder(ecfg, scfg, model: Optional[loaded_model.Model], items, imag
                     attn_impl: str = "dense") -> Dict[str, dict]:
   """Score the images of `images_dir` (made elsewhere; `srum_jax.evaluation.images` matches them to `items`)."""
   metrics = parse_metrics(ecfg.metrics)
-  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype, attn_impl=attn_impl)
-           if "judge" in metrics else None)
-  check_metrics(ecfg, metrics, items)
-  rows, rep = image_folders.collect(images_dir, items)
+  rows, rep = image_folders.collect(images_dir, items)  # before any model loads
   progress.summary_line("eval-folder", layout=rep.layout, files=rep.files, matched=rep.matched,
-                      unmatched_files=len(rep.unmatched_files), prompts_without_image=rep.prompts_without_image)
+                        unmatched_files=len(rep.unmatched_files),
+                        prompts_without_image=rep.prompts_without_image)
   if not rows:
-    raise ValueError(f"no image in {images_dir} matches a prompt ({rep.files} files; see "
-                     f"srum_jax/evaluation/image_folders.py for the accepted names)")
-  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size), name=name,
-                      texts=texts)
+    raise UserValueError(f"config key eval.images_dir: no image in {images_dir} matches a prompt "
+                         f"({rep.files} files; see srum_jax/evaluation/image_folders.py for the "
+                         f"accepted names)")
+  judge = (make_judge(ecfg, scfg, model, seed=seed, texts=texts, compute_dtype=compute_dtype,
+                      attn_impl=attn_impl) if "judge" in metrics else None)
+  check_metrics(ecfg, metrics, items)
+  return score_images(ecfg, metrics, judge, rows, items, out_dir, batch_size=int(ecfg.batch_size),
+                      name=name, texts=texts)

@@ -1,7 +1,8 @@
 """Stage `generate`: the UMM draws candidate images for a prompt set (the official T2I inference: think
 mode, Euler flow sampling with CFG; docs/bagel.md, "Flow sampler and CFG" and "Think mode").
 
-Writes `images/<id>.png` and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
+Writes `images/<id>.png` (cropped to its non-black bounding box with `crop_to_content`, as SRUM's `t2i.py`
+saves its candidates) and one `metadata.jsonl` row per image ({id, seq, prompt_id, prompt, category, seed,
 image_file, think}; seq: the image's place in the prompt set's order, the order every later stage keeps).
 Prompts longer than `prompt_token_cap` ids and images whose latents are not finite are skipped and counted
 (`stats.json`, the summary line). Each image is seeded by (config.seed, its id), so any host, batch composition or
@@ -23,6 +24,7 @@ from srum_jax.data.prompt_sources import PromptItem
 from srum_jax.engine import loaded_model
 from srum_jax.inference import sampling
 from srum_jax.rewards.texts import Texts
+from srum_jax.models import image_transforms
 from srum_jax.workdir import layout, logs
 
 
@@ -34,6 +36,7 @@ class GenerateReport:
   skipped_too_long: int = 0  # prompts over `prompt_token_cap` (never generated)
   skipped_nonfinite: int = 0  # images whose sampled latents held NaN / inf (no PNG, no row; retried on rerun)
   skipped_log_lines: int = 0  # unreadable or incomplete lines of the metadata logs (the items are redone)
+  redone_bad_files: int = 0  # logged items whose PNG was missing or unreadable (made again)
   generated: int = 0
   failed: int = 0
   prompt_token_cap: int = 0
@@ -61,6 +64,19 @@ def prompt_token_cap(gcfg, model: loaded_model.Model, texts: Texts) -> int:
   return cap
 
 
+def done_items(out_dir: str, rows: Sequence[dict]) -> set:
+  """The ids of `rows` (logged images) whose PNG is there and readable (`files.image_problem`); an
+  image whose file went missing or was damaged is made again. One listing of the images folder
+  (local files are also checked, cheaply: PNG chunk checksums, no decoding)."""
+  present = layout.present_files(paths.join(out_dir, "images"))
+  if present is None:
+    return set()
+  remote = paths.is_remote(out_dir)
+  return {r["id"] for r in rows if r["image_file"].startswith("images/")
+          and r["image_file"][len("images/"):] in present
+          and (remote or files.image_problem(paths.join(out_dir, r["image_file"])) is None)}
+
+
 def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_dir: str, *, seed: int,
              texts: Texts, compute_dtype="float32", attn_impl: str = "dense") -> GenerateReport:
   """Generate the missing images of `items` into `out_dir` (resumable). The model's parameters stay where
@@ -69,9 +85,10 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
   rep = GenerateReport(prompt_token_cap=prompt_token_cap(gcfg, model, texts))
   log = logs.process_log(out_dir, "metadata")
   log_rep = logs.LogReport()
-  done = set(r["id"] for r in layout.read_metadata(out_dir, log_rep))
+  logged = layout.read_metadata(out_dir, log_rep)
+  done = done_items(out_dir, logged)
   rep.skipped_log_lines = log_rep.skipped
-  todo, lengths = [], {}
+  todo, lengths, logged_ids = [], {}, {r["id"] for r in logged}
   expanded = [(seq, image_id, it) for seq, (image_id, it) in enumerate(expand(items, int(gcfg.samples_per_prompt)))]
   for seq, image_id, it in distributed.process_shard(expanded):
     rep.requested += 1
@@ -79,6 +96,9 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
       rep.skipped_empty += 1
     elif image_id in done:
       rep.skipped_done += 1
+    elif image_id in logged_ids:
+      rep.redone_bad_files += 1
+      todo.append((seq, image_id, it))
     elif lengths.setdefault(it.id, len(model.tokenizer.encode(it.prompt))) > rep.prompt_token_cap:
       rep.skipped_too_long += 1
     else:
@@ -113,7 +133,8 @@ def generate(gcfg, model: loaded_model.Model, items: Sequence[PromptItem], out_d
         rep.skipped_nonfinite += 1
         continue
       rel = f"images/{layout.image_file_name(image_id)}"
-      files.save_png(paths.join(out_dir, rel), images[j])
+      image = image_transforms.crop_to_content(images[j]) if gcfg.crop_to_content else images[j]
+      files.save_png(paths.join(out_dir, rel), image)  # crop: SRUM's t2i.py saves the non-black box
       rows.append({"id": image_id, "seq": seq, "prompt_id": it.id, "prompt": it.prompt, "category": it.category,
                   "seed": int(seed), "image_seed_id": ids[j], "image_file": rel,
                   "think": (res.think_texts[j] if res.think_texts else None)})

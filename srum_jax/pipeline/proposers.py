@@ -18,8 +18,9 @@ Proposers (`available_proposers()`):
 
 Official post-processing, shared by all (`postprocess`): each mask's bounding box becomes an integer box
 [x, y, x + w, y + h] with the mask's pixel area; regions are sorted by area, largest first (stable: equal
-areas keep the proposer's order), masks below `min_area` are dropped, and the first `max_regions` (default 5,
-None = all) are kept. `min_area` in [0, 1) is a fraction of the image area, >= 1 a pixel count.
+areas keep the proposer's order), masks below `min_area` are dropped, and the first `max_regions` are kept
+(None = all; the functions' default 5 is `vlm.py`'s own parser default, while SRUM's shipped `vlm.sh` ->
+`vlm_multi_gpu.py` scores 10: `propose.max_regions`). `min_area` in [0, 1) is a fraction of the image area, >= 1 a pixel count.
 
 Box convention (`box_mode`):
   "official"   SAM's XYWH box has w = x_max - x_min with x_max the mask's LAST column (inclusive), so

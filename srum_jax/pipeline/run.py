@@ -4,11 +4,14 @@
     -> eval of the post-trained model; optionally the SFT control: the same self-generated images trained
     with R == 1 and lambda = 0 from the same starting model, then evaluated.
 
-Every eval runs on `prompts.val` and on each further prompt set named in `prompts.eval_extra` (e.g. the shapes
-world's generalisation split: prompt forms that neither train nor val holds), each with the same eval seed;
-extra sets are evaluated, never trained on. Their images go to <workdir>/eval_<set>/<model>.
+Every eval runs on `prompts.val` and on each further prompt set named in `prompts.eval_extra` (e.g.
+the shapes world's generalisation split: prompt forms that neither train nor val holds), each with the
+same eval seed; extra sets are evaluated, never trained on (`check_eval_sets_unseen`). Their images go
+to <workdir>/eval_<set>/<model>.
 
-Every stage is resumable, so a restarted `run` continues where it stopped. The report folder holds
+Every stage is resumable, so a restarted `run` continues where it stopped. Every output it will
+write is known before any work (`plan`): outputs another configuration made stop the run with exit
+code 2, unless `discard_stale`. The report folder holds
 report.json / report.md (per-category before/after, SFT, where the outputs are), grids of the same
 prompts and seeds before/after, reward-map overlays on the scored candidates, and the loss curves.
 """
@@ -19,8 +22,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -29,10 +33,10 @@ from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.evaluation import report
-from srum_jax.pipeline import evaluate, generate, propose, score, train as train_stage
+from srum_jax.pipeline import evaluate, generate, propose, provenance, score, train as train_stage
 from srum_jax.rewards import records as records_lib, texts as texts_lib
 from srum_jax.training import objective
-from srum_jax.workdir import layout, logs
+from srum_jax.workdir import layout
 
 
 def train_model(config, model: loaded_model.Model, records: str, images_root: str, workdir: str, *,
@@ -56,7 +60,7 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     return []
   cells, captions = [], []
   for name, d in eval_dirs.items():
-    verdicts = {j["id"]: j for j in logs.JsonlLog(os.path.join(d, "judgments.jsonl")).rows()}
+    verdicts = {j["id"]: j for j in layout.read_judgments(d)}
     images = [files.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
     captions.append([f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}" if i in verdicts else ""
@@ -138,6 +142,9 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
       before = json.loads(path.read_text())
     except ValueError:
       before = {}
+  if not isinstance(before, dict):  # a damaged file counts from zero again
+    before = {}
+  before = {k: v for k, v in before.items() if isinstance(v, int) and not isinstance(v, bool)}
   total = {k: v if k == "images" or k.startswith("skipped") else int(before.get(k, 0) or 0) + v
            for k, v in current.items()}
   total["invocations"] = int(before.get("invocations", 0) or 0) + 1
@@ -146,8 +153,41 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   return total
 
 
-def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path, clock: StageClock,
-                 texts: texts_lib.Texts):
+def plan(config, base_identity: str, train_items, val_items,
+         extra_items: Optional[Dict[str, list]] = None) -> Dict[str, object]:
+  """Every output unit of the run (`provenance`), known before any work: {"units": [...], "rounds":
+  [each round's units], "final": the final eval's name, "sft_train": the SFT control's training unit
+  or None}. `extra_items`: the eval-only sets ({set: items}, `extra_eval_sets`), evaluated like val."""
+  work = str(config.workdir)
+  rounds, units, current = [], [], base_identity
+  sets = [("eval", "", val_items)] + [(f"eval_{k}", f"{k}/", v) for k, v in (extra_items or {}).items()]
+
+  def evals(name: str, model: str) -> None:
+    for folder, prefix, items in sets:
+      units.extend(provenance.eval_units(config, paths.join(work, folder, name), model=model,
+                                         items=items, name=prefix + name, images_dir=""))
+
+  evals("base", base_identity)
+  for r in range(int(config.run.rounds)):
+    rd = provenance.round_units(config, paths.join(work, f"round_{r}"), model=current,
+                                seed=config.seed + r, items=train_items, label=f"round {r}")
+    rounds.append(rd)
+    units.extend(rd.values())
+    current = rd["train"].fingerprint
+  final = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
+  evals(final, current)
+  sft = None
+  if config.run.sft_control and int(config.run.rounds) >= 1:
+    sft = provenance.train_unit(config, paths.join(work, "sft_train"), model=base_identity,
+                                records={"score": rounds[0]["score"].fingerprint}, objective="sft",
+                                what="SFT control train")
+    units.append(sft)
+    evals("sft", sft.fingerprint)
+  return {"units": units, "rounds": rounds, "final": final, "sft_train": sft}
+
+
+def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path,
+                 clock: StageClock, round_units: List[dict], texts: texts_lib.Texts):
   """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, loaded_model.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
@@ -164,11 +204,12 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
     # counted as soon as the stage is done (a later crash cannot lose them)
     score_counts = accumulate_counters(rd / "score_counters.json",
                                        distributed.sum_over_processes(dataclasses.asdict(srep)))
-    score_counts["scored"] = len(logs.read_rows(score_dir, "rewards"))  # the records on disk: exact
+    score_counts["scored"] = len(layout.read_rewards(score_dir))  # the records on disk: exact
     with clock(f"round_{r}/train"):
       summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
                                      str(rd / "train")))
-      current = loaded_model.save_model(str(rd / "model"), current, summary["params"])
+      current = loaded_model.save_model(str(rd / "model"), current, summary["params"],
+                                        identity=round_units[r]["train"].fingerprint)
     rounds.append({"round": r, "score": score_counts, "train": {k: v for k, v in summary.items()
                                                                 if k not in ("state", "params")}})
   return current, rounds
@@ -232,17 +273,19 @@ def run(config) -> dict:
   A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
   t0, clock = time.time(), StageClock()
   work = paths.path(config.workdir)  # local or remote (gs://): etils.epath
-  (work / "report").mkdir(parents=True, exist_ok=True)
-  with clock("load"):
-    model_dir = loaded_model.resolve_model_dir(config)
-    loaded_model.check_model_dir(model_dir)  # fail before any work
-    base = loaded_model.load_inference_model(config, model_dir)
-  train_items = load_prompts(config.prompts.train)
-  val_items = load_prompts(config.prompts.val)
+  train_items = load_prompts(config.prompts.train, "prompts.train")
+  val_items = load_prompts(config.prompts.val, "prompts.val")
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
   extra_items = extra_eval_sets(config)
   check_eval_sets_unseen(config, train_items, extra_items)
+  outputs = plan(config, loaded_model.identity_of(config), train_items, val_items, extra_items)
+  provenance.claim(config, outputs["units"])  # before any work: another config's outputs stop here
+  (work / "report").mkdir(parents=True, exist_ok=True)
+  with clock("load"):
+    model_dir = loaded_model.resolve_model_dir(config)
+    loaded_model.check_model_dir(model_dir)
+    base = loaded_model.load_inference_model(config, model_dir)
   texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
@@ -260,8 +303,8 @@ def run(config) -> dict:
       dirs[name] = d
 
   do_eval("base", base)
-  current, rounds = _srum_rounds(config, base, train_items, work, clock, texts)
-  name = "srum" if int(config.run.rounds) <= 1 else f"srum_r{int(config.run.rounds)}"
+  current, rounds = _srum_rounds(config, base, train_items, work, clock, outputs["rounds"], texts)
+  name = outputs["final"]
   do_eval(name, current)
   order = ["base", name]
   if config.run.sft_control and int(config.run.rounds) >= 1:
@@ -269,7 +312,8 @@ def run(config) -> dict:
     with clock("sft/train"):
       summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
                                      str(work / "sft_train"), objective_name="sft"))
-      sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"])
+      sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"],
+                                          identity=outputs["sft_train"].fingerprint)
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
   for e in extra.values():
@@ -278,11 +322,21 @@ def run(config) -> dict:
                        time.time() - t0, clock.seconds, extra)
 
 
+def eval_set_names(config) -> List[str]:
+  """The names of `prompts.eval_extra`'s sets, each a folder name (`eval_<name>/`); else a user error."""
+  names = list(config.prompts.eval_extra.keys())
+  for name in names:
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+      raise UserValueError(f"config key prompts.eval_extra.{name}: the set's name must be a folder name "
+                           "(letters, digits, . _ + = -)")
+  return names
+
+
 def extra_eval_sets(config) -> Dict[str, list]:
   """{name: prompt items} of `prompts.eval_extra` (each a prompt source; none by default), in config order."""
   out = {}
-  for name, src in config.prompts.eval_extra.items():
-    items = load_prompts(src)
+  for name in eval_set_names(config):
+    items = load_prompts(config.prompts.eval_extra[name], f"prompts.eval_extra.{name}")
     require_prompts(items, f"prompts.eval_extra.{name}")
     out[name] = items
   return out
@@ -294,7 +348,7 @@ def check_eval_sets_unseen(config, train_items: list, extra_items: Dict[str, lis
   (`srum.anchor_weight` > 0), with the anchor's prompts: those sets measure what training never saw."""
   trained = {"prompts.train": {it.prompt for it in train_items}}
   if float(config.srum.anchor_weight) > 0:
-    trained["prompts.anchor"] = {it.prompt for it in load_prompts(config.prompts.anchor)}
+    trained["prompts.anchor"] = {it.prompt for it in load_prompts(config.prompts.anchor, "prompts.anchor")}
   for name, items in extra_items.items():
     for source, texts in trained.items():
       shared = sorted({it.prompt for it in items} & texts)

@@ -63,7 +63,7 @@ def score(scfg, model: loaded_model.Model, gen_dir: str, propose_dir: str, out_d
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
   log = logs.process_log(out_dir, "rewards")  # record fields + the item id (extra key, tolerated)
   log_rep = logs.LogReport()
-  done = {r["id"] for r in logs.read_rows(out_dir, "rewards", report=log_rep)}
+  done = {r["id"] for r in layout.read_rewards(out_dir, log_rep)}
   regions = {r["id"]: r for r in layout.read_regions(propose_dir, log_rep)}
   rows = distributed.process_shard(layout.read_metadata(gen_dir, log_rep))
   rep.skipped_log_lines = log_rep.skipped

@@ -1,61 +1,72 @@
-"""The `train` stage: the imperative shell around `train_step` (data, checkpoints, logging, preemption).
+"""The `train` stage: the imperative shell around `train_step` (data, checkpoints, logging, stops).
 
     summary = train(config, cfg=cfg, params=params, tokenizer=tok, records_path="records.jsonl",
                     images_root="images/", workdir="outputs/run")
     params = summary["params"]            # or later: final_params("outputs/run")
 
 One jitted, sharded step (static shapes: the data pipeline packs every batch to the same budgets) is
-called with the state, the batch and the base PRNG key; the step folds in `state.step`, so step i always
-draws the same randomness and a resumed run reproduces the uninterrupted one bit for bit. The hot loop
-never waits on the device except every `log_every` steps (metrics) and when saving.
+called with the state, the batch and the base PRNG key; the step folds in `state.step`, so step i
+always draws the same randomness and a resumed run reproduces the uninterrupted one bit for bit. The
+hot loop never waits on the device except every `log_every` steps (metrics) and when saving. The
+loop around the step is the shared one (`training.loop`): stop signal, checkpoints every
+`save_every` steps and on stop / at the end, metrics, sample grids.
 
 workdir layout: checkpoints/<step>/ (orbax: state, data-iterator state, meta), data/ (validated
-ArrayRecord cache), tb/ (TensorBoard), samples/step_<step>.png (training images with reward overlays),
-data_log.jsonl (per step: the record indices consumed), loss_curve.png, summary.json. The workdir may be
-remote (gs://, through etils.epath; orbax writes checkpoints there directly): the data/ cache then lives in a
-local cache folder per host (`paths.local_cache_dir`) and the data log is written as objects (`_open_data_log`).
-A workdir holding checkpoints is resumed from its latest one. SIGTERM finishes the current step, saves
-and returns with `preempted=True`. The optimizer, the guarded update, the preemption flag and the
-checkpoints are the shared training core (`srum_jax.training`).
+ArrayRecord cache), metrics.jsonl + tb/ (the metrics sink: JSONL rows, TensorBoard),
+samples/step_<step>.png (training images with reward overlays), data_log.jsonl (per step: the
+record indices consumed; data_log.<process>.jsonl with several processes), loss_curve.png,
+summary.json. The workdir may be remote (gs://, through etils.epath; orbax writes checkpoints there
+directly): the data/ cache then lives in a local cache folder per host (`paths.local_cache_dir`)
+and the logs follow the remote-log policy of `workdir.logs`. A workdir holding checkpoints is
+resumed from its latest one. SIGTERM finishes the current step, saves and returns with
+`preempted=True`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
 
-from srum_jax import distributed, files, paths, progress, sharding, tokenizer as tok, viz
+from srum_jax import distributed, files, paths, sharding, tokenizer as tok, viz
 from srum_jax.convert import checkpoint
 from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.models import autoencoder
 from srum_jax.pipeline import train_data
-from srum_jax.training import checkpointing, objective, optimizer, train_step as ts, update
+from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption,
+                               train_step as ts, update)
+from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.training.preemption import PreemptionFlag
+from srum_jax.workdir import logs
 
 __all__ = ["OBJECTIVES", "step_options", "train", "final_params", "default_load_model", "main"]
 
 OBJECTIVES = ("srum", "sft")  # `train.objective`: SRUM, or the SFT control on the same data
 
-LOGGED = ("loss", "loss_reward", "loss_constraint", "loss_anchor", "reward_mean", "grad_norm", "lr", "skipped")
+LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
+
+
+def logged_keys(config) -> tuple:
+  """`LOGGED`, plus the anchor term's loss when the anchor is on (`srum.anchor_weight` > 0)."""
+  return LOGGED + (("loss_anchor",) if float(config.srum.anchor_weight) > 0 else ())
 
 
 def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
   """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
-  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data; the anchor to the starting
-  model, `srum.anchor_weight`, is part of the fine-tuning recipe and stays); `platform`: the one the
-  attention is resolved for (default: JAX's backend)."""
+  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data; the anchor to the
+  starting model, `srum.anchor_weight`, is part of the fine-tuning recipe and stays); `platform`: the one
+  the attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
   sft = name == "sft"
@@ -66,7 +77,8 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       lambda_constraint=0.0 if sft else float(s.lambda_constraint), levers=levers,
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
-      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat), ema_decay=float(t.ema_decay),
+      attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat),
+      remat_policy=m.remat_policy or None, ema_decay=float(t.ema_decay),
       anchor_weight=float(s.anchor_weight))
 
 
@@ -77,14 +89,17 @@ def _to_device(tree, shardings, process_count: int):
   return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
 
 
-def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str) -> None:
-  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`)."""
+def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str,
+                   resize=None) -> None:
+  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`);
+  `resize`: the data's `DataSpec.resize` (images on their canvas)."""
   b = hb.batch
   H, W = opts.image_hw
   if b.images is not None:
     pixels = np.asarray(b.images).reshape(-1, H, W, 3)
   else:  # the batch carries stored moments: read the images back for the picture
-    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W)) for f in hb.image_files])
+    pixels = np.stack([_load_or_blank(os.path.join(images_root, f), (H, W), resize)
+                       for f in hb.image_files])
   images = viz.to_uint8(pixels)
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
   maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
@@ -97,8 +112,10 @@ def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, im
   files.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
 
 
-def _load_or_blank(path: str, image_hw) -> np.ndarray:
+def _load_or_blank(path: str, image_hw, resize=None) -> np.ndarray:
   try:
+    if resize is not None:
+      return train_data.load_canvas(path, image_hw, resize)[0]
     return train_data.load_image(path, image_hw)[0]
   except Exception:  # a picture is not worth a crash; the tile stays grey
     return np.zeros(tuple(image_hw) + (3,), np.float32)
@@ -116,14 +133,10 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
   (non-finite updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and
   `params` (the EMA of the weights when `train.ema_decay` > 0, as BAGEL releases its EMA).
   """
-  if stop is None:
-    with PreemptionFlag() as flag:
-      return train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
-                   images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps, step_hook=step_hook,
-                   objective_name=objective_name, stop=flag)
-  return _train(stop, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
-                images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps, step_hook=step_hook,
-                opts=step_options(config, objective_name))
+  with preemption.flag_or_installed(stop) as flag:
+    return _train(flag, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
+                  images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps,
+                  step_hook=step_hook, opts=step_options(config, objective_name))
 
 
 def train_mesh(config):
@@ -192,9 +205,17 @@ def _anchor_ids(config, cfg, tokenizer, spec):
   """The anchor prompts' wrapped ids (`prompts.anchor`), or None when the anchor is off."""
   if not float(config.srum.anchor_weight) > 0:
     return None
-  items = load_prompts(config.prompts.anchor)
+  items = load_prompts(config.prompts.anchor, "prompts.anchor")
   require_prompts(items, "prompts.anchor")
-  return train_data.anchor_prompt_ids([it.prompt for it in items], cfg, spec, tokenizer)
+  return anchor_prompt_ids([it.prompt for it in items], cfg, spec, tokenizer)
+
+
+def anchor_prompt_ids(prompts, cfg, spec: train_data.DataSpec, tokenizer) -> List[List[int]]:
+  """[BOS] + ids + [EOS] of each anchor prompt, cut to the per-sample text budget (as the records'
+  prompts)."""
+  n = train_data.text_budget(cfg, spec)
+  bos, eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
+  return [[bos] + [int(i) for i in tokenizer.encode(p)][:n] + [eos] for p in prompts]
 
 
 def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str, params_ae=None):
@@ -206,7 +227,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
                                          max_regions=spec.max_regions,
                                          drop_zero_global=bool(config.srum.drop_zero_global),
-                                         threads=int(t.data_threads))
+                                         threads=int(t.data_threads),
+                                         records_format=str(t.records_format))
   if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
     raise UserValueError(f"no usable training records in {records_path} (images under "
                          f"{images_root or 'the records folder'}; set train.records / train.images_root): "
@@ -221,7 +243,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
                                          int(t.encode_batch), jnp.dtype(t.moments_dtype))
     moments = train_data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
                                    dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
-                                   process_count=mpcount, threads=int(t.data_threads))
+                                   process_count=mpcount, threads=int(t.data_threads),
+                                   resize=spec.resize)
     distributed.barrier("train_moments")
   ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
@@ -230,205 +253,135 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   return iter(ds), report
 
 
-def _open_data_log(workdir: str, pid: int, pcount: int, step: int):
-  """The data log file to write lines to: `data_log.jsonl` (`data_log.p<pid>.jsonl` with several processes),
-  appended to. An object store cannot append: there this invocation writes `data_log[.p<pid>].from<step>.jsonl`
-  (`_ObjectLog`)."""
-  name = "data_log.jsonl" if pcount == 1 else f"data_log.p{pid}.jsonl"
-  if not paths.is_remote(workdir):
-    return open(os.path.join(workdir, name), "a")
-  return _ObjectLog(paths.join(workdir, name[:-len(".jsonl")] + f".from{step:08d}.jsonl"))
+def _init_on(init, params, state_sh):
+  """`init(params)` placed on the state shardings `state_sh` (a fresh start)."""
+  return jax.jit(init, out_shardings=state_sh)(jax.device_put(params, state_sh.params))
 
 
-class _ObjectLog:
-  """A text log on an object store: lines kept in memory, the whole object rewritten by `flush` at most every
-  `FLUSH_S` seconds (bounded cost) and on close; a crash loses at most the last `FLUSH_S` seconds of lines."""
+def _loop(config, total: int, stop, t0: float, ckpt, sink, *, key_data, it, report, last: dict,
+          hooks) -> loop.TrainLoop:
+  """The shared loop with this stage's cadences: checkpoints every `save_every` steps (and on stop,
+  at the end) with the data iterator and the last loss; `LOGGED` means every `log_every` steps."""
+  t, main = config.train, jax.process_index() == 0
+  schedule = optimizer.lr_schedule(t, total)
 
-  FLUSH_S = 60.0
+  def final_loss(info) -> Optional[float]:
+    """The last step's loss (this invocation's, else the one saved with the checkpoint resumed)."""
+    return last["final_loss"] if info is None else float(jax.device_get(info.metrics["loss"]))
 
-  def __init__(self, path: str):
-    self.path, self.lines, self.flushed = path, [], 0.0
+  def meta(info):
+    return {"report": report.to_dict(), "final_loss": final_loss(info)}
 
-  def write(self, text: str) -> None:
-    self.lines.append(text)
+  def extra(info):  # the update's learning rate; the skipped updates so far
+    return {"lr": float(schedule(info.step - 1)),
+            "skipped": int(jax.device_get(info.state.skipped))}
 
-  def flush(self, force: bool = False) -> None:
-    if force or time.time() - self.flushed >= self.FLUSH_S:
-      paths.write_bytes(self.path, "".join(self.lines).encode("utf-8"))
-      self.flushed = time.time()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.flush(force=True)
-    return False
-
-
-def _restore_or_init(ckpt: checkpointing.Checkpointer, params, init, abstract, state_sh, key_data, it):
-  """(state, key data, step resumed from or None, steps given up, its meta): the newest checkpoint that restores with
-  its data iterator's state (damaged newer ones are moved aside and counted: `restore_latest_good`), or
-  `init(params)` placed on `state_sh` when there is none."""
-  resumed_from, got, given_up = ckpt.restore_latest_good(
-      checkpointing.abstract_with_shardings(abstract, state_sh),
-      jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key_data.sharding), require_data=True)
-  if resumed_from is None:
-    if given_up:
-      print(f"[checkpoint] no checkpoint restores ({len(given_up)} given up): training starts afresh", flush=True)
-    params = jax.device_put(params, state_sh.params)
-    return jax.jit(init, out_shardings=state_sh)(params), key_data, None, given_up, {}
-  state, key_data, data_state, meta = got
-  it.set_state(data_state)
-  return state, key_data, resumed_from, given_up, meta
+  checkpoints = loop.Checkpoints(ckpt, every=loop.Every(steps=int(t.save_every)), meta=meta,
+                                 key_data=key_data, data=it)
+  metrics = loop.LogMetrics(sink, "train", loop.Every(steps=int(t.log_every), last=True), mean=True,
+                            keys=logged_keys(config), extra=extra,
+                            postfix=lambda v: {"loss": f"{v['loss']:.4g}", "skipped": v["skipped"]})
+  return loop.TrainLoop("train", total, stop=stop, t0=t0, main=main, hooks=hooks,
+                        checkpoints=checkpoints, metrics=metrics)
 
 
-class _MetricsLog:
-  """Sums step metrics on device and syncs them every `log_every` steps: TensorBoard, the bar, the history.
-  On a remote workdir the TensorBoard events are written to a local cache folder and copied to `<workdir>/tb`
-  at most every `UPLOAD_S` seconds and on close (no extra GCS client needed)."""
-
-  UPLOAD_S = 60.0
-
-  def __init__(self, workdir: str, schedule, log_every: int, is_main: bool, bar):
-    self.schedule, self.log_every, self.bar = schedule, max(1, int(log_every)), bar
-    self.history = {k: [] for k in LOGGED}
-    self.acc, self.n, self.last = None, 0, None
-    self.writer, self.tb_dir, self.uploaded = None, os.path.join(workdir, "tb"), 0.0
-    if is_main:
-      self.writer = SummaryWriter(paths.local_cache_dir(self.tb_dir))
-
-  def _upload(self, force: bool = False) -> None:
-    """Copy the local TensorBoard files to a remote `<workdir>/tb` (a no-op for a local workdir)."""
-    if self.writer is None or not paths.is_remote(self.tb_dir):
-      return
-    if force or time.time() - self.uploaded >= self.UPLOAD_S:
-      paths.upload_dir(paths.local_cache_dir(self.tb_dir), self.tb_dir)
-      self.uploaded = time.time()
-
-  def add(self, step: int, metrics, state, total: int) -> None:
-    self.last = metrics
-    self.acc = metrics if self.acc is None else jax.tree.map(jnp.add, self.acc, metrics)
-    self.n += 1
-    if step % self.log_every and step != total:
-      return
-    vals = {k: float(v) / self.n for k, v in jax.device_get(self.acc).items() if k != "skipped"}
-    vals.update(lr=float(self.schedule(step - 1)), skipped=int(jax.device_get(state.skipped)))
-    self.acc, self.n = None, 0
-    for k in LOGGED:
-      if k == "loss_anchor" and k not in vals:
-        continue  # the anchor is off
-      self.history[k].append((step, vals.get(k, float("nan"))))
-      if self.writer is not None:
-        self.writer.add_scalar(f"train/{k}", vals.get(k, float("nan")), step)
-    if self.writer is not None:
-      self.writer.flush()
-      self._upload()
-    self.bar.set_postfix(loss=f"{vals['loss']:.4g}", skipped=vals["skipped"], refresh=False)
-
-  def final_loss(self, before: dict) -> Optional[float]:
-    """The last step's loss (this invocation's, else the one saved with the checkpoint resumed from)."""
-    return before.get("final_loss") if self.last is None else float(jax.device_get(self.last["loss"]))
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
-      self._upload(force=True)
+def _hooks(config, workdir: str, images_root: str, opts, last: dict, step_hook) -> list:
+  """Sample grids every `sample_every` steps (process 0), then the caller's `step_hook(step)`."""
+  hooks, every = [], int(config.train.sample_every)
+  if jax.process_index() == 0 and every > 0:
+    hooks.append(loop.Hook(lambda info: _write_samples(
+        os.path.join(workdir, "samples", f"step_{info.step:06d}.png"), last["batch"], opts,
+        images_root, train_data.resize_of(config)), loop.Every(steps=every)))
+  if step_hook is not None:
+    hooks.append(loop.Hook(lambda info: step_hook(info.step)))
+  return hooks
 
 
-def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path, images_root, workdir, mesh,
-           max_steps, step_hook, opts: ts.StepOptions) -> Dict[str, Any]:
+def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path, images_root,
+           workdir, mesh, max_steps, step_hook, opts: ts.StepOptions) -> Dict[str, Any]:
   t0, t = time.time(), config.train
   workdir = paths.abspath(workdir)  # a remote workdir (gs://) stays as it is
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  pid, pcount = jax.process_index(), jax.process_count()
+  pcount = jax.process_count()
   mesh = train_mesh(config) if mesh is None else mesh
   rules = sharding.rules_from_config(config.sharding_rules)
   opts = dataclasses.replace(opts, **batch_layout(config, mesh))
   total = int(t.steps if max_steps is None else max_steps)
-  it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir, params["ae"])
-  tx = optimizer.make_optimizer(t, optimizer.param_labels(params, tuple(t.freeze)), total_steps=total)
-  master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of a bf16 checkpoint)
-  init = lambda p: update.init_state(jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay)  # noqa
+  it, report = _data_pipeline(config, cfg, tokenizer, records_path, images_root, workdir,
+                              params["ae"])
+  labels = optimizer.param_labels(params, tuple(t.freeze), adapters_only=cfg.llm.lora is not None)
+  tx = optimizer.make_optimizer(t, labels, total_steps=total)
+  master = jnp.dtype(config.model.param_dtype)  # the trained copy (e.g. fp32 masters of bf16)
+  init = lambda p: update.init_state(  # noqa: E731
+      jax.tree.map(lambda x: x.astype(master), p), tx, opts.ema_decay, labels)
   abstract = jax.eval_shape(init, params)
   state_sh = ts.state_shardings(cfg, abstract, mesh, rules)
-  key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))), sharding.replicated(mesh))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(t.keep_checkpoints),
-                                    save_interval_steps=int(t.save_every))
-  bar = log = None
-  try:
-    state, key_data, resumed_from, given_up, meta = _restore_or_init(ckpt, params, init, abstract, state_sh,
-                                                                     key_data, it)
-    before = {"final_loss": meta.get("final_loss"), "seconds": float(meta.get("seconds") or 0.0)}
-    # the anchor's reference: the model training started from (a resumed run is given the same model again)
-    consts, const_sh = ((jax.device_put(params, state_sh.params),), (state_sh.params,)) if opts.anchor_weight > 0 \
-        else ((), ())
+  key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))),
+                            sharding.replicated(mesh))
+  step_fn = ts.make_train_step(cfg, opts, tx, labels)
+  # the anchor's reference: the model training started from (a resumed run is given the same model again)
+  consts = (jax.device_put(params, state_sh.params),) if opts.anchor_weight > 0 else ()
+  last = {"batch": None, "final_loss": None}  # the step's host batch; the loss resumed from
+  compiled = {}
+
+  def advance(state, index: int):
+    """Step `index`: the next host batch (its record indices to the data log), the jitted step."""
+    hb = last["batch"] = next(it)
+    data_log.append({"step": index, "indices": np.asarray(hb.indices).reshape(-1).tolist()})
+    report.truncated_prompts += hb.truncated
+    if not compiled:
+      batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
+      compiled.update(batch_sh=batch_sh, step=ts.shard_train_step(
+          lambda s, b, k, *c: step_fn(s, b, jax.random.fold_in(k, s.step), *c), state_sh, batch_sh,
+          mesh, (state_sh.params,) * len(consts)))
+    return compiled["step"](state, _to_device(hb.batch, compiled["batch_sh"], pcount), base_key,
+                            *consts)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=int(t.keep_checkpoints))
+  with ckpt, MetricsSink(workdir, "metrics.jsonl", main=jax.process_index() == 0) as sink, \
+      logs.BufferedLog(logs.process_log(workdir, "data_log")) as data_log:
+    trainer = _loop(config, total, stop, t0, ckpt, sink, key_data=key_data, it=it, report=report,
+                    last=last, hooks=_hooks(config, workdir, images_root, opts, last, step_hook))
+    restored = trainer.restore_or_init(checkpointing.abstract_with_shardings(abstract, state_sh),
+                                       functools.partial(_init_on, init, params, state_sh))
     del params
-    step = int(jax.device_get(state.step))
-    bar = progress.bar(total, "train", initial=min(step, total), disable=pid != 0, leave=True,
-                          unit="step")
-    log = _MetricsLog(workdir, optimizer.lr_schedule(t, total), t.log_every, pid == 0, bar)
-    step_fn, base_key, jstep, batch_sh = ts.make_train_step(cfg, opts, tx), jax.random.wrap_key_data(key_data), None, None
-    save = lambda force=False: ckpt.save(step, state, key_data=key_data, data_state=it.get_state(),  # noqa: E731
-                                         meta={"report": report.to_dict(), "final_loss": log.final_loss(before),
-                                               "seconds": before["seconds"] + time.time() - t0}, force=force)
-    preempted = False
-    with _open_data_log(workdir, pid, pcount, step) as data_log:
-      while step < total:
-        if distributed.any_process(stop.is_set()):
-          preempted = True
-          break
-        hb = next(it)
-        data_log.write(json.dumps({"step": step, "indices": np.asarray(hb.indices).reshape(-1).tolist()}) + "\n")
-        data_log.flush()
-        report.truncated_prompts += hb.truncated
-        if jstep is None:
-          batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
-          jstep = ts.shard_train_step(lambda s, b, k, *c: step_fn(s, b, jax.random.fold_in(k, s.step), *c),
-                                      state_sh, batch_sh, mesh, const_sh)
-        state, metrics = jstep(state, _to_device(hb.batch, batch_sh, pcount), base_key, *consts)
-        step += 1
-        bar.update(1)
-        log.add(step, metrics, state, total)
-        if pid == 0 and int(t.sample_every) > 0 and step % int(t.sample_every) == 0:
-          _write_samples(os.path.join(workdir, "samples", f"step_{step:06d}.png"), hb, opts, images_root)
-        if ckpt.should_save(step):
-          save()
-        if step_hook is not None:
-          step_hook(step)
-    if step > (resumed_from or 0):  # progress since the last checkpoint
-      save(force=True)
-  finally:
-    ckpt.close()  # waits for the async writes
-    if bar is not None:
-      bar.close()
-    if log is not None:
-      log.close()
-  return _summary(workdir, state, log, report, preempted=preempted, resumed_from=resumed_from, step=step,
-                  total=total, seconds=time.time() - t0, compiles=0 if jstep is None else jstep._cache_size(),
-                  before=before, given_up=given_up)
+    last["final_loss"] = restored.meta.get("final_loss")
+    base_key = jax.random.wrap_key_data(restored.key_data)
+    result = trainer.run(restored.state, advance, start=int(jax.device_get(restored.state.step)))
+  if result.metrics is not None:
+    last["final_loss"] = float(jax.device_get(result.metrics["loss"]))
+  return _summary(workdir, result, sink.history, report, resumed_from=restored.step, total=total,
+                  seconds=time.time() - t0, final_loss=last["final_loss"],
+                  given_up=restored.given_up,
+                  compiles=compiled["step"]._cache_size() if compiled else 0)
 
 
-def _summary(workdir: str, state, log: _MetricsLog, report, *, preempted: bool, resumed_from, step: int, total: int,
-             seconds: float, compiles: int, before: dict, given_up: list) -> Dict[str, Any]:
-  """The summary of the whole training so far: `final_loss` and `seconds` carry over from the checkpoint
-  resumed from (a resume with nothing left to do keeps them); `seconds_this_invocation` is this call's."""
-  is_main = jax.process_index() == 0
-  if is_main and log.history["loss"]:
-    shown = ("loss", "loss_reward", "loss_constraint", "loss_anchor")
-    viz.loss_curve_png({k: log.history[k] for k in shown if log.history[k]},
+def _summary(workdir: str, result: loop.LoopResult, history: dict, report, *, resumed_from,
+             total: int, seconds: float, compiles: int, final_loss: Optional[float],
+             given_up: list) -> Dict[str, Any]:
+  """The summary of the whole training so far: `final_loss` and `seconds` are the training's as its
+  latest checkpoint records them (a resume with nothing left to do keeps them);
+  `seconds_this_invocation` is this call's."""
+  is_main, state, step = jax.process_index() == 0, result.state, result.step
+  if is_main and history.get("train/loss"):
+    curves = ("loss", "loss_reward", "loss_constraint", "loss_anchor")
+    viz.loss_curve_png({k: history[f"train/{k}"] for k in curves if history.get(f"train/{k}")},
                        os.path.join(workdir, "loss_curve.png"), title="SRUM training loss")
   skipped = int(jax.device_get(state.skipped))
-  final_loss = log.final_loss(before)
-  summary = {"steps": step, "final_loss": final_loss, "skipped": skipped, "preempted": preempted,
-             "resumed_from": resumed_from, "data": report.to_dict(), "seconds": before["seconds"] + seconds,
-             "seconds_this_invocation": seconds, "compiles": compiles,
-             "checkpoints_given_up": [list(g) for g in given_up], "checkpoint": os.path.join(workdir, "checkpoints")}
+  summary = {"steps": step, "final_loss": final_loss, "skipped": skipped,
+             "preempted": result.preempted, "resumed_from": resumed_from, "data": report.to_dict(),
+             "seconds": result.seconds, "seconds_this_invocation": seconds, "compiles": compiles,
+             "checkpoints_given_up": [list(g) for g in given_up],
+             "checkpoint": os.path.join(workdir, "checkpoints")}
   if is_main:
-    paths.write_bytes(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1).encode("utf-8"))
-    print(f"train: {'preempted at' if preempted else 'done,'} step {step}/{total}; final loss "
-          f"{'n/a' if final_loss is None else f'{final_loss:.5g}'}; skipped non-finite updates {skipped}; "
-          f"data: {report.summary()}", flush=True)
-  return dict(summary, state=state, params=state.params if state.ema is None else state.ema)
+    paths.write_bytes(os.path.join(workdir, "summary.json"),
+                      json.dumps(summary, indent=1).encode("utf-8"))
+    loss = "n/a" if final_loss is None else f"{final_loss:.5g}"
+    how = "preempted at" if result.preempted else "done,"
+    print(f"train: {how} step {step}/{total}; final loss "
+          f"{loss}; skipped non-finite updates {skipped}; data: {report.summary()}", flush=True)
+  return dict(summary, state=state, params=update.ema_params(state))
 
 
 def final_params(workdir: str, step: Optional[int] = None, abstract_params=None):

@@ -14,11 +14,16 @@ are sanitised (degenerate or fully outside the image: dropped; partly outside: c
 
 The grain pipeline: a deterministic global record order (shuffle reseeded every epoch, endless repeat) whose
 global batches every process cuts the same way (process p takes the p-th slice: its rows), a map that loads
-the PNG (bicubic resize to `image_hw`, [-1, 1]),
-scales the boxes from the stored image size to `image_hw` (identity for the official 1024 -> 1024),
-pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
+the PNG (bicubic resize to `image_hw`, [-1, 1]; or, with `DataSpec.resize`, SRUM's aspect-preserving training
+transform, then zero padding to the static canvas `image_hw`: `load_canvas`), scales the boxes from the
+stored image size to the image's training size (identity for the official 1024 -> 1024), pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
 per-sample text budget and counted), and a batcher that packs rows of `samples_per_row` samples with
-`train_step.t2i_layout` under static budgets. Every batch carries the record indices it used.
+`train_step.t2i_layout` under static budgets (images below the canvas: only their own latent tokens,
+mapped to the canvas tokens by `SrumBatch.latent_src`). Every batch carries the record indices it used.
+
+Records come as this project's schema or SRUM's formatted JSONL (`records_format`, auto-detected:
+`rewards.record_sources`). The official file already went through SRUM's formatting filter, so it is not
+filtered again (SRUM's training reads every row); only records with no reward at all are dropped.
 
 With stored posterior moments (`prepare_moments`: the frozen VAE encoder run once over the prepared records,
 since SRUM's training images are fixed within a round) the map reads each record's moments row instead of
@@ -30,7 +35,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -40,17 +44,17 @@ import grain
 import ml_dtypes
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
-from PIL import Image
 
 from srum_jax import paths
-from srum_jax.rewards import records as records_lib
+from srum_jax.pipeline import train_images
+from srum_jax.pipeline.train_images import load_canvas, load_image, training_size  # noqa: F401
+from srum_jax.rewards import record_sources, records as records_lib
 from srum_jax.training import objective, train_step
 
-VALIDATION_VERSION = 2  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
+VALIDATION_VERSION = 3  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
 
-__all__ = ["DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "validate_records",
-           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget",
-           "anchor_prompt_ids"]
+__all__ = ["DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "load_canvas", "validate_records",
+           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget"]
 
 MOMENTS_DTYPES = ("float32", "bfloat16")
 
@@ -72,6 +76,8 @@ class DataReport:
   boxes_clamped: int = 0
   regions_truncated: int = 0  # regions beyond max_regions
   missing_global: int = 0  # kept records without a global score (0.0 is used, as official)
+  other_good_image: int = 0  # official rows whose good (target) image is another file: skipped
+  records_format: str = ""  # srum_jax | official (`rewards.record_sources`)
   kept: int = 0
   examples: list = dataclasses.field(default_factory=list)  # first few (where, why) of skipped records
   decode_failures: int = 0  # images that failed to load while iterating (file changed after validation)
@@ -80,13 +86,15 @@ class DataReport:
   @property
   def skipped(self) -> int:
     return (self.malformed + self.nonfinite + self.duplicate_id + self.filtered_zero_global + self.filtered_missing_global
-            + self.filtered_empty + self.missing_image + self.corrupt_image)
+            + self.filtered_empty + self.missing_image + self.corrupt_image + self.other_good_image)
 
   def to_dict(self) -> dict:
     return dict(dataclasses.asdict(self), skipped=self.skipped)
 
   def summary(self) -> str:
-    return (f"records kept {self.kept}/{self.lines} (skipped {self.skipped}: malformed {self.malformed}, "
+    return (f"{self.records_format or 'records'} records kept {self.kept}/{self.lines} "
+            f"(skipped {self.skipped}: "
+            f"malformed {self.malformed}, other good image {self.other_good_image}, "
             f"non-finite {self.nonfinite}, duplicate ids {self.duplicate_id}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
             f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image {self.corrupt_image}); "
             f"boxes dropped {self.boxes_degenerate + self.boxes_outside}, clamped {self.boxes_clamped}; "
@@ -102,13 +110,16 @@ class DataReport:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Static layout of one host batch: `rows` packed rows of `samples_per_row` samples of `image_hw` pixels."""
+  """Static layout of one host batch: `rows` packed rows of `samples_per_row` samples of `image_hw` pixels.
+  `resize` (max_size, min_size, stride): SRUM's aspect-preserving transform, each image padded to the canvas
+  `image_hw` (`load_canvas`); None: every image resized to `image_hw`."""
   image_hw: Tuple[int, int]
   rows: int
   samples_per_row: int
   num_tokens: int
   text_capacity: int
   max_regions: int
+  resize: Optional[Tuple[int, int, int]] = None
 
 
 class HostBatch(NamedTuple):
@@ -124,43 +135,11 @@ class HostBatch(NamedTuple):
 
 # --- images -------------------------------------------------------------------------------------------------
 
-def load_image(path: str, image_hw: Tuple[int, int]) -> Tuple[np.ndarray, Tuple[int, int]]:
-  """PNG/JPEG -> (float32 [H, W, 3] in [-1, 1], original (width, height)). Bicubic (antialiased) resize to
-  `image_hw` when the size differs; then (x / 255 - 0.5) / 0.5 as ToTensor + Normalize(0.5, 0.5), the
-  official training transform. `path` may be remote (gs://)."""
-  with Image.open(paths.readable(path)) as im:
-    size = im.size
-    im = im.convert("RGB")
-    H, W = image_hw
-    if im.size != (W, H):
-      im = im.resize((W, H), Image.BICUBIC)
-    x = np.asarray(im, np.float32)
-  return (x / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5), size
-
-
-def _check_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
-  """(width, height) of a fully decodable image, else (None, 'missing' | 'corrupt: why'). `path` may be remote
-  (gs://: its bytes are read once)."""
-  if paths.is_remote(path):
-    try:
-      data = paths.path(path).read_bytes()
-    except FileNotFoundError:
-      return None, "missing"
-    source = lambda: io.BytesIO(data)  # noqa: E731
-  elif not os.path.isfile(path):
-    return None, "missing"
-  else:
-    source = lambda: path  # noqa: E731
-  try:
-    with Image.open(source()) as im:
-      im.verify()  # chunk CRCs and structure
-    with Image.open(source()) as im:
-      im.load()  # every pixel decodes (truncated data raises)
-      if im.size[0] <= 0 or im.size[1] <= 0:
-        return None, "corrupt: empty image"
-      return im.size, None
-  except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-    return None, f"corrupt: {type(e).__name__}: {e}"
+def _load_training_image(path: str, spec: DataSpec):
+  """The pipeline's image loader: `load_image` (fixed size) or `load_canvas` (`spec.resize`)."""
+  if spec.resize is None:
+    return load_image(path, spec.image_hw)
+  return load_canvas(path, spec.image_hw, spec.resize)
 
 
 # --- host validation ----------------------------------------------------------------------------------------
@@ -181,13 +160,35 @@ def _sanitise_box(box, width: int, height: int, report: DataReport):
   return c
 
 
+def _format_of(records_path: str, records_format: str) -> str:
+  """The records' format: `records_format`, or for "auto" the file's (this project's when it has no
+  record of a known format: its lines are then counted as malformed, never a crash)."""
+  if records_format != "auto":
+    return records_format
+  return record_sources.detect_format(records_path, default="srum_jax")
+
+
 def validate_records(records_path: str, images_root: str, *, max_regions: int, drop_zero_global: bool = True,
-                     threads: int = 8) -> Tuple[List[dict], DataReport]:
+                     threads: int = 8, records_format: str = "auto"
+                     ) -> Tuple[List[dict], DataReport]:
   """Read, filter and check every record; returns the usable records as plain dicts (with the decoded
-  image size in `image_size` and sanitised boxes) and the report of everything skipped or changed."""
+  image size in `image_size` and sanitised boxes) and the report of everything skipped or changed.
+  `records_format`: srum_jax | official | auto (`rewards.record_sources`); `drop_zero_global` applies to
+  this project's records (the official file was filtered when SRUM formatted it)."""
   report = DataReport()
-  records, read_report = records_lib.read_records(records_path)
-  report.lines = read_report.lines
+  fmt = _format_of(records_path, records_format)
+  records, read_report = record_sources.read(records_path, fmt)
+  report.lines, report.records_format = read_report.lines, fmt
+  if fmt == "official":
+    drop_zero_global = False
+    kept = []
+    for r in records:
+      if "good_image_file" in r.metadata:  # SRUM's target is another image: not trained here
+        report.other_good_image += 1
+        report.note(r.image_file, f"good image {r.metadata['good_image_file']!r} differs")
+      else:
+        kept.append(r)
+    records = kept
   for line_no, why in read_report.skipped:
     if "finite" in why:
       report.nonfinite += 1
@@ -210,7 +211,7 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
 
   image_paths = [os.path.join(images_root, r.image_file) for r in records]
   with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
-    checked = list(pool.map(_check_image, image_paths))
+    checked = list(pool.map(train_images.check_image, image_paths))
   out = []
   for r, (size, why) in zip(records, checked):
     if size is None:
@@ -250,16 +251,17 @@ def _file_stamp(images_root: str, name: str) -> str:
 
 
 def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero_global: bool,
-                threads: int = 8) -> str:
+                threads: int = 8, records_format: str = "auto") -> str:
   """Content hash of the JSONL, the referenced image files' (name, size, mtime) and the settings."""
   h = hashlib.sha256()
+  fmt = _format_of(records_path, records_format)
   h.update(json.dumps([VALIDATION_VERSION, paths.abspath(images_root), int(max_regions),
-                       bool(drop_zero_global)]).encode())
+                       bool(drop_zero_global), fmt]).encode())
   with (paths.path(records_path).open("rb") if paths.is_remote(records_path) else open(records_path, "rb")) as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   names = set()
-  for rec in records_lib.read_records(records_path)[0]:
+  for rec in record_sources.read(records_path, fmt)[0]:
     names.add(rec.image_file)
   with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:  # a remote stat is a round trip
     for stamp in pool.map(lambda n: _file_stamp(images_root, n), sorted(names)):
@@ -274,7 +276,8 @@ def _report_from_dict(d: dict) -> DataReport:
 
 
 def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_regions: int,
-                    drop_zero_global: bool = True, threads: int = 8) -> Tuple[str, DataReport]:
+                    drop_zero_global: bool = True, threads: int = 8,
+                    records_format: str = "auto") -> Tuple[str, DataReport]:
   """Validated records -> `cache_dir/records-<n>-<hash>.array_record` (one JSON record per entry) plus a
   `.report.json` beside it; an existing file for the same input is reused. Writes go to a per-process
   temporary name and are renamed into place, so several hosts preparing the same file cannot clash. A remote
@@ -282,7 +285,8 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
   moments need local files), which each host fills for itself; the records and images may be remote."""
   cache_dir = paths.local_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
-  key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads)
+  key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads,
+                    records_format)
   existing = [f for f in os.listdir(cache_dir) if f.endswith(f"-{key}.array_record")]
   if existing:
     path = os.path.join(cache_dir, existing[0])
@@ -291,7 +295,8 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
       with open(report_path) as f:
         return path, _report_from_dict(json.load(f))
   good, report = validate_records(records_path, images_root, max_regions=max_regions,
-                                  drop_zero_global=drop_zero_global, threads=threads)
+                                  drop_zero_global=drop_zero_global, threads=threads,
+                                  records_format=records_format)
   path = os.path.join(cache_dir, f"records-{len(good)}-{key}.array_record")
   report_path = path[:-len(".array_record")] + ".report.json"
   tmp = f"{path}.tmp{os.getpid()}"
@@ -331,18 +336,23 @@ def _read_records(array_record_path: str) -> List[dict]:
 
 def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[int, int], encode, *, encoder_id: str,
                     dtype: str = "float32", batch_size: int = 8, process_index: int = 0, process_count: int = 1,
-                    threads: int = 4) -> MomentsFiles:
+                    threads: int = 4, resize: Optional[Tuple[int, int, int]] = None
+                    ) -> MomentsFiles:
   """Encode this process's share of a prepared record file once: `encode(images [b, H, W, 3] float32 in [-1, 1])
   -> moments [b, h, w, 2z]` (the caller's jitted frozen encoder) over batches of `batch_size` images loaded as
-  the pipeline loads them (`load_image`); images that fail to load get ok=False and zero moments (the pipeline
-  skips and counts them as decode failures). Files are named by the record file, `image_hw`, `dtype`,
-  `encoder_id` (identifies the encoder weights) and the process count, written under a temporary name and
-  renamed, and reused when present. Callers with several processes wait at a barrier before reading."""
+  the pipeline loads them (`load_image`, or `load_canvas` with `resize`); images that fail to load get ok=False
+  and zero moments (the pipeline skips and counts them as decode failures). Files are named by the record
+  file, `image_hw`, `resize`, `dtype`, `encoder_id` (identifies the encoder weights) and the process count,
+  written under a temporary name and renamed, and reused when present. Callers with several processes wait at
+  a barrier before reading."""
   if dtype not in MOMENTS_DTYPES:
     raise ValueError(f"moments dtype {dtype!r}; choose one of {MOMENTS_DTYPES}")
   H, W = (int(v) for v in image_hw)
+  spec = DataSpec(image_hw=(H, W), rows=1, samples_per_row=1, num_tokens=1, text_capacity=1,
+                  max_regions=1, resize=None if resize is None else tuple(int(v) for v in resize))
   stem = array_record_path[:-len(".array_record")] if array_record_path.endswith(".array_record") else array_record_path
-  parts = tuple(f"{stem}.moments-{H}x{W}-{dtype}-{encoder_id}.p{p}of{process_count}.npy" for p in range(process_count))
+  size = f"{H}x{W}" if resize is None else f"{H}x{W}r" + "-".join(str(v) for v in spec.resize)
+  parts = tuple(f"{stem}.moments-{size}-{dtype}-{encoder_id}.p{p}of{process_count}.npy" for p in range(process_count))
   out = MomentsFiles(parts=parts, dtype=dtype)
   mine = parts[process_index]
   if os.path.isfile(mine) and os.path.isfile(_ok_path(mine)):
@@ -353,7 +363,7 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
 
   def load(rec):
     try:
-      return load_image(os.path.join(images_root, rec["image_file"]), (H, W))[0], True
+      return _load_training_image(os.path.join(images_root, rec["image_file"]), spec)[0], True
     except Exception:  # vanished or changed since validation: counted when the pipeline reaches the record
       return np.zeros((H, W, 3), np.float32), False
 
@@ -434,6 +444,7 @@ class _Decode:
                moments: Optional[MomentsFiles] = None, max_consecutive_failures: Optional[int] = None):
     self.images_root, self.spec, self.tokenizer, self.report = images_root, spec, tokenizer, report
     self.bos, self.eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
+    self.stride = int(cfg.latent_downsample)
     self.max_ids = text_budget(cfg, spec)
     self.moments = None if moments is None else _MomentsReader(moments)
     self.max_failures, self.failures_in_a_row = max_consecutive_failures, 0
@@ -460,12 +471,14 @@ class _Decode:
       key, (w0, h0) = "moments", rec["image_size"]
     else:
       try:
-        pixels, (w0, h0) = load_image(os.path.join(self.images_root, rec["image_file"]), (H, W))
+        path = os.path.join(self.images_root, rec["image_file"])
+        pixels, (w0, h0) = _load_training_image(path, self.spec)
       except Exception as e:  # the file changed or vanished after validation: skip it, never crash
         return self._failed(rec, type(e).__name__)
       key = "image"
     self.failures_in_a_row = 0
-    sx, sy = W / float(w0), H / float(h0)
+    tw, th = training_size((w0, h0), (H, W), self.spec.resize)
+    sx, sy = tw / float(w0), th / float(h0)
     boxes, scores, valid, _ = records_lib.pad_regions(
         [(reg["box"][0] * sx, reg["box"][1] * sy, reg["box"][2] * sx, reg["box"][3] * sy) for reg in rec["regions"]],
         [reg["score"] for reg in rec["regions"]], self.spec.max_regions)
@@ -474,7 +487,7 @@ class _Decode:
     return {"index": int(rec["index"]), key: pixels, "image_file": rec["image_file"], "boxes": boxes, "scores": scores, "valid": valid,
             "global_score": np.float32(0.0 if rec["global_score"] is None else rec["global_score"]),
             "ids": [self.bos] + ids[:self.max_ids] + [self.eos], "truncated": truncated,
-            "prompt": rec["prompt"]}
+            "prompt": rec["prompt"], "grid": (th // self.stride, tw // self.stride)}
 
 
 class _Collate:
@@ -491,9 +504,10 @@ class _Collate:
     self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
     self.anchor_ids, self.anchor_seed = anchor_ids, int(anchor_seed)
 
-  def _layout(self, grid_ids):
-    inputs = train_step.t2i_layout(self.cfg, grid_ids, image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
-                                   text_capacity=self.spec.text_capacity)
+  def _layout(self, grid_ids, grids):
+    inputs = train_step.t2i_layout(self.cfg, grid_ids, image_hw=self.spec.image_hw,
+                                   num_tokens=self.spec.num_tokens,
+                                   text_capacity=self.spec.text_capacity, grids=grids)
     if self.sample_offset:
       sid = inputs.meta.sample_id
       inputs = inputs._replace(meta=inputs.meta._replace(sample_id=np.where(sid >= 0, sid + self.sample_offset,
@@ -511,14 +525,19 @@ class _Collate:
   def __call__(self, samples):
     R_, S = self.spec.rows, self.spec.samples_per_row
     grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
-    inputs = self._layout([[s["ids"] for s in row] for row in grid])
-    anchor_inputs = None if not self.anchor_ids else self._layout(self._anchors(grid))
+    grids = None if self.spec.resize is None else [[s["grid"] for s in row] for row in grid]
+    inputs = self._layout([[s["ids"] for s in row] for row in grid], grids)
+    anchor_inputs = None if not self.anchor_ids else self._layout(self._anchors(grid), grids)
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
     stored = "moments" in samples[0]
+    canvas = tuple(v // int(self.cfg.latent_downsample) for v in self.spec.image_hw)
     batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
-                                 moments=stack("moments") if stored else None, anchor_inputs=anchor_inputs)
+                                 moments=stack("moments") if stored else None,
+                                 latent_src=(None if grids is None
+                                             else train_step.latent_sources(grids, canvas)),
+                                 anchor_inputs=anchor_inputs)
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
                      truncated=int(sum(s["truncated"] for s in samples)),
                      image_files=[s["image_file"] for s in samples])
@@ -537,8 +556,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
   skipped (the next record of the process's slice stream takes their place) and counted in
   `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
-  batches carry the stored posterior moments instead of images. `anchor_ids` (wrapped prompt ids, see
-  `anchor_prompt_ids`): every batch also carries the anchor layout (`_Collate`).
+  batches carry the stored posterior moments instead of images. `anchor_ids` (wrapped prompt ids,
+  `train.anchor_prompt_ids`): every batch also carries the anchor layout (`_Collate`).
   """
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
   per_batch, n = spec.rows * spec.samples_per_row, len(ds)
@@ -559,13 +578,6 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
                                                                      anchor_ids, anchor_seed=seed))
 
 
-def anchor_prompt_ids(prompts, cfg, spec: DataSpec, tokenizer) -> List[List[int]]:
-  """[BOS] + ids + [EOS] of each anchor prompt, cut to the per-sample text budget (as the records' prompts)."""
-  n = text_budget(cfg, spec)
-  bos, eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
-  return [[bos] + [int(i) for i in tokenizer.encode(p)][:n] + [eos] for p in prompts]
-
-
 def spec_from_config(config, process_count: int = 1) -> DataSpec:
   """Per-host DataSpec from `config.train` (the global `batch_size` rows are split over the processes)."""
   t = config.train
@@ -574,4 +586,14 @@ def spec_from_config(config, process_count: int = 1) -> DataSpec:
     raise ValueError(f"train.batch_size={rows} rows do not split over {process_count} processes")
   return DataSpec(image_hw=tuple(int(v) for v in t.image_hw), rows=rows // process_count,
                   samples_per_row=int(t.samples_per_row), num_tokens=int(t.num_tokens),
-                  text_capacity=int(t.text_capacity), max_regions=int(t.max_regions))
+                  text_capacity=int(t.text_capacity), max_regions=int(t.max_regions),
+                  resize=resize_of(config))
+
+
+IMAGE_RESIZES = ("fixed", "official")  # `train.image_resize`
+
+
+def resize_of(config) -> Optional[Tuple[int, int, int]]:
+  """`DataSpec.resize` of a config: `train.official_resize` when `train.image_resize` is official, else None."""
+  t = config.train
+  return tuple(int(v) for v in t.official_resize) if t.image_resize == "official" else None

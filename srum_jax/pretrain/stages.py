@@ -10,8 +10,9 @@ stage that reaches it stops cleanly and is saved like a finished one. SIGTERM / 
 return (`preempted`); the same command resumes.
 
 Outputs under `pretrain.out`: model/ (orbax params + model_config.json + tokenizer.json, loadable by
-`engine.loaded_model.load_model`), official/ (the official safetensors layout), log.jsonl, pretrain_summary.json,
-pretrain_eval.json (`heldout.evaluate_model`).
+`engine.loaded_model.load_model`), official/ (the official safetensors layout), log.jsonl + tb/ (the
+metrics sink: rows of both stages, TensorBoard), pretrain_summary.json, pretrain_eval.json
+(`heldout.evaluate_model`). Both stages run the shared training loop (`training.loop`).
 """
 from __future__ import annotations
 
@@ -29,13 +30,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from srum_jax import files, progress
+from srum_jax import files
 from srum_jax.convert import checkpoint, flax_to_hf
 from srum_jax.models import params as params_lib
 from srum_jax.models.config import get_preset
 from srum_jax.pretrain import batches, heldout, init, steps as steps_lib, vocab
-from srum_jax.training import checkpointing, objective, optimizer, train_step, update
+from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption, train_step,
+                               update)
+from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.training.preemption import PreemptionFlag
+from srum_jax.workdir import locking
 
 STATE_DIR = "state"
 
@@ -70,40 +74,39 @@ class Start:
   resume_meta: Optional[Dict[str, Any]] = None
 
 
-def _log(path: pathlib.Path, row: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in row.items()}) + "\n")
+def _log_rows(sink: MetricsSink, stage: str, p, schedule, postfix, *,
+              last: bool) -> loop.LogMetrics:
+  """Pretraining's rows: the step's values on the first step of every `log_every` (and on the last
+  step when `last`), labelled with the update's 0-based index, with its learning rate."""
+  return loop.LogMetrics(sink, stage, loop.Every(steps=int(p.log_every), offset=1, last=last),
+                         label=lambda info: info.index,
+                         extra=lambda info: {"lr": float(schedule(info.index))}, postfix=postfix)
 
 
-def _progress(total: int, initial: int, desc: str):
-  return progress.bar(total, desc, initial=initial, leave=True, unit="step")
+def _host_floats(metrics) -> Dict[str, float]:
+  """A step's metrics as host floats ({} before any step)."""
+  return {k: float(v) for k, v in (metrics or {}).items()}
 
 
-def train_autoencoder(p, cfg, sampler: batches.PretrainSampler, params_ae, *, seed: int, deadline: float,
-                      log_path) -> tuple:
-  """Stage A: (trained AE params, summary). Stops at `p.ae.steps` or the wall-clock deadline."""
-
+def train_autoencoder(p, cfg, sampler: batches.PretrainSampler, params_ae, *, seed: int,
+                      deadline: float, sink: MetricsSink) -> tuple:
+  """Stage A: (trained AE params, summary). Stops at `p.ae.steps` or the wall-clock deadline; no
+  checkpoints (a stop signal is answered by stage B, whose first save holds this stage's result)."""
   a = p.ae
   total = int(a.steps)
   tx = optimizer.make_optimizer(a, None, total_steps=total)
   step_fn = jax.jit(steps_lib.make_ae_step(cfg.ae, tx, float(a.kl_weight)), donate_argnums=(0,))
-  state = update.init_state(params_ae, tx)
-  key, t0, metrics = jax.random.PRNGKey(seed), time.time(), {}
-  schedule = optimizer.lr_schedule(a, total)
-  bar = _progress(total, 0, "pretrain[ae]")
-  for n in range(total):
-    if time.time() > deadline:
-      break
+  key = jax.random.PRNGKey(seed)
+
+  def advance(state, n: int):
     images = sampler.ae_images(np.random.default_rng([seed, 7, n]), int(a.batch))
-    state, metrics = step_fn(state, jnp.asarray(images), jax.random.fold_in(key, n))
-    bar.update(1)
-    if n % int(p.log_every) == 0:
-      m = {k: float(v) for k, v in metrics.items()}
-      bar.set_postfix(l1=f"{m['l1']:.4f}", kl=f"{m['kl']:.2f}", refresh=False)
-      _log(log_path, dict(stage="ae", step=n, lr=float(schedule(n)), time=time.time() - t0, **m))
-  bar.close()
-  done = int(jax.device_get(state.step))
-  return state.params, dict(steps=done, seconds=time.time() - t0, final={k: float(v) for k, v in metrics.items()})
+    return step_fn(state, jnp.asarray(images), jax.random.fold_in(key, n))
+
+  rows = _log_rows(sink, "ae", p, optimizer.lr_schedule(a, total), last=False,
+                   postfix=lambda m: {"l1": f"{m['l1']:.4f}", "kl": f"{m['kl']:.2f}"})
+  trainer = loop.TrainLoop("pretrain[ae]", total, deadline=deadline, metrics=rows)
+  r = trainer.run(update.init_state(params_ae, tx), advance)
+  return r.state.params, dict(steps=r.step, seconds=r.seconds, final=_host_floats(r.metrics))
 
 
 def _load_dir(path: str):
@@ -112,8 +115,8 @@ def _load_dir(path: str):
   return cfg_src, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
-def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tokenizer, *, deadline: float,
-                  log_path) -> Start:
+def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tokenizer, *,
+                  deadline: float, sink: MetricsSink) -> Start:
   """Everything stage B needs from before it, by start mode (stage A runs here for `fresh`)."""
 
   t0, seed = time.time(), int(p.seed)
@@ -129,8 +132,8 @@ def prepare_start(mode: StartMode, p, cfg, sampler: batches.PretrainSampler, tok
   if mode == StartMode.FRESH:
     params_ae = params_lib.init_params(params_lib.ae_schema(cfg.ae), k_ae)
     ae_deadline = min(deadline, time.time() + float(p.ae.max_seconds))
-    params_ae, ae_summary = train_autoencoder(p, cfg, sampler, params_ae, seed=seed, deadline=ae_deadline,
-                                              log_path=log_path)
+    params_ae, ae_summary = train_autoencoder(p, cfg, sampler, params_ae, seed=seed,
+                                              deadline=ae_deadline, sink=sink)
     cfg = init.fit_latent_scale(params_ae, cfg, sampler.ae_images(np.random.default_rng([seed, 99]), 256))
     bagel = None
   else:
@@ -156,61 +159,64 @@ def _abstract_state(state, sharding):
   return checkpointing.abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding, abstract))
 
 
-def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: float, stop: PreemptionFlag,
-              log_path, t_start: float) -> tuple:
-  """Stage B from `start` until `p.umm.steps`, the deadline or a stop signal; returns (state, info)."""
-
-  u, cfg, seed = p.umm, start.cfg, int(p.seed)
-  total = int(u.steps)
-  tx = optimizer.make_optimizer(u, optimizer.param_labels(start.params, ("ae",)), total_steps=total)
+def _umm_step(p, cfg, params) -> tuple:
+  """(optimizer, jitted step(state, batches, key)) of stage B (the AE frozen; the state donated)."""
+  u = p.umm
+  labels = optimizer.param_labels(params, ("ae",))
+  tx = optimizer.make_optimizer(u, labels, total_steps=int(u.steps))
   opts = train_step.StepOptions(
       image_hw=batches.IMAGE_HW, samples_per_row=int(u.gen_samples_per_row), lambda_constraint=0.0,
       levers=objective.RewardLevers(uniform=True), timestep_shift=float(u.timestep_shift),
       text_cond_dropout=float(u.text_cond_dropout), sample_posterior=True,
       compute_dtype=jax.numpy.dtype(p.compute_dtype))
-  step_fn = jax.jit(steps_lib.make_umm_step(cfg, opts, tx, und_weight=float(u.und_weight),
-                                            score_weight=float(u.score_weight)), donate_argnums=(0,))
-  state = update.init_state(start.params, tx)
-  ckpt = checkpointing.Checkpointer(str(pathlib.Path(p.out) / STATE_DIR), max_to_keep=1, async_save=False)
-  elapsed0 = 0.0
-  if start.mode == StartMode.RESUME:
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state, _, _, meta = ckpt.restore(None, _abstract_state(state, one_device))
-    elapsed0 = float(meta["elapsed"])
-  n0 = int(jax.device_get(state.step))
-  stream = batches.BatchStream(curriculum, batches.BatchBudgets.from_config(u, curriculum[-1][1].vit_size), seed,
-                            workers=int(p.data_workers), start=n0, model_config=checkpoint.config_to_dict(cfg),
-                            tokenizer_dir=tokenizer_dir)
-  key, t_b, schedule = jax.random.PRNGKey(seed), time.time(), optimizer.lr_schedule(u, total)
-  meta = lambda: dict(elapsed=elapsed0 + time.time() - t_b, model_config=checkpoint.config_to_dict(cfg),  # noqa
-                      ae_summary=start.ae_summary, seconds_before_b=start.seconds_before_b)
-  bar = _progress(total, n0, "pretrain[umm]")
-  metrics, smooth, t_snap, every = {}, {}, time.time(), float(p.snapshot_every_seconds)
-  try:
-    for n in range(n0, total):
-      if time.time() > deadline or stop.is_set():
-        break
-      state, metrics = step_fn(state, stream.next(), jax.random.fold_in(key, n))
-      bar.update(1)
-      if every and time.time() - t_snap > every:
-        ckpt.save(n + 1, state, meta=meta(), force=True)  # resumable state, and a model dir for a look mid-run
-        _snapshot(pathlib.Path(p.out), cfg, state.params, p.save_dtype)
-        t_snap = time.time()
-      if n % int(p.log_every) == 0 or n == total - 1:
-        m = {k: float(v) for k, v in metrics.items()}
-        smooth = {k: m[k] if k not in smooth else 0.8 * smooth[k] + 0.2 * m[k] for k in m}
-        bar.set_postfix(flow=f"{smooth['flow']:.3f}", ce=f"{smooth['ce']:.3f}", sacc=f"{smooth['score_acc']:.2f}",
-                       refresh=False)
-        _log(log_path, dict(stage="umm", step=n, lr=float(schedule(n)), time=time.time() - t_start, **m))
-  finally:
-    bar.close()
-    stream.close()
-  done = int(jax.device_get(state.step))
-  if stop.is_set():
-    ckpt.save(done, state, meta=meta(), force=True)
-  ckpt.close()
-  return state, dict(steps=done, seconds=elapsed0 + time.time() - t_b, resumed_at=n0 if n0 else None,
-                     final={k: float(v) for k, v in metrics.items()}, preempted=stop.is_set())
+  step = steps_lib.make_umm_step(cfg, opts, tx, und_weight=float(u.und_weight),
+                                 score_weight=float(u.score_weight))
+  return tx, jax.jit(step, donate_argnums=(0,))
+
+
+def _umm_postfix():
+  """The bar's figures for stage B: a moving average of the logged values."""
+  smooth = {}
+
+  def postfix(m):
+    smooth.update({k: m[k] if k not in smooth else 0.8 * smooth[k] + 0.2 * m[k] for k in m})
+    return {"flow": f"{smooth['flow']:.3f}", "ce": f"{smooth['ce']:.3f}",
+            "sacc": f"{smooth['score_acc']:.2f}"}
+  return postfix
+
+
+def train_umm(p, start: Start, curriculum, *, tokenizer_dir: str, deadline: float,
+              stop: PreemptionFlag, sink: MetricsSink) -> tuple:
+  """Stage B from `start` until `p.umm.steps`, the deadline or a stop signal; returns (state, info).
+  The state is saved every `snapshot_every_seconds` (then a model dir snapshot) and on a stop
+  signal; a finished stage writes its model instead."""
+  u, cfg, seed, out = p.umm, start.cfg, int(p.seed), pathlib.Path(p.out)
+  total = int(u.steps)
+  tx, step_fn = _umm_step(p, cfg, start.params)
+  state, key = update.init_state(start.params, tx), jax.random.PRNGKey(seed)
+  meta = dict(model_config=checkpoint.config_to_dict(cfg), ae_summary=start.ae_summary,
+              seconds_before_b=start.seconds_before_b)
+  with checkpointing.Checkpointer(str(out / STATE_DIR), max_to_keep=1, async_save=False) as ckpt:
+    saves = loop.Checkpoints(
+        ckpt, every=loop.Every(seconds=float(p.snapshot_every_seconds)), meta=lambda info: meta,
+        at_end=False, snapshot=lambda info: _snapshot(out, cfg, info.state.params, p.save_dtype))
+    rows = _log_rows(sink, "umm", p, optimizer.lr_schedule(u, total), _umm_postfix(), last=True)
+    trainer = loop.TrainLoop("pretrain[umm]", total, stop=stop, deadline=deadline,
+                             checkpoints=saves, metrics=rows)
+    if start.mode == StartMode.RESUME:
+      one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      state = trainer.restore_or_init(_abstract_state(state, one_device), None, required=True).state
+    n0 = int(jax.device_get(state.step))
+    budgets = batches.BatchBudgets.from_config(u, curriculum[-1][1].vit_size)
+    stream = batches.BatchStream(curriculum, budgets, seed, workers=int(p.data_workers), start=n0,
+                                 model_config=meta["model_config"], tokenizer_dir=tokenizer_dir)
+    try:
+      r = trainer.run(state, lambda s, n: step_fn(s, stream.next(), jax.random.fold_in(key, n)),
+                      start=n0)
+    finally:
+      stream.close()
+  return r.state, dict(steps=r.step, seconds=r.seconds, resumed_at=n0 if n0 else None,
+                       final=_host_floats(r.metrics), preempted=r.preempted)
 
 
 def save_model(out_dir: str, cfg, params, *, param_dtype: str = "float32") -> str:
@@ -253,39 +259,41 @@ def _finish(p, config, cfg, params, summary: dict, out: pathlib.Path) -> Dict[st
 def run_stage(config, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
   """One stage (`config.pretrain`): start (`start_mode`), stage A when fresh, stage B, save, heldout.
   Returns the summary (`preempted` when a signal stopped it: the state is saved, no model is written)."""
-  if stop is None:
-    with PreemptionFlag() as flag:
-      return run_stage(config, flag)
+  with preemption.flag_or_installed(stop) as flag:
+    return _run_stage(config, flag)
+
+
+def _run_stage(config, stop: PreemptionFlag) -> Dict[str, Any]:
   p, t_start = config.pretrain, time.time()
   out = pathlib.Path(p.out)
   out.mkdir(parents=True, exist_ok=True)
-  log_path = out / "log.jsonl"
   mode = start_mode(p)
-  if log_path.exists() and mode != StartMode.RESUME:
-    log_path.unlink()
   cfg = get_preset(p.preset)
   tok_dir = out / "tokenizer"
   tok = vocab.build_tokenizer(tok_dir, cfg)
   vit_size = int(config.score.vit_image_size)
   sampler = batches.PretrainSampler(cfg, tok, p.data, vit_size=vit_size)
-  deadline = t_start + float(p.max_seconds)
-  start = prepare_start(mode, p, cfg, sampler, tok, deadline=deadline, log_path=log_path)
-  summary: Dict[str, Any] = dict(preset=p.preset, start_mode=mode.value, ae=dict(start.ae_summary))
-  if p.init_from and mode == StartMode.WARM_START:
-    summary["init_from"] = p.init_from
-  if mode == StartMode.RESUME:
-    used = start.seconds_before_b + float(start.resume_meta["elapsed"])
-    deadline = t_start + max(0.0, float(p.max_seconds) - used)
-    print(f"[pretrain] resuming stage B ({used:.0f} s done) from {out / STATE_DIR}", flush=True)
-  else:
-    summary["ae"]["recon_oracle_acc"] = heldout.ae_reconstruction_accuracy(
-        start.params["ae"], start.cfg, sampler, seed=int(p.seed), n=int(p.ae.check_images))
-    print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
-  sampler.cfg = start.cfg
-  curriculum = [(first, batches.PretrainSampler(start.cfg, tok, mix, vit_size=vit_size))
-                for first, mix in batches.curriculum_data(p)[:-1]] + [(batches.curriculum_data(p)[-1][0], sampler)]
-  state, info = train_umm(p, start, curriculum, tokenizer_dir=str(tok_dir), deadline=deadline, stop=stop,
-                          log_path=log_path, t_start=t_start)
+  with MetricsSink(str(out), "log.jsonl", fresh=mode != StartMode.RESUME) as sink:  # A's and B's
+    deadline = t_start + float(p.max_seconds)
+    start = prepare_start(mode, p, cfg, sampler, tok, deadline=deadline, sink=sink)
+    summary: Dict[str, Any] = dict(preset=p.preset, start_mode=mode.value,
+                                   ae=dict(start.ae_summary))
+    if p.init_from and mode == StartMode.WARM_START:
+      summary["init_from"] = p.init_from
+    if mode == StartMode.RESUME:
+      used = start.seconds_before_b + float(start.resume_meta["seconds"])
+      deadline = t_start + max(0.0, float(p.max_seconds) - used)  # the cap holds over restarts
+      print(f"[pretrain] resuming stage B ({used:.0f} s done) from {out / STATE_DIR}", flush=True)
+    else:
+      summary["ae"]["recon_oracle_acc"] = heldout.ae_reconstruction_accuracy(
+          start.params["ae"], start.cfg, sampler, seed=int(p.seed), n=int(p.ae.check_images))
+      print(f"[pretrain] autoencoder: {summary['ae']}", flush=True)
+    sampler.cfg = start.cfg
+    phases = batches.curriculum_data(p)
+    curriculum = [(first, batches.PretrainSampler(start.cfg, tok, mix, vit_size=vit_size))
+                  for first, mix in phases[:-1]] + [(phases[-1][0], sampler)]
+    state, info = train_umm(p, start, curriculum, tokenizer_dir=str(tok_dir), deadline=deadline,
+                            stop=stop, sink=sink)
   budgets = batches.BatchBudgets.from_config(p.umm, vit_size)
   summary["umm"] = dict(info, rows_und=info["steps"] * budgets.und_rows,
                         samples_gen=info["steps"] * budgets.gen_rows * budgets.gen_samples_per_row)
@@ -350,9 +358,23 @@ def pretrain_chain(config) -> List[Dict[str, Any]]:
   return summaries
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the state is saved; run the same command again to resume
+
+
 def main(config, flags) -> int:
-  """`python -m srum_jax pretrain --config=...`: the chain, then one line of figures per stage."""
-  for summary in pretrain_chain(config):
+  """`python -m srum_jax pretrain --config=...`: the chain under the lock of its folder
+  (`pretrain.out`), then one line of figures per stage; exit code 75 when a signal stopped it (its
+  state is saved: the same command resumes)."""
+  return locking.run_locked(str(config.pretrain.out), "pretrain", lambda: _main(config))
+
+
+def _main(config) -> int:
+  summaries = pretrain_chain(config)
+  if summaries and summaries[-1].get("preempted"):
+    print(f"[pretrain] preempted: stage {summaries[-1]['name']} stopped by a signal; its state is "
+          f"saved: run the same command again to resume (exit code {EXIT_PREEMPTED})", flush=True)
+    return EXIT_PREEMPTED
+  for summary in summaries:
     ev = summary.get("eval")
     if ev:
       print(f"[pretrain] {summary['name']}: judge acc {ev['judge']['accuracy']:.3f} (auc {ev['judge']['auc']:.3f}), "

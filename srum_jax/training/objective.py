@@ -9,6 +9,12 @@ result equals the single-device one (the means are global over the batch, XLA in
                                                                     # training pictures show)
     loss, aux = srum_objective(rewards, v_pred, noise, x_bad, x_gt, token_mask, image_hw=(H, W),
                                latent_hw=(h, w), lambda_constraint=0.5, levers=levers)
+
+Images smaller than the static canvas (the official aspect-preserving training transform, padded to
+`image_hw`): every per-token array is built on the canvas token grid and `gather_tokens` takes each packed
+latent slot's token from it (`token_index`, -1 for unused slots); the maps are resized on the canvas, which
+for a canvas and an image both 16x their token grid gives each real token exactly the value of its own
+image's map resized to its own grid (the bilinear taps never leave the image).
 """
 from __future__ import annotations
 
@@ -70,11 +76,25 @@ def per_token_rewards(r: RegionRewards, *, image_hw: Tuple[int, int], latent_hw:
   return resize_reward_map(maps, h, w).reshape(B, -1)
 
 
+def gather_tokens(a: jax.Array, token_index: jax.Array) -> jax.Array:
+  """Per-slot values from canvas-ordered ones: a [B, N, ...] (N canvas tokens per row), token_index [B, L]
+  (canvas token of each slot, -1 unused) -> [B, L, ...], zero at unused slots."""
+  idx = jnp.asarray(token_index)
+  safe = jnp.maximum(idx, 0).reshape(idx.shape + (1,) * (a.ndim - 2))
+  got = jnp.take_along_axis(a, safe, axis=1)
+  return jnp.where((idx >= 0).reshape(safe.shape), got, jnp.zeros((), got.dtype))
+
+
 def srum_objective(r: RegionRewards, v_pred, noise, x_bad, x_gt, token_mask, *, image_hw, latent_hw,
-                   lambda_constraint: float, levers: RewardLevers = RewardLevers()):
+                   lambda_constraint: float, levers: RewardLevers = RewardLevers(),
+                   token_index=None):
   """SRUM loss for rows of images: tokens [B, S*h*w, C] (S images of one latent grid per row, in order),
-  rewards with leading dims [B] or [B, S]. Returns (loss, aux: the two terms and the mean reward R)."""
+  rewards with leading dims [B] or [B, S]. With `token_index` [B, L] the tokens are packed slots and the
+  rewards are taken from the canvas grid at those indices (`gather_tokens`; module docstring). Returns
+  (loss, aux: the two terms and the mean reward R)."""
   r_tok = per_token_rewards(r, image_hw=image_hw, latent_hw=latent_hw, levers=levers)
+  if token_index is not None:
+    r_tok = gather_tokens(r_tok, token_index)
   loss, aux = losses.srum_flow_loss(v_pred, noise, x_bad, x_gt, r_tok, token_mask, lambda_constraint)
   m = jnp.ones(r_tok.shape, jnp.float32) if token_mask is None else jnp.asarray(token_mask, jnp.float32)
   aux = dict(aux, reward_mean=jnp.sum(r_tok * m) / jnp.maximum(jnp.sum(m), 1.0))

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule shared by every trainer (SRUM post-training, tiny-world pretraining).
 
-    labels = param_labels(params, freeze=("vit", "connector", "ae"))
+    labels = param_labels(params, freeze=("vit", "connector", "ae"))   # adapters_only=True: LoRA training
     tx = make_optimizer(config.train, labels, total_steps=config.train.steps)
+    state = update.init_state(params, tx, labels=labels)   # gradients and EMA for the trainable leaves only
     lr = lr_schedule(config.train, total_steps)(step)        # what the optimizer applies at update `step`
 
 The schedule is a function of the update count only (never of wall-clock time), so a run's numbers do
@@ -14,6 +15,8 @@ from typing import Any, Optional, Sequence
 
 import jax
 import optax
+
+from srum_jax.models.params import is_adapter_path
 
 __all__ = ["LR_DECAYS", "FREEZE_GROUPS", "lr_schedule", "make_optimizer", "param_labels"]
 
@@ -37,15 +40,18 @@ def lr_schedule(ocfg, total_steps: Optional[int] = None) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
 
 
-def param_labels(params, freeze: Sequence[str]) -> Any:
+def param_labels(params, freeze: Sequence[str], *, adapters_only: bool = False) -> Any:
   """'train' / 'frozen' per leaf of a {'bagel': ..., 'ae': ...} tree.
 
   `freeze` names top-level BAGEL groups ('vit', 'connector', 'llm', ...), 'ae', or 'und' (the understanding
-  expert: llm.layers.und and llm.norm; the shared embeddings stay trainable).
+  expert: llm.layers.und and llm.norm; the shared embeddings stay trainable). `adapters_only` (LoRA
+  training): every leaf but the LoRA adapters is frozen, whatever `freeze` says.
   """
   freeze = set(freeze)
 
   def label(path, _):
+    if adapters_only:
+      return "train" if is_adapter_path(path) else "frozen"
     keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
     if keys[0] == "ae":
       return "frozen" if "ae" in freeze else "train"

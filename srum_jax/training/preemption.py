@@ -4,13 +4,18 @@ loop polls it between steps, saves and returns instead of dying mid-write.
     with PreemptionFlag() as stop:
       for step in ...:
         if stop.is_set(): save(); break
+
+Trainers take the flag to poll from their caller (`flag_or_installed`: a caller's flag as it is, else one
+installed for the call); `training.loop.TrainLoop` polls it.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator, Optional
 
-__all__ = ["PreemptionFlag"]
+__all__ = ["PreemptionFlag", "flag_or_installed"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -41,3 +46,13 @@ class PreemptionFlag:
       signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     self._previous = {}
     return False
+
+
+@contextlib.contextmanager
+def flag_or_installed(stop: Optional[PreemptionFlag]) -> Iterator[PreemptionFlag]:
+  """`stop` as it is (the caller installed or raises it), or a `PreemptionFlag` installed for the block."""
+  if stop is not None:
+    yield stop
+    return
+  with PreemptionFlag() as flag:
+    yield flag

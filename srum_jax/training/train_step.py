@@ -55,6 +55,7 @@ class StepOptions:
   compute_dtype: Any = jnp.bfloat16
   attn_impl: str = "dense"
   remat: bool = False
+  remat_policy: Optional[str] = None  # with remat: a `jax.checkpoint_policies` name (None: save nothing)
   ema_decay: float = 0.0
   anchor_weight: float = 0.0  # > 0: the anchor term (the batch carries anchor_inputs; the step a reference)
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
@@ -62,16 +63,26 @@ class StepOptions:
   batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
 
 
+LORA_DROPOUT_STREAM = 5  # fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
+ANCHOR_DROP_STREAM = 6  # fold_in index of the anchor prompts' text-dropout key
+
+
 class SrumBatch(NamedTuple):
   """inputs: packed T2I layout (per sample a text split + one noise image of `image_hw`; latent slots in
   sample order, `t2i_layout`). Exactly one of images [B, S, H, W, 3] in [-1, 1] (encoded in the step) or
   moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then log-variance; fp32 or bf16)
-  is set, the other is None. rewards: RegionRewards, leading dims [B, S]. anchor_inputs: the layout of
-  `inputs` with anchor prompts in place of the candidates' (same latent slots; None without the anchor)."""
+  is set, the other is None. rewards: RegionRewards, leading dims [B, S].
+
+  latent_src [B, L] int32 (L = the latent capacity, S * canvas tokens): for images smaller than the canvas
+  `image_hw` (top-left, zero padding; `t2i_layout(grids=...)`), the canvas token of each packed latent slot,
+  -1 for unused slots (`latent_sources`); None when every image fills the canvas (slot = canvas order).
+  anchor_inputs: the layout of `inputs` with anchor prompts in place of the candidates' (same latent
+  slots; None without the anchor)."""
   inputs: PackedInputs
   images: Optional[jax.Array]
   rewards: objective.RegionRewards
   moments: Optional[jax.Array] = None
+  latent_src: Optional[jax.Array] = None
   anchor_inputs: Optional[PackedInputs] = None
 
 
@@ -132,33 +143,43 @@ def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig
   if inputs.latent_index.shape[1] != x_bad.shape[1]:
     raise ValueError(f"latent capacity {inputs.latent_index.shape[1]} != samples_per_row * tokens = {x_bad.shape[1]}")
   t = losses.timesteps_from_raw(jnp.repeat(jax.random.normal(k_t, (B, S)), n_tok, axis=1), opts.timestep_shift)
+  token_mask = jnp.ones(t.shape, bool)
+  if batch.latent_src is not None:  # images below the canvas: canvas tokens -> the packed slots
+    x_bad, x_gt, t = (objective.gather_tokens(a, batch.latent_src) for a in (x_bad, x_gt, t))
+    token_mask = batch.latent_src >= 0
   noise = jax.random.normal(k_noise, x_bad.shape, jnp.float32)
   inputs = inputs._replace(meta=drop_text_condition(inputs.meta, k_drop, opts.text_cond_dropout))
+  lora = cfg.llm.lora
+  lora_key = jax.random.fold_in(key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
   forward = functools.partial(bagel.forward_gen, cfg=cfg, dtype=opts.compute_dtype, attn_impl=opts.attn_impl,
-                              remat=opts.remat, scan_unroll=opts.scan_unroll)
+                              remat=opts.remat, remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll)
   x_t = losses.interpolate(x_bad, noise, t)
-  v_pred = forward(params["bagel"], inputs, x_t, t)
+  v_pred = forward(params["bagel"], inputs, x_t, t, lora_key=lora_key)
   latent_hw = (opts.image_hw[0] // cfg.latent_downsample, opts.image_hw[1] // cfg.latent_downsample)
-  loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, jnp.ones(t.shape, bool),
+  loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, token_mask,
                                        image_hw=opts.image_hw, latent_hw=latent_hw,
-                                       lambda_constraint=opts.lambda_constraint, levers=opts.levers)
+                                       lambda_constraint=opts.lambda_constraint, levers=opts.levers,
+                                       token_index=batch.latent_src)
   if opts.anchor_weight > 0:
     if batch.anchor_inputs is None or reference is None:
       raise ValueError("anchor_weight > 0 needs the batch's anchor_inputs and the reference parameters")
     a_inputs = batch.anchor_inputs
-    a_inputs = a_inputs._replace(meta=drop_text_condition(a_inputs.meta, jax.random.fold_in(key, 6),
+    a_inputs = a_inputs._replace(meta=drop_text_condition(a_inputs.meta, jax.random.fold_in(key, ANCHOR_DROP_STREAM),
                                                           opts.text_cond_dropout))
     v_ref = forward(jax.lax.stop_gradient(reference["bagel"]), a_inputs, x_t, t)
-    loss_anchor = losses.anchor_velocity_loss(forward(params["bagel"], a_inputs, x_t, t), v_ref)
+    v_anchor = forward(params["bagel"], a_inputs, x_t, t, lora_key=lora_key)
+    loss_anchor = losses.anchor_velocity_loss(v_anchor, v_ref, token_mask)
     loss = loss + opts.anchor_weight * loss_anchor
     aux = dict(aux, loss_anchor=loss_anchor)
   return loss, dict(aux, t_mean=jnp.mean(t))
 
 
-def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation):
-  """Pure step(state, batch, key) -> (state, metrics); with the anchor step(state, batch, key, reference)."""
+def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation, labels=None):
+  """Pure step(state, batch, key) -> (state, metrics); with the anchor step(state, batch, key,
+  reference). `labels`: only the leaves labelled 'train' are differentiated and updated
+  (`training.update`; LoRA: the adapters)."""
   return update.make_step(functools.partial(srum_loss, cfg=cfg, opts=opts), tx, opts.ema_decay,
-                          microbatches=opts.microbatches, batch_ways=opts.batch_ways)
+                          microbatches=opts.microbatches, batch_ways=opts.batch_ways, labels=labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +209,9 @@ def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh, rules=sh
     return rep
 
   opt = jax.tree_util.tree_map_with_path(follow, abstract_state.opt_state)
-  ema = None if abstract_state.ema is None else ps
+  # the EMA follows the parameters; with labels it holds the trainable leaves only (None elsewhere)
+  ema = None if abstract_state.ema is None else jax.tree.map(lambda s, e: None if e is None else s, ps,
+                                                             abstract_state.ema)
   return TrainState(step=rep, params=ps, opt_state=opt, ema=ema, skipped=rep)
 
 
@@ -210,17 +233,42 @@ def shard_train_step(step_fn, state_sh, batch_sh, mesh, const_sh: tuple = ()):
 
 
 def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]], *, image_hw: Tuple[int, int],
-               num_tokens: int, text_capacity: int) -> PackedInputs:
+               num_tokens: int, text_capacity: int,
+               grids: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> PackedInputs:
   """Packed layout for rows of T2I samples: [BOS + ids + EOS] then one noise image of `image_hw` pixels.
 
   `prompts_ids[b]` lists the (already BOS/EOS-wrapped) prompt ids of row b's samples; every row must
   hold the same number of samples S, and latent_capacity = S * h * w exactly (the loss relies on it).
+  `grids[b][s]`: that sample's own latent grid (h_s, w_s) <= the canvas grid, for images smaller than
+  `image_hw`: only its h_s * w_s tokens are packed (positions as BAGEL numbers an image of that grid), the
+  rest of the capacity stays unused (`latent_sources` maps the slots to the canvas tokens).
   """
   h, w = image_hw[0] // cfg.latent_downsample, image_hw[1] // cfg.latent_downsample
   S = len(prompts_ids[0])
   if any(len(r) != S for r in prompts_ids):
     raise ValueError("every row needs the same number of samples")
-  rows = [[[list(ids), bagel.ImageTokens("vae_noise", (h, w))] for ids in row] for row in prompts_ids]
+  if grids is None:
+    grids = [[(h, w)] * S for _ in prompts_ids]
+  if any(not (0 < gh <= h and 0 < gw <= w) for row in grids for gh, gw in row):
+    raise ValueError(f"sample latent grids {grids} must fit the canvas grid {(h, w)}")
+  rows = [[[list(ids), bagel.ImageTokens("vae_noise", tuple(g))] for ids, g in zip(row, grow)]
+          for row, grow in zip(prompts_ids, grids)]
   inputs, _ = bagel.build_packed_inputs(cfg, rows, num_tokens=num_tokens, text_capacity=text_capacity,
                                         latent_capacity=S * h * w)
   return inputs
+
+
+def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tuple[int, int]
+                   ) -> np.ndarray:
+  """`SrumBatch.latent_src` [B, S * hc * wc] int32 for rows of samples with latent grids `grids[b][s]` on a
+  canvas grid (hc, wc): slot by slot (samples in order, each grid row-major, as `t2i_layout` packs them) the
+  canvas token s * hc * wc + r * wc + c of the sample's token (r, c); -1 after the row's last token."""
+  hc, wc = (int(v) for v in canvas_grid)
+  S = len(grids[0])
+  out = np.full((len(grids), S * hc * wc), -1, np.int32)
+  for b, row in enumerate(grids):
+    src = [s * hc * wc + r * wc + np.arange(int(gw))
+           for s, (gh, gw) in enumerate(row) for r in range(int(gh))]
+    flat = np.concatenate(src) if src else np.zeros((0,), np.int32)
+    out[b, :flat.size] = flat
+  return out

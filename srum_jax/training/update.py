@@ -14,6 +14,13 @@ rows from every shard, so cutting never moves rows between devices.
 A non-finite loss or gradient norm skips the update: parameters, optimizer state and EMA stay as they were,
 the step counter still advances and `skipped` counts it. The EMA, when used, tracks every parameter leaf
 (e <- e + (1 - decay) (p - e) after each applied update).
+
+With `labels` ('train' / 'frozen' per leaf, `optimizer.param_labels`) only the trainable leaves are
+differentiated (the frozen ones are constants of the loss: no weight gradients, no gradient buffers for
+them), the gradient norm covers the trainable leaves, the frozen leaves pass through the step untouched, and
+the EMA holds the trainable leaves only (None at frozen ones; `ema_params` fills them in). The optimizer
+(`optimizer.make_optimizer(.., labels)`) keeps no state for frozen leaves. LoRA training is this with every
+leaf but the adapters frozen.
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "init_state", "guarded_update", "make_step"]
+__all__ = ["TrainState", "init_state", "guarded_update", "make_step", "trainable_part", "with_trainable",
+           "ema_params", "trainable_state", "with_frozen"]
 
 
 class TrainState(NamedTuple):
@@ -34,26 +42,69 @@ class TrainState(NamedTuple):
   skipped: jax.Array  # non-finite updates skipped so far
 
 
-def init_state(params, tx: optax.GradientTransformation, ema_decay: float = 0.0) -> TrainState:
-  ema = jax.tree.map(jnp.array, params) if ema_decay > 0 else None
+def trainable_part(tree, labels):
+  """`tree` (parameters, or anything shaped like them) with None at the leaves `labels` marks 'frozen'
+  (labels None: `tree` itself)."""
+  if labels is None:
+    return tree
+  return jax.tree.map(lambda label, x: x if label == "train" else None, labels, tree)
+
+
+def with_trainable(tree, part, labels):
+  """`tree` with its trainable leaves taken from `part` (a `trainable_part`-shaped tree)."""
+  if labels is None:
+    return part
+  return jax.tree.map(lambda label, x, p: p if label == "train" else x, labels, tree, part)
+
+
+def ema_params(state: TrainState):
+  """The parameters to keep from a run: the EMA where it is tracked (every trainable leaf), the parameters
+  elsewhere; the parameters themselves without an EMA."""
+  if state.ema is None:
+    return state.params
+  return jax.tree.map(lambda p, e: p if e is None else e, state.params, state.ema)
+
+
+def trainable_state(state: TrainState, labels) -> TrainState:
+  """`state` without its frozen parameters (None there): what an adapters-only checkpoint holds (the frozen
+  base is the model directory's). The optimizer state and EMA already hold trainable leaves only."""
+  return state._replace(params=trainable_part(state.params, labels))
+
+
+def with_frozen(state: TrainState, params, labels) -> TrainState:
+  """Inverse of `trainable_state`: the frozen leaves taken from `params` (e.g. the base model)."""
+  return state._replace(params=with_trainable(params, state.params, labels))
+
+
+def init_state(params, tx: optax.GradientTransformation, ema_decay: float = 0.0, labels=None) -> TrainState:
+  """A fresh state; `labels`: see the module docstring (the EMA then copies the trainable leaves only)."""
+  ema = jax.tree.map(jnp.array, trainable_part(params, labels)) if ema_decay > 0 else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema=ema,
                     skipped=jnp.zeros((), jnp.int32))
 
 
-def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformation, ema_decay: float = 0.0):
-  """(new state, {'grad_norm', 'skipped'}) after one update with `grads`, or none when not finite."""
+def guarded_update(state: TrainState, grads, loss, tx: optax.GradientTransformation, ema_decay: float = 0.0,
+                   labels=None):
+  """(new state, {'grad_norm', 'skipped'}) after one update with `grads`, or none when not finite.
+
+  With `labels`, `grads` is `trainable_part`-shaped (None at frozen leaves) and frozen leaves stay as they are.
+  """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+  if labels is not None:  # the optimizer sees the whole tree; frozen leaves' updates are zero and unused
+    grads = with_trainable(jax.tree.map(jnp.zeros_like, state.params), grads, labels)
   updates, new_opt = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  trained = trainable_part(state.params, labels)
+  new_trained = optax.apply_updates(trained, trainable_part(updates, labels))
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-  new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
+  new_trained, new_opt = keep(new_trained, trained), keep(new_opt, state.opt_state)
+  new_params = with_trainable(state.params, new_trained, labels)
   ema = state.ema
   if ema is not None:
     d = ema_decay
     # e + (1 - d)(p - e): a leaf that never changes (a frozen one) keeps its EMA bit for bit
-    ema = jax.tree.map(lambda e, p: jnp.where(finite, e + (1 - d) * (p.astype(e.dtype) - e), e), ema, new_params)
+    ema = jax.tree.map(lambda e, p: jnp.where(finite, e + (1 - d) * (p.astype(e.dtype) - e), e), ema, new_trained)
   skipped = (~finite).astype(jnp.int32)
   new_state = TrainState(state.step + 1, new_params, new_opt, ema, state.skipped + skipped)
   return new_state, {"grad_norm": grad_norm, "skipped": skipped}
@@ -98,14 +149,21 @@ def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, 
 
 
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
-              microbatches: int = 1, batch_ways: int = 1) -> Callable:
-  """Pure step(state, batch, key, *consts) -> (state, metrics) for `loss_fn(params, batch, key, *consts) ->
-  (loss, aux)`; metrics = aux + loss, grad_norm, skipped. `consts` (e.g. a frozen reference model's
-  parameters) reach the loss as arguments, so a jitted step takes them as inputs, not as baked-in constants."""
+              microbatches: int = 1, batch_ways: int = 1, labels=None) -> Callable:
+  """Pure step(state, batch, key, *consts) -> (state, metrics) for `loss_fn(params, batch, key, *consts)
+  -> (loss, aux)`; metrics = aux + loss, grad_norm, skipped. `labels`: differentiate and update the
+  trainable leaves only. `consts` (e.g. a frozen reference model's parameters) reach the loss as
+  arguments, so a jitted step takes them as inputs, not as baked-in constants."""
 
   def step(state: TrainState, batch, key, *consts):
-    (loss, aux), grads = accumulated_grads(loss_fn, state.params, batch, key, microbatches, batch_ways, consts)
-    state, info = guarded_update(state, grads, loss, tx, ema_decay)
+    frozen = state.params
+
+    def loss_of_trainable(trained, b, k, *c):
+      return loss_fn(with_trainable(frozen, trained, labels), b, k, *c)
+
+    (loss, aux), grads = accumulated_grads(loss_of_trainable, trainable_part(state.params, labels), batch,
+                                           key, microbatches, batch_ways, consts)
+    state, info = guarded_update(state, grads, loss, tx, ema_decay, labels)
     return state, dict(aux, loss=loss, **info)
 
   return step

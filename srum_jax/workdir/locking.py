@@ -5,12 +5,13 @@ import json
 import os
 import pathlib
 import socket
+import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 
-from srum_jax import paths
+from srum_jax import distributed, paths
 
 LOCK_NAME = ".srum_lock.json"
 
@@ -45,7 +46,12 @@ def _alive(holder: Dict[str, Any]) -> bool:
 
 
 def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
-  """The lock file's holder, {} for an unreadable (torn) file, None when there is no lock file."""
+  """The lock file's holder, {} for an unreadable (torn or empty) file, None when there is no lock
+  file; a folder in its place raises `WorkdirBusy` saying so (nothing can lock the workdir while it
+  is there)."""
+  if path.is_dir():
+    raise WorkdirBusy(f"{path} is a folder, not a lock file: remove it (no command can hold the "
+                      f"workdir's lock while it is there)")
   try:
     data = path.read_bytes()
   except FileNotFoundError:
@@ -58,6 +64,19 @@ def _read_holder(path: pathlib.Path) -> Optional[Dict[str, Any]]:
 
 
 REMOTE_SETTLE_S = 2.0  # remote lock: seconds between writing the lock object and reading it back
+# An unreadable (empty, torn) lock file older than this was left by a process that died between
+# creating it and writing it (the two are microseconds apart): it is stale.
+UNREADABLE_STALE_S = 60.0
+
+
+def _age(path) -> float:
+  """Seconds since `path` was last modified (0 when unknown)."""
+  try:
+    st = path.stat()
+    mtime = st.mtime if paths.is_remote(path) else st.st_mtime
+    return max(0.0, time.time() - float(mtime))
+  except (OSError, AttributeError, TypeError, ValueError):
+    return 0.0
 
 
 def _create_exclusive(path, data: bytes) -> bool:
@@ -115,13 +134,18 @@ class WorkdirLock:
 
   def _describe(self, holder: Dict[str, Any]) -> str:
     if not holder:
-      return f"workdir {self.dir} is locked by an unreadable lock file {self.path}"
+      stale = f"{UNREADABLE_STALE_S:.0f} s"
+      return (f"workdir {self.dir} is locked by an unreadable lock file {self.path} (being written "
+              f"right now, or left by a crash: it counts as stale {stale} after it was made); if "
+              f"no command runs on this workdir, delete {self.path}")
     return (f"workdir {self.dir} is in use by {holder.get('command') or 'a command'} on host "
             f"{holder.get('host')} (pid {holder.get('pid')}, started {holder.get('started')}); wait for it to "
             f"finish, or, if that process is gone, delete {self.path}")
 
-  def _stale(self, holder: Dict[str, Any]) -> bool:
-    return bool(holder) and holder.get("host") == self.me["host"] and not _alive(holder)
+  def _stale(self, holder: Dict[str, Any], path=None) -> bool:
+    if not holder:  # unreadable: a creator that died before writing it, once it is old enough
+      return _age(self.path if path is None else path) > UNREADABLE_STALE_S
+    return holder.get("host") == self.me["host"] and not _alive(holder)
 
   def acquire(self) -> "WorkdirLock":
     self.dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +171,8 @@ class WorkdirLock:
     """Replace the stale lock `stale`, holding the takeover file (itself taken over when its maker died)."""
     if not _create_exclusive(self.takeover, data):
       other = _read_holder(self.takeover)
-      if other is None or not self._stale(other) or not _create_exclusive_replacing(self.takeover, other, data):
+      if (other is None or not self._stale(other, self.takeover)
+              or not _create_exclusive_replacing(self.takeover, other, data)):
         return
     try:
       if _read_holder(self.path) == stale:  # nobody replaced it meanwhile
@@ -201,3 +226,22 @@ def workdir_lock(workdir: str, command: str = ""):
   multi-process run (they share process 0's workdir and its lock)."""
   return WorkdirLock(workdir, command) if jax.process_index() == 0 else _NoLock()
 
+
+def run_locked(workdir: str, command: str, fn: Callable[[], int]) -> int:
+  """`fn()` holding the workdir's lock (after jax.distributed is up: only process 0 takes it, and
+  every process of the run stops when it cannot); exit code 2 and one line naming the holder when
+  another command holds it."""
+  distributed.maybe_initialize()
+  lock, busy = workdir_lock(workdir, command), None
+  try:
+    lock.acquire()
+  except WorkdirBusy as e:
+    busy = str(e)
+  if distributed.any_process(busy is not None):
+    print(f"error: {busy or f'workdir {workdir} is in use (process 0 could not take its lock)'}",
+          file=sys.stderr, flush=True)
+    return 2
+  try:
+    return fn()
+  finally:
+    lock.release()

@@ -1,37 +1,57 @@
-"""Resumable JSONL logs: one row per finished item, readable whatever a crash left behind.
+"""Resumable JSONL logs: one row per finished item, readable whatever a crash left behind; and the
+one remote-log policy of every log a run writes.
 
-Every stage writes one JSONL line per finished item (after the item's files are on disk), so a restarted
-stage reads the ids already done and skips them: each item is done exactly once, whatever the crash point.
-Several processes of one run each write their own log (`process_log`); readers merge them (`read_rows`).
+Every stage writes one JSONL line per finished item (after the item's files are on disk), so a
+restarted stage reads the ids already done and skips them: each item is done exactly once, whatever
+the crash point. Several processes of one run each write their own log (`process_log`); readers
+merge them (`read_rows`).
+
+Remote-log policy (a workdir on an object store, e.g. `gs://`, where objects cannot be appended to):
+every log is a `JsonlLog`, whose appends there are whole part objects
+(`<log>.parts/<n>-<rand>.jsonl`, never a torn line) folded into `<log>` by its one writer. A stage's
+resumable log writes one part per append (each row is durable when `append` returns). A log written
+every step and read after the fact (training's data log and metrics: `BufferedLog`) appends at once
+to a local file; on an object store it keeps its rows in memory and writes them as one part at most
+every `BufferedLog.FLUSH_S` seconds and when closed (a crash loses at most that much of it). Files
+only a local writer can make (TensorBoard's event files) are written in a local cache folder and
+copied to the workdir at those same moments (`BufferedLog(mirror=...)`). Logs have no other remote
+write path.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
+import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 
 from srum_jax import distributed, paths
+from srum_jax.errors import UserValueError
 
 
 @dataclasses.dataclass
 class LogReport:
-  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte character
-  by a crash mid-write), not a JSON object with a string `id`, missing a field the reader needs, or a second
-  row of an id already read."""
+  """What reading resumable logs skipped: lines that are not UTF-8 (e.g. torn inside a multi-byte
+  character by a crash mid-write), not a JSON object with a string `id`, missing a field the reader
+  needs, holding a field of the wrong type (`"correct": "false"`, a NaN score), or a second row of
+  an id already read."""
   rows: int = 0
   undecodable: int = 0
   malformed: int = 0
   missing_field: int = 0
+  wrong_type: int = 0
   duplicate_id: int = 0
 
   @property
   def skipped(self) -> int:
-    return self.undecodable + self.malformed + self.missing_field + self.duplicate_id
+    return (self.undecodable + self.malformed + self.missing_field + self.wrong_type
+            + self.duplicate_id)
 
   def add(self, other: "LogReport") -> None:
     for f in dataclasses.fields(self):
@@ -93,9 +113,16 @@ class JsonlLog:
           lines.append(raw)
     return b"".join(line + b"\n" for line in lines), parts
 
+  def _check_not_folder(self) -> None:
+    """A folder where the log file belongs is a user error naming it (not an empty log)."""
+    if not self.remote and self.path.is_dir():
+      raise UserValueError(f"{self.path} is a folder where a log file is expected: move it "
+                           f"away, or use another workdir")
+
   def read(self) -> Tuple[List[Dict[str, Any]], LogReport]:
     """(well-formed rows in file order, what was skipped)."""
     rep = LogReport()
+    self._check_not_folder()
     if self.remote:
       data = self._remote_bytes()[0]
     elif self.path.is_file():
@@ -137,6 +164,7 @@ class JsonlLog:
     mid-write leaves at most a torn last line, which readers skip and a resume redoes."""
     if not rows:
       return
+    self._check_not_folder()
     data = b"".join((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
     if self.remote:
       self._append_part(data)
@@ -175,6 +203,45 @@ class JsonlLog:
       p.unlink(missing_ok=True)
 
 
+class BufferedLog:
+  """A log written often and read after the fact (training's data log, metrics; rows need no `id`):
+  each row is appended to `log` at once on a local disk; on an object store rows are kept in memory
+  and written as one part object at most every `FLUSH_S` seconds and on `close`. `mirror` = (local
+  folder, workdir folder): files that a local writer makes (TensorBoard events), copied to a remote
+  workdir folder at the same moments."""
+
+  FLUSH_S = 60.0
+
+  def __init__(self, log: JsonlLog, mirror: Optional[Tuple[str, str]] = None):
+    self.log, self.mirror, self.rows, self.flushed = log, mirror, [], 0.0
+
+  def append(self, row: Dict[str, Any]) -> None:
+    self.rows.append(row)
+    self.flush()
+
+  def flush(self, force: bool = False) -> None:
+    """Write the rows held and copy the mirror: now when local or `force`, else once `FLUSH_S` has
+    passed since the last time."""
+    remote = self.log.remote or (self.mirror is not None and paths.is_remote(self.mirror[1]))
+    if remote and not force and time.time() - self.flushed < self.FLUSH_S:
+      return
+    rows, self.rows = self.rows, []
+    self.log.extend(rows)
+    if self.mirror is not None and paths.is_remote(self.mirror[1]):
+      paths.upload_dir(*self.mirror)
+    self.flushed = time.time()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+  def __enter__(self) -> "BufferedLog":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
+
+
 def _part_number(name: str) -> int:
   """The write number of a remote log's part object `<n>-<random>.jsonl` (-1 for a foreign name)."""
   head = name.split("-", 1)[0]
@@ -206,13 +273,57 @@ def log_paths(directory: str, stem: str) -> List[str]:
   return [paths.join(directory, n) for n in sorted(names)]
 
 
-def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report: Optional[LogReport] = None
-              ) -> List[Dict[str, Any]]:
-  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per id (the
-  first seen, files in name order), in the prompt set's order (`seq`, when every row has one) whatever the
-  number of processes that wrote them. Rows lacking a field of `require` are skipped; every skip is counted
-  in `report` (when given)."""
-  rows, seen, rep = [], set(), LogReport()
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One field of a row schema: the check its value must pass, and whether a row must have it."""
+  check: Callable[[Any], bool]
+  required: bool = True
+
+
+Schema = Mapping[str, Field]
+
+
+def is_str(v) -> bool:
+  return isinstance(v, str)
+
+
+def is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_bool(v) -> bool:
+  return isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+  """A finite number (a bool is not one)."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def or_none(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+  return lambda v: v is None or check(v)
+
+
+def row_problem(row: Dict[str, Any], schema: Optional[Schema]) -> Optional[str]:
+  """'missing_field' / 'wrong_type' for a row its schema refuses (None: the row is good)."""
+  for name, f in (schema or {}).items():
+    if name not in row:
+      if f.required:
+        return "missing_field"
+    elif not f.check(row[name]):
+      return "wrong_type"
+  return None
+
+
+def read_rows(directory: str, stem: str, *, schema: Optional[Schema] = None,
+              report: Optional[LogReport] = None, last: bool = False) -> List[Dict[str, Any]]:
+  """The rows of every process's `<stem>*.jsonl` log in `directory` (merged files included), one per
+  id (the first good row seen, files in name order; `last`: the last one, for logs that append a
+  newer result of an id), in the prompt set's order (`seq`, when every row has one) whatever the
+  number of processes that wrote them. Rows `schema` refuses (a required field missing, a field of
+  the wrong type) are skipped; every skip is counted in `report` (when given)."""
+  by_id: Dict[str, Dict[str, Any]] = {}
+  rep = LogReport()
   files = log_paths(directory, stem)
   per_process = any(os.path.basename(p) != f"{stem}.jsonl" for p in files)
   for p in files:
@@ -220,13 +331,15 @@ def read_rows(directory: str, stem: str, *, require: Sequence[str] = (), report:
     rep.add(file_rep)
     merged = per_process and os.path.basename(p) == f"{stem}.jsonl"  # process 0's copy of every process's rows
     for r in got:
-      if any(k not in r for k in require):
-        rep.missing_field += int(not merged)
-      elif r["id"] in seen:
+      problem = row_problem(r, schema)
+      if problem:
+        setattr(rep, problem, getattr(rep, problem) + int(not merged))
+      elif r["id"] in by_id and not last:
         rep.duplicate_id += int(not merged)
       else:
-        seen.add(r["id"])
-        rows.append(r)
+        by_id.pop(r["id"], None)
+        by_id[r["id"]] = r
+  rows = list(by_id.values())
   if rows and all(isinstance(r.get("seq"), int) and not isinstance(r.get("seq"), bool) for r in rows):
     rows.sort(key=lambda r: r["seq"])
   rep.rows = len(rows)
