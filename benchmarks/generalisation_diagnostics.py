@@ -1,16 +1,21 @@
-"""Why SRUM forgets prompt forms its candidates do not cover: diagnostics over effect-benchmark workdirs.
+"""Why SRUM forgets prompt forms its candidates do not cover: diagnostics over effect-benchmark
+workdirs.
 
-    python benchmarks/generalisation_diagnostics.py params --runs outputs/tiny_world_effect/seed_0 [...]
+    python benchmarks/generalisation_diagnostics.py params --runs outputs/tiny_world_effect/seed_0
     python benchmarks/generalisation_diagnostics.py forms --runs outputs/tiny_world_effect/seed_0
     python benchmarks/generalisation_diagnostics.py steps --run outputs/tiny_world_effect/seed_0 \\
-        [--config experiments/tiny_world.py] [--set k=v ...] --at 0,100,200,300 [--objective srum|sft]
+        [--config experiments/tiny_world.py] [--set k=v ...] --at 0,100,200,300 \\
+        [--objective srum|sft]
 
-params: how far each parameter group moved, ||theta - theta_base|| / ||theta_base||, for the SRUM and SFT models
-  a run left (round_0/model, sft_model) and any lever models under it (lever_*/round_0/model).
-forms: the forms of the candidates the run trained on (prompt form: groups, determiners, relation, shared colour
-  or shape; and what the oracle reads in the candidate images) next to the forms of the generalisation split.
-steps: retrain SRUM (or the SFT control) on the run's round-0 candidates with checkpoints at the given steps and
-  evaluate each on val and every `prompts.eval_extra` set: accuracy on covered and uncovered forms over training.
+params: how far each parameter group moved, ||theta - theta_base|| / ||theta_base||, for the SRUM
+  and SFT models a run left (round_0/model, sft_model) and any lever models under it
+  (lever_*/round_0/model).
+forms: the forms of the candidates the run trained on (prompt form: groups, determiners, relation,
+  shared colour or shape; and what the oracle reads in the candidate images) next to the forms of
+  the generalisation split.
+steps: retrain SRUM (or the SFT control) on the run's round-0 candidates with checkpoints at the
+  given steps and evaluate each on val and every `prompts.eval_extra` set: accuracy on covered and
+  uncovered forms over training.
 Prints markdown; nothing here feeds training.
 """
 from __future__ import annotations
@@ -35,11 +40,13 @@ from srum_jax.workdir import layout  # noqa: E402
 from srum_jax import files  # noqa: E402
 from srum_jax.worlds.shapes import generalisation, grammar, oracle  # noqa: E402
 
-GROUPS = ("und expert", "gen expert", "embed_tokens", "lm_head", "time_embedder", "vae2llm", "llm2vae", "other")
+GROUPS = ("und expert", "gen expert", "embed_tokens", "lm_head", "time_embedder", "vae2llm",
+          "llm2vae", "other")
 
 
 def group_of(path) -> str:
-  """The parameter group of a {'bagel': ...} leaf path (the understanding expert: its layers and final norm)."""
+  """The parameter group of a {'bagel': ...} leaf path (the understanding expert: its layers and
+  final norm)."""
   keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
   if keys[0] != "bagel":
     return "other"
@@ -80,15 +87,17 @@ def cmd_params(a):
       if os.path.isdir(d):
         rows[name].append(relative_moves(base, loaded_model.load_model(d).params))
   present = [g for g in GROUPS if any(g in m for ms in rows.values() for m in ms)]
-  print("Relative change ||theta - theta_base|| / ||theta_base|| per parameter group (mean over runs)\n")
+  print("Relative change ||theta - theta_base|| / ||theta_base|| per parameter group "
+        "(mean over runs)\n")
   print("| model | " + " | ".join(present) + " |\n|---|" + "---|" * len(present))
   for name, ms in rows.items():
-    print(f"| {name} ({len(ms)}) | " + " | ".join(f"{np.mean([m.get(g, 0.0) for m in ms]):.4f}" for g in present)
-          + " |")
+    print(f"| {name} ({len(ms)}) | " +
+          " | ".join(f"{np.mean([m.get(g, 0.0) for m in ms]):.4f}" for g in present) + " |")
 
 
 def form_of(spec) -> str:
-  """A prompt's form: number of groups, determiners, connector, and whether kinds share a colour / shape."""
+  """A prompt's form: number of groups, determiners, connector, and whether kinds share a colour /
+  shape."""
   dets = ",".join("a" if not g.exact else grammar.NUMBER_WORDS[g.count] for g in spec.objects)
   kinds = [(g.color, g.shape) for g in spec.objects]
   shared = []
@@ -157,7 +166,8 @@ def cmd_steps(a):
   with cfg.unlocked():
     cfg.workdir = a.run
     cfg.train.steps = at[-1]
-    cfg.train.save_every = at[-1] + 1  # each call's last step is saved anyway; the next call resumes from it
+    # each call's last step is saved anyway; the next call resumes from it
+    cfg.train.save_every = at[-1] + 1
   base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
   rd = os.path.join(a.run, "round_0")
   texts = texts_lib.from_setting(cfg.texts.file)
@@ -169,32 +179,40 @@ def cmd_steps(a):
     if step > done:
       with cfg.unlocked():
         cfg.train.steps = step
-      summary = run.train_model(cfg, base, os.path.join(rd, "score", "rewards.jsonl"), os.path.join(rd, "generate"),
-                                out, objective_name=a.objective)
+      summary = run.train_model(cfg, base, os.path.join(rd, "score", "rewards.jsonl"),
+                                os.path.join(rd, "generate"), out, objective_name=a.objective)
       done = step
       model = loaded_model.save_model(os.path.join(out, f"model_{step}"), base, summary["params"])
     else:
       model = base
     for s, (folder, items) in sets.items():
-      d = os.path.join(a.run, folder, "base") if step == 0 else os.path.join(out, folder, f"step_{step}")
+      d = (os.path.join(a.run, folder, "base") if step == 0
+           else os.path.join(out, folder, f"step_{step}"))
       tables[(step, s)] = evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items, d,
-                                            seed=cfg.eval.seed, texts=texts, compute_dtype=cfg.model.compute_dtype,
-                                            name=f"step_{step}", attn_impl=loaded_model.attn_impl(cfg))
+                                            seed=cfg.eval.seed, texts=texts,
+                                            compute_dtype=cfg.model.compute_dtype,
+                                            name=f"step_{step}",
+                                            attn_impl=loaded_model.attn_impl(cfg))
   for s in sets:
     cats = list(tables[(at[0], s)])
     print(f"\n{a.objective} on {a.run}'s candidates: oracle accuracy (%) on {s} by training step\n")
     print("| step | " + " | ".join(cats) + " |\n|---|" + "---|" * len(cats))
     for step in at:
-      print(f"| {step} | " + " | ".join(f"{100 * tables[(step, s)][c]['accuracy']:.1f}" for c in cats) + " |")
+      print(f"| {step} | " +
+            " | ".join(f"{100 * tables[(step, s)][c]['accuracy']:.1f}" for c in cats) + " |")
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("what", choices=("params", "forms", "steps"))
   ap.add_argument("--config", default="experiments/tiny_world.py")
-  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-  ap.add_argument("--runs", nargs="*", default=[], help="effect-benchmark seed workdirs (params, forms)")
-  ap.add_argument("--run", default="", help="one seed workdir whose round-0 candidates are retrained (steps)")
+  ap.add_argument("--set", action="append", default=[],
+                  help="config override key=value (repeatable)")
+  ap.add_argument("--runs", nargs="*", default=[],
+                  help="effect-benchmark seed workdirs (params, forms)")
+  ap.add_argument("--run", default="",
+                  help="one seed workdir whose round-0 candidates are retrained (steps)")
   ap.add_argument("--at", default="0,50,100,200,300", help="steps to evaluate (steps)")
   ap.add_argument("--objective", default="srum", choices=train_stage.OBJECTIVES)
   a = ap.parse_args()

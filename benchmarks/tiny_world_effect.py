@@ -4,12 +4,12 @@
         [--lever srum.lambda_constraint=0.0,0.1] [--column "k1=v1 k2=v2" ...] [--oracle_ceiling] \\
         [--on_train_prompts]
 
-Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
-pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
-oracle accuracy as mean +- std over seeds for each model and the paired differences SRUM - base and
-SRUM - SFT, on val and on every eval-only prompt set of the config (`prompts.eval_extra`; the shapes world's
-generalisation split `gen`: forms neither train nor val holds), and writes them to <workdir>/effect.json.
-Report what it prints, whatever it is.
+Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from
+the same pretrained checkpoint, with the SFT control trained on the same self-generated images.
+Prints per-category oracle accuracy as mean +- std over seeds for each model and the paired
+differences SRUM - base and SRUM - SFT, on val and on every eval-only prompt set of the config
+(`prompts.eval_extra`; the shapes world's generalisation split `gen`: forms neither train nor val
+holds), and writes them to <workdir>/effect.json. Report what it prints, whatever it is.
 
 Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
 candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
@@ -66,19 +66,21 @@ def candidate_diagnostics(workdir: str, levers) -> dict:
 
 
 def _copy_stage_dirs(src: str, dst: str) -> None:
-  """Seed the lever run's workdir with what does not depend on the lever (resumable stages skip it): the
-  converted model, the base model's evals (val and every extra set) and round 0's candidates and rewards."""
+  """Seed the lever run's workdir with what does not depend on the lever (resumable stages skip it):
+  the converted model, the base model's evals (val and every extra set) and round 0's candidates and
+  rewards."""
   rels = [os.path.join(d, "base") for d in os.listdir(src) if d == "eval" or d.startswith("eval_")]
-  for rel in ["converted_model"] + rels + [os.path.join("round_0", s) for s in ("generate", "propose", "score")]:
+  stages = [os.path.join("round_0", s) for s in ("generate", "propose", "score")]
+  for rel in ["converted_model"] + rels + stages:
     if os.path.isdir(os.path.join(src, rel)) and not os.path.exists(os.path.join(dst, rel)):
       shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
 
 
 def oracle_filtered_sft(cfg) -> dict:
-  """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the round-0
-  candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others, on val
-  and every `prompts.eval_extra` set ({set: table}). A diagnostic run after the SRUM run, which never sees
-  the oracle."""
+  """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the
+  round-0 candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like
+  the others, on val and every `prompts.eval_extra` set ({set: table}). A diagnostic run after the
+  SRUM run, which never sees the oracle."""
   rd = os.path.join(cfg.workdir, "round_0")
   out = os.path.join(cfg.workdir, "oracle_sft_train")
   os.makedirs(out, exist_ok=True)
@@ -92,13 +94,14 @@ def oracle_filtered_sft(cfg) -> dict:
   model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base, summary["params"])
   return {s: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
                                os.path.join(cfg.workdir, folder, "oracle_sft"), seed=cfg.eval.seed,
-                               texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,
-                               name="oracle_sft")
+                               texts=texts_lib.from_setting(cfg.texts.file),
+                               compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
           for s, (folder, items) in eval_sets(cfg).items()}
 
 
 def eval_sets(cfg) -> dict:
-  """{set: (eval folder, prompt items)}: val, then each `prompts.eval_extra` set, as `run` evaluates them."""
+  """{set: (eval folder, prompt items)}: val, then each `prompts.eval_extra` set, as `run` evaluates
+  them."""
   out = {"val": ("eval", prompt_sources.load_prompts(cfg.prompts.val))}
   out.update({k: (f"eval_{k}", v) for k, v in run.extra_eval_sets(cfg).items()})
   return out
@@ -158,9 +161,10 @@ def main():
   ap.add_argument("--lever", default="",
                   help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
                        "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
-  ap.add_argument("--column", action="append", default=[],
-                  help="'k1=v1 k2=v2 ...' (repeatable): one extra SRUM column per flag with these overrides, "
-                       "trained on the same candidates and rewards (a lever of several keys, or a tuple value)")
+  ap.add_argument(
+      "--column", action="append", default=[],
+      help="'k1=v1 k2=v2 ...' (repeatable): one extra SRUM column per flag with these overrides, "
+      "trained on the same candidates and rewards (a lever of several keys, or a tuple value)")
   ap.add_argument("--oracle_ceiling", action="store_true",
                   help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
                        "binary judge would give")
@@ -222,10 +226,10 @@ def main():
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set, "lever": a.lever,
-               "columns": a.column,
-               "summary": {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
-                               for m, per in acc_s.items()} for s, acc_s in summary.items()}}, f, indent=1)
+    means = {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
+                 for m, per in acc_s.items()} for s, acc_s in summary.items()}
+    json.dump({"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set,
+               "lever": a.lever, "columns": a.column, "summary": means}, f, indent=1)
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:
     f.write(text + "\n")
 

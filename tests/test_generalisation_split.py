@@ -1,6 +1,6 @@
 """The generalisation split (`worlds/shapes/generalisation.py`): forms outside every grammar
-category, deterministic, parseable, placeable, and judged right by the oracle on true scenes and hard
-negatives; the anchor's prompts (`worlds/shapes/anchors.py`)."""
+category, deterministic, parseable, placeable, and judged right by the oracle on true scenes and
+hard negatives; the anchor's prompts (`worlds/shapes/anchors.py`)."""
 import collections
 
 import numpy as np
@@ -31,7 +31,8 @@ def test_split_is_deterministic_sized_and_outside_every_grammar_category():
   train, val = grammar.split_prompts(0)
   assert not {p.text for p in ps} & {p.text for p in train + val}
   assert {p.text for p in gen.gen_prompts(seed=1)} != {p.text for p in ps}
-  assert gen.gen_sizes() == {"three_and": 156, "count_and": 720, "rel_shared": 120, "count_rel": 1824}
+  assert gen.gen_sizes() == {"three_and": 156, "count_and": 720, "rel_shared": 120,
+                             "count_rel": 1824}
   with pytest.raises(ValueError):
     gen.gen_prompts(per_category=121)  # rel_shared has 120 combinations
 
@@ -52,7 +53,8 @@ def test_prompts_parse_fit_the_vocabulary_and_have_their_category_traits():
       assert len(kinds) == 2 and not p.spec.relations and any(g.exact for g in p.spec.objects)
       dets = sorted((g.count, g.exact) for g in p.spec.objects)
       a, b = kinds
-      assert not (dets == [(1, True), (2, True)] and a[0] != b[0] and a[1] != b[1])  # not numeracy's pair
+      numeracy_pair = dets == [(1, True), (2, True)] and a[0] != b[0] and a[1] != b[1]
+      assert not numeracy_pair
     elif p.category == "rel_shared":
       (a, b), (_,) = kinds, p.spec.relations  # one relation
       assert (a[0] == b[0]) != (a[1] == b[1]) and not any(g.exact for g in p.spec.objects)
@@ -60,22 +62,26 @@ def test_prompts_parse_fit_the_vocabulary_and_have_their_category_traits():
       assert p.category == "count_rel" and p.spec.relations and any(g.exact for g in p.spec.objects)
       dets = {(g.count, g.exact) for g in p.spec.objects}
       a, b = kinds
-      assert not (dets == {(2, True), (1, False)} and a[0] != b[0] and a[1] != b[1])  # not complex's form
+      complex_form = dets == {(2, True), (1, False)} and a[0] != b[0] and a[1] != b[1]
+      assert not complex_form
   assert orders[True] and orders[False]  # word orders vary, not only the canonical one
 
 
 def test_prompt_source_serves_the_gen_split():
-  items = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
-                                     kwargs={"split": "gen"}))
+  items = load_prompts(
+      prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                    kwargs={"split": "gen"}))
   assert len(items) == 400 and items[0].id == "gen/three_and/0" and items[1].category == "count_and"
   assert {i.prompt for i in items} == {p.text for p in gen.gen_prompts()}
-  few = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
-                                   kwargs={"split": "gen", "per_category": 3}))
+  few = load_prompts(
+      prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                    kwargs={"split": "gen", "per_category": 3}))
   assert [i.category for i in few] == list(gen.GEN_CATEGORIES) * 3
 
 
 def _judged(prompts, seed, damage=None):
-  """(accuracy on true scenes per category, rejection rate per hard-negative kind) as {name: [k, n]}."""
+  """(accuracy on true scenes per category, rejection rate per hard-negative kind) as
+  {name: [k, n]}."""
   rng = np.random.default_rng(seed)
   look = (lambda im: im) if damage is None else (lambda im: damage(im, rng))
   pos, neg = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
@@ -114,8 +120,8 @@ def test_oracle_on_gen_prompts_survives_blur_noise_and_colour_shift():
 
 
 def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
-  """The anchor's conditions: grammar texts of the train prompts' groups and connectors, none of them a train,
-  val or gen text, deterministic, each placeable (a true scene exists)."""
+  """The anchor's conditions: grammar texts of the train prompts' groups and connectors, none of
+  them a train, val or gen text, deterministic, each placeable (a true scene exists)."""
   got = anchors.recombined_prompts(n=500)
   assert [p.text for p in got] == [p.text for p in anchors.recombined_prompts(n=500)]
   assert len({p.text for p in got}) == 500
@@ -123,13 +129,15 @@ def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
   train_groups = {g for p in train for g in p.spec.objects}
   assert not {p.text for p in got} & {p.text for p in train + val + gen.gen_prompts()}
   gen_keys = {grammar.canonical(p.spec) for p in gen.gen_prompts()}
-  assert not {grammar.canonical(p.spec) for p in got} & gen_keys  # no gen combination, any word order
+  # no gen combination, in any word order
+  assert not {grammar.canonical(p.spec) for p in got} & gen_keys
   rng = np.random.default_rng(0)
   for p in got:
     assert grammar.parse_prompt(p.text) == p.spec and set(p.spec.objects) <= train_groups
     assert judge_text(scene_lib.render(grammar.sample_scene(rng, p)), p.text)
-  items = load_prompts(prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
-                                     kwargs={"split": "anchor"}))
+  items = load_prompts(
+      prompt_source(source="python", function="srum_jax.worlds.shapes.sources:prompts",
+                    kwargs={"split": "anchor"}))
   assert len(items) == 2000 and items[0].prompt == got[0].text and items[0].category == "anchor"
 
 
@@ -148,7 +156,8 @@ def test_nothing_of_the_gen_split_enters_training_or_candidate_generation(arg):
   assert not {grammar.canonical(grammar.parse_prompt(i.prompt)) for i in trained} & held_keys
   run.check_eval_sets_unseen(config, load_prompts(config.prompts.train), {"gen": held})
   leak = [PromptItem(id="x", prompt=held[5].prompt, category="c")]
-  with pytest.raises(UserValueError, match="prompts.eval_extra.gen shares 1 prompt.* prompts.train"):
+  with pytest.raises(UserValueError,
+                     match="prompts.eval_extra.gen shares 1 prompt.* prompts.train"):
     run.check_eval_sets_unseen(config, leak, {"gen": held})
   config.prompts.anchor = prompt_source(source="python",
                                         function="srum_jax.worlds.shapes.sources:prompts",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from srum_jax import config_validation, defaults, sharding
+from srum_jax.config_validation import model_keys
 from srum_jax.convert import adapters as adapters_io, checkpoint, flax_to_hf, hf_to_flax, keymap
 from srum_jax.errors import UserValueError
 from srum_jax.models import bagel, layers, lora as lora_lib, params as params_lib
@@ -390,7 +391,7 @@ def test_lora_settings_are_validated():
   def check(**lora):
     c = defaults.base_config()
     c.model.lora.update(lora)
-    config_validation._check_remat_lora(c)
+    model_keys._check_remat_lora(c)
 
   check(rank=0, targets=("nonsense",))  # off: nothing else is read
   check(rank=8, experts=("gen", "und"))
@@ -402,15 +403,15 @@ def test_lora_settings_are_validated():
   c = defaults.base_config()
   c.model.remat_policy = "save_everything_please"
   with pytest.raises(UserValueError, match="remat_policy"):
-    config_validation._check_remat_lora(c)
+    model_keys._check_remat_lora(c)
   c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-  config_validation._check_remat_lora(c)
+  model_keys._check_remat_lora(c)
   assert lora_lib.lora_config(ml_collections.ConfigDict(dict(defaults.base_config().model.lora))) is None
   c = defaults.base_config()
-  config_validation._lora_stages_pending(c)
+  model_keys._lora_stages_pending(c)
   c.model.lora.rank = 8  # the stages refuse LoRA until they load and save adapters
   with pytest.raises(UserValueError, match="do not run LoRA yet"):
-    config_validation._lora_stages_pending(c)
+    model_keys._lora_stages_pending(c)
   with pytest.raises(ValueError, match="rank"):
     LoraConfig(rank=0)
 

@@ -128,8 +128,9 @@ def test_gradient_accumulation_averages_microbatch_gradients():
 
 
 def test_step_passes_constants_to_the_loss_without_gradients():
-  """make_step(loss_fn)(state, batch, key, *consts): the consts reach every microbatch's loss call as arguments
-  (a frozen reference model), never differentiated: the update equals the one with the consts baked in."""
+  """make_step(loss_fn)(state, batch, key, *consts): the consts reach every microbatch's loss call
+  as arguments (a frozen reference model), never differentiated: the update equals the one with the
+  consts baked in."""
   x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
   ref = {"w": jnp.asarray([1.0, 0.0, -1.0])}
   loss_fn = lambda p, b, k, r: (jnp.mean((b @ p["w"] - b @ r["w"]) ** 2), {})  # noqa: E731

@@ -114,6 +114,7 @@ def train_main(config, flags) -> int:
   `rewards.record_sources`), images from `train.images_root` (default: the generate stage's folder
   for the score stage's records, else found beside the records); writes `<workdir>/train`. Exit
   code 75 when a signal stopped it (rerun to resume)."""
+  check_train_devices(config)
   d = _dirs(config)
   if config.train.records:
     t = config.train
@@ -129,7 +130,6 @@ def train_main(config, flags) -> int:
     images_root = config.train.images_root or d["generate"]
   if config.train.images_root:
     inputs["images_root"] = config.train.images_root
-  check_train_devices(config)
   unit = provenance.train_unit(config, d["train"], model=loaded_model.identity_of(config),
                                records=inputs, objective=config.train.objective)
   provenance.claim(config, [unit])

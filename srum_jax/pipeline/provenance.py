@@ -96,7 +96,8 @@ def train_unit(config, directory: str, *, model: str, records: Dict[str, Optiona
               "srum": _block(config, "srum"), "objective": objective,
               "param_dtype": config.model.param_dtype, "compute_dtype": config.model.compute_dtype}
   if float(config.srum.anchor_weight) > 0:  # the anchor's conditions shape the trained model
-    settings["anchor_prompts"] = prompts_digest(load_prompts(config.prompts.anchor, "prompts.anchor"))
+    settings["anchor_prompts"] = prompts_digest(
+        load_prompts(config.prompts.anchor, "prompts.anchor"))
   made_by = {"stage": "train", "model": model, "seed": int(config.seed), "settings": settings,
              "inputs": records}
   return Unit(directory, "train", made_by, what, (".",))

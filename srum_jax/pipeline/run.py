@@ -5,9 +5,9 @@
     with R == 1 and lambda = 0 from the same starting model, then evaluated.
 
 Every eval runs on `prompts.val` and on each further prompt set named in `prompts.eval_extra` (e.g.
-the shapes world's generalisation split: prompt forms that neither train nor val holds), each with the
-same eval seed; extra sets are evaluated, never trained on (`check_eval_sets_unseen`). Their images go
-to <workdir>/eval_<set>/<model>.
+the shapes world's generalisation split: prompt forms that neither train nor val holds), each with
+the same eval seed; extra sets are evaluated, never trained on (`check_eval_sets_unseen`). Their
+images go to <workdir>/eval_<set>/<model>.
 
 Every stage is resumable, so a restarted `run` continues where it stopped. Every output it will
 write is known before any work (`plan`): outputs another configuration made stop the run with exit
@@ -157,10 +157,12 @@ def plan(config, base_identity: str, train_items, val_items,
          extra_items: Optional[Dict[str, list]] = None) -> Dict[str, object]:
   """Every output unit of the run (`provenance`), known before any work: {"units": [...], "rounds":
   [each round's units], "final": the final eval's name, "sft_train": the SFT control's training unit
-  or None}. `extra_items`: the eval-only sets ({set: items}, `extra_eval_sets`), evaluated like val."""
+  or None}. `extra_items`: the eval-only sets ({set: items}, `extra_eval_sets`), evaluated like
+  val."""
   work = str(config.workdir)
   rounds, units, current = [], [], base_identity
-  sets = [("eval", "", val_items)] + [(f"eval_{k}", f"{k}/", v) for k, v in (extra_items or {}).items()]
+  extra = [(f"eval_{k}", f"{k}/", v) for k, v in (extra_items or {}).items()]
+  sets = [("eval", "", val_items)] + extra
 
   def evals(name: str, model: str) -> None:
     for folder, prefix, items in sets:
@@ -225,19 +227,22 @@ def _table_markdown(config, tables: Dict[str, dict], num: int, what: str) -> str
                           for name, t in tables.items()], title=title)
 
 
-def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
-                  num_val: int, seconds: float, stage_seconds: Dict[str, float],
+def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str],
+                  rounds: list, num_val: int, seconds: float, stage_seconds: Dict[str, float],
                   extra: Dict[str, dict]) -> dict:
-  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it).
-  `extra`: {set name: {"tables": {model: table}, "num": prompts, "eval_dirs": {model: dir}}}."""
+  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process
+  returns it). `extra`: {set name: {"tables": {model: table}, "num": prompts, "eval_dirs": {model:
+  dir}}}."""
   report_dir = work / "report"
   md = _table_markdown(config, tables, num_val, "validation prompts")
   for set_name, e in extra.items():
-    md += "\n\n" + _table_markdown(config, e["tables"], e["num"], f"'{set_name}' prompts (prompts.eval_extra)")
+    md += "\n\n" + _table_markdown(config, e["tables"], e["num"],
+                                   f"'{set_name}' prompts (prompts.eval_extra)")
   extra_tables = {k: e["tables"] for k, e in extra.items()}
   if not distributed.is_main():
     return {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
-            "eval_dirs": eval_dirs, "seconds": seconds, "stage_seconds": stage_seconds, "judge": config.eval.judge}
+            "eval_dirs": eval_dirs, "seconds": seconds, "stage_seconds": stage_seconds,
+            "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers
@@ -250,10 +255,11 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
   summary = {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
-             "eval_dirs": eval_dirs, "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()},
-             "pictures": pictures,
-            "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
-            "stage_seconds": stage_seconds, "judge": config.eval.judge}
+             "eval_dirs": eval_dirs,
+             "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()},
+             "pictures": pictures, "seconds": runs["seconds"], "seconds_this_invocation": seconds,
+             "invocations": runs["invocations"], "stage_seconds": stage_seconds,
+             "judge": config.eval.judge}
   files.write_json(str(report_dir / "report.json"), summary)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
@@ -297,9 +303,10 @@ def run(config) -> dict:
     for items, folder, out, dirs in sets:
       d = str(work / folder / name)
       with clock(f"{folder}/{name}"):
-        out[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items, d,
-                                      seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
-                                      name=name, attn_impl=loaded_model.attn_impl(config))
+        out[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items,
+                                      d, seed=config.eval.seed, texts=texts,
+                                      compute_dtype=config.model.compute_dtype, name=name,
+                                      attn_impl=loaded_model.attn_impl(config))
       dirs[name] = d
 
   do_eval("base", base)
@@ -323,17 +330,20 @@ def run(config) -> dict:
 
 
 def eval_set_names(config) -> List[str]:
-  """The names of `prompts.eval_extra`'s sets, each a folder name (`eval_<name>/`); else a user error."""
+  """The names of `prompts.eval_extra`'s sets, each a folder name (`eval_<name>/`); else a user
+  error."""
   names = list(config.prompts.eval_extra.keys())
   for name in names:
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
-      raise UserValueError(f"config key prompts.eval_extra.{name}: the set's name must be a folder name "
-                           "(letters, digits, . _ + = -)")
+      raise UserValueError(
+          f"config key prompts.eval_extra.{name}: the set's name must be a folder name "
+          "(letters, digits, . _ + = -)")
   return names
 
 
 def extra_eval_sets(config) -> Dict[str, list]:
-  """{name: prompt items} of `prompts.eval_extra` (each a prompt source; none by default), in config order."""
+  """{name: prompt items} of `prompts.eval_extra` (each a prompt source; none by default), in config
+  order."""
   out = {}
   for name in eval_set_names(config):
     items = load_prompts(config.prompts.eval_extra[name], f"prompts.eval_extra.{name}")
@@ -343,15 +353,19 @@ def extra_eval_sets(config) -> Dict[str, list]:
 
 
 def check_eval_sets_unseen(config, train_items: list, extra_items: Dict[str, list]) -> None:
-  """Refuse (one line) a run whose eval-only sets (`prompts.eval_extra`) share a prompt text with the
-  train prompts (the candidates are generated from those) or, with the anchor on
-  (`srum.anchor_weight` > 0), with the anchor's prompts: those sets measure what training never saw."""
+  """Refuse (one line) a run whose eval-only sets (`prompts.eval_extra`) share a prompt text with
+  the train prompts (the candidates are generated from those) or, with the anchor on
+  (`srum.anchor_weight` > 0), with the anchor's prompts: those sets measure what training never
+  saw."""
   trained = {"prompts.train": {it.prompt for it in train_items}}
   if float(config.srum.anchor_weight) > 0:
-    trained["prompts.anchor"] = {it.prompt for it in load_prompts(config.prompts.anchor, "prompts.anchor")}
+    trained["prompts.anchor"] = {
+        it.prompt for it in load_prompts(config.prompts.anchor, "prompts.anchor")
+    }
   for name, items in extra_items.items():
     for source, texts in trained.items():
       shared = sorted({it.prompt for it in items} & texts)
       if shared:
-        raise UserValueError(f"prompts.eval_extra.{name} shares {len(shared)} prompt(s) with {source} "
-                             f"(e.g. {shared[0]!r}); an eval-only set must stay out of training")
+        raise UserValueError(
+            f"prompts.eval_extra.{name} shares {len(shared)} prompt(s) with {source} "
+            f"(e.g. {shared[0]!r}); an eval-only set must stay out of training")

@@ -63,10 +63,10 @@ def logged_keys(config) -> tuple:
 
 
 def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
-  """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
-  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data; the anchor to the
-  starting model, `srum.anchor_weight`, is part of the fine-tuning recipe and stays); `platform`: the one
-  the attention is resolved for (default: JAX's backend)."""
+  """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default
+  `train.objective`): "srum", or "sft" (the control: R == 1 and lambda = 0, plain flow matching on
+  the same data; the anchor to the starting model, `srum.anchor_weight`, is part of the fine-tuning
+  recipe and stays); `platform`: the one the attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
   sft = name == "sft"
@@ -319,7 +319,8 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))),
                             sharding.replicated(mesh))
   step_fn = ts.make_train_step(cfg, opts, tx, labels)
-  # the anchor's reference: the model training started from (a resumed run is given the same model again)
+  # the anchor's reference: the model training started from (a resumed run is given the same model
+  # again)
   consts = (jax.device_put(params, state_sh.params),) if opts.anchor_weight > 0 else ()
   last = {"batch": None, "final_loss": None}  # the step's host batch; the loss resumed from
   compiled = {}

@@ -495,12 +495,12 @@ class _Collate:
   global number of this process's first sample, so sample ids (and the per-sample randomness keyed by them,
   e.g. text-condition dropout) are those of the global batch, whatever the number of processes.
 
-  `anchor_ids` (wrapped prompt ids; the anchor of `train_step`): each sample also gets an anchor prompt, drawn
-  from a generator seeded by (`anchor_seed`, the record indices of its row, its place in the row), so the
-  draw follows the global batch (not the process count) and changes with every epoch's reshuffle; the batch
-  carries the same layout with those prompts (`SrumBatch.anchor_inputs`)."""
+  `anchor_ids` (wrapped prompt ids): each sample also gets an anchor prompt drawn by (`anchor_seed`,
+  its row's record indices, its place in the row): the same for any process count, new every epoch;
+  the batch carries the same layout with those prompts (`SrumBatch.anchor_inputs`)."""
 
-  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0, anchor_ids=None, anchor_seed: int = 0):
+  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0, anchor_ids=None,
+               anchor_seed: int = 0):
     self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
     self.anchor_ids, self.anchor_seed = anchor_ids, int(anchor_seed)
 
@@ -519,7 +519,8 @@ class _Collate:
     out = []
     for row in grid:
       rng = np.random.default_rng([self.anchor_seed] + [int(s["index"]) for s in row])
-      out.append([self.anchor_ids[int(k)] for k in rng.integers(len(self.anchor_ids), size=len(row))])
+      picks = rng.integers(len(self.anchor_ids), size=len(row))
+      out.append([self.anchor_ids[int(k)] for k in picks])
     return out
 
   def __call__(self, samples):
@@ -574,8 +575,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
-  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec, process_index * per_batch,
-                                                                     anchor_ids, anchor_seed=seed))
+  collate = _Collate(cfg, spec, process_index * per_batch, anchor_ids, anchor_seed=seed)
+  return it.batch(per_batch, drop_remainder=True, batch_fn=collate)
 
 
 def spec_from_config(config, process_count: int = 1) -> DataSpec:
