@@ -4,10 +4,12 @@
         [--set k=v ...] [--lever srum.lambda_constraint=0.0,0.1] [--column "k1=v1 k2=v2" ...] \\
         [--oracle_ceiling] [--on_train_prompts] [--workdir outputs/tiny_world_effect]
 
-Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from the same
-pretrained checkpoint, with the SFT control trained on the same self-generated images. Prints per-category
-oracle accuracy as mean +- std over seeds for each model and the paired differences SRUM - base and
-SRUM - SFT, and writes them to <workdir>/effect.json. Report what it prints, whatever it is.
+Each seed runs the whole `run` loop (its own generation seed, judge seed and training order) from
+the same pretrained checkpoint, with the SFT control trained on the same self-generated images.
+Prints per-category oracle accuracy as mean +- std over seeds for each model and the paired
+differences SRUM - base and SRUM - SFT, on val and on every eval-only prompt set of the config
+(`prompts.eval_extra`; the shapes world's generalisation split `gen`: forms neither train nor val
+holds), and writes them to <workdir>/effect.json. Report what it prints, whatever it is.
 
 Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
 candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
@@ -69,30 +71,34 @@ def candidate_diagnostics(workdir: str, levers) -> dict:
 
 
 def _copy_stage_dirs(src: str, dst: str) -> None:
-  """Seed the lever run's workdir with what does not depend on the lever (resumable stages skip it)."""
-  for rel in ("converted_model", os.path.join("eval", "base"), os.path.join("round_0", "generate"),
-              os.path.join("round_0", "propose"), os.path.join("round_0", "score")):
+  """Seed the lever run's workdir with what does not depend on the lever (resumable stages skip it):
+  the converted model, the base model's evals (val and every extra set) and round 0's candidates and
+  rewards."""
+  rels = [os.path.join(d, "base") for d in os.listdir(src) if d == "eval" or d.startswith("eval_")]
+  stages = [os.path.join("round_0", s) for s in ("generate", "propose", "score")]
+  for rel in ["converted_model"] + rels + stages:
     if os.path.isdir(os.path.join(src, rel)) and not os.path.exists(os.path.join(dst, rel)):
       shutil.copytree(os.path.join(src, rel), os.path.join(dst, rel))
 
 
-def _reuse_base_eval(root: str, workdir: str) -> None:
-  """Seed `workdir`/eval/base with another seed's base eval under `root` (eval.seed is the same for
-  every seed; resumable stage: the copied images are judged again, not redrawn)."""
-  base_eval = os.path.join(workdir, "eval", "base")
+def _reuse_base_eval(root: str, workdir: str, folder: str = "eval") -> None:
+  """Seed `workdir`/<folder>/base with another seed's base eval under `root` (eval.seed is the same
+  for every seed; resumable stage: the copied images are judged again, not redrawn)."""
+  base_eval = os.path.join(workdir, folder, "base")
   if os.path.exists(base_eval) or not os.path.isdir(root):
     return
   for name in sorted(os.listdir(root)):
-    other = os.path.join(root, name, "eval", "base")
+    other = os.path.join(root, name, folder, "base")
     if name.startswith("seed_") and os.path.isdir(other):
       shutil.copytree(other, base_eval)
       return
 
 
 def oracle_filtered_sft(cfg) -> dict:
-  """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the round-0
-  candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like the others.
-  A diagnostic run after the SRUM run, which never sees the oracle."""
+  """The ceiling of reward-filtered self-training: SFT (same settings as the control) on only the
+  round-0 candidates the oracle accepts, as a perfect binary judge would pick them; evaluated like
+  the others, on val and every `prompts.eval_extra` set ({set: table}). A diagnostic run after the
+  SRUM run, which never sees the oracle."""
   rd = os.path.join(cfg.workdir, "round_0")
   out = os.path.join(cfg.workdir, "oracle_sft_train")
   os.makedirs(out, exist_ok=True)
@@ -105,10 +111,19 @@ def oracle_filtered_sft(cfg) -> dict:
   summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out, objective_name="sft")
   model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base,
                                   summary["params"], summary["cfg"])
-  return evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, prompt_sources.load_prompts(cfg.prompts.val),
-                           os.path.join(cfg.workdir, "eval", "oracle_sft"), seed=cfg.eval.seed,
-                           texts=texts_lib.from_setting(cfg.texts.file), compute_dtype=cfg.model.compute_dtype,
-                           name="oracle_sft")
+  return {s: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
+                               os.path.join(cfg.workdir, folder, "oracle_sft"), seed=cfg.eval.seed,
+                               texts=texts_lib.from_setting(cfg.texts.file),
+                               compute_dtype=cfg.model.compute_dtype, name="oracle_sft")
+          for s, (folder, items) in eval_sets(cfg).items()}
+
+
+def eval_sets(cfg) -> dict:
+  """{set: (eval folder, prompt items)}: val, then each `prompts.eval_extra` set, as `run` evaluates
+  them."""
+  out = {"val": ("eval", prompt_sources.load_prompts(cfg.prompts.val))}
+  out.update({k: (f"eval_{k}", v) for k, v in run.extra_eval_sets(cfg).items()})
+  return out
 
 
 def _model_dirs(cfg, names) -> dict:
@@ -152,6 +167,12 @@ def table_text(tables: dict, title: str):
   return text + "\n".join(lines), acc
 
 
+def _set_title(name: str) -> str:
+  return {"val": "Oracle accuracy (%) on the val prompts",
+          "train": "Oracle accuracy (%) on the train prompts"}.get(
+      name, f"Oracle accuracy (%) on the '{name}' prompts (prompts.eval_extra)")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="experiments/tiny_world.py")
@@ -179,7 +200,7 @@ def main():
       columns[f"srum[{lever_key.split('.')[-1]}={v}]"] = {lever_key: config_utils.literal(v)}
   for text in a.column:
     columns[f"srum[{text}]"] = config_utils.parse_overrides(text.split())
-  tables, diags, train_tables = {}, {}, {}
+  tables, diags = {}, {}  # tables: {set: {seed: {model: table}}}; sets: val, the extra sets, train
   seeds = [int(s) for s in a.seeds.split(",")]
   for seed in seeds:
     cfg = config_utils.load_config(a.config, overrides)
@@ -188,8 +209,11 @@ def main():
       cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
       cfg.workdir = os.path.join(a.workdir, f"seed_{seed}")
       cfg.run.sft_control = True
-    _reuse_base_eval(a.workdir, cfg.workdir)
-    tables[seed] = dict(run.run(cfg)["tables"])
+    for folder, _ in eval_sets(cfg).values():
+      _reuse_base_eval(a.workdir, cfg.workdir, folder)
+    out = run.run(cfg)
+    for name, t in {"val": out["tables"], **out["extra_tables"]}.items():
+      tables.setdefault(name, {})[seed] = dict(t)
     diags[seed] = candidate_diagnostics(cfg.workdir, train_stage.step_options(cfg).levers)
     print(f"[seed {seed}] candidates: {json.dumps(diags[seed])}", flush=True)
     for column, extra in columns.items():  # same candidates and rewards, another SRUM setting
@@ -199,16 +223,19 @@ def main():
         lc.workdir = os.path.join(a.workdir, f"seed_{seed}", "lever_" + "_".join(
             f"{k}={v}" for k, v in extra.items()).replace("/", "|").replace(" ", ""))
       _copy_stage_dirs(cfg.workdir, lc.workdir)
-      t = run.run(lc)["tables"]
-      tables[seed][column] = t[next(k for k in t if k.startswith("srum"))]
+      lo = run.run(lc)
+      for name, t in {"val": lo["tables"], **lo["extra_tables"]}.items():
+        tables[name][seed][column] = t[next(k for k in t if k.startswith("srum"))]
     if a.oracle_ceiling:
-      tables[seed]["oracle_sft"] = oracle_filtered_sft(cfg)
+      for name, t in oracle_filtered_sft(cfg).items():
+        tables[name][seed]["oracle_sft"] = t
     if a.on_train_prompts:
-      train_tables[seed] = train_prompt_tables(cfg, list(tables[seed]))
-  text, acc = table_text(tables, "Oracle accuracy (%) on the val prompts")
-  models, cats = list(acc), list(next(iter(acc.values())))
-  if train_tables:
-    text += "\n\n" + table_text(train_tables, "Oracle accuracy (%) on the train prompts")[0]
+      tables.setdefault("train", {})[seed] = train_prompt_tables(cfg, list(tables["val"][seed]))
+  text, acc = table_text(tables["val"], _set_title("val"))
+  summary = {"val": acc}
+  for name in [n for n in tables if n != "val"]:
+    t, summary[name] = table_text(tables[name], _set_title(name))
+    text += "\n\n" + t
   keys = ["oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"]
   text += "\n\nSelf-judge on the round-0 candidates (oracle as reference; mean over seeds)\n\n"
   text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
@@ -216,10 +243,10 @@ def main():
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
   with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    json.dump({"seeds": sorted(tables), "tables": tables, "train_prompt_tables": train_tables,
-               "candidates": diags, "overrides": a.set, "lever": a.lever, "columns": a.column,
-               "summary": {m: {c: [float(acc[m][c].mean()), float(acc[m][c].std())] for c in cats} for m in models}},
-              f, indent=1)
+    means = {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
+                 for m, per in acc_s.items()} for s, acc_s in summary.items()}
+    json.dump({"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set,
+               "lever": a.lever, "columns": a.column, "summary": means}, f, indent=1)
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:
     f.write(text + "\n")
 

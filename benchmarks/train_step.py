@@ -261,7 +261,7 @@ def measure_stage(config_path: str, *, steps: int = 20, warmup: int = 2, batches
   step_fn = ts.make_train_step(cfg, opts, tx, labels)
   jstep = ts.shard_train_step(
       lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh, batch_sh, mesh,
-      ts.compiler_options(mesh.devices.flat[0].platform, bool(t.tpu_collective_matmul)))
+      options=ts.compiler_options(mesh.devices.flat[0].platform, bool(t.tpu_collective_matmul)))
   key = jax.random.key(int(config.seed))
   t0 = time.time()
   compiled = jstep.lower(state, dev[0], key).compile()

@@ -150,6 +150,14 @@ def get_config(arg=None):
   # (benchmarks/results_tiny_world_think_cpu.txt).
   c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={"split": "train", "per_category": 0})
   c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={"split": "val", "per_category": 0})  # all
+  # The generalisation split (worlds/shapes/generalisation.py): 400 prompts in forms neither train
+  # nor val holds, evaluated beside val, never trained on.
+  c.prompts.eval_extra.gen = prompt_source(source="python", function=SHAPES,
+                                           kwargs={"split": "gen", "per_category": 0})
+  # The anchor's prompts (read when srum.anchor_weight > 0): the train prompts' parts recombined,
+  # every train and val text and every gen combination excluded (worlds/shapes/anchors.py).
+  c.prompts.anchor = prompt_source(source="python", function=SHAPES,
+                                   kwargs={"split": "anchor", "per_category": 0})
   for g in (c.generate, c.eval_generate, c.sample):
     g.batch_size = 32
     g.height = g.width = 32

@@ -171,7 +171,8 @@ def train_step_program(config, devices: Sequence, cfg: Optional[BagelConfig] = N
   batch = _abstract_batch(cfg, config, rows, mesh, rules)
   options = train_step.compiler_options(list(devices)[0].platform, bool(t.tpu_collective_matmul))
   step = train_step.shard_train_step(train_step.make_train_step(cfg, opts, tx, labels), state_sh,
-                                     jax.tree.map(lambda x: x.sharding, batch), mesh, options)
+                                     jax.tree.map(lambda x: x.sharding, batch), mesh,
+                                     options=options)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   trainable = update.trainable_part(params, labels)
   info = dict(

@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.srum.use_global = True  # global layout reward
   # SRUM's vlm_format_output.py `parse_and_convert_record`: records whose global score is 0.0 are dropped
   c.srum.drop_zero_global = True
+  # Not in the official recipe: + anchor_weight * mean((v - v_ref)^2) at the batch's noised latents
+  # under prompts from `prompts.anchor` (outside the candidate set), v_ref the frozen starting
+  # model's velocity (0: off).
+  c.srum.anchor_weight = 0.0
 
   # Post-training (SRUM's scripts/train_reg_comp.sh).
   c.train = optimizer_block()
@@ -127,6 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompts = ml_collections.ConfigDict()
   c.prompts.train = prompt_source(source="tfds", name="t2i_compbench", split="train")
   c.prompts.val = prompt_source(source="tfds", name="t2i_compbench", split="val")
+  # The anchor's prompts (`srum.anchor_weight` > 0): conditions on which training keeps the starting
+  # model's velocity; read only when the anchor is on.
+  c.prompts.anchor = prompt_source(source="tfds", name="t2i_compbench", split="train")
+  # Further eval-only prompt sets, {name: prompt source}: `run` evaluates every model on each beside
+  # val (<workdir>/eval_<name>/; e.g. the shapes world's generalisation split). None by default.
+  c.prompts.eval_extra = ml_collections.ConfigDict()
 
   # Candidate generation: SRUM's srum_data_infer/t2i.py `main` as compt2i.sh runs it (think mode, 50 steps,
   # text cfg 4.0 in (0.4, 1], image cfg 1.0, shift 3.0, global renorm; 1024^2: the inferencer's image_shapes).

@@ -1,6 +1,7 @@
 """Flow matching, one definition of each formula: timestep shift, training times from raw draws,
-interpolation, target velocity, and SRUM's reward-weighted loss (the plain flow loss is its R = 1, lambda = 0
-case). Training (`train_step.srum_loss`) and sampling (`inference.sampling`) both call these.
+interpolation, target velocity, and SRUM's reward-weighted loss (the plain flow loss is its R = 1,
+lambda = 0 case), and the anchor to a frozen reference model's velocity. Training
+(`train_step.srum_loss`) and sampling (`inference.sampling`) both call these.
 
 Conventions: x_t = (1 - t) x0 + t eps, target velocity v* = eps - x0 (data -> noise). Losses are computed
 in float32 (float64 inputs stay float64) over packed latent tokens [N, C] (or [B, N, C]) with a token mask;
@@ -13,7 +14,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["shift_timesteps", "timesteps_from_raw", "interpolate", "flow_target", "srum_flow_loss"]
+__all__ = ["shift_timesteps", "timesteps_from_raw", "interpolate", "flow_target", "srum_flow_loss",
+           "anchor_velocity_loss"]
 
 
 def shift_timesteps(t, shift: float):
@@ -78,3 +80,11 @@ def srum_flow_loss(v_pred, noise, x_bad, x_gt, token_rewards, token_mask: Option
   loss_constraint = _mean(per_gt, m, c)
   loss = loss_reward + lambda_constraint * loss_constraint
   return loss, {"loss_reward": loss_reward, "loss_constraint": loss_constraint}
+
+
+def anchor_velocity_loss(v_pred, v_ref, token_mask: Optional[jax.Array] = None):
+  """mean((v - v_ref)^2) over valid tokens and channels: the distance of the trained model's
+  velocity to a frozen reference model's at the same (x_t, t, condition); v_ref carries no
+  gradient."""
+  per, m, c = _masked_sq_err(v_pred, jax.lax.stop_gradient(_f32(v_ref)), token_mask)
+  return _mean(per, m, c)

@@ -132,3 +132,17 @@ def test_jit_and_bf16_inputs():
   np.testing.assert_allclose(eager, jitted, rtol=1e-6)
   out = losses.srum_flow_loss(jnp.asarray(v, jnp.bfloat16), eps, xb, xg, r, mask, 0.5)[0]
   assert out.dtype == jnp.float32
+
+
+def test_anchor_velocity_loss_is_the_masked_mean_square_distance():
+  rng = np.random.default_rng(4)
+  v = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  ref = rng.normal(size=(2, 5, 3)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], bool)
+  want = ((v - ref) ** 2)[mask].sum() / (mask.sum() * 3)
+  np.testing.assert_allclose(losses.anchor_velocity_loss(v, ref, mask), want, rtol=1e-6)
+  np.testing.assert_allclose(losses.anchor_velocity_loss(v, ref), ((v - ref)**2).mean(), rtol=1e-6)
+  g_ref = jax.grad(lambda r: losses.anchor_velocity_loss(jnp.asarray(v), r))(jnp.asarray(ref))
+  assert not np.any(np.asarray(g_ref))  # the reference is a target: no gradient reaches it
+  g = jax.grad(lambda x: losses.anchor_velocity_loss(x, jnp.asarray(ref)))(jnp.asarray(v))
+  np.testing.assert_allclose(g, 2 * (v - ref) / v.size, rtol=1e-5)

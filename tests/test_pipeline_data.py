@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax.pipeline import train_data
+from srum_jax.pipeline import train as train_stage, train_data
 
 H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
 ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
@@ -314,3 +314,36 @@ def test_stored_moments_bf16_and_unloadable_images(dataset_dir, tiny_cfg):
   assert 3 not in seen and len(seen) == 12 and rep.decode_failures >= 1
   with pytest.raises(ValueError, match="moments dtype"):
     train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool", dtype="fp8")
+
+
+def test_anchor_prompts_ride_along_deterministic_per_row(dataset_dir, tiny_cfg):
+  """Each sample gets an anchor prompt drawn from (seed, its row's record indices): the same for one
+  and two processes, reshuffled with the epochs; the anchor layout keeps the candidates' latent
+  slots."""
+  path, _ = _prepare(dataset_dir)
+  prompts = [f"anchor prompt {k}" for k in range(50)]
+  ids = train_stage.anchor_prompt_ids(prompts, tiny_cfg, _spec(rows=2, S=1), WordTokenizer())
+  assert ids[0][0] == tiny_cfg.tokens.bos and ids[0][-1] == tiny_cfg.tokens.eos and len(ids[0]) == 5
+
+  def make(rows, process):
+    return iter(train_data.make_dataset(path, str(dataset_dir / "images"), _spec(rows=rows, S=1),
+                                        cfg=tiny_cfg, tokenizer=WordTokenizer(), seed=1,
+                                        process_index=process[0], process_count=process[1],
+                                        read_threads=2, anchor_ids=ids))
+  one, halves = make(2, (0, 1)), [make(1, (k, 2)) for k in range(2)]
+  seen = []
+  for _ in range(6):
+    b = next(one).batch
+    a = b.anchor_inputs
+    # the sample each latent slot belongs to
+    owner = lambda x: np.take_along_axis(  # noqa: E731
+        x.meta.sample_id, np.minimum(x.latent_index, x.meta.sample_id.shape[1] - 1), axis=1)
+    np.testing.assert_array_equal(owner(a), owner(b.inputs))
+    texts = a.text_ids.tolist()
+    assert texts != b.inputs.text_ids.tolist()
+    two = [next(h).batch.anchor_inputs.text_ids[0].tolist() for h in halves]
+    assert two == texts  # same with 2 processes
+    seen += [tuple(t) for t in texts]
+  assert len(set(seen)) > 3  # draws vary over batches and epochs
+  plain = next(_iter(dataset_dir, tiny_cfg, path))
+  assert plain.batch.anchor_inputs is None

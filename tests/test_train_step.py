@@ -149,6 +149,68 @@ def test_stored_moments_give_the_step_encoders_loss(tiny_cfg, tiny_params, setup
   assert half != ref  # bf16 storage really rounds
 
 
+def _anchored(cfg, batch, seed=11):
+  """The batch with an anchor layout: other prompts, the same latent slots."""
+  rng = np.random.default_rng(seed)
+  B, S = batch.images.shape[:2]
+  ids = [[[cfg.tokens.bos] + list(rng.integers(0, 100, 2 + (b * S + s) % 4)) + [cfg.tokens.eos]
+          for s in range(S)]
+         for b in range(B)]
+  a = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=S * (12 + 2 + 8), text_capacity=S * 10)
+  return batch._replace(anchor_inputs=a)
+
+
+@pytest.mark.slow
+def test_anchor_term_is_the_reference_velocity_distance(tiny_cfg, tiny_params, setup):
+  """anchor_weight w adds w * mean((v(x_t, t | anchor prompt) - v_ref(...))^2) at the batch's own
+  noised latents and times: zero (loss and gradients unchanged) when the reference is the model
+  itself; with another reference, the distance of the two models' velocities computed by hand from
+  `forward_gen`. The jitted step takes the reference as an input."""
+  from srum_jax import losses
+  from srum_jax.models import bagel
+
+  _, tx, opts = setup
+  # fresh: other tests donate the shared fixture's buffers
+  params = jax.tree.map(jnp.asarray, tiny_params)
+  opts = dataclass_replace(opts, text_cond_dropout=0.0)
+  anchored = dataclass_replace(opts, anchor_weight=0.7)
+  batch = _anchored(tiny_cfg, _batch(tiny_cfg))
+  key = jax.random.key(5)
+  grad = jax.jit(
+      jax.value_and_grad(lambda p, b, k, r, o: ts.srum_loss(p, b, k, r, cfg=tiny_cfg, opts=o),
+                         has_aux=True), static_argnums=4)
+  (plain, _), g_plain = grad(params, batch, key, None, opts)
+  (same, aux), g_same = grad(params, batch, key, params, anchored)
+  # one model twice (XLA may fuse the two forwards differently)
+  assert float(aux["loss_anchor"]) < 1e-10
+  np.testing.assert_allclose(float(same), float(plain), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_same), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+  ref = jax.tree.map(lambda x: x * 1.05, params)
+  (loss, aux), _ = grad(params, batch, key, ref, anchored)
+  # by hand: the step's noised latents and times (same key split), both models on the anchor layout
+  k_bad, _, k_t, k_noise, _ = jax.random.split(key, 5)
+  B, S = batch.images.shape[:2]
+  m = ts.batch_moments(params["ae"], batch, tiny_cfg)
+  x0, = ts._latent_tokens_from_moments(m, tiny_cfg, (k_bad,), True)
+  t = losses.timesteps_from_raw(
+      jnp.repeat(jax.random.normal(k_t, (B, S)), x0.shape[1] // S, axis=1), opts.timestep_shift)
+  x_t = losses.interpolate(x0, jax.random.normal(k_noise, x0.shape, jnp.float32), t)
+  v = lambda p: bagel.forward_gen(p["bagel"], batch.anchor_inputs, x_t, t,  # noqa: E731
+                                  cfg=tiny_cfg, dtype=opts.compute_dtype, attn_impl=opts.attn_impl)
+  want = float(jnp.mean((v(params) - v(ref)) ** 2))
+  assert want > 0
+  np.testing.assert_allclose(float(aux["loss_anchor"]), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(plain) + 0.7 * want, rtol=1e-5)
+
+  step = jax.jit(ts.make_train_step(tiny_cfg, anchored, tx))
+  state, metrics = step(update.init_state(params, tx), batch, key, ref)
+  assert np.isfinite(float(metrics["loss_anchor"])) and int(state.step) == 1
+  with pytest.raises(ValueError, match="anchor_inputs"):
+    ts.srum_loss(params, batch._replace(anchor_inputs=None), key, ref, cfg=tiny_cfg, opts=anchored)
+
+
 # --- images below the canvas (SRUM's aspect-preserving training transform, padded) ------------------------------
 
 def test_latent_sources_and_the_layout_of_smaller_images(tiny_cfg):

@@ -127,6 +127,24 @@ def test_gradient_accumulation_averages_microbatch_gradients():
   np.testing.assert_array_equal(g1["w"], g2["w"])
 
 
+def test_step_passes_constants_to_the_loss_without_gradients():
+  """make_step(loss_fn)(state, batch, key, *consts): the consts reach every microbatch's loss call
+  as arguments (a frozen reference model), never differentiated: the update equals the one with the
+  consts baked in."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+  ref = {"w": jnp.asarray([1.0, 0.0, -1.0])}
+  loss_fn = lambda p, b, k, r: (jnp.mean((b @ p["w"] - b @ r["w"]) ** 2), {})  # noqa: E731
+  params = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+  tx = optimizer.make_optimizer(_ocfg(), None)
+  for micro in (1, 2):
+    step = jax.jit(update.make_step(loss_fn, tx, microbatches=micro))
+    got, m = step(update.init_state(params, tx), x, jax.random.key(0), ref)
+    baked = update.make_step(lambda p, b, k: loss_fn(p, b, k, ref), tx, microbatches=micro)
+    want, mw = baked(update.init_state(params, tx), x, jax.random.key(0))
+    np.testing.assert_allclose(got.params["w"], want.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], mw["loss"], rtol=1e-6)
+
+
 def _saved_steps(directory, steps, data=True):
   """A Checkpointer directory holding the tiny state at `steps` (step value = step number), with a data-iterator
   state when `data`; returns (abstract state with shardings, the states saved)."""

@@ -148,6 +148,16 @@ def test_shipped_configs_validate_and_checks_name_keys(tmp_path):
                                      key: value})
     with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
       config_validation.validate(cfg, "run")
+  # the anchor's prompts are checked only when the anchor is on; eval-only prompt sets are prompt
+  # sources
+  cases = {"srum.anchor_weight": {"srum.anchor_weight": -1.0},
+           "prompts.anchor.function": {"prompts.anchor.function": "x", "srum.anchor_weight": 1.0},
+           "prompts.eval_extra.gen.function": {"prompts.eval_extra.gen.function": "x"}}
+  for key, overrides in cases.items():
+    with pytest.raises(errors.UserError, match=key.replace(".", r"\.")):
+      config_validation.validate(config_utils.load_config(WORLD, overrides), "run")
+  config_validation.validate(config_utils.load_config(WORLD, {"prompts.anchor.function": "x"}),
+                             "run")
 
 
 def test_mesh_shapes_the_devices_cannot_take_name_the_key():
@@ -300,7 +310,7 @@ def test_each_listed_traceback_is_one_line_and_exit_2(tmp_path, capsys):
       (["sweep", f"--config={cfgs / 'sweep_invalid.py'}", "--dry_run", "--sweep_command=train"],
        ["sweep point 2/2", "train.lr=-1.0", "must be > 0"]),
       (["generate", f"--config={WORLD}", "--config.prompts.train.kwargs.split=bogus", w("w_split")],
-       ["prompts.train", "KeyError: 'bogus'"]),
+       ["prompts.train", "unknown split 'bogus'"]),
       (["eval", f"--config={WORLD}", f"--config.eval.images_dir={tmp_path / 'empty_images'}", w("w_ev")],
        ["eval.images_dir", "empty folder"]),
       (["generate", f"--config={WORLD}", f"--config.model.official_dir={no_vit}", w("w_vit")],

@@ -7,11 +7,12 @@ only by the last check of eval / run (`eval.metrics`, by the evaluation stage's 
 geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
 `model_config.json` or, for an official checkpoint, the config's `model.preset`.
 
-Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train), propose
-(propose), score (model, score), train (model, train, srum, and its records file), eval (eval, eval_generate,
-score, prompts.val, the model unless a folder of images is judged without the UMM), run (all of these and
-run.*), pretrain (its stage blocks), and the inference commands sample, edit, ask (model, their
-block). generate, score, eval, run and the inference commands also check `texts.file` (`check_texts`).
+Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train),
+propose (propose), score (model, score), train (model, train, srum, prompts.anchor with the anchor
+on, its records), eval (eval, eval_generate, score, prompts.val, the model unless a folder of images
+is judged without the UMM), run (all of these, run.*, prompts.eval_extra), pretrain (its stage
+blocks), and the inference commands sample, edit, ask (model, their block). generate, score, eval,
+run and the inference commands also check `texts.file` (`check_texts`).
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from srum_jax.config_validation.model_keys import (Geometry, check_converted_dir
 from srum_jax.data import prompt_sources as prompts_lib
 from srum_jax.engine.judge import JUDGE_MODES
 from srum_jax.errors import UserError, UserFileNotFoundError, UserValueError
-from srum_jax.pipeline import evaluate, proposers, train as train_stage, train_data
+from srum_jax.pipeline import (evaluate, proposers, run as run_stage, train as train_stage,
+                               train_data)
 from srum_jax.rewards import record_sources, texts as texts_lib
 from srum_jax.training import optimizer
 
@@ -134,8 +135,10 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     if per_sample < 1:
       _fail(f"{t}.num_tokens", tokens, f"leaves no room for prompt text: {S} samples of {H}x{W} pixels take "
             f"{latents} latent tokens, each sample needs 4 marker slots and >= 1 prompt id (text_capacity {text})")
-  for k in ("lambda_constraint",):
+  for k in ("lambda_constraint", "anchor_weight"):
     _float(config, f"srum.{k}", lo=0.0)
+  if float(config.srum.anchor_weight) > 0:
+    check_prompts(config, "prompts.anchor")
   for k in ("signed_rewards", "use_local", "use_global", "drop_zero_global"):
     _bool(config, f"srum.{k}")
 
@@ -262,6 +265,8 @@ def check_eval(config, own_model: bool, check_files: bool = True) -> Optional[Ge
 def check_run(config) -> None:
   if config.train.records_format == "official":  # the loop trains on its own score stage's records
     _fail("train.records_format", "official", "is for the train command; run makes its own records")
+  for name in run_stage.eval_set_names(config):  # the eval-only sets: folder names, prompt sources
+    check_prompts(config, f"prompts.eval_extra.{name}")
   _int(config, "run.rounds", lo=1)
   _bool(config, "run.sft_control")
   _int(config, "run.report_images", lo=0)

@@ -20,6 +20,7 @@ import hashlib
 from typing import Dict, List, Optional, Sequence
 
 from srum_jax import paths
+from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.pipeline import evaluate
 from srum_jax.workdir import fingerprints
 from srum_jax.workdir.fingerprints import Unit
@@ -98,6 +99,9 @@ def train_unit(config, directory: str, *, model: str, records: Dict[str, Optiona
               "param_dtype": config.model.param_dtype, "compute_dtype": config.model.compute_dtype}
   if int(config.model.lora.rank) > 0:  # LoRA trains another model (full fine-tunes: as before)
     settings["lora"] = _block(config, "model.lora")
+  if float(config.srum.anchor_weight) > 0:  # the anchor's conditions shape the trained model
+    settings["anchor_prompts"] = prompts_digest(
+        load_prompts(config.prompts.anchor, "prompts.anchor"))
   made_by = {"stage": "train", "model": model, "seed": int(config.seed), "settings": settings,
              "inputs": records}
   return Unit(directory, "train", made_by, what, (".",))

@@ -8,6 +8,11 @@ With LoRA (`model.lora.rank` > 0) each round trains the adapters further (round 
 round r's) and writes round_<r>/model as an adapters-only model dir over the base model; the SFT
 control trains its own adapters from the base.
 
+Every eval runs on `prompts.val` and on each further prompt set named in `prompts.eval_extra` (e.g.
+the shapes world's generalisation split: prompt forms that neither train nor val holds), each with
+the same eval seed; extra sets are evaluated, never trained on (`check_eval_sets_unseen`). Their
+images go to <workdir>/eval_<set>/<model>.
+
 Every stage is resumable, so a restarted `run` continues where it stopped. Every output it will
 write is known before any work (`plan`): outputs another configuration made stop the run with exit
 code 2, unless `discard_stale`. The report folder holds
@@ -20,8 +25,9 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import re
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -151,16 +157,21 @@ def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str
   return total
 
 
-def plan(config, base_identity: str, train_items, val_items) -> Dict[str, object]:
+def plan(config, base_identity: str, train_items, val_items,
+         extra_items: Optional[Dict[str, list]] = None) -> Dict[str, object]:
   """Every output unit of the run (`provenance`), known before any work: {"units": [...], "rounds":
   [each round's units], "final": the final eval's name, "sft_train": the SFT control's training unit
-  or None}."""
+  or None}. `extra_items`: the eval-only sets ({set: items}, `extra_eval_sets`), evaluated like
+  val."""
   work = str(config.workdir)
   rounds, units, current = [], [], base_identity
+  extra = [(f"eval_{k}", f"{k}/", v) for k, v in (extra_items or {}).items()]
+  sets = [("eval", "", val_items)] + extra
 
   def evals(name: str, model: str) -> None:
-    units.extend(provenance.eval_units(config, paths.join(work, "eval", name), model=model,
-                                       items=val_items, name=name, images_dir=""))
+    for folder, prefix, items in sets:
+      units.extend(provenance.eval_units(config, paths.join(work, folder, name), model=model,
+                                         items=items, name=prefix + name, images_dir=""))
 
   evals("base", base_identity)
   for r in range(int(config.run.rounds)):
@@ -211,19 +222,32 @@ def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Pa
   return current, rounds
 
 
-def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str], rounds: list,
-                  num_val: int, seconds: float, stage_seconds: Dict[str, float]) -> dict:
-  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process returns it)."""
-  report_dir = work / "report"
+def _table_markdown(config, tables: Dict[str, dict], num: int, what: str) -> str:
+  """One markdown table: every model's judge accuracy per category on one prompt set."""
   per = int(config.eval_generate.samples_per_prompt)
-  on = f"{num_val} validation prompts" + (f" x {per} images" if per > 1 else "")
+  on = f"{num} {what}" + (f" x {per} images" if per > 1 else "")
   title = (f"Oracle-judged accuracy (%) on {on}" if config.eval.judge == "oracle"
-           else f"{config.eval.judge}-judged accuracy (%)")
-  md = report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True) for name, t in tables.items()],
-                       title=title)
+           else f"{config.eval.judge}-judged accuracy (%) on {on}")
+  return report.markdown([report.judge_columns(t, config.eval.judge, column=name, counts=True)
+                          for name, t in tables.items()], title=title)
+
+
+def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs: Dict[str, str],
+                  rounds: list, num_val: int, seconds: float, stage_seconds: Dict[str, float],
+                  extra: Dict[str, dict]) -> dict:
+  """report.json / report.md, grids, overlays and loss curves (process 0 writes; every process
+  returns it). `extra`: {set name: {"tables": {model: table}, "num": prompts, "eval_dirs": {model:
+  dir}}}."""
+  report_dir = work / "report"
+  md = _table_markdown(config, tables, num_val, "validation prompts")
+  for set_name, e in extra.items():
+    md += "\n\n" + _table_markdown(config, e["tables"], e["num"],
+                                   f"'{set_name}' prompts (prompts.eval_extra)")
+  extra_tables = {k: e["tables"] for k, e in extra.items()}
   if not distributed.is_main():
-    return {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "seconds": seconds,
-            "stage_seconds": stage_seconds, "judge": config.eval.judge}
+    return {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
+            "eval_dirs": eval_dirs, "seconds": seconds, "stage_seconds": stage_seconds,
+            "judge": config.eval.judge}
   pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers
@@ -235,12 +259,16 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
         paths.copy_file(curve, report_dir / f"loss_curve_round_{r}.png")
         pictures.append(str(report_dir / f"loss_curve_round_{r}.png"))
   runs = accumulate_counters(report_dir / "run_counters.json", {"seconds": int(round(seconds))})
-  summary = {"tables": tables, "rounds": rounds, "workdir": str(work), "eval_dirs": eval_dirs, "pictures": pictures,
-            "seconds": runs["seconds"], "seconds_this_invocation": seconds, "invocations": runs["invocations"],
-            "stage_seconds": stage_seconds, "judge": config.eval.judge}
+  summary = {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
+             "eval_dirs": eval_dirs,
+             "extra_eval_dirs": {k: e["eval_dirs"] for k, e in extra.items()},
+             "pictures": pictures, "seconds": runs["seconds"], "seconds_this_invocation": seconds,
+             "invocations": runs["invocations"], "stage_seconds": stage_seconds,
+             "judge": config.eval.judge}
   files.write_json(str(report_dir / "report.json"), summary)
   lines = ["# SRUM run report", "", md, "", "## Where things are", ""]
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
+  lines += [f"- {k} on {s}: `{v}`" for s, e in extra.items() for k, v in e["eval_dirs"].items()]
   lines += [f"- picture: `{p}`" for p in pictures]
   lines += ["", f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one {seconds:.0f} s)",
             "", "| stage (this invocation) | s |", "|---|---|"]
@@ -260,7 +288,9 @@ def run(config) -> dict:
   val_items = load_prompts(config.prompts.val, "prompts.val")
   require_prompts(train_items, "prompts.train")
   require_prompts(val_items, "prompts.val")
-  outputs = plan(config, loaded_model.identity_of(config), train_items, val_items)
+  extra_items = extra_eval_sets(config)
+  check_eval_sets_unseen(config, train_items, extra_items)
+  outputs = plan(config, loaded_model.identity_of(config), train_items, val_items, extra_items)
   provenance.claim(config, outputs["units"])  # before any work: another config's outputs stop here
   (work / "report").mkdir(parents=True, exist_ok=True)
   with clock("load"):
@@ -270,14 +300,19 @@ def run(config) -> dict:
   texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
+  extra = {k: {"tables": {}, "num": len(v), "eval_dirs": {}} for k, v in extra_items.items()}
 
   def do_eval(name: str, model: loaded_model.Model):
-    d = str(work / "eval" / name)
-    with clock(f"eval/{name}"):
-      tables[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, val_items, d,
-                                       seed=config.eval.seed, texts=texts, compute_dtype=config.model.compute_dtype,
-                                       name=name, attn_impl=loaded_model.attn_impl(config))
-    eval_dirs[name] = d
+    sets = [(val_items, "eval", tables, eval_dirs)] + [
+        (v, f"eval_{k}", extra[k]["tables"], extra[k]["eval_dirs"]) for k, v in extra_items.items()]
+    for items, folder, out, dirs in sets:
+      d = str(work / folder / name)
+      with clock(f"{folder}/{name}"):
+        out[name] = evaluate.evaluate(config.eval, config.eval_generate, config.score, model, items,
+                                      d, seed=config.eval.seed, texts=texts,
+                                      compute_dtype=config.model.compute_dtype, name=name,
+                                      attn_impl=loaded_model.attn_impl(config))
+      dirs[name] = d
 
   do_eval("base", base)
   current, rounds = _srum_rounds(config, base, train_items, work, clock, outputs["rounds"], texts)
@@ -293,5 +328,49 @@ def run(config) -> dict:
                                           summary["cfg"], identity=outputs["sft_train"].fingerprint)
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
+  for e in extra.values():
+    e["tables"] = {k: e["tables"][k] for k in order}
   return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),
-                       time.time() - t0, clock.seconds)
+                       time.time() - t0, clock.seconds, extra)
+
+
+def eval_set_names(config) -> List[str]:
+  """The names of `prompts.eval_extra`'s sets, each a folder name (`eval_<name>/`); else a user
+  error."""
+  names = list(config.prompts.eval_extra.keys())
+  for name in names:
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or name in (".", ".."):
+      raise UserValueError(
+          f"config key prompts.eval_extra.{name}: the set's name must be a folder name "
+          "(letters, digits, . _ + = -)")
+  return names
+
+
+def extra_eval_sets(config) -> Dict[str, list]:
+  """{name: prompt items} of `prompts.eval_extra` (each a prompt source; none by default), in config
+  order."""
+  out = {}
+  for name in eval_set_names(config):
+    items = load_prompts(config.prompts.eval_extra[name], f"prompts.eval_extra.{name}")
+    require_prompts(items, f"prompts.eval_extra.{name}")
+    out[name] = items
+  return out
+
+
+def check_eval_sets_unseen(config, train_items: list, extra_items: Dict[str, list]) -> None:
+  """Refuse (one line) a run whose eval-only sets (`prompts.eval_extra`) share a prompt text with
+  the train prompts (the candidates are generated from those) or, with the anchor on
+  (`srum.anchor_weight` > 0), with the anchor's prompts: those sets measure what training never
+  saw."""
+  trained = {"prompts.train": {it.prompt for it in train_items}}
+  if float(config.srum.anchor_weight) > 0:
+    trained["prompts.anchor"] = {
+        it.prompt for it in load_prompts(config.prompts.anchor, "prompts.anchor")
+    }
+  for name, items in extra_items.items():
+    for source, texts in trained.items():
+      shared = sorted({it.prompt for it in items} & texts)
+      if shared:
+        raise UserValueError(
+            f"prompts.eval_extra.{name} shares {len(shared)} prompt(s) with {source} "
+            f"(e.g. {shared[0]!r}); an eval-only set must stay out of training")

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from srum_jax import distributed, files, paths, sharding, tokenizer as tok, viz
 from srum_jax.convert import checkpoint
+from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.models import autoencoder, lora as lora_lib, params as params_lib
@@ -56,10 +57,16 @@ OBJECTIVES = ("srum", "sft")  # `train.objective`: SRUM, or the SFT control on t
 LOGGED = ("loss", "loss_reward", "loss_constraint", "reward_mean", "grad_norm", "lr", "skipped")
 
 
+def logged_keys(config) -> tuple:
+  """`LOGGED`, plus the anchor term's loss when the anchor is on (`srum.anchor_weight` > 0)."""
+  return LOGGED + (("loss_anchor",) if float(config.srum.anchor_weight) > 0 else ())
+
+
 def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
-  """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default `train.objective`): "srum",
-  or "sft" (the control: R == 1 and lambda = 0, plain flow matching on the same data); `platform`: the one the
-  attention is resolved for (default: JAX's backend)."""
+  """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default
+  `train.objective`): "srum", or "sft" (the control: R == 1 and lambda = 0, plain flow matching on
+  the same data; the anchor to the starting model, `srum.anchor_weight`, is part of the fine-tuning
+  recipe and stays); `platform`: the one the attention is resolved for (default: JAX's backend)."""
   t, s, m = config.train, config.srum, config.model
   name = t.objective if objective_name is None else objective_name
   sft = name == "sft"
@@ -71,7 +78,8 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
       timestep_shift=float(t.timestep_shift), text_cond_dropout=float(t.text_cond_dropout),
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
       attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat),
-      remat_policy=m.remat_policy or None, ema_decay=float(t.ema_decay))
+      remat_policy=m.remat_policy or None, ema_decay=float(t.ema_decay),
+      anchor_weight=float(s.anchor_weight))
 
 
 def _to_device(tree, shardings, process_count: int):
@@ -201,9 +209,27 @@ def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
   return encode, h.hexdigest()[:12]
 
 
+def _anchor_ids(config, cfg, tokenizer, spec):
+  """The anchor prompts' wrapped ids (`prompts.anchor`), or None when the anchor is off."""
+  if not float(config.srum.anchor_weight) > 0:
+    return None
+  items = load_prompts(config.prompts.anchor, "prompts.anchor")
+  require_prompts(items, "prompts.anchor")
+  return anchor_prompt_ids([it.prompt for it in items], cfg, spec, tokenizer)
+
+
+def anchor_prompt_ids(prompts, cfg, spec: train_data.DataSpec, tokenizer) -> List[List[int]]:
+  """[BOS] + ids + [EOS] of each anchor prompt, cut to the per-sample text budget (as the records'
+  prompts)."""
+  n = train_data.text_budget(cfg, spec)
+  bos, eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
+  return [[bos] + [int(i) for i in tokenizer.encode(p)][:n] + [eos] for p in prompts]
+
+
 def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str, params_ae=None):
   """Validate the records once per input, encode their images' posterior moments once (`train.vae_moments` =
-  cached; needs `params_ae`), then this host's grain iterator; returns (iterator, DataReport)."""
+  cached; needs `params_ae`), then this host's grain iterator (with the anchor prompts when
+  `srum.anchor_weight` > 0); returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = train_data.spec_from_config(config, pcount)
   ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
@@ -230,7 +256,8 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
     distributed.barrier("train_moments")
   ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
                          process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
-                         workers=int(t.data_workers), report=report, moments=moments)
+                         workers=int(t.data_workers), report=report, moments=moments,
+                         anchor_ids=_anchor_ids(config, cfg, tokenizer, spec))
   return iter(ds), report
 
 
@@ -264,7 +291,7 @@ def _loop(config, total: int, stop, t0: float, ckpt, sink, *, key_data, it, repo
   checkpoints = loop.Checkpoints(ckpt, every=loop.Every(steps=int(t.save_every)), meta=meta,
                                  key_data=key_data, data=it, stored=stored, complete=complete)
   metrics = loop.LogMetrics(sink, "train", loop.Every(steps=int(t.log_every), last=True), mean=True,
-                            keys=LOGGED, extra=extra,
+                            keys=logged_keys(config), extra=extra,
                             postfix=lambda v: {"loss": f"{v['loss']:.4g}", "skipped": v["skipped"]})
   return loop.TrainLoop("train", total, stop=stop, t0=t0, main=main, hooks=hooks,
                         checkpoints=checkpoints, metrics=metrics)
@@ -317,6 +344,9 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
   key_data = jax.device_put(jax.random.key_data(jax.random.key(int(config.seed))),
                             sharding.replicated(mesh))
   step_fn = ts.make_train_step(cfg, opts, tx, labels)
+  # the anchor's reference: the model training started from (a resumed run is given the same model
+  # again)
+  consts = (jax.device_put(params, state_sh.params),) if opts.anchor_weight > 0 else ()
   last = {"batch": None, "final_loss": None}  # the step's host batch; the loss resumed from
   compiled = {}
 
@@ -329,9 +359,10 @@ def _train(stop: PreemptionFlag, config, *, cfg, params, tokenizer, records_path
       batch_sh = ts.batch_shardings(hb.batch, mesh, rules)
       options = ts.compiler_options(mesh.devices.flat[0].platform, bool(t.tpu_collective_matmul))
       compiled.update(batch_sh=batch_sh, step=ts.shard_train_step(
-          lambda s, b, k: step_fn(s, b, jax.random.fold_in(k, s.step)), state_sh, batch_sh, mesh,
-          options))
-    return compiled["step"](state, _to_device(hb.batch, compiled["batch_sh"], pcount), base_key)
+          lambda s, b, k, *c: step_fn(s, b, jax.random.fold_in(k, s.step), *c), state_sh, batch_sh,
+          mesh, (state_sh.params,) * len(consts), options))
+    return compiled["step"](state, _to_device(hb.batch, compiled["batch_sh"], pcount), base_key,
+                            *consts)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=int(t.keep_checkpoints))
@@ -380,8 +411,8 @@ def _summary(workdir: str, result: loop.LoopResult, history: dict, report, *, re
   `seconds_this_invocation` is this call's."""
   is_main, state, step = jax.process_index() == 0, result.state, result.step
   if is_main and history.get("train/loss"):
-    curves = ("loss", "loss_reward", "loss_constraint")
-    viz.loss_curve_png({k: history[f"train/{k}"] for k in curves},
+    curves = ("loss", "loss_reward", "loss_constraint", "loss_anchor")
+    viz.loss_curve_png({k: history[f"train/{k}"] for k in curves if history.get(f"train/{k}")},
                        os.path.join(workdir, "loss_curve.png"), title="SRUM training loss")
   skipped = int(jax.device_get(state.skipped))
   summary = {"steps": step, "final_loss": final_loss, "skipped": skipped,

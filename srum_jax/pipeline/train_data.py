@@ -490,22 +490,42 @@ class _Decode:
 class _Collate:
   """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing. `sample_offset`: the
   global number of this process's first sample, so sample ids (and the per-sample randomness keyed by them,
-  e.g. text-condition dropout) are those of the global batch, whatever the number of processes."""
+  e.g. text-condition dropout) are those of the global batch, whatever the number of processes.
 
-  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0):
+  `anchor_ids` (wrapped prompt ids): each sample also gets an anchor prompt drawn by (`anchor_seed`,
+  its row's record indices, its place in the row): the same for any process count, new every epoch;
+  the batch carries the same layout with those prompts (`SrumBatch.anchor_inputs`)."""
+
+  def __init__(self, cfg, spec: DataSpec, sample_offset: int = 0, anchor_ids=None,
+               anchor_seed: int = 0):
     self.cfg, self.spec, self.sample_offset = cfg, spec, int(sample_offset)
+    self.anchor_ids, self.anchor_seed = anchor_ids, int(anchor_seed)
 
-  def __call__(self, samples):
-    R_, S = self.spec.rows, self.spec.samples_per_row
-    grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
-    grids = None if self.spec.resize is None else [[s["grid"] for s in row] for row in grid]
-    inputs = train_step.t2i_layout(self.cfg, [[s["ids"] for s in row] for row in grid],
-                                   image_hw=self.spec.image_hw, num_tokens=self.spec.num_tokens,
+  def _layout(self, grid_ids, grids):
+    inputs = train_step.t2i_layout(self.cfg, grid_ids, image_hw=self.spec.image_hw,
+                                   num_tokens=self.spec.num_tokens,
                                    text_capacity=self.spec.text_capacity, grids=grids)
     if self.sample_offset:
       sid = inputs.meta.sample_id
       inputs = inputs._replace(meta=inputs.meta._replace(sample_id=np.where(sid >= 0, sid + self.sample_offset,
                                                                             sid).astype(sid.dtype)))
+    return inputs
+
+  def _anchors(self, grid):
+    """One anchor prompt's ids per sample of each row (see the class docstring)."""
+    out = []
+    for row in grid:
+      rng = np.random.default_rng([self.anchor_seed] + [int(s["index"]) for s in row])
+      picks = rng.integers(len(self.anchor_ids), size=len(row))
+      out.append([self.anchor_ids[int(k)] for k in picks])
+    return out
+
+  def __call__(self, samples):
+    R_, S = self.spec.rows, self.spec.samples_per_row
+    grid = [samples[r * S:(r + 1) * S] for r in range(R_)]
+    grids = None if self.spec.resize is None else [[s["grid"] for s in row] for row in grid]
+    inputs = self._layout([[s["ids"] for s in row] for row in grid], grids)
+    anchor_inputs = None if not self.anchor_ids else self._layout(self._anchors(grid), grids)
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
     rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
                                       global_scores=stack("global_score"))
@@ -514,7 +534,8 @@ class _Collate:
     batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
                                  moments=stack("moments") if stored else None,
                                  latent_src=(None if grids is None
-                                             else train_step.latent_sources(grids, canvas)))
+                                             else train_step.latent_sources(grids, canvas)),
+                                 anchor_inputs=anchor_inputs)
     return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
                      truncated=int(sum(s["truncated"] for s in samples)),
                      image_files=[s["image_file"] for s in samples])
@@ -523,7 +544,7 @@ class _Collate:
 def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
                  num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1,
                  read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None,
-                 moments: Optional[MomentsFiles] = None):
+                 moments: Optional[MomentsFiles] = None, anchor_ids=None):
   """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's `HostBatch`es.
 
   Every process walks the same global record order: a deterministic permutation per epoch (seed + epoch;
@@ -533,7 +554,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
   skipped (the next record of the process's slice stream takes their place) and counted in
   `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
-  batches carry the stored posterior moments instead of images.
+  batches carry the stored posterior moments instead of images. `anchor_ids` (wrapped prompt ids,
+  `train.anchor_prompt_ids`): every batch also carries the anchor layout (`_Collate`).
   """
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
   per_batch, n = spec.rows * spec.samples_per_row, len(ds)
@@ -550,7 +572,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
-  return it.batch(per_batch, drop_remainder=True, batch_fn=_Collate(cfg, spec, process_index * per_batch))
+  collate = _Collate(cfg, spec, process_index * per_batch, anchor_ids, anchor_seed=seed)
+  return it.batch(per_batch, drop_remainder=True, batch_fn=collate)
 
 
 def spec_from_config(config, process_count: int = 1) -> DataSpec:

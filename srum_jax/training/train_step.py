@@ -15,7 +15,13 @@ pipeline, `pipeline.train_data.prepare_moments`; SRUM's training images are fixe
 encoder need not run every step) or from the frozen encoder run inside the step on `SrumBatch.images`.
 Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal moments and key the loss
 is the same.
-"""
+
+The anchor (`StepOptions.anchor_weight` > 0; not in the official recipe): a label-free constraint
+toward a frozen reference model (the model training started from) on prompts outside the candidate
+set. The batch's `anchor_inputs` is the same packed layout with other prompts
+(`pipeline.train_data`); at the batch's own noised latents and times the step adds anchor_weight *
+mean((v(x_t, t | anchor prompt) - v_ref(...))^2), with the reference's parameters passed to the step
+as an input (`make_train_step`: step(state, batch, key, reference))."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,12 +57,14 @@ class StepOptions:
   remat: bool = False
   remat_policy: Optional[str] = None  # with remat: a `jax.checkpoint_policies` name (None: save nothing)
   ema_decay: float = 0.0
+  anchor_weight: float = 0.0  # > 0: the anchor term (batch: anchor_inputs; step: a reference)
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
   microbatches: int = 1  # gradient accumulation over this many cuts of the batch's rows
   batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
 
 
 LORA_DROPOUT_STREAM = 5  # fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
+ANCHOR_DROP_STREAM = 6  # fold_in index of the anchor prompts' text-dropout key
 
 
 class SrumBatch(NamedTuple):
@@ -65,14 +73,17 @@ class SrumBatch(NamedTuple):
   moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then log-variance; fp32 or bf16)
   is set, the other is None. rewards: RegionRewards, leading dims [B, S].
 
-  latent_src [B, L] int32 (L = the latent capacity, S * canvas tokens): for images smaller than the canvas
-  `image_hw` (top-left, zero padding; `t2i_layout(grids=...)`), the canvas token of each packed latent slot,
-  -1 for unused slots (`latent_sources`); None when every image fills the canvas (slot = canvas order)."""
+  latent_src [B, L] int32 (L = the latent capacity, S * canvas tokens): for images smaller than the
+  canvas `image_hw` (top-left, zero padding; `t2i_layout(grids=...)`), the canvas token of each
+  packed latent slot, -1 for unused slots (`latent_sources`); None when every image fills the canvas
+  (slot = canvas order). anchor_inputs: the layout of `inputs` with anchor prompts in place of the
+  candidates' (same latent slots; None without the anchor)."""
   inputs: PackedInputs
   images: Optional[jax.Array]
   rewards: objective.RegionRewards
   moments: Optional[jax.Array] = None
   latent_src: Optional[jax.Array] = None
+  anchor_inputs: Optional[PackedInputs] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +131,11 @@ def drop_text_condition(meta, key, p: float):
   return meta._replace(sample_id=jnp.where(hide, -1, meta.sample_id))
 
 
-def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOptions):
-  """Scalar SRUM loss and metrics for one packed batch: the targets, noise and times are drawn here."""
+def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig,
+              opts: StepOptions):
+  """Scalar SRUM loss and metrics for one packed batch: the targets, noise and times are drawn here.
+  `reference`: the frozen model's {'bagel', ...} parameters the anchor term pulls toward (anchor
+  only)."""
   k_bad, k_gt, k_t, k_noise, k_drop = jax.random.split(key, 5)
   inputs = batch.inputs
   moments = batch_moments(params["ae"], batch, cfg)
@@ -139,20 +153,35 @@ def srum_loss(params, batch: SrumBatch, key, *, cfg: BagelConfig, opts: StepOpti
   inputs = inputs._replace(meta=drop_text_condition(inputs.meta, k_drop, opts.text_cond_dropout))
   lora = cfg.llm.lora
   lora_key = jax.random.fold_in(key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
-  v_pred = bagel.forward_gen(params["bagel"], inputs, losses.interpolate(x_bad, noise, t), t, cfg=cfg,
-                             dtype=opts.compute_dtype, attn_impl=opts.attn_impl, remat=opts.remat,
-                             remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll, lora_key=lora_key)
+  forward = functools.partial(bagel.forward_gen, cfg=cfg, dtype=opts.compute_dtype,
+                              attn_impl=opts.attn_impl, remat=opts.remat,
+                              remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll)
+  x_t = losses.interpolate(x_bad, noise, t)
+  v_pred = forward(params["bagel"], inputs, x_t, t, lora_key=lora_key)
   latent_hw = (opts.image_hw[0] // cfg.latent_downsample, opts.image_hw[1] // cfg.latent_downsample)
   loss, aux = objective.srum_objective(batch.rewards, v_pred, noise, x_bad, x_gt, token_mask,
                                        image_hw=opts.image_hw, latent_hw=latent_hw,
                                        lambda_constraint=opts.lambda_constraint, levers=opts.levers,
                                        token_index=batch.latent_src)
+  if opts.anchor_weight > 0:
+    if batch.anchor_inputs is None or reference is None:
+      raise ValueError(
+          "anchor_weight > 0 needs the batch's anchor_inputs and the reference parameters")
+    a_inputs = batch.anchor_inputs
+    a_inputs = a_inputs._replace(meta=drop_text_condition(
+        a_inputs.meta, jax.random.fold_in(key, ANCHOR_DROP_STREAM), opts.text_cond_dropout))
+    v_ref = forward(jax.lax.stop_gradient(reference["bagel"]), a_inputs, x_t, t)
+    v_anchor = forward(params["bagel"], a_inputs, x_t, t, lora_key=lora_key)
+    loss_anchor = losses.anchor_velocity_loss(v_anchor, v_ref, token_mask)
+    loss = loss + opts.anchor_weight * loss_anchor
+    aux = dict(aux, loss_anchor=loss_anchor)
   return loss, dict(aux, t_mean=jnp.mean(t))
 
 
 def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation, labels=None):
-  """Pure step(state, batch, key) -> (state, metrics); `labels`: only the leaves labelled 'train' are
-  differentiated and updated (`training.update`; LoRA: the adapters)."""
+  """Pure step(state, batch, key) -> (state, metrics); with the anchor step(state, batch, key,
+  reference). `labels`: only the leaves labelled 'train' are differentiated and updated
+  (`training.update`; LoRA: the adapters)."""
   return update.make_step(functools.partial(srum_loss, cfg=cfg, opts=opts), tx, opts.ema_decay,
                           microbatches=opts.microbatches, batch_ways=opts.batch_ways, labels=labels)
 
@@ -207,12 +236,17 @@ def compiler_options(platform: str, collective_matmul: bool = True) -> dict:
   return {} if platform != "tpu" or collective_matmul else dict(TPU_NO_COLLECTIVE_MATMUL)
 
 
-def shard_train_step(step_fn, state_sh, batch_sh, mesh, options: Optional[dict] = None):
-  """jit with explicit in/out shardings (today's pjit); the state buffers are donated; traced under the mesh
-  (attention kernels run per shard); `options`: XLA compiler options (`compiler_options`)."""
+def shard_train_step(step_fn, state_sh, batch_sh, mesh, const_sh: tuple = (),
+                     options: Optional[dict] = None):
+  """jit with explicit in/out shardings (today's pjit); the state buffers are donated; traced under
+  the mesh (attention kernels run per shard). `const_sh`: shardings of the step's trailing constant
+  inputs (the anchor's reference parameters: `state_sh.params`); `options`: XLA compiler options
+  (`compiler_options`)."""
   rep = sharding.replicated(mesh)
-  return jax.jit(sharding.under_mesh(step_fn, mesh), in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                 donate_argnums=(0,), compiler_options=options or None)
+  return jax.jit(sharding.under_mesh(step_fn, mesh),
+                 in_shardings=(state_sh, batch_sh, rep) + tuple(const_sh),
+                 out_shardings=(state_sh, rep), donate_argnums=(0,),
+                 compiler_options=options or None)
 
 
 # ----------------------------------------------------------------------------------------------

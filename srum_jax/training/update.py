@@ -1,8 +1,9 @@
 """The guarded update every trainer uses: gradients -> (NaN/inf skip) -> optimizer -> EMA.
 
     state = init_state(params, tx, ema_decay=0.0)
-    step = make_step(loss_fn, tx, ema_decay=0.0)   # loss_fn(params, batch, key) -> (loss, aux)
-    state, metrics = step(state, batch, key)        # pure: jit / shard it from the outside
+    step = make_step(loss_fn, tx, ema_decay=0.0)  # loss_fn(params, batch, key, *consts)
+    state, metrics = step(state, batch, key)       # pure: jit / shard it from the outside
+    state, metrics = step(state, batch, key, ref)  # consts the loss reads, never trains (frozen)
 
 With `microbatches` k > 1 the batch's rows are cut into k microbatches, the gradients of their losses are
 averaged (a `lax.scan`, one microbatch in memory at a time; microbatch j draws its randomness from
@@ -122,9 +123,12 @@ def split_microbatches(batch, microbatches: int, batch_ways: int = 1):
   return jax.tree.map(cut, batch)
 
 
-def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, batch_ways: int = 1):
-  """((mean loss, mean aux), mean gradients) over the microbatches of `batch` (see the module docstring)."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, batch_ways: int = 1,
+                      consts: tuple = ()):
+  """((mean loss, mean aux), mean gradients) over the microbatches of `batch` (see the module
+  docstring); `consts` are passed to every call of the loss after the key, without gradients."""
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = lambda p, b, k: value_and_grad(p, b, k, *consts)  # noqa: E731
   if microbatches == 1:
     return grad_fn(params, batch, key)
   micro = split_microbatches(batch, microbatches, batch_ways)
@@ -146,17 +150,19 @@ def accumulated_grads(loss_fn: Callable, params, batch, key, microbatches: int, 
 
 def make_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_decay: float = 0.0, *,
               microbatches: int = 1, batch_ways: int = 1, labels=None) -> Callable:
-  """Pure step(state, batch, key) -> (state, metrics) for `loss_fn(params, batch, key) -> (loss, aux)`;
-  metrics = aux + loss, grad_norm, skipped. `labels`: differentiate and update the trainable leaves only."""
+  """Pure step(state, batch, key, *consts) -> (state, metrics) for `loss_fn(params, batch, key,
+  *consts) -> (loss, aux)`; metrics = aux + loss, grad_norm, skipped. `labels`: differentiate and
+  update the trainable leaves only. `consts` (e.g. a frozen reference model's parameters) reach the
+  loss as arguments, so a jitted step takes them as inputs, not as baked-in constants."""
 
-  def step(state: TrainState, batch, key):
+  def step(state: TrainState, batch, key, *consts):
     frozen = state.params
 
-    def loss_of_trainable(trained, b, k):
-      return loss_fn(with_trainable(frozen, trained, labels), b, k)
+    def loss_of_trainable(trained, b, k, *c):
+      return loss_fn(with_trainable(frozen, trained, labels), b, k, *c)
 
-    (loss, aux), grads = accumulated_grads(loss_of_trainable, trainable_part(state.params, labels), batch, key,
-                                           microbatches, batch_ways)
+    (loss, aux), grads = accumulated_grads(loss_of_trainable, trainable_part(state.params, labels),
+                                           batch, key, microbatches, batch_ways, consts)
     state, info = guarded_update(state, grads, loss, tx, ema_decay, labels)
     return state, dict(aux, loss=loss, **info)
 
