@@ -11,17 +11,18 @@ differences SRUM - base and SRUM - SFT, on val and on every eval-only prompt set
 (`prompts.eval_extra`; the shapes world's generalisation split `gen`: forms neither train nor val
 holds), and writes them to <workdir>/effect.json. Report what it prints, whatever it is.
 
-Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the round-0
-candidates, and the script prints how well the self-judge's global scores separate them (ROC AUC, accuracy of
-score > 0) and the mean reward-map value of oracle-correct vs oracle-wrong candidates.
-Each --column is one more SRUM model trained on the same candidates and rewards with several
-overrides, paired with SRUM itself, e.g. LoRA against full fine-tuning:
+Why SRUM helps or not is in the judge: after each run (never inside it) the oracle also checks the
+round-0 candidates, and the script prints how well the self-judge's global scores separate them (ROC
+AUC, accuracy of score > 0) and the mean reward-map value of oracle-correct vs oracle-wrong
+candidates. Each --column is one more SRUM model trained on the same candidates and rewards with
+several overrides, paired with SRUM itself, e.g. LoRA against full fine-tuning:
     --column "model.lora.rank=8 train.lr=1e-3"
 The base model's eval is the same for every seed (eval.seed is fixed), so a seed reuses the base
 images of any seed already in the workdir; every stage resumes, so seeds can run as separate
 invocations with one --workdir, and a last invocation over all of them prints the table over seeds.
-With --on_train_prompts every model is also evaluated on the train prompts (the prompts its candidates were
-drawn for), to tell a recipe that does not learn from its data from one that does not generalise.
+With --on_train_prompts every model is also evaluated on the train prompts (the prompts its
+candidates were drawn for), to tell a recipe that does not learn from its data from one that does
+not generalise.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ from srum_jax.worlds.shapes import judge_text
 
 
 def oracle_checked_candidates(workdir: str):
-  """(record, image, oracle verdict) for each readable round-0 candidate (the images SRUM trained on)."""
+  """(record, image, oracle verdict) for each readable round-0 candidate (the images SRUM trained
+  on)."""
   rd = os.path.join(workdir, "round_0")
   for rec in logs.JsonlLog(os.path.join(rd, "score", "rewards.jsonl")).rows():
     im, _ = files.load_rgb(os.path.join(rd, "generate", rec["image_file"]))
@@ -62,12 +64,15 @@ def candidate_diagnostics(workdir: str, levers) -> dict:
   for rec, im, verdict in oracle_checked_candidates(workdir):
     g.append(float(rec.get("global_score") or 0.0))
     ok.append(verdict)
-    r_mean.append(float(run.record_reward_map(records_lib.record_from_dict(rec), im.shape[:2], levers).mean()))
+    r_mean.append(
+        float(
+            run.record_reward_map(records_lib.record_from_dict(rec), im.shape[:2], levers).mean()))
   g, ok, r_mean = np.asarray(g), np.asarray(ok), np.asarray(r_mean)
-  return dict(n=int(len(g)), oracle_correct=float(ok.mean()) if len(ok) else None, judge_auc=roc_auc(g, ok),
-              judge_accuracy=float(np.mean((g > 0) == ok)) if len(ok) else None,
-              reward_mean_correct=float(r_mean[ok].mean()) if ok.any() else None,
-              reward_mean_wrong=float(r_mean[~ok].mean()) if (~ok).any() else None)
+  return dict(
+      n=int(len(g)), oracle_correct=float(ok.mean()) if len(ok) else None, judge_auc=roc_auc(
+          g, ok), judge_accuracy=float(np.mean((g > 0) == ok)) if len(ok) else None,
+      reward_mean_correct=float(r_mean[ok].mean()) if ok.any() else None,
+      reward_mean_wrong=float(r_mean[~ok].mean()) if (~ok).any() else None)
 
 
 def _copy_stage_dirs(src: str, dst: str) -> None:
@@ -108,7 +113,8 @@ def oracle_filtered_sft(cfg) -> dict:
       if verdict:
         f.write(json.dumps(rec) + "\n")
   base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
-  summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out, objective_name="sft")
+  summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out,
+                            objective_name="sft")
   model = loaded_model.save_model(os.path.join(cfg.workdir, "oracle_sft_model"), base,
                                   summary["params"], summary["cfg"])
   return {s: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, model, items,
@@ -128,20 +134,27 @@ def eval_sets(cfg) -> dict:
 
 def _model_dirs(cfg, names) -> dict:
   """Where the run left each evaluated model (base: the configured model dir)."""
-  where = {"base": loaded_model.resolve_model_dir(cfg), "sft": os.path.join(cfg.workdir, "sft_model"),
-           "srum": os.path.join(cfg.workdir, "round_0", "model"),
-           "oracle_sft": os.path.join(cfg.workdir, "oracle_sft_model")}
+  where = {
+      "base": loaded_model.resolve_model_dir(cfg),
+      "sft": os.path.join(cfg.workdir, "sft_model"),
+      "srum": os.path.join(cfg.workdir, "round_0", "model"),
+      "oracle_sft": os.path.join(cfg.workdir, "oracle_sft_model")
+  }
   return {n: where[n] for n in names if n in where}
 
 
 def train_prompt_tables(cfg, names) -> dict:
   """Each model's oracle table on the train prompts (same eval settings and seed as on val)."""
   items = prompt_sources.load_prompts(cfg.prompts.train)
-  return {name: evaluate.evaluate(cfg.eval, cfg.eval_generate, cfg.score, loaded_model.load_inference_model(cfg, path),
-                                  items, os.path.join(cfg.workdir, "eval_train", name), seed=cfg.eval.seed,
-                                  texts=texts_lib.from_setting(cfg.texts.file),
-                                  compute_dtype=cfg.model.compute_dtype, name=name, attn_impl=loaded_model.attn_impl(cfg))
-          for name, path in _model_dirs(cfg, names).items()}
+  return {
+      name: evaluate.evaluate(
+          cfg.eval, cfg.eval_generate, cfg.score, loaded_model.load_inference_model(cfg,
+                                                                                    path), items,
+          os.path.join(cfg.workdir, "eval_train",
+                       name), seed=cfg.eval.seed, texts=texts_lib.from_setting(
+                           cfg.texts.file), compute_dtype=cfg.model.compute_dtype, name=name,
+          attn_impl=loaded_model.attn_impl(cfg)) for name, path in _model_dirs(cfg, names).items()
+  }
 
 
 def table_text(tables: dict, title: str):
@@ -151,7 +164,11 @@ def table_text(tables: dict, title: str):
   models = list(next(iter(tables.values())))
   models = ["base", "sft", "srum"] + [m for m in models if m not in ("base", "sft", "srum")]
   cats = [c for c in next(iter(tables.values()))["base"]]
-  acc = {m: {c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats} for m in models}
+  acc = {
+      m: {
+          c: np.array([100 * tables[s][m][c]["accuracy"] for s in tables]) for c in cats
+      } for m in models
+  }
   srums = [m for m in models if m.startswith("srum")]
   pairs = [(m, ref) for ref in ("base", "sft") for m in srums]
   pairs += [(m, "srum") for m in srums if m != "srum"]  # extra columns (levers, LoRA) vs SRUM
@@ -174,23 +191,29 @@ def _set_title(name: str) -> str:
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="experiments/tiny_world.py")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--workdir", default="outputs/tiny_world_effect")
-  ap.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-  ap.add_argument("--lever", default="",
-                  help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
-                       "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
+  ap.add_argument("--set", action="append", default=[],
+                  help="config override key=value (repeatable)")
+  ap.add_argument(
+      "--lever", default="",
+      help="key=v1,v2,...: extra SRUM columns trained on the same candidates and rewards, e.g. "
+      "srum.lambda_constraint=0.0,0.1 or srum.use_local=False")
   ap.add_argument("--column", action="append", default=[],
                   help="'k1=v1 k2=v2 ...' (repeatable): one extra SRUM column per flag with these "
                        "overrides, trained on the same candidates and rewards (a lever of several "
                        "keys, e.g. LoRA: 'model.lora.rank=8 train.lr=1e-3')")
-  ap.add_argument("--oracle_ceiling", action="store_true",
-                  help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a perfect "
-                       "binary judge would give")
-  ap.add_argument("--on_train_prompts", action="store_true",
-                  help="also evaluate every model on the train prompts (section 'on train prompts')")
+  ap.add_argument(
+      "--oracle_ceiling", action="store_true",
+      help="also train SFT on only the oracle-correct candidates (column oracle_sft): what a "
+           "perfect "
+      "binary judge would give")
+  ap.add_argument(
+      "--on_train_prompts", action="store_true",
+      help="also evaluate every model on the train prompts (section 'on train prompts')")
   a = ap.parse_args()
   overrides = config_utils.parse_overrides(a.set)
   columns = {}  # column name -> its overrides
@@ -206,7 +229,8 @@ def main():
     cfg = config_utils.load_config(a.config, overrides)
     with cfg.unlocked():
       cfg.seed = cfg.seed + 1000 * seed
-      cfg.eval.seed = cfg.eval.seed  # same eval prompts and noise for every seed: a paired comparison
+      # same eval prompts and noise for every seed: a paired comparison
+      cfg.eval.seed = cfg.eval.seed
       cfg.workdir = os.path.join(a.workdir, f"seed_{seed}")
       cfg.run.sft_control = True
     for folder, _ in eval_sets(cfg).values():
@@ -236,7 +260,9 @@ def main():
   for name in [n for n in tables if n != "val"]:
     t, summary[name] = table_text(tables[name], _set_title(name))
     text += "\n\n" + t
-  keys = ["oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"]
+  keys = [
+      "oracle_correct", "judge_auc", "judge_accuracy", "reward_mean_correct", "reward_mean_wrong"
+  ]
   text += "\n\nSelf-judge on the round-0 candidates (oracle as reference; mean over seeds)\n\n"
   text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
       f"{np.mean([diags[s][k] for s in diags if diags[s][k] is not None]):.3f}" for k in keys) + " |"

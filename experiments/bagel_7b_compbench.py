@@ -4,8 +4,9 @@
     python -m srum_jax texts import --bagel_code=Bagel --srum_code=SRUM --out=texts.json  # README
     python -m srum_jax run --config=$C --config.model.dir=/ckpt/bagel7b \
         --config.texts.file=texts.json
+    # SRUM's released set, as downloaded
     python -m srum_jax train --config=$C --config.model.dir=/ckpt/bagel7b \
-        --config.texts.file=texts.json --config.train.records=SRUM_6k_CompBench_Train   # SRUM's released set, as downloaded
+        --config.texts.file=texts.json --config.train.records=SRUM_6k_CompBench_Train
     python -m srum_jax sweep --config=$C --dry_run   # lambda x lr grid
     python -m srum_jax run --config=$C:v5p ...   # on v5p: no remat, data-parallel inference
 

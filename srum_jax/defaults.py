@@ -1,12 +1,13 @@
-"""The base experiment config every `experiments/*.py` file starts from (big_vision `get_config` style).
+"""The base experiment config every `experiments/*.py` file starts from (big_vision `get_config`
+style).
 
-Every key any stage reads is declared here, so an override of a key that does not exist fails before any
-work starts, and code reads keys directly (no fallback values in code). Keys are grouped by pipeline stage;
-values are the official SRUM / BAGEL recipe unless a comment says otherwise, so the paper's recipe is stated
-here once and an experiment changes only what differs (model size, sharding, resolution). Where SRUM's
-scripts and the functions they call disagree, the value is the one the shipped path runs with: its shell
-scripts' arguments, then the launcher's defaults (e.g. `srum_data_infer/vlm.sh` runs `vlm_multi_gpu.py`,
-whose argument defaults override `vlm.py`'s own).
+Every key any stage reads is declared here, so an override of a key that does not exist fails before
+any work starts, and code reads keys directly (no fallback values in code). Keys are grouped by
+pipeline stage; values are the official SRUM / BAGEL recipe unless a comment says otherwise, so the
+paper's recipe is stated here once and an experiment changes only what differs (model size,
+sharding, resolution). Where SRUM's scripts and the functions they call disagree, the value is the
+one the shipped path runs with: its shell scripts' arguments, then the launcher's defaults (e.g.
+`srum_data_infer/vlm.sh` runs `vlm_multi_gpu.py`, whose argument defaults override `vlm.py`'s own).
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from srum_jax.data.prompt_sources import prompt_source
 
 
 def optimizer_block(**values) -> ml_collections.ConfigDict:
-  """The keys `training.optimizer.make_optimizer` reads (defaults: SRUM post-training: AdamW lr 2e-5, betas
+  """The keys `training.optimizer.make_optimizer` reads (defaults: SRUM post-training: AdamW lr
+  2e-5, betas
   0.9/0.95, eps 1e-15, no weight decay, 100 warm-up updates then constant, clip 1.0)."""
-  block = ml_collections.ConfigDict(dict(lr=2e-5, lr_decay="constant", min_lr_ratio=0.0, warmup_steps=100,
-                                         b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0))
+  block = ml_collections.ConfigDict(
+      dict(lr=2e-5, lr_decay="constant", min_lr_ratio=0.0, warmup_steps=100, b1=0.9, b2=0.95,
+           eps=1e-15, weight_decay=0.0, grad_clip=1.0))
   block.update(values)
   return block
 
@@ -33,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   # differs. True: those stale outputs (and what was made from them) are deleted and made again.
   c.discard_stale = False
 
-  # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official checkpoint
+  # Model: a converted model directory (orbax + model_config.json + tokenizer.json), or an official
+  # checkpoint
   # directory (safetensors + json) that is converted into <workdir>/converted_model on first use.
   c.model = ml_collections.ConfigDict()
   c.model.dir = ""  # `python -m srum_jax convert` output (required unless official_dir is set)
@@ -47,11 +51,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attn_impl = "auto"
   c.model.remat = False
   c.model.remat_policy = ""  # with remat: "" saves nothing, else a jax.checkpoint_policies name
-  # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is frozen (held in
-  # model.param_dtype) and the adapters' master weights are in model.lora.dtype (srum_jax/models/lora.py).
-  c.model.lora = ml_collections.ConfigDict(dict(
-      rank=0, alpha=16.0, dropout=0.0, dtype="float32",
-      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), experts=("gen",)))
+  # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is
+  # frozen (held in
+  # model.param_dtype) and the adapters' master weights are in model.lora.dtype
+  # (srum_jax/models/lora.py).
+  c.model.lora = ml_collections.ConfigDict(
+      dict(rank=0, alpha=16.0, dropout=0.0, dtype="float32",
+           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+           experts=("gen",)))
 
   # The texts sent to the model and the metric judges (think system prompts, SRUM's judge questions,
   # the evaluation rubrics; srum_jax/rewards/texts.py). file: "" or "own" -> the project's own
@@ -63,10 +70,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.texts.file = ""
   c.texts.require_official = False
 
-  # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of DEFAULT_RULES).
-  # Training runs on every device of every process; inference (generate, score, eval) on each process's own
+  # Device meshes and logical-axis rule overrides ([[logical, mesh_axes], ...] on top of
+  # DEFAULT_RULES).
+  # Training runs on every device of every process; inference (generate, score, eval) on each
+  # process's own
   # devices, parameters sharded by the same rules (fsdp / tensor), batch rows over data x fsdp.
-  # One size may be -1 (the remaining devices); mesh.tensor 0: derived so the batch rows split evenly.
+  # One size may be -1 (the remaining devices); mesh.tensor 0: derived so the batch rows split
+  # evenly.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.inference_mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.sharding_rules = []
@@ -77,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.srum.signed_rewards = False
   c.srum.use_local = True  # region rewards
   c.srum.use_global = True  # global layout reward
-  # SRUM's vlm_format_output.py `parse_and_convert_record`: records whose global score is 0.0 are dropped
+  # SRUM's vlm_format_output.py `parse_and_convert_record`: records whose global score is 0.0 are
+  # dropped
   c.srum.drop_zero_global = True
   # Not in the official recipe: + anchor_weight * mean((v - v_ref)^2) at the batch's noised latents
   # under prompts from `prompts.anchor` (outside the candidate set), v_ref the frozen starting
@@ -90,9 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 309
   c.train.timestep_shift = 1.0
   c.train.text_cond_dropout = 0.1
-  c.train.batch_size = 2  # global rows per update (samples_per_row images each), whatever the device count
-  c.train.microbatch_rows = 0  # rows per batch shard per forward/backward; fewer than a shard's: accumulation
-  c.train.ema_decay = 0.0  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
+  # global rows per update (samples_per_row images each), whatever the device count
+  c.train.batch_size = 2
+  # rows per batch shard per forward/backward; fewer than a shard's: accumulation
+  c.train.microbatch_rows = 0
+  # 0: no EMA (official SRUM); > 0: `run` continues with the EMA of the weights
+  c.train.ema_decay = 0.0
   c.train.freeze = ("vit", "connector", "ae")  # top-level parameter groups held fixed
   # XLA TPU's windowed einsum for the step's FSDP matmuls (False: whole all-gathers and
   # reduce-scatters; fewer bytes by XLA's cost model, benchmarks/results_tpu_cost.txt)
@@ -102,27 +116,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.sample_every = 100  # PNG grid of training images with reward overlays (0: never)
   c.train.sample_posterior = True  # VAE posterior sample (official) vs. its mean
-  c.train.vae_moments = "cached"  # cached: the frozen VAE encodes each round's images once (data preparation)
+  # cached: the frozen VAE encodes each round's images once (data preparation)
+  c.train.vae_moments = "cached"
   #   and the step samples from the stored posterior moments | step: the encoder runs inside every step
   c.train.moments_dtype = "float32"  # stored moments: float32 (the step's loss unchanged) | bfloat16 (half size)
-  c.train.encode_batch = 8  # images per jitted encoder call of the moments pass (rounded up to the device count)
-  # Data: reward records (records.py schema) with image paths relative to images_root; "" -> records's folder.
-  # `train.records`: a JSONL of this project's schema or SRUM's formatted one (`vlm_format_output.py`),
-  # or a folder holding one (SRUM's released CompBench training set as downloaded): `record_sources.py`.
+  # images per jitted encoder call of the moments pass (rounded up to the device count)
+  c.train.encode_batch = 8
+  # Data: reward records (records.py schema) with image paths relative to images_root; "" ->
+  # records's folder.
+  # `train.records`: a JSONL of this project's schema or SRUM's formatted one
+  # (`vlm_format_output.py`),
+  # or a folder holding one (SRUM's released CompBench training set as downloaded):
+  # `record_sources.py`.
   c.train.records = ""  # "" -> <workdir>/score/rewards.jsonl (the score stage's output)
   c.train.records_format = "auto"  # auto (from the file's first record) | srum_jax | official
-  c.train.images_root = ""  # "": the score stage's images, or found beside the records (SRUM's layout)
-  # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args -> `data/transforms.py`
-  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short side
-  # >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded latent
-  # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`. Boxes
+  # "": the score stage's images, or found beside the records (SRUM's layout)
+  c.train.images_root = ""
+  # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args ->
+  # `data/transforms.py`
+  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short
+  # side
+  # >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded
+  # latent
+  # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`.
+  # Boxes
   # follow each image's scaling.
   c.train.image_resize = "official"  # official | fixed
   c.train.official_resize = (1024, 512, 256)  # (max_image_size, min_image_size, image_stride)
   c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest `official` image
   c.train.samples_per_row = 2  # T2I samples packed per row (official: ~2 per GPU at 8192 tokens)
   c.train.num_tokens = 8448  # static row budget: samples_per_row * (h*w latents) + text_capacity
-  c.train.text_capacity = 256  # static text slots per row (BOS/EOS, prompt ids and the image markers)
+  # static text slots per row (BOS/EOS, prompt ids and the image markers)
+  c.train.text_capacity = 256
   c.train.max_regions = 10  # regions per image: what scoring writes (propose.max_regions)
   c.train.data_threads = 4
   c.train.data_workers = 0  # >0: grain decodes in that many processes
@@ -138,8 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
   # val (<workdir>/eval_<name>/; e.g. the shapes world's generalisation split). None by default.
   c.prompts.eval_extra = ml_collections.ConfigDict()
 
-  # Candidate generation: SRUM's srum_data_infer/t2i.py `main` as compt2i.sh runs it (think mode, 50 steps,
-  # text cfg 4.0 in (0.4, 1], image cfg 1.0, shift 3.0, global renorm; 1024^2: the inferencer's image_shapes).
+  # Candidate generation: SRUM's srum_data_infer/t2i.py `main` as compt2i.sh runs it (think mode, 50
+  # steps,
+  # text cfg 4.0 in (0.4, 1], image cfg 1.0, shift 3.0, global renorm; 1024^2: the inferencer's
+  # image_shapes).
   c.generate = ml_collections.ConfigDict()
   c.generate.batch_size = 4
   c.generate.samples_per_prompt = 1
@@ -156,8 +183,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.max_think_tokens = 1000
   c.generate.crop_to_content = True  # save images cropped to their non-black box (SRUM's t2i.py)
   c.generate.text_budget = 0  # 0: bucket to the longest prompt
-  # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest prompt, and
-  # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers, the plan
+  # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest
+  # prompt, and
+  # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers,
+  # the plan
   # (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
@@ -185,9 +214,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.mode = "generate"  # generate (decode + parse) | logits (expected score token, one forward)
   c.score.think = True
   c.score.batch_size = 4
-  # Unparsable answers are asked again: 5 attempts in all (`vlm_multi_gpu.py`'s --max_retries default 5
-  # counts attempts; `vlm.py`'s own parser says 3), every one greedy (`vlm.py` passes text_temperature
-  # 0.0 and the inferencer does not sample). Greedy re-asks repeat a deterministic model's answer; > 0
+  # Unparsable answers are asked again: 5 attempts in all (`vlm_multi_gpu.py`'s --max_retries
+  # default 5
+  # counts attempts; `vlm.py`'s own parser says 3), every one greedy (`vlm.py` passes
+  # text_temperature
+  # 0.0 and the inferencer does not sample). Greedy re-asks repeat a deterministic model's answer; >
+  # 0
   # samples them.
   c.score.max_retries = 4  # re-asks after the first answer
   c.score.retry_temperature = 0.0
@@ -201,17 +233,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.region_identify = False
   c.score.max_identify_tokens = 16
   c.score.text_budget = 0
-  # 0: the official ViT transform; N (a multiple of 14): the judge sees images resized to N x N (tiny worlds;
+  # 0: the official ViT transform; N (a multiple of 14): the judge sees images resized to N x N
+  # (tiny worlds;
   # pretraining's understanding data uses the same view)
   c.score.vit_image_size = 0
 
-  # Evaluation (pipeline/evaluate.py, srum_jax/evaluation): held-out prompts, generation settings of their own,
-  # the metrics of `metrics`. Metric models are PyTorch (transformers) folders; nothing is downloaded.
+  # Evaluation (pipeline/evaluate.py, srum_jax/evaluation): held-out prompts, generation settings of
+  # their own,
+  # the metrics of `metrics`. Metric models are PyTorch (transformers) folders; nothing is
+  # downloaded.
   c.eval = ml_collections.ConfigDict()
   c.eval.metrics = "judge"  # comma list of: judge, compbench, mllm, geneval, reasonbench
-  c.eval.model_dir = ""  # the UMM to evaluate: a converted or an official checkpoint dir ("" -> model.*)
-  c.eval.images_dir = ""  # score a folder of images made elsewhere instead of generating (evaluation/image_folders.py)
-  c.eval.name = "model"  # results in <workdir>/eval/<name>; <workdir>/eval/summary.md compares every name
+  # the UMM to evaluate: a converted or an official checkpoint dir ("" -> model.*)
+  c.eval.model_dir = ""
+  # score a folder of images made elsewhere instead of generating (evaluation/image_folders.py)
+  c.eval.images_dir = ""
+  # results in <workdir>/eval/<name>; <workdir>/eval/summary.md compares every name
+  c.eval.name = "model"
   c.eval.batch_size = 16  # images per scoring call (and per resumable log flush)
   c.eval.grid_images = 8  # prompts in <out>/grid.png (0: no grid)
   c.eval.device = "auto"  # torch device of the metric models: auto (cuda if visible) | cpu | cuda | cuda:N
@@ -221,19 +259,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.self_threshold = 0.0
   c.eval.hf_vlm_dir = ""
   c.eval.seed = 1234
-  # T2I-CompBench's own metrics (evaluation/compbench.py), each category scored by its benchmark metric.
+  # T2I-CompBench's own metrics (evaluation/compbench.py), each category scored by its benchmark
+  # metric.
   c.eval.compbench = ml_collections.ConfigDict()
   c.eval.compbench.blip_dir = ""  # BLIP VQA (the benchmark's: Salesforce/blip-vqa-capfilt-large)
   c.eval.compbench.clip_dir = ""  # CLIP ViT-B/32 (openai/clip-vit-base-patch32)
   c.eval.compbench.detector = "owlv2"  # owlv2 | owlvit | mask2former (UniDet is not in transformers)
   c.eval.compbench.detector_dir = ""  # e.g. google/owlv2-base-patch16-ensemble
-  c.eval.compbench.detector_threshold = 0.1  # OWLv2's confidence scale (UniDet used 0.5 on its own scale)
+  # OWLv2's confidence scale (UniDet used 0.5 on its own scale)
+  c.eval.compbench.detector_threshold = 0.1
   c.eval.compbench.text_parser = "auto"  # auto | spacy | rules (how prompts are read: evaluation/text.py)
   c.eval.compbench.np_num = 8  # noun phrases asked per prompt (BLIP-VQA)
-  c.eval.compbench.frame_size = 480  # long side (px) of the detector frame the position thresholds assume
+  # long side (px) of the detector frame the position thresholds assume
+  c.eval.compbench.frame_size = 480
   c.eval.compbench.batch_size = 16  # BLIP questions per forward
-  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper: Qwen2.5-VL-72B-Instruct);
-  # its question: the texts' `compbench_question` (official texts: SRUM's CompBench_eval/qwen_eval.py).
+  # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper:
+  # Qwen2.5-VL-72B-Instruct);
+  # its question: the texts' `compbench_question` (official texts: SRUM's
+  # CompBench_eval/qwen_eval.py).
   c.eval.mllm = ml_collections.ConfigDict()
   c.eval.mllm.model_dir = ""
   c.eval.mllm.torch_dtype = "bfloat16"
@@ -242,7 +285,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.mllm.max_new_tokens = 0  # 0: the benchmark script's (qwen_eval.py: 512; ReasonBench: 1000)
   c.eval.mllm.max_retries = 2  # answers without a score are asked again, sampling
   c.eval.mllm.retry_temperature = 0.7
-  # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former on COCO.
+  # GenEval (evaluation/geneval.py): its prompts and rules; defaults are GenEval's for Mask2Former
+  # on COCO.
   c.eval.geneval = ml_collections.ConfigDict()
   c.eval.geneval.metadata = ""  # GenEval's evaluation_metadata.jsonl (also the prompts of the run)
   c.eval.geneval.detector = "mask2former"  # owlv2 | owlvit | mask2former
@@ -253,20 +297,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.geneval.max_objects = 16
   c.eval.geneval.nms_threshold = 1.0  # 1.0: no NMS
   c.eval.geneval.position_threshold = 0.1
-  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension a run;
+  # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension
+  # a run;
   # its questions are the texts' `reasonbench` protocol (texts import --reasonbench_code).
   c.eval.reasonbench = ml_collections.ConfigDict()
-  c.eval.reasonbench.prompts = ""  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
+  # the benchmark's prompts/<dimension>.json (also the prompts of the run)
+  c.eval.reasonbench.prompts = ""
   c.eval.reasonbench.questions = ""  # its deepseek_evaluation_qs/evaluation_<dimension>.json
-  c.eval.reasonbench.dimension = ""  # "" -> from the file names (idiom, textual, entity, scientific)
+  # "" -> from the file names (idiom, textual, entity, scientific)
+  c.eval.reasonbench.dimension = ""
   # Held-out images as SRUM's CompBench_eval/comp_eval_infer.sh makes them: t2i_multi_gpu.py with
-  # --think (the paper's 88.37 row), saved cropped as t2i.py does; think False is its "no think" row.
+  # --think (the paper's 88.37 row), saved cropped as t2i.py does; think False is its "no think"
+  # row.
   c.eval_generate = c.generate.copy_and_resolve_references()
 
   # ---- Inference commands `sample`, `edit`, `ask` (pipeline/inference_commands.py); BAGEL's
-  # inferencer and app defaults. Outputs under `out` ("" -> <workdir>/<command>); `seeds` () -> (seed,).
+  # inferencer and app defaults. Outputs under `out` ("" -> <workdir>/<command>); `seeds` () ->
+  # (seed,).
   c.sample = c.generate.copy_and_resolve_references()  # generate's keys (size, steps, CFG, think)
-  c.sample.think = False  # BAGEL's default; True: the model writes a plan first (kept beside the image)
+  # BAGEL's default; True: the model writes a plan first (kept beside the image)
+  c.sample.think = False
   c.sample.prompts = ()  # e.g. --config.sample.prompts="('a red fox in the snow',)"
   c.sample.prompts_file = ""  # and/or a prompt file: txt, json or jsonl (`prompt_sources` formats)
   c.sample.seeds = ()
@@ -274,7 +324,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.edit = ml_collections.ConfigDict()
   c.edit.image = ""  # the image to edit (its size after `vae_transform` is the output's)
   c.edit.prompt = ""  # the instruction
-  c.edit.requests = ""  # and/or JSONL lines {"image", "prompt", "id" (optional)}; paths relative to it
+  # and/or JSONL lines {"image", "prompt", "id" (optional)}; paths relative to it
+  c.edit.requests = ""
   c.edit.think = False
   c.edit.max_think_tokens = 1000
   c.edit.num_timesteps = 50
@@ -295,7 +346,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ask.image = ""
   c.ask.question = ""
   c.ask.requests = ""  # and/or JSONL lines {"image", "question", "id" (optional)}
-  c.ask.think = False  # True: the understanding think system prompt; `answer`: what follows </think>
+  # True: the understanding think system prompt; `answer`: what follows </think>
+  c.ask.think = False
   c.ask.max_new_tokens = 1000
   c.ask.do_sample = False  # BAGEL's default: greedy
   c.ask.temperature = 0.3  # with do_sample
@@ -314,7 +366,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Pretraining a tiny UMM from scratch on a synthetic world (`python -m srum_jax pretrain`).
   c.pretrain = pretrain_stage()
-  # Up to two more stages in the same command, each warm-started from the one before (name "": none).
+  # Up to two more stages in the same command, each warm-started from the one before (name "":
+  # none).
   c.pretrain.then = pretrain_stage()
   c.pretrain.then.name = c.pretrain.then.out = ""
   c.pretrain.then.then = pretrain_stage()
@@ -323,15 +376,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def pretrain_stage() -> ml_collections.ConfigDict:
-  """One pretraining stage: A (the autoencoder, unless reused) and B (the UMM), or a warm-started stage.
+  """One pretraining stage: A (the autoencoder, unless reused) and B (the UMM), or a warm-started
+  stage.
 
   Values are the shapes world's stage A+B on 2 CPU cores (`experiments/tiny_world.py` states them).
   """
   p = ml_collections.ConfigDict()
   p.name = "AB"  # "" as `then`: no next stage
   p.out = "outputs/pretrain"  # "" as `then`: <pretrain.out>/<then.name>
-  p.init_from = ""  # warm start from a model dir's params (its AE too); "" as `then`: <pretrain.out>/model
-  p.resume = True  # continue from <out>/state when it exists; a finished stage is kept by a rerun of a chain
+  # warm start from a model dir's params (its AE too); "" as `then`: <pretrain.out>/model
+  p.init_from = ""
+  # continue from <out>/state when it exists; a finished stage is kept by a rerun of a chain
+  p.resume = True
   p.seed = 0
   p.preset = "tiny_world"
   p.max_seconds = 4000.0  # wall-clock cap of the stage (A + B), compilation included, eval excluded
@@ -342,23 +398,27 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.log_every = 50  # host syncs: rarer is faster
   p.snapshot_every_seconds = 1200.0  # save <out>/state (resumable) + <out>/snapshot (0: never)
   # Stage A: the autoencoder (cosine schedule over its steps).
-  p.ae = optimizer_block(lr=2e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=50, b2=0.99, eps=1e-8)
+  p.ae = optimizer_block(lr=2e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=50, b2=0.99,
+                         eps=1e-8)
   p.ae.from_dir = ""  # reuse the AE (and its latent scale) of an existing model dir: skips stage A
   p.ae.steps = 1200
   p.ae.max_seconds = 540.0
   p.ae.batch = 32
   p.ae.kl_weight = 1e-4
-  p.ae.check_images = 128  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
+  # oracle accuracy of reconstructions of val scenes (a report figure; 0: skip)
+  p.ae.check_images = 128
   # Stage B: the UMM; one step = one generation batch + one understanding batch (cosine schedule).
-  p.umm = optimizer_block(lr=1e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=100, b2=0.98, eps=1e-8,
-                          weight_decay=0.01)
+  p.umm = optimizer_block(lr=1e-3, lr_decay="cosine", min_lr_ratio=0.05, warmup_steps=100, b2=0.98,
+                          eps=1e-8, weight_decay=0.01)
   p.umm.steps = 14000
   p.umm.und_weight = 1.0
-  p.umm.score_weight = 3.0  # CE weight of the score-value tokens of the answers (the judgement itself)
+  # CE weight of the score-value tokens of the answers (the judgement itself)
+  p.umm.score_weight = 3.0
   p.umm.number_init = True  # number words start from sin-cos features of their value
   p.umm.vit_pos_init_std = 0.0  # > 0: the ViT position embedding is redrawn at this std
   p.umm.und_rows = 8  # understanding rows per step, judge examples packed into them
-  p.umm.und_tokens = 128  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)
+  # row budget; an example is 4 ViT + 2 markers + question (<= 62) + answer (<= 47)
+  p.umm.und_tokens = 128
   p.umm.und_samples_per_row = 3
   p.umm.logit_capacity = 64  # scored answer tokens per row
   p.umm.gen_rows = 1  # generation gets the smaller share: kept imperfect by budget
@@ -368,7 +428,12 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.umm.text_cond_dropout = 0.1
   # The understanding data mix (train prompts only).
   p.data = ml_collections.ConfigDict()
-  p.data.tasks = ml_collections.ConfigDict({"global": 0.3, "region1": 0.3, "regions": 0.25, "describe": 0.15})
+  p.data.tasks = ml_collections.ConfigDict({
+      "global": 0.3,
+      "region1": 0.3,
+      "regions": 0.25,
+      "describe": 0.15
+  })
   p.data.negatives = 0.45  # hard negatives (one attribute changed), kinds drawn with these weights:
   p.data.negative_kind_weights = ml_collections.ConfigDict(
       {"color": 1.0, "shape": 2.0, "count": 1.0, "relation": 3.0, "roles": 2.0})
@@ -377,10 +442,14 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.data.background_box = 0.2
   p.data.box_jitter = 0.5
   p.data.blur = 0.3
-  p.data.short_region_answer = 0.4  # one-box answers "Score: s" (logits mode) vs the full region block
-  p.data.relations_only = False  # True: judge questions on prompts with a relation only (a curriculum phase)
-  p.data.think = 0.0  # generation samples in think mode: [think system prompt] [prompt] [layout plan] -> image
-  p.data.think_uncond = 0.1  # of those, the system prompt alone (think mode's classifier-free guidance)
+  # one-box answers "Score: s" (logits mode) vs the full region block
+  p.data.short_region_answer = 0.4
+  # True: judge questions on prompts with a relation only (a curriculum phase)
+  p.data.relations_only = False
+  # generation samples in think mode: [think system prompt] [prompt] [layout plan] -> image
+  p.data.think = 0.0
+  # of those, the system prompt alone (think mode's classifier-free guidance)
+  p.data.think_uncond = 0.1
   # Curriculum: phases of judge data before `data` (each: steps + the `data` keys it replaces).
   p.phases = ()
   # Evaluation on val prompts at the end (`pretrain.heldout.evaluate_model`).
@@ -396,6 +465,7 @@ def pretrain_stage() -> ml_collections.ConfigDict:
   p.eval.gen_timestep_shift = 1.0
   p.eval.gen_cfg_interval = (0.0, 1.0)
   p.eval.batch_size = 32
-  p.eval.think = False  # also generate in think mode (plan validity, oracle accuracy of think-mode images)
+  # also generate in think mode (plan validity, oracle accuracy of think-mode images)
+  p.eval.think = False
   p.eval.max_think_tokens = 9  # the shapes world's plan: 8 words + EOS
   return p

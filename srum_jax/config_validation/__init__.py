@@ -1,11 +1,13 @@
-"""Config validation before any work: every key a stage reads, checked for type, range, enum and files.
+"""Config validation before any work: every key a stage reads, checked for type, range, enum and
+files.
 
-`validate(config, command)` raises `errors.UserError` with one line naming the first bad key (or file) and
-what would work; the CLI prints it and exits with code 2 before any model is loaded or program compiled.
-The checks are cheap: JSON files are parsed, prompt files read, model folders listed, and JAX is imported
-only by the last check of eval / run (`eval.metrics`, by the evaluation stage's own parser). A model's
-geometry (latent stride, largest latent grid, position limit) comes from the converted dir's
-`model_config.json` or, for an official checkpoint, the config's `model.preset`.
+`validate(config, command)` raises `errors.UserError` with one line naming the first bad key (or
+file) and what would work; the CLI prints it and exits with code 2 before any model is loaded or
+program compiled. The checks are cheap: JSON files are parsed, prompt files read, model folders
+listed, and JAX is imported only by the last check of eval / run (`eval.metrics`, by the evaluation
+stage's own parser). A model's geometry (latent stride, largest latent grid, position limit) comes
+from the converted dir's `model_config.json` or, for an official checkpoint, the config's
+`model.preset`.
 
 Which sections a command reads (`SECTIONS`): generate (model and meshes, generate, prompts.train),
 propose (propose), score (model, score), train (model, train, srum, prompts.anchor with the anchor
@@ -44,13 +46,13 @@ SECTIONS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Small checks (`config_utils`); each raises one line naming the key.
 
 
 def suggest_key(config, dotted: str) -> str:
-  """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its closest
-  sibling; '' when every part exists."""
+  """'config has no key trian.steps (did you mean train.steps?)': the first unknown part and its
+  closest sibling; '' when every part exists."""
   node, done = config, []
   for part in dotted.split("."):
     keys = list(node.keys()) if hasattr(node, "keys") else []
@@ -63,7 +65,7 @@ def suggest_key(config, dotted: str) -> str:
   return ""
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model: where it is and the geometry the other checks need.
 
 
@@ -78,7 +80,8 @@ def _eval_metrics(config) -> None:
 def validate(config, command: str, check_files: bool = True) -> None:
   """Check every key `command` reads; raise `UserError` (one line) on the first problem. `pretrain`
   checks its stage blocks; show-config and sweep are not checked (`sweep` checks each of its
-  points). `check_files` False: the values only, not the files and folders they name (a sweep's dry run).
+  points). `check_files` False: the values only, not the files and folders they name (a sweep's dry
+  run).
   """
   _bool(config, "discard_stale")
   if command == "pretrain":
@@ -131,7 +134,8 @@ def validate(config, command: str, check_files: bool = True) -> None:
 
 
 def first_unknown_override(config, argv: Iterable[str]) -> str:
-  """The message for the first `--config.<key>=...` of `argv` naming a key the config lacks ('' if none)."""
+  """The message for the first `--config.<key>=...` of `argv` naming a key the config lacks (''
+  if none)."""
   for a in argv:
     if a.startswith("--config.") and "=" in a:
       msg = suggest_key(config, a[len("--config."):].split("=", 1)[0])

@@ -22,7 +22,8 @@ from srum_jax.tokenizer import load_tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-  """What the model allows: pixels per latent token side, the largest latent grid side, RoPE positions."""
+  """What the model allows: pixels per latent token side, the largest latent grid side, RoPE
+  positions."""
   latent_stride: int
   max_latent_size: int
   max_positions: int
@@ -45,21 +46,24 @@ def _preset_geometry(config, source: str, max_positions: Optional[int] = None) -
 
 
 def check_converted_dir(path: str, key: str) -> Geometry:
-  """A converted model dir (`python -m srum_jax convert` output): model_config.json, tokenizer.json and the
-  orbax parameters (params/_METADATA)."""
+  """A converted model dir (`python -m srum_jax convert` output): model_config.json, tokenizer.json
+  and the orbax parameters (params/_METADATA)."""
   if not path:
-    raise UserValueError(f"config key {key} is empty: set it to a model dir converted by `python -m srum_jax "
-                         f"convert` (or set model.official_dir to an official checkpoint)")
+    raise UserValueError(
+        f"config key {key} is empty: set it to a model dir converted by `python -m srum_jax "
+        f"convert` (or set model.official_dir to an official checkpoint)")
   p = _existing_dir(key, path, "model directory")
   if not any(p.iterdir()):
-    raise UserValueError(f"config key {key}: model directory {path!r} is empty (convert a checkpoint into it "
-                         f"with `python -m srum_jax convert`)")
+    raise UserValueError(
+        f"config key {key}: model directory {path!r} is empty (convert a checkpoint into it "
+        f"with `python -m srum_jax convert`)")
   for need in ("model_config.json", "tokenizer.json"):
     if not (p / need).is_file():
       raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks {need}")
   if not (p / "params" / "_METADATA").is_file():
-    raise UserFileNotFoundError(f"config key {key}: model directory {path} lacks params/_METADATA (an "
-                                f"incomplete orbax save; convert or save the model again)")
+    raise UserFileNotFoundError(
+        f"config key {key}: model directory {path} lacks params/_METADATA (an "
+        f"incomplete orbax save; convert or save the model again)")
   d = files.read_json(p / "model_config.json", "model config")
   if not isinstance(d, dict):
     raise UserValueError(f"model config {p / 'model_config.json'}: expected a JSON object")
@@ -104,12 +108,15 @@ def check_model(config, check_files: bool = True) -> Optional[Geometry]:
   return check_converted_dir(config.model.dir, "model.dir")
 
 
-# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------------------
+# --- LoRA and the remat policy (issue 33)
+# ---------------------------------------------------------------------
 def _check_remat_lora(config) -> None:
-  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank 0: none)."""
+  """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank
+  0: none)."""
   policy = config.model.remat_policy
   if policy and not callable(getattr(jax.checkpoint_policies, str(policy), None)):
-    _fail("model.remat_policy", policy, "must be '' (save nothing) or a jax.checkpoint_policies name")
+    _fail("model.remat_policy", policy,
+          "must be '' (save nothing) or a jax.checkpoint_policies name")
   _enum(config, "model.lora.dtype", DTYPES)
   try:
     lora_config(config.model.lora)
@@ -130,7 +137,7 @@ def _check_mesh(config, key: str, allow_zero_tensor: bool) -> None:
     _fail(key, dict(mesh), "at most one axis may be -1")
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage sections.
 
 
@@ -142,8 +149,13 @@ def image_side(key: str, value: int, geo: Optional[Geometry], shown: Any = None)
   if geo is None:
     return
   if value % geo.latent_stride:
-    _fail(key, shown, f"sides must be a multiple of {geo.latent_stride} (the model's pixels per latent token side, "
-          f"from {geo.source})")
+    _fail(
+        key, shown,
+        f"sides must be a multiple of {geo.latent_stride} (the model's pixels per latent token "
+        f"side, "
+        f"from {geo.source})")
   if value // geo.latent_stride > geo.max_latent_size:
-    _fail(key, shown, f"a side exceeds the model's largest image side {geo.max_latent_size * geo.latent_stride} "
-          f"pixels (max_latent_size {geo.max_latent_size} x {geo.latent_stride}, from {geo.source})")
+    _fail(
+        key, shown,
+        f"a side exceeds the model's largest image side {geo.max_latent_size * geo.latent_stride} "
+        f"pixels (max_latent_size {geo.max_latent_size} x {geo.latent_stride}, from {geo.source})")

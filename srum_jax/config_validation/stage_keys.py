@@ -49,8 +49,10 @@ def check_generate(config, key: str, geo: Optional[Geometry]) -> None:
   _int(config, f"{key}.text_budget", lo=0)
   cap = _int(config, f"{key}.max_prompt_tokens", lo=0)
   if geo is not None and cap >= geo.max_positions:
-    _fail(f"{key}.max_prompt_tokens", cap, f"must be below the model's {geo.max_positions} positions (from "
-          f"{geo.source}); 0: the model's limit less the markers, the plan and the image")
+    _fail(
+        f"{key}.max_prompt_tokens", cap,
+        f"must be below the model's {geo.max_positions} positions (from "
+        f"{geo.source}); 0: the model's limit less the markers, the plan and the image")
 
 
 def check_propose(config) -> None:
@@ -78,14 +80,16 @@ def check_score(config) -> None:
   except (TypeError, ValueError):
     values = []
   if not values or not all(-1.0 <= v <= 1.0 for v in values):
-    _fail(f"{s}.logit_candidates", cands, "must be score strings in [-1, 1], e.g. ('-1.0','0.0','1.0')")
+    _fail(f"{s}.logit_candidates", cands,
+          "must be score strings in [-1, 1], e.g. ('-1.0','0.0','1.0')")
   if config.score.region_identify and mode != "logits":
     _fail(f"{s}.region_identify", True, "needs score.mode='logits'")
   _int(config, f"{s}.max_identify_tokens", lo=1)
   _int(config, f"{s}.text_budget", lo=0)
   vit = _int(config, f"{s}.vit_image_size", lo=0)
   if vit % 14:
-    _fail(f"{s}.vit_image_size", vit, "must be 0 (the official transform) or a multiple of 14 (the ViT patch)")
+    _fail(f"{s}.vit_image_size", vit,
+          "must be 0 (the official transform) or a multiple of 14 (the ViT patch)")
 
 
 def check_train(config, geo: Optional[Geometry]) -> None:
@@ -113,7 +117,8 @@ def check_train(config, geo: Optional[Geometry]) -> None:
   micro = _int(config, f"{t}.microbatch_rows", lo=0)
   if micro > rows:
     _fail(f"{t}.microbatch_rows", micro, f"must be <= train.batch_size ({rows})")
-  for k in ("save_every", "keep_checkpoints", "log_every", "max_regions", "data_threads", "samples_per_row"):
+  for k in ("save_every", "keep_checkpoints", "log_every", "max_regions", "data_threads",
+            "samples_per_row"):
     _int(config, f"{t}.{k}", lo=1)
   _int(config, f"{t}.sample_every", lo=0)
   _int(config, f"{t}.data_workers", lo=0)
@@ -133,8 +138,12 @@ def check_train(config, geo: Optional[Geometry]) -> None:
     latents = S * (H // geo.latent_stride) * (W // geo.latent_stride)
     per_sample = min(text // S, (tokens - latents) // S) - 4
     if per_sample < 1:
-      _fail(f"{t}.num_tokens", tokens, f"leaves no room for prompt text: {S} samples of {H}x{W} pixels take "
-            f"{latents} latent tokens, each sample needs 4 marker slots and >= 1 prompt id (text_capacity {text})")
+      _fail(
+          f"{t}.num_tokens", tokens,
+          f"leaves no room for prompt text: {S} samples of {H}x{W} pixels take "
+          f"{latents} latent tokens, each sample needs 4 marker slots and >= 1 prompt id "
+          f"(text_capacity {text})"
+      )
   for k in ("lambda_constraint", "anchor_weight"):
     _float(config, f"srum.{k}", lo=0.0)
   if float(config.srum.anchor_weight) > 0:
@@ -160,9 +169,9 @@ def check_official_resize(config, canvas, geo: Optional[Geometry]) -> None:
 
 
 def check_train_inputs(config) -> None:
-  """The train command's inputs: `train.records` (default: the score stage's `<workdir>/score/rewards.jsonl`;
-  a file or a folder: `rewards.record_sources.resolve` finds the file, its format and its images) and, when
-  set, `train.images_root`."""
+  """The train command's inputs: `train.records` (default: the score stage's
+  `<workdir>/score/rewards.jsonl`; a file or a folder: `rewards.record_sources.resolve` finds the
+  file, its format and its images) and, when set, `train.images_root`."""
   if config.train.images_root:
     _existing_dir("train.images_root", config.train.images_root, "images folder")
   if config.train.records:
@@ -181,9 +190,9 @@ def check_train_inputs(config) -> None:
 
 def check_prompts(config, key: str, check_files: bool = True) -> None:
   """A prompt source's keys (a partial block takes the defaults of the keys it lacks); a file source
-  is read now (existence, UTF-8, JSON, at least one prompt) unless `check_files` is False. A path under
-  another source is an error (an override would be ignored); a leftover `function` under source=file
-  is not (switching a python source to a file keeps the config file's function)."""
+  is read now (existence, UTF-8, JSON, at least one prompt) unless `check_files` is False. A path
+  under another source is an error (an override would be ignored); a leftover `function` under
+  source=file is not (switching a python source to a file keeps the config file's function)."""
   src = prompts_lib.normalise(_get(config, key), key)
   given = _get(config, key)
   source = src["source"]
@@ -202,7 +211,8 @@ def check_prompts(config, key: str, check_files: bool = True) -> None:
       return
     _existing_file(f"{key}.path", src["path"], "prompt file")
     quiet = prompts_lib.log.disabled
-    prompts_lib.log.disabled = True  # the stage's own load reports skipped lines; here only errors count
+    # the stage's own load reports skipped lines; here only errors count
+    prompts_lib.log.disabled = True
     try:
       items = prompts_lib.load_prompts(src)
     except UserError as e:
@@ -217,8 +227,9 @@ def check_prompts(config, key: str, check_files: bool = True) -> None:
 
 
 def check_eval(config, own_model: bool, check_files: bool = True) -> Optional[Geometry]:
-  """The eval keys; with `own_model` (the eval command) also the model it evaluates: `eval.model_dir` (a
-  converted or an official dir), else `model.*`, unless a folder of images is judged without the UMM."""
+  """The eval keys; with `own_model` (the eval command) also the model it evaluates:
+  `eval.model_dir` (a converted or an official dir), else `model.*`, unless a folder of images is
+  judged without the UMM."""
   e = "eval"
   for k in ("batch_size",):
     _int(config, f"{e}.{k}", lo=1)
@@ -233,7 +244,8 @@ def check_eval(config, own_model: bool, check_files: bool = True) -> Optional[Ge
   if judge == "oracle":
     module, sep, fn = str(config.eval.oracle_fn).partition(":")
     if not (module and sep and fn):
-      _fail(f"{e}.oracle_fn", config.eval.oracle_fn, "eval.judge='oracle' needs 'module.path:function'")
+      _fail(f"{e}.oracle_fn", config.eval.oracle_fn,
+            "eval.judge='oracle' needs 'module.path:function'")
   if not check_files:
     return None
   if judge == "hf_vlm":
@@ -241,7 +253,8 @@ def check_eval(config, own_model: bool, check_files: bool = True) -> Optional[Ge
   if config.eval.images_dir:
     if not any(_existing_dir(f"{e}.images_dir", config.eval.images_dir, "images folder").iterdir()):
       _fail(f"{e}.images_dir", config.eval.images_dir, "is an empty folder: no image to score")
-  for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts", "T2I-ReasonBench prompts"),
+  for k, what in (("geneval.metadata", "GenEval metadata"), ("reasonbench.prompts",
+                                                             "T2I-ReasonBench prompts"),
                   ("reasonbench.questions", "T2I-ReasonBench questions")):
     if _get(config, f"{e}.{k}"):
       _existing_file(f"{e}.{k}", _get(config, f"{e}.{k}"), what)
@@ -272,7 +285,8 @@ def check_run(config) -> None:
   _int(config, "run.report_images", lo=0)
 
 
-TEXTS_COMMANDS = ("generate", "score", "eval", "run", "sample", "edit", "ask")  # commands that send texts
+# commands that send texts
+TEXTS_COMMANDS = ("generate", "score", "eval", "run", "sample", "edit", "ask")
 
 
 def check_texts(config, command: str) -> None:

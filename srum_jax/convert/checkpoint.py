@@ -1,11 +1,14 @@
-"""A converted model directory: orbax parameters + serialised `BagelConfig` + tokenizer / HF json files.
+"""A converted model directory: orbax parameters + serialised `BagelConfig` + tokenizer / HF json
+files.
 
 Layout of `path/`:
-  params/             orbax checkpoint of the tree {'bagel': bagel_schema tree, 'ae': ae_schema tree}
+  params/             orbax checkpoint of the tree {'bagel': bagel_schema tree, 'ae': ae_schema
+                      tree}
   model_config.json   `config_to_dict(cfg)`
-  (tokenizer files, llm_config.json, vit_config.json copied from the official directory, when present)
-Restoring places every leaf directly onto its target sharding (schema logical axes -> mesh), so a model
-larger than one host's memory restores shard by shard.
+  (tokenizer files, llm_config.json, vit_config.json copied from the official directory, when
+  present)
+Restoring places every leaf directly onto its target sharding (schema logical axes -> mesh), so a
+model larger than one host's memory restores shard by shard.
 
 An adapters-only model directory (what LoRA training writes: `write_trained_dir`) has the same
 files, but params/ holds the LoRA adapters alone and `base_model.json` names the full model
@@ -42,7 +45,8 @@ BASE_FILE = "base_model.json"  # an adapters-only model dir: the full model dir 
 
 
 def config_to_dict(cfg: BagelConfig) -> Dict[str, Any]:
-  """JSON-ready dict of a BagelConfig (nested dataclasses -> dicts, tuples -> lists, vit may be None)."""
+  """JSON-ready dict of a BagelConfig (nested dataclasses -> dicts, tuples -> lists, vit may be
+  None)."""
   return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -68,7 +72,8 @@ def _llm_config(d: Dict[str, Any]) -> LLMConfig:
 
 
 def config_from_dict(d: Dict[str, Any]) -> BagelConfig:
-  """Inverse of `config_to_dict`; missing fields take the dataclass defaults, unknown ones are errors."""
+  """Inverse of `config_to_dict`; missing fields take the dataclass defaults, unknown ones are
+  errors."""
   d = dict(d)
   sub = {
       "llm": _llm_config,
@@ -83,7 +88,8 @@ def config_from_dict(d: Dict[str, Any]) -> BagelConfig:
 
 
 def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None, rules=None):
-  """Sharding of every leaf of {'bagel', 'ae'}: schema logical axes -> mesh (non-dividing dims replicate).
+  """Sharding of every leaf of {'bagel', 'ae'}: schema logical axes -> mesh (non-dividing dims
+  replicate).
 
   Without a mesh every leaf lives on the first local device.
   """
@@ -95,8 +101,8 @@ def target_shardings(cfg: BagelConfig, mesh: Optional[jax.sharding.Mesh] = None,
 
 
 def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
-  """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path` (local or
-  remote: orbax writes gs:// itself)."""
+  """Write `params` ({'bagel', 'ae'}) as an orbax checkpoint plus `model_config.json` under `path`
+  (local or remote: orbax writes gs:// itself)."""
   path = paths.abspath(path)
   paths.path(path).mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
@@ -105,7 +111,8 @@ def save_model_dir(path: str, cfg: BagelConfig, params) -> None:
   files.write_json(os.path.join(path, CONFIG_FILE), config_to_dict(cfg))
 
 
-# Files of a model dir besides the parameters that a trained copy carries over (tokenizer, official json).
+# Files of a model dir besides the parameters that a trained copy carries over (tokenizer, official
+# json).
 CARRIED_FILES = ("tokenizer", "special_tokens", "llm_config", "vit_config", "vocab", "merges")
 
 

@@ -1,10 +1,12 @@
-"""A loaded UMM: config, parameters on their mesh, tokenizer; where it comes from and how inference places it.
+"""A loaded UMM: config, parameters on their mesh, tokenizer; where it comes from and how inference
+places it.
 
     model = load_inference_model(config, resolve_model_dir(config))   # on `inference_mesh(config)`
-    rows_mesh = batch_rows_mesh(model, rows)                           # split rows over the batch axes, or not
+    # split rows over the batch axes, or not
+    rows_mesh = batch_rows_mesh(model, rows)
 
-`resolve_model_dir` turns an official checkpoint (`model.official_dir`) into a converted model dir once (its
-files' identity is stamped beside the result, so a changed checkpoint converts again).
+`resolve_model_dir` turns an official checkpoint (`model.official_dir`) into a converted model dir
+once (its files' identity is stamped beside the result, so a changed checkpoint converts again).
 `identity_of` names a model without loading it (the stages' outputs record it:
 `workdir.fingerprints`).
 """
@@ -28,14 +30,15 @@ from srum_jax.workdir.fingerprints import dir_identity
 
 
 def attn_impl(config, platform: Optional[str] = None) -> str:
-  """The attention implementation every stage runs: `model.attn_impl` resolved for `platform` (default: JAX's
-  backend; `models.attention.resolve_impl`: `auto` by platform, an explicit choice checked against it)."""
+  """The attention implementation every stage runs: `model.attn_impl` resolved for `platform`
+  (default: JAX's backend; `models.attention.resolve_impl`: `auto` by platform, an explicit choice
+  checked against it)."""
   return attention.resolve_impl(str(config.model.attn_impl), platform)
 
 
 def on_mesh(model, fn):
-  """`fn` run with the model's mesh as the ambient mesh (`jax.set_mesh`), so the attention kernels run per shard
-  of it (`models.attention`); `fn` itself without a mesh."""
+  """`fn` run with the model's mesh as the ambient mesh (`jax.set_mesh`), so the attention kernels
+  run per shard of it (`models.attention`); `fn` itself without a mesh."""
   if model.mesh is None:
     return fn
 
@@ -47,9 +50,10 @@ def on_mesh(model, fn):
 
 @dataclasses.dataclass
 class Model:
-  """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, where it came from, and the mesh
-  its parameters are sharded over (None: one device). Inference stages split batch rows over that mesh's
-  batch axes and let the parameters' shardings (fsdp / tensor, from the logical-axis rules) do the rest."""
+  """A loaded UMM: config, parameters {'bagel': ..., 'ae': ...}, tokenizer, where it came from, and
+  the mesh its parameters are sharded over (None: one device). Inference stages split batch rows
+  over that mesh's batch axes and let the parameters' shardings (fsdp / tensor, from the
+  logical-axis rules) do the rest."""
   cfg: Any
   params: Any
   tokenizer: Any
@@ -63,11 +67,13 @@ def check_model_dir(path: str) -> None:
   """Fail before any work starts when a model directory is missing or incomplete (a `UserError`)."""
   p = paths.path(path or ".")
   if not path or not p.is_dir():
-    raise UserFileNotFoundError(f"model directory {path!r} does not exist (set --config.model.dir to the "
-                                f"output of `python -m srum_jax convert`)")
+    raise UserFileNotFoundError(
+        f"model directory {path!r} does not exist (set --config.model.dir to the "
+        f"output of `python -m srum_jax convert`)")
   for need in ("model_config.json", "tokenizer.json", "params/_METADATA"):
     if not (p / need).is_file():
-      raise UserFileNotFoundError(f"model directory {path} lacks {need} (convert or save the model again)")
+      raise UserFileNotFoundError(
+          f"model directory {path} lacks {need} (convert or save the model again)")
 
 
 IDENTITY_FILE = "identity.json"  # a model dir made here (conversion, training): what made it
@@ -112,12 +118,12 @@ def write_identity(model_dir: str, identity: str) -> None:
 
 
 def resolve_model_dir(config) -> str:
-  """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir` is set,
-  that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or BAGEL ships it)
-  converted by the converter into `<workdir>/converted_model` (redone only when the official files change:
-  their `dir_identity` is stamped next to the result). The config is not changed. Either may be remote
-  (`gs://`): a remote official dir is copied into the local cache first (the converter memory-maps
-  safetensors)."""
+  """The model directory the stages load: `config.model.dir`, or, when `config.model.official_dir`
+  is set, that official checkpoint (safetensors + json, as `python -m srum_jax export` writes it or
+  BAGEL ships it) converted by the converter into `<workdir>/converted_model` (redone only when the
+  official files change: their `dir_identity` is stamped next to the result). The config is not
+  changed. Either may be remote (`gs://`): a remote official dir is copied into the local cache
+  first (the converter memory-maps safetensors)."""
   official = config.model.official_dir
   if not official:
     return config.model.dir
@@ -126,8 +132,12 @@ def resolve_model_dir(config) -> str:
     raise FileNotFoundError(f"model.official_dir {official!r} is not a directory")
   dst = paths.path(paths.join(config.workdir, "converted_model"))
   stamp = dst / "converted_from.json"
-  want = {"official_dir": official if paths.is_remote(official) else str(pathlib.Path(official).resolve()),
-          "identity": dir_identity(official), "param_dtype": str(config.model.param_dtype)}
+  want = {
+      "official_dir": official if paths.is_remote(official) else str(
+          pathlib.Path(official).resolve()),
+      "identity": dir_identity(official),
+      "param_dtype": str(config.model.param_dtype)
+  }
   try:
     stamped = files.read_json_if_present(str(stamp), "conversion stamp")
   except UserValueError:  # a damaged stamp: convert again
@@ -139,55 +149,61 @@ def resolve_model_dir(config) -> str:
     write_identity(str(dst), official_identity(official, config.model.param_dtype))
     files.write_json(stamp, want)
     print(f"[model] converted {src} -> {dst}", flush=True)
-  distributed.barrier(f"resolve_model_dir:{dst}")  # the other processes wait for process 0's conversion
+  # the other processes wait for process 0's conversion
+  distributed.barrier(f"resolve_model_dir:{dst}")
   return str(dst)
 
 
 def load_model(path: str, *, dtype: Optional[str] = None, mesh=None, rules=None) -> Model:
-  """A model directory's config, tokenizer and parameters, restored straight onto `mesh` (sharded by the
-  logical-axis `rules`; None: one device) and cast to `dtype` (None: as stored)."""
+  """A model directory's config, tokenizer and parameters, restored straight onto `mesh` (sharded by
+  the logical-axis `rules`; None: one device) and cast to `dtype` (None: as stored)."""
   check_model_dir(path)
-  cfg, params = checkpoint.load_model_dir(path, mesh=mesh, dtype=None if dtype is None else jnp.dtype(dtype),
-                                          rules=rules)
+  cfg, params = checkpoint.load_model_dir(
+      path, mesh=mesh, dtype=None if dtype is None else jnp.dtype(dtype), rules=rules)
   tok = load_tokenizer(path)
   tok.check(cfg.tokens)
-  return Model(cfg=cfg, params=params, tokenizer=tok, path=path, mesh=mesh, rules=rules, dtype=dtype)
+  return Model(cfg=cfg, params=params, tokenizer=tok, path=path, mesh=mesh, rules=rules,
+               dtype=dtype)
 
 
 def inference_mesh(config):
   """The mesh inference runs on: this process's devices shaped by `config.inference_mesh` (each host
-  generates and scores its own share of the items, so nothing waits on another host); a shape these devices
-  cannot take is a `UserError` naming the key."""
+  generates and scores its own share of the items, so nothing waits on another host); a shape these
+  devices cannot take is a `UserError` naming the key."""
   try:
     return sharding.make_mesh(dict(config.inference_mesh), jax.local_devices())
   except ValueError as e:  # e.g. the 7B recipe's tensor axis of 4 on a 1-device machine
-    raise UserValueError(f"config key inference_mesh={dict(config.inference_mesh)}: {e} (this process has "
-                         f"{jax.local_device_count()} devices)") from None
+    raise UserValueError(
+        f"config key inference_mesh={dict(config.inference_mesh)}: {e} (this process has "
+        f"{jax.local_device_count()} devices)") from None
 
 
 def load_inference_model(config, path: str) -> Model:
-  """`load_model` onto `inference_mesh(config)` in `model.inference_dtype` (default `model.param_dtype`), by
-  the config's sharding rules."""
+  """`load_model` onto `inference_mesh(config)` in `model.inference_dtype` (default
+  `model.param_dtype`), by the config's sharding rules."""
   return load_model(path, dtype=config.model.inference_dtype or config.model.param_dtype,
-                    mesh=inference_mesh(config), rules=sharding.rules_from_config(config.sharding_rules))
+                    mesh=inference_mesh(config), rules=sharding.rules_from_config(
+                        config.sharding_rules))
 
 
 def batch_ways(model: Model) -> int:
-  """How many ways batch rows split over the model's mesh (its 'data' x 'fsdp' axes; 1 without a mesh)."""
+  """How many ways batch rows split over the model's mesh (its 'data' x 'fsdp' axes; 1 without a
+  mesh)."""
   if model.mesh is None:
     return 1
   return int(np.prod([model.mesh.shape[a] for a in ("data", "fsdp")]))
 
 
 def batch_rows_mesh(model: Model, rows: int):
-  """The model's mesh when `rows` split over its batch axes (they then run data-parallel), else None (rows
-  replicated on every device; the parameters stay sharded)."""
+  """The model's mesh when `rows` split over its batch axes (they then run data-parallel), else None
+  (rows replicated on every device; the parameters stay sharded)."""
   ways = batch_ways(model)
   return model.mesh if ways > 1 and rows % ways == 0 else None
 
 
 def pad_rows(items: Sequence, multiple: int) -> List:
-  """`items` with its last item repeated up to a multiple of `multiple` (the caller keeps the first len)."""
+  """`items` with its last item repeated up to a multiple of `multiple` (the caller keeps the
+  first len)."""
   items = list(items)
   return items + items[-1:] * (-len(items) % multiple) if items else items
 
@@ -203,4 +219,3 @@ def save_model(path: str, model: Model, params, cfg=None, identity: Optional[str
     write_identity(path, identity)
     distributed.barrier(f"save_model:{path}")
   return load_model(path, dtype=model.dtype, mesh=model.mesh, rules=model.rules)
-

@@ -1,11 +1,16 @@
-"""LoRA adapters as parameter-tree operations: split off, attach, initialise and fold into the base kernels.
+"""LoRA adapters as parameter-tree operations: split off, attach, initialise and fold into the base
+kernels.
 
-The adapters themselves are declared by the schema (`params.lora_adapter`, from `cfg.llm.lora`) and applied
-by `layers.dense`; this module works on whole trees (nested dicts, as every parameter tree here is):
+The adapters themselves are declared by the schema (`params.lora_adapter`, from `cfg.llm.lora`) and
+applied by `layers.dense`; this module works on whole trees (nested dicts, as every parameter tree
+here is):
 
-    base, adapters = split_adapters(params)          # two pruned trees; attach_adapters(base, adapters) undoes it
-    adapters = init_adapters(cfg, key)               # fresh adapters (B = 0: the model is unchanged)
-    merged = merge_adapters(params, cfg.llm.lora)    # W + A @ B * alpha / rank, adapters dropped (export)
+    # two pruned trees; attach_adapters(base, adapters) undoes it
+    base, adapters = split_adapters(params)
+    # fresh adapters (B = 0: the model is unchanged)
+    adapters = init_adapters(cfg, key)
+    # W + A @ B * alpha / rank, adapters dropped (export)
+    merged = merge_adapters(params, cfg.llm.lora)
     cfg, params = for_training(cfg, params, lora, key)  # what a training with `lora` starts from
 """
 from __future__ import annotations
@@ -22,7 +27,8 @@ Tree = Any
 
 
 def _prune(tree, keep) -> Tree:
-  """The nested dict `tree` restricted to the leaves whose path `keep(path)` accepts (empty dicts dropped)."""
+  """The nested dict `tree` restricted to the leaves whose path `keep(path)` accepts (empty dicts
+  dropped)."""
   def walk(node, path):
     if not isinstance(node, dict):
       return node if keep(path) else None
@@ -36,7 +42,8 @@ def _prune(tree, keep) -> Tree:
 
 
 def split_adapters(tree) -> Tuple[Tree, Tree]:
-  """(base, adapters): `tree` (parameters or a schema) without its LoRA leaves, and those leaves alone."""
+  """(base, adapters): `tree` (parameters or a schema) without its LoRA leaves, and those leaves
+  alone."""
   return (_prune(tree, lambda p: not params_lib.is_adapter_path(p)),
           _prune(tree, params_lib.is_adapter_path))
 
@@ -52,7 +59,8 @@ def attach_adapters(base, adapters) -> Tree:
 
 
 def adapter_schema(cfg: BagelConfig) -> Tree:
-  """The schema of `cfg`'s adapters alone ({'bagel': {'llm': {'layers': ...}}}); empty without LoRA."""
+  """The schema of `cfg`'s adapters alone ({'bagel': {'llm': {'layers': ...}}}); empty without
+  LoRA."""
   return split_adapters(params_lib.model_schema(cfg))[1]
 
 
@@ -62,14 +70,17 @@ def init_adapters(cfg: BagelConfig, key: jax.Array, dtype=jnp.float32) -> Tree:
 
 
 def fold(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """kernel + a @ b * scale for [..., in, out] kernels, in fp32 at full precision, in the kernel's dtype."""
-  delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  """kernel + a @ b * scale for [..., in, out] kernels, in fp32 at full precision, in the
+  kernel's dtype."""
+  delta = jnp.matmul(
+      jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=jax.lax.Precision.HIGHEST)
   return (jnp.asarray(kernel, jnp.float32) + delta * scale).astype(jnp.asarray(kernel).dtype)
 
 
 def merge_adapters(tree, lora: Optional[LoraConfig]) -> Tree:
-  """`tree` with every adapted kernel replaced by `fold` of its adapters and the adapters dropped: the base
-  model that computes what base + adapters computes (up to rounding in the kernel's dtype)."""
+  """`tree` with every adapted kernel replaced by `fold` of its adapters and the adapters dropped:
+  the base model that computes what base + adapters computes (up to rounding in the kernel's dtype).
+  """
   if not isinstance(tree, dict):
     return tree
   if "lora_a" in tree:
@@ -86,12 +97,14 @@ def has_adapters(tree) -> bool:
 
 
 def lora_config(settings: Mapping[str, Any]) -> Optional[LoraConfig]:
-  """A LoraConfig from a settings mapping (the run config's `model.lora`: rank, alpha, dropout, targets,
-  experts); rank 0 means no adapters (None)."""
+  """A LoraConfig from a settings mapping (the run config's `model.lora`: rank, alpha, dropout,
+  targets, experts); rank 0 means no adapters (None)."""
   if int(settings["rank"]) == 0:
     return None
-  return LoraConfig(rank=int(settings["rank"]), alpha=float(settings["alpha"]), dropout=float(settings["dropout"]),
-                    targets=tuple(settings["targets"]), experts=tuple(settings["experts"]))
+  return LoraConfig(
+      rank=int(settings["rank"]), alpha=float(settings["alpha"]),
+      dropout=float(settings["dropout"]), targets=tuple(settings["targets"]), experts=tuple(
+          settings["experts"]))
 
 
 def _shape_of(lora: LoraConfig):

@@ -2,11 +2,11 @@
 
 The schema is the single source of the parameter-tree layout. It drives random initialisation,
 abstract (shape-only) parameters for ahead-of-time compilation, logical -> mesh sharding
-(`srum_jax.sharding`), and the checkpoint converter (`srum_jax.convert`). Trees are nested dicts with
-Flax naming: `kernel` ([in, out] for dense, [kh, kw, in, out] for conv), `bias`, `scale` (norms),
-`embedding`. Layers of the LLM and ViT are stacked on a leading `layers` axis and run with `lax.scan`.
-LoRA adapters (`cfg.llm.lora`) are leaves `lora_a` [in, rank] and `lora_b` [rank, out] next to the `kernel`
-they adapt (`models.lora` splits them off, folds them in, and names them).
+(`srum_jax.sharding`), and the checkpoint converter (`srum_jax.convert`). Trees are nested dicts
+with Flax naming: `kernel` ([in, out] for dense, [kh, kw, in, out] for conv), `bias`, `scale`
+(norms), `embedding`. Layers of the LLM and ViT are stacked on a leading `layers` axis and run with
+`lax.scan`. LoRA adapters (`cfg.llm.lora`) are leaves `lora_a` [in, rank] and `lora_b` [rank, out]
+next to the `kernel` they adapt (`models.lora` splits them off, folds them in, and names them).
 """
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def is_spec(x) -> bool:
 
 def stack_layers(tree: Tree, n: int) -> Tree:
   """Prefix every spec in `tree` with a stacked `layers` axis of size n."""
-  return jax.tree.map(lambda s: dataclasses.replace(s, shape=(n,) + s.shape, axes=("layers",) + s.axes),
-                      tree, is_leaf=is_spec)
+  return jax.tree.map(
+      lambda s: dataclasses.replace(s, shape=(n,) + s.shape, axes=("layers",) + s.axes), tree,
+      is_leaf=is_spec)
 
 
 def dense(d_in: int, d_out: int, in_axis: Optional[str], out_axis: Optional[str], bias: bool = True,
@@ -64,8 +65,8 @@ def norm(d: int, axis: Optional[str] = "norm", bias: bool = False) -> Tree:
 
 
 def lora_adapter(kernel: ParamSpec, rank: int) -> Tree:
-  """LoRA leaves for a dense `kernel` [in, out]: A [in, rank] (PEFT's kaiming-uniform init), B [rank, out]
-  (zeros: a fresh adapter leaves the model unchanged). The rank axis is replicated."""
+  """LoRA leaves for a dense `kernel` [in, out]: A [in, rank] (PEFT's kaiming-uniform init), B
+  [rank, out] (zeros: a fresh adapter leaves the model unchanged). The rank axis is replicated."""
   (d_in, d_out), (in_axis, out_axis) = kernel.shape, kernel.axes
   return {"lora_a": ParamSpec((d_in, rank), (in_axis, "lora_rank"), "kaiming_uniform"),
           "lora_b": ParamSpec((rank, d_out), ("lora_rank", out_axis), "zeros")}
@@ -75,10 +76,11 @@ def lora_adapter(kernel: ParamSpec, rank: int) -> Tree:
 # BAGEL (everything in ema.safetensors)
 
 def expert_schema(cfg: BagelConfig, expert: str = "und") -> Tree:
-  """One expert's per-token weights in one MoT layer (und and gen have the same shapes), with the LoRA
-  adapters `cfg.llm.lora` puts on this expert's projections."""
+  """One expert's per-token weights in one MoT layer (und and gen have the same shapes), with the
+  LoRA adapters `cfg.llm.lora` puts on this expert's projections."""
   c = cfg.llm
-  d, q_dim, kv_dim = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+  d = c.hidden_size
+  q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
   tree = {
       "input_norm": norm(d),
       "q_proj": dense(d, q_dim, "embed", "heads"),
@@ -104,7 +106,9 @@ def expert_schema(cfg: BagelConfig, expert: str = "und") -> Tree:
 def llm_schema(cfg: BagelConfig) -> Tree:
   c = cfg.llm
   return {
-      "embed_tokens": {"embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"), "embed")},
+      "embed_tokens": {
+          "embedding": ParamSpec((c.vocab_size, c.hidden_size), ("vocab", "embed"), "embed")
+      },
       "layers": stack_layers({e: expert_schema(cfg, e) for e in ("und", "gen")},
                              c.num_hidden_layers),
       "norm": norm(c.hidden_size),
@@ -128,7 +132,9 @@ def vit_schema(cfg: BagelConfig) -> Tree:
   }
   return {
       "patch_embedding": dense(v.patch_dim, c, None, "vit_embed"),
-      "position_embedding": {"embedding": ParamSpec((v.num_positions, c), (None, "vit_embed"), "embed")},
+      "position_embedding": {
+          "embedding": ParamSpec((v.num_positions, c), (None, "vit_embed"), "embed")
+      },
       "layers": stack_layers(layer, v.num_hidden_layers),
       "post_layernorm": norm(c, "norm", bias=True),
   }
@@ -163,8 +169,10 @@ def bagel_schema(cfg: BagelConfig) -> Tree:
 # FLUX autoencoder (ae.safetensors). Mirrors the official module names with string indices.
 
 def _conv(c_in: int, c_out: int, k: int) -> Tree:
-  return {"kernel": ParamSpec((k, k, c_in, c_out), (None, None, None, None), "normal", fan_in_dims=3),
-          "bias": ParamSpec((c_out,), (None,), "zeros")}
+  return {
+      "kernel": ParamSpec((k, k, c_in, c_out), (None, None, None, None), "normal", fan_in_dims=3),
+      "bias": ParamSpec((c_out,), (None,), "zeros")
+  }
 
 
 def _gn(c: int) -> Tree:
@@ -172,14 +180,25 @@ def _gn(c: int) -> Tree:
 
 
 def _resblock(c_in: int, c_out: int) -> Tree:
-  p = {"norm1": _gn(c_in), "conv1": _conv(c_in, c_out, 3), "norm2": _gn(c_out), "conv2": _conv(c_out, c_out, 3)}
+  p = {
+      "norm1": _gn(c_in),
+      "conv1": _conv(c_in, c_out, 3),
+      "norm2": _gn(c_out),
+      "conv2": _conv(c_out, c_out, 3)
+  }
   if c_in != c_out:
     p["nin_shortcut"] = _conv(c_in, c_out, 1)
   return p
 
 
 def _attn(c: int) -> Tree:
-  return {"norm": _gn(c), "q": _conv(c, c, 1), "k": _conv(c, c, 1), "v": _conv(c, c, 1), "proj_out": _conv(c, c, 1)}
+  return {
+      "norm": _gn(c),
+      "q": _conv(c, c, 1),
+      "k": _conv(c, c, 1),
+      "v": _conv(c, c, 1),
+      "proj_out": _conv(c, c, 1)
+  }
 
 
 def ae_schema(a: AEConfig) -> Tree:
@@ -196,13 +215,23 @@ def ae_schema(a: AEConfig) -> Tree:
     if i < len(chans) - 1:
       level["downsample"] = {"conv": _conv(c, c, 3)}
     enc["down"][str(i)] = level
-  enc["mid"] = {"block_1": _resblock(top, top), "attn_1": _attn(top), "block_2": _resblock(top, top)}
+  enc["mid"] = {
+      "block_1": _resblock(top, top),
+      "attn_1": _attn(top),
+      "block_2": _resblock(top, top)
+  }
   enc["norm_out"] = _gn(top)
   enc["conv_out"] = _conv(top, 2 * a.z_channels, 3)
 
-  dec: Tree = {"conv_in": _conv(a.z_channels, top, 3),
-               "mid": {"block_1": _resblock(top, top), "attn_1": _attn(top), "block_2": _resblock(top, top)},
-               "up": {}}
+  dec: Tree = {
+      "conv_in": _conv(a.z_channels, top, 3),
+      "mid": {
+          "block_1": _resblock(top, top),
+          "attn_1": _attn(top),
+          "block_2": _resblock(top, top)
+      },
+      "up": {}
+  }
   c_in = top
   for i in reversed(range(len(chans))):
     blocks = {}
@@ -244,11 +273,12 @@ def is_adapter_path(path) -> bool:
 
 
 def leaf_dtypes(schema: Tree, dtype, adapter_dtype=None) -> Tree:
-  """The dtype of every leaf: `dtype`, and `adapter_dtype` (default `dtype`) for LoRA adapters (e.g. a bf16
-  frozen base with fp32 adapter master weights)."""
+  """The dtype of every leaf: `dtype`, and `adapter_dtype` (default `dtype`) for LoRA adapters (e.g.
+  a bf16 frozen base with fp32 adapter master weights)."""
   adapter_dtype = dtype if adapter_dtype is None else adapter_dtype
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: jnp.dtype(adapter_dtype if is_adapter_path(path) else dtype), schema, is_leaf=is_spec)
+      lambda path, _: jnp.dtype(adapter_dtype
+                                if is_adapter_path(path) else dtype), schema, is_leaf=is_spec)
 
 
 def cast_params(tree: Tree, dtype, adapter_dtype=None) -> Tree:
@@ -260,15 +290,18 @@ def cast_params(tree: Tree, dtype, adapter_dtype=None) -> Tree:
 
 
 def init_params(schema: Tree, key: jax.Array, dtype=jnp.float32, adapter_dtype=None) -> Tree:
-  """Random parameters for `schema` (pure; jit / eval_shape friendly); adapters in `adapter_dtype`."""
+  """Random parameters for `schema` (pure; jit / eval_shape friendly); adapters in
+  `adapter_dtype`."""
   leaves, treedef = jax.tree.flatten(schema, is_leaf=is_spec)
   dtypes = jax.tree.leaves(leaf_dtypes(schema, dtype, adapter_dtype))
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [_init_leaf(s, k, dt) for s, k, dt in zip(leaves, keys, dtypes)])
+  return jax.tree.unflatten(treedef,
+                            [_init_leaf(s, k, dt) for s, k, dt in zip(leaves, keys, dtypes)])
 
 
 def model_schema(cfg: BagelConfig) -> Tree:
-  """The whole model's tree {'bagel': bagel_schema, 'ae': ae_schema} (what a model dir / checkpoint holds)."""
+  """The whole model's tree {'bagel': bagel_schema, 'ae': ae_schema} (what a model dir /
+  checkpoint holds)."""
   return {"bagel": bagel_schema(cfg), "ae": ae_schema(cfg.ae)}
 
 

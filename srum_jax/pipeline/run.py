@@ -1,8 +1,9 @@
 """Stage `run`: the whole SRUM loop from one config, with a final report.
 
-    baseline eval -> for each round: generate (train prompts) -> propose -> score (self-judge) -> train
-    -> eval of the post-trained model; optionally the SFT control: the same self-generated images trained
-    with R == 1 and lambda = 0 from the same starting model, then evaluated.
+    baseline eval -> for each round: generate (train prompts) -> propose -> score (self-judge)
+    -> train -> eval of the post-trained model; optionally the SFT control: the same
+    self-generated images trained with R == 1 and lambda = 0 from the same starting model, then
+    evaluated.
 
 With LoRA (`model.lora.rank` > 0) each round trains the adapters further (round r + 1 starts from
 round r's) and writes round_<r>/model as an adapters-only model dir over the base model; the SFT
@@ -44,18 +45,19 @@ from srum_jax.workdir import layout
 
 def train_model(config, model: loaded_model.Model, records: str, images_root: str, workdir: str, *,
                 objective_name: str = "srum") -> dict:
-  """Train the model saved at `model.path` on reward records (its parameters restored straight onto the
-  training mesh in `model.param_dtype`); the summary's `params` are the trained ones, of its `cfg`
-  (`train.train`; with LoRA: base + adapters)."""
+  """Train the model saved at `model.path` on reward records (its parameters restored straight onto
+  the training mesh in `model.param_dtype`); the summary's `params` are the trained ones, of its
+  `cfg` (`train.train`; with LoRA: base + adapters)."""
   cfg, params, tokenizer = train_stage.default_load_model(config, model.path)
-  return train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records,
-                           images_root=images_root, workdir=workdir, objective_name=objective_name)
+  return train_stage.train(config, cfg=cfg, params=params, tokenizer=tokenizer,
+                           records_path=records, images_root=images_root, workdir=workdir,
+                           objective_name=objective_name)
 
 
 def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: int) -> List[str]:
-  """PNG table: one row per model, one column per prompt (its first image, the same seed in every row; the
-  categories in turn), the prompt above each column and the judge's verdict under each image; small images
-  upscaled (nearest neighbour)."""
+  """PNG table: one row per model, one column per prompt (its first image, the same seed in every
+  row; the categories in turn), the prompt above each column and the judge's verdict under each
+  image; small images upscaled (nearest neighbour)."""
   rows = {name: {r["id"]: r for r in layout.read_metadata(d)} for name, d in eval_dirs.items()}
   common_ids = set.intersection(*[set(r) for r in rows.values()])
   first = rows[next(iter(rows))]
@@ -67,26 +69,31 @@ def _grid_before_after(report_dir: pathlib.Path, eval_dirs: Dict[str, str], n: i
     verdicts = {j["id"]: j for j in layout.read_judgments(d)}
     images = [files.load_rgb(os.path.join(d, rows[name][i]["image_file"]))[0] for i in ids]
     cells.append([im if im is not None else np.zeros((32, 32, 3), np.uint8) for im in images])
-    captions.append([f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}" if i in verdicts else ""
-                     for i in ids])
+    captions.append([
+        f"{verdicts[i].get('judge')}: {'yes' if verdicts[i].get('correct') else 'no'}"
+        if i in verdicts else "" for i in ids
+    ])
   grid = viz.labeled_grid(cells, [first[i]["prompt"] for i in ids], row_titles=list(eval_dirs),
-                          cell_captions=captions, title="same prompts and seeds per column; judge verdict below")
+                          cell_captions=captions,
+                          title="same prompts and seeds per column; judge verdict below")
   path = report_dir / "grid_before_after.png"
   files.save_png(str(path), grid)
   return [str(path)]
 
 
 def record_reward_map(record, image_hw, levers: objective.RewardLevers) -> np.ndarray:
-  """[H, W] reward map of one reward record (`rewards.records.RewardRecord`): the map the loss weighs."""
+  """[H, W] reward map of one reward record (`rewards.records.RewardRecord`): the map the loss
+  weighs."""
   arrays = records_lib.records_to_arrays([record], max_regions=max(1, len(record.regions)))
-  return np.asarray(objective.reward_maps(objective.RegionRewards(*arrays), image_hw=tuple(image_hw),
-                                          levers=levers))[0]
+  return np.asarray(
+      objective.reward_maps(
+          objective.RegionRewards(*arrays), image_hw=tuple(image_hw), levers=levers))[0]
 
 
 def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: int,
                      levers: objective.RewardLevers) -> List[str]:
-  """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes, enlarged so
-  the region scores are legible, each under its prompt with its global score."""
+  """Scored candidates with their reward maps (the maps the loss weighs) and the judged boxes,
+  enlarged so the region scores are legible, each under its prompt with its global score."""
   recs, _ = records_lib.read_records(os.path.join(score_dir, "rewards.jsonl"))
   tiles, titles, captions = [], [], []
   for r in recs[:n]:
@@ -95,8 +102,10 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
       continue
     m = record_reward_map(r, im.shape[:2], levers)
     scale = max(1, -(-192 // max(1, min(im.shape[:2]))))
-    tiles.append(viz.overlay_reward_map(im, m, boxes=[reg.box for reg in r.regions],
-                                        scores=[reg.score for reg in r.regions], signed=levers.signed, scale=scale))
+    tiles.append(
+        viz.overlay_reward_map(im, m, boxes=[reg.box for reg in r.regions],
+                               scores=[reg.score for reg in r.regions], signed=levers.signed,
+                               scale=scale))
     titles.append(r.prompt)
     g = "-" if r.global_score is None else f"{r.global_score:+.2f}"
     captions.append(f"global {g}, {len(r.regions)} regions")
@@ -110,8 +119,8 @@ def _reward_overlays(report_dir: pathlib.Path, gen_dir: str, score_dir: str, n: 
 
 
 class StageClock:
-  """Wall seconds per named stage of this invocation, in the order the stages ran (a resumed stage that had
-  nothing left to do shows the seconds it took to find that out)."""
+  """Wall seconds per named stage of this invocation, in the order the stages ran (a resumed stage
+  that had nothing left to do shows the seconds it took to find that out)."""
 
   def __init__(self):
     self.seconds: Dict[str, float] = {}
@@ -126,20 +135,23 @@ class StageClock:
 
 
 class Preempted(Exception):
-  """A training stage was stopped by a signal: its state is saved, nothing after it runs; rerun to resume."""
+  """A training stage was stopped by a signal: its state is saved, nothing after it runs; rerun
+  to resume."""
 
 
 def _trained(summary: dict) -> dict:
   if summary["preempted"]:
-    raise Preempted(f"training stopped by a signal at step {summary['steps']}; its checkpoint is in "
-                    f"{summary['checkpoint']}; run the same command again to resume")
+    raise Preempted(
+        f"training stopped by a signal at step {summary['steps']}; its checkpoint is in "
+        f"{summary['checkpoint']}; run the same command again to resume")
   return summary
 
 
 def accumulate_counters(path: pathlib.Path, current: Dict[str, int]) -> Dict[str, int]:
-  """A stage's counters over every invocation of a resumed run: counters of work done (`scored`, `retries`,
-  ...) add this invocation's to those stored at `path`; `images` and `skipped_*` describe what this
-  invocation saw (a rerun sees the same items again) and are taken as they are. Written back by process 0."""
+  """A stage's counters over every invocation of a resumed run: counters of work done (`scored`,
+  `retries`, ...) add this invocation's to those stored at `path`; `images` and `skipped_*` describe
+  what this invocation saw (a rerun sees the same items again) and are taken as they are. Written
+  back by process 0."""
   before = {}
   if path.is_file():
     try:
@@ -194,26 +206,28 @@ def plan(config, base_identity: str, train_items, val_items,
 
 def _srum_rounds(config, base: loaded_model.Model, train_items, work: pathlib.Path,
                  clock: StageClock, round_units: List[dict], texts: texts_lib.Texts):
-  """rounds x (generate -> propose -> score -> train); returns (final model, per-round summaries)."""
+  """rounds x (generate -> propose -> score -> train); returns (final model, per-round
+  summaries)."""
   dt, attn, current, rounds = config.model.compute_dtype, loaded_model.attn_impl(config), base, []
   for r in range(int(config.run.rounds)):
     rd = work / f"round_{r}"
     gen_dir, prop_dir, score_dir = str(rd / "generate"), str(rd / "propose"), str(rd / "score")
     with clock(f"round_{r}/generate"):
-      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r, texts=texts,
-                        compute_dtype=dt, attn_impl=attn)
+      generate.generate(config.generate, current, train_items, gen_dir, seed=config.seed + r,
+                        texts=texts, compute_dtype=dt, attn_impl=attn)
     with clock(f"round_{r}/propose"):
       propose.propose(config.propose, gen_dir, prop_dir, mesh=loaded_model.inference_mesh(config))
     with clock(f"round_{r}/score"):
-      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r, texts=texts,
-                         compute_dtype=dt, attn_impl=attn)
+      srep = score.score(config.score, current, gen_dir, prop_dir, score_dir, seed=config.seed + r,
+                         texts=texts, compute_dtype=dt, attn_impl=attn)
     # counted as soon as the stage is done (a later crash cannot lose them)
     score_counts = accumulate_counters(rd / "score_counters.json",
                                        distributed.sum_over_processes(dataclasses.asdict(srep)))
     score_counts["scored"] = len(layout.read_rewards(score_dir))  # the records on disk: exact
     with clock(f"round_{r}/train"):
-      summary = _trained(train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
-                                     str(rd / "train")))
+      summary = _trained(
+          train_model(config, current, os.path.join(score_dir, "rewards.jsonl"), gen_dir,
+                      str(rd / "train")))
       current = loaded_model.save_model(str(rd / "model"), current, summary["params"],
                                         cfg=summary["cfg"],
                                         identity=round_units[r]["train"].fingerprint)
@@ -248,11 +262,13 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
     return {"tables": tables, "extra_tables": extra_tables, "rounds": rounds, "workdir": str(work),
             "eval_dirs": eval_dirs, "seconds": seconds, "stage_seconds": stage_seconds,
             "judge": config.eval.judge}
-  pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables}, int(config.run.report_images))
+  pictures = _grid_before_after(report_dir, {k: eval_dirs[k] for k in tables},
+                                int(config.run.report_images))
   if rounds:
     levers = train_stage.step_options(config).levers
-    pictures += _reward_overlays(report_dir, str(work / "round_0" / "generate"), str(work / "round_0" / "score"),
-                                 int(config.run.report_images), levers)
+    pictures += _reward_overlays(report_dir, str(work / "round_0" / "generate"),
+                                 str(work / "round_0" / "score"), int(config.run.report_images),
+                                 levers)
     for r in range(len(rounds)):
       curve = work / f"round_{r}" / "train" / "loss_curve.png"
       if curve.is_file():
@@ -270,8 +286,12 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
   lines += [f"- {k}: `{v}`" for k, v in eval_dirs.items()]
   lines += [f"- {k} on {s}: `{v}`" for s, e in extra.items() for k, v in e["eval_dirs"].items()]
   lines += [f"- picture: `{p}`" for p in pictures]
-  lines += ["", f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one {seconds:.0f} s)",
-            "", "| stage (this invocation) | s |", "|---|---|"]
+  lines += [
+      "",
+      f"Total time: {runs['seconds']:.0f} s over {runs['invocations']} invocation(s) (this one "
+      f"{seconds:.0f} s)",
+      "", "| stage (this invocation) | s |", "|---|---|"
+  ]
   lines += [f"| {k} | {v:.0f} |" for k, v in stage_seconds.items()]
   (report_dir / "report.md").write_text("\n".join(lines) + "\n")
   print("\n" + md, flush=True)
@@ -280,8 +300,8 @@ def _write_report(config, work: pathlib.Path, tables: Dict[str, dict], eval_dirs
 
 
 def run(config) -> dict:
-  """The loop: eval(base) -> rounds -> eval, plus the SFT control when `run.sft_control`; returns the report.
-  A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
+  """The loop: eval(base) -> rounds -> eval, plus the SFT control when `run.sft_control`; returns
+  the report. A preempted training stops the run (`Preempted`); rerunning resumes every stage."""
   t0, clock = time.time(), StageClock()
   work = paths.path(config.workdir)  # local or remote (gs://): etils.epath
   train_items = load_prompts(config.prompts.train, "prompts.train")
@@ -297,7 +317,8 @@ def run(config) -> dict:
     model_dir = loaded_model.resolve_model_dir(config)
     loaded_model.check_model_dir(model_dir)
     base = loaded_model.load_inference_model(config, model_dir)
-  texts = texts_lib.from_setting(config.texts.file)  # the think system prompts, judge questions, rubrics
+  # the think system prompts, judge questions, rubrics
+  texts = texts_lib.from_setting(config.texts.file)
   tables: Dict[str, dict] = {}
   eval_dirs: Dict[str, str] = {}
   extra = {k: {"tables": {}, "num": len(v), "eval_dirs": {}} for k, v in extra_items.items()}
@@ -322,15 +343,17 @@ def run(config) -> dict:
   if config.run.sft_control and int(config.run.rounds) >= 1:
     rd = work / "round_0"
     with clock("sft/train"):
-      summary = _trained(train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
-                                     str(work / "sft_train"), objective_name="sft"))
+      summary = _trained(
+          train_model(config, base, str(rd / "score" / "rewards.jsonl"), str(rd / "generate"),
+                      str(work / "sft_train"), objective_name="sft"))
       sft_model = loaded_model.save_model(str(work / "sft_model"), base, summary["params"],
                                           summary["cfg"], identity=outputs["sft_train"].fingerprint)
     do_eval("sft", sft_model)
     order = ["base", "sft", name]
   for e in extra.values():
     e["tables"] = {k: e["tables"][k] for k in order}
-  return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds, len(val_items),
+  return _write_report(config, work, {k: tables[k] for k in order}, eval_dirs, rounds,
+                       len(val_items),
                        time.time() - t0, clock.seconds, extra)
 
 

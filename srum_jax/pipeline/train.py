@@ -62,7 +62,8 @@ def logged_keys(config) -> tuple:
   return LOGGED + (("loss_anchor",) if float(config.srum.anchor_weight) > 0 else ())
 
 
-def step_options(config, objective_name: Optional[str] = None, platform: Optional[str] = None) -> ts.StepOptions:
+def step_options(config, objective_name: Optional[str] = None,
+                 platform: Optional[str] = None) -> ts.StepOptions:
   """StepOptions from `srum.*`, `train.*` and `model.*`; `objective_name` (default
   `train.objective`): "srum", or "sft" (the control: R == 1 and lambda = 0, plain flow matching on
   the same data; the anchor to the starting model, `srum.anchor_weight`, is part of the fine-tuning
@@ -83,16 +84,18 @@ def step_options(config, objective_name: Optional[str] = None, platform: Optiona
 
 
 def _to_device(tree, shardings, process_count: int):
-  """Host batch -> global arrays: device_put (one process) or per-host pieces (several processes)."""
+  """Host batch -> global arrays: device_put (one process) or per-host pieces (several
+  processes)."""
   if process_count == 1:
     return jax.device_put(tree, shardings)
-  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree, shardings)
+  return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), tree,
+                      shardings)
 
 
 def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, images_root: str,
                    resize=None) -> None:
-  """Grid of a batch's training images with their reward maps (the loss's maps, `objective.reward_maps`);
-  `resize`: the data's `DataSpec.resize` (images on their canvas)."""
+  """Grid of a batch's training images with their reward maps (the loss's maps,
+  `objective.reward_maps`); `resize`: the data's `DataSpec.resize` (images on their canvas)."""
   b = hb.batch
   H, W = opts.image_hw
   if b.images is not None:
@@ -104,10 +107,15 @@ def _write_samples(path: str, hb: train_data.HostBatch, opts: ts.StepOptions, im
   r = jax.tree.map(lambda a: np.asarray(a).reshape((images.shape[0],) + np.shape(a)[2:]), b.rewards)
   maps = np.asarray(objective.reward_maps(r, image_hw=(H, W), levers=opts.levers))
   shown = r.valid & opts.levers.use_local
-  tiles = [viz.overlay_reward_map(images[i], maps[i], boxes=r.boxes[i][shown[i]], scores=r.scores[i][shown[i]],
-                                  signed=opts.levers.signed) for i in range(images.shape[0])]
+  tiles = [
+      viz.overlay_reward_map(images[i], maps[i], boxes=r.boxes[i][shown[i]],
+                             scores=r.scores[i][shown[i]], signed=opts.levers.signed)
+      for i in range(images.shape[0])
+  ]
   idx = np.asarray(hb.indices).reshape(-1)
-  captions = [f"#{idx[i]} g={r.global_scores[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])]
+  captions = [
+      f"#{idx[i]} g={r.global_scores[i]:+.2f} {hb.prompts[i]}" for i in range(images.shape[0])
+  ]
   ncols = max(1, int(np.ceil(np.sqrt(images.shape[0]))))
   files.save_png(path, viz.image_grid(np.stack(tiles), ncols=ncols, pad=2, captions=captions))
 
@@ -121,18 +129,20 @@ def _load_or_blank(path: str, image_hw, resize=None) -> np.ndarray:
     return np.zeros(tuple(image_hw) + (3,), np.float32)
 
 
-def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str, workdir: str, mesh=None,
-          max_steps: Optional[int] = None, step_hook: Optional[Callable[[int], None]] = None,
-          objective_name: Optional[str] = None, stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
-  """Run (or resume) SRUM post-training to `max_steps` (default `config.train.steps`); returns a summary.
+def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str, workdir: str,
+          mesh=None, max_steps: Optional[int] = None,
+          step_hook: Optional[Callable[[int], None]] = None, objective_name: Optional[str] = None,
+          stop: Optional[PreemptionFlag] = None) -> Dict[str, Any]:
+  """Run (or resume) SRUM post-training to `max_steps` (default `config.train.steps`); returns a
+  summary.
 
-  params: {'bagel', 'ae'} trees (NumPy or jax arrays; placed onto the mesh here). tokenizer: any object
-  with `encode(str) -> list[int]`. step_hook(step) runs on the host after every step (tests, custom
-  monitoring; it must not block for long). objective_name: see `step_options`. stop: a `PreemptionFlag` to
-  poll (default: one installed here for SIGTERM / SIGINT). The summary holds steps, final_loss, skipped
-  (non-finite updates), data (the DataReport as a dict), preempted, resumed_from, the final `state` and
-  `params` (the EMA of the weights when `train.ema_decay` > 0, as BAGEL releases its EMA) and the
-  `cfg` they belong to.
+  params: {'bagel', 'ae'} trees (NumPy or jax arrays; placed onto the mesh here). tokenizer: any
+  object with `encode(str) -> list[int]`. step_hook(step) runs on the host after every step (tests,
+  custom monitoring; it must not block for long). objective_name: see `step_options`. stop: a
+  `PreemptionFlag` to poll (default: one installed here for SIGTERM / SIGINT). The summary holds
+  steps, final_loss, skipped (non-finite updates), data (the DataReport as a dict), preempted,
+  resumed_from, the final `state` and `params` (the EMA of the weights when `train.ema_decay` > 0,
+  as BAGEL releases its EMA) and the `cfg` they belong to.
 
   LoRA (`model.lora.rank` > 0; `_with_lora`): only the adapters train (in `model.lora.dtype`; the
   frozen base in `model.param_dtype`), and the checkpoints hold the adapters, their optimizer state
@@ -140,42 +150,50 @@ def train(config, *, cfg, params, tokenizer, records_path: str, images_root: str
   training).
   """
   with preemption.flag_or_installed(stop) as flag:
-    return _train(flag, config, cfg=cfg, params=params, tokenizer=tokenizer, records_path=records_path,
-                  images_root=images_root, workdir=workdir, mesh=mesh, max_steps=max_steps,
-                  step_hook=step_hook, opts=step_options(config, objective_name))
+    return _train(flag, config, cfg=cfg, params=params, tokenizer=tokenizer,
+                  records_path=records_path, images_root=images_root, workdir=workdir, mesh=mesh,
+                  max_steps=max_steps, step_hook=step_hook, opts=step_options(
+                      config, objective_name))
 
 
 def train_mesh(config):
-  """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size` rows (a
-  shape these devices cannot take is a `UserError` naming the key)."""
+  """Training's mesh: every device of every process, shaped by `config.mesh` for `train.batch_size`
+  rows (a shape these devices cannot take is a `UserError` naming the key)."""
   try:
     return sharding.mesh_from_config(config.mesh, batch_rows=int(config.train.batch_size))
   except ValueError as e:
-    raise UserValueError(f"config key mesh={dict(config.mesh)}: {e} ({jax.device_count()} devices in all)") from None
+    raise UserValueError(
+        f"config key mesh={dict(config.mesh)}: {e} ({jax.device_count()} devices in all)") from None
 
 
 def batch_layout(config, mesh) -> Dict[str, int]:
-  """{'batch_ways', 'microbatches'} of `train.batch_size` global rows on `mesh`: rows split over its data x fsdp
-  axes, then each shard's rows over microbatches of `train.microbatch_rows` (0: one microbatch)."""
+  """{'batch_ways', 'microbatches'} of `train.batch_size` global rows on `mesh`: rows split over its
+  data x fsdp axes, then each shard's rows over microbatches of `train.microbatch_rows` (0: one
+  microbatch)."""
   t = config.train
   ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   rows = int(t.batch_size)
   if rows % ways:
-    raise ValueError(f"train.batch_size={rows} rows must divide over the mesh batch axes (data x fsdp = {ways}); "
-                     f"mesh {dict(mesh.shape)} (mesh.tensor = 0 derives a tensor axis that makes them divide)")
+    raise ValueError(
+        f"train.batch_size={rows} rows must divide over the mesh batch axes (data x fsdp = "
+        f"{ways}); "
+        f"mesh {dict(mesh.shape)} (mesh.tensor = 0 derives a tensor axis that makes them divide)")
   per_shard, micro = rows // ways, int(t.microbatch_rows) or rows // ways
   if per_shard % micro:
-    raise ValueError(f"train.microbatch_rows={micro} does not divide the {per_shard} rows of each batch shard")
+    raise ValueError(
+        f"train.microbatch_rows={micro} does not divide the {per_shard} rows of each batch shard")
   return {"batch_ways": ways, "microbatches": per_shard // micro}
 
 
-VAE_MOMENTS = ("cached", "step")  # `train.vae_moments`: encoded once as data preparation, or in the step
+# `train.vae_moments`: encoded once as data preparation, or in the step
+VAE_MOMENTS = ("cached", "step")
 # fresh adapters' key: fold_in(key(seed), this); step i folds in i (< this), so no step shares it
 ADAPTER_INIT_STREAM = 0x4C6F5241
 
 
 def _host_tree(tree):
-  """A parameter tree as NumPy on this host (pieces of arrays spread over several processes gathered)."""
+  """A parameter tree as NumPy on this host (pieces of arrays spread over several processes
+  gathered)."""
 
   def host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -185,9 +203,10 @@ def _host_tree(tree):
 
 
 def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
-  """(encode, encoder_id) for `train_data.prepare_moments`: the frozen VAE encoder jitted once over this process's
-  devices (weights replicated, images split over them; batches padded to a multiple of the device count),
-  returning moments in `dtype`; encoder_id is a content hash of the encoder weights."""
+  """(encode, encoder_id) for `train_data.prepare_moments`: the frozen VAE encoder jitted once over
+  this process's devices (weights replicated, images split over them; batches padded to a multiple
+  of the device count), returning moments in `dtype`; encoder_id is a content hash of the encoder
+  weights."""
   host = _host_tree(params_encoder)
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
@@ -198,8 +217,8 @@ def moments_encoder(params_encoder, cfg, batch_size: int, dtype):
   rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
   weights = jax.device_put(host, rep)
   rows = -(-int(batch_size) // len(devices)) * len(devices)
-  fn = jax.jit(lambda p, x: autoencoder.encoder(p, x, cfg.ae).astype(dtype), in_shardings=(rep, split),
-               out_shardings=split)
+  fn = jax.jit(lambda p, x: autoencoder.encoder(p, x, cfg.ae).astype(dtype),
+               in_shardings=(rep, split), out_shardings=split)
 
   def encode(images: np.ndarray) -> np.ndarray:
     n = images.shape[0]
@@ -226,38 +245,42 @@ def anchor_prompt_ids(prompts, cfg, spec: train_data.DataSpec, tokenizer) -> Lis
   return [[bos] + [int(i) for i in tokenizer.encode(p)][:n] + [eos] for p in prompts]
 
 
-def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str, params_ae=None):
-  """Validate the records once per input, encode their images' posterior moments once (`train.vae_moments` =
-  cached; needs `params_ae`), then this host's grain iterator (with the anchor prompts when
-  `srum.anchor_weight` > 0); returns (iterator, DataReport)."""
+def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, workdir: str,
+                   params_ae=None):
+  """Validate the records once per input, encode their images' posterior moments once
+  (`train.vae_moments` = cached; needs `params_ae`), then this host's grain iterator (with the
+  anchor prompts when `srum.anchor_weight` > 0); returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = train_data.spec_from_config(config, pcount)
-  ar_path, report = train_data.prepare_records(records_path, images_root, os.path.join(workdir, "data"),
-                                         max_regions=spec.max_regions,
-                                         drop_zero_global=bool(config.srum.drop_zero_global),
-                                         threads=int(t.data_threads),
-                                         records_format=str(t.records_format))
+  ar_path, report = train_data.prepare_records(
+      records_path, images_root, os.path.join(workdir, "data"), max_regions=spec.max_regions,
+      drop_zero_global=bool(config.srum.drop_zero_global), threads=int(
+          t.data_threads), records_format=str(t.records_format))
   if report.kept == 0:  # the records or `train.images_root` are wrong: the user's to fix, one line
-    raise UserValueError(f"no usable training records in {records_path} (images under "
-                         f"{images_root or 'the records folder'}; set train.records / train.images_root): "
-                         f"{report.summary()}")
+    raise UserValueError(
+        f"no usable training records in {records_path} (images under "
+        f"{images_root or 'the records folder'}; set train.records / train.images_root): "
+        f"{report.summary()}")
   moments = None
-  # on a remote workdir there is no shared file system for the per-process moments parts: every host encodes
-  # every record into its own local cache (a one-off encoder pass per round; the step's batches are unchanged)
+  # on a remote workdir there is no shared file system for the per-process moments parts: every host
+  # encodes
+  # every record into its own local cache (a one-off encoder pass per round; the step's batches are
+  # unchanged)
   mpid, mpcount = (0, 1) if paths.is_remote(workdir) else (pid, pcount)
   if t.vae_moments == "cached":
     master = jnp.dtype(config.model.param_dtype)  # the dtype the step would run the encoder in
-    encode, encoder_id = moments_encoder(jax.tree.map(lambda x: x.astype(master), params_ae["encoder"]), cfg,
-                                         int(t.encode_batch), jnp.dtype(t.moments_dtype))
-    moments = train_data.prepare_moments(ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id,
-                                   dtype=str(t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
-                                   process_count=mpcount, threads=int(t.data_threads),
-                                   resize=spec.resize)
+    encode, encoder_id = moments_encoder(
+        jax.tree.map(lambda x: x.astype(master), params_ae["encoder"]), cfg, int(t.encode_batch),
+        jnp.dtype(t.moments_dtype))
+    moments = train_data.prepare_moments(
+        ar_path, images_root, spec.image_hw, encode, encoder_id=encoder_id, dtype=str(
+            t.moments_dtype), batch_size=int(t.encode_batch), process_index=mpid,
+        process_count=mpcount, threads=int(t.data_threads), resize=spec.resize)
     distributed.barrier("train_moments")
-  ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(config.seed),
-                         process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
-                         workers=int(t.data_workers), report=report, moments=moments,
-                         anchor_ids=_anchor_ids(config, cfg, tokenizer, spec))
+  ds = train_data.make_dataset(ar_path, images_root, spec, cfg=cfg, tokenizer=tokenizer, seed=int(
+      config.seed), process_index=pid, process_count=pcount, read_threads=int(t.data_threads),
+                               workers=int(t.data_workers), report=report, moments=moments,
+                               anchor_ids=_anchor_ids(config, cfg, tokenizer, spec))
   return iter(ds), report
 
 
@@ -461,6 +484,8 @@ def main(config, *, model_dir: str, records: str, images_root: str, workdir: str
   if not summary["preempted"]:
     summary["model_dir"] = checkpoint.write_trained_dir(
         os.path.join(workdir, "model"), summary["cfg"], summary["params"], model_dir)
-    print(f"train: model dir {summary['model_dir']} (python -m srum_jax export --src {summary['model_dir']} "
-          f"--dst <official dir>)", flush=True)
+    print(
+        f"train: model dir {summary['model_dir']} (python -m srum_jax export --src "
+        f"{summary['model_dir']} "
+        f"--dst <official dir>)", flush=True)
   return summary

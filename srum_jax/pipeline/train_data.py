@@ -1,34 +1,42 @@
-"""Training data: reward records (JSONL) -> validated ArrayRecord file -> grain pipeline -> packed `SrumBatch`.
+"""Training data: reward records (JSONL) -> validated ArrayRecord file -> grain pipeline -> packed
+`SrumBatch`.
 
     path, report = prepare_records(records_jsonl, images_root, cache_dir, max_regions=5)
-    moments = prepare_moments(path, images_root, image_hw, encode, encoder_id=...)   # optional: VAE once
-    ds = make_dataset(path, images_root, spec, tokenizer, seed=0, moments=moments)   # grain.IterDataset of HostBatch
-    it = iter(ds); hb = next(it)                                         # hb.batch: SrumBatch, hb.indices
+    # optional: VAE once
+    moments = prepare_moments(path, images_root, image_hw, encode, encoder_id=...)
+    # grain.IterDataset of HostBatch
+    ds = make_dataset(path, images_root, spec, tokenizer, seed=0, moments=moments)
+    # hb.batch: SrumBatch, hb.indices
+    it = iter(ds); hb = next(it)
     state = it.get_state(); ...; it.set_state(state)                     # checkpointable
 
-Host validation runs once per distinct input (the ArrayRecord file name carries a content hash of the
-JSONL, the image files' sizes/mtimes and the validation settings): malformed lines, non-finite scores,
-records the official formatting filter drops (`records.formatting_filter`), missing or undecodable images are skipped, and boxes
-are sanitised (degenerate or fully outside the image: dropped; partly outside: clamped), all COUNTED in a
-`DataReport`. Nothing in the input can kill the job; a pipeline with zero usable records is an error.
+Host validation runs once per distinct input (the ArrayRecord file name carries a content hash of
+the JSONL, the image files' sizes/mtimes and the validation settings): malformed lines, non-finite
+scores, records the official formatting filter drops (`records.formatting_filter`), missing or
+undecodable images are skipped, and boxes are sanitised (degenerate or fully outside the image:
+dropped; partly outside: clamped), all COUNTED in a `DataReport`. Nothing in the input can kill the
+job; a pipeline with zero usable records is an error.
 
-The grain pipeline: a deterministic global record order (shuffle reseeded every epoch, endless repeat) whose
-global batches every process cuts the same way (process p takes the p-th slice: its rows), a map that loads
-the PNG (bicubic resize to `image_hw`, [-1, 1]; or, with `DataSpec.resize`, SRUM's aspect-preserving training
-transform, then zero padding to the static canvas `image_hw`: `load_canvas`), scales the boxes from the
-stored image size to the image's training size (identity for the official 1024 -> 1024), pads the regions to `max_regions` and tokenizes the prompt ([BOS] + ids + [EOS], truncated to the
-per-sample text budget and counted), and a batcher that packs rows of `samples_per_row` samples with
-`train_step.t2i_layout` under static budgets (images below the canvas: only their own latent tokens,
-mapped to the canvas tokens by `SrumBatch.latent_src`). Every batch carries the record indices it used.
+The grain pipeline: a deterministic global record order (shuffle reseeded every epoch, endless
+repeat) whose global batches every process cuts the same way (process p takes the p-th slice: its
+rows), a map that loads the PNG (bicubic resize to `image_hw`, [-1, 1]; or, with `DataSpec.resize`,
+SRUM's aspect-preserving training transform, then zero padding to the static canvas `image_hw`:
+`load_canvas`), scales the boxes from the stored image size to the image's training size (identity
+for the official 1024 -> 1024), pads the regions to `max_regions` and tokenizes the prompt ([BOS] +
+ids + [EOS], truncated to the per-sample text budget and counted), and a batcher that packs rows of
+`samples_per_row` samples with `train_step.t2i_layout` under static budgets (images below the
+canvas: only their own latent tokens, mapped to the canvas tokens by `SrumBatch.latent_src`). Every
+batch carries the record indices it used.
 
 Records come as this project's schema or SRUM's formatted JSONL (`records_format`, auto-detected:
-`rewards.record_sources`). The official file already went through SRUM's formatting filter, so it is not
-filtered again (SRUM's training reads every row); only records with no reward at all are dropped.
+`rewards.record_sources`). The official file already went through SRUM's formatting filter, so it is
+not filtered again (SRUM's training reads every row); only records with no reward at all are
+dropped.
 
-With stored posterior moments (`prepare_moments`: the frozen VAE encoder run once over the prepared records,
-since SRUM's training images are fixed within a round) the map reads each record's moments row instead of
-decoding its image, and batches carry `SrumBatch.moments` (images None); the record order, the per-process
-slices and the iterator state are the same either way.
+With stored posterior moments (`prepare_moments`: the frozen VAE encoder run once over the prepared
+records, since SRUM's training images are fixed within a round) the map reads each record's moments
+row instead of decoding its image, and batches carry `SrumBatch.moments` (images None); the record
+order, the per-process slices and the iterator state are the same either way.
 """
 from __future__ import annotations
 
@@ -51,27 +59,35 @@ from srum_jax.pipeline.train_images import load_canvas, load_image, training_siz
 from srum_jax.rewards import record_sources, records as records_lib
 from srum_jax.training import objective, train_step
 
-VALIDATION_VERSION = 3  # bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
+# bump when validation/sanitising changes: rebuilds every cached ArrayRecord file
+VALIDATION_VERSION = 3
 
-__all__ = ["DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "load_canvas", "validate_records",
-           "prepare_records", "prepare_moments", "make_dataset", "spec_from_config", "text_budget"]
+__all__ = [
+    "DataReport", "DataSpec", "HostBatch", "MomentsFiles", "load_image", "load_canvas",
+    "validate_records", "prepare_records", "prepare_moments", "make_dataset", "spec_from_config",
+    "text_budget"
+]
 
 MOMENTS_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass
 class DataReport:
-  """What host validation saw and dropped; `decode_failures` / `truncated_prompts` grow while iterating."""
+  """What host validation saw and dropped; `decode_failures` / `truncated_prompts` grow while
+  iterating."""
   lines: int = 0
-  malformed: int = 0  # unparsable lines or schema violations (scores outside [-1, 1], missing fields, ...)
+  # unparsable lines or schema violations (scores outside [-1, 1], missing fields, ...)
+  malformed: int = 0
   nonfinite: int = 0  # lines with NaN / inf numbers
-  duplicate_id: int = 0  # a second record of an item id already read (`metadata.id`): the first one is kept
+  # a second record of an item id already read (`metadata.id`): the first one is kept
+  duplicate_id: int = 0
   filtered_zero_global: int = 0
   filtered_missing_global: int = 0
   filtered_empty: int = 0
   missing_image: int = 0
   corrupt_image: int = 0
-  boxes_degenerate: int = 0  # x_min >= x_max or y_min >= y_max after truncation (ignored officially too)
+  # x_min >= x_max or y_min >= y_max after truncation (ignored officially too)
+  boxes_degenerate: int = 0
   boxes_outside: int = 0  # no pixel of the image covered
   boxes_clamped: int = 0
   regions_truncated: int = 0  # regions beyond max_regions
@@ -79,27 +95,34 @@ class DataReport:
   other_good_image: int = 0  # official rows whose good (target) image is another file: skipped
   records_format: str = ""  # srum_jax | official (`rewards.record_sources`)
   kept: int = 0
-  examples: list = dataclasses.field(default_factory=list)  # first few (where, why) of skipped records
-  decode_failures: int = 0  # images that failed to load while iterating (file changed after validation)
+  # first few (where, why) of skipped records
+  examples: list = dataclasses.field(default_factory=list)
+  # images that failed to load while iterating (file changed after validation)
+  decode_failures: int = 0
   truncated_prompts: int = 0  # prompts cut to the text budget (counted by the training loop)
 
   @property
   def skipped(self) -> int:
-    return (self.malformed + self.nonfinite + self.duplicate_id + self.filtered_zero_global + self.filtered_missing_global
-            + self.filtered_empty + self.missing_image + self.corrupt_image + self.other_good_image)
+    return (self.malformed + self.nonfinite + self.duplicate_id + self.filtered_zero_global +
+            self.filtered_missing_global + self.filtered_empty + self.missing_image +
+            self.corrupt_image + self.other_good_image)
 
   def to_dict(self) -> dict:
     return dict(dataclasses.asdict(self), skipped=self.skipped)
 
   def summary(self) -> str:
-    return (f"{self.records_format or 'records'} records kept {self.kept}/{self.lines} "
-            f"(skipped {self.skipped}: "
-            f"malformed {self.malformed}, other good image {self.other_good_image}, "
-            f"non-finite {self.nonfinite}, duplicate ids {self.duplicate_id}, filtered {self.filtered_zero_global + self.filtered_missing_global}"
-            f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image {self.corrupt_image}); "
-            f"boxes dropped {self.boxes_degenerate + self.boxes_outside}, clamped {self.boxes_clamped}; "
-            f"regions truncated {self.regions_truncated}; decode failures {self.decode_failures}; "
-            f"truncated prompts {self.truncated_prompts}")
+    return (
+        f"{self.records_format or 'records'} records kept {self.kept}/{self.lines} "
+        f"(skipped {self.skipped}: "
+        f"malformed {self.malformed}, other good image {self.other_good_image}, "
+        f"non-finite {self.nonfinite}, duplicate ids {self.duplicate_id}, filtered "
+        f"{self.filtered_zero_global + self.filtered_missing_global}"
+        f"+{self.filtered_empty}, missing image {self.missing_image}, corrupt image "
+        f"{self.corrupt_image}); "
+        f"boxes dropped {self.boxes_degenerate + self.boxes_outside}, clamped "
+        f"{self.boxes_clamped}; "
+        f"regions truncated {self.regions_truncated}; decode failures {self.decode_failures}; "
+        f"truncated prompts {self.truncated_prompts}")
 
   _MAX_EXAMPLES = 20
 
@@ -110,9 +133,9 @@ class DataReport:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Static layout of one host batch: `rows` packed rows of `samples_per_row` samples of `image_hw` pixels.
-  `resize` (max_size, min_size, stride): SRUM's aspect-preserving transform, each image padded to the canvas
-  `image_hw` (`load_canvas`); None: every image resized to `image_hw`."""
+  """Static layout of one host batch: `rows` packed rows of `samples_per_row` samples of `image_hw`
+  pixels. `resize` (max_size, min_size, stride): SRUM's aspect-preserving transform, each image
+  padded to the canvas `image_hw` (`load_canvas`); None: every image resized to `image_hw`."""
   image_hw: Tuple[int, int]
   rows: int
   samples_per_row: int
@@ -123,9 +146,9 @@ class DataSpec:
 
 
 class HostBatch(NamedTuple):
-  """One host batch: the packed `SrumBatch` (NumPy), global record indices [rows, S], prompts [rows*S],
-  how many of its prompts were truncated to the text budget, and the image files [rows*S] (relative to the
-  images root; for pictures of the batch)."""
+  """One host batch: the packed `SrumBatch` (NumPy), global record indices [rows, S], prompts
+  [rows*S], how many of its prompts were truncated to the text budget, and the image files [rows*S]
+  (relative to the images root; for pictures of the batch)."""
   batch: Any
   indices: np.ndarray
   prompts: list
@@ -133,7 +156,8 @@ class HostBatch(NamedTuple):
   image_files: list
 
 
-# --- images -------------------------------------------------------------------------------------------------
+# --- images
+# -------------------------------------------------------------------------------------------------
 
 def _load_training_image(path: str, spec: DataSpec):
   """The pipeline's image loader: `load_image` (fixed size) or `load_canvas` (`spec.resize`)."""
@@ -142,16 +166,19 @@ def _load_training_image(path: str, spec: DataSpec):
   return load_canvas(path, spec.image_hw, spec.resize)
 
 
-# --- host validation ----------------------------------------------------------------------------------------
+# --- host validation
+# ----------------------------------------------------------------------------------------
 
 def _sanitise_box(box, width: int, height: int, report: DataReport):
-  """Official semantics made explicit: coordinates truncate toward zero, x_min >= x_max (or y) is ignored,
-  the box clamps to the image; returns the clamped integer box or None (dropped), counting both."""
+  """Official semantics made explicit: coordinates truncate toward zero, x_min >= x_max (or y) is
+  ignored, the box clamps to the image; returns the clamped integer box or None (dropped), counting
+  both."""
   x0, y0, x1, y1 = (math.trunc(max(min(v, 2.0 ** 30), -2.0 ** 30)) for v in box)
   if x0 >= x1 or y0 >= y1:
     report.boxes_degenerate += 1
     return None
-  c = (min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height))
+  c = (min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0),
+                                                            width), min(max(y1, 0), height))
   if c[0] >= c[2] or c[1] >= c[3]:
     report.boxes_outside += 1
     return None
@@ -168,13 +195,14 @@ def _format_of(records_path: str, records_format: str) -> str:
   return record_sources.detect_format(records_path, default="srum_jax")
 
 
-def validate_records(records_path: str, images_root: str, *, max_regions: int, drop_zero_global: bool = True,
-                     threads: int = 8, records_format: str = "auto"
-                     ) -> Tuple[List[dict], DataReport]:
-  """Read, filter and check every record; returns the usable records as plain dicts (with the decoded
-  image size in `image_size` and sanitised boxes) and the report of everything skipped or changed.
-  `records_format`: srum_jax | official | auto (`rewards.record_sources`); `drop_zero_global` applies to
-  this project's records (the official file was filtered when SRUM formatted it)."""
+def validate_records(records_path: str, images_root: str, *, max_regions: int,
+                     drop_zero_global: bool = True, threads: int = 8,
+                     records_format: str = "auto") -> Tuple[List[dict], DataReport]:
+  """Read, filter and check every record; returns the usable records as plain dicts (with the
+  decoded image size in `image_size` and sanitised boxes) and the report of everything skipped or
+  changed. `records_format`: srum_jax | official | auto (`rewards.record_sources`);
+  `drop_zero_global` applies to this project's records (the official file was filtered when SRUM
+  formatted it)."""
   report = DataReport()
   fmt = _format_of(records_path, records_format)
   records, read_report = record_sources.read(records_path, fmt)
@@ -238,7 +266,8 @@ def validate_records(records_path: str, images_root: str, *, max_regions: int, d
 
 
 def _file_stamp(images_root: str, name: str) -> str:
-  """`name\0size\0mtime` of an image file (a remote object: the store's size and mtime), or `name\0missing`."""
+  """`name\0size\0mtime` of an image file (a remote object: the store's size and mtime), or
+  `name\0missing`."""
   path = os.path.join(images_root, name)
   try:
     if paths.is_remote(path):
@@ -257,13 +286,15 @@ def _input_hash(records_path: str, images_root: str, max_regions: int, drop_zero
   fmt = _format_of(records_path, records_format)
   h.update(json.dumps([VALIDATION_VERSION, paths.abspath(images_root), int(max_regions),
                        bool(drop_zero_global), fmt]).encode())
-  with (paths.path(records_path).open("rb") if paths.is_remote(records_path) else open(records_path, "rb")) as f:
+  with (paths.path(records_path).open("rb") if paths.is_remote(records_path) else open(
+      records_path, "rb")) as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   names = set()
   for rec in record_sources.read(records_path, fmt)[0]:
     names.add(rec.image_file)
-  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:  # a remote stat is a round trip
+  # a remote stat is a round trip
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
     for stamp in pool.map(lambda n: _file_stamp(images_root, n), sorted(names)):
       h.update(stamp.encode())
   return h.hexdigest()[:16]
@@ -278,11 +309,12 @@ def _report_from_dict(d: dict) -> DataReport:
 def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_regions: int,
                     drop_zero_global: bool = True, threads: int = 8,
                     records_format: str = "auto") -> Tuple[str, DataReport]:
-  """Validated records -> `cache_dir/records-<n>-<hash>.array_record` (one JSON record per entry) plus a
-  `.report.json` beside it; an existing file for the same input is reused. Writes go to a per-process
-  temporary name and are renamed into place, so several hosts preparing the same file cannot clash. A remote
-  `cache_dir` (gs://...) stands for a local one (`paths.local_cache_dir`: ArrayRecord and the memory-mapped
-  moments need local files), which each host fills for itself; the records and images may be remote."""
+  """Validated records -> `cache_dir/records-<n>-<hash>.array_record` (one JSON record per entry)
+  plus a `.report.json` beside it; an existing file for the same input is reused. Writes go to a
+  per-process temporary name and are renamed into place, so several hosts preparing the same file
+  cannot clash. A remote `cache_dir` (gs://...) stands for a local one (`paths.local_cache_dir`:
+  ArrayRecord and the memory-mapped moments need local files), which each host fills for itself; the
+  records and images may be remote."""
   cache_dir = paths.local_cache_dir(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   key = _input_hash(records_path, images_root, max_regions, drop_zero_global, threads,
@@ -308,13 +340,14 @@ def prepare_records(records_path: str, images_root: str, cache_dir: str, *, max_
   return path, report
 
 
-# --- posterior moments, encoded once per prepared record file ---------------------------------------------
+# --- posterior moments, encoded once per prepared record file
+# ---------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class MomentsFiles:
   """Stored posterior moments of a prepared record file. Process p of n encoded the records i with
-  i % n == p into `parts[p]` (row i // n, [rows, h, w, 2z]; bf16 kept as its uint16 bits) and marked in
-  `parts[p]`'s `.ok.npy` companion whether the image loaded."""
+  i % n == p into `parts[p]` (row i // n, [rows, h, w, 2z]; bf16 kept as its uint16 bits) and marked
+  in `parts[p]`'s `.ok.npy` companion whether the image loaded."""
   parts: Tuple[str, ...]
   dtype: str
 
@@ -331,25 +364,28 @@ def _read_records(array_record_path: str) -> List[dict]:
   return [json.loads(src[i]) for i in range(len(src))]
 
 
-def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[int, int], encode, *, encoder_id: str,
-                    dtype: str = "float32", batch_size: int = 8, process_index: int = 0, process_count: int = 1,
-                    threads: int = 4, resize: Optional[Tuple[int, int, int]] = None
-                    ) -> MomentsFiles:
-  """Encode this process's share of a prepared record file once: `encode(images [b, H, W, 3] float32 in [-1, 1])
-  -> moments [b, h, w, 2z]` (the caller's jitted frozen encoder) over batches of `batch_size` images loaded as
-  the pipeline loads them (`load_image`, or `load_canvas` with `resize`); images that fail to load get ok=False
-  and zero moments (the pipeline skips and counts them as decode failures). Files are named by the record
-  file, `image_hw`, `resize`, `dtype`, `encoder_id` (identifies the encoder weights) and the process count,
-  written under a temporary name and renamed, and reused when present. Callers with several processes wait at
-  a barrier before reading."""
+def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[int, int], encode, *,
+                    encoder_id: str, dtype: str = "float32", batch_size: int = 8,
+                    process_index: int = 0, process_count: int = 1, threads: int = 4,
+                    resize: Optional[Tuple[int, int, int]] = None) -> MomentsFiles:
+  """Encode this process's share of a prepared record file once: `encode(images [b, H, W, 3] float32
+  in [-1, 1])
+  -> moments [b, h, w, 2z]` (the caller's jitted frozen encoder) over batches of `batch_size` images
+  loaded as the pipeline loads them (`load_image`, or `load_canvas` with `resize`); images that fail
+  to load get ok=False and zero moments (the pipeline skips and counts them as decode failures).
+  Files are named by the record file, `image_hw`, `resize`, `dtype`, `encoder_id` (identifies the
+  encoder weights) and the process count, written under a temporary name and renamed, and reused
+  when present. Callers with several processes wait at a barrier before reading."""
   if dtype not in MOMENTS_DTYPES:
     raise ValueError(f"moments dtype {dtype!r}; choose one of {MOMENTS_DTYPES}")
   H, W = (int(v) for v in image_hw)
   spec = DataSpec(image_hw=(H, W), rows=1, samples_per_row=1, num_tokens=1, text_capacity=1,
                   max_regions=1, resize=None if resize is None else tuple(int(v) for v in resize))
-  stem = array_record_path[:-len(".array_record")] if array_record_path.endswith(".array_record") else array_record_path
+  stem = array_record_path[:-len(".array_record")] if array_record_path.endswith(
+      ".array_record") else array_record_path
   size = f"{H}x{W}" if resize is None else f"{H}x{W}r" + "-".join(str(v) for v in spec.resize)
-  parts = tuple(f"{stem}.moments-{size}-{dtype}-{encoder_id}.p{p}of{process_count}.npy" for p in range(process_count))
+  parts = tuple(f"{stem}.moments-{size}-{dtype}-{encoder_id}.p{p}of{process_count}.npy"
+                for p in range(process_count))
   out = MomentsFiles(parts=parts, dtype=dtype)
   mine = parts[process_index]
   if os.path.isfile(mine) and os.path.isfile(_ok_path(mine)):
@@ -361,7 +397,8 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
   def load(rec):
     try:
       return _load_training_image(os.path.join(images_root, rec["image_file"]), spec)[0], True
-    except Exception:  # vanished or changed since validation: counted when the pipeline reaches the record
+    # vanished or changed since validation: counted when the pipeline reaches the record
+    except Exception:
       return np.zeros((H, W, 3), np.float32), False
 
   with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
@@ -373,7 +410,8 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
       else:
         m = m.astype(np.float32)
       if moments is None:
-        moments = np.lib.format.open_memmap(tmp, mode="w+", dtype=m.dtype, shape=(len(records),) + m.shape[1:])
+        moments = np.lib.format.open_memmap(tmp, mode="w+", dtype=m.dtype,
+                                            shape=(len(records),) + m.shape[1:])
       moments[lo:lo + len(loaded)] = m
       ok[lo:lo + len(loaded)] = [good for _, good in loaded]
   if moments is None:  # no record for this process
@@ -388,7 +426,8 @@ def prepare_moments(array_record_path: str, images_root: str, image_hw: Tuple[in
 
 
 class _MomentsReader:
-  """Lazily memory-mapped moments rows (reopened in each grain worker process; pickles as paths only)."""
+  """Lazily memory-mapped moments rows (reopened in each grain worker process; pickles as paths
+  only)."""
 
   def __init__(self, files: MomentsFiles):
     self.files, self._open = files, {}
@@ -412,11 +451,12 @@ class _MomentsReader:
     return x
 
 
-# --- grain pipeline -----------------------------------------------------------------------------------------
+# --- grain pipeline
+# -----------------------------------------------------------------------------------------
 
 def text_budget(cfg, spec: DataSpec) -> int:
-  """Prompt ids allowed per sample: the row's text slots (ids + BOS/EOS + the image's two markers) and
-  token slots left after the latent tokens, split evenly over the row's samples."""
+  """Prompt ids allowed per sample: the row's text slots (ids + BOS/EOS + the image's two markers)
+  and token slots left after the latent tokens, split evenly over the row's samples."""
   h, w = spec.image_hw[0] // cfg.latent_downsample, spec.image_hw[1] // cfg.latent_downsample
   S = spec.samples_per_row
   per_sample = min(spec.text_capacity // S, (spec.num_tokens - S * h * w) // S)
@@ -428,17 +468,18 @@ def text_budget(cfg, spec: DataSpec) -> int:
 
 
 class NoUsableRecords(RuntimeError):
-  """Every record failed to load for longer than the data can explain (e.g. images deleted after validation):
-  the pipeline would otherwise skip records forever without producing a batch."""
+  """Every record failed to load for longer than the data can explain (e.g. images deleted after
+  validation): the pipeline would otherwise skip records forever without producing a batch."""
 
 
 class _Decode:
-  """Record bytes -> sample dict (image or stored moments, padded regions, prompt ids); None when the image
-  (or its moments row) failed to load. `max_consecutive_failures` failed loads in a row (no success between
-  them) raise `NoUsableRecords`."""
+  """Record bytes -> sample dict (image or stored moments, padded regions, prompt ids); None when
+  the image (or its moments row) failed to load. `max_consecutive_failures` failed loads in a row
+  (no success between them) raise `NoUsableRecords`."""
 
   def __init__(self, images_root: str, cfg, spec: DataSpec, tokenizer, report: Optional[DataReport],
-               moments: Optional[MomentsFiles] = None, max_consecutive_failures: Optional[int] = None):
+               moments: Optional[MomentsFiles] = None,
+               max_consecutive_failures: Optional[int] = None):
     self.images_root, self.spec, self.tokenizer, self.report = images_root, spec, tokenizer, report
     self.bos, self.eos = int(cfg.tokens.bos), int(cfg.tokens.eos)
     self.stride = int(cfg.latent_downsample)
@@ -453,8 +494,10 @@ class _Decode:
     if self.max_failures is not None and self.failures_in_a_row >= self.max_failures:
       raise NoUsableRecords(
           f"training data: the last {self.failures_in_a_row} records all failed to load (e.g. "
-          f"{rec.get('image_file')!r} under {self.images_root}: {why}), longer than two passes over the validated "
-          f"records: their images changed or vanished after validation; restore them or rerun the stage that "
+          f"{rec.get('image_file')!r} under {self.images_root}: {why}), longer than two passes "
+          f"over the validated "
+          f"records: their images changed or vanished after validation; restore them or rerun the "
+          f"stage that "
           f"wrote them") from None
     return None
 
@@ -477,20 +520,31 @@ class _Decode:
     tw, th = training_size((w0, h0), (H, W), self.spec.resize)
     sx, sy = tw / float(w0), th / float(h0)
     boxes, scores, valid, _ = records_lib.pad_regions(
-        [(reg["box"][0] * sx, reg["box"][1] * sy, reg["box"][2] * sx, reg["box"][3] * sy) for reg in rec["regions"]],
-        [reg["score"] for reg in rec["regions"]], self.spec.max_regions)
+        [(reg["box"][0] * sx, reg["box"][1] * sy, reg["box"][2] * sx, reg["box"][3] * sy)
+         for reg in rec["regions"]], [reg["score"] for reg in rec["regions"]],
+        self.spec.max_regions)
     ids = [int(i) for i in self.tokenizer.encode(rec["prompt"])]
     truncated = len(ids) > self.max_ids
-    return {"index": int(rec["index"]), key: pixels, "image_file": rec["image_file"], "boxes": boxes, "scores": scores, "valid": valid,
-            "global_score": np.float32(0.0 if rec["global_score"] is None else rec["global_score"]),
-            "ids": [self.bos] + ids[:self.max_ids] + [self.eos], "truncated": truncated,
-            "prompt": rec["prompt"], "grid": (th // self.stride, tw // self.stride)}
+    return {
+        "index": int(rec["index"]),
+        key: pixels,
+        "image_file": rec["image_file"],
+        "boxes": boxes,
+        "scores": scores,
+        "valid": valid,
+        "global_score": np.float32(0.0 if rec["global_score"] is None else rec["global_score"]),
+        "ids": [self.bos] + ids[:self.max_ids] + [self.eos],
+        "truncated": truncated,
+        "prompt": rec["prompt"],
+        "grid": (th // self.stride, tw // self.stride)
+    }
 
 
 class _Collate:
-  """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing. `sample_offset`: the
-  global number of this process's first sample, so sample ids (and the per-sample randomness keyed by them,
-  e.g. text-condition dropout) are those of the global batch, whatever the number of processes.
+  """rows * S samples (in order) -> HostBatch with the static `t2i_layout` packing. `sample_offset`:
+  the global number of this process's first sample, so sample ids (and the per-sample randomness
+  keyed by them, e.g. text-condition dropout) are those of the global batch, whatever the number of
+  processes.
 
   `anchor_ids` (wrapped prompt ids): each sample also gets an anchor prompt drawn by (`anchor_seed`,
   its row's record indices, its place in the row): the same for any process count, new every epoch;
@@ -507,8 +561,9 @@ class _Collate:
                                    text_capacity=self.spec.text_capacity, grids=grids)
     if self.sample_offset:
       sid = inputs.meta.sample_id
-      inputs = inputs._replace(meta=inputs.meta._replace(sample_id=np.where(sid >= 0, sid + self.sample_offset,
-                                                                            sid).astype(sid.dtype)))
+      inputs = inputs._replace(
+          meta=inputs.meta._replace(
+              sample_id=np.where(sid >= 0, sid + self.sample_offset, sid).astype(sid.dtype)))
     return inputs
 
   def _anchors(self, grid):
@@ -527,48 +582,56 @@ class _Collate:
     inputs = self._layout([[s["ids"] for s in row] for row in grid], grids)
     anchor_inputs = None if not self.anchor_ids else self._layout(self._anchors(grid), grids)
     stack = lambda k: np.stack([np.stack([s[k] for s in row]) for row in grid])
-    rewards = objective.RegionRewards(boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
-                                      global_scores=stack("global_score"))
+    rewards = objective.RegionRewards(
+        boxes=stack("boxes"), scores=stack("scores"), valid=stack("valid"),
+        global_scores=stack("global_score"))
     stored = "moments" in samples[0]
     canvas = tuple(v // int(self.cfg.latent_downsample) for v in self.spec.image_hw)
-    batch = train_step.SrumBatch(inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
-                                 moments=stack("moments") if stored else None,
-                                 latent_src=(None if grids is None
-                                             else train_step.latent_sources(grids, canvas)),
-                                 anchor_inputs=anchor_inputs)
-    return HostBatch(batch=batch, indices=stack("index").astype(np.int64), prompts=[s["prompt"] for s in samples],
-                     truncated=int(sum(s["truncated"] for s in samples)),
-                     image_files=[s["image_file"] for s in samples])
+    batch = train_step.SrumBatch(
+        inputs=inputs, images=None if stored else stack("image"), rewards=rewards,
+        moments=stack("moments") if stored else None,
+        latent_src=(None if grids is None else train_step.latent_sources(grids, canvas)),
+        anchor_inputs=anchor_inputs)
+    return HostBatch(batch=batch, indices=stack("index").astype(
+        np.int64), prompts=[s["prompt"] for s in samples], truncated=int(
+            sum(s["truncated"] for s in samples)), image_files=[s["image_file"] for s in samples])
 
 
-def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer, seed: int,
-                 num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1,
-                 read_threads: int = 4, workers: int = 0, report: Optional[DataReport] = None,
-                 moments: Optional[MomentsFiles] = None, anchor_ids=None):
-  """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's `HostBatch`es.
+def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cfg, tokenizer,
+                 seed: int, num_epochs: Optional[int] = None, process_index: int = 0,
+                 process_count: int = 1, read_threads: int = 4, workers: int = 0,
+                 report: Optional[DataReport] = None, moments: Optional[MomentsFiles] = None,
+                 anchor_ids=None):
+  """The grain pipeline over a prepared ArrayRecord file -> `grain.IterDataset` of this process's
+  `HostBatch`es.
 
-  Every process walks the same global record order: a deterministic permutation per epoch (seed + epoch;
-  `num_epochs=None` repeats forever) cut into global batches of `process_count * rows * samples_per_row`
-  records; process p reads, decodes and packs the p-th contiguous slice of each global batch (its rows of
-  the global batch). So a global batch is the same whatever the number of processes. `workers > 0` decodes
-  in that many processes (grain mp_prefetch); the iterator stays checkpointable. Images failing to load are
-  skipped (the next record of the process's slice stream takes their place) and counted in
-  `report.decode_failures` (in this process only). `moments` (from `prepare_moments` on the same file):
-  batches carry the stored posterior moments instead of images. `anchor_ids` (wrapped prompt ids,
-  `train.anchor_prompt_ids`): every batch also carries the anchor layout (`_Collate`).
+  Every process walks the same global record order: a deterministic permutation per epoch (seed +
+  epoch; `num_epochs=None` repeats forever) cut into global batches of `process_count * rows *
+  samples_per_row` records; process p reads, decodes and packs the p-th contiguous slice of each
+  global batch (its rows of the global batch). So a global batch is the same whatever the number of
+  processes. `workers > 0` decodes in that many processes (grain mp_prefetch); the iterator stays
+  checkpointable. Images failing to load are skipped (the next record of the process's slice stream
+  takes their place) and counted in `report.decode_failures` (in this process only). `moments` (from
+  `prepare_moments` on the same file): batches carry the stored posterior moments instead of images.
+  `anchor_ids` (wrapped prompt ids, `train.anchor_prompt_ids`): every batch also carries the anchor
+  layout (`_Collate`).
   """
   ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(array_record_path))
   per_batch, n = spec.rows * spec.samples_per_row, len(ds)
   ds = ds.shuffle(seed=int(seed)).repeat(num_epochs)
   if process_count > 1:
-    mine = lambda i, rec: rec if (i % (per_batch * process_count)) // per_batch == process_index else None  # noqa
+    mine = lambda i, rec: rec if (i % (per_batch * process_count)
+                                 ) // per_batch == process_index else None  # noqa
     ds = ds.map_with_index(mine)
-  # A run of failures longer than two passes over the data (plus the reads in flight, which may complete out
-  # of order) means no record loads any more: two passes bound the run any proper subset of records can make.
+  # A run of failures longer than two passes over the data (plus the reads in flight, which may
+  # complete out
+  # of order) means no record loads any more: two passes bound the run any proper subset of records
+  # can make.
   prefetch = 2 * per_batch
   ds = ds.map(_Decode(images_root, cfg, spec, tokenizer, report, moments,
                       max_consecutive_failures=2 * n + prefetch * max(1, int(read_threads))))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=prefetch))
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=int(read_threads), prefetch_buffer_size=prefetch))
   it = it.filter(lambda x: x is not None)
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(workers)))
@@ -577,7 +640,8 @@ def make_dataset(array_record_path: str, images_root: str, spec: DataSpec, *, cf
 
 
 def spec_from_config(config, process_count: int = 1) -> DataSpec:
-  """Per-host DataSpec from `config.train` (the global `batch_size` rows are split over the processes)."""
+  """Per-host DataSpec from `config.train` (the global `batch_size` rows are split over the
+  processes)."""
   t = config.train
   rows = int(t.batch_size)
   if rows % process_count:
@@ -592,6 +656,7 @@ IMAGE_RESIZES = ("fixed", "official")  # `train.image_resize`
 
 
 def resize_of(config) -> Optional[Tuple[int, int, int]]:
-  """`DataSpec.resize` of a config: `train.official_resize` when `train.image_resize` is official, else None."""
+  """`DataSpec.resize` of a config: `train.official_resize` when `train.image_resize` is
+  official, else None."""
   t = config.train
   return tuple(int(v) for v in t.official_resize) if t.image_resize == "official" else None

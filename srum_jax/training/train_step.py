@@ -1,20 +1,22 @@
-"""The SRUM train step: VAE posterior -> reward maps -> packed MoT forward -> SRUM loss -> guarded AdamW.
+"""The SRUM train step: VAE posterior -> reward maps -> packed MoT forward -> SRUM loss -> guarded
+AdamW.
 
-Functional core of post-training. `make_train_step` returns a pure `step(state, batch, key)` (the update
-itself is the shared `training.update.make_step`); the imperative shell (`srum_jax.pipeline.train`) feeds
-it. With a mesh, `shard_train_step` jits it with parameter / optimizer-state shardings from the
-logical-axis rules (FSDP over `embed`, tensor over heads/mlp/vocab) and the batch split over ('data', 'fsdp').
+Functional core of post-training. `make_train_step` returns a pure `step(state, batch, key)` (the
+update itself is the shared `training.update.make_step`); the imperative shell
+(`srum_jax.pipeline.train`) feeds it. With a mesh, `shard_train_step` jits it with parameter /
+optimizer-state shardings from the logical-axis rules (FSDP over `embed`, tensor over
+heads/mlp/vocab) and the batch split over ('data', 'fsdp').
 
-Faithful to the official recipe (SRUM's `modeling/bagel/bagel.py` and BAGEL's training loop): the "bad"
-and "good" latents are two independent posterior samples of the same image; one raw timestep ~ N(0, 1) per
-image, squashed by a sigmoid and shifted; the text condition is dropped with probability
+Faithful to the official recipe (SRUM's `modeling/bagel/bagel.py` and BAGEL's training loop): the
+"bad" and "good" latents are two independent posterior samples of the same image; one raw timestep ~
+N(0, 1) per image, squashed by a sigmoid and shifted; the text condition is dropped with probability
 `text_cond_dropout` (CFG training).
 
 The posterior comes either from the batch (`SrumBatch.moments`: encoded once per round by the data
-pipeline, `pipeline.train_data.prepare_moments`; SRUM's training images are fixed within a round, so the frozen
-encoder need not run every step) or from the frozen encoder run inside the step on `SrumBatch.images`.
-Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal moments and key the loss
-is the same.
+pipeline, `pipeline.train_data.prepare_moments`; SRUM's training images are fixed within a round, so
+the frozen encoder need not run every step) or from the frozen encoder run inside the step on
+`SrumBatch.images`. Both feed the same sampling rule (`_latent_tokens_from_moments`), so given equal
+moments and key the loss is the same.
 
 The anchor (`StepOptions.anchor_weight` > 0; not in the official recipe): a label-free constraint
 toward a frozen reference model (the model training started from) on prompts outside the candidate
@@ -55,7 +57,8 @@ class StepOptions:
   compute_dtype: Any = jnp.bfloat16
   attn_impl: str = "dense"
   remat: bool = False
-  remat_policy: Optional[str] = None  # with remat: a `jax.checkpoint_policies` name (None: save nothing)
+  # with remat: a `jax.checkpoint_policies` name (None: save nothing)
+  remat_policy: Optional[str] = None
   ema_decay: float = 0.0
   anchor_weight: float = 0.0  # > 0: the anchor term (batch: anchor_inputs; step: a reference)
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
@@ -63,15 +66,17 @@ class StepOptions:
   batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
 
 
-LORA_DROPOUT_STREAM = 5  # fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
+# fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
+LORA_DROPOUT_STREAM = 5
 ANCHOR_DROP_STREAM = 6  # fold_in index of the anchor prompts' text-dropout key
 
 
 class SrumBatch(NamedTuple):
-  """inputs: packed T2I layout (per sample a text split + one noise image of `image_hw`; latent slots in
-  sample order, `t2i_layout`). Exactly one of images [B, S, H, W, 3] in [-1, 1] (encoded in the step) or
-  moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then log-variance; fp32 or bf16)
-  is set, the other is None. rewards: RegionRewards, leading dims [B, S].
+  """inputs: packed T2I layout (per sample a text split + one noise image of `image_hw`; latent
+  slots in sample order, `t2i_layout`). Exactly one of images [B, S, H, W, 3] in [-1, 1] (encoded in
+  the step) or moments [B, S, h, w, 2z] (the encoder's output: posterior mean channels, then
+  log-variance; fp32 or bf16) is set, the other is None. rewards: RegionRewards, leading dims [B,
+  S].
 
   latent_src [B, L] int32 (L = the latent capacity, S * canvas tokens): for images smaller than the
   canvas `image_hw` (top-left, zero padding; `t2i_layout(grids=...)`), the canvas token of each
@@ -91,10 +96,12 @@ class SrumBatch(NamedTuple):
 
 
 def _latent_tokens_from_moments(moments, cfg: BagelConfig, keys, sample: bool):
-  """Posterior moments [B, S, h, w, 2z] -> one [B, S*h*w, p*p*z] fp32 token array per key (no gradient).
+  """Posterior moments [B, S, h, w, 2z] -> one [B, S*h*w, p*p*z] fp32 token array per key (no
+  gradient).
 
-  Each key draws its own posterior sample from the shared moments, which is the same distribution as the
-  official two independent `encode` calls at the cost of one encoder pass (or none, with stored moments).
+  Each key draws its own posterior sample from the shared moments, which is the same distribution as
+  the official two independent `encode` calls at the cost of one encoder pass (or none, with stored
+  moments).
   """
   B, S = moments.shape[:2]
   z_ch = cfg.ae.z_channels
@@ -109,19 +116,22 @@ def _latent_tokens_from_moments(moments, cfg: BagelConfig, keys, sample: bool):
 
 
 def batch_moments(params_ae, batch: "SrumBatch", cfg: BagelConfig) -> jax.Array:
-  """The batch's posterior moments [B, S, h, w, 2z]: stored ones, else the frozen encoder on its images."""
+  """The batch's posterior moments [B, S, h, w, 2z]: stored ones, else the frozen encoder on its
+  images."""
   if batch.moments is not None:
     return batch.moments
   B, S, H, W, _ = batch.images.shape
-  m = autoencoder.encoder(jax.lax.stop_gradient(params_ae)["encoder"], batch.images.reshape(B * S, H, W, 3), cfg.ae)
+  m = autoencoder.encoder(
+      jax.lax.stop_gradient(params_ae)["encoder"], batch.images.reshape(B * S, H, W, 3), cfg.ae)
   return m.reshape((B, S) + m.shape[1:])
 
 
 def drop_text_condition(meta, key, p: float):
-  """Hide each sample's causal text split with probability p (sample_id -> -1: invisible to the image).
+  """Hide each sample's causal text split with probability p (sample_id -> -1: invisible to the
+  image).
 
-  Equivalent to the official removal of the split: the image tokens share one RoPE position, so their
-  attention among themselves does not depend on where the block sits.
+  Equivalent to the official removal of the split: the image tokens share one RoPE position, so
+  their attention among themselves does not depend on where the block sits.
   """
   if p <= 0:
     return meta
@@ -143,8 +153,12 @@ def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig
   x_bad, x_gt = _latent_tokens_from_moments(moments, cfg, (k_bad, k_gt), opts.sample_posterior)
   n_tok = x_bad.shape[1] // S
   if inputs.latent_index.shape[1] != x_bad.shape[1]:
-    raise ValueError(f"latent capacity {inputs.latent_index.shape[1]} != samples_per_row * tokens = {x_bad.shape[1]}")
-  t = losses.timesteps_from_raw(jnp.repeat(jax.random.normal(k_t, (B, S)), n_tok, axis=1), opts.timestep_shift)
+    raise ValueError(
+        f"latent capacity {inputs.latent_index.shape[1]} != samples_per_row * tokens = "
+        f"{x_bad.shape[1]}"
+    )
+  t = losses.timesteps_from_raw(
+      jnp.repeat(jax.random.normal(k_t, (B, S)), n_tok, axis=1), opts.timestep_shift)
   token_mask = jnp.ones(t.shape, bool)
   if batch.latent_src is not None:  # images below the canvas: canvas tokens -> the packed slots
     x_bad, x_gt, t = (objective.gather_tokens(a, batch.latent_src) for a in (x_bad, x_gt, t))
@@ -152,7 +166,8 @@ def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig
   noise = jax.random.normal(k_noise, x_bad.shape, jnp.float32)
   inputs = inputs._replace(meta=drop_text_condition(inputs.meta, k_drop, opts.text_cond_dropout))
   lora = cfg.llm.lora
-  lora_key = jax.random.fold_in(key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
+  lora_key = jax.random.fold_in(
+      key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
   forward = functools.partial(bagel.forward_gen, cfg=cfg, dtype=opts.compute_dtype,
                               attn_impl=opts.attn_impl, remat=opts.remat,
                               remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll)
@@ -178,7 +193,8 @@ def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig
   return loss, dict(aux, t_mean=jnp.mean(t))
 
 
-def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation, labels=None):
+def make_train_step(cfg: BagelConfig, opts: StepOptions, tx: optax.GradientTransformation,
+                    labels=None):
   """Pure step(state, batch, key) -> (state, metrics); with the anchor step(state, batch, key,
   reference). `labels`: only the leaves labelled 'train' are differentiated and updated
   (`training.update`; LoRA: the adapters)."""
@@ -194,10 +210,11 @@ def _key_names(path):
   return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh, rules=sharding.DEFAULT_RULES):
-  """Shardings for a TrainState: every optimizer leaf whose key path ends with a parameter's path (Adam
-  moments) follows that parameter, the EMA follows the parameters; everything else (counts, step) is
-  replicated."""
+def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh,
+                    rules=sharding.DEFAULT_RULES):
+  """Shardings for a TrainState: every optimizer leaf whose key path ends with a parameter's path
+  (Adam moments) follows that parameter, the EMA follows the parameters; everything else (counts,
+  step) is replicated."""
   ps = sharding.schema_shardings(param_schema.model_schema(cfg), mesh, rules)
   rep = sharding.replicated(mesh)
   by_path = {_key_names(path): s for path, s in jax.tree_util.tree_flatten_with_path(
@@ -214,8 +231,8 @@ def state_shardings(cfg: BagelConfig, abstract_state: TrainState, mesh, rules=sh
 
   opt = jax.tree_util.tree_map_with_path(follow, abstract_state.opt_state)
   # the EMA follows the parameters; with labels it holds the trainable leaves only (None elsewhere)
-  ema = None if abstract_state.ema is None else jax.tree.map(lambda s, e: None if e is None else s, ps,
-                                                             abstract_state.ema)
+  ema = None if abstract_state.ema is None else jax.tree.map(lambda s, e: None if e is None else s,
+                                                             ps, abstract_state.ema)
   return TrainState(step=rep, params=ps, opt_state=opt, ema=ema, skipped=rep)
 
 
@@ -253,16 +270,18 @@ def shard_train_step(step_fn, state_sh, batch_sh, mesh, const_sh: tuple = (),
 # Host-side batch layout
 
 
-def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]], *, image_hw: Tuple[int, int],
-               num_tokens: int, text_capacity: int,
+def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]], *,
+               image_hw: Tuple[int, int], num_tokens: int, text_capacity: int,
                grids: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> PackedInputs:
-  """Packed layout for rows of T2I samples: [BOS + ids + EOS] then one noise image of `image_hw` pixels.
+  """Packed layout for rows of T2I samples: [BOS + ids + EOS] then one noise image of `image_hw`
+  pixels.
 
   `prompts_ids[b]` lists the (already BOS/EOS-wrapped) prompt ids of row b's samples; every row must
-  hold the same number of samples S, and latent_capacity = S * h * w exactly (the loss relies on it).
-  `grids[b][s]`: that sample's own latent grid (h_s, w_s) <= the canvas grid, for images smaller than
-  `image_hw`: only its h_s * w_s tokens are packed (positions as BAGEL numbers an image of that grid), the
-  rest of the capacity stays unused (`latent_sources` maps the slots to the canvas tokens).
+  hold the same number of samples S, and latent_capacity = S * h * w exactly (the loss relies on
+  it). `grids[b][s]`: that sample's own latent grid (h_s, w_s) <= the canvas grid, for images
+  smaller than `image_hw`: only its h_s * w_s tokens are packed (positions as BAGEL numbers an image
+  of that grid), the rest of the capacity stays unused (`latent_sources` maps the slots to the
+  canvas tokens).
   """
   h, w = image_hw[0] // cfg.latent_downsample, image_hw[1] // cfg.latent_downsample
   S = len(prompts_ids[0])
@@ -274,16 +293,17 @@ def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]],
     raise ValueError(f"sample latent grids {grids} must fit the canvas grid {(h, w)}")
   rows = [[[list(ids), bagel.ImageTokens("vae_noise", tuple(g))] for ids, g in zip(row, grow)]
           for row, grow in zip(prompts_ids, grids)]
-  inputs, _ = bagel.build_packed_inputs(cfg, rows, num_tokens=num_tokens, text_capacity=text_capacity,
-                                        latent_capacity=S * h * w)
+  inputs, _ = bagel.build_packed_inputs(cfg, rows, num_tokens=num_tokens,
+                                        text_capacity=text_capacity, latent_capacity=S * h * w)
   return inputs
 
 
 def latent_sources(grids: Sequence[Sequence[Tuple[int, int]]], canvas_grid: Tuple[int, int]
                    ) -> np.ndarray:
-  """`SrumBatch.latent_src` [B, S * hc * wc] int32 for rows of samples with latent grids `grids[b][s]` on a
-  canvas grid (hc, wc): slot by slot (samples in order, each grid row-major, as `t2i_layout` packs them) the
-  canvas token s * hc * wc + r * wc + c of the sample's token (r, c); -1 after the row's last token."""
+  """`SrumBatch.latent_src` [B, S * hc * wc] int32 for rows of samples with latent grids
+  `grids[b][s]` on a canvas grid (hc, wc): slot by slot (samples in order, each grid row-major, as
+  `t2i_layout` packs them) the canvas token s * hc * wc + r * wc + c of the sample's token (r, c);
+  -1 after the row's last token."""
   hc, wc = (int(v) for v in canvas_grid)
   S = len(grids[0])
   out = np.full((len(grids), S * hc * wc), -1, np.int32)

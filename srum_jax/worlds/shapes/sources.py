@@ -29,9 +29,11 @@ def _pool(split: str, seed: int):
   return {"train": train, "val": val}[split], grammar.CATEGORIES
 
 
-def prompts(split: str = "train", seed: int = 0, per_category: Optional[int] = None) -> Iterator[dict]:
+def prompts(split: str = "train", seed: int = 0,
+            per_category: Optional[int] = None) -> Iterator[dict]:
   """The split's prompts, categories interleaved round-robin (so a prefix is balanced), optionally
-  `per_category` of each (None or 0: all); ids are stable (`<split>/<category>/<index in the split>`)."""
+  `per_category` of each (None or 0: all); ids are stable (`<split>/<category>/<index in the
+  split>`)."""
   pool, categories = _pool(split, seed)
   by_cat = {}
   for p in pool:
