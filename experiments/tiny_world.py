@@ -249,8 +249,7 @@ def get_config(arg=None):
   # benchmark's lever column); training at high noise (timestep_shift 4: where layout and binding
   # are decided,
   # not the soft texture of self-samples) drifts less. 300 steps keep the main job (two trainings,
-  # three evals)
-  # within 5 minutes on 2 cores; the full recipe trains 1600.
+  # three evals) within 5 minutes on 2 cores; the full recipe trains 1600.
   c.srum.lambda_constraint = 0.0
   c.train.steps = 1600 if "full" in parts else 300
   c.train.warmup_steps = 10

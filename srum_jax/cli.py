@@ -25,8 +25,7 @@ from srum_jax.errors import UserValueError
 from srum_jax.rewards import official_texts, texts as texts_lib
 
 # name -> ("module:function", help). Config commands get (config, flags: the parsed CLI flags); raw
-# commands
-# get argv.
+# commands get argv.
 CONFIG_COMMANDS: Dict[str, Tuple[str, str]] = {
     "show-config": ("srum_jax.cli:show_config", "print the resolved config"),
     "sweep": ("srum_jax.cli:sweep",

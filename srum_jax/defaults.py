@@ -52,8 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.remat_policy = ""  # with remat: "" saves nothing, else a jax.checkpoint_policies name
   # LoRA (rank 0: off): adapters on the MoT experts' projections; only they train, the base is
-  # frozen (held in
-  # model.param_dtype) and the adapters' master weights are in model.lora.dtype
+  # frozen (held in model.param_dtype) and the adapters' master weights are in model.lora.dtype
   # (srum_jax/models/lora.py).
   c.model.lora = ml_collections.ConfigDict(
       dict(rank=0, alpha=16.0, dropout=0.0, dtype="float32",
@@ -135,12 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args ->
   # `data/transforms.py`
   # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short
-  # side
-  # >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded
+  # side >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded
   # latent
   # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`.
-  # Boxes
-  # follow each image's scaling.
+  # Boxes follow each image's scaling.
   c.train.image_resize = "official"  # official | fixed
   c.train.official_resize = (1024, 512, 256)  # (max_image_size, min_image_size, image_stride)
   c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest `official` image
@@ -186,8 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Prompts longer than this many token ids are skipped and counted (a batch pads to its longest
   # prompt, and
   # positions must stay below the LLM's max_position_embeddings); 0: that limit less the markers,
-  # the plan
-  # (think mode) and the image's position.
+  # the plan (think mode) and the image's position.
   c.generate.max_prompt_tokens = 0
 
   # Region proposals (SRUM's vlm.sh: SAM ViT-H's automatic masks, the 10 largest:
@@ -234,8 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.max_identify_tokens = 16
   c.score.text_budget = 0
   # 0: the official ViT transform; N (a multiple of 14): the judge sees images resized to N x N
-  # (tiny worlds;
-  # pretraining's understanding data uses the same view)
+  # (tiny worlds; pretraining's understanding data uses the same view)
   c.score.vit_image_size = 0
 
   # Evaluation (pipeline/evaluate.py, srum_jax/evaluation): held-out prompts, generation settings of
@@ -274,8 +269,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.compbench.frame_size = 480
   c.eval.compbench.batch_size = 16  # BLIP questions per forward
   # The external MLLM judge, 0-100 per image (evaluation/mllm_judge.py; the paper:
-  # Qwen2.5-VL-72B-Instruct);
-  # its question: the texts' `compbench_question` (official texts: SRUM's
+  # Qwen2.5-VL-72B-Instruct); its question: the texts' `compbench_question` (official texts: SRUM's
   # CompBench_eval/qwen_eval.py).
   c.eval.mllm = ml_collections.ConfigDict()
   c.eval.mllm.model_dir = ""
@@ -298,8 +292,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.geneval.nms_threshold = 1.0  # 1.0: no NMS
   c.eval.geneval.position_threshold = 0.1
   # T2I-ReasonBench (evaluation/reasonbench.py) through the MLLM judge (eval.mllm.*), one dimension
-  # a run;
-  # its questions are the texts' `reasonbench` protocol (texts import --reasonbench_code).
+  # a run; its questions are the texts' `reasonbench` protocol (texts import --reasonbench_code).
   c.eval.reasonbench = ml_collections.ConfigDict()
   # the benchmark's prompts/<dimension>.json (also the prompts of the run)
   c.eval.reasonbench.prompts = ""

@@ -22,8 +22,7 @@ from srum_jax.models import attention, params as params_lib
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axes. Parameters are FSDP-sharded over their `embed` dim and tensor-parallel
-# over
-# heads/mlp/vocab; activations shard their batch over data+fsdp. Unlisted names are replicated.
+# over heads/mlp/vocab; activations shard their batch over data+fsdp. Unlisted names are replicated.
 DEFAULT_RULES: Tuple[Tuple[str, Union[None, str, Tuple[str, ...]]], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),

@@ -52,8 +52,7 @@ VIT_JSON = "vit_config.json"
 # Values the official code hard-codes rather than stores (AE resolution and latent scale, timestep
 # shift,
 # special ids, ...). The exporter writes them here for checkpoints that differ from BAGEL-7B-MoT
-# (the tiny
-# shapes-world model); `load_official` takes them as defaults, explicit arguments win.
+# (the tiny shapes-world model); `load_official` takes them as defaults, explicit arguments win.
 EXTRAS_JSON = "srum_jax_extras.json"
 EXTRA_KEYS = ("max_latent_size", "vit_max_num_patch_per_side", "connector_act", "timestep_shift",
               "ae_resolution", "scale_factor", "shift_factor", "tokens")

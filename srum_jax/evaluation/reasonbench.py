@@ -36,8 +36,7 @@ DIMENSIONS = {
     "scientific": "scientific_reasoning"
 }
 # The benchmark's scoring per dimension (its eval_<dimension>.py and model_score): accuracy groups
-# with their
-# weights, and the quality group. The groups are `texts.REASONBENCH_GROUPS`.
+# with their weights, and the quality group. The groups are `texts.REASONBENCH_GROUPS`.
 SCORING = {
     "idiom_interpretation": {
         "accuracy": {

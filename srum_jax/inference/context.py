@@ -40,8 +40,7 @@ from srum_jax.models.packing import CAUSAL, FULL, TokenMeta, padding_meta
 from srum_jax.models.qwen2_mot import KVCache
 
 # Trace counter of the jitted inference functions (a Python side effect runs once per trace): tests
-# use
-# it to check that new content within the same budgets does not recompile.
+# use it to check that new content within the same budgets does not recompile.
 TRACES: collections.Counter = collections.Counter()
 
 

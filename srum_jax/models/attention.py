@@ -158,8 +158,7 @@ def _splash_local(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, block: int,
     kernel = splash.make_splash_mha(row_mask[None], block_sizes=sizes, head_shards=1,
                                     q_seq_shards=1, interpret=interpret)
     # make_splash_mha turns the mask infos' `is_dynamic_mask` flag into an array (a tracer under
-    # jit), which
-    # the kernel then tests with `if`: put the Python bool back.
+    # jit), which the kernel then tests with `if`: put the Python bool back.
     for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
       info = getattr(kernel, name)
       if info is not None:

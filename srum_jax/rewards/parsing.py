@@ -55,8 +55,7 @@ class ParseStats:
   texts: answers seen; scores: scores accepted; clamped: scores outside [-1, 1] clamped; fractions:
   `a/b` answers divided; garbage: scores that were NaN/inf/x/0 (dropped); missing: global answers
   without any score plus expected regions without an accepted score; ignored_ids: region blocks with
-  an id outside
-  1..num_regions; duplicates: later blocks repeating an id (ignored).
+  an id outside 1..num_regions; duplicates: later blocks repeating an id (ignored).
   """
   texts: int = 0
   scores: int = 0

@@ -57,8 +57,7 @@ def reward_map(boxes, scores, valid, global_scores, *, height: int, width: int,
   x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
   ok = jnp.asarray(valid, bool) & (x0 < x1) & (y0 < y1)  # NaN compares False -> ignored
   # Clamping to the image: xs >= max(x0, 0) is xs >= x0 for xs >= 0, and xs < min(x1, W) is xs < x1
-  # for
-  # xs < W, so comparing against the pixel grid clamps implicitly; an out-of-image box covers
+  # for xs < W, so comparing against the pixel grid clamps implicitly; an out-of-image box covers
   # nothing.
   ys = jnp.arange(height, dtype=jnp.float32)
   xs = jnp.arange(width, dtype=jnp.float32)

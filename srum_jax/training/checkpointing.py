@@ -73,8 +73,7 @@ class Checkpointer:
                save_interval_steps: int = 1, async_save: bool = True):
     self.directory = paths.abspath(directory)  # orbax takes a gs:// directory as it is
     # Only the interval (orbax's default policy would also save the first step of a fresh run: a
-    # full
-    # 7B state for nothing); off-interval saves (final, SIGTERM) use force=True.
+    # full 7B state for nothing); off-interval saves (final, SIGTERM) use force=True.
     policy = ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(save_interval_steps)))
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_decision_policy=policy,
                                            enable_async_checkpointing=async_save,

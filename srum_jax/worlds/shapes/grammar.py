@@ -489,8 +489,7 @@ def describe(scene: Scene, rng: Optional[np.random.Generator] = None, margin: fl
 # in reading order, two words per cell ("red square" or "empty cell"), e.g. for "two red circles
 # above a
 # blue square": "red circle red circle empty cell blue square". Fixed width keeps each cell's words
-# at a
-# fixed distance from the image that follows, so the generator can read cell k from its slot.
+# at a fixed distance from the image that follows, so the generator can read cell k from its slot.
 
 PLAN_EMPTY = ("empty", "cell")
 PLAN_WORDS = PLAN_EMPTY  # the words a plan adds to the grammar's vocabulary
