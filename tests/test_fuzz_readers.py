@@ -14,7 +14,7 @@ from PIL import Image
 
 from srum_jax.data.prompt_sources import load_prompts
 from srum_jax.errors import UserValueError
-from srum_jax.pipeline import train_data
+from srum_jax.pipeline import train_records
 from srum_jax.rewards import parsing, records
 from srum_jax.workdir import layout, logs
 
@@ -132,7 +132,7 @@ def test_training_validation_accounts_for_every_line(image_dir, lines, drop_zero
     path = os.path.join(d, "records.jsonl")
     with open(path, "wb") as f:
       f.write(blob)
-    good, rep = train_data.validate_records(path, img, max_regions=3, drop_zero_global=drop_zero, threads=1)
+    good, rep = train_records.validate_records(path, img, max_regions=3, drop_zero_global=drop_zero, threads=1)
     assert rep.kept == len(good) and rep.kept + rep.skipped == rep.lines == _nonblank(blob)
     for g in good:
       w, h = g["image_size"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srum_jax.pipeline import train as train_stage, train_data
+from srum_jax.pipeline import train as train_stage, train_data, train_records
 
 H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
 ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
@@ -72,7 +72,7 @@ def _spec(rows=2, S=2, text_capacity=2 * 10, max_regions=3):
 
 
 def _prepare(d, **kw):
-  return train_data.prepare_records(str(d / "records.jsonl"), str(d / "images"), str(d / "cache"), max_regions=3, **kw)
+  return train_records.prepare_records(str(d / "records.jsonl"), str(d / "images"), str(d / "cache"), max_regions=3, **kw)
 
 
 def _iter(d, tiny_cfg, path, seed=0, process=(0, 1), spec=None, report=None):
@@ -150,7 +150,7 @@ def test_long_prompts_truncated_and_counted(tmp_path, tiny_cfg):
     words = " ".join(f"w{k}" for k in range(3 + 10 * (i % 2)))  # 3 or 13 words; budget 10 - 4 = 6
     lines.append(json.dumps(_rec(i, f"{i}.png", prompt=words)))
   (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-  path, _ = train_data.prepare_records(str(tmp_path / "records.jsonl"), str(img), str(tmp_path / "c"), max_regions=3)
+  path, _ = train_records.prepare_records(str(tmp_path / "records.jsonl"), str(img), str(tmp_path / "c"), max_regions=3)
   spec = _spec(rows=2, S=2, text_capacity=20)
   assert train_data.text_budget(tiny_cfg, spec) == 6
   hb = next(_iter(tmp_path, tiny_cfg, path, spec=spec))
@@ -207,7 +207,7 @@ def test_iterator_state_round_trip(dataset_dir, tiny_cfg):
 def test_decode_failure_while_iterating_is_counted(dataset_dir, tiny_cfg):
   path, _ = _prepare(dataset_dir)
   os.remove(dataset_dir / "images" / "3.png")  # vanished after validation
-  rep = train_data.DataReport()
+  rep = train_records.DataReport()
   idx = _indices(_iter(dataset_dir, tiny_cfg, path, seed=0, report=rep), 3)
   assert 3 not in idx and len(idx) == 12 and rep.decode_failures >= 1
 
@@ -235,7 +235,7 @@ def test_duplicate_ids_keep_one_record(tmp_path):
     lines.append(json.dumps(dict(_rec(i, f"{i}.png"), metadata={"id": f"item{i}"}, id=f"item{i}")))
   lines += [json.dumps(dict(_rec(9, "0.png", g=-0.5), metadata={"id": "item0"}, id="item0"))]  # a second row
   (tmp_path / "records.jsonl").write_text("\n".join(lines) + "\n")
-  good, rep = train_data.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
+  good, rep = train_records.validate_records(str(tmp_path / "records.jsonl"), str(img), max_regions=3)
   assert rep.duplicate_id == 1 and rep.kept == 3 == len(good) and rep.lines == rep.kept + rep.skipped
   assert [g["global_score"] for g in good] == [0.5, 0.5, 0.5]  # the first row of item0 is kept
 
@@ -298,7 +298,7 @@ def test_stored_moments_bf16_and_unloadable_images(dataset_dir, tiny_cfg):
   os.remove(dataset_dir / "images" / "3.png")  # vanished after validation: no moments, counted when reached
   files = train_data.prepare_moments(path, str(dataset_dir / "images"), (H, W), _pool_encode([]), encoder_id="pool",
                                dtype="bfloat16")
-  rep = train_data.DataReport()
+  rep = train_records.DataReport()
   ds = train_data.make_dataset(path, str(dataset_dir / "images"), _spec(), cfg=tiny_cfg, tokenizer=WordTokenizer(), seed=0,
                          read_threads=2, report=rep, moments=files)
   seen = []

@@ -12,7 +12,7 @@ from PIL import Image
 
 from srum_jax import config_utils, config_validation
 from srum_jax.errors import UserError
-from srum_jax.pipeline import train_data
+from srum_jax.pipeline import train_data, train_records
 from srum_jax.rewards import record_sources
 
 SIZES = [(40, 24), (24, 40), (32, 32)]  # (width, height) of the generated images, in turn
@@ -131,7 +131,7 @@ def test_official_rows_validated_and_counted(tmp_path):
   ]
   root = released_folder(tmp_path, extra_lines=extra)
   src = record_sources.resolve(str(root))
-  good, rep = train_data.validate_records(src.path, src.images_root, max_regions=3, threads=2)
+  good, rep = train_records.validate_records(src.path, src.images_root, max_regions=3, threads=2)
   assert rep.records_format == "official" and rep.lines == 15
   assert (rep.malformed, rep.nonfinite, rep.other_good_image) == (3, 1, 1)
   assert (rep.filtered_zero_global, rep.filtered_missing_global, rep.filtered_empty) == (0, 0, 1)
@@ -164,7 +164,7 @@ def test_images_of_several_aspects_in_the_official_transform(tmp_path, tiny_cfg)
   its boxes follow its scaling, and its latent slots map to its own canvas tokens."""
   root = released_folder(tmp_path)
   src = record_sources.resolve(str(root))
-  path, rep = train_data.prepare_records(src.path, src.images_root, str(tmp_path / "cache"), max_regions=3)
+  path, rep = train_records.prepare_records(src.path, src.images_root, str(tmp_path / "cache"), max_regions=3)
   assert rep.kept == 6
   spec = train_data.DataSpec(image_hw=(32, 32), rows=2, samples_per_row=2, num_tokens=2 * (16 + 12) + 4,
                              text_capacity=2 * 14, max_regions=3, resize=(32, 16, 8))

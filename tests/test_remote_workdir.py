@@ -10,7 +10,7 @@ import pytest
 
 from srum_jax import defaults, files, paths
 from srum_jax.engine import loaded_model
-from srum_jax.pipeline import propose, train_data
+from srum_jax.pipeline import propose, train_records
 from srum_jax.rewards import records as records_lib
 from srum_jax.training import checkpointing
 from srum_jax.training.metrics_sink import MetricsSink
@@ -158,10 +158,10 @@ def test_prepare_records_from_object_store_into_the_local_cache(gcs, tmp_path):
   recs.append(records_lib.RewardRecord(image_file="images/gone.png", prompt="p", global_score=0.5,
                                        metadata={"id": "gone"}))
   records_lib.write_records(f"{RUN}/score/rewards.jsonl", recs)
-  path, report = train_data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
+  path, report = train_records.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
   assert path.startswith(str(tmp_path / "cache")) and os.path.isfile(path)  # ArrayRecord needs a local file
   assert report.kept == 3 and report.missing_image == 1
-  again, _ = train_data.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
+  again, _ = train_records.prepare_records(f"{RUN}/score/rewards.jsonl", gen, f"{RUN}/train/data", max_regions=4)
   assert again == path  # the same inputs reuse the cached file
 
 

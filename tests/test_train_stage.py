@@ -89,7 +89,7 @@ else:
   s = train.train(c, cfg=cfg, params=params, tokenizer=WordTokenizer(), records_path=args["records"],
                   images_root=args["images"], workdir=args["workdir"], step_hook=hook)
   final = s["params"]
-  out = {k: v for k, v in s.items() if k not in ("state", "params")}
+  out = {k: v for k, v in s.items() if k not in ("state", "params", "cfg")}
 leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(final))[0]
 np.savez(os.path.join(args["workdir"], "final_params.npz"),
          **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})

@@ -108,8 +108,7 @@ def check_model(config, check_files: bool = True) -> Optional[Geometry]:
   return check_converted_dir(config.model.dir, "model.dir")
 
 
-# --- LoRA and the remat policy (issue 33)
-# ---------------------------------------------------------------------
+# --- LoRA and the remat policy (issue 33) ---------------------------------------------------------
 def _check_remat_lora(config) -> None:
   """`model.remat_policy`: '' or a jax.checkpoint_policies name; `model.lora`: a LoraConfig (rank
   0: none)."""

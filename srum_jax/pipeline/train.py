@@ -43,7 +43,7 @@ from srum_jax.data.prompt_sources import load_prompts, require_prompts
 from srum_jax.engine import loaded_model
 from srum_jax.errors import UserValueError
 from srum_jax.models import autoencoder, lora as lora_lib, params as params_lib
-from srum_jax.pipeline import train_data
+from srum_jax.pipeline import train_data, train_records
 from srum_jax.training import (checkpointing, loop, objective, optimizer, preemption,
                                train_step as ts, update)
 from srum_jax.training.metrics_sink import MetricsSink
@@ -252,7 +252,7 @@ def _data_pipeline(config, cfg, tokenizer, records_path: str, images_root: str, 
   anchor prompts when `srum.anchor_weight` > 0); returns (iterator, DataReport)."""
   t, pid, pcount = config.train, jax.process_index(), jax.process_count()
   spec = train_data.spec_from_config(config, pcount)
-  ar_path, report = train_data.prepare_records(
+  ar_path, report = train_records.prepare_records(
       records_path, images_root, os.path.join(workdir, "data"), max_regions=spec.max_regions,
       drop_zero_global=bool(config.srum.drop_zero_global), threads=int(
           t.data_threads), records_format=str(t.records_format))

@@ -108,8 +108,7 @@ class ArrayStats:
   dropped_regions: int = 0
 
 
-# --- validation
-# -------------------------------------------------------------------------------------------
+# --- validation -----------------------------------------------------------------------------------
 
 def _number(x, what: str) -> float:
   if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -204,8 +203,7 @@ def record_from_dict(d: Any) -> RewardRecord:
     image_size=_image_size(d.get("image_size")), metadata=meta)
 
 
-# --- JSONL I/O
-# --------------------------------------------------------------------------------------------
+# --- JSONL I/O ------------------------------------------------------------------------------------
 
 def _dumps(d: dict) -> str:
   return json.dumps(d, ensure_ascii=False, allow_nan=False)
@@ -270,8 +268,7 @@ def read_records(path: str | os.PathLike) -> tuple[list[RewardRecord], ReadRepor
   return _read(path, record_from_dict)
 
 
-# --- official format
-# ---------------------------------------------------------------------------------------
+# --- official format ------------------------------------------------------------------------------
 
 def from_official(d: Any) -> RewardRecord:
   """One official record -> RewardRecord.
@@ -361,8 +358,7 @@ def write_official_records(path: str | os.PathLike, records: Iterable[RewardReco
   return _write_lines(path, [_dumps(to_official(r)) for r in records])
 
 
-# --- filter and arrays
-# -------------------------------------------------------------------------------------
+# --- filter and arrays ----------------------------------------------------------------------------
 
 def formatting_filter(records: Iterable[RewardRecord], drop_zero_global: bool = True
                       ) -> tuple[list[RewardRecord], FilterReport]:
