@@ -198,9 +198,13 @@ def official_shape(leaf_shape: Tuple[int, ...], entry: KeyEntry) -> Tuple[int, .
   """Shape of the official tensor for a tree leaf of `leaf_shape` (drop the layer axis, undo the
   perm)."""
   shape = tuple(leaf_shape[1:] if entry.layer is not None else leaf_shape)
-  perm = PERMS[entry.transform]
+  return unpermuted_shape(shape, PERMS[entry.transform])
+
+
+def unpermuted_shape(shape: Tuple[int, ...], perm) -> Tuple[int, ...]:
+  """The shape before the axis permutation `perm` (None: no permutation) made `shape`."""
   if perm is None:
-    return shape
+    return tuple(shape)
   out = [0] * len(shape)
   for k, p in enumerate(perm):
     out[p] = shape[k]

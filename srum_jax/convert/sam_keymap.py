@@ -20,7 +20,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from srum_jax.convert.keymap import get_path
+from srum_jax.convert.keymap import get_path, unpermuted_shape
 from srum_jax.models import params as params_lib, sam_schema
 from srum_jax.models.sam_config import SamConfig
 
@@ -166,13 +166,7 @@ def checkpoint_shape(leaf_shape: Tuple[int, ...], key: SamKey) -> Tuple[int, ...
   shape = tuple(leaf_shape[len(key.index):])
   if key.transform == "squeeze":
     return (1,) + shape
-  perm = PERMS[key.transform]
-  if perm is None:
-    return shape
-  out = [0] * len(shape)
-  for k, p in enumerate(perm):
-    out[p] = shape[k]
-  return tuple(out)
+  return unpermuted_shape(shape, PERMS[key.transform])
 
 
 def expected_shapes(cfg: SamConfig, source: str) -> Dict[str, Tuple[int, ...]]:
