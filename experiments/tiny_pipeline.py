@@ -21,14 +21,10 @@ def get_config(arg=None):
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
   c.model.param_dtype = "float32"
-  c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={
-      "split": "train",
-      "per_category": 1
-  })
-  c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={
-      "split": "val",
-      "per_category": 1
-  })
+  c.prompts.train = prompt_source(source="python", function=SHAPES,
+                                  kwargs={"split": "train", "per_category": 1})
+  c.prompts.val = prompt_source(source="python", function=SHAPES,
+                                kwargs={"split": "val", "per_category": 1})
   for g in (c.generate, c.eval_generate):
     g.batch_size = 8  # divides over the 8 simulated test devices (data-parallel sampling)
     g.height = g.width = 32

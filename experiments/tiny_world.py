@@ -184,17 +184,12 @@ def get_config(arg=None):
   # layers' activations (same losses; benchmarks/results_benchmarks_cpu.txt, issue 31)
   c.model.remat = True
   # Candidates for every train prompt (1277): SRUM's gain on held-out prompts grows with the number
-  # of distinct
-  # prompts its candidates cover, far more than with candidates per prompt or their correctness
-  # (benchmarks/results_tiny_world_think_cpu.txt).
-  c.prompts.train = prompt_source(source="python", function=SHAPES, kwargs={
-      "split": "train",
-      "per_category": 0
-  })
-  c.prompts.val = prompt_source(source="python", function=SHAPES, kwargs={
-      "split": "val",
-      "per_category": 0
-  })  # all
+  # of distinct prompts its candidates cover, far more than with candidates per prompt or their
+  # correctness (benchmarks/results_tiny_world_think_cpu.txt).
+  c.prompts.train = prompt_source(source="python", function=SHAPES,
+                                  kwargs={"split": "train", "per_category": 0})
+  c.prompts.val = prompt_source(source="python", function=SHAPES,  # all
+                                kwargs={"split": "val", "per_category": 0})
   # The generalisation split (worlds/shapes/generalisation.py): 400 prompts in forms neither train
   # nor val holds, evaluated beside val, never trained on.
   c.prompts.eval_extra.gen = prompt_source(source="python", function=SHAPES,

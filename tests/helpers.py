@@ -4,6 +4,8 @@ import pathlib
 
 import numpy as np
 
+from srum_jax.training.preemption import PreemptionFlag
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -81,3 +83,16 @@ def save_sam_dir(model, path, image_size: int) -> str:
                                    pad_size={"height": image_size, "width": image_size})
   SamProcessor(image_processor=processor).save_pretrained(path)
   return str(path)
+
+
+class StopAfter(PreemptionFlag):
+  """A preemption flag that reads as raised from its (k+1)-th check on (the training loop checks it
+  before each step and once after)."""
+
+  def __init__(self, k):
+    super().__init__(signals=())
+    self.k, self.checks = k, 0
+
+  def is_set(self):
+    self.checks += 1
+    return self.checks > self.k

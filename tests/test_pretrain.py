@@ -19,10 +19,9 @@ from srum_jax.models.config import get_preset
 from srum_jax.pretrain import batches, heldout, stages, vocab
 from srum_jax.rewards import parsing, texts as texts_lib
 from srum_jax.training import optimizer
-from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.worlds.shapes import grammar, scene as scene_lib, truth
 
-from helpers import load_script
+from helpers import StopAfter, load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -244,17 +243,6 @@ def test_pretrain_short_run(tmp_path):
   assert (tmp_path / "pre" / "model" / "model_config.json").stat().st_mtime_ns == mtime
 
 
-class _StopAfter(PreemptionFlag):
-  """A preemption flag that reads as raised from its k-th check on (one check per training step)."""
-
-  def __init__(self, k):
-    super().__init__(signals=())
-    self.k, self.checks = k, 0
-
-  def is_set(self):
-    self.checks += 1
-    return self.checks > self.k
-
 
 @pytest.mark.slow
 def test_pretrain_stopped_and_resumed_equals_uninterrupted(tmp_path):
@@ -270,7 +258,7 @@ def test_pretrain_stopped_and_resumed_equals_uninterrupted(tmp_path):
 
   full = pretrain.run_stage(config(tmp_path / "full"))
   assert full["umm"]["steps"] == 6
-  part = pretrain.run_stage(config(tmp_path / "part"), stop=_StopAfter(3))
+  part = pretrain.run_stage(config(tmp_path / "part"), stop=StopAfter(3))
   assert part["preempted"] and part["umm"]["steps"] == 3 and (tmp_path / "part" / stages.STATE_DIR).is_dir()
   assert not (tmp_path / "part" / "model").exists()
   done = pretrain.run_stage(config(tmp_path / "part"))

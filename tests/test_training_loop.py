@@ -17,6 +17,8 @@ from srum_jax.training.metrics_sink import MetricsSink
 from srum_jax.training.preemption import PreemptionFlag
 from srum_jax.workdir import logs
 
+from helpers import StopAfter
+
 TOTAL = 6
 
 
@@ -46,17 +48,6 @@ class _Data:
   def set_state(self, state):
     self.position = state["position"]
 
-
-class _StopAfter(PreemptionFlag):
-  """Raised from its (k+1)-th check on (the loop checks once before each step and once after)."""
-
-  def __init__(self, k):
-    super().__init__(signals=())
-    self.k, self.checks = k, 0
-
-  def is_set(self):
-    self.checks += 1
-    return self.checks > self.k
 
 
 def _run(directory, *, stop=None, deadline=None, at_end=True, hooks=(), log_every=2):
@@ -98,7 +89,7 @@ def test_stop_save_resume_equals_uninterrupted_and_seconds_carry_over(tmp_path):
   full, _, rows = _run(str(tmp_path / "full"))
   assert full.step == TOTAL and not full.preempted and not full.out_of_time
   assert [r["step"] for r in rows] == [2, 4, 6] and all(np.isnan(r["missing"]) for r in rows)
-  part, _, _ = _run(str(tmp_path / "part"), stop=_StopAfter(3))
+  part, _, _ = _run(str(tmp_path / "part"), stop=StopAfter(3))
   assert part.preempted and part.step == 3
   with checkpointing.Checkpointer(str(tmp_path / "part" / "ckpt")) as ckpt:
     assert ckpt.all_steps() == [2, 3]  # the periodic save and the one on stop
@@ -140,7 +131,7 @@ def test_deadline_ends_like_a_finished_run(tmp_path):
 
 def test_damaged_checkpoint_falls_back_and_training_goes_on(tmp_path):
   full, _, _ = _run(str(tmp_path / "full"))
-  _run(str(tmp_path / "d"), stop=_StopAfter(4))  # saves at 2, 4
+  _run(str(tmp_path / "d"), stop=StopAfter(4))  # saves at 2, 4
   step_dir = tmp_path / "d" / "ckpt" / "4" / "state"
   for root, _, names in os.walk(step_dir):
     for n in names:
