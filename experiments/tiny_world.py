@@ -225,8 +225,8 @@ def get_config(arg=None):
   c.propose.options = {}
   c.score.mode = "logits"
   # Regions: the model names the boxed object, then scores it (the official answer order): a
-  # one-step "Score:"
-  # answer misses boxes on the wrong object of a hard negative (multi-object colour / shape).
+  # one-step "Score:" answer misses boxes on the wrong object of a hard negative (multi-object
+  # colour / shape).
   c.score.region_identify = True
   c.score.think = False
   c.score.batch_size = 32
@@ -238,13 +238,11 @@ def get_config(arg=None):
   c.eval.judge = "oracle"
   c.eval.oracle_fn = "srum_jax.worlds.shapes:judge_text"
   # In this world fine-tuning on its own samples drifts the generator (SFT, R == 1, ends below
-  # base), and the
-  # constraint term is that same SFT loss on every candidate, so lambda = 0 here (the paper's 0.5 is
-  # the effect
-  # benchmark's lever column); training at high noise (timestep_shift 4: where layout and binding
-  # are decided,
-  # not the soft texture of self-samples) drifts less. 300 steps keep the main job (two trainings,
-  # three evals) within 5 minutes on 2 cores; the full recipe trains 1600.
+  # base), and the constraint term is that same SFT loss on every candidate, so lambda = 0 here (the
+  # paper's 0.5 is the effect benchmark's lever column); training at high noise (timestep_shift 4:
+  # where layout and binding are decided, not the soft texture of self-samples) drifts less. 300
+  # steps keep the main job (two trainings, three evals) within 5 minutes on 2 cores; the full
+  # recipe trains 1600.
   c.srum.lambda_constraint = 0.0
   c.train.steps = 1600 if "full" in parts else 300
   c.train.warmup_steps = 10

@@ -132,12 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "": the score stage's images, or found beside the records (SRUM's layout)
   c.train.images_root = ""
   # Training images (SRUM's `scripts/data/rft_comp.yaml` image_transform_args ->
-  # `data/transforms.py`
-  # `ImageTransform`): `official` resizes each image keeping its aspect (long side <= max, short
-  # side >= min, sides multiples of the stride) and pads it to the static canvas `image_hw` (padded
-  # latent
-  # tokens stay out of the packed rows and the loss); `fixed` resizes every image to `image_hw`.
-  # Boxes follow each image's scaling.
+  # `data/transforms.py` `ImageTransform`): `official` resizes each image keeping its aspect (long
+  # side <= max, short side >= min, sides multiples of the stride) and pads it to the static canvas
+  # `image_hw` (padded latent tokens stay out of the packed rows and the loss); `fixed` resizes
+  # every image to `image_hw`. Boxes follow each image's scaling.
   c.train.image_resize = "official"  # official | fixed
   c.train.official_resize = (1024, 512, 256)  # (max_image_size, min_image_size, image_stride)
   c.train.image_hw = (1024, 1024)  # the static canvas (H, W): holds the largest `official` image

@@ -40,6 +40,7 @@ def _two_processes(tiny_model_dir, workdir):
   for k in range(2):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", SRUM_NUM_PROCESSES="2", SRUM_PROCESS_ID=str(k),
+               PYTHONUNBUFFERED="1",
                SRUM_COORDINATOR=f"127.0.0.1:{port}")
     log = open(workdir.parent / f"process_{k}.log", "w")
     # generation batches of 4 on each process's 4 devices: one row per device, as the single-process run's 8
@@ -60,8 +61,9 @@ def test_run_end_to_end_one_and_two_processes(tiny_model_dir, tmp_path):
   cfg = _config(tiny_model_dir, tmp_path / "one")
   report = run.run(cfg)
   _check_run(report, tmp_path / "one")
-  for p, log in procs:
-    assert p.wait(timeout=900) == 0, open(log).read()[-4000:]
+  codes = [p.wait(timeout=900) for p, _ in procs]
+  assert codes == [0, 0], "\n".join(f"process {k} exit {c}:\n{open(log).read()[-3000:]}"
+                                     for k, (c, (_, log)) in enumerate(zip(codes, procs)))
   two = json.loads((tmp_path / "two" / "report" / "report.json").read_text())
   assert two["tables"] == report["tables"]
   for stage, stem in (("round_0/generate", "metadata"), ("round_0/propose", "regions"), ("round_0/score", "rewards"),

@@ -254,6 +254,10 @@ def run_locked(workdir: str, command: str, fn: Callable[[], int]) -> int:
           file=sys.stderr, flush=True)
     return 2
   try:
-    return fn()
+    code = fn()
+    # every process leaves together: one that ends first waits in JAX's shutdown barrier, whose
+    # deadline a slower process 0 (the report, the last checkpoint) must not pass
+    distributed.barrier(f"done:{workdir}")
+    return code
   finally:
     lock.release()
