@@ -141,7 +141,7 @@ def test_anchor_prompts_recombine_train_parts_outside_train_val_and_gen():
   assert len(items) == 2000 and items[0].prompt == got[0].text and items[0].category == "anchor"
 
 
-@pytest.mark.parametrize("arg", ["cpu", "cpu,full"])
+@pytest.mark.parametrize("arg", ["cpu", "cpu,quick"])
 def test_nothing_of_the_gen_split_enters_training_or_candidate_generation(arg):
   """The world's configs: the candidates' prompts (`prompts.train`: the generate stage's only prompt
   source) and the anchor's prompts share no text and no combination (any word order) with the gen

@@ -143,15 +143,15 @@ def test_main_command_on_a_reduced_config(tmp_path):
   assert stamp["official_dir"] == str(SHIPPED)
 
 
-def test_full_arg_scales_the_srum_recipe_and_nothing_else():
-  """`:full` is the effect benchmark's recipe: the main job's config with more candidates per prompt and more
-  steps (and its own workdir); every other key, the candidates' prompts included, is the main job's."""
+def test_quick_arg_scales_the_srum_recipe_down_and_nothing_else():
+  """`:quick` is the main job's recipe with fewer candidates per prompt and fewer steps (and its own
+  workdir); every other key, the candidates' prompts included, is the main job's."""
   from flax import traverse_util
 
   a, b = (traverse_util.flatten_dict(config_utils.load_config(f"experiments/tiny_world.py{arg}").to_dict(), sep=".")
-          for arg in ("", ":full"))
+          for arg in ("", ":quick"))
   assert a.keys() == b.keys()
   assert {k for k in a if a[k] != b[k]} == {"workdir", "generate.samples_per_prompt", "train.steps"}
-  assert (a["generate.samples_per_prompt"], a["train.steps"]) == (1, 300)
-  assert (b["generate.samples_per_prompt"], b["train.steps"]) == (2, 1600)
+  assert (a["generate.samples_per_prompt"], a["train.steps"]) == (2, 1600)
+  assert (b["generate.samples_per_prompt"], b["train.steps"]) == (1, 300)
   assert a["prompts.train.kwargs.per_category"] == 0 and a["generate.think"]  # every train prompt, think mode
