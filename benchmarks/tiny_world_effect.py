@@ -36,16 +36,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from srum_jax import config_utils  # noqa: E402
-from srum_jax import files
-from srum_jax.data import prompt_sources
-from srum_jax.engine import loaded_model
-from srum_jax.metrics import roc_auc
-from srum_jax.pipeline import run  # noqa: E402
-from srum_jax.pipeline import evaluate, train as train_stage  # noqa: E402
+from srum_jax import config_utils, files, paths  # noqa: E402
+from srum_jax.data import prompt_sources  # noqa: E402
+from srum_jax.engine import loaded_model  # noqa: E402
+from srum_jax.metrics import roc_auc  # noqa: E402
+from srum_jax.pipeline import evaluate, run, train as train_stage  # noqa: E402
 from srum_jax.rewards import records as records_lib, texts as texts_lib  # noqa: E402
-from srum_jax.workdir import logs
-from srum_jax.worlds.shapes import judge_text
+from srum_jax.workdir import logs  # noqa: E402
+from srum_jax.worlds.shapes import judge_text  # noqa: E402
 
 
 def oracle_checked_candidates(workdir: str):
@@ -108,10 +106,8 @@ def oracle_filtered_sft(cfg) -> dict:
   out = os.path.join(cfg.workdir, "oracle_sft_train")
   os.makedirs(out, exist_ok=True)
   records = os.path.join(out, "rewards.jsonl")
-  with open(records, "w") as f:
-    for rec, _, verdict in oracle_checked_candidates(cfg.workdir):
-      if verdict:
-        f.write(json.dumps(rec) + "\n")
+  kept = [rec for rec, _, verdict in oracle_checked_candidates(cfg.workdir) if verdict]
+  paths.write_bytes(records, "".join(json.dumps(rec) + "\n" for rec in kept).encode("utf-8"))
   base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
   summary = run.train_model(cfg, base, records, os.path.join(rd, "generate"), out,
                             objective_name="sft")
@@ -268,11 +264,11 @@ def main():
       f"{np.mean([diags[s][k] for s in diags if diags[s][k] is not None]):.3f}" for k in keys) + " |"
   print(text)
   os.makedirs(a.workdir, exist_ok=True)
-  with open(os.path.join(a.workdir, "effect.json"), "w") as f:
-    means = {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
-                 for m, per in acc_s.items()} for s, acc_s in summary.items()}
-    json.dump({"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set,
-               "lever": a.lever, "columns": a.column, "summary": means}, f, indent=1)
+  means = {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
+               for m, per in acc_s.items()} for s, acc_s in summary.items()}
+  files.write_json(os.path.join(a.workdir, "effect.json"),
+                   {"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set,
+                    "lever": a.lever, "columns": a.column, "summary": means})
   with open(os.path.join(a.workdir, "effect.md"), "w") as f:
     f.write(text + "\n")
 
