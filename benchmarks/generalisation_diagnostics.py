@@ -4,7 +4,7 @@ workdirs.
     python benchmarks/generalisation_diagnostics.py params --runs outputs/tiny_world_effect/seed_0
     python benchmarks/generalisation_diagnostics.py forms --runs outputs/tiny_world_effect/seed_0
     python benchmarks/generalisation_diagnostics.py steps --run outputs/tiny_world_effect/seed_0 \\
-        [--config experiments/tiny_world.py] [--set k=v ...] --at 0,100,200,300 \\
+        [--config experiments/tiny_world.py] [--set k=v ...] --at 0,200,400,800,1600 \\
         [--objective srum|sft]
 
 params: how far each parameter group moved, ||theta - theta_base|| / ||theta_base||, for the SRUM
