@@ -2,7 +2,7 @@
 
     # SRUM on the shipped model (2 CPU cores, ~5.5 min)
     python -m srum_jax run --config=experiments/tiny_world.py
-    # the same recipe scaled down (1 candidate per train prompt, 300 steps; ~3.5 min)
+    # the same recipe scaled down (1 candidate per train prompt, 300 steps; ~2.5 min)
     python -m srum_jax run --config=experiments/tiny_world.py:quick
     # stages A, B, C, D; CPU (2 cores)
     python -m srum_jax pretrain --config=experiments/tiny_world.py
