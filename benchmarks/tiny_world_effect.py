@@ -104,8 +104,7 @@ def oracle_filtered_sft(cfg) -> dict:
   SRUM run, which never sees the oracle."""
   rd = os.path.join(cfg.workdir, "round_0")
   out = os.path.join(cfg.workdir, "oracle_sft_train")
-  os.makedirs(out, exist_ok=True)
-  records = os.path.join(out, "rewards.jsonl")
+  records = os.path.join(out, "rewards.jsonl")  # paths.write_bytes makes `out`
   kept = [rec for rec, _, verdict in oracle_checked_candidates(cfg.workdir) if verdict]
   paths.write_bytes(records, "".join(json.dumps(rec) + "\n" for rec in kept).encode("utf-8"))
   base = loaded_model.load_model(loaded_model.resolve_model_dir(cfg))
@@ -263,14 +262,12 @@ def main():
   text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(
       f"{np.mean([diags[s][k] for s in diags if diags[s][k] is not None]):.3f}" for k in keys) + " |"
   print(text)
-  os.makedirs(a.workdir, exist_ok=True)
   means = {s: {m: {c: [float(v.mean()), float(v.std())] for c, v in per.items()}
                for m, per in acc_s.items()} for s, acc_s in summary.items()}
   files.write_json(os.path.join(a.workdir, "effect.json"),
                    {"seeds": seeds, "tables": tables, "candidates": diags, "overrides": a.set,
                     "lever": a.lever, "columns": a.column, "summary": means})
-  with open(os.path.join(a.workdir, "effect.md"), "w") as f:
-    f.write(text + "\n")
+  paths.write_bytes(os.path.join(a.workdir, "effect.md"), (text + "\n").encode("utf-8"))
 
 
 if __name__ == "__main__":
