@@ -146,7 +146,7 @@ def measure(preset: str = "mid", *, layers: int = 0, image: str = "1024x960", to
   batch = jax.device_put(make_batch(cfg, (H, W), tokens, text, vae))
   state = update.init_state(params, tx)
   del params
-  step = jax.jit(ts.make_train_step(cfg, opts, tx), donate_argnums=(0,))
+  step = jax.jit(ts.make_train_step(cfg, opts, tx), donate_argnums=update.state_donation())
   kind, peak, peak_from = device_peak(peak_tflops)
   t0 = time.time()
   compiled = step.lower(state, batch, jax.random.key(1)).compile()
@@ -214,7 +214,8 @@ def stage_batch(cfg, config, seed: int):
   ids = [[[cfg.tokens.bos] + list(rng.integers(0, cfg.tokens.bos, int(rng.integers(1, per - 1)))) +
           [cfg.tokens.eos] for _ in range(S)] for _ in range(rows)]
   inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=int(t.num_tokens),
-                         text_capacity=int(t.text_capacity))
+                         text_capacity=int(t.text_capacity),
+                         sample_stride=ts.sample_window(t.num_tokens, S))
   boxes = np.sort(rng.uniform(0, min(H, W), (rows, S, K, 2, 2)), axis=-2).reshape(rows, S, K, 4)
   rewards = objective.RegionRewards(
       boxes.astype(np.float32),

@@ -124,7 +124,8 @@ def _abstract_batch(cfg: BagelConfig, config, rows: int, mesh, rules):
   per_sample = int(t.text_capacity) // S - 4
   ids = [[[cfg.tokens.bos] + [7] * per_sample + [cfg.tokens.eos] for _ in range(S)]]
   inputs = train_step.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=int(t.num_tokens),
-                                 text_capacity=int(t.text_capacity))
+                                 text_capacity=int(t.text_capacity),
+                                 sample_stride=train_step.sample_window(t.num_tokens, S))
   K = int(t.max_regions)
   f32 = np.float32
   # the batch carries the stored posterior moments, not the images

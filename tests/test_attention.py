@@ -235,3 +235,50 @@ def test_attention_bf16_is_close_and_finite():
                           block_q=8)
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf, np.float32), np.asarray(f32), atol=5e-2, rtol=5e-2)
+
+
+def test_sample_stride_puts_each_sample_in_its_own_window():
+  a = [packing.text(3), Split("vae_noise", 2)]  # 3 + 4 = 7 slots
+  b = [packing.text(2), Split("vit", 1), Split("vae_noise", 1)]  # 2 + 3 + 3 = 8 slots
+  pk = packing.pack([[a, b], [b]], 16, text_capacity=16, vit_capacity=2, latent_capacity=4,
+                    sample_stride=8)
+  m = pk.meta
+  np.testing.assert_array_equal(m.sample_id, [[0] * 7 + [-1] + [1] * 8, [2] * 8 + [-1] * 8])
+  np.testing.assert_array_equal(m.position[0, 8:], [0, 1, 2, 2, 2, 3, 3, 3])
+  np.testing.assert_array_equal(pk.latent_index, [[4, 5, 14, 16], [6, 16, 16, 16]])
+  # the same samples back to back: the same metadata, moved
+  flat = packing.pack([[a, b], [b]], 16, text_capacity=16, vit_capacity=2, latent_capacity=4)
+  np.testing.assert_array_equal(flat.meta.sample_id[0], [0] * 7 + [1] * 8 + [-1])
+  for f in ("split_id", "mode", "position", "is_gen"):
+    np.testing.assert_array_equal(getattr(m, f)[0, 8:], getattr(flat.meta, f)[0, 7:15])
+  with pytest.raises(ValueError, match="window"):
+    packing.pack([[a, b]], 16, text_capacity=16, vit_capacity=2, latent_capacity=4, sample_stride=7)
+  with pytest.raises(ValueError, match="windows"):
+    packing.pack([[a, b]], 16, text_capacity=16, vit_capacity=2, latent_capacity=4, sample_stride=9)
+
+
+@pytest.mark.parametrize("impl", ["dense", "xla"])
+def test_window_attention_equals_attention_over_the_whole_row(impl):
+  """Rows packed one sample per window: attention cut into windows gives the whole row's result and
+  gradients, for queries and keys of every split kind, padding included."""
+  rng = np.random.default_rng(3)
+  T = 12
+  samples = [[packing.text(3), Split("vae_noise", 4)], [packing.text(5), Split("vit", 2)],
+             [Split("vae_clean", 2), packing.text(2), Split("vae_noise", 3)], [packing.text(1)]]
+  rows = [[samples[0], samples[1]], [samples[2], samples[3]], [samples[3]]]
+  meta = packing.to_device(packing.pack(rows, 2 * T, text_capacity=24, vit_capacity=4,
+                                        latent_capacity=8, sample_stride=T).meta)
+  B, N, Hq, Hkv, d = 3, 2 * T, 4, 2, 8
+  q, k, v = (rng.normal(size=(B, N, h, d)).astype(np.float32) for h in (Hq, Hkv, Hkv))
+
+  def run(window):
+    f = lambda q, k, v: attn_lib.attention(q, k, v, meta, meta, impl=impl, window=window)
+    out = jax.jit(f)(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
+    return [np.asarray(x) for x in (out, *grads)]
+
+  for whole, cut in zip(run(0), run(T)):
+    np.testing.assert_allclose(cut, whole, atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="window"):
+    attn_lib.attention(q, k[:, :T], v[:, :T], meta, jax.tree.map(lambda x: x[:, :T], meta),
+                       impl=impl, window=5)

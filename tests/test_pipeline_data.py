@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from srum_jax.pipeline import train as train_stage, train_data, train_records
+from srum_jax.training import train_step
 
 H, W = 32, 24  # training size (4 x 3 latent tokens on the tiny model)
 ORIG = (48, 64)  # (width, height) of most stored images: resized by 1/2
@@ -139,6 +140,14 @@ def test_batch_contents(dataset_dir, tiny_cfg):
   ids = b.inputs.text_ids[0]
   assert ids[0] == tiny_cfg.tokens.bos and tiny_cfg.tokens.eos in ids.tolist()
   assert hb.truncated == 0
+  # one window per sample, the one the train stage's step attends within
+  spec = _spec()
+  T = train_step.sample_window(spec.num_tokens, spec.samples_per_row)
+  assert T > 0
+  sid = b.inputs.meta.sample_id.reshape(2, 2, T)
+  for r in range(2):
+    for s in range(2):
+      assert set(sid[r, s].tolist()) - {-1} == {2 * r + s}
 
 
 def test_long_prompts_truncated_and_counted(tmp_path, tiny_cfg):

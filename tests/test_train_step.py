@@ -21,11 +21,12 @@ def _tcfg(**kw):
   return c
 
 
-def _batch(cfg, B=2, S=2, seed=0):
+def _batch(cfg, B=2, S=2, seed=0, stride=0):
   rng = np.random.default_rng(seed)
   ids = [[[cfg.tokens.bos] + list(rng.integers(0, 100, 3 + (b + s) % 3)) + [cfg.tokens.eos] for s in range(S)]
          for b in range(B)]
-  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=S * (12 + 2 + 8), text_capacity=S * 10)
+  inputs = ts.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=S * (12 + 2 + 8), text_capacity=S * 10,
+                         sample_stride=stride)
   images = rng.uniform(-1, 1, (B, S, H, W, 3)).astype(np.float32)
   K = 3
   boxes = np.tile(np.array([[0, 0, 12, 16], [6, 8, 24, 32], [3, 3, 3, 9]], np.float32), (B, S, 1, 1))
@@ -93,6 +94,30 @@ def test_sft_control_options(tiny_cfg, setup):
   np.testing.assert_allclose(float(loss), float(aux["loss_reward"]), rtol=1e-6)
   srum, _ = ts.srum_loss(params, batch, key, cfg=tiny_cfg, opts=opts)
   assert abs(float(srum) - float(loss)) > 1e-4
+
+
+def test_sample_windows_give_the_loss_and_gradients_of_the_packed_row(tiny_cfg, setup):
+  """One window per sample (`t2i_layout(sample_stride=)` + `StepOptions.sample_window`, the train
+  stage's layout) is the same computation as the samples back to back with attention over the whole
+  row."""
+  params, _, opts = setup
+  S = 2
+  T = ts.sample_window(S * (12 + 2 + 8), S)
+  assert T == 22 and ts.sample_window(45, 2) == 0 and ts.sample_window(44, 1) == 0
+  key = jax.random.key(4)
+  flat, cut = _batch(tiny_cfg, S=S), _batch(tiny_cfg, S=S, stride=T)
+  assert not np.array_equal(flat.inputs.meta.sample_id, cut.inputs.meta.sample_id)
+  grad = jax.jit(jax.value_and_grad(ts.srum_loss, has_aux=True), static_argnames=("cfg", "opts"))
+  (l0, _), g0 = grad(params, flat, key, cfg=tiny_cfg, opts=opts)
+  (l1, _), g1 = grad(params, cut, key, cfg=tiny_cfg, opts=dataclass_replace(opts, sample_window=T))
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_state_donation_by_platform():
+  assert update.state_donation("cpu") == ()
+  assert update.state_donation("tpu") == update.state_donation("gpu") == (0,)
 
 
 def dataclass_replace(x, **kw):

@@ -130,6 +130,20 @@ def _chunked(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, block_q: int,
   return out[:, :Nq]
 
 
+def _per_window(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, window: int, attend: Callable):
+  """`attend` on each window of `window` slots as a row of its own; [B, N, ...] in and out."""
+  B, N = q.shape[:2]
+  if k.shape[1] != N or N % window:
+    raise ValueError(f"window attention needs self-attention over rows of a multiple of "
+                     f"{window} slots; got {N} queries and {k.shape[1]} keys")
+
+  def cut(x):
+    return x.reshape((B * (N // window), window) + x.shape[2:])
+
+  out = attend(cut(q), cut(k), cut(v), jax.tree.map(cut, q_meta), jax.tree.map(cut, k_meta))
+  return out.reshape(q.shape[:3] + out.shape[3:])
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels: splash (TPU), cuDNN and tokamax (GPU), each run per shard of the mesh
 
@@ -302,7 +316,7 @@ def resolve_impl(name: str, platform: Optional[str] = None) -> str:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_meta: TokenMeta, *,
-              impl: str = "dense", block_q: int = 512) -> jax.Array:
+              impl: str = "dense", block_q: int = 512, window: int = 0) -> jax.Array:
   """GQA attention of q [B, Nq, Hq, d] over k/v [B, Nk, Hkv, d] with the packed-sequence mask from
   metadata.
 
@@ -310,7 +324,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: TokenMeta, k_met
   query block of `chunked` / `xla` and the block of both token axes of `splash` (a multiple of 128).
   Under the kernels (splash, cudnn, tokamax), fewer than 128 queries (a decoding step) take the
   `xla` path: a kernel tile would be mostly padding.
+  window > 0 (self-attention over rows packed with `packing.pack(sample_stride=window)`): every
+  sample lies inside one window of `window` slots, so no query sees a key of another window, and
+  the rows are cut into windows before the attention: the same result for a (N / window)-th of the
+  score work.
   """
+  if window and window < q.shape[1]:
+    return _per_window(q, k, v, q_meta, k_meta, window,
+                       functools.partial(attention, impl=impl, block_q=block_q))
   if impl == "auto":
     impl = resolve_impl(impl)
   if impl == "dense":

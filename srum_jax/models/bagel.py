@@ -98,16 +98,18 @@ def embed_packed(params, inputs: PackedInputs, x_t: jax.Array, t: jax.Array, cfg
 
 def forward_gen(params, inputs: PackedInputs, x_t: jax.Array, t: jax.Array, *, cfg: BagelConfig,
                 dtype=jnp.float32, attn_impl: str = "dense", remat: bool = False, remat_policy=None,
-                routing: str = "routed", scan_unroll: int | bool = 1, lora_key=None) -> jax.Array:
+                routing: str = "routed", scan_unroll: int | bool = 1, lora_key=None,
+                attn_window: int = 0) -> jax.Array:
   """Generation-path forward: latents x_t [B, Cl, p*p*z] at flow times t [B, Cl] (0 for clean
   conditioning images) -> predicted velocities [B, Cl, p*p*z] (fp32) at the latent slots.
-  `lora_key`: the LoRA dropout's key in training (None: no dropout)."""
+  `lora_key`: the LoRA dropout's key in training (None: no dropout). `attn_window` > 0: the rows
+  were packed with `sample_stride` = attn_window, and attention runs per window."""
   x = embed_packed(params, inputs, x_t, t, cfg, dtype)
   und_cap, gen_cap = capacities(inputs)
   h = qwen2_mot.decoder_forward(params["llm"], x, inputs.meta, cfg=cfg.llm, und_capacity=und_cap,
                                 gen_capacity=gen_cap, attn_impl=attn_impl, remat=remat,
                                 remat_policy=remat_policy, routing=routing, scan_unroll=scan_unroll,
-                                lora_key=lora_key)
+                                lora_key=lora_key, attn_window=attn_window)
   return velocity_head(params, layers.gather_rows(h, inputs.latent_index))
 
 
@@ -133,12 +135,13 @@ class ImageTokens:
 
 
 def build_packed_inputs(cfg: BagelConfig, rows: Sequence[Sequence[Sequence]], *, num_tokens: int,
-                        text_capacity: int, vit_capacity: int = 0,
-                        latent_capacity: int = 0) -> Tuple[PackedInputs, LatentSlots]:
+                        text_capacity: int, vit_capacity: int = 0, latent_capacity: int = 0,
+                        sample_stride: int = 0) -> Tuple[PackedInputs, LatentSlots]:
   """Pack rows of samples; a sample is a list of items, each a list of text ids or an `ImageTokens`.
 
   Text items are given complete (BOS ... EOS). Shapes depend only on the budgets, never on content.
-  Returns the model's inputs and, per latent slot, the images' latents, timesteps and rewards.
+  `sample_stride`: see `packing.pack`. Returns the model's inputs and, per latent slot, the images'
+  latents, timesteps and rewards.
   """
   def split_of(item):
     if isinstance(item, ImageTokens):
@@ -148,7 +151,7 @@ def build_packed_inputs(cfg: BagelConfig, rows: Sequence[Sequence[Sequence]], *,
   packed = packing.pack([[[split_of(it) for it in smp] for smp in row] for row in rows], num_tokens,
                         text_capacity=text_capacity, vit_capacity=vit_capacity,
                         latent_capacity=latent_capacity, start_of_image=cfg.tokens.start_of_image,
-                        end_of_image=cfg.tokens.end_of_image)
+                        end_of_image=cfg.tokens.end_of_image, sample_stride=sample_stride)
   B = len(rows)
   C = cfg.patch_latent_dim
   images = {"vit": [], "latent": []}

@@ -189,13 +189,28 @@ def _check_row(b: int, row: Sequence[Sample], num_tokens: int, caps: dict) -> No
       raise ValueError(f"row {b} has {c} {k} tokens but {k}_capacity is {caps[k]}")
 
 
+def _check_windows(b: int, row: Sequence[Sample], num_tokens: int, stride: int) -> None:
+  """Raise unless every sample of row b fits a window of `stride` slots and the windows fit the
+  row."""
+  if len(row) * stride > num_tokens:
+    raise ValueError(f"row {b}: {len(row)} windows of {stride} slots exceed N={num_tokens}")
+  for k, smp in enumerate(row):
+    if sample_length(smp) > stride:
+      raise ValueError(
+          f"row {b}, sample {k}: {sample_length(smp)} tokens do not fit its {stride}-slot window")
+
+
 def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: int,
          vit_capacity: int = 0, latent_capacity: int = 0, start_of_image: Optional[int] = None,
-         end_of_image: Optional[int] = None) -> Packed:
+         end_of_image: Optional[int] = None, sample_stride: int = 0) -> Packed:
   """Pack rows of samples into [B, N] metadata and index arrays (B = len(rows), N = num_tokens).
 
   Sample ids are numbered over the batch in input order, split ids increase along each row.
-  Raises ValueError when a row exceeds `num_tokens` or a token kind exceeds its capacity.
+  `sample_stride` > 0: the k-th sample of a row starts at slot k * sample_stride (padding between
+  samples), so every sample lies in its own window of the row and attention can run per window
+  (`attention.attention(window=)`); 0: samples back to back.
+  Raises ValueError when a row exceeds `num_tokens`, a token kind exceeds its capacity, or a sample
+  does not fit its window.
   """
   B, N = len(rows), num_tokens
   meta = padding_meta(B, N)
@@ -222,9 +237,12 @@ def pack(rows: Sequence[Sequence[Sample]], num_tokens: int, *, text_capacity: in
 
   for b, row in enumerate(rows):
     _check_row(b, row, N, caps)
+    if sample_stride:
+      _check_windows(b, row, N, sample_stride)
     t, split = 0, 0
 
-    for smp in row:
+    for k, smp in enumerate(row):
+      t = k * sample_stride if sample_stride else t
       pos = 0
       for s in smp:
         sl = slice(t, t + s.num_slots)

@@ -178,7 +178,8 @@ def _remat_policy(policy: Policy):
 def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig, und_capacity: int,
                     gen_capacity: int, attn_impl: str = "dense", remat: bool = False,
                     remat_policy: Policy = None, routing: str = "routed", block_q: int = 512,
-                    scan_unroll: int | bool = 1, lora_key: Optional[jax.Array] = None) -> jax.Array:
+                    scan_unroll: int | bool = 1, lora_key: Optional[jax.Array] = None,
+                    attn_window: int = 0) -> jax.Array:
   """Packed rows x [B, N, D] -> final hidden [B, N, D] (after the per-expert final norm; 0 at
   padding).
 
@@ -186,13 +187,14 @@ def decoder_forward(params_llm, x: jax.Array, meta: TokenMeta, *, cfg: LLMConfig
   scan_unroll: `lax.scan` unroll factor (True = no loop; used to count FLOPs exactly, since XLA's
   cost analysis counts a loop body once). remat: wrap the layer body in `jax.checkpoint` (policy:
   None = save nothing, a name from `jax.checkpoint_policies`, or a policy callable). lora_key: key
-  of the LoRA dropout (training; None: none), folded with the layer index.
+  of the LoRA dropout (training; None: none), folded with the layer index. attn_window: see
+  `attention.attention(window=)` (the caller packed every sample inside one such window).
   """
   cos, sin = rope_cos_sin(meta.position, cfg.head_dim, cfg.rope_theta)
   rt = _routing(meta, routing, und_capacity, gen_capacity)
 
   def attend(q, k, v):
-    return attention(q, k, v, meta, meta, impl=attn_impl, block_q=block_q)
+    return attention(q, k, v, meta, meta, impl=attn_impl, block_q=block_q, window=attn_window)
 
   def body(h, xs):
     p, i = xs

@@ -80,7 +80,8 @@ def step_options(config, objective_name: Optional[str] = None,
       sample_posterior=bool(t.sample_posterior), compute_dtype=jnp.dtype(m.compute_dtype),
       attn_impl=loaded_model.attn_impl(config, platform), remat=bool(m.remat),
       remat_policy=m.remat_policy or None, ema_decay=float(t.ema_decay),
-      anchor_weight=float(s.anchor_weight))
+      anchor_weight=float(s.anchor_weight),
+      sample_window=ts.sample_window(t.num_tokens, t.samples_per_row))
 
 
 def _to_device(tree, shardings, process_count: int):

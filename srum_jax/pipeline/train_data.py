@@ -302,7 +302,9 @@ class _Collate:
   def _layout(self, grid_ids, grids):
     inputs = train_step.t2i_layout(self.cfg, grid_ids, image_hw=self.spec.image_hw,
                                    num_tokens=self.spec.num_tokens,
-                                   text_capacity=self.spec.text_capacity, grids=grids)
+                                   text_capacity=self.spec.text_capacity, grids=grids,
+                                   sample_stride=train_step.sample_window(
+                                       self.spec.num_tokens, self.spec.samples_per_row))
     if self.sample_offset:
       sid = inputs.meta.sample_id
       inputs = inputs._replace(

@@ -97,7 +97,8 @@ def train_autoencoder(p, cfg, sampler: batches.PretrainSampler, params_ae, *, se
   a = p.ae
   total = int(a.steps)
   tx = optimizer.make_optimizer(a, None, total_steps=total)
-  step_fn = jax.jit(steps_lib.make_ae_step(cfg.ae, tx, float(a.kl_weight)), donate_argnums=(0,))
+  step_fn = jax.jit(steps_lib.make_ae_step(cfg.ae, tx, float(a.kl_weight)),
+                    donate_argnums=update.state_donation())
   key = jax.random.PRNGKey(seed)
 
   def advance(state, n: int):
@@ -164,7 +165,8 @@ def _abstract_state(state, sharding):
 
 
 def _umm_step(p, cfg, params) -> tuple:
-  """(optimizer, jitted step(state, batches, key)) of stage B (the AE frozen; the state donated)."""
+  """(optimizer, jitted step(state, batches, key)) of stage B (the AE frozen; the state donated
+  where `update.state_donation` says)."""
   u = p.umm
   labels = optimizer.param_labels(params, ("ae",))
   tx = optimizer.make_optimizer(u, labels, total_steps=int(u.steps))
@@ -175,7 +177,7 @@ def _umm_step(p, cfg, params) -> tuple:
       compute_dtype=jax.numpy.dtype(p.compute_dtype))
   step = steps_lib.make_umm_step(cfg, opts, tx, und_weight=float(u.und_weight),
                                  score_weight=float(u.score_weight))
-  return tx, jax.jit(step, donate_argnums=(0,))
+  return tx, jax.jit(step, donate_argnums=update.state_donation())
 
 
 def _umm_postfix():

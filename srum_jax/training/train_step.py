@@ -64,6 +64,9 @@ class StepOptions:
   scan_unroll: Any = 1  # True: unrolled layers (exact XLA FLOP counts in benchmarks)
   microbatches: int = 1  # gradient accumulation over this many cuts of the batch's rows
   batch_ways: int = 1  # the batch's row shards on the mesh (microbatches cut within each shard)
+  # > 0: the batch's layouts were built with `t2i_layout(sample_stride=sample_window)` (one window
+  # per sample) and attention runs per window (`sample_window(num_tokens, samples_per_row)`)
+  sample_window: int = 0
 
 
 # fold_in index of the LoRA dropout's key (the step's other draws split the key in 5)
@@ -170,7 +173,8 @@ def srum_loss(params, batch: SrumBatch, key, reference=None, *, cfg: BagelConfig
       key, LORA_DROPOUT_STREAM) if lora is not None and lora.dropout > 0 else None
   forward = functools.partial(bagel.forward_gen, cfg=cfg, dtype=opts.compute_dtype,
                               attn_impl=opts.attn_impl, remat=opts.remat,
-                              remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll)
+                              remat_policy=opts.remat_policy, scan_unroll=opts.scan_unroll,
+                              attn_window=opts.sample_window)
   x_t = losses.interpolate(x_bad, noise, t)
   v_pred = forward(params["bagel"], inputs, x_t, t, lora_key=lora_key)
   latent_hw = (opts.image_hw[0] // cfg.latent_downsample, opts.image_hw[1] // cfg.latent_downsample)
@@ -255,14 +259,16 @@ def compiler_options(platform: str, collective_matmul: bool = True) -> dict:
 
 def shard_train_step(step_fn, state_sh, batch_sh, mesh, const_sh: tuple = (),
                      options: Optional[dict] = None):
-  """jit with explicit in/out shardings (today's pjit); the state buffers are donated; traced under
-  the mesh (attention kernels run per shard). `const_sh`: shardings of the step's trailing constant
+  """jit with explicit in/out shardings (today's pjit); the state buffers are donated on
+  accelerators (`update.state_donation` of the mesh's platform); traced under the mesh (attention
+  kernels run per shard). `const_sh`: shardings of the step's trailing constant
   inputs (the anchor's reference parameters: `state_sh.params`); `options`: XLA compiler options
   (`compiler_options`)."""
   rep = sharding.replicated(mesh)
   return jax.jit(sharding.under_mesh(step_fn, mesh),
                  in_shardings=(state_sh, batch_sh, rep) + tuple(const_sh),
-                 out_shardings=(state_sh, rep), donate_argnums=(0,),
+                 out_shardings=(state_sh, rep),
+                 donate_argnums=update.state_donation(mesh.devices.flat[0].platform),
                  compiler_options=options or None)
 
 
@@ -270,11 +276,20 @@ def shard_train_step(step_fn, state_sh, batch_sh, mesh, const_sh: tuple = (),
 # Host-side batch layout
 
 
+def sample_window(num_tokens: int, samples_per_row: int) -> int:
+  """The window each T2I sample of a row gets (`t2i_layout(sample_stride=)`,
+  `StepOptions.sample_window`): the row's slots split evenly over its samples; 0 (no windows) for
+  one sample per row or a budget the samples do not divide."""
+  S, N = int(samples_per_row), int(num_tokens)
+  return N // S if S > 1 and N % S == 0 else 0
+
+
 def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]], *,
                image_hw: Tuple[int, int], num_tokens: int, text_capacity: int,
-               grids: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> PackedInputs:
+               grids: Optional[Sequence[Sequence[Tuple[int, int]]]] = None,
+               sample_stride: int = 0) -> PackedInputs:
   """Packed layout for rows of T2I samples: [BOS + ids + EOS] then one noise image of `image_hw`
-  pixels.
+  pixels. `sample_stride` > 0: sample s of a row starts at slot s * sample_stride (`packing.pack`).
 
   `prompts_ids[b]` lists the (already BOS/EOS-wrapped) prompt ids of row b's samples; every row must
   hold the same number of samples S, and latent_capacity = S * h * w exactly (the loss relies on
@@ -294,7 +309,8 @@ def t2i_layout(cfg: BagelConfig, prompts_ids: Sequence[Sequence[Sequence[int]]],
   rows = [[[list(ids), bagel.ImageTokens("vae_noise", tuple(g))] for ids, g in zip(row, grow)]
           for row, grow in zip(prompts_ids, grids)]
   inputs, _ = bagel.build_packed_inputs(cfg, rows, num_tokens=num_tokens,
-                                        text_capacity=text_capacity, latent_capacity=S * h * w)
+                                        text_capacity=text_capacity, latent_capacity=S * h * w,
+                                        sample_stride=sample_stride)
   return inputs
 
 

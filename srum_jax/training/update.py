@@ -25,7 +25,7 @@ training is this with every leaf but the adapters frozen.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import optax
 
 __all__ = [
     "TrainState", "init_state", "guarded_update", "make_step", "trainable_part", "with_trainable",
-    "ema_params", "trainable_state", "with_frozen"
+    "ema_params", "trainable_state", "with_frozen", "state_donation"
 ]
 
 
@@ -43,6 +43,17 @@ class TrainState(NamedTuple):
   opt_state: Any
   ema: Any  # EMA of `params`, or None
   skipped: jax.Array  # non-finite updates skipped so far
+
+
+def state_donation(platform: Optional[str] = None) -> Tuple[int, ...]:
+  """`donate_argnums` of a jitted step(state, ...) on `platform` (default: JAX's backend).
+
+  Accelerators donate the state: a large model's parameters and optimizer moments do not fit twice.
+  The CPU does not: there XLA updates the parameters and the moments in separate fusions that both
+  read the old moments, so it copies every donated moment buffer first, and those copies cost more
+  than fresh output buffers.
+  """
+  return () if (platform or jax.default_backend()) == "cpu" else (0,)
 
 
 def trainable_part(tree, labels):
