@@ -175,9 +175,15 @@ def attention_sites(name: str, config, cfg) -> list:
     S = int(t.samples_per_row)
     per = int(t.text_capacity) // S - 4
     ids = [[[cfg.tokens.bos] + [7] * per + [cfg.tokens.eos] for _ in range(S)]]
+    T = train_step.sample_window(t.num_tokens, S)
     inputs = train_step.t2i_layout(cfg, ids, image_hw=(H, W), num_tokens=int(t.num_tokens),
-                                   text_capacity=int(t.text_capacity))
-    return [Site(q_len=int(t.num_tokens), meta=packing.to_device(inputs.meta))]
+                                   text_capacity=int(t.text_capacity), sample_stride=T)
+    meta = packing.to_device(inputs.meta)
+    if not T:
+      return [Site(q_len=int(t.num_tokens), meta=meta)]
+    # the step attends within each sample's window (`StepOptions.sample_window`)
+    return [Site(q_len=T, meta=jax.tree.map(lambda x, k=k: x[:, k * T:(k + 1) * T], meta))
+            for k in range(S)]
   if name == "sampler":
     slots = aot._context_length(config, cfg)
     think = int(g.max_think_tokens) + 2 if g.think else 0
