@@ -1,8 +1,8 @@
 """The shapes world end to end: run SRUM on the shipped tiny BAGEL, or pretrain one from scratch.
 
-    # SRUM on the shipped model (2 CPU cores, ~5.5 min)
+    # SRUM on the shipped model (2 CPU cores, ~4 min)
     python -m srum_jax run --config=experiments/tiny_world.py
-    # the same recipe scaled down (1 candidate per train prompt, 300 steps; ~2.5 min)
+    # the same recipe scaled down (1 candidate per train prompt, 300 steps; ~2 min)
     python -m srum_jax run --config=experiments/tiny_world.py:quick
     # stages A, B, C, D; CPU (2 cores)
     python -m srum_jax pretrain --config=experiments/tiny_world.py
